@@ -1,0 +1,284 @@
+//! Per-file scan cache, so a re-run over an unchanged tree only walks it.
+//!
+//! A file's result is reused when its host path, size, mtime and inode are unchanged. Sweep
+//! results (a few thousand ELF files) are stored in full; the hundreds of thousands of files
+//! that turned out *not* to be ELF are stored as 64-bit hashes of (path, stamp) so that the warm
+//! run does not even open them. The file is written atomically (temp + rename) and ignored —
+//! never trusted — when its version or shape does not match: a stale cache costs a cold scan,
+//! not a wrong answer.
+//!
+//! Layout: `MAGIC`, u64 LE length, JSON body, u64 LE count, that many u64 LE hashes.
+
+use crate::corpus::deb::DebOutcome;
+use crate::sweep::SweepOutcome;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"HBTCOV\x00\x02";
+
+/// What identifies one version of a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    pub mtime_s: i64,
+    pub mtime_ns: u32,
+    pub ino: u64,
+}
+
+impl FileStamp {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            size: meta.len(),
+            mtime_s: meta.mtime(),
+            mtime_ns: meta.mtime_nsec() as u32,
+            ino: meta.ino(),
+        }
+    }
+
+    fn hash_with(&self, path: &str) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(path.as_bytes());
+        eat(&self.size.to_le_bytes());
+        eat(&self.mtime_s.to_le_bytes());
+        eat(&self.mtime_ns.to_le_bytes());
+        eat(&self.ino.to_le_bytes());
+        h
+    }
+}
+
+/// A remembered result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CachedValue {
+    /// An ELF file: its classification and sweep, or the error message it produced.
+    Elf(Result<SweepOutcome, String>),
+    /// A whole `.deb` archive.
+    Deb(Box<DebOutcome>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Body {
+    version: String,
+    entries: Vec<(String, FileStamp, CachedValue)>,
+}
+
+pub struct ScanCache {
+    file: Option<PathBuf>,
+    entries: HashMap<String, (FileStamp, CachedValue)>,
+    not_elf: HashSet<u64>,
+    dirty: bool,
+}
+
+fn version() -> String {
+    format!(
+        "hbt-coverage {} codes {}",
+        env!("CARGO_PKG_VERSION"),
+        crate::keys::code_count()
+    )
+}
+
+impl ScanCache {
+    /// A cache that remembers nothing and writes nothing (`--no-cache`).
+    pub fn disabled() -> Self {
+        ScanCache {
+            file: None,
+            entries: HashMap::new(),
+            not_elf: HashSet::new(),
+            dirty: false,
+        }
+    }
+
+    /// Default location: `$XDG_CACHE_HOME/hbt/coverage.cache` or `~/.cache/hbt/coverage.cache`.
+    pub fn default_path() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("hbt").join("coverage.cache"))
+    }
+
+    /// Open the cache at `file`. A missing, foreign or damaged file gives an empty cache and
+    /// (for damage) a note in `problem`.
+    pub fn open(file: &Path) -> (Self, Option<String>) {
+        let mut cache = ScanCache {
+            file: Some(file.to_path_buf()),
+            ..ScanCache::disabled()
+        };
+        let bytes = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (cache, None),
+            Err(e) => {
+                return (
+                    cache,
+                    Some(format!(
+                        "cache {} unreadable ({e}); scanning cold",
+                        file.display()
+                    )),
+                )
+            }
+        };
+        match parse(&bytes) {
+            Some((body, hashes)) if body.version == version() => {
+                cache.entries = body
+                    .entries
+                    .into_iter()
+                    .map(|(p, s, v)| (p, (s, v)))
+                    .collect();
+                cache.not_elf = hashes;
+                (cache, None)
+            }
+            Some(_) => (cache, None), // another hbt version: rebuild silently
+            None => (
+                cache,
+                Some(format!(
+                    "cache {} is damaged; scanning cold and rewriting it",
+                    file.display()
+                )),
+            ),
+        }
+    }
+
+    pub fn get(&self, path: &str, stamp: &FileStamp) -> Option<&CachedValue> {
+        self.entries
+            .get(path)
+            .filter(|(s, _)| s == stamp)
+            .map(|(_, v)| v)
+    }
+
+    pub fn is_known_not_elf(&self, path: &str, stamp: &FileStamp) -> bool {
+        self.not_elf.contains(&stamp.hash_with(path))
+    }
+
+    pub fn insert(&mut self, path: String, stamp: FileStamp, value: CachedValue) {
+        self.entries.insert(path, (stamp, value));
+        self.dirty = true;
+    }
+
+    pub fn insert_not_elf(&mut self, path: &str, stamp: &FileStamp) {
+        if self.file.is_some() && self.not_elf.insert(stamp.hash_with(path)) {
+            self.dirty = true;
+        }
+    }
+
+    /// Write the cache back if anything changed. Failure to write is reported, not fatal.
+    pub fn save(&mut self) -> Result<(), String> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        if !self.dirty {
+            return Ok(());
+        }
+        let body = Body {
+            version: version(),
+            entries: self
+                .entries
+                .iter()
+                .map(|(p, (s, v))| (p.clone(), *s, v.clone()))
+                .collect(),
+        };
+        let json = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(json.len() + self.not_elf.len() * 8 + 32);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.extend_from_slice(&(self.not_elf.len() as u64).to_le_bytes());
+        for h in &self.not_elf {
+            out.extend_from_slice(&h.to_le_bytes());
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&out)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, file)
+        };
+        write().map_err(|e| format!("cannot write cache {}: {e}", file.display()))?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+fn parse(bytes: &[u8]) -> Option<(Body, HashSet<u64>)> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (len, rest) = take_u64(rest)?;
+    let len = usize::try_from(len).ok().filter(|&l| l <= rest.len())?;
+    let body: Body = serde_json::from_slice(&rest[..len]).ok()?;
+    let (count, mut rest) = take_u64(&rest[len..])?;
+    if count.checked_mul(8)? != rest.len() as u64 {
+        return None;
+    }
+    let mut hashes = HashSet::with_capacity(count as usize);
+    while let Some((h, r)) = take_u64(rest) {
+        hashes.insert(h);
+        rest = r;
+    }
+    Some((body, hashes))
+}
+
+fn take_u64(b: &[u8]) -> Option<(u64, &[u8])> {
+    let (head, rest) = b.split_first_chunk::<8>()?;
+    Some((u64::from_le_bytes(*head), rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(size: u64) -> FileStamp {
+        FileStamp {
+            size,
+            mtime_s: 1,
+            mtime_ns: 2,
+            ino: 3,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_staleness() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c/coverage.cache");
+        let (mut c, problem) = ScanCache::open(&file);
+        assert!(problem.is_none());
+        c.insert(
+            "/bin/x".into(),
+            stamp(10),
+            CachedValue::Elf(Err("bad".into())),
+        );
+        c.insert_not_elf("/etc/passwd", &stamp(5));
+        c.save().unwrap();
+        let (c, problem) = ScanCache::open(&file);
+        assert!(problem.is_none());
+        assert_eq!(
+            c.get("/bin/x", &stamp(10)),
+            Some(&CachedValue::Elf(Err("bad".into())))
+        );
+        assert_eq!(c.get("/bin/x", &stamp(11)), None, "changed size must miss");
+        assert!(c.is_known_not_elf("/etc/passwd", &stamp(5)));
+        assert!(!c.is_known_not_elf("/etc/passwd", &stamp(6)));
+    }
+
+    #[test]
+    fn damaged_cache_is_reported_and_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coverage.cache");
+        std::fs::write(
+            &file,
+            b"HBTCOV\x00\x02\xff\xff\xff\xff\xff\xff\xff\xffgarbage",
+        )
+        .unwrap();
+        let (c, problem) = ScanCache::open(&file);
+        assert!(problem.is_some());
+        assert!(c.get("/x", &stamp(1)).is_none());
+    }
+}

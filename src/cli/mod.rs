@@ -1,0 +1,28 @@
+//! Command-line interface (clap). One file per subcommand.
+
+mod coverage;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// hbt — a hybrid binary-translation CPU virtualizer for x86-64.
+///
+/// Today: `hbt coverage` measures which x86-64 instructions a Linux distribution uses, weighted
+/// by package popularity, and how much of it the translator's supported set covers.
+#[derive(Parser)]
+#[command(name = "hbt", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Coverage(coverage::CoverageArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Coverage(args) => coverage::run(args),
+    }
+}
