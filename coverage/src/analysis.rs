@@ -6,8 +6,7 @@ use crate::footprint::{footprints, Footprints};
 use crate::instr_set::InstructionSet;
 use crate::keys::{code_count, code_from_index, code_name, mnemonic_count, mnemonic_name, KeySet};
 use crate::metrics::{
-    implementation_plan, importance, package_share, steps_to_reach, weighted_completeness,
-    PlanStep, WeightedFootprint,
+    implementation_plan, importance, package_share, steps_to_reach, weighted_completeness, PlanStep, WeightedFootprint,
 };
 use crate::popcon::{MatchKind, Popularity};
 use crate::report::*;
@@ -31,9 +30,7 @@ impl FromStr for Granularity {
         match s {
             "code" => Ok(Granularity::Code),
             "mnemonic" => Ok(Granularity::Mnemonic),
-            _ => Err(format!(
-                "unknown granularity `{s}` (expected code or mnemonic)"
-            )),
+            _ => Err(format!("unknown granularity `{s}` (expected code or mnemonic)")),
         }
     }
 }
@@ -49,9 +46,7 @@ impl Granularity {
     fn key_of(self, code: usize) -> usize {
         match self {
             Granularity::Code => code,
-            Granularity::Mnemonic => {
-                code_from_index(code as u16).map_or(0, |c| c.mnemonic() as usize)
-            }
+            Granularity::Mnemonic => code_from_index(code as u16).map_or(0, |c| c.mnemonic() as usize),
         }
     }
 
@@ -68,12 +63,8 @@ impl Granularity {
 
     fn key_name(self, key: usize) -> String {
         match self {
-            Granularity::Code => code_from_index(key as u16)
-                .map(code_name)
-                .unwrap_or_default(),
-            Granularity::Mnemonic => iced_x86::Mnemonic::try_from(key)
-                .map(mnemonic_name)
-                .unwrap_or_default(),
+            Granularity::Code => code_from_index(key as u16).map(code_name).unwrap_or_default(),
+            Granularity::Mnemonic => iced_x86::Mnemonic::try_from(key).map(mnemonic_name).unwrap_or_default(),
         }
     }
 }
@@ -99,11 +90,7 @@ pub fn extension_of(code: Code) -> String {
 }
 
 /// Footprints of one CPU model at code granularity, weighted.
-fn weighted_for_model(
-    fp: &Footprints,
-    weights: &[f64],
-    allowed: &KeySet,
-) -> Vec<WeightedFootprint> {
+fn weighted_for_model(fp: &Footprints, weights: &[f64], allowed: &KeySet) -> Vec<WeightedFootprint> {
     fp.packages
         .iter()
         .zip(weights)
@@ -159,19 +146,10 @@ struct ModelPlan {
     importance: Vec<f64>,
 }
 
-fn plan_model(
-    fp: &Footprints,
-    weights: &[f64],
-    model: CpuModel,
-    g: Granularity,
-    supported: &KeySet,
-) -> ModelPlan {
+fn plan_model(fp: &Footprints, weights: &[f64], model: CpuModel, g: Granularity, supported: &KeySet) -> ModelPlan {
     let code_level = weighted_for_model(fp, weights, &allowed_set(model));
     let supported_wc = weighted_completeness(&code_level, supported);
-    let complete_packages = code_level
-        .iter()
-        .filter(|p| p.keys.is_subset(supported))
-        .count();
+    let complete_packages = code_level.iter().filter(|p| p.keys.is_subset(supported)).count();
     let packages: Vec<WeightedFootprint> = code_level
         .iter()
         .map(|p| WeightedFootprint {
@@ -245,9 +223,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
     // The selected model, and every model for the comparison table.
     let supported = &opts.supported.codes;
     let mut corpus_codes = KeySet::with_capacity(code_count());
-    fp.packages
-        .iter()
-        .for_each(|p| corpus_codes.union_with(&p.codes));
+    fp.packages.iter().for_each(|p| corpus_codes.union_with(&p.codes));
     let supported_g = supported_keys(g, supported, &corpus_codes);
     let mut cpu_models = Vec::new();
     let mut selected = None;
@@ -312,19 +288,16 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
             // Forms are sorted by importance, so the first form of a mnemonic names its extension.
             for (c, f) in &forms {
                 let key = g.key_of(*c);
-                let row = rows
-                    .entry(f.mnemonic.clone())
-                    .or_insert_with(|| InstructionRow {
-                        mnemonic: f.mnemonic.clone(),
-                        code: None,
-                        extension: f.extension.clone(),
-                        importance: mp.importance[key],
-                        package_share: share[key],
-                        packages: mp.packages.iter().filter(|p| p.keys.contains(key)).count()
-                            as u64,
-                        occurrences: 0,
-                        supported: supported_g.contains(key),
-                    });
+                let row = rows.entry(f.mnemonic.clone()).or_insert_with(|| InstructionRow {
+                    mnemonic: f.mnemonic.clone(),
+                    code: None,
+                    extension: f.extension.clone(),
+                    importance: mp.importance[key],
+                    package_share: share[key],
+                    packages: mp.packages.iter().filter(|p| p.keys.contains(key)).count() as u64,
+                    occurrences: 0,
+                    supported: supported_g.contains(key),
+                });
                 row.occurrences += f.occurrences;
             }
             let mut rows: Vec<InstructionRow> = rows.into_values().collect();
@@ -352,11 +325,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
     extensions
         .iter_mut()
         .for_each(|e| e.occurrence_share = e.occurrences as f64 / total_occ.max(1) as f64);
-    extensions.sort_by(|a, b| {
-        b.occurrences
-            .cmp(&a.occurrences)
-            .then(a.extension.cmp(&b.extension))
-    });
+    extensions.sort_by(|a, b| b.occurrences.cmp(&a.occurrences).then(a.extension.cmp(&b.extension)));
 
     // Plans.
     let to_rows = |plan: &[PlanStep], limit: usize| -> Vec<PlanRow> {
@@ -373,8 +342,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
     let next_plan = implementation_plan(&mp.packages, &supported_g, &mp.importance);
     let next = to_rows(&next_plan, opts.next_count);
 
-    let mut unresolved: Vec<(String, u64)> =
-        fp.unresolved.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let mut unresolved: Vec<(String, u64)> = fp.unresolved.iter().map(|(k, v)| (k.clone(), *v)).collect();
     unresolved.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let packages_with_code = fp.packages.len() as u64;
     let fresh = corpus.counts.fresh_code_bytes;
@@ -399,10 +367,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
         supported: SupportedSummary {
             set: opts.supported.name.clone(),
             count: supported.len() as u64,
-            count_in_corpus: supported
-                .iter()
-                .filter(|&c| corpus_codes.contains(c))
-                .count() as u64,
+            count_in_corpus: supported.iter().filter(|&c| corpus_codes.contains(c)).count() as u64,
             weighted_completeness: mp.supported_wc,
             complete_packages: mp.complete_packages as u64,
         },
@@ -417,8 +382,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
             seconds: corpus.scan_seconds + started.elapsed().as_secs_f64(),
             scan_seconds: corpus.scan_seconds,
             analysis_seconds: started.elapsed().as_secs_f64(),
-            decode_mb_per_s: (fresh > 0 && corpus.scan_seconds > 0.0)
-                .then(|| fresh as f64 / 1e6 / corpus.scan_seconds),
+            decode_mb_per_s: (fresh > 0 && corpus.scan_seconds > 0.0).then(|| fresh as f64 / 1e6 / corpus.scan_seconds),
             cached_files: corpus.counts.cached,
         },
     }

@@ -118,20 +118,13 @@ impl ScanCache {
             Err(e) => {
                 return (
                     cache,
-                    Some(format!(
-                        "cache {} unreadable ({e}); scanning cold",
-                        file.display()
-                    )),
+                    Some(format!("cache {} unreadable ({e}); scanning cold", file.display())),
                 )
             }
         };
         match parse(&bytes) {
             Some((body, hashes)) if body.version == version() => {
-                cache.entries = body
-                    .entries
-                    .into_iter()
-                    .map(|(p, s, v)| (p, (s, v)))
-                    .collect();
+                cache.entries = body.entries.into_iter().map(|(p, s, v)| (p, (s, v))).collect();
                 cache.not_elf = hashes;
                 (cache, None)
             }
@@ -147,10 +140,7 @@ impl ScanCache {
     }
 
     pub fn get(&self, path: &str, stamp: &FileStamp) -> Option<&CachedValue> {
-        self.entries
-            .get(path)
-            .filter(|(s, _)| s == stamp)
-            .map(|(_, v)| v)
+        self.entries.get(path).filter(|(s, _)| s == stamp).map(|(_, v)| v)
     }
 
     pub fn is_known_not_elf(&self, path: &str, stamp: &FileStamp) -> bool {
@@ -250,19 +240,12 @@ mod tests {
         let file = dir.path().join("c/coverage.cache");
         let (mut c, problem) = ScanCache::open(&file);
         assert!(problem.is_none());
-        c.insert(
-            "/bin/x".into(),
-            stamp(10),
-            CachedValue::Elf(Err("bad".into())),
-        );
+        c.insert("/bin/x".into(), stamp(10), CachedValue::Elf(Err("bad".into())));
         c.insert_not_elf("/etc/passwd", &stamp(5));
         c.save().unwrap();
         let (c, problem) = ScanCache::open(&file);
         assert!(problem.is_none());
-        assert_eq!(
-            c.get("/bin/x", &stamp(10)),
-            Some(&CachedValue::Elf(Err("bad".into())))
-        );
+        assert_eq!(c.get("/bin/x", &stamp(10)), Some(&CachedValue::Elf(Err("bad".into()))));
         assert_eq!(c.get("/bin/x", &stamp(11)), None, "changed size must miss");
         assert!(c.is_known_not_elf("/etc/passwd", &stamp(5)));
         assert!(!c.is_known_not_elf("/etc/passwd", &stamp(6)));
@@ -272,11 +255,7 @@ mod tests {
     fn damaged_cache_is_reported_and_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("coverage.cache");
-        std::fs::write(
-            &file,
-            b"HBTCOV\x00\x02\xff\xff\xff\xff\xff\xff\xff\xffgarbage",
-        )
-        .unwrap();
+        std::fs::write(&file, b"HBTCOV\x00\x02\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
         let (c, problem) = ScanCache::open(&file);
         assert!(problem.is_some());
         assert!(c.get("/x", &stamp(1)).is_none());

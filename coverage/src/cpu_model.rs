@@ -54,14 +54,7 @@ const BASE_FEATURES: &[F] = &[
 
 /// psABI level 1 beyond the architectural base.
 const V1_FEATURES: &[F] = &[F::CMOV, F::CX8, F::FXSR, F::MMX, F::SSE, F::SSE2];
-const V2_FEATURES: &[F] = &[
-    F::CMPXCHG16B,
-    F::POPCNT,
-    F::SSE3,
-    F::SSE4_1,
-    F::SSE4_2,
-    F::SSSE3,
-];
+const V2_FEATURES: &[F] = &[F::CMPXCHG16B, F::POPCNT, F::SSE3, F::SSE4_1, F::SSE4_2, F::SSSE3];
 const V3_FEATURES: &[F] = &[
     F::AVX,
     F::AVX2,
@@ -73,13 +66,7 @@ const V3_FEATURES: &[F] = &[
     F::MOVBE,
     F::XSAVE,
 ];
-const V4_FEATURES: &[F] = &[
-    F::AVX512F,
-    F::AVX512BW,
-    F::AVX512CD,
-    F::AVX512DQ,
-    F::AVX512VL,
-];
+const V4_FEATURES: &[F] = &[F::AVX512F, F::AVX512BW, F::AVX512CD, F::AVX512DQ, F::AVX512VL];
 
 /// Where CPUID reports a feature: (leaf, subleaf, register, bit).
 #[derive(Clone, Copy)]
@@ -155,9 +142,7 @@ impl CpuModel {
             CpuModel::Host => host_features(&mut have),
             CpuModel::V1 => add(V1_FEATURES),
             CpuModel::V2 => [V1_FEATURES, V2_FEATURES].iter().for_each(|l| add(l)),
-            CpuModel::V3 => [V1_FEATURES, V2_FEATURES, V3_FEATURES]
-                .iter()
-                .for_each(|l| add(l)),
+            CpuModel::V3 => [V1_FEATURES, V2_FEATURES, V3_FEATURES].iter().for_each(|l| add(l)),
             CpuModel::V4 => [V1_FEATURES, V2_FEATURES, V3_FEATURES, V4_FEATURES]
                 .iter()
                 .for_each(|l| add(l)),
@@ -226,10 +211,9 @@ impl fmt::Display for CpuModel {
 impl FromStr for CpuModel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        CpuModel::ALL
-            .into_iter()
-            .find(|m| m.to_string() == s)
-            .ok_or_else(|| format!("unknown CPU model `{s}` (expected x86-64-v1, x86-64-v2, x86-64-v3, x86-64-v4, host or all)"))
+        CpuModel::ALL.into_iter().find(|m| m.to_string() == s).ok_or_else(|| {
+            format!("unknown CPU model `{s}` (expected x86-64-v1, x86-64-v2, x86-64-v3, x86-64-v4, host or all)")
+        })
     }
 }
 
@@ -243,16 +227,10 @@ mod tests {
 
     #[test]
     fn levels_are_nested() {
-        let v: Vec<Vec<bool>> = [
-            CpuModel::V1,
-            CpuModel::V2,
-            CpuModel::V3,
-            CpuModel::V4,
-            CpuModel::All,
-        ]
-        .iter()
-        .map(|m| m.allowed_codes())
-        .collect();
+        let v: Vec<Vec<bool>> = [CpuModel::V1, CpuModel::V2, CpuModel::V3, CpuModel::V4, CpuModel::All]
+            .iter()
+            .map(|m| m.allowed_codes())
+            .collect();
         for pair in v.windows(2) {
             assert!(pair[0].iter().zip(&pair[1]).all(|(a, b)| !a || *b));
         }
@@ -266,18 +244,9 @@ mod tests {
         assert!(allowed(CpuModel::V2, Code::Popcnt_r64_rm64));
         assert!(!allowed(CpuModel::V2, Code::VEX_Vpaddd_ymm_ymm_ymmm256));
         assert!(allowed(CpuModel::V3, Code::VEX_Vpaddd_ymm_ymm_ymmm256));
-        assert!(!allowed(
-            CpuModel::V3,
-            Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32
-        ));
-        assert!(allowed(
-            CpuModel::V4,
-            Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32
-        ));
-        assert!(allowed(
-            CpuModel::All,
-            Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32
-        ));
+        assert!(!allowed(CpuModel::V3, Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32));
+        assert!(allowed(CpuModel::V4, Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32));
+        assert!(allowed(CpuModel::All, Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32));
         // The host always runs its base ISA.
         assert!(allowed(CpuModel::Host, Code::Add_rm32_r32));
     }

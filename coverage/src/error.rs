@@ -18,11 +18,7 @@ pub enum CoverageError {
     #[error("{path}: no usable popularity records (is this a popcon by_inst file?)")]
     EmptyPopcon { path: PathBuf },
     #[error("{path}:{line}: unknown instruction `{name}` (expected an iced Code name such as `Add_rm32_r32` or a mnemonic such as `add`)")]
-    UnknownInstruction {
-        path: PathBuf,
-        line: usize,
-        name: String,
-    },
+    UnknownInstruction { path: PathBuf, line: usize, name: String },
     #[error("{path}: not an hbt coverage part file: {detail}")]
     BadPart { path: PathBuf, detail: String },
     #[error("part files disagree: {0}")]

@@ -93,15 +93,9 @@ impl<'a> LibraryIndex<'a> {
             .iter()
             .map(|d| normalize(&d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)))
             .collect();
-        let preferred = runpath
-            .iter()
-            .map(String::as_str)
-            .chain(DEFAULT_DIRS.iter().copied());
+        let preferred = runpath.iter().map(String::as_str).chain(DEFAULT_DIRS.iter().copied());
         for dir in preferred {
-            if let Some(&i) = candidates
-                .iter()
-                .find(|&&i| dir_of(&corpus.binaries[i].path) == dir)
-            {
+            if let Some(&i) = candidates.iter().find(|&&i| dir_of(&corpus.binaries[i].path) == dir) {
                 return Some(i);
             }
         }
@@ -157,11 +151,7 @@ pub fn footprints(corpus: &CorpusScan) -> Footprints {
             .copied()
             .filter(|&i| corpus.binaries[i].scan.kind == Some(ElfKind::Executable))
             .collect();
-        let roots = if executables.is_empty() {
-            members
-        } else {
-            executables
-        };
+        let roots = if executables.is_empty() { members } else { executables };
         let mut seen = vec![false; corpus.binaries.len()];
         let mut stack = roots.clone();
         let mut codes = KeySet::with_capacity(code_count());
@@ -184,10 +174,7 @@ pub fn footprints(corpus: &CorpusScan) -> Footprints {
             });
         }
     }
-    Footprints {
-        packages,
-        unresolved,
-    }
+    Footprints { packages, unresolved }
 }
 
 #[cfg(test)]
@@ -258,20 +245,11 @@ mod tests {
         };
         let f = footprints(&corpus);
         let get = |n: &str| f.packages.iter().find(|p| p.name == n).unwrap();
-        assert_eq!(
-            get("gzip").codes.iter().collect::<Vec<_>>(),
-            vec![1, 2, 3, 4]
-        );
+        assert_eq!(get("gzip").codes.iter().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
         assert_eq!(get("gzip").closure, 3);
-        assert_eq!(
-            get("coreutils").codes.iter().collect::<Vec<_>>(),
-            vec![1, 2, 5]
-        );
+        assert_eq!(get("coreutils").codes.iter().collect::<Vec<_>>(), vec![1, 2, 5]);
         // Library-only packages start from their own objects.
-        assert_eq!(
-            get("zlib1g").codes.iter().collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(get("zlib1g").codes.iter().collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(f.unresolved.get("libmissing.so.9"), Some(&1));
     }
 }

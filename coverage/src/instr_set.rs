@@ -30,10 +30,7 @@ impl InstructionSet {
 
     /// What the translator supports today (its table of rules with passing differential tests).
     pub fn translator() -> Self {
-        Self::from_codes(
-            "translator",
-            hbt_translator::supported_codes().iter().copied(),
-        )
+        Self::from_codes("translator", hbt_translator::supported_codes().iter().copied())
     }
 
     pub fn all() -> Self {
@@ -53,10 +50,7 @@ impl InstructionSet {
         let mut by_name: HashMap<String, Vec<Code>> = HashMap::new();
         for code in Code::values().filter(|&c| c != Code::INVALID) {
             by_name.entry(code_name(code)).or_default().push(code);
-            by_name
-                .entry(mnemonic_name(code.mnemonic()))
-                .or_default()
-                .push(code);
+            by_name.entry(mnemonic_name(code.mnemonic())).or_default().push(code);
         }
         let mut codes = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -64,9 +58,7 @@ impl InstructionSet {
             if name.is_empty() {
                 continue;
             }
-            let found = by_name
-                .get(name)
-                .or_else(|| by_name.get(&name.to_ascii_lowercase()));
+            let found = by_name.get(name).or_else(|| by_name.get(&name.to_ascii_lowercase()));
             match found {
                 Some(list) => codes.extend(list.iter().copied()),
                 None => {
@@ -88,11 +80,7 @@ mod tests {
 
     #[test]
     fn parses_codes_and_mnemonics() {
-        let s = InstructionSet::parse(
-            "# comment\nAdd_rm32_r32\nSUB # all forms\n\n",
-            Path::new("x"),
-        )
-        .unwrap();
+        let s = InstructionSet::parse("# comment\nAdd_rm32_r32\nSUB # all forms\n\n", Path::new("x")).unwrap();
         assert!(s.codes.contains(Code::Add_rm32_r32 as usize));
         assert!(!s.codes.contains(Code::Add_r32_rm32 as usize));
         assert!(s.codes.contains(Code::Sub_r64_rm64 as usize));
@@ -100,9 +88,6 @@ mod tests {
         let err = InstructionSet::parse("add\nfrobnicate\n", Path::new("set.txt"))
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("set.txt:2") && err.contains("frobnicate"),
-            "{err}"
-        );
+        assert!(err.contains("set.txt:2") && err.contains("frobnicate"), "{err}");
     }
 }

@@ -54,9 +54,7 @@ impl KeySet {
     }
 
     pub fn contains(&self, key: usize) -> bool {
-        self.words
-            .get(key / 64)
-            .is_some_and(|w| w & (1 << (key % 64)) != 0)
+        self.words.get(key / 64).is_some_and(|w| w & (1 << (key % 64)) != 0)
     }
 
     pub fn len(&self) -> usize {
@@ -69,10 +67,7 @@ impl KeySet {
 
     /// `self ⊆ other`.
     pub fn is_subset(&self, other: &KeySet) -> bool {
-        self.words
-            .iter()
-            .zip(&other.words)
-            .all(|(a, b)| a & !b == 0)
+        self.words.iter().zip(&other.words).all(|(a, b)| a & !b == 0)
     }
 
     pub fn union_with(&mut self, other: &KeySet) {
@@ -145,10 +140,7 @@ mod tests {
     fn code_names_round_trip() {
         assert_eq!(code_name(Code::Add_rm32_r32), "Add_rm32_r32");
         assert_eq!(mnemonic_name(Code::Add_rm32_r32.mnemonic()), "add");
-        assert_eq!(
-            code_from_index(Code::Add_rm32_r32 as u16),
-            Some(Code::Add_rm32_r32)
-        );
+        assert_eq!(code_from_index(Code::Add_rm32_r32 as u16), Some(Code::Add_rm32_r32));
         assert_eq!(code_from_index(u16::MAX), None);
     }
 }

@@ -40,10 +40,7 @@ pub fn importance(packages: &[WeightedFootprint], universe: usize) -> Vec<f64> {
 pub fn package_share(packages: &[WeightedFootprint], universe: usize) -> Vec<f64> {
     let mut n = vec![0usize; universe];
     for p in packages {
-        p.keys
-            .iter()
-            .filter(|&k| k < universe)
-            .for_each(|k| n[k] += 1);
+        p.keys.iter().filter(|&k| k < universe).for_each(|k| n[k] += 1);
     }
     let total = packages.len().max(1) as f64;
     n.into_iter().map(|c| c as f64 / total).collect()
@@ -72,11 +69,7 @@ pub struct PlanStep {
 }
 
 /// Greedy implementation plan from `start` over every key some package uses.
-pub fn implementation_plan(
-    packages: &[WeightedFootprint],
-    start: &KeySet,
-    importance: &[f64],
-) -> Vec<PlanStep> {
+pub fn implementation_plan(packages: &[WeightedFootprint], start: &KeySet, importance: &[f64]) -> Vec<PlanStep> {
     let capacity = importance.len();
     let total = sum(packages.iter().map(|p| p.weight));
     let mut have = KeySet::with_capacity(capacity);
@@ -90,15 +83,17 @@ pub fn implementation_plan(
     for k in start.iter() {
         remaining.remove(k);
     }
-    let mut missing: Vec<usize> = packages
-        .iter()
-        .map(|p| p.keys.count_missing_from(&have))
-        .collect();
+    let mut missing: Vec<usize> = packages.iter().map(|p| p.keys.count_missing_from(&have)).collect();
     let mut done = sum(packages
         .iter()
         .zip(&missing)
         .filter(|(_, &m)| m == 0)
         .map(|(p, _)| p.weight));
+    let mut incomplete = packages
+        .iter()
+        .zip(&missing)
+        .filter(|(p, &m)| m > 0 && p.weight > 0.0)
+        .count();
     let mut gains = vec![0.0f64; capacity];
     // Importance saturates at 1 for anything the core packages use, so ties are broken by the
     // total weight of the packages that need the instruction, then by how many do.
@@ -143,23 +138,13 @@ pub fn implementation_plan(
                         .then(missing[b].cmp(&missing[a]))
                         .then(b.cmp(&a))
                 });
-            pick = target.and_then(|pi| {
-                packages[pi]
-                    .keys
-                    .difference(&have)
-                    .max_by(|&a, &b| by_importance(a, b))
-            });
+            pick = target.and_then(|pi| packages[pi].keys.difference(&have).max_by(|&a, &b| by_importance(a, b)));
         }
         // 3. Only weightless packages are left: most used first.
         let k = pick.unwrap_or_else(|| {
             remaining
                 .iter()
-                .max_by(|&a, &b| {
-                    users[a]
-                        .len()
-                        .cmp(&users[b].len())
-                        .then(by_importance(a, b))
-                })
+                .max_by(|&a, &b| users[a].len().cmp(&users[b].len()).then(by_importance(a, b)))
                 .expect("remaining is not empty")
         });
         have.insert(k);
@@ -169,16 +154,21 @@ pub fn implementation_plan(
             missing[pi] -= 1;
             if missing[pi] == 0 {
                 done += packages[pi].weight;
+                if packages[pi].weight > 0.0 {
+                    incomplete -= 1;
+                }
             }
         }
-        let wc = if total > 0.0 { done / total } else { 0.0 };
+        // Summing in another order than `weighted_completeness` drifts in the last bits: pin the
+        // end point so "100%" means every weighted package is complete.
+        let wc = match (total > 0.0, incomplete) {
+            (false, _) => 0.0,
+            (true, 0) => 1.0,
+            (true, _) => (done / total).min(1.0),
+        };
         plan.push(PlanStep {
             key: k,
-            gain: if total > 0.0 {
-                (done - before) / total
-            } else {
-                0.0
-            },
+            gain: if total > 0.0 { (done - before) / total } else { 0.0 },
             weighted_completeness: wc,
         });
     }

@@ -54,9 +54,7 @@ impl Part {
 /// Merge parts into one corpus. Every shard of one split must be present exactly once.
 pub fn merge(parts: Vec<Part>) -> Result<CorpusScan> {
     let Some(count) = parts.first().map(|p| p.shard.count) else {
-        return Err(CoverageError::IncompatibleParts(
-            "no part files given".into(),
-        ));
+        return Err(CoverageError::IncompatibleParts("no part files given".into()));
     };
     let mut seen = vec![false; count as usize];
     for p in &parts {

@@ -49,8 +49,7 @@ pub struct Weight {
 
 impl Popularity {
     pub fn embedded() -> Self {
-        Self::parse(DEFAULT_SNAPSHOT, DEFAULT_SNAPSHOT_NAME, None)
-            .expect("embedded popcon snapshot parses")
+        Self::parse(DEFAULT_SNAPSHOT, DEFAULT_SNAPSHOT_NAME, None).expect("embedded popcon snapshot parses")
     }
 
     pub fn from_file(path: &Path, submissions: Option<u64>) -> Result<Self> {
@@ -82,9 +81,7 @@ impl Popularity {
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
             match fields.as_slice() {
-                [rank, name, inst, ..]
-                    if rank.parse::<u64>().is_ok() && inst.parse::<u64>().is_ok() =>
-                {
+                [rank, name, inst, ..] if rank.parse::<u64>().is_ok() && inst.parse::<u64>().is_ok() => {
                     if *name == "Total" {
                         continue;
                     }
@@ -142,17 +139,10 @@ impl Popularity {
 
 /// `Number of submissions considered: N` (popcon) or `totalNumInstallations = N` (the study).
 fn submissions_in_header(line: &str) -> Option<u64> {
-    for key in [
-        "Number of submissions considered:",
-        "totalNumInstallations =",
-    ] {
+    for key in ["Number of submissions considered:", "totalNumInstallations ="] {
         if let Some(pos) = line.find(key) {
             let rest = &line[pos + key.len()..];
-            let digits: String = rest
-                .trim_start()
-                .chars()
-                .take_while(|c| c.is_ascii_digit())
-                .collect();
+            let digits: String = rest.trim_start().chars().take_while(|c| c.is_ascii_digit()).collect();
             if let Ok(n) = digits.parse() {
                 return Some(n);
             }
@@ -166,10 +156,7 @@ fn submissions_in_header(line: &str) -> Option<u64> {
 /// `python3.11` → `python`, `libssl3t64` → `libssl`, `libstdc++6` → `libstdc++`.
 pub fn stripped_name(name: &str) -> String {
     let name = name.strip_suffix("t64").unwrap_or(name);
-    let kept: String = name
-        .chars()
-        .filter(|c| !c.is_ascii_digit() && *c != '.')
-        .collect();
+    let kept: String = name.chars().filter(|c| !c.is_ascii_digit() && *c != '.').collect();
     let mut out = String::with_capacity(kept.len());
     for part in kept.split('-').filter(|p| !p.is_empty()) {
         if !out.is_empty() {
@@ -189,11 +176,7 @@ mod tests {
         let p = Popularity::embedded();
         assert_eq!(p.len(), 9332);
         assert_eq!(p.submissions, 2_963_664);
-        assert!(
-            p.bad_lines.is_empty(),
-            "{:?}",
-            &p.bad_lines[..p.bad_lines.len().min(3)]
-        );
+        assert!(p.bad_lines.is_empty(), "{:?}", &p.bad_lines[..p.bad_lines.len().min(3)]);
         let w = p.weigh("coreutils");
         assert_eq!(w.matched, MatchKind::Exact);
         assert!((w.p - 2_960_564.0 / 2_963_664.0).abs() < 1e-12);
@@ -210,21 +193,12 @@ mod tests {
         let p = Popularity::parse(text, "test", None).unwrap();
         assert_eq!(p.submissions, 1000);
         assert_eq!(p.len(), 2);
-        assert_eq!(
-            p.bad_lines.iter().map(|b| b.0).collect::<Vec<_>>(),
-            vec![7, 8]
-        );
+        assert_eq!(p.bad_lines.iter().map(|b| b.0).collect::<Vec<_>>(), vec![7, 8]);
         assert_eq!(p.weigh("dpkg").p, 0.99);
         let gcc = p.weigh("gcc-12");
         assert_eq!((gcc.matched, gcc.installs), (MatchKind::Stripped, 500));
         assert_eq!(p.weigh("nonexistent").matched, MatchKind::Missing);
-        assert_eq!(
-            Popularity::parse(text, "t", Some(2000))
-                .unwrap()
-                .weigh("dpkg")
-                .p,
-            0.495
-        );
+        assert_eq!(Popularity::parse(text, "t", Some(2000)).unwrap().weigh("dpkg").p, 0.495);
         assert!(Popularity::parse("garbage only\n", "t", None).is_none());
     }
 

@@ -109,12 +109,8 @@ impl Sweeper {
         if hdr.e_type != header::ET_EXEC && hdr.e_type != header::ET_DYN {
             return Ok(SweepOutcome::NotLoadable { e_type: hdr.e_type });
         }
-        let elf = Elf::parse(bytes).map_err(|e| {
-            SweepError::Malformed(format!(
-                "{e} (file is {} bytes: truncated or corrupt)",
-                bytes.len()
-            ))
-        })?;
+        let elf = Elf::parse(bytes)
+            .map_err(|e| SweepError::Malformed(format!("{e} (file is {} bytes: truncated or corrupt)", bytes.len())))?;
         let kind = if elf.header.e_type == header::ET_EXEC || elf.interpreter.is_some() {
             ElfKind::Executable
         } else {
@@ -144,32 +140,18 @@ impl Sweeper {
             {
                 continue;
             }
-            let name = elf
-                .shdr_strtab
-                .get_at(sh.sh_name)
-                .unwrap_or("?")
-                .to_string();
+            let name = elf.shdr_strtab.get_at(sh.sh_name).unwrap_or("?").to_string();
             regions.push((name, sh.sh_offset, sh.sh_size, sh.sh_addr));
         }
         if elf.section_headers.is_empty() {
             for (i, ph) in elf.program_headers.iter().enumerate() {
-                if ph.p_type == program_header::PT_LOAD
-                    && ph.p_flags & program_header::PF_X != 0
-                    && ph.p_filesz > 0
-                {
-                    regions.push((
-                        format!("PT_LOAD[{i}]"),
-                        ph.p_offset,
-                        ph.p_filesz,
-                        ph.p_vaddr,
-                    ));
+                if ph.p_type == program_header::PT_LOAD && ph.p_flags & program_header::PF_X != 0 && ph.p_filesz > 0 {
+                    regions.push((format!("PT_LOAD[{i}]"), ph.p_offset, ph.p_filesz, ph.p_vaddr));
                 }
             }
         }
         for (section, offset, size, addr) in regions {
-            let end = offset
-                .checked_add(size)
-                .filter(|&e| e <= bytes.len() as u64);
+            let end = offset.checked_add(size).filter(|&e| e <= bytes.len() as u64);
             let Some(end) = end else {
                 return Err(SweepError::Truncated {
                     section,
@@ -228,10 +210,7 @@ mod tests {
         // add eax, ebx ; <0x06: invalid in 64-bit> ; ret
         s.sweep_code(&[0x01, 0xd8, 0x06, 0xc3], 0x1000, &mut scan);
         let counts = s.drain_counts();
-        assert_eq!(
-            counts,
-            vec![(Code::Add_rm32_r32 as u16, 1), (Code::Retnq as u16, 1)]
-        );
+        assert_eq!(counts, vec![(Code::Add_rm32_r32 as u16, 1), (Code::Retnq as u16, 1)]);
         assert_eq!(scan.invalid_bytes, 1);
         assert_eq!(scan.code_bytes, 4);
     }

@@ -27,37 +27,20 @@ fn counts(scan: &BinaryScan) -> BTreeMap<Code, u32> {
 #[test]
 fn sweep_counts_exactly_what_was_assembled() {
     let dir = tempfile::tempdir().unwrap();
-    let lib = build(
-        dir.path(),
-        "libx.so",
-        LIB_BODY,
-        "lib",
-        Some("libx.so.1"),
-        &[],
-    );
-    let SweepOutcome::X86_64(scan) = Sweeper::default()
-        .sweep_elf(&std::fs::read(&lib).unwrap())
-        .unwrap()
-    else {
+    let lib = build(dir.path(), "libx.so", LIB_BODY, "lib", Some("libx.so.1"), &[]);
+    let SweepOutcome::X86_64(scan) = Sweeper::default().sweep_elf(&std::fs::read(&lib).unwrap()).unwrap() else {
         panic!("not x86-64")
     };
-    let expected: BTreeMap<Code, u32> = [
-        (Code::Add_rm32_r32, 2),
-        (Code::Imul_r64_rm64, 1),
-        (Code::Retnq, 1),
-    ]
-    .into_iter()
-    .collect();
+    let expected: BTreeMap<Code, u32> = [(Code::Add_rm32_r32, 2), (Code::Imul_r64_rm64, 1), (Code::Retnq, 1)]
+        .into_iter()
+        .collect();
     assert_eq!(counts(&scan), expected);
     assert_eq!(scan.invalid_bytes, 0);
     assert_eq!(scan.soname.as_deref(), Some("libx.so.1"));
     assert_eq!(scan.kind, Some(hbt_coverage::sweep::ElfKind::SharedObject));
 
     let exe = build(dir.path(), "app", APP_BODY, "exe", None, &[&lib]);
-    let SweepOutcome::X86_64(scan) = Sweeper::default()
-        .sweep_elf(&std::fs::read(&exe).unwrap())
-        .unwrap()
-    else {
+    let SweepOutcome::X86_64(scan) = Sweeper::default().sweep_elf(&std::fs::read(&exe).unwrap()).unwrap() else {
         panic!()
     };
     let c = counts(&scan);
@@ -87,12 +70,7 @@ fn non_x86_and_relocatable_elf_are_classified() {
     ));
 }
 
-fn options<'a>(
-    pop: &'a Popularity,
-    set: &'a InstructionSet,
-    model: CpuModel,
-    g: Granularity,
-) -> AnalysisOptions<'a> {
+fn options<'a>(pop: &'a Popularity, set: &'a InstructionSet, model: CpuModel, g: Granularity) -> AnalysisOptions<'a> {
     AnalysisOptions {
         popularity: pop,
         cpu_model: model,
@@ -135,32 +113,19 @@ fn installed_root_end_to_end() {
     let fp = footprints(&corpus);
     let app = fp.packages.iter().find(|p| p.name == "app").unwrap();
     assert_eq!(app.closure, 2);
-    assert!(
-        app.codes.contains(Code::Imul_r64_rm64 as usize)
-            && app.codes.contains(Code::Popcnt_r64_rm64 as usize)
-    );
+    assert!(app.codes.contains(Code::Imul_r64_rm64 as usize) && app.codes.contains(Code::Popcnt_r64_rm64 as usize));
     assert_eq!(fp.unresolved.get("/lib64/ld-linux-x86-64.so.2"), Some(&1));
 
     // P(app)=0.5, P(libfoo1)=0.25, P(avxtool)=0.25 of 1000 submissions.
-    let pop_path = popcon(
-        dir.path(),
-        1000,
-        &[("app", 500), ("libfoo1", 250), ("avxtool", 250)],
-    );
+    let pop_path = popcon(dir.path(), 1000, &[("app", 500), ("libfoo1", 250), ("avxtool", 250)]);
     let pop = Popularity::from_file(&pop_path, None).unwrap();
     let all = InstructionSet::all();
     let none = InstructionSet::none();
-    let r = analyze(
-        &corpus,
-        &options(&pop, &all, CpuModel::All, Granularity::Code),
-    );
+    let r = analyze(&corpus, &options(&pop, &all, CpuModel::All, Granularity::Code));
     assert_eq!(r.supported.weighted_completeness, 1.0);
     assert_eq!((r.binaries, r.packages, r.packages_total), (3, 3, 5));
     assert_eq!(r.popularity.matched_exact, 3);
-    let r = analyze(
-        &corpus,
-        &options(&pop, &none, CpuModel::All, Granularity::Code),
-    );
+    let r = analyze(&corpus, &options(&pop, &none, CpuModel::All, Granularity::Code));
     assert_eq!(r.supported.weighted_completeness, 0.0);
     // add is used by app (via libfoo) and libfoo1: importance = 1 - 0.5*0.75 = 0.625.
     let add = r
@@ -174,11 +139,12 @@ fn installed_root_end_to_end() {
     assert_eq!(r.plan.last().unwrap().weighted_completeness, 1.0);
 
     // Exactly the libfoo + app forms: WC = P(app) + P(libfoo1) = 0.75.
-    let set = InstructionSet::parse("Add_rm32_r32\nImul_r64_rm64\nRetnq\nMov_r32_imm32\nXor_rm32_r32\nPopcnt_r64_rm64\nSyscall\n", std::path::Path::new("set")).unwrap();
-    let r = analyze(
-        &corpus,
-        &options(&pop, &set, CpuModel::All, Granularity::Code),
-    );
+    let set = InstructionSet::parse(
+        "Add_rm32_r32\nImul_r64_rm64\nRetnq\nMov_r32_imm32\nXor_rm32_r32\nPopcnt_r64_rm64\nSyscall\n",
+        std::path::Path::new("set"),
+    )
+    .unwrap();
+    let r = analyze(&corpus, &options(&pop, &set, CpuModel::All, Granularity::Code));
     assert!(
         (r.supported.weighted_completeness - 0.75).abs() < 1e-12,
         "{}",
@@ -190,18 +156,12 @@ fn installed_root_end_to_end() {
     );
 
     // Under x86-64-v2 the AVX2 instruction is behind dispatch: avxtool is complete too.
-    let r = analyze(
-        &corpus,
-        &options(&pop, &set, CpuModel::V2, Granularity::Code),
-    );
+    let r = analyze(&corpus, &options(&pop, &set, CpuModel::V2, Granularity::Code));
     assert!((r.supported.weighted_completeness - 1.0).abs() < 1e-12);
     assert_eq!(r.cpu_filter.instructions_removed, 1);
     assert_eq!(r.cpu_filter.packages_touched, 1);
     // Under x86-64-v1 popcnt is left out as well.
-    let r = analyze(
-        &corpus,
-        &options(&pop, &none, CpuModel::V1, Granularity::Mnemonic),
-    );
+    let r = analyze(&corpus, &options(&pop, &none, CpuModel::V1, Granularity::Mnemonic));
     assert!(r
         .instructions
         .iter()
@@ -231,10 +191,7 @@ fn shards_merge_to_the_whole() {
     assert_eq!(merged.counts.malformed, whole.counts.malformed);
     assert_eq!(merged.packages, whole.packages);
     let one: Part = Part::new("1/2".parse().unwrap(), whole.clone());
-    assert!(merge(vec![one])
-        .unwrap_err()
-        .to_string()
-        .contains("2/2 is missing"));
+    assert!(merge(vec![one]).unwrap_err().to_string().contains("2/2 is missing"));
 }
 
 #[test]
@@ -268,7 +225,13 @@ fn debs_are_read_directly_and_broken_ones_counted() {
     ] {
         let tree = dir.path().join(format!("tree-{pkg}"));
         std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
-        std::fs::write(tree.join("DEBIAN/control"), format!("Package: {pkg}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: t <t@example.org>\nDescription: test\n")).unwrap();
+        std::fs::write(
+            tree.join("DEBIAN/control"),
+            format!(
+                "Package: {pkg}\nVersion: 1.0\nArchitecture: amd64\nMaintainer: t <t@example.org>\nDescription: test\n"
+            ),
+        )
+        .unwrap();
         for f in files {
             install(&tree, f, &root.join(f.trim_start_matches('/')));
         }
@@ -292,11 +255,7 @@ fn debs_are_read_directly_and_broken_ones_counted() {
         .warnings
         .iter()
         .any(|w| w.path.ends_with("garbage.deb") && w.detail.contains("not a Debian package")));
-    assert_eq!(
-        corpus.binaries.len(),
-        6,
-        "three compressions of two packages"
-    );
+    assert_eq!(corpus.binaries.len(), 6, "three compressions of two packages");
     assert!(corpus.binaries.iter().all(|b| b.package.is_some()));
     let fp = footprints(&corpus);
     let app = fp.packages.iter().find(|p| p.name == "app").unwrap();

@@ -112,10 +112,7 @@ pub fn run(args: CoverageArgs) -> Result<()> {
     let started = Instant::now();
     match args.merge {
         Some(MergeCommand::Merge { parts, report }) => {
-            let loaded = parts
-                .iter()
-                .map(|p| Part::load(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let loaded = parts.iter().map(|p| Part::load(p)).collect::<Result<Vec<_>, _>>()?;
             let corpus = part::merge(loaded)?;
             report_on(&corpus, &report, started)
         }
@@ -169,9 +166,8 @@ fn report_on(corpus: &CorpusScan, args: &ReportArgs, started: Instant) -> Result
         "translator" => InstructionSet::translator(),
         "all" => InstructionSet::all(),
         "none" => InstructionSet::none(),
-        file => InstructionSet::from_file(Path::new(file)).with_context(|| {
-            format!("--supported {file}: expected translator, all, none or a readable file")
-        })?,
+        file => InstructionSet::from_file(Path::new(file))
+            .with_context(|| format!("--supported {file}: expected translator, all, none or a readable file"))?,
     };
     if !args.quiet {
         const SHOWN: usize = 30;
@@ -185,10 +181,7 @@ fn report_on(corpus: &CorpusScan, args: &ReportArgs, started: Instant) -> Result
             );
         }
         for (line, text) in popularity.bad_lines.iter().take(SHOWN) {
-            eprintln!(
-                "warning: {}:{line}: not a popcon record: {text}",
-                popularity.source
-            );
+            eprintln!("warning: {}:{line}: not a popcon record: {text}", popularity.source);
         }
     }
     if corpus.binaries.is_empty() {
@@ -222,9 +215,7 @@ fn format_from_extension(output: Option<&Path>) -> Format {
 
 fn write_output(output: Option<&Path>, text: &str) -> Result<()> {
     match output {
-        Some(path) => {
-            std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-        }
+        Some(path) => std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display())),
         None => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();

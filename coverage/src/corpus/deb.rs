@@ -152,9 +152,7 @@ pub fn read_deb(bytes: &[u8], sweeper: &mut Sweeper) -> Result<DebOutcome, DebEr
             .into_owned();
         if path.trim_start_matches("./") == "control" {
             let mut text = String::new();
-            entry
-                .read_to_string(&mut text)
-                .map_err(read_err(control.name))?;
+            entry.read_to_string(&mut text).map_err(read_err(control.name))?;
             for line in text.lines() {
                 if let Some(v) = line.strip_prefix("Package:") {
                     package = Some(v.trim().to_string());
@@ -186,16 +184,11 @@ pub fn read_deb(bytes: &[u8], sweeper: &mut Sweeper) -> Result<DebOutcome, DebEr
             .into_owned();
         let path = format!("/{}", path.trim_start_matches("./").trim_start_matches('/'));
         let mut magic = [0u8; 4];
-        if entry.header().size().unwrap_or(0) < 64
-            || entry.read_exact(&mut magic).is_err()
-            || !is_elf(&magic)
-        {
+        if entry.header().size().unwrap_or(0) < 64 || entry.read_exact(&mut magic).is_err() || !is_elf(&magic) {
             continue;
         }
         let mut content = magic.to_vec();
-        entry
-            .read_to_end(&mut content)
-            .map_err(read_err(data.name))?;
+        entry.read_to_end(&mut content).map_err(read_err(data.name))?;
         outcome
             .elf_members
             .push((path, sweeper.sweep_elf(&content).map_err(|e| e.to_string())));
@@ -225,10 +218,7 @@ pub fn scan_debs(
     }
     debs.sort_by(|a, b| a.0.cmp(&b.0));
     if debs.is_empty() && shard.count <= 1 {
-        return Err(CoverageError::Invalid(format!(
-            "no .deb files in {}",
-            dir.display()
-        )));
+        return Err(CoverageError::Invalid(format!("no .deb files in {}", dir.display())));
     }
 
     let mut counts = ScanCounts::default();

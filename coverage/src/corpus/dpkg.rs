@@ -27,9 +27,7 @@ impl DpkgDb {
             Err(e) => {
                 warnings.push(ScanWarning {
                     path: info.display().to_string(),
-                    detail: format!(
-                        "no dpkg database ({e}); files cannot be attributed to packages"
-                    ),
+                    detail: format!("no dpkg database ({e}); files cannot be attributed to packages"),
                 });
                 return db;
             }
@@ -57,8 +55,7 @@ impl DpkgDb {
                 if !line.starts_with('/') || line == "/." {
                     continue;
                 }
-                db.owner
-                    .insert(resolver.canonical_file(line), package.clone());
+                db.owner.insert(resolver.canonical_file(line), package.clone());
             }
         }
         db

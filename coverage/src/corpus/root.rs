@@ -39,15 +39,10 @@ pub fn scan_root(
     progress: &dyn Progress,
 ) -> Result<CorpusScan, CoverageError> {
     let started = Instant::now();
-    let root = root
-        .canonicalize()
-        .map_err(|e| CoverageError::io(root, e))?;
+    let root = root.canonicalize().map_err(|e| CoverageError::io(root, e))?;
     let root_meta = std::fs::metadata(&root).map_err(|e| CoverageError::io(&root, e))?;
     if !root_meta.is_dir() {
-        return Err(CoverageError::Invalid(format!(
-            "{} is not a directory",
-            root.display()
-        )));
+        return Err(CoverageError::Invalid(format!("{} is not a directory", root.display())));
     }
     let mut warnings = Vec::new();
     let db = DpkgDb::load(&root, &mut warnings);
@@ -121,11 +116,7 @@ pub fn scan_root(
                         if package.is_none() {
                             counts.unowned += 1;
                         }
-                        binaries.push(ScannedBinary {
-                            path,
-                            package,
-                            scan,
-                        });
+                        binaries.push(ScannedBinary { path, package, scan });
                     }
                     Ok(SweepOutcome::OtherArch { .. }) => counts.other_arch += 1,
                     Ok(SweepOutcome::NotLoadable { .. }) => counts.not_loadable += 1,
@@ -184,13 +175,10 @@ fn walk_dir<'s>(
     let entries = match std::fs::read_dir(&host) {
         Ok(e) => e,
         Err(e) => {
-            warnings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(ScanWarning {
-                    path: rel,
-                    detail: format!("cannot list directory: {e}"),
-                });
+            warnings.lock().unwrap_or_else(|p| p.into_inner()).push(ScanWarning {
+                path: rel,
+                detail: format!("cannot list directory: {e}"),
+            });
             return;
         }
     };

@@ -11,9 +11,8 @@ fn field(s: &str) -> String {
 }
 
 pub fn render_csv(r: &Report) -> String {
-    let mut out = String::from(
-        "rank,mnemonic,code,extension,importance,package_share,packages,occurrences,supported\n",
-    );
+    let mut out =
+        String::from("rank,mnemonic,code,extension,importance,package_share,packages,occurrences,supported\n");
     for (i, row) in r.instructions.iter().enumerate() {
         out += &format!(
             "{},{},{},{},{:.9},{:.9},{},{},{}\n",

@@ -21,16 +21,9 @@ fn wc_curve(r: &Report) -> String {
     let y = |v: f64| H - PAD - v * (H - 2.0 * PAD);
     let mut pts = format!("{:.1},{:.1}", x(0.0), y(0.0));
     for (i, s) in r.plan.iter().enumerate() {
-        let _ = write!(
-            pts,
-            " {:.1},{:.1}",
-            x(i as f64 + 1.0),
-            y(s.weighted_completeness)
-        );
+        let _ = write!(pts, " {:.1},{:.1}", x(i as f64 + 1.0), y(s.weighted_completeness));
     }
-    let mut svg = format!(
-        r#"<svg viewBox="0 0 {W} {H}" role="img" aria-label="weighted completeness curve">"#
-    );
+    let mut svg = format!(r#"<svg viewBox="0 0 {W} {H}" role="img" aria-label="weighted completeness curve">"#);
     for t in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let (x1, yt, xl, yl, label) = (W - PAD, y(t), PAD - 6.0, y(t) + 4.0, (t * 100.0) as u32);
         let _ = write!(
@@ -76,8 +69,7 @@ fn importance_histogram(r: &Report) -> String {
     }
     let max = bins.iter().copied().max().unwrap_or(1).max(1) as f64;
     let bw = (W - 2.0 * PAD) / 10.0;
-    let mut svg =
-        format!(r#"<svg viewBox="0 0 {W} {H}" role="img" aria-label="importance distribution">"#);
+    let mut svg = format!(r#"<svg viewBox="0 0 {W} {H}" role="img" aria-label="importance distribution">"#);
     for (i, &b) in bins.iter().enumerate() {
         let h = b as f64 / max * (H - 2.0 * PAD);
         let x0 = PAD + i as f64 * bw;
@@ -110,13 +102,8 @@ fn extension_bars(r: &Report) -> String {
     let rh = 20.0;
     let h = PAD + rows.len() as f64 * rh;
     let label_w = 230.0;
-    let mut svg =
-        format!(r#"<svg viewBox="0 0 {W} {h}" role="img" aria-label="ISA extension breakdown">"#);
-    let max = rows
-        .iter()
-        .map(|e| e.occurrence_share)
-        .fold(0.0, f64::max)
-        .max(1e-12);
+    let mut svg = format!(r#"<svg viewBox="0 0 {W} {h}" role="img" aria-label="ISA extension breakdown">"#);
+    let max = rows.iter().map(|e| e.occurrence_share).fold(0.0, f64::max).max(1e-12);
     for (i, e) in rows.iter().enumerate() {
         let y0 = 10.0 + i as f64 * rh;
         let w = e.occurrence_share / max * (W - label_w - 90.0);
@@ -170,10 +157,7 @@ td:first-child,th:first-child,td.l{{text-align:left}} svg{{width:100%;max-width:
                 r.elf_files, s.other_arch, s.not_loadable, s.malformed, s.unreadable
             ),
         ),
-        (
-            "x86-64 binaries",
-            format!("{} ({} unowned)", r.binaries, s.unowned),
-        ),
+        ("x86-64 binaries", format!("{} ({} unowned)", r.binaries, s.unowned)),
         (
             "packages with x86-64 code",
             format!("{} of {}", r.packages, r.packages_total),
@@ -191,11 +175,7 @@ td:first-child,th:first-child,td.l{{text-align:left}} svg{{width:100%;max-width:
         ),
         (
             "code decoded",
-            format!(
-                "{} ({} invalid bytes)",
-                mb(r.bytes_decoded),
-                r.invalid_bytes
-            ),
+            format!("{} ({} invalid bytes)", mb(r.bytes_decoded), r.invalid_bytes),
         ),
         (
             "CPU model",
@@ -220,19 +200,28 @@ td:first-child,th:first-child,td.l{{text-align:left}} svg{{width:100%;max-width:
     let _ = write!(o, "<h2>CPU models</h2><table><tr><th>model</th><th>in use</th><th>supported WC</th><th>50%</th><th>90%</th><th>99%</th><th>100%</th></tr>");
     for m in &r.cpu_models {
         let n = &m.needed;
-        let _ = write!(o, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", m.cpu_model, m.instructions, pct(m.supported_weighted_completeness), needed(n.p50), needed(n.p90), needed(n.p99), needed(n.p100));
+        let _ = write!(
+            o,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            m.cpu_model,
+            m.instructions,
+            pct(m.supported_weighted_completeness),
+            needed(n.p50),
+            needed(n.p90),
+            needed(n.p99),
+            needed(n.p100)
+        );
     }
-    let _ = write!(
-        o,
-        "</table><h2>Importance distribution</h2>{}",
-        importance_histogram(r)
-    );
+    let _ = write!(o, "</table><h2>Importance distribution</h2>{}", importance_histogram(r));
     let _ = write!(
         o,
         "<h2>ISA extensions (share of static occurrences; red = outside the CPU model)</h2>{}",
         extension_bars(r)
     );
-    let _ = write!(o, "<h2>Implement next</h2><table><tr><th>step</th><th>instruction</th><th>gain</th><th>WC after</th></tr>");
+    let _ = write!(
+        o,
+        "<h2>Implement next</h2><table><tr><th>step</th><th>instruction</th><th>gain</th><th>WC after</th></tr>"
+    );
     for (i, st) in r.next.iter().enumerate() {
         let _ = write!(
             o,
@@ -246,11 +235,21 @@ td:first-child,th:first-child,td.l{{text-align:left}} svg{{width:100%;max-width:
     let _ = write!(o, "</table><h2>Top 100 instructions by importance</h2><table><tr><th>rank</th><th>instruction</th><th>importance</th><th>packages</th><th>occurrences</th><th>extension</th><th>supported</th></tr>");
     for (i, row) in r.instructions.iter().take(100).enumerate() {
         let name = row.code.as_deref().unwrap_or(&row.mnemonic);
-        let _ = write!(o, "<tr><td>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=l>{}</td><td>{}</td></tr>", i + 1, esc(name), pct(row.importance), row.packages, row.occurrences, esc(&row.extension), if row.supported { "yes" } else { "" });
+        let _ = write!(
+            o,
+            "<tr><td>{}</td><td class=l>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=l>{}</td><td>{}</td></tr>",
+            i + 1,
+            esc(name),
+            pct(row.importance),
+            row.packages,
+            row.occurrences,
+            esc(&row.extension),
+            if row.supported { "yes" } else { "" }
+        );
     }
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "</table><p>Generated by <code>hbt coverage</code>.</p></body></html>\n"
+        "</table><p>Generated by <code>hbt coverage</code>.</p></body></html>"
     );
     o
 }

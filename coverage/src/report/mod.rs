@@ -167,9 +167,7 @@ impl FromStr for Format {
             "json" => Ok(Format::Json),
             "csv" => Ok(Format::Csv),
             "html" => Ok(Format::Html),
-            _ => Err(format!(
-                "unknown format `{s}` (expected table, json, csv or html)"
-            )),
+            _ => Err(format!("unknown format `{s}` (expected table, json, csv or html)")),
         }
     }
 }
@@ -179,9 +177,7 @@ impl Report {
         match format {
             Format::Table => render_table(self),
             Format::Json => {
-                serde_json::to_string_pretty(self)
-                    .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
-                    + "\n"
+                serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")) + "\n"
             }
             Format::Csv => render_csv(self),
             Format::Html => render_html(self),

@@ -12,7 +12,11 @@ pub fn render_table(r: &Report) -> String {
     let _ = writeln!(o);
     let _ = writeln!(o, "Corpus");
     let _ = writeln!(o, "  files considered       {:>12}", s.files);
-    let _ = writeln!(o, "  ELF files              {:>12}   (other arch {}, relocatable/core {}, malformed {}, unreadable {})", r.elf_files, s.other_arch, s.not_loadable, s.malformed, s.unreadable);
+    let _ = writeln!(
+        o,
+        "  ELF files              {:>12}   (other arch {}, relocatable/core {}, malformed {}, unreadable {})",
+        r.elf_files, s.other_arch, s.not_loadable, s.malformed, s.unreadable
+    );
     let _ = writeln!(
         o,
         "  x86-64 binaries        {:>12}   ({} owned by no package)",
@@ -87,15 +91,11 @@ pub fn render_table(r: &Report) -> String {
         crate::Granularity::Code => "instruction forms",
         crate::Granularity::Mnemonic => "mnemonics",
     };
+    let _ = writeln!(o, "Top {TOP} {unit} by importance ({} in use)", r.instructions.len());
     let _ = writeln!(
         o,
-        "Top {TOP} {unit} by importance ({} in use)",
-        r.instructions.len()
-    );
-    let _ = writeln!(
-        o,
-        "  {:>4}  {:<34} {:>10} {:>9} {:>14}  {}",
-        "rank", "instruction", "importance", "packages", "occurrences", "extension"
+        "  {:>4}  {:<34} {:>10} {:>9} {:>14}  extension",
+        "rank", "instruction", "importance", "packages", "occurrences"
     );
     for (i, row) in r.instructions.iter().take(TOP).enumerate() {
         let name = row.code.as_deref().unwrap_or(&row.mnemonic);
@@ -112,14 +112,11 @@ pub fn render_table(r: &Report) -> String {
     }
 
     let _ = writeln!(o);
+    let _ = writeln!(o, "ISA extensions (by static occurrences, all forms the corpus uses)");
     let _ = writeln!(
         o,
-        "ISA extensions (by static occurrences, all forms the corpus uses)"
-    );
-    let _ = writeln!(
-        o,
-        "  {:<30} {:>7} {:>14} {:>8} {:>10}  {}",
-        "extension", "forms", "occurrences", "share", "max imp.", "in model"
+        "  {:<30} {:>7} {:>14} {:>8} {:>10}  in model",
+        "extension", "forms", "occurrences", "share", "max imp."
     );
     for e in r.extensions.iter().take(25) {
         let _ = writeln!(
@@ -175,11 +172,7 @@ pub fn render_table(r: &Report) -> String {
     }
 
     let _ = writeln!(o);
-    let _ = writeln!(
-        o,
-        "Implement next (greedy from the supported set, {})",
-        r.cpu_model
-    );
+    let _ = writeln!(o, "Implement next (greedy from the supported set, {})", r.cpu_model);
     let _ = writeln!(
         o,
         "  {:>4}  {:<34} {:>10} {:>12}",

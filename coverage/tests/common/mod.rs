@@ -18,14 +18,7 @@ pub fn run(cmd: &mut Command) {
 
 /// Assemble Intel-syntax `body` into `.text` and link it. `kind` is "exe" (static, entry
 /// `_start`), "lib" (shared object with `soname`), `needed` are shared objects to link against.
-pub fn build(
-    dir: &Path,
-    name: &str,
-    body: &str,
-    kind: &str,
-    soname: Option<&str>,
-    needed: &[&Path],
-) -> PathBuf {
+pub fn build(dir: &Path, name: &str, body: &str, kind: &str, soname: Option<&str>, needed: &[&Path]) -> PathBuf {
     let src = dir.join(format!("{name}.s"));
     let obj = dir.join(format!("{name}.o"));
     let out = dir.join(name);
@@ -98,14 +91,7 @@ pub const AVX_BODY: &str = "vpaddd ymm0, ymm1, ymm2\nmov eax, 60\nsyscall\n";
 pub fn fake_root(dir: &Path) -> PathBuf {
     let build_dir = dir.join("build");
     std::fs::create_dir_all(&build_dir).unwrap();
-    let lib = build(
-        &build_dir,
-        "libfoo.so.1",
-        LIB_BODY,
-        "lib",
-        Some("libfoo.so.1"),
-        &[],
-    );
+    let lib = build(&build_dir, "libfoo.so.1", LIB_BODY, "lib", Some("libfoo.so.1"), &[]);
     let app = build(&build_dir, "app", APP_BODY, "exe", None, &[&lib]);
     let avx = build(&build_dir, "avxtool", AVX_BODY, "exe", None, &[]);
     let root = dir.join("root");
@@ -122,11 +108,7 @@ pub fn fake_root(dir: &Path) -> PathBuf {
     dpkg_list(
         &root,
         "libfoo1",
-        &[
-            "/lib",
-            "/lib/x86_64-linux-gnu",
-            "/lib/x86_64-linux-gnu/libfoo.so.1",
-        ],
+        &["/lib", "/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu/libfoo.so.1"],
     );
     dpkg_list(&root, "app", &["/usr/bin/app"]);
     dpkg_list(&root, "avxtool:amd64", &["/usr/bin/avxtool"]);
