@@ -11,10 +11,16 @@ HBT=$PWD/target/release/hbt
 mkdir -p "$DIR"
 # Names in the snapshot that this distribution still has (version-drifted names are skipped).
 apt-cache pkgnames > "$DIR/.available" 2>/dev/null || { echo "run 'apt-get update' first" >&2; exit 1; }
-grep -v '^#' coverage/data/popcon-2018-ubuntu+debian.tsv | awk -F'\t' 'NR>1 {print $2}' \
-  | grep -Fxf "$DIR/.available" | head -n "$N" > "$DIR/.wanted"
-echo "downloading $(wc -l < "$DIR/.wanted") packages into $DIR"
-(cd "$DIR" && xargs -a .wanted -n 50 apt-get download -q=2 2>&1 | grep -v '^W:' || true)
+awk -F'\t' '!/^#/ && $1 != "rank" {print $2}' coverage/data/popcon-2018-ubuntu+debian.tsv \
+  | grep -Fxf "$DIR/.available" > "$DIR/.candidates" || true
+head -n "$N" "$DIR/.candidates" > "$DIR/.wanted"
+# Footprints need the libraries those packages load (libc6, libstdc++6, … are not in the 2018
+# snapshot): add the library packages of their Depends closure. They weigh what popcon says
+# (often nothing) but complete the DT_NEEDED closure.
+apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces --no-enhances \
+  $(cat "$DIR/.wanted") 2>/dev/null | grep -v '^[ <]' | grep '^lib' | sort -u | comm -23 - <(sort "$DIR/.wanted") > "$DIR/.libs" || true
+echo "downloading $(wc -l < "$DIR/.wanted") packages and $(wc -l < "$DIR/.libs") libraries they depend on into $DIR"
+(cd "$DIR" && cat .wanted .libs | xargs -n 100 apt-get download -q=2 2>&1 | grep -v '^W:' || true)
 echo "$(ls "$DIR"/*.deb | wc -l) .deb files"
 for model in x86-64-v1 x86-64-v2 x86-64-v3 x86-64-v4 all; do
   "$HBT" coverage --debs "$DIR" -q --cpu-model "$model" --format json -o "$DIR/report-$model.json"
