@@ -61,10 +61,11 @@ pub fn scan_root(
     let mut results: Vec<(String, FileResult)> = Vec::new();
     let mut work = Vec::new();
     for f in files {
-        if cache.is_known_not_elf(&f.host.to_string_lossy(), &f.stamp) {
+        let key = f.host.to_string_lossy();
+        if cache.is_known_not_elf(&key, &f.stamp) {
             continue;
         }
-        match cache.get(&f.host.to_string_lossy(), &f.stamp) {
+        match cache.get(&key, &f.stamp) {
             Some(CachedValue::Elf(r)) => {
                 counts.cached += 1;
                 results.push((f.path, FileResult::Elf(r.clone())));
