@@ -137,6 +137,9 @@ fn supported_keys(g: Granularity, supported: &KeySet, corpus_codes: &KeySet) -> 
 }
 
 struct ModelPlan {
+    /// The model's allowed forms and its code-granularity footprints.
+    allowed: KeySet,
+    code_level: Vec<WeightedFootprint>,
     universe: usize,
     supported_wc: f64,
     complete_packages: usize,
@@ -147,7 +150,8 @@ struct ModelPlan {
 }
 
 fn plan_model(fp: &Footprints, weights: &[f64], model: CpuModel, g: Granularity, supported: &KeySet) -> ModelPlan {
-    let code_level = weighted_for_model(fp, weights, &allowed_set(model));
+    let allowed = allowed_set(model);
+    let code_level = weighted_for_model(fp, weights, &allowed);
     let supported_wc = weighted_completeness(&code_level, supported);
     let complete_packages = code_level.iter().filter(|p| p.keys.is_subset(supported)).count();
     let packages: Vec<WeightedFootprint> = code_level
@@ -169,6 +173,8 @@ fn plan_model(fp: &Footprints, weights: &[f64], model: CpuModel, g: Granularity,
     let mut universe = KeySet::with_capacity(g.universe());
     packages.iter().for_each(|p| universe.union_with(&p.keys));
     ModelPlan {
+        allowed,
+        code_level,
         universe: universe.len(),
         supported_wc,
         complete_packages,
@@ -242,7 +248,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
     let mp = selected.expect("CpuModel::ALL contains every model");
 
     // What the CPU-model filter removed.
-    let allowed = allowed_set(opts.cpu_model);
+    let allowed = &mp.allowed;
     let mut cpu_filter = CpuFilterSummary::default();
     for c in corpus_codes.iter().filter(|&c| !allowed.contains(c)) {
         cpu_filter.instructions_removed += 1;
@@ -251,13 +257,13 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
     cpu_filter.packages_touched = fp
         .packages
         .iter()
-        .filter(|p| p.codes.count_missing_from(&allowed) > 0)
+        .filter(|p| p.codes.count_missing_from(allowed) > 0)
         .count() as u64;
 
     // Instruction tables.
-    let code_level = weighted_for_model(&fp, &weights, &allowed);
-    let code_imp = importance(&code_level, code_count());
-    let code_share = package_share(&code_level, code_count());
+    let code_level = &mp.code_level;
+    let code_imp = importance(code_level, code_count());
+    let code_share = package_share(code_level, code_count());
     let mut code_packages = vec![0u64; code_count()];
     code_level
         .iter()

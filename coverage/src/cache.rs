@@ -39,19 +39,13 @@ impl FileStamp {
     }
 
     fn hash_with(&self, path: &str) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        eat(path.as_bytes());
-        eat(&self.size.to_le_bytes());
-        eat(&self.mtime_s.to_le_bytes());
-        eat(&self.mtime_ns.to_le_bytes());
-        eat(&self.ino.to_le_bytes());
-        h
+        crate::fnv::Fnv1a::default()
+            .write(path.as_bytes())
+            .write(&self.size.to_le_bytes())
+            .write(&self.mtime_s.to_le_bytes())
+            .write(&self.mtime_ns.to_le_bytes())
+            .write(&self.ino.to_le_bytes())
+            .finish()
     }
 }
 

@@ -19,6 +19,7 @@ pub mod cache;
 pub mod corpus;
 pub mod cpu_model;
 pub mod error;
+pub mod fnv;
 pub mod footprint;
 pub mod instr_set;
 pub mod keys;

@@ -135,17 +135,12 @@ pub struct Shard {
 impl Shard {
     pub const WHOLE: Shard = Shard { index: 0, count: 1 };
 
-    /// Whether the work item named `key` belongs to this shard (FNV-1a: stable across
-    /// machines and Rust versions, unlike `DefaultHasher`).
+    /// Whether the work item named `key` belongs to this shard (by a hash stable across machines).
     pub fn owns(&self, key: &str) -> bool {
         if self.count <= 1 {
             return true;
         }
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in key.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        let h = crate::fnv::Fnv1a::default().write(key.as_bytes()).finish();
         h % u64::from(self.count) == u64::from(self.index)
     }
 }

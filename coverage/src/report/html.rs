@@ -1,6 +1,6 @@
 //! Self-contained HTML report: inline CSS and SVG, no scripts, no network.
 
-use super::{mb, needed, pct, Report};
+use super::{mb, pct, Report};
 use std::fmt::Write;
 
 fn esc(s: &str) -> String {
@@ -199,18 +199,8 @@ td:first-child,th:first-child,td.l{{text-align:left}} svg{{width:100%;max-width:
     );
     let _ = write!(o, "<h2>CPU models</h2><table><tr><th>model</th><th>in use</th><th>supported WC</th><th>50%</th><th>90%</th><th>99%</th><th>100%</th></tr>");
     for m in &r.cpu_models {
-        let n = &m.needed;
-        let _ = write!(
-            o,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            m.cpu_model,
-            m.instructions,
-            pct(m.supported_weighted_completeness),
-            needed(n.p50),
-            needed(n.p90),
-            needed(n.p99),
-            needed(n.p100)
-        );
+        let cells: String = m.cells().iter().map(|c| format!("<td>{}</td>", esc(c))).collect();
+        let _ = write!(o, "<tr>{cells}</tr>");
     }
     let _ = write!(o, "</table><h2>Importance distribution</h2>{}", importance_histogram(r));
     let _ = write!(

@@ -141,6 +141,22 @@ pub struct ModelRow {
     pub needed: Thresholds,
 }
 
+impl ModelRow {
+    /// The row as displayed: model, in use, supported WC, instructions for 50/90/99/100%.
+    pub(crate) fn cells(&self) -> [String; 7] {
+        let n = &self.needed;
+        [
+            self.cpu_model.clone(),
+            self.instructions.to_string(),
+            pct(self.supported_weighted_completeness),
+            needed(n.p50),
+            needed(n.p90),
+            needed(n.p99),
+            needed(n.p100),
+        ]
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Timing {
     pub seconds: f64,

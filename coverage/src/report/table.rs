@@ -1,6 +1,6 @@
 //! Terminal report: summary, top instructions, extensions, CPU models, the plan.
 
-use super::{mb, needed, pct, Report};
+use super::{mb, pct, Report};
 use std::fmt::Write;
 
 const TOP: usize = 30;
@@ -157,17 +157,10 @@ pub fn render_table(r: &Report) -> String {
         "model", "in use", "supported", "50%", "90%", "99%", "100%"
     );
     for m in &r.cpu_models {
-        let n = &m.needed;
+        let [model, in_use, wc, p50, p90, p99, p100] = m.cells();
         let _ = writeln!(
             o,
-            "  {:<10} {:>8} {:>10} {:>6} {:>6} {:>6} {:>6}",
-            m.cpu_model,
-            m.instructions,
-            pct(m.supported_weighted_completeness),
-            needed(n.p50),
-            needed(n.p90),
-            needed(n.p99),
-            needed(n.p100)
+            "  {model:<10} {in_use:>8} {wc:>10} {p50:>6} {p90:>6} {p99:>6} {p100:>6}"
         );
     }
 
