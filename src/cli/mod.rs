@@ -1,6 +1,7 @@
 //! Command-line interface (clap). One file per subcommand.
 
 mod coverage;
+mod isa_test;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -19,10 +20,12 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Coverage(coverage::CoverageArgs),
+    IsaTest(isa_test::IsaTestArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Coverage(args) => coverage::run(args),
+        Command::IsaTest(args) => isa_test::run(args),
     }
 }

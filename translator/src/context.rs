@@ -1,0 +1,183 @@
+//! The translator's per-vCPU context, reached from translated code through the host GS base.
+//!
+//! Translated code keeps every guest GPR in its host register, so it needs a way to reach
+//! spill slots, the exit mailbox, the TLBs and the indirect-branch table without stealing a
+//! register: a Linux process leaves GS unused, so the engine points the host GS base at this
+//! struct while guest code runs and glue addresses it as `gs:[offset]`. Field offsets are
+//! therefore part of the emitter's contract and are taken with `offset_of!`.
+
+use crate::state::GuestState;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::mem::offset_of;
+
+/// Entries in each soft-MMU TLB (direct-mapped, indexed by the low bits of the page number).
+pub const TLB_ENTRIES: usize = 256;
+/// Entries in the indirect-branch lookup table, indexed by the low 16 bits of the guest target
+/// (a `movzx` computes that without touching flags).
+pub const IBL_ENTRIES: usize = 1 << 16;
+/// Tag of an empty TLB entry: no canonical page number equals it.
+pub const TLB_EMPTY: u64 = u64::MAX;
+/// Tag of an empty indirect-branch slot: `lea rcx,[tag+target]` is zero only for the
+/// non-canonical target 0x8000_0000_0000_0000, and that slot's host address is the miss path.
+pub const IBL_EMPTY_TAG: u64 = 0x8000_0000_0000_0000;
+/// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
+const FLAG_STACK_SLOTS: usize = 16;
+
+/// One soft-MMU TLB entry: guest page number and the value to add to a guest virtual address to
+/// get the host address.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlbEntry {
+    pub vpn: u64,
+    pub addend: u64,
+}
+
+/// Why translated code came back to the dispatcher.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// A block exit to a guest address with no chained successor (`next_rip`).
+    Branch = 1,
+    /// The indirect-branch table had no entry for `next_rip`.
+    IndirectMiss = 2,
+    /// A soft-MMU TLB miss at `miss_va`; the instruction at `next_rip` restarts afterwards.
+    TlbMiss = 3,
+    /// The instruction at `next_rip` is emulated by the engine (`exit_aux` = rule index).
+    Emulate = 4,
+    /// A host fault inside translated code, already mapped to a guest exception (`fault_*`).
+    Fault = 5,
+}
+
+/// The per-vCPU context. Allocated zeroed and 64-byte aligned (XSAVE needs it).
+#[repr(C, align(64))]
+pub struct Context {
+    pub state: GuestState,
+    /// Guest value of a register glue borrowed as scratch, by hardware register number.
+    pub spill: [u64; 16],
+    pub host_rsp: u64,
+    pub host_mxcsr: u32,
+    pub host_fcw: u16,
+    pub entry_target: u64,
+    pub exit_reason: u32,
+    pub exit_aux: u32,
+    pub next_rip: u64,
+    /// Address of the rel32 field of the block-exit jump that produced a `Branch` exit.
+    pub exit_link: u64,
+    pub miss_va: u64,
+    /// Access size in the low 16 bits, [`crate::mmu::Access`] in bits 16..24.
+    pub miss_info: u64,
+    pub rsp_save: u64,
+    /// Top of `flag_stack` minus 8: where `pushfq` stored guest flags.
+    pub flag_slot: u64,
+    /// Top of `flag_stack`.
+    pub flag_stack_top: u64,
+    pub ibl_guest: u64,
+    pub ibl_target: u64,
+    pub fault_vector: u32,
+    pub fault_error_code: u32,
+    pub fault_address: u64,
+    pub flag_stack: [u64; FLAG_STACK_SLOTS],
+    pub tlb_read: [TlbEntry; TLB_ENTRIES],
+    pub tlb_write: [TlbEntry; TLB_ENTRIES],
+    pub ibl_tags: [u64; IBL_ENTRIES],
+    pub ibl_hosts: [u64; IBL_ENTRIES],
+}
+
+/// Offsets glue uses (`gs:[OFF]`).
+pub mod off {
+    use super::*;
+    pub const GPR: usize = offset_of!(Context, state) + offset_of!(GuestState, gpr);
+    pub const RIP: usize = offset_of!(Context, state) + offset_of!(GuestState, rip);
+    pub const RFLAGS: usize = offset_of!(Context, state) + offset_of!(GuestState, rflags);
+    pub const FS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, fs_base);
+    pub const GS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, gs_base);
+    pub const XSAVE: usize = offset_of!(Context, state) + offset_of!(GuestState, xsave);
+    pub const SPILL: usize = offset_of!(Context, spill);
+    pub const HOST_RSP: usize = offset_of!(Context, host_rsp);
+    pub const HOST_MXCSR: usize = offset_of!(Context, host_mxcsr);
+    pub const HOST_FCW: usize = offset_of!(Context, host_fcw);
+    pub const ENTRY_TARGET: usize = offset_of!(Context, entry_target);
+    pub const EXIT_REASON: usize = offset_of!(Context, exit_reason);
+    pub const EXIT_AUX: usize = offset_of!(Context, exit_aux);
+    pub const NEXT_RIP: usize = offset_of!(Context, next_rip);
+    pub const EXIT_LINK: usize = offset_of!(Context, exit_link);
+    pub const MISS_VA: usize = offset_of!(Context, miss_va);
+    pub const MISS_INFO: usize = offset_of!(Context, miss_info);
+    pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
+    pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
+    pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
+    pub const IBL_GUEST: usize = offset_of!(Context, ibl_guest);
+    pub const IBL_TARGET: usize = offset_of!(Context, ibl_target);
+    pub const TLB_READ: usize = offset_of!(Context, tlb_read);
+    pub const TLB_WRITE: usize = offset_of!(Context, tlb_write);
+    pub const IBL_TAGS: usize = offset_of!(Context, ibl_tags);
+    pub const IBL_HOSTS: usize = offset_of!(Context, ibl_hosts);
+}
+
+/// Owner of a heap-allocated [`Context`] (it is too large for the stack and must not move while
+/// the host GS base points at it).
+pub struct ContextBox {
+    ptr: *mut Context,
+}
+
+impl ContextBox {
+    pub fn new() -> Self {
+        let layout = Layout::new::<Context>();
+        // SAFETY: the layout has non-zero size; every field of Context is plain data for which
+        // all-zero bytes are a valid value (Cpl::Kernel is 0).
+        let ptr = unsafe { alloc_zeroed(layout) } as *mut Context;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        let mut boxed = ContextBox { ptr };
+        let ctx = boxed.get_mut();
+        ctx.state = GuestState::default();
+        ctx.flag_stack_top = &ctx.flag_stack[FLAG_STACK_SLOTS - 2] as *const u64 as u64;
+        ctx.flag_slot = ctx.flag_stack_top - 8;
+        ctx.flush_tlb();
+        ctx.ibl_tags.fill(IBL_EMPTY_TAG);
+        boxed
+    }
+
+    pub fn get(&self) -> &Context {
+        // SAFETY: ptr came from alloc_zeroed for a Context and lives as long as self.
+        unsafe { &*self.ptr }
+    }
+
+    pub fn get_mut(&mut self) -> &mut Context {
+        // SAFETY: as in `get`, and &mut self guarantees exclusive access.
+        unsafe { &mut *self.ptr }
+    }
+
+    /// Raw pointer for the host GS base.
+    pub fn as_ptr(&self) -> *mut Context {
+        self.ptr
+    }
+}
+
+impl Default for ContextBox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ContextBox {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { dealloc(self.ptr as *mut u8, Layout::new::<Context>()) }
+    }
+}
+
+impl Context {
+    pub fn flush_tlb(&mut self) {
+        let empty = TlbEntry { vpn: TLB_EMPTY, addend: 0 };
+        self.tlb_read.fill(empty);
+        self.tlb_write.fill(empty);
+    }
+
+    /// Empties the indirect-branch table; every slot's host address becomes `miss`.
+    pub fn flush_ibl(&mut self, miss: u64) {
+        self.ibl_tags.fill(IBL_EMPTY_TAG);
+        self.ibl_hosts.fill(miss);
+    }
+}

@@ -1,0 +1,166 @@
+//! Control transfers.
+//!
+//! - Direct jumps, `jcc`, `jrcxz`/`loop*`: every way out of the block is a `jmp/jcc rel32` to an
+//!   exit stub; the engine chains it to the successor block once that exists (patching rel32).
+//! - `call`: the *guest* return address is pushed (through the memory strategy), then as a jump.
+//! - `ret`, `jmp r/m`, `call r/m`: the guest target goes to RAX and an inline lookup in the
+//!   indirect-branch table finds the host block without touching flags:
+//!
+//! ```text
+//!   movzx ecx,ax; mov rdx,gs:[rcx*8+hosts]; mov rcx,gs:[rcx*8+tags]
+//!   lea rcx,[rcx+rax]; jrcxz hit            ; tags hold −target
+//!   jmp ibl_miss
+//! hit: restore rax/rcx/rdx; jmp gs:[ibl_target]
+//! ```
+//!
+//! Each site has its own copy of the lookup, so each has its own indirect-branch prediction.
+
+use super::asm::{ctx, ctx_indexed, spill_slot};
+use super::BlockEmitter;
+use crate::context::off;
+use crate::error::TranslateError;
+use crate::rules::BranchKind;
+use iced_x86::{Code, Encoder, Instruction, MemoryOperand, OpKind, Register};
+
+const IBL_REGS: [Register; 3] = [Register::RAX, Register::RCX, Register::RDX];
+const IBL_MASK: u16 = 0b111;
+
+impl BlockEmitter<'_> {
+    pub(super) fn branch(&mut self, instr: &Instruction, kind: BranchKind, flags_live: bool) -> Result<(), TranslateError> {
+        let next = instr.next_ip();
+        match kind {
+            BranchKind::Jmp => self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64()),
+            BranchKind::Jcc => {
+                let mut near = *instr;
+                near.as_near_branch();
+                self.exit_jump(near.code(), instr.near_branch64());
+                self.exit_jump(Code::Jmp_rel32_64, next);
+            }
+            BranchKind::CounterJump => {
+                // Keep the guest instruction (it updates RCX), retargeted over the next jump.
+                let here = self.asm.here();
+                let mut probe = *instr;
+                probe.set_near_branch64(here + 2);
+                let len = Encoder::new(64).encode(&probe, here).map_err(|e| TranslateError::Encode {
+                    rip: instr.ip(),
+                    text: instr.to_string(),
+                    reason: e.to_string(),
+                })? as u64;
+                probe.set_near_branch64(here + len + 5);
+                self.asm.emit(&probe)?;
+                self.exit_jump(Code::Jmp_rel32_64, next);
+                self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
+            }
+            BranchKind::Call => {
+                self.push_return(next, flags_live)?;
+                self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
+            }
+            BranchKind::CallIndirect => {
+                self.borrow_ibl();
+                self.load_target(instr, flags_live)?;
+                self.push_return(next, flags_live)?;
+                self.indirect_lookup();
+            }
+            BranchKind::JmpIndirect => {
+                self.borrow_ibl();
+                self.load_target(instr, flags_live)?;
+                self.indirect_lookup();
+            }
+            BranchKind::Ret => {
+                self.borrow_ibl();
+                let mut load =
+                    Instruction::with2(Code::Mov_r64_rm64, Register::RAX, MemoryOperand::with_base(Register::RSP))
+                        .expect("mov rax,[rsp]");
+                load.set_ip(self.guest_rip);
+                self.mem_instr(&load, None, flags_live, IBL_MASK)?;
+                let pop = 8 + if instr.op_count() == 1 { instr.immediate16() as i64 } else { 0 };
+                self.asm.glue(Instruction::with2(
+                    Code::Lea_r64_m,
+                    Register::RSP,
+                    MemoryOperand::with_base_displ(Register::RSP, pop),
+                ));
+                self.indirect_lookup();
+            }
+        }
+        Ok(())
+    }
+
+    fn borrow_ibl(&mut self) {
+        for r in IBL_REGS {
+            self.borrow(r);
+        }
+    }
+
+    /// RAX = target of `jmp/call r/m64` (RAX/RCX/RDX borrowed but still holding guest values).
+    fn load_target(&mut self, instr: &Instruction, flags_live: bool) -> Result<(), TranslateError> {
+        if instr.op0_kind() == OpKind::Register {
+            let src = instr.op0_register();
+            if src != Register::RAX {
+                self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, src));
+            }
+            return Ok(());
+        }
+        let mut load = *instr;
+        load.set_code(Code::Mov_r64_rm64);
+        load.set_op1_kind(OpKind::Memory);
+        load.set_op0_kind(OpKind::Register);
+        load.set_op0_register(Register::RAX);
+        self.mem_instr(&load, None, flags_live, IBL_MASK)
+    }
+
+    /// Pushes the guest return address through the memory strategy.
+    fn push_return(&mut self, ret: u64, flags_live: bool) -> Result<(), TranslateError> {
+        let slot = MemoryOperand::with_base_displ(Register::RSP, -8);
+        if (ret as i64) == (ret as i32 as i64) {
+            let mut store = Instruction::with2(Code::Mov_rm64_imm32, slot, ret as i32).expect("mov [rsp-8],imm32");
+            store.set_ip(self.guest_rip);
+            self.mem_instr(&store, None, flags_live, 0)?;
+        } else if !self.soft_mmu {
+            for (disp, half) in [(-8, ret as u32), (-4, (ret >> 32) as u32)] {
+                let mut store = Instruction::with2(
+                    Code::Mov_rm32_imm32,
+                    MemoryOperand::with_base_displ(Register::RSP, disp),
+                    half,
+                )
+                .expect("mov dword [rsp+d],imm32");
+                store.set_ip(self.guest_rip);
+                self.mem_instr(&store, None, flags_live, 0)?;
+            }
+        } else {
+            let d = self.pick(0);
+            self.borrow(d);
+            self.asm.mov_imm64(d, ret);
+            let mut store = Instruction::with2(Code::Mov_rm64_r64, slot, d).expect("mov [rsp-8],r64");
+            store.set_ip(self.guest_rip);
+            self.mem_instr(&store, None, flags_live, 0)?;
+            self.give_back(d);
+        }
+        self.asm.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            Register::RSP,
+            MemoryOperand::with_base_displ(Register::RSP, -8),
+        ));
+        Ok(())
+    }
+
+    /// The inline indirect-branch lookup; RAX = guest target, RAX/RCX/RDX borrowed.
+    fn indirect_lookup(&mut self) {
+        let a = &mut self.asm;
+        a.mov_to_ctx(off::IBL_GUEST, Register::RAX);
+        a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::AX));
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, ctx_indexed(Register::RCX, 8, off::IBL_HOSTS)));
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, ctx_indexed(Register::RCX, 8, off::IBL_TAGS)));
+        a.glue(Instruction::with2(Code::Lea_r64_m, Register::RCX, MemoryOperand::with_base_index(Register::RCX, Register::RAX)));
+        let hit = a.here() + 2 + 5;
+        a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
+        let miss = self.glue.ibl_miss;
+        a.branch32(Code::Jmp_rel32_64, miss);
+        debug_assert_eq!(a.here(), hit);
+        a.mov_to_ctx(off::IBL_TARGET, Register::RDX);
+        for r in IBL_REGS {
+            a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
+        }
+        self.spilled &= !IBL_MASK;
+        self.asm.glue(Instruction::with1(Code::Jmp_rm64, ctx(off::IBL_TARGET)));
+    }
+}

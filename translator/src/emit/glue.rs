@@ -1,0 +1,121 @@
+//! Shared glue emitted once at the start of the code buffer: entering translated code from
+//! Rust, the common exit back to the dispatcher, and the indirect-branch miss paths.
+//!
+//! Entry loads the whole guest state (XSAVE area, flags, GPRs, RSP last) from the context and
+//! jumps to a block. Exit is reached with every guest register live and the guest RIP already
+//! stored; it switches to the host stack with plain `mov`s (guest flags intact), saves flags and
+//! registers, XSAVEs the vector state and returns to the dispatcher.
+
+use super::asm::{ctx, spill_slot, Asm};
+use crate::context::{off, ExitReason};
+use crate::host::features::host_xcr0;
+use iced_x86::{Code, Instruction, Register as R};
+
+/// Addresses of the shared glue.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Glue {
+    /// `extern "C" fn()`: enters at `Context::entry_target` with the guest state loaded.
+    pub entry: u64,
+    /// Common exit (guest RIP and exit reason already stored).
+    pub exit: u64,
+    /// Inline indirect lookups jump here on a miss: RAX = guest target, RAX/RCX/RDX spilled.
+    pub ibl_miss: u64,
+    /// Host address of empty indirect-branch slots (see `context::IBL_EMPTY_TAG`).
+    pub ibl_empty: u64,
+}
+
+const CALLEE_SAVED: [R; 6] = [R::RBX, R::RBP, R::R12, R::R13, R::R14, R::R15];
+const GPRS: [R; 16] = [
+    R::RAX,
+    R::RCX,
+    R::RDX,
+    R::RBX,
+    R::RSP,
+    R::RBP,
+    R::RSI,
+    R::RDI,
+    R::R8,
+    R::R9,
+    R::R10,
+    R::R11,
+    R::R12,
+    R::R13,
+    R::R14,
+    R::R15,
+];
+
+/// Emits the glue at `base`; returns the bytes and the entry points.
+pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
+    let mut a = Asm::new(base);
+    let mut glue = Glue { entry: a.here(), ..Glue::default() };
+
+    // --- entry ---
+    for r in CALLEE_SAVED {
+        a.glue(Instruction::with1(Code::Push_r64, r));
+    }
+    a.glue(Instruction::with2(Code::Sub_rm64_imm8, R::RSP, 8));
+    a.mov_to_ctx(off::HOST_RSP, R::RSP);
+    a.glue(Instruction::with1(Code::Stmxcsr_m32, ctx(off::HOST_MXCSR)));
+    a.glue(Instruction::with1(Code::Fnstcw_m2byte, ctx(off::HOST_FCW)));
+    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EAX, host_xcr0() as u32));
+    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32));
+    a.glue(Instruction::with1(Code::Xrstor64_mem, ctx(off::XSAVE)));
+    a.glue(Instruction::with1(Code::Push_rm64, ctx(off::RFLAGS)));
+    a.op0(Code::Popfq);
+    for (n, r) in GPRS.iter().enumerate() {
+        if *r != R::RSP {
+            a.mov_from_ctx(*r, off::GPR + 8 * n);
+        }
+    }
+    a.mov_from_ctx(R::RSP, off::GPR + 8 * 4);
+    a.glue(Instruction::with1(Code::Jmp_rm64, ctx(off::ENTRY_TARGET)));
+
+    // --- common exit ---
+    glue.exit = a.here();
+    a.mov_to_ctx(off::GPR + 8 * 4, R::RSP);
+    a.mov_from_ctx(R::RSP, off::HOST_RSP);
+    a.op0(Code::Pushfq);
+    a.glue(Instruction::with1(Code::Pop_rm64, ctx(off::RFLAGS)));
+    for (n, r) in GPRS.iter().enumerate() {
+        if *r != R::RSP {
+            a.mov_to_ctx(off::GPR + 8 * n, *r);
+        }
+    }
+    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EAX, host_xcr0() as u32));
+    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32));
+    a.glue(Instruction::with1(Code::Xsave64_mem, ctx(off::XSAVE)));
+    a.op0(Code::Fninit);
+    a.glue(Instruction::with1(Code::Fldcw_m2byte, ctx(off::HOST_FCW)));
+    a.glue(Instruction::with1(Code::Ldmxcsr_m32, ctx(off::HOST_MXCSR)));
+    if has_avx {
+        a.op0(Code::VEX_Vzeroupper);
+    }
+    // Clean flags for Rust (DF and AC clear, TF clear).
+    a.glue(Instruction::with1(Code::Pushq_imm8, 2));
+    a.op0(Code::Popfq);
+    a.glue(Instruction::with2(Code::Add_rm64_imm8, R::RSP, 8));
+    for r in CALLEE_SAVED.iter().rev() {
+        a.glue(Instruction::with1(Code::Pop_r64, *r));
+    }
+    a.op0(Code::Retnq);
+
+    // --- indirect-branch miss: RAX = guest target, RAX/RCX/RDX spilled ---
+    glue.ibl_miss = a.here();
+    a.mov_to_ctx(off::RIP, R::RAX);
+    for r in [R::RAX, R::RCX, R::RDX] {
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
+    }
+    a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
+    a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
+
+    // --- empty indirect slot: everything restored, target in ibl_guest ---
+    glue.ibl_empty = a.here();
+    a.mov_to_ctx(off::SPILL, R::RAX);
+    a.mov_from_ctx(R::RAX, off::IBL_GUEST);
+    a.mov_to_ctx(off::RIP, R::RAX);
+    a.mov_from_ctx(R::RAX, off::SPILL);
+    a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
+    a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
+
+    (a.buf, glue)
+}

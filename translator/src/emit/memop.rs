@@ -1,0 +1,298 @@
+//! Explicit memory operands through the memory strategy.
+//!
+//! Identity: the guest instruction runs as is, except RIP-relative operands (the code moved;
+//! re-encoded at the new address, or through a scratch register when out of rel32 range) and
+//! FS/GS overrides (the host's FS and GS are not the guest's: the guest base is added in a
+//! scratch register).
+//!
+//! Soft-MMU: the effective address goes into a scratch register S, then the inline TLB lookup
+//!
+//! ```text
+//!   lea T,[S+size-1]; xor T,S; shr T,12; jnz miss     ; access crosses a page: slow path
+//!   mov T,S; shr T,12; movzx U,T8; shl U,4            ; T = page number, U = entry offset
+//!   cmp T,gs:[U+tlb.vpn]; jne miss
+//!   add S,gs:[U+tlb.addend]                            ; S = host address
+//! ```
+//!
+//! and the instruction is re-encoded with `[S]`. The lookup clobbers flags, so when guest flags
+//! are live there they are parked on the host flag stack around it. A miss restores every
+//! borrowed register and exits; the engine walks the page tables and restarts the instruction.
+
+use super::asm::{reg_num, Asm};
+use super::{BlockEmitter, Cold};
+use crate::context::off;
+use crate::error::TranslateError;
+use crate::mmu::Access;
+use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic, OpAccess, OpKind, Register};
+
+const GPR8: [Register; 16] = [
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BL,
+    Register::SPL,
+    Register::BPL,
+    Register::SIL,
+    Register::DIL,
+    Register::R8L,
+    Register::R9L,
+    Register::R10L,
+    Register::R11L,
+    Register::R12L,
+    Register::R13L,
+    Register::R14L,
+    Register::R15L,
+];
+
+
+const GPR32: [Register; 16] = [
+    Register::EAX,
+    Register::ECX,
+    Register::EDX,
+    Register::EBX,
+    Register::ESP,
+    Register::EBP,
+    Register::ESI,
+    Register::EDI,
+    Register::R8D,
+    Register::R9D,
+    Register::R10D,
+    Register::R11D,
+    Register::R12D,
+    Register::R13D,
+    Register::R14D,
+    Register::R15D,
+];
+
+fn reg32(r: Register) -> Register {
+    GPR32[reg_num(r)]
+}
+
+/// `bt/bts/btr/btc m, r`: the register operand offsets the address.
+fn is_bit_string_op(instr: &Instruction) -> bool {
+    matches!(instr.mnemonic(), Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc)
+        && instr.op0_kind() == OpKind::Memory
+        && instr.op1_kind() == OpKind::Register
+}
+
+/// The modrm form of a `moffs` move (the rewritten operand is `[S]`, which moffs cannot encode).
+fn modrm_form(code: Code) -> Code {
+    match code {
+        Code::Mov_AL_moffs8 => Code::Mov_r8_rm8,
+        Code::Mov_AX_moffs16 => Code::Mov_r16_rm16,
+        Code::Mov_EAX_moffs32 => Code::Mov_r32_rm32,
+        Code::Mov_RAX_moffs64 => Code::Mov_r64_rm64,
+        Code::Mov_moffs8_AL => Code::Mov_rm8_r8,
+        Code::Mov_moffs16_AX => Code::Mov_rm16_r16,
+        Code::Mov_moffs32_EAX => Code::Mov_rm32_r32,
+        Code::Mov_moffs64_RAX => Code::Mov_rm64_r64,
+        other => other,
+    }
+}
+
+impl BlockEmitter<'_> {
+    /// Emits `instr` (which has one explicit memory operand) through the strategy. `raw` are the
+    /// guest bytes when `instr` is a guest instruction that may be copied verbatim; `avoid` adds
+    /// registers scratch selection must not use.
+    pub(super) fn mem_instr(
+        &mut self,
+        instr: &Instruction,
+        raw: Option<&[u8]>,
+        flags_live: bool,
+        avoid: u16,
+    ) -> Result<(), TranslateError> {
+        let info = self.info.info(instr);
+        let access = info.used_memory().iter().find_map(|m| match m.access() {
+            OpAccess::Read | OpAccess::CondRead => Some(Access::Read),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
+                Some(Access::Write)
+            }
+            _ => None,
+        });
+        let seg = matches!(instr.segment_prefix(), Register::FS | Register::GS);
+        let rip_rel = instr.is_ip_rel_memory_operand();
+        let vsib = instr.memory_index().is_xmm() || instr.memory_index().is_ymm();
+
+        let Some(access) = access else {
+            // lea, nop r/m, prefetch: no access. Only lea has an architectural result.
+            if rip_rel && instr.mnemonic() == iced_x86::Mnemonic::Lea {
+                let value = instr.ip_rel_memory_address();
+                let dst = instr.op0_register();
+                let mov = match dst.size() {
+                    8 => Instruction::with2(Code::Mov_r64_imm64, dst, value),
+                    4 => Instruction::with2(Code::Mov_r32_imm32, dst, value as u32),
+                    _ => Instruction::with2(Code::Mov_r16_imm16, dst, value as u16 as u32),
+                };
+                self.asm.glue(mov);
+            } else if !rip_rel {
+                self.emit_guest(instr, raw)?;
+            }
+            return Ok(());
+        };
+
+        if !self.soft_mmu && !seg {
+            if !rip_rel {
+                return self.emit_guest(instr, raw);
+            }
+            let start = self.asm.buf.len();
+            if self.asm.emit(instr).is_ok() {
+                self.site_here(start);
+                return Ok(());
+            }
+        }
+        if vsib {
+            return Err(TranslateError::Unsupported {
+                rip: instr.ip(),
+                text: instr.to_string(),
+                code: format!("{:?}", instr.code()),
+                bytes: "(vector-indexed operand under the soft-MMU or with FS/GS)".into(),
+            });
+        }
+        let used = self.used_gprs(instr) | avoid;
+        // With AH/CH/DH/BH in the instruction no REX prefix is allowed: S must be a legacy register.
+        let high8 = instr.op_kinds().enumerate().any(|(n, k)| {
+            k == OpKind::Register
+                && matches!(instr.op_register(n as u32), Register::AH | Register::CH | Register::DH | Register::BH)
+        });
+        let s = self.pick(used | if high8 { 0xff00 } else { 0 });
+        self.borrow(s);
+        if self.soft_mmu {
+            // The lookup clobbers flags; guest flags are kept even when the program no longer
+            // needs them, because a fault here must show the guest its flags unchanged.
+            self.save_flags();
+        }
+        self.address_into(s, instr, used);
+        let mut rewritten = *instr;
+        let mut bit_reg = None;
+        if self.soft_mmu && is_bit_string_op(instr) {
+            // bt/bts/btr/btc m,r address a bit string: the register's high bits select the word.
+            let d = self.pick(used | (1 << reg_num(s)));
+            self.borrow(d);
+            let src = instr.op1_register();
+            let width = src.size() as u64 * 8;
+            let a = &mut self.asm;
+            match width {
+                16 => a.glue(Instruction::with2(Code::Movsx_r64_rm16, d, src)),
+                32 => a.glue(Instruction::with2(Code::Movsxd_r64_rm32, d, src)),
+                _ => a.glue(Instruction::with2(Code::Mov_r64_rm64, d, src)),
+            }
+            a.glue(Instruction::with2(Code::Sar_rm64_imm8, d, width.trailing_zeros()));
+            a.glue(Instruction::with2(
+                Code::Lea_r64_m,
+                s,
+                MemoryOperand::new(s, d, (width / 8) as u32, 0, 0, false, Register::None),
+            ));
+            a.glue(Instruction::with2(Code::Mov_r64_rm64, d, src.full_register()));
+            a.glue(Instruction::with2(Code::And_rm64_imm8, d, (width - 1) as i32));
+            let sized = match width {
+                16 => super::stack::sized16(d),
+                32 => GPR32[reg_num(d)],
+                _ => d,
+            };
+            rewritten.set_op1_register(sized);
+            bit_reg = Some(d);
+        }
+        if self.soft_mmu {
+            let size = match instr.memory_size().size() as u64 {
+                // XSAVE family: iced gives no size; the host's XSAVE layout decides.
+                0 => crate::host::features::xsave_size(),
+                n => n,
+            };
+            self.tlb_lookup(s, access, size, used | bit_reg.map_or(0, |d| 1 << reg_num(d)));
+            self.restore_flags();
+        }
+        rewritten.set_code(modrm_form(instr.code()));
+        rewritten.set_memory_base(s);
+        rewritten.set_memory_index(Register::None);
+        rewritten.set_memory_index_scale(1);
+        rewritten.set_memory_displacement64(0);
+        rewritten.set_memory_displ_size(0);
+        rewritten.set_segment_prefix(Register::None);
+        let start = self.asm.buf.len();
+        self.asm.emit(&rewritten)?;
+        self.site_here(start);
+        if let Some(d) = bit_reg {
+            self.give_back(d);
+        }
+        self.give_back(s);
+        Ok(())
+    }
+
+    /// A guest instruction emitted unchanged (verbatim bytes when available).
+    fn emit_guest(&mut self, instr: &Instruction, raw: Option<&[u8]>) -> Result<(), TranslateError> {
+        let start = self.asm.buf.len();
+        match raw {
+            Some(bytes) => self.asm.buf.extend_from_slice(bytes),
+            None => self.asm.emit(instr)?,
+        }
+        self.site_here(start);
+        Ok(())
+    }
+
+    /// `S = effective address` (plus the guest FS/GS base), flags untouched.
+    fn address_into(&mut self, s: Register, instr: &Instruction, used: u16) {
+        let base = instr.memory_base();
+        let index = instr.memory_index();
+        if instr.is_ip_rel_memory_operand() {
+            self.asm.mov_imm64(s, instr.ip_rel_memory_address());
+        } else if base == Register::None && index == Register::None {
+            let mut addr = instr.memory_displacement64();
+            if instr.memory_displ_size() == 4 && instr.code().op_code().address_size() != 64 {
+                addr &= 0xffff_ffff;
+            }
+            self.asm.mov_imm64(s, addr);
+        } else {
+            let disp = instr.memory_displacement64() as i64;
+            let disp = if base.size() == 4 || index.size() == 4 { disp as i32 as i64 } else { disp };
+            let addr32 = base.size() == 4 || index.size() == 4;
+            let displ_size = if addr32 { 4 } else { 8 };
+            let mem = MemoryOperand::new(base, index, instr.memory_index_scale(), disp, displ_size, false, Register::None);
+            let lea = if addr32 { Code::Lea_r32_m } else { Code::Lea_r64_m };
+            let dst = if lea == Code::Lea_r32_m { reg32(s) } else { s };
+            self.asm.glue(Instruction::with2(lea, dst, mem));
+        }
+        if matches!(instr.segment_prefix(), Register::FS | Register::GS) {
+            let t = self.pick(used | (1 << reg_num(s)));
+            self.borrow(t);
+            let field = if instr.segment_prefix() == Register::FS { off::FS_BASE } else { off::GS_BASE };
+            self.asm.mov_from_ctx(t, field);
+            self.asm.glue(Instruction::with2(Code::Lea_r64_m, s, MemoryOperand::with_base_index(s, t)));
+            self.give_back(t);
+        }
+    }
+
+    /// The inline TLB lookup turning guest address S into a host address.
+    fn tlb_lookup(&mut self, s: Register, access: Access, size: u64, used: u16) {
+        let t = self.pick(used | (1 << reg_num(s)));
+        self.borrow(t);
+        let u = self.pick(used | (1 << reg_num(s)) | (1 << reg_num(t)));
+        self.borrow(u);
+        let flags_saved = self.flags_in_slot;
+        let info = size | ((access as u64) << 16);
+        let a: &mut Asm = &mut self.asm;
+        if size > 1 {
+            a.glue(Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, size as i64 - 1)));
+            a.glue(Instruction::with2(Code::Xor_r64_rm64, t, s));
+            a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
+            let field = a.branch32_forward(Code::Jne_rel32_64);
+            let spilled = self.spilled;
+            let guest_rip = self.guest_rip;
+            self.cold.push(Cold::TlbMiss { field, va_reg: s, info, guest_rip, spilled, flags_saved });
+        }
+        let table = if access == Access::Write { off::TLB_WRITE } else { off::TLB_READ };
+        let a: &mut Asm = &mut self.asm;
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, t, s));
+        a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
+        a.glue(Instruction::with2(Code::Movzx_r32_rm8, reg32(u), GPR8[reg_num(t)]));
+        a.glue(Instruction::with2(Code::Shl_rm64_imm8, u, 4));
+        let entry = |disp: usize| MemoryOperand::new(u, Register::None, 1, disp as i64, 8, false, Register::GS);
+        a.glue(Instruction::with2(Code::Cmp_r64_rm64, t, entry(table)));
+        let field = a.branch32_forward(Code::Jne_rel32_64);
+        a.glue(Instruction::with2(Code::Add_r64_rm64, s, entry(table + 8)));
+        let spilled = self.spilled;
+        let guest_rip = self.guest_rip;
+        self.cold.push(Cold::TlbMiss { field, va_reg: s, info, guest_rip, spilled, flags_saved });
+        self.give_back(u);
+        self.give_back(t);
+    }
+}

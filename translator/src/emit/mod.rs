@@ -1,0 +1,265 @@
+//! Turns a decoded guest block into host code.
+//!
+//! Guest registers stay in host registers; glue borrows a register only after storing its guest
+//! value in the context's spill slot and gives it back right after. The emitter tracks which
+//! registers are borrowed (`spilled`) and whether guest flags are parked on the flag stack, and
+//! records that for every host instruction that can fault, so the signal handler and the TLB-miss
+//! stubs can always rebuild the exact guest state at the start of the guest instruction.
+//!
+//! One file per concern: `memop.rs` (explicit memory operands through the strategy), `stack.rs`
+//! (push/pop/pushf/popf/leave under the soft-MMU), `branch.rs` (control transfers, chaining and
+//! the inline indirect-branch lookup), `glue.rs` (entry/exit), `asm.rs` (encoder wrapper).
+
+pub mod asm;
+mod branch;
+pub mod glue;
+mod memop;
+mod stack;
+
+use crate::block::DecodedBlock;
+use crate::context::{off, ExitReason};
+use crate::error::TranslateError;
+use crate::host::signals::FaultSite;
+use crate::rules::Rule;
+use asm::{spill_slot, Asm};
+use glue::Glue;
+use iced_x86::{Code, Instruction, InstructionInfoFactory, Register, RflagsBits};
+
+/// Arithmetic flags glue may clobber.
+const STATUS: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
+
+/// A host code range that can fault, and how to recover the guest state there.
+#[derive(Clone, Copy, Debug)]
+pub struct HostSite {
+    pub start: u32,
+    pub end: u32,
+    pub site: FaultSite,
+}
+
+/// A block exit that can be chained: the rel32 field at `field` (offset in the block) jumps to a
+/// stub that exits to `target`; chaining rewrites it to jump to the target's block instead.
+#[derive(Clone, Copy, Debug)]
+pub struct ExitPatch {
+    pub field: u32,
+    pub target: u64,
+}
+
+/// Output of [`emit_block`].
+pub struct EmittedBlock {
+    pub code: Vec<u8>,
+    pub sites: Vec<HostSite>,
+    pub exits: Vec<ExitPatch>,
+}
+
+/// Code emitted out of line after the block body.
+enum Cold {
+    /// Exit to `target`; `field` is the rel32 in the body that jumps here.
+    Exit { field: usize, target: u64 },
+    /// TLB miss: restore the guest state at `guest_rip` and exit.
+    TlbMiss { field: usize, va_reg: Register, info: u64, guest_rip: u64, spilled: u16, flags_saved: bool },
+}
+
+pub(crate) struct BlockEmitter<'a> {
+    asm: Asm,
+    glue: &'a Glue,
+    soft_mmu: bool,
+    spilled: u16,
+    flags_in_slot: bool,
+    sites: Vec<HostSite>,
+    exits: Vec<ExitPatch>,
+    cold: Vec<Cold>,
+    guest_rip: u64,
+    guest_len: u8,
+    info: InstructionInfoFactory,
+}
+
+/// Emits `block` for host address `base`.
+pub fn emit_block(block: &DecodedBlock, base: u64, glue: &Glue, soft_mmu: bool) -> Result<EmittedBlock, TranslateError> {
+    let mut e = BlockEmitter {
+        asm: Asm::new(base),
+        glue,
+        soft_mmu,
+        spilled: 0,
+        flags_in_slot: false,
+        sites: Vec::new(),
+        exits: Vec::new(),
+        cold: Vec::new(),
+        guest_rip: 0,
+        guest_len: 0,
+        info: InstructionInfoFactory::new(),
+    };
+    let live = flags_liveness(block);
+    for (i, d) in block.instrs.iter().enumerate() {
+        e.guest_rip = d.instr.ip();
+        e.guest_len = d.instr.len() as u8;
+        let flags_live = live[i] & STATUS != 0;
+        match d.rule {
+            Rule::Copy => e.copy(&d.instr, &d.bytes, flags_live)?,
+            Rule::String if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, &d.bytes, flags_live)?,
+            Rule::Stack(_) if !soft_mmu => e.copy(&d.instr, &d.bytes, flags_live)?,
+            Rule::Stack(op) => e.stack(&d.instr, op, flags_live)?,
+            Rule::Branch(kind) => e.branch(&d.instr, kind, flags_live)?,
+            Rule::String | Rule::Emulate(_) => {
+                e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
+            }
+        }
+        debug_assert_eq!(e.spilled, 0, "glue left a register borrowed");
+    }
+    if !block.ends_in_transfer() {
+        let here_field = e.asm.branch32_forward(Code::Jmp_rel32_64);
+        e.cold.push(Cold::Exit { field: here_field, target: block.end });
+    }
+    e.emit_cold();
+    Ok(EmittedBlock { code: e.asm.buf, sites: e.sites, exits: e.exits })
+}
+
+fn has_fs_gs(instr: &Instruction) -> bool {
+    matches!(instr.segment_prefix(), Register::FS | Register::GS)
+}
+
+/// Backward liveness of RFLAGS bits before each instruction. Everything is live at the end of
+/// the block (successors are unknown).
+fn flags_liveness(block: &DecodedBlock) -> Vec<u32> {
+    let mut live = vec![0u32; block.instrs.len()];
+    let mut after = u32::MAX;
+    for (i, d) in block.instrs.iter().enumerate().rev() {
+        let before = (after & !d.instr.rflags_modified()) | d.instr.rflags_read();
+        live[i] = before;
+        after = before;
+    }
+    live
+}
+
+impl BlockEmitter<'_> {
+    fn site_here(&mut self, start: usize) {
+        let end = self.asm.buf.len();
+        self.sites.push(HostSite {
+            start: start as u32,
+            end: end as u32,
+            site: FaultSite {
+                guest_rip: self.guest_rip,
+                guest_len: self.guest_len,
+                spilled: self.spilled,
+                flags_in_slot: self.flags_in_slot,
+            },
+        });
+    }
+
+    /// Copies raw guest bytes (no memory operand, no RIP dependence).
+    fn raw(&mut self, bytes: &[u8]) {
+        let start = self.asm.buf.len();
+        self.asm.buf.extend_from_slice(bytes);
+        self.site_here(start);
+    }
+
+    fn copy(&mut self, instr: &Instruction, bytes: &[u8], flags_live: bool) -> Result<(), TranslateError> {
+        if instr.op_kinds().any(|k| k == iced_x86::OpKind::Memory) {
+            self.mem_instr(instr, Some(bytes), flags_live, 0)
+        } else {
+            self.raw(bytes);
+            Ok(())
+        }
+    }
+
+    /// Borrows a register: stores its guest value in its spill slot.
+    fn borrow(&mut self, reg: Register) {
+        let n = asm::reg_num(reg);
+        debug_assert_eq!(self.spilled & (1 << n), 0);
+        self.asm.glue(Instruction::with2(Code::Mov_rm64_r64, spill_slot(reg), reg));
+        self.spilled |= 1 << n;
+    }
+
+    /// Gives a borrowed register back its guest value.
+    fn give_back(&mut self, reg: Register) {
+        self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, reg, spill_slot(reg)));
+        self.spilled &= !(1 << asm::reg_num(reg));
+    }
+
+    /// Picks a register not in `avoid` (bit per hardware number), not RSP and not borrowed.
+    fn pick(&self, avoid: u16) -> Register {
+        const ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
+        let taken = avoid | self.spilled | (1 << 4);
+        let n = ORDER.iter().copied().find(|&n| taken & (1 << n) == 0).expect("a free scratch register");
+        asm::gpr64(n)
+    }
+
+    /// Registers (bit per hardware number) an instruction reads or writes, explicitly or not.
+    fn used_gprs(&mut self, instr: &Instruction) -> u16 {
+        let mut mask = 0u16;
+        for used in self.info.info(instr).used_registers() {
+            let r = used.register();
+            if r.is_gpr() {
+                mask |= 1 << asm::reg_num(r);
+            }
+        }
+        mask
+    }
+
+    /// Saves guest flags on the host flag stack (only `mov`s touch RSP; flags are intact).
+    fn save_flags(&mut self) {
+        self.asm.mov_to_ctx(off::RSP_SAVE, Register::RSP);
+        self.asm.mov_from_ctx(Register::RSP, off::FLAG_STACK_TOP);
+        self.asm.op0(Code::Pushfq);
+        self.asm.mov_from_ctx(Register::RSP, off::RSP_SAVE);
+        self.flags_in_slot = true;
+    }
+
+    fn restore_flags(&mut self) {
+        self.asm.mov_to_ctx(off::RSP_SAVE, Register::RSP);
+        self.asm.mov_from_ctx(Register::RSP, off::FLAG_SLOT);
+        self.asm.op0(Code::Popfq);
+        self.asm.mov_from_ctx(Register::RSP, off::RSP_SAVE);
+        self.flags_in_slot = false;
+    }
+
+    /// Ends the block: the engine handles the instruction at `rip`.
+    fn exit_to_engine(&mut self, reason: ExitReason, rip: u64) {
+        self.asm.store_ctx_u64(off::RIP, rip);
+        self.asm.store_ctx_u32(off::EXIT_REASON, reason as u32);
+        let exit = self.glue.exit;
+        self.asm.branch32(Code::Jmp_rel32_64, exit);
+    }
+
+    /// A chainable jump (`code` is `jmp rel32` or a `jcc rel32`) to guest `target`.
+    fn exit_jump(&mut self, code: Code, target: u64) {
+        let field = self.asm.branch32_forward(code);
+        self.cold.push(Cold::Exit { field, target });
+    }
+
+    fn emit_cold(&mut self) {
+        for cold in std::mem::take(&mut self.cold) {
+            match cold {
+                Cold::Exit { field, target } => {
+                    let here = self.asm.here();
+                    self.asm.bind(field, here);
+                    let link = self.asm.base() + field as u64;
+                    self.asm.store_ctx_u64(off::RIP, target);
+                    self.asm.store_ctx_u64(off::EXIT_LINK, link);
+                    self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::Branch as u32);
+                    let exit = self.glue.exit;
+                    self.asm.branch32(Code::Jmp_rel32_64, exit);
+                    self.exits.push(ExitPatch { field: field as u32, target });
+                }
+                Cold::TlbMiss { field, va_reg, info, guest_rip, spilled, flags_saved } => {
+                    let here = self.asm.here();
+                    self.asm.bind(field, here);
+                    self.asm.mov_to_ctx(off::MISS_VA, va_reg);
+                    self.asm.store_ctx_u64(off::MISS_INFO, info);
+                    if flags_saved {
+                        self.restore_flags();
+                    }
+                    for n in 0..16 {
+                        if spilled & (1 << n) != 0 {
+                            let r = asm::gpr64(n);
+                            self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
+                        }
+                    }
+                    self.asm.store_ctx_u64(off::RIP, guest_rip);
+                    self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::TlbMiss as u32);
+                    let exit = self.glue.exit;
+                    self.asm.branch32(Code::Jmp_rel32_64, exit);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The engine: block cache, dispatcher loop, chaining, TLB misses, emulation and invalidation.
+//!
+//! `run` enters translated code through the entry glue and gets control back only on block
+//! exits that are not chained yet, indirect-branch misses, soft-MMU TLB misses, instructions the
+//! engine emulates, and guest faults. Each of those is handled here; everything else stays in
+//! the code cache.
+
+use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
+use crate::context::{ContextBox, ExitReason, IBL_EMPTY_TAG, IBL_ENTRIES, TLB_ENTRIES};
+use crate::emit::{self, glue::Glue, ExitPatch, HostSite};
+use crate::emulate::{self, GuestMemory, Outcome};
+use crate::error::TranslateError;
+use crate::exit::{Exit, GuestException};
+use crate::host::codebuf::CodeBuffer;
+use crate::host::gsbase::GsBaseGuard;
+use crate::host::signals::{FaultSite, TranslatedFaults, TranslatedGuard};
+use crate::mmu::{self, soft_mmu, Access, MemoryStrategy};
+use crate::platform::Platform;
+use crate::rules::Rule;
+use crate::state::GuestState;
+use std::collections::{BTreeMap, HashMap};
+
+const PAGE: u64 = 4096;
+/// Default size of the code cache.
+pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
+/// Consecutive TLB misses at one instruction before the engine gives up (two accesses of one
+/// instruction evicting each other forever).
+const TLB_RETRY_LIMIT: u32 = 16;
+
+/// Counters for `--stats`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub blocks_translated: u64,
+    pub guest_instructions_translated: u64,
+    pub block_exits: u64,
+    pub chained: u64,
+    pub indirect_misses: u64,
+    pub tlb_misses: u64,
+    pub emulated: u64,
+    pub invalidated_blocks: u64,
+    pub flushes: u64,
+}
+
+struct Block {
+    guest_start: u64,
+    guest_end: u64,
+    host: u64,
+    host_len: u32,
+    sites: Vec<HostSite>,
+    exits: Vec<ExitPatch>,
+    /// Chained jumps into this block: (rel32 field, original stub target).
+    incoming: Vec<(u64, u64)>,
+    /// Guest physical pages holding its code (soft-MMU only).
+    phys_pages: Vec<u64>,
+    valid: bool,
+}
+
+/// Configuration of a translator instance.
+pub struct Config {
+    pub strategy: MemoryStrategy,
+    pub code_cache_bytes: usize,
+}
+
+/// One vCPU's binary translator.
+pub struct Translator {
+    ctx: ContextBox,
+    code: CodeBuffer,
+    glue: Glue,
+    glue_len: usize,
+    strategy: MemoryStrategy,
+    blocks: Vec<Block>,
+    by_guest: HashMap<u64, usize>,
+    by_host: BTreeMap<u64, usize>,
+    code_pages: HashMap<u64, Vec<usize>>,
+    stats: Stats,
+}
+
+impl Translator {
+    pub fn new(config: Config) -> Result<Self, TranslateError> {
+        let mut code = CodeBuffer::new(config.code_cache_bytes)?;
+        let (glue_code, glue) = emit::glue::emit(code.cursor(), std::arch::is_x86_feature_detected!("avx"));
+        code.append(&glue_code)?;
+        let glue_len = code.used();
+        let mut ctx = ContextBox::new();
+        ctx.get_mut().flush_ibl(glue.ibl_empty);
+        Ok(Translator {
+            ctx,
+            code,
+            glue,
+            glue_len,
+            strategy: config.strategy,
+            blocks: Vec::new(),
+            by_guest: HashMap::new(),
+            by_host: BTreeMap::new(),
+            code_pages: HashMap::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn state(&self) -> &GuestState {
+        &self.ctx.get().state
+    }
+
+    pub fn state_mut(&mut self) -> &mut GuestState {
+        &mut self.ctx.get_mut().state
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Bytes of translated code in the cache.
+    pub fn code_cache_used(&self) -> usize {
+        self.code.used() - self.glue_len
+    }
+
+    /// Forgets every translation and TLB entry (after the guest changed code or page tables
+    /// behind the translator's back, e.g. the harness writing a new test instruction).
+    pub fn flush(&mut self) {
+        self.blocks.clear();
+        self.by_guest.clear();
+        self.by_host.clear();
+        self.code_pages.clear();
+        self.code.reset_to(self.glue_len);
+        let ctx = self.ctx.get_mut();
+        ctx.flush_tlb();
+        ctx.flush_ibl(self.glue.ibl_empty);
+        self.stats.flushes += 1;
+    }
+
+    /// Drops the soft-MMU TLB (guest CR3 write, INVLPG, privilege change).
+    pub fn flush_tlb(&mut self) {
+        self.ctx.get_mut().flush_tlb();
+    }
+
+    /// Runs guest code from `state().rip` until an exit that needs the caller, or until
+    /// `block_budget` dispatcher rounds have passed.
+    pub fn run(&mut self, platform: &mut dyn Platform, block_budget: u64) -> Result<Exit, TranslateError> {
+        let _gs = GsBaseGuard::install(self.ctx.as_ptr() as u64)?;
+        let faults = TranslatedFaults {
+            ctx: self.ctx.as_ptr(),
+            lookup: lookup_site,
+            data: self as *const Translator as *const (),
+            fault_exit: self.glue.exit,
+        };
+        let _armed = TranslatedGuard::arm(&faults);
+        let mut pending_link = 0u64;
+        let mut last_miss = (0u64, 0u32);
+        for _ in 0..block_budget {
+            let rip = self.ctx.get().state.rip;
+            let host = match self.block_for(rip, platform)? {
+                Lookup::Host(h) => h,
+                Lookup::Exit(exit) => return Ok(exit),
+                Lookup::Emulated => {
+                    pending_link = 0;
+                    continue;
+                }
+            };
+            if pending_link != 0 {
+                self.chain(pending_link, host);
+                pending_link = 0;
+            }
+            self.enter(host);
+            self.stats.block_exits += 1;
+            let ctx = self.ctx.get_mut();
+            match ctx.exit_reason {
+                r if r == ExitReason::Branch as u32 => pending_link = ctx.exit_link,
+                r if r == ExitReason::IndirectMiss as u32 => {
+                    self.stats.indirect_misses += 1;
+                    let target = self.ctx.get().state.rip;
+                    if let Lookup::Host(h) = self.block_for(target, platform)? {
+                        self.ibl_insert(target, h);
+                    }
+                }
+                r if r == ExitReason::TlbMiss as u32 => {
+                    self.stats.tlb_misses += 1;
+                    let rip = self.ctx.get().state.rip;
+                    last_miss = if last_miss.0 == rip { (rip, last_miss.1 + 1) } else { (rip, 1) };
+                    if last_miss.1 > TLB_RETRY_LIMIT {
+                        return Err(TranslateError::Host(format!(
+                            "soft-MMU TLB thrashing at guest RIP {rip:#x} (two accesses of one instruction evict each other)"
+                        )));
+                    }
+                    if let Some(exc) = self.tlb_miss()? {
+                        return Ok(Exit::Exception(exc));
+                    }
+                }
+                r if r == ExitReason::Emulate as u32 => {}
+                r if r == ExitReason::Fault as u32 => {
+                    let ctx = self.ctx.get();
+                    let vector = ctx.fault_vector as u8;
+                    let exc = match vector {
+                        14 => GuestException::page_fault(ctx.fault_address, ctx.fault_error_code),
+                        13 | 17 => GuestException { vector, error_code: Some(ctx.fault_error_code), address: None },
+                        _ => GuestException::new(vector),
+                    };
+                    return Ok(Exit::Exception(exc));
+                }
+                other => return Err(TranslateError::Host(format!("unknown exit reason {other}"))),
+            }
+        }
+        Ok(Exit::BlockLimit)
+    }
+
+    fn enter(&mut self, host: u64) {
+        self.ctx.get_mut().entry_target = host;
+        self.ctx.get_mut().exit_link = 0;
+        // SAFETY: `glue.entry` is the entry glue emitted into our executable buffer; it follows
+        // the C ABI (saves callee-saved registers, MXCSR and FCW, returns normally) and runs guest
+        // code only through translations whose every memory access goes through the strategy. The
+        // GS base points at our context for the duration (installed in `run`).
+        let entry: extern "C" fn() = unsafe { std::mem::transmute(self.glue.entry as usize) };
+        entry();
+    }
+
+    fn chain(&mut self, field: u64, host: u64) {
+        // The source block may have been invalidated since it exited.
+        let Some(src) = self.block_at_host(field) else { return };
+        if !self.blocks[src].valid {
+            return;
+        }
+        let Some(&dst) = self.by_host.get(&host) else { return };
+        let original = {
+            let block = &self.blocks[src];
+            let off = (field - block.host) as u32;
+            match block.exits.iter().find(|e| e.field == off) {
+                Some(_) => read_rel32_target(field),
+                None => return,
+            }
+        };
+        self.code.patch_rel32(field, host);
+        self.blocks[dst].incoming.push((field, original));
+        self.stats.chained += 1;
+    }
+
+    fn ibl_insert(&mut self, target: u64, host: u64) {
+        let ctx = self.ctx.get_mut();
+        let i = (target & (IBL_ENTRIES as u64 - 1)) as usize;
+        ctx.ibl_tags[i] = target.wrapping_neg();
+        ctx.ibl_hosts[i] = host;
+    }
+
+    fn block_at_host(&self, addr: u64) -> Option<usize> {
+        let (_, &i) = self.by_host.range(..=addr).next_back()?;
+        let b = &self.blocks[i];
+        (addr < b.host + b.host_len as u64).then_some(i)
+    }
+
+    /// The host address of the block at `rip`, translating it if needed. Instructions the
+    /// engine emulates are handled here directly when a block would start with one.
+    fn block_for(&mut self, rip: u64, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
+        if let Some(&i) = self.by_guest.get(&rip) {
+            return Ok(Lookup::Host(self.blocks[i].host));
+        }
+        let soft = self.strategy.is_soft_mmu();
+        let mut fetch = Fetcher { strategy: &self.strategy, state: &self.ctx.get().state, pages: Vec::new() };
+        let block = match block::build(&mut fetch, rip, soft) {
+            Ok(b) => b,
+            Err(BuildError::Fault(exc)) => return Ok(Lookup::Exit(Exit::Exception(exc))),
+            Err(BuildError::Unsupported(instr, bytes)) => {
+                return Err(TranslateError::Unsupported {
+                    rip,
+                    text: instr.to_string(),
+                    code: format!("{:?}", instr.code()),
+                    bytes: hex(&bytes),
+                })
+            }
+        };
+        let pages = fetch.pages;
+        if let Some(first) = block.instrs.first() {
+            let engine_handles =
+                matches!(first.rule, Rule::Emulate(_)) || (first.rule == Rule::String && block.instrs.len() == 1 && block.terminated);
+            if engine_handles {
+                self.stats.emulated += 1;
+                let instr = first.instr;
+                return self.emulate(&instr, first.rule, platform);
+            }
+        }
+        let host = self.install(block, pages)?;
+        Ok(Lookup::Host(host))
+    }
+
+    fn emulate(&mut self, instr: &iced_x86::Instruction, rule: Rule, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
+        let outcome = match rule {
+            Rule::Emulate(op) => emulate::sensitive(&mut self.ctx.get_mut().state, instr, op, platform),
+            _ => {
+                let mut written = Vec::new();
+                let outcome = {
+                    let ctx = self.ctx.get_mut();
+                    let mut mem = Memory { strategy: &self.strategy, cr_state: None, written: &mut written };
+                    let mut state = ctx.state.clone();
+                    mem.cr_state = Some(state.clone());
+                    let r = emulate::string(&mut state, instr, &mut mem);
+                    ctx.state = state;
+                    r
+                };
+                for page in written {
+                    self.invalidate_phys_page(page);
+                }
+                outcome.map_err(|()| TranslateError::Unsupported {
+                    rip: instr.ip(),
+                    text: instr.to_string(),
+                    code: format!("{:?}", instr.code()),
+                    bytes: "(32-bit address size string instruction)".into(),
+                })?
+            }
+        };
+        Ok(match outcome {
+            Outcome::Continue => Lookup::Emulated,
+            Outcome::Exit(exit) => Lookup::Exit(exit),
+        })
+    }
+
+    fn install(&mut self, block: DecodedBlock, phys_pages: Vec<u64>) -> Result<u64, TranslateError> {
+        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, self.strategy.is_soft_mmu()) {
+            Ok(e) if e.code.len() <= self.code.remaining() => e,
+            Ok(_) | Err(TranslateError::CodeCacheFull) => {
+                self.flush();
+                emit::emit_block(&block, self.code.cursor(), &self.glue, self.strategy.is_soft_mmu())?
+            }
+            Err(e) => return Err(e),
+        };
+        let host = self.code.append(&emitted.code)?;
+        if trace_blocks() {
+            dump_block(&block, host, &emitted.code);
+        }
+        let index = self.blocks.len();
+        self.stats.blocks_translated += 1;
+        self.stats.guest_instructions_translated += block.instrs.len() as u64;
+        for &page in &phys_pages {
+            let entry = self.code_pages.entry(page).or_default();
+            if entry.is_empty() {
+                // Writes to this page must now miss so they can invalidate its blocks.
+                self.ctx.get_mut().tlb_write.fill(crate::context::TlbEntry { vpn: crate::context::TLB_EMPTY, addend: 0 });
+            }
+            entry.push(index);
+        }
+        self.blocks.push(Block {
+            guest_start: block.start,
+            guest_end: block.end,
+            host,
+            host_len: emitted.code.len() as u32,
+            sites: emitted.sites,
+            exits: emitted.exits,
+            incoming: Vec::new(),
+            phys_pages,
+            valid: true,
+        });
+        self.by_guest.insert(block.start, index);
+        self.by_host.insert(host, index);
+        Ok(host)
+    }
+
+    /// Invalidates every block whose code lies in guest physical page `page` (self-modifying
+    /// code): unlinks chained jumps into it and removes it from the lookups.
+    fn invalidate_phys_page(&mut self, page: u64) {
+        let Some(list) = self.code_pages.remove(&page) else { return };
+        for i in list {
+            if !self.blocks[i].valid {
+                continue;
+            }
+            self.blocks[i].valid = false;
+            self.stats.invalidated_blocks += 1;
+            let (start, host) = (self.blocks[i].guest_start, self.blocks[i].host);
+            if self.by_guest.get(&start) == Some(&i) {
+                self.by_guest.remove(&start);
+            }
+            for (field, original) in std::mem::take(&mut self.blocks[i].incoming) {
+                self.code.patch_rel32(field, original);
+            }
+            let empty = self.glue.ibl_empty;
+            let ctx = self.ctx.get_mut();
+            for slot in 0..IBL_ENTRIES {
+                if ctx.ibl_hosts[slot] == host {
+                    ctx.ibl_hosts[slot] = empty;
+                    ctx.ibl_tags[slot] = IBL_EMPTY_TAG;
+                }
+            }
+        }
+    }
+
+    /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
+    fn tlb_miss(&mut self) -> Result<Option<GuestException>, TranslateError> {
+        let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
+            return Err(TranslateError::Host("TLB miss under the identity strategy".into()));
+        };
+        let ctx = self.ctx.get();
+        let va = ctx.miss_va;
+        let size = (ctx.miss_info & 0xffff).max(1);
+        let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
+        let rip = ctx.state.rip;
+        let state = ctx.state.clone();
+        let last = va.wrapping_add(size - 1);
+        let mut fills = Vec::new();
+        for (n, addr) in [va, last & !(PAGE - 1)].into_iter().enumerate() {
+            if n == 1 && addr <= va {
+                break;
+            }
+            let pa = match soft_mmu::walk(ram, &state, addr, access) {
+                Ok(pa) => pa,
+                Err(exc) => return Ok(Some(exc)),
+            };
+            let host = ram
+                .host(pa & !(PAGE - 1), PAGE)
+                .ok_or_else(|| TranslateError::Host(format!("guest physical {pa:#x} outside guest RAM")))?;
+            fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host));
+        }
+        if fills.len() == 2 {
+            return Err(TranslateError::SplitAccess { rip, va, size });
+        }
+        let (page_va, page_pa, host) = fills[0];
+        if access == Access::Write {
+            self.invalidate_phys_page(page_pa);
+        }
+        let ctx = self.ctx.get_mut();
+        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
+        let entry = crate::context::TlbEntry { vpn: page_va >> 12, addend: host.wrapping_sub(page_va) };
+        if access == Access::Write {
+            ctx.tlb_write[index] = entry;
+        } else {
+            ctx.tlb_read[index] = entry;
+        }
+        Ok(None)
+    }
+}
+
+enum Lookup {
+    Host(u64),
+    Exit(Exit),
+    Emulated,
+}
+
+fn read_rel32_target(field: u64) -> u64 {
+    // SAFETY: `field` is the rel32 of a jump inside our code buffer (checked by the caller
+    // through the block's exit list).
+    let rel = unsafe { std::ptr::read_unaligned(field as *const i32) };
+    (field + 4).wrapping_add(rel as i64 as u64)
+}
+
+/// `HBT_TRACE_BLOCKS=1`: print every translated block (guest and host code) to stderr.
+fn trace_blocks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("HBT_TRACE_BLOCKS").is_some())
+}
+
+fn dump_block(block: &DecodedBlock, host: u64, code: &[u8]) {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+    let mut f = IntelFormatter::new();
+    let mut text = String::new();
+    let mut out = format!("block {:#x}..{:#x} -> host {host:#x}\n", block.start, block.end);
+    for d in &block.instrs {
+        text.clear();
+        f.format(&d.instr, &mut text);
+        out += &format!("  guest {:#x}  {text}\n", d.instr.ip());
+    }
+    let mut dec = Decoder::with_ip(64, code, host, DecoderOptions::NONE);
+    for i in &mut dec {
+        text.clear();
+        f.format(&i, &mut text);
+        out += &format!("    host +{:#05x}  {text}\n", i.ip() - host);
+    }
+    eprint!("{out}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Signal-handler callback: maps a host PC inside translated code to its fault site.
+fn lookup_site(data: *const (), pc: u64) -> Option<FaultSite> {
+    // SAFETY: `data` is the Translator registered by `run`, alive and not being mutated while
+    // translated code runs.
+    let t = unsafe { &*(data as *const Translator) };
+    let i = t.block_at_host(pc)?;
+    let b = &t.blocks[i];
+    let off = (pc - b.host) as u32;
+    b.sites.iter().find(|s| s.start <= off && off < s.end).map(|s| s.site)
+}
+
+/// Guest code fetch for the block builder.
+struct Fetcher<'a> {
+    strategy: &'a MemoryStrategy,
+    state: &'a GuestState,
+    pages: Vec<u64>,
+}
+
+impl CodeFetch for Fetcher<'_> {
+    fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException> {
+        match self.strategy {
+            MemoryStrategy::Identity => mmu::read_host_checked(addr, buf)
+                .map(|()| buf.len())
+                .ok_or(GuestException::page_fault(addr, 0x14)),
+            MemoryStrategy::SoftMmu(ram) => {
+                let pa = soft_mmu::walk(ram, self.state, addr, Access::Fetch)?;
+                let host = ram.host(pa, buf.len() as u64).ok_or(GuestException::page_fault(addr, 0x11))?;
+                // SAFETY: host..host+len is inside guest RAM (checked by `host`).
+                unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
+                let page = pa & !(PAGE - 1);
+                if !self.pages.contains(&page) {
+                    self.pages.push(page);
+                }
+                Ok(buf.len())
+            }
+        }
+    }
+}
+
+/// Guest memory for emulated string instructions.
+struct Memory<'a> {
+    strategy: &'a MemoryStrategy,
+    cr_state: Option<GuestState>,
+    written: &'a mut Vec<u64>,
+}
+
+impl Memory<'_> {
+    fn each_page(
+        &mut self,
+        va: u64,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(u64, usize, usize),
+    ) -> Result<(), GuestException> {
+        let mut done = 0usize;
+        while done < len {
+            let addr = va.wrapping_add(done as u64);
+            let chunk = ((PAGE - (addr & (PAGE - 1))) as usize).min(len - done);
+            let host = match self.strategy {
+                MemoryStrategy::Identity => addr,
+                MemoryStrategy::SoftMmu(ram) => {
+                    let state = self.cr_state.as_ref().expect("state for the walk");
+                    let pa = soft_mmu::walk(ram, state, addr, access)?;
+                    if access == Access::Write {
+                        self.written.push(pa & !(PAGE - 1));
+                    }
+                    ram.host(pa, chunk as u64).ok_or(GuestException::page_fault(addr, 0))?
+                }
+            };
+            f(host, done, chunk);
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for Memory<'_> {
+    fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return mmu::read_host_checked(va, buf).ok_or(GuestException::page_fault(va, 4));
+        }
+        let len = buf.len();
+        self.each_page(va, len, Access::Read, |host, at, n| {
+            // SAFETY: host..host+n lies in guest RAM (checked by the walk and `host`).
+            unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf[at..].as_mut_ptr(), n) }
+        })
+    }
+
+    fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            let local = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+            let remote = libc::iovec { iov_base: va as *mut libc::c_void, iov_len: data.len() };
+            // SAFETY: process_vm_writev on our own pid reports EFAULT instead of faulting.
+            let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+            return (n == data.len() as isize).then_some(()).ok_or(GuestException::page_fault(va, 6));
+        }
+        // Check every page first so a faulting write leaves memory untouched.
+        self.each_page(va, data.len(), Access::Write, |_, _, _| {})?;
+        self.each_page(va, data.len(), Access::Write, |host, at, n| {
+            // SAFETY: as in `read`.
+            unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), host as *mut u8, n) }
+        })
+    }
+}

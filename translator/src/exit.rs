@@ -1,0 +1,75 @@
+//! What a call to [`crate::Translator::run`] ends with.
+
+/// Exception vectors the translator raises or reports.
+pub mod vector {
+    pub const DE: u8 = 0;
+    pub const DB: u8 = 1;
+    pub const BP: u8 = 3;
+    pub const OF: u8 = 4;
+    pub const UD: u8 = 6;
+    pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
+    pub const AC: u8 = 17;
+    pub const XM: u8 = 19;
+}
+
+/// A guest exception, with guest state as the CPU leaves it when it delivers the exception:
+/// RIP at the faulting instruction for faults, after it for traps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestException {
+    pub vector: u8,
+    pub error_code: Option<u32>,
+    /// Faulting linear address (CR2) for `#PF`.
+    pub address: Option<u64>,
+}
+
+impl GuestException {
+    pub fn new(vector: u8) -> Self {
+        GuestException { vector, error_code: None, address: None }
+    }
+    pub fn gp(error_code: u32) -> Self {
+        GuestException { vector: vector::GP, error_code: Some(error_code), address: None }
+    }
+    pub fn page_fault(address: u64, error_code: u32) -> Self {
+        GuestException { vector: vector::PF, error_code: Some(error_code), address: Some(address) }
+    }
+}
+
+impl std::fmt::Display for GuestException {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.vector {
+            0 => "#DE",
+            1 => "#DB",
+            3 => "#BP",
+            4 => "#OF",
+            6 => "#UD",
+            7 => "#NM",
+            12 => "#SS",
+            13 => "#GP",
+            14 => "#PF",
+            16 => "#MF",
+            17 => "#AC",
+            19 => "#XM",
+            _ => return write!(f, "vector {:#x}", self.vector),
+        };
+        write!(f, "{name}")?;
+        if let Some(addr) = self.address {
+            write!(f, " at {addr:#x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why [`crate::Translator::run`] returned. Guest state is up to date in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest raised an exception; for software interrupts `int n` the vector is `n`.
+    Exception(GuestException),
+    /// User-mode `syscall`: RIP is after it, RCX/R11 hold what the CPU puts there. The caller
+    /// performs the call and runs again.
+    Syscall,
+    /// Kernel-mode `hlt`.
+    Halt,
+    /// The block budget given to `run` was used up.
+    BlockLimit,
+}

@@ -1,0 +1,163 @@
+//! What a run produced, and how two runs are compared: GPRs, RIP, RFLAGS (minus what iced marks
+//! undefined), x87/MMX/SSE/AVX state (minus the x87 last-instruction pointers, which record host
+//! addresses), the data region, and the event that ended the run.
+
+use crate::exit::GuestException;
+use crate::state::{GuestState, XSaveArea};
+use iced_x86::{Instruction, RflagsBits};
+use std::fmt::Write;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The instruction finished and control reached `rip` in the HLT sea.
+    Completed,
+    Exception(GuestException),
+}
+
+#[derive(Clone)]
+pub struct Outcome {
+    pub gpr: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    pub event: Event,
+    pub xsave: XSaveArea,
+    pub data: Vec<u8>,
+}
+
+impl Outcome {
+    pub fn from_state(state: &GuestState, event: Event, data: Vec<u8>) -> Self {
+        let mut xsave = state.xsave.clone();
+        xsave.normalize();
+        Outcome { gpr: state.gpr, rip: state.rip, rflags: state.rflags, event, xsave, data }
+    }
+}
+
+const GPR_NAMES: [&str; 16] =
+    ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+
+/// RFLAGS bits compared for `instr`: the status flags, DF and AC, minus undefined ones.
+fn rflags_mask(instr: &Instruction) -> u64 {
+    let undefined = instr.rflags_undefined();
+    let mut mask = 0x8d5u64 | (1 << 10) | (1 << 18);
+    for (bit, iced) in [
+        (0, RflagsBits::CF),
+        (2, RflagsBits::PF),
+        (4, RflagsBits::AF),
+        (6, RflagsBits::ZF),
+        (7, RflagsBits::SF),
+        (11, RflagsBits::OF),
+    ] {
+        if undefined & iced != 0 {
+            mask &= !(1u64 << bit);
+        }
+    }
+    mask
+}
+
+/// FSW bits compared: all but condition codes iced marks undefined.
+fn fsw_mask(instr: &Instruction) -> u16 {
+    let undefined = instr.rflags_undefined();
+    let mut mask = 0xffffu16;
+    for (bit, iced) in [(8, RflagsBits::C0), (9, RflagsBits::C1), (10, RflagsBits::C2), (14, RflagsBits::C3)] {
+        if undefined & iced != 0 {
+            mask &= !(1 << bit);
+        }
+    }
+    mask
+}
+
+/// Fields to leave out of the comparison (nondeterministic results).
+#[derive(Default, Clone, Copy)]
+pub struct Ignore {
+    pub gpr: u16,
+}
+
+/// Lists every difference between `native` and `translated`; empty means equal.
+pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, ignore: Ignore) -> Vec<String> {
+    let mut out = Vec::new();
+    if !events_match(&native.event, &translated.event) {
+        out.push(format!("event: native {:?}, translated {:?}", native.event, translated.event));
+    }
+    if native.rip != translated.rip {
+        out.push(format!("rip: native {:#x}, translated {:#x}", native.rip, translated.rip));
+    }
+    for n in 0..16 {
+        if ignore.gpr & (1 << n) == 0 && native.gpr[n] != translated.gpr[n] {
+            out.push(format!("{}: native {:#x}, translated {:#x}", GPR_NAMES[n], native.gpr[n], translated.gpr[n]));
+        }
+    }
+    let mask = rflags_mask(instr);
+    if native.rflags & mask != translated.rflags & mask {
+        out.push(format!(
+            "rflags (compared bits {mask:#x}): native {:#x}, translated {:#x}",
+            native.rflags & mask,
+            translated.rflags & mask
+        ));
+    }
+    let (a, b) = (&native.xsave, &translated.xsave);
+    if a.fcw() != b.fcw() {
+        out.push(format!("fcw: native {:#x}, translated {:#x}", a.fcw(), b.fcw()));
+    }
+    let fm = fsw_mask(instr);
+    if a.fsw() & fm != b.fsw() & fm {
+        out.push(format!("fsw: native {:#x}, translated {:#x}", a.fsw() & fm, b.fsw() & fm));
+    }
+    if a.ftw() != b.ftw() {
+        out.push(format!("ftw: native {:#x}, translated {:#x}", a.ftw(), b.ftw()));
+    }
+    if a.mxcsr() != b.mxcsr() {
+        out.push(format!("mxcsr: native {:#x}, translated {:#x}", a.mxcsr(), b.mxcsr()));
+    }
+    for i in 0..8 {
+        if a.st(i) != b.st(i) {
+            out.push(format!("st{i}/mm{i}: native {}, translated {}", hex(a.st(i)), hex(b.st(i))));
+        }
+    }
+    for i in 0..16 {
+        if a.xmm(i) != b.xmm(i) || a.ymm_hi(i) != b.ymm_hi(i) {
+            out.push(format!(
+                "ymm{i}: native {}{}, translated {}{}",
+                hex(a.ymm_hi(i)),
+                hex(a.xmm(i)),
+                hex(b.ymm_hi(i)),
+                hex(b.xmm(i))
+            ));
+        }
+    }
+    if native.data != translated.data {
+        let first = native.data.iter().zip(&translated.data).position(|(x, y)| x != y).unwrap_or(0);
+        let end = (first + 16).min(native.data.len());
+        out.push(format!(
+            "data+{first:#x}: native {}, translated {}",
+            hex(&native.data[first..end]),
+            hex(&translated.data[first..end])
+        ));
+    }
+    out
+}
+
+fn events_match(a: &Event, b: &Event) -> bool {
+    match (a, b) {
+        (Event::Completed, Event::Completed) => true,
+        (Event::Exception(x), Event::Exception(y)) => {
+            x.vector == y.vector
+                && (x.vector != 14 || x.address == y.address)
+                && (x.vector != 13 || x.error_code.unwrap_or(0) == y.error_code.unwrap_or(0))
+        }
+        _ => false,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().rev().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The input state, for failure reports.
+pub fn describe_state(s: &GuestState) -> String {
+    let mut out = String::new();
+    for n in 0..16 {
+        let _ = write!(out, "{}={:#x} ", GPR_NAMES[n], s.gpr[n]);
+    }
+    let _ = write!(out, "rflags={:#x} mxcsr={:#x} fcw={:#x} fsw={:#x}", s.rflags, s.xsave.mxcsr(), s.xsave.fcw(), s.xsave.fsw());
+    out
+}

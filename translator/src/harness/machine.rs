@@ -1,0 +1,248 @@
+//! The test machine: fixed low-address regions for code and data, a native trampoline that
+//! loads a complete machine state and jumps to the instruction under test, and a soft-MMU guest
+//! whose page tables map the same guest virtual addresses onto different host memory.
+//!
+//! ```text
+//!   base + 0x0000  trampoline page (RWX)
+//!   base + 0x1000  code region, 2 pages, filled with HLT (0xF4); test instruction at CODE_AT
+//!   base + 0x10000 data region, 2 pages
+//! ```
+//!
+//! Every run ends in a signal: the instruction under test either faults or falls through / jumps
+//! into the HLT sea, where HLT faults in user mode. The signal handler records the full state.
+
+use crate::host::signals::{self, Captured, NativeCapture, NativeGuard};
+use crate::mmu::GuestRam;
+use crate::host::features::host_xcr0;
+use crate::state::{GuestState, XSaveArea};
+use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
+
+pub const CODE_OFFSET: u64 = 0x1000;
+pub const CODE_SIZE: u64 = 0x2000;
+/// Test instructions start here (room for backward and forward branch targets).
+pub const CODE_AT_OFFSET: u64 = 0x1800;
+pub const DATA_OFFSET: u64 = 0x10000;
+pub const DATA_SIZE: u64 = 0x2000;
+const REGION_SIZE: u64 = 0x20000;
+pub const HLT: u8 = 0xf4;
+
+/// Guest-physical layout of the soft-MMU view.
+const PT_PML4: u64 = 0x0000;
+const PT_PDPT: u64 = 0x1000;
+const PT_PD: u64 = 0x2000;
+const PT_PT: u64 = 0x3000;
+const PHYS_CODE: u64 = 0x5000;
+/// Data pages are deliberately not adjacent to each other in guest physical memory.
+const PHYS_DATA: [u64; 2] = [0x9000, 0x7000];
+const RAM_SIZE: u64 = 0x10000;
+
+pub struct Machine {
+    pub base: u64,
+    trampoline: u64,
+    ram: Box<[u8]>,
+    capture: Box<NativeCapture>,
+    xsave_in: Box<XSaveArea>,
+    host_fp: Box<[u32; 2]>,
+}
+
+impl Machine {
+    /// Maps the regions at the first free slot at or above `hint` (below 4 GiB, so 32-bit
+    /// addressing and `push imm32` return addresses are testable).
+    pub fn new(hint: u64) -> Result<Self, String> {
+        signals::ensure_installed();
+        let mut base = hint;
+        loop {
+            // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; the result is
+            // checked against the requested address.
+            let p = unsafe {
+                libc::mmap(
+                    base as *mut libc::c_void,
+                    REGION_SIZE as usize,
+                    libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if p as u64 == base {
+                break;
+            }
+            if p != libc::MAP_FAILED {
+                // SAFETY: unmapping the mapping we just got at the wrong address.
+                unsafe { libc::munmap(p, REGION_SIZE as usize) };
+            }
+            base += 0x20_0000;
+            if base >= 0xf000_0000 {
+                return Err("no free low address range for the test machine".into());
+            }
+        }
+        let mut m = Machine {
+            base,
+            trampoline: base,
+            ram: vec![0u8; RAM_SIZE as usize].into_boxed_slice(),
+            capture: Box::new(NativeCapture { resume_rip: 0, resume_rsp: 0, captured: None }),
+            xsave_in: Box::new(XSaveArea::default()),
+            host_fp: Box::new([0; 2]),
+        };
+        m.build_page_tables();
+        Ok(m)
+    }
+
+    pub fn code_at(&self) -> u64 {
+        self.base + CODE_AT_OFFSET
+    }
+
+    pub fn code_range(&self) -> (u64, u64) {
+        (self.base + CODE_OFFSET, self.base + CODE_OFFSET + CODE_SIZE)
+    }
+
+    pub fn data(&self) -> u64 {
+        self.base + DATA_OFFSET
+    }
+
+    fn region(&self, offset: u64, len: u64) -> &mut [u8] {
+        // SAFETY: offset+len lies inside our REGION_SIZE mapping, which lives as long as self;
+        // the harness is single-threaded per machine.
+        unsafe { std::slice::from_raw_parts_mut((self.base + offset) as *mut u8, len as usize) }
+    }
+
+    /// Fills the code region with HLT and places `bytes` at the test address (in both the native
+    /// region and the soft-MMU's copy).
+    pub fn load_code(&mut self, bytes: &[u8]) {
+        let code = self.region(CODE_OFFSET, CODE_SIZE);
+        code.fill(HLT);
+        let at = (CODE_AT_OFFSET - CODE_OFFSET) as usize;
+        code[at..at + bytes.len()].copy_from_slice(bytes);
+        let copy = code.to_vec();
+        self.ram[PHYS_CODE as usize..(PHYS_CODE + CODE_SIZE) as usize].copy_from_slice(&copy);
+    }
+
+    /// Byte at a code address (for telling the HLT sea from the instruction).
+    pub fn code_byte(&self, addr: u64) -> Option<u8> {
+        let (lo, hi) = self.code_range();
+        (addr >= lo && addr < hi).then(|| self.region(addr - self.base, 1)[0])
+    }
+
+    pub fn set_native_data(&mut self, data: &[u8]) {
+        self.region(DATA_OFFSET, DATA_SIZE).copy_from_slice(data);
+    }
+
+    pub fn native_data(&self) -> Vec<u8> {
+        self.region(DATA_OFFSET, DATA_SIZE).to_vec()
+    }
+
+    pub fn set_soft_data(&mut self, data: &[u8]) {
+        for (i, &pa) in PHYS_DATA.iter().enumerate() {
+            self.ram[pa as usize..pa as usize + 4096].copy_from_slice(&data[i * 4096..(i + 1) * 4096]);
+        }
+    }
+
+    pub fn soft_data(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(DATA_SIZE as usize);
+        for &pa in &PHYS_DATA {
+            out.extend_from_slice(&self.ram[pa as usize..pa as usize + 4096]);
+        }
+        out
+    }
+
+    /// The soft-MMU view of guest physical memory.
+    pub fn guest_ram(&mut self) -> GuestRam {
+        // SAFETY: `ram` is a boxed slice owned by the machine, which outlives every translator
+        // the harness creates from it (they are dropped first, see harness::Worker).
+        unsafe { GuestRam::new(self.ram.as_mut_ptr(), RAM_SIZE) }
+    }
+
+    /// CR3 for the soft-MMU view.
+    pub fn cr3(&self) -> u64 {
+        PT_PML4
+    }
+
+    fn build_page_tables(&mut self) {
+        const USER_RW_P: u64 = 0b111;
+        let va = self.base;
+        let put = |ram: &mut [u8], pa: u64, v: u64| ram[pa as usize..pa as usize + 8].copy_from_slice(&v.to_le_bytes());
+        put(&mut self.ram, PT_PML4 + ((va >> 39) & 511) * 8, PT_PDPT | USER_RW_P);
+        put(&mut self.ram, PT_PDPT + ((va >> 30) & 511) * 8, PT_PD | USER_RW_P);
+        put(&mut self.ram, PT_PD + ((va >> 21) & 511) * 8, PT_PT | USER_RW_P);
+        let pte = |ram: &mut [u8], v: u64, pa: u64| put(ram, PT_PT + ((v >> 12) & 511) * 8, pa | USER_RW_P);
+        pte(&mut self.ram, va + CODE_OFFSET, PHYS_CODE);
+        pte(&mut self.ram, va + CODE_OFFSET + 0x1000, PHYS_CODE + 0x1000);
+        pte(&mut self.ram, va + DATA_OFFSET, PHYS_DATA[0]);
+        pte(&mut self.ram, va + DATA_OFFSET + 0x1000, PHYS_DATA[1]);
+    }
+
+    /// Runs the code region natively from `state.rip` with `state` loaded; returns what the
+    /// signal handler captured when the run ended.
+    pub fn run_native(&mut self, state: &GuestState) -> Captured {
+        *self.xsave_in = state.xsave.clone();
+        self.write_trampoline(state);
+        self.capture.captured = None;
+        let guard = NativeGuard::arm(&mut self.capture);
+        // SAFETY: the trampoline saves callee-saved registers and the host stack pointer, runs
+        // the test code (inside the code region, surrounded by HLT), and every way out of that
+        // code is a signal whose handler resumes at the trampoline's epilogue with the saved
+        // host stack; the epilogue restores FPU control state and returns normally.
+        let run: extern "C" fn() = unsafe { std::mem::transmute(self.trampoline as usize) };
+        run();
+        drop(guard);
+        self.capture.captured.take().expect("the native run ended with a captured signal")
+    }
+
+    fn write_trampoline(&mut self, s: &GuestState) {
+        let mut code = Vec::with_capacity(400);
+        let mut enc = Encoder::new(64);
+        let base = self.trampoline;
+        let mut emit = |i: Result<Instruction, iced_x86::IcedError>, code: &mut Vec<u8>| {
+            let at = base + code.len() as u64;
+            enc.encode(&i.expect("trampoline instruction"), at).expect("trampoline encodes");
+            code.extend_from_slice(&enc.take_buffer());
+        };
+        use Code as C;
+        use Register as R;
+        let callee = [R::RBX, R::RBP, R::R12, R::R13, R::R14, R::R15];
+        for r in callee {
+            emit(Instruction::with1(C::Push_r64, r), &mut code);
+        }
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, &self.capture.resume_rsp as *const u64 as u64), &mut code);
+        emit(Instruction::with2(C::Mov_rm64_r64, MemoryOperand::with_base(R::RAX), R::RSP), &mut code);
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64), &mut code);
+        emit(Instruction::with1(C::Stmxcsr_m32, MemoryOperand::with_base(R::RAX)), &mut code);
+        emit(Instruction::with1(C::Fnstcw_m2byte, MemoryOperand::with_base_displ(R::RAX, 4)), &mut code);
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RCX, &*self.xsave_in as *const XSaveArea as u64), &mut code);
+        emit(Instruction::with2(C::Mov_r32_imm32, R::EAX, host_xcr0() as u32), &mut code);
+        emit(Instruction::with2(C::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32), &mut code);
+        emit(Instruction::with1(C::Xrstor64_mem, MemoryOperand::with_base(R::RCX)), &mut code);
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, s.rflags), &mut code);
+        emit(Instruction::with1(C::Push_r64, R::RAX), &mut code);
+        emit(Ok(Instruction::with(C::Popfq)), &mut code);
+        for n in 1..16 {
+            if n != 4 {
+                emit(Instruction::with2(C::Mov_r64_imm64, crate::emit::asm::gpr64(n), s.gpr[n]), &mut code);
+            }
+        }
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RSP, s.gpr[4]), &mut code);
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, s.gpr[0]), &mut code);
+        emit(Instruction::with_branch(C::Jmp_rel32_64, s.rip), &mut code);
+        // Epilogue: the signal handler resumes here with the host stack.
+        self.capture.resume_rip = base + code.len() as u64;
+        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64), &mut code);
+        emit(Ok(Instruction::with(C::Fninit)), &mut code);
+        emit(Instruction::with1(C::Ldmxcsr_m32, MemoryOperand::with_base(R::RAX)), &mut code);
+        emit(Instruction::with1(C::Fldcw_m2byte, MemoryOperand::with_base_displ(R::RAX, 4)), &mut code);
+        if std::arch::is_x86_feature_detected!("avx") {
+            emit(Ok(Instruction::with(C::VEX_Vzeroupper)), &mut code);
+        }
+        for r in callee.iter().rev() {
+            emit(Instruction::with1(C::Pop_r64, *r), &mut code);
+        }
+        emit(Ok(Instruction::with(C::Retnq)), &mut code);
+        self.region(0, code.len() as u64).copy_from_slice(&code);
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        // SAFETY: the mapping created in `new`.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, REGION_SIZE as usize) };
+    }
+}

@@ -1,0 +1,307 @@
+//! The differential harness (DESIGN §6): for an iced `Code`, synthesize instances and machine
+//! states, run each natively on the host CPU and through the translator under both memory
+//! strategies, and compare everything observable. `hbt isa-test` and CI drive it; the supported
+//! set (`supported.rs`) is exactly what passes here.
+//!
+//! `machine.rs` (regions, native trampoline, soft-MMU page tables), `synth.rs` (instances and
+//! states), `compare.rs` (outcomes and differences), `rng.rs` (reproducible randomness).
+
+pub mod compare;
+pub mod machine;
+pub mod rng;
+pub mod synth;
+
+use crate::engine::{Config, Translator};
+use crate::exit::{vector, Exit, GuestException};
+use crate::host::features::host_runs;
+use crate::mmu::MemoryStrategy;
+use crate::platform::HostPlatform;
+use crate::rules::{rule, EmulateOp, Rule};
+use compare::{differences, Event, Ignore, Outcome};
+use iced_x86::{Code, Formatter, IntelFormatter};
+use machine::{Machine, HLT};
+use rng::Rng;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// States run per synthesized instance.
+const STATES_PER_INSTANCE: u32 = 8;
+/// Attempts at synthesizing an encodable instance before giving up on a `Code`.
+const SYNTH_ATTEMPTS: u32 = 64;
+/// Dispatcher rounds one translated run may take (a test run needs two or three).
+const RUN_BUDGET: u64 = 64;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Cases per memory strategy for each `Code`.
+    pub cases: u32,
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { cases: 200, seed: 1 }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Passed,
+    Failed,
+    /// Not testable here (no rule, host lacks the feature, not synthesizable).
+    Skipped(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct CodeResult {
+    pub code: Code,
+    pub mnemonic: String,
+    /// Cases run per memory strategy.
+    pub cases: u64,
+    pub status: Status,
+    /// First failing case: reproducible with the same `--code` and `--seed`.
+    pub failure: Option<String>,
+}
+
+/// The two strategies every case runs under.
+const STRATEGIES: [&str; 2] = ["identity", "soft-mmu"];
+
+/// One test thread: a machine and a translator per strategy. Translators are declared first so
+/// they drop before the machine whose memory the soft-MMU one points into.
+pub struct Worker {
+    translators: [Translator; 2],
+    machine: Machine,
+    formatter: IntelFormatter,
+}
+
+impl Worker {
+    pub fn new(index: usize) -> Result<Self, String> {
+        pin_to_cpu(index);
+        let mut machine = Machine::new(0x2000_0000 + (index as u64) * 0x100_0000)?;
+        let cache = 4 << 20;
+        let identity = Translator::new(Config { strategy: MemoryStrategy::Identity, code_cache_bytes: cache })
+            .map_err(|e| e.to_string())?;
+        let soft = Translator::new(Config { strategy: MemoryStrategy::SoftMmu(machine.guest_ram()), code_cache_bytes: cache })
+            .map_err(|e| e.to_string())?;
+        Ok(Worker { translators: [identity, soft], machine, formatter: IntelFormatter::new() })
+    }
+
+    /// Tests one `Code`.
+    pub fn test_code(&mut self, code: Code, opts: &Options) -> CodeResult {
+        let mut result = CodeResult {
+            code,
+            mnemonic: format!("{:?}", code.mnemonic()).to_lowercase(),
+            cases: 0,
+            status: Status::Passed,
+            failure: None,
+        };
+        if std::env::var_os("HBT_ISA_TRACE").is_some() {
+            eprintln!("testing {code:?}");
+        }
+        let Some(r) = rule(code) else {
+            result.status = Status::Skipped("no translation rule".into());
+            return result;
+        };
+        if !host_runs(code) {
+            result.status = Status::Skipped("the host CPU cannot execute it".into());
+            return result;
+        }
+        if let Some(reason) = untestable(r) {
+            result.status = Status::Skipped(reason.into());
+            return result;
+        }
+        let instances = opts.cases.div_ceil(STATES_PER_INSTANCE).max(1);
+        let mut rng = Rng::new(opts.seed ^ (code as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for k in 0..instances {
+            let at = self.machine.code_at();
+            let data = self.machine.data();
+            let Some(inst) = (0..SYNTH_ATTEMPTS).find_map(|_| synth::instance(code, &mut rng, at, data)) else {
+                if k == 0 {
+                    result.status = Status::Skipped("no encodable instance could be synthesized".into());
+                }
+                return result;
+            };
+            self.machine.load_code(&inst.bytes);
+            for t in &mut self.translators {
+                t.flush();
+            }
+            let states = STATES_PER_INSTANCE.min(opts.cases - k * STATES_PER_INSTANCE);
+            for j in 0..states {
+                let (state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data);
+                self.machine.set_native_data(&mem);
+                let native = self.native_outcome(&state, &inst);
+                for (si, name) in STRATEGIES.iter().enumerate() {
+                    let translated = self.translated_outcome(si, &state, &mem, &inst);
+                    let ignore = match r {
+                        Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) => Ignore { gpr: 0b101 },
+                        _ => Ignore::default(),
+                    };
+                    let diffs = match &translated {
+                        Ok(t) => {
+                            let mut d = differences(&inst.instr, &native, t, ignore);
+                            if ignore.gpr != 0 && tsc(t) < tsc(&native) {
+                                d.push("time-stamp counter went backwards".into());
+                            }
+                            d
+                        }
+                        Err(e) => vec![format!("translator error: {e}")],
+                    };
+                    if !diffs.is_empty() {
+                        let mut text = String::new();
+                        self.formatter.format(&inst.instr, &mut text);
+                        result.status = Status::Failed;
+                        result.failure = Some(format!(
+                            "`{text}` (bytes {}) under {name}, seed {} (instance {k}, state {j})\n  input: {}\n  {}",
+                            inst.bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
+                            opts.seed,
+                            compare::describe_state(&state),
+                            diffs.join("\n  ")
+                        ));
+                        return result;
+                    }
+                }
+                result.cases += 1;
+            }
+        }
+        result
+    }
+
+    fn native_outcome(&mut self, state: &crate::state::GuestState, inst: &synth::Instance) -> Outcome {
+        let cap = self.machine.run_native(state);
+        let mut s = state.clone();
+        s.gpr = cap.gpr;
+        s.rip = cap.rip;
+        s.rflags = cap.rflags;
+        s.xsave.0.copy_from_slice(&cap.xsave[..]);
+        let exc = GuestException {
+            vector: cap.trapno as u8,
+            error_code: Some(cap.error_code as u32),
+            address: (cap.trapno == 14).then_some(cap.cr2),
+        };
+        let event = self.classify(exc, cap.rip, inst);
+        Outcome::from_state(&s, event, self.machine.native_data())
+    }
+
+    fn classify(&self, exc: GuestException, rip: u64, inst: &synth::Instance) -> Event {
+        let inside = rip >= inst.instr.ip() && rip < inst.instr.next_ip();
+        if exc.vector == vector::GP && !inside && self.machine.code_byte(rip) == Some(HLT) {
+            Event::Completed
+        } else {
+            Event::Exception(exc)
+        }
+    }
+
+    fn translated_outcome(
+        &mut self,
+        which: usize,
+        state: &crate::state::GuestState,
+        mem: &[u8],
+        inst: &synth::Instance,
+    ) -> Result<Outcome, String> {
+        let soft = which == 1;
+        if soft {
+            self.machine.set_soft_data(mem);
+        } else {
+            self.machine.set_native_data(mem);
+        }
+        let cr3 = self.machine.cr3();
+        let t = &mut self.translators[which];
+        *t.state_mut() = state.clone();
+        t.state_mut().cr3 = cr3;
+        let mut platform = HostPlatform;
+        let mut syscalls = 0;
+        let event = loop {
+            match t.run(&mut platform, RUN_BUDGET).map_err(|e| e.to_string())? {
+                Exit::Exception(exc) => break exc,
+                Exit::Syscall if syscalls == 0 => {
+                    syscalls += 1;
+                    host_syscall(t.state_mut())?;
+                }
+                other => return Err(format!("run ended with {other:?}")),
+            }
+        };
+        let rip = t.state().rip;
+        let s = t.state().clone();
+        let event = self.classify(event, rip, inst);
+        let data = if soft { self.machine.soft_data() } else { self.machine.native_data() };
+        Ok(Outcome::from_state(&s, event, data))
+    }
+}
+
+fn tsc(o: &Outcome) -> u64 {
+    (o.gpr[0] & 0xffff_ffff) | (o.gpr[2] << 32)
+}
+
+/// Rules whose instructions cannot be compared against a native run in this process.
+fn untestable(r: Rule) -> Option<&'static str> {
+    match r {
+        Rule::Emulate(EmulateOp::Hlt | EmulateOp::Privileged) => None,
+        _ => None,
+    }
+}
+
+/// Performs a guest `syscall` the harness allows (getpid, getuid, an unknown number).
+fn host_syscall(state: &mut crate::state::GuestState) -> Result<(), String> {
+    let nr = state.gpr[0];
+    if ![39, 102, 1000].contains(&nr) {
+        return Err(format!("unexpected system call {nr}"));
+    }
+    let ret: i64;
+    // SAFETY: only getpid, getuid and an unassigned number (ENOSYS) reach here; none takes
+    // pointers or changes process state.
+    unsafe {
+        std::arch::asm!("syscall", inlateout("rax") nr as i64 => ret, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    state.gpr[0] = ret as u64;
+    Ok(())
+}
+
+fn pin_to_cpu(index: usize) {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    // SAFETY: cpu_set_t is plain data; CPU_SET stays within its size; sched_setaffinity(0)
+    // affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(index % cpus, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Tests `codes` on `threads` workers; `progress` is called after each `Code`.
+pub fn run_codes(
+    codes: &[Code],
+    opts: &Options,
+    threads: usize,
+    progress: &(dyn Fn(&CodeResult) + Sync),
+) -> Result<Vec<CodeResult>, String> {
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(codes.len()));
+    let errors = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for w in 0..threads.max(1) {
+            let (next, results, errors) = (&next, &results, &errors);
+            scope.spawn(move || {
+                let mut worker = match Worker::new(w) {
+                    Ok(worker) => worker,
+                    Err(e) => {
+                        errors.lock().unwrap().push(e);
+                        return;
+                    }
+                };
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&code) = codes.get(i) else { break };
+                    let r = worker.test_code(code, opts);
+                    progress(&r);
+                    results.lock().unwrap().push((i, r));
+                }
+            });
+        }
+    });
+    if let Some(e) = errors.into_inner().unwrap().into_iter().next() {
+        return Err(e);
+    }
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, r)| r).collect())
+}

@@ -1,0 +1,475 @@
+//! Synthesizing test instances of an iced `Code` from its operand kinds (`OpCodeInfo`), and the
+//! machine states to run them on.
+//!
+//! An *instance* is one encoding: concrete registers (including AH..BH and the REX-only byte
+//! registers), memory operands with varied base/index/scale/displacement (RIP-relative and
+//! 32-bit addressing included), immediates across their width, branch targets, LOCK/REP
+//! prefixes. A *state* is a full machine state — GPRs, flags, x87/MMX, XMM/YMM, MXCSR, data
+//! memory — random with a bias to edge values, then constrained so every memory access of the
+//! instance lands in the data region and every branch lands in the code region.
+
+use super::machine::DATA_SIZE;
+use super::rng::Rng;
+use crate::rules::{rule, BranchKind, EmulateOp, Rule, StackOp};
+use crate::state::{flags, GuestState, XSaveArea};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register,
+};
+
+const GPR8: [Register; 20] = [
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BL,
+    Register::AH,
+    Register::CH,
+    Register::DH,
+    Register::BH,
+    Register::SPL,
+    Register::BPL,
+    Register::SIL,
+    Register::DIL,
+    Register::R8L,
+    Register::R9L,
+    Register::R10L,
+    Register::R11L,
+    Register::R12L,
+    Register::R13L,
+    Register::R14L,
+    Register::R15L,
+];
+
+fn gpr_of_size(rng: &mut Rng, size: usize) -> Register {
+    let n = rng.below(16) as usize;
+    let r64 = crate::emit::asm::gpr64(n);
+    match size {
+        1 => rng.pick(&GPR8),
+        2 => Register::values().find(|r| r.is_gpr16() && r.full_register() == r64).unwrap(),
+        4 => Register::values().find(|r| r.is_gpr32() && r.full_register() == r64).unwrap(),
+        _ => r64,
+    }
+}
+
+fn vec_reg(first: Register, rng: &mut Rng, count: u64) -> Register {
+    Register::values().nth(first as usize + rng.below(count) as usize).unwrap()
+}
+
+/// One encoded instance of a `Code`, plus what the states must respect.
+#[derive(Clone)]
+pub struct Instance {
+    pub instr: Instruction,
+    pub bytes: Vec<u8>,
+    /// Target address of the explicit memory operand, as an offset into the data region.
+    pub mem_target: Option<u64>,
+}
+
+fn imm_value(rng: &mut Rng, bits: u32) -> u64 {
+    let v = rng.interesting();
+    if bits == 64 {
+        v
+    } else {
+        v & ((1u64 << bits) - 1)
+    }
+}
+
+/// Builds a random instance of `code` at address `at` (None if this attempt is unencodable).
+pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instance> {
+    let op = code.op_code();
+    let mut i = Instruction::default();
+    i.set_code(code);
+    let mut mem_target = None;
+    // Forms iced gives no size (XSAVE family) get the soft-MMU's assumption.
+    let mem_size = match op.memory_size().size() as u64 {
+        0 => crate::host::features::xsave_size(),
+        n => n,
+    };
+    for (n, &kind) in op.op_kinds().iter().enumerate() {
+        let n = n as u32;
+        let reg_or_mem = |rng: &mut Rng| rng.chance(50);
+        let set_reg = |i: &mut Instruction, r: Register| {
+            i.set_op_kind(n, OpKind::Register);
+            i.set_op_register(n, r);
+        };
+        match kind {
+            K::r8_reg | K::r8_opcode => set_reg(&mut i, gpr_of_size(rng, 1)),
+            K::r16_reg | K::r16_rm | K::r16_opcode | K::r16_reg_mem => set_reg(&mut i, gpr_of_size(rng, 2)),
+            K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_vvvv | K::r32_reg_mem => set_reg(&mut i, gpr_of_size(rng, 4)),
+            K::r64_reg | K::r64_rm | K::r64_opcode | K::r64_vvvv | K::r64_reg_mem => set_reg(&mut i, gpr_of_size(rng, 8)),
+            K::mm_reg | K::mm_rm => set_reg(&mut i, vec_reg(Register::MM0, rng, 8)),
+            K::xmm_reg | K::xmm_rm | K::xmm_vvvv | K::xmm_is4 => set_reg(&mut i, vec_reg(Register::XMM0, rng, 16)),
+            K::ymm_reg | K::ymm_rm | K::ymm_vvvv | K::ymm_is4 => set_reg(&mut i, vec_reg(Register::YMM0, rng, 16)),
+            K::al => set_reg(&mut i, Register::AL),
+            K::cl => set_reg(&mut i, Register::CL),
+            K::ax => set_reg(&mut i, Register::AX),
+            K::dx => set_reg(&mut i, Register::DX),
+            K::eax => set_reg(&mut i, Register::EAX),
+            K::rax => set_reg(&mut i, Register::RAX),
+            K::st0 => set_reg(&mut i, Register::ST0),
+            K::sti_opcode => set_reg(&mut i, vec_reg(Register::ST0, rng, 8)),
+            K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::mm_or_mem | K::xmm_or_mem | K::ymm_or_mem
+                if reg_or_mem(rng) =>
+            {
+                let r = match kind {
+                    K::r8_or_mem => gpr_of_size(rng, 1),
+                    K::r16_or_mem => gpr_of_size(rng, 2),
+                    K::r32_or_mem => gpr_of_size(rng, 4),
+                    K::r64_or_mem => gpr_of_size(rng, 8),
+                    K::mm_or_mem => vec_reg(Register::MM0, rng, 8),
+                    K::xmm_or_mem => vec_reg(Register::XMM0, rng, 16),
+                    _ => vec_reg(Register::YMM0, rng, 16),
+                };
+                set_reg(&mut i, r);
+            }
+            K::mem
+            | K::r8_or_mem
+            | K::r16_or_mem
+            | K::r32_or_mem
+            | K::r64_or_mem
+            | K::mm_or_mem
+            | K::xmm_or_mem
+            | K::ymm_or_mem
+            | K::mem_vsib32x
+            | K::mem_vsib64x
+            | K::mem_vsib32y
+            | K::mem_vsib64y => {
+                i.set_op_kind(n, OpKind::Memory);
+                let vsib = matches!(kind, K::mem_vsib32x | K::mem_vsib64x | K::mem_vsib32y | K::mem_vsib64y);
+                // Where the access lands: inside one data page, naturally aligned or not.
+                let span = if vsib { 512 } else { mem_size.min(4096) };
+                let page = rng.below(2) * 4096;
+                let mut offset = page + rng.below(4096 - span);
+                if rng.chance(60) {
+                    offset &= !(mem_size.next_power_of_two().min(64) - 1);
+                }
+                mem_target = Some(offset);
+                let addr32 = !vsib && rng.chance(10);
+                let base = loop {
+                    let b = gpr_of_size(rng, 8);
+                    if !vsib || b != Register::RSP {
+                        break b;
+                    }
+                };
+                let rip_rel = !vsib && rng.chance(15);
+                if rip_rel {
+                    i.set_memory_base(Register::RIP);
+                    i.set_memory_displacement64(data + offset);
+                    i.set_memory_displ_size(8);
+                } else {
+                    let (base, index) = if vsib {
+                        let idx = match kind {
+                            K::mem_vsib32y | K::mem_vsib64y => vec_reg(Register::YMM0, rng, 16),
+                            _ => vec_reg(Register::XMM0, rng, 16),
+                        };
+                        (base, idx)
+                    } else if rng.chance(50) {
+                        let idx = loop {
+                            let x = gpr_of_size(rng, 8);
+                            if x != Register::RSP && x != base {
+                                break x;
+                            }
+                        };
+                        (base, idx)
+                    } else {
+                        (base, Register::None)
+                    };
+                    let to32 = |r: Register| {
+                        if addr32 && r != Register::None {
+                            Register::values().find(|x| x.is_gpr32() && x.full_register() == r).unwrap()
+                        } else {
+                            r
+                        }
+                    };
+                    i.set_memory_base(to32(base));
+                    i.set_memory_index(to32(index));
+                    i.set_memory_index_scale(rng.pick(&[1, 2, 4, 8]));
+                    let disp = match rng.below(3) {
+                        0 => 0i64,
+                        1 => rng.below(256) as i64 - 128,
+                        _ => rng.below(0x2000_0000) as i64 - 0x1000_0000,
+                    };
+                    i.set_memory_displacement64(disp as u64);
+                    let wide = if addr32 { 4 } else { 8 };
+                    i.set_memory_displ_size(if disp == 0 { 0 } else if (-128..128).contains(&disp) { 1 } else { wide });
+                }
+            }
+            K::imm8 => {
+                i.set_op_kind(n, OpKind::Immediate8);
+                let mut v = imm_value(rng, 8) as u8;
+                if code == Code::Int_imm8 && v == 0x80 {
+                    v = 0x81; // int 0x80 is a real system call.
+                }
+                i.set_immediate8(v);
+            }
+            K::imm8_const_1 => {
+                i.set_op_kind(n, OpKind::Immediate8);
+                i.set_immediate8(1);
+            }
+            K::imm8sex16 | K::imm8sex32 | K::imm8sex64 => {
+                i.set_op_kind(
+                    n,
+                    match kind {
+                        K::imm8sex16 => OpKind::Immediate8to16,
+                        K::imm8sex32 => OpKind::Immediate8to32,
+                        _ => OpKind::Immediate8to64,
+                    },
+                );
+                i.set_immediate8(imm_value(rng, 8) as u8);
+            }
+            K::imm16 => {
+                i.set_op_kind(n, OpKind::Immediate16);
+                i.set_immediate16(imm_value(rng, 16) as u16);
+            }
+            K::imm32 => {
+                i.set_op_kind(n, OpKind::Immediate32);
+                i.set_immediate32(imm_value(rng, 32) as u32);
+            }
+            K::imm32sex64 => {
+                i.set_op_kind(n, OpKind::Immediate32to64);
+                i.set_immediate32(imm_value(rng, 32) as u32);
+            }
+            K::imm64 => {
+                i.set_op_kind(n, OpKind::Immediate64);
+                i.set_immediate64(imm_value(rng, 64));
+            }
+            K::br64_1 | K::br64_4 => {
+                i.set_op_kind(n, OpKind::NearBranch64);
+                // Forward into the HLT sea or backward, never onto the instruction itself.
+                let delta = if rng.chance(60) { 16 + rng.below(100) as i64 } else { -(16 + rng.below(100) as i64) };
+                i.set_near_branch64((at as i64 + delta) as u64);
+            }
+            _ => return None,
+        }
+    }
+    let lock_ok = code.op_code().can_use_lock_prefix() && i.op0_kind() == OpKind::Memory;
+    if lock_ok && rng.chance(30) {
+        i.set_has_lock_prefix(true);
+    }
+    if rule(code) == Some(Rule::String) {
+        match rng.below(3) {
+            0 => {}
+            1 => i.set_has_repe_prefix(true),
+            _ => i.set_has_repne_prefix(true),
+        }
+    }
+    // bt* m,r with the bit-offset register also in the address cannot be kept in the data region.
+    let bit_string = matches!(code.mnemonic(), iced_x86::Mnemonic::Bt | iced_x86::Mnemonic::Bts | iced_x86::Mnemonic::Btr | iced_x86::Mnemonic::Btc);
+    if bit_string && i.op0_kind() == OpKind::Memory && i.op1_kind() == OpKind::Register {
+        let r = i.op1_register().full_register();
+        if i.memory_base().full_register() == r || i.memory_index().full_register() == r {
+            return None;
+        }
+    }
+    let mut enc = Encoder::new(64);
+    let len = enc.encode(&i, at).ok()?;
+    let bytes = enc.take_buffer();
+    debug_assert_eq!(len, bytes.len());
+    let mut decoder = Decoder::with_ip(64, &bytes, at, DecoderOptions::NONE);
+    let decoded = decoder.decode();
+    if decoded.code() != code || decoded.len() != bytes.len() {
+        return None;
+    }
+    Some(Instance { instr: decoded, bytes, mem_target })
+}
+
+/// A random machine state for `inst`, constrained so its accesses and branches stay inside the
+/// machine's regions. Returns the state and the initial data-region contents.
+pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (GuestState, Vec<u8>) {
+    let instr = &inst.instr;
+    let mut s = GuestState::default();
+    for r in s.gpr.iter_mut() {
+        *r = rng.interesting();
+    }
+    s.rip = instr.ip();
+    s.rflags = flags::FIXED | flags::IF | (rng.next_u64() & (flags::STATUS | flags::DF));
+    if rng.chance(5) {
+        s.rflags |= flags::AC;
+    }
+    random_vector_state(&mut s.xsave, rng);
+    let mut mem = vec![0u8; DATA_SIZE as usize];
+    for chunk in mem.chunks_mut(8) {
+        chunk.copy_from_slice(&rng.interesting().to_le_bytes());
+    }
+    let landing = |rng: &mut Rng| {
+        // An address in the HLT sea away from the instruction.
+        let after = instr.next_ip() + 1 + rng.below(64);
+        after.min(code.1 - 1)
+    };
+    let code_rule = rule(instr.code());
+
+    // Implicit memory: stack, string, leave.
+    let stack_user = instr.is_stack_instruction() || matches!(code_rule, Some(Rule::Branch(BranchKind::Ret)));
+    if stack_user {
+        s.gpr[4] = data + 0x800 + rng.below(0x100) * 8;
+    }
+    if code_rule == Some(Rule::Stack(StackOp::Leave)) {
+        s.gpr[5] = data + 0x900 + rng.below(0x100) * 8;
+    }
+    if code_rule == Some(Rule::String) {
+        s.gpr[6] = data + 0x200 + rng.below(0x600);
+        s.gpr[7] = data + 0x1200 + rng.below(0x600);
+        s.gpr[1] = rng.below(20);
+    }
+    match code_rule {
+        Some(Rule::Emulate(EmulateOp::Syscall)) => s.gpr[0] = rng.pick(&[39, 102, 1000]),
+        Some(Rule::Emulate(EmulateOp::Cpuid)) => {
+            s.gpr[0] = rng.pick(&[0, 1, 7, 0xd, 0x8000_0000, 0x8000_0001]);
+            s.gpr[1] = rng.below(2);
+        }
+        _ => {}
+    }
+
+    // The explicit memory operand.
+    if let Some(offset) = inst.mem_target {
+        let target = data + offset;
+        let base = instr.memory_base();
+        let index = instr.memory_index();
+        let disp = instr.memory_displacement64();
+        let scale = instr.memory_index_scale() as u64;
+        if base != Register::RIP && base != Register::None {
+            let index_value = if index == Register::None {
+                0
+            } else if index.is_xmm() || index.is_ymm() {
+                let lanes = if index.is_ymm() { 8 } else { 4 };
+                let n = (index.number() & 15) as usize;
+                // Small non-negative lane indices (dwords and qwords both read them correctly).
+                let mut lane_bytes = [0u8; 32];
+                for l in 0..lanes {
+                    let v = rng.below(24) as u32;
+                    lane_bytes[l * 4..l * 4 + 4].copy_from_slice(&v.to_le_bytes());
+                }
+                let mut qwords = [0u8; 32];
+                for l in 0..4 {
+                    let v = rng.below(24);
+                    qwords[l * 8..l * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                let lanes_q = matches!(instr.code().op_code().op_kinds().iter().find(|k| matches!(k, K::mem_vsib64x | K::mem_vsib64y)), Some(_));
+                let src = if lanes_q { qwords } else { lane_bytes };
+                s.xsave.xmm_mut(n).copy_from_slice(&src[..16]);
+                s.xsave.ymm_hi_mut(n).copy_from_slice(&src[16..]);
+                0
+            } else {
+                let full = index.full_register().number() & 15;
+                let v = rng.below(64);
+                s.gpr[full] = v;
+                v
+            };
+            let full = base.full_register().number() & 15;
+            let want = target.wrapping_sub(index_value.wrapping_mul(scale)).wrapping_sub(disp);
+            if base.is_gpr32() {
+                s.gpr[full] = (rng.next_u64() << 32) | (want & 0xffff_ffff);
+                if index.is_gpr32() {
+                    let ifull = index.full_register().number() & 15;
+                    s.gpr[ifull] = (rng.next_u64() << 32) | index_value;
+                }
+            } else {
+                s.gpr[full] = want;
+            }
+        }
+        // Indirect jumps/calls through memory go into the HLT sea.
+        if matches!(code_rule, Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect))) {
+            let l = landing(rng);
+            mem[offset as usize..offset as usize + 8].copy_from_slice(&l.to_le_bytes());
+        }
+    }
+    // bt/bts/btr/btc m,r: keep the bit offset inside the operand's neighbourhood.
+    let bit_string = matches!(instr.mnemonic(), iced_x86::Mnemonic::Bt | iced_x86::Mnemonic::Bts | iced_x86::Mnemonic::Btr | iced_x86::Mnemonic::Btc);
+    if bit_string && instr.op0_kind() == OpKind::Memory && instr.op1_kind() == OpKind::Register {
+        let r = instr.op1_register();
+        let full = r.full_register().number() & 15;
+        let v = rng.below(64);
+        s.gpr[full] = if r.size() == 8 { v } else { (s.gpr[full] & !((1u64 << (r.size() * 8)) - 1)) | v };
+    }
+    match code_rule {
+        Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect)) if instr.op0_kind() == OpKind::Register => {
+            s.gpr[instr.op0_register().number() & 15] = landing(rng);
+        }
+        Some(Rule::Branch(BranchKind::Ret)) => {
+            let at = (s.gpr[4] - data) as usize;
+            mem[at..at + 8].copy_from_slice(&landing(rng).to_le_bytes());
+        }
+        Some(Rule::Stack(StackOp::Popf)) => {
+            // Never single-step the host: clear TF in the value popf loads.
+            let at = (s.gpr[4] - data) as usize;
+            mem[at + 1] &= !((flags::TF >> 8) as u8);
+        }
+        _ => {}
+    }
+    (s, mem)
+}
+
+/// Random XMM/YMM, x87 stack (some registers valid), FCW and MXCSR with exceptions masked.
+fn random_vector_state(x: &mut XSaveArea, rng: &mut Rng) {
+    const F64: [u64; 10] = [
+        0,
+        0x8000_0000_0000_0000,
+        0x3ff0_0000_0000_0000,
+        0xbff8_0000_0000_0000,
+        0x7ff0_0000_0000_0000,
+        0xfff0_0000_0000_0000,
+        0x7ff8_0000_0000_0000,
+        0x7ff4_0000_0000_0000,
+        0x0000_0000_0000_0001,
+        0x7fef_ffff_ffff_ffff,
+    ];
+    const F32: [u32; 10] = [0, 0x8000_0000, 0x3f80_0000, 0xbfc0_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7fa0_0000, 1, 0x7f7f_ffff];
+    let fill16 = |rng: &mut Rng| -> [u8; 16] {
+        let mut b = [0u8; 16];
+        match rng.below(3) {
+            0 => {
+                for l in 0..2 {
+                    let v = if rng.chance(50) { rng.pick(&F64) } else { (rng.next_u64() >> 12) | 0x4000_0000_0000_0000 };
+                    b[l * 8..l * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            1 => {
+                for l in 0..4 {
+                    let v = if rng.chance(50) { rng.pick(&F32) } else { (rng.next_u64() as u32 >> 9) | 0x4000_0000 };
+                    b[l * 4..l * 4 + 4].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            _ => {
+                b[..8].copy_from_slice(&rng.interesting().to_le_bytes());
+                b[8..].copy_from_slice(&rng.interesting().to_le_bytes());
+            }
+        }
+        b
+    };
+    for n in 0..16 {
+        let lo = fill16(rng);
+        let hi = fill16(rng);
+        x.xmm_mut(n).copy_from_slice(&lo);
+        x.ymm_hi_mut(n).copy_from_slice(&hi);
+    }
+    // x87: k valid registers ST(0..k).
+    let k = rng.below(9) as usize;
+    let top = (8 - k) % 8;
+    let mut tags = 0u8;
+    for st in 0..8 {
+        let slot = x.st_mut(st);
+        let mantissa = rng.next_u64() | (1 << 63);
+        slot[..8].copy_from_slice(&mantissa.to_le_bytes());
+        let exp: u16 = match rng.below(6) {
+            0 => 0,
+            1 => 0x7fff,
+            _ => 0x3fff - 40 + rng.below(80) as u16,
+        };
+        let sign = (rng.below(2) as u16) << 15;
+        slot[8..10].copy_from_slice(&(exp | sign).to_le_bytes());
+        if st < k {
+            tags |= 1 << ((top + st) % 8);
+        }
+    }
+    x.set_ftw(tags);
+    x.set_fsw((top as u16) << 11);
+    let rc = (rng.below(4) as u16) << 10;
+    let pc = if rng.chance(70) { 3 << 8 } else { (rng.below(4) as u16) << 8 };
+    x.set_fcw(0x3f | 0x40 | pc | rc);
+    let mut mxcsr = 0x1f80u32;
+    if rng.chance(30) {
+        mxcsr |= (rng.below(4) as u32) << 13;
+    }
+    if rng.chance(15) {
+        mxcsr |= 0x8040; // FTZ + DAZ
+    }
+    x.set_mxcsr(mxcsr);
+}

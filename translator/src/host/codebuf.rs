@@ -1,0 +1,86 @@
+//! Executable memory for translated code: one RWX anonymous mapping handed out bump-style.
+//! Blocks are never freed one by one; invalidated blocks are unlinked and the whole buffer is
+//! recycled by a flush when it fills up (QEMU and DynamoRIO do the same).
+
+use crate::error::TranslateError;
+
+pub struct CodeBuffer {
+    base: *mut u8,
+    size: usize,
+    used: usize,
+}
+
+impl CodeBuffer {
+    pub fn new(size: usize) -> Result<Self, TranslateError> {
+        // SAFETY: anonymous private mapping; the kernel picks the address. The result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(TranslateError::Host(format!(
+                "mmap of {size} bytes of executable memory failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(CodeBuffer { base: base as *mut u8, size, used: 0 })
+    }
+
+    /// Address the next [`CodeBuffer::append`] writes to.
+    pub fn cursor(&self) -> u64 {
+        self.base as u64 + self.used as u64
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.size - self.used
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.base as u64 && addr < self.base as u64 + self.used as u64
+    }
+
+    /// Copies `code` (encoded for address [`CodeBuffer::cursor`]) in; returns its address.
+    pub fn append(&mut self, code: &[u8]) -> Result<u64, TranslateError> {
+        if code.len() > self.remaining() {
+            return Err(TranslateError::CodeCacheFull);
+        }
+        let at = self.cursor();
+        // SAFETY: [used, used+len) lies inside the mapping (checked above) and nothing else
+        // aliases that range: it has never been handed out.
+        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), self.base.add(self.used), code.len()) };
+        // Keep blocks 16-byte aligned: cheap, and helps the front end.
+        self.used = (self.used + code.len() + 15) & !15;
+        Ok(at)
+    }
+
+    /// Rewrites a rel32 field at `field` so the jump ending at `field + 4` goes to `target`.
+    pub fn patch_rel32(&mut self, field: u64, target: u64) {
+        assert!(self.contains(field), "patch outside the code buffer");
+        let rel = target.wrapping_sub(field + 4) as i64;
+        assert!(i32::try_from(rel).is_ok(), "chained jump out of rel32 range");
+        // SAFETY: field..field+4 is inside the mapping (asserted); unaligned write of 4 bytes.
+        unsafe { std::ptr::write_unaligned(field as *mut i32, rel as i32) };
+    }
+
+    /// Forgets every block, keeping the first `keep` bytes (the shared glue).
+    pub fn reset_to(&mut self, keep: usize) {
+        self.used = keep;
+    }
+
+    pub fn used(&self) -> usize {
+        self.used
+    }
+}
+
+impl Drop for CodeBuffer {
+    fn drop(&mut self) {
+        // SAFETY: base/size are the mapping created in `new`.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.size) };
+    }
+}

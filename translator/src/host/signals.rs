@@ -1,0 +1,248 @@
+//! The host signal handler. Two users, one handler, chosen per thread:
+//!
+//! - **Translated code** (`TranslatedFaults`): a hardware fault inside a translated block
+//!   (`#DE` from a re-emitted `div`, `#GP`, `#UD`, a host page fault in the identity strategy)
+//!   is mapped back to the guest instruction that caused it. The handler puts borrowed scratch
+//!   registers and saved flags back from the context, records the guest exception, and resumes
+//!   at the shared fault-exit glue, so the guest state the engine sees is exactly the one the CPU
+//!   would have left at that instruction.
+//! - **The harness's native runs** (`NativeCapture`): every run ends in a signal (the test
+//!   instruction is surrounded by `hlt`, which faults in user mode); the handler records the
+//!   complete register and XSAVE state from the signal frame and resumes the harness.
+//!
+//! Handlers run on a per-thread alternate stack: guest RSP is never assumed to be a host stack.
+
+use crate::context::{Context, ExitReason};
+use crate::state::{XSAVE_AVX_OFFSET, XSAVE_SIZE};
+use std::cell::Cell;
+use std::sync::Once;
+
+/// What the fault-mapping side needs to know about one host instruction range.
+#[derive(Clone, Copy, Debug)]
+pub struct FaultSite {
+    pub guest_rip: u64,
+    pub guest_len: u8,
+    /// Registers (by hardware number) whose guest value sits in `Context::spill`.
+    pub spilled: u16,
+    /// Guest flags were pushed to `Context::flag_slot`.
+    pub flags_in_slot: bool,
+}
+
+/// Registered by the engine while translated code runs on this thread.
+pub struct TranslatedFaults {
+    pub ctx: *mut Context,
+    pub lookup: fn(data: *const (), host_pc: u64) -> Option<FaultSite>,
+    pub data: *const (),
+    pub fault_exit: u64,
+}
+
+/// Machine state captured from a signal frame.
+#[derive(Clone)]
+pub struct Captured {
+    pub gpr: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    pub signo: i32,
+    pub trapno: u64,
+    pub error_code: u64,
+    pub cr2: u64,
+    pub xsave: Box<[u8; XSAVE_SIZE]>,
+}
+
+/// Registered by the harness around one native run.
+pub struct NativeCapture {
+    pub resume_rip: u64,
+    pub resume_rsp: u64,
+    pub captured: Option<Captured>,
+}
+
+thread_local! {
+    static TRANSLATED: Cell<*const TranslatedFaults> = const { Cell::new(std::ptr::null()) };
+    static NATIVE: Cell<*mut NativeCapture> = const { Cell::new(std::ptr::null_mut()) };
+    static ALTSTACK: Cell<bool> = const { Cell::new(false) };
+}
+
+const SIGNALS: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL, libc::SIGTRAP];
+const ALTSTACK_SIZE: usize = 256 * 1024;
+
+/// Installs the handler (once per process) and an alternate signal stack (once per thread).
+pub fn ensure_installed() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        for &sig in &SIGNALS {
+            // SAFETY: a zeroed sigaction is valid; we fill handler, flags and an empty mask, and
+            // the handler only touches thread-local state and the signal frame.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = handler as *const () as usize;
+                action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_NODEFER;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(sig, &action, std::ptr::null_mut());
+            }
+        }
+    });
+    ALTSTACK.with(|done| {
+        if !done.get() {
+            let stack = Box::leak(vec![0u8; ALTSTACK_SIZE].into_boxed_slice());
+            let ss = libc::stack_t { ss_sp: stack.as_mut_ptr() as *mut libc::c_void, ss_flags: 0, ss_size: ALTSTACK_SIZE };
+            // SAFETY: the stack memory is leaked, so it outlives the thread.
+            unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
+            done.set(true);
+        }
+    });
+}
+
+/// Routes faults in translated code to `faults` until the guard drops.
+pub struct TranslatedGuard(*const TranslatedFaults);
+
+impl TranslatedGuard {
+    pub fn arm(faults: &TranslatedFaults) -> Self {
+        ensure_installed();
+        let previous = TRANSLATED.with(|c| c.replace(faults));
+        TranslatedGuard(previous)
+    }
+}
+
+impl Drop for TranslatedGuard {
+    fn drop(&mut self) {
+        TRANSLATED.with(|c| c.set(self.0));
+    }
+}
+
+/// Captures the next fault on this thread into `capture` until the guard drops.
+pub struct NativeGuard;
+
+impl NativeGuard {
+    pub fn arm(capture: &mut NativeCapture) -> Self {
+        ensure_installed();
+        NATIVE.with(|c| c.set(capture));
+        NativeGuard
+    }
+}
+
+impl Drop for NativeGuard {
+    fn drop(&mut self) {
+        NATIVE.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// Hardware register number → index into `mcontext_t::gregs`.
+const GREG_OF: [usize; 16] = [
+    libc::REG_RAX as usize,
+    libc::REG_RCX as usize,
+    libc::REG_RDX as usize,
+    libc::REG_RBX as usize,
+    libc::REG_RSP as usize,
+    libc::REG_RBP as usize,
+    libc::REG_RSI as usize,
+    libc::REG_RDI as usize,
+    libc::REG_R8 as usize,
+    libc::REG_R9 as usize,
+    libc::REG_R10 as usize,
+    libc::REG_R11 as usize,
+    libc::REG_R12 as usize,
+    libc::REG_R13 as usize,
+    libc::REG_R14 as usize,
+    libc::REG_R15 as usize,
+];
+
+/// Magic the kernel writes into the FXSAVE software-reserved bytes when an XSAVE frame follows.
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+
+extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // The kernel does not clear AC on signal delivery; guest code may have set it, and this
+    // handler must not take alignment-check faults itself.
+    // SAFETY: pushfq/popfq on our own (alternate) stack, changing only AC.
+    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], {m}", "popfq", m = const !(1i64 << 18)) };
+    // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
+    let uc = unsafe { &mut *(uc as *mut libc::ucontext_t) };
+    let gregs = &mut uc.uc_mcontext.gregs;
+    let native = NATIVE.with(|c| c.get());
+    if !native.is_null() {
+        // SAFETY: the pointer was registered by NativeGuard::arm and is live until it drops.
+        let capture = unsafe { &mut *native };
+        let mut gpr = [0u64; 16];
+        for (r, &g) in GREG_OF.iter().enumerate() {
+            gpr[r] = gregs[g] as u64;
+        }
+        let mut xsave = Box::new([0u8; XSAVE_SIZE]);
+        let fp = uc.uc_mcontext.fpregs as *const u8;
+        if !fp.is_null() {
+            // SAFETY: fpregs points at the FXSAVE image (512 bytes) in the signal frame; when the
+            // magic says so, an XSAVE header and extended state follow it.
+            unsafe {
+                std::ptr::copy_nonoverlapping(fp, xsave.as_mut_ptr(), 512);
+                let magic = std::ptr::read_unaligned(fp.add(464) as *const u32);
+                if magic == FP_XSTATE_MAGIC1 {
+                    std::ptr::copy_nonoverlapping(fp.add(512), xsave.as_mut_ptr().add(512), 64);
+                    std::ptr::copy_nonoverlapping(
+                        fp.add(XSAVE_AVX_OFFSET),
+                        xsave.as_mut_ptr().add(XSAVE_AVX_OFFSET),
+                        256,
+                    );
+                }
+            }
+        }
+        capture.captured = Some(Captured {
+            gpr,
+            rip: gregs[libc::REG_RIP as usize] as u64,
+            rflags: gregs[libc::REG_EFL as usize] as u64,
+            signo: sig,
+            trapno: gregs[libc::REG_TRAPNO as usize] as u64,
+            error_code: gregs[libc::REG_ERR as usize] as u64,
+            cr2: gregs[libc::REG_CR2 as usize] as u64,
+            xsave,
+        });
+        gregs[libc::REG_RIP as usize] = capture.resume_rip as i64;
+        gregs[libc::REG_RSP as usize] = capture.resume_rsp as i64;
+        gregs[libc::REG_EFL as usize] = 0x202;
+        return;
+    }
+    let translated = TRANSLATED.with(|c| c.get());
+    if !translated.is_null() {
+        // SAFETY: registered by TranslatedGuard::arm and live until it drops.
+        let t = unsafe { &*translated };
+        let pc = gregs[libc::REG_RIP as usize] as u64;
+        let trapno = gregs[libc::REG_TRAPNO as usize] as u64;
+        // Traps (#DB, #BP, #OF) report the address after the instruction.
+        let probe = if matches!(trapno, 1 | 3 | 4) { pc.wrapping_sub(1) } else { pc };
+        if let Some(site) = (t.lookup)(t.data, probe) {
+            // SAFETY: ctx is the engine's live context; translated code is stopped in this
+            // handler, so nothing else touches it.
+            let ctx = unsafe { &mut *t.ctx };
+            for r in 0..16 {
+                if site.spilled & (1 << r) != 0 {
+                    gregs[GREG_OF[r]] = ctx.spill[r] as i64;
+                }
+            }
+            if site.flags_in_slot {
+                // SAFETY: flag_slot points into ctx.flag_stack.
+                gregs[libc::REG_EFL as usize] = unsafe { *(ctx.flag_slot as *const u64) } as i64;
+            }
+            let is_trap = matches!(trapno, 1 | 3 | 4);
+            ctx.next_rip = if is_trap { site.guest_rip + site.guest_len as u64 } else { site.guest_rip };
+            ctx.fault_vector = trapno as u32;
+            ctx.fault_error_code = gregs[libc::REG_ERR as usize] as u32;
+            ctx.fault_address = if trapno == 14 {
+                gregs[libc::REG_CR2 as usize] as u64
+            } else {
+                // SAFETY: info is valid for SA_SIGINFO handlers.
+                unsafe { (*info).si_addr() as u64 }
+            };
+            ctx.exit_reason = ExitReason::Fault as u32;
+            gregs[libc::REG_RIP as usize] = t.fault_exit as i64;
+            return;
+        }
+    }
+    // Not ours: say where, restore the default action and let the fault happen again.
+    let pc = gregs[libc::REG_RIP as usize] as u64;
+    let trapno = gregs[libc::REG_TRAPNO as usize];
+    let cr2 = gregs[libc::REG_CR2 as usize];
+    let msg = format!("hbt: host signal {sig} (trap {trapno}, address {cr2:#x}) at {pc:#x} outside translated guest code\n");
+    // SAFETY: write(2) is async-signal-safe; the buffer is valid for its length.
+    unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
+    // SAFETY: resetting a signal to SIG_DFL is always valid.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+    }
+}

@@ -1,0 +1,122 @@
+//! The soft-MMU slow path: guest physical memory and the 4-level page walk.
+//!
+//! The fast path is inline in translated code (`emit/memop.rs`): a direct-mapped TLB per access
+//! kind keyed by guest page number, holding `host − guest` for the page. This file fills it.
+
+use super::Access;
+use crate::exit::GuestException;
+use crate::state::{Cpl, GuestState};
+
+/// Guest physical memory `[0, size)`, backed by host memory at `base`.
+pub struct GuestRam {
+    base: *mut u8,
+    size: u64,
+}
+
+// SAFETY: GuestRam is a view of memory the creator guarantees to outlive it; moving it to
+// another thread moves that guarantee with it.
+unsafe impl Send for GuestRam {}
+
+impl GuestRam {
+    /// # Safety
+    /// `base..base+size` must stay mapped, readable and writable for the life of the value, and
+    /// nothing else may assume its contents stay unchanged (the guest writes it).
+    pub unsafe fn new(base: *mut u8, size: u64) -> Self {
+        GuestRam { base, size }
+    }
+
+    /// Host address of guest physical `pa..pa+len`, if inside RAM.
+    pub fn host(&self, pa: u64, len: u64) -> Option<u64> {
+        (pa.checked_add(len)? <= self.size).then(|| self.base as u64 + pa)
+    }
+
+    fn read_u64(&self, pa: u64) -> Option<u64> {
+        let h = self.host(pa, 8)?;
+        // SAFETY: in range (checked by host()); page-table entries are 8-byte aligned in
+        // guest memory but read unaligned to be safe against hostile CR3 values.
+        Some(unsafe { std::ptr::read_unaligned(h as *const u64) })
+    }
+
+    fn write_u64(&self, pa: u64, v: u64) {
+        if let Some(h) = self.host(pa, 8) {
+            // SAFETY: in range, see read_u64.
+            unsafe { std::ptr::write_unaligned(h as *mut u64, v) };
+        }
+    }
+}
+
+const P: u64 = 1 << 0;
+const RW: u64 = 1 << 1;
+const US: u64 = 1 << 2;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const NX: u64 = 1 << 63;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+fn is_canonical(va: u64) -> bool {
+    ((va as i64) << 16 >> 16) as u64 == va
+}
+
+/// Walks the guest page tables for `va`. Returns the guest physical address of `va`, having set
+/// accessed (and, for writes, dirty) bits as the CPU does; or the exception the CPU would raise.
+pub fn walk(ram: &GuestRam, state: &GuestState, va: u64, access: Access) -> Result<u64, GuestException> {
+    if !is_canonical(va) {
+        return Err(GuestException::gp(0));
+    }
+    let user = state.cpl == Cpl::User;
+    let wp = state.cr0 & (1 << 16) != 0;
+    let nxe = state.efer & (1 << 11) != 0;
+    let fault = |present: bool| {
+        let mut ec = present as u32;
+        if access == Access::Write {
+            ec |= 2;
+        }
+        if user {
+            ec |= 4;
+        }
+        if access == Access::Fetch && nxe {
+            ec |= 16;
+        }
+        GuestException::page_fault(va, ec)
+    };
+    let mut table = state.cr3 & ADDR;
+    let mut writable = true;
+    let mut user_ok = true;
+    let mut exec_ok = true;
+    for level in (0..4).rev() {
+        let index = (va >> (12 + 9 * level)) & 511;
+        let entry_pa = table + index * 8;
+        let entry = ram.read_u64(entry_pa).ok_or_else(|| fault(false))?;
+        if entry & P == 0 {
+            return Err(fault(false));
+        }
+        writable &= entry & RW != 0;
+        user_ok &= entry & US != 0;
+        exec_ok &= !(nxe && entry & NX != 0);
+        let leaf = level == 0 || (level <= 2 && entry & PS != 0);
+        if leaf {
+            let denied = (user && !user_ok)
+                || (access == Access::Write && !writable && (user || wp))
+                || (access == Access::Fetch && !exec_ok);
+            if denied {
+                return Err(fault(true));
+            }
+            let mut new = entry | A;
+            if access == Access::Write {
+                new |= D;
+            }
+            if new != entry {
+                ram.write_u64(entry_pa, new);
+            }
+            let page_size = 1u64 << (12 + 9 * level);
+            let frame = entry & ADDR & !(page_size - 1);
+            return Ok(frame | (va & (page_size - 1)));
+        }
+        if entry & A == 0 {
+            ram.write_u64(entry_pa, entry | A);
+        }
+        table = entry & ADDR;
+    }
+    unreachable!("the loop returns at level 0")
+}

@@ -1,0 +1,301 @@
+//! The rule table: how each iced `Code` is translated. Data, built once from iced's opcode
+//! tables plus a short list of instructions that need dedicated handling.
+//!
+//! - [`Rule::Copy`] — re-emitted as is; an explicit memory operand goes through the memory
+//!   strategy (`emit/memop.rs`). Covers the great majority of forms (ALU, SSE, AVX, x87, BMI…).
+//! - [`Rule::Stack`] — implicit stack access (push/pop/pushf/popf/leave): native under the
+//!   identity strategy, decomposed into explicit accesses under the soft-MMU (`emit/stack.rs`).
+//! - [`Rule::Branch`] — control transfers: chained direct jumps, inline indirect-branch lookup
+//!   (`emit/branch.rs`).
+//! - [`Rule::String`] — string instructions: native under identity, emulated by the engine under
+//!   the soft-MMU (`emulate/string.rs`).
+//! - [`Rule::Emulate`] — sensitive and privileged instructions the engine performs itself
+//!   (`emulate/mod.rs`): they end the block.
+//!
+//! A `Code` with no rule is refused with [`crate::TranslateError::Unsupported`]. Having a rule is
+//! necessary, not sufficient, for support: see `supported.rs`.
+
+use iced_x86::{Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeOperandKind as K};
+use std::sync::OnceLock;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    Copy,
+    Stack(StackOp),
+    Branch(BranchKind),
+    String,
+    Emulate(EmulateOp),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackOp {
+    /// push r/imm/mem
+    Push,
+    /// pop r/mem
+    Pop,
+    Pushf,
+    Popf,
+    Leave,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BranchKind {
+    /// `jmp rel`
+    Jmp,
+    /// `jcc rel`
+    Jcc,
+    /// `jrcxz`/`jecxz`/`loop`/`loope`/`loopne` (rel8 only, counter in RCX)
+    CounterJump,
+    /// `call rel32`
+    Call,
+    /// `call r/m64`
+    CallIndirect,
+    /// `jmp r/m64`
+    JmpIndirect,
+    /// `ret` / `ret imm16`
+    Ret,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmulateOp {
+    Cpuid,
+    Rdtsc,
+    Rdtscp,
+    Syscall,
+    /// `int3`: `#BP` trap.
+    Int3,
+    /// `int imm8`.
+    IntN,
+    /// `ud0`/`ud1`/`ud2`: `#UD`.
+    Ud,
+    Hlt,
+    /// Privileged in user mode (`#GP(0)`); the platform's business in kernel mode.
+    Privileged,
+}
+
+/// Mnemonics with a dedicated rule, independent of operand form.
+const DEDICATED: &[(Mnemonic, Rule)] = &[
+    (Mnemonic::Cpuid, Rule::Emulate(EmulateOp::Cpuid)),
+    (Mnemonic::Rdtsc, Rule::Emulate(EmulateOp::Rdtsc)),
+    (Mnemonic::Rdtscp, Rule::Emulate(EmulateOp::Rdtscp)),
+    (Mnemonic::Syscall, Rule::Emulate(EmulateOp::Syscall)),
+    (Mnemonic::Int3, Rule::Emulate(EmulateOp::Int3)),
+    (Mnemonic::Int, Rule::Emulate(EmulateOp::IntN)),
+    (Mnemonic::Ud0, Rule::Emulate(EmulateOp::Ud)),
+    (Mnemonic::Ud1, Rule::Emulate(EmulateOp::Ud)),
+    (Mnemonic::Ud2, Rule::Emulate(EmulateOp::Ud)),
+    (Mnemonic::Hlt, Rule::Emulate(EmulateOp::Hlt)),
+    (Mnemonic::Push, Rule::Stack(StackOp::Push)),
+    (Mnemonic::Pop, Rule::Stack(StackOp::Pop)),
+    (Mnemonic::Pushf, Rule::Stack(StackOp::Pushf)),
+    (Mnemonic::Pushfq, Rule::Stack(StackOp::Pushf)),
+    (Mnemonic::Popf, Rule::Stack(StackOp::Popf)),
+    (Mnemonic::Popfq, Rule::Stack(StackOp::Popf)),
+    (Mnemonic::Leave, Rule::Stack(StackOp::Leave)),
+    (Mnemonic::Jmp, Rule::Branch(BranchKind::Jmp)),
+    (Mnemonic::Call, Rule::Branch(BranchKind::Call)),
+    (Mnemonic::Ret, Rule::Branch(BranchKind::Ret)),
+    (Mnemonic::Jrcxz, Rule::Branch(BranchKind::CounterJump)),
+    (Mnemonic::Jecxz, Rule::Branch(BranchKind::CounterJump)),
+    (Mnemonic::Loop, Rule::Branch(BranchKind::CounterJump)),
+    (Mnemonic::Loope, Rule::Branch(BranchKind::CounterJump)),
+    (Mnemonic::Loopne, Rule::Branch(BranchKind::CounterJump)),
+];
+
+/// Mnemonics that must never be copied: they change or read host state the guest must not see
+/// (segment and base registers, protection keys, shadow stacks), depend on the host's
+/// descriptor tables, are nondeterministic, or touch memory implicitly.
+const NEVER_COPY: &[Mnemonic] = &[
+    Mnemonic::Rdrand,
+    Mnemonic::Rdseed,
+    Mnemonic::Rdpid,
+    Mnemonic::Rdpmc,
+    Mnemonic::Rdpkru,
+    Mnemonic::Wrpkru,
+    Mnemonic::Rdfsbase,
+    Mnemonic::Rdgsbase,
+    Mnemonic::Wrfsbase,
+    Mnemonic::Wrgsbase,
+    Mnemonic::Lar,
+    Mnemonic::Lsl,
+    Mnemonic::Verr,
+    Mnemonic::Verw,
+    Mnemonic::Sgdt,
+    Mnemonic::Sidt,
+    Mnemonic::Sldt,
+    Mnemonic::Str,
+    Mnemonic::Smsw,
+    Mnemonic::Lfs,
+    Mnemonic::Lgs,
+    Mnemonic::Lss,
+    Mnemonic::Swapgs,
+    Mnemonic::Monitor,
+    Mnemonic::Mwait,
+    Mnemonic::Umonitor,
+    Mnemonic::Umwait,
+    Mnemonic::Tpause,
+    Mnemonic::Xbegin,
+    Mnemonic::Xend,
+    Mnemonic::Xabort,
+    Mnemonic::Xtest,
+    Mnemonic::Clzero,
+    Mnemonic::Maskmovq,
+    Mnemonic::Maskmovdqu,
+    Mnemonic::Vmaskmovdqu,
+    Mnemonic::Rdsspd,
+    Mnemonic::Rdsspq,
+    Mnemonic::Incsspd,
+    Mnemonic::Incsspq,
+    Mnemonic::Enter,
+    Mnemonic::Xlatb,
+    Mnemonic::Sysenter,
+    Mnemonic::Sysexit,
+    Mnemonic::Sysret,
+    Mnemonic::Sysretq,
+    Mnemonic::Iret,
+    Mnemonic::Iretd,
+    Mnemonic::Iretq,
+    // Linux reports icebp with RIP at the instruction, unlike the CPU; not worth emulating.
+    Mnemonic::Int1,
+];
+
+/// Operand kinds a copied instruction may have: registers, explicit memory, immediates.
+fn copyable_operand(kind: K) -> bool {
+    matches!(
+        kind,
+        K::mem
+            | K::r8_or_mem
+            | K::r16_or_mem
+            | K::r32_or_mem
+            | K::r64_or_mem
+            | K::mm_or_mem
+            | K::xmm_or_mem
+            | K::ymm_or_mem
+            | K::r8_reg
+            | K::r8_opcode
+            | K::r16_reg
+            | K::r16_reg_mem
+            | K::r16_rm
+            | K::r16_opcode
+            | K::r32_reg
+            | K::r32_reg_mem
+            | K::r32_rm
+            | K::r32_opcode
+            | K::r32_vvvv
+            | K::r64_reg
+            | K::r64_reg_mem
+            | K::r64_rm
+            | K::r64_opcode
+            | K::r64_vvvv
+            | K::mm_reg
+            | K::mm_rm
+            | K::xmm_reg
+            | K::xmm_rm
+            | K::xmm_vvvv
+            | K::xmm_is4
+            | K::ymm_reg
+            | K::ymm_rm
+            | K::ymm_vvvv
+            | K::ymm_is4
+            | K::al
+            | K::cl
+            | K::ax
+            | K::dx
+            | K::eax
+            | K::rax
+            | K::st0
+            | K::sti_opcode
+            | K::imm8
+            | K::imm8_const_1
+            | K::imm8sex16
+            | K::imm8sex32
+            | K::imm8sex64
+            | K::imm16
+            | K::imm32
+            | K::imm32sex64
+            | K::imm64
+    )
+}
+
+fn classify(code: Code) -> Option<Rule> {
+    let op = code.op_code();
+    if !op.is_instruction() || !op.mode64() {
+        return None;
+    }
+    if !matches!(op.encoding(), EncodingKind::Legacy | EncodingKind::VEX) {
+        return None;
+    }
+    let mnemonic = code.mnemonic();
+    let sample = Instruction::with(code);
+    if sample.is_privileged() {
+        return Some(Rule::Emulate(EmulateOp::Privileged));
+    }
+    if NEVER_COPY.contains(&mnemonic) {
+        return None;
+    }
+    let kinds = op.op_kinds();
+    let has = |k: K| kinds.contains(&k);
+    if has(K::seg_reg) || has(K::es) || has(K::cs) || has(K::ss) || has(K::ds) || has(K::fs) || has(K::gs) {
+        // Segment-register moves/pushes: host selectors are not the guest's business.
+        return None;
+    }
+    if has(K::farbr2_2) || has(K::farbr4_2) || mnemonic == Mnemonic::Retf {
+        return None;
+    }
+    if let Some(&(_, rule)) = DEDICATED.iter().find(|(m, _)| *m == mnemonic) {
+        return match rule {
+            Rule::Branch(BranchKind::Jmp) if code == Code::Jmp_rm64 => Some(Rule::Branch(BranchKind::JmpIndirect)),
+            Rule::Branch(BranchKind::Call) if code == Code::Call_rm64 => Some(Rule::Branch(BranchKind::CallIndirect)),
+            Rule::Branch(BranchKind::Jmp | BranchKind::Call)
+                if !(has(K::br64_1) || has(K::br64_4)) || code == Code::Jmp_rel32_32 =>
+            {
+                None
+            }
+            Rule::Branch(BranchKind::Ret) if !matches!(code, Code::Retnq | Code::Retnq_imm16) => None,
+            Rule::Stack(_) if has(K::imm8sex16) || has(K::imm16) => Some(rule),
+            _ => Some(rule),
+        };
+    }
+    if has(K::seg_rSI) || has(K::es_rDI) || has(K::seg_rDI) {
+        // ins/outs are port I/O (privileged in user mode, a platform matter in kernel mode).
+        return if has(K::dx) { None } else { Some(Rule::String) };
+    }
+    match code.flow_control() {
+        FlowControl::ConditionalBranch if has(K::br64_1) || has(K::br64_4) => Some(Rule::Branch(BranchKind::Jcc)),
+        FlowControl::Next if !sample.is_stack_instruction() && kinds.iter().all(|&k| copyable_operand(k)) => {
+            Some(Rule::Copy)
+        }
+        _ => None,
+    }
+}
+
+/// The rule for `code`, if the translator has one.
+pub fn rule(code: Code) -> Option<Rule> {
+    static TABLE: OnceLock<Vec<Option<Rule>>> = OnceLock::new();
+    TABLE.get_or_init(|| Code::values().map(classify).collect())[code as usize]
+}
+
+/// Every `Code` that has a rule.
+pub fn codes_with_rules() -> impl Iterator<Item = Code> {
+    Code::values().filter(|&c| rule(c).is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_get_the_expected_rules() {
+        assert_eq!(rule(Code::Add_rm64_r64), Some(Rule::Copy));
+        assert_eq!(rule(Code::VEX_Vpaddd_ymm_ymm_ymmm256), Some(Rule::Copy));
+        assert_eq!(rule(Code::Push_r64), Some(Rule::Stack(StackOp::Push)));
+        assert_eq!(rule(Code::Retnq), Some(Rule::Branch(BranchKind::Ret)));
+        assert_eq!(rule(Code::Call_rm64), Some(Rule::Branch(BranchKind::CallIndirect)));
+        assert_eq!(rule(Code::Jne_rel8_64), Some(Rule::Branch(BranchKind::Jcc)));
+        assert_eq!(rule(Code::Cpuid), Some(Rule::Emulate(EmulateOp::Cpuid)));
+        assert_eq!(rule(Code::Movsb_m8_m8), Some(Rule::String));
+        assert_eq!(rule(Code::Wrmsr), Some(Rule::Emulate(EmulateOp::Privileged)));
+        assert_eq!(rule(Code::Wrfsbase_r64), None);
+        assert_eq!(rule(Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32), None);
+    }
+}

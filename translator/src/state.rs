@@ -1,0 +1,187 @@
+//! Guest CPU state: one `#[repr(C)]` struct that translated code, the dispatcher, the harness and
+//! (later) the VMM all read and write. Translated code addresses it through the host GS base
+//! (see `context.rs`), so field offsets are part of the code generator's contract.
+
+/// Index of a general-purpose register in [`GuestState::gpr`] (hardware encoding order).
+pub mod gpr {
+    pub const RAX: usize = 0;
+    pub const RCX: usize = 1;
+    pub const RDX: usize = 2;
+    pub const RBX: usize = 3;
+    pub const RSP: usize = 4;
+    pub const RBP: usize = 5;
+    pub const RSI: usize = 6;
+    pub const RDI: usize = 7;
+    pub const R8: usize = 8;
+    pub const R9: usize = 9;
+    pub const R10: usize = 10;
+    pub const R11: usize = 11;
+}
+
+/// RFLAGS bits the translator cares about.
+pub mod flags {
+    pub const CF: u64 = 1 << 0;
+    pub const PF: u64 = 1 << 2;
+    pub const AF: u64 = 1 << 4;
+    pub const ZF: u64 = 1 << 6;
+    pub const SF: u64 = 1 << 7;
+    pub const TF: u64 = 1 << 8;
+    pub const IF: u64 = 1 << 9;
+    pub const DF: u64 = 1 << 10;
+    pub const OF: u64 = 1 << 11;
+    pub const RF: u64 = 1 << 16;
+    pub const AC: u64 = 1 << 18;
+    pub const ID: u64 = 1 << 21;
+    /// The six arithmetic status flags.
+    pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
+    /// Bit 1 always reads as one.
+    pub const FIXED: u64 = 1 << 1;
+}
+
+/// Size of the XSAVE area hbt reserves. Every component the host OS enabled in XCR0 is saved
+/// and restored (not only x87/SSE/AVX): otherwise a guest `xsave` would store the *host's*
+/// AVX-512 registers, leaking host data. 4 KiB covers every layout up to AVX-512 + PKRU.
+pub const XSAVE_SIZE: usize = 4096;
+/// Offset of the AVX (YMM_Hi128) component in the standard (non-compacted) XSAVE format.
+pub const XSAVE_AVX_OFFSET: usize = 576;
+/// Components hbt initializes and compares: x87, SSE, AVX (the rest start in init state).
+pub const XSAVE_MASK: u64 = 0b111;
+
+/// x87, MMX, SSE and AVX state in the standard XSAVE layout (what `xsave`/`xrstor` use).
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub struct XSaveArea(pub [u8; XSAVE_SIZE]);
+
+impl Default for XSaveArea {
+    fn default() -> Self {
+        let mut area = XSaveArea([0; XSAVE_SIZE]);
+        area.set_fcw(0x037f);
+        area.set_mxcsr(0x1f80);
+        // XSTATE_BV: x87, SSE and AVX are all "in use" so xrstor loads them from here.
+        area.0[512..520].copy_from_slice(&XSAVE_MASK.to_le_bytes());
+        area
+    }
+}
+
+impl XSaveArea {
+    fn u16_at(&self, off: usize) -> u16 {
+        u16::from_le_bytes([self.0[off], self.0[off + 1]])
+    }
+    pub fn fcw(&self) -> u16 {
+        self.u16_at(0)
+    }
+    pub fn set_fcw(&mut self, v: u16) {
+        self.0[0..2].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn fsw(&self) -> u16 {
+        self.u16_at(2)
+    }
+    pub fn set_fsw(&mut self, v: u16) {
+        self.0[2..4].copy_from_slice(&v.to_le_bytes());
+    }
+    /// Abridged tag word (one bit per physical register: 1 = valid).
+    pub fn ftw(&self) -> u8 {
+        self.0[4]
+    }
+    pub fn set_ftw(&mut self, v: u8) {
+        self.0[4] = v;
+    }
+    pub fn mxcsr(&self) -> u32 {
+        u32::from_le_bytes(self.0[24..28].try_into().unwrap())
+    }
+    pub fn set_mxcsr(&mut self, v: u32) {
+        self.0[24..28].copy_from_slice(&v.to_le_bytes());
+    }
+    /// ST(i)/MMi, 80 significant bits in a 16-byte slot.
+    pub fn st(&self, i: usize) -> &[u8] {
+        &self.0[32 + 16 * i..32 + 16 * i + 10]
+    }
+    pub fn st_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.0[32 + 16 * i..32 + 16 * i + 10]
+    }
+    pub fn xmm(&self, i: usize) -> &[u8] {
+        &self.0[160 + 16 * i..176 + 16 * i]
+    }
+    pub fn xmm_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.0[160 + 16 * i..176 + 16 * i]
+    }
+    /// Upper 128 bits of YMMi.
+    pub fn ymm_hi(&self, i: usize) -> &[u8] {
+        &self.0[XSAVE_AVX_OFFSET + 16 * i..XSAVE_AVX_OFFSET + 16 + 16 * i]
+    }
+    pub fn ymm_hi_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.0[XSAVE_AVX_OFFSET + 16 * i..XSAVE_AVX_OFFSET + 16 + 16 * i]
+    }
+    /// XSTATE_BV from the XSAVE header.
+    pub fn xstate_bv(&self) -> u64 {
+        u64::from_le_bytes(self.0[512..520].try_into().unwrap())
+    }
+    /// Rewrites components the CPU left in their initial configuration (XSTATE_BV bit clear)
+    /// as explicit zeros, so two areas describing the same state compare equal byte for byte.
+    pub fn normalize(&mut self) {
+        let bv = self.xstate_bv();
+        if bv & 1 == 0 {
+            // x87 init: FCW 0x37f, everything else zero.
+            self.0[0..24].fill(0);
+            self.0[32..160].fill(0);
+            self.set_fcw(0x037f);
+        }
+        if bv & 2 == 0 {
+            self.0[160..416].fill(0);
+        }
+        if bv & 4 == 0 {
+            self.0[XSAVE_AVX_OFFSET..XSAVE_AVX_OFFSET + 256].fill(0);
+        }
+        self.0[512..520].copy_from_slice(&XSAVE_MASK.to_le_bytes());
+    }
+}
+
+/// Privilege the guest code runs at. User mode is what `hbt exec` and the harness use; the VMM
+/// runs guest kernel code at `Kernel`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Cpl {
+    Kernel = 0,
+    #[default]
+    User = 3,
+}
+
+/// The architectural state of one guest vCPU.
+#[repr(C, align(64))]
+#[derive(Clone)]
+pub struct GuestState {
+    /// RAX..R15 in hardware encoding order (see [`gpr`]).
+    pub gpr: [u64; 16],
+    pub rip: u64,
+    pub rflags: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub kernel_gs_base: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cpl: Cpl,
+    pub xsave: XSaveArea,
+}
+
+impl Default for GuestState {
+    fn default() -> Self {
+        GuestState {
+            gpr: [0; 16],
+            rip: 0,
+            rflags: flags::FIXED,
+            fs_base: 0,
+            gs_base: 0,
+            kernel_gs_base: 0,
+            cr0: 0x8005_0033, // PE, MP, ET, NE, WP, AM, PG
+            cr2: 0,
+            cr3: 0,
+            cr4: 0x0006_06a0, // PAE, PGE, OSFXSR, OSXMMEXCPT, OSXSAVE
+            efer: 0xd01,      // SCE, LME, LMA, NXE
+            cpl: Cpl::User,
+            xsave: XSaveArea::default(),
+        }
+    }
+}
