@@ -45,7 +45,13 @@ pub trait CodeFetch {
 }
 
 /// Decodes one block at `rip`. `soft_mmu` matters for which rules end a block.
-pub fn build(fetch: &mut dyn CodeFetch, rip: u64, soft_mmu: bool) -> Result<DecodedBlock, BuildError> {
+pub fn build(
+    fetch: &mut dyn CodeFetch,
+    rip: u64,
+    soft_mmu: bool,
+    user_mode: bool,
+    max_instructions: usize,
+) -> Result<DecodedBlock, BuildError> {
     let page_end = (rip & !(PAGE - 1)) + PAGE;
     let mut buf = vec![0u8; (page_end - rip) as usize + 15];
     let first = fetch.fetch(rip, &mut buf[..(page_end - rip) as usize]).map_err(BuildError::Fault)?;
@@ -61,7 +67,7 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, soft_mmu: bool) -> Result<Deco
     let mut instrs = Vec::new();
     let mut terminated = false;
     let mut end = rip;
-    while decoder.can_decode() && end < page_end && instrs.len() < MAX_BLOCK_INSTRUCTIONS {
+    while decoder.can_decode() && end < page_end && instrs.len() < max_instructions.min(MAX_BLOCK_INSTRUCTIONS) {
         let pos = decoder.position();
         let instr = decoder.decode();
         if instr.is_invalid() {
@@ -75,17 +81,14 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, soft_mmu: bool) -> Result<Deco
             break;
         }
         let bytes = buf[pos..pos + instr.len()].to_vec();
-        let Some(r) = rule(instr.code()) else {
+        let Some(r) = rule(instr.code()).filter(|r| user_mode || !r.user_mode_only()) else {
             if instrs.is_empty() {
                 return Err(BuildError::Unsupported(instr, bytes));
             }
             break;
         };
-        let ends = match r {
-            Rule::Branch(_) | Rule::Emulate(_) => true,
-            Rule::String => soft_mmu || matches!(instr.segment_prefix(), iced_x86::Register::FS | iced_x86::Register::GS),
-            _ => false,
-        };
+        let fs_gs = matches!(instr.segment_prefix(), iced_x86::Register::FS | iced_x86::Register::GS);
+        let ends = matches!(r, Rule::Branch(_)) || r.runs_in_engine(soft_mmu, fs_gs);
         end = instr.next_ip();
         instrs.push(DecodedInstr { instr, rule: r, bytes });
         if ends {

@@ -72,6 +72,10 @@ pub struct Translator {
     by_guest: HashMap<u64, usize>,
     by_host: BTreeMap<u64, usize>,
     code_pages: HashMap<u64, Vec<usize>>,
+    /// An instruction that writes the page holding its own code: it runs once from an uncached,
+    /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
+    /// never end), as QEMU does for self-modifying code.
+    uncached_step: Option<u64>,
     stats: Stats,
 }
 
@@ -93,6 +97,7 @@ impl Translator {
             by_guest: HashMap::new(),
             by_host: BTreeMap::new(),
             code_pages: HashMap::new(),
+            uncached_step: None,
             stats: Stats::default(),
         })
     }
@@ -220,6 +225,9 @@ impl Translator {
             return;
         }
         let Some(&dst) = self.by_host.get(&host) else { return };
+        if !self.blocks[dst].valid {
+            return;
+        }
         let original = {
             let block = &self.blocks[src];
             let off = (field - block.host) as u32;
@@ -249,12 +257,17 @@ impl Translator {
     /// The host address of the block at `rip`, translating it if needed. Instructions the
     /// engine emulates are handled here directly when a block would start with one.
     fn block_for(&mut self, rip: u64, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
-        if let Some(&i) = self.by_guest.get(&rip) {
+        let uncached = self.uncached_step == Some(rip);
+        if uncached {
+            self.uncached_step = None;
+        } else if let Some(&i) = self.by_guest.get(&rip) {
             return Ok(Lookup::Host(self.blocks[i].host));
         }
         let soft = self.strategy.is_soft_mmu();
         let mut fetch = Fetcher { strategy: &self.strategy, state: &self.ctx.get().state, pages: Vec::new() };
-        let block = match block::build(&mut fetch, rip, soft) {
+        let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
+        let user = self.ctx.get().state.cpl == crate::state::Cpl::User;
+        let block = match block::build(&mut fetch, rip, soft, user, cap) {
             Ok(b) => b,
             Err(BuildError::Fault(exc)) => return Ok(Lookup::Exit(Exit::Exception(exc))),
             Err(BuildError::Unsupported(instr, bytes)) => {
@@ -266,44 +279,57 @@ impl Translator {
                 })
             }
         };
-        let pages = fetch.pages;
+        let pages = if uncached { Vec::new() } else { fetch.pages };
         if let Some(first) = block.instrs.first() {
-            let engine_handles =
-                matches!(first.rule, Rule::Emulate(_)) || (first.rule == Rule::String && block.instrs.len() == 1 && block.terminated);
-            if engine_handles {
+            let fs_gs = matches!(first.instr.segment_prefix(), iced_x86::Register::FS | iced_x86::Register::GS);
+            if first.rule.runs_in_engine(soft, fs_gs) {
                 self.stats.emulated += 1;
                 let instr = first.instr;
                 return self.emulate(&instr, first.rule, platform);
             }
         }
-        let host = self.install(block, pages)?;
+        let host = self.install(block, pages, !uncached)?;
         Ok(Lookup::Host(host))
     }
 
     fn emulate(&mut self, instr: &iced_x86::Instruction, rule: Rule, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
+        use crate::rules::{EmulateOp, ImplicitOp};
+        let unsupported = |why: &str| TranslateError::Unsupported {
+            rip: instr.ip(),
+            text: instr.to_string(),
+            code: format!("{:?}", instr.code()),
+            bytes: why.to_string(),
+        };
         let outcome = match rule {
-            Rule::Emulate(op) => emulate::sensitive(&mut self.ctx.get_mut().state, instr, op, platform),
-            _ => {
+            Rule::Emulate(EmulateOp::Segment) | Rule::Implicit(_) => {
                 let mut written = Vec::new();
-                let outcome = {
+                let result = {
                     let ctx = self.ctx.get_mut();
-                    let mut mem = Memory { strategy: &self.strategy, cr_state: None, written: &mut written };
                     let mut state = ctx.state.clone();
-                    mem.cr_state = Some(state.clone());
-                    let r = emulate::string(&mut state, instr, &mut mem);
+                    let alignment_checks = rule != Rule::Implicit(ImplicitOp::Gather);
+                    let mut mem = Memory { strategy: &self.strategy, cr_state: Some(state.clone()), written: &mut written, alignment_checks };
+                    let r = match rule {
+                        Rule::Implicit(ImplicitOp::String) => emulate::string::execute(&mut state, instr, &mut mem)
+                            .map_err(|()| unsupported("(32-bit address size string instruction)")),
+                        Rule::Implicit(_) => emulate::implicit::execute(&mut state, instr, &mut mem)
+                            .map_err(|()| unsupported("(no engine implementation for this form)")),
+                        _ => emulate::segment::execute(&mut state, instr, &mut mem).map_err(|u| match u {
+                            emulate::segment::Unsupported::CompatibilityMode(cs) => {
+                                unsupported(&format!("(far transfer to 32-bit code segment {cs:#x}: compatibility mode)"))
+                            }
+                            emulate::segment::Unsupported::Form => unsupported("(segment form)"),
+                        }),
+                    };
                     ctx.state = state;
                     r
                 };
                 for page in written {
                     self.invalidate_phys_page(page);
                 }
-                outcome.map_err(|()| TranslateError::Unsupported {
-                    rip: instr.ip(),
-                    text: instr.to_string(),
-                    code: format!("{:?}", instr.code()),
-                    bytes: "(32-bit address size string instruction)".into(),
-                })?
+                result?
             }
+            Rule::Emulate(op) => emulate::sensitive(&mut self.ctx.get_mut().state, instr, op, platform),
+            _ => return Err(unsupported("(rule has no engine implementation)")),
         };
         Ok(match outcome {
             Outcome::Continue => Lookup::Emulated,
@@ -311,7 +337,7 @@ impl Translator {
         })
     }
 
-    fn install(&mut self, block: DecodedBlock, phys_pages: Vec<u64>) -> Result<u64, TranslateError> {
+    fn install(&mut self, block: DecodedBlock, phys_pages: Vec<u64>, cached: bool) -> Result<u64, TranslateError> {
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, self.strategy.is_soft_mmu()) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,
             Ok(_) | Err(TranslateError::CodeCacheFull) => {
@@ -344,9 +370,11 @@ impl Translator {
             exits: emitted.exits,
             incoming: Vec::new(),
             phys_pages,
-            valid: true,
+            valid: cached,
         });
-        self.by_guest.insert(block.start, index);
+        if cached {
+            self.by_guest.insert(block.start, index);
+        }
         self.by_host.insert(host, index);
         Ok(host)
     }
@@ -388,8 +416,21 @@ impl Translator {
         let va = ctx.miss_va;
         let size = (ctx.miss_info & 0xffff).max(1);
         let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
+        let stack = ctx.miss_info & (1 << 24) != 0;
         let rip = ctx.state.rip;
         let state = ctx.state.clone();
+        // Alignment checking comes before paging (CPL3 with CR0.AM and RFLAGS.AC).
+        let alignment = match size {
+            2 | 4 | 8 => size,
+            10 => 8,
+            _ => 1,
+        };
+        let ac = state.cpl == crate::state::Cpl::User
+            && state.cr0 & (1 << 18) != 0
+            && state.rflags & crate::state::flags::AC != 0;
+        if ac && va % alignment != 0 {
+            return Ok(Some(GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None }));
+        }
         let last = va.wrapping_add(size - 1);
         let mut fills = Vec::new();
         for (n, addr) in [va, last & !(PAGE - 1)].into_iter().enumerate() {
@@ -398,6 +439,9 @@ impl Translator {
             }
             let pa = match soft_mmu::walk(ram, &state, addr, access) {
                 Ok(pa) => pa,
+                Err(exc) if stack && exc.vector == crate::exit::vector::GP => {
+                    return Ok(Some(GuestException { vector: 12, error_code: Some(0), address: None }))
+                }
                 Err(exc) => return Ok(Some(exc)),
             };
             let host = ram
@@ -409,8 +453,12 @@ impl Translator {
             return Err(TranslateError::SplitAccess { rip, va, size });
         }
         let (page_va, page_pa, host) = fills[0];
-        if access == Access::Write {
+        if access == Access::Write && self.code_pages.contains_key(&page_pa) {
+            let own_page = soft_mmu::walk(ram, &state, rip, Access::Fetch).map(|pa| pa & !(PAGE - 1));
             self.invalidate_phys_page(page_pa);
+            if own_page == Ok(page_pa) {
+                self.uncached_step = Some(rip);
+            }
         }
         let ctx = self.ctx.get_mut();
         let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
@@ -510,6 +558,8 @@ struct Memory<'a> {
     strategy: &'a MemoryStrategy,
     cr_state: Option<GuestState>,
     written: &'a mut Vec<u64>,
+    /// Apply alignment checking to 2/4/8-byte accesses (not for gather elements).
+    alignment_checks: bool,
 }
 
 impl Memory<'_> {
@@ -542,8 +592,27 @@ impl Memory<'_> {
     }
 }
 
+impl Memory<'_> {
+    /// Alignment checking (CPL3, CR0.AM, RFLAGS.AC) for a 2-, 4- or 8-byte access.
+    fn check_alignment(&self, va: u64, len: usize) -> Result<(), GuestException> {
+        if ((va as i64) << 16 >> 16) as u64 != va {
+            return Err(GuestException::gp(0));
+        }
+        if !self.alignment_checks {
+            return Ok(());
+        }
+        let Some(s) = self.cr_state.as_ref() else { return Ok(()) };
+        let ac = s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0 && s.rflags & crate::state::flags::AC != 0;
+        if ac && matches!(len, 2 | 4 | 8) && va % len as u64 != 0 {
+            return Err(GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None });
+        }
+        Ok(())
+    }
+}
+
 impl GuestMemory for Memory<'_> {
     fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+        self.check_alignment(va, buf.len())?;
         if matches!(self.strategy, MemoryStrategy::Identity) {
             return mmu::read_host_checked(va, buf).ok_or(GuestException::page_fault(va, 4));
         }
@@ -555,6 +624,7 @@ impl GuestMemory for Memory<'_> {
     }
 
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+        self.check_alignment(va, data.len())?;
         if matches!(self.strategy, MemoryStrategy::Identity) {
             let local = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
             let remote = libc::iovec { iov_base: va as *mut libc::c_void, iov_len: data.len() };

@@ -112,6 +112,12 @@ impl XSaveArea {
     pub fn ymm_hi_mut(&mut self, i: usize) -> &mut [u8] {
         &mut self.0[XSAVE_AVX_OFFSET + 16 * i..XSAVE_AVX_OFFSET + 16 + 16 * i]
     }
+    /// Sets bits of XSTATE_BV (components whose saved values xrstor must load).
+    pub fn mark_in_use(&mut self, components: u64) {
+        let bv = self.xstate_bv() | components;
+        self.0[512..520].copy_from_slice(&bv.to_le_bytes());
+    }
+
     /// XSTATE_BV from the XSAVE header.
     pub fn xstate_bv(&self) -> u64 {
         u64::from_le_bytes(self.0[512..520].try_into().unwrap())
@@ -163,6 +169,8 @@ pub struct GuestState {
     pub cr4: u64,
     pub efer: u64,
     pub cpl: Cpl,
+    /// Segment selectors in hardware order: ES, CS, SS, DS, FS, GS.
+    pub seg: [u16; 6],
     pub xsave: XSaveArea,
 }
 
@@ -181,6 +189,8 @@ impl Default for GuestState {
             cr4: 0x0006_06a0, // PAE, PGE, OSFXSR, OSXMMEXCPT, OSXSAVE
             efer: 0xd01,      // SCE, LME, LMA, NXE
             cpl: Cpl::User,
+            // What a 64-bit Linux process starts with.
+            seg: [0, 0x33, 0x2b, 0, 0, 0],
             xsave: XSaveArea::default(),
         }
     }

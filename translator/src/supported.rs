@@ -1,25 +1,47 @@
 //! The supported-instruction table: every iced `Code` the translator has a rule for *and*
-//! whose differential test passes. It is data, grown in the order `hbt coverage` recommends.
+//! whose differential test passes, grown in the order `hbt coverage` recommends.
 //!
-//! Empty until the translator core lands: an instruction enters this table together with its
-//! rule and its harness cases, never before.
+//! The table is data (`supported.txt`, one iced `Code` name per line), written by
+//! `hbt isa-test --all --write-supported translator/src/supported.txt` from the Codes that
+//! passed; CI re-runs the harness on exactly this set (`tests/isa_harness.rs`), so a Code can only
+//! stay here while its rule keeps passing.
 
 use iced_x86::Code;
+use std::sync::OnceLock;
+
+const TABLE: &str = include_str!("supported.txt");
 
 /// Instruction forms the translator supports, sorted by `Code`.
-static SUPPORTED: &[Code] = &[];
-
-/// Instruction forms the translator supports.
 pub fn supported_codes() -> &'static [Code] {
-    SUPPORTED
+    static CODES: OnceLock<Vec<Code>> = OnceLock::new();
+    CODES.get_or_init(|| {
+        let mut codes: Vec<Code> = TABLE
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|name| {
+                Code::values()
+                    .find(|c| format!("{c:?}") == name)
+                    .unwrap_or_else(|| panic!("supported.txt names unknown iced Code `{name}`"))
+            })
+            .collect();
+        codes.sort_by_key(|&c| c as u32);
+        codes
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::rule;
 
     #[test]
-    fn table_is_sorted_and_unique() {
-        assert!(SUPPORTED.windows(2).all(|w| (w[0] as u32) < (w[1] as u32)));
+    fn table_is_sorted_unique_and_every_code_has_a_rule() {
+        let codes = supported_codes();
+        assert!(codes.len() > 1500, "supported set unexpectedly small: {}", codes.len());
+        assert!(codes.windows(2).all(|w| (w[0] as u32) < (w[1] as u32)));
+        for &c in codes {
+            assert!(rule(c).is_some(), "{c:?} is listed as supported but has no rule");
+        }
     }
 }

@@ -162,6 +162,7 @@ impl BlockEmitter<'_> {
             self.save_flags();
         }
         self.address_into(s, instr, used);
+        self.mem_base = instr.memory_base();
         let mut rewritten = *instr;
         let mut bit_reg = None;
         if self.soft_mmu && is_bit_string_op(instr) {
@@ -268,7 +269,9 @@ impl BlockEmitter<'_> {
         let u = self.pick(used | (1 << reg_num(s)) | (1 << reg_num(t)));
         self.borrow(u);
         let flags_saved = self.flags_in_slot;
-        let info = size | ((access as u64) << 16);
+        // Stack-segment accesses (RSP/RBP base) raise #SS rather than #GP when non-canonical.
+        let stack = matches!(self.mem_base.full_register(), Register::RSP | Register::RBP) as u64;
+        let info = size | ((access as u64) << 16) | (stack << 24);
         let a: &mut Asm = &mut self.asm;
         if size > 1 {
             a.glue(Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, size as i64 - 1)));

@@ -70,6 +70,8 @@ pub(crate) struct BlockEmitter<'a> {
     cold: Vec<Cold>,
     guest_rip: u64,
     guest_len: u8,
+    /// Base register of the memory operand being rewritten (for the TLB-miss segment bit).
+    mem_base: Register,
     info: InstructionInfoFactory,
 }
 
@@ -86,6 +88,7 @@ pub fn emit_block(block: &DecodedBlock, base: u64, glue: &Glue, soft_mmu: bool) 
         cold: Vec::new(),
         guest_rip: 0,
         guest_len: 0,
+        mem_base: Register::None,
         info: InstructionInfoFactory::new(),
     };
     let live = flags_liveness(block);
@@ -93,15 +96,16 @@ pub fn emit_block(block: &DecodedBlock, base: u64, glue: &Glue, soft_mmu: bool) 
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
         let flags_live = live[i] & STATUS != 0;
+        if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr)) {
+            e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
+            continue;
+        }
         match d.rule {
-            Rule::Copy => e.copy(&d.instr, &d.bytes, flags_live)?,
-            Rule::String if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, &d.bytes, flags_live)?,
+            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, &d.bytes, flags_live)?,
             Rule::Stack(_) if !soft_mmu => e.copy(&d.instr, &d.bytes, flags_live)?,
             Rule::Stack(op) => e.stack(&d.instr, op, flags_live)?,
             Rule::Branch(kind) => e.branch(&d.instr, kind, flags_live)?,
-            Rule::String | Rule::Emulate(_) => {
-                e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
-            }
+            Rule::Emulate(_) => unreachable!("emulated rules run in the engine"),
         }
         debug_assert_eq!(e.spilled, 0, "glue left a register borrowed");
     }

@@ -20,6 +20,10 @@ pub struct Outcome {
     pub rip: u64,
     pub rflags: u64,
     pub event: Event,
+    /// ES, CS, SS, DS, FS, GS selectors and the FS/GS bases.
+    pub seg: [u16; 6],
+    pub fs_base: u64,
+    pub gs_base: u64,
     pub xsave: XSaveArea,
     pub data: Vec<u8>,
 }
@@ -28,7 +32,17 @@ impl Outcome {
     pub fn from_state(state: &GuestState, event: Event, data: Vec<u8>) -> Self {
         let mut xsave = state.xsave.clone();
         xsave.normalize();
-        Outcome { gpr: state.gpr, rip: state.rip, rflags: state.rflags, event, xsave, data }
+        Outcome {
+            gpr: state.gpr,
+            rip: state.rip,
+            rflags: state.rflags,
+            event,
+            seg: state.seg,
+            fs_base: state.fs_base,
+            gs_base: state.gs_base,
+            xsave,
+            data,
+        }
     }
 }
 
@@ -85,6 +99,15 @@ pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, 
         if ignore.gpr & (1 << n) == 0 && native.gpr[n] != translated.gpr[n] {
             out.push(format!("{}: native {:#x}, translated {:#x}", GPR_NAMES[n], native.gpr[n], translated.gpr[n]));
         }
+    }
+    if native.seg != translated.seg {
+        out.push(format!("segments (es cs ss ds fs gs): native {:x?}, translated {:x?}", native.seg, translated.seg));
+    }
+    if (native.fs_base, native.gs_base) != (translated.fs_base, translated.gs_base) {
+        out.push(format!(
+            "fs/gs base: native {:#x}/{:#x}, translated {:#x}/{:#x}",
+            native.fs_base, native.gs_base, translated.fs_base, translated.gs_base
+        ));
     }
     let mask = rflags_mask(instr);
     if native.rflags & mask != translated.rflags & mask {

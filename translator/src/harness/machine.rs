@@ -3,7 +3,7 @@
 //! whose page tables map the same guest virtual addresses onto different host memory.
 //!
 //! ```text
-//!   base + 0x0000  trampoline page (RWX)
+//!   (elsewhere)    trampoline page (RWX), far from the regions so no test access reaches it
 //!   base + 0x1000  code region, 2 pages, filled with HLT (0xF4); test instruction at CODE_AT
 //!   base + 0x10000 data region, 2 pages
 //! ```
@@ -11,7 +11,7 @@
 //! Every run ends in a signal: the instruction under test either faults or falls through / jumps
 //! into the HLT sea, where HLT faults in user mode. The signal handler records the full state.
 
-use crate::host::signals::{self, Captured, NativeCapture, NativeGuard};
+use crate::host::signals::{self, Captured, ForkCapture, NativeCapture, NativeGuard};
 use crate::mmu::GuestRam;
 use crate::host::features::host_xcr0;
 use crate::state::{GuestState, XSaveArea};
@@ -25,6 +25,8 @@ pub const DATA_OFFSET: u64 = 0x10000;
 pub const DATA_SIZE: u64 = 0x2000;
 const REGION_SIZE: u64 = 0x20000;
 pub const HLT: u8 = 0xf4;
+/// Offset in the trampoline page of the (aligned) jump target.
+const TARGET_SLOT: u64 = 0x800;
 
 /// Guest-physical layout of the soft-MMU view.
 const PT_PML4: u64 = 0x0000;
@@ -76,11 +78,39 @@ impl Machine {
                 return Err("no free low address range for the test machine".into());
             }
         }
+        // Only the code and data pages are accessible, as in the soft-MMU view.
+        // SAFETY: changing protection of ranges inside the mapping we just created.
+        unsafe {
+            let gap = |from: u64, to: u64| libc::mprotect((base + from) as *mut libc::c_void, (to - from) as usize, libc::PROT_NONE);
+            gap(0, CODE_OFFSET);
+            gap(CODE_OFFSET + CODE_SIZE, DATA_OFFSET);
+            gap(DATA_OFFSET + DATA_SIZE, REGION_SIZE);
+        }
+        // Data is not executable (a wild jump into it must fault, natively and translated).
+        // SAFETY: changing protection of a range inside the mapping we just created.
+        unsafe {
+            libc::mprotect((base + DATA_OFFSET) as *mut libc::c_void, DATA_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE)
+        };
+        // SAFETY: anonymous mapping for the trampoline; checked below.
+        let trampoline = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if trampoline == libc::MAP_FAILED {
+            return Err("cannot map the native trampoline".into());
+        }
         let mut m = Machine {
             base,
-            trampoline: base,
+            trampoline: trampoline as u64,
             ram: vec![0u8; RAM_SIZE as usize].into_boxed_slice(),
-            capture: Box::new(NativeCapture { resume_rip: 0, resume_rsp: 0, captured: None }),
+            // SAFETY: NativeCapture/Captured are plain data; all-zero is a valid value.
+            capture: Box::new(unsafe { std::mem::zeroed::<NativeCapture>() }),
             xsave_in: Box::new(XSaveArea::default()),
             host_fp: Box::new([0; 2]),
         };
@@ -164,11 +194,12 @@ impl Machine {
         put(&mut self.ram, PT_PML4 + ((va >> 39) & 511) * 8, PT_PDPT | USER_RW_P);
         put(&mut self.ram, PT_PDPT + ((va >> 30) & 511) * 8, PT_PD | USER_RW_P);
         put(&mut self.ram, PT_PD + ((va >> 21) & 511) * 8, PT_PT | USER_RW_P);
+        const NX: u64 = 1 << 63;
         let pte = |ram: &mut [u8], v: u64, pa: u64| put(ram, PT_PT + ((v >> 12) & 511) * 8, pa | USER_RW_P);
         pte(&mut self.ram, va + CODE_OFFSET, PHYS_CODE);
         pte(&mut self.ram, va + CODE_OFFSET + 0x1000, PHYS_CODE + 0x1000);
-        pte(&mut self.ram, va + DATA_OFFSET, PHYS_DATA[0]);
-        pte(&mut self.ram, va + DATA_OFFSET + 0x1000, PHYS_DATA[1]);
+        pte(&mut self.ram, va + DATA_OFFSET, PHYS_DATA[0] | NX);
+        pte(&mut self.ram, va + DATA_OFFSET + 0x1000, PHYS_DATA[1] | NX);
     }
 
     /// Runs the code region natively from `state.rip` with `state` loaded; returns what the
@@ -176,7 +207,7 @@ impl Machine {
     pub fn run_native(&mut self, state: &GuestState) -> Captured {
         *self.xsave_in = state.xsave.clone();
         self.write_trampoline(state);
-        self.capture.captured = None;
+        self.capture.valid = false;
         let guard = NativeGuard::arm(&mut self.capture);
         // SAFETY: the trampoline saves callee-saved registers and the host stack pointer, runs
         // the test code (inside the code region, surrounded by HLT), and every way out of that
@@ -185,7 +216,54 @@ impl Machine {
         let run: extern "C" fn() = unsafe { std::mem::transmute(self.trampoline as usize) };
         run();
         drop(guard);
-        self.capture.captured.take().expect("the native run ended with a captured signal")
+        assert!(self.capture.valid, "the native run ended with a captured signal");
+        self.capture.captured.clone()
+    }
+
+    /// Like [`Machine::run_native`], but in a forked child process: for instructions that change
+    /// the FS/GS selectors or bases, which this process (TLS, the translator's GS base) would
+    /// not survive. Returns None when the child died without reporting.
+    pub fn run_native_forked(&mut self, state: &GuestState) -> Option<(Captured, Vec<u8>)> {
+        *self.xsave_in = state.xsave.clone();
+        self.write_trampoline(state);
+        let size = std::mem::size_of::<ForkCapture>();
+        // SAFETY: anonymous shared mapping, checked below, unmapped at the end.
+        let shared = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if shared == libc::MAP_FAILED {
+            return None;
+        }
+        let shared = shared as *mut ForkCapture;
+        // SAFETY: the mapping is fresh and large enough.
+        unsafe { (*shared).data_addr = self.base + DATA_OFFSET };
+        let trampoline = self.trampoline;
+        // SAFETY: the child only arms the capture pointer and jumps into prepared code; every way
+        // out of that code is a signal whose handler writes the shared page and calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            signals::arm_fork_capture(shared);
+            // SAFETY: as above; the trampoline was written before the fork.
+            let run: extern "C" fn() = unsafe { std::mem::transmute(trampoline as usize) };
+            run();
+            // SAFETY: leaving the child without running the parent's destructors.
+            unsafe { libc::_exit(1) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // SAFETY: the child has exited; the shared page holds what it wrote (or zeros).
+        let result = unsafe { ((*shared).valid == 1).then(|| ((*shared).captured.clone(), (*shared).data.to_vec())) };
+        // SAFETY: unmapping the region mapped above.
+        unsafe { libc::munmap(shared as *mut libc::c_void, size) };
+        result
     }
 
     fn write_trampoline(&mut self, s: &GuestState) {
@@ -222,7 +300,9 @@ impl Machine {
         }
         emit(Instruction::with2(C::Mov_r64_imm64, R::RSP, s.gpr[4]), &mut code);
         emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, s.gpr[0]), &mut code);
-        emit(Instruction::with_branch(C::Jmp_rel32_64, s.rip), &mut code);
+        // jmp [target slot]: the test code is far away. The slot is 8-byte aligned because
+        // guest flags (possibly with AC set) are already loaded.
+        emit(Instruction::with1(C::Jmp_rm64, MemoryOperand::with_base_displ(R::RIP, (base + TARGET_SLOT) as i64)), &mut code);
         // Epilogue: the signal handler resumes here with the host stack.
         self.capture.resume_rip = base + code.len() as u64;
         emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64), &mut code);
@@ -236,13 +316,21 @@ impl Machine {
             emit(Instruction::with1(C::Pop_r64, *r), &mut code);
         }
         emit(Ok(Instruction::with(C::Retnq)), &mut code);
-        self.region(0, code.len() as u64).copy_from_slice(&code);
+        assert!((code.len() as u64) < TARGET_SLOT);
+        // SAFETY: the trampoline mapping is one page; code and slot fit in it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), self.trampoline as *mut u8, code.len());
+            std::ptr::write((self.trampoline + TARGET_SLOT) as *mut u64, s.rip);
+        }
     }
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        // SAFETY: the mapping created in `new`.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, REGION_SIZE as usize) };
+        // SAFETY: the mappings created in `new`.
+        unsafe {
+            libc::munmap(self.base as *mut libc::c_void, REGION_SIZE as usize);
+            libc::munmap(self.trampoline as *mut libc::c_void, 4096);
+        }
     }
 }

@@ -127,9 +127,19 @@ impl Worker {
             }
             let states = STATES_PER_INSTANCE.min(opts.cases - k * STATES_PER_INSTANCE);
             for j in 0..states {
-                let (state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data);
+                let (mut state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data);
+                // The guest starts with this thread's FS/GS bases, so both runs agree on them.
+                (state.fs_base, state.gs_base) = host_fs_gs_base();
                 self.machine.set_native_data(&mem);
-                let native = self.native_outcome(&state, &inst);
+                let forked = r == Rule::Emulate(EmulateOp::Segment);
+                let native = match self.native_outcome(&state, &inst, forked) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        result.status = Status::Failed;
+                        result.failure = Some(e);
+                        return result;
+                    }
+                };
                 for (si, name) in STRATEGIES.iter().enumerate() {
                     let translated = self.translated_outcome(si, &state, &mem, &inst);
                     let ignore = match r {
@@ -166,12 +176,20 @@ impl Worker {
         result
     }
 
-    fn native_outcome(&mut self, state: &crate::state::GuestState, inst: &synth::Instance) -> Outcome {
-        let cap = self.machine.run_native(state);
+    fn native_outcome(&mut self, state: &crate::state::GuestState, inst: &synth::Instance, forked: bool) -> Result<Outcome, String> {
+        let (cap, data) = if forked {
+            self.machine.run_native_forked(state).ok_or("the forked native run did not report")?
+        } else {
+            let cap = self.machine.run_native(state);
+            (cap, self.machine.native_data())
+        };
         let mut s = state.clone();
         s.gpr = cap.gpr;
         s.rip = cap.rip;
         s.rflags = cap.rflags;
+        s.seg = cap.seg;
+        s.fs_base = cap.fs_base;
+        s.gs_base = cap.gs_base;
         s.xsave.0.copy_from_slice(&cap.xsave[..]);
         let exc = GuestException {
             vector: cap.trapno as u8,
@@ -179,7 +197,7 @@ impl Worker {
             address: (cap.trapno == 14).then_some(cap.cr2),
         };
         let event = self.classify(exc, cap.rip, inst);
-        Outcome::from_state(&s, event, self.machine.native_data())
+        Ok(Outcome::from_state(&s, event, data))
     }
 
     fn classify(&self, exc: GuestException, rip: u64, inst: &synth::Instance) -> Event {
@@ -226,6 +244,16 @@ impl Worker {
         let data = if soft { self.machine.soft_data() } else { self.machine.native_data() };
         Ok(Outcome::from_state(&s, event, data))
     }
+}
+
+fn host_fs_gs_base() -> (u64, u64) {
+    let (mut fs, mut gs) = (0u64, 0u64);
+    // SAFETY: ARCH_GET_FS/GS write one u64 each through valid pointers.
+    unsafe {
+        libc::syscall(libc::SYS_arch_prctl, 0x1003, &mut fs as *mut u64);
+        libc::syscall(libc::SYS_arch_prctl, 0x1004, &mut gs as *mut u64);
+    }
+    (fs, gs)
 }
 
 fn tsc(o: &Outcome) -> u64 {

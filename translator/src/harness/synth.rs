@@ -10,7 +10,7 @@
 
 use super::machine::DATA_SIZE;
 use super::rng::Rng;
-use crate::rules::{rule, BranchKind, EmulateOp, Rule, StackOp};
+use crate::rules::{rule, BranchKind, EmulateOp, ImplicitOp, Rule, StackOp};
 use crate::state::{flags, GuestState, XSaveArea};
 use iced_x86::{
     Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register,
@@ -105,6 +105,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             K::eax => set_reg(&mut i, Register::EAX),
             K::rax => set_reg(&mut i, Register::RAX),
             K::st0 => set_reg(&mut i, Register::ST0),
+            K::cr_reg => set_reg(&mut i, rng.pick(&[Register::CR0, Register::CR2, Register::CR3, Register::CR4, Register::CR8])),
+            K::dr_reg => set_reg(&mut i, vec_reg(Register::DR0, rng, 8)),
+            K::seg_reg => set_reg(&mut i, rng.pick(&[Register::ES, Register::SS, Register::DS, Register::FS, Register::GS])),
+            K::fs => set_reg(&mut i, Register::FS),
+            K::gs => set_reg(&mut i, Register::GS),
             K::sti_opcode => set_reg(&mut i, vec_reg(Register::ST0, rng, 8)),
             K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::mm_or_mem | K::xmm_or_mem | K::ymm_or_mem
                 if reg_or_mem(rng) =>
@@ -192,6 +197,28 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     i.set_memory_displ_size(if disp == 0 { 0 } else if (-128..128).contains(&disp) { 1 } else { wide });
                 }
             }
+            K::seg_rSI => i.set_op_kind(n, OpKind::MemorySegRSI),
+            K::es_rDI => i.set_op_kind(n, OpKind::MemoryESRDI),
+            K::seg_rDI => i.set_op_kind(n, OpKind::MemorySegRDI),
+            K::mem_offs => {
+                // moffs: a 64-bit absolute address.
+                i.set_op_kind(n, OpKind::Memory);
+                let offset = rng.below(2) * 4096 + rng.below(4096 - mem_size.min(4095));
+                mem_target = Some(offset);
+                i.set_memory_displacement64(data + offset);
+                i.set_memory_displ_size(8);
+            }
+            K::imm8 if n > 0 && matches!(code.mnemonic(), iced_x86::Mnemonic::Enter) => {
+                i.set_op_kind(n, OpKind::Immediate8_2nd);
+                // Nesting level: mostly 0..3 (deep levels read many frames).
+                i.set_immediate8_2nd(if rng.chance(70) { rng.below(4) as u8 } else { rng.next_u64() as u8 });
+            }
+            K::seg_rBX_al => {
+                i.set_op_kind(n, OpKind::Memory);
+                i.set_memory_base(Register::RBX);
+                i.set_memory_index(Register::AL);
+                i.set_memory_index_scale(1);
+            }
             K::imm8 => {
                 i.set_op_kind(n, OpKind::Immediate8);
                 let mut v = imm_value(rng, 8) as u8;
@@ -244,7 +271,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     if lock_ok && rng.chance(30) {
         i.set_has_lock_prefix(true);
     }
-    if rule(code) == Some(Rule::String) {
+    if rule(code) == Some(Rule::Implicit(ImplicitOp::String)) {
         match rng.below(3) {
             0 => {}
             1 => i.set_has_repe_prefix(true),
@@ -258,6 +285,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
         if i.memory_base().full_register() == r || i.memory_index().full_register() == r {
             return None;
         }
+    }
+    // `call/jmp rsp` would point the stack into the code region (self-modifying code under the
+    // identity strategy is not tracked yet).
+    if matches!(code, Code::Call_rm64 | Code::Jmp_rm64) && i.op0_kind() == OpKind::Register && i.op0_register() == Register::RSP {
+        return None;
     }
     let mut enc = Encoder::new(64);
     let len = enc.encode(&i, at).ok()?;
@@ -304,7 +336,16 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
     if code_rule == Some(Rule::Stack(StackOp::Leave)) {
         s.gpr[5] = data + 0x900 + rng.below(0x100) * 8;
     }
-    if code_rule == Some(Rule::String) {
+    if code_rule == Some(Rule::Implicit(ImplicitOp::Xlat)) {
+        s.gpr[3] = data + 0x100 + rng.below(0x600);
+    }
+    if code_rule == Some(Rule::Implicit(ImplicitOp::Enter)) {
+        s.gpr[5] = data + 0x900 + rng.below(0x100) * 8;
+    }
+    if code_rule == Some(Rule::Implicit(ImplicitOp::MaskMove)) {
+        s.gpr[7] = data + 0x100 + rng.below(0xe00);
+    }
+    if code_rule == Some(Rule::Implicit(ImplicitOp::String)) {
         s.gpr[6] = data + 0x200 + rng.below(0x600);
         s.gpr[7] = data + 0x1200 + rng.below(0x600);
         s.gpr[1] = rng.below(20);
@@ -379,6 +420,10 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
         let v = rng.below(64);
         s.gpr[full] = if r.size() == 8 { v } else { (s.gpr[full] & !((1u64 << (r.size() * 8)) - 1)) | v };
     }
+    if code_rule == Some(Rule::Emulate(EmulateOp::Segment)) {
+        let target = landing(rng);
+        segment_state(instr, rng, &mut s, &mut mem, data, inst.mem_target, target);
+    }
     match code_rule {
         Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect)) if instr.op0_kind() == OpKind::Register => {
             s.gpr[instr.op0_register().number() & 15] = landing(rng);
@@ -395,6 +440,82 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
         _ => {}
     }
     (s, mem)
+}
+
+/// Selectors worth loading: null (with each RPL), Linux's user code/data/per-CPU entries, kernel
+/// entries, TSS/LDT (system descriptors), empty TLS slots, and out-of-range indices.
+const SELECTORS: [u16; 16] = [0, 1, 3, 0x2b, 0x33, 0x7b, 0x10, 0x18, 0x3b, 0x43, 0x4b, 0x63, 0x2a, 0x2f, 0x34, 0xfffb];
+
+fn selector(rng: &mut Rng, for_code: bool) -> u16 {
+    let s = if rng.chance(75) { rng.pick(&SELECTORS) } else { rng.next_u64() as u16 };
+    // Far transfers into 32-bit code (compatibility mode) are refused by design; keep GDT
+    // index 4 (Linux's 32-bit user code) out of far-transfer targets.
+    if for_code && (s >> 3) == 4 {
+        0x33
+    } else if for_code && rng.chance(60) {
+        0x33
+    } else {
+        s
+    }
+}
+
+fn put(mem: &mut [u8], at: u64, value: u64, size: usize) {
+    let at = at as usize;
+    if at + size <= mem.len() {
+        mem[at..at + size].copy_from_slice(&value.to_le_bytes()[..size]);
+    }
+}
+
+/// Operands of segment loads and far transfers: selectors, far pointers and return frames.
+fn segment_state(instr: &Instruction, rng: &mut Rng, s: &mut GuestState, mem: &mut [u8], data: u64, mem_target: Option<u64>, landing: u64) {
+    use iced_x86::Mnemonic as M;
+    let m = instr.mnemonic();
+    let stack = s.gpr[4].wrapping_sub(data);
+    match m {
+        M::Mov if instr.op0_kind() == OpKind::Register && instr.op0_register().is_segment_register() => {
+            let sel = selector(rng, false) as u64;
+            match (instr.op1_kind(), mem_target) {
+                (OpKind::Register, _) => {
+                    let r = instr.op1_register().full_register().number() & 15;
+                    s.gpr[r] = (s.gpr[r] & !0xffff) | sel;
+                }
+                (_, Some(off)) => put(mem, off, sel, 2),
+                _ => {}
+            }
+        }
+        M::Pop => put(mem, stack, selector(rng, false) as u64, 8),
+        M::Lfs | M::Lgs | M::Lss => {
+            if let Some(off) = mem_target {
+                let size = instr.op0_register().size();
+                put(mem, off, rng.interesting(), size);
+                put(mem, off + size as u64, selector(rng, false) as u64, 2);
+            }
+        }
+        M::Retf | M::Iret | M::Iretd | M::Iretq => {
+            let size = match instr.code() {
+                Code::Retfw | Code::Retfw_imm16 | Code::Iretw => 2,
+                Code::Retfd | Code::Retfd_imm16 | Code::Iretd => 4,
+                _ => 8,
+            };
+            put(mem, stack, landing, size);
+            put(mem, stack + size as u64, selector(rng, true) as u64, size);
+            if m != M::Retf {
+                let fl = flags::FIXED | flags::IF | (rng.next_u64() & (flags::STATUS | flags::DF));
+                put(mem, stack + 2 * size as u64, fl, size);
+                put(mem, stack + 3 * size as u64, data + 0x400 + rng.below(0x100) * 8, size);
+                let ss = if rng.chance(70) { 0x2b } else { selector(rng, false) };
+                put(mem, stack + 4 * size as u64, ss as u64, size);
+            }
+        }
+        M::Jmp | M::Call => {
+            if let Some(off) = mem_target {
+                let size = instr.memory_size().size() - 2;
+                put(mem, off, landing, size);
+                put(mem, off + size as u64, selector(rng, true) as u64, 2);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Random XMM/YMM, x87 stack (some registers valid), FCW and MXCSR with exceptions masked.

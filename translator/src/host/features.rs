@@ -41,6 +41,8 @@ pub fn host_has(feature: F) -> bool {
         F::FPU | F::FPU287 | F::FPU387 => true,
         F::CPUID | F::TSC | F::CMOV | F::MMX | F::SSE | F::SSE2 | F::FXSR | F::CLFSH | F::CX8 => true,
         F::MULTIBYTENOP | F::PAUSE | F::SYSCALL => true,
+        F::MSR => bit(c.l1_edx, 5),
+        F::RDPMC => true,
         F::RDTSCP => bit(c.l81_edx, 27),
         F::SSE3 => bit(c.l1_ecx, 0),
         F::PCLMULQDQ => bit(c.l1_ecx, 1),

@@ -36,8 +36,10 @@ pub struct TranslatedFaults {
     pub fault_exit: u64,
 }
 
-/// Machine state captured from a signal frame.
+/// Machine state captured from a signal frame. Plain data: the handler writes it, possibly into
+/// memory shared with a parent process (see [`ForkCapture`]).
 #[derive(Clone)]
+#[repr(C)]
 pub struct Captured {
     pub gpr: [u64; 16],
     pub rip: u64,
@@ -46,14 +48,42 @@ pub struct Captured {
     pub trapno: u64,
     pub error_code: u64,
     pub cr2: u64,
-    pub xsave: Box<[u8; XSAVE_SIZE]>,
+    /// ES, CS, SS, DS, FS, GS selectors.
+    pub seg: [u16; 6],
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub xsave: [u8; XSAVE_SIZE],
 }
 
 /// Registered by the harness around one native run.
 pub struct NativeCapture {
     pub resume_rip: u64,
     pub resume_rsp: u64,
-    pub captured: Option<Captured>,
+    pub valid: bool,
+    pub captured: Captured,
+}
+
+/// A native run in a forked child (for instructions that change the host's FS/GS, which this
+/// process cannot survive): the handler writes the capture into shared memory and exits the child.
+/// Found through a process-global pointer because thread-local storage may be gone by then.
+#[repr(C)]
+pub struct ForkCapture {
+    pub valid: u32,
+    pub captured: Captured,
+    /// Where the child's data region is (copied into `data` by the handler: the parent cannot
+    /// see the child's memory).
+    pub data_addr: u64,
+    pub data: [u8; FORK_DATA_SIZE],
+}
+
+/// Bytes of guest data a forked native run reports back.
+pub const FORK_DATA_SIZE: usize = 0x2000;
+
+static FORK_CAPTURE: std::sync::atomic::AtomicPtr<ForkCapture> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// In a forked child: route the next fault's capture to `shared` and exit.
+pub fn arm_fork_capture(shared: *mut ForkCapture) {
+    FORK_CAPTURE.store(shared, std::sync::atomic::Ordering::SeqCst);
 }
 
 thread_local! {
@@ -149,6 +179,56 @@ const GREG_OF: [usize; 16] = [
 /// Magic the kernel writes into the FXSAVE software-reserved bytes when an XSAVE frame follows.
 const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
 
+/// Copies the interrupted state out of the signal frame (async-signal-safe: no allocation).
+fn capture_into(out: &mut Captured, sig: libc::c_int, uc: &libc::ucontext_t) {
+    let gregs = &uc.uc_mcontext.gregs;
+    for (r, &g) in GREG_OF.iter().enumerate() {
+        out.gpr[r] = gregs[g] as u64;
+    }
+    out.rip = gregs[libc::REG_RIP as usize] as u64;
+    out.rflags = gregs[libc::REG_EFL as usize] as u64;
+    out.signo = sig;
+    out.trapno = gregs[libc::REG_TRAPNO as usize] as u64;
+    out.error_code = gregs[libc::REG_ERR as usize] as u64;
+    out.cr2 = gregs[libc::REG_CR2 as usize] as u64;
+    // CSGSFS packs cs, gs, fs and (since Linux 4.8) ss, 16 bits each.
+    let csgsfs = gregs[libc::REG_CSGSFS as usize] as u64;
+    // Linux leaves the frame's fs/gs fields zero for 64-bit processes, and signal delivery does
+    // not touch the data segment registers: read them directly.
+    let (ds, es, fs, gs): (u16, u16, u16, u16);
+    // SAFETY: reading segment selectors has no side effects.
+    unsafe {
+        std::arch::asm!(
+            "mov {0:x}, ds", "mov {1:x}, es", "mov {2:x}, fs", "mov {3:x}, gs",
+            out(reg) ds, out(reg) es, out(reg) fs, out(reg) gs,
+            options(nomem, nostack)
+        );
+    }
+    out.seg = [es, csgsfs as u16, (csgsfs >> 48) as u16, ds, fs, gs];
+    let mut base = 0u64;
+    // SAFETY: arch_prctl(ARCH_GET_FS/GS) writes one u64 through a valid pointer; async-signal-safe.
+    unsafe {
+        libc::syscall(libc::SYS_arch_prctl, 0x1003, &mut base as *mut u64);
+        out.fs_base = base;
+        libc::syscall(libc::SYS_arch_prctl, 0x1004, &mut base as *mut u64);
+        out.gs_base = base;
+    }
+    out.xsave.fill(0);
+    let fp = uc.uc_mcontext.fpregs as *const u8;
+    if !fp.is_null() {
+        // SAFETY: fpregs points at the FXSAVE image (512 bytes) in the signal frame; when the
+        // magic says so, an XSAVE header and extended state follow it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(fp, out.xsave.as_mut_ptr(), 512);
+            let magic = std::ptr::read_unaligned(fp.add(464) as *const u32);
+            if magic == FP_XSTATE_MAGIC1 {
+                std::ptr::copy_nonoverlapping(fp.add(512), out.xsave.as_mut_ptr().add(512), 64);
+                std::ptr::copy_nonoverlapping(fp.add(XSAVE_AVX_OFFSET), out.xsave.as_mut_ptr().add(XSAVE_AVX_OFFSET), 256);
+            }
+        }
+    }
+}
+
 extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // The kernel does not clear AC on signal delivery; guest code may have set it, and this
     // handler must not take alignment-check faults itself.
@@ -156,48 +236,31 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], {m}", "popfq", m = const !(1i64 << 18)) };
     // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
     let uc = unsafe { &mut *(uc as *mut libc::ucontext_t) };
-    let gregs = &mut uc.uc_mcontext.gregs;
+    let forked = FORK_CAPTURE.load(std::sync::atomic::Ordering::SeqCst);
+    if !forked.is_null() {
+        // SAFETY: set by arm_fork_capture in this (single-threaded, forked) process to a
+        // MAP_SHARED region that stays mapped; the child exits right after.
+        unsafe {
+            capture_into(&mut (*forked).captured, sig, uc);
+            let data = (*forked).data_addr as *const u8;
+            std::ptr::copy_nonoverlapping(data, (*forked).data.as_mut_ptr(), FORK_DATA_SIZE);
+            (*forked).valid = 1;
+            libc::_exit(0);
+        }
+    }
     let native = NATIVE.with(|c| c.get());
     if !native.is_null() {
         // SAFETY: the pointer was registered by NativeGuard::arm and is live until it drops.
         let capture = unsafe { &mut *native };
-        let mut gpr = [0u64; 16];
-        for (r, &g) in GREG_OF.iter().enumerate() {
-            gpr[r] = gregs[g] as u64;
-        }
-        let mut xsave = Box::new([0u8; XSAVE_SIZE]);
-        let fp = uc.uc_mcontext.fpregs as *const u8;
-        if !fp.is_null() {
-            // SAFETY: fpregs points at the FXSAVE image (512 bytes) in the signal frame; when the
-            // magic says so, an XSAVE header and extended state follow it.
-            unsafe {
-                std::ptr::copy_nonoverlapping(fp, xsave.as_mut_ptr(), 512);
-                let magic = std::ptr::read_unaligned(fp.add(464) as *const u32);
-                if magic == FP_XSTATE_MAGIC1 {
-                    std::ptr::copy_nonoverlapping(fp.add(512), xsave.as_mut_ptr().add(512), 64);
-                    std::ptr::copy_nonoverlapping(
-                        fp.add(XSAVE_AVX_OFFSET),
-                        xsave.as_mut_ptr().add(XSAVE_AVX_OFFSET),
-                        256,
-                    );
-                }
-            }
-        }
-        capture.captured = Some(Captured {
-            gpr,
-            rip: gregs[libc::REG_RIP as usize] as u64,
-            rflags: gregs[libc::REG_EFL as usize] as u64,
-            signo: sig,
-            trapno: gregs[libc::REG_TRAPNO as usize] as u64,
-            error_code: gregs[libc::REG_ERR as usize] as u64,
-            cr2: gregs[libc::REG_CR2 as usize] as u64,
-            xsave,
-        });
+        capture_into(&mut capture.captured, sig, uc);
+        capture.valid = true;
+        let gregs = &mut uc.uc_mcontext.gregs;
         gregs[libc::REG_RIP as usize] = capture.resume_rip as i64;
         gregs[libc::REG_RSP as usize] = capture.resume_rsp as i64;
         gregs[libc::REG_EFL as usize] = 0x202;
         return;
     }
+    let gregs = &mut uc.uc_mcontext.gregs;
     let translated = TRANSLATED.with(|c| c.get());
     if !translated.is_null() {
         // SAFETY: registered by TranslatedGuard::arm and live until it drops.

@@ -1,89 +1,11 @@
-//! Instructions the engine performs itself (DESIGN §4, "sensitive and privileged"): CPUID,
-//! RDTSC(P), SYSCALL, software interrupts, HLT and privileged instructions, and — under the
-//! soft-MMU — the string instructions, whose implicit RSI/RDI accesses go through the page walk.
+//! String instructions (movs/stos/lods/cmps/scas with REP prefixes) under the soft-MMU, where
+//! their implicit RSI/RDI accesses must go through the page walk. Iterations that completed
+//! before a fault stay done, as on the CPU.
 
+use super::{GuestMemory, Outcome};
 use crate::exit::{vector, Exit, GuestException};
-use crate::platform::Platform;
-use crate::rules::EmulateOp;
 use crate::state::{flags, gpr, Cpl, GuestState};
 use iced_x86::{Instruction, Mnemonic, Register};
-
-/// Result of emulating one instruction.
-pub enum Outcome {
-    /// Continue at `state.rip`.
-    Continue,
-    /// Stop and report to the caller.
-    Exit(Exit),
-}
-
-/// Guest memory as the string instructions see it.
-pub trait GuestMemory {
-    fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException>;
-    fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException>;
-}
-
-fn set32(state: &mut GuestState, reg: usize, value: u32) {
-    state.gpr[reg] = value as u64;
-}
-
-fn raise(state: &mut GuestState, rip: u64, exc: GuestException) -> Outcome {
-    state.rip = rip;
-    Outcome::Exit(Exit::Exception(exc))
-}
-
-/// Emulates a sensitive instruction at `state.rip`.
-pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, platform: &mut dyn Platform) -> Outcome {
-    let next = instr.next_ip();
-    let here = instr.ip();
-    let user = state.cpl == Cpl::User;
-    match op {
-        EmulateOp::Cpuid => {
-            let r = platform.cpuid(state.gpr[gpr::RAX] as u32, state.gpr[gpr::RCX] as u32);
-            set32(state, gpr::RAX, r[0]);
-            set32(state, gpr::RBX, r[1]);
-            set32(state, gpr::RCX, r[2]);
-            set32(state, gpr::RDX, r[3]);
-        }
-        EmulateOp::Rdtsc | EmulateOp::Rdtscp => {
-            let tsc = platform.rdtsc();
-            set32(state, gpr::RAX, tsc as u32);
-            set32(state, gpr::RDX, (tsc >> 32) as u32);
-            if op == EmulateOp::Rdtscp {
-                let aux = platform.tsc_aux();
-                set32(state, gpr::RCX, aux);
-            }
-        }
-        EmulateOp::Syscall if user => {
-            state.gpr[gpr::RCX] = next;
-            state.gpr[gpr::R11] = state.rflags & !flags::RF;
-            state.rip = next;
-            return Outcome::Exit(Exit::Syscall);
-        }
-        EmulateOp::Int3 => return raise(state, next, GuestException::new(vector::BP)),
-        EmulateOp::IntN => {
-            let n = instr.immediate8();
-            // Linux's IDT lets user mode raise only #BP, #OF and int 0x80; anything else is #GP
-            // with the IDT-entry error code.
-            return match n {
-                3 | 4 | 0x80 => raise(state, next, GuestException::new(n)),
-                _ if user => raise(state, here, GuestException::gp(((n as u32) << 3) | 2)),
-                _ => raise(state, next, GuestException::new(n)),
-            };
-        }
-        EmulateOp::Ud => return raise(state, here, GuestException::new(vector::UD)),
-        EmulateOp::Hlt if !user => {
-            state.rip = next;
-            return Outcome::Exit(Exit::Halt);
-        }
-        EmulateOp::Syscall | EmulateOp::Hlt | EmulateOp::Privileged => {
-            // In user mode all of these are #GP(0). Kernel-mode semantics come with the
-            // system-mode platform; until then kernel mode refuses them the same way.
-            return raise(state, here, GuestException::gp(0));
-        }
-    }
-    state.rip = next;
-    Outcome::Continue
-}
 
 /// Flags of `a - b` at `bits` width (what `cmp` computes).
 pub fn sub_flags(a: u64, b: u64, bits: u32) -> u64 {
@@ -121,7 +43,7 @@ fn read_n(mem: &mut dyn GuestMemory, va: u64, n: usize) -> Result<u64, GuestExce
 
 /// Emulates a string instruction (with its REP prefix) at `state.rip`. Iterations that
 /// completed before a fault stay done, as on the CPU.
-pub fn string(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<Outcome, ()> {
+pub fn execute(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<Outcome, ()> {
     if instr.code().op_code().address_size() == 32 || instr.memory_size().size() == 0 {
         return Err(());
     }
@@ -136,6 +58,9 @@ pub fn string(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMe
     let mnemonic = instr.mnemonic();
     let rep = instr.has_rep_prefix() || instr.has_repne_prefix();
     let mask = if n == 8 { u64::MAX } else { (1u64 << bits) - 1 };
+    // Alignment checking (CPL3, CR0.AM, RFLAGS.AC) applies to each element access.
+    let check_alignment = state.cpl == Cpl::User && state.cr0 & (1 << 18) != 0 && state.rflags & flags::AC != 0 && n > 1;
+    let misaligned = |va: u64| check_alignment && va % n as u64 != 0;
     loop {
         if rep && state.gpr[gpr::RCX] == 0 {
             break;
@@ -143,6 +68,16 @@ pub fn string(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMe
         let rsi = state.gpr[gpr::RSI];
         let rdi = state.gpr[gpr::RDI];
         let result: Result<(), GuestException> = (|| {
+            let uses_rsi = matches!(
+                mnemonic,
+                Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
+                    | Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq
+                    | Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq
+            );
+            let uses_rdi = !matches!(mnemonic, Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq);
+            if (uses_rsi && misaligned(src_base.wrapping_add(rsi))) || (uses_rdi && misaligned(rdi)) {
+                return Err(GuestException { vector: vector::AC, error_code: Some(0), address: None });
+            }
             match mnemonic {
                 Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => {
                     let v = read_n(mem, src_base.wrapping_add(rsi), n)?;

@@ -1,0 +1,108 @@
+//! Instructions the engine performs itself (DESIGN §4, "sensitive and privileged"): CPUID,
+//! RDTSC(P), SYSCALL, software interrupts, HLT and privileged instructions (this file), segment
+//! loads and far transfers (`segment.rs`), and — under the soft-MMU, where implicit memory must
+//! go through the page walk — string instructions (`string.rs`), xlat, enter, gathers and masked
+//! stores (`implicit.rs`).
+
+pub mod implicit;
+pub mod regs;
+pub mod segment;
+pub mod string;
+
+use crate::exit::{vector, Exit, GuestException};
+use crate::platform::Platform;
+use crate::rules::EmulateOp;
+use crate::state::{flags, gpr, Cpl, GuestState};
+use iced_x86::Instruction;
+
+/// Result of emulating one instruction.
+pub enum Outcome {
+    /// Continue at `state.rip`.
+    Continue,
+    /// Stop and report to the caller.
+    Exit(Exit),
+}
+
+/// Guest memory as emulated instructions see it: non-canonical addresses raise `#GP(0)`,
+/// alignment checking applies to 2/4/8-byte accesses, paging faults are precise.
+pub trait GuestMemory {
+    fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException>;
+    fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException>;
+}
+
+/// A stack address: non-canonical stack references raise `#SS(0)` rather than `#GP(0)`.
+pub fn stack_address(va: u64) -> Result<u64, GuestException> {
+    if ((va as i64) << 16 >> 16) as u64 == va {
+        Ok(va)
+    } else {
+        Err(GuestException { vector: 12, error_code: Some(0), address: None })
+    }
+}
+
+fn set32(state: &mut GuestState, reg: usize, value: u32) {
+    state.gpr[reg] = value as u64;
+}
+
+fn raise(state: &mut GuestState, rip: u64, exc: GuestException) -> Outcome {
+    state.rip = rip;
+    Outcome::Exit(Exit::Exception(exc))
+}
+
+/// Emulates a sensitive instruction at `state.rip`.
+pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, platform: &mut dyn Platform) -> Outcome {
+    let next = instr.next_ip();
+    let here = instr.ip();
+    let user = state.cpl == Cpl::User;
+    match op {
+        EmulateOp::Cpuid => {
+            let r = platform.cpuid(state.gpr[gpr::RAX] as u32, state.gpr[gpr::RCX] as u32);
+            set32(state, gpr::RAX, r[0]);
+            set32(state, gpr::RBX, r[1]);
+            set32(state, gpr::RCX, r[2]);
+            set32(state, gpr::RDX, r[3]);
+        }
+        EmulateOp::Rdtsc | EmulateOp::Rdtscp => {
+            let tsc = platform.rdtsc();
+            set32(state, gpr::RAX, tsc as u32);
+            set32(state, gpr::RDX, (tsc >> 32) as u32);
+            if op == EmulateOp::Rdtscp {
+                let aux = platform.tsc_aux();
+                set32(state, gpr::RCX, aux);
+            }
+        }
+        EmulateOp::Syscall if user => {
+            state.gpr[gpr::RCX] = next;
+            state.gpr[gpr::R11] = state.rflags & !flags::RF;
+            state.rip = next;
+            return Outcome::Exit(Exit::Syscall);
+        }
+        EmulateOp::Int3 => return raise(state, next, GuestException::new(vector::BP)),
+        EmulateOp::IntN => {
+            let n = instr.immediate8();
+            // Linux's IDT lets user mode raise only #BP, #OF and int 0x80; anything else is #GP
+            // with the IDT-entry error code.
+            return match n {
+                3 | 4 | 0x80 => raise(state, next, GuestException::new(n)),
+                _ if user => raise(state, here, GuestException::gp(((n as u32) << 3) | 2)),
+                _ => raise(state, next, GuestException::new(n)),
+            };
+        }
+        EmulateOp::Ud => return raise(state, here, GuestException::new(vector::UD)),
+        // The CPU reports icebp as a trap after it; Linux delivers it to user mode with RIP at the
+        // instruction, and that is what a user-mode guest observes.
+        EmulateOp::Int1 => return raise(state, here, GuestException::new(vector::DB)),
+        EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
+        EmulateOp::Hlt if !user => {
+            state.rip = next;
+            return Outcome::Exit(Exit::Halt);
+        }
+        EmulateOp::Syscall | EmulateOp::Hlt | EmulateOp::Privileged => {
+            // In user mode all of these are #GP(0). Kernel-mode semantics come with the
+            // system-mode platform; until then kernel mode refuses them the same way.
+            return raise(state, here, GuestException::gp(0));
+        }
+    }
+    state.rip = next;
+    Outcome::Continue
+}
+

@@ -1,0 +1,78 @@
+//! Guest register and operand access for instructions the engine emulates in Rust.
+
+use crate::state::GuestState;
+use iced_x86::{Instruction, Register};
+
+/// Value of a general-purpose register of any width (AH..BH included).
+pub fn read_gpr(state: &GuestState, reg: Register) -> u64 {
+    let full = state.gpr[reg.full_register().number() & 15];
+    match reg.size() {
+        8 => full,
+        4 => full & 0xffff_ffff,
+        2 => full & 0xffff,
+        _ if matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH) => (full >> 8) & 0xff,
+        _ => full & 0xff,
+    }
+}
+
+/// Writes a general-purpose register as the CPU does: 32-bit writes zero-extend, 8/16-bit writes
+/// merge.
+pub fn write_gpr(state: &mut GuestState, reg: Register, value: u64) {
+    let slot = &mut state.gpr[reg.full_register().number() & 15];
+    *slot = match reg.size() {
+        8 => value,
+        4 => value & 0xffff_ffff,
+        2 => (*slot & !0xffff) | (value & 0xffff),
+        _ if matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH) => {
+            (*slot & !0xff00) | ((value & 0xff) << 8)
+        }
+        _ => (*slot & !0xff) | (value & 0xff),
+    };
+}
+
+/// Index of a segment register in [`GuestState::seg`] (hardware order ES, CS, SS, DS, FS, GS).
+pub fn sreg_index(reg: Register) -> usize {
+    match reg {
+        Register::ES => 0,
+        Register::CS => 1,
+        Register::SS => 2,
+        Register::DS => 3,
+        Register::FS => 4,
+        _ => 5,
+    }
+}
+
+/// The 32 bytes of YMMn (XMMn in the low half).
+pub fn read_ymm(state: &GuestState, n: usize) -> [u8; 32] {
+    let mut v = [0u8; 32];
+    v[..16].copy_from_slice(state.xsave.xmm(n));
+    v[16..].copy_from_slice(state.xsave.ymm_hi(n));
+    v
+}
+
+pub fn write_ymm(state: &mut GuestState, n: usize, v: &[u8; 32]) {
+    state.xsave.xmm_mut(n).copy_from_slice(&v[..16]);
+    state.xsave.ymm_hi_mut(n).copy_from_slice(&v[16..]);
+    // Mark SSE and AVX state in use, or xrstor would load their initial (zero) values instead.
+    state.xsave.mark_in_use(0b110);
+}
+
+/// Linear address of memory operand `operand` (element `element` for VSIB), with the guest's
+/// FS/GS base for those overrides.
+pub fn linear_address(state: &GuestState, instr: &Instruction, operand: u32, element: usize) -> Option<u64> {
+    instr.virtual_address(operand, element, |reg, elem, elem_size| match reg {
+        Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+        Register::FS => Some(state.fs_base),
+        Register::GS => Some(state.gs_base),
+        r if r.is_xmm() || r.is_ymm() => {
+            let v = read_ymm(state, r.number() & 15);
+            let at = elem * elem_size;
+            let mut b = [0u8; 8];
+            b[..elem_size].copy_from_slice(&v[at..at + elem_size]);
+            let raw = u64::from_le_bytes(b);
+            // VSIB indices are signed.
+            Some(if elem_size == 4 { raw as u32 as i32 as i64 as u64 } else { raw })
+        }
+        r => Some(read_gpr(state, r)),
+    })
+}
