@@ -428,7 +428,8 @@ impl Translator {
         let ac = state.cpl == crate::state::Cpl::User
             && state.cr0 & (1 << 18) != 0
             && state.rflags & crate::state::flags::AC != 0;
-        if ac && va % alignment != 0 {
+        let exempt = ctx.miss_info & (1 << 25) != 0;
+        if ac && !exempt && va % alignment != 0 {
             return Ok(Some(GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None }));
         }
         let last = va.wrapping_add(size - 1);

@@ -271,7 +271,8 @@ impl BlockEmitter<'_> {
         let flags_saved = self.flags_in_slot;
         // Stack-segment accesses (RSP/RBP base) raise #SS rather than #GP when non-canonical.
         let stack = matches!(self.mem_base.full_register(), Register::RSP | Register::RBP) as u64;
-        let info = size | ((access as u64) << 16) | (stack << 24);
+        let no_alignment_check = self.no_alignment_check as u64;
+        let info = size | ((access as u64) << 16) | (stack << 24) | (no_alignment_check << 25);
         let a: &mut Asm = &mut self.asm;
         if size > 1 {
             a.glue(Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, size as i64 - 1)));

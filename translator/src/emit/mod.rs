@@ -72,6 +72,8 @@ pub(crate) struct BlockEmitter<'a> {
     guest_len: u8,
     /// Base register of the memory operand being rewritten (for the TLB-miss segment bit).
     mem_base: Register,
+    /// The current instruction's access is not alignment-checked (the host kernel performs it).
+    no_alignment_check: bool,
     info: InstructionInfoFactory,
 }
 
@@ -89,12 +91,15 @@ pub fn emit_block(block: &DecodedBlock, base: u64, glue: &Glue, soft_mmu: bool) 
         guest_rip: 0,
         guest_len: 0,
         mem_base: Register::None,
+        no_alignment_check: false,
         info: InstructionInfoFactory::new(),
     };
     let live = flags_liveness(block);
     for (i, d) in block.instrs.iter().enumerate() {
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
+        // Linux's UMIP emulator performs these stores itself, without alignment checking.
+        e.no_alignment_check = d.rule == Rule::UserCopy;
         let flags_live = live[i] & STATUS != 0;
         if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr)) {
             e.exit_to_engine(ExitReason::Emulate, d.instr.ip());

@@ -127,7 +127,6 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Verw, Rule::UserCopy),
     (Mnemonic::Xlatb, Rule::Implicit(ImplicitOp::Xlat)),
     (Mnemonic::Enter, Rule::Implicit(ImplicitOp::Enter)),
-    (Mnemonic::Maskmovdqu, Rule::Implicit(ImplicitOp::MaskMove)),
     (Mnemonic::Vpgatherdd, Rule::Implicit(ImplicitOp::Gather)),
     (Mnemonic::Vpgatherdq, Rule::Implicit(ImplicitOp::Gather)),
     (Mnemonic::Vpgatherqd, Rule::Implicit(ImplicitOp::Gather)),
@@ -177,8 +176,9 @@ const NEVER_COPY: &[Mnemonic] = &[
     Mnemonic::Xabort,
     Mnemonic::Xtest,
     Mnemonic::Clzero,
-    // Whether the VEX form raises #AC depends on more than its mask and alignment on this host;
-    // until that is pinned down it stays unsupported.
+    // Whether these raise #AC with RFLAGS.AC set depends on more than mask and alignment on this
+    // host; until that is pinned down they stay unsupported (the engine code exists).
+    Mnemonic::Maskmovdqu,
     Mnemonic::Vmaskmovdqu,
     Mnemonic::Maskmovq,
     Mnemonic::Rdsspd,
