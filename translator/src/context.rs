@@ -36,13 +36,13 @@ pub struct TlbEntry {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
-    /// A block exit to a guest address with no chained successor (`next_rip`).
+    /// A block exit to a guest address with no chained successor (guest RIP).
     Branch = 1,
-    /// The indirect-branch table had no entry for `next_rip`.
+    /// The indirect-branch table had no entry for the guest RIP.
     IndirectMiss = 2,
-    /// A soft-MMU TLB miss at `miss_va`; the instruction at `next_rip` restarts afterwards.
+    /// A soft-MMU TLB miss at `miss_va`; the instruction at the guest RIP restarts afterwards.
     TlbMiss = 3,
-    /// The instruction at `next_rip` is emulated by the engine (`exit_aux` = rule index).
+    /// The instruction at the guest RIP is performed by the engine.
     Emulate = 4,
     /// A host fault inside translated code, already mapped to a guest exception (`fault_*`).
     Fault = 5,
@@ -60,7 +60,6 @@ pub struct Context {
     pub entry_target: u64,
     pub exit_reason: u32,
     pub exit_aux: u32,
-    pub next_rip: u64,
     /// Address of the rel32 field of the block-exit jump that produced a `Branch` exit.
     pub exit_link: u64,
     pub miss_va: u64,
@@ -99,7 +98,6 @@ pub mod off {
     pub const ENTRY_TARGET: usize = offset_of!(Context, entry_target);
     pub const EXIT_REASON: usize = offset_of!(Context, exit_reason);
     pub const EXIT_AUX: usize = offset_of!(Context, exit_aux);
-    pub const NEXT_RIP: usize = offset_of!(Context, next_rip);
     pub const EXIT_LINK: usize = offset_of!(Context, exit_link);
     pub const MISS_VA: usize = offset_of!(Context, miss_va);
     pub const MISS_INFO: usize = offset_of!(Context, miss_info);

@@ -279,7 +279,13 @@ impl Translator {
                 })
             }
         };
-        let pages = if uncached { Vec::new() } else { fetch.pages };
+        // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
+        // into the next page in case an instruction straddles it).
+        let pages = if uncached {
+            Vec::new()
+        } else {
+            fetch.pages.into_iter().filter(|&(va, _)| va < block.end && va + PAGE > block.start).map(|(_, pa)| pa).collect()
+        };
         if let Some(first) = block.instrs.first() {
             let fs_gs = matches!(first.instr.segment_prefix(), iced_x86::Register::FS | iced_x86::Register::GS);
             if first.rule.runs_in_engine(soft, fs_gs) {
@@ -429,6 +435,12 @@ impl Translator {
             && state.cr0 & (1 << 18) != 0
             && state.rflags & crate::state::flags::AC != 0;
         let exempt = ctx.miss_info & (1 << 25) != 0;
+        let canonical = ((va as i64) << 16 >> 16) as u64 == va;
+        if !canonical {
+            // Non-canonical addresses fault before alignment or paging: #SS for stack accesses.
+            let vector = if stack { 12 } else { crate::exit::vector::GP };
+            return Ok(Some(GuestException { vector, error_code: Some(0), address: None }));
+        }
         if ac && !exempt && va % alignment != 0 {
             return Ok(Some(GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None }));
         }
@@ -530,7 +542,8 @@ fn lookup_site(data: *const (), pc: u64) -> Option<FaultSite> {
 struct Fetcher<'a> {
     strategy: &'a MemoryStrategy,
     state: &'a GuestState,
-    pages: Vec<u64>,
+    /// (guest virtual page, guest physical page) of every page read.
+    pages: Vec<(u64, u64)>,
 }
 
 impl CodeFetch for Fetcher<'_> {
@@ -544,7 +557,7 @@ impl CodeFetch for Fetcher<'_> {
                 let host = ram.host(pa, buf.len() as u64).ok_or(GuestException::page_fault(addr, 0x11))?;
                 // SAFETY: host..host+len is inside guest RAM (checked by `host`).
                 unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
-                let page = pa & !(PAGE - 1);
+                let page = (addr & !(PAGE - 1), pa & !(PAGE - 1));
                 if !self.pages.contains(&page) {
                     self.pages.push(page);
                 }

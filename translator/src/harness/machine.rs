@@ -41,7 +41,8 @@ const RAM_SIZE: u64 = 0x10000;
 pub struct Machine {
     pub base: u64,
     trampoline: u64,
-    ram: Box<[u8]>,
+    /// Guest physical memory of the soft-MMU view (page-aligned, see `GuestRam::new`).
+    ram: &'static mut [u8],
     capture: Box<NativeCapture>,
     xsave_in: Box<XSaveArea>,
     host_fp: Box<[u32; 2]>,
@@ -108,7 +109,7 @@ impl Machine {
         let mut m = Machine {
             base,
             trampoline: trampoline as u64,
-            ram: vec![0u8; RAM_SIZE as usize].into_boxed_slice(),
+            ram: map_ram()?,
             // SAFETY: NativeCapture/Captured are plain data; all-zero is a valid value.
             capture: Box::new(unsafe { std::mem::zeroed::<NativeCapture>() }),
             xsave_in: Box::new(XSaveArea::default()),
@@ -136,13 +137,16 @@ impl Machine {
         unsafe { std::slice::from_raw_parts_mut((self.base + offset) as *mut u8, len as usize) }
     }
 
-    /// Fills the code region with HLT and places `bytes` at the test address (in both the native
-    /// region and the soft-MMU's copy).
-    pub fn load_code(&mut self, bytes: &[u8]) {
+    /// Fills the code region with HLT and places `bytes` at the test address, optionally after a
+    /// `nop` (in both the native region and the soft-MMU's copy).
+    pub fn load_code(&mut self, bytes: &[u8], lead_in: bool) {
         let code = self.region(CODE_OFFSET, CODE_SIZE);
         code.fill(HLT);
         let at = (CODE_AT_OFFSET - CODE_OFFSET) as usize;
         code[at..at + bytes.len()].copy_from_slice(bytes);
+        if lead_in {
+            code[at - 1] = 0x90; // nop
+        }
         let copy = code.to_vec();
         self.ram[PHYS_CODE as usize..(PHYS_CODE + CODE_SIZE) as usize].copy_from_slice(&copy);
     }
@@ -325,10 +329,31 @@ impl Machine {
     }
 }
 
+/// Page-aligned zeroed memory for the soft-MMU view; unmapped when the machine drops.
+fn map_ram() -> Result<&'static mut [u8], String> {
+    // SAFETY: anonymous private mapping, checked below; it lives until Machine::drop.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            RAM_SIZE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err("cannot map the soft-MMU guest memory".into());
+    }
+    // SAFETY: the mapping is RAM_SIZE bytes, readable and writable, and owned by the machine.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, RAM_SIZE as usize) })
+}
+
 impl Drop for Machine {
     fn drop(&mut self) {
         // SAFETY: the mappings created in `new`.
         unsafe {
+            libc::munmap(self.ram.as_mut_ptr() as *mut libc::c_void, RAM_SIZE as usize);
             libc::munmap(self.base as *mut libc::c_void, REGION_SIZE as usize);
             libc::munmap(self.trampoline as *mut libc::c_void, 4096);
         }

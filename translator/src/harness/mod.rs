@@ -121,7 +121,7 @@ impl Worker {
                 }
                 return result;
             };
-            self.machine.load_code(&inst.bytes);
+            self.machine.load_code(&inst.bytes, inst.lead_in);
             for t in &mut self.translators {
                 t.flush();
             }

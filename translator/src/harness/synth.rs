@@ -59,6 +59,9 @@ fn vec_reg(first: Register, rng: &mut Rng, count: u64) -> Register {
 pub struct Instance {
     pub instr: Instruction,
     pub bytes: Vec<u8>,
+    /// Run starts at a `nop` just before the instruction, so it is not the first of its block
+    /// (exercises fault mapping and flag liveness inside blocks).
+    pub lead_in: bool,
     /// Target address of the explicit memory operand, as an offset into the data region.
     pub mem_target: Option<u64>,
 }
@@ -300,7 +303,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     if decoded.code() != code || decoded.len() != bytes.len() {
         return None;
     }
-    Some(Instance { instr: decoded, bytes, mem_target })
+    Some(Instance { instr: decoded, bytes, mem_target, lead_in: rng.chance(50) })
 }
 
 /// A random machine state for `inst`, constrained so its accesses and branches stay inside the
@@ -311,7 +314,7 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
     for r in s.gpr.iter_mut() {
         *r = rng.interesting();
     }
-    s.rip = instr.ip();
+    s.rip = instr.ip() - inst.lead_in as u64;
     s.rflags = flags::FIXED | flags::IF | (rng.next_u64() & (flags::STATUS | flags::DF));
     if rng.chance(5) {
         s.rflags |= flags::AC;

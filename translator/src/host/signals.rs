@@ -283,7 +283,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
                 gregs[libc::REG_EFL as usize] = unsafe { *(ctx.flag_slot as *const u64) } as i64;
             }
             let is_trap = matches!(trapno, 1 | 3 | 4);
-            ctx.next_rip = if is_trap { site.guest_rip + site.guest_len as u64 } else { site.guest_rip };
+            ctx.state.rip = if is_trap { site.guest_rip + site.guest_len as u64 } else { site.guest_rip };
             ctx.fault_vector = trapno as u32;
             ctx.fault_error_code = gregs[libc::REG_ERR as usize] as u32;
             ctx.fault_address = if trapno == 14 {

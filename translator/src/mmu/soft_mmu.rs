@@ -21,7 +21,12 @@ impl GuestRam {
     /// # Safety
     /// `base..base+size` must stay mapped, readable and writable for the life of the value, and
     /// nothing else may assume its contents stay unchanged (the guest writes it).
+    ///
+    /// # Panics
+    /// If `base` is not page-aligned: host addresses must keep the guest's alignment, or
+    /// alignment faults (`movaps`, `#AC`) would differ from the CPU's.
     pub unsafe fn new(base: *mut u8, size: u64) -> Self {
+        assert_eq!(base as usize % 4096, 0, "guest RAM must be page-aligned in host memory");
         GuestRam { base, size }
     }
 

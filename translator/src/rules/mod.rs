@@ -259,7 +259,8 @@ fn classify(code: Code) -> Option<Rule> {
         return None;
     }
     let mnemonic = code.mnemonic();
-    let sample = Instruction::with(code);
+    let mut sample = Instruction::default();
+    sample.set_code(code);
     if sample.is_privileged() {
         return Some(Rule::Emulate(EmulateOp::Privileged));
     }
