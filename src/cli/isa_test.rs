@@ -79,7 +79,9 @@ fn selection(args: &IsaTestArgs) -> Result<Vec<Code>> {
     }
     for name in &args.mnemonics {
         let found: Vec<Code> = Code::values()
-            .filter(|c| format!("{:?}", c.mnemonic()).eq_ignore_ascii_case(name) && hbt_translator::rules::rule(*c).is_some())
+            .filter(|c| {
+                format!("{:?}", c.mnemonic()).eq_ignore_ascii_case(name) && hbt_translator::rules::rule(*c).is_some()
+            })
             .collect();
         if found.is_empty() {
             bail!("no Code with mnemonic `{name}` has a translation rule");
@@ -87,7 +89,11 @@ fn selection(args: &IsaTestArgs) -> Result<Vec<Code>> {
         codes.extend(found);
     }
     if codes.is_empty() {
-        codes = if args.all { codes_with_rules().collect() } else { supported_codes().to_vec() };
+        codes = if args.all {
+            codes_with_rules().collect()
+        } else {
+            supported_codes().to_vec()
+        };
     }
     codes.sort_by_key(|&c| c as u32);
     codes.dedup();
@@ -99,8 +105,13 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
     if args.cases == 0 {
         bail!("--cases must be at least 1");
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let opts = Options { cases: args.cases, seed: args.seed };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let opts = Options {
+        cases: args.cases,
+        seed: args.seed,
+    };
     let done = AtomicUsize::new(0);
     let total = codes.len();
     let tty = std::io::stderr().is_terminal();
@@ -109,7 +120,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
         if r.status == Status::Failed {
             eprintln!("FAIL {:?}: {}", r.code, r.failure.as_deref().unwrap_or(""));
         }
-        if tty && (n % 25 == 0 || n == total) {
+        if tty && (n.is_multiple_of(25) || n == total) {
             eprint!("\r{n}/{total} instruction forms tested");
             if n == total {
                 eprintln!();
@@ -172,7 +183,13 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                     Status::Skipped(why) if args.verbose => format!("skipped: {why}"),
                     Status::Skipped(_) => continue,
                 };
-                writeln!(out, "{:<44} {:<12} {:>7}  {status}", format!("{:?}", r.code), r.mnemonic, r.cases)?;
+                writeln!(
+                    out,
+                    "{:<44} {:<12} {:>7}  {status}",
+                    format!("{:?}", r.code),
+                    r.mnemonic,
+                    r.cases
+                )?;
             }
             writeln!(
                 out,

@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 
 /// hbt — a hybrid binary-translation CPU virtualizer for x86-64.
 ///
-/// Today: `hbt coverage` measures which x86-64 instructions a Linux distribution uses, weighted
-/// by package popularity, and how much of it the translator's supported set covers.
+/// `hbt coverage` measures which x86-64 instructions a Linux distribution uses, weighted by
+/// package popularity, and how much of it the translator's supported set covers.
+/// `hbt isa-test` proves each supported instruction form against the host CPU.
 #[derive(Parser)]
 #[command(name = "hbt", version, propagate_version = true)]
 pub struct Cli {
@@ -19,13 +20,13 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Coverage(coverage::CoverageArgs),
+    Coverage(Box<coverage::CoverageArgs>),
     IsaTest(isa_test::IsaTestArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Coverage(args) => coverage::run(args),
+        Command::Coverage(args) => coverage::run(*args),
         Command::IsaTest(args) => isa_test::run(args),
     }
 }

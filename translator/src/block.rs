@@ -54,7 +54,9 @@ pub fn build(
 ) -> Result<DecodedBlock, BuildError> {
     let page_end = (rip & !(PAGE - 1)) + PAGE;
     let mut buf = vec![0u8; (page_end - rip) as usize + 15];
-    let first = fetch.fetch(rip, &mut buf[..(page_end - rip) as usize]).map_err(BuildError::Fault)?;
+    let first = fetch
+        .fetch(rip, &mut buf[..(page_end - rip) as usize])
+        .map_err(BuildError::Fault)?;
     let mut avail = first;
     let mut second_fault = None;
     if first == (page_end - rip) as usize {
@@ -98,7 +100,14 @@ pub fn build(
     }
     if instrs.is_empty() {
         // Only possible when nothing was decodable before the page end.
-        return Err(BuildError::Fault(second_fault.unwrap_or(GuestException::new(vector::UD))));
+        return Err(BuildError::Fault(
+            second_fault.unwrap_or(GuestException::new(vector::UD)),
+        ));
     }
-    Ok(DecodedBlock { start: rip, end, instrs, terminated })
+    Ok(DecodedBlock {
+        start: rip,
+        end,
+        instrs,
+        terminated,
+    })
 }

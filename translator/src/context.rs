@@ -168,7 +168,10 @@ impl Drop for ContextBox {
 
 impl Context {
     pub fn flush_tlb(&mut self) {
-        let empty = TlbEntry { vpn: TLB_EMPTY, addend: 0 };
+        let empty = TlbEntry {
+            vpn: TLB_EMPTY,
+            addend: 0,
+        };
         self.tlb_read.fill(empty);
         self.tlb_write.fill(empty);
     }

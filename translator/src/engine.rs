@@ -43,15 +43,12 @@ pub struct Stats {
 
 struct Block {
     guest_start: u64,
-    guest_end: u64,
     host: u64,
     host_len: u32,
     sites: Vec<HostSite>,
     exits: Vec<ExitPatch>,
     /// Chained jumps into this block: (rel32 field, original stub target).
     incoming: Vec<(u64, u64)>,
-    /// Guest physical pages holding its code (soft-MMU only).
-    phys_pages: Vec<u64>,
     valid: bool,
 }
 
@@ -180,7 +177,11 @@ impl Translator {
                 r if r == ExitReason::TlbMiss as u32 => {
                     self.stats.tlb_misses += 1;
                     let rip = self.ctx.get().state.rip;
-                    last_miss = if last_miss.0 == rip { (rip, last_miss.1 + 1) } else { (rip, 1) };
+                    last_miss = if last_miss.0 == rip {
+                        (rip, last_miss.1 + 1)
+                    } else {
+                        (rip, 1)
+                    };
                     if last_miss.1 > TLB_RETRY_LIMIT {
                         return Err(TranslateError::Host(format!(
                             "soft-MMU TLB thrashing at guest RIP {rip:#x} (two accesses of one instruction evict each other)"
@@ -196,7 +197,11 @@ impl Translator {
                     let vector = ctx.fault_vector as u8;
                     let exc = match vector {
                         14 => GuestException::page_fault(ctx.fault_address, ctx.fault_error_code),
-                        13 | 17 => GuestException { vector, error_code: Some(ctx.fault_error_code), address: None },
+                        13 | 17 => GuestException {
+                            vector,
+                            error_code: Some(ctx.fault_error_code),
+                            address: None,
+                        },
                         _ => GuestException::new(vector),
                     };
                     return Ok(Exit::Exception(exc));
@@ -264,7 +269,11 @@ impl Translator {
             return Ok(Lookup::Host(self.blocks[i].host));
         }
         let soft = self.strategy.is_soft_mmu();
-        let mut fetch = Fetcher { strategy: &self.strategy, state: &self.ctx.get().state, pages: Vec::new() };
+        let mut fetch = Fetcher {
+            strategy: &self.strategy,
+            state: &self.ctx.get().state,
+            pages: Vec::new(),
+        };
         let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
         let user = self.ctx.get().state.cpl == crate::state::Cpl::User;
         let block = match block::build(&mut fetch, rip, soft, user, cap) {
@@ -284,10 +293,18 @@ impl Translator {
         let pages = if uncached {
             Vec::new()
         } else {
-            fetch.pages.into_iter().filter(|&(va, _)| va < block.end && va + PAGE > block.start).map(|(_, pa)| pa).collect()
+            fetch
+                .pages
+                .into_iter()
+                .filter(|&(va, _)| va < block.end && va + PAGE > block.start)
+                .map(|(_, pa)| pa)
+                .collect()
         };
         if let Some(first) = block.instrs.first() {
-            let fs_gs = matches!(first.instr.segment_prefix(), iced_x86::Register::FS | iced_x86::Register::GS);
+            let fs_gs = matches!(
+                first.instr.segment_prefix(),
+                iced_x86::Register::FS | iced_x86::Register::GS
+            );
             if first.rule.runs_in_engine(soft, fs_gs) {
                 self.stats.emulated += 1;
                 let instr = first.instr;
@@ -298,7 +315,12 @@ impl Translator {
         Ok(Lookup::Host(host))
     }
 
-    fn emulate(&mut self, instr: &iced_x86::Instruction, rule: Rule, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
+    fn emulate(
+        &mut self,
+        instr: &iced_x86::Instruction,
+        rule: Rule,
+        platform: &mut dyn Platform,
+    ) -> Result<Lookup, TranslateError> {
         use crate::rules::{EmulateOp, ImplicitOp};
         let unsupported = |why: &str| TranslateError::Unsupported {
             rip: instr.ip(),
@@ -313,16 +335,21 @@ impl Translator {
                     let ctx = self.ctx.get_mut();
                     let mut state = ctx.state.clone();
                     let alignment_checks = rule != Rule::Implicit(ImplicitOp::Gather);
-                    let mut mem = Memory { strategy: &self.strategy, cr_state: Some(state.clone()), written: &mut written, alignment_checks };
+                    let mut mem = Memory {
+                        strategy: &self.strategy,
+                        cr_state: Some(state.clone()),
+                        written: &mut written,
+                        alignment_checks,
+                    };
                     let r = match rule {
                         Rule::Implicit(ImplicitOp::String) => emulate::string::execute(&mut state, instr, &mut mem)
-                            .map_err(|()| unsupported("(32-bit address size string instruction)")),
+                            .map_err(|_| unsupported("(32-bit address size string instruction)")),
                         Rule::Implicit(_) => emulate::implicit::execute(&mut state, instr, &mut mem)
-                            .map_err(|()| unsupported("(no engine implementation for this form)")),
+                            .map_err(|_| unsupported("(no engine implementation for this form)")),
                         _ => emulate::segment::execute(&mut state, instr, &mut mem).map_err(|u| match u {
-                            emulate::segment::Unsupported::CompatibilityMode(cs) => {
-                                unsupported(&format!("(far transfer to 32-bit code segment {cs:#x}: compatibility mode)"))
-                            }
+                            emulate::segment::Unsupported::CompatibilityMode(cs) => unsupported(&format!(
+                                "(far transfer to 32-bit code segment {cs:#x}: compatibility mode)"
+                            )),
                             emulate::segment::Unsupported::Form => unsupported("(segment form)"),
                         }),
                     };
@@ -363,19 +390,20 @@ impl Translator {
             let entry = self.code_pages.entry(page).or_default();
             if entry.is_empty() {
                 // Writes to this page must now miss so they can invalidate its blocks.
-                self.ctx.get_mut().tlb_write.fill(crate::context::TlbEntry { vpn: crate::context::TLB_EMPTY, addend: 0 });
+                self.ctx.get_mut().tlb_write.fill(crate::context::TlbEntry {
+                    vpn: crate::context::TLB_EMPTY,
+                    addend: 0,
+                });
             }
             entry.push(index);
         }
         self.blocks.push(Block {
             guest_start: block.start,
-            guest_end: block.end,
             host,
             host_len: emitted.code.len() as u32,
             sites: emitted.sites,
             exits: emitted.exits,
             incoming: Vec::new(),
-            phys_pages,
             valid: cached,
         });
         if cached {
@@ -388,7 +416,9 @@ impl Translator {
     /// Invalidates every block whose code lies in guest physical page `page` (self-modifying
     /// code): unlinks chained jumps into it and removes it from the lookups.
     fn invalidate_phys_page(&mut self, page: u64) {
-        let Some(list) = self.code_pages.remove(&page) else { return };
+        let Some(list) = self.code_pages.remove(&page) else {
+            return;
+        };
         for i in list {
             if !self.blocks[i].valid {
                 continue;
@@ -439,10 +469,18 @@ impl Translator {
         if !canonical {
             // Non-canonical addresses fault before alignment or paging: #SS for stack accesses.
             let vector = if stack { 12 } else { crate::exit::vector::GP };
-            return Ok(Some(GuestException { vector, error_code: Some(0), address: None }));
+            return Ok(Some(GuestException {
+                vector,
+                error_code: Some(0),
+                address: None,
+            }));
         }
-        if ac && !exempt && va % alignment != 0 {
-            return Ok(Some(GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None }));
+        if ac && !exempt && !va.is_multiple_of(alignment) {
+            return Ok(Some(GuestException {
+                vector: crate::exit::vector::AC,
+                error_code: Some(0),
+                address: None,
+            }));
         }
         let last = va.wrapping_add(size - 1);
         let mut fills = Vec::new();
@@ -453,7 +491,11 @@ impl Translator {
             let pa = match soft_mmu::walk(ram, &state, addr, access) {
                 Ok(pa) => pa,
                 Err(exc) if stack && exc.vector == crate::exit::vector::GP => {
-                    return Ok(Some(GuestException { vector: 12, error_code: Some(0), address: None }))
+                    return Ok(Some(GuestException {
+                        vector: 12,
+                        error_code: Some(0),
+                        address: None,
+                    }))
                 }
                 Err(exc) => return Ok(Some(exc)),
             };
@@ -475,7 +517,10 @@ impl Translator {
         }
         let ctx = self.ctx.get_mut();
         let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let entry = crate::context::TlbEntry { vpn: page_va >> 12, addend: host.wrapping_sub(page_va) };
+        let entry = crate::context::TlbEntry {
+            vpn: page_va >> 12,
+            addend: host.wrapping_sub(page_va),
+        };
         if access == Access::Write {
             ctx.tlb_write[index] = entry;
         } else {
@@ -554,7 +599,9 @@ impl CodeFetch for Fetcher<'_> {
                 .ok_or(GuestException::page_fault(addr, 0x14)),
             MemoryStrategy::SoftMmu(ram) => {
                 let pa = soft_mmu::walk(ram, self.state, addr, Access::Fetch)?;
-                let host = ram.host(pa, buf.len() as u64).ok_or(GuestException::page_fault(addr, 0x11))?;
+                let host = ram
+                    .host(pa, buf.len() as u64)
+                    .ok_or(GuestException::page_fault(addr, 0x11))?;
                 // SAFETY: host..host+len is inside guest RAM (checked by `host`).
                 unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
                 let page = (addr & !(PAGE - 1), pa & !(PAGE - 1));
@@ -617,8 +664,12 @@ impl Memory<'_> {
         }
         let Some(s) = self.cr_state.as_ref() else { return Ok(()) };
         let ac = s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0 && s.rflags & crate::state::flags::AC != 0;
-        if ac && matches!(len, 2 | 4 | 8) && va % len as u64 != 0 {
-            return Err(GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None });
+        if ac && matches!(len, 2 | 4 | 8) && !va.is_multiple_of(len as u64) {
+            return Err(GuestException {
+                vector: crate::exit::vector::AC,
+                error_code: Some(0),
+                address: None,
+            });
         }
         Ok(())
     }
@@ -640,11 +691,19 @@ impl GuestMemory for Memory<'_> {
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
         self.check_alignment(va, data.len())?;
         if matches!(self.strategy, MemoryStrategy::Identity) {
-            let local = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
-            let remote = libc::iovec { iov_base: va as *mut libc::c_void, iov_len: data.len() };
+            let local = libc::iovec {
+                iov_base: data.as_ptr() as *mut libc::c_void,
+                iov_len: data.len(),
+            };
+            let remote = libc::iovec {
+                iov_base: va as *mut libc::c_void,
+                iov_len: data.len(),
+            };
             // SAFETY: process_vm_writev on our own pid reports EFAULT instead of faulting.
             let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-            return (n == data.len() as isize).then_some(()).ok_or(GuestException::page_fault(va, 6));
+            return (n == data.len() as isize)
+                .then_some(())
+                .ok_or(GuestException::page_fault(va, 6));
         }
         // Check every page first so a faulting write leaves memory untouched.
         self.each_page(va, data.len(), Access::Write, |_, _, _| {})?;

@@ -6,7 +6,12 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum TranslateError {
     #[error("unsupported instruction `{text}` ({code}) at guest RIP {rip:#x}, bytes {bytes}")]
-    Unsupported { rip: u64, text: String, code: String, bytes: String },
+    Unsupported {
+        rip: u64,
+        text: String,
+        code: String,
+        bytes: String,
+    },
     #[error("failed to re-encode `{text}` at guest RIP {rip:#x}: {reason}")]
     Encode { rip: u64, text: String, reason: String },
     #[error(

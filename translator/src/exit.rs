@@ -25,13 +25,25 @@ pub struct GuestException {
 
 impl GuestException {
     pub fn new(vector: u8) -> Self {
-        GuestException { vector, error_code: None, address: None }
+        GuestException {
+            vector,
+            error_code: None,
+            address: None,
+        }
     }
     pub fn gp(error_code: u32) -> Self {
-        GuestException { vector: vector::GP, error_code: Some(error_code), address: None }
+        GuestException {
+            vector: vector::GP,
+            error_code: Some(error_code),
+            address: None,
+        }
     }
     pub fn page_fault(address: u64, error_code: u32) -> Self {
-        GuestException { vector: vector::PF, error_code: Some(error_code), address: Some(address) }
+        GuestException {
+            vector: vector::PF,
+            error_code: Some(error_code),
+            address: Some(address),
+        }
     }
 }
 

@@ -43,7 +43,11 @@ impl Drop for CodePage {
 }
 
 fn identity() -> Translator {
-    Translator::new(Config { strategy: MemoryStrategy::Identity, code_cache_bytes: 1 << 20 }).unwrap()
+    Translator::new(Config {
+        strategy: MemoryStrategy::Identity,
+        code_cache_bytes: 1 << 20,
+    })
+    .unwrap()
 }
 
 fn gp_at(exit: Exit) -> bool {
@@ -53,7 +57,9 @@ fn gp_at(exit: Exit) -> bool {
 #[test]
 fn loops_run_chained_and_compute_the_right_result() {
     // mov ecx,1000; xor eax,eax; L: add eax,ecx; dec ecx; jnz L; hlt
-    let page = CodePage::new(&[0xb9, 0xe8, 0x03, 0, 0, 0x31, 0xc0, 0x01, 0xc8, 0xff, 0xc9, 0x75, 0xfa, 0xf4]);
+    let page = CodePage::new(&[
+        0xb9, 0xe8, 0x03, 0, 0, 0x31, 0xc0, 0x01, 0xc8, 0xff, 0xc9, 0x75, 0xfa, 0xf4,
+    ]);
     let mut t = identity();
     t.state_mut().rip = page.addr();
     let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
@@ -62,13 +68,18 @@ fn loops_run_chained_and_compute_the_right_result() {
     assert_eq!(t.state().gpr[0], 500_500);
     let stats = t.stats();
     assert!(stats.chained >= 1, "the loop's back edge is chained: {stats:?}");
-    assert!(stats.block_exits < 10, "1000 iterations must not exit to the dispatcher each time: {stats:?}");
+    assert!(
+        stats.block_exits < 10,
+        "1000 iterations must not exit to the dispatcher each time: {stats:?}"
+    );
 }
 
 #[test]
 fn calls_returns_and_indirect_calls_use_the_guest_stack() {
     // lea rax,[rip+8]; call rax; call +1; hlt; f: inc rbx; ret
-    let code = [0x48, 0x8d, 0x05, 8, 0, 0, 0, 0xff, 0xd0, 0xe8, 1, 0, 0, 0, 0xf4, 0x48, 0xff, 0xc3, 0xc3];
+    let code = [
+        0x48, 0x8d, 0x05, 8, 0, 0, 0, 0xff, 0xd0, 0xe8, 1, 0, 0, 0, 0xf4, 0x48, 0xff, 0xc3, 0xc3,
+    ];
     let page = CodePage::new(&code);
     let mut stack = vec![0u64; 512];
     let top = stack.as_mut_ptr() as u64 + 8 * 500;
@@ -125,7 +136,14 @@ impl SoftGuest {
     fn new(code: &[u8]) -> Self {
         // SAFETY: fresh anonymous mapping, checked.
         let ram = unsafe {
-            libc::mmap(std::ptr::null_mut(), RAM, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                RAM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
         } as *mut u8;
         assert_ne!(ram as *mut libc::c_void, libc::MAP_FAILED);
         let g = SoftGuest { ram };
@@ -151,7 +169,11 @@ impl SoftGuest {
     fn translator(&self) -> Translator {
         // SAFETY: the RAM mapping outlives the translator (the test keeps `self` alive).
         let ram = unsafe { GuestRam::new(self.ram, RAM as u64) };
-        let mut t = Translator::new(Config { strategy: MemoryStrategy::SoftMmu(ram), code_cache_bytes: 1 << 20 }).unwrap();
+        let mut t = Translator::new(Config {
+            strategy: MemoryStrategy::SoftMmu(ram),
+            code_cache_bytes: 1 << 20,
+        })
+        .unwrap();
         t.state_mut().cr3 = 0;
         t.state_mut().rip = CODE_VA;
         t
@@ -191,7 +213,10 @@ fn soft_mmu_sets_accessed_and_dirty_bits() {
     assert!(gp_at(exit), "{exit:?} at {:#x}", t.state().rip);
     // SAFETY: reading inside the RAM mapping.
     let (pte, data) = unsafe {
-        (std::ptr::read_unaligned(g.ram.add(0x3008) as *const u64), std::ptr::read_unaligned(g.ram.add(0x6000) as *const u64))
+        (
+            std::ptr::read_unaligned(g.ram.add(0x3008) as *const u64),
+            std::ptr::read_unaligned(g.ram.add(0x6000) as *const u64),
+        )
     };
     assert_eq!(data, 0xfeed);
     assert_eq!(pte & 0x60, 0x60, "accessed and dirty set in the data PTE: {pte:#x}");

@@ -57,7 +57,11 @@ pub fn gpr64(n: usize) -> Register {
 
 impl Asm {
     pub fn new(base: u64) -> Self {
-        Asm { buf: Vec::with_capacity(512), base, encoder: Encoder::new(64) }
+        Asm {
+            buf: Vec::with_capacity(512),
+            base,
+            encoder: Encoder::new(64),
+        }
     }
 
     /// Address of the next byte.
@@ -70,7 +74,11 @@ impl Asm {
         let result = self.encoder.encode(instr, at);
         // The encoder keeps partial output of a failed encoding; always drain it.
         let bytes = self.encoder.take_buffer();
-        result.map_err(|e| TranslateError::Encode { rip: instr.ip(), text: instr.to_string(), reason: e.to_string() })?;
+        result.map_err(|e| TranslateError::Encode {
+            rip: instr.ip(),
+            text: instr.to_string(),
+            reason: e.to_string(),
+        })?;
         self.buf.extend_from_slice(&bytes);
         Ok(())
     }
@@ -97,7 +105,11 @@ impl Asm {
     /// Stores a 64-bit constant into a context field without touching any register or flag.
     pub fn store_ctx_u64(&mut self, offset: usize, value: u64) {
         self.glue(Instruction::with2(Code::Mov_rm32_imm32, ctx(offset), value as u32));
-        self.glue(Instruction::with2(Code::Mov_rm32_imm32, ctx(offset + 4), (value >> 32) as u32));
+        self.glue(Instruction::with2(
+            Code::Mov_rm32_imm32,
+            ctx(offset + 4),
+            (value >> 32) as u32,
+        ));
     }
 
     pub fn store_ctx_u32(&mut self, offset: usize, value: u32) {

@@ -26,7 +26,7 @@ const IBL_REGS: [Register; 3] = [Register::RAX, Register::RCX, Register::RDX];
 const IBL_MASK: u16 = 0b111;
 
 impl BlockEmitter<'_> {
-    pub(super) fn branch(&mut self, instr: &Instruction, kind: BranchKind, flags_live: bool) -> Result<(), TranslateError> {
+    pub(super) fn branch(&mut self, instr: &Instruction, kind: BranchKind) -> Result<(), TranslateError> {
         let next = instr.next_ip();
         match kind {
             BranchKind::Jmp => self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64()),
@@ -41,39 +41,48 @@ impl BlockEmitter<'_> {
                 let here = self.asm.here();
                 let mut probe = *instr;
                 probe.set_near_branch64(here + 2);
-                let len = Encoder::new(64).encode(&probe, here).map_err(|e| TranslateError::Encode {
-                    rip: instr.ip(),
-                    text: instr.to_string(),
-                    reason: e.to_string(),
-                })? as u64;
+                let len = Encoder::new(64)
+                    .encode(&probe, here)
+                    .map_err(|e| TranslateError::Encode {
+                        rip: instr.ip(),
+                        text: instr.to_string(),
+                        reason: e.to_string(),
+                    })? as u64;
                 probe.set_near_branch64(here + len + 5);
                 self.asm.emit(&probe)?;
                 self.exit_jump(Code::Jmp_rel32_64, next);
                 self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
             }
             BranchKind::Call => {
-                self.push_return(next, flags_live)?;
+                self.push_return(next)?;
                 self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
             }
             BranchKind::CallIndirect => {
                 self.borrow_ibl();
-                self.load_target(instr, flags_live)?;
-                self.push_return(next, flags_live)?;
+                self.load_target(instr)?;
+                self.push_return(next)?;
                 self.indirect_lookup();
             }
             BranchKind::JmpIndirect => {
                 self.borrow_ibl();
-                self.load_target(instr, flags_live)?;
+                self.load_target(instr)?;
                 self.indirect_lookup();
             }
             BranchKind::Ret => {
                 self.borrow_ibl();
-                let mut load =
-                    Instruction::with2(Code::Mov_r64_rm64, Register::RAX, MemoryOperand::with_base(Register::RSP))
-                        .expect("mov rax,[rsp]");
+                let mut load = Instruction::with2(
+                    Code::Mov_r64_rm64,
+                    Register::RAX,
+                    MemoryOperand::with_base(Register::RSP),
+                )
+                .expect("mov rax,[rsp]");
                 load.set_ip(self.guest_rip);
-                self.mem_instr(&load, None, flags_live, IBL_MASK)?;
-                let pop = 8 + if instr.op_count() == 1 { instr.immediate16() as i64 } else { 0 };
+                self.mem_instr(&load, None, IBL_MASK)?;
+                let pop = 8 + if instr.op_count() == 1 {
+                    instr.immediate16() as i64
+                } else {
+                    0
+                };
                 self.asm.glue(Instruction::with2(
                     Code::Lea_r64_m,
                     Register::RSP,
@@ -92,11 +101,12 @@ impl BlockEmitter<'_> {
     }
 
     /// RAX = target of `jmp/call r/m64` (RAX/RCX/RDX borrowed but still holding guest values).
-    fn load_target(&mut self, instr: &Instruction, flags_live: bool) -> Result<(), TranslateError> {
+    fn load_target(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
         if instr.op0_kind() == OpKind::Register {
             let src = instr.op0_register();
             if src != Register::RAX {
-                self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, src));
+                self.asm
+                    .glue(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, src));
             }
             return Ok(());
         }
@@ -105,16 +115,16 @@ impl BlockEmitter<'_> {
         load.set_op1_kind(OpKind::Memory);
         load.set_op0_kind(OpKind::Register);
         load.set_op0_register(Register::RAX);
-        self.mem_instr(&load, None, flags_live, IBL_MASK)
+        self.mem_instr(&load, None, IBL_MASK)
     }
 
     /// Pushes the guest return address through the memory strategy.
-    fn push_return(&mut self, ret: u64, flags_live: bool) -> Result<(), TranslateError> {
+    fn push_return(&mut self, ret: u64) -> Result<(), TranslateError> {
         let slot = MemoryOperand::with_base_displ(Register::RSP, -8);
         if (ret as i64) == (ret as i32 as i64) {
             let mut store = Instruction::with2(Code::Mov_rm64_imm32, slot, ret as i32).expect("mov [rsp-8],imm32");
             store.set_ip(self.guest_rip);
-            self.mem_instr(&store, None, flags_live, 0)?;
+            self.mem_instr(&store, None, 0)?;
         } else if !self.soft_mmu {
             for (disp, half) in [(-8, ret as u32), (-4, (ret >> 32) as u32)] {
                 let mut store = Instruction::with2(
@@ -124,7 +134,7 @@ impl BlockEmitter<'_> {
                 )
                 .expect("mov dword [rsp+d],imm32");
                 store.set_ip(self.guest_rip);
-                self.mem_instr(&store, None, flags_live, 0)?;
+                self.mem_instr(&store, None, 0)?;
             }
         } else {
             let d = self.pick(0);
@@ -132,7 +142,7 @@ impl BlockEmitter<'_> {
             self.asm.mov_imm64(d, ret);
             let mut store = Instruction::with2(Code::Mov_rm64_r64, slot, d).expect("mov [rsp-8],r64");
             store.set_ip(self.guest_rip);
-            self.mem_instr(&store, None, flags_live, 0)?;
+            self.mem_instr(&store, None, 0)?;
             self.give_back(d);
         }
         self.asm.glue(Instruction::with2(
@@ -148,9 +158,21 @@ impl BlockEmitter<'_> {
         let a = &mut self.asm;
         a.mov_to_ctx(off::IBL_GUEST, Register::RAX);
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::AX));
-        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RDX, ctx_indexed(Register::RCX, 8, off::IBL_HOSTS)));
-        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, ctx_indexed(Register::RCX, 8, off::IBL_TAGS)));
-        a.glue(Instruction::with2(Code::Lea_r64_m, Register::RCX, MemoryOperand::with_base_index(Register::RCX, Register::RAX)));
+        a.glue(Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RDX,
+            ctx_indexed(Register::RCX, 8, off::IBL_HOSTS),
+        ));
+        a.glue(Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            ctx_indexed(Register::RCX, 8, off::IBL_TAGS),
+        ));
+        a.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            Register::RCX,
+            MemoryOperand::with_base_index(Register::RCX, Register::RAX),
+        ));
         let hit = a.here() + 2 + 5;
         a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
         let miss = self.glue.ibl_miss;

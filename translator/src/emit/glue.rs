@@ -47,7 +47,10 @@ const GPRS: [R; 16] = [
 /// Emits the glue at `base`; returns the bytes and the entry points.
 pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
     let mut a = Asm::new(base);
-    let mut glue = Glue { entry: a.here(), ..Glue::default() };
+    let mut glue = Glue {
+        entry: a.here(),
+        ..Glue::default()
+    };
 
     // --- entry ---
     for r in CALLEE_SAVED {
@@ -58,7 +61,11 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
     a.glue(Instruction::with1(Code::Stmxcsr_m32, ctx(off::HOST_MXCSR)));
     a.glue(Instruction::with1(Code::Fnstcw_m2byte, ctx(off::HOST_FCW)));
     a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EAX, host_xcr0() as u32));
-    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32));
+    a.glue(Instruction::with2(
+        Code::Mov_r32_imm32,
+        R::EDX,
+        (host_xcr0() >> 32) as u32,
+    ));
     a.glue(Instruction::with1(Code::Xrstor64_mem, ctx(off::XSAVE)));
     a.glue(Instruction::with1(Code::Push_rm64, ctx(off::RFLAGS)));
     a.op0(Code::Popfq);
@@ -82,7 +89,11 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
         }
     }
     a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EAX, host_xcr0() as u32));
-    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32));
+    a.glue(Instruction::with2(
+        Code::Mov_r32_imm32,
+        R::EDX,
+        (host_xcr0() >> 32) as u32,
+    ));
     a.glue(Instruction::with1(Code::Xsave64_mem, ctx(off::XSAVE)));
     a.op0(Code::Fninit);
     a.glue(Instruction::with1(Code::Fldcw_m2byte, ctx(off::HOST_FCW)));

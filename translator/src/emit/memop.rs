@@ -44,7 +44,6 @@ const GPR8: [Register; 16] = [
     Register::R15L,
 ];
 
-
 const GPR32: [Register; 16] = [
     Register::EAX,
     Register::ECX,
@@ -70,8 +69,10 @@ fn reg32(r: Register) -> Register {
 
 /// `bt/bts/btr/btc m, r`: the register operand offsets the address.
 fn is_bit_string_op(instr: &Instruction) -> bool {
-    matches!(instr.mnemonic(), Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc)
-        && instr.op0_kind() == OpKind::Memory
+    matches!(
+        instr.mnemonic(),
+        Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+    ) && instr.op0_kind() == OpKind::Memory
         && instr.op1_kind() == OpKind::Register
 }
 
@@ -98,7 +99,6 @@ impl BlockEmitter<'_> {
         &mut self,
         instr: &Instruction,
         raw: Option<&[u8]>,
-        flags_live: bool,
         avoid: u16,
     ) -> Result<(), TranslateError> {
         let info = self.info.info(instr);
@@ -152,7 +152,10 @@ impl BlockEmitter<'_> {
         // With AH/CH/DH/BH in the instruction no REX prefix is allowed: S must be a legacy register.
         let high8 = instr.op_kinds().enumerate().any(|(n, k)| {
             k == OpKind::Register
-                && matches!(instr.op_register(n as u32), Register::AH | Register::CH | Register::DH | Register::BH)
+                && matches!(
+                    instr.op_register(n as u32),
+                    Register::AH | Register::CH | Register::DH | Register::BH
+                )
         });
         let s = self.pick(used | if high8 { 0xff00 } else { 0 });
         self.borrow(s);
@@ -244,10 +247,22 @@ impl BlockEmitter<'_> {
             self.asm.mov_imm64(s, addr);
         } else {
             let disp = instr.memory_displacement64() as i64;
-            let disp = if base.size() == 4 || index.size() == 4 { disp as i32 as i64 } else { disp };
+            let disp = if base.size() == 4 || index.size() == 4 {
+                disp as i32 as i64
+            } else {
+                disp
+            };
             let addr32 = base.size() == 4 || index.size() == 4;
             let displ_size = if addr32 { 4 } else { 8 };
-            let mem = MemoryOperand::new(base, index, instr.memory_index_scale(), disp, displ_size, false, Register::None);
+            let mem = MemoryOperand::new(
+                base,
+                index,
+                instr.memory_index_scale(),
+                disp,
+                displ_size,
+                false,
+                Register::None,
+            );
             let lea = if addr32 { Code::Lea_r32_m } else { Code::Lea_r64_m };
             let dst = if lea == Code::Lea_r32_m { reg32(s) } else { s };
             self.asm.glue(Instruction::with2(lea, dst, mem));
@@ -255,9 +270,17 @@ impl BlockEmitter<'_> {
         if matches!(instr.segment_prefix(), Register::FS | Register::GS) {
             let t = self.pick(used | (1 << reg_num(s)));
             self.borrow(t);
-            let field = if instr.segment_prefix() == Register::FS { off::FS_BASE } else { off::GS_BASE };
+            let field = if instr.segment_prefix() == Register::FS {
+                off::FS_BASE
+            } else {
+                off::GS_BASE
+            };
             self.asm.mov_from_ctx(t, field);
-            self.asm.glue(Instruction::with2(Code::Lea_r64_m, s, MemoryOperand::with_base_index(s, t)));
+            self.asm.glue(Instruction::with2(
+                Code::Lea_r64_m,
+                s,
+                MemoryOperand::with_base_index(s, t),
+            ));
             self.give_back(t);
         }
     }
@@ -275,15 +298,30 @@ impl BlockEmitter<'_> {
         let info = size | ((access as u64) << 16) | (stack << 24) | (no_alignment_check << 25);
         let a: &mut Asm = &mut self.asm;
         if size > 1 {
-            a.glue(Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, size as i64 - 1)));
+            a.glue(Instruction::with2(
+                Code::Lea_r64_m,
+                t,
+                MemoryOperand::with_base_displ(s, size as i64 - 1),
+            ));
             a.glue(Instruction::with2(Code::Xor_r64_rm64, t, s));
             a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
             let field = a.branch32_forward(Code::Jne_rel32_64);
             let spilled = self.spilled;
             let guest_rip = self.guest_rip;
-            self.cold.push(Cold::TlbMiss { field, va_reg: s, info, guest_rip, spilled, flags_saved });
+            self.cold.push(Cold::TlbMiss {
+                field,
+                va_reg: s,
+                info,
+                guest_rip,
+                spilled,
+                flags_saved,
+            });
         }
-        let table = if access == Access::Write { off::TLB_WRITE } else { off::TLB_READ };
+        let table = if access == Access::Write {
+            off::TLB_WRITE
+        } else {
+            off::TLB_READ
+        };
         let a: &mut Asm = &mut self.asm;
         a.glue(Instruction::with2(Code::Mov_r64_rm64, t, s));
         a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
@@ -295,7 +333,14 @@ impl BlockEmitter<'_> {
         a.glue(Instruction::with2(Code::Add_r64_rm64, s, entry(table + 8)));
         let spilled = self.spilled;
         let guest_rip = self.guest_rip;
-        self.cold.push(Cold::TlbMiss { field, va_reg: s, info, guest_rip, spilled, flags_saved });
+        self.cold.push(Cold::TlbMiss {
+            field,
+            va_reg: s,
+            info,
+            guest_rip,
+            spilled,
+            flags_saved,
+        });
         self.give_back(u);
         self.give_back(t);
     }

@@ -6,6 +6,12 @@
 //! records that for every host instruction that can fault, so the signal handler and the TLB-miss
 //! stubs can always rebuild the exact guest state at the start of the guest instruction.
 //!
+//! Guest flags live in host flags. Glue under the identity strategy never touches them (the
+//! indirect-branch lookup uses only `mov`/`movzx`/`lea`/`jrcxz`), so no flag liveness is needed
+//! there; under the soft-MMU the TLB lookup saves and restores them around every access, because
+//! any access may fault and a precise fault must show the guest its flags unchanged — liveness
+//! cannot remove that save.
+//!
 //! One file per concern: `memop.rs` (explicit memory operands through the strategy), `stack.rs`
 //! (push/pop/pushf/popf/leave under the soft-MMU), `branch.rs` (control transfers, chaining and
 //! the inline indirect-branch lookup), `glue.rs` (entry/exit), `asm.rs` (encoder wrapper).
@@ -23,10 +29,7 @@ use crate::host::signals::FaultSite;
 use crate::rules::Rule;
 use asm::{spill_slot, Asm};
 use glue::Glue;
-use iced_x86::{Code, Instruction, InstructionInfoFactory, Register, RflagsBits};
-
-/// Arithmetic flags glue may clobber.
-const STATUS: u32 = RflagsBits::OF | RflagsBits::SF | RflagsBits::ZF | RflagsBits::AF | RflagsBits::CF | RflagsBits::PF;
+use iced_x86::{Code, Instruction, InstructionInfoFactory, Register};
 
 /// A host code range that can fault, and how to recover the guest state there.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +59,14 @@ enum Cold {
     /// Exit to `target`; `field` is the rel32 in the body that jumps here.
     Exit { field: usize, target: u64 },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
-    TlbMiss { field: usize, va_reg: Register, info: u64, guest_rip: u64, spilled: u16, flags_saved: bool },
+    TlbMiss {
+        field: usize,
+        va_reg: Register,
+        info: u64,
+        guest_rip: u64,
+        spilled: u16,
+        flags_saved: bool,
+    },
 }
 
 pub(crate) struct BlockEmitter<'a> {
@@ -78,7 +88,12 @@ pub(crate) struct BlockEmitter<'a> {
 }
 
 /// Emits `block` for host address `base`.
-pub fn emit_block(block: &DecodedBlock, base: u64, glue: &Glue, soft_mmu: bool) -> Result<EmittedBlock, TranslateError> {
+pub fn emit_block(
+    block: &DecodedBlock,
+    base: u64,
+    glue: &Glue,
+    soft_mmu: bool,
+) -> Result<EmittedBlock, TranslateError> {
     let mut e = BlockEmitter {
         asm: Asm::new(base),
         glue,
@@ -94,49 +109,41 @@ pub fn emit_block(block: &DecodedBlock, base: u64, glue: &Glue, soft_mmu: bool) 
         no_alignment_check: false,
         info: InstructionInfoFactory::new(),
     };
-    let live = flags_liveness(block);
-    for (i, d) in block.instrs.iter().enumerate() {
+    for d in &block.instrs {
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
         // Linux's UMIP emulator performs these stores itself, without alignment checking.
         e.no_alignment_check = d.rule == Rule::UserCopy;
-        let flags_live = live[i] & STATUS != 0;
         if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr)) {
             e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
             continue;
         }
         match d.rule {
-            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, &d.bytes, flags_live)?,
-            Rule::Stack(_) if !soft_mmu => e.copy(&d.instr, &d.bytes, flags_live)?,
-            Rule::Stack(op) => e.stack(&d.instr, op, flags_live)?,
-            Rule::Branch(kind) => e.branch(&d.instr, kind, flags_live)?,
+            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, &d.bytes)?,
+            Rule::Stack(_) if !soft_mmu => e.copy(&d.instr, &d.bytes)?,
+            Rule::Stack(op) => e.stack(&d.instr, op)?,
+            Rule::Branch(kind) => e.branch(&d.instr, kind)?,
             Rule::Emulate(_) => unreachable!("emulated rules run in the engine"),
         }
         debug_assert_eq!(e.spilled, 0, "glue left a register borrowed");
     }
     if !block.ends_in_transfer() {
         let here_field = e.asm.branch32_forward(Code::Jmp_rel32_64);
-        e.cold.push(Cold::Exit { field: here_field, target: block.end });
+        e.cold.push(Cold::Exit {
+            field: here_field,
+            target: block.end,
+        });
     }
     e.emit_cold();
-    Ok(EmittedBlock { code: e.asm.buf, sites: e.sites, exits: e.exits })
+    Ok(EmittedBlock {
+        code: e.asm.buf,
+        sites: e.sites,
+        exits: e.exits,
+    })
 }
 
 fn has_fs_gs(instr: &Instruction) -> bool {
     matches!(instr.segment_prefix(), Register::FS | Register::GS)
-}
-
-/// Backward liveness of RFLAGS bits before each instruction. Everything is live at the end of
-/// the block (successors are unknown).
-fn flags_liveness(block: &DecodedBlock) -> Vec<u32> {
-    let mut live = vec![0u32; block.instrs.len()];
-    let mut after = u32::MAX;
-    for (i, d) in block.instrs.iter().enumerate().rev() {
-        let before = (after & !d.instr.rflags_modified()) | d.instr.rflags_read();
-        live[i] = before;
-        after = before;
-    }
-    live
 }
 
 impl BlockEmitter<'_> {
@@ -161,9 +168,9 @@ impl BlockEmitter<'_> {
         self.site_here(start);
     }
 
-    fn copy(&mut self, instr: &Instruction, bytes: &[u8], flags_live: bool) -> Result<(), TranslateError> {
+    fn copy(&mut self, instr: &Instruction, bytes: &[u8]) -> Result<(), TranslateError> {
         if instr.op_kinds().any(|k| k == iced_x86::OpKind::Memory) {
-            self.mem_instr(instr, Some(bytes), flags_live, 0)
+            self.mem_instr(instr, Some(bytes), 0)
         } else {
             self.raw(bytes);
             Ok(())
@@ -174,13 +181,15 @@ impl BlockEmitter<'_> {
     fn borrow(&mut self, reg: Register) {
         let n = asm::reg_num(reg);
         debug_assert_eq!(self.spilled & (1 << n), 0);
-        self.asm.glue(Instruction::with2(Code::Mov_rm64_r64, spill_slot(reg), reg));
+        self.asm
+            .glue(Instruction::with2(Code::Mov_rm64_r64, spill_slot(reg), reg));
         self.spilled |= 1 << n;
     }
 
     /// Gives a borrowed register back its guest value.
     fn give_back(&mut self, reg: Register) {
-        self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, reg, spill_slot(reg)));
+        self.asm
+            .glue(Instruction::with2(Code::Mov_r64_rm64, reg, spill_slot(reg)));
         self.spilled &= !(1 << asm::reg_num(reg));
     }
 
@@ -188,7 +197,11 @@ impl BlockEmitter<'_> {
     fn pick(&self, avoid: u16) -> Register {
         const ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
         let taken = avoid | self.spilled | (1 << 4);
-        let n = ORDER.iter().copied().find(|&n| taken & (1 << n) == 0).expect("a free scratch register");
+        let n = ORDER
+            .iter()
+            .copied()
+            .find(|&n| taken & (1 << n) == 0)
+            .expect("a free scratch register");
         asm::gpr64(n)
     }
 
@@ -247,9 +260,19 @@ impl BlockEmitter<'_> {
                     self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::Branch as u32);
                     let exit = self.glue.exit;
                     self.asm.branch32(Code::Jmp_rel32_64, exit);
-                    self.exits.push(ExitPatch { field: field as u32, target });
+                    self.exits.push(ExitPatch {
+                        field: field as u32,
+                        target,
+                    });
                 }
-                Cold::TlbMiss { field, va_reg, info, guest_rip, spilled, flags_saved } => {
+                Cold::TlbMiss {
+                    field,
+                    va_reg,
+                    info,
+                    guest_rip,
+                    spilled,
+                    flags_saved,
+                } => {
                     let here = self.asm.here();
                     self.asm.bind(field, here);
                     self.asm.mov_to_ctx(off::MISS_VA, va_reg);

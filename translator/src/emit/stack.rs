@@ -70,10 +70,11 @@ impl BlockEmitter<'_> {
     }
 
     fn adjust_rsp(&mut self, delta: i64) {
-        self.asm.glue(Instruction::with2(Code::Lea_r64_m, Register::RSP, stack_slot(delta)));
+        self.asm
+            .glue(Instruction::with2(Code::Lea_r64_m, Register::RSP, stack_slot(delta)));
     }
 
-    pub(super) fn stack(&mut self, instr: &Instruction, op: StackOp, flags_live: bool) -> Result<(), TranslateError> {
+    pub(super) fn stack(&mut self, instr: &Instruction, op: StackOp) -> Result<(), TranslateError> {
         let n = match op {
             // leave sets RSP from RBP; its size is the operand size.
             StackOp::Leave if instr.code() == Code::Leavew => 2,
@@ -85,8 +86,12 @@ impl BlockEmitter<'_> {
             StackOp::Push => {
                 match instr.op0_kind() {
                     OpKind::Register => {
-                        let store = self.guest_glue(Instruction::with2(mov_store(n), stack_slot(-(n as i64)), instr.op0_register()));
-                        self.mem_instr(&store, None, flags_live, 0)?;
+                        let store = self.guest_glue(Instruction::with2(
+                            mov_store(n),
+                            stack_slot(-(n as i64)),
+                            instr.op0_register(),
+                        ));
+                        self.mem_instr(&store, None, 0)?;
                     }
                     OpKind::Memory => {
                         let d = self.pick(used);
@@ -96,9 +101,10 @@ impl BlockEmitter<'_> {
                         load.set_op1_kind(OpKind::Memory);
                         load.set_op0_kind(OpKind::Register);
                         load.set_op0_register(sized(d, n));
-                        self.mem_instr(&load, None, flags_live, 0)?;
-                        let store = self.guest_glue(Instruction::with2(mov_store(n), stack_slot(-(n as i64)), sized(d, n)));
-                        self.mem_instr(&store, None, flags_live, 0)?;
+                        self.mem_instr(&load, None, 0)?;
+                        let store =
+                            self.guest_glue(Instruction::with2(mov_store(n), stack_slot(-(n as i64)), sized(d, n)));
+                        self.mem_instr(&store, None, 0)?;
                         self.give_back(d);
                     }
                     _ => {
@@ -109,7 +115,7 @@ impl BlockEmitter<'_> {
                             Instruction::with2(Code::Mov_rm64_imm32, stack_slot(-8), value as i64 as i32)
                         };
                         let store = self.guest_glue(store);
-                        self.mem_instr(&store, None, flags_live, 0)?;
+                        self.mem_instr(&store, None, 0)?;
                     }
                 }
                 self.adjust_rsp(-(n as i64));
@@ -118,28 +124,29 @@ impl BlockEmitter<'_> {
                 OpKind::Register if instr.op0_register().full_register() != Register::RSP => {
                     let dst = instr.op0_register();
                     let load = self.guest_glue(Instruction::with2(mov_load(n), dst, stack_slot(0)));
-                    self.mem_instr(&load, None, flags_live, 0)?;
+                    self.mem_instr(&load, None, 0)?;
                     self.adjust_rsp(n as i64);
                 }
                 OpKind::Register if n == 8 => {
                     // pop rsp: RSP = [RSP].
                     let load = self.guest_glue(Instruction::with2(Code::Mov_r64_rm64, Register::RSP, stack_slot(0)));
-                    self.mem_instr(&load, None, flags_live, 0)?;
+                    self.mem_instr(&load, None, 0)?;
                 }
                 OpKind::Register => {
                     let d = self.pick(used);
                     self.borrow(d);
                     let load = self.guest_glue(Instruction::with2(mov_load(n), sized(d, n), stack_slot(0)));
-                    self.mem_instr(&load, None, flags_live, 0)?;
+                    self.mem_instr(&load, None, 0)?;
                     self.adjust_rsp(n as i64);
-                    self.asm.glue(Instruction::with2(Code::Mov_r16_rm16, Register::SP, sized(d, n)));
+                    self.asm
+                        .glue(Instruction::with2(Code::Mov_r16_rm16, Register::SP, sized(d, n)));
                     self.give_back(d);
                 }
                 _ => {
                     let d = self.pick(used);
                     self.borrow(d);
                     let load = self.guest_glue(Instruction::with2(mov_load(n), sized(d, n), stack_slot(0)));
-                    self.mem_instr(&load, None, flags_live, 0)?;
+                    self.mem_instr(&load, None, 0)?;
                     // The destination address uses RSP after the pop.
                     let mut store = *instr;
                     store.set_code(mov_store(n));
@@ -149,7 +156,7 @@ impl BlockEmitter<'_> {
                         store.set_memory_displacement64(store.memory_displacement64().wrapping_add(n));
                         store.set_memory_displ_size(8);
                     }
-                    self.mem_instr(&store, None, flags_live, 1 << reg_num(d))?;
+                    self.mem_instr(&store, None, 1 << reg_num(d))?;
                     self.give_back(d);
                     self.adjust_rsp(n as i64);
                 }
@@ -163,7 +170,7 @@ impl BlockEmitter<'_> {
                 self.asm.glue(Instruction::with1(Code::Pop_r64, d));
                 self.asm.mov_from_ctx(Register::RSP, off::RSP_SAVE);
                 let store = self.guest_glue(Instruction::with2(mov_store(n), stack_slot(-(n as i64)), sized(d, n)));
-                self.mem_instr(&store, None, true, 0)?;
+                self.mem_instr(&store, None, 0)?;
                 self.give_back(d);
                 self.adjust_rsp(-(n as i64));
             }
@@ -171,7 +178,7 @@ impl BlockEmitter<'_> {
                 let d = self.pick(used);
                 self.borrow(d);
                 let load = self.guest_glue(Instruction::with2(mov_load(n), sized(d, n), stack_slot(0)));
-                self.mem_instr(&load, None, true, 0)?;
+                self.mem_instr(&load, None, 0)?;
                 self.asm.mov_to_ctx(off::RSP_SAVE, Register::RSP);
                 self.asm.mov_from_ctx(Register::RSP, off::FLAG_STACK_TOP);
                 self.asm.glue(Instruction::with1(Code::Push_r64, d));
@@ -188,13 +195,14 @@ impl BlockEmitter<'_> {
                     sized(d, n),
                     MemoryOperand::with_base(Register::RBP),
                 ));
-                self.mem_instr(&load, None, flags_live, 0)?;
+                self.mem_instr(&load, None, 0)?;
                 self.asm.glue(Instruction::with2(
                     Code::Lea_r64_m,
                     Register::RSP,
                     MemoryOperand::with_base_displ(Register::RBP, n as i64),
                 ));
-                self.asm.glue(Instruction::with2(mov_load(n), sized(Register::RBP, n), sized(d, n)));
+                self.asm
+                    .glue(Instruction::with2(mov_load(n), sized(Register::RBP, n), sized(d, n)));
                 self.give_back(d);
             }
         }

@@ -15,14 +15,18 @@ fn read(mem: &mut dyn GuestMemory, va: u64, n: usize) -> Result<u64, GuestExcept
 }
 
 /// Performs one instruction; the caller advances nothing (RIP is set here on success).
-pub fn execute(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<Outcome, ()> {
+pub fn execute(
+    state: &mut GuestState,
+    instr: &Instruction,
+    mem: &mut dyn GuestMemory,
+) -> Result<Outcome, super::NotEmulated> {
     let mut next = state.clone();
     let result = match instr.mnemonic() {
         Mnemonic::Xlatb => xlat(&mut next, instr, mem),
         Mnemonic::Enter => enter(&mut next, instr, mem),
         Mnemonic::Maskmovdqu | Mnemonic::Vmaskmovdqu => maskmov(&next, instr, mem),
         m if is_gather(m) => gather(&mut next, instr, mem),
-        _ => return Err(()),
+        _ => return Err(super::NotEmulated),
     };
     match result {
         Ok(()) => {
@@ -33,14 +37,15 @@ pub fn execute(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestM
         Err((exc, partial)) => {
             // Gathers keep the elements they completed; everything else is all-or-nothing.
             if let Some(partial) = partial {
-                *state = partial;
+                *state = *partial;
             }
             Ok(Outcome::Exit(Exit::Exception(exc)))
         }
     }
 }
 
-type Fault = (GuestException, Option<GuestState>);
+/// A guest exception, with the partial state a gather leaves behind.
+type Fault = (GuestException, Option<Box<GuestState>>);
 
 fn xlat(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let seg = match instr.segment_prefix() {
@@ -55,14 +60,19 @@ fn xlat(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> R
 }
 
 fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
-    let size: u64 = if instr.code() == iced_x86::Code::Enterw_imm16_imm8 { 2 } else { 8 };
+    let size: u64 = if instr.code() == iced_x86::Code::Enterw_imm16_imm8 {
+        2
+    } else {
+        8
+    };
     let alloc = instr.immediate16() as u64;
     let level = (instr.immediate8_2nd() & 31) as u64;
     let mut rsp = s.gpr[gpr::RSP];
     let push = |rsp: &mut u64, value: u64, mem: &mut dyn GuestMemory| -> Result<(), Fault> {
         *rsp = rsp.wrapping_sub(size);
         let at = stack_address(*rsp).map_err(|e| (e, None))?;
-        mem.write(at, &value.to_le_bytes()[..size as usize]).map_err(|e| (e, None))
+        mem.write(at, &value.to_le_bytes()[..size as usize])
+            .map_err(|e| (e, None))
     };
     push(&mut rsp, s.gpr[gpr::RBP], mem)?;
     let frame = rsp;
@@ -98,13 +108,22 @@ fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
     // Alignment checking treats the store as one 16-byte access, when any byte is stored
     // (observed on this host).
     let any = mask[..16].iter().any(|b| b & 0x80 != 0);
-    let ac = any && s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0 && s.rflags & crate::state::flags::AC != 0;
-    if ac && base % 16 != 0 {
-        return Err((GuestException { vector: crate::exit::vector::AC, error_code: Some(0), address: None }, None));
+    let ac =
+        any && s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0 && s.rflags & crate::state::flags::AC != 0;
+    if ac && !base.is_multiple_of(16) {
+        return Err((
+            GuestException {
+                vector: crate::exit::vector::AC,
+                error_code: Some(0),
+                address: None,
+            },
+            None,
+        ));
     }
     for i in 0..16 {
         if mask[i] & 0x80 != 0 {
-            mem.write(base.wrapping_add(i as u64), &data[i..i + 1]).map_err(|e| (e, None))?;
+            mem.write(base.wrapping_add(i as u64), &data[i..i + 1])
+                .map_err(|e| (e, None))?;
         }
     }
     Ok(())
@@ -134,7 +153,10 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
         Mnemonic::Vpgatherdd | Mnemonic::Vpgatherqd | Mnemonic::Vgatherdps | Mnemonic::Vgatherqps => 4,
         _ => 8,
     };
-    let is = if matches!(instr.mnemonic(), Mnemonic::Vpgatherdd | Mnemonic::Vpgatherdq | Mnemonic::Vgatherdps | Mnemonic::Vgatherdpd) {
+    let is = if matches!(
+        instr.mnemonic(),
+        Mnemonic::Vpgatherdd | Mnemonic::Vpgatherdq | Mnemonic::Vgatherdps | Mnemonic::Vgatherdpd
+    ) {
         4
     } else {
         8
@@ -160,7 +182,7 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
                 let mut partial = s.clone();
                 write_ymm(&mut partial, dn, &dst);
                 write_ymm(&mut partial, mn, &mask);
-                return Err((e, Some(partial)));
+                return Err((e, Some(Box::new(partial))));
             }
         }
     }

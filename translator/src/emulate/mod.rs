@@ -15,6 +15,10 @@ use crate::rules::EmulateOp;
 use crate::state::{flags, gpr, Cpl, GuestState};
 use iced_x86::Instruction;
 
+/// The engine has no implementation for this form (e.g. a 32-bit-address-size string op).
+#[derive(Debug, Clone, Copy)]
+pub struct NotEmulated;
+
 /// Result of emulating one instruction.
 pub enum Outcome {
     /// Continue at `state.rip`.
@@ -35,7 +39,11 @@ pub fn stack_address(va: u64) -> Result<u64, GuestException> {
     if ((va as i64) << 16 >> 16) as u64 == va {
         Ok(va)
     } else {
-        Err(GuestException { vector: 12, error_code: Some(0), address: None })
+        Err(GuestException {
+            vector: 12,
+            error_code: Some(0),
+            address: None,
+        })
     }
 }
 
@@ -105,4 +113,3 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
     state.rip = next;
     Outcome::Continue
 }
-

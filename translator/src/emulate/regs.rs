@@ -71,7 +71,11 @@ pub fn linear_address(state: &GuestState, instr: &Instruction, operand: u32, ele
             b[..elem_size].copy_from_slice(&v[at..at + elem_size]);
             let raw = u64::from_le_bytes(b);
             // VSIB indices are signed.
-            Some(if elem_size == 4 { raw as u32 as i32 as i64 as u64 } else { raw })
+            Some(if elem_size == 4 {
+                raw as u32 as i32 as i64 as u64
+            } else {
+                raw
+            })
         }
         r => Some(read_gpr(state, r)),
     })

@@ -88,7 +88,11 @@ fn load_segment(s: &mut GuestState, sreg: usize, selector: u16) -> Result<(), Gu
             return Err(gp(selector));
         }
         if ar & AR_P == 0 {
-            return Err(GuestException { vector: 12, error_code: Some((selector & 0xfffc) as u32), address: None });
+            return Err(GuestException {
+                vector: 12,
+                error_code: Some((selector & 0xfffc) as u32),
+                address: None,
+            });
         }
     } else {
         if code && !readable_or_writable {
@@ -99,7 +103,11 @@ fn load_segment(s: &mut GuestState, sreg: usize, selector: u16) -> Result<(), Gu
             return Err(gp(selector));
         }
         if ar & AR_P == 0 {
-            return Err(GuestException { vector: 11, error_code: Some((selector & 0xfffc) as u32), address: None });
+            return Err(GuestException {
+                vector: 11,
+                error_code: Some((selector & 0xfffc) as u32),
+                address: None,
+            });
         }
     }
     s.seg[sreg] = selector;
@@ -125,7 +133,11 @@ fn check_code_segment(selector: u16) -> Result<bool, GuestException> {
         return Err(gp(selector));
     }
     if ar & AR_P == 0 {
-        return Err(GuestException { vector: 11, error_code: Some((selector & 0xfffc) as u32), address: None });
+        return Err(GuestException {
+            vector: 11,
+            error_code: Some((selector & 0xfffc) as u32),
+            address: None,
+        });
     }
     Ok(ar & AR_L != 0)
 }
@@ -229,7 +241,11 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         }
         Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss => {
             let dst = instr.op0_register();
-            let size = if dst.size() == 8 && is_amd() { 4 } else { dst.size() as u64 };
+            let size = if dst.size() == 8 && is_amd() {
+                4
+            } else {
+                dst.size() as u64
+            };
             let va = mem_va(s, 1);
             let offset = read(mem, va, size as usize)?;
             let selector = read(mem, va.wrapping_add(size), 2)? as u16;
@@ -252,7 +268,11 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             let rsp = s.gpr[gpr::RSP];
             let ip = read(mem, stack_address(rsp)?, size)?;
             let cs = read(mem, stack_address(rsp.wrapping_add(size as u64))?, size)? as u16;
-            let pop = if instr.op_count() == 1 { instr.immediate16() as u64 } else { 0 };
+            let pop = if instr.op_count() == 1 {
+                instr.immediate16() as u64
+            } else {
+                0
+            };
             let new_rsp = rsp.wrapping_add(2 * size as u64).wrapping_add(pop);
             if cs & 3 != 3 {
                 // RPL != CPL announces a return to another privilege level, for which the CPU

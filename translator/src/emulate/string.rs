@@ -29,7 +29,7 @@ pub fn sub_flags(a: u64, b: u64, bits: u32) -> u64 {
     if (a ^ b ^ r) & 0x10 != 0 {
         f |= flags::AF;
     }
-    if (r as u8).count_ones() % 2 == 0 {
+    if (r as u8).count_ones().is_multiple_of(2) {
         f |= flags::PF;
     }
     f
@@ -43,13 +43,21 @@ fn read_n(mem: &mut dyn GuestMemory, va: u64, n: usize) -> Result<u64, GuestExce
 
 /// Emulates a string instruction (with its REP prefix) at `state.rip`. Iterations that
 /// completed before a fault stay done, as on the CPU.
-pub fn execute(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<Outcome, ()> {
+pub fn execute(
+    state: &mut GuestState,
+    instr: &Instruction,
+    mem: &mut dyn GuestMemory,
+) -> Result<Outcome, super::NotEmulated> {
     if instr.code().op_code().address_size() == 32 || instr.memory_size().size() == 0 {
-        return Err(());
+        return Err(super::NotEmulated);
     }
     let n = instr.memory_size().size();
     let bits = (n * 8) as u32;
-    let step = if state.rflags & flags::DF != 0 { (n as u64).wrapping_neg() } else { n as u64 };
+    let step = if state.rflags & flags::DF != 0 {
+        (n as u64).wrapping_neg()
+    } else {
+        n as u64
+    };
     let src_base = match instr.segment_prefix() {
         Register::FS => state.fs_base,
         Register::GS => state.gs_base,
@@ -59,8 +67,9 @@ pub fn execute(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestM
     let rep = instr.has_rep_prefix() || instr.has_repne_prefix();
     let mask = if n == 8 { u64::MAX } else { (1u64 << bits) - 1 };
     // Alignment checking (CPL3, CR0.AM, RFLAGS.AC) applies to each element access.
-    let check_alignment = state.cpl == Cpl::User && state.cr0 & (1 << 18) != 0 && state.rflags & flags::AC != 0 && n > 1;
-    let misaligned = |va: u64| check_alignment && va % n as u64 != 0;
+    let check_alignment =
+        state.cpl == Cpl::User && state.cr0 & (1 << 18) != 0 && state.rflags & flags::AC != 0 && n > 1;
+    let misaligned = |va: u64| check_alignment && !va.is_multiple_of(n as u64);
     loop {
         if rep && state.gpr[gpr::RCX] == 0 {
             break;
@@ -70,13 +79,29 @@ pub fn execute(state: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestM
         let result: Result<(), GuestException> = (|| {
             let uses_rsi = matches!(
                 mnemonic,
-                Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
-                    | Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq
-                    | Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq
+                Mnemonic::Movsb
+                    | Mnemonic::Movsw
+                    | Mnemonic::Movsd
+                    | Mnemonic::Movsq
+                    | Mnemonic::Lodsb
+                    | Mnemonic::Lodsw
+                    | Mnemonic::Lodsd
+                    | Mnemonic::Lodsq
+                    | Mnemonic::Cmpsb
+                    | Mnemonic::Cmpsw
+                    | Mnemonic::Cmpsd
+                    | Mnemonic::Cmpsq
             );
-            let uses_rdi = !matches!(mnemonic, Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq);
+            let uses_rdi = !matches!(
+                mnemonic,
+                Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq
+            );
             if (uses_rsi && misaligned(src_base.wrapping_add(rsi))) || (uses_rdi && misaligned(rdi)) {
-                return Err(GuestException { vector: vector::AC, error_code: Some(0), address: None });
+                return Err(GuestException {
+                    vector: vector::AC,
+                    error_code: Some(0),
+                    address: None,
+                });
             }
             match mnemonic {
                 Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => {

@@ -46,8 +46,9 @@ impl Outcome {
     }
 }
 
-const GPR_NAMES: [&str; 16] =
-    ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+const GPR_NAMES: [&str; 16] = [
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+];
 
 /// RFLAGS bits compared for `instr`: the status flags, DF and AC, minus undefined ones.
 fn rflags_mask(instr: &Instruction) -> u64 {
@@ -72,7 +73,12 @@ fn rflags_mask(instr: &Instruction) -> u64 {
 fn fsw_mask(instr: &Instruction) -> u16 {
     let undefined = instr.rflags_undefined();
     let mut mask = 0xffffu16;
-    for (bit, iced) in [(8, RflagsBits::C0), (9, RflagsBits::C1), (10, RflagsBits::C2), (14, RflagsBits::C3)] {
+    for (bit, iced) in [
+        (8, RflagsBits::C0),
+        (9, RflagsBits::C1),
+        (10, RflagsBits::C2),
+        (14, RflagsBits::C3),
+    ] {
         if undefined & iced != 0 {
             mask &= !(1 << bit);
         }
@@ -90,18 +96,30 @@ pub struct Ignore {
 pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, ignore: Ignore) -> Vec<String> {
     let mut out = Vec::new();
     if !events_match(&native.event, &translated.event) {
-        out.push(format!("event: native {:?}, translated {:?}", native.event, translated.event));
+        out.push(format!(
+            "event: native {:?}, translated {:?}",
+            native.event, translated.event
+        ));
     }
     if native.rip != translated.rip {
-        out.push(format!("rip: native {:#x}, translated {:#x}", native.rip, translated.rip));
+        out.push(format!(
+            "rip: native {:#x}, translated {:#x}",
+            native.rip, translated.rip
+        ));
     }
-    for n in 0..16 {
+    for (n, name) in GPR_NAMES.iter().enumerate() {
         if ignore.gpr & (1 << n) == 0 && native.gpr[n] != translated.gpr[n] {
-            out.push(format!("{}: native {:#x}, translated {:#x}", GPR_NAMES[n], native.gpr[n], translated.gpr[n]));
+            out.push(format!(
+                "{name}: native {:#x}, translated {:#x}",
+                native.gpr[n], translated.gpr[n]
+            ));
         }
     }
     if native.seg != translated.seg {
-        out.push(format!("segments (es cs ss ds fs gs): native {:x?}, translated {:x?}", native.seg, translated.seg));
+        out.push(format!(
+            "segments (es cs ss ds fs gs): native {:x?}, translated {:x?}",
+            native.seg, translated.seg
+        ));
     }
     if (native.fs_base, native.gs_base) != (translated.fs_base, translated.gs_base) {
         out.push(format!(
@@ -123,7 +141,11 @@ pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, 
     }
     let fm = fsw_mask(instr);
     if a.fsw() & fm != b.fsw() & fm {
-        out.push(format!("fsw: native {:#x}, translated {:#x}", a.fsw() & fm, b.fsw() & fm));
+        out.push(format!(
+            "fsw: native {:#x}, translated {:#x}",
+            a.fsw() & fm,
+            b.fsw() & fm
+        ));
     }
     if a.ftw() != b.ftw() {
         out.push(format!("ftw: native {:#x}, translated {:#x}", a.ftw(), b.ftw()));
@@ -133,7 +155,11 @@ pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, 
     }
     for i in 0..8 {
         if a.st(i) != b.st(i) {
-            out.push(format!("st{i}/mm{i}: native {}, translated {}", hex(a.st(i)), hex(b.st(i))));
+            out.push(format!(
+                "st{i}/mm{i}: native {}, translated {}",
+                hex(a.st(i)),
+                hex(b.st(i))
+            ));
         }
     }
     for i in 0..16 {
@@ -148,7 +174,12 @@ pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, 
         }
     }
     if native.data != translated.data {
-        let first = native.data.iter().zip(&translated.data).position(|(x, y)| x != y).unwrap_or(0);
+        let first = native
+            .data
+            .iter()
+            .zip(&translated.data)
+            .position(|(x, y)| x != y)
+            .unwrap_or(0);
         let end = (first + 16).min(native.data.len());
         out.push(format!(
             "data+{first:#x}: native {}, translated {}",
@@ -178,9 +209,16 @@ fn hex(bytes: &[u8]) -> String {
 /// The input state, for failure reports.
 pub fn describe_state(s: &GuestState) -> String {
     let mut out = String::new();
-    for n in 0..16 {
-        let _ = write!(out, "{}={:#x} ", GPR_NAMES[n], s.gpr[n]);
+    for (name, value) in GPR_NAMES.iter().zip(s.gpr) {
+        let _ = write!(out, "{name}={value:#x} ");
     }
-    let _ = write!(out, "rflags={:#x} mxcsr={:#x} fcw={:#x} fsw={:#x}", s.rflags, s.xsave.mxcsr(), s.xsave.fcw(), s.xsave.fsw());
+    let _ = write!(
+        out,
+        "rflags={:#x} mxcsr={:#x} fcw={:#x} fsw={:#x}",
+        s.rflags,
+        s.xsave.mxcsr(),
+        s.xsave.fcw(),
+        s.xsave.fsw()
+    );
     out
 }

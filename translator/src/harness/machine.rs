@@ -11,9 +11,9 @@
 //! Every run ends in a signal: the instruction under test either faults or falls through / jumps
 //! into the HLT sea, where HLT faults in user mode. The signal handler records the full state.
 
+use crate::host::features::host_xcr0;
 use crate::host::signals::{self, Captured, ForkCapture, NativeCapture, NativeGuard};
 use crate::mmu::GuestRam;
-use crate::host::features::host_xcr0;
 use crate::state::{GuestState, XSaveArea};
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
 
@@ -82,7 +82,13 @@ impl Machine {
         // Only the code and data pages are accessible, as in the soft-MMU view.
         // SAFETY: changing protection of ranges inside the mapping we just created.
         unsafe {
-            let gap = |from: u64, to: u64| libc::mprotect((base + from) as *mut libc::c_void, (to - from) as usize, libc::PROT_NONE);
+            let gap = |from: u64, to: u64| {
+                libc::mprotect(
+                    (base + from) as *mut libc::c_void,
+                    (to - from) as usize,
+                    libc::PROT_NONE,
+                )
+            };
             gap(0, CODE_OFFSET);
             gap(CODE_OFFSET + CODE_SIZE, DATA_OFFSET);
             gap(DATA_OFFSET + DATA_SIZE, REGION_SIZE);
@@ -90,7 +96,11 @@ impl Machine {
         // Data is not executable (a wild jump into it must fault, natively and translated).
         // SAFETY: changing protection of a range inside the mapping we just created.
         unsafe {
-            libc::mprotect((base + DATA_OFFSET) as *mut libc::c_void, DATA_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE)
+            libc::mprotect(
+                (base + DATA_OFFSET) as *mut libc::c_void,
+                DATA_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
         };
         // SAFETY: anonymous mapping for the trampoline; checked below.
         let trampoline = unsafe {
@@ -131,6 +141,7 @@ impl Machine {
         self.base + DATA_OFFSET
     }
 
+    #[allow(clippy::mut_from_ref)] // the mapping is ours; callers never hold two views at once
     fn region(&self, offset: u64, len: u64) -> &mut [u8] {
         // SAFETY: offset+len lies inside our REGION_SIZE mapping, which lives as long as self;
         // the harness is single-threaded per machine.
@@ -194,16 +205,17 @@ impl Machine {
     fn build_page_tables(&mut self) {
         const USER_RW_P: u64 = 0b111;
         let va = self.base;
-        let put = |ram: &mut [u8], pa: u64, v: u64| ram[pa as usize..pa as usize + 8].copy_from_slice(&v.to_le_bytes());
-        put(&mut self.ram, PT_PML4 + ((va >> 39) & 511) * 8, PT_PDPT | USER_RW_P);
-        put(&mut self.ram, PT_PDPT + ((va >> 30) & 511) * 8, PT_PD | USER_RW_P);
-        put(&mut self.ram, PT_PD + ((va >> 21) & 511) * 8, PT_PT | USER_RW_P);
         const NX: u64 = 1 << 63;
-        let pte = |ram: &mut [u8], v: u64, pa: u64| put(ram, PT_PT + ((v >> 12) & 511) * 8, pa | USER_RW_P);
-        pte(&mut self.ram, va + CODE_OFFSET, PHYS_CODE);
-        pte(&mut self.ram, va + CODE_OFFSET + 0x1000, PHYS_CODE + 0x1000);
-        pte(&mut self.ram, va + DATA_OFFSET, PHYS_DATA[0] | NX);
-        pte(&mut self.ram, va + DATA_OFFSET + 0x1000, PHYS_DATA[1] | NX);
+        let ram: &mut [u8] = self.ram;
+        let mut put = |pa: u64, v: u64| ram[pa as usize..pa as usize + 8].copy_from_slice(&v.to_le_bytes());
+        put(PT_PML4 + ((va >> 39) & 511) * 8, PT_PDPT | USER_RW_P);
+        put(PT_PDPT + ((va >> 30) & 511) * 8, PT_PD | USER_RW_P);
+        put(PT_PD + ((va >> 21) & 511) * 8, PT_PT | USER_RW_P);
+        let pte = |v: u64| PT_PT + ((v >> 12) & 511) * 8;
+        put(pte(va + CODE_OFFSET), PHYS_CODE | USER_RW_P);
+        put(pte(va + CODE_OFFSET + 0x1000), (PHYS_CODE + 0x1000) | USER_RW_P);
+        put(pte(va + DATA_OFFSET), PHYS_DATA[0] | NX | USER_RW_P);
+        put(pte(va + DATA_OFFSET + 0x1000), PHYS_DATA[1] | NX | USER_RW_P);
     }
 
     /// Runs the code region natively from `state.rip` with `state` loaded; returns what the
@@ -276,7 +288,8 @@ impl Machine {
         let base = self.trampoline;
         let mut emit = |i: Result<Instruction, iced_x86::IcedError>, code: &mut Vec<u8>| {
             let at = base + code.len() as u64;
-            enc.encode(&i.expect("trampoline instruction"), at).expect("trampoline encodes");
+            enc.encode(&i.expect("trampoline instruction"), at)
+                .expect("trampoline encodes");
             code.extend_from_slice(&enc.take_buffer());
         };
         use Code as C;
@@ -285,34 +298,83 @@ impl Machine {
         for r in callee {
             emit(Instruction::with1(C::Push_r64, r), &mut code);
         }
-        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, &self.capture.resume_rsp as *const u64 as u64), &mut code);
-        emit(Instruction::with2(C::Mov_rm64_r64, MemoryOperand::with_base(R::RAX), R::RSP), &mut code);
-        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64), &mut code);
-        emit(Instruction::with1(C::Stmxcsr_m32, MemoryOperand::with_base(R::RAX)), &mut code);
-        emit(Instruction::with1(C::Fnstcw_m2byte, MemoryOperand::with_base_displ(R::RAX, 4)), &mut code);
-        emit(Instruction::with2(C::Mov_r64_imm64, R::RCX, &*self.xsave_in as *const XSaveArea as u64), &mut code);
-        emit(Instruction::with2(C::Mov_r32_imm32, R::EAX, host_xcr0() as u32), &mut code);
-        emit(Instruction::with2(C::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32), &mut code);
-        emit(Instruction::with1(C::Xrstor64_mem, MemoryOperand::with_base(R::RCX)), &mut code);
+        emit(
+            Instruction::with2(
+                C::Mov_r64_imm64,
+                R::RAX,
+                std::ptr::addr_of!(self.capture.resume_rsp) as u64,
+            ),
+            &mut code,
+        );
+        emit(
+            Instruction::with2(C::Mov_rm64_r64, MemoryOperand::with_base(R::RAX), R::RSP),
+            &mut code,
+        );
+        emit(
+            Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64),
+            &mut code,
+        );
+        emit(
+            Instruction::with1(C::Stmxcsr_m32, MemoryOperand::with_base(R::RAX)),
+            &mut code,
+        );
+        emit(
+            Instruction::with1(C::Fnstcw_m2byte, MemoryOperand::with_base_displ(R::RAX, 4)),
+            &mut code,
+        );
+        emit(
+            Instruction::with2(C::Mov_r64_imm64, R::RCX, std::ptr::addr_of!(*self.xsave_in) as u64),
+            &mut code,
+        );
+        emit(
+            Instruction::with2(C::Mov_r32_imm32, R::EAX, host_xcr0() as u32),
+            &mut code,
+        );
+        emit(
+            Instruction::with2(C::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32),
+            &mut code,
+        );
+        emit(
+            Instruction::with1(C::Xrstor64_mem, MemoryOperand::with_base(R::RCX)),
+            &mut code,
+        );
         emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, s.rflags), &mut code);
         emit(Instruction::with1(C::Push_r64, R::RAX), &mut code);
         emit(Ok(Instruction::with(C::Popfq)), &mut code);
         for n in 1..16 {
             if n != 4 {
-                emit(Instruction::with2(C::Mov_r64_imm64, crate::emit::asm::gpr64(n), s.gpr[n]), &mut code);
+                emit(
+                    Instruction::with2(C::Mov_r64_imm64, crate::emit::asm::gpr64(n), s.gpr[n]),
+                    &mut code,
+                );
             }
         }
         emit(Instruction::with2(C::Mov_r64_imm64, R::RSP, s.gpr[4]), &mut code);
         emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, s.gpr[0]), &mut code);
         // jmp [target slot]: the test code is far away. The slot is 8-byte aligned because
         // guest flags (possibly with AC set) are already loaded.
-        emit(Instruction::with1(C::Jmp_rm64, MemoryOperand::with_base_displ(R::RIP, (base + TARGET_SLOT) as i64)), &mut code);
+        emit(
+            Instruction::with1(
+                C::Jmp_rm64,
+                MemoryOperand::with_base_displ(R::RIP, (base + TARGET_SLOT) as i64),
+            ),
+            &mut code,
+        );
         // Epilogue: the signal handler resumes here with the host stack.
         self.capture.resume_rip = base + code.len() as u64;
-        emit(Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64), &mut code);
+        emit(
+            Instruction::with2(C::Mov_r64_imm64, R::RAX, self.host_fp.as_ptr() as u64),
+            &mut code,
+        );
         emit(Ok(Instruction::with(C::Fninit)), &mut code);
-        emit(Instruction::with1(C::Ldmxcsr_m32, MemoryOperand::with_base(R::RAX)), &mut code);
-        emit(Instruction::with1(C::Fldcw_m2byte, MemoryOperand::with_base_displ(R::RAX, 4)), &mut code);
+        emit(
+            Instruction::with1(C::Ldmxcsr_m32, MemoryOperand::with_base(R::RAX)),
+            &mut code,
+        );
+        emit(
+            Instruction::with1(C::Fldcw_m2byte, MemoryOperand::with_base_displ(R::RAX, 4)),
+            &mut code,
+        );
         if std::arch::is_x86_feature_detected!("avx") {
             emit(Ok(Instruction::with(C::VEX_Vzeroupper)), &mut code);
         }

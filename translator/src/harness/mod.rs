@@ -79,11 +79,21 @@ impl Worker {
         pin_to_cpu(index);
         let mut machine = Machine::new(0x2000_0000 + (index as u64) * 0x100_0000)?;
         let cache = 4 << 20;
-        let identity = Translator::new(Config { strategy: MemoryStrategy::Identity, code_cache_bytes: cache })
-            .map_err(|e| e.to_string())?;
-        let soft = Translator::new(Config { strategy: MemoryStrategy::SoftMmu(machine.guest_ram()), code_cache_bytes: cache })
-            .map_err(|e| e.to_string())?;
-        Ok(Worker { translators: [identity, soft], machine, formatter: IntelFormatter::new() })
+        let identity = Translator::new(Config {
+            strategy: MemoryStrategy::Identity,
+            code_cache_bytes: cache,
+        })
+        .map_err(|e| e.to_string())?;
+        let soft = Translator::new(Config {
+            strategy: MemoryStrategy::SoftMmu(machine.guest_ram()),
+            code_cache_bytes: cache,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(Worker {
+            translators: [identity, soft],
+            machine,
+            formatter: IntelFormatter::new(),
+        })
     }
 
     /// Tests one `Code`.
@@ -160,7 +170,8 @@ impl Worker {
                         let mut text = String::new();
                         self.formatter.format(&inst.instr, &mut text);
                         result.status = Status::Failed;
-                        result.failure = Some(format!(
+                        result.failure =
+                            Some(format!(
                             "`{text}` (bytes {}) under {name}, seed {} (instance {k}, state {j})\n  input: {}\n  {}",
                             inst.bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
                             opts.seed,
@@ -176,9 +187,16 @@ impl Worker {
         result
     }
 
-    fn native_outcome(&mut self, state: &crate::state::GuestState, inst: &synth::Instance, forked: bool) -> Result<Outcome, String> {
+    fn native_outcome(
+        &mut self,
+        state: &crate::state::GuestState,
+        inst: &synth::Instance,
+        forked: bool,
+    ) -> Result<Outcome, String> {
         let (cap, data) = if forked {
-            self.machine.run_native_forked(state).ok_or("the forked native run did not report")?
+            self.machine
+                .run_native_forked(state)
+                .ok_or("the forked native run did not report")?
         } else {
             let cap = self.machine.run_native(state);
             (cap, self.machine.native_data())
@@ -241,7 +259,11 @@ impl Worker {
         let rip = t.state().rip;
         let s = t.state().clone();
         let event = self.classify(event, rip, inst);
-        let data = if soft { self.machine.soft_data() } else { self.machine.native_data() };
+        let data = if soft {
+            self.machine.soft_data()
+        } else {
+            self.machine.native_data()
+        };
         Ok(Outcome::from_state(&s, event, data))
     }
 }

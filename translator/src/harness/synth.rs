@@ -12,9 +12,7 @@ use super::machine::DATA_SIZE;
 use super::rng::Rng;
 use crate::rules::{rule, BranchKind, EmulateOp, ImplicitOp, Rule, StackOp};
 use crate::state::{flags, GuestState, XSaveArea};
-use iced_x86::{
-    Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register,
-};
+use iced_x86::{Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register};
 
 const GPR8: [Register; 20] = [
     Register::AL,
@@ -44,14 +42,20 @@ fn gpr_of_size(rng: &mut Rng, size: usize) -> Register {
     let r64 = crate::emit::asm::gpr64(n);
     match size {
         1 => rng.pick(&GPR8),
-        2 => Register::values().find(|r| r.is_gpr16() && r.full_register() == r64).unwrap(),
-        4 => Register::values().find(|r| r.is_gpr32() && r.full_register() == r64).unwrap(),
+        2 => Register::values()
+            .find(|r| r.is_gpr16() && r.full_register() == r64)
+            .unwrap(),
+        4 => Register::values()
+            .find(|r| r.is_gpr32() && r.full_register() == r64)
+            .unwrap(),
         _ => r64,
     }
 }
 
 fn vec_reg(first: Register, rng: &mut Rng, count: u64) -> Register {
-    Register::values().nth(first as usize + rng.below(count) as usize).unwrap()
+    Register::values()
+        .nth(first as usize + rng.below(count) as usize)
+        .unwrap()
 }
 
 /// One encoded instance of a `Code`, plus what the states must respect.
@@ -96,8 +100,12 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
         match kind {
             K::r8_reg | K::r8_opcode => set_reg(&mut i, gpr_of_size(rng, 1)),
             K::r16_reg | K::r16_rm | K::r16_opcode | K::r16_reg_mem => set_reg(&mut i, gpr_of_size(rng, 2)),
-            K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_vvvv | K::r32_reg_mem => set_reg(&mut i, gpr_of_size(rng, 4)),
-            K::r64_reg | K::r64_rm | K::r64_opcode | K::r64_vvvv | K::r64_reg_mem => set_reg(&mut i, gpr_of_size(rng, 8)),
+            K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_vvvv | K::r32_reg_mem => {
+                set_reg(&mut i, gpr_of_size(rng, 4))
+            }
+            K::r64_reg | K::r64_rm | K::r64_opcode | K::r64_vvvv | K::r64_reg_mem => {
+                set_reg(&mut i, gpr_of_size(rng, 8))
+            }
             K::mm_reg | K::mm_rm => set_reg(&mut i, vec_reg(Register::MM0, rng, 8)),
             K::xmm_reg | K::xmm_rm | K::xmm_vvvv | K::xmm_is4 => set_reg(&mut i, vec_reg(Register::XMM0, rng, 16)),
             K::ymm_reg | K::ymm_rm | K::ymm_vvvv | K::ymm_is4 => set_reg(&mut i, vec_reg(Register::YMM0, rng, 16)),
@@ -108,13 +116,31 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             K::eax => set_reg(&mut i, Register::EAX),
             K::rax => set_reg(&mut i, Register::RAX),
             K::st0 => set_reg(&mut i, Register::ST0),
-            K::cr_reg => set_reg(&mut i, rng.pick(&[Register::CR0, Register::CR2, Register::CR3, Register::CR4, Register::CR8])),
+            K::cr_reg => set_reg(
+                &mut i,
+                rng.pick(&[
+                    Register::CR0,
+                    Register::CR2,
+                    Register::CR3,
+                    Register::CR4,
+                    Register::CR8,
+                ]),
+            ),
             K::dr_reg => set_reg(&mut i, vec_reg(Register::DR0, rng, 8)),
-            K::seg_reg => set_reg(&mut i, rng.pick(&[Register::ES, Register::SS, Register::DS, Register::FS, Register::GS])),
+            K::seg_reg => set_reg(
+                &mut i,
+                rng.pick(&[Register::ES, Register::SS, Register::DS, Register::FS, Register::GS]),
+            ),
             K::fs => set_reg(&mut i, Register::FS),
             K::gs => set_reg(&mut i, Register::GS),
             K::sti_opcode => set_reg(&mut i, vec_reg(Register::ST0, rng, 8)),
-            K::r8_or_mem | K::r16_or_mem | K::r32_or_mem | K::r64_or_mem | K::mm_or_mem | K::xmm_or_mem | K::ymm_or_mem
+            K::r8_or_mem
+            | K::r16_or_mem
+            | K::r32_or_mem
+            | K::r64_or_mem
+            | K::mm_or_mem
+            | K::xmm_or_mem
+            | K::ymm_or_mem
                 if reg_or_mem(rng) =>
             {
                 let r = match kind {
@@ -182,7 +208,9 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     };
                     let to32 = |r: Register| {
                         if addr32 && r != Register::None {
-                            Register::values().find(|x| x.is_gpr32() && x.full_register() == r).unwrap()
+                            Register::values()
+                                .find(|x| x.is_gpr32() && x.full_register() == r)
+                                .unwrap()
                         } else {
                             r
                         }
@@ -197,7 +225,13 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     };
                     i.set_memory_displacement64(disp as u64);
                     let wide = if addr32 { 4 } else { 8 };
-                    i.set_memory_displ_size(if disp == 0 { 0 } else if (-128..128).contains(&disp) { 1 } else { wide });
+                    i.set_memory_displ_size(if disp == 0 {
+                        0
+                    } else if (-128..128).contains(&disp) {
+                        1
+                    } else {
+                        wide
+                    });
                 }
             }
             K::seg_rSI => i.set_op_kind(n, OpKind::MemorySegRSI),
@@ -214,7 +248,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             K::imm8 if n > 0 && matches!(code.mnemonic(), iced_x86::Mnemonic::Enter) => {
                 i.set_op_kind(n, OpKind::Immediate8_2nd);
                 // Nesting level: mostly 0..3 (deep levels read many frames).
-                i.set_immediate8_2nd(if rng.chance(70) { rng.below(4) as u8 } else { rng.next_u64() as u8 });
+                i.set_immediate8_2nd(if rng.chance(70) {
+                    rng.below(4) as u8
+                } else {
+                    rng.next_u64() as u8
+                });
             }
             K::seg_rBX_al => {
                 i.set_op_kind(n, OpKind::Memory);
@@ -264,7 +302,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             K::br64_1 | K::br64_4 => {
                 i.set_op_kind(n, OpKind::NearBranch64);
                 // Forward into the HLT sea or backward, never onto the instruction itself.
-                let delta = if rng.chance(60) { 16 + rng.below(100) as i64 } else { -(16 + rng.below(100) as i64) };
+                let delta = if rng.chance(60) {
+                    16 + rng.below(100) as i64
+                } else {
+                    -(16 + rng.below(100) as i64)
+                };
                 i.set_near_branch64((at as i64 + delta) as u64);
             }
             _ => return None,
@@ -282,7 +324,10 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
         }
     }
     // bt* m,r with the bit-offset register also in the address cannot be kept in the data region.
-    let bit_string = matches!(code.mnemonic(), iced_x86::Mnemonic::Bt | iced_x86::Mnemonic::Bts | iced_x86::Mnemonic::Btr | iced_x86::Mnemonic::Btc);
+    let bit_string = matches!(
+        code.mnemonic(),
+        iced_x86::Mnemonic::Bt | iced_x86::Mnemonic::Bts | iced_x86::Mnemonic::Btr | iced_x86::Mnemonic::Btc
+    );
     if bit_string && i.op0_kind() == OpKind::Memory && i.op1_kind() == OpKind::Register {
         let r = i.op1_register().full_register();
         if i.memory_base().full_register() == r || i.memory_index().full_register() == r {
@@ -291,7 +336,10 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     }
     // `call/jmp rsp` would point the stack into the code region (self-modifying code under the
     // identity strategy is not tracked yet).
-    if matches!(code, Code::Call_rm64 | Code::Jmp_rm64) && i.op0_kind() == OpKind::Register && i.op0_register() == Register::RSP {
+    if matches!(code, Code::Call_rm64 | Code::Jmp_rm64)
+        && i.op0_kind() == OpKind::Register
+        && i.op0_register() == Register::RSP
+    {
         return None;
     }
     let mut enc = Encoder::new(64);
@@ -303,7 +351,12 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     if decoded.code() != code || decoded.len() != bytes.len() {
         return None;
     }
-    Some(Instance { instr: decoded, bytes, mem_target, lead_in: rng.chance(50) })
+    Some(Instance {
+        instr: decoded,
+        bytes,
+        mem_target,
+        lead_in: rng.chance(50),
+    })
 }
 
 /// A random machine state for `inst`, constrained so its accesses and branches stay inside the
@@ -374,7 +427,7 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
                 0
             } else if index.is_xmm() || index.is_ymm() {
                 let lanes = if index.is_ymm() { 8 } else { 4 };
-                let n = (index.number() & 15) as usize;
+                let n = index.number() & 15;
                 // Small non-negative lane indices (dwords and qwords both read them correctly).
                 let mut lane_bytes = [0u8; 32];
                 for l in 0..lanes {
@@ -386,7 +439,12 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
                     let v = rng.below(24);
                     qwords[l * 8..l * 8 + 8].copy_from_slice(&v.to_le_bytes());
                 }
-                let lanes_q = matches!(instr.code().op_code().op_kinds().iter().find(|k| matches!(k, K::mem_vsib64x | K::mem_vsib64y)), Some(_));
+                let lanes_q = instr
+                    .code()
+                    .op_code()
+                    .op_kinds()
+                    .iter()
+                    .any(|k| matches!(k, K::mem_vsib64x | K::mem_vsib64y));
                 let src = if lanes_q { qwords } else { lane_bytes };
                 s.xsave.xmm_mut(n).copy_from_slice(&src[..16]);
                 s.xsave.ymm_hi_mut(n).copy_from_slice(&src[16..]);
@@ -410,25 +468,37 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
             }
         }
         // Indirect jumps/calls through memory go into the HLT sea.
-        if matches!(code_rule, Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect))) {
+        if matches!(
+            code_rule,
+            Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect))
+        ) {
             let l = landing(rng);
             mem[offset as usize..offset as usize + 8].copy_from_slice(&l.to_le_bytes());
         }
     }
     // bt/bts/btr/btc m,r: keep the bit offset inside the operand's neighbourhood.
-    let bit_string = matches!(instr.mnemonic(), iced_x86::Mnemonic::Bt | iced_x86::Mnemonic::Bts | iced_x86::Mnemonic::Btr | iced_x86::Mnemonic::Btc);
+    let bit_string = matches!(
+        instr.mnemonic(),
+        iced_x86::Mnemonic::Bt | iced_x86::Mnemonic::Bts | iced_x86::Mnemonic::Btr | iced_x86::Mnemonic::Btc
+    );
     if bit_string && instr.op0_kind() == OpKind::Memory && instr.op1_kind() == OpKind::Register {
         let r = instr.op1_register();
         let full = r.full_register().number() & 15;
         let v = rng.below(64);
-        s.gpr[full] = if r.size() == 8 { v } else { (s.gpr[full] & !((1u64 << (r.size() * 8)) - 1)) | v };
+        s.gpr[full] = if r.size() == 8 {
+            v
+        } else {
+            (s.gpr[full] & !((1u64 << (r.size() * 8)) - 1)) | v
+        };
     }
     if code_rule == Some(Rule::Emulate(EmulateOp::Segment)) {
         let target = landing(rng);
         segment_state(instr, rng, &mut s, &mut mem, data, inst.mem_target, target);
     }
     match code_rule {
-        Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect)) if instr.op0_kind() == OpKind::Register => {
+        Some(Rule::Branch(BranchKind::JmpIndirect | BranchKind::CallIndirect))
+            if instr.op0_kind() == OpKind::Register =>
+        {
             s.gpr[instr.op0_register().number() & 15] = landing(rng);
         }
         Some(Rule::Branch(BranchKind::Ret)) => {
@@ -447,15 +517,19 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
 
 /// Selectors worth loading: null (with each RPL), Linux's user code/data/per-CPU entries, kernel
 /// entries, TSS/LDT (system descriptors), empty TLS slots, and out-of-range indices.
-const SELECTORS: [u16; 16] = [0, 1, 3, 0x2b, 0x33, 0x7b, 0x10, 0x18, 0x3b, 0x43, 0x4b, 0x63, 0x2a, 0x2f, 0x34, 0xfffb];
+const SELECTORS: [u16; 16] = [
+    0, 1, 3, 0x2b, 0x33, 0x7b, 0x10, 0x18, 0x3b, 0x43, 0x4b, 0x63, 0x2a, 0x2f, 0x34, 0xfffb,
+];
 
 fn selector(rng: &mut Rng, for_code: bool) -> u16 {
-    let s = if rng.chance(75) { rng.pick(&SELECTORS) } else { rng.next_u64() as u16 };
+    let s = if rng.chance(75) {
+        rng.pick(&SELECTORS)
+    } else {
+        rng.next_u64() as u16
+    };
     // Far transfers into 32-bit code (compatibility mode) are refused by design; keep GDT
     // index 4 (Linux's 32-bit user code) out of far-transfer targets.
-    if for_code && (s >> 3) == 4 {
-        0x33
-    } else if for_code && rng.chance(60) {
+    if for_code && ((s >> 3) == 4 || rng.chance(60)) {
         0x33
     } else {
         s
@@ -470,7 +544,15 @@ fn put(mem: &mut [u8], at: u64, value: u64, size: usize) {
 }
 
 /// Operands of segment loads and far transfers: selectors, far pointers and return frames.
-fn segment_state(instr: &Instruction, rng: &mut Rng, s: &mut GuestState, mem: &mut [u8], data: u64, mem_target: Option<u64>, landing: u64) {
+fn segment_state(
+    instr: &Instruction,
+    rng: &mut Rng,
+    s: &mut GuestState,
+    mem: &mut [u8],
+    data: u64,
+    mem_target: Option<u64>,
+    landing: u64,
+) {
     use iced_x86::Mnemonic as M;
     let m = instr.mnemonic();
     let stack = s.gpr[4].wrapping_sub(data);
@@ -535,19 +617,38 @@ fn random_vector_state(x: &mut XSaveArea, rng: &mut Rng) {
         0x0000_0000_0000_0001,
         0x7fef_ffff_ffff_ffff,
     ];
-    const F32: [u32; 10] = [0, 0x8000_0000, 0x3f80_0000, 0xbfc0_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7fa0_0000, 1, 0x7f7f_ffff];
+    const F32: [u32; 10] = [
+        0,
+        0x8000_0000,
+        0x3f80_0000,
+        0xbfc0_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0x7fa0_0000,
+        1,
+        0x7f7f_ffff,
+    ];
     let fill16 = |rng: &mut Rng| -> [u8; 16] {
         let mut b = [0u8; 16];
         match rng.below(3) {
             0 => {
                 for l in 0..2 {
-                    let v = if rng.chance(50) { rng.pick(&F64) } else { (rng.next_u64() >> 12) | 0x4000_0000_0000_0000 };
+                    let v = if rng.chance(50) {
+                        rng.pick(&F64)
+                    } else {
+                        (rng.next_u64() >> 12) | 0x4000_0000_0000_0000
+                    };
                     b[l * 8..l * 8 + 8].copy_from_slice(&v.to_le_bytes());
                 }
             }
             1 => {
                 for l in 0..4 {
-                    let v = if rng.chance(50) { rng.pick(&F32) } else { (rng.next_u64() as u32 >> 9) | 0x4000_0000 };
+                    let v = if rng.chance(50) {
+                        rng.pick(&F32)
+                    } else {
+                        (rng.next_u64() as u32 >> 9) | 0x4000_0000
+                    };
                     b[l * 4..l * 4 + 4].copy_from_slice(&v.to_le_bytes());
                 }
             }
@@ -586,7 +687,11 @@ fn random_vector_state(x: &mut XSaveArea, rng: &mut Rng) {
     x.set_ftw(tags);
     x.set_fsw((top as u16) << 11);
     let rc = (rng.below(4) as u16) << 10;
-    let pc = if rng.chance(70) { 3 << 8 } else { (rng.below(4) as u16) << 8 };
+    let pc = if rng.chance(70) {
+        3 << 8
+    } else {
+        (rng.below(4) as u16) << 8
+    };
     x.set_fcw(0x3f | 0x40 | pc | rc);
     let mut mxcsr = 0x1f80u32;
     if rng.chance(30) {

@@ -29,7 +29,11 @@ impl CodeBuffer {
                 std::io::Error::last_os_error()
             )));
         }
-        Ok(CodeBuffer { base: base as *mut u8, size, used: 0 })
+        Ok(CodeBuffer {
+            base: base as *mut u8,
+            size,
+            used: 0,
+        })
     }
 
     /// Address the next [`CodeBuffer::append`] writes to.

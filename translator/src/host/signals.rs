@@ -79,7 +79,8 @@ pub struct ForkCapture {
 /// Bytes of guest data a forked native run reports back.
 pub const FORK_DATA_SIZE: usize = 0x2000;
 
-static FORK_CAPTURE: std::sync::atomic::AtomicPtr<ForkCapture> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+static FORK_CAPTURE: std::sync::atomic::AtomicPtr<ForkCapture> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 
 /// In a forked child: route the next fault's capture to `shared` and exit.
 pub fn arm_fork_capture(shared: *mut ForkCapture) {
@@ -114,7 +115,11 @@ pub fn ensure_installed() {
     ALTSTACK.with(|done| {
         if !done.get() {
             let stack = Box::leak(vec![0u8; ALTSTACK_SIZE].into_boxed_slice());
-            let ss = libc::stack_t { ss_sp: stack.as_mut_ptr() as *mut libc::c_void, ss_flags: 0, ss_size: ALTSTACK_SIZE };
+            let ss = libc::stack_t {
+                ss_sp: stack.as_mut_ptr() as *mut libc::c_void,
+                ss_flags: 0,
+                ss_size: ALTSTACK_SIZE,
+            };
             // SAFETY: the stack memory is leaked, so it outlives the thread.
             unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
             done.set(true);
@@ -223,7 +228,11 @@ fn capture_into(out: &mut Captured, sig: libc::c_int, uc: &libc::ucontext_t) {
             let magic = std::ptr::read_unaligned(fp.add(464) as *const u32);
             if magic == FP_XSTATE_MAGIC1 {
                 std::ptr::copy_nonoverlapping(fp.add(512), out.xsave.as_mut_ptr().add(512), 64);
-                std::ptr::copy_nonoverlapping(fp.add(XSAVE_AVX_OFFSET), out.xsave.as_mut_ptr().add(XSAVE_AVX_OFFSET), 256);
+                std::ptr::copy_nonoverlapping(
+                    fp.add(XSAVE_AVX_OFFSET),
+                    out.xsave.as_mut_ptr().add(XSAVE_AVX_OFFSET),
+                    256,
+                );
             }
         }
     }
@@ -268,7 +277,11 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
         let pc = gregs[libc::REG_RIP as usize] as u64;
         let trapno = gregs[libc::REG_TRAPNO as usize] as u64;
         // Traps (#DB, #BP, #OF) report the address after the instruction.
-        let probe = if matches!(trapno, 1 | 3 | 4) { pc.wrapping_sub(1) } else { pc };
+        let probe = if matches!(trapno, 1 | 3 | 4) {
+            pc.wrapping_sub(1)
+        } else {
+            pc
+        };
         if let Some(site) = (t.lookup)(t.data, probe) {
             // SAFETY: ctx is the engine's live context; translated code is stopped in this
             // handler, so nothing else touches it.
@@ -283,7 +296,11 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
                 gregs[libc::REG_EFL as usize] = unsafe { *(ctx.flag_slot as *const u64) } as i64;
             }
             let is_trap = matches!(trapno, 1 | 3 | 4);
-            ctx.state.rip = if is_trap { site.guest_rip + site.guest_len as u64 } else { site.guest_rip };
+            ctx.state.rip = if is_trap {
+                site.guest_rip + site.guest_len as u64
+            } else {
+                site.guest_rip
+            };
             ctx.fault_vector = trapno as u32;
             ctx.fault_error_code = gregs[libc::REG_ERR as usize] as u32;
             ctx.fault_address = if trapno == 14 {
@@ -301,7 +318,8 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     let pc = gregs[libc::REG_RIP as usize] as u64;
     let trapno = gregs[libc::REG_TRAPNO as usize];
     let cr2 = gregs[libc::REG_CR2 as usize];
-    let msg = format!("hbt: host signal {sig} (trap {trapno}, address {cr2:#x}) at {pc:#x} outside translated guest code\n");
+    let msg =
+        format!("hbt: host signal {sig} (trap {trapno}, address {cr2:#x}) at {pc:#x} outside translated guest code\n");
     // SAFETY: write(2) is async-signal-safe; the buffer is valid for its length.
     unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
     // SAFETY: resetting a signal to SIG_DFL is always valid.

@@ -45,8 +45,14 @@ impl MemoryStrategy {
 /// Reads host memory without trusting the address: unmapped or unreadable ranges come back as
 /// `None` instead of a host fault (used for fetching guest code in the identity strategy).
 pub fn read_host_checked(addr: u64, buf: &mut [u8]) -> Option<()> {
-    let local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: buf.len() };
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
     // SAFETY: process_vm_readv on our own pid only writes `buf` (valid for its length) and
     // reports EFAULT instead of faulting when `addr` is not readable.
     let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };

@@ -269,12 +269,19 @@ fn classify(code: Code) -> Option<Rule> {
     let segment_reg = has(K::seg_reg) || has(K::fs) || has(K::gs);
     if segment_reg && matches!(mnemonic, Mnemonic::Mov | Mnemonic::Push | Mnemonic::Pop) {
         // Selectors are guest state; loads are checked against the descriptor tables.
-        return if has(K::es) || has(K::cs) || has(K::ss) || has(K::ds) { None } else { Some(Rule::Emulate(EmulateOp::Segment)) };
+        return if has(K::es) || has(K::cs) || has(K::ss) || has(K::ds) {
+            None
+        } else {
+            Some(Rule::Emulate(EmulateOp::Segment))
+        };
     }
     if segment_reg || has(K::es) || has(K::cs) || has(K::ss) || has(K::ds) || has(K::farbr2_2) || has(K::farbr4_2) {
         return None;
     }
-    if matches!(code, Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 | Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664) {
+    if matches!(
+        code,
+        Code::Jmp_m1616 | Code::Jmp_m1632 | Code::Jmp_m1664 | Code::Call_m1616 | Code::Call_m1632 | Code::Call_m1664
+    ) {
         return Some(Rule::Emulate(EmulateOp::Segment));
     }
     if let Some(&(_, rule)) = DEDICATED.iter().find(|(m, _)| *m == mnemonic) {
@@ -295,7 +302,11 @@ fn classify(code: Code) -> Option<Rule> {
     }
     if has(K::seg_rSI) || has(K::es_rDI) || has(K::seg_rDI) {
         // ins/outs are port I/O (privileged in user mode, a platform matter in kernel mode).
-        return if has(K::dx) { None } else { Some(Rule::Implicit(ImplicitOp::String)) };
+        return if has(K::dx) {
+            None
+        } else {
+            Some(Rule::Implicit(ImplicitOp::String))
+        };
     }
     match code.flow_control() {
         FlowControl::ConditionalBranch if has(K::br64_1) || has(K::br64_4) => Some(Rule::Branch(BranchKind::Jcc)),
@@ -317,6 +328,26 @@ pub fn codes_with_rules() -> impl Iterator<Item = Code> {
     Code::values().filter(|&c| rule(c).is_some())
 }
 
+impl Rule {
+    /// Rules whose semantics here are those of a user-mode process on a Linux host; kernel-mode
+    /// guests need the system-mode platform for them.
+    pub fn user_mode_only(self) -> bool {
+        matches!(
+            self,
+            Rule::UserCopy | Rule::Emulate(EmulateOp::Segment | EmulateOp::Int1)
+        )
+    }
+
+    /// Rules the engine performs in Rust under the given strategy (they end a block).
+    pub fn runs_in_engine(self, soft_mmu: bool, fs_gs_override: bool) -> bool {
+        match self {
+            Rule::Emulate(_) => true,
+            Rule::Implicit(_) => soft_mmu || fs_gs_override,
+            _ => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,22 +367,5 @@ mod tests {
         assert_eq!(rule(Code::Wrmsr), Some(Rule::Emulate(EmulateOp::Privileged)));
         assert_eq!(rule(Code::Wrfsbase_r64), None);
         assert_eq!(rule(Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32), None);
-    }
-}
-
-impl Rule {
-    /// Rules whose semantics here are those of a user-mode process on a Linux host; kernel-mode
-    /// guests need the system-mode platform for them.
-    pub fn user_mode_only(self) -> bool {
-        matches!(self, Rule::UserCopy | Rule::Emulate(EmulateOp::Segment | EmulateOp::Int1))
-    }
-
-    /// Rules the engine performs in Rust under the given strategy (they end a block).
-    pub fn runs_in_engine(self, soft_mmu: bool, fs_gs_override: bool) -> bool {
-        match self {
-            Rule::Emulate(_) => true,
-            Rule::Implicit(_) => soft_mmu || fs_gs_override,
-            _ => false,
-        }
     }
 }
