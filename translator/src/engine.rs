@@ -41,14 +41,23 @@ pub struct Stats {
     pub flushes: u64,
 }
 
+/// Something in another block that jumps straight into this one.
+enum Incoming {
+    /// A chained `jmp/jcc rel32` at `field`; `original` is its exit stub.
+    Jump { field: u64, original: u64 },
+    /// A filled return cache (absolute addresses of its fields and of its lookup path).
+    ReturnCache { imm: u64, rel: u64, miss: u64 },
+}
+
 struct Block {
     guest_start: u64,
     host: u64,
     host_len: u32,
     sites: Vec<HostSite>,
     exits: Vec<ExitPatch>,
-    /// Chained jumps into this block: (rel32 field, original stub target).
-    incoming: Vec<(u64, u64)>,
+    /// Chained jumps and return caches that lead into this block (undone on invalidation).
+    incoming: Vec<Incoming>,
+    return_caches: Vec<crate::emit::ReturnCache>,
     valid: bool,
 }
 
@@ -170,8 +179,12 @@ impl Translator {
                 r if r == ExitReason::IndirectMiss as u32 => {
                     self.stats.indirect_misses += 1;
                     let target = self.ctx.get().state.rip;
+                    let site = self.ctx.get().exit_link;
                     if let Lookup::Host(h) = self.block_for(target, platform)? {
                         self.ibl_insert(target, h);
+                        if site != 0 {
+                            self.fill_return_cache(site, target, h);
+                        }
                     }
                 }
                 r if r == ExitReason::TlbMiss as u32 => {
@@ -242,7 +255,35 @@ impl Translator {
             }
         };
         self.code.patch_rel32(field, host);
-        self.blocks[dst].incoming.push((field, original));
+        self.blocks[dst].incoming.push(Incoming::Jump { field, original });
+        self.stats.chained += 1;
+    }
+
+    /// Points the return cache whose `mov rax, imm64` field is at `site` at `target`/`host`.
+    fn fill_return_cache(&mut self, site: u64, target: u64, host: u64) {
+        let Some(src) = self.block_at_host(site) else { return };
+        let block = &self.blocks[src];
+        let base = block.host;
+        let Some(cache) = block
+            .return_caches
+            .iter()
+            .find(|c| base + c.imm_field as u64 == site)
+            .copied()
+        else {
+            return;
+        };
+        let Some(&dst) = self.by_host.get(&host) else { return };
+        if !self.blocks[src].valid || !self.blocks[dst].valid {
+            return;
+        }
+        let (imm, rel, miss) = (
+            base + cache.imm_field as u64,
+            base + cache.rel_field as u64,
+            base + cache.miss as u64,
+        );
+        self.code.patch_u64(imm, target.wrapping_neg());
+        self.code.patch_rel32(rel, host);
+        self.blocks[dst].incoming.push(Incoming::ReturnCache { imm, rel, miss });
         self.stats.chained += 1;
     }
 
@@ -404,6 +445,7 @@ impl Translator {
             sites: emitted.sites,
             exits: emitted.exits,
             incoming: Vec::new(),
+            return_caches: emitted.return_caches,
             valid: cached,
         });
         if cached {
@@ -429,8 +471,14 @@ impl Translator {
             if self.by_guest.get(&start) == Some(&i) {
                 self.by_guest.remove(&start);
             }
-            for (field, original) in std::mem::take(&mut self.blocks[i].incoming) {
-                self.code.patch_rel32(field, original);
+            for link in std::mem::take(&mut self.blocks[i].incoming) {
+                match link {
+                    Incoming::Jump { field, original } => self.code.patch_rel32(field, original),
+                    Incoming::ReturnCache { imm, rel, miss } => {
+                        self.code.patch_u64(imm, crate::emit::RETURN_CACHE_EMPTY);
+                        self.code.patch_rel32(rel, miss);
+                    }
+                }
             }
             let empty = self.glue.ibl_empty;
             let ctx = self.ctx.get_mut();

@@ -68,29 +68,75 @@ impl BlockEmitter<'_> {
                 self.load_target(instr)?;
                 self.indirect_lookup();
             }
-            BranchKind::Ret => {
-                self.borrow_ibl();
-                let mut load = Instruction::with2(
-                    Code::Mov_r64_rm64,
-                    Register::RAX,
-                    MemoryOperand::with_base(Register::RSP),
-                )
-                .expect("mov rax,[rsp]");
-                load.set_ip(self.guest_rip);
-                self.mem_instr(&load, None, IBL_MASK)?;
-                let pop = 8 + if instr.op_count() == 1 {
-                    instr.immediate16() as i64
-                } else {
-                    0
-                };
-                self.asm.glue(Instruction::with2(
-                    Code::Lea_r64_m,
-                    Register::RSP,
-                    MemoryOperand::with_base_displ(Register::RSP, pop),
-                ));
-                self.indirect_lookup();
-            }
+            BranchKind::Ret => self.ret(instr)?,
         }
+        Ok(())
+    }
+
+    /// `ret`: a one-entry inline cache for this site (returns usually go back to one caller),
+    /// then the shared lookup table. All flag-free:
+    ///
+    /// ```text
+    ///   mov rcx,[rsp]; lea rsp,[rsp+8+n]
+    ///   mov rax,-cached; lea rax,[rax+rcx]; xchg rax,rcx; jrcxz hit   ; rax = target
+    ///   (lookup path)
+    /// hit: restore rax/rcx; jmp cached_host
+    /// ```
+    fn ret(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
+        self.borrow(Register::RAX);
+        self.borrow(Register::RCX);
+        let mut load = Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            MemoryOperand::with_base(Register::RSP),
+        )
+        .expect("mov rcx,[rsp]");
+        load.set_ip(self.guest_rip);
+        self.mem_instr(&load, None, IBL_MASK)?;
+        let pop = 8 + if instr.op_count() == 1 {
+            instr.immediate16() as i64
+        } else {
+            0
+        };
+        let a = &mut self.asm;
+        a.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            Register::RSP,
+            MemoryOperand::with_base_displ(Register::RSP, pop),
+        ));
+        a.mov_imm64(Register::RAX, super::RETURN_CACHE_EMPTY);
+        let imm_field = a.buf.len() - 8;
+        a.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            Register::RAX,
+            MemoryOperand::with_base_index(Register::RAX, Register::RCX),
+        ));
+        a.glue(Instruction::with2(Code::Xchg_rm64_r64, Register::RCX, Register::RAX));
+        let jrcxz_at = a.buf.len();
+        let placeholder = a.here() + 2;
+        a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, placeholder));
+        // Lookup path: RAX = target; tell the engine which cache to fill if the table misses.
+        let miss = a.buf.len();
+        let site = a.base() + imm_field as u64;
+        a.store_ctx_u64(off::EXIT_LINK, site);
+        self.borrow(Register::RDX);
+        self.indirect_lookup();
+        // Hit path.
+        let hit = self.asm.buf.len();
+        let distance = hit - (jrcxz_at + 2);
+        assert!(distance <= 127, "return-cache lookup path too long for jrcxz");
+        self.asm.buf[jrcxz_at + 1] = distance as u8;
+        let a = &mut self.asm;
+        for r in [Register::RAX, Register::RCX] {
+            a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
+        }
+        let miss_addr = a.base() + miss as u64;
+        let rel_field = a.branch32(Code::Jmp_rel32_64, miss_addr);
+        self.return_caches.push(super::ReturnCache {
+            imm_field: imm_field as u32,
+            rel_field: rel_field as u32,
+            miss: miss as u32,
+        });
         Ok(())
     }
 

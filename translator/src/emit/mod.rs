@@ -52,7 +52,22 @@ pub struct EmittedBlock {
     pub code: Vec<u8>,
     pub sites: Vec<HostSite>,
     pub exits: Vec<ExitPatch>,
+    pub return_caches: Vec<ReturnCache>,
 }
+
+/// A `ret` site's one-entry inline cache: `mov rax, imm64` holds −(cached guest target) and a
+/// `jmp rel32` goes to its host block. Offsets are within the block.
+#[derive(Clone, Copy, Debug)]
+pub struct ReturnCache {
+    pub imm_field: u32,
+    pub rel_field: u32,
+    /// Where the `jmp rel32` goes while the cache is empty (the lookup path).
+    pub miss: u32,
+}
+
+/// Value in an empty return cache: −target is zero only for the non-canonical target
+/// 0x8000_0000_0000_0000, and its jump goes to the lookup path anyway.
+pub const RETURN_CACHE_EMPTY: u64 = 0x8000_0000_0000_0000;
 
 /// Code emitted out of line after the block body.
 enum Cold {
@@ -77,6 +92,7 @@ pub(crate) struct BlockEmitter<'a> {
     flags_in_slot: bool,
     sites: Vec<HostSite>,
     exits: Vec<ExitPatch>,
+    return_caches: Vec<ReturnCache>,
     cold: Vec<Cold>,
     guest_rip: u64,
     guest_len: u8,
@@ -102,6 +118,7 @@ pub fn emit_block(
         flags_in_slot: false,
         sites: Vec::new(),
         exits: Vec::new(),
+        return_caches: Vec::new(),
         cold: Vec::new(),
         guest_rip: 0,
         guest_len: 0,
@@ -139,6 +156,7 @@ pub fn emit_block(
         code: e.asm.buf,
         sites: e.sites,
         exits: e.exits,
+        return_caches: e.return_caches,
     })
 }
 

@@ -72,6 +72,13 @@ impl CodeBuffer {
         unsafe { std::ptr::write_unaligned(field as *mut i32, rel as i32) };
     }
 
+    /// Rewrites a 64-bit immediate at `field`.
+    pub fn patch_u64(&mut self, field: u64, value: u64) {
+        assert!(self.contains(field), "patch outside the code buffer");
+        // SAFETY: field..field+8 is inside the mapping (asserted); unaligned write of 8 bytes.
+        unsafe { std::ptr::write_unaligned(field as *mut u64, value) };
+    }
+
     /// Forgets every block, keeping the first `keep` bytes (the shared glue).
     pub fn reset_to(&mut self, keep: usize) {
         self.used = keep;
