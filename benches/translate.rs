@@ -118,10 +118,10 @@ const KERNELS: [(Kernel, &str); 4] = [
 
 fn entry(k: Kernel) -> u64 {
     match k {
-        Kernel::Arith => hbt_bench_arith as usize as u64,
-        Kernel::Memory => hbt_bench_memory as usize as u64,
-        Kernel::Calls => hbt_bench_calls as usize as u64,
-        Kernel::Indirect => hbt_bench_indirect as usize as u64,
+        Kernel::Arith => hbt_bench_arith as *const () as u64,
+        Kernel::Memory => hbt_bench_memory as *const () as u64,
+        Kernel::Calls => hbt_bench_calls as *const () as u64,
+        Kernel::Indirect => hbt_bench_indirect as *const () as u64,
     }
 }
 
@@ -138,15 +138,15 @@ impl Data {
         Data {
             array: vec![0; 1024],
             table: [
-                hbt_bench_t0 as usize as u64,
-                hbt_bench_t1 as usize as u64,
-                hbt_bench_t2 as usize as u64,
-                hbt_bench_t3 as usize as u64,
+                hbt_bench_t0 as *const () as u64,
+                hbt_bench_t1 as *const () as u64,
+                hbt_bench_t2 as *const () as u64,
+                hbt_bench_t3 as *const () as u64,
             ],
             stack: {
                 // The return address translated runs "return" to, below the top.
                 let mut stack = vec![0; 4096];
-                stack[4094] = hbt_bench_sentinel as usize as u64;
+                stack[4094] = hbt_bench_sentinel as *const () as u64;
                 stack
             },
         }
@@ -184,7 +184,7 @@ fn translated(t: &mut Translator, k: Kernel, d: &mut Data) -> u64 {
     s.gpr[4] = rsp;
     let exit = t.run(&mut HostPlatform, u64::MAX).expect("translation works");
     assert!(matches!(exit, Exit::Exception(e) if e.vector == vector::GP), "{exit:?}");
-    assert_eq!(t.state().rip, hbt_bench_sentinel as usize as u64);
+    assert_eq!(t.state().rip, hbt_bench_sentinel as *const () as u64);
     t.state().gpr[0]
 }
 
@@ -268,7 +268,10 @@ fn main() {
     .unwrap();
 
     let mut guest = SoftGuest::new();
-    guest.map_copy(hbt_bench_code_start as usize as u64, hbt_bench_code_end as usize as u64);
+    guest.map_copy(
+        hbt_bench_code_start as *const () as u64,
+        hbt_bench_code_end as *const () as u64,
+    );
     guest.map_copy(d.array.as_ptr() as u64, d.array.as_ptr() as u64 + 8 * 1024);
     guest.map_copy(d.table.as_ptr() as u64, d.table.as_ptr() as u64 + 32);
     guest.map_copy(d.stack.as_ptr() as u64, d.stack.as_ptr() as u64 + 8 * 4096);
