@@ -24,6 +24,23 @@ pub enum Granularity {
     Mnemonic,
 }
 
+impl Granularity {
+    /// What one item is called in reports.
+    pub fn noun_singular(self) -> &'static str {
+        match self {
+            Granularity::Code => "instruction form",
+            Granularity::Mnemonic => "mnemonic",
+        }
+    }
+
+    pub fn noun(self) -> &'static str {
+        match self {
+            Granularity::Code => "instruction forms",
+            Granularity::Mnemonic => "mnemonics",
+        }
+    }
+}
+
 impl FromStr for Granularity {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -93,7 +93,8 @@ struct ReportArgs {
     /// Count instruction forms (iced Code, e.g. Add_rm32_r32) or mnemonics (add).
     #[arg(long, value_name = "G", default_value = "mnemonic")]
     granularity: Granularity,
-    /// Output format: table, json, csv (instruction table) or html (self-contained, with charts)
+    /// Output format: table, json, csv (instruction table), html (self-contained, with charts) or
+    /// markdown (supported-set status: WC per CPU model and what to implement next)
     /// [default: from the -o extension, else table].
     #[arg(long, value_name = "FMT")]
     format: Option<Format>,
@@ -209,6 +210,7 @@ fn format_from_extension(output: Option<&Path>) -> Format {
         Some("json") => Format::Json,
         Some("csv") => Format::Csv,
         Some("html") | Some("htm") => Format::Html,
+        Some("md") => Format::Markdown,
         _ => Format::Table,
     }
 }

@@ -171,7 +171,8 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                 "total_cases": cases * 2,
                 "codes": codes_json,
             });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         }
         OutputFormat::Table => {
             let mut out = std::io::stdout().lock();

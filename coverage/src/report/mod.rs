@@ -8,6 +8,7 @@
 
 mod csv;
 mod html;
+mod markdown;
 mod table;
 
 use crate::analysis::Granularity;
@@ -173,6 +174,7 @@ pub enum Format {
     Json,
     Csv,
     Html,
+    Markdown,
 }
 
 impl FromStr for Format {
@@ -183,7 +185,10 @@ impl FromStr for Format {
             "json" => Ok(Format::Json),
             "csv" => Ok(Format::Csv),
             "html" => Ok(Format::Html),
-            _ => Err(format!("unknown format `{s}` (expected table, json, csv or html)")),
+            "markdown" | "md" => Ok(Format::Markdown),
+            _ => Err(format!(
+                "unknown format `{s}` (expected table, json, csv, html or markdown)"
+            )),
         }
     }
 }
@@ -197,6 +202,7 @@ impl Report {
             }
             Format::Csv => render_csv(self),
             Format::Html => render_html(self),
+            Format::Markdown => markdown::render_markdown(self),
         }
     }
 }

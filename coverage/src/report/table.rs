@@ -87,10 +87,7 @@ pub fn render_table(r: &Report) -> String {
     }
 
     let _ = writeln!(o);
-    let unit = match r.granularity {
-        crate::Granularity::Code => "instruction forms",
-        crate::Granularity::Mnemonic => "mnemonics",
-    };
+    let unit = r.granularity.noun();
     let _ = writeln!(o, "Top {TOP} {unit} by importance ({} in use)", r.instructions.len());
     let _ = writeln!(
         o,
