@@ -329,6 +329,7 @@ fn main() {
         gs *= rs;
         println!("{name:<10} {n:>12.2?} {i:>12.2?} {s:>12.2?} {ri:>10.2} {rs:>10.2}");
     }
+    println!("identity translator: {:?}", identity.stats());
     let count = KERNELS.len() as f64;
     println!(
         "{:<10} {:>12} {:>12} {:>12} {:>10.2} {:>10.2}",

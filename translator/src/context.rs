@@ -70,7 +70,6 @@ pub struct Context {
     pub flag_slot: u64,
     /// Top of `flag_stack`.
     pub flag_stack_top: u64,
-    pub ibl_guest: u64,
     pub ibl_target: u64,
     pub fault_vector: u32,
     pub fault_error_code: u32,
@@ -104,7 +103,6 @@ pub mod off {
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
-    pub const IBL_GUEST: usize = offset_of!(Context, ibl_guest);
     pub const IBL_TARGET: usize = offset_of!(Context, ibl_target);
     pub const TLB_READ: usize = offset_of!(Context, tlb_read);
     pub const TLB_WRITE: usize = offset_of!(Context, tlb_write);

@@ -7,10 +7,11 @@
 //!   indirect-branch table finds the host block without touching flags:
 //!
 //! ```text
-//!   movzx ecx,ax; mov rdx,gs:[rcx*8+hosts]; mov rcx,gs:[rcx*8+tags]
-//!   lea rcx,[rcx+rax]; jrcxz hit            ; tags hold −target
+//!   movzx ecx,r11w; mov rcx,gs:[rcx*8+tags]
+//!   lea rcx,[rcx+r11]; jrcxz hit              ; tags hold −target
 //!   jmp ibl_miss
-//! hit: restore rax/rcx/rdx; jmp gs:[ibl_target]
+//! hit: movzx ecx,r11w; mov rcx,gs:[rcx*8+hosts]; mov gs:[ibl_target],rcx
+//!      restore rcx/r11; jmp gs:[ibl_target]
 //! ```
 //!
 //! Each site has its own copy of the lookup, so each has its own indirect-branch prediction.
@@ -22,8 +23,12 @@ use crate::error::TranslateError;
 use crate::rules::BranchKind;
 use iced_x86::{Code, Encoder, Instruction, MemoryOperand, OpKind, Register};
 
-const IBL_REGS: [Register; 3] = [Register::RAX, Register::RCX, Register::RDX];
-const IBL_MASK: u16 = 0b111;
+/// The lookup uses R11 (the target) and RCX (for `jrcxz`): both are scratch registers in the
+/// SysV ABI and never hold return values, so at typical return and call targets their reload is
+/// off the critical path.
+const TARGET: Register = Register::R11;
+const IBL_REGS: [Register; 2] = [Register::R11, Register::RCX];
+const IBL_MASK: u16 = (1 << 11) | (1 << 1);
 
 impl BlockEmitter<'_> {
     pub(super) fn branch(&mut self, instr: &Instruction, kind: BranchKind) -> Result<(), TranslateError> {
@@ -77,22 +82,21 @@ impl BlockEmitter<'_> {
     /// then the shared lookup table. All flag-free:
     ///
     /// ```text
-    ///   mov rcx,[rsp]; lea rsp,[rsp+8+n]
-    ///   mov rax,-cached; lea rax,[rax+rcx]; xchg rax,rcx; jrcxz hit   ; rax = target
+    ///   mov r11,[rsp]; lea rsp,[rsp+8+n]
+    ///   mov r10,-cached; lea r10,[r10+r11]; xchg rcx,r10; jrcxz hit   ; r11 = target
     ///   (lookup path)
-    /// hit: restore rax/rcx; jmp cached_host
+    /// hit: mov rcx,r10; restore r10/r11; jmp cached_host
     /// ```
     fn ret(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
-        self.borrow(Register::RAX);
-        self.borrow(Register::RCX);
-        let mut load = Instruction::with2(
-            Code::Mov_r64_rm64,
-            Register::RCX,
-            MemoryOperand::with_base(Register::RSP),
-        )
-        .expect("mov rcx,[rsp]");
+        // R10 holds guest RCX while RCX serves jrcxz, so the hit path gives RCX back with a
+        // register move instead of a reload (RCX is often a live loop counter).
+        const HOLD: Register = Register::R10;
+        self.borrow(HOLD);
+        self.borrow(TARGET);
+        let mut load = Instruction::with2(Code::Mov_r64_rm64, TARGET, MemoryOperand::with_base(Register::RSP))
+            .expect("mov r11,[rsp]");
         load.set_ip(self.guest_rip);
-        self.mem_instr(&load, None, IBL_MASK)?;
+        self.mem_instr(&load, None, IBL_MASK | (1 << 10))?;
         let pop = 8 + if instr.op_count() == 1 {
             instr.immediate16() as i64
         } else {
@@ -104,34 +108,40 @@ impl BlockEmitter<'_> {
             Register::RSP,
             MemoryOperand::with_base_displ(Register::RSP, pop),
         ));
-        a.mov_imm64(Register::RAX, super::RETURN_CACHE_EMPTY);
+        a.mov_imm64(HOLD, super::RETURN_CACHE_EMPTY);
         let imm_field = a.buf.len() - 8;
         a.glue(Instruction::with2(
             Code::Lea_r64_m,
-            Register::RAX,
-            MemoryOperand::with_base_index(Register::RAX, Register::RCX),
+            HOLD,
+            MemoryOperand::with_base_index(HOLD, TARGET),
         ));
-        a.glue(Instruction::with2(Code::Xchg_rm64_r64, Register::RCX, Register::RAX));
+        a.glue(Instruction::with2(Code::Xchg_rm64_r64, Register::RCX, HOLD));
         let jrcxz_at = a.buf.len();
         let placeholder = a.here() + 2;
         a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, placeholder));
-        // Lookup path: RAX = target; tell the engine which cache to fill if the table misses.
-        let miss = a.buf.len();
-        let site = a.base() + imm_field as u64;
-        a.store_ctx_u64(off::EXIT_LINK, site);
-        self.borrow(Register::RDX);
+        let spilled_at_branch = self.spilled;
+        // Lookup path (R11 = target): put RCX back, borrow it the usual way, and tell the engine
+        // which cache to fill if the table misses.
+        let miss = self.asm.buf.len();
+        self.asm
+            .glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, HOLD));
+        self.give_back(HOLD);
+        self.borrow(Register::RCX);
+        let site = self.asm.base() + imm_field as u64;
+        self.asm.store_ctx_u64(off::EXIT_LINK, site);
         self.indirect_lookup();
         // Hit path.
+        self.spilled = spilled_at_branch;
         let hit = self.asm.buf.len();
         let distance = hit - (jrcxz_at + 2);
         assert!(distance <= 127, "return-cache lookup path too long for jrcxz");
         self.asm.buf[jrcxz_at + 1] = distance as u8;
-        let a = &mut self.asm;
-        for r in [Register::RAX, Register::RCX] {
-            a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
-        }
-        let miss_addr = a.base() + miss as u64;
-        let rel_field = a.branch32(Code::Jmp_rel32_64, miss_addr);
+        self.asm
+            .glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, HOLD));
+        self.give_back(HOLD);
+        self.give_back(TARGET);
+        let miss_addr = self.asm.base() + miss as u64;
+        let rel_field = self.asm.branch32(Code::Jmp_rel32_64, miss_addr);
         self.return_caches.push(super::ReturnCache {
             imm_field: imm_field as u32,
             rel_field: rel_field as u32,
@@ -150,9 +160,8 @@ impl BlockEmitter<'_> {
     fn load_target(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
         if instr.op0_kind() == OpKind::Register {
             let src = instr.op0_register();
-            if src != Register::RAX {
-                self.asm
-                    .glue(Instruction::with2(Code::Mov_r64_rm64, Register::RAX, src));
+            if src != TARGET {
+                self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, TARGET, src));
             }
             return Ok(());
         }
@@ -160,30 +169,25 @@ impl BlockEmitter<'_> {
         load.set_code(Code::Mov_r64_rm64);
         load.set_op1_kind(OpKind::Memory);
         load.set_op0_kind(OpKind::Register);
-        load.set_op0_register(Register::RAX);
+        load.set_op0_register(TARGET);
         self.mem_instr(&load, None, IBL_MASK)
     }
 
-    /// Pushes the guest return address through the memory strategy.
+    /// Pushes the guest return address through the memory strategy, as one 8-byte store: the
+    /// `ret` reads it back with one 8-byte load, and a load fed by two 4-byte stores cannot be
+    /// store-forwarded (a ~10-cycle stall per call/return pair).
     fn push_return(&mut self, ret: u64) -> Result<(), TranslateError> {
         let slot = MemoryOperand::with_base_displ(Register::RSP, -8);
         if (ret as i64) == (ret as i32 as i64) {
             let mut store = Instruction::with2(Code::Mov_rm64_imm32, slot, ret as i32).expect("mov [rsp-8],imm32");
             store.set_ip(self.guest_rip);
             self.mem_instr(&store, None, 0)?;
-        } else if !self.soft_mmu {
-            for (disp, half) in [(-8, ret as u32), (-4, (ret >> 32) as u32)] {
-                let mut store = Instruction::with2(
-                    Code::Mov_rm32_imm32,
-                    MemoryOperand::with_base_displ(Register::RSP, disp),
-                    half,
-                )
-                .expect("mov dword [rsp+d],imm32");
-                store.set_ip(self.guest_rip);
-                self.mem_instr(&store, None, 0)?;
-            }
         } else {
-            let d = self.pick(0);
+            let d = if self.spilled & (1 << 11) == 0 {
+                TARGET
+            } else {
+                self.pick(0)
+            };
             self.borrow(d);
             self.asm.mov_imm64(d, ret);
             let mut store = Instruction::with2(Code::Mov_rm64_r64, slot, d).expect("mov [rsp-8],r64");
@@ -199,16 +203,10 @@ impl BlockEmitter<'_> {
         Ok(())
     }
 
-    /// The inline indirect-branch lookup; RAX = guest target, RAX/RCX/RDX borrowed.
+    /// The inline indirect-branch lookup; R11 = guest target, R11/RCX borrowed.
     fn indirect_lookup(&mut self) {
         let a = &mut self.asm;
-        a.mov_to_ctx(off::IBL_GUEST, Register::RAX);
-        a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::AX));
-        a.glue(Instruction::with2(
-            Code::Mov_r64_rm64,
-            Register::RDX,
-            ctx_indexed(Register::RCX, 8, off::IBL_HOSTS),
-        ));
+        a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(
             Code::Mov_r64_rm64,
             Register::RCX,
@@ -217,14 +215,20 @@ impl BlockEmitter<'_> {
         a.glue(Instruction::with2(
             Code::Lea_r64_m,
             Register::RCX,
-            MemoryOperand::with_base_index(Register::RCX, Register::RAX),
+            MemoryOperand::with_base_index(Register::RCX, TARGET),
         ));
         let hit = a.here() + 2 + 5;
         a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
         let miss = self.glue.ibl_miss;
         a.branch32(Code::Jmp_rel32_64, miss);
         debug_assert_eq!(a.here(), hit);
-        a.mov_to_ctx(off::IBL_TARGET, Register::RDX);
+        a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
+        a.glue(Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            ctx_indexed(Register::RCX, 8, off::IBL_HOSTS),
+        ));
+        a.mov_to_ctx(off::IBL_TARGET, Register::RCX);
         for r in IBL_REGS {
             a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
         }

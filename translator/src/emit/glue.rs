@@ -7,7 +7,7 @@
 //! registers, XSAVEs the vector state and returns to the dispatcher.
 
 use super::asm::{ctx, spill_slot, Asm};
-use crate::context::{off, ExitReason};
+use crate::context::{off, ExitReason, IBL_EMPTY_TAG};
 use crate::host::features::host_xcr0;
 use iced_x86::{Code, Instruction, Register as R};
 
@@ -18,7 +18,7 @@ pub struct Glue {
     pub entry: u64,
     /// Common exit (guest RIP and exit reason already stored).
     pub exit: u64,
-    /// Inline indirect lookups jump here on a miss: RAX = guest target, RAX/RCX/RDX spilled.
+    /// Inline indirect lookups jump here on a miss: R11 = guest target, R11/RCX spilled.
     pub ibl_miss: u64,
     /// Host address of empty indirect-branch slots (see `context::IBL_EMPTY_TAG`).
     pub ibl_empty: u64,
@@ -110,21 +110,19 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
     }
     a.op0(Code::Retnq);
 
-    // --- indirect-branch miss: RAX = guest target, RAX/RCX/RDX spilled ---
+    // --- indirect-branch miss: R11 = guest target, R11/RCX spilled ---
     glue.ibl_miss = a.here();
-    a.mov_to_ctx(off::RIP, R::RAX);
-    for r in [R::RAX, R::RCX, R::RDX] {
+    a.mov_to_ctx(off::RIP, R::R11);
+    for r in [R::R11, R::RCX] {
         a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
     }
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
 
-    // --- empty indirect slot: everything restored, target in ibl_guest ---
+    // --- empty indirect slot: reached only when the target is the one value whose negation is
+    // the empty tag (non-canonical), with every register already restored ---
     glue.ibl_empty = a.here();
-    a.mov_to_ctx(off::SPILL, R::RAX);
-    a.mov_from_ctx(R::RAX, off::IBL_GUEST);
-    a.mov_to_ctx(off::RIP, R::RAX);
-    a.mov_from_ctx(R::RAX, off::SPILL);
+    a.store_ctx_u64(off::RIP, IBL_EMPTY_TAG.wrapping_neg());
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
 
