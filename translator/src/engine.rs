@@ -82,7 +82,16 @@ pub struct Translator {
     /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
     /// never end), as QEMU does for self-modifying code.
     uncached_step: Option<u64>,
+    /// Identity strategy: host pages write-protected because they hold translated code. Boxed
+    /// and reached by raw pointer from the signal handler.
+    protected: Box<crate::host::pages::ProtectedPages>,
     stats: Stats,
+}
+
+impl Drop for Translator {
+    fn drop(&mut self) {
+        self.protected.release_all();
+    }
 }
 
 impl Translator {
@@ -104,6 +113,7 @@ impl Translator {
             by_host: BTreeMap::new(),
             code_pages: HashMap::new(),
             uncached_step: None,
+            protected: Box::default(),
             stats: Stats::default(),
         })
     }
@@ -132,6 +142,7 @@ impl Translator {
         self.by_guest.clear();
         self.by_host.clear();
         self.code_pages.clear();
+        self.protected.release_all();
         self.code.reset_to(self.glue_len);
         let ctx = self.ctx.get_mut();
         ctx.flush_tlb();
@@ -153,6 +164,7 @@ impl Translator {
             lookup: lookup_site,
             data: self as *const Translator as *const (),
             fault_exit: self.glue.exit,
+            code_write,
         };
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
@@ -173,6 +185,7 @@ impl Translator {
             }
             self.enter(host);
             self.stats.block_exits += 1;
+            self.invalidate_written_pages();
             let ctx = self.ctx.get_mut();
             match ctx.exit_reason {
                 r if r == ExitReason::Branch as u32 => pending_link = ctx.exit_link,
@@ -223,6 +236,24 @@ impl Translator {
             }
         }
         Ok(Exit::BlockLimit)
+    }
+
+    /// Invalidates the blocks of host pages the guest wrote since the last exit (identity
+    /// strategy; the signal handler already unlinked them and made the pages writable).
+    fn invalidate_written_pages(&mut self) {
+        if self.protected.dirty_count == 0 && !self.protected.dirty_overflow {
+            return;
+        }
+        if self.protected.dirty_overflow {
+            self.flush();
+            return;
+        }
+        let dirty: Vec<u64> = self.protected.dirty[..self.protected.dirty_count].to_vec();
+        self.protected.dirty_count = 0;
+        for page in dirty {
+            self.invalidate_phys_page(page);
+            self.protected.forget(page);
+        }
     }
 
     fn enter(&mut self, host: u64) {
@@ -333,6 +364,18 @@ impl Translator {
         // into the next page in case an instruction straddles it).
         let pages = if uncached {
             Vec::new()
+        } else if !soft {
+            // Identity: the host pages the block's bytes occupy, write-protected so a guest
+            // write to them is noticed.
+            let mut pages = Vec::new();
+            let mut page = block.start & !(PAGE - 1);
+            while page < block.end {
+                if self.protected.protect(page) {
+                    pages.push(page);
+                }
+                page += PAGE;
+            }
+            pages
         } else {
             fetch
                 .pages
@@ -618,6 +661,55 @@ fn dump_block(block: &DecodedBlock, host: u64, code: &[u8]) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+/// Signal-handler callback for a write fault: if `addr` lies in a page the translator
+/// write-protected, unlink every jump into that page's blocks (so none runs again before the
+/// dispatcher invalidates them), make the page writable and record it. Allocation-free.
+fn code_write(data: *const (), addr: u64) -> bool {
+    // SAFETY: `data` is the Translator registered by `run`; translated code is stopped in the
+    // signal handler, so its tables are not being changed. The handler writes only to the
+    // boxed page set (through its raw pointer), to code-buffer bytes and to the context, none
+    // of which the interrupted code holds references into.
+    let t = unsafe { &*(data as *const Translator) };
+    let page = addr & !(PAGE - 1);
+    let protected =
+        &*t.protected as *const crate::host::pages::ProtectedPages as *mut crate::host::pages::ProtectedPages;
+    // SAFETY: see above; the engine reads the dirty list only after translated code returns.
+    if !unsafe { (*protected).is_protected(page) } {
+        return false;
+    }
+    if let Some(list) = t.code_pages.get(&page) {
+        let ctx = t.ctx.as_ptr();
+        for &i in list {
+            let block = &t.blocks[i];
+            for link in &block.incoming {
+                // SAFETY: fields recorded when the links were made, inside the code buffer.
+                unsafe {
+                    match *link {
+                        Incoming::Jump { field, original } => {
+                            std::ptr::write_unaligned(field as *mut i32, original.wrapping_sub(field + 4) as i32)
+                        }
+                        Incoming::ReturnCache { imm, rel, miss } => {
+                            std::ptr::write_unaligned(imm as *mut u64, crate::emit::RETURN_CACHE_EMPTY);
+                            std::ptr::write_unaligned(rel as *mut i32, miss.wrapping_sub(rel + 4) as i32);
+                        }
+                    }
+                }
+            }
+            // SAFETY: ctx is the live context; translated code is stopped.
+            unsafe {
+                for slot in 0..IBL_ENTRIES {
+                    if (*ctx).ibl_hosts[slot] == block.host {
+                        (*ctx).ibl_hosts[slot] = t.glue.ibl_empty;
+                        (*ctx).ibl_tags[slot] = IBL_EMPTY_TAG;
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: see above.
+    unsafe { (*protected).on_write_fault(page) }
 }
 
 /// Signal-handler callback: maps a host PC inside translated code to its fault site.

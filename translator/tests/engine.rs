@@ -123,6 +123,24 @@ fn unsupported_instructions_are_refused_with_mnemonic_bytes_and_rip() {
     assert!(text.contains(&format!("{:#x}", page.addr())), "{text}");
 }
 
+#[test]
+fn identity_self_modifying_code_is_seen_by_the_next_block() {
+    // mov byte [rip+3],0x42; jmp +0; mov al,0x11; hlt  -- rewrites the 0x11 before it runs
+    let page = CodePage::new(&[0xc6, 0x05, 0x03, 0, 0, 0, 0x42, 0xeb, 0x00, 0xb0, 0x11, 0xf4]);
+    let mut t = identity();
+    t.state_mut().rip = page.addr() + 9;
+    assert!(gp_at(t.run(&mut HostPlatform, BUDGET).unwrap()));
+    assert_eq!(t.state().gpr[0] & 0xff, 0x11);
+    t.state_mut().rip = page.addr();
+    assert!(gp_at(t.run(&mut HostPlatform, BUDGET).unwrap()));
+    assert_eq!(t.state().gpr[0] & 0xff, 0x42, "the rewritten immediate ran");
+    assert!(t.stats().invalidated_blocks >= 1, "{:?}", t.stats());
+    // The page is writable again for the host once the translator is gone.
+    drop(t);
+    // SAFETY: the page is ours and writable.
+    unsafe { *page.0.add(100) = 1 };
+}
+
 /// Guest physical memory with 4-level page tables: code page at 0x400000 (RWX) and a data page at
 /// 0x401000; 0x402000 is not mapped.
 struct SoftGuest {

@@ -131,10 +131,11 @@ impl Worker {
                 }
                 return result;
             };
-            self.machine.load_code(&inst.bytes, inst.lead_in);
+            // Flush first: the identity translator write-protects the code pages it translated.
             for t in &mut self.translators {
                 t.flush();
             }
+            self.machine.load_code(&inst.bytes, inst.lead_in);
             let states = STATES_PER_INSTANCE.min(opts.cases - k * STATES_PER_INSTANCE);
             for j in 0..states {
                 let (mut state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data);

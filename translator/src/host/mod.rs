@@ -5,4 +5,5 @@
 pub mod codebuf;
 pub mod features;
 pub mod gsbase;
+pub mod pages;
 pub mod signals;

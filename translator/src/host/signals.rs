@@ -34,6 +34,9 @@ pub struct TranslatedFaults {
     pub lookup: fn(data: *const (), host_pc: u64) -> Option<FaultSite>,
     pub data: *const (),
     pub fault_exit: u64,
+    /// A write fault at `addr` inside translated code: returns true if it hit a page the
+    /// translator write-protected (self-modifying code), which is now writable again.
+    pub code_write: fn(data: *const (), addr: u64) -> bool,
 }
 
 /// Machine state captured from a signal frame. Plain data: the handler writes it, possibly into
@@ -276,6 +279,11 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
         let t = unsafe { &*translated };
         let pc = gregs[libc::REG_RIP as usize] as u64;
         let trapno = gregs[libc::REG_TRAPNO as usize] as u64;
+        let write_fault = trapno == 14 && gregs[libc::REG_ERR as usize] & 2 != 0;
+        if write_fault && (t.code_write)(t.data, gregs[libc::REG_CR2 as usize] as u64) {
+            // Self-modifying code: the page is writable again; run the write again.
+            return;
+        }
         // Traps (#DB, #BP, #OF) report the address after the instruction.
         let probe = if matches!(trapno, 1 | 3 | 4) {
             pc.wrapping_sub(1)
