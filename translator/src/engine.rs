@@ -85,7 +85,50 @@ pub struct Translator {
     /// Identity strategy: host pages write-protected because they hold translated code. Boxed
     /// and reached by raw pointer from the signal handler.
     protected: Box<crate::host::pages::ProtectedPages>,
+    /// Soft-MMU access crossing into a page that is not host-contiguous: both pages are copied
+    /// into `bounce_buffer`, the instruction runs once against the copy, and written bytes go back.
+    bounce: Option<Bounce>,
+    bounce_buffer: Option<memmap2_free::PageBuffer>,
     stats: Stats,
+}
+
+/// An in-flight split access (see `Translator::bounce`).
+#[derive(Clone, Copy)]
+struct Bounce {
+    page_va: u64,
+    hosts: [u64; 2],
+    pas: [u64; 2],
+    write: bool,
+}
+
+mod memmap2_free {
+    /// Two page-aligned host pages for split accesses (alignment faults must see the guest's
+    /// offsets).
+    pub struct PageBuffer(pub *mut u8);
+
+    impl PageBuffer {
+        pub fn new() -> Option<Self> {
+            // SAFETY: anonymous private mapping, checked.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    8192,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            (p != libc::MAP_FAILED).then_some(PageBuffer(p as *mut u8))
+        }
+    }
+
+    impl Drop for PageBuffer {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`.
+            unsafe { libc::munmap(self.0 as *mut libc::c_void, 8192) };
+        }
+    }
 }
 
 impl Drop for Translator {
@@ -114,6 +157,8 @@ impl Translator {
             code_pages: HashMap::new(),
             uncached_step: None,
             protected: Box::default(),
+            bounce: None,
+            bounce_buffer: None,
             stats: Stats::default(),
         })
     }
@@ -186,6 +231,9 @@ impl Translator {
             self.enter(host);
             self.stats.block_exits += 1;
             self.invalidate_written_pages();
+            if let Some(b) = self.bounce.take() {
+                self.finish_bounce(b);
+            }
             let ctx = self.ctx.get_mut();
             match ctx.exit_reason {
                 r if r == ExitReason::Branch as u32 => pending_link = ctx.exit_link,
@@ -455,11 +503,15 @@ impl Translator {
     }
 
     fn install(&mut self, block: DecodedBlock, phys_pages: Vec<u64>, cached: bool) -> Result<u64, TranslateError> {
-        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, self.strategy.is_soft_mmu()) {
+        let options = emit::EmitOptions {
+            soft_mmu: self.strategy.is_soft_mmu(),
+            split_access: self.bounce.is_some(),
+        };
+        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,
             Ok(_) | Err(TranslateError::CodeCacheFull) => {
                 self.flush();
-                emit::emit_block(&block, self.code.cursor(), &self.glue, self.strategy.is_soft_mmu())?
+                emit::emit_block(&block, self.code.cursor(), &self.glue, options)?
             }
             Err(e) => return Err(e),
         };
@@ -534,6 +586,78 @@ impl Translator {
         }
     }
 
+    /// Sets up a split access: both pages copied into the bounce buffer, the first page's TLB
+    /// entry pointed at it, and the instruction scheduled as an uncached one-instruction block
+    /// without the crossing check.
+    fn start_bounce(
+        &mut self,
+        fills: &[(u64, u64, u64)],
+        access: Access,
+        rip: u64,
+        va: u64,
+        size: u64,
+    ) -> Result<(), TranslateError> {
+        if self.bounce_buffer.is_none() {
+            self.bounce_buffer = memmap2_free::PageBuffer::new();
+        }
+        let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
+            return Err(TranslateError::SplitAccess { rip, va, size });
+        };
+        let write = access == Access::Write;
+        if write {
+            self.invalidate_phys_page(fills[0].1);
+            self.invalidate_phys_page(fills[1].1);
+        }
+        for (i, fill) in fills.iter().enumerate() {
+            // SAFETY: fill.2 is a page of guest RAM; the buffer has two pages.
+            unsafe { std::ptr::copy_nonoverlapping(fill.2 as *const u8, buffer.add(i * PAGE as usize), PAGE as usize) };
+        }
+        let page_va = fills[0].0;
+        let ctx = self.ctx.get_mut();
+        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
+        let entry = crate::context::TlbEntry {
+            vpn: page_va >> 12,
+            addend: (buffer as u64).wrapping_sub(page_va),
+        };
+        if write {
+            ctx.tlb_write[index] = entry;
+        } else {
+            ctx.tlb_read[index] = entry;
+        }
+        self.bounce = Some(Bounce {
+            page_va,
+            hosts: [fills[0].2, fills[1].2],
+            pas: [fills[0].1, fills[1].1],
+            write,
+        });
+        self.uncached_step = Some(rip);
+        Ok(())
+    }
+
+    /// Ends a split access: written bytes go back to guest memory, the TLB forgets the buffer.
+    fn finish_bounce(&mut self, b: Bounce) {
+        let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
+            return;
+        };
+        if b.write {
+            for (i, &host) in b.hosts.iter().enumerate() {
+                // SAFETY: as in start_bounce.
+                unsafe { std::ptr::copy_nonoverlapping(buffer.add(i * PAGE as usize), host as *mut u8, PAGE as usize) };
+            }
+            for pa in b.pas {
+                self.invalidate_phys_page(pa);
+            }
+        }
+        let ctx = self.ctx.get_mut();
+        let index = ((b.page_va >> 12) as usize) & (TLB_ENTRIES - 1);
+        let empty = crate::context::TlbEntry {
+            vpn: crate::context::TLB_EMPTY,
+            addend: 0,
+        };
+        ctx.tlb_write[index] = empty;
+        ctx.tlb_read[index] = empty;
+    }
+
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
     fn tlb_miss(&mut self) -> Result<Option<GuestException>, TranslateError> {
         let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
@@ -596,7 +720,7 @@ impl Translator {
             fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host));
         }
         if fills.len() == 2 {
-            return Err(TranslateError::SplitAccess { rip, va, size });
+            return self.start_bounce(&fills, access, rip, va, size).map(|()| None);
         }
         let (page_va, page_pa, host) = fills[0];
         if access == Access::Write && self.code_pages.contains_key(&page_pa) {

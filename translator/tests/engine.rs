@@ -171,6 +171,8 @@ impl SoftGuest {
         entry(0x2000, 2, 0x3000); // PD[2] (0x400000) -> PT
         entry(0x3000, 0, 0x5000); // code
         entry(0x3000, 1, 0x6000); // data
+        entry(0x3000, 4, 0x7000); // 0x404000 and 0x405000: adjacent virtually, not physically
+        entry(0x3000, 5, 0x9000);
         for (i, b) in code.iter().enumerate() {
             g.write_u8(0x5000 + i as u64, *b);
         }
@@ -238,6 +240,31 @@ fn soft_mmu_sets_accessed_and_dirty_bits() {
     };
     assert_eq!(data, 0xfeed);
     assert_eq!(pte & 0x60, 0x60, "accessed and dirty set in the data PTE: {pte:#x}");
+}
+
+#[test]
+fn soft_mmu_access_across_non_contiguous_pages() {
+    // mov [0x404ffc],rax; mov rbx,[0x404ffc]; hlt
+    let g = SoftGuest::new(&[
+        0x48, 0x89, 0x04, 0x25, 0xfc, 0x4f, 0x40, 0x00, 0x48, 0x8b, 0x1c, 0x25, 0xfc, 0x4f, 0x40, 0x00, 0xf4,
+    ]);
+    let mut t = g.translator();
+    t.state_mut().gpr[0] = 0x1122_3344_5566_7788;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(t.state().gpr[3], 0x1122_3344_5566_7788);
+    // SAFETY: reading inside the RAM mapping.
+    let (lo, hi) = unsafe {
+        (
+            std::ptr::read_unaligned(g.ram.add(0x7ffc) as *const u32),
+            std::ptr::read_unaligned(g.ram.add(0x9000) as *const u32),
+        )
+    };
+    assert_eq!(
+        (lo, hi),
+        (0x5566_7788, 0x1122_3344),
+        "each half landed in its own frame"
+    );
 }
 
 #[test]

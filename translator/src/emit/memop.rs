@@ -297,7 +297,7 @@ impl BlockEmitter<'_> {
         let no_alignment_check = self.no_alignment_check as u64;
         let info = size | ((access as u64) << 16) | (stack << 24) | (no_alignment_check << 25);
         let a: &mut Asm = &mut self.asm;
-        if size > 1 {
+        if size > 1 && !self.split_access {
             a.glue(Instruction::with2(
                 Code::Lea_r64_m,
                 t,

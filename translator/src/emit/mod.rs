@@ -88,6 +88,7 @@ pub(crate) struct BlockEmitter<'a> {
     asm: Asm,
     glue: &'a Glue,
     soft_mmu: bool,
+    split_access: bool,
     spilled: u16,
     flags_in_slot: bool,
     sites: Vec<HostSite>,
@@ -103,17 +104,28 @@ pub(crate) struct BlockEmitter<'a> {
     info: InstructionInfoFactory,
 }
 
+/// How a block is emitted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EmitOptions {
+    pub soft_mmu: bool,
+    /// Soft-MMU only: the block's single access crosses a page boundary and the engine has
+    /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out.
+    pub split_access: bool,
+}
+
 /// Emits `block` for host address `base`.
 pub fn emit_block(
     block: &DecodedBlock,
     base: u64,
     glue: &Glue,
-    soft_mmu: bool,
+    options: EmitOptions,
 ) -> Result<EmittedBlock, TranslateError> {
+    let soft_mmu = options.soft_mmu;
     let mut e = BlockEmitter {
         asm: Asm::new(base),
         glue,
         soft_mmu,
+        split_access: options.split_access,
         spilled: 0,
         flags_in_slot: false,
         sites: Vec::new(),

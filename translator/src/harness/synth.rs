@@ -175,6 +175,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 if rng.chance(60) {
                     offset &= !(mem_size.next_power_of_two().min(64) - 1);
                 }
+                // Sometimes straddle the two data pages (not adjacent in the soft-MMU's
+                // guest-physical layout).
+                if !vsib && (2..=64).contains(&mem_size) && rng.chance(10) {
+                    offset = 4096 - 1 - rng.below(mem_size - 1);
+                }
                 mem_target = Some(offset);
                 let addr32 = !vsib && rng.chance(10);
                 let base = loop {
