@@ -108,18 +108,7 @@ mod memmap2_free {
 
     impl PageBuffer {
         pub fn new() -> Option<Self> {
-            // SAFETY: anonymous private mapping, checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    8192,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            (p != libc::MAP_FAILED).then_some(PageBuffer(p as *mut u8))
+            crate::host::map_anonymous(8192, libc::PROT_READ | libc::PROT_WRITE).map(PageBuffer)
         }
     }
 

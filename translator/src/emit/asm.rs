@@ -143,3 +143,23 @@ impl Asm {
         self.base
     }
 }
+
+/// Low byte registers by hardware number (SPL..DIL and R8L.. need REX).
+pub const GPR8: [Register; 16] = [
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BL,
+    Register::SPL,
+    Register::BPL,
+    Register::SIL,
+    Register::DIL,
+    Register::R8L,
+    Register::R9L,
+    Register::R10L,
+    Register::R11L,
+    Register::R12L,
+    Register::R13L,
+    Register::R14L,
+    Register::R15L,
+];

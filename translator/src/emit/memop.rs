@@ -18,31 +18,12 @@
 //! are live there they are parked on the host flag stack around it. A miss restores every
 //! borrowed register and exits; the engine walks the page tables and restarts the instruction.
 
-use super::asm::{reg_num, Asm};
+use super::asm::{reg_num, Asm, GPR8};
 use super::{BlockEmitter, Cold};
 use crate::context::off;
 use crate::error::TranslateError;
 use crate::mmu::Access;
 use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic, OpAccess, OpKind, Register};
-
-const GPR8: [Register; 16] = [
-    Register::AL,
-    Register::CL,
-    Register::DL,
-    Register::BL,
-    Register::SPL,
-    Register::BPL,
-    Register::SIL,
-    Register::DIL,
-    Register::R8L,
-    Register::R9L,
-    Register::R10L,
-    Register::R11L,
-    Register::R12L,
-    Register::R13L,
-    Register::R14L,
-    Register::R15L,
-];
 
 const GPR32: [Register; 16] = [
     Register::EAX,
@@ -285,6 +266,19 @@ impl BlockEmitter<'_> {
         }
     }
 
+    /// Queues the cold stub a TLB-lookup branch at `field` goes to on a miss.
+    fn miss_stub(&mut self, field: usize, va_reg: Register, info: u64, flags_saved: bool) {
+        let (guest_rip, spilled) = (self.guest_rip, self.spilled);
+        self.cold.push(Cold::TlbMiss {
+            field,
+            va_reg,
+            info,
+            guest_rip,
+            spilled,
+            flags_saved,
+        });
+    }
+
     /// The inline TLB lookup turning guest address S into a host address.
     fn tlb_lookup(&mut self, s: Register, access: Access, size: u64, used: u16) {
         let t = self.pick(used | (1 << reg_num(s)));
@@ -306,16 +300,7 @@ impl BlockEmitter<'_> {
             a.glue(Instruction::with2(Code::Xor_r64_rm64, t, s));
             a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
             let field = a.branch32_forward(Code::Jne_rel32_64);
-            let spilled = self.spilled;
-            let guest_rip = self.guest_rip;
-            self.cold.push(Cold::TlbMiss {
-                field,
-                va_reg: s,
-                info,
-                guest_rip,
-                spilled,
-                flags_saved,
-            });
+            self.miss_stub(field, s, info, flags_saved);
         }
         let table = if access == Access::Write {
             off::TLB_WRITE
@@ -331,16 +316,7 @@ impl BlockEmitter<'_> {
         a.glue(Instruction::with2(Code::Cmp_r64_rm64, t, entry(table)));
         let field = a.branch32_forward(Code::Jne_rel32_64);
         a.glue(Instruction::with2(Code::Add_r64_rm64, s, entry(table + 8)));
-        let spilled = self.spilled;
-        let guest_rip = self.guest_rip;
-        self.cold.push(Cold::TlbMiss {
-            field,
-            va_reg: s,
-            info,
-            guest_rip,
-            spilled,
-            flags_saved,
-        });
+        self.miss_stub(field, s, info, flags_saved);
         self.give_back(u);
         self.give_back(t);
     }

@@ -8,12 +8,6 @@ use crate::exit::{Exit, GuestException};
 use crate::state::{gpr, GuestState};
 use iced_x86::{Instruction, Mnemonic, Register};
 
-fn read(mem: &mut dyn GuestMemory, va: u64, n: usize) -> Result<u64, GuestException> {
-    let mut b = [0u8; 8];
-    mem.read(va, &mut b[..n])?;
-    Ok(u64::from_le_bytes(b))
-}
-
 /// Performs one instruction; the caller advances nothing (RIP is set here on success).
 pub fn execute(
     state: &mut GuestState,
@@ -54,7 +48,7 @@ fn xlat(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> R
         _ => 0,
     };
     let va = seg.wrapping_add(s.gpr[gpr::RBX]).wrapping_add(s.gpr[gpr::RAX] & 0xff);
-    let v = read(mem, va, 1).map_err(|e| (e, None))?;
+    let v = mem.read_le(va, 1).map_err(|e| (e, None))?;
     s.gpr[gpr::RAX] = (s.gpr[gpr::RAX] & !0xff) | v;
     Ok(())
 }
@@ -80,7 +74,7 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
         let mut rbp = s.gpr[gpr::RBP];
         for _ in 1..level {
             rbp = rbp.wrapping_sub(size);
-            let v = read(mem, rbp, size as usize).map_err(|e| (e, None))?;
+            let v = mem.read_le(rbp, size as usize).map_err(|e| (e, None))?;
             push(&mut rsp, v, mem)?;
         }
         push(&mut rsp, frame, mem)?;
@@ -173,7 +167,7 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
             continue;
         }
         let va = linear_address(s, instr, 1, i).unwrap_or(0);
-        match read(mem, va, es) {
+        match mem.read_le(va, es) {
             Ok(v) => {
                 dst[at..at + es].copy_from_slice(&v.to_le_bytes()[..es]);
                 mask[at..at + es].fill(0);

@@ -32,6 +32,13 @@ pub enum Outcome {
 pub trait GuestMemory {
     fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException>;
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException>;
+
+    /// Reads an `n`-byte (n ≤ 8) little-endian value.
+    fn read_le(&mut self, va: u64, n: usize) -> Result<u64, GuestException> {
+        let mut b = [0u8; 8];
+        self.read(va, &mut b[..n])?;
+        Ok(u64::from_le_bytes(b))
+    }
 }
 
 /// A stack address: non-canonical stack references raise `#SS(0)` rather than `#GP(0)`.

@@ -45,7 +45,16 @@ fn dpl(ar: u32) -> u16 {
 }
 
 fn gp(selector: u16) -> GuestException {
-    GuestException::gp((selector & 0xfffc) as u32)
+    selector_fault(vector::GP, selector)
+}
+
+/// A segment fault (`#NP`, `#SS`, `#GP`) whose error code is the selector without its RPL.
+fn selector_fault(vector: u8, selector: u16) -> GuestException {
+    GuestException {
+        vector,
+        error_code: Some((selector & 0xfffc) as u32),
+        address: None,
+    }
 }
 
 /// AMD CPUs ignore REX.W on far-pointer loads and far jumps/calls through memory (m16:64 is an
@@ -88,11 +97,7 @@ fn load_segment(s: &mut GuestState, sreg: usize, selector: u16) -> Result<(), Gu
             return Err(gp(selector));
         }
         if ar & AR_P == 0 {
-            return Err(GuestException {
-                vector: 12,
-                error_code: Some((selector & 0xfffc) as u32),
-                address: None,
-            });
+            return Err(selector_fault(12, selector));
         }
     } else {
         if code && !readable_or_writable {
@@ -103,11 +108,7 @@ fn load_segment(s: &mut GuestState, sreg: usize, selector: u16) -> Result<(), Gu
             return Err(gp(selector));
         }
         if ar & AR_P == 0 {
-            return Err(GuestException {
-                vector: 11,
-                error_code: Some((selector & 0xfffc) as u32),
-                address: None,
-            });
+            return Err(selector_fault(11, selector));
         }
     }
     s.seg[sreg] = selector;
@@ -133,19 +134,9 @@ fn check_code_segment(selector: u16) -> Result<bool, GuestException> {
         return Err(gp(selector));
     }
     if ar & AR_P == 0 {
-        return Err(GuestException {
-            vector: 11,
-            error_code: Some((selector & 0xfffc) as u32),
-            address: None,
-        });
+        return Err(selector_fault(11, selector));
     }
     Ok(ar & AR_L != 0)
-}
-
-fn read(mem: &mut dyn GuestMemory, va: u64, n: usize) -> Result<u64, GuestException> {
-    let mut b = [0u8; 8];
-    mem.read(va, &mut b[..n])?;
-    Ok(u64::from_le_bytes(b))
 }
 
 fn canonical(v: u64) -> bool {
@@ -202,7 +193,7 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             }
             let selector = match instr.op1_kind() {
                 OpKind::Register => read_gpr(s, instr.op1_register()) as u16,
-                _ => read(mem, mem_va(s, 1), 2)? as u16,
+                _ => mem.read_le(mem_va(s, 1), 2)? as u16,
             };
             load_segment(s, sreg_index(sreg), selector)?;
             Ok(None)
@@ -234,7 +225,7 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         Mnemonic::Pop => {
             let size = instr.stack_pointer_increment().unsigned_abs() as u64;
             let rsp = s.gpr[gpr::RSP];
-            let selector = read(mem, stack_address(rsp)?, size as usize)? as u16;
+            let selector = mem.read_le(stack_address(rsp)?, size as usize)? as u16;
             load_segment(s, sreg_index(instr.op0_register()), selector)?;
             s.gpr[gpr::RSP] = rsp.wrapping_add(size);
             Ok(None)
@@ -247,8 +238,8 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 dst.size() as u64
             };
             let va = mem_va(s, 1);
-            let offset = read(mem, va, size as usize)?;
-            let selector = read(mem, va.wrapping_add(size), 2)? as u16;
+            let offset = mem.read_le(va, size as usize)?;
+            let selector = mem.read_le(va.wrapping_add(size), 2)? as u16;
             let sreg = match mnemonic {
                 Mnemonic::Lfs => 4,
                 Mnemonic::Lgs => 5,
@@ -266,8 +257,8 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         Mnemonic::Retf => {
             let size = op_size(instr);
             let rsp = s.gpr[gpr::RSP];
-            let ip = read(mem, stack_address(rsp)?, size)?;
-            let cs = read(mem, stack_address(rsp.wrapping_add(size as u64))?, size)? as u16;
+            let ip = mem.read_le(stack_address(rsp)?, size)?;
+            let cs = mem.read_le(stack_address(rsp.wrapping_add(size as u64))?, size)? as u16;
             let pop = if instr.op_count() == 1 {
                 instr.immediate16() as u64
             } else {
@@ -278,8 +269,8 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 // RPL != CPL announces a return to another privilege level, for which the CPU
                 // also pops SS:RSP above the new top (SS first, as observed on this host) before
                 // it validates CS.
-                read(mem, stack_address(new_rsp.wrapping_add(size as u64))?, size)?;
-                read(mem, stack_address(new_rsp)?, size)?;
+                mem.read_le(stack_address(new_rsp.wrapping_add(size as u64))?, size)?;
+                mem.read_le(stack_address(new_rsp)?, size)?;
             }
             far_target(s, cs, ip)?;
             s.gpr[gpr::RSP] = new_rsp;
@@ -293,11 +284,11 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             };
             let rsp = stack_address(s.gpr[gpr::RSP])?;
             let at = |i: u64| rsp.wrapping_add(i * size as u64);
-            let ip = read(mem, at(0), size)?;
-            let cs = read(mem, at(1), size)? as u16;
-            let fl = read(mem, at(2), size)?;
-            let new_rsp = read(mem, at(3), size)?;
-            let ss = read(mem, at(4), size)? as u16;
+            let ip = mem.read_le(at(0), size)?;
+            let cs = mem.read_le(at(1), size)? as u16;
+            let fl = mem.read_le(at(2), size)?;
+            let new_rsp = mem.read_le(at(3), size)?;
+            let ss = mem.read_le(at(4), size)? as u16;
             far_target(s, cs, ip)?;
             let mut probe = s.clone();
             load_segment(&mut probe, 2, ss)?;
@@ -316,8 +307,8 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 n => n,
             };
             let va = mem_va(s, 0);
-            let ip = read(mem, va, size)?;
-            let cs = read(mem, va.wrapping_add(size as u64), 2)? as u16;
+            let ip = mem.read_le(va, size)?;
+            let cs = mem.read_le(va.wrapping_add(size as u64), 2)? as u16;
             far_target(s, cs, ip)?;
             if mnemonic == Mnemonic::Call {
                 // Pushes CS then the return RIP, each in the operand size.

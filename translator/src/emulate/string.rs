@@ -35,12 +35,6 @@ pub fn sub_flags(a: u64, b: u64, bits: u32) -> u64 {
     f
 }
 
-fn read_n(mem: &mut dyn GuestMemory, va: u64, n: usize) -> Result<u64, GuestException> {
-    let mut b = [0u8; 8];
-    mem.read(va, &mut b[..n])?;
-    Ok(u64::from_le_bytes(b))
-}
-
 /// Emulates a string instruction (with its REP prefix) at `state.rip`. Iterations that
 /// completed before a fault stay done, as on the CPU.
 pub fn execute(
@@ -105,7 +99,7 @@ pub fn execute(
             }
             match mnemonic {
                 Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => {
-                    let v = read_n(mem, src_base.wrapping_add(rsi), n)?;
+                    let v = mem.read_le(src_base.wrapping_add(rsi), n)?;
                     mem.write(rdi, &v.to_le_bytes()[..n])?;
                     state.gpr[gpr::RSI] = rsi.wrapping_add(step);
                     state.gpr[gpr::RDI] = rdi.wrapping_add(step);
@@ -116,7 +110,7 @@ pub fn execute(
                     state.gpr[gpr::RDI] = rdi.wrapping_add(step);
                 }
                 Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq => {
-                    let v = read_n(mem, src_base.wrapping_add(rsi), n)?;
+                    let v = mem.read_le(src_base.wrapping_add(rsi), n)?;
                     let rax = &mut state.gpr[gpr::RAX];
                     *rax = match n {
                         4 => v,
@@ -126,14 +120,14 @@ pub fn execute(
                     state.gpr[gpr::RSI] = rsi.wrapping_add(step);
                 }
                 Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq => {
-                    let a = read_n(mem, src_base.wrapping_add(rsi), n)?;
-                    let b = read_n(mem, rdi, n)?;
+                    let a = mem.read_le(src_base.wrapping_add(rsi), n)?;
+                    let b = mem.read_le(rdi, n)?;
                     state.rflags = (state.rflags & !flags::STATUS) | sub_flags(a, b, bits);
                     state.gpr[gpr::RSI] = rsi.wrapping_add(step);
                     state.gpr[gpr::RDI] = rdi.wrapping_add(step);
                 }
                 Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq => {
-                    let b = read_n(mem, rdi, n)?;
+                    let b = mem.read_le(rdi, n)?;
                     state.rflags = (state.rflags & !flags::STATUS) | sub_flags(state.gpr[gpr::RAX], b, bits);
                     state.gpr[gpr::RDI] = rdi.wrapping_add(step);
                 }

@@ -12,6 +12,7 @@
 //! into the HLT sea, where HLT faults in user mode. The signal handler records the full state.
 
 use crate::host::features::host_xcr0;
+use crate::host::map_anonymous;
 use crate::host::signals::{self, Captured, ForkCapture, NativeCapture, NativeGuard};
 use crate::mmu::GuestRam;
 use crate::state::{GuestState, XSaveArea};
@@ -102,20 +103,8 @@ impl Machine {
                 libc::PROT_READ | libc::PROT_WRITE,
             )
         };
-        // SAFETY: anonymous mapping for the trampoline; checked below.
-        let trampoline = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if trampoline == libc::MAP_FAILED {
-            return Err("cannot map the native trampoline".into());
-        }
+        let trampoline = map_anonymous(4096, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC)
+            .ok_or("cannot map the native trampoline")?;
         let mut m = Machine {
             base,
             trampoline: trampoline as u64,
@@ -393,22 +382,10 @@ impl Machine {
 
 /// Page-aligned zeroed memory for the soft-MMU view; unmapped when the machine drops.
 fn map_ram() -> Result<&'static mut [u8], String> {
-    // SAFETY: anonymous private mapping, checked below; it lives until Machine::drop.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            RAM_SIZE as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err("cannot map the soft-MMU guest memory".into());
-    }
+    let p = map_anonymous(RAM_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE)
+        .ok_or("cannot map the soft-MMU guest memory")?;
     // SAFETY: the mapping is RAM_SIZE bytes, readable and writable, and owned by the machine.
-    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, RAM_SIZE as usize) })
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, RAM_SIZE as usize) })
 }
 
 impl Drop for Machine {

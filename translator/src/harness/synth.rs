@@ -14,34 +14,15 @@ use crate::rules::{rule, BranchKind, EmulateOp, ImplicitOp, Rule, StackOp};
 use crate::state::{flags, GuestState, XSaveArea};
 use iced_x86::{Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register};
 
-const GPR8: [Register; 20] = [
-    Register::AL,
-    Register::CL,
-    Register::DL,
-    Register::BL,
-    Register::AH,
-    Register::CH,
-    Register::DH,
-    Register::BH,
-    Register::SPL,
-    Register::BPL,
-    Register::SIL,
-    Register::DIL,
-    Register::R8L,
-    Register::R9L,
-    Register::R10L,
-    Register::R11L,
-    Register::R12L,
-    Register::R13L,
-    Register::R14L,
-    Register::R15L,
-];
+/// The legacy high-byte registers (usable only without a REX prefix).
+const HIGH8: [Register; 4] = [Register::AH, Register::CH, Register::DH, Register::BH];
 
 fn gpr_of_size(rng: &mut Rng, size: usize) -> Register {
     let n = rng.below(16) as usize;
     let r64 = crate::emit::asm::gpr64(n);
     match size {
-        1 => rng.pick(&GPR8),
+        1 if rng.chance(20) => rng.pick(&HIGH8),
+        1 => rng.pick(&crate::emit::asm::GPR8),
         2 => Register::values()
             .find(|r| r.is_gpr16() && r.full_register() == r64)
             .unwrap(),

@@ -12,28 +12,13 @@ pub struct CodeBuffer {
 
 impl CodeBuffer {
     pub fn new(size: usize) -> Result<Self, TranslateError> {
-        // SAFETY: anonymous private mapping; the kernel picks the address. The result is checked.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
+        let Some(base) = super::map_anonymous(size, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) else {
             return Err(TranslateError::Host(format!(
                 "mmap of {size} bytes of executable memory failed: {}",
                 std::io::Error::last_os_error()
             )));
-        }
-        Ok(CodeBuffer {
-            base: base as *mut u8,
-            size,
-            used: 0,
-        })
+        };
+        Ok(CodeBuffer { base, size, used: 0 })
     }
 
     /// Address the next [`CodeBuffer::append`] writes to.

@@ -7,3 +7,19 @@ pub mod features;
 pub mod gsbase;
 pub mod pages;
 pub mod signals;
+
+/// A fresh anonymous private mapping of `len` bytes with protection `prot`, or None.
+pub fn map_anonymous(len: usize, prot: i32) -> Option<*mut u8> {
+    // SAFETY: anonymous private mapping at a kernel-chosen address; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as *mut u8)
+}
