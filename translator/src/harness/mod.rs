@@ -138,9 +138,10 @@ impl Worker {
             self.machine.load_code(&inst.bytes, inst.lead_in);
             let states = STATES_PER_INSTANCE.min(opts.cases - k * STATES_PER_INSTANCE);
             for j in 0..states {
-                let (mut state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data);
                 // The guest starts with this thread's FS/GS bases, so both runs agree on them.
-                (state.fs_base, state.gs_base) = host_fs_gs_base();
+                let bases = host_fs_gs_base();
+                let (mut state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data, bases);
+                (state.fs_base, state.gs_base) = bases;
                 self.machine.set_native_data(&mem);
                 let forked = r == Rule::Emulate(EmulateOp::Segment);
                 let native = match self.native_outcome(&state, &inst, forked) {

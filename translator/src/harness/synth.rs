@@ -211,6 +211,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     };
                     i.set_memory_displacement64(disp as u64);
                     let wide = if addr32 { 4 } else { 8 };
+                    // Sometimes through FS or GS (the guest's bases are the host thread's here,
+                    // so the native run reaches the same memory).
+                    if !vsib && !addr32 && rng.chance(15) {
+                        i.set_segment_prefix(if rng.chance(50) { Register::FS } else { Register::GS });
+                    }
                     i.set_memory_displ_size(if disp == 0 {
                         0
                     } else if (-128..128).contains(&disp) {
@@ -347,7 +352,13 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
 
 /// A random machine state for `inst`, constrained so its accesses and branches stay inside the
 /// machine's regions. Returns the state and the initial data-region contents.
-pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (GuestState, Vec<u8>) {
+pub fn state(
+    inst: &Instance,
+    rng: &mut Rng,
+    code: (u64, u64),
+    data: u64,
+    seg_bases: (u64, u64),
+) -> (GuestState, Vec<u8>) {
     let instr = &inst.instr;
     let mut s = GuestState::default();
     for r in s.gpr.iter_mut() {
@@ -442,7 +453,15 @@ pub fn state(inst: &Instance, rng: &mut Rng, code: (u64, u64), data: u64) -> (Gu
                 v
             };
             let full = base.full_register().number() & 15;
-            let want = target.wrapping_sub(index_value.wrapping_mul(scale)).wrapping_sub(disp);
+            let seg_base = match instr.segment_prefix() {
+                Register::FS => seg_bases.0,
+                Register::GS => seg_bases.1,
+                _ => 0,
+            };
+            let want = target
+                .wrapping_sub(seg_base)
+                .wrapping_sub(index_value.wrapping_mul(scale))
+                .wrapping_sub(disp);
             if base.is_gpr32() {
                 s.gpr[full] = (rng.next_u64() << 32) | (want & 0xffff_ffff);
                 if index.is_gpr32() {
