@@ -149,7 +149,9 @@ pub fn emit_block(
         }
         match d.rule {
             Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, &d.bytes)?,
-            Rule::Stack(_) if !soft_mmu => e.copy(&d.instr, &d.bytes)?,
+            // With an FS/GS override the operand is rewritten, and `pop [rsp+x]` must then see RSP
+            // after the pop: the decomposition handles that.
+            Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, &d.bytes)?,
             Rule::Stack(op) => e.stack(&d.instr, op)?,
             Rule::Branch(kind) => e.branch(&d.instr, kind)?,
             Rule::Emulate(_) => unreachable!("emulated rules run in the engine"),

@@ -394,6 +394,29 @@ pub fn state(
     }
     if code_rule == Some(Rule::Implicit(ImplicitOp::Enter)) {
         s.gpr[5] = data + 0x900 + rng.below(0x100) * 8;
+        // Neither the pushes nor the frame allocation may touch the code region (the native run
+        // would write into the code under test).
+        let size = if instr.code() == Code::Enterw_imm16_imm8 { 2 } else { 8 };
+        let level = (instr.immediate8_2nd() & 31) as u64;
+        let pushes = size * (level + 1);
+        let below = pushes + instr.immediate16() as u64;
+        let touches_code = |rsp: u64| {
+            let hits = |a: u64, b: u64| a < code.1 && b > code.0;
+            let final_rsp = rsp.wrapping_sub(below);
+            hits(rsp.wrapping_sub(pushes), rsp) || hits(final_rsp, final_rsp + size)
+        };
+        let candidates = [
+            s.gpr[4],
+            data + 0x1ff0,
+            data + 0x800,
+            code.1 + 0x100 + below,
+            code.0.wrapping_sub(0x100) + below,
+        ];
+        s.gpr[4] = candidates
+            .into_iter()
+            .find(|&r| !touches_code(r))
+            .unwrap_or(data + 0x1ff0)
+            & !7;
     }
     if code_rule == Some(Rule::Implicit(ImplicitOp::MaskMove)) {
         s.gpr[7] = data + 0x100 + rng.below(0xe00);
