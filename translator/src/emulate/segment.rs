@@ -121,7 +121,8 @@ fn load_segment(s: &mut GuestState, sreg: usize, selector: u16) -> Result<(), Gu
 }
 
 /// Checks a far-transfer target code selector at CPL3; returns whether it is 64-bit code.
-fn check_code_segment(selector: u16) -> Result<bool, GuestException> {
+/// Returns need RPL = CPL; jumps and calls accept any RPL (RPL ≤ CPL always holds at CPL3).
+fn check_code_segment(selector: u16, is_return: bool) -> Result<bool, GuestException> {
     if selector & !3 == 0 {
         return Err(GuestException::gp(0));
     }
@@ -130,7 +131,7 @@ fn check_code_segment(selector: u16) -> Result<bool, GuestException> {
         return Err(gp(selector));
     }
     let conforming = ar & (1 << 10) != 0;
-    if selector & 3 != 3 || (!conforming && dpl(ar) != 3) || (conforming && dpl(ar) > 3) {
+    if (is_return && selector & 3 != 3) || (!conforming && dpl(ar) != 3) || (conforming && dpl(ar) > 3) {
         return Err(gp(selector));
     }
     if ar & AR_P == 0 {
@@ -272,7 +273,7 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 mem.read_le(stack_address(new_rsp.wrapping_add(size as u64))?, size)?;
                 mem.read_le(stack_address(new_rsp)?, size)?;
             }
-            far_target(s, cs, ip)?;
+            far_target(s, cs, ip, true)?;
             s.gpr[gpr::RSP] = new_rsp;
             Ok(Some(ip))
         }
@@ -289,7 +290,7 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             let fl = mem.read_le(at(2), size)?;
             let new_rsp = mem.read_le(at(3), size)?;
             let ss = mem.read_le(at(4), size)? as u16;
-            far_target(s, cs, ip)?;
+            far_target(s, cs, ip, true)?;
             let mut probe = s.clone();
             load_segment(&mut probe, 2, ss)?;
             // At CPL3 with IOPL 0, IF and IOPL keep their values.
@@ -309,14 +310,15 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             let va = mem_va(s, 0);
             let ip = mem.read_le(va, size)?;
             let cs = mem.read_le(va.wrapping_add(size as u64), 2)? as u16;
-            far_target(s, cs, ip)?;
+            let old_cs = s.seg[1];
+            far_target(s, cs, ip, false)?;
             if mnemonic == Mnemonic::Call {
-                // Pushes CS then the return RIP, each in the operand size.
+                // Pushes the old CS then the return RIP, each in the operand size.
                 let rsp = s.gpr[gpr::RSP];
                 let ret = instr.next_ip();
                 let a = stack_address(rsp.wrapping_sub(size as u64))?;
                 let b = stack_address(rsp.wrapping_sub(2 * size as u64))?;
-                mem.write(a, &(s.seg[1] as u64).to_le_bytes()[..size])?;
+                mem.write(a, &(old_cs as u64).to_le_bytes()[..size])?;
                 mem.write(b, &ret.to_le_bytes()[..size])?;
                 s.gpr[gpr::RSP] = b;
             }
@@ -334,15 +336,15 @@ fn op_size(instr: &Instruction) -> usize {
     }
 }
 
-/// Validates a far-transfer target and switches CS.
-fn far_target(s: &mut GuestState, cs: u16, ip: u64) -> Result<(), Failure> {
-    let long = check_code_segment(cs)?;
+/// Validates a far-transfer target and switches CS (its RPL becomes the CPL, 3).
+fn far_target(s: &mut GuestState, cs: u16, ip: u64, is_return: bool) -> Result<(), Failure> {
+    let long = check_code_segment(cs, is_return)?;
     if !long {
         return Err(Failure::Unsupported(Unsupported::CompatibilityMode(cs)));
     }
     if !canonical(ip) {
         return Err(GuestException::gp(0).into());
     }
-    s.seg[1] = cs;
+    s.seg[1] = (cs & !3) | 3;
     Ok(())
 }
