@@ -2,6 +2,7 @@
 //! crates; errors become one `error:` line on stderr and exit status 1 (2 for usage errors).
 
 mod cli;
+mod exec;
 
 use clap::Parser;
 

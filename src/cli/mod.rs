@@ -22,11 +22,13 @@ pub struct Cli {
 enum Command {
     Coverage(Box<coverage::CoverageArgs>),
     IsaTest(isa_test::IsaTestArgs),
+    Exec(crate::exec::ExecArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Coverage(args) => coverage::run(*args),
         Command::IsaTest(args) => isa_test::run(args),
+        Command::Exec(args) => crate::exec::run(args),
     }
 }

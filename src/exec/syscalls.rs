@@ -1,0 +1,338 @@
+//! System calls of a translated Linux program. Most go to the host kernel unchanged (guest
+//! addresses are host addresses); these are emulated because passing them through would break
+//! the translation or hbt itself:
+//!
+//! - `arch_prctl` (the guest's FS/GS bases are guest state; the host's FS is hbt's TLS),
+//! - `brk` (the guest heap lives after the program image),
+//! - `exit`/`exit_group`,
+//! - `fork`/`vfork`/`clone` without `CLONE_VM` (the child keeps running translated; `vfork`
+//!   becomes `fork`; `CLONE_SETTLS` sets the guest's FS base),
+//! - `execve` (re-executes under `hbt exec`),
+//! - `rt_sigaction`/`sigaltstack` (hbt owns the host handlers), `rt_sigprocmask` (hbt's fault
+//!   signals stay unblocked), `rseq` (ENOSYS: the kernel would redirect host execution),
+//! - `munmap`/`mremap`/`mmap(MAP_FIXED)`/`mprotect` also drop translations.
+
+use anyhow::{bail, Result};
+use hbt_translator::Translator;
+use std::path::PathBuf;
+
+const SYS_MMAP: u64 = 9;
+const SYS_MPROTECT: u64 = 10;
+const SYS_MUNMAP: u64 = 11;
+const SYS_BRK: u64 = 12;
+const SYS_RT_SIGACTION: u64 = 13;
+const SYS_RT_SIGPROCMASK: u64 = 14;
+const SYS_MREMAP: u64 = 25;
+const SYS_CLONE: u64 = 56;
+const SYS_FORK: u64 = 57;
+const SYS_VFORK: u64 = 58;
+const SYS_EXECVE: u64 = 59;
+const SYS_EXIT: u64 = 60;
+const SYS_SIGALTSTACK: u64 = 131;
+const SYS_ARCH_PRCTL: u64 = 158;
+const SYS_EXIT_GROUP: u64 = 231;
+const SYS_CLONE3: u64 = 435;
+const SYS_RSEQ: u64 = 334;
+const SYS_READLINK: u64 = 89;
+const SYS_READLINKAT: u64 = 267;
+
+const CLONE_VM: u64 = 0x100;
+const CLONE_VFORK: u64 = 0x4000;
+const CLONE_SETTLS: u64 = 0x80000;
+
+pub struct Syscalls {
+    brk: u64,
+    brk_mapped: u64,
+    program: PathBuf,
+    pub count: u64,
+}
+
+fn raw(nr: u64, a: [u64; 6]) -> u64 {
+    let ret: u64;
+    // SAFETY: a system call on behalf of the guest, whose memory is this process's memory; the
+    // calls that could break hbt are intercepted before reaching here.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a[0], in("rsi") a[1], in("rdx") a[2], in("r10") a[3], in("r8") a[4], in("r9") a[5],
+            lateout("rcx") _, lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+fn errno(e: i32) -> u64 {
+    (-(e as i64)) as u64
+}
+
+/// Reads a NUL-terminated string from guest memory.
+fn read_cstr(addr: u64) -> Option<String> {
+    let mut out = Vec::new();
+    let mut p = addr;
+    loop {
+        let mut b = [0u8; 1];
+        hbt_translator::mmu::read_host_checked(p, &mut b)?;
+        if b[0] == 0 {
+            return String::from_utf8(out).ok();
+        }
+        out.push(b[0]);
+        p += 1;
+        if out.len() > 1 << 20 {
+            return None;
+        }
+    }
+}
+
+fn read_u64(addr: u64) -> Option<u64> {
+    let mut b = [0u8; 8];
+    hbt_translator::mmu::read_host_checked(addr, &mut b)?;
+    Some(u64::from_le_bytes(b))
+}
+
+fn read_strv(addr: u64) -> Option<Vec<String>> {
+    let mut v = Vec::new();
+    if addr == 0 {
+        return Some(v);
+    }
+    for i in 0.. {
+        let p = read_u64(addr + 8 * i)?;
+        if p == 0 {
+            break;
+        }
+        v.push(read_cstr(p)?);
+    }
+    Some(v)
+}
+
+impl Syscalls {
+    pub fn new(brk: u64, program: PathBuf) -> Self {
+        Syscalls {
+            brk,
+            brk_mapped: brk,
+            program,
+            count: 0,
+        }
+    }
+
+    /// Handles the system call in the guest state; Some(status) when the program exits.
+    pub fn handle(&mut self, t: &mut Translator) -> Result<Option<i32>> {
+        self.count += 1;
+        let s = t.state();
+        let nr = s.gpr[0];
+        let a = [s.gpr[7], s.gpr[6], s.gpr[2], s.gpr[10], s.gpr[8], s.gpr[9]];
+        let ret = match nr {
+            SYS_EXIT | SYS_EXIT_GROUP => return Ok(Some(a[0] as i32 & 0xff)),
+            SYS_ARCH_PRCTL => match a[0] {
+                0x1001 => {
+                    t.state_mut().gs_base = a[1];
+                    0
+                }
+                0x1002 => {
+                    t.state_mut().fs_base = a[1];
+                    0
+                }
+                0x1003 | 0x1004 => {
+                    let v = if a[0] == 0x1003 {
+                        t.state().fs_base
+                    } else {
+                        t.state().gs_base
+                    };
+                    let b = v.to_le_bytes();
+                    let local = libc::iovec {
+                        iov_base: b.as_ptr() as *mut libc::c_void,
+                        iov_len: 8,
+                    };
+                    let remote = libc::iovec {
+                        iov_base: a[1] as *mut libc::c_void,
+                        iov_len: 8,
+                    };
+                    // SAFETY: process_vm_writev on ourselves reports EFAULT instead of faulting.
+                    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+                    if n == 8 {
+                        0
+                    } else {
+                        errno(libc::EFAULT)
+                    }
+                }
+                _ => errno(libc::EINVAL),
+            },
+            SYS_BRK => self.brk(a[0]),
+            SYS_RSEQ | SYS_CLONE3 => errno(libc::ENOSYS),
+            SYS_RT_SIGACTION => {
+                // Guest handlers are not delivered yet; report "default" as the old action.
+                if a[2] != 0 {
+                    let zero = [0u8; 32];
+                    let local = libc::iovec {
+                        iov_base: zero.as_ptr() as *mut libc::c_void,
+                        iov_len: 32,
+                    };
+                    let remote = libc::iovec {
+                        iov_base: a[2] as *mut libc::c_void,
+                        iov_len: 32,
+                    };
+                    // SAFETY: see arch_prctl.
+                    unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+                }
+                0
+            }
+            SYS_SIGALTSTACK => 0,
+            SYS_RT_SIGPROCMASK => {
+                // Never let the guest block the signals hbt's fault handling needs.
+                if a[1] != 0 {
+                    if let Some(set) = read_u64(a[1]) {
+                        let keep = !((1u64 << (libc::SIGSEGV - 1))
+                            | (1 << (libc::SIGBUS - 1))
+                            | (1 << (libc::SIGILL - 1))
+                            | (1 << (libc::SIGFPE - 1))
+                            | (1 << (libc::SIGTRAP - 1)));
+                        let masked = set & keep;
+                        let mut args = a;
+                        args[1] = &masked as *const u64 as u64;
+                        raw(nr, args)
+                    } else {
+                        errno(libc::EFAULT)
+                    }
+                } else {
+                    raw(nr, a)
+                }
+            }
+            SYS_FORK | SYS_VFORK => self.fork(t, libc::SIGCHLD as u64, 0, 0, 0, 0),
+            SYS_CLONE => {
+                let flags = a[0];
+                if flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0 {
+                    bail!(
+                        "{}: clone with CLONE_VM (threads) is not supported yet",
+                        self.program.display()
+                    );
+                }
+                self.fork(t, flags, a[1], a[2], a[3], a[4])
+            }
+            SYS_EXECVE => self.execve(a)?,
+            // /proc/self/exe is hbt; the guest must see its own program.
+            SYS_READLINK if read_cstr(a[0]).as_deref() == Some("/proc/self/exe") => self.readlink_self(a[1], a[2]),
+            SYS_READLINKAT if read_cstr(a[1]).as_deref() == Some("/proc/self/exe") => self.readlink_self(a[2], a[3]),
+            SYS_MUNMAP | SYS_MREMAP | SYS_MPROTECT => {
+                let r = raw(nr, a);
+                t.flush();
+                r
+            }
+            SYS_MMAP => {
+                let r = raw(nr, a);
+                if a[3] & libc::MAP_FIXED as u64 != 0 {
+                    t.flush();
+                }
+                r
+            }
+            _ => raw(nr, a),
+        };
+        t.state_mut().gpr[0] = ret;
+        Ok(None)
+    }
+
+    fn brk(&mut self, want: u64) -> u64 {
+        if want <= self.brk_mapped {
+            if want >= self.brk {
+                self.brk = want.max(self.brk);
+            }
+            return self.brk;
+        }
+        let end = (want + 4095) & !4095;
+        // SAFETY: MAP_FIXED_NOREPLACE maps fresh memory right after the heap or fails.
+        let p = unsafe {
+            libc::mmap(
+                self.brk_mapped as *mut libc::c_void,
+                (end - self.brk_mapped) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as u64 == self.brk_mapped {
+            self.brk_mapped = end;
+            self.brk = want;
+        }
+        self.brk
+    }
+
+    /// fork-like clone: the child is a copy of this process and keeps running translated code.
+    fn fork(&mut self, t: &mut Translator, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u64) -> u64 {
+        let host_flags = flags & !(CLONE_VM | CLONE_VFORK | CLONE_SETTLS);
+        let ret = raw(SYS_CLONE, [host_flags, 0, ptid, ctid, 0, 0]);
+        if ret == 0 {
+            // Child: its guest stack and TLS as requested.
+            if stack != 0 {
+                t.state_mut().gpr[4] = stack;
+            }
+            if flags & CLONE_SETTLS != 0 {
+                t.state_mut().fs_base = tls;
+            }
+        }
+        ret
+    }
+
+    fn program_path(&self) -> String {
+        std::fs::canonicalize(&self.program)
+            .unwrap_or_else(|_| self.program.clone())
+            .display()
+            .to_string()
+    }
+
+    fn readlink_self(&self, buf: u64, len: u64) -> u64 {
+        let path = self.program_path();
+        let n = path.len().min(len as usize);
+        let local = libc::iovec {
+            iov_base: path.as_ptr() as *mut libc::c_void,
+            iov_len: n,
+        };
+        let remote = libc::iovec {
+            iov_base: buf as *mut libc::c_void,
+            iov_len: n,
+        };
+        // SAFETY: process_vm_writev on ourselves reports EFAULT instead of faulting.
+        let w = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if w < 0 {
+            errno(libc::EFAULT)
+        } else {
+            w as u64
+        }
+    }
+
+    /// Re-executes the new program under `hbt exec`.
+    fn execve(&mut self, a: [u64; 6]) -> Result<u64> {
+        let (Some(path), Some(argv), Some(envp)) = (read_cstr(a[0]), read_strv(a[1]), read_strv(a[2])) else {
+            return Ok(errno(libc::EFAULT));
+        };
+        let me = std::ffi::CString::new("/proc/self/exe").unwrap();
+        let path = if path == "/proc/self/exe" {
+            self.program_path()
+        } else {
+            path
+        };
+        let mut args = vec!["hbt".to_string(), "exec".to_string()];
+        if let Some(argv0) = argv.first() {
+            args.extend(["--argv0".to_string(), argv0.clone()]);
+        }
+        args.extend(["--".to_string(), path]);
+        args.extend(argv.into_iter().skip(1));
+        let cargs: Vec<std::ffi::CString> = args
+            .into_iter()
+            .filter_map(|s| std::ffi::CString::new(s).ok())
+            .collect();
+        let cenv: Vec<std::ffi::CString> = envp
+            .into_iter()
+            .filter_map(|s| std::ffi::CString::new(s).ok())
+            .collect();
+        let mut pa: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+        pa.push(std::ptr::null());
+        let mut pe: Vec<*const libc::c_char> = cenv.iter().map(|c| c.as_ptr()).collect();
+        pe.push(std::ptr::null());
+        // SAFETY: NUL-terminated argument and environment vectors that outlive the call.
+        unsafe { libc::execve(me.as_ptr(), pa.as_ptr(), pe.as_ptr()) };
+        Ok(errno(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOEXEC),
+        ))
+    }
+}

@@ -1,0 +1,135 @@
+//! `hbt exec` on Debian's busybox-static: each applet's stdout and exit status must match the
+//! native run byte for byte. busybox-static is installed by `.ci/run`; without it these tests
+//! fail (they do not skip).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn hbt() -> &'static str {
+    env!("CARGO_BIN_EXE_hbt")
+}
+
+fn run(native: bool, args: &[&str], stdin: &[u8], dir: &Path) -> (Vec<u8>, Option<i32>) {
+    let mut cmd = if native {
+        Command::new(BUSYBOX)
+    } else {
+        let mut c = Command::new(hbt());
+        c.args(["exec", BUSYBOX]);
+        c
+    };
+    let mut child = cmd
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    use std::io::Write;
+    let mut input = child.stdin.take().unwrap();
+    // Feed stdin from another thread: a child writing a lot before reading would block.
+    let data = stdin.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    if !native && !out.stderr.is_empty() {
+        eprintln!("hbt stderr for {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (out.stdout, out.status.code())
+}
+
+fn same(args: &[&str], stdin: &[u8], dir: &Path) {
+    assert!(
+        Path::new(BUSYBOX).exists(),
+        "{BUSYBOX} missing: install Debian's busybox-static (.ci/run does)"
+    );
+    let native = run(true, args, stdin, dir);
+    let translated = run(false, args, stdin, dir);
+    assert_eq!(native.1, translated.1, "exit status of busybox {args:?}");
+    assert!(
+        native.0 == translated.0,
+        "stdout of busybox {args:?} differs:\nnative: {}\nhbt:    {}",
+        String::from_utf8_lossy(&native.0[..native.0.len().min(400)]),
+        String::from_utf8_lossy(&translated.0[..translated.0.len().min(400)])
+    );
+}
+
+fn corpus() -> (tempfile::TempDir, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let text: String = (0..20_000)
+        .map(|i| format!("line {} {}\n", (i * 7919) % 10007, i % 13))
+        .collect();
+    std::fs::write(dir.path().join("data.txt"), &text).unwrap();
+    std::fs::create_dir_all(dir.path().join("tree/a/b")).unwrap();
+    std::fs::write(dir.path().join("tree/a/b/f"), "f\n").unwrap();
+    std::fs::write(dir.path().join("tree/a/g"), "g\n").unwrap();
+    (dir, text.into_bytes())
+}
+
+#[test]
+fn hashes_and_compression_match_native() {
+    let (dir, text) = corpus();
+    let d = dir.path();
+    same(&["sha256sum", "data.txt"], b"", d);
+    same(&["md5sum", "data.txt"], b"", d);
+    same(&["gzip", "-c", "data.txt"], b"", d);
+    same(&["bzip2", "-c", "data.txt"], b"", d);
+    let gz = run(true, &["gzip", "-c", "data.txt"], b"", d).0;
+    same(&["gunzip", "-c"], &gz, d);
+    same(&["wc"], &text, d);
+    same(&["od", "-x", "data.txt"], b"", d);
+}
+
+#[test]
+fn text_tools_match_native() {
+    let (dir, text) = corpus();
+    let d = dir.path();
+    same(&["sort", "-n", "-k2", "data.txt"], b"", d);
+    same(&["uniq", "-c"], &run(true, &["sort", "data.txt"], b"", d).0, d);
+    same(&["awk", "BEGIN{s=0; for(i=0;i<200000;i++) s+=i%7; print s}"], b"", d);
+    same(&["awk", "{s+=$2} END{print s, NR}", "data.txt"], b"", d);
+    same(&["sed", "-e", "s/line/LINE/g", "-e", "/ 3$/d", "data.txt"], b"", d);
+    same(&["grep", "-E", "^line [0-9]*7 (1|2)$", "data.txt"], b"", d);
+    same(&["tr", "a-z", "A-Z"], &text, d);
+}
+
+#[test]
+fn shell_find_and_tar_match_native() {
+    let (dir, _) = corpus();
+    let d = dir.path();
+    same(
+        &["sh", "-c", "i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; echo $i; echo a b c | tr ' ' '\\n' | sort -r; (echo sub; exit 3); echo $?"],
+        b"",
+        d,
+    );
+    same(&["sh", "-c", "exit 7"], b"", d);
+    same(&["find", "tree", "-type", "f"], b"", d);
+    // tar round trip through hbt on both ends.
+    let tar = run(false, &["tar", "cf", "-", "tree"], b"", d).0;
+    let out = tempfile::tempdir().unwrap();
+    let (_, status) = run(false, &["tar", "xf", "-"], &tar, out.path());
+    assert_eq!(status, Some(0));
+    assert_eq!(std::fs::read(out.path().join("tree/a/b/f")).unwrap(), b"f\n");
+    assert_eq!(std::fs::read(out.path().join("tree/a/g")).unwrap(), b"g\n");
+}
+
+#[test]
+fn bad_programs_get_one_line_errors() {
+    let out = Command::new(hbt())
+        .args(["exec", "/nonexistent/prog"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: cannot read /nonexistent/prog"));
+    let out = Command::new(hbt()).args(["exec", "/etc/hostname"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a valid ELF"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
