@@ -85,6 +85,21 @@ fn read_cstr(addr: u64) -> Option<String> {
     }
 }
 
+/// Writes guest memory; false when the guest range is not writable.
+fn write_guest(addr: u64, data: &[u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: process_vm_writev on ourselves reports EFAULT instead of faulting.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == data.len() as isize
+}
+
 fn read_u64(addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     hbt_translator::mmu::read_host_checked(addr, &mut b)?;
@@ -139,18 +154,7 @@ impl Syscalls {
                     } else {
                         t.state().gs_base
                     };
-                    let b = v.to_le_bytes();
-                    let local = libc::iovec {
-                        iov_base: b.as_ptr() as *mut libc::c_void,
-                        iov_len: 8,
-                    };
-                    let remote = libc::iovec {
-                        iov_base: a[1] as *mut libc::c_void,
-                        iov_len: 8,
-                    };
-                    // SAFETY: process_vm_writev on ourselves reports EFAULT instead of faulting.
-                    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-                    if n == 8 {
+                    if write_guest(a[1], &v.to_le_bytes()) {
                         0
                     } else {
                         errno(libc::EFAULT)
@@ -163,17 +167,7 @@ impl Syscalls {
             SYS_RT_SIGACTION => {
                 // Guest handlers are not delivered yet; report "default" as the old action.
                 if a[2] != 0 {
-                    let zero = [0u8; 32];
-                    let local = libc::iovec {
-                        iov_base: zero.as_ptr() as *mut libc::c_void,
-                        iov_len: 32,
-                    };
-                    let remote = libc::iovec {
-                        iov_base: a[2] as *mut libc::c_void,
-                        iov_len: 32,
-                    };
-                    // SAFETY: see arch_prctl.
-                    unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+                    write_guest(a[2], &[0u8; 32]);
                 }
                 0
             }
@@ -283,20 +277,10 @@ impl Syscalls {
     fn readlink_self(&self, buf: u64, len: u64) -> u64 {
         let path = self.program_path();
         let n = path.len().min(len as usize);
-        let local = libc::iovec {
-            iov_base: path.as_ptr() as *mut libc::c_void,
-            iov_len: n,
-        };
-        let remote = libc::iovec {
-            iov_base: buf as *mut libc::c_void,
-            iov_len: n,
-        };
-        // SAFETY: process_vm_writev on ourselves reports EFAULT instead of faulting.
-        let w = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-        if w < 0 {
-            errno(libc::EFAULT)
+        if write_guest(buf, &path.as_bytes()[..n]) {
+            n as u64
         } else {
-            w as u64
+            errno(libc::EFAULT)
         }
     }
 
