@@ -264,6 +264,7 @@ fn main() {
     let mut identity = Translator::new(Config {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 1 << 20,
+        verified_only: true,
     })
     .unwrap();
 
@@ -280,6 +281,7 @@ fn main() {
     let mut soft = Translator::new(Config {
         strategy: MemoryStrategy::SoftMmu(ram),
         code_cache_bytes: 1 << 20,
+        verified_only: true,
     })
     .unwrap();
     soft.state_mut().cr3 = 0;

@@ -86,6 +86,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
     let mut t = Translator::new(Config {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 256 << 20,
+        verified_only: true,
     })
     .context("cannot create the translator")?;
     let s = t.state_mut();

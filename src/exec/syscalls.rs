@@ -10,7 +10,7 @@
 //! - `execve` (re-executes under `hbt exec`),
 //! - `rt_sigaction`/`sigaltstack` (hbt owns the host handlers), `rt_sigprocmask` (hbt's fault
 //!   signals stay unblocked), `rseq` (ENOSYS: the kernel would redirect host execution),
-//! - `munmap`/`mremap`/`mmap(MAP_FIXED)`/`mprotect` also drop translations.
+//! - `munmap`/`mremap`/`mmap(MAP_FIXED)`/`mprotect` also drop translations of that range.
 
 use anyhow::{bail, Result};
 use hbt_translator::Translator;
@@ -209,13 +209,13 @@ impl Syscalls {
             SYS_READLINKAT if read_cstr(a[1]).as_deref() == Some("/proc/self/exe") => self.readlink_self(a[2], a[3]),
             SYS_MUNMAP | SYS_MREMAP | SYS_MPROTECT => {
                 let r = raw(nr, a);
-                t.flush();
+                t.invalidate_range(a[0], a[1]);
                 r
             }
             SYS_MMAP => {
                 let r = raw(nr, a);
                 if a[3] & libc::MAP_FIXED as u64 != 0 {
-                    t.flush();
+                    t.invalidate_range(a[0], a[1]);
                 }
                 r
             }

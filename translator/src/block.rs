@@ -44,12 +44,20 @@ pub trait CodeFetch {
     fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException>;
 }
 
+/// True when `code` is in the verified supported set.
+fn is_supported(code: iced_x86::Code) -> bool {
+    crate::supported::supported_codes()
+        .binary_search_by_key(&(code as u32), |c| *c as u32)
+        .is_ok()
+}
+
 /// Decodes one block at `rip`. `soft_mmu` matters for which rules end a block.
 pub fn build(
     fetch: &mut dyn CodeFetch,
     rip: u64,
     soft_mmu: bool,
     user_mode: bool,
+    verified_only: bool,
     max_instructions: usize,
 ) -> Result<DecodedBlock, BuildError> {
     let page_end = (rip & !(PAGE - 1)) + PAGE;
@@ -83,7 +91,8 @@ pub fn build(
             break;
         }
         let bytes = buf[pos..pos + instr.len()].to_vec();
-        let Some(r) = rule(instr.code()).filter(|r| user_mode || !r.user_mode_only()) else {
+        let verified = !verified_only || is_supported(instr.code());
+        let Some(r) = rule(instr.code()).filter(|r| verified && (user_mode || !r.user_mode_only())) else {
             if instrs.is_empty() {
                 return Err(BuildError::Unsupported(instr, bytes));
             }

@@ -65,6 +65,9 @@ struct Block {
 pub struct Config {
     pub strategy: MemoryStrategy,
     pub code_cache_bytes: usize,
+    /// Refuse instruction forms that have a rule but are not in the verified supported set
+    /// (`supported.txt`). The harness itself needs them allowed.
+    pub verified_only: bool,
 }
 
 /// One vCPU's binary translator.
@@ -74,6 +77,7 @@ pub struct Translator {
     glue: Glue,
     glue_len: usize,
     strategy: MemoryStrategy,
+    verified_only: bool,
     blocks: Vec<Block>,
     by_guest: HashMap<u64, usize>,
     by_host: BTreeMap<u64, usize>,
@@ -140,6 +144,7 @@ impl Translator {
             glue,
             glue_len,
             strategy: config.strategy,
+            verified_only: config.verified_only,
             blocks: Vec::new(),
             by_guest: HashMap::new(),
             by_host: BTreeMap::new(),
@@ -182,6 +187,22 @@ impl Translator {
         ctx.flush_tlb();
         ctx.flush_ibl(self.glue.ibl_empty);
         self.stats.flushes += 1;
+    }
+
+    /// Forgets translations of code in `[start, start+len)` (identity strategy: the guest
+    /// unmapped, remapped or reprotected that memory).
+    pub fn invalidate_range(&mut self, start: u64, len: u64) {
+        let end = start.saturating_add(len);
+        let pages: Vec<u64> = self
+            .code_pages
+            .keys()
+            .copied()
+            .filter(|&p| p + PAGE > start && p < end)
+            .collect();
+        for page in pages {
+            self.invalidate_phys_page(page);
+            self.protected.forget(page);
+        }
     }
 
     /// Drops the soft-MMU TLB (guest CR3 write, INVLPG, privilege change).
@@ -385,7 +406,7 @@ impl Translator {
         };
         let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
         let user = self.ctx.get().state.cpl == crate::state::Cpl::User;
-        let block = match block::build(&mut fetch, rip, soft, user, cap) {
+        let block = match block::build(&mut fetch, rip, soft, user, self.verified_only, cap) {
             Ok(b) => b,
             Err(BuildError::Fault(exc)) => return Ok(Lookup::Exit(Exit::Exception(exc))),
             Err(BuildError::Unsupported(instr, bytes)) => {

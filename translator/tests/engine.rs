@@ -46,6 +46,7 @@ fn identity() -> Translator {
     Translator::new(Config {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 1 << 20,
+        verified_only: true,
     })
     .unwrap()
 }
@@ -192,6 +193,7 @@ impl SoftGuest {
         let mut t = Translator::new(Config {
             strategy: MemoryStrategy::SoftMmu(ram),
             code_cache_bytes: 1 << 20,
+            verified_only: true,
         })
         .unwrap();
         t.state_mut().cr3 = 0;

@@ -82,11 +82,13 @@ impl Worker {
         let identity = Translator::new(Config {
             strategy: MemoryStrategy::Identity,
             code_cache_bytes: cache,
+            verified_only: false,
         })
         .map_err(|e| e.to_string())?;
         let soft = Translator::new(Config {
             strategy: MemoryStrategy::SoftMmu(machine.guest_ram()),
             code_cache_bytes: cache,
+            verified_only: false,
         })
         .map_err(|e| e.to_string())?;
         Ok(Worker {

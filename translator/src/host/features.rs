@@ -42,6 +42,8 @@ pub fn host_has(feature: F) -> bool {
         F::CPUID | F::TSC | F::CMOV | F::MMX | F::SSE | F::SSE2 | F::FXSR | F::CLFSH | F::CX8 => true,
         F::MULTIBYTENOP | F::PAUSE | F::SYSCALL => true,
         F::MSR => bit(c.l1_edx, 5),
+        // endbr32/endbr64 execute as NOPs on every x86-64 CPU.
+        F::CET_IBT => true,
         F::RDPMC => true,
         F::RDTSCP => bit(c.l81_edx, 27),
         F::SSE3 => bit(c.l1_ecx, 0),

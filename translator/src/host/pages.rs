@@ -100,9 +100,11 @@ impl ProtectedPages {
         true
     }
 
-    /// Forgets `page` after its blocks were invalidated (its protection is already restored).
+    /// Forgets `page` after its blocks were invalidated (its protection is already restored,
+    /// or the guest replaced the mapping).
     pub fn forget(&mut self, page: u64) {
         self.original.remove(&page);
+        self.read_only.remove(&page);
     }
 
     /// Restores every page's original protection.
