@@ -46,7 +46,7 @@ enum Incoming {
     /// A chained `jmp/jcc rel32` at `field`; `original` is its exit stub.
     Jump { field: u64, original: u64 },
     /// A filled return cache (absolute addresses of its fields and of its lookup path).
-    ReturnCache { imm: u64, rel: u64, miss: u64 },
+    InlineCache { imm: u64, rel: u64, miss: u64 },
 }
 
 struct Block {
@@ -57,7 +57,7 @@ struct Block {
     exits: Vec<ExitPatch>,
     /// Chained jumps and return caches that lead into this block (undone on invalidation).
     incoming: Vec<Incoming>,
-    return_caches: Vec<crate::emit::ReturnCache>,
+    inline_caches: Vec<crate::emit::InlineCache>,
     valid: bool,
 }
 
@@ -254,7 +254,7 @@ impl Translator {
                     if let Lookup::Host(h) = self.block_for(target, platform)? {
                         self.ibl_insert(target, h);
                         if site != 0 {
-                            self.fill_return_cache(site, target, h);
+                            self.fill_inline_cache(site, target, h);
                         }
                     }
                 }
@@ -349,12 +349,12 @@ impl Translator {
     }
 
     /// Points the return cache whose `mov rax, imm64` field is at `site` at `target`/`host`.
-    fn fill_return_cache(&mut self, site: u64, target: u64, host: u64) {
+    fn fill_inline_cache(&mut self, site: u64, target: u64, host: u64) {
         let Some(src) = self.block_at_host(site) else { return };
         let block = &self.blocks[src];
         let base = block.host;
         let Some(cache) = block
-            .return_caches
+            .inline_caches
             .iter()
             .find(|c| base + c.imm_field as u64 == site)
             .copied()
@@ -372,7 +372,7 @@ impl Translator {
         );
         self.code.patch_u64(imm, target.wrapping_neg());
         self.code.patch_rel32(rel, host);
-        self.blocks[dst].incoming.push(Incoming::ReturnCache { imm, rel, miss });
+        self.blocks[dst].incoming.push(Incoming::InlineCache { imm, rel, miss });
         self.stats.chained += 1;
     }
 
@@ -550,7 +550,7 @@ impl Translator {
             sites: emitted.sites,
             exits: emitted.exits,
             incoming: Vec::new(),
-            return_caches: emitted.return_caches,
+            inline_caches: emitted.inline_caches,
             valid: cached,
         });
         if cached {
@@ -579,8 +579,8 @@ impl Translator {
             for link in std::mem::take(&mut self.blocks[i].incoming) {
                 match link {
                     Incoming::Jump { field, original } => self.code.patch_rel32(field, original),
-                    Incoming::ReturnCache { imm, rel, miss } => {
-                        self.code.patch_u64(imm, crate::emit::RETURN_CACHE_EMPTY);
+                    Incoming::InlineCache { imm, rel, miss } => {
+                        self.code.patch_u64(imm, crate::emit::INLINE_CACHE_EMPTY);
                         self.code.patch_rel32(rel, miss);
                     }
                 }
@@ -824,8 +824,8 @@ fn code_write(data: *const (), addr: u64) -> bool {
                         Incoming::Jump { field, original } => {
                             std::ptr::write_unaligned(field as *mut i32, original.wrapping_sub(field + 4) as i32)
                         }
-                        Incoming::ReturnCache { imm, rel, miss } => {
-                            std::ptr::write_unaligned(imm as *mut u64, crate::emit::RETURN_CACHE_EMPTY);
+                        Incoming::InlineCache { imm, rel, miss } => {
+                            std::ptr::write_unaligned(imm as *mut u64, crate::emit::INLINE_CACHE_EMPTY);
                             std::ptr::write_unaligned(rel as *mut i32, miss.wrapping_sub(rel + 4) as i32);
                         }
                     }

@@ -27,6 +27,8 @@ use iced_x86::{Code, Encoder, Instruction, MemoryOperand, OpKind, Register};
 /// SysV ABI and never hold return values, so at typical return and call targets their reload is
 /// off the critical path.
 const TARGET: Register = Register::R11;
+/// Holds guest RCX during an inline-cache probe.
+const HOLD: Register = Register::R10;
 const IBL_REGS: [Register; 2] = [Register::R11, Register::RCX];
 const IBL_MASK: u16 = (1 << 11) | (1 << 1);
 
@@ -62,14 +64,16 @@ impl BlockEmitter<'_> {
                 self.push_return(next)?;
                 self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
             }
+            // Indirect jumps and calls are often polymorphic (interpreters, vtables): a one-entry
+            // cache measured slower than going straight to the table, so only `ret` has one.
             BranchKind::CallIndirect => {
-                self.borrow_ibl();
+                self.borrow_lookup_regs();
                 self.load_target(instr)?;
                 self.push_return(next)?;
                 self.indirect_lookup();
             }
             BranchKind::JmpIndirect => {
-                self.borrow_ibl();
+                self.borrow_lookup_regs();
                 self.load_target(instr)?;
                 self.indirect_lookup();
             }
@@ -88,9 +92,6 @@ impl BlockEmitter<'_> {
     /// hit: mov rcx,r10; restore r10/r11; jmp cached_host
     /// ```
     fn ret(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
-        // R10 holds guest RCX while RCX serves jrcxz, so the hit path gives RCX back with a
-        // register move instead of a reload (RCX is often a live loop counter).
-        const HOLD: Register = Register::R10;
         self.borrow(HOLD);
         self.borrow(TARGET);
         let mut load = Instruction::with2(Code::Mov_r64_rm64, TARGET, MemoryOperand::with_base(Register::RSP))
@@ -102,13 +103,21 @@ impl BlockEmitter<'_> {
         } else {
             0
         };
-        let a = &mut self.asm;
-        a.glue(Instruction::with2(
+        self.asm.glue(Instruction::with2(
             Code::Lea_r64_m,
             Register::RSP,
             MemoryOperand::with_base_displ(Register::RSP, pop),
         ));
-        a.mov_imm64(HOLD, super::RETURN_CACHE_EMPTY);
+        self.cached_dispatch();
+        Ok(())
+    }
+
+    /// Jumps to guest R11 through this site's one-entry inline cache, then the table. R10 and
+    /// R11 are borrowed; R10 holds guest RCX while RCX serves `jrcxz`, so the hit path gives RCX
+    /// back with a register move instead of a reload (RCX is often a live loop counter).
+    fn cached_dispatch(&mut self) {
+        let a = &mut self.asm;
+        a.mov_imm64(HOLD, super::INLINE_CACHE_EMPTY);
         let imm_field = a.buf.len() - 8;
         a.glue(Instruction::with2(
             Code::Lea_r64_m,
@@ -134,7 +143,7 @@ impl BlockEmitter<'_> {
         self.spilled = spilled_at_branch;
         let hit = self.asm.buf.len();
         let distance = hit - (jrcxz_at + 2);
-        assert!(distance <= 127, "return-cache lookup path too long for jrcxz");
+        assert!(distance <= 127, "inline-cache lookup path too long for jrcxz");
         self.asm.buf[jrcxz_at + 1] = distance as u8;
         self.asm
             .glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, HOLD));
@@ -142,21 +151,20 @@ impl BlockEmitter<'_> {
         self.give_back(TARGET);
         let miss_addr = self.asm.base() + miss as u64;
         let rel_field = self.asm.branch32(Code::Jmp_rel32_64, miss_addr);
-        self.return_caches.push(super::ReturnCache {
+        self.inline_caches.push(super::InlineCache {
             imm_field: imm_field as u32,
             rel_field: rel_field as u32,
             miss: miss as u32,
         });
-        Ok(())
     }
 
-    fn borrow_ibl(&mut self) {
+    fn borrow_lookup_regs(&mut self) {
         for r in IBL_REGS {
             self.borrow(r);
         }
     }
 
-    /// RAX = target of `jmp/call r/m64` (RAX/RCX/RDX borrowed but still holding guest values).
+    /// R11 = target of `jmp/call r/m64` (R11/RCX borrowed but still holding guest values).
     fn load_target(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
         if instr.op0_kind() == OpKind::Register {
             let src = instr.op0_register();

@@ -52,13 +52,13 @@ pub struct EmittedBlock {
     pub code: Vec<u8>,
     pub sites: Vec<HostSite>,
     pub exits: Vec<ExitPatch>,
-    pub return_caches: Vec<ReturnCache>,
+    pub inline_caches: Vec<InlineCache>,
 }
 
 /// A `ret` site's one-entry inline cache: `mov rax, imm64` holds −(cached guest target) and a
 /// `jmp rel32` goes to its host block. Offsets are within the block.
 #[derive(Clone, Copy, Debug)]
-pub struct ReturnCache {
+pub struct InlineCache {
     pub imm_field: u32,
     pub rel_field: u32,
     /// Where the `jmp rel32` goes while the cache is empty (the lookup path).
@@ -67,7 +67,7 @@ pub struct ReturnCache {
 
 /// Value in an empty return cache: −target is zero only for the non-canonical target
 /// 0x8000_0000_0000_0000, and its jump goes to the lookup path anyway.
-pub const RETURN_CACHE_EMPTY: u64 = 0x8000_0000_0000_0000;
+pub const INLINE_CACHE_EMPTY: u64 = 0x8000_0000_0000_0000;
 
 /// Code emitted out of line after the block body.
 enum Cold {
@@ -93,7 +93,7 @@ pub(crate) struct BlockEmitter<'a> {
     flags_in_slot: bool,
     sites: Vec<HostSite>,
     exits: Vec<ExitPatch>,
-    return_caches: Vec<ReturnCache>,
+    inline_caches: Vec<InlineCache>,
     cold: Vec<Cold>,
     guest_rip: u64,
     guest_len: u8,
@@ -130,7 +130,7 @@ pub fn emit_block(
         flags_in_slot: false,
         sites: Vec::new(),
         exits: Vec::new(),
-        return_caches: Vec::new(),
+        inline_caches: Vec::new(),
         cold: Vec::new(),
         guest_rip: 0,
         guest_len: 0,
@@ -170,7 +170,7 @@ pub fn emit_block(
         code: e.asm.buf,
         sites: e.sites,
         exits: e.exits,
-        return_caches: e.return_caches,
+        inline_caches: e.inline_caches,
     })
 }
 
