@@ -85,21 +85,6 @@ fn read_cstr(addr: u64) -> Option<String> {
     }
 }
 
-/// Writes guest memory; false when the guest range is not writable.
-fn write_guest(addr: u64, data: &[u8]) -> bool {
-    let local = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: process_vm_writev on ourselves reports EFAULT instead of faulting.
-    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-    n == data.len() as isize
-}
-
 fn read_u64(addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     hbt_translator::mmu::read_host_checked(addr, &mut b)?;
@@ -154,7 +139,7 @@ impl Syscalls {
                     } else {
                         t.state().gs_base
                     };
-                    if write_guest(a[1], &v.to_le_bytes()) {
+                    if hbt_translator::mmu::write_host_checked(a[1], &v.to_le_bytes()) {
                         0
                     } else {
                         errno(libc::EFAULT)
@@ -167,7 +152,7 @@ impl Syscalls {
             SYS_RT_SIGACTION => {
                 // Guest handlers are not delivered yet; report "default" as the old action.
                 if a[2] != 0 {
-                    write_guest(a[2], &[0u8; 32]);
+                    hbt_translator::mmu::write_host_checked(a[2], &[0u8; 32]);
                 }
                 0
             }
@@ -277,7 +262,7 @@ impl Syscalls {
     fn readlink_self(&self, buf: u64, len: u64) -> u64 {
         let path = self.program_path();
         let n = path.len().min(len as usize);
-        if write_guest(buf, &path.as_bytes()[..n]) {
+        if hbt_translator::mmu::write_host_checked(buf, &path.as_bytes()[..n]) {
             n as u64
         } else {
             errno(libc::EFAULT)

@@ -59,7 +59,6 @@ pub struct Context {
     pub host_fcw: u16,
     pub entry_target: u64,
     pub exit_reason: u32,
-    pub exit_aux: u32,
     /// Address of the rel32 field of the block-exit jump that produced a `Branch` exit.
     pub exit_link: u64,
     pub miss_va: u64,
@@ -96,7 +95,6 @@ pub mod off {
     pub const HOST_FCW: usize = offset_of!(Context, host_fcw);
     pub const ENTRY_TARGET: usize = offset_of!(Context, entry_target);
     pub const EXIT_REASON: usize = offset_of!(Context, exit_reason);
-    pub const EXIT_AUX: usize = offset_of!(Context, exit_aux);
     pub const EXIT_LINK: usize = offset_of!(Context, exit_link);
     pub const MISS_VA: usize = offset_of!(Context, miss_va);
     pub const MISS_INFO: usize = offset_of!(Context, miss_info);

@@ -479,7 +479,7 @@ impl Translator {
                     let alignment_checks = rule != Rule::Implicit(ImplicitOp::Gather);
                     let mut mem = Memory {
                         strategy: &self.strategy,
-                        cr_state: Some(state.clone()),
+                        state: state.clone(),
                         written: &mut written,
                         alignment_checks,
                     };
@@ -686,12 +686,9 @@ impl Translator {
             10 => 8,
             _ => 1,
         };
-        let ac = state.cpl == crate::state::Cpl::User
-            && state.cr0 & (1 << 18) != 0
-            && state.rflags & crate::state::flags::AC != 0;
+        let ac = state.alignment_checking();
         let exempt = ctx.miss_info & (1 << 25) != 0;
-        let canonical = ((va as i64) << 16 >> 16) as u64 == va;
-        if !canonical {
+        if !mmu::is_canonical(va) {
             // Non-canonical addresses fault before alignment or paging: #SS for stack accesses.
             let vector = if stack { 12 } else { crate::exit::vector::GP };
             return Ok(Some(GuestException {
@@ -888,10 +885,11 @@ impl CodeFetch for Fetcher<'_> {
     }
 }
 
-/// Guest memory for emulated string instructions.
+/// Guest memory for instructions the engine performs in Rust.
 struct Memory<'a> {
     strategy: &'a MemoryStrategy,
-    cr_state: Option<GuestState>,
+    /// Guest state at the instruction (page walks and alignment checking).
+    state: GuestState,
     written: &'a mut Vec<u64>,
     /// Apply alignment checking to 2/4/8-byte accesses (not for gather elements).
     alignment_checks: bool,
@@ -912,8 +910,7 @@ impl Memory<'_> {
             let host = match self.strategy {
                 MemoryStrategy::Identity => addr,
                 MemoryStrategy::SoftMmu(ram) => {
-                    let state = self.cr_state.as_ref().expect("state for the walk");
-                    let pa = soft_mmu::walk(ram, state, addr, access)?;
+                    let pa = soft_mmu::walk(ram, &self.state, addr, access)?;
                     if access == Access::Write {
                         self.written.push(pa & !(PAGE - 1));
                     }
@@ -930,14 +927,10 @@ impl Memory<'_> {
 impl Memory<'_> {
     /// Alignment checking (CPL3, CR0.AM, RFLAGS.AC) for a 2-, 4- or 8-byte access.
     fn check_alignment(&self, va: u64, len: usize) -> Result<(), GuestException> {
-        if ((va as i64) << 16 >> 16) as u64 != va {
+        if !mmu::is_canonical(va) {
             return Err(GuestException::gp(0));
         }
-        if !self.alignment_checks {
-            return Ok(());
-        }
-        let Some(s) = self.cr_state.as_ref() else { return Ok(()) };
-        let ac = s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0 && s.rflags & crate::state::flags::AC != 0;
+        let ac = self.alignment_checks && self.state.alignment_checking();
         if ac && matches!(len, 2 | 4 | 8) && !va.is_multiple_of(len as u64) {
             return Err(GuestException {
                 vector: crate::exit::vector::AC,
@@ -965,17 +958,7 @@ impl GuestMemory for Memory<'_> {
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
         self.check_alignment(va, data.len())?;
         if matches!(self.strategy, MemoryStrategy::Identity) {
-            let local = libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
-            };
-            let remote = libc::iovec {
-                iov_base: va as *mut libc::c_void,
-                iov_len: data.len(),
-            };
-            // SAFETY: process_vm_writev on our own pid reports EFAULT instead of faulting.
-            let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-            return (n == data.len() as isize)
+            return mmu::write_host_checked(va, data)
                 .then_some(())
                 .ok_or(GuestException::page_fault(va, 6));
         }

@@ -174,6 +174,13 @@ pub struct GuestState {
     pub xsave: XSaveArea,
 }
 
+impl GuestState {
+    /// Alignment checking is on: CPL3 with CR0.AM and RFLAGS.AC set.
+    pub fn alignment_checking(&self) -> bool {
+        self.cpl == Cpl::User && self.cr0 & (1 << 18) != 0 && self.rflags & flags::AC != 0
+    }
+}
+
 impl Default for GuestState {
     fn default() -> Self {
         GuestState {

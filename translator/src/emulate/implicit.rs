@@ -102,8 +102,7 @@ fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
     // Alignment checking treats the store as one 16-byte access, when any byte is stored
     // (observed on this host).
     let any = mask[..16].iter().any(|b| b & 0x80 != 0);
-    let ac =
-        any && s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0 && s.rflags & crate::state::flags::AC != 0;
+    let ac = any && s.alignment_checking();
     if ac && !base.is_multiple_of(16) {
         return Err((
             GuestException {

@@ -43,7 +43,7 @@ pub trait GuestMemory {
 
 /// A stack address: non-canonical stack references raise `#SS(0)` rather than `#GP(0)`.
 pub fn stack_address(va: u64) -> Result<u64, GuestException> {
-    if ((va as i64) << 16 >> 16) as u64 == va {
+    if crate::mmu::is_canonical(va) {
         Ok(va)
     } else {
         Err(GuestException {

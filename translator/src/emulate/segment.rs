@@ -140,10 +140,6 @@ fn check_code_segment(selector: u16, is_return: bool) -> Result<bool, GuestExcep
     Ok(ar & AR_L != 0)
 }
 
-fn canonical(v: u64) -> bool {
-    ((v as i64) << 16 >> 16) as u64 == v
-}
-
 /// Why a segment instruction could not be emulated at all (not a guest fault).
 pub enum Unsupported {
     CompatibilityMode(u16),
@@ -342,7 +338,7 @@ fn far_target(s: &mut GuestState, cs: u16, ip: u64, is_return: bool) -> Result<(
     if !long {
         return Err(Failure::Unsupported(Unsupported::CompatibilityMode(cs)));
     }
-    if !canonical(ip) {
+    if !crate::mmu::is_canonical(ip) {
         return Err(GuestException::gp(0).into());
     }
     s.seg[1] = (cs & !3) | 3;

@@ -4,7 +4,7 @@
 
 use super::{GuestMemory, Outcome};
 use crate::exit::{vector, Exit, GuestException};
-use crate::state::{flags, gpr, Cpl, GuestState};
+use crate::state::{flags, gpr, GuestState};
 use iced_x86::{Instruction, Mnemonic, Register};
 
 /// Flags of `a - b` at `bits` width (what `cmp` computes).
@@ -61,8 +61,7 @@ pub fn execute(
     let rep = instr.has_rep_prefix() || instr.has_repne_prefix();
     let mask = if n == 8 { u64::MAX } else { (1u64 << bits) - 1 };
     // Alignment checking (CPL3, CR0.AM, RFLAGS.AC) applies to each element access.
-    let check_alignment =
-        state.cpl == Cpl::User && state.cr0 & (1 << 18) != 0 && state.rflags & flags::AC != 0 && n > 1;
+    let check_alignment = state.alignment_checking() && n > 1;
     let misaligned = |va: u64| check_alignment && !va.is_multiple_of(n as u64);
     loop {
         if rep && state.gpr[gpr::RCX] == 0 {

@@ -118,10 +118,6 @@ impl Worker {
             result.status = Status::Skipped("the host CPU cannot execute it".into());
             return result;
         }
-        if let Some(reason) = untestable(r) {
-            result.status = Status::Skipped(reason.into());
-            return result;
-        }
         let instances = opts.cases.div_ceil(STATES_PER_INSTANCE).max(1);
         let mut rng = Rng::new(opts.seed ^ (code as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         for k in 0..instances {
@@ -284,14 +280,6 @@ fn host_fs_gs_base() -> (u64, u64) {
 
 fn tsc(o: &Outcome) -> u64 {
     (o.gpr[0] & 0xffff_ffff) | (o.gpr[2] << 32)
-}
-
-/// Rules whose instructions cannot be compared against a native run in this process.
-fn untestable(r: Rule) -> Option<&'static str> {
-    match r {
-        Rule::Emulate(EmulateOp::Hlt | EmulateOp::Privileged) => None,
-        _ => None,
-    }
 }
 
 /// Performs a guest `syscall` the harness allows (getpid, getuid, an unknown number).

@@ -42,6 +42,28 @@ impl MemoryStrategy {
     }
 }
 
+/// True when `va` is canonical (bits 63..47 all equal).
+pub fn is_canonical(va: u64) -> bool {
+    ((va as i64) << 16 >> 16) as u64 == va
+}
+
+/// Writes host memory without trusting the address: false instead of a host fault when the
+/// range is not writable.
+pub fn write_host_checked(addr: u64, data: &[u8]) -> bool {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: process_vm_writev on our own pid only reads `data` and reports EFAULT instead of
+    // faulting when `addr` is not writable.
+    let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    n == data.len() as isize
+}
+
 /// Reads host memory without trusting the address: unmapped or unreadable ranges come back as
 /// `None` instead of a host fault (used for fetching guest code in the identity strategy).
 pub fn read_host_checked(addr: u64, buf: &mut [u8]) -> Option<()> {

@@ -3,7 +3,7 @@
 //! The fast path is inline in translated code (`emit/memop.rs`): a direct-mapped TLB per access
 //! kind keyed by guest page number, holding `host − guest` for the page. This file fills it.
 
-use super::Access;
+use super::{is_canonical, Access};
 use crate::exit::GuestException;
 use crate::state::{Cpl, GuestState};
 
@@ -58,10 +58,6 @@ const D: u64 = 1 << 6;
 const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
-
-fn is_canonical(va: u64) -> bool {
-    ((va as i64) << 16 >> 16) as u64 == va
-}
 
 /// Walks the guest page tables for `va`. Returns the guest physical address of `va`, having set
 /// accessed (and, for writes, dirty) bits as the CPU does; or the exception the CPU would raise.
