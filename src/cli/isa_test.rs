@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use hbt_translator::harness::{run_codes, CodeResult, Options, Status};
 use hbt_translator::rules::codes_with_rules;
-use hbt_translator::supported_codes;
+use hbt_translator::supported::{code_by_name, supported_codes};
 use iced_x86::Code;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -63,10 +63,6 @@ pub struct IsaTestArgs {
 enum OutputFormat {
     Table,
     Json,
-}
-
-fn code_by_name(name: &str) -> Option<Code> {
-    Code::values().find(|c| format!("{c:?}").eq_ignore_ascii_case(name))
 }
 
 fn selection(args: &IsaTestArgs) -> Result<Vec<Code>> {

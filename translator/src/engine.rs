@@ -46,7 +46,42 @@ enum Incoming {
     /// A chained `jmp/jcc rel32` at `field`; `original` is its exit stub.
     Jump { field: u64, original: u64 },
     /// A filled return cache (absolute addresses of its fields and of its lookup path).
-    InlineCache { imm: u64, rel: u64, miss: u64 },
+    InlineCache {
+        imm: u64,
+        rel: u64,
+        miss: u64,
+        fill: u64,
+        fill_stub: u64,
+    },
+}
+
+impl Incoming {
+    /// Puts the link back to its unlinked form (exit stub; empty cache that fills on its next
+    /// miss). Allocation-free: the write-fault signal handler calls it too.
+    ///
+    /// # Safety
+    /// The recorded fields must lie in the live code buffer and no translated code may run.
+    unsafe fn undo(&self) {
+        let rel32 = |field: u64, target: u64| {
+            // SAFETY: the caller guarantees `field` is a rel32 inside the code buffer.
+            unsafe { std::ptr::write_unaligned(field as *mut i32, target.wrapping_sub(field + 4) as i32) }
+        };
+        match *self {
+            Incoming::Jump { field, original } => rel32(field, original),
+            Incoming::InlineCache {
+                imm,
+                rel,
+                miss,
+                fill,
+                fill_stub,
+            } => {
+                // SAFETY: as above, for the cache's imm64 field.
+                unsafe { std::ptr::write_unaligned(imm as *mut u64, crate::emit::INLINE_CACHE_EMPTY) };
+                rel32(rel, miss);
+                rel32(fill, fill_stub);
+            }
+        }
+    }
 }
 
 struct Block {
@@ -82,6 +117,10 @@ pub struct Translator {
     by_guest: HashMap<u64, usize>,
     by_host: BTreeMap<u64, usize>,
     code_pages: HashMap<u64, Vec<usize>>,
+    /// Identity strategy: decoded instructions the engine performs (SYSCALL, CPUID…) by guest
+    /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
+    /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
+    emulated_at: HashMap<u64, (iced_x86::Instruction, Rule)>,
     /// An instruction that writes the page holding its own code: it runs once from an uncached,
     /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
     /// never end), as QEMU does for self-modifying code.
@@ -147,6 +186,7 @@ impl Translator {
             verified_only: config.verified_only,
             blocks: Vec::new(),
             by_guest: HashMap::new(),
+            emulated_at: HashMap::new(),
             by_host: BTreeMap::new(),
             code_pages: HashMap::new(),
             uncached_step: None,
@@ -179,6 +219,7 @@ impl Translator {
     pub fn flush(&mut self) {
         self.blocks.clear();
         self.by_guest.clear();
+        self.emulated_at.clear();
         self.by_host.clear();
         self.code_pages.clear();
         self.protected.release_all();
@@ -250,7 +291,9 @@ impl Translator {
                 r if r == ExitReason::IndirectMiss as u32 => {
                     self.stats.indirect_misses += 1;
                     let target = self.ctx.get().state.rip;
-                    let site = self.ctx.get().exit_link;
+                    // Only a return cache's first miss sets the link; clear it so a later
+                    // table miss elsewhere does not refill that cache.
+                    let site = std::mem::take(&mut self.ctx.get_mut().exit_link);
                     if let Lookup::Host(h) = self.block_for(target, platform)? {
                         self.ibl_insert(target, h);
                         if site != 0 {
@@ -365,14 +408,24 @@ impl Translator {
         if !self.blocks[src].valid || !self.blocks[dst].valid {
             return;
         }
-        let (imm, rel, miss) = (
+        let (imm, rel, miss, fill, fill_stub) = (
             base + cache.imm_field as u64,
             base + cache.rel_field as u64,
             base + cache.miss as u64,
+            base + cache.fill_field as u64,
+            base + cache.fill_stub as u64,
         );
         self.code.patch_u64(imm, target.wrapping_neg());
         self.code.patch_rel32(rel, host);
-        self.blocks[dst].incoming.push(Incoming::InlineCache { imm, rel, miss });
+        // Later misses use the table (the site is polymorphic) instead of the dispatcher.
+        self.code.patch_rel32(fill, fill + 4);
+        self.blocks[dst].incoming.push(Incoming::InlineCache {
+            imm,
+            rel,
+            miss,
+            fill,
+            fill_stub,
+        });
         self.stats.chained += 1;
     }
 
@@ -397,6 +450,9 @@ impl Translator {
             self.uncached_step = None;
         } else if let Some(&i) = self.by_guest.get(&rip) {
             return Ok(Lookup::Host(self.blocks[i].host));
+        } else if let Some(&(instr, rule)) = self.emulated_at.get(&rip) {
+            self.stats.emulated += 1;
+            return self.emulate(&instr, rule, platform);
         }
         let soft = self.strategy.is_soft_mmu();
         let mut fetch = Fetcher {
@@ -423,14 +479,14 @@ impl Translator {
         let pages = if uncached {
             Vec::new()
         } else if !soft {
-            // Identity: the host pages the block's bytes occupy, write-protected so a guest
-            // write to them is noticed.
+            // Identity: the host pages the block's bytes occupy, write-protected (if writable)
+            // so a guest write to them is noticed; all of them are recorded so an unmap or
+            // remap of the range drops the block.
             let mut pages = Vec::new();
             let mut page = block.start & !(PAGE - 1);
             while page < block.end {
-                if self.protected.protect(page) {
-                    pages.push(page);
-                }
+                self.protected.protect(page);
+                pages.push(page);
                 page += PAGE;
             }
             pages
@@ -450,6 +506,12 @@ impl Translator {
             if first.rule.runs_in_engine(soft, fs_gs) {
                 self.stats.emulated += 1;
                 let instr = first.instr;
+                if !soft && !uncached {
+                    self.emulated_at.insert(rip, (instr, first.rule));
+                    for page in pages {
+                        self.code_pages.entry(page).or_default();
+                    }
+                }
                 return self.emulate(&instr, first.rule, platform);
             }
         }
@@ -566,6 +628,11 @@ impl Translator {
         let Some(list) = self.code_pages.remove(&page) else {
             return;
         };
+        if !self.strategy.is_soft_mmu() {
+            // An instruction may straddle into `page` from the one before.
+            self.emulated_at
+                .retain(|&rip, _| !(rip + 15 > page && rip < page + PAGE));
+        }
         for i in list {
             if !self.blocks[i].valid {
                 continue;
@@ -577,13 +644,8 @@ impl Translator {
                 self.by_guest.remove(&start);
             }
             for link in std::mem::take(&mut self.blocks[i].incoming) {
-                match link {
-                    Incoming::Jump { field, original } => self.code.patch_rel32(field, original),
-                    Incoming::InlineCache { imm, rel, miss } => {
-                        self.code.patch_u64(imm, crate::emit::INLINE_CACHE_EMPTY);
-                        self.code.patch_rel32(rel, miss);
-                    }
-                }
+                // SAFETY: links are recorded inside the code buffer; translated code is stopped.
+                unsafe { link.undo() };
             }
             let empty = self.glue.ibl_empty;
             let ctx = self.ctx.get_mut();
@@ -815,18 +877,9 @@ fn code_write(data: *const (), addr: u64) -> bool {
         for &i in list {
             let block = &t.blocks[i];
             for link in &block.incoming {
-                // SAFETY: fields recorded when the links were made, inside the code buffer.
-                unsafe {
-                    match *link {
-                        Incoming::Jump { field, original } => {
-                            std::ptr::write_unaligned(field as *mut i32, original.wrapping_sub(field + 4) as i32)
-                        }
-                        Incoming::InlineCache { imm, rel, miss } => {
-                            std::ptr::write_unaligned(imm as *mut u64, crate::emit::INLINE_CACHE_EMPTY);
-                            std::ptr::write_unaligned(rel as *mut i32, miss.wrapping_sub(rel + 4) as i32);
-                        }
-                    }
-                }
+                // SAFETY: fields recorded when the links were made, inside the code buffer;
+                // translated code is stopped in the fault handler.
+                unsafe { link.undo() };
             }
             // SAFETY: ctx is the live context; translated code is stopped.
             unsafe {

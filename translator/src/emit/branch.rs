@@ -136,8 +136,8 @@ impl BlockEmitter<'_> {
             .glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, HOLD));
         self.give_back(HOLD);
         self.borrow(Register::RCX);
-        let site = self.asm.base() + imm_field as u64;
-        self.asm.store_ctx_u64(off::EXIT_LINK, site);
+        let fill_field = self.asm.branch32_forward(Code::Jmp_rel32_64);
+        self.cold.push(super::Cold::CacheFill { field: fill_field, imm_field });
         self.indirect_lookup();
         // Hit path.
         self.spilled = spilled_at_branch;
@@ -155,6 +155,8 @@ impl BlockEmitter<'_> {
             imm_field: imm_field as u32,
             rel_field: rel_field as u32,
             miss: miss as u32,
+            fill_field: fill_field as u32,
+            fill_stub: 0, // set when the cold code is emitted
         });
     }
 

@@ -120,6 +120,20 @@ impl BlockEmitter<'_> {
                 self.site_here(start);
                 return Ok(());
             }
+            // Out of rel32 range from the code cache, but a target in the low 2 GiB (non-PIE
+            // programs) is reachable as an absolute `[disp32]`, without a scratch register.
+            let target = instr.ip_rel_memory_address();
+            if target as i64 == target as i32 as i64 {
+                let mut absolute = *instr;
+                absolute.set_memory_base(Register::None);
+                absolute.set_memory_index(Register::None);
+                absolute.set_memory_displacement64(target);
+                absolute.set_memory_displ_size(4);
+                let start = self.asm.buf.len();
+                self.asm.emit(&absolute)?;
+                self.site_here(start);
+                return Ok(());
+            }
         }
         if vsib {
             return Err(TranslateError::Unsupported {

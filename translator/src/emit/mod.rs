@@ -63,6 +63,12 @@ pub struct InlineCache {
     pub rel_field: u32,
     /// Where the `jmp rel32` goes while the cache is empty (the lookup path).
     pub miss: u32,
+    /// A `jmp rel32` at the head of the lookup path that goes to `fill_stub` (leave for the
+    /// dispatcher) while the cache is empty, so the first miss fills the cache even when the
+    /// table already knows the target; filling points it at the next instruction (the table
+    /// lookup), so a polymorphic site pays the table, not the dispatcher.
+    pub fill_field: u32,
+    pub fill_stub: u32,
 }
 
 /// Value in an empty return cache: −target is zero only for the non-canonical target
@@ -73,6 +79,9 @@ pub const INLINE_CACHE_EMPTY: u64 = 0x8000_0000_0000_0000;
 enum Cold {
     /// Exit to `target`; `field` is the rel32 in the body that jumps here.
     Exit { field: usize, target: u64 },
+    /// First miss of the return cache whose imm64 is at block offset `imm_field`: record the
+    /// site and take the indirect-miss exit, so the engine fills the cache.
+    CacheFill { field: usize, imm_field: usize },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
     TlbMiss {
         field: usize,
@@ -296,6 +305,17 @@ impl BlockEmitter<'_> {
                         field: field as u32,
                         target,
                     });
+                }
+                Cold::CacheFill { field, imm_field } => {
+                    let here = self.asm.here();
+                    self.asm.bind(field, here);
+                    let site = self.asm.base() + imm_field as u64;
+                    self.asm.store_ctx_u64(off::EXIT_LINK, site);
+                    let miss = self.glue.ibl_miss;
+                    self.asm.branch32(Code::Jmp_rel32_64, miss);
+                    if let Some(cache) = self.inline_caches.iter_mut().find(|c| c.imm_field as usize == imm_field) {
+                        cache.fill_stub = here.wrapping_sub(self.asm.base()) as u32;
+                    }
                 }
                 Cold::TlbMiss {
                     field,
