@@ -128,7 +128,7 @@ impl BlockEmitter<'_> {
                 absolute.set_memory_base(Register::None);
                 absolute.set_memory_index(Register::None);
                 absolute.set_memory_displacement64(target);
-                absolute.set_memory_displ_size(4);
+                absolute.set_memory_displ_size(8); // disp32 sign-extended, 64-bit addressing
                 let start = self.asm.buf.len();
                 self.asm.emit(&absolute)?;
                 self.site_here(start);
@@ -154,6 +154,23 @@ impl BlockEmitter<'_> {
         });
         let s = self.pick(used | if high8 { 0xff00 } else { 0 });
         self.borrow(s);
+        if !self.soft_mmu && seg && !rip_rel {
+            if let Some(rewritten) = Self::segment_base_operand(instr, s) {
+                // Identity FS/GS: S = guest base, folded into the operand as base or index
+                // (stack-protector and TLS accesses: one load instead of an address computation).
+                let field = if instr.segment_prefix() == Register::FS {
+                    off::FS_BASE
+                } else {
+                    off::GS_BASE
+                };
+                self.asm.mov_from_ctx(s, field);
+                let start = self.asm.buf.len();
+                self.asm.emit(&rewritten)?;
+                self.site_here(start);
+                self.give_back(s);
+                return Ok(());
+            }
+        }
         if self.soft_mmu {
             // The lookup clobbers flags; guest flags are kept even when the program no longer
             // needs them, because a fault here must show the guest its flags unchanged.
@@ -215,6 +232,35 @@ impl BlockEmitter<'_> {
         }
         self.give_back(s);
         Ok(())
+    }
+
+    /// `instr` with its FS/GS-relative operand rewritten to `[S + base-or-index + disp]` (S will
+    /// hold the segment base), when the address has at most one register and 64-bit size.
+    fn segment_base_operand(instr: &Instruction, s: Register) -> Option<Instruction> {
+        let (base, index) = (instr.memory_base(), instr.memory_index());
+        if base.size() == 4 || index.size() == 4 || (base != Register::None && index != Register::None) {
+            return None;
+        }
+        let mut rewritten = *instr;
+        rewritten.set_code(modrm_form(instr.code()));
+        rewritten.set_segment_prefix(Register::None);
+        let disp = instr.memory_displacement64();
+        if base == Register::None && index == Register::None && disp as i64 != disp as i32 as i64 {
+            return None; // a moffs address beyond disp32
+        }
+        if base == Register::RSP {
+            rewritten.set_memory_index(s); // RSP cannot be an index
+            rewritten.set_memory_index_scale(1);
+        } else {
+            rewritten.set_memory_base(s);
+            if base != Register::None {
+                rewritten.set_memory_index(base);
+                rewritten.set_memory_index_scale(1);
+            }
+        }
+        rewritten.set_memory_displacement64(disp);
+        rewritten.set_memory_displ_size(if disp == 0 { 0 } else { 8 }); // 8: 64-bit addressing
+        Some(rewritten)
     }
 
     /// A guest instruction emitted unchanged (verbatim bytes when available).
