@@ -166,6 +166,79 @@ impl CpuModel {
     }
 }
 
+/// Clears, in CPUID leaf `leaf`/`subleaf`'s registers `[eax, ebx, ecx, edx]`, every feature
+/// bit of [`HOST_CPUID_BITS`] whose feature `keep` (indexed by `CpuidFeature as usize`) lacks.
+/// With AVX-512 gone, leaf 0xD also stops reporting its state components (opmask, ZMM).
+pub fn mask_cpuid(keep: &[bool], leaf: u32, subleaf: u32, regs: &mut [u32; 4]) {
+    for &(feature, l, sub, reg, bit) in HOST_CPUID_BITS {
+        if l == leaf && sub == subleaf && !keep[feature as usize] {
+            let i = match reg {
+                Reg::Eax => 0,
+                Reg::Ebx => 1,
+                Reg::Ecx => 2,
+                Reg::Edx => 3,
+            };
+            regs[i] &= !(1 << bit);
+        }
+    }
+    if leaf == 1 && !keep[F::AVX as usize] {
+        regs[2] &= !(1 << 27); // OSXSAVE stays only with AVX, so glibc's AVX probe stays off
+    }
+    if leaf == 0xd && subleaf == 0 && !keep[F::AVX512F as usize] {
+        regs[0] &= !0xe0;
+    }
+}
+
+/// Host features that are in `model` and whose every instruction form satisfies `supported`:
+/// the CPU a translator can present to a guest without it ever reaching an unsupported form
+/// through runtime dispatch. Indexed by `CpuidFeature as usize`.
+pub fn translatable_features(model: CpuModel, supported: impl Fn(Code) -> bool) -> Vec<bool> {
+    let mut keep = CpuModel::Host.features().expect("host has a feature set");
+    if let Some(limit) = model.features() {
+        keep.iter_mut().zip(limit).for_each(|(k, l)| *k &= l);
+    }
+    // An unsupported form is unreachable once any one of its features is hidden; hide the
+    // narrowest (fewest forms), so `vaesenc ymm` costs VAES, not AVX. The psABI level features
+    // (SSE…AVX2) are never hidden for one odd form (`maskmovdqu`): programs built for a level
+    // use them without asking CPUID, so hiding them would not keep the form away anyway.
+    let mut instr = Instruction::default();
+    let mut forms = vec![0usize; F::values().len()];
+    for code in Code::values() {
+        instr.set_code(code);
+        instr.cpuid_features().iter().for_each(|&f| forms[f as usize] += 1);
+    }
+    for code in Code::values().filter(|&c| c != Code::INVALID && !supported(c)) {
+        instr.set_code(code);
+        let features = instr.cpuid_features();
+        if features.iter().any(|&f| !keep[f as usize]) {
+            continue;
+        }
+        if let Some(&narrowest) = features
+            .iter()
+            .filter(|f| {
+                ![BASE_FEATURES, V1_FEATURES, V2_FEATURES, V3_FEATURES]
+                    .iter()
+                    .any(|l| l.contains(f))
+            })
+            .min_by_key(|&&f| forms[f as usize])
+        {
+            keep[narrowest as usize] = false;
+        }
+    }
+    // A feature none of whose supported forms stays reachable (AVX512VL once AVX512F is gone)
+    // is hidden too.
+    let mut reachable = vec![false; F::values().len()];
+    for code in Code::values().filter(|&c| c != Code::INVALID && supported(c)) {
+        instr.set_code(code);
+        let features = instr.cpuid_features();
+        if features.iter().all(|&f| keep[f as usize]) {
+            features.iter().for_each(|&f| reachable[f as usize] = true);
+        }
+    }
+    keep.iter_mut().zip(reachable).for_each(|(k, r)| *k &= r);
+    keep
+}
+
 fn host_features(have: &mut [bool]) {
     #[cfg(target_arch = "x86_64")]
     {

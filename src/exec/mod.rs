@@ -3,11 +3,12 @@
 //! translation, which are emulated here (`syscalls.rs`).
 
 mod loader;
+mod signals;
 mod syscalls;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hbt_translator::exit::vector;
+use hbt_coverage::cpu_model::{self, CpuModel};
 use hbt_translator::{Config, Exit, MemoryStrategy, Platform, Translator};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,19 +17,25 @@ use std::time::Instant;
 ///
 /// The program is loaded into hbt's own address space (guest addresses are host addresses) and
 /// every instruction it executes is translated; system calls go to the host kernel, with
-/// arch_prctl, brk, fork/clone, execve, exit and signal bookkeeping emulated. CPUID shows the
-/// host's features minus what the translator does not support (AVX-512), so libc picks code
-/// hbt can run.
+/// arch_prctl, brk, fork/clone, execve, exit and signals emulated (guest handlers run
+/// translated). CPUID shows the `--cpu-model`'s features minus every feature with an instruction
+/// form the translator has not verified (on AVX-512 hosts: AVX-512), so libc's runtime dispatch
+/// picks code hbt can run.
 ///
 /// Examples:
 ///   hbt exec /bin/busybox echo hello
 ///   hbt exec --stats /bin/busybox sha256sum /etc/os-release
+///   hbt exec --cpu-model x86-64-v2 /bin/busybox gzip -c big.txt
 #[derive(Args)]
 #[command(verbatim_doc_comment, trailing_var_arg = true)]
 pub struct ExecArgs {
     /// Print translation statistics to stderr when the program ends.
     #[arg(long)]
     stats: bool,
+    /// CPU the guest sees through CPUID: x86-64-v1, x86-64-v2, x86-64-v3 or host (always
+    /// limited to what the translator verifies; x86-64-v4 needs AVX-512, which it does not).
+    #[arg(long, value_name = "MODEL", default_value = "host")]
+    cpu_model: CpuModel,
     /// argv[0] for the program (default: the program path), as execve(2) allows.
     #[arg(long, value_name = "NAME")]
     argv0: Option<String>,
@@ -39,26 +46,34 @@ pub struct ExecArgs {
     args: Vec<String>,
 }
 
-/// CPUID as the guest sees it: the host's, without AVX-512 (the translator has no EVEX rules).
-pub struct ExecPlatform;
+/// CPUID as the guest sees it: the host's, with the features outside the model cleared.
+pub struct ExecPlatform {
+    /// Kept features, indexed by `iced_x86::CpuidFeature as usize`.
+    keep: Vec<bool>,
+}
+
+impl ExecPlatform {
+    pub fn new(model: CpuModel) -> Self {
+        ExecPlatform {
+            keep: cpu_model::translatable_features(model, hbt_translator::supported::is_supported),
+        }
+    }
+
+    /// Host features the guest does not see.
+    pub fn hidden(&self) -> Vec<String> {
+        let host = CpuModel::Host.features().expect("host features");
+        iced_x86::CpuidFeature::values()
+            .filter(|&f| host[f as usize] && !self.keep[f as usize])
+            .map(|f| format!("{f:?}"))
+            .collect()
+    }
+}
 
 impl Platform for ExecPlatform {
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
         let mut out = [r.eax, r.ebx, r.ecx, r.edx];
-        if leaf == 7 && subleaf == 0 {
-            // EBX: AVX512F/DQ/IFMA/PF/ER/CD/BW/VL; ECX: VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ;
-            // EDX: 4VNNIW, 4FMAPS, VP2INTERSECT, FP16.
-            out[1] &= !((1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31));
-            out[2] &= !((1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14));
-            out[3] &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
-        }
-        if leaf == 7 && subleaf == 1 {
-            out[0] &= !(1 << 5); // AVX512_BF16
-        }
-        if leaf == 0xd && subleaf == 0 {
-            out[0] &= !0xe0; // opmask / ZMM state components
-        }
+        cpu_model::mask_cpuid(&self.keep, leaf, subleaf, &mut out);
         out
     }
     fn rdtsc(&mut self) -> u64 {
@@ -93,7 +108,10 @@ fn execute(args: &ExecArgs) -> Result<i32> {
     s.rip = image.entry;
     s.gpr[4] = rsp;
     let mut sys = syscalls::Syscalls::new(image.brk, path.clone());
-    let mut platform = ExecPlatform;
+    if args.cpu_model == CpuModel::V4 {
+        bail!("--cpu-model x86-64-v4 needs AVX-512 (EVEX), which the translator does not support yet");
+    }
+    let mut platform = ExecPlatform::new(args.cpu_model);
     let started = Instant::now();
     let status = loop {
         let exit = t
@@ -106,18 +124,15 @@ fn execute(args: &ExecArgs) -> Result<i32> {
                 }
             }
             Exit::Exception(e) => {
-                let rip = t.state().rip;
-                let (signal, name) = match e.vector {
-                    vector::DE => (libc::SIGFPE, "SIGFPE"),
-                    vector::UD => (libc::SIGILL, "SIGILL"),
-                    vector::BP | vector::DB => (libc::SIGTRAP, "SIGTRAP"),
-                    vector::AC => (libc::SIGBUS, "SIGBUS"),
-                    _ => (libc::SIGSEGV, "SIGSEGV"),
-                };
-                eprintln!("hbt: {}: {name} ({e}) at guest RIP {rip:#x}", path.display());
-                break 128 + signal;
+                if let Err(fatal) = sys.signals.exception(&mut t, &e) {
+                    signals::die(path, &fatal);
+                }
             }
+            Exit::Interrupted => {}
             other => bail!("{}: unexpected translator exit {other:?}", path.display()),
+        }
+        if let Err(fatal) = sys.signals.deliver_pending(&mut t) {
+            signals::die(path, &fatal);
         }
     };
     if args.stats {
@@ -135,6 +150,43 @@ fn execute(args: &ExecArgs) -> Result<i32> {
             st.emulated,
             sys.count
         );
+        let hidden = platform.hidden();
+        eprintln!(
+            "hbt exec guest CPU: {} minus {} host features: {}",
+            args.cpu_model,
+            hidden.len(),
+            if hidden.is_empty() {
+                "none".to_string()
+            } else {
+                hidden.join(" ")
+            }
+        );
     }
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpuid_follows_the_cpu_model_and_the_supported_set() {
+        let host = |leaf, sub| {
+            let r = std::arch::x86_64::__cpuid_count(leaf, sub);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        };
+        let mut v1 = ExecPlatform::new(CpuModel::V1);
+        // x86-64-v1: no SSE3 (leaf 1 ECX bit 0), SSE4.2 (bit 20), AVX (bit 28), AVX2 (leaf 7 EBX 5).
+        assert_eq!(v1.cpuid(1, 0)[2] & ((1 << 0) | (1 << 20) | (1 << 28)), 0);
+        assert_eq!(v1.cpuid(7, 0)[1] & (1 << 5), 0);
+        // SSE2 (leaf 1 EDX bit 26) is architectural and stays when the host has it.
+        assert_eq!(v1.cpuid(1, 0)[3] & (1 << 26), host(1, 0)[3] & (1 << 26));
+        // The default model never shows AVX-512 (no EVEX forms are verified), and keeps AVX2
+        // when the host has it.
+        let mut dflt = ExecPlatform::new(CpuModel::Host);
+        assert_eq!(dflt.cpuid(7, 0)[1] & (1 << 16), 0, "AVX512F visible");
+        assert_eq!(dflt.cpuid(7, 0)[1] & (1 << 5), host(7, 0)[1] & (1 << 5), "AVX2 hidden");
+        // Leaves without feature bits pass through (vendor string).
+        assert_eq!(dflt.cpuid(0, 0), host(0, 0));
+    }
 }

@@ -8,10 +8,12 @@
 //! - `fork`/`vfork`/`clone` without `CLONE_VM` (the child keeps running translated; `vfork`
 //!   becomes `fork`; `CLONE_SETTLS` sets the guest's FS base),
 //! - `execve` (re-executes under `hbt exec`),
-//! - `rt_sigaction`/`sigaltstack` (hbt owns the host handlers), `rt_sigprocmask` (hbt's fault
-//!   signals stay unblocked), `rseq` (ENOSYS: the kernel would redirect host execution),
+//! - `rt_sigaction`/`rt_sigreturn`/`sigaltstack` (guest handlers run translated, see
+//!   `signals.rs`), `rt_sigprocmask` (hbt's fault signals stay unblocked), `rseq` (ENOSYS: the
+//!   kernel would redirect host execution),
 //! - `munmap`/`mremap`/`mmap(MAP_FIXED)`/`mprotect` also drop translations of that range.
 
+use super::signals::{die, GuestSignals, HOST_FAULT_SIGNALS};
 use anyhow::{bail, Result};
 use hbt_translator::Translator;
 use std::path::PathBuf;
@@ -22,12 +24,14 @@ const SYS_MUNMAP: u64 = 11;
 const SYS_BRK: u64 = 12;
 const SYS_RT_SIGACTION: u64 = 13;
 const SYS_RT_SIGPROCMASK: u64 = 14;
+const SYS_RT_SIGRETURN: u64 = 15;
 const SYS_MREMAP: u64 = 25;
 const SYS_CLONE: u64 = 56;
 const SYS_FORK: u64 = 57;
 const SYS_VFORK: u64 = 58;
 const SYS_EXECVE: u64 = 59;
 const SYS_EXIT: u64 = 60;
+const SYS_RT_SIGSUSPEND: u64 = 130;
 const SYS_SIGALTSTACK: u64 = 131;
 const SYS_ARCH_PRCTL: u64 = 158;
 const SYS_EXIT_GROUP: u64 = 231;
@@ -45,6 +49,7 @@ pub struct Syscalls {
     brk_mapped: u64,
     program: PathBuf,
     pub count: u64,
+    pub signals: GuestSignals,
 }
 
 fn raw(nr: u64, a: [u64; 6]) -> u64 {
@@ -113,6 +118,7 @@ impl Syscalls {
             brk_mapped: brk,
             program,
             count: 0,
+            signals: GuestSignals::new(),
         }
     }
 
@@ -149,24 +155,21 @@ impl Syscalls {
             },
             SYS_BRK => self.brk(a[0]),
             SYS_RSEQ | SYS_CLONE3 => errno(libc::ENOSYS),
-            SYS_RT_SIGACTION => {
-                // Guest handlers are not delivered yet; report "default" as the old action.
-                if a[2] != 0 {
-                    hbt_translator::mmu::write_host_checked(a[2], &[0u8; 32]);
+            SYS_RT_SIGACTION => self.signals.sigaction(a[0], a[1], a[2], a[3]),
+            SYS_RT_SIGRETURN => {
+                // Restores every register, RAX included: no return value to store.
+                if let Err(fatal) = self.signals.sigreturn(t) {
+                    die(&self.program, &fatal);
                 }
-                0
+                return Ok(None);
             }
-            SYS_SIGALTSTACK => 0,
+            SYS_SIGALTSTACK => self.signals.sigaltstack(a[0], a[1], s.gpr[4]),
+            SYS_RT_SIGSUSPEND => self.signals.sigsuspend(a[0], a[1]),
             SYS_RT_SIGPROCMASK => {
                 // Never let the guest block the signals hbt's fault handling needs.
                 if a[1] != 0 {
                     if let Some(set) = read_u64(a[1]) {
-                        let keep = !((1u64 << (libc::SIGSEGV - 1))
-                            | (1 << (libc::SIGBUS - 1))
-                            | (1 << (libc::SIGILL - 1))
-                            | (1 << (libc::SIGFPE - 1))
-                            | (1 << (libc::SIGTRAP - 1)));
-                        let masked = set & keep;
+                        let masked = set & !HOST_FAULT_SIGNALS;
                         let mut args = a;
                         args[1] = &masked as *const u64 as u64;
                         raw(nr, args)

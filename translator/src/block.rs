@@ -50,12 +50,7 @@ pub trait CodeFetch {
     fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException>;
 }
 
-/// True when `code` is in the verified supported set.
-fn is_supported(code: iced_x86::Code) -> bool {
-    crate::supported::supported_codes()
-        .binary_search_by_key(&(code as u32), |c| *c as u32)
-        .is_ok()
-}
+use crate::supported::is_supported;
 
 /// Decodes one block at `rip`. `soft_mmu` matters for which rules end a block.
 pub fn build(

@@ -57,11 +57,16 @@ enum Incoming {
 
 impl Incoming {
     /// Puts the link back to its unlinked form (exit stub; empty cache that fills on its next
-    /// miss). Allocation-free: the write-fault signal handler calls it too.
+    /// miss). Allocation-free: the signal handlers call it too.
+    ///
+    /// `anywhere`: translated code may be stopped at *any* instruction (an asynchronous
+    /// signal), possibly in a cache's hit path after the guest registers were put back, so the
+    /// hit jump must keep its target; emptying the cache's tag is enough to send the next probe
+    /// to the dispatcher.
     ///
     /// # Safety
     /// The recorded fields must lie in the live code buffer and no translated code may run.
-    unsafe fn undo(&self) {
+    unsafe fn undo(&self, anywhere: bool) {
         let rel32 = |field: u64, target: u64| {
             // SAFETY: the caller guarantees `field` is a rel32 inside the code buffer.
             unsafe { std::ptr::write_unaligned(field as *mut i32, target.wrapping_sub(field + 4) as i32) }
@@ -77,7 +82,9 @@ impl Incoming {
             } => {
                 // SAFETY: as above, for the cache's imm64 field.
                 unsafe { std::ptr::write_unaligned(imm as *mut u64, crate::emit::INLINE_CACHE_EMPTY) };
-                rel32(rel, miss);
+                if !anywhere {
+                    rel32(rel, miss);
+                }
                 rel32(fill, fill_stub);
             }
         }
@@ -121,6 +128,10 @@ pub struct Translator {
     /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
     /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
     emulated_at: HashMap<u64, (iced_x86::Instruction, Rule)>,
+    /// Set by the asynchronous-signal handler; `run` returns `Exit::Interrupted` at its next
+    /// dispatch. (A signal landing between this check and entering translated code, outside
+    /// the code buffer, is seen at the next natural exit.)
+    interrupted: std::sync::atomic::AtomicBool,
     /// An instruction that writes the page holding its own code: it runs once from an uncached,
     /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
     /// never end), as QEMU does for self-modifying code.
@@ -187,6 +198,7 @@ impl Translator {
             blocks: Vec::new(),
             by_guest: HashMap::new(),
             emulated_at: HashMap::new(),
+            interrupted: std::sync::atomic::AtomicBool::new(false),
             by_host: BTreeMap::new(),
             code_pages: HashMap::new(),
             uncached_step: None,
@@ -261,11 +273,16 @@ impl Translator {
             data: self as *const Translator as *const (),
             fault_exit: self.glue.exit,
             code_write,
+            interrupt,
+            code_range: self.code.range(),
         };
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
         let mut last_miss = (0u64, 0u32);
         for _ in 0..block_budget {
+            if self.interrupted.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Ok(Exit::Interrupted);
+            }
             let rip = self.ctx.get().state.rip;
             let host = match self.block_for(rip, platform)? {
                 Lookup::Host(h) => h,
@@ -645,7 +662,7 @@ impl Translator {
             }
             for link in std::mem::take(&mut self.blocks[i].incoming) {
                 // SAFETY: links are recorded inside the code buffer; translated code is stopped.
-                unsafe { link.undo() };
+                unsafe { link.undo(false) };
             }
             let empty = self.glue.ibl_empty;
             let ctx = self.ctx.get_mut();
@@ -879,7 +896,7 @@ fn code_write(data: *const (), addr: u64) -> bool {
             for link in &block.incoming {
                 // SAFETY: fields recorded when the links were made, inside the code buffer;
                 // translated code is stopped in the fault handler.
-                unsafe { link.undo() };
+                unsafe { link.undo(false) };
             }
             // SAFETY: ctx is the live context; translated code is stopped.
             unsafe {
@@ -894,6 +911,30 @@ fn code_write(data: *const (), addr: u64) -> bool {
     }
     // SAFETY: see above.
     unsafe { (*protected).on_write_fault(page) }
+}
+
+/// Asynchronous-signal callback: flag the interrupt and, when translated code is running,
+/// undo every chained jump, return cache and table entry so it leaves at its next block end
+/// (the dispatcher re-links lazily). Allocation-free.
+fn interrupt(data: *const (), in_code: bool) {
+    // SAFETY: `data` is the Translator registered by `run`. With `in_code`, translated code is
+    // stopped in the signal handler and the engine is not mutating its tables.
+    let t = unsafe { &*(data as *const Translator) };
+    t.interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
+    if !in_code {
+        return;
+    }
+    for block in t.blocks.iter().filter(|b| b.valid) {
+        for link in &block.incoming {
+            // SAFETY: fields recorded when the links were made, inside the code buffer.
+            unsafe { link.undo(true) };
+        }
+    }
+    let ctx = t.ctx.as_ptr();
+    // Tags only: a lookup stopped between its tag check and its host load must still find the
+    // (valid) host it matched.
+    // SAFETY: ctx is the live context; translated code is stopped.
+    unsafe { (*ctx).ibl_tags.fill(IBL_EMPTY_TAG) };
 }
 
 /// Signal-handler callback: maps a host PC inside translated code to its fault site.

@@ -84,4 +84,7 @@ pub enum Exit {
     Halt,
     /// The block budget given to `run` was used up.
     BlockLimit,
+    /// An asynchronous host signal the embedder asked for ([`crate::host::signals::catch_async`])
+    /// arrived; guest state is at a block boundary.
+    Interrupted,
 }

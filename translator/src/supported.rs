@@ -20,13 +20,18 @@ pub fn supported_codes() -> &'static [Code] {
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(|name| {
-                code_by_name(name).unwrap_or_else(|| panic!("supported.txt names unknown iced Code `{name}`"))
-            })
+            .map(|name| code_by_name(name).unwrap_or_else(|| panic!("supported.txt names unknown iced Code `{name}`")))
             .collect();
         codes.sort_by_key(|&c| c as u32);
         codes
     })
+}
+
+/// True when `code` is in the verified supported set.
+pub fn is_supported(code: Code) -> bool {
+    supported_codes()
+        .binary_search_by_key(&(code as u32), |c| *c as u32)
+        .is_ok()
 }
 
 /// The iced `Code` whose `Debug` name is `name` (ASCII case-insensitive), via a table built
@@ -34,7 +39,11 @@ pub fn supported_codes() -> &'static [Code] {
 pub fn code_by_name(name: &str) -> Option<Code> {
     static BY_NAME: OnceLock<HashMap<String, Code>> = OnceLock::new();
     BY_NAME
-        .get_or_init(|| Code::values().map(|c| (format!("{c:?}").to_ascii_lowercase(), c)).collect())
+        .get_or_init(|| {
+            Code::values()
+                .map(|c| (format!("{c:?}").to_ascii_lowercase(), c))
+                .collect()
+        })
         .get(&name.to_ascii_lowercase())
         .copied()
 }

@@ -141,7 +141,10 @@ impl BlockEmitter<'_> {
         self.give_back(HOLD);
         self.borrow(Register::RCX);
         let fill_field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-        self.cold.push(super::Cold::CacheFill { field: fill_field, imm_field });
+        self.cold.push(super::Cold::CacheFill {
+            field: fill_field,
+            imm_field,
+        });
         self.indirect_lookup();
         // Hit path.
         self.spilled = spilled_at_branch;

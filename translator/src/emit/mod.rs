@@ -313,7 +313,11 @@ impl BlockEmitter<'_> {
                     self.asm.store_ctx_u64(off::EXIT_LINK, site);
                     let miss = self.glue.ibl_miss;
                     self.asm.branch32(Code::Jmp_rel32_64, miss);
-                    if let Some(cache) = self.inline_caches.iter_mut().find(|c| c.imm_field as usize == imm_field) {
+                    if let Some(cache) = self
+                        .inline_caches
+                        .iter_mut()
+                        .find(|c| c.imm_field as usize == imm_field)
+                    {
                         cache.fill_stub = here.wrapping_sub(self.asm.base()) as u32;
                     }
                 }

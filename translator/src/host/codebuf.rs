@@ -30,6 +30,11 @@ impl CodeBuffer {
         self.size - self.used
     }
 
+    /// The whole mapping's host address range.
+    pub fn range(&self) -> (u64, u64) {
+        (self.base as u64, self.base as u64 + self.size as u64)
+    }
+
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.base as u64 && addr < self.base as u64 + self.used as u64
     }

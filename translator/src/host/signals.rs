@@ -10,6 +10,11 @@
 //!   instruction is surrounded by `hlt`, which faults in user mode); the handler records the
 //!   complete register and XSAVE state from the signal frame and resumes the harness.
 //!
+//! A third, asynchronous user: signals the *guest* handles (`hbt exec`). [`catch_async`]
+//! installs [`async_handler`] for one, which records the signal and its siginfo in
+//! [`PENDING`]/`SIGINFO` and interrupts translated code; the embedder delivers it to the guest
+//! between blocks ([`take_pending`]).
+//!
 //! Handlers run on a per-thread alternate stack: guest RSP is never assumed to be a host stack.
 
 use crate::context::{Context, ExitReason};
@@ -37,6 +42,12 @@ pub struct TranslatedFaults {
     /// A write fault at `addr` inside translated code: returns true if it hit a page the
     /// translator write-protected (self-modifying code), which is now writable again.
     pub code_write: fn(data: *const (), addr: u64) -> bool,
+    /// An asynchronous signal arrived: make `run` return [`crate::Exit::Interrupted`] soon.
+    /// `in_code` says the host PC was inside the code buffer (translated code is running, so
+    /// the engine's tables are quiescent and its links may be undone).
+    pub interrupt: fn(data: *const (), in_code: bool),
+    /// Host address range of the code buffer (glue and blocks).
+    pub code_range: (u64, u64),
 }
 
 /// Machine state captured from a signal frame. Plain data: the handler writes it, possibly into
@@ -272,6 +283,13 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
         gregs[libc::REG_EFL as usize] = 0x202;
         return;
     }
+    // SAFETY: info is valid for SA_SIGINFO handlers.
+    if unsafe { (*info).si_code } <= 0 {
+        // Sent by a process (kill, tgkill, sigqueue), not raised by an instruction: an
+        // asynchronous signal like any other, for the embedder to deliver or die by.
+        async_handler(sig, info, uc as *mut libc::ucontext_t as *mut libc::c_void);
+        return;
+    }
     let gregs = &mut uc.uc_mcontext.gregs;
     let translated = TRANSLATED.with(|c| c.get());
     if !translated.is_null() {
@@ -333,5 +351,83 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
     // SAFETY: resetting a signal to SIG_DFL is always valid.
     unsafe {
         libc::signal(sig, libc::SIG_DFL);
+    }
+}
+
+/// Signals recorded by [`async_handler`] and not yet taken (bit `sig - 1`).
+static PENDING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The kernel's siginfo for each pending signal (128 bytes each).
+struct SigInfoSlots(std::cell::UnsafeCell<[[u8; 128]; 64]>);
+// SAFETY: written only by the async handler of signal `n` into slot `n - 1` (the handler runs
+// with that signal blocked), read by `take_pending` after clearing the pending bit.
+unsafe impl Sync for SigInfoSlots {}
+static SIGINFO: SigInfoSlots = SigInfoSlots(std::cell::UnsafeCell::new([[0; 128]; 64]));
+
+/// Routes host signal `sig` to [`async_handler`] (the guest has a handler for it). `restart`
+/// is the guest's SA_RESTART; `mask` the guest's sa_mask, applied while the host handler runs.
+pub fn catch_async(sig: i32, restart: bool, mask: u64) -> std::io::Result<()> {
+    ensure_installed();
+    // SAFETY: a zeroed sigaction is valid; handler, flags and mask are filled in, and the
+    // handler is async-signal-safe (atomics and a fixed static slot).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = async_handler as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | if restart { libc::SA_RESTART } else { 0 };
+        libc::sigemptyset(&mut action.sa_mask);
+        for n in 1..=64 {
+            if mask & (1 << (n - 1)) != 0 && !SIGNALS.contains(&n) {
+                libc::sigaddset(&mut action.sa_mask, n);
+            }
+        }
+        if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Takes the lowest pending signal in `deliverable` (bit `sig - 1`) with its siginfo.
+pub fn take_pending(deliverable: u64) -> Option<(i32, [u8; 128])> {
+    use std::sync::atomic::Ordering;
+    let ready = PENDING.load(Ordering::SeqCst) & deliverable;
+    if ready == 0 {
+        return None;
+    }
+    let sig = ready.trailing_zeros() as i32 + 1;
+    PENDING.fetch_and(!(1 << (sig - 1)), Ordering::SeqCst);
+    // SAFETY: see `SigInfoSlots`; the bit was set after the slot was written.
+    let info = unsafe { (*SIGINFO.0.get())[sig as usize - 1] };
+    Some((sig, info))
+}
+
+/// Whether any signal in `deliverable` is pending.
+pub fn has_pending(deliverable: u64) -> bool {
+    PENDING.load(std::sync::atomic::Ordering::SeqCst) & deliverable != 0
+}
+
+extern "C" fn async_handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SAFETY: as in `handler`: only AC changes, on our own stack.
+    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], {m}", "popfq", m = const !(1i64 << 18)) };
+    if !(1..=64).contains(&sig) {
+        return;
+    }
+    // SAFETY: the kernel passes a valid siginfo (128 bytes) and ucontext for SA_SIGINFO
+    // handlers; slot `sig - 1` is written only here, with `sig` blocked.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            info as *const u8,
+            (*SIGINFO.0.get())[sig as usize - 1].as_mut_ptr(),
+            128,
+        );
+    }
+    PENDING.fetch_or(1 << (sig - 1), std::sync::atomic::Ordering::SeqCst);
+    let translated = TRANSLATED.with(|c| c.get());
+    if !translated.is_null() {
+        // SAFETY: registered by TranslatedGuard::arm and live until it drops.
+        let t = unsafe { &*translated };
+        // SAFETY: see above.
+        let pc = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+        (t.interrupt)(t.data, pc >= t.code_range.0 && pc < t.code_range.1);
     }
 }
