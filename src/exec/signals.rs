@@ -279,7 +279,7 @@ impl GuestSignals {
     /// A guest exception: delivered to the guest's handler for its signal, or fatal.
     pub fn exception(&mut self, t: &mut Translator, e: &GuestException) -> Result<(), Fatal> {
         let rip = t.state().rip;
-        let (signal, code, addr) = match e.vector {
+        let (signal, code, addr): (i32, i32, u64) = match e.vector {
             vector::DE => (libc::SIGFPE, 1, rip),                // FPE_INTDIV
             vector::UD => (libc::SIGILL, 2, rip),                // ILL_ILLOPN
             vector::BP | vector::DB => (libc::SIGTRAP, 0x80, 0), // SI_KERNEL, as for int3
