@@ -3,6 +3,7 @@
 
 mod cli;
 mod exec;
+mod vmm;
 
 use clap::Parser;
 

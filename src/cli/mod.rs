@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 /// `hbt coverage` measures which x86-64 instructions a Linux distribution uses, weighted by
 /// package popularity, and how much of it the translator's supported set covers.
 /// `hbt isa-test` proves each supported instruction form against the host CPU.
+/// `hbt exec` runs a static Linux program through the translator; `hbt run` runs a guest image
+/// on KVM.
 #[derive(Parser)]
 #[command(name = "hbt", version, propagate_version = true)]
 pub struct Cli {
@@ -23,6 +25,7 @@ enum Command {
     Coverage(Box<coverage::CoverageArgs>),
     IsaTest(isa_test::IsaTestArgs),
     Exec(crate::exec::ExecArgs),
+    Run(crate::vmm::RunArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -30,5 +33,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Coverage(args) => coverage::run(*args),
         Command::IsaTest(args) => isa_test::run(args),
         Command::Exec(args) => crate::exec::run(args),
+        Command::Run(args) => crate::vmm::run(args),
     }
 }

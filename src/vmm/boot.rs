@@ -1,0 +1,106 @@
+//! Entering a guest in 64-bit long mode, as the Linux 64-bit boot protocol specifies and the
+//! test guests expect: a flat GDT (`__BOOT_CS` 0x10, `__BOOT_DS` 0x18), identity page tables for
+//! the first 4 GiB (2 MiB pages, user-accessible so test guests can drop to CPL3), CR0/CR4/EFER.
+
+use super::memory::GuestMemory;
+use anyhow::Result;
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+pub const GDT_ADDR: u64 = 0x500;
+pub const BOOT_CS: u16 = 0x10;
+pub const BOOT_DS: u16 = 0x18;
+const PML4_ADDR: u64 = 0x9000;
+const PDPT_ADDR: u64 = 0xa000;
+const PD_ADDR: u64 = 0xb000; // four PDs: 0xb000..0xf000
+/// Initial stack for images that do not set their own (grows down from here).
+pub const BOOT_STACK: u64 = 0x8ff0;
+
+const CR0_PE: u64 = 1;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_SCE: u64 = 1;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
+
+/// Writes the GDT and page tables into guest memory.
+pub fn write_tables(mem: &mut GuestMemory) -> Result<()> {
+    let gdt: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+    for (i, d) in gdt.iter().enumerate() {
+        mem.write_u64(GDT_ADDR + 8 * i as u64, *d)?;
+    }
+    const PRESENT_RW_USER: u64 = 0x7;
+    mem.write_u64(PML4_ADDR, PDPT_ADDR | PRESENT_RW_USER)?;
+    for gb in 0..4u64 {
+        let pd = PD_ADDR + gb * 0x1000;
+        mem.write_u64(PDPT_ADDR + gb * 8, pd | PRESENT_RW_USER)?;
+        for i in 0..512u64 {
+            let addr = (gb << 30) | (i << 21);
+            mem.write_u64(pd + i * 8, addr | PRESENT_RW_USER | 0x80)?; // PS: 2 MiB page
+        }
+    }
+    Ok(())
+}
+
+fn segment(selector: u16, code: bool) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { 0xb } else { 0x3 },
+        present: 1,
+        dpl: 0,
+        db: if code { 0 } else { 1 },
+        s: 1,
+        l: if code { 1 } else { 0 },
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Long-mode system registers on top of what KVM reports.
+pub fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
+    s.gdt.base = GDT_ADDR;
+    s.gdt.limit = 4 * 8 - 1;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cs = segment(BOOT_CS, true);
+    let data = segment(BOOT_DS, false);
+    s.ds = data;
+    s.es = data;
+    s.fs = data;
+    s.gs = data;
+    s.ss = data;
+    s.tr = kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0,
+        type_: 11,
+        present: 1,
+        s: 0,
+        ..data
+    };
+    s.cr3 = PML4_ADDR;
+    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+    s.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+    s
+}
+
+pub fn entry_regs(rip: u64, rsp: u64, rsi: u64) -> kvm_regs {
+    kvm_regs {
+        rip,
+        rsp,
+        rsi,
+        rflags: 0x2,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,111 @@
+//! Linux bzImage, 64-bit boot protocol (Documentation/arch/x86/boot.rst, version ≥ 2.12): the
+//! protected-mode kernel at 1 MiB, the initrd near the top of low RAM, the command line, and a
+//! zero page (boot_params) with the setup header and an e820 map; entry at the 64-bit entry
+//! point (load address + 0x200) with RSI = boot_params.
+
+use super::{Entry, LoadOptions};
+use crate::vmm::memory::GuestMemory;
+use anyhow::{bail, Context, Result};
+
+const ZERO_PAGE: u64 = 0x7000;
+const CMDLINE: u64 = 0x20000;
+const CMDLINE_MAX: usize = 0x10000;
+const KERNEL_ADDR: u64 = 0x100000;
+const HDR_MAGIC: &[u8; 4] = b"HdrS";
+const MIN_VERSION: u16 = 0x020c;
+const XLF_KERNEL_64: u16 = 1;
+const E820_MAX: usize = 128;
+
+pub fn is_bzimage(b: &[u8]) -> bool {
+    b.len() > 0x250 && &b[0x202..0x206] == HDR_MAGIC && b[0x1fe] == 0x55 && b[0x1ff] == 0xaa
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+
+pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry> {
+    let version = u16_at(b, 0x206);
+    if version < MIN_VERSION {
+        bail!(
+            "bzImage boot protocol {}.{} is older than 2.12",
+            version >> 8,
+            version & 0xff
+        );
+    }
+    if u16_at(b, 0x236) & XLF_KERNEL_64 == 0 {
+        bail!("bzImage has no 64-bit entry point (XLF_KERNEL_64 clear)");
+    }
+    let setup_sects = match b[0x1f1] {
+        0 => 4,
+        n => n as usize,
+    };
+    let kernel_off = (setup_sects + 1) * 512;
+    if kernel_off >= b.len() {
+        bail!(
+            "bzImage is truncated: setup claims {setup_sects} sectors, file has {} bytes",
+            b.len()
+        );
+    }
+    mem.write(KERNEL_ADDR, &b[kernel_off..])
+        .context("kernel does not fit in guest RAM")?;
+
+    // The zero page: the setup header copied to its offset, then the loader's fields.
+    let hdr_end = (0x202 + b[0x201] as usize).min(b.len()).max(0x1f1);
+    let mut zp = vec![0u8; 4096];
+    zp[0x1f1..hdr_end].copy_from_slice(&b[0x1f1..hdr_end]);
+    zp[0x210] = 0xff; // type_of_loader: undefined
+    zp[0x211] |= 0x80; // loadflags: CAN_USE_HEAP
+    zp[0x224..0x226].copy_from_slice(&0xde00u16.to_le_bytes()); // heap_end_ptr
+    let cmdline = opts.cmdline.as_bytes();
+    if cmdline.len() >= CMDLINE_MAX {
+        bail!("--append is longer than {CMDLINE_MAX} bytes");
+    }
+    let mut c = cmdline.to_vec();
+    c.push(0);
+    mem.write(CMDLINE, &c)?;
+    zp[0x228..0x22c].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
+    if let Some(path) = opts.initrd {
+        let initrd = std::fs::read(path).with_context(|| format!("cannot read --initrd {}", path.display()))?;
+        let low_top = mem
+            .e820()
+            .iter()
+            .filter(|e| e.2 == 1 && e.0 < 1 << 32)
+            .map(|e| e.0 + e.1)
+            .max()
+            .unwrap_or(0);
+        let max = u32::from_le_bytes(zp[0x22c..0x230].try_into().expect("4")) as u64; // initrd_addr_max
+        let top = low_top.min(if max == 0 { 0x37ff_ffff } else { max + 1 });
+        let addr = top.checked_sub(initrd.len() as u64).map(|a| a & !0xfff);
+        let kernel_end = KERNEL_ADDR + (b.len() - kernel_off) as u64;
+        match addr {
+            Some(a) if a > kernel_end => {
+                mem.write(a, &initrd)?;
+                zp[0x218..0x21c].copy_from_slice(&(a as u32).to_le_bytes());
+                zp[0x21c..0x220].copy_from_slice(&(initrd.len() as u32).to_le_bytes());
+            }
+            _ => bail!(
+                "--initrd ({} bytes) does not fit in guest RAM below {top:#x}",
+                initrd.len()
+            ),
+        }
+    }
+    let e820 = mem.e820();
+    if e820.len() > E820_MAX {
+        bail!("e820 map too long");
+    }
+    zp[0x1e8] = e820.len() as u8;
+    for (i, (addr, size, ty)) in e820.iter().enumerate() {
+        let o = 0x2d0 + 20 * i;
+        zp[o..o + 8].copy_from_slice(&addr.to_le_bytes());
+        zp[o + 8..o + 16].copy_from_slice(&size.to_le_bytes());
+        zp[o + 16..o + 20].copy_from_slice(&ty.to_le_bytes());
+    }
+    mem.write(ZERO_PAGE, &zp)?;
+    Ok(Entry {
+        rip: KERNEL_ADDR + 0x200,
+        rsp: crate::vmm::boot::BOOT_STACK,
+        rsi: ZERO_PAGE,
+        kind: "Linux bzImage",
+    })
+}

@@ -1,0 +1,99 @@
+//! Guest RAM: one anonymous mapping, laid out as a PC: RAM below the 3 GiB MMIO hole, the rest
+//! above 4 GiB. The e820 map describes it to the guest (legacy BIOS area reserved).
+
+use anyhow::{bail, Context, Result};
+use memmap2::MmapMut;
+
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+pub struct GuestMemory {
+    map: MmapMut,
+}
+
+/// A guest-physical RAM region and where it sits in the mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    pub guest: u64,
+    pub size: u64,
+    pub offset: u64,
+}
+
+impl GuestMemory {
+    pub fn new(bytes: u64) -> Result<Self> {
+        if bytes < (2 << 20) {
+            bail!("--mem must be at least 2 MiB (got {bytes} bytes)");
+        }
+        let map =
+            MmapMut::map_anon(bytes as usize).with_context(|| format!("cannot map {bytes} bytes of guest RAM"))?;
+        Ok(GuestMemory { map })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.map.len() as u64
+    }
+
+    pub fn host_base(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+
+    /// The RAM regions (below the hole, and above 4 GiB when RAM is larger than 3 GiB).
+    pub fn regions(&self) -> Vec<Region> {
+        let low = self.size().min(MMIO_HOLE_START);
+        let mut r = vec![Region {
+            guest: 0,
+            size: low,
+            offset: 0,
+        }];
+        if self.size() > low {
+            r.push(Region {
+                guest: MMIO_HOLE_END,
+                size: self.size() - low,
+                offset: low,
+            });
+        }
+        r
+    }
+
+    /// The e820 map: (address, size, type).
+    pub fn e820(&self) -> Vec<(u64, u64, u32)> {
+        let mut map = vec![(0, 0x9fc00, E820_RAM), (0x9fc00, 0x100000 - 0x9fc00, E820_RESERVED)];
+        for r in self.regions() {
+            let start = r.guest.max(0x100000);
+            if r.guest + r.size > start {
+                map.push((start, r.guest + r.size - start, E820_RAM));
+            }
+        }
+        map
+    }
+
+    fn offset_of(&self, gpa: u64, len: usize) -> Result<usize> {
+        for r in self.regions() {
+            if gpa >= r.guest && gpa.checked_add(len as u64).is_some_and(|end| end <= r.guest + r.size) {
+                return Ok((r.offset + gpa - r.guest) as usize);
+            }
+        }
+        bail!(
+            "guest-physical range {gpa:#x}+{len:#x} is outside guest RAM ({} MiB)",
+            self.size() >> 20
+        )
+    }
+
+    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<()> {
+        let off = self.offset_of(gpa, data.len())?;
+        self.map[off..off + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        let off = self.offset_of(gpa, buf.len())?;
+        buf.copy_from_slice(&self.map[off..off + buf.len()]);
+        Ok(())
+    }
+
+    pub fn write_u64(&mut self, gpa: u64, v: u64) -> Result<()> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}

@@ -1,0 +1,322 @@
+//! `hbt run`: the VMM. Guest RAM ([`memory`]), KVM state ([`vstate`]), image loaders
+//! ([`loader`]), long-mode entry ([`boot`]), the port-I/O device table ([`devices`]) and the run
+//! loop below, which ends on the guest's exit port, a reset, a triple fault, `--timeout`,
+//! Ctrl-C or a KVM error, and says which.
+
+pub mod boot;
+pub mod devices;
+pub mod loader;
+pub mod memory;
+mod terminal;
+pub mod vstate;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use devices::{Action, PortBus};
+use kvm_ioctls::VcpuExit;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Run a guest image on KVM.
+///
+/// The image is recognized by its contents: a bare-metal x86-64 ELF (entered in 64-bit long
+/// mode with identity paging), a Linux bzImage (boot protocol 2.12+, 64-bit entry; --initrd,
+/// --append), or a flat binary (--load-addr, --entry). The guest's COM1 serial port is wired to
+/// stdin/stdout; a write to port 0xf4 ends the run with that value as hbt's exit status.
+///
+/// Examples:
+///   hbt run test-images/hello.img
+///   hbt run --stats --timeout 10 test-images/timer.img
+///   hbt run --load-addr 0x100000 code.bin
+#[derive(Args)]
+#[command(verbatim_doc_comment)]
+pub struct RunArgs {
+    /// The guest image.
+    image: PathBuf,
+    /// Guest RAM, in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    mem: u64,
+    /// Execution engine. Only `kvm` exists today; `bt` (translator only) and `hybrid` (guest
+    /// user mode on KVM, kernel mode translated) are reserved.
+    #[arg(long, value_enum, default_value_t = Accel::Kvm)]
+    accel: Accel,
+    /// Flat binary: guest-physical load address.
+    #[arg(long, value_parser = parse_u64, value_name = "ADDR")]
+    load_addr: Option<u64>,
+    /// Flat binary: entry point (default: the load address).
+    #[arg(long, value_parser = parse_u64, value_name = "ADDR")]
+    entry: Option<u64>,
+    /// Linux: initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Linux: kernel command line.
+    #[arg(long, default_value = "console=ttyS0", value_name = "CMDLINE")]
+    append: String,
+    /// End the run after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
+    /// Print exits by reason and port, time in KVM_RUN vs in hbt, and boot-progress marks.
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Accel {
+    Kvm,
+    Bt,
+    Hybrid,
+}
+
+fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("`{s}` is not a number: {e}"))
+}
+
+/// Why a run ended.
+#[derive(Debug)]
+enum End {
+    ExitPort(u32),
+    Reset,
+    Halted,
+    Timeout,
+    Interrupted,
+}
+
+static STOP: AtomicU64 = AtomicU64::new(0);
+const STOP_TIMEOUT: u64 = 1;
+const STOP_CTRL_C: u64 = 2;
+static VCPU_THREAD: AtomicU64 = AtomicU64::new(0);
+static KICK_INSTALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_kick(_: libc::c_int) {}
+extern "C" fn on_ctrl_c(_: libc::c_int) {
+    STOP.fetch_or(STOP_CTRL_C, Ordering::SeqCst);
+    kick_vcpu();
+}
+
+/// Makes the vCPU thread's KVM_RUN return (EINTR) by signalling it.
+fn kick_vcpu() {
+    let t = VCPU_THREAD.load(Ordering::SeqCst);
+    if t != 0 {
+        // SAFETY: pthread_kill on the vCPU thread, which lives for the whole run.
+        unsafe { libc::pthread_kill(t as libc::pthread_t, libc::SIGUSR1) };
+    }
+}
+
+fn install_signal_handlers() {
+    if KICK_INSTALLED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // SAFETY: plain handlers without SA_RESTART, so KVM_RUN returns EINTR; they only touch atomics.
+    unsafe {
+        for (sig, handler) in [
+            (libc::SIGUSR1, on_kick as *const () as usize),
+            (libc::SIGINT, on_ctrl_c as *const () as usize),
+        ] {
+            let mut a: libc::sigaction = std::mem::zeroed();
+            a.sa_sigaction = handler;
+            libc::sigemptyset(&mut a.sa_mask);
+            libc::sigaction(sig, &a, std::ptr::null_mut());
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let code = execute(&args)?;
+    std::process::exit(code);
+}
+
+#[derive(Default)]
+struct RunStats {
+    exits: BTreeMap<&'static str, u64>,
+    in_kvm: Duration,
+}
+
+fn execute(args: &RunArgs) -> Result<i32> {
+    match args.accel {
+        Accel::Kvm => {}
+        Accel::Bt | Accel::Hybrid => bail!(
+            "--accel {} is not available yet: the translator's system mode comes next; use --accel kvm",
+            if args.accel == Accel::Bt { "bt" } else { "hybrid" }
+        ),
+    }
+    if !args.image.exists() {
+        bail!(
+            "guest image {} does not exist (try test-images/hello.img)",
+            args.image.display()
+        );
+    }
+    let started = Instant::now();
+    let mut mem = memory::GuestMemory::new(args.mem << 20)?;
+    let entry = loader::load(
+        &args.image,
+        &mut mem,
+        &loader::LoadOptions {
+            load_addr: args.load_addr,
+            entry: args.entry,
+            initrd: args.initrd.as_deref(),
+            cmdline: &args.append,
+        },
+    )?;
+    boot::write_tables(&mut mem)?;
+    let vm = vstate::vm::Vm::new(&mem)?;
+    let mut vcpu = vm.create_vcpu()?;
+    let sregs = vcpu.get_sregs().context("KVM_GET_SREGS failed")?;
+    vcpu.set_sregs(&boot::long_mode_sregs(sregs))
+        .context("KVM_SET_SREGS failed")?;
+    vcpu.set_regs(&boot::entry_regs(entry.rip, entry.rsp, entry.rsi))
+        .context("KVM_SET_REGS failed")?;
+
+    let interactive = std::io::stdin().is_terminal();
+    let _terminal = terminal::RawGuard::new(interactive);
+    let (mut bus, marks) = PortBus::standard(started, interactive);
+    // SAFETY: pthread_self has no preconditions.
+    VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+    STOP.store(0, Ordering::SeqCst);
+    install_signal_handlers();
+    if let Some(secs) = args.timeout {
+        let d = Duration::from_secs_f64(secs.max(0.0));
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            STOP.fetch_or(STOP_TIMEOUT, Ordering::SeqCst);
+            // Kick until the loop notices (a kick may land just before KVM_RUN).
+            loop {
+                kick_vcpu();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
+
+    let mut st = RunStats::default();
+    let end = loop {
+        let stop = STOP.load(Ordering::SeqCst);
+        if stop & STOP_CTRL_C != 0 {
+            break End::Interrupted;
+        }
+        if stop & STOP_TIMEOUT != 0 {
+            break End::Timeout;
+        }
+        let t0 = Instant::now();
+        let exit = vcpu.run();
+        st.in_kvm += t0.elapsed();
+        let reason: &'static str = match exit {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let action = bus.write(port, data);
+                match action {
+                    Action::Continue => {}
+                    Action::Exit(v) => break End::ExitPort(v),
+                    Action::Reset => break End::Reset,
+                }
+                "io-out"
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.read(port, data);
+                "io-in"
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                "mmio-read"
+            }
+            Ok(VcpuExit::MmioWrite(..)) => "mmio-write",
+            Ok(VcpuExit::Hlt) => break End::Halted,
+            Ok(VcpuExit::Shutdown) => {
+                bail!(
+                    "guest triple fault (shutdown) after {:.3} s: {}",
+                    started.elapsed().as_secs_f64(),
+                    vstate::vcpu::describe(&vcpu, &mem)
+                )
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                bail!("guest system event {kind}: {}", vstate::vcpu::describe(&vcpu, &mem))
+            }
+            Ok(VcpuExit::InternalError) => {
+                bail!(
+                    "KVM internal error (the in-kernel emulator could not run the guest): {}",
+                    vstate::vcpu::describe(&vcpu, &mem)
+                )
+            }
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                bail!(
+                    "KVM could not enter the guest (hardware entry failure {reason:#x}): {}",
+                    vstate::vcpu::describe(&vcpu, &mem)
+                )
+            }
+            Ok(VcpuExit::Intr) => "signal",
+            Ok(other) => {
+                let what = format!("{other:?}");
+                bail!("unexpected KVM exit {what}: {}", vstate::vcpu::describe(&vcpu, &mem))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => "signal",
+            Err(e) => bail!("KVM_RUN failed: {e}: {}", vstate::vcpu::describe(&vcpu, &mem)),
+        };
+        *st.exits.entry(reason).or_default() += 1;
+    };
+    let total = started.elapsed();
+    drop(_terminal);
+    let status = match &end {
+        End::ExitPort(v) => *v as i32,
+        End::Reset => 0,
+        End::Halted => {
+            eprintln!(
+                "hbt: guest halted with interrupts off: {}",
+                vstate::vcpu::describe(&vcpu, &mem)
+            );
+            1
+        }
+        End::Timeout => {
+            eprintln!("hbt: --timeout reached after {:.3} s", total.as_secs_f64());
+            124
+        }
+        End::Interrupted => {
+            eprintln!("hbt: interrupted (Ctrl-C)");
+            130
+        }
+    };
+    if args.stats {
+        eprintln!(
+            "hbt run stats: {} ({}), ended by {end:?}",
+            args.image.display(),
+            entry.kind
+        );
+        eprintln!(
+            "  time: {:.6} s total, {:.6} s in KVM_RUN, {:.6} s in hbt",
+            total.as_secs_f64(),
+            st.in_kvm.as_secs_f64(),
+            total.saturating_sub(st.in_kvm).as_secs_f64()
+        );
+        let total_exits: u64 = st.exits.values().sum();
+        eprintln!(
+            "  exits: {total_exits} ({})",
+            fmt_counts(st.exits.iter().map(|(k, v)| (k.to_string(), *v)))
+        );
+        let ports = bus
+            .exit_counts()
+            .into_iter()
+            .filter(|c| c.2 > 0)
+            .map(|(name, port, n)| (format!("{name}@{port:#x}"), n));
+        eprintln!(
+            "  port exits: {} (unclaimed ports: {})",
+            fmt_counts(ports),
+            bus.unclaimed
+        );
+        for (t, v) in marks.0.borrow().iter() {
+            eprintln!("  boot progress {v:#04x} at {t:.6} s");
+        }
+    }
+    Ok(status)
+}
+
+fn fmt_counts(it: impl Iterator<Item = (String, u64)>) -> String {
+    let v: Vec<String> = it.map(|(k, n)| format!("{k} {n}")).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
