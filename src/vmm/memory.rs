@@ -1,8 +1,19 @@
 //! Guest RAM: one anonymous mapping, laid out as a PC: RAM below the 3 GiB MMIO hole, the rest
 //! above 4 GiB. The e820 map describes it to the guest (legacy BIOS area reserved).
 
-use anyhow::{bail, Context, Result};
 use memmap2::MmapMut;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("--mem must be at least 2 MiB (got {0} bytes)")]
+    TooSmall(u64),
+    #[error("cannot map {bytes} bytes of guest RAM: {source}")]
+    Map { bytes: u64, source: std::io::Error },
+    #[error("guest-physical range {gpa:#x}+{len:#x} is outside guest RAM ({ram_mib} MiB)")]
+    OutOfRange { gpa: u64, len: usize, ram_mib: u64 },
+}
+
+type Result<T> = std::result::Result<T, MemoryError>;
 
 pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const MMIO_HOLE_END: u64 = 4 << 30;
@@ -24,10 +35,9 @@ pub struct Region {
 impl GuestMemory {
     pub fn new(bytes: u64) -> Result<Self> {
         if bytes < (2 << 20) {
-            bail!("--mem must be at least 2 MiB (got {bytes} bytes)");
+            return Err(MemoryError::TooSmall(bytes));
         }
-        let map =
-            MmapMut::map_anon(bytes as usize).with_context(|| format!("cannot map {bytes} bytes of guest RAM"))?;
+        let map = MmapMut::map_anon(bytes as usize).map_err(|source| MemoryError::Map { bytes, source })?;
         Ok(GuestMemory { map })
     }
 
@@ -75,10 +85,11 @@ impl GuestMemory {
                 return Ok((r.offset + gpa - r.guest) as usize);
             }
         }
-        bail!(
-            "guest-physical range {gpa:#x}+{len:#x} is outside guest RAM ({} MiB)",
-            self.size() >> 20
-        )
+        Err(MemoryError::OutOfRange {
+            gpa,
+            len,
+            ram_mib: self.size() >> 20,
+        })
     }
 
     pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<()> {

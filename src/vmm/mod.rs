@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// Print exits by reason and port, time in KVM_RUN vs in hbt, and boot-progress marks.
     #[arg(long)]
     stats: bool,
+    /// Benchmark floor: run the guest with a bare KVM_RUN loop that only counts exits (no
+    /// devices, no output) until it writes the debug-exit port; print the loop's time per exit.
+    #[arg(long, hide = true)]
+    raw_exit_loop: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -163,7 +167,8 @@ fn execute(args: &RunArgs) -> Result<i32> {
             initrd: args.initrd.as_deref(),
             cmdline: &args.append,
         },
-    )?;
+    )
+    .with_context(|| format!("guest image {}", args.image.display()))?;
     boot::write_tables(&mut mem)?;
     let vm = vstate::vm::Vm::new(&mem)?;
     let mut vcpu = vm.create_vcpu()?;
@@ -193,7 +198,11 @@ fn execute(args: &RunArgs) -> Result<i32> {
         });
     }
 
+    if args.raw_exit_loop {
+        return raw_exit_loop(&mut vcpu);
+    }
     let mut st = RunStats::default();
+    let loop_started = Instant::now();
     let end = loop {
         let stop = STOP.load(Ordering::SeqCst);
         if stop & STOP_CTRL_C != 0 {
@@ -258,6 +267,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         *st.exits.entry(reason).or_default() += 1;
     };
     let total = started.elapsed();
+    let in_loop = loop_started.elapsed();
     drop(_terminal);
     let status = match &end {
         End::ExitPort(v) => *v as i32,
@@ -270,11 +280,18 @@ fn execute(args: &RunArgs) -> Result<i32> {
             1
         }
         End::Timeout => {
-            eprintln!("hbt: --timeout reached after {:.3} s", total.as_secs_f64());
+            eprintln!(
+                "hbt: --timeout reached after {:.3} s; guest at {}",
+                total.as_secs_f64(),
+                vstate::vcpu::describe(&vcpu, &mem)
+            );
             124
         }
         End::Interrupted => {
-            eprintln!("hbt: interrupted (Ctrl-C)");
+            eprintln!(
+                "hbt: interrupted (Ctrl-C); guest at {}",
+                vstate::vcpu::describe(&vcpu, &mem)
+            );
             130
         }
     };
@@ -284,13 +301,15 @@ fn execute(args: &RunArgs) -> Result<i32> {
             args.image.display(),
             entry.kind
         );
+        let total_exits: u64 = st.exits.values().sum();
         eprintln!(
-            "  time: {:.6} s total, {:.6} s in KVM_RUN, {:.6} s in hbt",
+            "  time: {:.6} s total, {:.6} s in KVM_RUN, {:.6} s in hbt; run loop {:.6} s, {:.3} µs per exit",
             total.as_secs_f64(),
             st.in_kvm.as_secs_f64(),
-            total.saturating_sub(st.in_kvm).as_secs_f64()
+            total.saturating_sub(st.in_kvm).as_secs_f64(),
+            in_loop.as_secs_f64(),
+            in_loop.as_secs_f64() * 1e6 / total_exits.max(1) as f64
         );
-        let total_exits: u64 = st.exits.values().sum();
         eprintln!(
             "  exits: {total_exits} ({})",
             fmt_counts(st.exits.iter().map(|(k, v)| (k.to_string(), *v)))
@@ -310,6 +329,31 @@ fn execute(args: &RunArgs) -> Result<i32> {
         }
     }
     Ok(status)
+}
+
+/// The floor `--raw-exit-loop` measures: KVM_RUN and back with nothing in between but a match.
+fn raw_exit_loop(vcpu: &mut kvm_ioctls::VcpuFd) -> Result<i32> {
+    let started = Instant::now();
+    let mut exits = 0u64;
+    loop {
+        exits += 1;
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(devices::debug_exit::PORT, _)) => break,
+            Ok(VcpuExit::IoOut(..)) => {}
+            Ok(VcpuExit::IoIn(_, data)) => data.fill(0),
+            Ok(other) => {
+                let what = format!("{other:?}");
+                bail!("raw exit loop: unexpected exit {what}")
+            }
+            Err(e) => bail!("raw exit loop: KVM_RUN failed: {e}"),
+        }
+    }
+    let t = started.elapsed().as_secs_f64();
+    eprintln!(
+        "raw exit loop: {exits} exits in {t:.6} s, {:.3} µs per exit",
+        t * 1e6 / exits as f64
+    );
+    Ok(0)
 }
 
 fn fmt_counts(it: impl Iterator<Item = (String, u64)>) -> String {

@@ -3,9 +3,9 @@
 //! zero page (boot_params) with the setup header and an e820 map; entry at the 64-bit entry
 //! point (load address + 0x200) with RSI = boot_params.
 
+use super::error::{fits, LoadError, Result};
 use super::{Entry, LoadOptions};
 use crate::vmm::memory::GuestMemory;
-use anyhow::{bail, Context, Result};
 
 const ZERO_PAGE: u64 = 0x7000;
 const CMDLINE: u64 = 0x20000;
@@ -27,14 +27,13 @@ fn u16_at(b: &[u8], o: usize) -> u16 {
 pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry> {
     let version = u16_at(b, 0x206);
     if version < MIN_VERSION {
-        bail!(
-            "bzImage boot protocol {}.{} is older than 2.12",
-            version >> 8,
-            version & 0xff
-        );
+        return Err(LoadError::OldProtocol {
+            major: (version >> 8) as u8,
+            minor: version as u8,
+        });
     }
     if u16_at(b, 0x236) & XLF_KERNEL_64 == 0 {
-        bail!("bzImage has no 64-bit entry point (XLF_KERNEL_64 clear)");
+        return Err(LoadError::No64BitEntry);
     }
     let setup_sects = match b[0x1f1] {
         0 => 4,
@@ -42,13 +41,12 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     };
     let kernel_off = (setup_sects + 1) * 512;
     if kernel_off >= b.len() {
-        bail!(
-            "bzImage is truncated: setup claims {setup_sects} sectors, file has {} bytes",
-            b.len()
-        );
+        return Err(LoadError::Truncated {
+            setup_sects,
+            len: b.len(),
+        });
     }
-    mem.write(KERNEL_ADDR, &b[kernel_off..])
-        .context("kernel does not fit in guest RAM")?;
+    fits("the kernel", mem.write(KERNEL_ADDR, &b[kernel_off..]))?;
 
     // The zero page: the setup header copied to its offset, then the loader's fields.
     let hdr_end = (0x202 + b[0x201] as usize).min(b.len()).max(0x1f1);
@@ -59,14 +57,17 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     zp[0x224..0x226].copy_from_slice(&0xde00u16.to_le_bytes()); // heap_end_ptr
     let cmdline = opts.cmdline.as_bytes();
     if cmdline.len() >= CMDLINE_MAX {
-        bail!("--append is longer than {CMDLINE_MAX} bytes");
+        return Err(LoadError::CmdlineTooLong(CMDLINE_MAX));
     }
     let mut c = cmdline.to_vec();
     c.push(0);
-    mem.write(CMDLINE, &c)?;
+    fits("the command line", mem.write(CMDLINE, &c))?;
     zp[0x228..0x22c].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
     if let Some(path) = opts.initrd {
-        let initrd = std::fs::read(path).with_context(|| format!("cannot read --initrd {}", path.display()))?;
+        let initrd = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let low_top = mem
             .e820()
             .iter()
@@ -80,19 +81,16 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         let kernel_end = KERNEL_ADDR + (b.len() - kernel_off) as u64;
         match addr {
             Some(a) if a > kernel_end => {
-                mem.write(a, &initrd)?;
+                fits("the initrd", mem.write(a, &initrd))?;
                 zp[0x218..0x21c].copy_from_slice(&(a as u32).to_le_bytes());
                 zp[0x21c..0x220].copy_from_slice(&(initrd.len() as u32).to_le_bytes());
             }
-            _ => bail!(
-                "--initrd ({} bytes) does not fit in guest RAM below {top:#x}",
-                initrd.len()
-            ),
+            _ => return Err(LoadError::InitrdTooBig { len: initrd.len(), top }),
         }
     }
     let e820 = mem.e820();
     if e820.len() > E820_MAX {
-        bail!("e820 map too long");
+        return Err(LoadError::E820TooLong(E820_MAX));
     }
     zp[0x1e8] = e820.len() as u8;
     for (i, (addr, size, ty)) in e820.iter().enumerate() {
@@ -101,7 +99,7 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         zp[o + 8..o + 16].copy_from_slice(&size.to_le_bytes());
         zp[o + 16..o + 20].copy_from_slice(&ty.to_le_bytes());
     }
-    mem.write(ZERO_PAGE, &zp)?;
+    fits("boot_params", mem.write(ZERO_PAGE, &zp))?;
     Ok(Entry {
         rip: KERNEL_ADDR + 0x200,
         rsp: crate::vmm::boot::BOOT_STACK,

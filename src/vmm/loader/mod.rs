@@ -3,9 +3,10 @@
 
 pub mod bzimage;
 pub mod elf;
+pub mod error;
 
 use super::memory::GuestMemory;
-use anyhow::{bail, Context, Result};
+pub use error::{LoadError, Result};
 use std::path::Path;
 
 /// Where to start the vCPU.
@@ -25,18 +26,19 @@ pub struct LoadOptions<'a> {
 }
 
 pub fn load(path: &Path, mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?;
-    let what = |e: anyhow::Error| e.context(format!("guest image {}", path.display()));
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if bytes.starts_with(b"\x7fELF") {
-        return elf::load(&bytes, mem).map_err(what);
+        return elf::load(&bytes, mem);
     }
     if bzimage::is_bzimage(&bytes) {
-        return bzimage::load(&bytes, mem, opts).map_err(what);
+        return bzimage::load(&bytes, mem, opts);
     }
     match opts.load_addr {
         Some(addr) => {
-            mem.write(addr, &bytes)
-                .map_err(|e| what(e.context("flat binary does not fit in guest RAM at --load-addr")))?;
+            error::fits("flat binary at --load-addr", mem.write(addr, &bytes))?;
             Ok(Entry {
                 rip: opts.entry.unwrap_or(addr),
                 rsp: super::boot::BOOT_STACK,
@@ -44,10 +46,6 @@ pub fn load(path: &Path, mem: &mut GuestMemory, opts: &LoadOptions) -> Result<En
                 kind: "flat binary",
             })
         }
-        None => bail!(
-            "{}: not an ELF or a Linux bzImage ({} bytes); for a flat binary give --load-addr (and --entry)",
-            path.display(),
-            bytes.len()
-        ),
+        None => Err(LoadError::Unrecognized { len: bytes.len() }),
     }
 }
