@@ -118,7 +118,8 @@ fn whole_system_metrics() {
         "an installed Debian system has hundreds of x86-64 binaries"
     );
 
-    // libc's code is in the footprint of every package with a dynamically linked executable.
+    // libc's code is in the footprint of every package with an executable linked against it
+    // (not every dynamic executable is: klibc-utils' use klibc's own loader).
     let fp = footprints(&corpus);
     let libc = corpus
         .binaries
@@ -131,6 +132,7 @@ fn whole_system_metrics() {
             b.package.as_deref() == Some(p.name.as_str())
                 && b.scan.kind == Some(ElfKind::Executable)
                 && b.scan.interp.is_some()
+                && b.scan.needed.iter().any(|n| n == "libc.so.6")
                 && b.path != libc.path
         });
         if dynamic_exe {
