@@ -12,7 +12,7 @@ pub mod vstate;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use devices::{Action, PortBus};
+use devices::{Action, Buses};
 use kvm_ioctls::VcpuExit;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -180,7 +180,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
 
     let interactive = std::io::stdin().is_terminal();
     let _terminal = terminal::RawGuard::new(interactive);
-    let (mut bus, marks) = PortBus::standard(started, interactive);
+    let (mut bus, marks) = Buses::standard(started, interactive);
     // SAFETY: pthread_self has no preconditions.
     VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
     STOP.store(0, Ordering::SeqCst);
@@ -216,7 +216,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         st.in_kvm += t0.elapsed();
         let reason: &'static str = match exit {
             Ok(VcpuExit::IoOut(port, data)) => {
-                let action = bus.write(port, data);
+                let action = bus.pio.write(port as u64, data);
                 match action {
                     Action::Continue => {}
                     Action::Exit(v) => break End::ExitPort(v),
@@ -225,14 +225,21 @@ fn execute(args: &RunArgs) -> Result<i32> {
                 "io-out"
             }
             Ok(VcpuExit::IoIn(port, data)) => {
-                bus.read(port, data);
+                bus.pio.read(port as u64, data);
                 "io-in"
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                bus.mmio.read(addr, data);
                 "mmio-read"
             }
-            Ok(VcpuExit::MmioWrite(..)) => "mmio-write",
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                match bus.mmio.write(addr, data) {
+                    Action::Continue => {}
+                    Action::Exit(v) => break End::ExitPort(v),
+                    Action::Reset => break End::Reset,
+                }
+                "mmio-write"
+            }
             Ok(VcpuExit::Hlt) => break End::Halted,
             Ok(VcpuExit::Shutdown) => {
                 bail!(
@@ -314,16 +321,18 @@ fn execute(args: &RunArgs) -> Result<i32> {
             "  exits: {total_exits} ({})",
             fmt_counts(st.exits.iter().map(|(k, v)| (k.to_string(), *v)))
         );
-        let ports = bus
-            .exit_counts()
-            .into_iter()
-            .filter(|c| c.2 > 0)
-            .map(|(name, port, n)| (format!("{name}@{port:#x}"), n));
-        eprintln!(
-            "  port exits: {} (unclaimed ports: {})",
-            fmt_counts(ports),
-            bus.unclaimed
-        );
+        for (space, b) in [("port", &bus.pio), ("mmio", &bus.mmio)] {
+            let per_device = b
+                .exit_counts()
+                .into_iter()
+                .filter(|c| c.2 > 0)
+                .map(|(name, base, n)| (format!("{name}@{base:#x}"), n));
+            eprintln!(
+                "  {space} exits: {} (unclaimed {space} accesses: {})",
+                fmt_counts(per_device),
+                b.unclaimed
+            );
+        }
         for (t, v) in marks.0.borrow().iter() {
             eprintln!("  boot progress {v:#04x} at {t:.6} s");
         }
@@ -338,7 +347,7 @@ fn raw_exit_loop(vcpu: &mut kvm_ioctls::VcpuFd) -> Result<i32> {
     loop {
         exits += 1;
         match vcpu.run() {
-            Ok(VcpuExit::IoOut(devices::debug_exit::PORT, _)) => break,
+            Ok(VcpuExit::IoOut(port, _)) if port as u64 == devices::debug_exit::PORT => break,
             Ok(VcpuExit::IoOut(..)) => {}
             Ok(VcpuExit::IoIn(_, data)) => data.fill(0),
             Ok(other) => {

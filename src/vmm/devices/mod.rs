@@ -1,5 +1,6 @@
-//! Legacy PC devices on the port-I/O bus. The bus is a table of port ranges, each owned by one
-//! device; the run loop looks a port up once per exit and calls the device.
+//! Devices on the two buses a PC has: port I/O and MMIO (the 3–4 GiB hole). Each bus is a
+//! table of address ranges, each owned by one device; the run loop looks an exit's address up
+//! once and calls the device. [`Buses::standard`] is the table `hbt run` uses.
 
 pub mod debug_exit;
 pub mod i8042;
@@ -18,45 +19,45 @@ pub enum Action {
     Reset,
 }
 
-pub trait PortDevice {
+/// A device on a bus; `offset` is relative to the start of its range.
+pub trait Device {
     /// Short name for `--stats`.
     fn name(&self) -> &'static str;
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]) -> Action;
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn write(&mut self, offset: u64, data: &[u8]) -> Action;
 }
 
-/// One bus entry: ports `base..base+len` belong to `device`.
+/// One bus entry: addresses `base..base+len` belong to `device`.
 struct Range {
-    base: u16,
-    len: u16,
-    device: Box<dyn PortDevice>,
+    base: u64,
+    len: u64,
+    device: Box<dyn Device>,
     exits: u64,
 }
 
-/// The port-I/O bus.
-pub struct PortBus {
+/// One address space (port I/O or MMIO).
+pub struct Bus {
     ranges: Vec<Range>,
-    /// Accesses to ports no device owns (reads return all ones, writes are dropped).
+    /// Accesses no device owns (reads return all ones, writes are dropped).
     pub unclaimed: u64,
 }
 
-impl PortBus {
-    pub fn new() -> Self {
-        PortBus {
-            ranges: Vec::new(),
-            unclaimed: 0,
-        }
-    }
+/// Both buses.
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
 
-    /// The standard table for `hbt run` (see README "Devices"), with the boot-progress log.
+impl Buses {
+    /// The standard table for `hbt run` (see README "hbt run"), with the boot-progress log.
     pub fn standard(started: Instant, interactive: bool) -> (Self, progress::Marks) {
         let marks = progress::Marks::default();
-        let mut bus = PortBus::new();
+        let mut pio = Bus::new();
         for (base, len, device) in [
             (
                 serial::COM1,
                 8,
-                Box::new(serial::Serial::stdio(interactive)) as Box<dyn PortDevice>,
+                Box::new(serial::Serial::stdio(interactive)) as Box<dyn Device>,
             ),
             (debug_exit::PORT, 4, Box::new(debug_exit::DebugExit)),
             (i8042::PORT, 1, Box::new(i8042::I8042)),
@@ -66,12 +67,22 @@ impl PortBus {
                 Box::new(progress::BootProgress::new(started, marks.clone())),
             ),
         ] {
-            bus.insert(base, len, device);
+            pio.insert(base, len, device);
         }
-        (bus, marks)
+        // No MMIO devices yet: the hole reads as all ones (the IOAPIC/LAPIC are KVM's).
+        (Buses { pio, mmio: Bus::new() }, marks)
+    }
+}
+
+impl Bus {
+    pub fn new() -> Self {
+        Bus {
+            ranges: Vec::new(),
+            unclaimed: 0,
+        }
     }
 
-    pub fn insert(&mut self, base: u16, len: u16, device: Box<dyn PortDevice>) {
+    pub fn insert(&mut self, base: u64, len: u64, device: Box<dyn Device>) {
         assert!(
             self.ranges
                 .iter()
@@ -86,15 +97,15 @@ impl PortBus {
         });
     }
 
-    fn find(&mut self, port: u16) -> Option<&mut Range> {
-        self.ranges.iter_mut().find(|r| port >= r.base && port < r.base + r.len)
+    fn find(&mut self, addr: u64) -> Option<&mut Range> {
+        self.ranges.iter_mut().find(|r| addr >= r.base && addr - r.base < r.len)
     }
 
-    pub fn read(&mut self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
+    pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
             Some(r) => {
                 r.exits += 1;
-                r.device.read(port - r.base, data)
+                r.device.read(addr - r.base, data)
             }
             None => {
                 self.unclaimed += 1;
@@ -103,11 +114,11 @@ impl PortBus {
         }
     }
 
-    pub fn write(&mut self, port: u16, data: &[u8]) -> Action {
-        match self.find(port) {
+    pub fn write(&mut self, addr: u64, data: &[u8]) -> Action {
+        match self.find(addr) {
             Some(r) => {
                 r.exits += 1;
-                r.device.write(port - r.base, data)
+                r.device.write(addr - r.base, data)
             }
             None => {
                 self.unclaimed += 1;
@@ -116,8 +127,8 @@ impl PortBus {
         }
     }
 
-    /// (device name, base port, exits) for every device.
-    pub fn exit_counts(&self) -> Vec<(&'static str, u16, u64)> {
+    /// (device name, base address, exits) for every device.
+    pub fn exit_counts(&self) -> Vec<(&'static str, u64, u64)> {
         self.ranges.iter().map(|r| (r.device.name(), r.base, r.exits)).collect()
     }
 }

@@ -1,12 +1,12 @@
 //! Boot-progress port (POST-code style, port 0x80): each byte written is timestamped and shown
 //! by `--stats`, so a guest can mark how far it got and when.
 
-use super::{Action, PortDevice};
+use super::{Action, Device};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Instant;
 
-pub const PORT: u16 = 0x80;
+pub const PORT: u64 = 0x80;
 /// Marks kept; later ones are counted but not stored (a guest may spin on port 0x80).
 const MAX_MARKS: usize = 4096;
 
@@ -25,15 +25,15 @@ impl BootProgress {
     }
 }
 
-impl PortDevice for BootProgress {
+impl Device for BootProgress {
     fn name(&self) -> &'static str {
         "boot-progress"
     }
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         let last = self.marks.0.borrow().last().map_or(0, |m| m.1);
         data.fill(last);
     }
-    fn write(&mut self, _offset: u16, data: &[u8]) -> Action {
+    fn write(&mut self, _offset: u64, data: &[u8]) -> Action {
         let mut marks = self.marks.0.borrow_mut();
         if marks.len() < MAX_MARKS {
             marks.push((self.started.elapsed().as_secs_f64(), data.first().copied().unwrap_or(0)));

@@ -4,12 +4,12 @@
 //! the divisor latch), MCR, LSR (THR always empty; data-ready when stdin has bytes), MSR and
 //! the scratch register. Interrupt delivery comes with the interrupt controller Linux needs.
 
-use super::{Action, PortDevice};
+use super::{Action, Device};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-pub const COM1: u16 = 0x3f8;
+pub const COM1: u64 = 0x3f8;
 
 const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
@@ -63,12 +63,12 @@ impl Serial {
     }
 }
 
-impl PortDevice for Serial {
+impl Device for Serial {
     fn name(&self) -> &'static str {
         "serial"
     }
 
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let dlab = self.lcr & LCR_DLAB != 0;
         let v = match offset {
             0 if dlab => self.divisor as u8,
@@ -85,7 +85,7 @@ impl PortDevice for Serial {
         data.fill(v);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) -> Action {
+    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
         let v = data.first().copied().unwrap_or(0);
         let dlab = self.lcr & LCR_DLAB != 0;
         match offset {
