@@ -75,12 +75,11 @@ int rt_resume_at(struct frame *f) {
     return 1;
 }
 
-extern char rt_user_return_point[];
-extern __attribute__((noreturn)) void rt_syscall_entry_with(u64 value);
+extern __attribute__((noreturn)) void rt_kernel_resume(u64 value);
 
 void rt_trap(struct frame *f) {
-    if (f->vector == 6 && f->rip == (u64)rt_user_return_point && (f->cs & 3) == 3)
-        rt_syscall_entry_with(f->rdi); /* rt_user_return: back to rt_enter_user's caller */
+    if (f->vector == 6 && f->rip == (u64)rt_syscall_entry)
+        rt_kernel_resume(f->rdi); /* rt_user_return's syscall: back to rt_enter_user's caller */
     if (f->vector < 48 && traps[f->vector] && traps[f->vector](f)) return;
     rt_puts("unexpected trap "); rt_put_dec(f->vector);
     rt_puts(" error "); rt_put_hex(f->error);

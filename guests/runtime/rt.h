@@ -52,6 +52,6 @@ int rt_resume_at(struct frame *f);
 
 /* Runs fn at CPL3 on its own stack; returns the argument of its rt_user_return(). */
 u64 rt_enter_user(void (*fn)(void));
-/* From CPL3: back to the CPL0 code that called rt_enter_user (a marked ud2 the #UD handler
- * turns into the return; `syscall` is set up too, but kvm_pvm does not switch CS on it). */
+/* From CPL3: `syscall` back to the CPL0 code that called rt_enter_user (see start.S for how
+ * the LSTAR entry completes the switch on kvm_pvm). */
 __attribute__((noreturn)) void rt_user_return(u64 value);

@@ -53,25 +53,28 @@ rt_enter_user:
     push %rdi               /* RIP */
     iretq
 
-/* Back from CPL3 (`syscall`, or the DPL3 gate RT_RETURN_VECTOR): return to rt_enter_user's
- * caller with RDI, on the kernel stack saved there (the trap frame is dropped). */
-    .globl rt_syscall_entry, rt_syscall_entry_with
-rt_syscall_entry:
-rt_syscall_entry_with:
+/* Back to rt_enter_user's caller with the value in RDI, on the kernel stack saved there. */
+    .globl rt_kernel_resume
+rt_kernel_resume:
     mov saved_kernel_rsp(%rip), %rsp
     mov %rdi, %rax
     pop %r15; pop %r14; pop %r13; pop %r12; pop %rbp; pop %rbx
     ret
 
+/* rt_user_return: `syscall` with RAX = 0. LSTAR is rt_syscall_entry, a marked ud2 whose #UD
+ * handler (rt_trap) calls rt_kernel_resume. The fault is what makes this work on kvm_pvm, which
+ * runs a CPL3 `syscall` at LSTAR but leaves CS at the user selector (measured: an `out` there
+ * takes #GP with CS 0x23): the #UD then enters the IDT at CPL0 through TSS.RSP0. On a CPU that
+ * does switch to CPL0, the same ud2 faults at CPL0 and takes the same path. */
     .globl rt_user_return
 rt_user_return:
-    /* kvm_pvm runs a CPL3 `syscall` at LSTAR but leaves CS at the user selector (measured: an
-     * `out` there takes #GP with CS 0x23), and `int $n` at CPL3 raises #UD; exceptions do reach
-     * the IDT at CPL0. So CPL3 returns with a marked ud2 that rt_trap recognizes. */
-    .globl rt_user_return_point
-rt_user_return_point:
-    ud2
+    xor %eax, %eax
+    syscall
 1:  jmp 1b
+
+    .globl rt_syscall_entry
+rt_syscall_entry:
+    ud2
 
     .bss
     .align 16
