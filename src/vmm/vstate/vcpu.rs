@@ -1,7 +1,7 @@
 //! vCPU helpers: LAPIC wiring for the legacy PIC, and a register dump for error reports.
 
+use super::error::{IoctlContext, Result};
 use crate::vmm::memory::GuestMemory;
-use anyhow::{Context, Result};
 use kvm_ioctls::VcpuFd;
 
 const APIC_LVT_LINT0: usize = 0x350;
@@ -11,7 +11,7 @@ const DELIVERY_NMI: u32 = 0x4 << 8;
 
 /// LINT0 as ExtINT (the 8259 PIC's output) and LINT1 as NMI, as a PC BIOS leaves them.
 pub fn wire_lapic(vcpu: &VcpuFd) -> Result<()> {
-    let mut lapic = vcpu.get_lapic().context("KVM_GET_LAPIC failed")?;
+    let mut lapic = vcpu.get_lapic().ioctl("KVM_GET_LAPIC")?;
     let mut set = |reg: usize, mode: u32| {
         let bytes = &mut lapic.regs[reg..reg + 4];
         let old = u32::from_le_bytes([bytes[0] as u8, bytes[1] as u8, bytes[2] as u8, bytes[3] as u8]);
@@ -22,7 +22,7 @@ pub fn wire_lapic(vcpu: &VcpuFd) -> Result<()> {
     };
     set(APIC_LVT_LINT0, DELIVERY_EXTINT);
     set(APIC_LVT_LINT1, DELIVERY_NMI);
-    vcpu.set_lapic(&lapic).context("KVM_SET_LAPIC failed")
+    vcpu.set_lapic(&lapic).ioctl("KVM_SET_LAPIC")
 }
 
 /// One line of registers plus the bytes at RIP (for reports of faults and KVM errors).
