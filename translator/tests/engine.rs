@@ -283,3 +283,34 @@ fn self_modifying_code_is_seen_by_the_next_block() {
     assert_eq!(t.state().gpr[0] & 0xff, 0x42, "the rewritten immediate ran");
     assert!(t.stats().invalidated_blocks >= 1, "{:?}", t.stats());
 }
+
+#[test]
+fn an_asynchronous_signal_stops_a_chained_loop_at_a_block_boundary() {
+    use hbt_translator::host::signals::{catch_async, take_pending};
+    // L: inc rax; jmp L   (chained to itself: never leaves translated code on its own)
+    let page = CodePage::new(&[0x48, 0xff, 0xc0, 0xeb, 0xfb]);
+    catch_async(libc::SIGUSR2, false, 0).unwrap();
+    let mut t = identity();
+    t.state_mut().rip = page.addr();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as u64;
+    for round in 1..=2u64 {
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SAFETY: signalling the test thread, which has a handler for SIGUSR2.
+            unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR2) };
+        });
+        let before = t.state().gpr[0];
+        let exit = t.run(&mut HostPlatform, u64::MAX).unwrap();
+        kicker.join().unwrap();
+        assert!(matches!(exit, Exit::Interrupted), "round {round}: {exit:?}");
+        assert_eq!(t.state().rip, page.addr(), "stopped between blocks, at the loop head");
+        assert!(
+            t.state().gpr[0] > before + 1000,
+            "round {round}: the loop ran translated"
+        );
+        let (sig, info) = take_pending(1 << (libc::SIGUSR2 - 1)).expect("SIGUSR2 recorded");
+        assert_eq!(sig, libc::SIGUSR2);
+        assert_eq!(i32::from_le_bytes(info[0..4].try_into().unwrap()), libc::SIGUSR2);
+    }
+}
