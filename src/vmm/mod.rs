@@ -89,18 +89,23 @@ enum End {
     Reset,
     Halted,
     Timeout,
-    Interrupted,
+    /// SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signal number.
+    Interrupted(i32),
 }
 
+/// Bit 0: `--timeout`; bits 8..: the terminating signal that arrived (SIGINT/SIGTERM/SIGHUP).
 static STOP: AtomicU64 = AtomicU64::new(0);
 const STOP_TIMEOUT: u64 = 1;
-const STOP_CTRL_C: u64 = 2;
 static VCPU_THREAD: AtomicU64 = AtomicU64::new(0);
 static KICK_INSTALLED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_kick(_: libc::c_int) {}
-extern "C" fn on_ctrl_c(_: libc::c_int) {
-    STOP.fetch_or(STOP_CTRL_C, Ordering::SeqCst);
+/// SIGINT/SIGTERM/SIGHUP: end the run cleanly (terminal restored, status 128 + signal).
+extern "C" fn on_terminate(sig: libc::c_int) {
+    // The first terminating signal wins.
+    let _ = STOP.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+        (v >> 8 == 0).then_some(v | (sig as u64) << 8)
+    });
     kick_vcpu();
 }
 
@@ -121,7 +126,9 @@ fn install_signal_handlers() {
     unsafe {
         for (sig, handler) in [
             (libc::SIGUSR1, on_kick as *const () as usize),
-            (libc::SIGINT, on_ctrl_c as *const () as usize),
+            (libc::SIGINT, on_terminate as *const () as usize),
+            (libc::SIGTERM, on_terminate as *const () as usize),
+            (libc::SIGHUP, on_terminate as *const () as usize),
         ] {
             let mut a: libc::sigaction = std::mem::zeroed();
             a.sa_sigaction = handler;
@@ -205,8 +212,8 @@ fn execute(args: &RunArgs) -> Result<i32> {
     let loop_started = Instant::now();
     let end = loop {
         let stop = STOP.load(Ordering::SeqCst);
-        if stop & STOP_CTRL_C != 0 {
-            break End::Interrupted;
+        if stop >> 8 != 0 {
+            break End::Interrupted((stop >> 8) as i32 & 0xff);
         }
         if stop & STOP_TIMEOUT != 0 {
             break End::Timeout;
@@ -294,12 +301,17 @@ fn execute(args: &RunArgs) -> Result<i32> {
             );
             124
         }
-        End::Interrupted => {
+        End::Interrupted(sig) => {
+            let why = if *sig == libc::SIGINT {
+                "Ctrl-C"
+            } else {
+                "SIGTERM/SIGHUP"
+            };
             eprintln!(
-                "hbt: interrupted (Ctrl-C); guest at {}",
+                "hbt: interrupted ({why}); guest at {}",
                 vstate::vcpu::describe(&vcpu, &mem)
             );
-            130
+            128 + *sig
         }
     };
     if args.stats {
