@@ -200,3 +200,16 @@ fn older_cpu_models_run_the_same_program() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AVX-512"));
 }
+
+#[test]
+fn stats_json_reports_translation_counts() {
+    let out = Command::new(hbt())
+        .args(["exec", "--stats-json", BUSYBOX, "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert!(v["blocks_translated"].as_u64().unwrap() > 100, "{v}");
+    assert!(v["system_calls"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["hidden_host_features"].is_array(), "{v}");
+}

@@ -242,3 +242,20 @@ fn ctrl_c_ends_the_run_cleanly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn stats_json_is_one_object_with_the_counts() {
+    let (_, stderr, code) = hbt_run(&["--stats-json", "test-images/io-heavy.img"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    assert_eq!(v["ended_by"], "ExitPort(0)");
+    assert_eq!(v["exits"], 20052);
+    let serial = v["port_exits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "serial")
+        .unwrap();
+    assert_eq!(serial["exits"], 20052);
+    assert!(v["seconds_in_kvm_run"].as_f64().unwrap() > 0.0);
+}

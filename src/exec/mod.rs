@@ -32,6 +32,9 @@ pub struct ExecArgs {
     /// Print translation statistics to stderr when the program ends.
     #[arg(long)]
     stats: bool,
+    /// Like --stats, as one JSON object on stderr (for scripts).
+    #[arg(long)]
+    stats_json: bool,
     /// CPU the guest sees through CPUID: x86-64-v1, x86-64-v2, x86-64-v3 or host (always
     /// limited to what the translator verifies; x86-64-v4 needs AVX-512, which it does not).
     #[arg(long, value_name = "MODEL", default_value = "host")]
@@ -135,32 +138,52 @@ fn execute(args: &ExecArgs) -> Result<i32> {
             signals::die(path, &fatal);
         }
     };
-    if args.stats {
+    if args.stats || args.stats_json {
         let st = t.stats();
-        eprintln!(
-            "hbt exec stats: {:.3} s, {} blocks ({} guest instructions) translated, {} KiB code cache, \
-             {} dispatcher exits, {} chained links, {} indirect misses, {} emulated instructions, {} system calls",
-            started.elapsed().as_secs_f64(),
-            st.blocks_translated,
-            st.guest_instructions_translated,
-            t.code_cache_used() / 1024,
-            st.block_exits,
-            st.chained,
-            st.indirect_misses,
-            st.emulated,
-            sys.count
-        );
         let hidden = platform.hidden();
-        eprintln!(
-            "hbt exec guest CPU: {} minus {} host features: {}",
-            args.cpu_model,
-            hidden.len(),
-            if hidden.is_empty() {
-                "none".to_string()
-            } else {
-                hidden.join(" ")
-            }
-        );
+        let seconds = started.elapsed().as_secs_f64();
+        if args.stats_json {
+            let v = serde_json::json!({
+                "pid": std::process::id(),
+                "program": path.display().to_string(),
+                "seconds": seconds,
+                "blocks_translated": st.blocks_translated,
+                "guest_instructions_translated": st.guest_instructions_translated,
+                "code_cache_bytes": t.code_cache_used(),
+                "dispatcher_exits": st.block_exits,
+                "chained_links": st.chained,
+                "indirect_misses": st.indirect_misses,
+                "emulated_instructions": st.emulated,
+                "system_calls": sys.count,
+                "cpu_model": args.cpu_model.to_string(),
+                "hidden_host_features": hidden,
+            });
+            eprintln!("{v}");
+        } else {
+            eprintln!(
+                "hbt exec stats (pid {}): {seconds:.3} s, {} blocks ({} guest instructions) translated, {} KiB code cache, \
+                 {} dispatcher exits, {} chained links, {} indirect misses, {} emulated instructions, {} system calls",
+                std::process::id(),
+                st.blocks_translated,
+                st.guest_instructions_translated,
+                t.code_cache_used() / 1024,
+                st.block_exits,
+                st.chained,
+                st.indirect_misses,
+                st.emulated,
+                sys.count
+            );
+            eprintln!(
+                "hbt exec guest CPU: {} minus {} host features: {}",
+                args.cpu_model,
+                hidden.len(),
+                if hidden.is_empty() {
+                    "none".to_string()
+                } else {
+                    hidden.join(" ")
+                }
+            );
+        }
     }
     Ok(status)
 }

@@ -61,6 +61,9 @@ pub struct RunArgs {
     /// Print exits by reason and port, time in KVM_RUN vs in hbt, and boot-progress marks.
     #[arg(long)]
     stats: bool,
+    /// Like --stats, as one JSON object on stderr (for scripts).
+    #[arg(long)]
+    stats_json: bool,
     /// Benchmark floor: run the guest with a bare KVM_RUN loop that only counts exits (no
     /// devices, no output) until it writes the debug-exit port; print the loop's time per exit.
     #[arg(long, hide = true)]
@@ -314,6 +317,33 @@ fn execute(args: &RunArgs) -> Result<i32> {
             128 + *sig
         }
     };
+    if args.stats_json {
+        let total_exits: u64 = st.exits.values().sum();
+        let devices = |b: &devices::Bus| {
+            b.exit_counts()
+                .into_iter()
+                .map(|(name, base, n)| serde_json::json!({"device": name, "base": base, "exits": n}))
+                .collect::<Vec<_>>()
+        };
+        let v = serde_json::json!({
+            "image": args.image.display().to_string(),
+            "kind": entry.kind,
+            "ended_by": format!("{end:?}"),
+            "status": status,
+            "seconds_total": total.as_secs_f64(),
+            "seconds_in_kvm_run": st.in_kvm.as_secs_f64(),
+            "seconds_in_hbt": total.saturating_sub(st.in_kvm).as_secs_f64(),
+            "seconds_run_loop": in_loop.as_secs_f64(),
+            "exits": total_exits,
+            "exits_by_reason": st.exits,
+            "port_exits": devices(&bus.pio),
+            "unclaimed_port_accesses": bus.pio.unclaimed,
+            "mmio_exits": devices(&bus.mmio),
+            "unclaimed_mmio_accesses": bus.mmio.unclaimed,
+            "boot_progress": marks.0.borrow().iter().map(|(t, v)| serde_json::json!({"seconds": t, "value": v})).collect::<Vec<_>>(),
+        });
+        eprintln!("{v}");
+    }
     if args.stats {
         eprintln!(
             "hbt run stats: {} ({}), ended by {end:?}",
