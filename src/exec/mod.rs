@@ -1,4 +1,4 @@
-//! `hbt exec`: run a static x86-64 Linux program through the translator in this process
+//! `hbt exec`: run an x86-64 Linux program (static or dynamic) through the translator in this process
 //! (identity strategy). System calls go to the host kernel, except those that would break the
 //! translation, which are emulated here (`syscalls.rs`).
 
@@ -13,7 +13,8 @@ use hbt_translator::{Config, Exit, MemoryStrategy, Platform, Translator};
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Run a static x86-64 Linux program through hbt's binary translator.
+/// Run an x86-64 Linux program (static, static-PIE or dynamically linked, or a #! script)
+/// through hbt's binary translator.
 ///
 /// The program is loaded into hbt's own address space (guest addresses are host addresses) and
 /// every instruction it executes is translated; system calls go to the host kernel, with
@@ -42,7 +43,7 @@ pub struct ExecArgs {
     /// argv[0] for the program (default: the program path), as execve(2) allows.
     #[arg(long, value_name = "NAME")]
     argv0: Option<String>,
-    /// The program (a static x86-64 ELF).
+    /// The program: an x86-64 ELF (static or dynamic) or a #! script.
     program: PathBuf,
     /// Its arguments.
     #[arg(allow_hyphen_values = true)]
@@ -93,10 +94,29 @@ pub fn run(args: ExecArgs) -> Result<()> {
 }
 
 fn execute(args: &ExecArgs) -> Result<i32> {
-    let path = &args.program;
-    let image = loader::load(path)?;
-    let mut argv = vec![args.argv0.clone().unwrap_or_else(|| path.display().to_string())];
+    let mut argv = vec![args.argv0.clone().unwrap_or_else(|| args.program.display().to_string())];
     argv.extend(args.args.iter().cloned());
+    let mut head = [0u8; 2];
+    let is_script = std::fs::File::open(&args.program)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && &head == b"#!";
+    let script_path;
+    let path = if is_script {
+        let (interp, new_argv) = loader::resolve_exec(&args.program.display().to_string(), argv).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: cannot run this script: {}",
+                args.program.display(),
+                std::io::Error::from_raw_os_error(e)
+            )
+        })?;
+        argv = new_argv;
+        script_path = PathBuf::from(interp);
+        &script_path
+    } else {
+        &args.program
+    };
+    let image = loader::load(path)?;
     let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
     let hwcap = std::arch::x86_64::__cpuid(1).edx as u64;
     let rsp = loader::build_stack(&image, &argv, &env, hwcap, &path.display().to_string())?;

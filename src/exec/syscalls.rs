@@ -283,6 +283,11 @@ impl Syscalls {
         } else {
             path
         };
+        // Fail as execve would (ENOENT lets a PATH search go on) before leaving this process.
+        let (path, argv) = match super::loader::resolve_exec(&path, argv) {
+            Ok(r) => r,
+            Err(e) => return Ok(errno(e)),
+        };
         let mut args = vec!["hbt".to_string(), "exec".to_string()];
         if let Some(argv0) = argv.first() {
             args.extend(["--argv0".to_string(), argv0.clone()]);

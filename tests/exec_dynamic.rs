@@ -1,0 +1,80 @@
+//! `hbt exec` on dynamically linked Debian programs (ld.so, glibc, libcrypto, libpython…):
+//! stdout and how each run ended must match the native run. All are in every Debian install
+//! (.ci/run adds python3).
+
+use std::process::Command;
+
+/// (stdout, "exit N" / "signal N") of `argv`, natively or under `hbt exec`.
+fn run(hbt: bool, argv: &[&str]) -> (String, String) {
+    let mut cmd = if hbt {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_hbt"));
+        c.arg("exec").args(argv);
+        c
+    } else {
+        let mut c = Command::new(argv[0]);
+        c.args(&argv[1..]);
+        c
+    };
+    let out = cmd.output().expect("spawn");
+    use std::os::unix::process::ExitStatusExt;
+    let end = match (out.status.code(), out.status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (_, Some(s)) => format!("signal {s}"),
+        _ => "unknown".into(),
+    };
+    if hbt && !out.stderr.is_empty() {
+        eprintln!("hbt stderr for {argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (String::from_utf8_lossy(&out.stdout).into_owned(), end)
+}
+
+fn same(argv: &[&str]) {
+    assert!(
+        std::path::Path::new(argv[0]).exists(),
+        "{} is missing (a Debian base program; .ci/run installs python3)",
+        argv[0]
+    );
+    let native = run(false, argv);
+    let translated = run(true, argv);
+    assert_eq!(native, translated, "{argv:?}: native vs hbt exec");
+}
+
+#[test]
+fn coreutils_and_shells() {
+    same(&["/usr/bin/sha256sum", "/etc/services"]);
+    same(&["/usr/bin/sort", "-r", "/etc/services"]);
+    same(&["/bin/ls", "-la", "/etc/ssl"]);
+    same(&[
+        "/bin/bash",
+        "-c",
+        "for i in $(seq 1 200); do x=$((x+i)); done; echo $x | tr 0-9 a-j",
+    ]);
+    same(&["/bin/sh", "-c", "exit 3"]);
+    same(&["/usr/bin/env", "sh", "-c", "echo found through PATH"]); // execve's ENOENT lets the PATH search go on
+}
+
+#[test]
+fn interpreters() {
+    same(&[
+        "/usr/bin/perl",
+        "-e",
+        "my %h; $h{$_ % 7}++ for 1..10000; print join(',', map {\"$_=$h{$_}\"} sort keys %h), \"\\n\"",
+    ]);
+    same(&[
+        "/usr/bin/python3",
+        "-c",
+        "import hashlib, json, zlib; d = zlib.compress(b'hbt' * 1000); print(hashlib.sha256(d).hexdigest(), json.dumps({'n': len(d)}))",
+    ]);
+}
+
+#[test]
+fn scripts_run_through_their_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("s.sh");
+    std::fs::write(&script, "#!/bin/sh -e\necho script \"$0\" args: \"$@\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = script.to_str().unwrap();
+    same(&[s, "a", "b c"]);
+    same(&["/bin/sh", "-c", &format!("{s} nested")]);
+}
