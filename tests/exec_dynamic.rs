@@ -65,6 +65,18 @@ fn interpreters() {
         "-c",
         "import hashlib, json, zlib; d = zlib.compress(b'hbt' * 1000); print(hashlib.sha256(d).hexdigest(), json.dumps({'n': len(d)}))",
     ]);
+    // A Python signal handler (glibc sigaction, rt_sigreturn) and an alarm interrupting sleep.
+    same(&[
+        "/usr/bin/python3",
+        "-c",
+        "import os, signal, time\n\
+         signal.signal(signal.SIGUSR1, lambda *a: print('got USR1'))\n\
+         os.kill(os.getpid(), signal.SIGUSR1)\n\
+         signal.signal(signal.SIGALRM, lambda *a: print('alarm'))\n\
+         signal.setitimer(signal.ITIMER_REAL, 0.05)\n\
+         time.sleep(0.5)\n\
+         print('done')",
+    ]);
 }
 
 #[test]

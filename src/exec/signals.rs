@@ -214,6 +214,15 @@ impl GuestSignals {
         }
     }
 
+    /// After ppoll/pselect6/epoll_pwait ran with the temporary signal mask at `mask_ptr`: the
+    /// signals it let through are deliverable once, as after `rt_sigsuspend`.
+    pub fn temporary_mask_used(&mut self, mask_ptr: u64) {
+        let mut b = [0u8; 8];
+        if mask_ptr != 0 && read_host_checked(mask_ptr, &mut b).is_some() {
+            self.suspend_unblocked = Some(!u64::from_le_bytes(b));
+        }
+    }
+
     /// `sigaltstack(ss, old_ss)`.
     pub fn sigaltstack(&mut self, ss: u64, old: u64, rsp: u64) -> u64 {
         if old != 0 {

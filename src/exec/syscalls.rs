@@ -32,6 +32,10 @@ const SYS_VFORK: u64 = 58;
 const SYS_EXECVE: u64 = 59;
 const SYS_EXIT: u64 = 60;
 const SYS_RT_SIGSUSPEND: u64 = 130;
+const SYS_PSELECT6: u64 = 270;
+const SYS_PPOLL: u64 = 271;
+const SYS_EPOLL_PWAIT: u64 = 281;
+const SYS_EPOLL_PWAIT2: u64 = 441;
 const SYS_SIGALTSTACK: u64 = 131;
 const SYS_ARCH_PRCTL: u64 = 158;
 const SYS_EXIT_GROUP: u64 = 231;
@@ -165,6 +169,19 @@ impl Syscalls {
             }
             SYS_SIGALTSTACK => self.signals.sigaltstack(a[0], a[1], s.gpr[4]),
             SYS_RT_SIGSUSPEND => self.signals.sigsuspend(a[0], a[1]),
+            // Calls with a temporary signal mask: performed by the host, then what the mask let
+            // through is delivered as after rt_sigsuspend.
+            SYS_PPOLL | SYS_EPOLL_PWAIT | SYS_EPOLL_PWAIT2 | SYS_PSELECT6 => {
+                let r = raw(nr, a);
+                let mask = match nr {
+                    SYS_PPOLL => a[3],
+                    SYS_PSELECT6 if a[5] != 0 => read_u64(a[5]).unwrap_or(0),
+                    SYS_PSELECT6 => 0,
+                    _ => a[4],
+                };
+                self.signals.temporary_mask_used(mask);
+                r
+            }
             SYS_RT_SIGPROCMASK => {
                 // Never let the guest block the signals hbt's fault handling needs.
                 if a[1] != 0 {
