@@ -90,3 +90,35 @@ fn scripts_run_through_their_interpreter() {
     same(&[s, "a", "b c"]);
     same(&["/bin/sh", "-c", &format!("{s} nested")]);
 }
+
+#[test]
+fn threads_run_each_on_its_own_translator() {
+    // Python threads with a queue and a lock, and GNU sort's worker threads.
+    same(&[
+        "/usr/bin/python3",
+        "-c",
+        "import threading, queue\\n\\
+         q = queue.Queue(); lock = threading.Lock(); total = [0]\\n\\
+         def produce():\\n    for i in range(20000): q.put(i)\\n    q.put(None)\\n\\
+         def consume():\\n    while (x := q.get()) is not None:\\n        with lock: total[0] += x\\n\\
+         ts = [threading.Thread(target=f) for f in (produce, consume)]\\n\\
+         [t.start() for t in ts]; [t.join() for t in ts]\\n\\
+         sums = [0] * 4\\n\\
+         def work(i): sums[i] = sum(k * i for k in range(100000))\\n\\
+         ws = [threading.Thread(target=work, args=(i,)) for i in range(4)]\\n\\
+         [w.start() for w in ws]; [w.join() for w in ws]\\n\\
+         print(total[0], sums)",
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("numbers");
+    let text: String = (0..200_000u64).map(|i| format!("{}\n", (i * 7919) % 200_003)).collect();
+    std::fs::write(&input, text).unwrap();
+    same(&[
+        "/usr/bin/sort",
+        "-n",
+        "--parallel=2",
+        "-S",
+        "1M",
+        input.to_str().unwrap(),
+    ]);
+}

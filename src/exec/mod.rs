@@ -5,6 +5,7 @@
 mod loader;
 mod signals;
 mod syscalls;
+mod threads;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -88,6 +89,42 @@ impl Platform for ExecPlatform {
     }
 }
 
+/// Runs one guest thread until it (or the whole program) ends: system calls, guest exceptions
+/// and signals between translator runs. `seen` is the thread's invalidation epoch (threads.rs).
+fn drive(
+    t: &mut Translator,
+    sys: &mut syscalls::Syscalls,
+    platform: &mut ExecPlatform,
+    path: &std::path::Path,
+    seen: &mut u64,
+) -> Result<syscalls::End> {
+    loop {
+        if threads::threaded() {
+            threads::catch_up(t, seen);
+        }
+        let exit = t
+            .run(platform, u64::MAX)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        match exit {
+            Exit::Syscall => {
+                if let Some(end) = sys.handle(t)? {
+                    return Ok(end);
+                }
+            }
+            Exit::Exception(e) => {
+                if let Err(fatal) = sys.signals.exception(t, &e) {
+                    signals::die(path, &fatal);
+                }
+            }
+            Exit::Interrupted => {}
+            other => bail!("{}: unexpected translator exit {other:?}", path.display()),
+        }
+        if let Err(fatal) = sys.signals.deliver_pending(t) {
+            signals::die(path, &fatal);
+        }
+    }
+}
+
 pub fn run(args: ExecArgs) -> Result<()> {
     let code = execute(&args)?;
     std::process::exit(code);
@@ -130,33 +167,15 @@ fn execute(args: &ExecArgs) -> Result<i32> {
     let s = t.state_mut();
     s.rip = image.entry;
     s.gpr[4] = rsp;
-    let mut sys = syscalls::Syscalls::new(image.brk, path.clone());
     if args.cpu_model == CpuModel::V4 {
         bail!("--cpu-model x86-64-v4 needs AVX-512 (EVEX), which the translator does not support yet");
     }
+    let mut sys = syscalls::Syscalls::new(image.brk, path.clone(), args.cpu_model);
     let mut platform = ExecPlatform::new(args.cpu_model);
     let started = Instant::now();
-    let status = loop {
-        let exit = t
-            .run(&mut platform, u64::MAX)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        match exit {
-            Exit::Syscall => {
-                if let Some(status) = sys.handle(&mut t)? {
-                    break status;
-                }
-            }
-            Exit::Exception(e) => {
-                if let Err(fatal) = sys.signals.exception(&mut t, &e) {
-                    signals::die(path, &fatal);
-                }
-            }
-            Exit::Interrupted => {}
-            other => bail!("{}: unexpected translator exit {other:?}", path.display()),
-        }
-        if let Err(fatal) = sys.signals.deliver_pending(&mut t) {
-            signals::die(path, &fatal);
-        }
+    let status = match drive(&mut t, &mut sys, &mut platform, path, &mut 0)? {
+        syscalls::End::Process(status) => status,
+        syscalls::End::Thread => unreachable!("the first thread's exit ends the process"),
     };
     if args.stats || args.stats_json {
         let st = t.stats();

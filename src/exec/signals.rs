@@ -92,6 +92,7 @@ pub struct Fatal {
     pub why: String,
 }
 
+#[derive(Clone)]
 pub struct GuestSignals {
     actions: [Action; 64],
     /// The guest's alternate signal stack (ss_sp, ss_size); None when disabled.

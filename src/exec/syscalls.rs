@@ -6,7 +6,8 @@
 //! - `brk` (the guest heap lives after the program image),
 //! - `exit`/`exit_group`,
 //! - `fork`/`vfork`/`clone` without `CLONE_VM` (the child keeps running translated; `vfork`
-//!   becomes `fork`; `CLONE_SETTLS` sets the guest's FS base),
+//!   becomes `fork`; `CLONE_SETTLS` sets the guest's FS base); `clone` with `CLONE_VM` starts a
+//!   guest thread (`threads.rs`),
 //! - `execve` (re-executes under `hbt exec`),
 //! - `rt_sigaction`/`rt_sigreturn`/`sigaltstack` (guest handlers run translated, see
 //!   `signals.rs`), `rt_sigprocmask` (hbt's fault signals stay unblocked), `rseq` (ENOSYS: the
@@ -14,7 +15,7 @@
 //! - `munmap`/`mremap`/`mmap(MAP_FIXED)`/`mprotect` also drop translations of that range.
 
 use super::signals::{die, GuestSignals, HOST_FAULT_SIGNALS};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use hbt_translator::Translator;
 use std::path::PathBuf;
 
@@ -48,12 +49,27 @@ const CLONE_VM: u64 = 0x100;
 const CLONE_VFORK: u64 = 0x4000;
 const CLONE_SETTLS: u64 = 0x80000;
 
-pub struct Syscalls {
+/// The guest heap: `brk` and how far it is mapped (shared by the guest's threads).
+struct Heap {
     brk: u64,
-    brk_mapped: u64,
+    mapped: u64,
+}
+
+pub struct Syscalls {
+    heap: std::sync::Arc<std::sync::Mutex<Heap>>,
     program: PathBuf,
     pub count: u64,
     pub signals: GuestSignals,
+    pub cpu_model: hbt_coverage::cpu_model::CpuModel,
+    /// This translator runs a thread other than the first (its `exit` ends only itself).
+    is_thread: bool,
+}
+
+/// How a system call ended the guest (or one of its threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Process(i32),
+    Thread,
 }
 
 fn raw(nr: u64, a: [u64; 6]) -> u64 {
@@ -116,24 +132,43 @@ fn read_strv(addr: u64) -> Option<Vec<String>> {
 }
 
 impl Syscalls {
-    pub fn new(brk: u64, program: PathBuf) -> Self {
+    pub fn new(brk: u64, program: PathBuf, cpu_model: hbt_coverage::cpu_model::CpuModel) -> Self {
         Syscalls {
-            brk,
-            brk_mapped: brk,
+            heap: std::sync::Arc::new(std::sync::Mutex::new(Heap { brk, mapped: brk })),
             program,
             count: 0,
             signals: GuestSignals::new(),
+            cpu_model,
+            is_thread: false,
         }
     }
 
-    /// Handles the system call in the guest state; Some(status) when the program exits.
-    pub fn handle(&mut self, t: &mut Translator) -> Result<Option<i32>> {
+    /// The system-call state of a new guest thread: shared heap, a copy of the signal state.
+    pub fn for_thread(&self) -> Self {
+        Syscalls {
+            heap: std::sync::Arc::clone(&self.heap),
+            program: self.program.clone(),
+            count: 0,
+            signals: self.signals.clone(),
+            cpu_model: self.cpu_model,
+            is_thread: true,
+        }
+    }
+
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    /// Handles the system call in the guest state; Some(end) when the program or this thread
+    /// ends.
+    pub fn handle(&mut self, t: &mut Translator) -> Result<Option<End>> {
         self.count += 1;
         let s = t.state();
         let nr = s.gpr[0];
         let a = [s.gpr[7], s.gpr[6], s.gpr[2], s.gpr[10], s.gpr[8], s.gpr[9]];
         let ret = match nr {
-            SYS_EXIT | SYS_EXIT_GROUP => return Ok(Some(a[0] as i32 & 0xff)),
+            SYS_EXIT if self.is_thread => return Ok(Some(End::Thread)),
+            SYS_EXIT | SYS_EXIT_GROUP => return Ok(Some(End::Process(a[0] as i32 & 0xff))),
             SYS_ARCH_PRCTL => match a[0] {
                 0x1001 => {
                     t.state_mut().gs_base = a[1];
@@ -201,12 +236,10 @@ impl Syscalls {
             SYS_CLONE => {
                 let flags = a[0];
                 if flags & CLONE_VM != 0 && flags & CLONE_VFORK == 0 {
-                    bail!(
-                        "{}: clone with CLONE_VM (threads) is not supported yet",
-                        self.program.display()
-                    );
+                    super::threads::spawn(t, self, flags, a[1], a[2], a[3], a[4])
+                } else {
+                    self.fork(t, flags, a[1], a[2], a[3], a[4])
                 }
-                self.fork(t, flags, a[1], a[2], a[3], a[4])
             }
             SYS_EXECVE => self.execve(a)?,
             // /proc/self/exe is hbt; the guest must see its own program.
@@ -215,12 +248,14 @@ impl Syscalls {
             SYS_MUNMAP | SYS_MREMAP | SYS_MPROTECT => {
                 let r = raw(nr, a);
                 t.invalidate_range(a[0], a[1]);
+                super::threads::publish(a[0], a[1]);
                 r
             }
             SYS_MMAP => {
                 let r = raw(nr, a);
                 if a[3] & libc::MAP_FIXED as u64 != 0 {
                     t.invalidate_range(a[0], a[1]);
+                    super::threads::publish(a[0], a[1]);
                 }
                 r
             }
@@ -231,29 +266,30 @@ impl Syscalls {
     }
 
     fn brk(&mut self, want: u64) -> u64 {
-        if want <= self.brk_mapped {
-            if want >= self.brk {
-                self.brk = want.max(self.brk);
+        let mut heap = self.heap.lock().unwrap_or_else(|e| e.into_inner());
+        if want <= heap.mapped {
+            if want >= heap.brk {
+                heap.brk = want;
             }
-            return self.brk;
+            return heap.brk;
         }
         let end = (want + 4095) & !4095;
         // SAFETY: MAP_FIXED_NOREPLACE maps fresh memory right after the heap or fails.
         let p = unsafe {
             libc::mmap(
-                self.brk_mapped as *mut libc::c_void,
-                (end - self.brk_mapped) as usize,
+                heap.mapped as *mut libc::c_void,
+                (end - heap.mapped) as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                 -1,
                 0,
             )
         };
-        if p as u64 == self.brk_mapped {
-            self.brk_mapped = end;
-            self.brk = want;
+        if p as u64 == heap.mapped {
+            heap.mapped = end;
+            heap.brk = want;
         }
-        self.brk
+        heap.brk
     }
 
     /// fork-like clone: the child is a copy of this process and keeps running translated code.

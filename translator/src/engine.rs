@@ -132,6 +132,10 @@ pub struct Translator {
     /// dispatch. (A signal landing between this check and entering translated code, outside
     /// the code buffer, is seen at the next natural exit.)
     interrupted: std::sync::atomic::AtomicBool,
+    /// Identity strategy: write-protect host pages holding translated code, to notice
+    /// self-modifying code (off for multi-threaded guests, whose other threads' translators
+    /// do not know this one's protections).
+    write_protect_code: bool,
     /// An instruction that writes the page holding its own code: it runs once from an uncached,
     /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
     /// never end), as QEMU does for self-modifying code.
@@ -199,6 +203,7 @@ impl Translator {
             by_guest: HashMap::new(),
             emulated_at: HashMap::new(),
             interrupted: std::sync::atomic::AtomicBool::new(false),
+            write_protect_code: true,
             by_host: BTreeMap::new(),
             code_pages: HashMap::new(),
             uncached_step: None,
@@ -255,6 +260,16 @@ impl Translator {
         for page in pages {
             self.invalidate_phys_page(page);
             self.protected.forget(page);
+        }
+    }
+
+    /// Turns write-protection of translated code pages (identity strategy) on or off; off also
+    /// releases the pages protected so far. With it off, only `invalidate_range` (the guest's
+    /// munmap/mprotect/mmap) drops stale translations.
+    pub fn set_write_protect_code(&mut self, on: bool) {
+        self.write_protect_code = on;
+        if !on {
+            self.protected.release_all();
         }
     }
 
@@ -502,7 +517,9 @@ impl Translator {
             let mut pages = Vec::new();
             let mut page = block.start & !(PAGE - 1);
             while page < block.end {
-                self.protected.protect(page);
+                if self.write_protect_code {
+                    self.protected.protect(page);
+                }
                 pages.push(page);
                 page += PAGE;
             }
