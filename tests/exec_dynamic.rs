@@ -122,3 +122,32 @@ fn threads_run_each_on_its_own_translator() {
         input.to_str().unwrap(),
     ]);
 }
+
+#[test]
+fn gcc_under_hbt_builds_the_same_binary() {
+    // gcc forks and execs cc1, as and collect2/ld, each re-executed under hbt.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("t.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\nint main(void){int s=0;for(int i=0;i<10;i++)s+=i*i;printf(\"%d\\n\",s);return 0;}\n",
+    )
+    .unwrap();
+    let build = |hbt: bool, out: &str| {
+        let out = dir.path().join(out);
+        let argv = [
+            "/usr/bin/gcc",
+            "-O2",
+            "-o",
+            out.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ];
+        let (_, end) = run(hbt, &argv);
+        assert_eq!(end, "exit 0", "gcc under hbt: {hbt}");
+        std::fs::read(out).unwrap()
+    };
+    assert!(
+        build(false, "native") == build(true, "translated"),
+        "gcc's output differs under hbt"
+    );
+}
