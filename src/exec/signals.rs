@@ -94,7 +94,8 @@ pub struct Fatal {
 
 #[derive(Clone)]
 pub struct GuestSignals {
-    actions: [Action; 64],
+    /// Signal actions: one table for all the guest's threads (clones share it).
+    actions: std::sync::Arc<std::sync::Mutex<[Action; 64]>>,
     /// The guest's alternate signal stack (ss_sp, ss_size); None when disabled.
     altstack: Option<(u64, u64)>,
     /// After `rt_sigsuspend`: the signals its temporary mask let through, deliverable once
@@ -140,9 +141,13 @@ pub fn set_host_blocked(mask: u64) {
 }
 
 impl GuestSignals {
+    fn action(&self, sig: i32) -> Action {
+        self.actions.lock().unwrap_or_else(|e| e.into_inner())[sig as usize - 1]
+    }
+
     pub fn new() -> Self {
         GuestSignals {
-            actions: [Action::default(); 64],
+            actions: std::sync::Arc::new(std::sync::Mutex::new([Action::default(); 64])),
             altstack: None,
             suspend_unblocked: None,
         }
@@ -165,7 +170,7 @@ impl GuestSignals {
             }
             new = Some(Action::from_bytes(&b));
         }
-        if oldact != 0 && !write_host_checked(oldact, &self.actions[sig as usize - 1].to_bytes()) {
+        if oldact != 0 && !write_host_checked(oldact, &self.action(sig).to_bytes()) {
             return errno(libc::EFAULT);
         }
         if let Some(action) = new {
@@ -177,7 +182,7 @@ impl GuestSignals {
     }
 
     fn install(&mut self, sig: i32, action: Action) -> std::io::Result<()> {
-        self.actions[sig as usize - 1] = action;
+        self.actions.lock().unwrap_or_else(|e| e.into_inner())[sig as usize - 1] = action;
         if HOST_FAULT_SIGNALS & (1 << (sig - 1)) != 0 {
             // hbt keeps its own handler; guest exceptions are delivered synchronously.
             return Ok(());
@@ -271,7 +276,7 @@ impl GuestSignals {
             return Ok(());
         }
         while let Some((sig, info)) = take_pending(!host_blocked() | extra) {
-            let action = self.actions[sig as usize - 1];
+            let action = self.action(sig);
             if action.is_handler() {
                 self.deliver(t, sig, &info, None)?;
             } else if action.handler == SIG_DFL {
@@ -303,7 +308,7 @@ impl GuestSignals {
         };
         // (As the kernel does for a fault, a blocked or ignored signal is fatal here too; hbt
         // does not track the guest blocking its fault signals, which the host never blocks.)
-        if !self.actions[signal as usize - 1].is_handler() {
+        if !self.action(signal).is_handler() {
             return Err(Fatal {
                 signal,
                 why: format!("{e} at guest RIP {rip:#x}"),
@@ -328,7 +333,7 @@ impl GuestSignals {
         info: &[u8; 128],
         trap: Option<(u64, u64, u64)>,
     ) -> Result<(), Fatal> {
-        let action = self.actions[sig as usize - 1];
+        let action = self.action(sig);
         let fatal = |why: &str| Fatal {
             signal: sig,
             why: why.to_string(),

@@ -143,7 +143,7 @@ impl Syscalls {
         }
     }
 
-    /// The system-call state of a new guest thread: shared heap, a copy of the signal state.
+    /// The system-call state of a new guest thread: shared heap and signal actions.
     pub fn for_thread(&self) -> Self {
         Syscalls {
             heap: std::sync::Arc::clone(&self.heap),

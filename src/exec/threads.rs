@@ -9,9 +9,8 @@
 //! - self-modifying code: write-protection of code pages is per translator, so once a guest has
 //!   threads it is switched off in all of them; code changes must come with an
 //!   munmap/mprotect/mmap, as on CPUs that require cross-modifying code to be synchronized.
-//!
-//! Signal actions are copied into a new thread when it starts (later `rt_sigaction`s in one
-//! thread are not seen by others: a known gap).
+//! - signal actions: one table (`GuestSignals` clones share it); the alternate signal stack
+//!   and a pending sigsuspend mask are per thread, as in the kernel.
 
 use super::syscalls::{End, Syscalls};
 use super::ExecPlatform;
