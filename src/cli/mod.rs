@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 /// `hbt coverage` measures which x86-64 instructions a Linux distribution uses, weighted by
 /// package popularity, and how much of it the translator's supported set covers.
 /// `hbt isa-test` proves each supported instruction form against the host CPU.
-/// `hbt exec` runs a Linux program (static or dynamic) through the translator; `hbt run` runs a guest image
-/// on KVM.
+/// `hbt exec` runs a Linux program (static or dynamic) through the translator; `hbt run` runs a
+/// guest image on KVM.
 #[derive(Parser)]
 #[command(name = "hbt", version, propagate_version = true)]
 pub struct Cli {
