@@ -259,3 +259,26 @@ fn stats_json_is_one_object_with_the_counts() {
     assert_eq!(serial["exits"], 20052);
     assert!(v["seconds_in_kvm_run"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn serial_interrupts_drive_output_and_input() {
+    // Output: each byte sent from COM1's THR-empty interrupt handler (IRQ 4).
+    transcript(
+        "test-images/serial-irq.img",
+        "sent by the THR-empty interrupt\nserial-irq: 32 bytes in 32 interrupts\n",
+        0,
+    );
+    // Input: stdin bytes raise the received-data interrupt.
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hbt"))
+        .args(["run", "--timeout", "60", "test-images/serial-echo.img"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello guest\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo: HELLO GUEST\n");
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -190,7 +190,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
 
     let interactive = std::io::stdin().is_terminal();
     let _terminal = terminal::RawGuard::new(interactive);
-    let (mut bus, marks) = Buses::standard(started, interactive);
+    let (mut bus, marks) = Buses::standard(started, interactive, vm.irq_line(devices::serial::COM1_IRQ));
     // SAFETY: pthread_self has no preconditions.
     VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
     STOP.store(0, Ordering::SeqCst);

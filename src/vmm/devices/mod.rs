@@ -19,6 +19,19 @@ pub enum Action {
     Reset,
 }
 
+/// An interrupt line a device drives (level: true = asserted).
+#[derive(Clone)]
+pub struct IrqLine(std::sync::Arc<dyn Fn(bool) + Send + Sync>);
+
+impl IrqLine {
+    pub fn new(set: impl Fn(bool) + Send + Sync + 'static) -> Self {
+        IrqLine(std::sync::Arc::new(set))
+    }
+    pub fn set(&self, level: bool) {
+        (self.0)(level)
+    }
+}
+
 /// A device on a bus; `offset` is relative to the start of its range.
 pub trait Device {
     /// Short name for `--stats`.
@@ -50,14 +63,14 @@ pub struct Buses {
 
 impl Buses {
     /// The standard table for `hbt run` (see README "hbt run"), with the boot-progress log.
-    pub fn standard(started: Instant, interactive: bool) -> (Self, progress::Marks) {
+    pub fn standard(started: Instant, interactive: bool, com1_irq: IrqLine) -> (Self, progress::Marks) {
         let marks = progress::Marks::default();
         let mut pio = Bus::new();
         for (base, len, device) in [
             (
                 serial::COM1,
                 8,
-                Box::new(serial::Serial::stdio(interactive)) as Box<dyn Device>,
+                Box::new(serial::Serial::stdio(interactive, com1_irq)) as Box<dyn Device>,
             ),
             (debug_exit::PORT, 4, Box::new(debug_exit::DebugExit)),
             (i8042::PORT, 1, Box::new(i8042::I8042)),

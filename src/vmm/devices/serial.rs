@@ -1,20 +1,37 @@
-//! A 16550A UART on COM1 (0x3f8), wired to hbt's stdout (transmit) and stdin (receive).
+//! A 16550A UART on COM1 (0x3f8, IRQ 4), wired to hbt's stdout (transmit) and stdin (receive).
 //!
-//! Enough of the register set for polled drivers: THR/RBR, IER, IIR/FCR, LCR (with DLAB and
-//! the divisor latch), MCR, LSR (THR always empty; data-ready when stdin has bytes), MSR and
-//! the scratch register. Interrupt delivery comes with the interrupt controller Linux needs.
+//! The register set a driver uses: THR/RBR, IER, IIR/FCR, LCR (with DLAB and the divisor
+//! latch), MCR, LSR (THR always empty: output is written at once; data-ready when stdin has
+//! bytes), MSR and the scratch register. Interrupts: "received data available" and "THR empty",
+//! as the IIR reports them, drive IRQ 4 (level) whenever IER enables them.
 
-use super::{Action, Device};
+use super::{Action, Device, IrqLine};
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const COM1: u64 = 0x3f8;
+pub const COM1_IRQ: u32 = 4;
 
 const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 const LSR_IDLE: u8 = 0x40;
 const LCR_DLAB: u8 = 0x80;
+const IER_RX: u8 = 0x01;
+const IER_THRE: u8 = 0x02;
+const IIR_NONE: u8 = 0x01;
+const IIR_THRE: u8 = 0x02;
+const IIR_RX: u8 = 0x04;
+const IIR_FIFO: u8 = 0xc0;
+
+/// Received bytes, filled by the stdin thread.
+#[derive(Clone, Default)]
+pub struct RxQueue {
+    bytes: Arc<Mutex<VecDeque<u8>>>,
+    /// IER enables the RX interrupt (the stdin thread raises the line on new data).
+    irq_enabled: Arc<AtomicBool>,
+}
 
 pub struct Serial {
     ier: u8,
@@ -22,15 +39,20 @@ pub struct Serial {
     mcr: u8,
     scratch: u8,
     divisor: u16,
+    /// A "THR empty" interrupt is pending (set when THR empties or ETBEI is enabled, cleared by
+    /// reading it from the IIR or writing THR).
+    thre_pending: bool,
     out: Box<dyn Write>,
-    input: Arc<Mutex<VecDeque<u8>>>,
+    rx: RxQueue,
+    irq: IrqLine,
 }
 
 impl Serial {
     /// Transmit to stdout; receive from stdin, read by a background thread.
-    pub fn stdio(_interactive: bool) -> Self {
-        let input = Arc::new(Mutex::new(VecDeque::new()));
-        let feed = Arc::clone(&input);
+    pub fn stdio(_interactive: bool, irq: IrqLine) -> Self {
+        let rx = RxQueue::default();
+        let feed = rx.clone();
+        let line = irq.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 256];
             let mut stdin = std::io::stdin();
@@ -38,28 +60,49 @@ impl Serial {
                 if n == 0 {
                     break;
                 }
-                if let Ok(mut q) = feed.lock() {
+                if let Ok(mut q) = feed.bytes.lock() {
                     q.extend(&buf[..n]);
+                }
+                if feed.irq_enabled.load(Ordering::SeqCst) {
+                    line.set(true);
                 }
             }
         });
-        Serial::with_output(Box::new(std::io::stdout()), input)
+        Serial::new(Box::new(std::io::stdout()), rx, irq)
     }
 
-    pub fn with_output(out: Box<dyn Write>, input: Arc<Mutex<VecDeque<u8>>>) -> Self {
+    pub fn new(out: Box<dyn Write>, rx: RxQueue, irq: IrqLine) -> Self {
         Serial {
             ier: 0,
             lcr: 0x03,
             mcr: 0,
             scratch: 0,
             divisor: 1,
+            thre_pending: false,
             out,
-            input,
+            rx,
+            irq,
         }
     }
 
     fn rx_ready(&self) -> bool {
-        self.input.lock().map(|q| !q.is_empty()).unwrap_or(false)
+        self.rx.bytes.lock().map(|q| !q.is_empty()).unwrap_or(false)
+    }
+
+    /// The highest-priority pending interrupt, as the IIR shows it.
+    fn pending(&self) -> u8 {
+        if self.ier & IER_RX != 0 && self.rx_ready() {
+            IIR_RX
+        } else if self.ier & IER_THRE != 0 && self.thre_pending {
+            IIR_THRE
+        } else {
+            IIR_NONE
+        }
+    }
+
+    fn update_irq(&self) {
+        self.rx.irq_enabled.store(self.ier & IER_RX != 0, Ordering::SeqCst);
+        self.irq.set(self.pending() != IIR_NONE);
     }
 }
 
@@ -72,10 +115,22 @@ impl Device for Serial {
         let dlab = self.lcr & LCR_DLAB != 0;
         let v = match offset {
             0 if dlab => self.divisor as u8,
-            0 => self.input.lock().ok().and_then(|mut q| q.pop_front()).unwrap_or(0),
+            0 => {
+                let b = self.rx.bytes.lock().ok().and_then(|mut q| q.pop_front()).unwrap_or(0);
+                self.update_irq();
+                b
+            }
             1 if dlab => (self.divisor >> 8) as u8,
             1 => self.ier,
-            2 => 0xc1, // FIFOs enabled, no interrupt pending
+            2 => {
+                let iir = self.pending();
+                if iir == IIR_THRE {
+                    // Reading the IIR that reports "THR empty" acknowledges it.
+                    self.thre_pending = false;
+                    self.update_irq();
+                }
+                iir | IIR_FIFO
+            }
             3 => self.lcr,
             4 => self.mcr,
             5 => LSR_THR_EMPTY | LSR_IDLE | if self.rx_ready() { LSR_DATA_READY } else { 0 },
@@ -95,9 +150,19 @@ impl Device for Serial {
                 if v == b'\n' {
                     let _ = self.out.flush();
                 }
+                // Sent at once: the THR is empty again.
+                self.thre_pending = true;
+                self.update_irq();
             }
             1 if dlab => self.divisor = (self.divisor & 0x00ff) | (v as u16) << 8,
-            1 => self.ier = v & 0x0f,
+            1 => {
+                let enabling_thre = v & IER_THRE != 0 && self.ier & IER_THRE == 0;
+                self.ier = v & 0x0f;
+                if enabling_thre {
+                    self.thre_pending = true; // THR is empty: enabling ETBEI interrupts at once
+                }
+                self.update_irq();
+            }
             3 => self.lcr = v,
             4 => self.mcr = v & 0x1f,
             7 => self.scratch = v,

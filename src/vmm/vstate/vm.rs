@@ -8,7 +8,8 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 pub struct Vm {
     pub kvm: Kvm,
-    pub fd: VmFd,
+    /// Shared with devices that raise interrupts (KVM_IRQ_LINE is safe from any thread).
+    pub fd: std::sync::Arc<VmFd>,
 }
 
 impl Vm {
@@ -33,7 +34,19 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).ioctl("KVM_CREATE_PIT2")?;
-        Ok(Vm { kvm, fd })
+        Ok(Vm {
+            kvm,
+            fd: std::sync::Arc::new(fd),
+        })
+    }
+
+    /// A level-triggered ISA interrupt line `irq` on the in-kernel PIC/IOAPIC.
+    pub fn irq_line(&self, irq: u32) -> crate::vmm::devices::IrqLine {
+        let fd = std::sync::Arc::clone(&self.fd);
+        crate::vmm::devices::IrqLine::new(move |level| {
+            // A failed KVM_IRQ_LINE only loses an interrupt; nothing else to do from a device.
+            let _ = fd.set_irq_line(irq, level);
+        })
     }
 
     pub fn create_vcpu(&self) -> Result<VcpuFd> {
