@@ -186,6 +186,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
                 "pid": std::process::id(),
                 "program": path.display().to_string(),
                 "seconds": seconds,
+                "seconds_translating": st.translate_time.as_secs_f64(),
                 "blocks_translated": st.blocks_translated,
                 "guest_instructions_translated": st.guest_instructions_translated,
                 "code_cache_bytes": t.code_cache_used(),
@@ -200,9 +201,11 @@ fn execute(args: &ExecArgs) -> Result<i32> {
             eprintln!("{v}");
         } else {
             eprintln!(
-                "hbt exec stats (pid {}): {seconds:.3} s, {} blocks ({} guest instructions) translated, {} KiB code cache, \
+                "hbt exec stats (pid {}): {seconds:.3} s ({:.3} s translating, the rest running translated code \
+                 and system calls), {} blocks ({} guest instructions) translated, {} KiB code cache, \
                  {} dispatcher exits, {} chained links, {} indirect misses, {} emulated instructions, {} system calls",
                 std::process::id(),
+                st.translate_time.as_secs_f64(),
                 st.blocks_translated,
                 st.guest_instructions_translated,
                 t.code_cache_used() / 1024,

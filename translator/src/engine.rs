@@ -39,6 +39,8 @@ pub struct Stats {
     pub emulated: u64,
     pub invalidated_blocks: u64,
     pub flushes: u64,
+    /// Time spent decoding and emitting blocks.
+    pub translate_time: std::time::Duration,
 }
 
 /// Something in another block that jumps straight into this one.
@@ -486,6 +488,7 @@ impl Translator {
             self.stats.emulated += 1;
             return self.emulate(&instr, rule, platform);
         }
+        let translate_started = std::time::Instant::now();
         let soft = self.strategy.is_soft_mmu();
         let mut fetch = Fetcher {
             strategy: &self.strategy,
@@ -538,6 +541,7 @@ impl Translator {
                 iced_x86::Register::FS | iced_x86::Register::GS
             );
             if first.rule.runs_in_engine(soft, fs_gs) {
+                self.stats.translate_time += translate_started.elapsed();
                 self.stats.emulated += 1;
                 let instr = first.instr;
                 if !soft && !uncached {
@@ -550,6 +554,7 @@ impl Translator {
             }
         }
         let host = self.install(block, pages, !uncached)?;
+        self.stats.translate_time += translate_started.elapsed();
         Ok(Lookup::Host(host))
     }
 
