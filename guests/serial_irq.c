@@ -2,14 +2,14 @@
  * 8259, vector 36) sends each next byte of a message from the interrupt handler. */
 #include "runtime/rt.h"
 static const char message[] = "sent by the THR-empty interrupt\n";
-static volatile u32 next, interrupts;
+static volatile u32 next, interrupts, finished;
 static int com1(struct frame *f) {
     (void)f;
     interrupts++;
     u8 iir = inb(PORT_SERIAL + 2);
     if ((iir & 0x0f) == 0x02) { /* THR empty */
         if (message[next]) outb(PORT_SERIAL, (u8)message[next++]);
-        else outb(PORT_SERIAL + 1, 0); /* done: IER off */
+        else { outb(PORT_SERIAL + 1, 0); finished = 1; } /* THR empty after the last byte: IER off */
     }
     outb(0x20, 0x20); /* EOI */
     return 1;
@@ -23,7 +23,7 @@ int main(void) {
     outb(0x21, 0xef); outb(0xa1, 0xff); /* only IRQ 4 */
     __asm__ volatile("sti");
     outb(PORT_SERIAL + 1, 0x02); /* IER: THR-empty interrupts (fires at once: THR is empty) */
-    while (message[next]) __asm__ volatile("hlt");
+    while (!finished) __asm__ volatile("hlt");
     __asm__ volatile("cli");
     rt_puts("serial-irq: ");
     rt_put_dec(next);
