@@ -4,7 +4,7 @@
 static volatile u32 ticks;
 static int tick(struct frame *f) {
     (void)f;
-    ticks++;
+    if (++ticks == WANT) outb(0x21, 0xff); /* enough: mask IRQ 0, so the count is exact */
     outb(0x20, 0x20); /* EOI */
     return 1;
 }
