@@ -11,16 +11,12 @@ static int com1(struct frame *f) {
         if (message[next]) outb(PORT_SERIAL, (u8)message[next++]);
         else { outb(PORT_SERIAL + 1, 0); finished = 1; } /* THR empty after the last byte: IER off */
     }
-    outb(0x20, 0x20); /* EOI */
+    rt_pic_eoi();
     return 1;
 }
 int main(void) {
-    rt_set_trap(36, com1);
-    outb(0x20, 0x11); outb(0xa0, 0x11);
-    outb(0x21, 0x20); outb(0xa1, 0x28);
-    outb(0x21, 0x04); outb(0xa1, 0x02);
-    outb(0x21, 0x01); outb(0xa1, 0x01);
-    outb(0x21, 0xef); outb(0xa1, 0xff); /* only IRQ 4 */
+    rt_set_trap(RT_IRQ_VECTOR(4), com1);
+    rt_pic_init(1 << 4);
     __asm__ volatile("sti");
     outb(PORT_SERIAL + 1, 0x02); /* IER: THR-empty interrupts (fires at once: THR is empty) */
     while (!finished) __asm__ volatile("hlt");

@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
-fn hbt_run(args: &[&str]) -> (String, String, Option<i32>) {
+/// `hbt run ARGS` from the repository root, with a 60 s timeout unless ARGS set one.
+fn hbt_run_command(args: &[&str]) -> Command {
     assert!(
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: these tests run guests on KVM (CI provides it)"
@@ -14,11 +15,19 @@ fn hbt_run(args: &[&str]) -> (String, String, Option<i32>) {
     if !args.contains(&"--timeout") {
         cmd.args(["--timeout", "60"]);
     }
-    let out = cmd
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("spawn hbt");
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+/// A flat guest that spins forever (`jmp $`), for --load-addr 0x100000.
+fn spin_guest(dir: &Path) -> std::path::PathBuf {
+    let spin = dir.join("spin.bin");
+    std::fs::write(&spin, [0xebu8, 0xfe]).unwrap();
+    spin
+}
+
+fn hbt_run(args: &[&str]) -> (String, String, Option<i32>) {
+    let out = hbt_run_command(args).output().expect("spawn hbt");
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -108,8 +117,7 @@ fn boot_progress_is_timestamped_in_stats() {
 #[test]
 fn timeout_ends_a_spinning_guest() {
     let dir = tempfile::tempdir().unwrap();
-    let spin = dir.path().join("spin.bin");
-    std::fs::write(&spin, [0xebu8, 0xfe]).unwrap(); // jmp $
+    let spin = spin_guest(dir.path());
     let (_, stderr, code) = hbt_run(&["--timeout", "1", "--load-addr", "0x100000", spin.to_str().unwrap()]);
     assert_eq!(code, Some(124), "{stderr}");
     assert!(stderr.contains("--timeout"), "{stderr}");
@@ -224,10 +232,8 @@ fn bzimage_errors_name_the_problem() {
 #[test]
 fn ctrl_c_ends_the_run_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let spin = dir.path().join("spin.bin");
-    std::fs::write(&spin, [0xebu8, 0xfe]).unwrap(); // jmp $
-    let child = Command::new(env!("CARGO_BIN_EXE_hbt"))
-        .args(["run", "--load-addr", "0x100000", spin.to_str().unwrap()])
+    let spin = spin_guest(dir.path());
+    let child = hbt_run_command(&["--load-addr", "0x100000", spin.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -270,9 +276,7 @@ fn serial_interrupts_drive_output_and_input() {
     );
     // Input: stdin bytes raise the received-data interrupt.
     use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hbt"))
-        .args(["run", "--timeout", "60", "test-images/serial-echo.img"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let mut child = hbt_run_command(&["test-images/serial-echo.img"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -66,6 +66,16 @@ void rt_exit(u32 status) {
     for (;;) __asm__ volatile("cli; hlt");
 }
 
+void rt_pic_init(u8 unmasked) {
+    outb(0x20, 0x11); outb(0xa0, 0x11);                               /* ICW1: init, ICW4 follows */
+    outb(0x21, RT_IRQ_VECTOR(0)); outb(0xa1, RT_IRQ_VECTOR(8));       /* ICW2: vector bases */
+    outb(0x21, 0x04); outb(0xa1, 0x02);                               /* ICW3: cascade on IRQ 2 */
+    outb(0x21, 0x01); outb(0xa1, 0x01);                               /* ICW4: 8086 mode */
+    rt_pic_mask((u8)~unmasked); outb(0xa1, 0xff);
+}
+void rt_pic_mask(u8 masked) { outb(0x21, masked); }
+void rt_pic_eoi(void) { outb(0x20, 0x20); }
+
 void rt_set_trap(int vector, trap_fn fn) { traps[vector] = fn; }
 
 int rt_resume_at(struct frame *f) {

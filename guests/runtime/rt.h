@@ -39,6 +39,13 @@ void rt_put_hex(u64 v);
 void rt_progress(u8 step);
 __attribute__((noreturn)) void rt_exit(u32 status);
 
+/* The 8259 pair: IRQ 0-15 on vectors 32-47, only the IRQs in `unmasked` (bit n = IRQ n on the
+ * primary PIC) enabled. rt_pic_mask() sets the primary's mask; rt_pic_eoi() ends an IRQ. */
+#define RT_IRQ_VECTOR(irq) (32 + (irq))
+void rt_pic_init(u8 unmasked);
+void rt_pic_mask(u8 masked);
+void rt_pic_eoi(void);
+
 /* A trap handler; returns nonzero when it handled the trap (execution resumes at frame->rip). */
 typedef int (*trap_fn)(struct frame *f);
 void rt_set_trap(int vector, trap_fn fn);

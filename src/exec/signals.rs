@@ -24,6 +24,8 @@ use hbt_translator::host::signals::{catch_async, has_pending, take_pending};
 use hbt_translator::mmu::{read_host_checked, write_host_checked};
 use hbt_translator::Translator;
 
+use super::syscalls::errno;
+
 const SA_RESTORER: u64 = 0x0400_0000;
 const SA_ONSTACK: u64 = 0x0800_0000;
 const SA_RESTART: u64 = 0x1000_0000;
@@ -102,10 +104,6 @@ pub struct GuestSignals {
     /// even though the restored mask blocks them again (as the kernel delivers them before
     /// restoring it).
     suspend_unblocked: Option<u64>,
-}
-
-fn errno(e: i32) -> u64 {
-    -(e as i64) as u64
 }
 
 fn host_blocked() -> u64 {

@@ -88,7 +88,8 @@ fn raw(nr: u64, a: [u64; 6]) -> u64 {
     ret
 }
 
-fn errno(e: i32) -> u64 {
+/// A system call's return value for error `e` (-errno, as the kernel returns it).
+pub(super) fn errno(e: i32) -> u64 {
     (-(e as i64)) as u64
 }
 

@@ -12,7 +12,7 @@
 //! - signal actions: one table (`GuestSignals` clones share it); the alternate signal stack
 //!   and a pending sigsuspend mask are per thread, as in the kernel.
 
-use super::syscalls::{End, Syscalls};
+use super::syscalls::{errno, End, Syscalls};
 use super::ExecPlatform;
 use hbt_translator::{Config, MemoryStrategy, Translator};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +28,7 @@ const MAX_PENDING: usize = 256;
 /// Set once the guest has created a thread.
 static THREADED: AtomicBool = AtomicBool::new(false);
 static EPOCH: AtomicU64 = AtomicU64::new(0);
-/// (epoch, start, len) of each invalidation since threads began.
+/// (epoch, start, len) of the latest invalidations (at most 2 × MAX_PENDING kept).
 static RANGES: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
 
 pub fn threaded() -> bool {
@@ -43,6 +43,11 @@ pub fn publish(start: u64, len: u64) {
     let mut ranges = RANGES.lock().unwrap_or_else(|e| e.into_inner());
     let epoch = EPOCH.fetch_add(1, Ordering::SeqCst) + 1;
     ranges.push((epoch, start, len));
+    if ranges.len() > 2 * MAX_PENDING {
+        // A thread further behind than what is kept flushes everything (see `catch_up`).
+        let excess = ranges.len() - MAX_PENDING;
+        ranges.drain(..excess);
+    }
 }
 
 /// Applies to `t` the invalidations other threads published after `seen`.
@@ -53,7 +58,8 @@ pub fn catch_up(t: &mut Translator, seen: &mut u64) {
     }
     let ranges = RANGES.lock().unwrap_or_else(|e| e.into_inner());
     let pending: Vec<_> = ranges.iter().filter(|r| r.0 > *seen).collect();
-    if pending.len() > MAX_PENDING {
+    let dropped = ranges.first().is_some_and(|r| r.0 > *seen + 1);
+    if dropped || pending.len() > MAX_PENDING {
         t.flush();
     } else {
         for &&(_, start, len) in &pending {
@@ -130,10 +136,10 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
             }
         });
     if spawned.is_err() {
-        return -(libc::EAGAIN as i64) as u64;
+        return errno(libc::EAGAIN);
     }
     let Ok(tid) = rx.recv() else {
-        return -(libc::EAGAIN as i64) as u64;
+        return errno(libc::EAGAIN);
     };
     if flags & CLONE_PARENT_SETTID != 0 {
         hbt_translator::mmu::write_host_checked(ptid, &(tid as u32).to_le_bytes());

@@ -35,14 +35,15 @@ pub fn write_tables(mem: &mut GuestMemory) -> Result<()> {
     for (i, d) in gdt.iter().enumerate() {
         mem.write_u64(GDT_ADDR + 8 * i as u64, *d)?;
     }
-    const PRESENT_RW_USER: u64 = 0x7;
+    use hbt_translator::mmu::soft_mmu::{P, PS, RW, US};
+    const PRESENT_RW_USER: u64 = P | RW | US;
     mem.write_u64(PML4_ADDR, PDPT_ADDR | PRESENT_RW_USER)?;
     for gb in 0..4u64 {
         let pd = PD_ADDR + gb * 0x1000;
         mem.write_u64(PDPT_ADDR + gb * 8, pd | PRESENT_RW_USER)?;
         for i in 0..512u64 {
             let addr = (gb << 30) | (i << 21);
-            mem.write_u64(pd + i * 8, addr | PRESENT_RW_USER | 0x80)?; // PS: 2 MiB page
+            mem.write_u64(pd + i * 8, addr | PRESENT_RW_USER | PS)?; // 2 MiB page
         }
     }
     Ok(())

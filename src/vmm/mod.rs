@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use devices::{Action, Buses};
 use kvm_ioctls::VcpuExit;
-use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -146,10 +145,29 @@ pub fn run(args: RunArgs) -> Result<()> {
     std::process::exit(code);
 }
 
+/// Exit reasons counted by the run loop (index into `RunStats::exits`).
+const EXIT_REASONS: [&str; 5] = ["io-out", "io-in", "mmio-read", "mmio-write", "signal"];
+const IO_OUT: usize = 0;
+const IO_IN: usize = 1;
+const MMIO_READ: usize = 2;
+const MMIO_WRITE: usize = 3;
+const SIGNAL: usize = 4;
+
 #[derive(Default)]
 struct RunStats {
-    exits: BTreeMap<&'static str, u64>,
+    exits: [u64; EXIT_REASONS.len()],
     in_kvm: Duration,
+}
+
+impl RunStats {
+    /// (reason, count) of the reasons that occurred.
+    fn exits_by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        EXIT_REASONS
+            .iter()
+            .zip(self.exits)
+            .filter(|e| e.1 > 0)
+            .map(|(r, n)| (*r, n))
+    }
 }
 
 fn execute(args: &RunArgs) -> Result<i32> {
@@ -224,32 +242,17 @@ fn execute(args: &RunArgs) -> Result<i32> {
         let t0 = Instant::now();
         let exit = vcpu.run();
         st.in_kvm += t0.elapsed();
-        let reason: &'static str = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                let action = bus.pio.write(port as u64, data);
-                match action {
-                    Action::Continue => {}
-                    Action::Exit(v) => break End::ExitPort(v),
-                    Action::Reset => break End::Reset,
-                }
-                "io-out"
-            }
+        let (reason, action) = match exit {
+            Ok(VcpuExit::IoOut(port, data)) => (IO_OUT, bus.pio.write(port as u64, data)),
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.pio.read(port as u64, data);
-                "io-in"
+                (IO_IN, Action::Continue)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 bus.mmio.read(addr, data);
-                "mmio-read"
+                (MMIO_READ, Action::Continue)
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                match bus.mmio.write(addr, data) {
-                    Action::Continue => {}
-                    Action::Exit(v) => break End::ExitPort(v),
-                    Action::Reset => break End::Reset,
-                }
-                "mmio-write"
-            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => (MMIO_WRITE, bus.mmio.write(addr, data)),
             Ok(VcpuExit::Hlt) => break End::Halted,
             Ok(VcpuExit::Shutdown) => {
                 bail!(
@@ -273,15 +276,20 @@ fn execute(args: &RunArgs) -> Result<i32> {
                     vstate::vcpu::describe(&vcpu, &mem)
                 )
             }
-            Ok(VcpuExit::Intr) => "signal",
+            Ok(VcpuExit::Intr) => (SIGNAL, Action::Continue),
             Ok(other) => {
                 let what = format!("{other:?}");
                 bail!("unexpected KVM exit {what}: {}", vstate::vcpu::describe(&vcpu, &mem))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => "signal",
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => (SIGNAL, Action::Continue),
             Err(e) => bail!("KVM_RUN failed: {e}: {}", vstate::vcpu::describe(&vcpu, &mem)),
         };
-        *st.exits.entry(reason).or_default() += 1;
+        match action {
+            Action::Continue => {}
+            Action::Exit(v) => break End::ExitPort(v),
+            Action::Reset => break End::Reset,
+        }
+        st.exits[reason] += 1;
     };
     let total = started.elapsed();
     let in_loop = loop_started.elapsed();
@@ -317,8 +325,8 @@ fn execute(args: &RunArgs) -> Result<i32> {
             128 + *sig
         }
     };
+    let total_exits: u64 = st.exits.iter().sum();
     if args.stats_json {
-        let total_exits: u64 = st.exits.values().sum();
         let devices = |b: &devices::Bus| {
             b.exit_counts()
                 .into_iter()
@@ -335,7 +343,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
             "seconds_in_hbt": total.saturating_sub(st.in_kvm).as_secs_f64(),
             "seconds_run_loop": in_loop.as_secs_f64(),
             "exits": total_exits,
-            "exits_by_reason": st.exits,
+            "exits_by_reason": st.exits_by_reason().collect::<std::collections::BTreeMap<_, _>>(),
             "port_exits": devices(&bus.pio),
             "unclaimed_port_accesses": bus.pio.unclaimed,
             "mmio_exits": devices(&bus.mmio),
@@ -350,7 +358,6 @@ fn execute(args: &RunArgs) -> Result<i32> {
             args.image.display(),
             entry.kind
         );
-        let total_exits: u64 = st.exits.values().sum();
         eprintln!(
             "  time: {:.6} s total, {:.6} s in KVM_RUN, {:.6} s in hbt; run loop {:.6} s, {:.3} µs per exit",
             total.as_secs_f64(),
@@ -361,7 +368,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         );
         eprintln!(
             "  exits: {total_exits} ({})",
-            fmt_counts(st.exits.iter().map(|(k, v)| (k.to_string(), *v)))
+            fmt_counts(st.exits_by_reason().map(|(k, v)| (k.to_string(), v)))
         );
         for (space, b) in [("port", &bus.pio), ("mmio", &bus.mmio)] {
             let per_device = b

@@ -297,7 +297,10 @@ impl Translator {
         let mut pending_link = 0u64;
         let mut last_miss = (0u64, 0u32);
         for _ in 0..block_budget {
-            if self.interrupted.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            // A plain load first: the locked swap only when a signal did arrive.
+            if self.interrupted.load(std::sync::atomic::Ordering::Relaxed)
+                && self.interrupted.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
                 return Ok(Exit::Interrupted);
             }
             let rip = self.ctx.get().state.rip;

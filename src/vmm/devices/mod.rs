@@ -19,16 +19,25 @@ pub enum Action {
     Reset,
 }
 
-/// An interrupt line a device drives (level: true = asserted).
+/// An interrupt line a device drives (level: true = asserted). Clones share the line and its
+/// current level, so only changes reach `set` (an ioctl), whichever thread makes them.
 #[derive(Clone)]
-pub struct IrqLine(std::sync::Arc<dyn Fn(bool) + Send + Sync>);
+pub struct IrqLine {
+    set: std::sync::Arc<dyn Fn(bool) + Send + Sync>,
+    level: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl IrqLine {
     pub fn new(set: impl Fn(bool) + Send + Sync + 'static) -> Self {
-        IrqLine(std::sync::Arc::new(set))
+        IrqLine {
+            set: std::sync::Arc::new(set),
+            level: Default::default(),
+        }
     }
     pub fn set(&self, level: bool) {
-        (self.0)(level)
+        if self.level.swap(level, std::sync::atomic::Ordering::SeqCst) != level {
+            (self.set)(level)
+        }
     }
 }
 

@@ -144,6 +144,7 @@ impl BlockEmitter<'_> {
         self.cold.push(super::Cold::CacheFill {
             field: fill_field,
             imm_field,
+            cache: self.inline_caches.len(), // pushed below
         });
         self.indirect_lookup();
         // Hit path.

@@ -79,9 +79,13 @@ pub const INLINE_CACHE_EMPTY: u64 = 0x8000_0000_0000_0000;
 enum Cold {
     /// Exit to `target`; `field` is the rel32 in the body that jumps here.
     Exit { field: usize, target: u64 },
-    /// First miss of the return cache whose imm64 is at block offset `imm_field`: record the
-    /// site and take the indirect-miss exit, so the engine fills the cache.
-    CacheFill { field: usize, imm_field: usize },
+    /// First miss of `inline_caches[cache]`, whose imm64 is at block offset `imm_field`:
+    /// record the site and take the indirect-miss exit, so the engine fills the cache.
+    CacheFill {
+        field: usize,
+        imm_field: usize,
+        cache: usize,
+    },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
     TlbMiss {
         field: usize,
@@ -306,20 +310,18 @@ impl BlockEmitter<'_> {
                         target,
                     });
                 }
-                Cold::CacheFill { field, imm_field } => {
+                Cold::CacheFill {
+                    field,
+                    imm_field,
+                    cache,
+                } => {
                     let here = self.asm.here();
                     self.asm.bind(field, here);
                     let site = self.asm.base() + imm_field as u64;
                     self.asm.store_ctx_u64(off::EXIT_LINK, site);
                     let miss = self.glue.ibl_miss;
                     self.asm.branch32(Code::Jmp_rel32_64, miss);
-                    if let Some(cache) = self
-                        .inline_caches
-                        .iter_mut()
-                        .find(|c| c.imm_field as usize == imm_field)
-                    {
-                        cache.fill_stub = here.wrapping_sub(self.asm.base()) as u32;
-                    }
+                    self.inline_caches[cache].fill_stub = (here - self.asm.base()) as u32;
                 }
                 Cold::TlbMiss {
                     field,

@@ -50,12 +50,13 @@ impl GuestRam {
     }
 }
 
-const P: u64 = 1 << 0;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
+/// Page-table entry bits (also used by the VMM to build its boot page tables).
+pub const P: u64 = 1 << 0;
+pub const RW: u64 = 1 << 1;
+pub const US: u64 = 1 << 2;
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
+pub const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
