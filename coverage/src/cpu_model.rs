@@ -168,7 +168,7 @@ impl CpuModel {
 
 /// Clears, in CPUID leaf `leaf`/`subleaf`'s registers `[eax, ebx, ecx, edx]`, every feature
 /// bit of [`HOST_CPUID_BITS`] whose feature `keep` (indexed by `CpuidFeature as usize`) lacks.
-/// With AVX-512 gone, leaf 0xD also stops reporting its state components (opmask, ZMM).
+/// (Leaf 0xD, the XSAVE components, is the translator's business: `cpu::xsave::XsaveLayout`.)
 pub fn mask_cpuid(keep: &[bool], leaf: u32, subleaf: u32, regs: &mut [u32; 4]) {
     for &(feature, l, sub, reg, bit) in HOST_CPUID_BITS {
         if l == leaf && sub == subleaf && !keep[feature as usize] {
@@ -183,9 +183,6 @@ pub fn mask_cpuid(keep: &[bool], leaf: u32, subleaf: u32, regs: &mut [u32; 4]) {
     }
     if leaf == 1 && !keep[F::AVX as usize] {
         regs[2] &= !(1 << 27); // OSXSAVE stays only with AVX, so glibc's AVX probe stays off
-    }
-    if leaf == 0xd && subleaf == 0 && !keep[F::AVX512F as usize] {
-        regs[0] &= !0xe0;
     }
 }
 

@@ -10,6 +10,7 @@ mod threads;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hbt_coverage::cpu_model::{self, CpuModel};
+use hbt_translator::cpu::xsave::XsaveLayout;
 use hbt_translator::{Config, Exit, MemoryStrategy, Platform, Translator};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,7 +23,9 @@ use std::time::Instant;
 /// arch_prctl, brk, fork/clone, execve, exit and signals emulated (guest handlers run
 /// translated). CPUID shows the `--cpu-model`'s features minus every feature with an instruction
 /// form the translator has not verified (on AVX-512 hosts: AVX-512), so libc's runtime dispatch
-/// picks code hbt can run.
+/// picks code hbt can run. XSAVE state follows: the guest's XCR0 (what `xgetbv` returns, what
+/// its `xsave` writes and CPUID leaf 0DH sizes) holds exactly the components of the features
+/// it is shown; AMX and any other XFD-armed state are never offered.
 ///
 /// Examples:
 ///   hbt exec /bin/busybox echo hello
@@ -51,17 +54,25 @@ pub struct ExecArgs {
     args: Vec<String>,
 }
 
-/// CPUID as the guest sees it: the host's, with the features outside the model cleared.
+/// CPUID as the guest sees it: the host's, with the features outside the model cleared and the
+/// XSAVE leaf describing exactly the guest's XCR0.
 pub struct ExecPlatform {
     /// Kept features, indexed by `iced_x86::CpuidFeature as usize`.
     keep: Vec<bool>,
+    /// The guest's XCR0: the managed XSAVE components of the kept features.
+    xcr0: u64,
 }
 
 impl ExecPlatform {
     pub fn new(model: CpuModel) -> Self {
-        ExecPlatform {
-            keep: cpu_model::translatable_features(model, hbt_translator::supported::is_supported),
-        }
+        let keep = cpu_model::translatable_features(model, hbt_translator::supported::is_supported);
+        let xcr0 = XsaveLayout::host().xcr0_for(|f| keep[f as usize]);
+        ExecPlatform { keep, xcr0 }
+    }
+
+    /// The XCR0 the guest runs with (`xgetbv`, its signal frames, its `xsave`s).
+    pub fn xcr0(&self) -> u64 {
+        self.xcr0
     }
 
     /// Host features the guest does not see.
@@ -79,6 +90,7 @@ impl Platform for ExecPlatform {
         let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
         let mut out = [r.eax, r.ebx, r.ecx, r.edx];
         cpu_model::mask_cpuid(&self.keep, leaf, subleaf, &mut out);
+        XsaveLayout::host().guest_cpuid(self.xcr0, leaf, subleaf, &mut out);
         out
     }
     fn rdtsc(&mut self) -> u64 {
@@ -164,14 +176,15 @@ fn execute(args: &ExecArgs) -> Result<i32> {
         verified_only: true,
     })
     .context("cannot create the translator")?;
-    let s = t.state_mut();
-    s.rip = image.entry;
-    s.gpr[4] = rsp;
     if args.cpu_model == CpuModel::V4 {
         bail!("--cpu-model x86-64-v4 needs AVX-512 (EVEX), which the translator does not support yet");
     }
-    let mut sys = syscalls::Syscalls::new(image.brk, path.clone(), args.cpu_model);
     let mut platform = ExecPlatform::new(args.cpu_model);
+    let s = t.state_mut();
+    s.rip = image.entry;
+    s.gpr[4] = rsp;
+    s.xcr0 = platform.xcr0();
+    let mut sys = syscalls::Syscalls::new(image.brk, path.clone(), args.cpu_model);
     let started = Instant::now();
     let status = match drive(&mut t, &mut sys, &mut platform, path, &mut 0)? {
         syscalls::End::Process(status) => status,
@@ -196,6 +209,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
                 "emulated_instructions": st.emulated,
                 "system_calls": sys.count,
                 "cpu_model": args.cpu_model.to_string(),
+                "guest_xcr0": format!("{:#x}", platform.xcr0()),
                 "hidden_host_features": hidden,
             });
             eprintln!("{v}");
@@ -216,8 +230,9 @@ fn execute(args: &ExecArgs) -> Result<i32> {
                 sys.count
             );
             eprintln!(
-                "hbt exec guest CPU: {} minus {} host features: {}",
+                "hbt exec guest CPU: {} (XCR0 {:#x}) minus {} host features: {}",
                 args.cpu_model,
+                platform.xcr0(),
                 hidden.len(),
                 if hidden.is_empty() {
                     "none".to_string()

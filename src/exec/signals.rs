@@ -19,9 +19,11 @@
 //!   64-aligned above fpstate: the guest's XSAVE image (sigcontext.fpstate points at it)
 //! ```
 
+use hbt_translator::cpu::xsave::{component, XsaveLayout, XSTATE_BV};
 use hbt_translator::exit::{vector, GuestException};
 use hbt_translator::host::signals::{catch_async, has_pending, take_pending};
 use hbt_translator::mmu::{read_host_checked, write_host_checked};
+use hbt_translator::state::XSaveArea;
 use hbt_translator::Translator;
 
 use super::syscalls::errno;
@@ -347,8 +349,8 @@ impl GuestSignals {
             Some((sp, size)) if action.flags & SA_ONSTACK != 0 && !on_alt => sp + size,
             _ => rsp - 128, // the red zone
         };
-        let fp_size = hbt_translator::host::features::xsave_size();
-        let fpstate = (top - fp_size) & !63;
+        let fp_size = XsaveLayout::host().size(s.xcr0) as u64;
+        let fpstate = (top - fp_size - 4) & !63;
         let frame = ((fpstate - 8 - UCONTEXT_SIZE - SIGINFO_SIZE) & !15) - 8;
         let uc = frame + 8;
         let info_at = uc + UCONTEXT_SIZE;
@@ -381,7 +383,10 @@ impl GuestSignals {
         put(&mut ucb, MCONTEXT + 23 * 8, fpstate);
         put(&mut ucb, SIGMASK, old_mask);
 
-        let ok = write_host_checked(fpstate, &s.xsave.0[..fp_size as usize])
+        let mut fp = s.xsave.0[..fp_size as usize].to_vec();
+        write_sw_bytes(&mut fp, s.xcr0);
+        let ok = write_host_checked(fpstate, &fp)
+            && write_host_checked(fpstate + fp_size, &FP_XSTATE_MAGIC2.to_le_bytes())
             && write_host_checked(info_at, info)
             && write_host_checked(uc, &ucb)
             && write_host_checked(frame, &action.restorer.to_le_bytes());
@@ -423,26 +428,74 @@ impl GuestSignals {
         }
         let get = |off: u64| u64::from_le_bytes(ucb[off as usize..off as usize + 8].try_into().expect("8"));
         let fpstate = get(MCONTEXT + 23 * 8);
-        let fp_size = hbt_translator::host::features::xsave_size() as usize;
-        let mut fp = vec![0u8; fp_size];
-        if fpstate != 0 && read_host_checked(fpstate, &mut fp).is_none() {
-            return Err(Fatal {
+        let xcr0 = t.state().xcr0;
+        let image = if fpstate != 0 {
+            Some(read_fpstate(fpstate, xcr0).map_err(|why| Fatal {
                 signal: libc::SIGSEGV,
-                why: format!("rt_sigreturn with an unreadable fpstate at {fpstate:#x}"),
-            });
-        }
+                why: format!("rt_sigreturn: {why}"),
+            })?)
+        } else {
+            None
+        };
         let st = t.state_mut();
         for (slot, &reg) in SIGCONTEXT_GPRS.iter().enumerate() {
             st.gpr[reg] = get(MCONTEXT + 8 * slot as u64);
         }
         st.rip = get(MCONTEXT + 16 * 8);
         st.rflags = (st.rflags & !FIX_EFLAGS) | (get(MCONTEXT + 17 * 8) & FIX_EFLAGS);
-        if fpstate != 0 {
-            st.xsave.0[..fp_size].copy_from_slice(&fp);
+        if let Some(image) = image {
+            st.xsave = image;
         }
         set_host_blocked(get(SIGMASK));
         Ok(())
     }
+}
+
+/// The kernel's `_fpx_sw_bytes` (in the FXSAVE image's software-reserved bytes 464..512) and the
+/// word after the XSAVE image: they tell a handler, and `rt_sigreturn`, that an XSAVE image of
+/// `xstate_size` bytes with components `xfeatures` follows.
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+const SW_BYTES: usize = 464;
+
+fn write_sw_bytes(fp: &mut [u8], xcr0: u64) {
+    let size = fp.len() as u32;
+    let sw = &mut fp[SW_BYTES..512];
+    sw.fill(0);
+    sw[0..4].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
+    sw[4..8].copy_from_slice(&(size + 4).to_le_bytes()); // extended_size: image + MAGIC2
+    sw[8..16].copy_from_slice(&xcr0.to_le_bytes()); // xfeatures
+    sw[16..20].copy_from_slice(&size.to_le_bytes()); // xstate_size
+}
+
+/// Reads the guest's XSAVE image back from a signal frame the way the kernel does: a full image
+/// when the software bytes and MAGIC2 describe one of the guest's size, otherwise only the
+/// FXSAVE region (the other components return to their initial state). A malformed image
+/// (header or MXCSR the CPU would refuse) is an error: the kernel kills with SIGSEGV.
+fn read_fpstate(fpstate: u64, xcr0: u64) -> Result<XSaveArea, String> {
+    let size = XsaveLayout::host().size(xcr0);
+    let mut legacy = [0u8; 512];
+    read_host_checked(fpstate, &mut legacy).ok_or(format!("unreadable fpstate at {fpstate:#x}"))?;
+    let word = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let mut image = XSaveArea::default();
+    let mut magic2 = [0u8; 4];
+    let full = word(&legacy, SW_BYTES) == FP_XSTATE_MAGIC1
+        && word(&legacy, SW_BYTES + 16) as usize == size
+        && read_host_checked(fpstate + size as u64, &mut magic2).is_some()
+        && u32::from_le_bytes(magic2) == FP_XSTATE_MAGIC2;
+    if full {
+        read_host_checked(fpstate, &mut image.0[..size]).ok_or(format!("unreadable XSAVE image at {fpstate:#x}"))?;
+        let bv = image.xstate_bv() & xcr0;
+        image.0[XSTATE_BV..XSTATE_BV + 8].copy_from_slice(&bv.to_le_bytes());
+    } else {
+        image.0[..512].copy_from_slice(&legacy);
+        image.0[XSTATE_BV..XSTATE_BV + 64].fill(0);
+        image.mark_in_use(component::X87 | component::SSE);
+    }
+    image
+        .check(xcr0)
+        .map_err(|why| format!("malformed XSAVE image at {fpstate:#x}: {why}"))?;
+    Ok(image)
 }
 
 /// Ends hbt the way the kernel would end the program: by `fatal.signal`, after saying why.

@@ -191,6 +191,19 @@ impl Syscalls {
                         errno(libc::EFAULT)
                     }
                 }
+                // ARCH_GET_XCOMP_SUPP / ARCH_GET_XCOMP_PERM: the guest's XSAVE components, not
+                // the host's (which may include AMX).
+                0x1021 | 0x1022 => {
+                    let xcr0 = t.state().xcr0;
+                    if hbt_translator::mmu::write_host_checked(a[1], &xcr0.to_le_bytes()) {
+                        0
+                    } else {
+                        errno(libc::EFAULT)
+                    }
+                }
+                // ARCH_REQ_XCOMP_PERM: components the guest has are granted already; others
+                // (AMX) are not offered, as on a kernel without them.
+                0x1023 if a[1] < 64 && t.state().xcr0 & (1 << a[1]) != 0 => 0,
                 _ => errno(libc::EINVAL),
             },
             SYS_BRK => self.brk(a[0]),

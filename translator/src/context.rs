@@ -20,6 +20,12 @@ pub const TLB_EMPTY: u64 = u64::MAX;
 /// Tag of an empty indirect-branch slot: `lea rcx,[tag+target]` is zero only for the
 /// non-canonical target 0x8000_0000_0000_0000, and that slot's host address is the miss path.
 pub const IBL_EMPTY_TAG: u64 = 0x8000_0000_0000_0000;
+/// `miss_info` bit: the access is a store from an MMX register (on Intel, a faulting one has
+/// already reset FSW.TOP: `cpu::vendor::Quirk::FaultingMmxStoreResetsTop`).
+pub const MISS_MMX_STORE: u64 = 1 << 26;
+/// `miss_info` bits 27..31: log2 of the alignment the instruction requires (#GP(0) before any
+/// page walk when the address is not aligned: the XSAVE family's 64 bytes); 0 = none.
+pub const MISS_ALIGN_SHIFT: u64 = 27;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 
@@ -62,7 +68,8 @@ pub struct Context {
     /// Address of the rel32 field of the block-exit jump that produced a `Branch` exit.
     pub exit_link: u64,
     pub miss_va: u64,
-    /// Access size in the low 16 bits, [`crate::mmu::Access`] in bits 16..24.
+    /// Access size in the low 16 bits, [`crate::mmu::Access`] in bits 16..24, a stack access in
+    /// bit 24, no alignment check in bit 25, [`MISS_MMX_STORE`], [`MISS_ALIGN_SHIFT`].
     pub miss_info: u64,
     pub rsp_save: u64,
     /// Top of `flag_stack` minus 8: where `pushfq` stored guest flags.
@@ -89,6 +96,7 @@ pub mod off {
     pub const FS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, fs_base);
     pub const GS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, gs_base);
     pub const XSAVE: usize = offset_of!(Context, state) + offset_of!(GuestState, xsave);
+    pub const XCR0: usize = offset_of!(Context, state) + offset_of!(GuestState, xcr0);
     pub const SPILL: usize = offset_of!(Context, spill);
     pub const HOST_RSP: usize = offset_of!(Context, host_rsp);
     pub const HOST_MXCSR: usize = offset_of!(Context, host_mxcsr);
@@ -102,6 +110,8 @@ pub mod off {
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
     pub const IBL_TARGET: usize = offset_of!(Context, ibl_target);
+    pub const FAULT_VECTOR: usize = offset_of!(Context, fault_vector);
+    pub const FAULT_ERROR_CODE: usize = offset_of!(Context, fault_error_code);
     pub const TLB_READ: usize = offset_of!(Context, tlb_read);
     pub const TLB_WRITE: usize = offset_of!(Context, tlb_write);
     pub const IBL_TAGS: usize = offset_of!(Context, ibl_tags);

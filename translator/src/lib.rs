@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod context;
+pub mod cpu;
 pub mod emit;
 pub mod emulate;
 pub mod engine;

@@ -11,14 +11,19 @@ pub trait Platform {
     fn tsc_aux(&mut self) -> u32;
 }
 
-/// The host CPU's view, passed through.
+/// The host CPU's view, as a guest with every managed XSAVE component sees it: CPUID passes
+/// through except that leaf 0DH describes the managed components only and XFD-armed features
+/// (AMX) are hidden (`cpu::xsave::XsaveLayout::guest_cpuid`).
 #[derive(Default)]
 pub struct HostPlatform;
 
 impl Platform for HostPlatform {
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
-        [r.eax, r.ebx, r.ecx, r.edx]
+        let mut regs = [r.eax, r.ebx, r.ecx, r.edx];
+        let layout = crate::cpu::xsave::XsaveLayout::host();
+        layout.guest_cpuid(layout.managed(), leaf, subleaf, &mut regs);
+        regs
     }
     fn rdtsc(&mut self) -> u64 {
         // SAFETY: rdtsc has no memory effects; it is allowed in user mode on Linux.

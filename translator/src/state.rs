@@ -38,23 +38,23 @@ pub mod flags {
     pub const FIXED: u64 = 1 << 1;
 }
 
-/// Size of the XSAVE area hbt reserves. Every component the host OS enabled in XCR0 is saved
-/// and restored (not only x87/SSE/AVX): otherwise a guest `xsave` would store the *host's*
-/// AVX-512 registers, leaking host data. 4 KiB covers every layout up to AVX-512 + PKRU.
-pub const XSAVE_SIZE: usize = 4096;
-/// Offset of the AVX (YMM_Hi128) component in the standard (non-compacted) XSAVE format.
+pub use crate::cpu::xsave::XSAVE_CAPACITY;
+/// Offset of the AVX (YMM_Hi128) component in the standard (non-compacted) XSAVE format (fixed
+/// by the architecture; CPUID.(0DH,2):EBX).
 pub const XSAVE_AVX_OFFSET: usize = 576;
 /// Components hbt initializes and compares: x87, SSE, AVX (the rest start in init state).
 pub const XSAVE_MASK: u64 = 0b111;
 
-/// x87, MMX, SSE and AVX state in the standard XSAVE layout (what `xsave`/`xrstor` use).
+/// The guest's extended state in the standard XSAVE layout (what `xsave`/`xrstor` use), for the
+/// components of its XCR0 (laid out by `cpu::xsave::XsaveLayout`; the image has room for every
+/// managed component).
 #[repr(C, align(64))]
 #[derive(Clone)]
-pub struct XSaveArea(pub [u8; XSAVE_SIZE]);
+pub struct XSaveArea(pub [u8; XSAVE_CAPACITY]);
 
 impl Default for XSaveArea {
     fn default() -> Self {
-        let mut area = XSaveArea([0; XSAVE_SIZE]);
+        let mut area = XSaveArea([0; XSAVE_CAPACITY]);
         area.set_fcw(0x037f);
         area.set_mxcsr(0x1f80);
         // XSTATE_BV: x87, SSE and AVX are all "in use" so xrstor loads them from here.
@@ -78,6 +78,23 @@ impl XSaveArea {
     }
     pub fn set_fsw(&mut self, v: u16) {
         self.0[2..4].copy_from_slice(&v.to_le_bytes());
+    }
+    /// Sets FSW.TOP, keeping every physical register where it is: the image holds the stack
+    /// in ST(i) order, so the slots rotate (the abridged tag word is per physical register and
+    /// stays).
+    pub fn set_x87_top(&mut self, top: u16) {
+        let old = (self.fsw() >> 11) & 7;
+        let shift = (8 + old as usize - top as usize) % 8;
+        let mut regs = [[0u8; 16]; 8];
+        for (i, r) in regs.iter_mut().enumerate() {
+            r.copy_from_slice(&self.0[32 + 16 * i..48 + 16 * i]);
+        }
+        for (i, r) in regs.iter().enumerate() {
+            // Physical register (old + i) % 8 becomes ST((old + i - top) % 8).
+            let j = (i + shift) % 8;
+            self.0[32 + 16 * j..48 + 16 * j].copy_from_slice(r);
+        }
+        self.set_fsw((self.fsw() & !0x3800) | ((top & 7) << 11));
     }
     /// Abridged tag word (one bit per physical register: 1 = valid).
     pub fn ftw(&self) -> u8 {
@@ -140,6 +157,26 @@ impl XSaveArea {
         }
         self.0[512..520].copy_from_slice(&XSAVE_MASK.to_le_bytes());
     }
+
+    /// Checks that `xrstor` on a CPU whose XCR0 is `xcr0` accepts this image (standard
+    /// format): XSTATE_BV within XCR0, XCOMP_BV and the rest of the header zero, no reserved
+    /// MXCSR bit set. The engine checks against the host's XCR0 before every run, so an image a
+    /// guest supplied can make the translator refuse, never fault in its own glue; signal-frame
+    /// images are checked against the guest's.
+    pub fn check(&self, xcr0: u64) -> Result<(), String> {
+        let bv = self.xstate_bv();
+        let comp = u64::from_le_bytes(self.0[520..528].try_into().unwrap());
+        let mask = crate::cpu::xsave::host_mxcsr_mask();
+        if bv & !xcr0 != 0 {
+            Err(format!("XSTATE_BV {bv:#x} has components outside XCR0 {xcr0:#x}"))
+        } else if comp != 0 || self.0[528..576].iter().any(|&b| b != 0) {
+            Err("the XSAVE header's reserved bytes (XCOMP_BV onwards) are not zero".into())
+        } else if self.mxcsr() & !mask != 0 {
+            Err(format!("MXCSR {:#x} sets reserved bits (mask {mask:#x})", self.mxcsr()))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Privilege the guest code runs at. User mode is what `hbt exec` and the harness use; the VMM
@@ -169,6 +206,9 @@ pub struct GuestState {
     pub cr4: u64,
     pub efer: u64,
     pub cpl: Cpl,
+    /// The guest's XCR0: the XSAVE components it was offered (a subset of
+    /// `XsaveLayout::managed`). Entry/exit glue save exactly these; `xgetbv` returns it.
+    pub xcr0: u64,
     /// Segment selectors in hardware order: ES, CS, SS, DS, FS, GS.
     pub seg: [u16; 6],
     pub xsave: XSaveArea,
@@ -196,6 +236,7 @@ impl Default for GuestState {
             cr4: 0x0006_06a0, // PAE, PGE, OSFXSR, OSXMMEXCPT, OSXSAVE
             efer: 0xd01,      // SCE, LME, LMA, NXE
             cpl: Cpl::User,
+            xcr0: crate::cpu::xsave::XsaveLayout::host().managed() & XSAVE_MASK,
             // What a 64-bit Linux process starts with.
             seg: [0, 0x33, 0x2b, 0, 0, 0],
             xsave: XSaveArea::default(),

@@ -5,10 +5,13 @@
 //! jumps to a block. Exit is reached with every guest register live and the guest RIP already
 //! stored; it switches to the host stack with plain `mov`s (guest flags intact), saves flags and
 //! registers, XSAVEs the vector state and returns to the dispatcher.
+//!
+//! The XSAVE mask is the guest's XCR0 (`GuestState::xcr0`, read from the context at every
+//! entry and exit): exactly the components the guest was offered move, so an AVX2 guest on an
+//! AVX-512 host moves 832 bytes, not 2,688, and XFD-armed components (AMX) are never touched.
 
 use super::asm::{ctx, spill_slot, Asm};
 use crate::context::{off, ExitReason, IBL_EMPTY_TAG};
-use crate::host::features::host_xcr0;
 use iced_x86::{Code, Instruction, Register as R};
 
 /// Addresses of the shared glue.
@@ -60,12 +63,8 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
     a.mov_to_ctx(off::HOST_RSP, R::RSP);
     a.glue(Instruction::with1(Code::Stmxcsr_m32, ctx(off::HOST_MXCSR)));
     a.glue(Instruction::with1(Code::Fnstcw_m2byte, ctx(off::HOST_FCW)));
-    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EAX, host_xcr0() as u32));
-    a.glue(Instruction::with2(
-        Code::Mov_r32_imm32,
-        R::EDX,
-        (host_xcr0() >> 32) as u32,
-    ));
+    a.mov_from_ctx(R::RAX, off::XCR0);
+    a.glue(Instruction::with2(Code::Mov_r32_rm32, R::EDX, ctx(off::XCR0 + 4)));
     a.glue(Instruction::with1(Code::Xrstor64_mem, ctx(off::XSAVE)));
     a.glue(Instruction::with1(Code::Push_rm64, ctx(off::RFLAGS)));
     a.op0(Code::Popfq);
@@ -88,12 +87,8 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
             a.mov_to_ctx(off::GPR + 8 * n, *r);
         }
     }
-    a.glue(Instruction::with2(Code::Mov_r32_imm32, R::EAX, host_xcr0() as u32));
-    a.glue(Instruction::with2(
-        Code::Mov_r32_imm32,
-        R::EDX,
-        (host_xcr0() >> 32) as u32,
-    ));
+    a.mov_from_ctx(R::RAX, off::XCR0);
+    a.glue(Instruction::with2(Code::Mov_r32_rm32, R::EDX, ctx(off::XCR0 + 4)));
     a.glue(Instruction::with1(Code::Xsave64_mem, ctx(off::XSAVE)));
     a.op0(Code::Fninit);
     a.glue(Instruction::with1(Code::Fldcw_m2byte, ctx(off::HOST_FCW)));

@@ -20,7 +20,7 @@
 
 use super::asm::{reg_num, Asm, GPR8};
 use super::{BlockEmitter, Cold};
-use crate::context::off;
+use crate::context::{off, MISS_ALIGN_SHIFT, MISS_MMX_STORE};
 use crate::error::TranslateError;
 use crate::mmu::Access;
 use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic, OpAccess, OpKind, Register};
@@ -73,6 +73,16 @@ fn modrm_form(code: Code) -> Code {
 }
 
 impl BlockEmitter<'_> {
+    /// Bytes the soft-MMU checks for `instr`'s memory operand. The XSAVE family has no size in
+    /// iced: the guest's standard-format image for its XCR0 (the largest the instruction can
+    /// touch).
+    pub(super) fn access_size(&self, instr: &Instruction) -> u64 {
+        match instr.memory_size().size() as u64 {
+            0 => crate::cpu::xsave::XsaveLayout::host().size(self.guest_xcr0) as u64,
+            n => n,
+        }
+    }
+
     /// Emits `instr` (which has one explicit memory operand) through the strategy. `raw` are the
     /// guest bytes when `instr` is a guest instruction that may be copied verbatim; `avoid` adds
     /// registers scratch selection must not use.
@@ -90,6 +100,11 @@ impl BlockEmitter<'_> {
             }
             _ => None,
         });
+        if let Some(access) = access {
+            if self.narrows_xstate(instr) {
+                return self.xstate_instr(instr, access);
+            }
+        }
         let seg = matches!(instr.segment_prefix(), Register::FS | Register::GS);
         let rip_rel = instr.is_ip_rel_memory_operand();
         let vsib = instr.memory_index().is_xmm() || instr.memory_index().is_ymm();
@@ -209,11 +224,7 @@ impl BlockEmitter<'_> {
             bit_reg = Some(d);
         }
         if self.soft_mmu {
-            let size = match instr.memory_size().size() as u64 {
-                // XSAVE family: iced gives no size; the host's XSAVE layout decides.
-                0 => crate::host::features::xsave_size(),
-                n => n,
-            };
+            let size = self.access_size(instr);
             self.tlb_lookup(s, access, size, used | bit_reg.map_or(0, |d| 1 << reg_num(d)));
             self.restore_flags();
         }
@@ -275,7 +286,7 @@ impl BlockEmitter<'_> {
     }
 
     /// `S = effective address` (plus the guest FS/GS base), flags untouched.
-    fn address_into(&mut self, s: Register, instr: &Instruction, used: u16) {
+    pub(super) fn address_into(&mut self, s: Register, instr: &Instruction, used: u16) {
         let base = instr.memory_base();
         let index = instr.memory_index();
         if instr.is_ip_rel_memory_operand() {
@@ -326,8 +337,20 @@ impl BlockEmitter<'_> {
         }
     }
 
+    /// `Context::miss_info` for an access of the current instruction.
+    pub(super) fn miss_info(&self, access: Access, size: u64) -> u64 {
+        // Stack-segment accesses (RSP/RBP base) raise #SS rather than #GP when non-canonical.
+        let stack = matches!(self.mem_base.full_register(), Register::RSP | Register::RBP) as u64;
+        let no_alignment_check = self.no_alignment_check as u64;
+        size | ((access as u64) << 16)
+            | (stack << 24)
+            | (no_alignment_check << 25)
+            | if self.mmx_store { MISS_MMX_STORE } else { 0 }
+            | ((self.required_alignment as u64) << MISS_ALIGN_SHIFT)
+    }
+
     /// Queues the cold stub a TLB-lookup branch at `field` goes to on a miss.
-    fn miss_stub(&mut self, field: usize, va_reg: Register, info: u64, flags_saved: bool) {
+    pub(super) fn miss_stub(&mut self, field: usize, va_reg: Register, info: u64, flags_saved: bool) {
         let (guest_rip, spilled) = (self.guest_rip, self.spilled);
         self.cold.push(Cold::TlbMiss {
             field,
@@ -340,16 +363,13 @@ impl BlockEmitter<'_> {
     }
 
     /// The inline TLB lookup turning guest address S into a host address.
-    fn tlb_lookup(&mut self, s: Register, access: Access, size: u64, used: u16) {
+    pub(super) fn tlb_lookup(&mut self, s: Register, access: Access, size: u64, used: u16) {
         let t = self.pick(used | (1 << reg_num(s)));
         self.borrow(t);
         let u = self.pick(used | (1 << reg_num(s)) | (1 << reg_num(t)));
         self.borrow(u);
         let flags_saved = self.flags_in_slot;
-        // Stack-segment accesses (RSP/RBP base) raise #SS rather than #GP when non-canonical.
-        let stack = matches!(self.mem_base.full_register(), Register::RSP | Register::RBP) as u64;
-        let no_alignment_check = self.no_alignment_check as u64;
-        let info = size | ((access as u64) << 16) | (stack << 24) | (no_alignment_check << 25);
+        let info = self.miss_info(access, size);
         let a: &mut Asm = &mut self.asm;
         if size > 1 && !self.split_access {
             a.glue(Instruction::with2(

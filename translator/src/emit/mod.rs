@@ -14,13 +14,15 @@
 //!
 //! One file per concern: `memop.rs` (explicit memory operands through the strategy), `stack.rs`
 //! (push/pop/pushf/popf/leave under the soft-MMU), `branch.rs` (control transfers, chaining and
-//! the inline indirect-branch lookup), `glue.rs` (entry/exit), `asm.rs` (encoder wrapper).
+//! the inline indirect-branch lookup), `glue.rs` (entry/exit), `xstate.rs` (guest
+//! `xsave`/`xrstor` narrowed to the guest's XCR0), `asm.rs` (encoder wrapper).
 
 pub mod asm;
 mod branch;
 pub mod glue;
 mod memop;
 mod stack;
+mod xstate;
 
 use crate::block::DecodedBlock;
 use crate::context::{off, ExitReason};
@@ -86,6 +88,16 @@ enum Cold {
         imm_field: usize,
         cache: usize,
     },
+    /// Raise guest exception `vector` (with `error_code`) at `guest_rip`: restore the guest
+    /// state and take the fault exit.
+    Raise {
+        field: usize,
+        vector: u8,
+        error_code: u32,
+        guest_rip: u64,
+        spilled: u16,
+        flags_saved: bool,
+    },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
     TlbMiss {
         field: usize,
@@ -114,6 +126,12 @@ pub(crate) struct BlockEmitter<'a> {
     mem_base: Register,
     /// The current instruction's access is not alignment-checked (the host kernel performs it).
     no_alignment_check: bool,
+    /// The guest's XCR0 (copied `xsave`/`xrstor` are narrowed to it when the host's is wider).
+    guest_xcr0: u64,
+    /// The current instruction stores an MMX register (see `context::MISS_MMX_STORE`).
+    mmx_store: bool,
+    /// log2 of the alignment the current access requires (`context::MISS_ALIGN_SHIFT`).
+    required_alignment: u8,
     info: InstructionInfoFactory,
 }
 
@@ -124,6 +142,8 @@ pub struct EmitOptions {
     /// Soft-MMU only: the block's single access crosses a page boundary and the engine has
     /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out.
     pub split_access: bool,
+    /// The guest's XCR0 (`GuestState::xcr0`); the engine retranslates when it changes.
+    pub guest_xcr0: u64,
 }
 
 /// Emits `block` for host address `base`.
@@ -149,13 +169,19 @@ pub fn emit_block(
         guest_len: 0,
         mem_base: Register::None,
         no_alignment_check: false,
+        guest_xcr0: options.guest_xcr0,
+        mmx_store: false,
+        required_alignment: 0,
         info: InstructionInfoFactory::new(),
     };
     for d in &block.instrs {
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
-        // Linux's UMIP emulator performs these stores itself, without alignment checking.
-        e.no_alignment_check = d.rule == Rule::UserCopy;
+        // Linux's UMIP emulator performs these stores itself, without alignment checking; the
+        // F16C conversions skip it on some vendors (`cpu::vendor`).
+        e.no_alignment_check = d.rule == Rule::UserCopy || skips_alignment_check(&d.instr);
+        e.mmx_store = is_mmx_store(&d.instr);
+        e.required_alignment = xstate::required_alignment_log2(&d.instr);
         if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr)) {
             e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
             continue;
@@ -185,6 +211,22 @@ pub fn emit_block(
         exits: e.exits,
         inline_caches: e.inline_caches,
     })
+}
+
+/// Accesses the host CPU never alignment-checks (its vendor's quirk).
+fn skips_alignment_check(instr: &Instruction) -> bool {
+    matches!(
+        instr.mnemonic(),
+        iced_x86::Mnemonic::Vcvtph2ps | iced_x86::Mnemonic::Vcvtps2ph
+    ) && crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::F16cSkipsAlignmentCheck)
+}
+
+/// `movd/movq m, mm`, `movntq m64, mm`: a store from an MMX register.
+fn is_mmx_store(instr: &Instruction) -> bool {
+    instr.op_count() == 2
+        && instr.op0_kind() == iced_x86::OpKind::Memory
+        && instr.op1_kind() == iced_x86::OpKind::Register
+        && instr.op1_register().is_mm()
 }
 
 fn has_fs_gs(instr: &Instruction) -> bool {
@@ -279,6 +321,19 @@ impl BlockEmitter<'_> {
         self.flags_in_slot = false;
     }
 
+    /// Out-of-line paths: puts the guest flags (if parked) and the borrowed registers back.
+    fn restore_guest(&mut self, spilled: u16, flags_saved: bool) {
+        if flags_saved {
+            self.restore_flags();
+        }
+        for n in 0..16 {
+            if spilled & (1 << n) != 0 {
+                let r = asm::gpr64(n);
+                self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
+            }
+        }
+    }
+
     /// Ends the block: the engine handles the instruction at `rip`.
     fn exit_to_engine(&mut self, reason: ExitReason, rip: u64) {
         self.asm.store_ctx_u64(off::RIP, rip);
@@ -323,6 +378,24 @@ impl BlockEmitter<'_> {
                     self.asm.branch32(Code::Jmp_rel32_64, miss);
                     self.inline_caches[cache].fill_stub = (here - self.asm.base()) as u32;
                 }
+                Cold::Raise {
+                    field,
+                    vector,
+                    error_code,
+                    guest_rip,
+                    spilled,
+                    flags_saved,
+                } => {
+                    let here = self.asm.here();
+                    self.asm.bind(field, here);
+                    self.restore_guest(spilled, flags_saved);
+                    self.asm.store_ctx_u64(off::RIP, guest_rip);
+                    self.asm.store_ctx_u32(off::FAULT_VECTOR, vector as u32);
+                    self.asm.store_ctx_u32(off::FAULT_ERROR_CODE, error_code);
+                    self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::Fault as u32);
+                    let exit = self.glue.exit;
+                    self.asm.branch32(Code::Jmp_rel32_64, exit);
+                }
                 Cold::TlbMiss {
                     field,
                     va_reg,
@@ -335,15 +408,7 @@ impl BlockEmitter<'_> {
                     self.asm.bind(field, here);
                     self.asm.mov_to_ctx(off::MISS_VA, va_reg);
                     self.asm.store_ctx_u64(off::MISS_INFO, info);
-                    if flags_saved {
-                        self.restore_flags();
-                    }
-                    for n in 0..16 {
-                        if spilled & (1 << n) != 0 {
-                            let r = asm::gpr64(n);
-                            self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
-                        }
-                    }
+                    self.restore_guest(spilled, flags_saved);
                     self.asm.store_ctx_u64(off::RIP, guest_rip);
                     self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::TlbMiss as u32);
                     let exit = self.glue.exit;

@@ -9,6 +9,7 @@ pub mod regs;
 pub mod segment;
 pub mod string;
 
+use crate::cpu::vendor::{self, Quirk};
 use crate::exit::{vector, Exit, GuestException};
 use crate::platform::Platform;
 use crate::rules::EmulateOp;
@@ -103,9 +104,30 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             };
         }
         EmulateOp::Ud => return raise(state, here, GuestException::new(vector::UD)),
-        // The CPU reports icebp as a trap after it; Linux delivers it to user mode with RIP at the
-        // instruction, and that is what a user-mode guest observes.
-        EmulateOp::Int1 => return raise(state, here, GuestException::new(vector::DB)),
+        // icebp is a #DB trap; where the RIP a Linux process sees points differs by vendor.
+        EmulateOp::Int1 => {
+            let rip = if vendor::host_has(Quirk::Int1ReportsRipAtInstruction) {
+                here
+            } else {
+                next
+            };
+            return raise(state, rip, GuestException::new(vector::DB));
+        }
+        EmulateOp::Xgetbv => {
+            const CR4_OSXSAVE: u64 = 1 << 18;
+            if state.cr4 & CR4_OSXSAVE == 0 {
+                return raise(state, here, GuestException::new(vector::UD));
+            }
+            let value = match state.gpr[gpr::RCX] as u32 {
+                0 => state.xcr0,
+                // XINUSE, where the CPU has XGETBV1: the exit glue's `xsave` recorded the
+                // guest's in XSTATE_BV (the host's own XINUSE now describes hbt, not the guest).
+                1 if xgetbv1_supported() => state.xsave.xstate_bv() & state.xcr0,
+                _ => return raise(state, here, GuestException::gp(0)),
+            };
+            set32(state, gpr::RAX, value as u32);
+            set32(state, gpr::RDX, (value >> 32) as u32);
+        }
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
         EmulateOp::Hlt if !user => {
             state.rip = next;
@@ -119,4 +141,9 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
     }
     state.rip = next;
     Outcome::Continue
+}
+
+/// CPUID.(0DH,1):EAX bit 2: `xgetbv` with ECX = 1 reads XINUSE.
+fn xgetbv1_supported() -> bool {
+    std::arch::x86_64::__cpuid_count(0xd, 1).eax & (1 << 2) != 0
 }

@@ -11,6 +11,7 @@
 
 use super::regs::{read_gpr, sreg_index, write_gpr};
 use super::{stack_address, GuestMemory, Outcome};
+use crate::cpu::vendor::{self, Quirk};
 use crate::exit::{vector, Exit, GuestException};
 use crate::state::{flags, gpr, GuestState};
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
@@ -57,14 +58,9 @@ fn selector_fault(vector: u8, selector: u16) -> GuestException {
     }
 }
 
-/// AMD CPUs ignore REX.W on far-pointer loads and far jumps/calls through memory (m16:64 is an
-/// Intel extension): the operand is m16:32.
-fn is_amd() -> bool {
-    static AMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AMD.get_or_init(|| {
-        let r = std::arch::x86_64::__cpuid(0);
-        r.ebx == u32::from_le_bytes(*b"Auth")
-    })
+/// REX.W far pointers: m16:32 on AMD, m16:64 on Intel (`cpu::vendor`).
+fn far_pointer_ignores_rex_w() -> bool {
+    vendor::host_has(Quirk::FarPointerIgnoresRexW)
 }
 
 /// Loads `selector` into segment register `sreg` (index into `GuestState::seg`) at CPL3.
@@ -229,7 +225,7 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         }
         Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss => {
             let dst = instr.op0_register();
-            let size = if dst.size() == 8 && is_amd() {
+            let size = if dst.size() == 8 && far_pointer_ignores_rex_w() {
                 4
             } else {
                 dst.size() as u64
@@ -262,10 +258,10 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 0
             };
             let new_rsp = rsp.wrapping_add(2 * size as u64).wrapping_add(pop);
-            if cs & 3 != 3 {
-                // RPL != CPL announces a return to another privilege level, for which the CPU
-                // also pops SS:RSP above the new top (SS first, as observed on this host) before
-                // it validates CS.
+            if cs & 3 != 3 && vendor::host_has(Quirk::RetfReadsOuterStackFirst) {
+                // RPL != CPL announces a return to another privilege level, for which AMD CPUs
+                // pop SS:RSP above the new top (SS first) before they validate CS; Intel CPUs
+                // check CS first (`cpu::vendor`).
                 mem.read_le(stack_address(new_rsp.wrapping_add(size as u64))?, size)?;
                 mem.read_le(stack_address(new_rsp)?, size)?;
             }
@@ -300,7 +296,7 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         }
         Mnemonic::Jmp | Mnemonic::Call => {
             let size = match instr.memory_size().size() - 2 {
-                8 if is_amd() => 4,
+                8 if far_pointer_ignores_rex_w() => 4,
                 n => n,
             };
             let va = mem_va(s, 0);

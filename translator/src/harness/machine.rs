@@ -11,7 +11,6 @@
 //! Every run ends in a signal: the instruction under test either faults or falls through / jumps
 //! into the HLT sea, where HLT faults in user mode. The signal handler records the full state.
 
-use crate::host::features::host_xcr0;
 use crate::host::map_anonymous;
 use crate::host::signals::{self, Captured, ForkCapture, NativeCapture, NativeGuard};
 use crate::mmu::GuestRam;
@@ -315,12 +314,9 @@ impl Machine {
             Instruction::with2(C::Mov_r64_imm64, R::RCX, std::ptr::addr_of!(*self.xsave_in) as u64),
             &mut code,
         );
+        emit(Instruction::with2(C::Mov_r32_imm32, R::EAX, s.xcr0 as u32), &mut code);
         emit(
-            Instruction::with2(C::Mov_r32_imm32, R::EAX, host_xcr0() as u32),
-            &mut code,
-        );
-        emit(
-            Instruction::with2(C::Mov_r32_imm32, R::EDX, (host_xcr0() >> 32) as u32),
+            Instruction::with2(C::Mov_r32_imm32, R::EDX, (s.xcr0 >> 32) as u32),
             &mut code,
         );
         emit(

@@ -209,6 +209,7 @@ impl Worker {
         s.fs_base = cap.fs_base;
         s.gs_base = cap.gs_base;
         s.xsave.0.copy_from_slice(&cap.xsave[..]);
+        guest_view_of_native(state, inst, &mut s);
         let exc = GuestException {
             vector: cap.trapno as u8,
             error_code: Some(cap.error_code as u32),
@@ -265,6 +266,37 @@ impl Worker {
             self.machine.native_data()
         };
         Ok(Outcome::from_state(&s, event, data))
+    }
+}
+
+/// What a guest of this translator sees where the host shows more: CPUID and `xgetbv` through
+/// the guest's XCR0 (the managed components: XFD-armed AMX hidden). The native run executes on
+/// the host, so its results are mapped the way the translator's platform maps the host's; on
+/// hosts without such components this changes nothing but leaf 0DH's host-only fields. The
+/// mapping itself is unit-tested on synthetic CPUID tables (`cpu::xsave`).
+fn guest_view_of_native(input: &crate::state::GuestState, inst: &synth::Instance, out: &mut crate::state::GuestState) {
+    let completed = out.rip == inst.instr.next_ip();
+    if !completed {
+        return;
+    }
+    let lo = |v: u64| v & 0xffff_ffff;
+    match inst.instr.mnemonic() {
+        iced_x86::Mnemonic::Cpuid => {
+            let mut regs = [out.gpr[0], out.gpr[3], out.gpr[1], out.gpr[2]].map(|v| v as u32);
+            crate::cpu::xsave::XsaveLayout::host().guest_cpuid(
+                input.xcr0,
+                input.gpr[0] as u32,
+                input.gpr[1] as u32,
+                &mut regs,
+            );
+            [out.gpr[0], out.gpr[3], out.gpr[1], out.gpr[2]] = regs.map(|v| v as u64);
+        }
+        iced_x86::Mnemonic::Xgetbv => {
+            let v = ((lo(out.gpr[2]) << 32) | lo(out.gpr[0])) & input.xcr0;
+            out.gpr[0] = lo(v);
+            out.gpr[2] = v >> 32;
+        }
+        _ => {}
     }
 }
 

@@ -10,6 +10,7 @@
 
 use super::machine::DATA_SIZE;
 use super::rng::Rng;
+use crate::cpu::xsave::{XsaveLayout, XCOMP_BV, XSTATE_BV};
 use crate::rules::{rule, BranchKind, EmulateOp, ImplicitOp, Rule, StackOp};
 use crate::state::{flags, GuestState, XSaveArea};
 use iced_x86::{Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register};
@@ -66,9 +67,13 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     let mut i = Instruction::default();
     i.set_code(code);
     let mut mem_target = None;
-    // Forms iced gives no size (XSAVE family) get the soft-MMU's assumption.
+    // Forms iced gives no size (XSAVE family) get the soft-MMU's assumption: the standard image
+    // of the guest's (the harness's: every managed) component set.
     let mem_size = match op.memory_size().size() as u64 {
-        0 => crate::host::features::xsave_size(),
+        0 => {
+            let layout = XsaveLayout::host();
+            layout.size(layout.managed()) as u64
+        }
         n => n,
     };
     for (n, &kind) in op.op_kinds().iter().enumerate() {
@@ -150,7 +155,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 i.set_op_kind(n, OpKind::Memory);
                 let vsib = matches!(kind, K::mem_vsib32x | K::mem_vsib64x | K::mem_vsib32y | K::mem_vsib64y);
                 // Where the access lands: inside one data page, naturally aligned or not.
-                let span = if vsib { 512 } else { mem_size.min(4096) };
+                let span = if vsib { 512 } else { mem_size.min(4095) };
                 let page = rng.below(2) * 4096;
                 let mut offset = page + rng.below(4096 - span);
                 if rng.chance(60) {
@@ -163,9 +168,13 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 }
                 mem_target = Some(offset);
                 let addr32 = !vsib && rng.chance(10);
+                // An XSAVE-family RFBM (EDX:EAX) must avoid components the host has but the
+                // guest lacks (xstate_operands); where there are such, RAX/RDX cannot address.
+                let rfbm_regs = is_xstate(&i) && XsaveLayout::host().host_xcr0() != XsaveLayout::host().managed();
+                let free = |r: Register| !(rfbm_regs && matches!(r, Register::RAX | Register::RDX));
                 let base = loop {
                     let b = gpr_of_size(rng, 8);
-                    if !vsib || b != Register::RSP {
+                    if (!vsib || b != Register::RSP) && free(b) {
                         break b;
                     }
                 };
@@ -184,7 +193,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     } else if rng.chance(50) {
                         let idx = loop {
                             let x = gpr_of_size(rng, 8);
-                            if x != Register::RSP && x != base {
+                            if x != Register::RSP && x != base && free(x) {
                                 break x;
                             }
                         };
@@ -360,7 +369,11 @@ pub fn state(
     seg_bases: (u64, u64),
 ) -> (GuestState, Vec<u8>) {
     let instr = &inst.instr;
-    let mut s = GuestState::default();
+    // The harness's guest has every component the translator manages on this host.
+    let mut s = GuestState {
+        xcr0: XsaveLayout::host().managed(),
+        ..GuestState::default()
+    };
     for r in s.gpr.iter_mut() {
         *r = rng.interesting();
     }
@@ -431,6 +444,11 @@ pub fn state(
         Some(Rule::Emulate(EmulateOp::Cpuid)) => {
             s.gpr[0] = rng.pick(&[0, 1, 7, 0xd, 0x8000_0000, 0x8000_0001]);
             s.gpr[1] = rng.below(2);
+        }
+        Some(Rule::Emulate(EmulateOp::Xgetbv)) => {
+            let other = rng.next_u64();
+            let index = rng.pick(&[0, 1, 0, 1, 2, other]);
+            s.gpr[1] = (s.gpr[1] & !0xffff_ffff) | (index & 0xffff_ffff);
         }
         _ => {}
     }
@@ -519,6 +537,9 @@ pub fn state(
             (s.gpr[full] & !((1u64 << (r.size() * 8)) - 1)) | v
         };
     }
+    if is_xstate(instr) {
+        xstate_operands(instr, rng, &mut s, &mut mem, inst.mem_target);
+    }
     if code_rule == Some(Rule::Emulate(EmulateOp::Segment)) {
         let target = landing(rng);
         segment_state(instr, rng, &mut s, &mut mem, data, inst.mem_target, target);
@@ -541,6 +562,63 @@ pub fn state(
         _ => {}
     }
     (s, mem)
+}
+
+fn is_xstate(instr: &Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    matches!(
+        instr.mnemonic(),
+        M::Xsave | M::Xsave64 | M::Xsaveopt | M::Xsaveopt64 | M::Xsavec | M::Xsavec64 | M::Xrstor | M::Xrstor64
+    )
+}
+
+/// XSAVE family: the requested-feature bitmap (EDX:EAX) and, for `xrstor`, the image header.
+/// RFBM and the header never name a component the host enabled but the guest was not given
+/// (XFD-armed AMX): there a CPU with the guest's XCR0 and this host differ by design, and the
+/// native run cannot model the guest's. Well-formed images (valid header and MXCSR, sometimes
+/// compacted) make `xrstor` succeed often enough to compare the state it loads.
+fn xstate_operands(instr: &Instruction, rng: &mut Rng, s: &mut GuestState, mem: &mut [u8], target: Option<u64>) {
+    let hidden = XsaveLayout::host().host_xcr0() & !s.xcr0;
+    let rfbm = if rng.chance(50) { u64::MAX } else { rng.next_u64() } & !hidden;
+    // EAX/EDX may also address the image (`xsave [rax]`): then their values stay (instance()
+    // keeps them out of addresses on hosts where `hidden` is not empty).
+    let addressing = |n: usize| {
+        [instr.memory_base(), instr.memory_index()]
+            .iter()
+            .any(|r| r.is_gpr() && r.full_register().number() == n)
+    };
+    if !addressing(0) {
+        s.gpr[0] = (s.gpr[0] & !0xffff_ffff) | (rfbm & 0xffff_ffff);
+    }
+    if !addressing(2) {
+        s.gpr[2] = (s.gpr[2] & !0xffff_ffff) | (rfbm >> 32);
+    }
+    let Some(at) = target.map(|t| t as usize).filter(|&t| t + 576 <= mem.len()) else {
+        return;
+    };
+    let restore = matches!(
+        instr.mnemonic(),
+        iced_x86::Mnemonic::Xrstor | iced_x86::Mnemonic::Xrstor64
+    );
+    let word = |mem: &mut [u8], off: usize, f: &dyn Fn(u64) -> u64| {
+        let v = u64::from_le_bytes(mem[at + off..at + off + 8].try_into().expect("8 bytes"));
+        mem[at + off..at + off + 8].copy_from_slice(&f(v).to_le_bytes());
+    };
+    if restore && rng.chance(60) {
+        let bv = rng.next_u64() & s.xcr0;
+        let comp = if rng.chance(30) {
+            (bv | (rng.next_u64() & s.xcr0)) | (1 << 63)
+        } else {
+            0
+        };
+        word(mem, XSTATE_BV, &|_| bv);
+        word(mem, XCOMP_BV, &|_| comp);
+        mem[at + 528..at + 576].fill(0);
+        let mxcsr = (rng.next_u64() as u32) & crate::cpu::xsave::host_mxcsr_mask();
+        mem[at + 24..at + 28].copy_from_slice(&mxcsr.to_le_bytes());
+    }
+    word(mem, XSTATE_BV, &|v| v & !hidden);
+    word(mem, XCOMP_BV, &|v| v & !hidden);
 }
 
 /// Selectors worth loading: null (with each RPL), Linux's user code/data/per-CPU entries, kernel

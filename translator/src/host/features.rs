@@ -102,8 +102,3 @@ pub fn host_xcr0() -> u64 {
         ((hi as u64) << 32) | lo as u64
     })
 }
-
-/// Bytes `xsave` writes for the host's XCR0 (CPUID.0DH:EBX).
-pub fn xsave_size() -> u64 {
-    __cpuid_count(0xd, 0).ebx as u64
-}

@@ -18,7 +18,7 @@
 //! Handlers run on a per-thread alternate stack: guest RSP is never assumed to be a host stack.
 
 use crate::context::{Context, ExitReason};
-use crate::state::{XSAVE_AVX_OFFSET, XSAVE_SIZE};
+use crate::state::{XSAVE_AVX_OFFSET, XSAVE_CAPACITY};
 use std::cell::Cell;
 use std::sync::Once;
 
@@ -66,7 +66,7 @@ pub struct Captured {
     pub seg: [u16; 6],
     pub fs_base: u64,
     pub gs_base: u64,
-    pub xsave: [u8; XSAVE_SIZE],
+    pub xsave: [u8; XSAVE_CAPACITY],
 }
 
 /// Registered by the harness around one native run.

@@ -93,6 +93,8 @@ pub enum EmulateOp {
     Int1,
     /// Segment-register loads and reads, far jumps/calls/returns, `iret` (`emulate/segment.rs`).
     Segment,
+    /// `xgetbv`: the guest's XCR0 (and XINUSE), not the host's.
+    Xgetbv,
 }
 
 /// Mnemonics with a dedicated rule, independent of operand form.
@@ -109,6 +111,7 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Hlt, Rule::Emulate(EmulateOp::Hlt)),
     (Mnemonic::Rdpmc, Rule::Emulate(EmulateOp::Privileged)),
     (Mnemonic::Int1, Rule::Emulate(EmulateOp::Int1)),
+    (Mnemonic::Xgetbv, Rule::Emulate(EmulateOp::Xgetbv)),
     (Mnemonic::Lfs, Rule::Emulate(EmulateOp::Segment)),
     (Mnemonic::Lgs, Rule::Emulate(EmulateOp::Segment)),
     (Mnemonic::Lss, Rule::Emulate(EmulateOp::Segment)),
