@@ -49,6 +49,7 @@ impl Region {
     fn unmapped(&self) -> u64 {
         self.0 as u64 + 8192
     }
+    #[allow(clippy::mut_from_ref)] // the test owns the mapping and runs one thing at a time
     fn bytes(&self) -> &mut [u8] {
         // SAFETY: the data page is mapped and owned by this region.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(4096), 4096) }
