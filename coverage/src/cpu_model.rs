@@ -322,6 +322,33 @@ mod tests {
     }
 
     #[test]
+    fn unsupported_forms_are_unreachable_except_through_psabi_level_features() {
+        let supported =
+            |c: Code| c.op_code().encoding() != iced_x86::EncodingKind::EVEX && c != Code::VEX_Vaesenc_ymm_ymm_ymmm256;
+        let host = CpuModel::Host.features().unwrap();
+        for model in [CpuModel::V3, CpuModel::Host] {
+            let keep = translatable_features(model, supported);
+            let mut instr = Instruction::default();
+            for code in Code::values().filter(|&c| c != Code::INVALID && !supported(c)) {
+                instr.set_code(code);
+                let features = instr.cpuid_features();
+                if features.iter().all(|&f| keep[f as usize]) {
+                    let level = |f: &F| {
+                        [BASE_FEATURES, V1_FEATURES, V2_FEATURES, V3_FEATURES]
+                            .iter()
+                            .any(|l| l.contains(f))
+                    };
+                    assert!(features.iter().all(level), "{model}: {code:?} stays reachable");
+                }
+            }
+            assert!(
+                keep.iter().zip(&host).all(|(k, h)| !k || *h),
+                "{model}: a shown feature the host lacks"
+            );
+        }
+    }
+
+    #[test]
     fn parse_round_trip() {
         for m in CpuModel::ALL {
             assert_eq!(m.to_string().parse::<CpuModel>().unwrap(), m);

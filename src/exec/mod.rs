@@ -269,4 +269,21 @@ mod tests {
         // Leaves without feature bits pass through (vendor string).
         assert_eq!(dflt.cpuid(0, 0), host(0, 0));
     }
+
+    #[test]
+    fn the_guest_never_sees_a_feature_the_host_lacks_nor_amx() {
+        let host = CpuModel::Host.features().expect("host features");
+        for model in [CpuModel::V1, CpuModel::V2, CpuModel::V3, CpuModel::Host] {
+            let p = ExecPlatform::new(model);
+            for f in iced_x86::CpuidFeature::values().filter(|&f| p.keep[f as usize]) {
+                assert!(host[f as usize], "{model}: {f:?} shown but the host lacks it");
+            }
+            // (That no unverified form stays reachable through a shown non-baseline feature is
+            // `cpu_model::translatable_features`' own test.)
+            // The guest's XCR0 follows the features: AVX-512 state only with AVX512F shown.
+            let avx512 = p.keep[iced_x86::CpuidFeature::AVX512F as usize];
+            assert_eq!(p.xcr0() & 0xe0 != 0, avx512, "{model}: XCR0 {:#x}", p.xcr0());
+            assert_eq!(p.xcr0() & (1 << 17 | 1 << 18), 0, "AMX is never offered");
+        }
+    }
 }

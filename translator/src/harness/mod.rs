@@ -13,7 +13,7 @@ pub mod synth;
 
 use crate::engine::{Config, Translator};
 use crate::exit::{vector, Exit, GuestException};
-use crate::host::features::host_runs;
+use crate::host::features::{host_has, host_runs};
 use crate::mmu::MemoryStrategy;
 use crate::platform::HostPlatform;
 use crate::rules::{rule, EmulateOp, Rule};
@@ -48,8 +48,37 @@ impl Default for Options {
 pub enum Status {
     Passed,
     Failed,
-    /// Not testable here (no rule, host lacks the feature, not synthesizable).
+    /// The host CPU lacks these CPUID features, so the form cannot be compared here (it is
+    /// verified on hosts that have them).
+    NotExecutable(Vec<iced_x86::CpuidFeature>),
+    /// Not testable for another reason (no rule, not synthesizable): a defect for a supported form.
     Skipped(String),
+}
+
+impl Status {
+    /// One word for tables and JSON.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Status::Passed => "passed",
+            Status::Failed => "failed",
+            Status::NotExecutable(_) => "not-executable",
+            Status::Skipped(_) => "skipped",
+        }
+    }
+
+    /// Why the form was not tested, if it was not.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Status::NotExecutable(missing) => Some(format!("the host CPU lacks {}", feature_names(missing))),
+            Status::Skipped(why) => Some(why.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// `SSE4A`, `AVX512F+AVX512VL`: iced's feature names.
+pub fn feature_names(features: &[iced_x86::CpuidFeature]) -> String {
+    features.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join("+")
 }
 
 #[derive(Clone, Debug)]
@@ -115,7 +144,13 @@ impl Worker {
             return result;
         };
         if !host_runs(code) {
-            result.status = Status::Skipped("the host CPU cannot execute it".into());
+            let missing = code
+                .cpuid_features()
+                .iter()
+                .copied()
+                .filter(|&f| !host_has(f))
+                .collect();
+            result.status = Status::NotExecutable(missing);
             return result;
         }
         let instances = opts.cases.div_ceil(STATES_PER_INSTANCE).max(1);
