@@ -78,6 +78,14 @@ std::arch::global_asm!(
     "4: dec rcx",
     "jnz 2b",
     "ret",
+    // u64 exits(u64 n): an engine-emulated instruction per iteration, so every iteration is a
+    // round trip through the exit glue, the dispatcher and the entry glue.
+    ".globl hbt_bench_exits",
+    "hbt_bench_exits:",
+    "2: rdtsc",
+    "dec rdi",
+    "jnz 2b",
+    "ret",
     // Where translated runs return to: user-mode hlt ends the run.
     ".globl hbt_bench_sentinel",
     "hbt_bench_sentinel: hlt",
@@ -97,6 +105,7 @@ extern "C" {
     fn hbt_bench_t2();
     fn hbt_bench_t3();
     fn hbt_bench_sentinel();
+    fn hbt_bench_exits();
 }
 
 const N: u64 = 200_000;
@@ -332,6 +341,34 @@ fn main() {
         println!("{name:<10} {n:>12.2?} {i:>12.2?} {s:>12.2?} {ri:>10.2} {rs:>10.2}");
     }
     println!("identity translator: {:?}", identity.stats());
+    // The cost of one dispatcher round trip (exit glue, engine, entry glue) by the guest's
+    // XCR0: what the glue saves and restores is the guest's components only.
+    let layout = hbt_translator::cpu::xsave::XsaveLayout::host();
+    for xcr0 in [0x7 & layout.managed(), layout.managed()] {
+        let mut t = Translator::new(Config {
+            strategy: MemoryStrategy::Identity,
+            code_cache_bytes: 1 << 20,
+            verified_only: true,
+        })
+        .unwrap();
+        const EXITS: u64 = 20_000;
+        let d = Data::new();
+        let per_exit = time(|| {
+            let s = t.state_mut();
+            s.xcr0 = xcr0;
+            s.rip = hbt_bench_exits as *const () as u64;
+            s.gpr[7] = EXITS;
+            s.gpr[4] = d.rsp();
+            std::hint::black_box(t.run(&mut HostPlatform, u64::MAX).expect("translation works"));
+        })
+        .as_secs_f64()
+            / EXITS as f64;
+        println!(
+            "dispatcher round trip with guest XCR0 {xcr0:#x} ({} bytes of XSAVE state): {:.0} ns",
+            layout.size(xcr0),
+            per_exit * 1e9
+        );
+    }
     let count = KERNELS.len() as f64;
     println!(
         "{:<10} {:>12} {:>12} {:>12} {:>10.2} {:>10.2}",
