@@ -104,6 +104,18 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Zeroes `[gpa, gpa+len)` (an ELF segment's bss): checked before anything is touched.
+    pub fn fill_zero(&mut self, gpa: u64, len: u64) -> Result<()> {
+        let off = self.offset_of(gpa, len as usize)?;
+        self.map[off..off + len as usize].fill(0);
+        Ok(())
+    }
+
+    /// Whether `[gpa, gpa+len)` lies in one RAM region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        self.offset_of(gpa, len as usize).is_ok()
+    }
+
     pub fn write_u64(&mut self, gpa: u64, v: u64) -> Result<()> {
         self.write(gpa, &v.to_le_bytes())
     }

@@ -84,6 +84,10 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     r.map_err(|e| format!("`{s}` is not a number: {e}"))
 }
 
+/// The most guest RAM `--mem` may ask for (1 TiB: guest-physical addresses stay far below the
+/// 52-bit limit even above the MMIO hole).
+const MAX_RAM: u64 = 1 << 40;
+
 /// Why a run ended.
 #[derive(Debug)]
 enum End {
@@ -93,6 +97,8 @@ enum End {
     Timeout,
     /// SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signal number.
     Interrupted(i32),
+    /// stdout was closed (EPIPE on the console).
+    OutputClosed,
 }
 
 /// Bit 0: `--timeout`; bits 8..: the terminating signal that arrived (SIGINT/SIGTERM/SIGHUP).
@@ -185,7 +191,18 @@ fn execute(args: &RunArgs) -> Result<i32> {
         );
     }
     let started = Instant::now();
-    let mut mem = memory::GuestMemory::new(args.mem << 20)?;
+    let bytes = args
+        .mem
+        .checked_mul(1 << 20)
+        .filter(|&b| b <= MAX_RAM)
+        .with_context(|| {
+            format!(
+                "--mem {} MiB is more than hbt supports ({} MiB)",
+                args.mem,
+                MAX_RAM >> 20
+            )
+        })?;
+    let mut mem = memory::GuestMemory::new(bytes)?;
     let entry = loader::load(
         &args.image,
         &mut mem,
@@ -213,18 +230,21 @@ fn execute(args: &RunArgs) -> Result<i32> {
     VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
     STOP.store(0, Ordering::SeqCst);
     install_signal_handlers();
-    if let Some(secs) = args.timeout {
-        let d = Duration::from_secs_f64(secs.max(0.0));
-        std::thread::spawn(move || {
-            std::thread::sleep(d);
+    // The watchdog ends the run at --timeout, and after a terminating signal keeps kicking the
+    // vCPU until the loop notices: a kick that lands just before KVM_RUN is lost, and a guest
+    // that never exits (vmcall at CPL0, a spin) would otherwise run on.
+    let deadline = args
+        .timeout
+        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             STOP.fetch_or(STOP_TIMEOUT, Ordering::SeqCst);
-            // Kick until the loop notices (a kick may land just before KVM_RUN).
-            loop {
-                kick_vcpu();
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-    }
+        }
+        if STOP.load(Ordering::SeqCst) != 0 {
+            kick_vcpu();
+        }
+    });
 
     if args.raw_exit_loop {
         return raw_exit_loop(&mut vcpu);
@@ -288,11 +308,14 @@ fn execute(args: &RunArgs) -> Result<i32> {
             Action::Continue => {}
             Action::Exit(v) => break End::ExitPort(v),
             Action::Reset => break End::Reset,
+            Action::OutputClosed => break End::OutputClosed,
         }
         st.exits[reason] += 1;
     };
     let total = started.elapsed();
     let in_loop = loop_started.elapsed();
+    // The guest's last output comes before hbt says how the run ended.
+    bus.pio.flush();
     drop(_terminal);
     let status = match &end {
         End::ExitPort(v) => *v as i32,
@@ -311,6 +334,10 @@ fn execute(args: &RunArgs) -> Result<i32> {
                 vstate::vcpu::describe(&vcpu, &mem)
             );
             124
+        }
+        End::OutputClosed => {
+            eprintln!("hbt: stdout was closed; run ended as a program would by SIGPIPE");
+            128 + libc::SIGPIPE
         }
         End::Interrupted(sig) => {
             let why = if *sig == libc::SIGINT {

@@ -1,6 +1,6 @@
 //! Terminal mode for an interactive guest console: no line buffering or echo (the guest echoes),
 //! signals kept so Ctrl-C still ends the run. Restored on drop, so on every exit path that
-//! unwinds or returns; pipes are left alone.
+//! unwinds or returns; pipes, and terminals hbt is not the foreground job of, are left alone.
 
 pub struct RawGuard {
     saved: Option<libc::termios>,
@@ -8,7 +8,11 @@ pub struct RawGuard {
 
 impl RawGuard {
     pub fn new(interactive: bool) -> Self {
-        if !interactive {
+        // Only the terminal's foreground job may change its mode: from a background process
+        // group tcsetattr would stop hbt with SIGTTOU (and its --timeout with it).
+        // SAFETY: tcgetpgrp/getpgrp only query process-group ids.
+        let foreground = unsafe { libc::tcgetpgrp(0) == libc::getpgrp() };
+        if !interactive || !foreground {
             return RawGuard { saved: None };
         }
         // SAFETY: tcgetattr/tcsetattr on fd 0 with a valid termios.

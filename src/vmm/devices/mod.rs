@@ -17,6 +17,8 @@ pub enum Action {
     Exit(u32),
     /// The guest asked for a reset (i8042 pulse): the run ends.
     Reset,
+    /// hbt's stdout is closed (EPIPE): nobody reads the console any more, the run ends.
+    OutputClosed,
 }
 
 /// An interrupt line a device drives (level: true = asserted). Clones share the line and its
@@ -47,6 +49,8 @@ pub trait Device {
     fn name(&self) -> &'static str;
     fn read(&mut self, offset: u64, data: &mut [u8]);
     fn write(&mut self, offset: u64, data: &[u8]) -> Action;
+    /// Write out anything buffered (the run is ending, or hbt is about to print).
+    fn flush(&mut self) {}
 }
 
 /// One bus entry: addresses `base..base+len` belong to `device`.
@@ -147,6 +151,11 @@ impl Bus {
                 Action::Continue
             }
         }
+    }
+
+    /// Flushes every device's buffered output.
+    pub fn flush(&mut self) {
+        self.ranges.iter_mut().for_each(|r| r.device.flush());
     }
 
     /// (device name, base address, exits) for every device.

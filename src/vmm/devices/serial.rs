@@ -1,8 +1,10 @@
 //! A 16550A UART on COM1 (0x3f8, IRQ 4), wired to hbt's stdout (transmit) and stdin (receive).
 //!
 //! The register set a driver uses: THR/RBR, IER, IIR/FCR, LCR (with DLAB and the divisor
-//! latch), MCR, LSR (THR always empty: output is written at once; data-ready when stdin has
-//! bytes), MSR and the scratch register. Interrupts: "received data available" and "THR empty",
+//! latch), MCR, LSR (THR always empty; data-ready when stdin has bytes), MSR and the scratch
+//! register. Output is batched (one exit per byte is the guest's cost, not a write(2) per byte
+//! too): flushed at a newline, at 4 KiB, and whenever the guest polls LSR or IIR (a prompt
+//! without a newline shows before the guest waits for input). A closed stdout ends the run. Interrupts: "received data available" and "THR empty",
 //! as the IIR reports them, drive IRQ 4 (level) whenever IER enables them.
 
 use super::{Action, Device, IrqLine};
@@ -24,6 +26,8 @@ const IIR_NONE: u8 = 0x01;
 const IIR_THRE: u8 = 0x02;
 const IIR_RX: u8 = 0x04;
 const IIR_FIFO: u8 = 0xc0;
+/// Output is written in batches of at most this many bytes.
+const OUT_BATCH: usize = 4096;
 
 /// Received bytes, filled by the stdin thread.
 #[derive(Clone, Default)]
@@ -43,6 +47,10 @@ pub struct Serial {
     /// reading it from the IIR or writing THR).
     thre_pending: bool,
     out: Box<dyn Write>,
+    /// Transmitted bytes not yet written to `out`.
+    pending: Vec<u8>,
+    /// `out` refused a write (EPIPE): the next THR write ends the run.
+    closed: bool,
     rx: RxQueue,
     irq: IrqLine,
 }
@@ -54,12 +62,28 @@ impl Serial {
         let feed = rx.clone();
         let line = irq.clone();
         std::thread::spawn(move || {
+            // From a background job, a read of the terminal would stop all of hbt with SIGTTIN
+            // (and its --timeout with it). Blocked in this thread, the read fails with EIO
+            // instead, and input is taken again once the job is in the foreground.
+            // SAFETY: a signal set built with the libc helpers, applied to this thread only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGTTIN);
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
             let mut buf = [0u8; 256];
             let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
+            loop {
+                let n = match stdin.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) || e.kind() == std::io::ErrorKind::Interrupted => {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
                 if let Ok(mut q) = feed.bytes.lock() {
                     q.extend(&buf[..n]);
                 }
@@ -80,9 +104,27 @@ impl Serial {
             divisor: 1,
             thre_pending: false,
             out,
+            pending: Vec::with_capacity(OUT_BATCH),
+            closed: false,
             rx,
             irq,
         }
+    }
+
+    /// Writes the batched output; a write error (stdout closed) is remembered.
+    pub fn flush_out(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if self
+            .out
+            .write_all(&self.pending)
+            .and_then(|()| self.out.flush())
+            .is_err()
+        {
+            self.closed = true;
+        }
+        self.pending.clear();
     }
 
     fn rx_ready(&self) -> bool {
@@ -123,6 +165,7 @@ impl Device for Serial {
             1 if dlab => (self.divisor >> 8) as u8,
             1 => self.ier,
             2 => {
+                self.flush_out();
                 let iir = self.pending();
                 if iir == IIR_THRE {
                     // Reading the IIR that reports "THR empty" acknowledges it.
@@ -133,11 +176,18 @@ impl Device for Serial {
             }
             3 => self.lcr,
             4 => self.mcr,
-            5 => LSR_THR_EMPTY | LSR_IDLE | if self.rx_ready() { LSR_DATA_READY } else { 0 },
+            5 => {
+                self.flush_out();
+                LSR_THR_EMPTY | LSR_IDLE | if self.rx_ready() { LSR_DATA_READY } else { 0 }
+            }
             6 => 0xb0, // DCD, DSR, CTS
             _ => self.scratch,
         };
         data.fill(v);
+    }
+
+    fn flush(&mut self) {
+        self.flush_out();
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Action {
@@ -146,9 +196,12 @@ impl Device for Serial {
         match offset {
             0 if dlab => self.divisor = (self.divisor & 0xff00) | v as u16,
             0 => {
-                let _ = self.out.write_all(&[v]);
-                if v == b'\n' {
-                    let _ = self.out.flush();
+                self.pending.push(v);
+                if v == b'\n' || self.pending.len() >= OUT_BATCH {
+                    self.flush_out();
+                }
+                if self.closed {
+                    return Action::OutputClosed;
                 }
                 // Sent at once: the THR is empty again.
                 self.thre_pending = true;
@@ -174,6 +227,6 @@ impl Device for Serial {
 
 impl Drop for Serial {
     fn drop(&mut self) {
-        let _ = self.out.flush();
+        self.flush_out();
     }
 }

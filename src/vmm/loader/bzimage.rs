@@ -57,17 +57,17 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     zp[0x224..0x226].copy_from_slice(&0xde00u16.to_le_bytes()); // heap_end_ptr
     let cmdline = opts.cmdline.as_bytes();
     if cmdline.len() >= CMDLINE_MAX {
-        return Err(LoadError::CmdlineTooLong(CMDLINE_MAX));
+        return Err(LoadError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: CMDLINE_MAX - 1,
+        });
     }
     let mut c = cmdline.to_vec();
     c.push(0);
     fits("the command line", mem.write(CMDLINE, &c))?;
     zp[0x228..0x22c].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
     if let Some(path) = opts.initrd {
-        let initrd = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let initrd = hbt_translator::host::files::read_regular(path, mem.size(), "an --initrd (at most --mem)")?;
         let low_top = mem
             .e820()
             .iter()

@@ -21,10 +21,17 @@ pub fn load(bytes: &[u8], mem: &mut GuestMemory) -> Result<Entry> {
         if ph.p_memsz < ph.p_filesz {
             return Err(LoadError::SegmentSizes { addr: ph.p_paddr });
         }
-        let mut image = bytes[start..end].to_vec();
-        image.resize(ph.p_memsz as usize, 0);
+        // Check the segment fits before anything is sized from the header.
+        if !mem.contains(ph.p_paddr, ph.p_memsz) {
+            return Err(LoadError::SegmentTooLarge {
+                addr: ph.p_paddr,
+                memsz: ph.p_memsz,
+                ram: mem.size(),
+            });
+        }
         let what = format!("PT_LOAD at {:#x} ({} bytes)", ph.p_paddr, ph.p_memsz);
-        fits(&what, mem.write(ph.p_paddr, &image))?;
+        fits(&what, mem.write(ph.p_paddr, &bytes[start..end]))?;
+        fits(&what, mem.fill_zero(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz))?;
         loaded += 1;
     }
     if loaded == 0 {

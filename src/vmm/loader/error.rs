@@ -2,12 +2,11 @@
 //! what to do).
 
 use crate::vmm::memory::MemoryError;
-use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] hbt_translator::host::files::FileError),
     #[error("not an ELF or a Linux bzImage ({len} bytes); for a flat binary give --load-addr (and --entry)")]
     Unrecognized { len: usize },
     #[error("malformed ELF: {0}")]
@@ -20,14 +19,16 @@ pub enum LoadError {
     SegmentPastEnd { offset: u64 },
     #[error("PT_LOAD at {addr:#x} has memsz < filesz")]
     SegmentSizes { addr: u64 },
+    #[error("PT_LOAD at {addr:#x} ({memsz:#x} bytes) does not fit in guest RAM ({ram:#x} bytes); give more --mem")]
+    SegmentTooLarge { addr: u64, memsz: u64, ram: u64 },
     #[error("bzImage boot protocol {major}.{minor} is older than 2.12")]
     OldProtocol { major: u8, minor: u8 },
     #[error("bzImage has no 64-bit entry point (XLF_KERNEL_64 clear)")]
     No64BitEntry,
     #[error("bzImage is truncated: setup claims {setup_sects} sectors, the file has {len} bytes")]
     Truncated { setup_sects: usize, len: usize },
-    #[error("--append is longer than {0} bytes")]
-    CmdlineTooLong(usize),
+    #[error("--append is {len} bytes; the kernel command line holds at most {max} (plus its NUL)")]
+    CmdlineTooLong { len: usize, max: usize },
     #[error("--initrd ({len} bytes) does not fit in guest RAM below {top:#x}; give more --mem")]
     InitrdTooBig { len: usize, top: u64 },
     #[error("e820 map has more than {0} entries")]

@@ -26,10 +26,8 @@ pub struct LoadOptions<'a> {
 }
 
 pub fn load(path: &Path, mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // No image can be larger than the guest's RAM.
+    let bytes = hbt_translator::host::files::read_regular(path, mem.size(), "a guest image (at most --mem)")?;
     if bytes.starts_with(b"\x7fELF") {
         return elf::load(&bytes, mem);
     }

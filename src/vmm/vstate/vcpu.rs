@@ -44,9 +44,15 @@ pub fn describe(vcpu: &VcpuFd, mem: &GuestMemory) -> String {
     // RIP is a guest-virtual address; with hbt's identity map it is also guest-physical.
     let mut bytes = [0u8; 15];
     if mem.read(r.rip, &mut bytes).is_ok() {
+        let instr = iced_x86::Decoder::with_ip(64, &bytes, r.rip, iced_x86::DecoderOptions::NONE).decode();
         out += &format!(
-            " bytes at rip: {}",
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+            " bytes at rip: {} ({})",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
+            if instr.is_invalid() {
+                "not a valid instruction".to_string()
+            } else {
+                format!("`{instr}`")
+            }
         );
     }
     out

@@ -1,0 +1,214 @@
+//! `hbt run` against hostile or careless input (issue 11): oversized or endless files, special
+//! files, headers that lie, guests that never exit, a closed stdout, a background job. Every
+//! run is bounded in address space (RLIMIT_AS) and time, so a regression fails the test
+//! instead of taking the machine down. Needs /dev/kvm, like tests/run_guests.rs.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Address-space limit for one `hbt run` (256 MiB of guest RAM plus hbt itself fit easily).
+const AS_LIMIT: u64 = 2 << 30;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `hbt run ARGS` under RLIMIT_AS, with stdin from /dev/null.
+fn command(args: &[&str]) -> Command {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing (CI provides it)");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hbt"));
+    cmd.arg("run").args(args).current_dir(root()).stdin(Stdio::null());
+    // SAFETY: setrlimit between fork and exec touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: AS_LIMIT,
+                rlim_max: AS_LIMIT,
+            };
+            libc::setrlimit(libc::RLIMIT_AS, &lim);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Runs with a wall-clock bound: a hang fails the test (the child is killed).
+fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hbt");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("hbt did not finish within {limit:?}: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn run(args: &[&str]) -> (String, String, Option<i32>) {
+    let out = run_bounded(command(args), Duration::from_secs(30));
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.code(),
+    )
+}
+
+/// An error run: status 1, one line, no panic.
+fn refused(args: &[&str], needle: &str) {
+    let (_, stderr, code) = run(args);
+    assert_eq!(code, Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: expected `{needle}` in: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+}
+
+/// hello.img with its first PT_LOAD's p_memsz replaced.
+fn elf_with_memsz(dir: &Path, memsz: u64) -> PathBuf {
+    let mut b = std::fs::read(root().join("test-images/hello.img")).unwrap();
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    let phent = u16::from_le_bytes([b[0x36], b[0x37]]) as usize;
+    let phnum = u16::from_le_bytes([b[0x38], b[0x39]]) as usize;
+    let load = (0..phnum)
+        .map(|i| phoff + i * phent)
+        .find(|&o| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) == 1)
+        .unwrap();
+    b[load + 0x28..load + 0x30].copy_from_slice(&memsz.to_le_bytes());
+    let path = dir.join(format!("memsz-{memsz:x}.img"));
+    std::fs::write(&path, b).unwrap();
+    path
+}
+
+#[test]
+fn lying_elf_sizes_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    for memsz in [u64::MAX, 0xffff_ffff_fff0_0000, 8 << 30, 300 << 20] {
+        let img = elf_with_memsz(dir.path(), memsz);
+        let started = Instant::now();
+        refused(&[img.to_str().unwrap()], "does not fit in guest RAM");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "memsz {memsz:#x} took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn special_and_endless_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path in our temp directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    refused(&["/dev/zero"], "/dev/zero is a character device, not a regular file");
+    refused(&[fifo.to_str().unwrap()], "is a FIFO, not a regular file");
+    refused(&["test-images"], "test-images is a directory, not a regular file");
+    let kernel = std::fs::read_dir("/boot")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .expect("a Debian kernel in /boot (.ci/run installs linux-image-cloud-amd64)");
+    let k = kernel.to_str().unwrap();
+    refused(&["--initrd", "/dev/zero", k], "/dev/zero is a character device");
+    refused(&["--initrd", fifo.to_str().unwrap(), k], "is a FIFO");
+    let big = dir.path().join("big");
+    std::fs::File::create(&big).unwrap().set_len(300 << 20).unwrap(); // sparse, larger than RAM
+    refused(&[big.to_str().unwrap()], "can be at most");
+    refused(&["--initrd", big.to_str().unwrap(), k], "can be at most");
+}
+
+#[test]
+fn option_values_that_overflow_or_lie_are_refused() {
+    refused(
+        &["--mem", "17592186044419", "test-images/hello.img"],
+        "--mem 17592186044419 MiB is more than",
+    );
+    let kernel = std::fs::read_dir("/boot")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .unwrap();
+    let long = "x".repeat(65536);
+    refused(
+        &["--append", &long, kernel.to_str().unwrap()],
+        "--append is 65536 bytes; the kernel command line holds at most 65535",
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_the_run() {
+    // serial-flood prints forever; `| head -c 100` closes the pipe.
+    let mut child = command(&["--timeout", "30", "test-images/serial-flood.img"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 100];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    assert!(first.starts_with(b"serial-flood line 0\n"));
+    drop(stdout);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(stderr.contains("stdout was closed"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_guest_that_never_exits_still_ends_on_timeout_and_signals() {
+    let (_, stderr, code) = run(&["--timeout", "1", "test-images/stuck-vmcall.img"]);
+    assert_eq!(code, Some(124), "{stderr}");
+    assert!(stderr.contains("`vmcall`"), "says what the guest was doing: {stderr}");
+    for (sig, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let child = command(&["test-images/stuck-vmcall.img"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let started = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(status),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}
+
+#[test]
+fn a_background_job_on_a_terminal_is_not_stopped() {
+    // An interactive shell on a pseudo-terminal (script(1)) runs hbt as a background job with
+    // the terminal as stdin: touching the terminal's mode or reading it would stop hbt with
+    // SIGTTOU/SIGTTIN, and then its --timeout could never fire.
+    let hbt = env!("CARGO_BIN_EXE_hbt");
+    let inner = format!("{hbt} run --timeout 2 test-images/stuck-vmcall.img < /dev/tty & wait $!; echo job-exit=$?");
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &format!("bash --norc -ic '{inner}'"), "/dev/null"])
+        .current_dir(root())
+        .stdin(Stdio::null());
+    let out = run_bounded(cmd, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("job-exit=124"),
+        "the background run timed out normally: {text}"
+    );
+}
