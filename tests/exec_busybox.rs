@@ -131,11 +131,12 @@ fn bad_programs_get_one_line_errors() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: cannot read /nonexistent/prog"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .starts_with("error: /nonexistent/prog: cannot execute: No such file or directory"));
     let out = Command::new(hbt()).args(["exec", "/etc/hostname"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a valid ELF"),
+        String::from_utf8_lossy(&out.stderr).contains("not an ELF file"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -6,8 +6,8 @@
 //! the interpreter, with AT_BASE/AT_ENTRY/AT_PHDR telling it where everything is, as execve(2)
 //! would arrange; ld.so then maps the libraries itself through (passed-through) mmap.
 
-use anyhow::{bail, Context, Result};
-use goblin::elf::{program_header::PT_LOAD, Elf};
+use super::elf::{self, Executable, Refusal};
+use anyhow::{bail, Result};
 use std::path::Path;
 
 const PAGE: u64 = 4096;
@@ -28,24 +28,8 @@ pub struct Image {
     pub phent: u64,
     /// First byte after the highest segment: where the heap (brk) starts.
     pub brk: u64,
-}
-
-fn map_fixed(addr: u64, len: u64, prot: i32) -> Result<()> {
-    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping (it fails instead).
-    let p = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len as usize,
-            prot,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    if p as u64 != addr {
-        bail!("cannot map {len:#x} bytes at {addr:#x} (taken by hbt itself or out of range)");
-    }
-    Ok(())
+    /// PT_GNU_STACK asks for an executable stack.
+    pub exec_stack: bool,
 }
 
 /// A mapped ELF: its load bias and what the auxiliary vector needs.
@@ -58,124 +42,234 @@ struct Mapped {
     end: u64,
 }
 
-fn parse<'a>(path: &Path, bytes: &'a [u8]) -> Result<Elf<'a>> {
-    let elf = Elf::parse(bytes).with_context(|| format!("{}: not a valid ELF file", path.display()))?;
-    if !elf.is_64 || elf.header.e_machine != goblin::elf::header::EM_X86_64 {
-        bail!("{}: not an x86-64 ELF", path.display());
-    }
-    Ok(elf)
+/// Why a program cannot run: execve(2)'s errno (the kernel would refuse it) or, for a problem
+/// the kernel meets after the point of no return, the signal that would kill it.
+#[derive(Debug)]
+pub enum LoadError {
+    Refused(Refusal),
+    Killed { signal: i32, why: String },
 }
 
-/// Maps `elf`'s PT_LOAD segments at `base` + their addresses, or, with `base == None`, at a
-/// base the kernel picks (a reservation of the whole span, then segments inside it).
-fn map_elf(path: &Path, bytes: &[u8], elf: &Elf, base: Option<u64>) -> Result<Mapped> {
-    let loads: Vec<_> = elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD).collect();
-    if loads.is_empty() {
-        bail!("{}: no loadable segments", path.display());
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Refused(r) => write!(f, "{r}"),
+            LoadError::Killed { why, .. } => write!(f, "{why}"),
+        }
     }
-    let lo = loads.iter().map(|p| p.p_vaddr & !(PAGE - 1)).min().unwrap_or(0);
+}
+
+impl std::error::Error for LoadError {}
+
+impl From<Refusal> for LoadError {
+    fn from(r: Refusal) -> Self {
+        LoadError::Refused(r)
+    }
+}
+
+fn killed(why: String) -> LoadError {
+    LoadError::Killed {
+        signal: libc::SIGSEGV,
+        why,
+    }
+}
+
+fn page_down(v: u64) -> u64 {
+    v & !(PAGE - 1)
+}
+
+fn page_up(v: u64) -> Option<u64> {
+    v.checked_add(PAGE - 1).map(page_down)
+}
+
+/// `mmap` with a checked result.
+fn mmap(addr: u64, len: u64, prot: i32, flags: i32, fd: i32, offset: u64) -> Result<u64, std::io::Error> {
+    // SAFETY: every caller maps inside a reservation it made (MAP_FIXED) or asks for a
+    // kernel-chosen/NOREPLACE address; the result is checked.
+    let p = unsafe { libc::mmap(addr as *mut libc::c_void, len as usize, prot, flags, fd, offset as i64) };
+    if p == libc::MAP_FAILED {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(p as u64)
+    }
+}
+
+fn prot_of(flags: u32) -> i32 {
+    let mut prot = 0;
+    if flags & elf::PF_R != 0 {
+        prot |= libc::PROT_READ;
+    }
+    if flags & elf::PF_W != 0 {
+        prot |= libc::PROT_WRITE;
+    }
+    if flags & elf::PF_X != 0 {
+        // The guest's code is translated, never run natively; PROT_EXEC is kept because the
+        // translator honours no-execute from the host's protections, and it must be readable.
+        prot |= libc::PROT_EXEC | libc::PROT_READ;
+    }
+    prot
+}
+
+/// Maps `exe`'s PT_LOAD segments from its file at `base` + their addresses, or, with
+/// `base == None`, at a base the kernel picks: a reservation of the whole span first, then
+/// each segment inside it, file-backed as the kernel maps them (a segment past the end of the
+/// file faults when touched), with the bss zeroed and mapped anonymously.
+fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, LoadError> {
+    let loads: Vec<_> = exe.phdrs.iter().filter(|p| p.p_type == elf::PT_LOAD).collect();
+    if loads.is_empty() {
+        return Err(killed(format!("{}: no loadable segments", path.display())));
+    }
+    for p in &loads {
+        if p.filesz > p.memsz {
+            return Err(Refusal {
+                errno: libc::EINVAL,
+                why: format!("{}: segment at {:#x} has p_filesz > p_memsz", path.display(), p.vaddr),
+            }
+            .into());
+        }
+        if p.offset % PAGE != p.vaddr % PAGE {
+            return Err(killed(format!(
+                "{}: segment at {:#x} is not congruent with its file offset {:#x} modulo the page size",
+                path.display(),
+                p.vaddr,
+                p.offset
+            )));
+        }
+    }
+    let lo = loads.iter().map(|p| page_down(p.vaddr)).min().unwrap_or(0);
     let hi = loads
         .iter()
-        .map(|p| p.p_vaddr.saturating_add(p.p_memsz))
-        .max()
+        .map(|p| p.vaddr.checked_add(p.memsz))
+        .try_fold(0u64, |m, e| e.map(|e| m.max(e)));
+    let span = hi
+        .and_then(|hi| page_up(hi))
+        .map(|hi| hi.saturating_sub(lo))
         .unwrap_or(0);
-    let span = (hi.saturating_sub(lo) + PAGE - 1) & !(PAGE - 1);
     if span == 0 || span > 1 << 40 {
-        bail!("{}: implausible PT_LOAD span {span:#x}", path.display());
+        return Err(killed(format!(
+            "{}: implausible PT_LOAD span {span:#x}",
+            path.display()
+        )));
     }
-    let base = match base {
-        Some(b) => b,
-        None => {
-            // SAFETY: a fresh PROT_NONE reservation at a kernel-chosen address, checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    span as usize,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                bail!("{}: cannot reserve {span:#x} bytes for it", path.display());
-            }
-            // SAFETY: give the reservation back; the segments are mapped into exactly this range
-            // right after (single-threaded, so nothing else can take it in between).
-            unsafe { libc::munmap(p, span as usize) };
-            p as u64 - lo
-        }
+    let reserve = |at: u64, flags: i32| {
+        mmap(
+            at,
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
+            -1,
+            0,
+        )
     };
+    let base = match base {
+        Some(b) => {
+            let at = b.wrapping_add(lo);
+            match reserve(at, libc::MAP_FIXED_NOREPLACE) {
+                Ok(p) if p == at => b,
+                _ => {
+                    return Err(killed(format!(
+                        "{}: cannot map {span:#x} bytes at {at:#x} (taken by hbt itself or out of range)",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        None => match reserve(0, 0) {
+            Ok(p) => p - lo,
+            Err(e) => {
+                return Err(killed(format!(
+                    "{}: cannot reserve {span:#x} bytes: {e}",
+                    path.display()
+                )))
+            }
+        },
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&exe.file);
     let mut end = 0;
-    for ph in &loads {
-        let start = (base + ph.p_vaddr) & !(PAGE - 1);
-        let seg_end = (base + ph.p_vaddr + ph.p_memsz + PAGE - 1) & !(PAGE - 1);
-        let file_end = ph
-            .p_offset
-            .checked_add(ph.p_filesz)
-            .filter(|&e| e <= bytes.len() as u64 && ph.p_filesz <= ph.p_memsz);
-        let Some(file_end) = file_end else {
-            bail!(
-                "{}: segment at {:#x} extends past the end of the file",
-                path.display(),
-                ph.p_vaddr
-            );
+    for p in &loads {
+        let va = base + p.vaddr;
+        let start = page_down(va);
+        let file_end = va + p.filesz;
+        let mem_end = page_up(va + p.memsz).unwrap_or(u64::MAX);
+        let prot = prot_of(p.flags);
+        let fixed = libc::MAP_PRIVATE | libc::MAP_FIXED;
+        if p.filesz > 0 {
+            let len = page_up(file_end).unwrap_or(u64::MAX) - start;
+            // Writable while the bss tail is zeroed; the final protection is set below.
+            mmap(
+                start,
+                len,
+                prot | libc::PROT_WRITE | libc::PROT_READ,
+                fixed,
+                fd,
+                page_down(p.offset),
+            )
+            .map_err(|e| killed(format!("{}: cannot map the segment at {va:#x}: {e}", path.display())))?;
+            let tail = page_up(file_end).unwrap_or(file_end) - file_end;
+            if p.memsz > p.filesz
+                && tail > 0
+                && !hbt_translator::mmu::write_host_checked(file_end, &vec![0u8; tail as usize])
+            {
+                return Err(killed(format!(
+                    "{}: cannot clear the bss of the segment at {va:#x} (the file ends before it)",
+                    path.display()
+                )));
+            }
+        }
+        let anon_start = if p.filesz > 0 {
+            page_up(file_end).unwrap_or(u64::MAX)
+        } else {
+            start
         };
-        map_fixed(start, seg_end - start, libc::PROT_READ | libc::PROT_WRITE)?;
-        // SAFETY: the destination was just mapped writable and spans the segment.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes[ph.p_offset as usize..file_end as usize].as_ptr(),
-                (base + ph.p_vaddr) as *mut u8,
-                ph.p_filesz as usize,
-            );
-        }
-        let mut prot = 0;
-        if ph.is_read() {
-            prot |= libc::PROT_READ;
-        }
-        if ph.is_write() {
-            prot |= libc::PROT_WRITE;
-        }
-        if ph.is_executable() {
-            // Translated, never executed natively; readable so the translator can fetch it.
-            prot |= libc::PROT_READ;
+        if mem_end > anon_start {
+            mmap(
+                anon_start,
+                mem_end - anon_start,
+                libc::PROT_READ | libc::PROT_WRITE,
+                fixed | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+            .map_err(|e| {
+                killed(format!(
+                    "{}: cannot map the bss at {anon_start:#x}: {e}",
+                    path.display()
+                ))
+            })?;
         }
         // SAFETY: changing the protection of the range mapped above.
-        unsafe { libc::mprotect(start as *mut libc::c_void, (seg_end - start) as usize, prot) };
-        end = end.max(seg_end);
+        unsafe { libc::mprotect(start as *mut libc::c_void, (mem_end - start) as usize, prot) };
+        end = end.max(mem_end);
     }
-    let phdr = elf
-        .program_headers
+    let phdr = exe
+        .phdrs
         .iter()
-        .find(|p| p.p_type == goblin::elf::program_header::PT_PHDR)
-        .map(|p| base + p.p_vaddr)
-        .unwrap_or_else(|| base + loads[0].p_vaddr - loads[0].p_offset + elf.header.e_phoff);
+        .find(|p| p.p_type == elf::PT_PHDR)
+        .map(|p| base + p.vaddr)
+        .unwrap_or_else(|| base + loads[0].vaddr - loads[0].offset + exe.phoff);
     Ok(Mapped {
         base,
-        entry: base + elf.entry,
+        entry: base.wrapping_add(exe.entry),
         phdr,
-        phnum: elf.header.e_phnum as u64,
-        phent: elf.header.e_phentsize as u64,
+        phnum: exe.phnum as u64,
+        phent: 56,
         end,
     })
 }
 
-/// What execve(2) would run for `path` with `argv`: the file itself if it is an ELF, or the
-/// interpreter of a `#!` script with the script spliced into the arguments (one level, as
-/// binfmt_script). Errors are the errno execve would return.
+/// What execve(2) would run for `path` with `argv`: the file itself if it is an ELF the kernel
+/// accepts, or the interpreter of a `#!` script with the script spliced into the arguments (one
+/// level, as binfmt_script). Errors are the errno execve would return.
 pub fn resolve_exec(path: &str, argv: Vec<String>) -> Result<(String, Vec<String>), i32> {
-    let c = std::ffi::CString::new(path).map_err(|_| libc::ENOENT)?;
-    // SAFETY: access(2) on a NUL-terminated path.
-    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::ENOENT));
-    }
-    let mut head = [0u8; 256];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .map_err(|e| e.raw_os_error().unwrap_or(libc::EACCES))?;
-    let head = &head[..n];
+    let file = elf::open_executable(Path::new(path)).map_err(|r| r.errno)?;
+    let head = elf::head(&file).map_err(|r| r.errno)?;
     if head.starts_with(b"\x7fELF") {
+        // The checks execve makes before the point of no return, so its errno is the kernel's.
+        let exe = elf::inspect(file, false).map_err(|r| r.errno)?;
+        if let Some(interp) = &exe.interpreter {
+            let ifile = elf::open_executable(Path::new(interp)).map_err(|r| r.errno)?;
+            elf::inspect(ifile, true).map_err(|r| r.errno)?;
+        }
         return Ok((path.to_string(), argv));
     }
     if !head.starts_with(b"#!") {
@@ -199,22 +293,25 @@ pub fn resolve_exec(path: &str, argv: Vec<String>) -> Result<(String, Vec<String
 }
 
 /// Maps the program (and its interpreter, if it has one).
-pub fn load(path: &Path) -> Result<Image> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let elf = parse(path, &bytes)?;
-    let pie = elf.header.e_type == goblin::elf::header::ET_DYN;
-    let program = map_elf(path, &bytes, &elf, Some(if pie { PIE_BASE } else { 0 }))?;
-    let (entry, interp_base) = match elf.interpreter {
+pub fn load(path: &Path) -> Result<Image, LoadError> {
+    let exe = elf::inspect(elf::open_executable(path)?, false)?;
+    let pie = exe.e_type == elf::ET_DYN;
+    let interp = match &exe.interpreter {
+        None => None,
+        Some(name) => {
+            let ipath = Path::new(name);
+            let iexe = elf::inspect(elf::open_executable(ipath)?, true).map_err(|r| Refusal {
+                errno: r.errno,
+                why: format!("interpreter {name}: {}", r.why),
+            })?;
+            Some((ipath.to_path_buf(), iexe))
+        }
+    };
+    let program = map_elf(path, &exe, Some(if pie { PIE_BASE } else { 0 }))?;
+    let (entry, interp_base) = match &interp {
         None => (program.entry, 0),
-        Some(interp) => {
-            let ipath = Path::new(interp);
-            let ibytes = std::fs::read(ipath)
-                .with_context(|| format!("{}: cannot read its interpreter {interp}", path.display()))?;
-            let ielf = parse(ipath, &ibytes)?;
-            if ielf.header.e_type != goblin::elf::header::ET_DYN || ielf.interpreter.is_some() {
-                bail!("{}: interpreter {interp} is not a shared object", path.display());
-            }
-            let m = map_elf(ipath, &ibytes, &ielf, None)?;
+        Some((ipath, iexe)) => {
+            let m = map_elf(ipath, iexe, if iexe.e_type == elf::ET_EXEC { Some(0) } else { None })?;
             (m.entry, m.base)
         }
     };
@@ -226,6 +323,7 @@ pub fn load(path: &Path) -> Result<Image> {
         phnum: program.phnum,
         phent: program.phent,
         brk: program.end,
+        exec_stack: exe.exec_stack,
     })
 }
 
@@ -236,7 +334,7 @@ pub fn build_stack(image: &Image, args: &[String], env: &[String], hwcap: u64, e
         libc::mmap(
             std::ptr::null_mut(),
             STACK_SIZE as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
+            libc::PROT_READ | libc::PROT_WRITE | if image.exec_stack { libc::PROT_EXEC } else { 0 },
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
             -1,
             0,

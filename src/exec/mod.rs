@@ -2,6 +2,7 @@
 //! (identity strategy). System calls go to the host kernel, except those that would break the
 //! translation, which are emulated here (`syscalls.rs`).
 
+mod elf;
 mod loader;
 mod signals;
 mod syscalls;
@@ -145,11 +146,12 @@ pub fn run(args: ExecArgs) -> Result<()> {
 fn execute(args: &ExecArgs) -> Result<i32> {
     let mut argv = vec![args.argv0.clone().unwrap_or_else(|| args.program.display().to_string())];
     argv.extend(args.args.iter().cloned());
-    let mut head = [0u8; 2];
-    let is_script = std::fs::File::open(&args.program)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-        .is_ok()
-        && &head == b"#!";
+    // The checks execve(2) makes, in its order: an executable regular file (a FIFO or a
+    // directory is EACCES, never a hang), then the binary format.
+    let program = elf::open_executable(&args.program)
+        .map_err(|r| anyhow::anyhow!("{}: cannot execute: {r}", args.program.display()))?;
+    let is_script = elf::head(&program).is_ok_and(|h| h.starts_with(b"#!"));
+    drop(program);
     let script_path;
     let path = if is_script {
         let (interp, new_argv) = loader::resolve_exec(&args.program.display().to_string(), argv).map_err(|e| {
@@ -165,7 +167,17 @@ fn execute(args: &ExecArgs) -> Result<i32> {
     } else {
         &args.program
     };
-    let image = loader::load(path)?;
+    let image = match loader::load(path) {
+        Ok(image) => image,
+        Err(loader::LoadError::Refused(r)) => bail!("{}: cannot execute: {r}", path.display()),
+        Err(loader::LoadError::Killed { signal, why }) => signals::die(
+            path,
+            &signals::Fatal {
+                signal,
+                why: format!("the kernel would kill the program at exec: {why}"),
+            },
+        ),
+    };
     let env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
     let hwcap = std::arch::x86_64::__cpuid(1).edx as u64;
     let rsp = loader::build_stack(&image, &argv, &env, hwcap, &path.display().to_string())?;

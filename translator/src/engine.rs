@@ -155,6 +155,9 @@ pub struct Translator {
     bounce_buffer: Option<memmap2_free::PageBuffer>,
     /// The guest XCR0 the code cache was translated for (0: none yet).
     translated_xcr0: u64,
+    /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
+    /// pages, as the CPU would) and for the protections SMC detection changes.
+    maps: crate::host::pages::HostMaps,
     stats: Stats,
 }
 
@@ -219,6 +222,7 @@ impl Translator {
             bounce: None,
             bounce_buffer: None,
             translated_xcr0: 0,
+            maps: Default::default(),
             stats: Stats::default(),
         })
     }
@@ -259,6 +263,7 @@ impl Translator {
     /// Forgets translations of code in `[start, start+len)` (identity strategy: the guest
     /// unmapped, remapped or reprotected that memory).
     pub fn invalidate_range(&mut self, start: u64, len: u64) {
+        self.maps.invalidate();
         let end = start.saturating_add(len);
         let pages: Vec<u64> = self
             .code_pages
@@ -529,6 +534,7 @@ impl Translator {
             strategy: &self.strategy,
             state: &self.ctx.get().state,
             pages: Vec::new(),
+            maps: &mut self.maps,
         };
         let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
         let user = self.ctx.get().state.cpl == crate::state::Cpl::User;
@@ -556,7 +562,7 @@ impl Translator {
             let mut page = block.start & !(PAGE - 1);
             while page < block.end {
                 if self.write_protect_code {
-                    self.protected.protect(page);
+                    self.protected.protect(page, &mut self.maps);
                 }
                 pages.push(page);
                 page += PAGE;
@@ -1025,14 +1031,24 @@ struct Fetcher<'a> {
     state: &'a GuestState,
     /// (guest virtual page, guest physical page) of every page read.
     pages: Vec<(u64, u64)>,
+    maps: &'a mut crate::host::pages::HostMaps,
 }
+
+/// #PF error code of a user-mode instruction fetch: not present (0x14) or no-execute (0x15).
+const FETCH_NOT_PRESENT: u32 = 0x14;
+const FETCH_NX: u32 = 0x15;
 
 impl CodeFetch for Fetcher<'_> {
     fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException> {
         match self.strategy {
-            MemoryStrategy::Identity => mmu::read_host_checked(addr, buf)
-                .map(|()| buf.len())
-                .ok_or(GuestException::page_fault(addr, 0x14)),
+            MemoryStrategy::Identity => {
+                mmu::read_host_checked(addr, buf).ok_or(GuestException::page_fault(addr, FETCH_NOT_PRESENT))?;
+                // No-execute: the guest's protections are the host's.
+                if !self.maps.executable(addr) {
+                    return Err(GuestException::page_fault(addr, FETCH_NX));
+                }
+                Ok(buf.len())
+            }
             MemoryStrategy::SoftMmu(ram) => {
                 let pa = soft_mmu::walk(ram, self.state, addr, Access::Fetch)?;
                 let host = ram

@@ -46,7 +46,7 @@ impl FileError {
 }
 
 /// The OS error text without Rust's " (os error N)" suffix.
-fn os_message(e: &std::io::Error) -> String {
+pub fn os_message(e: &std::io::Error) -> String {
     let text = e.to_string();
     match text.find(" (os error") {
         Some(i) => text[..i].to_string(),

@@ -12,16 +12,38 @@ pub const PAGE: u64 = 4096;
 /// Dirty pages the handler can record before the engine must flush everything.
 pub const MAX_DIRTY: usize = 32;
 
-/// Protection of the mapping holding `addr` (PROT_* bits), from /proc/self/maps.
-pub fn protection(addr: u64) -> Option<i32> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    for line in maps.lines() {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let perms = fields.next()?;
-        let (lo, hi) = range.split_once('-')?;
-        let (lo, hi) = (u64::from_str_radix(lo, 16).ok()?, u64::from_str_radix(hi, 16).ok()?);
-        if addr >= lo && addr < hi {
+/// The process's mappings and their protections, from /proc/self/maps, parsed once and kept
+/// until [`HostMaps::invalidate`] (the guest mapped, unmapped or reprotected memory) or a
+/// lookup misses (a mapping appeared since).
+#[derive(Default)]
+pub struct HostMaps {
+    /// (start, end, PROT_* bits), sorted by start.
+    ranges: Vec<(u64, u64, i32)>,
+    fresh: bool,
+}
+
+impl HostMaps {
+    pub fn invalidate(&mut self) {
+        self.fresh = false;
+    }
+
+    fn refresh(&mut self) {
+        self.ranges.clear();
+        self.fresh = true;
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+            return;
+        };
+        for line in maps.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let Some((lo, hi)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
+                continue;
+            };
             let b = perms.as_bytes();
             let mut prot = 0;
             if b.first() == Some(&b'r') {
@@ -33,10 +55,39 @@ pub fn protection(addr: u64) -> Option<i32> {
             if b.get(2) == Some(&b'x') {
                 prot |= libc::PROT_EXEC;
             }
-            return Some(prot);
+            self.ranges.push((lo, hi, prot));
+        }
+        self.ranges.sort_unstable();
+    }
+
+    fn find(&self, addr: u64) -> Option<i32> {
+        let i = self.ranges.partition_point(|r| r.0 <= addr);
+        let (lo, hi, prot) = *self.ranges.get(i.checked_sub(1)?)?;
+        (addr >= lo && addr < hi).then_some(prot)
+    }
+
+    /// Protection of the mapping holding `addr` (PROT_* bits), or None if nothing is mapped.
+    pub fn protection(&mut self, addr: u64) -> Option<i32> {
+        if !self.fresh {
+            self.refresh();
+        }
+        match self.find(addr) {
+            Some(p) => Some(p),
+            None => {
+                self.refresh();
+                self.find(addr)
+            }
         }
     }
-    None
+
+    /// Whether code at `addr` may be fetched (PROT_EXEC), looking again if the snapshot says no.
+    pub fn executable(&mut self, addr: u64) -> bool {
+        if self.protection(addr).is_some_and(|p| p & libc::PROT_EXEC != 0) {
+            return true;
+        }
+        self.refresh();
+        self.find(addr).is_some_and(|p| p & libc::PROT_EXEC != 0)
+    }
 }
 
 fn mprotect(page: u64, prot: i32) -> bool {
@@ -59,14 +110,14 @@ pub struct ProtectedPages {
 
 impl ProtectedPages {
     /// Write-protects `page` if it is writable; returns whether it is (now) protected.
-    pub fn protect(&mut self, page: u64) -> bool {
+    pub fn protect(&mut self, page: u64, maps: &mut HostMaps) -> bool {
         if self.original.contains_key(&page) {
             return true;
         }
         if self.read_only.contains_key(&page) {
             return false;
         }
-        match protection(page) {
+        match maps.protection(page) {
             Some(prot) if prot & libc::PROT_WRITE != 0 && mprotect(page, prot & !libc::PROT_WRITE) => {
                 self.original.insert(page, prot);
                 true
