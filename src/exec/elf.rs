@@ -5,8 +5,8 @@
 //! - only the ELF header, the program headers and the PT_INTERP string are read (with
 //!   `pread`); section headers are never looked at, whatever state they are in;
 //! - header: ELF magic, 64-bit little-endian, `ET_EXEC` or `ET_DYN`, `EM_X86_64`, else ENOEXEC;
-//!   `e_phentsize` must be 56 and the program headers 1..=4096 bytes (ENOEXEC); a short read of
-//!   them is EIO;
+//!   `e_phentsize` must be 56 and the program headers 1..=4096 bytes, all inside the file
+//!   (ENOEXEC);
 //! - PT_INTERP: 2..=4096 bytes, NUL-terminated (ENOEXEC), read fully (EIO); the interpreter is
 //!   opened like an executable (its errno), and a bad interpreter header is ELIBBAD;
 //! - segments are mapped from the file, so one that extends past the end of the file faults
@@ -121,13 +121,9 @@ pub fn open_executable(path: &Path) -> Result<File, Refusal> {
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EACCES);
         return Err(Refusal::new(errno, ""));
     }
-    let (file, _) = hbt_translator::host::files::open_regular(path).map_err(|e| {
-        let errno = match &e {
-            hbt_translator::host::files::FileError::NotRegular { .. } => libc::EACCES,
-            _ => libc::EACCES,
-        };
-        Refusal::new(errno, e.to_string())
-    })?;
+    // execve refuses anything but a regular file with EACCES.
+    let (file, _) =
+        hbt_translator::host::files::open_regular(path).map_err(|e| Refusal::new(libc::EACCES, e.to_string()))?;
     Ok(file)
 }
 
@@ -198,7 +194,8 @@ fn read_phdrs(file: &File, h: &[u8], bad: i32) -> Result<Vec<Phdr>, Refusal> {
         ));
     }
     let mut table = vec![0u8; size];
-    read_at(file, &mut table, u64_at(h, 32), "the program-header table")?;
+    // The kernel drops load_elf_phdrs' own error: a short read is the format error.
+    read_at(file, &mut table, u64_at(h, 32), "the program-header table").map_err(|r| Refusal::new(bad, r.why))?;
     Ok(table
         .chunks_exact(PHENT_SIZE)
         .map(|p| Phdr {
@@ -288,7 +285,7 @@ mod tests {
         assert_eq!(inspect_bytes(&b).unwrap_err().errno, libc::ENOEXEC);
         let mut b = good.clone();
         b[0x20..0x28].copy_from_slice(&(1u64 << 40).to_le_bytes()); // e_phoff past the end
-        assert_eq!(inspect_bytes(&b).unwrap_err().errno, libc::EIO);
+        assert_eq!(inspect_bytes(&b).unwrap_err().errno, libc::ENOEXEC);
         assert_eq!(inspect_bytes(b"\x7fELF").unwrap_err().errno, libc::ENOEXEC);
         let mut b = good.clone();
         b[4] = 1; // 32-bit

@@ -141,10 +141,7 @@ fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, L
         .iter()
         .map(|p| p.vaddr.checked_add(p.memsz))
         .try_fold(0u64, |m, e| e.map(|e| m.max(e)));
-    let span = hi
-        .and_then(|hi| page_up(hi))
-        .map(|hi| hi.saturating_sub(lo))
-        .unwrap_or(0);
+    let span = hi.and_then(page_up).map(|hi| hi.saturating_sub(lo)).unwrap_or(0);
     if span == 0 || span > 1 << 40 {
         return Err(killed(format!(
             "{}: implausible PT_LOAD span {span:#x}",

@@ -124,6 +124,12 @@ fn drive(
                     return Ok(end);
                 }
             }
+            // `int $0x80`: the 32-bit system call (Linux's IDT lets user mode raise it).
+            Exit::Exception(e) if e.vector == 0x80 => {
+                if let Some(end) = sys.int80(t)? {
+                    return Ok(end);
+                }
+            }
             Exit::Exception(e) => {
                 if let Err(fatal) = sys.signals.exception(t, &e) {
                     signals::die(path, &fatal);

@@ -48,12 +48,14 @@ const SIGCONTEXT_GPRS: [usize; 16] = [8, 9, 10, 11, 12, 13, 14, 15, 7, 6, 5, 3, 
 /// Flags a handler may change through the frame (the kernel's FIX_EFLAGS): AC OF DF TF SF ZF AF
 /// PF CF and RF.
 const FIX_EFLAGS: u64 = 0x4_0dd5 | (1 << 16);
-/// Signals hbt's own fault handling uses; never blocked on the host.
+/// Signals hbt itself uses (its fault handling, and the kick that makes guest threads apply
+/// each other's invalidations); never blocked on the host.
 pub const HOST_FAULT_SIGNALS: u64 = (1 << (libc::SIGSEGV - 1))
     | (1 << (libc::SIGBUS - 1))
     | (1 << (libc::SIGILL - 1))
     | (1 << (libc::SIGFPE - 1))
-    | (1 << (libc::SIGTRAP - 1));
+    | (1 << (libc::SIGTRAP - 1))
+    | (1 << (super::threads::KICK_SIGNAL - 1));
 
 /// The kernel's `struct sigaction` for rt_sigaction on x86-64.
 #[derive(Clone, Copy, Default)]
@@ -165,7 +167,8 @@ impl GuestSignals {
             if read_host_checked(act, &mut b).is_none() {
                 return errno(libc::EFAULT);
             }
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            // hbt keeps the last real-time signal for itself (threads::KICK_SIGNAL).
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP || sig == super::threads::KICK_SIGNAL {
                 return errno(libc::EINVAL);
             }
             new = Some(Action::from_bytes(&b));
@@ -299,6 +302,8 @@ impl GuestSignals {
             vector::UD => (libc::SIGILL, 2, rip),                // ILL_ILLOPN
             vector::BP | vector::DB => (libc::SIGTRAP, 0x80, 0), // SI_KERNEL, as for int3
             vector::AC => (libc::SIGBUS, 1, rip),                // BUS_ADRALN
+            // x87 #MF and SIMD #XM: SIGFPE with the kernel's code for the unmasked exception.
+            16 | 19 => (libc::SIGFPE, fpe_code(t.state(), e.vector), rip),
             vector::PF => {
                 let present = e.error_code.unwrap_or(0) & 1 != 0;
                 (libc::SIGSEGV, if present { 2 } else { 1 }, e.address.unwrap_or(0))
@@ -496,6 +501,32 @@ fn read_fpstate(fpstate: u64, xcr0: u64) -> Result<XSaveArea, String> {
         .check(xcr0)
         .map_err(|why| format!("malformed XSAVE image at {fpstate:#x}: {why}"))?;
     Ok(image)
+}
+
+/// The si_code of a floating-point exception, as the kernel's `fpu__exception_code` derives it:
+/// the raised and unmasked flags of FSW/FCW (#MF) or MXCSR (#XM), first of invalid (FPE_FLTINV),
+/// zero-divide (FPE_FLTDIV), overflow (FPE_FLTOVF), underflow or denormal (FPE_FLTUND),
+/// precision (FPE_FLTRES).
+fn fpe_code(s: &hbt_translator::GuestState, vector: u8) -> i32 {
+    let err = if vector == 16 {
+        s.xsave.fsw() & !s.xsave.fcw()
+    } else {
+        let mxcsr = s.xsave.mxcsr() as u16;
+        !(mxcsr >> 7) & mxcsr
+    };
+    if err & 0x001 != 0 {
+        7
+    } else if err & 0x004 != 0 {
+        3
+    } else if err & 0x008 != 0 {
+        4
+    } else if err & 0x012 != 0 {
+        5
+    } else if err & 0x020 != 0 {
+        6
+    } else {
+        0
+    }
 }
 
 /// Ends hbt the way the kernel would end the program: by `fatal.signal`, after saying why.

@@ -72,6 +72,53 @@ pub enum End {
     Thread,
 }
 
+/// `int $0x80` on the host: the kernel's 32-bit system call table, with EBX, ECX, EDX, ESI, EDI
+/// and EBP as the arguments and the (sign-extended) result in RAX, every other register kept.
+fn raw_int80(nr: u32, a: [u32; 6]) -> u64 {
+    let ret: u64;
+    // SAFETY: as in `raw`: a guest system call the handler let through. RBX and RBP, which
+    // Rust's inline assembly may not name, are saved on the stack around it and loaded from `a`.
+    unsafe {
+        std::arch::asm!(
+            "push rbx",
+            "push rbp",
+            "mov ebx, [{a}]",
+            "mov ebp, [{a} + 20]",
+            "int 0x80",
+            "pop rbp",
+            "pop rbx",
+            a = in(reg) a.as_ptr(),
+            inlateout("rax") nr as u64 => ret,
+            in("ecx") a[1], in("edx") a[2], in("esi") a[3], in("edi") a[4],
+        );
+    }
+    ret
+}
+
+/// i386 system calls a 64-bit program can make with `int $0x80` that hbt must not pass through
+/// as they are: they change the process in ways hbt emulates (threads, exec, signals, TLS) or
+/// take 32-bit structures it does not convert. They fail with ENOSYS, said once on stderr.
+const INT80_UNSUPPORTED: &[(u32, &str)] = &[
+    (2, "fork"),
+    (11, "execve"),
+    (48, "signal"),
+    (67, "sigaction"),
+    (72, "sigsuspend"),
+    (119, "sigreturn"),
+    (120, "clone"),
+    (126, "sigprocmask"),
+    (173, "rt_sigreturn"),
+    (174, "rt_sigaction"),
+    (175, "rt_sigprocmask"),
+    (179, "rt_sigsuspend"),
+    (186, "sigaltstack"),
+    (190, "vfork"),
+    (243, "set_thread_area"),
+    (258, "set_tid_address"),
+    (358, "execveat"),
+    (435, "clone3"),
+];
+
 fn raw(nr: u64, a: [u64; 6]) -> u64 {
     let ret: u64;
     // SAFETY: a system call on behalf of the guest, whose memory is this process's memory; the
@@ -158,6 +205,44 @@ impl Syscalls {
 
     pub fn program(&self) -> &std::path::Path {
         &self.program
+    }
+
+    /// `int $0x80` from the 64-bit program (the guest's RIP is already after it): the 32-bit
+    /// system call, as the kernel runs it for a 64-bit process. exit, exit_group and brk are
+    /// hbt's; munmap/mprotect/mremap pass through and drop translations like their 64-bit
+    /// forms; [`INT80_UNSUPPORTED`] fail with ENOSYS; the rest pass through.
+    pub fn int80(&mut self, t: &mut Translator) -> Result<Option<End>> {
+        self.count += 1;
+        let s = t.state();
+        let nr = s.gpr[0] as u32;
+        let lo = |r: usize| s.gpr[r] as u32;
+        let a = [lo(3), lo(1), lo(2), lo(6), lo(7), lo(5)];
+        let ret = match nr {
+            1 if self.is_thread => return Ok(Some(End::Thread)),
+            1 | 252 => return Ok(Some(End::Process(a[0] as i32 & 0xff))),
+            45 => self.brk(a[0] as u64),
+            91 | 125 | 163 => {
+                let r = raw_int80(nr, a);
+                t.invalidate_range(a[0] as u64, a[1] as u64);
+                super::threads::publish(a[0] as u64, a[1] as u64);
+                r
+            }
+            _ => match INT80_UNSUPPORTED.iter().find(|&&(n, _)| n == nr) {
+                Some(&(_, name)) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        eprintln!(
+                            "hbt: {}: int $0x80 {name} (i386 #{nr}) is not supported; it fails with ENOSYS",
+                            self.program.display()
+                        )
+                    });
+                    errno(libc::ENOSYS)
+                }
+                None => raw_int80(nr, a),
+            },
+        };
+        t.state_mut().gpr[0] = ret;
+        Ok(None)
     }
 
     /// Handles the system call in the guest state; Some(end) when the program or this thread
@@ -270,6 +355,10 @@ impl Syscalls {
                 if a[3] & libc::MAP_FIXED as u64 != 0 {
                     t.invalidate_range(a[0], a[1]);
                     super::threads::publish(a[0], a[1]);
+                }
+                if a[3] & libc::MAP_SHARED as u64 != 0 && (r as i64) >= 0 {
+                    // Possibly a second view of memory that holds translated code.
+                    t.shared_mapping_added();
                 }
                 r
             }

@@ -4,8 +4,10 @@
 //! What the threads share is kept explicit:
 //! - memory: it is one address space (identity strategy);
 //! - `brk`: one heap, behind a mutex (`Syscalls`);
-//! - invalidations: a munmap/mprotect/mmap(MAP_FIXED) in one thread is recorded here and applied
-//!   by every other thread's translator at its next system call or exit ([`catch_up`]);
+//! - invalidations: a munmap/mprotect/mmap(MAP_FIXED) in one thread is recorded here, and every
+//!   other guest thread is kicked with [`KICK_SIGNAL`], which stops its translated code at the
+//!   next block boundary so it applies them at once ([`catch_up`]): a thread spinning in code
+//!   that was just rewritten or unmapped sees it as it would natively;
 //! - self-modifying code: write-protection of code pages is per translator, so once a guest has
 //!   threads it is switched off in all of them; code changes must come with an
 //!   munmap/mprotect/mmap, as on CPUs that require cross-modifying code to be synchronized.
@@ -25,8 +27,39 @@ const CLONE_CHILD_SETTID: u64 = 0x1000000;
 /// Pending ranges beyond which a lagging thread flushes everything instead.
 const MAX_PENDING: usize = 256;
 
+/// The signal hbt sends guest threads to make them apply invalidations (the last real-time
+/// signal; the guest cannot install a handler for it).
+pub const KICK_SIGNAL: i32 = 64;
+
 /// Set once the guest has created a thread.
 static THREADED: AtomicBool = AtomicBool::new(false);
+/// Kernel thread ids of the live guest threads.
+static TIDS: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+
+fn register_thread() {
+    TIDS.lock().unwrap_or_else(|e| e.into_inner()).push(gettid());
+}
+
+fn unregister_thread() {
+    let me = gettid();
+    TIDS.lock().unwrap_or_else(|e| e.into_inner()).retain(|&t| t != me);
+}
+
+/// Kicks every other guest thread (see [`KICK_SIGNAL`]).
+fn kick_others() {
+    let me = gettid();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    for &tid in TIDS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|&&t| t != me)
+    {
+        // SAFETY: tgkill to a thread of this process.
+        unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, KICK_SIGNAL) };
+    }
+}
 static EPOCH: AtomicU64 = AtomicU64::new(0);
 /// (epoch, start, len) of the latest invalidations (at most 2 × MAX_PENDING kept).
 static RANGES: Mutex<Vec<(u64, u64, u64)>> = Mutex::new(Vec::new());
@@ -48,6 +81,8 @@ pub fn publish(start: u64, len: u64) {
         let excess = ranges.len() - MAX_PENDING;
         ranges.drain(..excess);
     }
+    drop(ranges);
+    kick_others();
 }
 
 /// Applies to `t` the invalidations other threads published after `seen`.
@@ -79,6 +114,10 @@ fn gettid() -> u64 {
 pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u64, ctid: u64, tls: u64) -> u64 {
     if !THREADED.swap(true, Ordering::SeqCst) {
         t.set_write_protect_code(false);
+        if let Err(e) = hbt_translator::host::signals::catch_kick(KICK_SIGNAL) {
+            eprintln!("hbt: cannot install the thread kick signal: {e}");
+        }
+        register_thread();
     }
     let mut state = t.state().clone();
     state.gpr[0] = 0;
@@ -98,6 +137,7 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
         .stack_size(8 << 20)
         .spawn(move || {
             let tid = gettid();
+            register_thread();
             if flags & CLONE_CHILD_SETTID != 0 {
                 hbt_translator::mmu::write_host_checked(ctid, &(tid as u32).to_le_bytes());
             }
@@ -128,6 +168,7 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
                     std::process::exit(1);
                 }
             }
+            unregister_thread();
             if flags & CLONE_CHILD_CLEARTID != 0 {
                 // What the kernel does at thread exit: clear the tid and wake a joiner.
                 hbt_translator::mmu::write_host_checked(ctid, &0u32.to_le_bytes());

@@ -17,9 +17,13 @@ pub const TLB_ENTRIES: usize = 256;
 pub const IBL_ENTRIES: usize = 1 << 16;
 /// Tag of an empty TLB entry: no canonical page number equals it.
 pub const TLB_EMPTY: u64 = u64::MAX;
-/// Tag of an empty indirect-branch slot: `lea rcx,[tag+target]` is zero only for the
-/// non-canonical target 0x8000_0000_0000_0000, and that slot's host address is the miss path.
-pub const IBL_EMPTY_TAG: u64 = 0x8000_0000_0000_0000;
+/// Tag of an empty indirect-branch slot: `lea rcx,[tag+target]` is zero only for the one
+/// target [`IBL_EMPTY_TARGET`], and an empty slot's host address is the miss path, which
+/// reports exactly that target. It is canonical on purpose: a non-canonical target then never
+/// matches any slot and always takes the lookup's own miss path, which records the branch so
+/// the engine can raise #GP at it (the CPU faults at the branch, not at the target).
+pub const IBL_EMPTY_TARGET: u64 = 0x0000_7fff_ffff_f000;
+pub const IBL_EMPTY_TAG: u64 = IBL_EMPTY_TARGET.wrapping_neg();
 /// `miss_info` bit: the access is a store from an MMX register (on Intel, a faulting one has
 /// already reset FSW.TOP: `cpu::vendor::Quirk::FaultingMmxStoreResetsTop`).
 pub const MISS_MMX_STORE: u64 = 1 << 26;
@@ -52,6 +56,9 @@ pub enum ExitReason {
     Emulate = 4,
     /// A host fault inside translated code, already mapped to a guest exception (`fault_*`).
     Fault = 5,
+    /// The instruction at the guest RIP writes the page its own block came from (`fault_*` is
+    /// not a guest exception): it runs from a fresh translation.
+    SelfModify = 6,
 }
 
 /// The per-vCPU context. Allocated zeroed and 64-byte aligned (XSAVE needs it).
@@ -77,6 +84,10 @@ pub struct Context {
     /// Top of `flag_stack`.
     pub flag_stack_top: u64,
     pub ibl_target: u64,
+    /// Set on an indirect-branch miss: the guest RIP of the branch and how far it moved RSP
+    /// (a `ret` pops, a `call` pushes), so a non-canonical target can fault at the branch.
+    pub branch_rip: u64,
+    pub branch_rsp_delta: u64,
     pub fault_vector: u32,
     pub fault_error_code: u32,
     pub fault_address: u64,
@@ -110,6 +121,8 @@ pub mod off {
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
     pub const IBL_TARGET: usize = offset_of!(Context, ibl_target);
+    pub const BRANCH_RIP: usize = offset_of!(Context, branch_rip);
+    pub const BRANCH_RSP_DELTA: usize = offset_of!(Context, branch_rsp_delta);
     pub const FAULT_VECTOR: usize = offset_of!(Context, fault_vector);
     pub const FAULT_ERROR_CODE: usize = offset_of!(Context, fault_error_code);
     pub const TLB_READ: usize = offset_of!(Context, tlb_read);

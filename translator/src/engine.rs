@@ -17,7 +17,7 @@ use crate::error::TranslateError;
 use crate::exit::{Exit, GuestException};
 use crate::host::codebuf::CodeBuffer;
 use crate::host::gsbase::GsBaseGuard;
-use crate::host::signals::{FaultSite, TranslatedFaults, TranslatedGuard};
+use crate::host::signals::{CodeWrite, FaultSite, TranslatedFaults, TranslatedGuard};
 use crate::mmu::{self, soft_mmu, Access, MemoryStrategy};
 use crate::platform::Platform;
 use crate::rules::Rule;
@@ -277,6 +277,20 @@ impl Translator {
         }
     }
 
+    /// A shared mapping appeared (identity strategy): code pages in shared file mappings may
+    /// have new aliases, which must be write-protected too.
+    pub fn shared_mapping_added(&mut self) {
+        self.maps.invalidate();
+        if !self.write_protect_code {
+            return;
+        }
+        let pages: Vec<u64> = self.code_pages.keys().copied().collect();
+        for page in pages {
+            // Cheap for pages that are not in a shared file mapping (a binary search).
+            self.protected.protect_aliases(page, &mut self.maps);
+        }
+    }
+
     /// Turns write-protection of translated code pages (identity strategy) on or off; off also
     /// releases the pages protected so far. With it off, only `invalidate_range` (the guest's
     /// munmap/mprotect/mmap) drops stale translations.
@@ -341,6 +355,13 @@ impl Translator {
                 r if r == ExitReason::IndirectMiss as u32 => {
                     self.stats.indirect_misses += 1;
                     let target = self.ctx.get().state.rip;
+                    if !mmu::is_canonical(target) {
+                        // The CPU raises #GP(0) at the branch, with RSP as before it.
+                        let ctx = self.ctx.get_mut();
+                        ctx.state.rip = ctx.branch_rip;
+                        ctx.state.gpr[4] = ctx.state.gpr[4].wrapping_sub(ctx.branch_rsp_delta);
+                        return Ok(Exit::Exception(GuestException::gp(0)));
+                    }
                     // Only a return cache's first miss sets the link; clear it so a later
                     // table miss elsewhere does not refill that cache.
                     let site = std::mem::take(&mut self.ctx.get_mut().exit_link);
@@ -373,6 +394,11 @@ impl Translator {
                     }
                 }
                 r if r == ExitReason::Emulate as u32 => {}
+                r if r == ExitReason::SelfModify as u32 => {
+                    // The store's page is writable and its blocks are gone: run the store once
+                    // from an uncached block, then go on from fresh translations.
+                    self.uncached_step = Some(self.ctx.get().state.rip);
+                }
                 r if r == ExitReason::Fault as u32 => {
                     let ctx = self.ctx.get();
                     let vector = ctx.fault_vector as u8;
@@ -425,7 +451,9 @@ impl Translator {
         }
         let dirty: Vec<u64> = self.protected.dirty[..self.protected.dirty_count].to_vec();
         self.protected.dirty_count = 0;
-        for page in dirty {
+        for written in dirty {
+            let page = self.protected.code_page_of(written);
+            self.protected.forget(written);
             self.invalidate_phys_page(page);
             self.protected.forget(page);
         }
@@ -953,20 +981,25 @@ fn hex(bytes: &[u8]) -> String {
 /// Signal-handler callback for a write fault: if `addr` lies in a page the translator
 /// write-protected, unlink every jump into that page's blocks (so none runs again before the
 /// dispatcher invalidates them), make the page writable and record it. Allocation-free.
-fn code_write(data: *const (), addr: u64) -> bool {
+fn code_write(data: *const (), addr: u64, pc: u64) -> CodeWrite {
     // SAFETY: `data` is the Translator registered by `run`; translated code is stopped in the
     // signal handler, so its tables are not being changed. The handler writes only to the
     // boxed page set (through its raw pointer), to code-buffer bytes and to the context, none
     // of which the interrupted code holds references into.
     let t = unsafe { &*(data as *const Translator) };
-    let page = addr & !(PAGE - 1);
+    let written = addr & !(PAGE - 1);
     let protected =
         &*t.protected as *const crate::host::pages::ProtectedPages as *mut crate::host::pages::ProtectedPages;
     // SAFETY: see above; the engine reads the dirty list only after translated code returns.
-    if !unsafe { (*protected).is_protected(page) } {
-        return false;
+    if !unsafe { (*protected).is_protected(written) } {
+        return CodeWrite::NotCode;
     }
+    // A write through an alias (a second mapping of a shared file page) modifies the code page.
+    let page = t.protected.code_page_of(written);
+    let writer = t.block_at_host(pc);
+    let mut own_page = false;
     if let Some(list) = t.code_pages.get(&page) {
+        own_page = writer.is_some_and(|w| list.contains(&w));
         let ctx = t.ctx.as_ptr();
         for &i in list {
             let block = &t.blocks[i];
@@ -987,7 +1020,11 @@ fn code_write(data: *const (), addr: u64) -> bool {
         }
     }
     // SAFETY: see above.
-    unsafe { (*protected).on_write_fault(page) }
+    match unsafe { (*protected).on_write_fault(written) } {
+        false => CodeWrite::NotCode,
+        true if own_page => CodeWrite::Stop,
+        true => CodeWrite::Resume,
+    }
 }
 
 /// Asynchronous-signal callback: flag the interrupt and, when translated code is running,

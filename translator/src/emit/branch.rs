@@ -37,6 +37,15 @@ const DISPATCH_MASK: u16 = IBL_MASK | (1 << 10);
 impl BlockEmitter<'_> {
     pub(super) fn branch(&mut self, instr: &Instruction, kind: BranchKind) -> Result<(), TranslateError> {
         let next = instr.next_ip();
+        let direct = matches!(
+            kind,
+            BranchKind::Jmp | BranchKind::Jcc | BranchKind::Call | BranchKind::CounterJump
+        );
+        if direct && !crate::mmu::is_canonical(instr.near_branch64()) {
+            // A direct branch to a non-canonical address raises #GP(0) at the branch (taken
+            // only, for a conditional one), before anything is pushed.
+            return self.noncanonical_direct(instr, kind);
+        }
         match kind {
             BranchKind::Jmp => self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64()),
             // The taken side leaves; the block goes on with the fall-through (an extended
@@ -75,14 +84,60 @@ impl BlockEmitter<'_> {
                 self.borrow_dispatch_regs();
                 self.load_target(instr)?;
                 self.push_return(next)?;
-                self.cached_dispatch();
+                self.cached_dispatch(-8);
             }
             BranchKind::JmpIndirect => {
                 self.borrow_dispatch_regs();
                 self.load_target(instr)?;
-                self.cached_dispatch();
+                self.cached_dispatch(0);
             }
             BranchKind::Ret => self.ret(instr)?,
+        }
+        Ok(())
+    }
+
+    /// A direct branch whose target is non-canonical: #GP(0) at the branch when it is taken.
+    fn noncanonical_direct(&mut self, instr: &Instruction, kind: BranchKind) -> Result<(), TranslateError> {
+        let raise = |e: &mut Self, field: usize| {
+            e.cold.push(super::Cold::Raise {
+                field,
+                vector: crate::exit::vector::GP,
+                error_code: 0,
+                guest_rip: e.guest_rip,
+                spilled: e.spilled,
+                flags_saved: e.flags_in_slot,
+            })
+        };
+        match kind {
+            BranchKind::Jcc => {
+                let mut near = *instr;
+                near.as_near_branch();
+                let field = self.asm.branch32_forward(near.code());
+                raise(self, field);
+            }
+            BranchKind::CounterJump => {
+                // The counter update happens only when the branch is taken... which faults: run
+                // the instruction retargeted to a local label that raises.
+                let here = self.asm.here();
+                let mut probe = *instr;
+                probe.set_near_branch64(here + 2);
+                let len = Encoder::new(64)
+                    .encode(&probe, here)
+                    .map_err(|e| TranslateError::Encode {
+                        rip: instr.ip(),
+                        text: instr.to_string(),
+                        reason: e.to_string(),
+                    })? as u64;
+                probe.set_near_branch64(here + len + 5);
+                self.asm.emit(&probe)?;
+                self.exit_jump(Code::Jmp_rel32_64, instr.next_ip());
+                let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
+                raise(self, field);
+            }
+            _ => {
+                let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
+                raise(self, field);
+            }
         }
         Ok(())
     }
@@ -112,14 +167,15 @@ impl BlockEmitter<'_> {
             Register::RSP,
             MemoryOperand::with_base_displ(Register::RSP, pop),
         ));
-        self.cached_dispatch();
+        self.cached_dispatch(pop);
         Ok(())
     }
 
     /// Jumps to guest R11 through this site's one-entry inline cache, then the table. R10 and
     /// R11 are borrowed; R10 holds guest RCX while RCX serves `jrcxz`, so the hit path gives RCX
     /// back with a register move instead of a reload (RCX is often a live loop counter).
-    fn cached_dispatch(&mut self) {
+    /// `rsp_delta` is how far the branch moved RSP (recorded on a miss, see `record_branch`).
+    fn cached_dispatch(&mut self, rsp_delta: i64) {
         let a = &mut self.asm;
         a.mov_imm64(HOLD, super::INLINE_CACHE_EMPTY);
         let imm_field = a.buf.len() - 8;
@@ -145,8 +201,10 @@ impl BlockEmitter<'_> {
             field: fill_field,
             imm_field,
             cache: self.inline_caches.len(), // pushed below
+            guest_rip: self.guest_rip,
+            rsp_delta,
         });
-        self.indirect_lookup();
+        self.indirect_lookup(rsp_delta);
         // Hit path.
         self.spilled = spilled_at_branch;
         let hit = self.asm.buf.len();
@@ -220,8 +278,16 @@ impl BlockEmitter<'_> {
         Ok(())
     }
 
+    /// On the way to the miss path: the branch's guest RIP and RSP movement, so the engine can
+    /// fault at the branch if the target is non-canonical (stores only, no flags).
+    pub(super) fn record_branch(&mut self, rsp_delta: i64) {
+        let rip = self.guest_rip;
+        self.asm.store_ctx_u64(off::BRANCH_RIP, rip);
+        self.asm.store_ctx_u64(off::BRANCH_RSP_DELTA, rsp_delta as u64);
+    }
+
     /// The inline indirect-branch lookup; R11 = guest target, R11/RCX borrowed.
-    fn indirect_lookup(&mut self) {
+    fn indirect_lookup(&mut self, rsp_delta: i64) {
         let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(
@@ -236,9 +302,15 @@ impl BlockEmitter<'_> {
         ));
         let hit = a.here() + 2 + 5;
         a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
-        let miss = self.glue.ibl_miss;
-        a.branch32(Code::Jmp_rel32_64, miss);
+        // The miss leaves through a cold stub that records the branch (see `record_branch`).
+        let field = a.branch32_forward(Code::Jmp_rel32_64);
         debug_assert_eq!(a.here(), hit);
+        self.cold.push(super::Cold::TableMiss {
+            field,
+            guest_rip: self.guest_rip,
+            rsp_delta,
+        });
+        let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(
             Code::Mov_r64_rm64,

@@ -11,7 +11,7 @@
 //! AVX-512 host moves 832 bytes, not 2,688, and XFD-armed components (AMX) are never touched.
 
 use super::asm::{ctx, spill_slot, Asm};
-use crate::context::{off, ExitReason, IBL_EMPTY_TAG};
+use crate::context::{off, ExitReason, IBL_EMPTY_TARGET};
 use iced_x86::{Code, Instruction, Register as R};
 
 /// Addresses of the shared glue.
@@ -114,10 +114,10 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
 
-    // --- empty indirect slot: reached only when the target is the one value whose negation is
-    // the empty tag (non-canonical), with every register already restored ---
+    // --- empty indirect slot: reached only when the target is the one (canonical) value whose
+    // negation is the empty tag, with every register already restored: an ordinary miss ---
     glue.ibl_empty = a.here();
-    a.store_ctx_u64(off::RIP, IBL_EMPTY_TAG.wrapping_neg());
+    a.store_ctx_u64(off::RIP, IBL_EMPTY_TARGET);
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
 

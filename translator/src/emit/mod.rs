@@ -87,6 +87,14 @@ enum Cold {
         field: usize,
         imm_field: usize,
         cache: usize,
+        guest_rip: u64,
+        rsp_delta: i64,
+    },
+    /// The indirect-branch table missed at a site: record the branch, go to the shared miss path.
+    TableMiss {
+        field: usize,
+        guest_rip: u64,
+        rsp_delta: i64,
     },
     /// Raise guest exception `vector` (with `error_code`) at `guest_rip`: restore the guest
     /// state and take the fault exit.
@@ -369,14 +377,30 @@ impl BlockEmitter<'_> {
                     field,
                     imm_field,
                     cache,
+                    guest_rip,
+                    rsp_delta,
                 } => {
                     let here = self.asm.here();
                     self.asm.bind(field, here);
                     let site = self.asm.base() + imm_field as u64;
                     self.asm.store_ctx_u64(off::EXIT_LINK, site);
+                    self.guest_rip = guest_rip;
+                    self.record_branch(rsp_delta);
                     let miss = self.glue.ibl_miss;
                     self.asm.branch32(Code::Jmp_rel32_64, miss);
                     self.inline_caches[cache].fill_stub = (here - self.asm.base()) as u32;
+                }
+                Cold::TableMiss {
+                    field,
+                    guest_rip,
+                    rsp_delta,
+                } => {
+                    let here = self.asm.here();
+                    self.asm.bind(field, here);
+                    self.guest_rip = guest_rip;
+                    self.record_branch(rsp_delta);
+                    let miss = self.glue.ibl_miss;
+                    self.asm.branch32(Code::Jmp_rel32_64, miss);
                 }
                 Cold::Raise {
                     field,

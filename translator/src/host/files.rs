@@ -33,18 +33,6 @@ pub enum FileError {
     Read { path: PathBuf, message: String },
 }
 
-impl FileError {
-    /// The errno execve(2) would give for this problem (`hbt exec` fails like the kernel).
-    pub fn errno(&self) -> i32 {
-        match self {
-            FileError::Open { .. } | FileError::Read { .. } => libc::EIO,
-            FileError::NotRegular { kind, .. } if *kind == "a directory" => libc::EACCES,
-            FileError::NotRegular { .. } => libc::EACCES,
-            FileError::TooLarge { .. } => libc::ENOEXEC,
-        }
-    }
-}
-
 /// The OS error text without Rust's " (os error N)" suffix.
 pub fn os_message(e: &std::io::Error) -> String {
     let text = e.to_string();

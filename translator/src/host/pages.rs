@@ -5,6 +5,11 @@
 //! can run again without passing the dispatcher), gives the page its write permission back,
 //! records it as dirty, and lets the write run again. The engine then invalidates the dirty
 //! pages' blocks before it runs the next block.
+//!
+//! Code in a *shared* file mapping (a memfd mapped twice, a JIT's dual mapping) can also be
+//! written through another mapping of the same file pages: every such alias known when the
+//! code is translated (or when a shared mapping appears later) is write-protected too, and a
+//! write to it counts as a write to the code page.
 
 use std::collections::HashMap;
 
@@ -17,9 +22,22 @@ pub const MAX_DIRTY: usize = 32;
 /// lookup misses (a mapping appeared since).
 #[derive(Default)]
 pub struct HostMaps {
-    /// (start, end, PROT_* bits), sorted by start.
-    ranges: Vec<(u64, u64, i32)>,
+    /// Sorted by start.
+    ranges: Vec<Mapping>,
     fresh: bool,
+}
+
+/// One line of /proc/self/maps.
+#[derive(Clone, Copy, Debug)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    prot: i32,
+    shared: bool,
+    /// File offset of `start`, device and inode (0 for anonymous memory).
+    offset: u64,
+    dev: u64,
+    inode: u64,
 }
 
 impl HostMaps {
@@ -44,6 +62,15 @@ impl HostMaps {
             let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else {
                 continue;
             };
+            let (Some(offset), Some(dev), Some(inode)) = (fields.next(), fields.next(), fields.next()) else {
+                continue;
+            };
+            let offset = u64::from_str_radix(offset, 16).unwrap_or(0);
+            let dev = dev
+                .split_once(':')
+                .and_then(|(a, b)| Some((u64::from_str_radix(a, 16).ok()? << 32) | u64::from_str_radix(b, 16).ok()?))
+                .unwrap_or(0);
+            let inode = inode.parse().unwrap_or(0);
             let b = perms.as_bytes();
             let mut prot = 0;
             if b.first() == Some(&b'r') {
@@ -55,15 +82,44 @@ impl HostMaps {
             if b.get(2) == Some(&b'x') {
                 prot |= libc::PROT_EXEC;
             }
-            self.ranges.push((lo, hi, prot));
+            self.ranges.push(Mapping {
+                start: lo,
+                end: hi,
+                prot,
+                shared: b.get(3) == Some(&b's'),
+                offset,
+                dev,
+                inode,
+            });
         }
-        self.ranges.sort_unstable();
+        self.ranges.sort_unstable_by_key(|m| m.start);
+    }
+
+    fn mapping(&self, addr: u64) -> Option<Mapping> {
+        let i = self.ranges.partition_point(|m| m.start <= addr);
+        let m = *self.ranges.get(i.checked_sub(1)?)?;
+        (addr >= m.start && addr < m.end).then_some(m)
     }
 
     fn find(&self, addr: u64) -> Option<i32> {
-        let i = self.ranges.partition_point(|r| r.0 <= addr);
-        let (lo, hi, prot) = *self.ranges.get(i.checked_sub(1)?)?;
-        (addr >= lo && addr < hi).then_some(prot)
+        self.mapping(addr).map(|m| m.prot)
+    }
+
+    /// Other pages of this process mapping the same shared file page as `page`.
+    pub fn aliases(&mut self, page: u64) -> Vec<u64> {
+        if !self.fresh {
+            self.refresh();
+        }
+        let Some(m) = self.mapping(page).filter(|m| m.shared && m.inode != 0) else {
+            return Vec::new();
+        };
+        let file_offset = m.offset + (page - m.start);
+        self.ranges
+            .iter()
+            .filter(|r| r.shared && r.dev == m.dev && r.inode == m.inode && r.start != m.start)
+            .filter(|r| file_offset >= r.offset && file_offset < r.offset + (r.end - r.start))
+            .map(|r| r.start + (file_offset - r.offset))
+            .collect()
     }
 
     /// Protection of the mapping holding `addr` (PROT_* bits), or None if nothing is mapped.
@@ -100,6 +156,9 @@ fn mprotect(page: u64, prot: i32) -> bool {
 #[derive(Default)]
 pub struct ProtectedPages {
     original: HashMap<u64, i32>,
+    /// Write-protected aliases of code pages (another mapping of the same shared file page):
+    /// alias page → code page.
+    alias_of: HashMap<u64, u64>,
     /// Pages already checked and found not writable (nothing to protect).
     read_only: HashMap<u64, ()>,
     /// Written by the signal handler: pages whose protection was dropped by a guest write.
@@ -109,7 +168,8 @@ pub struct ProtectedPages {
 }
 
 impl ProtectedPages {
-    /// Write-protects `page` if it is writable; returns whether it is (now) protected.
+    /// Write-protects code page `page` if it is writable, and every writable alias of it;
+    /// returns whether the page itself is (now) protected.
     pub fn protect(&mut self, page: u64, maps: &mut HostMaps) -> bool {
         if self.original.contains_key(&page) {
             return true;
@@ -117,6 +177,26 @@ impl ProtectedPages {
         if self.read_only.contains_key(&page) {
             return false;
         }
+        self.protect_aliases(page, maps);
+        self.protect_one(page, maps)
+    }
+
+    /// Write-protects the aliases of `page` not protected yet (a shared mapping may have
+    /// appeared since `page` was translated).
+    pub fn protect_aliases(&mut self, page: u64, maps: &mut HostMaps) {
+        for alias in maps.aliases(page) {
+            if !self.original.contains_key(&alias) && self.protect_one(alias, maps) {
+                self.alias_of.insert(alias, page);
+            }
+        }
+    }
+
+    /// The code page a write to `page` modifies (`page` itself unless it is an alias).
+    pub fn code_page_of(&self, page: u64) -> u64 {
+        self.alias_of.get(&page).copied().unwrap_or(page)
+    }
+
+    fn protect_one(&mut self, page: u64, maps: &mut HostMaps) -> bool {
         match maps.protection(page) {
             Some(prot) if prot & libc::PROT_WRITE != 0 && mprotect(page, prot & !libc::PROT_WRITE) => {
                 self.original.insert(page, prot);
@@ -156,6 +236,20 @@ impl ProtectedPages {
     pub fn forget(&mut self, page: u64) {
         self.original.remove(&page);
         self.read_only.remove(&page);
+        self.alias_of.remove(&page);
+        // The aliases of a forgotten code page go back to their own protection.
+        let aliases: Vec<u64> = self
+            .alias_of
+            .iter()
+            .filter(|(_, &c)| c == page)
+            .map(|(&a, _)| a)
+            .collect();
+        for a in aliases {
+            if let Some(prot) = self.original.remove(&a) {
+                mprotect(a, prot);
+            }
+            self.alias_of.remove(&a);
+        }
     }
 
     /// Restores every page's original protection.
@@ -165,6 +259,7 @@ impl ProtectedPages {
         }
         self.original.clear();
         self.read_only.clear();
+        self.alias_of.clear();
         self.dirty_count = 0;
         self.dirty_overflow = false;
     }

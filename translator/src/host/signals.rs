@@ -39,15 +39,30 @@ pub struct TranslatedFaults {
     pub lookup: fn(data: *const (), host_pc: u64) -> Option<FaultSite>,
     pub data: *const (),
     pub fault_exit: u64,
-    /// A write fault at `addr` inside translated code: returns true if it hit a page the
-    /// translator write-protected (self-modifying code), which is now writable again.
-    pub code_write: fn(data: *const (), addr: u64) -> bool,
+    /// A write fault at `addr` by translated code at host `pc`: whether it hit a page the
+    /// translator write-protected (self-modifying code, the page is writable again) and
+    /// whether the writing block itself lies on that page.
+    pub code_write: fn(data: *const (), addr: u64, pc: u64) -> CodeWrite,
     /// An asynchronous signal arrived: make `run` return [`crate::Exit::Interrupted`] soon.
     /// `in_code` says the host PC was inside the code buffer (translated code is running, so
     /// the engine's tables are quiescent and its links may be undone).
     pub interrupt: fn(data: *const (), in_code: bool),
     /// Host address range of the code buffer (glue and blocks).
     pub code_range: (u64, u64),
+}
+
+/// What a write fault inside translated code was, for self-modifying-code detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodeWrite {
+    /// Not a page holding translated code: an ordinary guest fault.
+    NotCode,
+    /// A code page, now writable; the block doing the write is elsewhere, so the write simply
+    /// runs again.
+    Resume,
+    /// A code page the writing block itself was translated from: later instructions of this
+    /// very block may be stale, so translated code stops *before* the write (guest state as at
+    /// a fault) and the engine performs it from a fresh translation.
+    Stop,
 }
 
 /// Machine state captured from a signal frame. Plain data: the handler writes it, possibly into
@@ -298,9 +313,14 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
         let pc = gregs[libc::REG_RIP as usize] as u64;
         let trapno = gregs[libc::REG_TRAPNO as usize] as u64;
         let write_fault = trapno == 14 && gregs[libc::REG_ERR as usize] & 2 != 0;
-        if write_fault && (t.code_write)(t.data, gregs[libc::REG_CR2 as usize] as u64) {
-            // Self-modifying code: the page is writable again; run the write again.
-            return;
+        let mut reason = ExitReason::Fault;
+        if write_fault {
+            match (t.code_write)(t.data, gregs[libc::REG_CR2 as usize] as u64, pc) {
+                // Self-modifying code: the page is writable again; run the write again.
+                CodeWrite::Resume => return,
+                CodeWrite::Stop => reason = ExitReason::SelfModify,
+                CodeWrite::NotCode => {}
+            }
         }
         // Traps (#DB, #BP, #OF) report the address after the instruction.
         let probe = if matches!(trapno, 1 | 3 | 4) {
@@ -335,7 +355,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
                 // SAFETY: info is valid for SA_SIGINFO handlers.
                 unsafe { (*info).si_addr() as u64 }
             };
-            ctx.exit_reason = ExitReason::Fault as u32;
+            ctx.exit_reason = reason as u32;
             gregs[libc::REG_RIP as usize] = t.fault_exit as i64;
             return;
         }
@@ -385,6 +405,38 @@ pub fn catch_async(sig: i32, restart: bool, mask: u64) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Routes host signal `sig` to a handler that only stops translated code at its next block
+/// boundary (`run` returns [`crate::Exit::Interrupted`]), for the embedder's own use: `hbt exec`
+/// kicks guest threads with it so they apply another thread's invalidations at once. The
+/// signal is never recorded as pending for the guest. System calls restart.
+pub fn catch_kick(sig: i32) -> std::io::Result<()> {
+    ensure_installed();
+    // SAFETY: as in `catch_async`; the handler only calls the registered interrupt callback.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = kick_handler as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn kick_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SAFETY: as in `handler`: only AC changes, on our own stack.
+    unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], {m}", "popfq", m = const !(1i64 << 18)) };
+    let translated = TRANSLATED.with(|c| c.get());
+    if !translated.is_null() {
+        // SAFETY: registered by TranslatedGuard::arm and live until it drops; the ucontext is
+        // the kernel's.
+        let t = unsafe { &*translated };
+        let pc = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+        (t.interrupt)(t.data, pc >= t.code_range.0 && pc < t.code_range.1);
+    }
 }
 
 /// Takes the lowest pending signal in `deliverable` (bit `sig - 1`) with its siginfo.
