@@ -4,10 +4,13 @@
 //! results (a few thousand ELF files) are stored in full; the hundreds of thousands of files
 //! that turned out *not* to be ELF are stored as 64-bit hashes of (path, stamp) so that the warm
 //! run does not even open them. The file is written atomically (temp + rename) and ignored —
-//! never trusted — when its version or shape does not match: a stale cache costs a cold scan,
-//! not a wrong answer.
+//! never trusted — when its version, shape or checksum does not match: a stale or damaged cache
+//! costs a cold scan, not a wrong answer. (FNV-1a detects every single-byte change: each step
+//! is a bijection of the running hash.) Only a regular file of bounded size is read: a FIFO or
+//! a device given as `--cache` is reported and ignored, never waited on.
 //!
-//! Layout: `MAGIC`, u64 LE length, JSON body, u64 LE count, that many u64 LE hashes.
+//! Layout: `MAGIC`, u64 LE length, JSON body, u64 LE count, that many u64 LE hashes, and the
+//! u64 LE FNV-1a of everything before it.
 
 use crate::corpus::deb::DebOutcome;
 use crate::sweep::SweepOutcome;
@@ -16,7 +19,9 @@ use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"HBTCOV\x00\x02";
+const MAGIC: &[u8; 8] = b"HBTCOV\x00\x03";
+/// The largest cache file read back (a full system's is a few MiB).
+const MAX_CACHE_BYTES: u64 = 1 << 30;
 
 /// What identifies one version of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -106,16 +111,16 @@ impl ScanCache {
             file: Some(file.to_path_buf()),
             ..ScanCache::disabled()
         };
-        let bytes = match std::fs::read(file) {
+        if !file.exists() && file.symlink_metadata().is_err() {
+            return (cache, None);
+        }
+        let bytes = match hbt_translator::host::files::read_regular(file, MAX_CACHE_BYTES, "a scan cache") {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (cache, None),
-            Err(e) => {
-                return (
-                    cache,
-                    Some(format!("cache {} unreadable ({e}); scanning cold", file.display())),
-                )
-            }
+            Err(e) => return (cache, Some(format!("{e}; scanning cold"))),
         };
+        if !bytes.starts_with(MAGIC) && bytes.starts_with(&MAGIC[..6]) {
+            return (cache, None); // another hbt cache format: rebuild silently
+        }
         match parse(&bytes) {
             Some((body, hashes)) if body.version == version() => {
                 cache.entries = body.entries.into_iter().map(|(p, s, v)| (p, (s, v))).collect();
@@ -177,6 +182,8 @@ impl ScanCache {
         for h in &self.not_elf {
             out.extend_from_slice(&h.to_le_bytes());
         }
+        let sum = checksum(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
         let write = || -> std::io::Result<()> {
             if let Some(dir) = file.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -193,7 +200,15 @@ impl ScanCache {
     }
 }
 
+fn checksum(bytes: &[u8]) -> u64 {
+    crate::fnv::Fnv1a::default().write(bytes).finish()
+}
+
 fn parse(bytes: &[u8]) -> Option<(Body, HashSet<u64>)> {
+    let (bytes, sum) = bytes.split_last_chunk::<8>()?;
+    if checksum(bytes) != u64::from_le_bytes(*sum) {
+        return None;
+    }
     let rest = bytes.strip_prefix(MAGIC)?;
     let (len, rest) = take_u64(rest)?;
     let len = usize::try_from(len).ok().filter(|&l| l <= rest.len())?;
@@ -243,6 +258,44 @@ mod tests {
         assert_eq!(c.get("/bin/x", &stamp(11)), None, "changed size must miss");
         assert!(c.is_known_not_elf("/etc/passwd", &stamp(5)));
         assert!(!c.is_known_not_elf("/etc/passwd", &stamp(6)));
+    }
+
+    #[test]
+    fn every_single_byte_edit_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coverage.cache");
+        let (mut c, _) = ScanCache::open(&file);
+        for i in 0..20 {
+            c.insert(
+                format!("/bin/x{i}"),
+                stamp(10 + i),
+                CachedValue::Elf(Err(format!("e{i}"))),
+            );
+        }
+        c.save().unwrap();
+        let good = std::fs::read(&file).unwrap();
+        let mut rng = hbt_translator::harness::rng::Rng::new(0xcace);
+        for _ in 0..400 {
+            let mut b = good.clone();
+            let at = rng.below(b.len() as u64) as usize;
+            let digit = b"0123456789"[rng.below(10) as usize];
+            b[at] = if b[at] == digit { digit ^ 1 } else { digit };
+            std::fs::write(&file, &b).unwrap();
+            let (c, problem) = ScanCache::open(&file);
+            assert!(problem.is_some(), "edit at byte {at} not reported");
+            assert!(c.entries.is_empty(), "edit at byte {at} trusted");
+        }
+    }
+
+    #[test]
+    fn a_fifo_cache_is_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path in our temp directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (_, problem) = ScanCache::open(&fifo);
+        assert!(problem.unwrap().contains("is a FIFO"));
     }
 
     #[test]

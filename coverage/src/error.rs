@@ -9,12 +9,12 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoverageError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The message already holds the OS error; the field is not a `source` (a printed error
+    /// chain would repeat it).
+    #[error("cannot read {path}: {}", hbt_translator::host::files::os_message(error))]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error(transparent)]
+    File(#[from] hbt_translator::host::files::FileError),
     #[error("{path}: no usable popularity records (is this a popcon by_inst file?)")]
     EmptyPopcon { path: PathBuf },
     #[error("{path}:{line}: unknown instruction `{name}` (expected an iced Code name such as `Add_rm32_r32` or a mnemonic such as `add`)")]
@@ -30,10 +30,10 @@ pub enum CoverageError {
 }
 
 impl CoverageError {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         CoverageError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

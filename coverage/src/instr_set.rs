@@ -42,7 +42,7 @@ impl InstructionSet {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| CoverageError::io(path, e))?;
+        let text = hbt_translator::host::files::read_regular_text(path, 64 << 20, "an instruction list")?;
         Self::parse(&text, path)
     }
 

@@ -9,6 +9,8 @@ use crate::error::{CoverageError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The largest part file `merge` reads (a whole distribution's is tens of MiB).
+pub const MAX_PART_BYTES: u64 = 4 << 30;
 const FORMAT: &str = "hbt-coverage-part";
 const VERSION: u32 = 1;
 
@@ -34,8 +36,9 @@ impl Part {
         serde_json::to_string(self).unwrap_or_default()
     }
 
+    /// Reads a part file (a regular file of at most [`MAX_PART_BYTES`]).
     pub fn load(path: &Path) -> Result<Part> {
-        let bytes = std::fs::read(path).map_err(|e| CoverageError::io(path, e))?;
+        let bytes = hbt_translator::host::files::read_regular(path, MAX_PART_BYTES, "a coverage part file")?;
         let bad = |detail: String| CoverageError::BadPart {
             path: path.to_path_buf(),
             detail,

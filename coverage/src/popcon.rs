@@ -53,7 +53,8 @@ impl Popularity {
     }
 
     pub fn from_file(path: &Path, submissions: Option<u64>) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| CoverageError::io(path, e))?;
+        // A real by_inst file is a few MiB.
+        let bytes = hbt_translator::host::files::read_regular(path, 1 << 30, "a popcon by_inst file")?;
         Self::parse(
             &String::from_utf8_lossy(&bytes),
             &path.display().to_string(),

@@ -75,6 +75,10 @@ pub enum SweepError {
 }
 
 pub const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+/// The largest ELF file (or `.deb` member) swept: real binaries are at most a few hundred MiB;
+/// a sparse or decompression-bomb "ELF" beyond this is reported instead of costing minutes and
+/// gigabytes.
+pub const MAX_ELF_BYTES: u64 = 2 << 30;
 
 pub fn is_elf(bytes: &[u8]) -> bool {
     bytes.starts_with(ELF_MAGIC)

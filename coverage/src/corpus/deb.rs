@@ -7,7 +7,7 @@
 use super::{CorpusScan, Progress, ScanCounts, ScanWarning, ScannedBinary, Shard};
 use crate::cache::{CachedValue, FileStamp, ScanCache};
 use crate::error::CoverageError;
-use crate::sweep::{is_elf, SweepOutcome, Sweeper};
+use crate::sweep::{is_elf, SweepOutcome, Sweeper, MAX_ELF_BYTES};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -122,7 +122,11 @@ fn decompress<'a>(member: &ArMember<'a>) -> Result<Box<dyn Read + 'a>, DebError>
     })
 }
 
-/// Parse and sweep one `.deb` held in memory.
+/// The largest `.deb` read (the biggest Debian packages are a few hundred MiB).
+pub const MAX_DEB_BYTES: u64 = 4 << 30;
+
+/// Parse and sweep one `.deb` held in memory. Members are streamed; an ELF member larger than
+/// [`MAX_ELF_BYTES`] is reported, not read.
 pub fn read_deb(bytes: &[u8], sweeper: &mut Sweeper) -> Result<DebOutcome, DebError> {
     let members = ar_members(bytes)?;
     let control = members
@@ -152,7 +156,10 @@ pub fn read_deb(bytes: &[u8], sweeper: &mut Sweeper) -> Result<DebOutcome, DebEr
             .into_owned();
         if path.trim_start_matches("./") == "control" {
             let mut text = String::new();
-            entry.read_to_string(&mut text).map_err(read_err(control.name))?;
+            (&mut entry)
+                .take(1 << 20)
+                .read_to_string(&mut text)
+                .map_err(read_err(control.name))?;
             for line in text.lines() {
                 if let Some(v) = line.strip_prefix("Package:") {
                     package = Some(v.trim().to_string());
@@ -184,11 +191,26 @@ pub fn read_deb(bytes: &[u8], sweeper: &mut Sweeper) -> Result<DebOutcome, DebEr
             .into_owned();
         let path = format!("/{}", path.trim_start_matches("./").trim_start_matches('/'));
         let mut magic = [0u8; 4];
-        if entry.header().size().unwrap_or(0) < 64 || entry.read_exact(&mut magic).is_err() || !is_elf(&magic) {
+        let size = entry.header().size().unwrap_or(0);
+        if size < 64 || entry.read_exact(&mut magic).is_err() || !is_elf(&magic) {
+            continue;
+        }
+        if size > MAX_ELF_BYTES {
+            // A decompression bomb costs time to skip, never memory.
+            outcome.elf_members.push((
+                path,
+                Err(format!(
+                    "{size} bytes: larger than the {} GiB an ELF member is scanned up to",
+                    MAX_ELF_BYTES >> 30
+                )),
+            ));
             continue;
         }
         let mut content = magic.to_vec();
-        entry.read_to_end(&mut content).map_err(read_err(data.name))?;
+        (&mut entry)
+            .take(MAX_ELF_BYTES)
+            .read_to_end(&mut content)
+            .map_err(read_err(data.name))?;
         outcome
             .elf_members
             .push((path, sweeper.sweep_elf(&content).map_err(|e| e.to_string())));
@@ -237,8 +259,8 @@ pub fn scan_debs(
     let fresh: Vec<_> = work
         .into_par_iter()
         .map_init(Sweeper::default, |sweeper, (path, stamp)| {
-            let r = std::fs::read(&path)
-                .map_err(|e| format!("cannot read: {e}"))
+            let r = hbt_translator::host::files::read_regular(&path, MAX_DEB_BYTES, "a .deb")
+                .map_err(|e| e.to_string())
                 .and_then(|b| read_deb(&b, sweeper).map_err(|e| e.to_string()));
             progress.advance(stamp.size);
             (path, stamp, r)

@@ -39,12 +39,13 @@ impl DpkgDb {
                 continue;
             };
             let package = stem.split(':').next().unwrap_or(stem).to_string();
-            let text = match std::fs::read(entry.path()) {
+            // A hostile root may hold a FIFO or a device here: refused, never waited on.
+            let text = match hbt_translator::host::files::read_regular(&entry.path(), 1 << 30, "a dpkg file list") {
                 Ok(t) => t,
                 Err(e) => {
                     warnings.push(ScanWarning {
                         path: entry.path().display().to_string(),
-                        detail: format!("unreadable: {e}"),
+                        detail: format!("skipped: {e}"),
                     });
                     continue;
                 }

@@ -8,7 +8,7 @@ use super::dpkg::DpkgDb;
 use super::{CorpusScan, Progress, ScanCounts, ScanWarning, ScannedBinary, Shard};
 use crate::cache::{CachedValue, FileStamp, ScanCache};
 use crate::error::CoverageError;
-use crate::sweep::{is_elf, SweepOutcome, Sweeper};
+use crate::sweep::{is_elf, SweepOutcome, Sweeper, MAX_ELF_BYTES};
 use rayon::prelude::*;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -140,13 +140,21 @@ pub fn scan_root(
 }
 
 fn scan_file(host: &Path, sweeper: &mut Sweeper) -> FileResult {
-    let mut file = match std::fs::File::open(host) {
+    // Regular files only, opened without blocking (a FIFO created after the walk never hangs).
+    let (mut file, size) = match hbt_translator::host::files::open_regular(host) {
         Ok(f) => f,
-        Err(e) => return FileResult::Unreadable(format!("cannot open: {e}")),
+        Err(e) => return FileResult::Unreadable(e.to_string()),
     };
     let mut magic = [0u8; 4];
     if file.read_exact(&mut magic).is_err() || !is_elf(&magic) {
         return FileResult::NotElf;
+    }
+    if size > MAX_ELF_BYTES {
+        // A sparse multi-GiB "ELF" would cost minutes and gigabytes to sweep.
+        return FileResult::Elf(Err(format!(
+            "{size} bytes: larger than the {} GiB an ELF file is scanned up to",
+            MAX_ELF_BYTES >> 30
+        )));
     }
     // SAFETY: the mapping is private and read-only. Another process truncating the file while
     // we read it could raise SIGBUS; package managers replace files by rename (the mapped

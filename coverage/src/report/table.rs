@@ -138,13 +138,22 @@ pub fn render_table(r: &Report) -> String {
         "Supported set `{}`: {} forms ({} used by the corpus)",
         sup.set, sup.count, sup.count_in_corpus
     );
-    let _ = writeln!(
-        o,
-        "  weighted completeness  {}   ({} of {} packages fully supported)",
-        pct(sup.weighted_completeness),
-        sup.complete_packages,
-        r.packages
-    );
+    if r.popularity.weighted_packages == 0 {
+        // 0 of 0 weight: a completeness would be a made-up number.
+        let _ = writeln!(
+            o,
+            "  weighted completeness  n/a: no package of the corpus has a popularity weight ({} of {} packages fully supported)",
+            sup.complete_packages, r.packages
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "  weighted completeness  {}   ({} of {} packages fully supported)",
+            pct(sup.weighted_completeness),
+            sup.complete_packages,
+            r.packages
+        );
+    }
 
     let _ = writeln!(o);
     let _ = writeln!(o, "CPU models ({unit} needed, greedy plan from nothing)");
