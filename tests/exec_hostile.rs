@@ -436,6 +436,7 @@ fn elf_files_are_judged_like_the_kernel_judges_them() {
     // SAFETY: mkfifo on a NUL-terminated path in our temp directory.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o755) }, 0);
     both_refuse(&fifo, libc::EACCES);
+    both_refuse(Path::new("/dev/zero"), libc::EACCES);
     // The data segment's file part is cut off and its bss is gone: the kernel maps past the end
     // of the file and the program dies when it touches the missing bytes.
     let p = busybox_variant(d, "truncated", |b| {
@@ -449,4 +450,65 @@ fn elf_files_are_judged_like_the_kernel_judges_them() {
         b.truncate(1_000_000);
     });
     same(&p, &["true"]);
+}
+
+#[test]
+fn mutated_programs_end_as_they_do_natively() {
+    // 200 seeded mutants of a small static program (its ELF header and program headers mostly):
+    // hbt must never crash, and each must end as it does natively — same stdout, same exit
+    // status or signal, or the same execve refusal.
+    use hbt_translator::harness::{ci_summary, mutate::Mutator};
+    let dir = tempfile::tempdir().unwrap();
+    let p = probe(
+        dir.path(),
+        "hello",
+        "#include <stdio.h>\nint main(int c, char **v) { printf(\"hello %d\\n\", c); return 3; }\n",
+        &[],
+    );
+    let seed = std::fs::read(&p).unwrap();
+    let mut m = Mutator::new(0x5eed_0012, 0..0x400);
+    let mut ends = std::collections::BTreeMap::<String, u32>::new();
+    let mut mismatches = Vec::new();
+    const RUNS: usize = 200;
+    for i in 0..RUNS {
+        let path = dir.path().join(format!("m{i}"));
+        std::fs::write(&path, m.mutate(&seed)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let native = match Command::new(&path).output() {
+            Err(e) => format!("execve: {}", hbt_translator::host::files::os_message(&e)),
+            Ok(_) => {
+                let n = native_outcome(&path);
+                format!("{} {:?}", n.end, n.stdout)
+            }
+        };
+        let (t, stderr) = translated(&path, &[]);
+        let under_hbt = if t.end == "exit 1" && stderr.contains("cannot execute") {
+            // hbt's execve refusal names the errno text.
+            match native.strip_prefix("execve: ") {
+                Some(text) if stderr.contains(text) => native.clone(),
+                _ => format!("refused: {stderr}"),
+            }
+        } else {
+            format!("{} {:?}", t.end, t.stdout)
+        };
+        *ends
+            .entry(native.split(' ').take(2).collect::<Vec<_>>().join(" "))
+            .or_default() += 1;
+        if native != under_hbt {
+            // HBT_KEEP_MISMATCHES=DIR keeps the mutants that differ, for a closer look.
+            if let Some(keep) = std::env::var_os("HBT_KEEP_MISMATCHES") {
+                let _ = std::fs::copy(&path, Path::new(&keep).join(format!("mutant-{i}")));
+            }
+            mismatches.push(format!("mutant {i}: native {native}, hbt {under_hbt}"));
+        }
+    }
+    ci_summary(&format!(
+        "hbt exec: {RUNS} mutated programs, {} mismatches with native; native ends {ends:?}",
+        mismatches.len()
+    ));
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+fn native_outcome(path: &Path) -> Outcome {
+    native(path, &[])
 }

@@ -212,3 +212,34 @@ fn a_background_job_on_a_terminal_is_not_stopped() {
         "the background run timed out normally: {text}"
     );
 }
+
+#[test]
+fn mutated_images_never_crash_hbt() {
+    // 200 seeded mutants of two test guests (headers mostly): each run ends with the guest's
+    // status, a refusal, a guest fault report or the timeout — never a panic or a crash of hbt.
+    use hbt_translator::harness::{ci_summary, mutate::Mutator};
+    let dir = tempfile::tempdir().unwrap();
+    let seeds: Vec<Vec<u8>> = ["hello", "exit-code"]
+        .iter()
+        .map(|n| std::fs::read(root().join(format!("test-images/{n}.img"))).unwrap())
+        .collect();
+    let mut m = Mutator::new(0x5eed_0011, 0..0x200);
+    let mut ends = std::collections::BTreeMap::<String, u32>::new();
+    const RUNS: usize = 200;
+    for i in 0..RUNS {
+        let img = dir.path().join(format!("m{i}.img"));
+        std::fs::write(&img, m.mutate(&seeds[i % seeds.len()])).unwrap();
+        let out = run_bounded(
+            command(&["--timeout", "0.5", img.to_str().unwrap()]),
+            Duration::from_secs(20),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stderr.contains("panicked") && out.status.code().is_some_and(|c| c != 101),
+            "mutant {i} (seed 0x5eed0011) crashed hbt ({:?}): {stderr}",
+            out.status
+        );
+        *ends.entry(format!("exit {}", out.status.code().unwrap())).or_default() += 1;
+    }
+    ci_summary(&format!("hbt run: {RUNS} mutated images, no crash; ended by {ends:?}"));
+}

@@ -287,6 +287,40 @@ mod tests {
         }
     }
 
+    /// Fuzz target: 20,000 mutants of a real cache file, parsed in memory. Each is either
+    /// rejected or (if the mutation happened to be a no-op) identical to the original.
+    #[test]
+    fn fuzz_cache_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coverage.cache");
+        let (mut c, _) = ScanCache::open(&file);
+        for i in 0..30 {
+            c.insert(
+                format!("/usr/lib/x{i}.so"),
+                stamp(100 + i),
+                CachedValue::Elf(Err(format!("e{i}"))),
+            );
+            c.insert_not_elf(&format!("/etc/f{i}"), &stamp(i));
+        }
+        c.save().unwrap();
+        let good = std::fs::read(&file).unwrap();
+        let mut m = hbt_translator::harness::mutate::Mutator::new(0xc0ffee, 0..64);
+        const RUNS: usize = 20_000;
+        let mut accepted = 0;
+        for i in 0..RUNS {
+            let input = m.mutate(&good);
+            let r = std::panic::catch_unwind(|| parse(&input).is_some());
+            assert!(r.is_ok(), "parse panicked on mutant {i} (seed 0xc0ffee)");
+            if r.unwrap() {
+                assert_eq!(input, good, "mutant {i} was accepted but differs");
+                accepted += 1;
+            }
+        }
+        hbt_translator::harness::ci_summary(&format!(
+            "fuzz: scan cache, {RUNS} mutants, no panic, none trusted ({accepted} were no-op mutations)"
+        ));
+    }
+
     #[test]
     fn a_fifo_cache_is_not_waited_on() {
         let dir = tempfile::tempdir().unwrap();

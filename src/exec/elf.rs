@@ -4,7 +4,8 @@
 //!
 //! - only the ELF header, the program headers and the PT_INTERP string are read (with
 //!   `pread`); section headers are never looked at, whatever state they are in;
-//! - header: ELF magic, 64-bit little-endian, `ET_EXEC` or `ET_DYN`, `EM_X86_64`, else ENOEXEC;
+//! - header: ELF magic, `ET_EXEC` or `ET_DYN`, `EM_X86_64`, else ENOEXEC (EI_CLASS/EI_DATA
+//!   are ignored, as the kernel ignores them);
 //!   `e_phentsize` must be 56 and the program headers 1..=4096 bytes, all inside the file
 //!   (ENOEXEC);
 //! - PT_INTERP: 2..=4096 bytes, NUL-terminated (ENOEXEC), read fully (EIO); the interpreter is
@@ -19,6 +20,7 @@ use std::path::Path;
 pub const ET_EXEC: u16 = 2;
 pub const ET_DYN: u16 = 3;
 const EM_X86_64: u16 = 62;
+const EM_386: u16 = 3;
 pub const PT_LOAD: u32 = 1;
 const PT_INTERP: u32 = 3;
 pub const PT_PHDR: u32 = 6;
@@ -91,9 +93,29 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+/// Positioned reads: a file, or (for the fuzz test) bytes in memory.
+pub trait ReadAt {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
+}
+
+impl ReadAt for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.len());
+        let n = buf.len().min(self.len() - start);
+        buf[..n].copy_from_slice(&self[start..start + n]);
+        Ok(n)
+    }
+}
+
 /// Reads exactly `buf.len()` bytes at `offset`; a short read is EIO, as in the kernel's
 /// `elf_read`.
-fn read_at(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<(), Refusal> {
+fn read_at(file: &(impl ReadAt + ?Sized), buf: &mut [u8], offset: u64, what: &str) -> Result<(), Refusal> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -132,7 +154,7 @@ pub fn head(file: &File) -> Result<Vec<u8>, Refusal> {
     let mut buf = vec![0u8; 256];
     let mut n = 0;
     while n < buf.len() {
-        match file.read_at(&mut buf[n..], n as u64) {
+        match FileExt::read_at(file, &mut buf[n..], n as u64) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -154,12 +176,8 @@ fn check_header(h: &[u8], bad: i32) -> Result<(), Refusal> {
     if h.len() < 64 || &h[..4] != b"\x7fELF" {
         return Err(Refusal::new(bad, "not an ELF file"));
     }
-    if h[4] != 2 || h[5] != 1 {
-        return Err(Refusal::new(
-            bad,
-            "not a 64-bit little-endian ELF (32-bit programs are not supported)",
-        ));
-    }
+    // EI_CLASS and EI_DATA are not checked: the kernel's 64-bit loader reads the header as
+    // Elf64 little-endian whatever they say (only e_machine decides).
     let e_type = u16_at(h, 16);
     if e_type != ET_EXEC && e_type != ET_DYN {
         return Err(Refusal::new(
@@ -168,13 +186,19 @@ fn check_header(h: &[u8], bad: i32) -> Result<(), Refusal> {
         ));
     }
     let machine = u16_at(h, 18);
+    if machine == EM_386 {
+        return Err(Refusal::new(
+            bad,
+            "a 32-bit (i386) program: hbt exec runs x86-64 programs only",
+        ));
+    }
     if machine != EM_X86_64 {
         return Err(Refusal::new(bad, format!("not an x86-64 ELF (e_machine {machine})")));
     }
     Ok(())
 }
 
-fn read_phdrs(file: &File, h: &[u8], bad: i32) -> Result<Vec<Phdr>, Refusal> {
+fn read_phdrs(file: &(impl ReadAt + ?Sized), h: &[u8], bad: i32) -> Result<Vec<Phdr>, Refusal> {
     let phentsize = u16_at(h, 54) as usize;
     let phnum = u16_at(h, 56) as usize;
     if phentsize != PHENT_SIZE {
@@ -212,9 +236,36 @@ fn read_phdrs(file: &File, h: &[u8], bad: i32) -> Result<Vec<Phdr>, Refusal> {
 /// Checks `file` as the kernel checks a program; `interp` says it is being loaded as an
 /// interpreter (header problems are then ELIBBAD).
 pub fn inspect(file: File, interp: bool) -> Result<Executable, Refusal> {
+    let h = headers(&file, interp)?;
+    Ok(Executable {
+        file,
+        e_type: h.e_type,
+        entry: h.entry,
+        phoff: h.phoff,
+        phnum: h.phnum,
+        phdrs: h.phdrs,
+        interpreter: h.interpreter,
+        exec_stack: h.exec_stack,
+    })
+}
+
+/// What [`inspect`] reads from an executable.
+#[derive(Debug)]
+pub struct Headers {
+    pub e_type: u16,
+    pub entry: u64,
+    pub phoff: u64,
+    pub phnum: u16,
+    pub phdrs: Vec<Phdr>,
+    pub interpreter: Option<String>,
+    pub exec_stack: bool,
+}
+
+/// The kernel's checks on an executable's headers (see the file comment).
+pub fn headers(file: &(impl ReadAt + ?Sized), interp: bool) -> Result<Headers, Refusal> {
     let bad = if interp { libc::ELIBBAD } else { libc::ENOEXEC };
     let mut h = [0u8; 64];
-    if let Err(e) = read_at(&file, &mut h, 0, "the ELF header") {
+    if let Err(e) = read_at(file, &mut h, 0, "the ELF header") {
         // A file shorter than an ELF header is not an executable format (the kernel's binfmt
         // search ends in ENOEXEC); an interpreter that short is EIO.
         return Err(if interp {
@@ -224,7 +275,7 @@ pub fn inspect(file: File, interp: bool) -> Result<Executable, Refusal> {
         });
     }
     check_header(&h, bad)?;
-    let phdrs = read_phdrs(&file, &h, bad)?;
+    let phdrs = read_phdrs(file, &h, bad)?;
     let mut interpreter = None;
     if !interp {
         if let Some(p) = phdrs.iter().find(|p| p.p_type == PT_INTERP) {
@@ -232,7 +283,7 @@ pub fn inspect(file: File, interp: bool) -> Result<Executable, Refusal> {
                 return Err(Refusal::new(libc::ENOEXEC, format!("PT_INTERP is {} bytes", p.filesz)));
             }
             let mut name = vec![0u8; p.filesz as usize];
-            read_at(&file, &mut name, p.offset, "the PT_INTERP string")?;
+            read_at(file, &mut name, p.offset, "the PT_INTERP string")?;
             if name.pop() != Some(0) {
                 return Err(Refusal::new(libc::ENOEXEC, "PT_INTERP is not NUL-terminated"));
             }
@@ -243,8 +294,7 @@ pub fn inspect(file: File, interp: bool) -> Result<Executable, Refusal> {
         .iter()
         .find(|p| p.p_type == PT_GNU_STACK)
         .is_some_and(|p| p.flags & PF_X != 0);
-    Ok(Executable {
-        file,
+    Ok(Headers {
         e_type: u16_at(&h, 16),
         entry: u64_at(&h, 24),
         phoff: u64_at(&h, 32),
@@ -259,18 +309,35 @@ pub fn inspect(file: File, interp: bool) -> Result<Executable, Refusal> {
 mod tests {
     use super::*;
 
-    fn inspect_bytes(bytes: &[u8]) -> Result<Executable, Refusal> {
-        let dir = std::env::temp_dir().join(format!("hbt-elf-{}-{}", std::process::id(), bytes.len()));
-        std::fs::write(&dir, bytes).unwrap();
-        let r = inspect(File::open(&dir).unwrap(), false);
-        std::fs::remove_file(&dir).unwrap();
-        r
+    fn inspect_bytes(bytes: &[u8]) -> Result<Headers, Refusal> {
+        headers(bytes, false)
+    }
+
+    /// Fuzz target: 20,000 mutants of busybox-static's headers through the kernel's checks.
+    #[test]
+    fn fuzz_exec_elf_checks() {
+        let good = std::fs::read("/bin/busybox").expect("busybox-static");
+        let head = good[..64 << 10].to_vec();
+        let mut m = hbt_translator::harness::mutate::Mutator::new(0xe1fe, 0..0x200);
+        const RUNS: usize = 20_000;
+        let mut accepted = 0;
+        for i in 0..RUNS {
+            let input = m.mutate(&head);
+            let r = std::panic::catch_unwind(|| headers(input.as_slice(), i % 2 == 1).is_ok());
+            assert!(r.is_ok(), "exec ELF checks panicked on mutant {i} (seed 0xe1fe)");
+            accepted += r.unwrap() as usize;
+        }
+        hbt_translator::harness::ci_summary(&format!(
+            "fuzz: exec ELF checks, {RUNS} mutants: {accepted} accepted, {} refused, no panic",
+            RUNS - accepted
+        ));
     }
 
     #[test]
     fn kernel_rules() {
         let good = std::fs::read("/bin/busybox").expect("busybox-static");
         let e = inspect_bytes(&good).unwrap();
+        assert!(e.interpreter.is_none());
         assert!(e.phdrs.iter().any(|p| p.p_type == PT_LOAD));
         // Section headers are never read: a garbage section-header table is fine.
         let mut b = good.clone();
@@ -288,7 +355,10 @@ mod tests {
         assert_eq!(inspect_bytes(&b).unwrap_err().errno, libc::ENOEXEC);
         assert_eq!(inspect_bytes(b"\x7fELF").unwrap_err().errno, libc::ENOEXEC);
         let mut b = good.clone();
-        b[4] = 1; // 32-bit
+        b[4] = 1; // EI_CLASS says 32-bit: ignored, as by the kernel
+        assert!(inspect_bytes(&b).is_ok());
+        let mut b = good.clone();
+        b[18] = 3; // EM_386
         assert_eq!(inspect_bytes(&b).unwrap_err().errno, libc::ENOEXEC);
     }
 }

@@ -121,11 +121,11 @@ fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, L
     }
     for p in &loads {
         if p.filesz > p.memsz {
-            return Err(Refusal {
-                errno: libc::EINVAL,
-                why: format!("{}: segment at {:#x} has p_filesz > p_memsz", path.display(), p.vaddr),
-            }
-            .into());
+            return Err(killed(format!(
+                "{}: segment at {:#x} has p_filesz > p_memsz",
+                path.display(),
+                p.vaddr
+            )));
         }
         if p.offset % PAGE != p.vaddr % PAGE {
             return Err(killed(format!(
@@ -238,12 +238,37 @@ fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, L
         unsafe { libc::mprotect(start as *mut libc::c_void, (mem_end - start) as usize, prot) };
         end = end.max(mem_end);
     }
+    // The kernel maps segments one by one: the gaps between them are unmapped (an mprotect
+    // across one fails), so give back the parts of the reservation no segment covers.
+    let mut covered: Vec<(u64, u64)> = loads
+        .iter()
+        .map(|p| {
+            let va = base.wrapping_add(p.vaddr);
+            (page_down(va), page_up(va + p.memsz).unwrap_or(u64::MAX))
+        })
+        .collect();
+    covered.sort_unstable();
+    let mut at = base.wrapping_add(lo);
+    let stop = at + span;
+    for (s, e) in covered.into_iter().chain(std::iter::once((stop, stop))) {
+        if s > at {
+            // SAFETY: unmapping part of our own PROT_NONE reservation that no segment uses.
+            unsafe { libc::munmap(at as *mut libc::c_void, (s - at) as usize) };
+        }
+        at = at.max(e);
+    }
     let phdr = exe
         .phdrs
         .iter()
         .find(|p| p.p_type == elf::PT_PHDR)
-        .map(|p| base + p.vaddr)
-        .unwrap_or_else(|| base + loads[0].vaddr - loads[0].offset + exe.phoff);
+        .map(|p| base.wrapping_add(p.vaddr))
+        // What the kernel reports: the first segment's load address plus e_phoff (header
+        // values a hostile file chooses, so wrapping arithmetic).
+        .unwrap_or_else(|| {
+            base.wrapping_add(loads[0].vaddr)
+                .wrapping_sub(loads[0].offset)
+                .wrapping_add(exe.phoff)
+        });
     Ok(Mapped {
         base,
         entry: base.wrapping_add(exe.entry),
@@ -319,9 +344,23 @@ pub fn load(path: &Path) -> Result<Image, LoadError> {
         phdr: program.phdr,
         phnum: program.phnum,
         phent: program.phent,
-        brk: program.end,
+        brk: randomized_brk(program.end),
         exec_stack: exe.exec_stack,
     })
+}
+
+/// Where the heap starts: after the program's last segment, moved up by a random number of
+/// pages below 32 MiB when the system randomizes address spaces (the kernel's
+/// `arch_randomize_brk`), so what lies right after the program is unmapped as natively.
+fn randomized_brk(end: u64) -> u64 {
+    let aslr = std::fs::read_to_string("/proc/sys/kernel/randomize_va_space").is_ok_and(|v| v.trim() == "2");
+    if !aslr {
+        return end;
+    }
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes 8 bytes into the buffer.
+    unsafe { libc::getrandom(r.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    end + (u64::from_le_bytes(r) % ((32 << 20) / PAGE)) * PAGE
 }
 
 /// Maps the stack and writes argc/argv/envp/auxv; returns the initial RSP.

@@ -305,9 +305,13 @@ impl GuestSignals {
             // x87 #MF and SIMD #XM: SIGFPE with the kernel's code for the unmasked exception.
             16 | 19 => (libc::SIGFPE, fpe_code(t.state(), e.vector), rip),
             vector::PF => {
-                let present = e.error_code.unwrap_or(0) & 1 != 0;
-                (libc::SIGSEGV, if present { 2 } else { 1 }, e.address.unwrap_or(0))
-                // SEGV_ACCERR/MAPERR
+                let (err, addr) = (e.error_code.unwrap_or(0), e.address.unwrap_or(0));
+                if is_bus_error(addr, err) {
+                    (libc::SIGBUS, 2, addr) // BUS_ADRERR
+                } else {
+                    let present = err & 1 != 0;
+                    (libc::SIGSEGV, if present { 2 } else { 1 }, addr) // SEGV_ACCERR/MAPERR
+                }
             }
             _ => (libc::SIGSEGV, 0x80, 0), // #GP and the rest: SI_KERNEL
         };
@@ -501,6 +505,20 @@ fn read_fpstate(fpstate: u64, xcr0: u64) -> Result<XSaveArea, String> {
         .check(xcr0)
         .map_err(|why| format!("malformed XSAVE image at {fpstate:#x}: {why}"))?;
     Ok(image)
+}
+
+/// A page fault at an address the host has mapped with the permission the access needs can
+/// only be a mapping past the end of its file (or a truncated file): natively that is SIGBUS.
+fn is_bus_error(addr: u64, error_code: u32) -> bool {
+    let need = if error_code & 0x10 != 0 {
+        libc::PROT_EXEC
+    } else if error_code & 2 != 0 {
+        libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    let mut maps = hbt_translator::host::pages::HostMaps::default();
+    maps.protection(addr).is_some_and(|p| p & need != 0)
 }
 
 /// The si_code of a floating-point exception, as the kernel's `fpu__exception_code` derives it:

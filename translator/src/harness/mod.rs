@@ -4,10 +4,12 @@
 //! set (`supported.rs`) is exactly what passes here.
 //!
 //! `machine.rs` (regions, native trampoline, soft-MMU page tables), `synth.rs` (instances and
-//! states), `compare.rs` (outcomes and differences), `rng.rs` (reproducible randomness).
+//! states), `compare.rs` (outcomes and differences), `rng.rs` (reproducible randomness), and
+//! `mutate.rs` (seeded input mutations for the fuzz tests of hbt's parsers).
 
 pub mod compare;
 pub mod machine;
+pub mod mutate;
 pub mod rng;
 pub mod synth;
 
@@ -72,6 +74,18 @@ impl Status {
             Status::NotExecutable(missing) => Some(format!("the host CPU lacks {}", feature_names(missing))),
             Status::Skipped(why) => Some(why.clone()),
             _ => None,
+        }
+    }
+}
+
+/// Records a line in the CI summary (the file `$HBT_CI_SUMMARY`, which `.ci/run` prints at the
+/// end), so what the tests verified shows in CI's log even though cargo captures their output.
+pub fn ci_summary(line: &str) {
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("HBT_CI_SUMMARY") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
         }
     }
 }
