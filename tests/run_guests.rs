@@ -226,7 +226,10 @@ fn bzimage_errors_name_the_problem() {
     let kernel_s = kernel.to_string_lossy().into_owned();
     let (_, stderr, code) = hbt_run(&["--mem", "32", "--initrd", big.to_str().unwrap(), &kernel_s]);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("can be at most") && stderr.contains("--mem"), "{stderr}");
+    assert!(
+        stderr.contains("can be at most") && stderr.contains("--mem"),
+        "{stderr}"
+    );
     // One that fits the file limit but not the room below the kernel's initrd_addr_max.
     let mid = dir.path().join("mid-initrd");
     std::fs::write(&mid, vec![0u8; 30 << 20]).unwrap();
