@@ -336,7 +336,9 @@ mod tests {
     fn damaged_cache_is_reported_and_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("coverage.cache");
-        std::fs::write(&file, b"HBTCOV\x00\x02\xff\xff\xff\xff\xff\xff\xff\xffgarbage").unwrap();
+        let mut bad = MAGIC.to_vec();
+        bad.extend_from_slice(b"\xff\xff\xff\xff\xff\xff\xff\xffgarbage");
+        std::fs::write(&file, bad).unwrap();
         let (c, problem) = ScanCache::open(&file);
         assert!(problem.is_some());
         assert!(c.get("/x", &stamp(1)).is_none());
