@@ -4,38 +4,20 @@
 
 #[path = "../coverage/tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+use support::{limit_memory, run_bounded};
 
 const AS_LIMIT: u64 = 2 << 30;
 
 fn hbt(args: &[&str], cache: &Path) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hbt"));
-    cmd.args(args).env("XDG_CACHE_HOME", cache).stdin(Stdio::null());
-    // SAFETY: setrlimit between fork and exec touches only the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: AS_LIMIT,
-                rlim_max: AS_LIMIT,
-            };
-            libc::setrlimit(libc::RLIMIT_AS, &lim);
-            Ok(())
-        });
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("hbt {args:?} did not finish in 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    cmd.args(args).env("XDG_CACHE_HOME", cache);
+    limit_memory(&mut cmd, AS_LIMIT);
+    let out = run_bounded(&mut cmd, Duration::from_secs(60));
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("panicked"),
         "{args:?} panicked"
@@ -44,9 +26,7 @@ fn hbt(args: &[&str], cache: &Path) -> Output {
 }
 
 fn mkfifo(path: &Path) {
-    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo on a NUL-terminated path in a temp directory.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    support::mkfifo(path, 0o644)
 }
 
 #[test]

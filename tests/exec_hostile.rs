@@ -5,10 +5,13 @@
 //! space, and how it ended (stdout, exit status or signal) must match. The probes are C built
 //! with the machine's gcc (`-static`), or mutations of busybox-static.
 
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+mod support;
+
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+use support::{limit_memory, mkfifo, run_bounded};
 
 const AS_LIMIT: u64 = 4 << 30;
 
@@ -20,32 +23,8 @@ struct Outcome {
 }
 
 fn bounded(mut cmd: Command) -> (Outcome, String) {
-    // SAFETY: setrlimit between fork and exec touches only the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: AS_LIMIT,
-                rlim_max: AS_LIMIT,
-            };
-            libc::setrlimit(libc::RLIMIT_AS, &lim);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("did not finish in 20 s: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let out = child.wait_with_output().unwrap();
+    limit_memory(&mut cmd, AS_LIMIT);
+    let out = run_bounded(&mut cmd, Duration::from_secs(20));
     let end = match (out.status.code(), out.status.signal()) {
         (Some(c), _) => format!("exit {c}"),
         (None, Some(s)) => format!("signal {s}"),
@@ -432,9 +411,7 @@ fn elf_files_are_judged_like_the_kernel_judges_them() {
     both_refuse(&p, libc::EIO);
     // A FIFO, even with execute permission, is EACCES (and never blocks).
     let fifo = d.join("fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo on a NUL-terminated path in our temp directory.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o755) }, 0);
+    mkfifo(&fifo, 0o755);
     both_refuse(&fifo, libc::EACCES);
     both_refuse(Path::new("/dev/zero"), libc::EACCES);
     // The data segment's file part is cut off and its bss is gone: the kernel maps past the end

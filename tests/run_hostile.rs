@@ -3,10 +3,12 @@
 //! run is bounded in address space (RLIMIT_AS) and time, so a regression fails the test
 //! instead of taking the machine down. Needs /dev/kvm, like tests/run_guests.rs.
 
-use std::os::unix::process::CommandExt;
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{debian_kernel, limit_memory, mkfifo, run_bounded};
 
 /// Address-space limit for one `hbt run` (256 MiB of guest RAM plus hbt itself fit easily).
 const AS_LIMIT: u64 = 2 << 30;
@@ -19,41 +21,13 @@ fn root() -> &'static Path {
 fn command(args: &[&str]) -> Command {
     assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing (CI provides it)");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hbt"));
-    cmd.arg("run").args(args).current_dir(root()).stdin(Stdio::null());
-    // SAFETY: setrlimit between fork and exec touches only the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: AS_LIMIT,
-                rlim_max: AS_LIMIT,
-            };
-            libc::setrlimit(libc::RLIMIT_AS, &lim);
-            Ok(())
-        });
-    }
+    cmd.arg("run").args(args).current_dir(root());
+    limit_memory(&mut cmd, AS_LIMIT);
     cmd
 }
 
-/// Runs with a wall-clock bound: a hang fails the test (the child is killed).
-fn run_bounded(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hbt");
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("hbt did not finish within {limit:?}: {cmd:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn run(args: &[&str]) -> (String, String, Option<i32>) {
-    let out = run_bounded(command(args), Duration::from_secs(30));
+    let out = run_bounded(&mut command(args), Duration::from_secs(30));
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -105,17 +79,11 @@ fn lying_elf_sizes_are_refused_before_allocating() {
 fn special_and_endless_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo on a NUL-terminated path in our temp directory.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    mkfifo(&fifo, 0o600);
     refused(&["/dev/zero"], "/dev/zero is a character device, not a regular file");
     refused(&[fifo.to_str().unwrap()], "is a FIFO, not a regular file");
     refused(&["test-images"], "test-images is a directory, not a regular file");
-    let kernel = std::fs::read_dir("/boot")
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
-        .expect("a Debian kernel in /boot (.ci/run installs linux-image-cloud-amd64)");
+    let kernel = debian_kernel();
     let k = kernel.to_str().unwrap();
     refused(&["--initrd", "/dev/zero", k], "/dev/zero is a character device");
     refused(&["--initrd", fifo.to_str().unwrap(), k], "is a FIFO");
@@ -131,11 +99,7 @@ fn option_values_that_overflow_or_lie_are_refused() {
         &["--mem", "17592186044419", "test-images/hello.img"],
         "--mem 17592186044419 MiB is more than",
     );
-    let kernel = std::fs::read_dir("/boot")
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
-        .unwrap();
+    let kernel = debian_kernel();
     let long = "x".repeat(65536);
     refused(
         &["--append", &long, kernel.to_str().unwrap()],
@@ -205,7 +169,7 @@ fn a_background_job_on_a_terminal_is_not_stopped() {
     cmd.args(["-qec", &format!("bash --norc -ic '{inner}'"), "/dev/null"])
         .current_dir(root())
         .stdin(Stdio::null());
-    let out = run_bounded(cmd, Duration::from_secs(20));
+    let out = run_bounded(&mut cmd, Duration::from_secs(20));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("job-exit=124"),
@@ -230,7 +194,7 @@ fn mutated_images_never_crash_hbt() {
         let img = dir.path().join(format!("m{i}.img"));
         std::fs::write(&img, m.mutate(&seeds[i % seeds.len()])).unwrap();
         let out = run_bounded(
-            command(&["--timeout", "0.5", img.to_str().unwrap()]),
+            &mut command(&["--timeout", "0.5", img.to_str().unwrap()]),
             Duration::from_secs(20),
         );
         let stderr = String::from_utf8_lossy(&out.stderr);

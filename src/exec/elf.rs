@@ -73,14 +73,7 @@ pub struct Phdr {
 #[derive(Debug)]
 pub struct Executable {
     pub file: File,
-    pub e_type: u16,
-    pub entry: u64,
-    pub phoff: u64,
-    pub phnum: u16,
-    pub phdrs: Vec<Phdr>,
-    pub interpreter: Option<String>,
-    /// PT_GNU_STACK asks for an executable stack.
-    pub exec_stack: bool,
+    pub headers: Headers,
 }
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
@@ -236,17 +229,8 @@ fn read_phdrs(file: &(impl ReadAt + ?Sized), h: &[u8], bad: i32) -> Result<Vec<P
 /// Checks `file` as the kernel checks a program; `interp` says it is being loaded as an
 /// interpreter (header problems are then ELIBBAD).
 pub fn inspect(file: File, interp: bool) -> Result<Executable, Refusal> {
-    let h = headers(&file, interp)?;
-    Ok(Executable {
-        file,
-        e_type: h.e_type,
-        entry: h.entry,
-        phoff: h.phoff,
-        phnum: h.phnum,
-        phdrs: h.phdrs,
-        interpreter: h.interpreter,
-        exec_stack: h.exec_stack,
-    })
+    let headers = headers(&file, interp)?;
+    Ok(Executable { file, headers })
 }
 
 /// What [`inspect`] reads from an executable.

@@ -115,7 +115,7 @@ fn prot_of(flags: u32) -> i32 {
 /// each segment inside it, file-backed as the kernel maps them (a segment past the end of the
 /// file faults when touched), with the bss zeroed and mapped anonymously.
 fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, LoadError> {
-    let loads: Vec<_> = exe.phdrs.iter().filter(|p| p.p_type == elf::PT_LOAD).collect();
+    let loads: Vec<_> = exe.headers.phdrs.iter().filter(|p| p.p_type == elf::PT_LOAD).collect();
     if loads.is_empty() {
         return Err(killed(format!("{}: no loadable segments", path.display())));
     }
@@ -258,6 +258,7 @@ fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, L
         at = at.max(e);
     }
     let phdr = exe
+        .headers
         .phdrs
         .iter()
         .find(|p| p.p_type == elf::PT_PHDR)
@@ -267,13 +268,13 @@ fn map_elf(path: &Path, exe: &Executable, base: Option<u64>) -> Result<Mapped, L
         .unwrap_or_else(|| {
             base.wrapping_add(loads[0].vaddr)
                 .wrapping_sub(loads[0].offset)
-                .wrapping_add(exe.phoff)
+                .wrapping_add(exe.headers.phoff)
         });
     Ok(Mapped {
         base,
-        entry: base.wrapping_add(exe.entry),
+        entry: base.wrapping_add(exe.headers.entry),
         phdr,
-        phnum: exe.phnum as u64,
+        phnum: exe.headers.phnum as u64,
         phent: 56,
         end,
     })
@@ -288,7 +289,7 @@ pub fn resolve_exec(path: &str, argv: Vec<String>) -> Result<(String, Vec<String
     if head.starts_with(b"\x7fELF") {
         // The checks execve makes before the point of no return, so its errno is the kernel's.
         let exe = elf::inspect(file, false).map_err(|r| r.errno)?;
-        if let Some(interp) = &exe.interpreter {
+        if let Some(interp) = &exe.headers.interpreter {
             let ifile = elf::open_executable(Path::new(interp)).map_err(|r| r.errno)?;
             elf::inspect(ifile, true).map_err(|r| r.errno)?;
         }
@@ -317,8 +318,8 @@ pub fn resolve_exec(path: &str, argv: Vec<String>) -> Result<(String, Vec<String
 /// Maps the program (and its interpreter, if it has one).
 pub fn load(path: &Path) -> Result<Image, LoadError> {
     let exe = elf::inspect(elf::open_executable(path)?, false)?;
-    let pie = exe.e_type == elf::ET_DYN;
-    let interp = match &exe.interpreter {
+    let pie = exe.headers.e_type == elf::ET_DYN;
+    let interp = match &exe.headers.interpreter {
         None => None,
         Some(name) => {
             let ipath = Path::new(name);
@@ -333,7 +334,15 @@ pub fn load(path: &Path) -> Result<Image, LoadError> {
     let (entry, interp_base) = match &interp {
         None => (program.entry, 0),
         Some((ipath, iexe)) => {
-            let m = map_elf(ipath, iexe, if iexe.e_type == elf::ET_EXEC { Some(0) } else { None })?;
+            let m = map_elf(
+                ipath,
+                iexe,
+                if iexe.headers.e_type == elf::ET_EXEC {
+                    Some(0)
+                } else {
+                    None
+                },
+            )?;
             (m.entry, m.base)
         }
     };
@@ -345,7 +354,7 @@ pub fn load(path: &Path) -> Result<Image, LoadError> {
         phnum: program.phnum,
         phent: program.phent,
         brk: randomized_brk(program.end),
-        exec_stack: exe.exec_stack,
+        exec_stack: exe.headers.exec_stack,
     })
 }
 

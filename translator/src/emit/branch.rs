@@ -56,19 +56,7 @@ impl BlockEmitter<'_> {
                 self.exit_jump(near.code(), instr.near_branch64());
             }
             BranchKind::CounterJump => {
-                // Keep the guest instruction (it updates RCX), retargeted over the next jump.
-                let here = self.asm.here();
-                let mut probe = *instr;
-                probe.set_near_branch64(here + 2);
-                let len = Encoder::new(64)
-                    .encode(&probe, here)
-                    .map_err(|e| TranslateError::Encode {
-                        rip: instr.ip(),
-                        text: instr.to_string(),
-                        reason: e.to_string(),
-                    })? as u64;
-                probe.set_near_branch64(here + len + 5);
-                self.asm.emit(&probe)?;
+                self.counter_jump_over_next(instr)?;
                 self.exit_jump(Code::Jmp_rel32_64, next);
                 self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
             }
@@ -96,6 +84,23 @@ impl BlockEmitter<'_> {
         Ok(())
     }
 
+    /// Emits a `jrcxz`/`loop*` guest instruction (it updates RCX) retargeted so that, taken, it
+    /// skips the 5-byte jump that follows it (the not-taken exit).
+    fn counter_jump_over_next(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
+        let here = self.asm.here();
+        let mut probe = *instr;
+        probe.set_near_branch64(here + 2);
+        let len = Encoder::new(64)
+            .encode(&probe, here)
+            .map_err(|e| TranslateError::Encode {
+                rip: instr.ip(),
+                text: instr.to_string(),
+                reason: e.to_string(),
+            })? as u64;
+        probe.set_near_branch64(here + len + 5);
+        self.asm.emit(&probe)
+    }
+
     /// A direct branch whose target is non-canonical: #GP(0) at the branch when it is taken.
     fn noncanonical_direct(&mut self, instr: &Instruction, kind: BranchKind) -> Result<(), TranslateError> {
         let raise = |e: &mut Self, field: usize| {
@@ -116,20 +121,8 @@ impl BlockEmitter<'_> {
                 raise(self, field);
             }
             BranchKind::CounterJump => {
-                // The counter update happens only when the branch is taken... which faults: run
-                // the instruction retargeted to a local label that raises.
-                let here = self.asm.here();
-                let mut probe = *instr;
-                probe.set_near_branch64(here + 2);
-                let len = Encoder::new(64)
-                    .encode(&probe, here)
-                    .map_err(|e| TranslateError::Encode {
-                        rip: instr.ip(),
-                        text: instr.to_string(),
-                        reason: e.to_string(),
-                    })? as u64;
-                probe.set_near_branch64(here + len + 5);
-                self.asm.emit(&probe)?;
+                // The guest instruction updates RCX either way; taken, it faults.
+                self.counter_jump_over_next(instr)?;
                 self.exit_jump(Code::Jmp_rel32_64, instr.next_ip());
                 let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
                 raise(self, field);

@@ -228,6 +228,18 @@ impl BlockEmitter<'_> {
             self.tlb_lookup(s, access, size, used | bit_reg.map_or(0, |d| 1 << reg_num(d)));
             self.restore_flags();
         }
+        self.emit_at_register(&rewritten, s)?;
+        if let Some(d) = bit_reg {
+            self.give_back(d);
+        }
+        self.give_back(s);
+        Ok(())
+    }
+
+    /// Emits `instr` with its memory operand replaced by `[s]` (S holds the final address), as
+    /// a faulting site.
+    pub(super) fn emit_at_register(&mut self, instr: &Instruction, s: Register) -> Result<(), TranslateError> {
+        let mut rewritten = *instr;
         rewritten.set_code(modrm_form(instr.code()));
         rewritten.set_memory_base(s);
         rewritten.set_memory_index(Register::None);
@@ -238,10 +250,6 @@ impl BlockEmitter<'_> {
         let start = self.asm.buf.len();
         self.asm.emit(&rewritten)?;
         self.site_here(start);
-        if let Some(d) = bit_reg {
-            self.give_back(d);
-        }
-        self.give_back(s);
         Ok(())
     }
 

@@ -329,6 +329,12 @@ impl BlockEmitter<'_> {
         self.flags_in_slot = false;
     }
 
+    /// Points the forward branch whose rel32 is at `field` here.
+    fn bind_here(&mut self, field: usize) {
+        let here = self.asm.here();
+        self.asm.bind(field, here);
+    }
+
     /// Out-of-line paths: puts the guest flags (if parked) and the borrowed registers back.
     fn restore_guest(&mut self, spilled: u16, flags_saved: bool) {
         if flags_saved {
@@ -395,8 +401,7 @@ impl BlockEmitter<'_> {
                     guest_rip,
                     rsp_delta,
                 } => {
-                    let here = self.asm.here();
-                    self.asm.bind(field, here);
+                    self.bind_here(field);
                     self.guest_rip = guest_rip;
                     self.record_branch(rsp_delta);
                     let miss = self.glue.ibl_miss;
@@ -410,15 +415,11 @@ impl BlockEmitter<'_> {
                     spilled,
                     flags_saved,
                 } => {
-                    let here = self.asm.here();
-                    self.asm.bind(field, here);
+                    self.bind_here(field);
                     self.restore_guest(spilled, flags_saved);
-                    self.asm.store_ctx_u64(off::RIP, guest_rip);
                     self.asm.store_ctx_u32(off::FAULT_VECTOR, vector as u32);
                     self.asm.store_ctx_u32(off::FAULT_ERROR_CODE, error_code);
-                    self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::Fault as u32);
-                    let exit = self.glue.exit;
-                    self.asm.branch32(Code::Jmp_rel32_64, exit);
+                    self.exit_to_engine(ExitReason::Fault, guest_rip);
                 }
                 Cold::TlbMiss {
                     field,
@@ -428,15 +429,11 @@ impl BlockEmitter<'_> {
                     spilled,
                     flags_saved,
                 } => {
-                    let here = self.asm.here();
-                    self.asm.bind(field, here);
+                    self.bind_here(field);
                     self.asm.mov_to_ctx(off::MISS_VA, va_reg);
                     self.asm.store_ctx_u64(off::MISS_INFO, info);
                     self.restore_guest(spilled, flags_saved);
-                    self.asm.store_ctx_u64(off::RIP, guest_rip);
-                    self.asm.store_ctx_u32(off::EXIT_REASON, ExitReason::TlbMiss as u32);
-                    let exit = self.glue.exit;
-                    self.asm.branch32(Code::Jmp_rel32_64, exit);
+                    self.exit_to_engine(ExitReason::TlbMiss, guest_rip);
                 }
             }
         }

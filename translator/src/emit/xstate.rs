@@ -134,16 +134,7 @@ impl BlockEmitter<'_> {
             Register::EDX,
             (guest >> 32) as u32,
         ));
-        let mut rewritten = *instr;
-        rewritten.set_memory_base(s);
-        rewritten.set_memory_index(Register::None);
-        rewritten.set_memory_index_scale(1);
-        rewritten.set_memory_displacement64(0);
-        rewritten.set_memory_displ_size(0);
-        rewritten.set_segment_prefix(Register::None);
-        let start = self.asm.buf.len();
-        self.asm.emit(&rewritten)?;
-        self.site_here(start);
+        self.emit_at_register(instr, s)?;
         for r in [gpr64(2), gpr64(0)] {
             self.give_back(r);
         }
