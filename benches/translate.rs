@@ -274,6 +274,7 @@ fn main() {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 1 << 20,
         verified_only: true,
+        system: false,
     })
     .unwrap();
 
@@ -291,6 +292,7 @@ fn main() {
         strategy: MemoryStrategy::SoftMmu(ram),
         code_cache_bytes: 1 << 20,
         verified_only: true,
+        system: false,
     })
     .unwrap();
     soft.state_mut().cr3 = 0;
@@ -349,6 +351,7 @@ fn main() {
             strategy: MemoryStrategy::Identity,
             code_cache_bytes: 1 << 20,
             verified_only: true,
+            system: false,
         })
         .unwrap();
         const EXITS: u64 = 20_000;

@@ -192,6 +192,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 256 << 20,
         verified_only: true,
+        system: false,
     })
     .context("cannot create the translator")?;
     if args.cpu_model == CpuModel::V4 {
@@ -202,6 +203,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
     s.rip = image.entry;
     s.gpr[4] = rsp;
     s.xcr0 = platform.xcr0();
+    s.rflags = 0x202; // what a process starts with: IF set
     let mut sys = syscalls::Syscalls::new(image.brk, path.clone(), args.cpu_model);
     let started = Instant::now();
     let status = match drive(&mut t, &mut sys, &mut platform, path, &mut 0)? {

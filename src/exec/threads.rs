@@ -146,6 +146,7 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
                 strategy: MemoryStrategy::Identity,
                 code_cache_bytes: 64 << 20,
                 verified_only: true,
+                system: false,
             }) {
                 Ok(c) => c,
                 Err(e) => {

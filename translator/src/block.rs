@@ -52,12 +52,13 @@ pub trait CodeFetch {
 
 use crate::supported::is_supported;
 
-/// Decodes one block at `rip`. `soft_mmu` matters for which rules end a block.
+/// Decodes one block at `rip`. `soft_mmu` and `system` (system mode) decide which rules end a
+/// block.
 pub fn build(
     fetch: &mut dyn CodeFetch,
     rip: u64,
     soft_mmu: bool,
-    user_mode: bool,
+    system: bool,
     verified_only: bool,
     max_instructions: usize,
 ) -> Result<DecodedBlock, BuildError> {
@@ -93,7 +94,7 @@ pub fn build(
         }
         let bytes = buf[pos..pos + instr.len()].to_vec();
         let verified = !verified_only || is_supported(instr.code());
-        let Some(r) = rule(instr.code()).filter(|r| verified && (user_mode || !r.user_mode_only())) else {
+        let Some(r) = rule(instr.code()).filter(|_| verified) else {
             if instrs.is_empty() {
                 return Err(BuildError::Unsupported(instr, bytes));
             }
@@ -103,7 +104,7 @@ pub fn build(
         let ends = match r {
             Rule::Branch(BranchKind::Jcc) => false,
             Rule::Branch(_) => true,
-            _ => r.runs_in_engine(soft_mmu, fs_gs),
+            _ => r.runs_in_engine(soft_mmu, fs_gs, system),
         };
         end = instr.next_ip();
         instrs.push(DecodedInstr { instr, rule: r, bytes });

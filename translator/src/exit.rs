@@ -4,9 +4,11 @@
 pub mod vector {
     pub const DE: u8 = 0;
     pub const DB: u8 = 1;
+    pub const NMI: u8 = 2;
     pub const BP: u8 = 3;
     pub const OF: u8 = 4;
     pub const UD: u8 = 6;
+    pub const DF: u8 = 8;
     pub const GP: u8 = 13;
     pub const PF: u8 = 14;
     pub const AC: u8 = 17;
@@ -87,4 +89,8 @@ pub enum Exit {
     /// An asynchronous host signal the embedder asked for ([`crate::host::signals::catch_async`])
     /// arrived; guest state is at a block boundary.
     Interrupted,
+    /// System mode: the platform asked to stop (a port write returned `PortOutcome::Stop`).
+    Stopped,
+    /// System mode: a fault while delivering a double fault (the CPU shuts down).
+    TripleFault(GuestException),
 }

@@ -26,11 +26,12 @@ pub mod platform;
 pub mod rules;
 pub mod state;
 pub mod supported;
+pub mod system;
 
 pub use engine::{Config, Stats, Translator};
 pub use error::TranslateError;
 pub use exit::{Exit, GuestException};
 pub use mmu::{GuestRam, MemoryStrategy};
-pub use platform::{HostPlatform, Platform};
+pub use platform::{HostPlatform, Platform, PortOutcome};
 pub use state::GuestState;
 pub use supported::supported_codes;

@@ -9,6 +9,42 @@ pub trait Platform {
     fn rdtsc(&mut self) -> u64;
     /// IA32_TSC_AUX as `rdtscp` returns it in ECX.
     fn tsc_aux(&mut self) -> u32;
+
+    // System mode (a kernel-mode guest, `hbt run --accel bt`). User-mode platforms keep these
+    // defaults: a user-mode guest never reaches them (the instructions are #GP at CPL3).
+
+    /// `in` of `size` bytes (1, 2 or 4) from `port`; an unclaimed port reads all ones.
+    fn port_in(&mut self, _port: u16, size: u8) -> u32 {
+        u32::MAX >> (32 - 8 * size as u32)
+    }
+    /// `out` of `size` bytes to `port`. `Stop` ends the run after the instruction (the debug-exit
+    /// port, a reset, a closed console).
+    fn port_out(&mut self, _port: u16, _size: u8, _value: u32) -> PortOutcome {
+        PortOutcome::Continue
+    }
+    /// Platform MSRs (APIC base, TSC, TSC deadline…): the value, or None for #GP(0).
+    fn rdmsr(&mut self, _index: u32) -> Option<u64> {
+        None
+    }
+    fn wrmsr(&mut self, _index: u32, _value: u64) -> Option<()> {
+        None
+    }
+    /// An external interrupt is waiting for the CPU (the interrupt controller's INTR line).
+    fn interrupt_pending(&mut self) -> bool {
+        false
+    }
+    /// The CPU takes the interrupt: its vector (None if it went away meanwhile).
+    fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        None
+    }
+}
+
+/// What a port write asks of the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortOutcome {
+    Continue,
+    /// End the run; [`crate::Exit::Stopped`] is returned with RIP after the instruction.
+    Stop,
 }
 
 /// The host CPU's view, as a guest with every managed XSAVE component sees it: CPUID passes

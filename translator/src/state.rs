@@ -29,8 +29,13 @@ pub mod flags {
     pub const IF: u64 = 1 << 9;
     pub const DF: u64 = 1 << 10;
     pub const OF: u64 = 1 << 11;
+    pub const IOPL: u64 = 3 << 12;
+    pub const NT: u64 = 1 << 14;
     pub const RF: u64 = 1 << 16;
     pub const AC: u64 = 1 << 18;
+    pub const VM: u64 = 1 << 17;
+    pub const VIF: u64 = 1 << 19;
+    pub const VIP: u64 = 1 << 20;
     pub const ID: u64 = 1 << 21;
     /// The six arithmetic status flags.
     pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
@@ -189,6 +194,57 @@ pub enum Cpl {
     User = 3,
 }
 
+/// GDTR/IDTR: a descriptor table's linear base and limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DescriptorTable {
+    pub base: u64,
+    pub limit: u16,
+}
+
+/// A segment register with its hidden part, as the CPU caches it from the descriptor
+/// (`attr` in the VMX/KVM layout: type 0-3, S 4, DPL 5-6, P 7, AVL 8, L 9, D/B 10, G 11).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub selector: u16,
+    pub base: u64,
+    pub limit: u32,
+    pub attr: u16,
+}
+
+/// The model-specific registers the CPU core itself uses (the rest are the platform's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreMsrs {
+    pub star: u64,
+    pub lstar: u64,
+    pub cstar: u64,
+    pub sfmask: u64,
+    pub tsc_aux: u64,
+    pub pat: u64,
+    pub sysenter_cs: u64,
+    pub sysenter_esp: u64,
+    pub sysenter_eip: u64,
+    pub misc_enable: u64,
+}
+
+/// System state: what only kernel-mode guests (`hbt run --accel bt`) use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SystemState {
+    pub gdtr: DescriptorTable,
+    pub idtr: DescriptorTable,
+    pub ldtr: Segment,
+    pub tr: Segment,
+    pub msr: CoreMsrs,
+    pub cr8: u64,
+    pub dr: [u64; 8],
+    /// An interrupt shadow is active (after `sti` or a load of SS): no interrupt before the
+    /// next instruction completes.
+    pub interrupt_shadow: bool,
+}
+
 /// The architectural state of one guest vCPU.
 #[repr(C, align(64))]
 #[derive(Clone)]
@@ -211,6 +267,8 @@ pub struct GuestState {
     pub xcr0: u64,
     /// Segment selectors in hardware order: ES, CS, SS, DS, FS, GS.
     pub seg: [u16; 6],
+    /// Descriptor tables, TR/LDTR, core MSRs, debug registers, CR8, the interrupt shadow.
+    pub sys: SystemState,
     pub xsave: XSaveArea,
 }
 
@@ -239,6 +297,7 @@ impl Default for GuestState {
             xcr0: crate::cpu::xsave::XsaveLayout::host().managed() & XSAVE_MASK,
             // What a 64-bit Linux process starts with.
             seg: [0, 0x33, 0x2b, 0, 0, 0],
+            sys: SystemState::default(),
             xsave: XSaveArea::default(),
         }
     }

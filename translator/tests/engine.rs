@@ -47,6 +47,7 @@ fn identity() -> Translator {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 1 << 20,
         verified_only: true,
+        system: false,
     })
     .unwrap()
 }
@@ -194,6 +195,7 @@ impl SoftGuest {
             strategy: MemoryStrategy::SoftMmu(ram),
             code_cache_bytes: 1 << 20,
             verified_only: true,
+            system: false,
         })
         .unwrap();
         t.state_mut().cr3 = 0;

@@ -68,6 +68,7 @@ fn translator(xcr0: u64) -> Translator {
         strategy: MemoryStrategy::Identity,
         code_cache_bytes: 1 << 20,
         verified_only: true,
+        system: false,
     })
     .unwrap();
     t.state_mut().xcr0 = xcr0;
@@ -235,6 +236,7 @@ fn soft_mmu_xsave_is_narrowed_too() {
         strategy: MemoryStrategy::SoftMmu(guest_ram),
         code_cache_bytes: 1 << 20,
         verified_only: true,
+        system: false,
     })
     .unwrap();
     let s = t.state_mut();

@@ -152,6 +152,8 @@ pub struct EmitOptions {
     pub split_access: bool,
     /// The guest's XCR0 (`GuestState::xcr0`); the engine retranslates when it changes.
     pub guest_xcr0: u64,
+    /// System mode (`Config::system`).
+    pub system: bool,
 }
 
 /// Emits `block` for host address `base`.
@@ -190,7 +192,7 @@ pub fn emit_block(
         e.no_alignment_check = d.rule == Rule::UserCopy || skips_alignment_check(&d.instr);
         e.mmx_store = is_mmx_store(&d.instr);
         e.required_alignment = xstate::required_alignment_log2(&d.instr);
-        if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr)) {
+        if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr), options.system) {
             e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
             continue;
         }
@@ -201,7 +203,7 @@ pub fn emit_block(
             Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, &d.bytes)?,
             Rule::Stack(op) => e.stack(&d.instr, op)?,
             Rule::Branch(kind) => e.branch(&d.instr, kind)?,
-            Rule::Emulate(_) => unreachable!("emulated rules run in the engine"),
+            Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
         debug_assert_eq!(e.spilled, 0, "glue left a register borrowed");
     }

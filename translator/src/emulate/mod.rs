@@ -40,6 +40,15 @@ pub trait GuestMemory {
         self.read(va, &mut b[..n])?;
         Ok(u64::from_le_bytes(b))
     }
+
+    /// A supervisor access the CPU makes itself, whatever the CPL (descriptor tables, the TSS,
+    /// interrupt-delivery pushes): no user/supervisor check, no alignment check.
+    fn read_system(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+        self.read(va, buf)
+    }
+    fn write_system(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+        self.write(va, data)
+    }
 }
 
 /// A stack address: non-canonical stack references raise `#SS(0)` rather than `#GP(0)`.
@@ -64,7 +73,13 @@ fn raise(state: &mut GuestState, rip: u64, exc: GuestException) -> Outcome {
     Outcome::Exit(Exit::Exception(exc))
 }
 
-/// Emulates a sensitive instruction at `state.rip`.
+/// A privileged or system instruction at CPL3 (user-mode translation): #GP(0), as the CPU
+/// raises for each of them there (with IOPL 0 and no TSS I/O bitmap for `in`/`out`/`cli`/`sti`).
+pub fn privileged_in_user_mode(state: &mut GuestState, instr: &Instruction) -> Outcome {
+    raise(state, instr.ip(), GuestException::gp(0))
+}
+
+/// Emulates a sensitive instruction at `state.rip` (user-mode semantics).
 pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, platform: &mut dyn Platform) -> Outcome {
     let next = instr.next_ip();
     let here = instr.ip();
@@ -129,15 +144,8 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             set32(state, gpr::RDX, (value >> 32) as u32);
         }
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
-        EmulateOp::Hlt if !user => {
-            state.rip = next;
-            return Outcome::Exit(Exit::Halt);
-        }
-        EmulateOp::Syscall | EmulateOp::Hlt | EmulateOp::Privileged => {
-            // In user mode all of these are #GP(0). Kernel-mode semantics come with the
-            // system-mode platform; until then kernel mode refuses them the same way.
-            return raise(state, here, GuestException::gp(0));
-        }
+        // Kernel-mode guests run in system mode (`system::execute`), never here.
+        EmulateOp::Syscall => return raise(state, here, GuestException::gp(0)),
     }
     state.rip = next;
     Outcome::Continue

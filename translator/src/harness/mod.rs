@@ -126,12 +126,14 @@ impl Worker {
             strategy: MemoryStrategy::Identity,
             code_cache_bytes: cache,
             verified_only: false,
+            system: false,
         })
         .map_err(|e| e.to_string())?;
         let soft = Translator::new(Config {
             strategy: MemoryStrategy::SoftMmu(machine.guest_ram()),
             code_cache_bytes: cache,
             verified_only: false,
+            system: false,
         })
         .map_err(|e| e.to_string())?;
         Ok(Worker {

@@ -14,12 +14,19 @@
 //!   stores emulated by Linux's UMIP handler, `lar`/`lsl`): for a user-mode guest of a Linux host
 //!   that view *is* the guest's, so they are copied; kernel-mode guests get them from the
 //!   system-mode platform later and are refused until then.
-//! - [`Rule::Emulate`] — sensitive and privileged instructions the engine performs itself
-//!   (`emulate/mod.rs`): they end the block.
+//! - [`Rule::Emulate`] — sensitive instructions the engine performs itself (`emulate/mod.rs`,
+//!   and `system/` in system mode): they end the block.
+//! - [`Rule::System`] — privileged and system instructions ([`crate::system::SYSTEM_OPS`]):
+//!   #GP(0) at CPL3, performed by `system/` at CPL0.
 //!
-//! A `Code` with no rule is refused with [`crate::TranslateError::Unsupported`]. Having a rule is
-//! necessary, not sufficient, for support: see `supported.rs`.
+//! Classification is order-independent: a form is decided by exactly one of (1) the mnemonic
+//! tables [`DEDICATED`] and [`crate::system::SYSTEM_OPS`], which are disjoint (a test checks);
+//! (2) its operands (control/debug/segment registers, string memory); (3) its being privileged
+//! ([`SystemOp::Unimplemented`]); (4) the generic copy rule. A `Code` with no rule is refused with
+//! [`crate::TranslateError::Unsupported`]. Having a rule is necessary, not sufficient, for support:
+//! see `supported.rs`.
 
+use crate::system::{SystemOp, SYSTEM_OPS};
 use iced_x86::{Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeOperandKind as K};
 use std::sync::OnceLock;
 
@@ -31,6 +38,7 @@ pub enum Rule {
     Branch(BranchKind),
     Implicit(ImplicitOp),
     Emulate(EmulateOp),
+    System(SystemOp),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,9 +94,6 @@ pub enum EmulateOp {
     IntN,
     /// `ud0`/`ud1`/`ud2`: `#UD`.
     Ud,
-    Hlt,
-    /// Privileged in user mode (`#GP(0)`); the platform's business in kernel mode.
-    Privileged,
     /// `int1`/`icebp`: `#DB`.
     Int1,
     /// Segment-register loads and reads, far jumps/calls/returns, `iret` (`emulate/segment.rs`).
@@ -108,8 +113,7 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Ud0, Rule::Emulate(EmulateOp::Ud)),
     (Mnemonic::Ud1, Rule::Emulate(EmulateOp::Ud)),
     (Mnemonic::Ud2, Rule::Emulate(EmulateOp::Ud)),
-    (Mnemonic::Hlt, Rule::Emulate(EmulateOp::Hlt)),
-    (Mnemonic::Rdpmc, Rule::Emulate(EmulateOp::Privileged)),
+    (Mnemonic::Rdpmc, Rule::System(SystemOp::Unimplemented)),
     (Mnemonic::Int1, Rule::Emulate(EmulateOp::Int1)),
     (Mnemonic::Xgetbv, Rule::Emulate(EmulateOp::Xgetbv)),
     (Mnemonic::Lfs, Rule::Emulate(EmulateOp::Segment)),
@@ -168,7 +172,6 @@ const NEVER_COPY: &[Mnemonic] = &[
     Mnemonic::Rdgsbase,
     Mnemonic::Wrfsbase,
     Mnemonic::Wrgsbase,
-    Mnemonic::Swapgs,
     Mnemonic::Monitor,
     Mnemonic::Mwait,
     Mnemonic::Umonitor,
@@ -190,8 +193,6 @@ const NEVER_COPY: &[Mnemonic] = &[
     Mnemonic::Incsspq,
     Mnemonic::Sysenter,
     Mnemonic::Sysexit,
-    Mnemonic::Sysret,
-    Mnemonic::Sysretq,
 ];
 
 /// Operand kinds a copied instruction may have: registers, explicit memory, immediates.
@@ -264,11 +265,22 @@ fn classify(code: Code) -> Option<Rule> {
     let mnemonic = code.mnemonic();
     let mut sample = Instruction::default();
     sample.set_code(code);
-    if sample.is_privileged() {
-        return Some(Rule::Emulate(EmulateOp::Privileged));
-    }
     let kinds = op.op_kinds();
     let has = |k: K| kinds.contains(&k);
+    // (1) The mnemonic tables.
+    if let Some(&(_, rule)) = DEDICATED.iter().find(|(m, _)| *m == mnemonic) {
+        return dedicated_form(code, rule, &has);
+    }
+    if let Some(&(_, op)) = SYSTEM_OPS.iter().find(|(m, _)| *m == mnemonic) {
+        return Some(Rule::System(op));
+    }
+    // (2) Operands that make the form special.
+    if has(K::cr_reg) {
+        return Some(Rule::System(SystemOp::MovCr));
+    }
+    if has(K::dr_reg) {
+        return Some(Rule::System(SystemOp::MovDr));
+    }
     let segment_reg = has(K::seg_reg) || has(K::fs) || has(K::gs);
     if segment_reg && matches!(mnemonic, Mnemonic::Mov | Mnemonic::Push | Mnemonic::Pop) {
         // Selectors are guest state; loads are checked against the descriptor tables.
@@ -287,19 +299,11 @@ fn classify(code: Code) -> Option<Rule> {
     ) {
         return Some(Rule::Emulate(EmulateOp::Segment));
     }
-    if let Some(&(_, rule)) = DEDICATED.iter().find(|(m, _)| *m == mnemonic) {
-        return match rule {
-            Rule::Branch(BranchKind::Jmp) if code == Code::Jmp_rm64 => Some(Rule::Branch(BranchKind::JmpIndirect)),
-            Rule::Branch(BranchKind::Call) if code == Code::Call_rm64 => Some(Rule::Branch(BranchKind::CallIndirect)),
-            Rule::Branch(BranchKind::Jmp | BranchKind::Call)
-                if !(has(K::br64_1) || has(K::br64_4)) || code == Code::Jmp_rel32_32 =>
-            {
-                None
-            }
-            Rule::Branch(BranchKind::Ret) if !matches!(code, Code::Retnq | Code::Retnq_imm16) => None,
-            _ => Some(rule),
-        };
+    // (3) Privileged forms nothing above models.
+    if sample.is_privileged() {
+        return Some(Rule::System(SystemOp::Unimplemented));
     }
+    // (4) Everything else.
     if NEVER_COPY.contains(&mnemonic) {
         return None;
     }
@@ -320,6 +324,39 @@ fn classify(code: Code) -> Option<Rule> {
     }
 }
 
+/// Which forms of a [`DEDICATED`] mnemonic its rule covers.
+fn dedicated_form(code: Code, rule: Rule, has: &dyn Fn(K) -> bool) -> Option<Rule> {
+    match rule {
+        // push/pop of a segment register: the selector is guest state.
+        Rule::Stack(StackOp::Push | StackOp::Pop) if has(K::fs) || has(K::gs) => {
+            Some(Rule::Emulate(EmulateOp::Segment))
+        }
+        Rule::Stack(StackOp::Push | StackOp::Pop) if has(K::es) || has(K::cs) || has(K::ss) || has(K::ds) => None,
+        Rule::Branch(BranchKind::Jmp) if code == Code::Jmp_rm64 => Some(Rule::Branch(BranchKind::JmpIndirect)),
+        Rule::Branch(BranchKind::Call) if code == Code::Call_rm64 => Some(Rule::Branch(BranchKind::CallIndirect)),
+        Rule::Branch(BranchKind::Jmp | BranchKind::Call)
+            if matches!(
+                code,
+                Code::Jmp_m1616
+                    | Code::Jmp_m1632
+                    | Code::Jmp_m1664
+                    | Code::Call_m1616
+                    | Code::Call_m1632
+                    | Code::Call_m1664
+            ) =>
+        {
+            Some(Rule::Emulate(EmulateOp::Segment))
+        }
+        Rule::Branch(BranchKind::Jmp | BranchKind::Call)
+            if !(has(K::br64_1) || has(K::br64_4)) || code == Code::Jmp_rel32_32 =>
+        {
+            None
+        }
+        Rule::Branch(BranchKind::Ret) if !matches!(code, Code::Retnq | Code::Retnq_imm16) => None,
+        _ => Some(rule),
+    }
+}
+
 /// The rule for `code`, if the translator has one.
 pub fn rule(code: Code) -> Option<Rule> {
     static TABLE: OnceLock<Vec<Option<Rule>>> = OnceLock::new();
@@ -332,20 +369,15 @@ pub fn codes_with_rules() -> impl Iterator<Item = Code> {
 }
 
 impl Rule {
-    /// Rules whose semantics here are those of a user-mode process on a Linux host; kernel-mode
-    /// guests need the system-mode platform for them.
-    pub fn user_mode_only(self) -> bool {
-        matches!(
-            self,
-            Rule::UserCopy | Rule::Emulate(EmulateOp::Segment | EmulateOp::Int1)
-        )
-    }
-
-    /// Rules the engine performs in Rust under the given strategy (they end a block).
-    pub fn runs_in_engine(self, soft_mmu: bool, fs_gs_override: bool) -> bool {
+    /// Rules the engine performs in Rust (they end a block): the sensitive and system ones
+    /// always; implicit memory under the soft-MMU or an FS/GS override; and in system mode
+    /// (`system`) also `pushf`/`popf` (the virtual IF/IOPL) and the descriptor-table stores,
+    /// whose values are the guest's, not the host kernel's.
+    pub fn runs_in_engine(self, soft_mmu: bool, fs_gs_override: bool, system: bool) -> bool {
         match self {
-            Rule::Emulate(_) => true,
+            Rule::Emulate(_) | Rule::System(_) => true,
             Rule::Implicit(_) => soft_mmu || fs_gs_override,
+            Rule::Stack(StackOp::Pushf | StackOp::Popf) | Rule::UserCopy => system,
             _ => false,
         }
     }
@@ -367,8 +399,28 @@ mod tests {
         assert_eq!(rule(Code::Movsb_m8_m8), Some(Rule::Implicit(ImplicitOp::String)));
         assert_eq!(rule(Code::Mov_Sreg_r32m16), Some(Rule::Emulate(EmulateOp::Segment)));
         assert_eq!(rule(Code::Lar_r32_r32m16), Some(Rule::UserCopy));
-        assert_eq!(rule(Code::Wrmsr), Some(Rule::Emulate(EmulateOp::Privileged)));
+        assert_eq!(rule(Code::Wrmsr), Some(Rule::System(SystemOp::Wrmsr)));
+        assert_eq!(
+            rule(Code::Hlt),
+            Some(Rule::System(SystemOp::Hlt)),
+            "hlt is not shadowed by `privileged`"
+        );
+        assert_eq!(rule(Code::Mov_cr_r64), Some(Rule::System(SystemOp::MovCr)));
+        assert_eq!(rule(Code::Swapgs), Some(Rule::System(SystemOp::Swapgs)));
+        assert_eq!(rule(Code::Sysretq), Some(Rule::System(SystemOp::Sysret)));
+        assert_eq!(rule(Code::Invlpgaq), Some(Rule::System(SystemOp::Unimplemented)));
         assert_eq!(rule(Code::Wrfsbase_r64), None);
         assert_eq!(rule(Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32), None);
+    }
+
+    #[test]
+    fn mnemonic_tables_are_disjoint() {
+        for (m, _) in DEDICATED {
+            assert!(!SYSTEM_OPS.iter().any(|(n, _)| n == m), "{m:?} is in both tables");
+            assert!(!NEVER_COPY.contains(m), "{m:?} is dedicated and never-copy");
+        }
+        for (m, _) in SYSTEM_OPS {
+            assert!(!NEVER_COPY.contains(m), "{m:?} is a system op and never-copy");
+        }
     }
 }

@@ -1,0 +1,271 @@
+//! The block cache: translated blocks by guest address and by host address, chaining of
+//! direct exits, the per-site inline caches and the indirect-branch table, and invalidation of
+//! a page's blocks (unlinking everything that jumps into them).
+
+use super::*;
+
+/// Something in another block that jumps straight into this one.
+pub(super) enum Incoming {
+    /// A chained `jmp/jcc rel32` at `field`; `original` is its exit stub.
+    Jump { field: u64, original: u64 },
+    /// A filled return cache (absolute addresses of its fields and of its lookup path).
+    InlineCache {
+        imm: u64,
+        rel: u64,
+        miss: u64,
+        fill: u64,
+        fill_stub: u64,
+    },
+}
+
+impl Incoming {
+    /// Puts the link back to its unlinked form (exit stub; empty cache that fills on its next
+    /// miss). Allocation-free: the signal handlers call it too.
+    ///
+    /// `anywhere`: translated code may be stopped at *any* instruction (an asynchronous
+    /// signal), possibly in a cache's hit path after the guest registers were put back, so the
+    /// hit jump must keep its target; emptying the cache's tag is enough to send the next probe
+    /// to the dispatcher.
+    ///
+    /// # Safety
+    /// The recorded fields must lie in the live code buffer and no translated code may run.
+    pub(super) unsafe fn undo(&self, anywhere: bool) {
+        let rel32 = |field: u64, target: u64| {
+            // SAFETY: the caller guarantees `field` is a rel32 inside the code buffer.
+            unsafe { std::ptr::write_unaligned(field as *mut i32, target.wrapping_sub(field + 4) as i32) }
+        };
+        match *self {
+            Incoming::Jump { field, original } => rel32(field, original),
+            Incoming::InlineCache {
+                imm,
+                rel,
+                miss,
+                fill,
+                fill_stub,
+            } => {
+                // SAFETY: as above, for the cache's imm64 field.
+                unsafe { std::ptr::write_unaligned(imm as *mut u64, crate::emit::INLINE_CACHE_EMPTY) };
+                if !anywhere {
+                    rel32(rel, miss);
+                }
+                rel32(fill, fill_stub);
+            }
+        }
+    }
+}
+
+pub(super) struct Block {
+    /// Its key in `by_guest` (see [`Translator::block_key`]).
+    pub(super) key: u64,
+    pub(super) host: u64,
+    pub(super) host_len: u32,
+    pub(super) sites: Vec<HostSite>,
+    pub(super) exits: Vec<ExitPatch>,
+    /// Chained jumps and return caches that lead into this block (undone on invalidation).
+    pub(super) incoming: Vec<Incoming>,
+    pub(super) inline_caches: Vec<crate::emit::InlineCache>,
+    pub(super) valid: bool,
+}
+
+impl Translator {
+    /// The key of the block at guest `rip` for the current privilege: in system mode a block
+    /// translated at CPL0 is never found from CPL3 and the reverse (the rules differ, and the
+    /// code's permissions were checked at one privilege). Bit 62 is flipped for CPL0: the key
+    /// is then non-canonical, so it cannot equal a CPL3 one.
+    pub(super) fn block_key(&self, rip: u64) -> u64 {
+        if self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel {
+            rip ^ (1 << 62)
+        } else {
+            rip
+        }
+    }
+
+    /// Forgets every translation and TLB entry (after the guest changed code or page tables
+    /// behind the translator's back, e.g. the harness writing a new test instruction).
+    pub fn flush(&mut self) {
+        self.blocks.clear();
+        self.by_guest.clear();
+        self.emulated_at.clear();
+        self.by_host.clear();
+        self.code_pages.clear();
+        self.protected.release_all();
+        self.code.reset_to(self.glue_len);
+        let ctx = self.ctx.get_mut();
+        ctx.flush_tlb();
+        ctx.flush_ibl(self.glue.ibl_empty);
+        self.stats.flushes += 1;
+    }
+
+    pub(super) fn chain(&mut self, field: u64, host: u64) {
+        // The source block may have been invalidated since it exited.
+        let Some(src) = self.block_at_host(field) else { return };
+        if !self.blocks[src].valid {
+            return;
+        }
+        let Some(&dst) = self.by_host.get(&host) else { return };
+        if !self.blocks[dst].valid {
+            return;
+        }
+        let original = {
+            let block = &self.blocks[src];
+            let off = (field - block.host) as u32;
+            match block.exits.iter().find(|e| e.field == off) {
+                Some(_) => read_rel32_target(field),
+                None => return,
+            }
+        };
+        self.code.patch_rel32(field, host);
+        self.blocks[dst].incoming.push(Incoming::Jump { field, original });
+        self.stats.chained += 1;
+    }
+
+    /// Points the return cache whose `mov rax, imm64` field is at `site` at `target`/`host`.
+    pub(super) fn fill_inline_cache(&mut self, site: u64, target: u64, host: u64) {
+        let Some(src) = self.block_at_host(site) else { return };
+        let block = &self.blocks[src];
+        let base = block.host;
+        let Some(cache) = block
+            .inline_caches
+            .iter()
+            .find(|c| base + c.imm_field as u64 == site)
+            .copied()
+        else {
+            return;
+        };
+        let Some(&dst) = self.by_host.get(&host) else { return };
+        if !self.blocks[src].valid || !self.blocks[dst].valid {
+            return;
+        }
+        let (imm, rel, miss, fill, fill_stub) = (
+            base + cache.imm_field as u64,
+            base + cache.rel_field as u64,
+            base + cache.miss as u64,
+            base + cache.fill_field as u64,
+            base + cache.fill_stub as u64,
+        );
+        self.code.patch_u64(imm, target.wrapping_neg());
+        self.code.patch_rel32(rel, host);
+        // Later misses use the table (the site is polymorphic) instead of the dispatcher.
+        self.code.patch_rel32(fill, fill + 4);
+        self.blocks[dst].incoming.push(Incoming::InlineCache {
+            imm,
+            rel,
+            miss,
+            fill,
+            fill_stub,
+        });
+        self.stats.chained += 1;
+    }
+
+    pub(super) fn ibl_insert(&mut self, target: u64, host: u64) {
+        let ctx = self.ctx.get_mut();
+        let i = (target & (IBL_ENTRIES as u64 - 1)) as usize;
+        ctx.ibl_tags[i] = target.wrapping_neg();
+        ctx.ibl_hosts[i] = host;
+    }
+
+    pub(super) fn block_at_host(&self, addr: u64) -> Option<usize> {
+        let (_, &i) = self.by_host.range(..=addr).next_back()?;
+        let b = &self.blocks[i];
+        (addr < b.host + b.host_len as u64).then_some(i)
+    }
+
+    pub(super) fn install(
+        &mut self,
+        block: DecodedBlock,
+        phys_pages: Vec<u64>,
+        cached: bool,
+    ) -> Result<u64, TranslateError> {
+        let options = emit::EmitOptions {
+            soft_mmu: self.strategy.is_soft_mmu(),
+            split_access: self.bounce.is_some(),
+            guest_xcr0: self.translated_xcr0,
+            system: self.system,
+        };
+        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
+            Ok(e) if e.code.len() <= self.code.remaining() => e,
+            Ok(_) | Err(TranslateError::CodeCacheFull) => {
+                self.flush();
+                emit::emit_block(&block, self.code.cursor(), &self.glue, options)?
+            }
+            Err(e) => return Err(e),
+        };
+        let host = self.code.append(&emitted.code)?;
+        if trace_blocks() {
+            dump_block(&block, host, &emitted.code);
+        }
+        let index = self.blocks.len();
+        self.stats.blocks_translated += 1;
+        self.stats.guest_instructions_translated += block.instrs.len() as u64;
+        for &page in &phys_pages {
+            let entry = self.code_pages.entry(page).or_default();
+            if entry.is_empty() {
+                // Writes to this page must now miss so they can invalidate its blocks.
+                self.ctx.get_mut().tlb_write.fill(crate::context::TlbEntry {
+                    vpn: crate::context::TLB_EMPTY,
+                    addend: 0,
+                });
+            }
+            entry.push(index);
+        }
+        let key = self.block_key(block.start);
+        self.blocks.push(Block {
+            key,
+            host,
+            host_len: emitted.code.len() as u32,
+            sites: emitted.sites,
+            exits: emitted.exits,
+            incoming: Vec::new(),
+            inline_caches: emitted.inline_caches,
+            valid: cached,
+        });
+        if cached {
+            self.by_guest.insert(key, index);
+        }
+        self.by_host.insert(host, index);
+        Ok(host)
+    }
+
+    /// Invalidates every block whose code lies in guest physical page `page` (self-modifying
+    /// code): unlinks chained jumps into it and removes it from the lookups.
+    pub(super) fn invalidate_phys_page(&mut self, page: u64) {
+        let Some(list) = self.code_pages.remove(&page) else {
+            return;
+        };
+        if !self.strategy.is_soft_mmu() {
+            // An instruction may straddle into `page` from the one before.
+            self.emulated_at
+                .retain(|&rip, _| !(rip + 15 > page && rip < page + PAGE));
+        }
+        for i in list {
+            if !self.blocks[i].valid {
+                continue;
+            }
+            self.blocks[i].valid = false;
+            self.stats.invalidated_blocks += 1;
+            let (key, host) = (self.blocks[i].key, self.blocks[i].host);
+            if self.by_guest.get(&key) == Some(&i) {
+                self.by_guest.remove(&key);
+            }
+            for link in std::mem::take(&mut self.blocks[i].incoming) {
+                // SAFETY: links are recorded inside the code buffer; translated code is stopped.
+                unsafe { link.undo(false) };
+            }
+            let empty = self.glue.ibl_empty;
+            let ctx = self.ctx.get_mut();
+            for slot in 0..IBL_ENTRIES {
+                if ctx.ibl_hosts[slot] == host {
+                    ctx.ibl_hosts[slot] = empty;
+                    ctx.ibl_tags[slot] = IBL_EMPTY_TAG;
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn read_rel32_target(field: u64) -> u64 {
+    // SAFETY: `field` is the rel32 of a jump inside our code buffer (checked by the caller
+    // through the block's exit list).
+    let rel = unsafe { std::ptr::read_unaligned(field as *const i32) };
+    (field + 4).wrapping_add(rel as i64 as u64)
+}

@@ -1,0 +1,185 @@
+//! Guest memory as the engine itself touches it: fetching code for the block builder
+//! ([`Fetcher`]: identity reads with no-execute checks, soft-MMU walks recording the physical
+//! pages) and [`Memory`] for the instructions the engine performs (page-by-page, alignment
+//! checked, writes all-or-nothing, supervisor accesses for the CPU's own structures).
+
+use super::*;
+
+/// Guest code fetch for the block builder.
+pub(super) struct Fetcher<'a> {
+    pub(super) strategy: &'a MemoryStrategy,
+    pub(super) state: &'a GuestState,
+    /// (guest virtual page, guest physical page) of every page read.
+    pub(super) pages: Vec<(u64, u64)>,
+    pub(super) maps: &'a mut crate::host::pages::HostMaps,
+}
+
+/// #PF error code of a user-mode instruction fetch: not present (0x14) or no-execute (0x15).
+const FETCH_NOT_PRESENT: u32 = 0x14;
+const FETCH_NX: u32 = 0x15;
+
+impl CodeFetch for Fetcher<'_> {
+    fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException> {
+        match self.strategy {
+            MemoryStrategy::Identity => {
+                mmu::read_host_checked(addr, buf).ok_or(GuestException::page_fault(addr, FETCH_NOT_PRESENT))?;
+                // No-execute: the guest's protections are the host's.
+                if !self.maps.executable(addr) {
+                    return Err(GuestException::page_fault(addr, FETCH_NX));
+                }
+                Ok(buf.len())
+            }
+            MemoryStrategy::SoftMmu(ram) => {
+                let pa = soft_mmu::walk(ram, self.state, addr, Access::Fetch)?;
+                let host = ram
+                    .host(pa, buf.len() as u64)
+                    .ok_or(GuestException::page_fault(addr, 0x11))?;
+                // SAFETY: host..host+len is inside guest RAM (checked by `host`).
+                unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
+                let page = (addr & !(PAGE - 1), pa & !(PAGE - 1));
+                if !self.pages.contains(&page) {
+                    self.pages.push(page);
+                }
+                Ok(buf.len())
+            }
+        }
+    }
+}
+
+/// Guest memory for instructions the engine performs in Rust.
+pub(super) struct Memory<'a> {
+    pub(super) strategy: &'a MemoryStrategy,
+    /// Guest state at the instruction (page walks and alignment checking).
+    pub(super) state: GuestState,
+    pub(super) written: &'a mut Vec<u64>,
+    /// Apply alignment checking to 2/4/8-byte accesses (not for gather elements).
+    pub(super) alignment_checks: bool,
+}
+
+impl Memory<'_> {
+    pub(super) fn each_page(
+        &mut self,
+        va: u64,
+        len: usize,
+        access: Access,
+        f: impl FnMut(u64, usize, usize),
+    ) -> Result<(), GuestException> {
+        self.each_page_as(va, len, access, self.state.cpl, f)
+    }
+
+    /// Like `each_page`, with the page walk's privilege `cpl` (the CPU's own supervisor
+    /// accesses use `Cpl::Kernel` whatever the current CPL).
+    pub(super) fn each_page_as(
+        &mut self,
+        va: u64,
+        len: usize,
+        access: Access,
+        cpl: crate::state::Cpl,
+        mut f: impl FnMut(u64, usize, usize),
+    ) -> Result<(), GuestException> {
+        let saved = std::mem::replace(&mut self.state.cpl, cpl);
+        let r = self.each_page_inner(va, len, access, &mut f);
+        self.state.cpl = saved;
+        r
+    }
+
+    pub(super) fn each_page_inner(
+        &mut self,
+        va: u64,
+        len: usize,
+        access: Access,
+        f: &mut dyn FnMut(u64, usize, usize),
+    ) -> Result<(), GuestException> {
+        let mut done = 0usize;
+        while done < len {
+            let addr = va.wrapping_add(done as u64);
+            let chunk = ((PAGE - (addr & (PAGE - 1))) as usize).min(len - done);
+            let host = match self.strategy {
+                MemoryStrategy::Identity => addr,
+                MemoryStrategy::SoftMmu(ram) => {
+                    let pa = soft_mmu::walk(ram, &self.state, addr, access)?;
+                    if access == Access::Write {
+                        self.written.push(pa & !(PAGE - 1));
+                    }
+                    ram.host(pa, chunk as u64).ok_or(GuestException::page_fault(addr, 0))?
+                }
+            };
+            f(host, done, chunk);
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+impl Memory<'_> {
+    /// Alignment checking (CPL3, CR0.AM, RFLAGS.AC) for a 2-, 4- or 8-byte access.
+    pub(super) fn check_alignment(&self, va: u64, len: usize) -> Result<(), GuestException> {
+        if !mmu::is_canonical(va) {
+            return Err(GuestException::gp(0));
+        }
+        let ac = self.alignment_checks && self.state.alignment_checking();
+        if ac && matches!(len, 2 | 4 | 8) && !va.is_multiple_of(len as u64) {
+            return Err(GuestException {
+                vector: crate::exit::vector::AC,
+                error_code: Some(0),
+                address: None,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl GuestMemory for Memory<'_> {
+    fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+        self.check_alignment(va, buf.len())?;
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return mmu::read_host_checked(va, buf).ok_or(GuestException::page_fault(va, 4));
+        }
+        let len = buf.len();
+        self.each_page(va, len, Access::Read, |host, at, n| {
+            // SAFETY: host..host+n lies in guest RAM (checked by the walk and `host`).
+            unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf[at..].as_mut_ptr(), n) }
+        })
+    }
+
+    fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+        self.check_alignment(va, data.len())?;
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return mmu::write_host_checked(va, data)
+                .then_some(())
+                .ok_or(GuestException::page_fault(va, 6));
+        }
+        let cpl = self.state.cpl;
+        self.write_soft(va, data, cpl)
+    }
+
+    fn read_system(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return self.read(va, buf);
+        }
+        let len = buf.len();
+        self.each_page_as(va, len, Access::Read, crate::state::Cpl::Kernel, |host, at, n| {
+            // SAFETY: as in `read`.
+            unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf[at..].as_mut_ptr(), n) }
+        })
+    }
+
+    fn write_system(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return self.write(va, data);
+        }
+        self.write_soft(va, data, crate::state::Cpl::Kernel)
+    }
+}
+
+impl Memory<'_> {
+    /// A soft-MMU write at privilege `cpl`: every page checked first, so a faulting write
+    /// leaves memory untouched.
+    pub(super) fn write_soft(&mut self, va: u64, data: &[u8], cpl: crate::state::Cpl) -> Result<(), GuestException> {
+        self.each_page_as(va, data.len(), Access::Write, cpl, |_, _, _| {})?;
+        self.each_page_as(va, data.len(), Access::Write, cpl, |host, at, n| {
+            // SAFETY: as in `read`.
+            unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), host as *mut u8, n) }
+        })
+    }
+}

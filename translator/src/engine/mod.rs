@@ -1,0 +1,580 @@
+//! The engine: the dispatcher loop and what it hands work to.
+//!
+//! One mechanism per file: `cache.rs` (blocks, chaining, inline caches, the indirect-branch
+//! table), `smc.rs` (self-modifying code under the identity strategy: write protection and
+//! invalidation), `softmmu.rs` (the soft-MMU slow path: TLB misses and split accesses),
+//! `memory.rs` (guest code fetch and guest memory for emulated instructions), `callbacks.rs`
+//! (what the host signal handler calls back into).
+//!
+//! `run` enters translated code through the entry glue and gets control back only on block
+//! exits that are not chained yet, indirect-branch misses, soft-MMU TLB misses, instructions the
+//! engine emulates, and guest faults. Each of those is handled here; everything else stays in
+//! the code cache.
+
+use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
+use crate::context::{
+    ContextBox, ExitReason, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_SHIFT, MISS_MMX_STORE, TLB_ENTRIES,
+};
+use crate::cpu::vendor::{self, Quirk};
+use crate::cpu::xsave::XsaveLayout;
+use crate::emit::{self, glue::Glue, ExitPatch, HostSite};
+use crate::emulate::{self, GuestMemory, Outcome};
+use crate::error::TranslateError;
+use crate::exit::{Exit, GuestException};
+use crate::host::codebuf::CodeBuffer;
+use crate::host::gsbase::GsBaseGuard;
+use crate::host::signals::{CodeWrite, FaultSite, TranslatedFaults, TranslatedGuard};
+use crate::mmu::{self, soft_mmu, Access, MemoryStrategy};
+use crate::platform::Platform;
+use crate::rules::Rule;
+use crate::state::GuestState;
+use std::collections::{BTreeMap, HashMap};
+
+const PAGE: u64 = 4096;
+/// Default size of the code cache.
+pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
+/// Consecutive TLB misses at one instruction before the engine gives up (two accesses of one
+/// instruction evicting each other forever).
+const TLB_RETRY_LIMIT: u32 = 16;
+
+mod cache;
+mod callbacks;
+mod memory;
+mod smc;
+mod softmmu;
+mod system;
+
+use cache::Block;
+use callbacks::{interrupt, lookup_site};
+use memory::{Fetcher, Memory};
+use smc::code_write;
+use softmmu::{Bounce, PageBuffer};
+/// Counters for `--stats`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub blocks_translated: u64,
+    pub guest_instructions_translated: u64,
+    pub block_exits: u64,
+    pub chained: u64,
+    pub indirect_misses: u64,
+    pub tlb_misses: u64,
+    pub emulated: u64,
+    pub invalidated_blocks: u64,
+    pub flushes: u64,
+    /// Time spent decoding and emitting blocks.
+    pub translate_time: std::time::Duration,
+    /// System mode: exceptions and external interrupts delivered, by vector.
+    pub exceptions: BTreeMap<u8, u64>,
+    pub interrupts: BTreeMap<u8, u64>,
+    /// System mode: instructions that raised #UD for lack of a rule or a model, by name.
+    pub unimplemented: BTreeMap<String, u64>,
+}
+
+/// Configuration of a translator instance.
+pub struct Config {
+    pub strategy: MemoryStrategy,
+    pub code_cache_bytes: usize,
+    /// Refuse instruction forms that have a rule but are not in the verified supported set
+    /// (`supported.txt`). The harness itself needs them allowed.
+    pub verified_only: bool,
+    /// System mode: the guest is a whole machine (kernel and user mode) and the engine performs
+    /// privileged instructions, delivers exceptions and interrupts through the guest's IDT and
+    /// keeps RFLAGS.IF/IOPL/TF virtual (`system/`). Requires the soft-MMU.
+    pub system: bool,
+}
+
+/// One vCPU's binary translator.
+pub struct Translator {
+    ctx: ContextBox,
+    code: CodeBuffer,
+    glue: Glue,
+    glue_len: usize,
+    strategy: MemoryStrategy,
+    verified_only: bool,
+    system: bool,
+    blocks: Vec<Block>,
+    by_guest: HashMap<u64, usize>,
+    by_host: BTreeMap<u64, usize>,
+    code_pages: HashMap<u64, Vec<usize>>,
+    /// Identity strategy: decoded instructions the engine performs (SYSCALL, CPUID…) by guest
+    /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
+    /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
+    emulated_at: HashMap<u64, (iced_x86::Instruction, Rule)>,
+    /// Set by the asynchronous-signal handler; `run` returns `Exit::Interrupted` at its next
+    /// dispatch. (A signal landing between this check and entering translated code, outside
+    /// the code buffer, is seen at the next natural exit.)
+    interrupted: std::sync::atomic::AtomicBool,
+    /// Identity strategy: write-protect host pages holding translated code, to notice
+    /// self-modifying code (off for multi-threaded guests, whose other threads' translators
+    /// do not know this one's protections).
+    write_protect_code: bool,
+    /// An instruction that writes the page holding its own code: it runs once from an uncached,
+    /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
+    /// never end), as QEMU does for self-modifying code.
+    uncached_step: Option<u64>,
+    /// Identity strategy: host pages write-protected because they hold translated code. Boxed
+    /// and reached by raw pointer from the signal handler.
+    protected: Box<crate::host::pages::ProtectedPages>,
+    /// Soft-MMU access crossing into a page that is not host-contiguous: both pages are copied
+    /// into `bounce_buffer`, the instruction runs once against the copy, and written bytes go back.
+    bounce: Option<Bounce>,
+    bounce_buffer: Option<PageBuffer>,
+    /// The guest XCR0 the code cache was translated for (0: none yet).
+    translated_xcr0: u64,
+    /// System mode: the CPL the TLBs and the indirect-branch table were filled at.
+    code_cpl: Option<crate::state::Cpl>,
+    /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
+    /// pages, as the CPU would) and for the protections SMC detection changes.
+    maps: crate::host::pages::HostMaps,
+    stats: Stats,
+}
+
+impl Drop for Translator {
+    fn drop(&mut self) {
+        self.protected.release_all();
+    }
+}
+
+impl Translator {
+    pub fn new(config: Config) -> Result<Self, TranslateError> {
+        let mut code = CodeBuffer::new(config.code_cache_bytes)?;
+        let (glue_code, glue) = emit::glue::emit(code.cursor(), std::arch::is_x86_feature_detected!("avx"));
+        code.append(&glue_code)?;
+        let glue_len = code.used();
+        let mut ctx = ContextBox::new();
+        ctx.get_mut().flush_ibl(glue.ibl_empty);
+        Ok(Translator {
+            ctx,
+            code,
+            glue,
+            glue_len,
+            strategy: config.strategy,
+            verified_only: config.verified_only,
+            system: config.system,
+            blocks: Vec::new(),
+            by_guest: HashMap::new(),
+            emulated_at: HashMap::new(),
+            interrupted: std::sync::atomic::AtomicBool::new(false),
+            write_protect_code: true,
+            by_host: BTreeMap::new(),
+            code_pages: HashMap::new(),
+            uncached_step: None,
+            protected: Box::default(),
+            bounce: None,
+            bounce_buffer: None,
+            translated_xcr0: 0,
+            code_cpl: None,
+            maps: Default::default(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn state(&self) -> &GuestState {
+        &self.ctx.get().state
+    }
+
+    pub fn state_mut(&mut self) -> &mut GuestState {
+        &mut self.ctx.get_mut().state
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Bytes of translated code in the cache.
+    pub fn code_cache_used(&self) -> usize {
+        self.code.used() - self.glue_len
+    }
+
+    /// Drops the soft-MMU TLB (guest CR3 write, INVLPG, privilege change).
+    pub fn flush_tlb(&mut self) {
+        self.ctx.get_mut().flush_tlb();
+    }
+
+    /// Runs guest code from `state().rip` until an exit that needs the caller, or until
+    /// `block_budget` dispatcher rounds have passed.
+    pub fn run(&mut self, platform: &mut dyn Platform, block_budget: u64) -> Result<Exit, TranslateError> {
+        self.check_extended_state()?;
+        let _gs = GsBaseGuard::install(self.ctx.as_ptr() as u64)?;
+        let faults = TranslatedFaults {
+            ctx: self.ctx.as_ptr(),
+            lookup: lookup_site,
+            data: self as *const Translator as *const (),
+            fault_exit: self.glue.exit,
+            code_write,
+            interrupt,
+            code_range: self.code.range(),
+        };
+        let _armed = TranslatedGuard::arm(&faults);
+        let mut pending_link = 0u64;
+        let mut last_miss = (0u64, 0u32);
+        // Some(exit): return it; None: go on at the (new) guest RIP.
+        macro_rules! guest_exception {
+            ($exc:expr) => {{
+                pending_link = 0;
+                if let Some(exit) = self.guest_exception($exc)? {
+                    return Ok(exit);
+                }
+                continue;
+            }};
+        }
+        for _ in 0..block_budget {
+            // A plain load first: the locked swap only when a signal did arrive.
+            if self.interrupted.load(std::sync::atomic::Ordering::Relaxed)
+                && self.interrupted.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Ok(Exit::Interrupted);
+            }
+            if self.system {
+                if let Some(exit) = self.system_boundary(platform)? {
+                    return Ok(exit);
+                }
+            }
+            let rip = self.ctx.get().state.rip;
+            let lookup = match self.block_for(rip, platform) {
+                Err(TranslateError::Unsupported { code, .. }) if self.system => {
+                    pending_link = 0;
+                    if let Some(exit) = self.undefined_instruction(&code)? {
+                        return Ok(exit);
+                    }
+                    continue;
+                }
+                other => other?,
+            };
+            let host = match lookup {
+                Lookup::Host(h) => h,
+                Lookup::Exit(Exit::Exception(exc)) => guest_exception!(exc),
+                Lookup::Exit(exit) => return Ok(exit),
+                Lookup::Emulated => {
+                    pending_link = 0;
+                    continue;
+                }
+            };
+            if pending_link != 0 {
+                self.chain(pending_link, host);
+                pending_link = 0;
+            }
+            self.enter(host);
+            self.stats.block_exits += 1;
+            self.invalidate_written_pages();
+            if let Some(b) = self.bounce.take() {
+                self.finish_bounce(b);
+            }
+            let ctx = self.ctx.get_mut();
+            match ctx.exit_reason {
+                r if r == ExitReason::Branch as u32 => pending_link = ctx.exit_link,
+                r if r == ExitReason::IndirectMiss as u32 => {
+                    self.stats.indirect_misses += 1;
+                    let target = self.ctx.get().state.rip;
+                    if !mmu::is_canonical(target) {
+                        // The CPU raises #GP(0) at the branch, with RSP as before it.
+                        let ctx = self.ctx.get_mut();
+                        ctx.state.rip = ctx.branch_rip;
+                        ctx.state.gpr[4] = ctx.state.gpr[4].wrapping_sub(ctx.branch_rsp_delta);
+                        guest_exception!(GuestException::gp(0));
+                    }
+                    // Only a return cache's first miss sets the link; clear it so a later
+                    // table miss elsewhere does not refill that cache.
+                    let site = std::mem::take(&mut self.ctx.get_mut().exit_link);
+                    // (A target that cannot be translated is met again at the next dispatch.)
+                    if let Ok(Lookup::Host(h)) = self.block_for(target, platform) {
+                        self.ibl_insert(target, h);
+                        if site != 0 {
+                            self.fill_inline_cache(site, target, h);
+                        }
+                    }
+                }
+                r if r == ExitReason::TlbMiss as u32 => {
+                    self.stats.tlb_misses += 1;
+                    let rip = self.ctx.get().state.rip;
+                    last_miss = if last_miss.0 == rip {
+                        (rip, last_miss.1 + 1)
+                    } else {
+                        (rip, 1)
+                    };
+                    if last_miss.1 > TLB_RETRY_LIMIT {
+                        return Err(TranslateError::Host(format!(
+                            "soft-MMU TLB thrashing at guest RIP {rip:#x} (two accesses of one instruction evict each other)"
+                        )));
+                    }
+                    if let Some(exc) = self.tlb_miss()? {
+                        let ctx = self.ctx.get_mut();
+                        if ctx.miss_info & MISS_MMX_STORE != 0 && vendor::host_has(Quirk::FaultingMmxStoreResetsTop) {
+                            ctx.state.xsave.set_x87_top(0);
+                        }
+                        guest_exception!(exc);
+                    }
+                }
+                r if r == ExitReason::Emulate as u32 => {}
+                r if r == ExitReason::SelfModify as u32 => {
+                    // The store's page is writable and its blocks are gone: run the store once
+                    // from an uncached block, then go on from fresh translations.
+                    self.uncached_step = Some(self.ctx.get().state.rip);
+                }
+                r if r == ExitReason::Fault as u32 => {
+                    let ctx = self.ctx.get();
+                    let vector = ctx.fault_vector as u8;
+                    let exc = match vector {
+                        14 => GuestException::page_fault(ctx.fault_address, ctx.fault_error_code),
+                        13 | 17 => GuestException {
+                            vector,
+                            error_code: Some(ctx.fault_error_code),
+                            address: None,
+                        },
+                        _ => GuestException::new(vector),
+                    };
+                    guest_exception!(exc);
+                }
+                other => return Err(TranslateError::Host(format!("unknown exit reason {other}"))),
+            }
+        }
+        Ok(Exit::BlockLimit)
+    }
+
+    /// The entry glue `xrstor`s the guest's XSAVE image with its XCR0 as the mask: refuse a state
+    /// the host would fault on (an XCR0 outside the managed set, a malformed header or MXCSR),
+    /// and drop translations made for another XCR0 (copied `xsave`/`xrstor` are specialized to it).
+    fn check_extended_state(&mut self) -> Result<(), TranslateError> {
+        let state = &self.ctx.get().state;
+        let xcr0 = state.xcr0;
+        if xcr0 != self.translated_xcr0 {
+            XsaveLayout::host()
+                .check_guest_xcr0(xcr0)
+                .map_err(TranslateError::Host)?;
+            self.flush();
+            self.translated_xcr0 = xcr0;
+        }
+        let state = &self.ctx.get().state;
+        state
+            .xsave
+            .check(XsaveLayout::host().host_xcr0())
+            .map_err(|why| TranslateError::Host(format!("guest extended state cannot be loaded: {why}")))
+    }
+
+    /// RFLAGS bits that live in the host's flags while translated code runs: the status flags
+    /// and DF, and AC where it means alignment checking (user mode; in system mode only at CPL3
+    /// with CR0.AM). IF, IOPL, TF, NT and the rest are virtual: the host runs at CPL3 and could
+    /// not hold them (a host TF would single-step hbt itself).
+    fn host_flags_mask(&self) -> u64 {
+        use crate::state::flags;
+        let s = &self.ctx.get().state;
+        let ac = !self.system || (s.cpl == crate::state::Cpl::User && s.cr0 & (1 << 18) != 0);
+        flags::STATUS | flags::DF | if ac { flags::AC } else { 0 }
+    }
+
+    fn enter(&mut self, host: u64) {
+        let mask = self.host_flags_mask();
+        let ctx = self.ctx.get_mut();
+        let virtual_flags = ctx.state.rflags & !mask;
+        ctx.state.rflags = (ctx.state.rflags & mask) | crate::state::flags::FIXED;
+        self.run_translated(host);
+        let state = &mut self.ctx.get_mut().state;
+        state.rflags = (state.rflags & mask) | virtual_flags | crate::state::flags::FIXED;
+    }
+
+    fn run_translated(&mut self, host: u64) {
+        self.ctx.get_mut().entry_target = host;
+        self.ctx.get_mut().exit_link = 0;
+        // SAFETY: `glue.entry` is the entry glue emitted into our executable buffer; it follows
+        // the C ABI (saves callee-saved registers, MXCSR and FCW, returns normally) and runs guest
+        // code only through translations whose every memory access goes through the strategy. The
+        // GS base points at our context for the duration (installed in `run`).
+        let entry: extern "C" fn() = unsafe { std::mem::transmute(self.glue.entry as usize) };
+        entry();
+    }
+
+    /// The host address of the block at `rip`, translating it if needed. Instructions the
+    /// engine emulates are handled here directly when a block would start with one.
+    fn block_for(&mut self, rip: u64, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
+        let uncached = self.uncached_step == Some(rip);
+        if uncached {
+            self.uncached_step = None;
+        } else if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
+            return Ok(Lookup::Host(self.blocks[i].host));
+        } else if let Some(&(instr, rule)) = self.emulated_at.get(&rip) {
+            self.stats.emulated += 1;
+            return self.emulate(&instr, rule, platform);
+        }
+        let translate_started = std::time::Instant::now();
+        let soft = self.strategy.is_soft_mmu();
+        let mut fetch = Fetcher {
+            strategy: &self.strategy,
+            state: &self.ctx.get().state,
+            pages: Vec::new(),
+            maps: &mut self.maps,
+        };
+        let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
+        let block = match block::build(&mut fetch, rip, soft, self.system, self.verified_only, cap) {
+            Ok(b) => b,
+            Err(BuildError::Fault(exc)) => return Ok(Lookup::Exit(Exit::Exception(exc))),
+            Err(BuildError::Unsupported(instr, bytes)) => {
+                return Err(TranslateError::Unsupported {
+                    rip,
+                    text: instr.to_string(),
+                    code: format!("{:?}", instr.code()),
+                    bytes: hex(&bytes),
+                })
+            }
+        };
+        // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
+        // into the next page in case an instruction straddles it).
+        let pages = if uncached {
+            Vec::new()
+        } else if !soft {
+            // Identity: the host pages the block's bytes occupy, write-protected (if writable)
+            // so a guest write to them is noticed; all of them are recorded so an unmap or
+            // remap of the range drops the block.
+            let mut pages = Vec::new();
+            let mut page = block.start & !(PAGE - 1);
+            while page < block.end {
+                if self.write_protect_code {
+                    self.protected.protect(page, &mut self.maps);
+                }
+                pages.push(page);
+                page += PAGE;
+            }
+            pages
+        } else {
+            fetch
+                .pages
+                .into_iter()
+                .filter(|&(va, _)| va < block.end && va + PAGE > block.start)
+                .map(|(_, pa)| pa)
+                .collect()
+        };
+        if let Some(first) = block.instrs.first() {
+            let fs_gs = matches!(
+                first.instr.segment_prefix(),
+                iced_x86::Register::FS | iced_x86::Register::GS
+            );
+            if first.rule.runs_in_engine(soft, fs_gs, self.system) {
+                self.stats.translate_time += translate_started.elapsed();
+                self.stats.emulated += 1;
+                let instr = first.instr;
+                if !soft && !uncached {
+                    self.emulated_at.insert(rip, (instr, first.rule));
+                    for page in pages {
+                        self.code_pages.entry(page).or_default();
+                    }
+                }
+                return self.emulate(&instr, first.rule, platform);
+            }
+        }
+        let host = self.install(block, pages, !uncached)?;
+        self.stats.translate_time += translate_started.elapsed();
+        Ok(Lookup::Host(host))
+    }
+
+    fn emulate(
+        &mut self,
+        instr: &iced_x86::Instruction,
+        rule: Rule,
+        platform: &mut dyn Platform,
+    ) -> Result<Lookup, TranslateError> {
+        use crate::rules::EmulateOp;
+        let unsupported = |why: &str| TranslateError::Unsupported {
+            rip: instr.ip(),
+            text: instr.to_string(),
+            code: format!("{:?}", instr.code()),
+            bytes: why.to_string(),
+        };
+        let outcome = match rule {
+            Rule::Emulate(EmulateOp::Segment) if !self.system => self.emulate_with_memory(instr, rule)?,
+            Rule::Implicit(_) => self.emulate_with_memory(instr, rule)?,
+            _ if self.system => return self.execute_system(instr, rule, platform),
+            Rule::Emulate(op) => emulate::sensitive(&mut self.ctx.get_mut().state, instr, op, platform),
+            Rule::System(_) => emulate::privileged_in_user_mode(&mut self.ctx.get_mut().state, instr),
+            _ => return Err(unsupported("(rule has no engine implementation)")),
+        };
+        Ok(match outcome {
+            Outcome::Continue => Lookup::Emulated,
+            Outcome::Exit(exit) => Lookup::Exit(exit),
+        })
+    }
+
+    /// Segment instructions (user mode) and implicit-memory instructions: performed against
+    /// guest memory; pages they write lose their translations.
+    fn emulate_with_memory(&mut self, instr: &iced_x86::Instruction, rule: Rule) -> Result<Outcome, TranslateError> {
+        use crate::rules::ImplicitOp;
+        let unsupported = |why: &str| TranslateError::Unsupported {
+            rip: instr.ip(),
+            text: instr.to_string(),
+            code: format!("{:?}", instr.code()),
+            bytes: why.to_string(),
+        };
+        let alignment_checks = rule != Rule::Implicit(ImplicitOp::Gather);
+        let (result, written) = self.with_memory(alignment_checks, |state, mem| match rule {
+            Rule::Implicit(ImplicitOp::String) => emulate::string::execute(state, instr, mem)
+                .map_err(|_| unsupported("(32-bit address size string instruction)")),
+            Rule::Implicit(_) => emulate::implicit::execute(state, instr, mem)
+                .map_err(|_| unsupported("(no engine implementation for this form)")),
+            _ => emulate::segment::execute(state, instr, mem).map_err(|u| match u {
+                emulate::segment::Unsupported::CompatibilityMode(cs) => {
+                    unsupported(&format!("(far transfer to 32-bit code segment {cs:#x}: compatibility mode)"))
+                }
+                emulate::segment::Unsupported::Form => unsupported("(segment form)"),
+            }),
+        });
+        for page in written {
+            self.invalidate_phys_page(page);
+        }
+        result
+    }
+
+    /// Runs `f` on a copy of the guest state with guest memory for it (page walks with the
+    /// state as it was), then stores the state back. Returns `f`'s result and the guest
+    /// physical pages written (their translations must go).
+    fn with_memory<R>(
+        &mut self,
+        alignment_checks: bool,
+        f: impl FnOnce(&mut GuestState, &mut Memory) -> R,
+    ) -> (R, Vec<u64>) {
+        let mut written = Vec::new();
+        let ctx = self.ctx.get_mut();
+        let mut state = ctx.state.clone();
+        let mut mem = Memory {
+            strategy: &self.strategy,
+            state: state.clone(),
+            written: &mut written,
+            alignment_checks,
+        };
+        let r = f(&mut state, &mut mem);
+        ctx.state = state;
+        (r, written)
+    }
+}
+
+enum Lookup {
+    Host(u64),
+    Exit(Exit),
+    Emulated,
+}
+
+/// `HBT_TRACE_BLOCKS=1`: print every translated block (guest and host code) to stderr.
+fn trace_blocks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("HBT_TRACE_BLOCKS").is_some())
+}
+
+fn dump_block(block: &DecodedBlock, host: u64, code: &[u8]) {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+    let mut f = IntelFormatter::new();
+    let mut text = String::new();
+    let mut out = format!("block {:#x}..{:#x} -> host {host:#x}\n", block.start, block.end);
+    for d in &block.instrs {
+        text.clear();
+        f.format(&d.instr, &mut text);
+        out += &format!("  guest {:#x}  {text}\n", d.instr.ip());
+    }
+    let mut dec = Decoder::with_ip(64, code, host, DecoderOptions::NONE);
+    for i in &mut dec {
+        text.clear();
+        f.format(&i, &mut text);
+        out += &format!("    host +{:#05x}  {text}\n", i.ip() - host);
+    }
+    eprint!("{out}");
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}

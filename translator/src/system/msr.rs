@@ -1,0 +1,156 @@
+//! Model-specific registers as data: which MSR index is which piece of guest state, for `rdmsr`
+//! and `wrmsr` in system mode. MSRs the CPU core keeps (EFER, the SYSCALL MSRs, FS/GS bases,
+//! PAT, …) live in [`GuestState`]; those that belong to devices (the APIC base, the TSC
+//! deadline) are the platform's; any other index raises #GP(0), as on hardware.
+
+use crate::platform::Platform;
+use crate::state::GuestState;
+
+/// Where an MSR lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Efer,
+    Star,
+    Lstar,
+    Cstar,
+    Sfmask,
+    FsBase,
+    GsBase,
+    KernelGsBase,
+    TscAux,
+    Pat,
+    MiscEnable,
+    SysenterCs,
+    SysenterEsp,
+    SysenterEip,
+    /// The platform's (APIC base, TSC, TSC deadline, MTRRs, …).
+    Platform,
+}
+
+/// The MSRs a kernel touches, by index.
+pub const MSRS: &[(u32, &str, Slot)] = &[
+    (0x10, "IA32_TIME_STAMP_COUNTER", Slot::Platform),
+    (0x1b, "IA32_APIC_BASE", Slot::Platform),
+    (0x174, "IA32_SYSENTER_CS", Slot::SysenterCs),
+    (0x175, "IA32_SYSENTER_ESP", Slot::SysenterEsp),
+    (0x176, "IA32_SYSENTER_EIP", Slot::SysenterEip),
+    (0x1a0, "IA32_MISC_ENABLE", Slot::MiscEnable),
+    (0x277, "IA32_PAT", Slot::Pat),
+    (0x6e0, "IA32_TSC_DEADLINE", Slot::Platform),
+    (0xc000_0080, "IA32_EFER", Slot::Efer),
+    (0xc000_0081, "IA32_STAR", Slot::Star),
+    (0xc000_0082, "IA32_LSTAR", Slot::Lstar),
+    (0xc000_0083, "IA32_CSTAR", Slot::Cstar),
+    (0xc000_0084, "IA32_FMASK", Slot::Sfmask),
+    (0xc000_0100, "IA32_FS_BASE", Slot::FsBase),
+    (0xc000_0101, "IA32_GS_BASE", Slot::GsBase),
+    (0xc000_0102, "IA32_KERNEL_GS_BASE", Slot::KernelGsBase),
+    (0xc000_0103, "IA32_TSC_AUX", Slot::TscAux),
+];
+
+/// EFER bits software may set: SCE, LME, NXE (LMA is the CPU's).
+const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 11);
+const EFER_LMA: u64 = 1 << 10;
+
+fn slot(index: u32) -> Option<Slot> {
+    MSRS.iter().find(|&&(i, _, _)| i == index).map(|&(_, _, s)| s)
+}
+
+fn field(s: &mut GuestState, slot: Slot) -> Option<&mut u64> {
+    Some(match slot {
+        Slot::Efer => &mut s.efer,
+        Slot::Star => &mut s.sys.msr.star,
+        Slot::Lstar => &mut s.sys.msr.lstar,
+        Slot::Cstar => &mut s.sys.msr.cstar,
+        Slot::Sfmask => &mut s.sys.msr.sfmask,
+        Slot::FsBase => &mut s.fs_base,
+        Slot::GsBase => &mut s.gs_base,
+        Slot::KernelGsBase => &mut s.kernel_gs_base,
+        Slot::TscAux => &mut s.sys.msr.tsc_aux,
+        Slot::Pat => &mut s.sys.msr.pat,
+        Slot::MiscEnable => &mut s.sys.msr.misc_enable,
+        Slot::SysenterCs => &mut s.sys.msr.sysenter_cs,
+        Slot::SysenterEsp => &mut s.sys.msr.sysenter_esp,
+        Slot::SysenterEip => &mut s.sys.msr.sysenter_eip,
+        Slot::Platform => return None,
+    })
+}
+
+/// `rdmsr`: the value, or None for #GP(0).
+pub fn read(s: &mut GuestState, platform: &mut dyn Platform, index: u32) -> Option<u64> {
+    match slot(index)? {
+        Slot::Platform => platform.rdmsr(index),
+        Slot::TscAux => Some(s.sys.msr.tsc_aux & 0xffff_ffff),
+        other => field(s, other).map(|v| *v),
+    }
+}
+
+/// `wrmsr`: Some(()) when written, None for #GP(0) (unknown MSR, reserved bits, a
+/// non-canonical base).
+pub fn write(s: &mut GuestState, platform: &mut dyn Platform, index: u32, value: u64) -> Option<()> {
+    let slot = slot(index)?;
+    match slot {
+        Slot::Platform => return platform.wrmsr(index, value),
+        Slot::Efer => {
+            if value & !(EFER_WRITABLE | EFER_LMA) != 0 {
+                return None;
+            }
+            s.efer = (value & EFER_WRITABLE) | (s.efer & EFER_LMA);
+            return Some(());
+        }
+        Slot::Lstar
+        | Slot::Cstar
+        | Slot::FsBase
+        | Slot::GsBase
+        | Slot::KernelGsBase
+        | Slot::SysenterEsp
+        | Slot::SysenterEip
+            if !crate::mmu::is_canonical(value) =>
+        {
+            return None
+        }
+        Slot::TscAux if value >> 32 != 0 => return None,
+        _ => {}
+    }
+    *field(s, slot)? = value;
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoDevices;
+    impl Platform for NoDevices {
+        fn cpuid(&mut self, _: u32, _: u32) -> [u32; 4] {
+            [0; 4]
+        }
+        fn rdtsc(&mut self) -> u64 {
+            0
+        }
+        fn tsc_aux(&mut self) -> u32 {
+            0
+        }
+    }
+
+    #[test]
+    fn table_round_trips_and_refuses_what_hardware_refuses() {
+        let mut s = GuestState::default();
+        let p = &mut NoDevices;
+        assert_eq!(write(&mut s, p, 0xc000_0082, 0xffff_ffff_8100_0000), Some(()));
+        assert_eq!(read(&mut s, p, 0xc000_0082), Some(0xffff_ffff_8100_0000));
+        assert_eq!(
+            write(&mut s, p, 0xc000_0082, 0x8000_0000_0000_0000),
+            None,
+            "non-canonical LSTAR"
+        );
+        assert_eq!(read(&mut s, p, 0x1234), None, "unknown MSR");
+        let lma = s.efer & EFER_LMA;
+        assert_eq!(write(&mut s, p, 0xc000_0080, 0x1), Some(()));
+        assert_eq!(s.efer, 0x1 | lma, "LMA is kept, only SCE/LME/NXE are written");
+        assert_eq!(write(&mut s, p, 0xc000_0080, 1 << 20), None, "reserved EFER bit");
+        assert_eq!(read(&mut s, p, 0x1b), None, "no APIC on this platform");
+        let indexes: std::collections::HashSet<u32> = MSRS.iter().map(|m| m.0).collect();
+        assert_eq!(indexes.len(), MSRS.len(), "one row per MSR");
+    }
+}

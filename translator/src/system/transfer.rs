@@ -1,0 +1,180 @@
+//! Control transfers that change CS or the privilege level in system mode: `iretq`, far
+//! returns, far jumps and calls (to code segments, not gates), `syscall` and `sysretq`.
+//! 64-bit mode only; all-or-nothing (the caller works on a copy of the state).
+
+use super::descriptors::{self, Failure};
+use crate::emulate::GuestMemory;
+use crate::exit::{vector, GuestException};
+use crate::state::{flags, gpr, Cpl, GuestState};
+
+fn cpl_of(rpl: u16) -> Result<Cpl, Failure> {
+    match rpl {
+        0 => Ok(Cpl::Kernel),
+        3 => Ok(Cpl::User),
+        n => Err(Failure::Unsupported(format!("a transfer to ring {n}"))),
+    }
+}
+
+fn stack_read(mem: &mut dyn GuestMemory, at: u64, size: usize) -> Result<u64, GuestException> {
+    mem.read_le(crate::emulate::stack_address(at)?, size)
+}
+
+/// RFLAGS bits an `iret`/`popf` at `cpl` may change (64-bit mode: VM, VIF, VIP stay clear).
+pub fn writable_flags(cpl: Cpl, iopl: u64) -> u64 {
+    let mut w = flags::STATUS | flags::TF | flags::DF | flags::NT | flags::RF | flags::AC | flags::ID;
+    if cpl == Cpl::Kernel {
+        w |= flags::IF | flags::IOPL;
+    } else if iopl == 3 {
+        w |= flags::IF;
+    }
+    w
+}
+
+/// `iretq` (and the 16/32-bit `iret` forms, which pop smaller slots).
+pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Result<(), Failure> {
+    let rsp = s.gpr[gpr::RSP];
+    let at = |i: u64| rsp.wrapping_add(i * size as u64);
+    let ip = stack_read(mem, at(0), size)?;
+    let cs = stack_read(mem, at(1), size)? as u16;
+    let fl = stack_read(mem, at(2), size)?;
+    let new_rsp = stack_read(mem, at(3), size)?;
+    let ss = stack_read(mem, at(4), size)? as u16;
+    descriptors::check_code(s, mem, cs, true)?;
+    let target = cpl_of(cs & 3)?;
+    if !crate::mmu::is_canonical(ip) {
+        return Err(GuestException::gp(0).into());
+    }
+    let iopl = (s.rflags & flags::IOPL) >> 12;
+    let writable = writable_flags(s.cpl, iopl) & if size == 2 { 0xffff } else { u64::MAX };
+    let old_cpl = s.cpl;
+    descriptors::load_ss(s, mem, ss, cs & 3)?;
+    s.rflags = (s.rflags & !writable) | (fl & writable) | flags::FIXED;
+    s.seg[1] = cs;
+    s.cpl = target;
+    s.gpr[gpr::RSP] = new_rsp;
+    s.rip = ip;
+    if target as u8 > old_cpl as u8 {
+        null_inaccessible_data_segments(s, mem);
+    }
+    Ok(())
+}
+
+/// Returning to an outer ring, DS/ES/FS/GS holding segments the new CPL may not use become
+/// null (as the CPU does).
+fn null_inaccessible_data_segments(s: &mut GuestState, mem: &mut dyn GuestMemory) {
+    for sreg in [0usize, 3, 4, 5] {
+        let sel = s.seg[sreg];
+        if sel & !3 == 0 {
+            continue;
+        }
+        let keep = descriptors::read(s, mem, sel).is_ok_and(|d| d.conforming() || d.dpl() >= s.cpl as u16);
+        if !keep {
+            s.seg[sreg] = 0;
+        }
+    }
+}
+
+/// `retf` / `retf imm16` of operand size `size`.
+pub fn far_return(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize, pop: u64) -> Result<(), Failure> {
+    let rsp = s.gpr[gpr::RSP];
+    let ip = stack_read(mem, rsp, size)?;
+    let cs = stack_read(mem, rsp.wrapping_add(size as u64), size)? as u16;
+    descriptors::check_code(s, mem, cs, true)?;
+    if !crate::mmu::is_canonical(ip) {
+        return Err(GuestException::gp(0).into());
+    }
+    let after = rsp.wrapping_add(2 * size as u64).wrapping_add(pop);
+    let target = cpl_of(cs & 3)?;
+    if target as u8 > s.cpl as u8 {
+        // To an outer ring: SS:RSP follow on the stack.
+        let new_rsp = stack_read(mem, after, size)?;
+        let ss = stack_read(mem, after.wrapping_add(size as u64), size)? as u16;
+        descriptors::load_ss(s, mem, ss, cs & 3)?;
+        s.gpr[gpr::RSP] = new_rsp.wrapping_add(pop);
+        s.cpl = target;
+        null_inaccessible_data_segments(s, mem);
+    } else {
+        s.gpr[gpr::RSP] = after;
+    }
+    s.seg[1] = cs;
+    s.rip = ip;
+    Ok(())
+}
+
+/// `jmp far` / `call far` to a code segment at the current privilege (call gates and task
+/// switches are not modelled). `ret` is the return RIP a call pushes.
+pub fn far_jump(
+    s: &mut GuestState,
+    mem: &mut dyn GuestMemory,
+    cs: u16,
+    ip: u64,
+    call: Option<(u64, usize)>,
+) -> Result<(), Failure> {
+    let d = match descriptors::read(s, mem, cs) {
+        Ok(d) => d,
+        Err(e) => return Err(e.into()),
+    };
+    if !d.code_or_data() {
+        return Err(Failure::Unsupported(format!(
+            "far transfer through system descriptor {cs:#x} (call gates are not modelled)"
+        )));
+    }
+    descriptors::check_code(s, mem, cs, false)?;
+    if !crate::mmu::is_canonical(ip) {
+        return Err(GuestException::gp(0).into());
+    }
+    if let Some((ret, size)) = call {
+        let rsp = s.gpr[gpr::RSP];
+        let a = crate::emulate::stack_address(rsp.wrapping_sub(size as u64))?;
+        let b = crate::emulate::stack_address(rsp.wrapping_sub(2 * size as u64))?;
+        mem.write(a, &(s.seg[1] as u64).to_le_bytes()[..size])?;
+        mem.write(b, &ret.to_le_bytes()[..size])?;
+        s.gpr[gpr::RSP] = b;
+    }
+    s.seg[1] = (cs & !3) | s.cpl as u16;
+    s.rip = ip;
+    Ok(())
+}
+
+/// `syscall` from CPL3 (or CPL0) in system mode: CS/SS from STAR, RIP from LSTAR, RFLAGS
+/// masked by SFMASK; RCX and R11 get RIP and RFLAGS. #UD when EFER.SCE is clear.
+pub fn syscall(s: &mut GuestState, next: u64) -> Result<(), GuestException> {
+    if s.efer & 1 == 0 {
+        return Err(GuestException::new(vector::UD));
+    }
+    s.gpr[gpr::RCX] = next;
+    s.gpr[gpr::R11] = s.rflags & !flags::RF;
+    s.rflags &= !(s.sys.msr.sfmask | flags::RF);
+    s.rflags |= flags::FIXED;
+    let base = ((s.sys.msr.star >> 32) & 0xffff) as u16;
+    s.seg[1] = base & !3;
+    s.seg[2] = (base + 8) & !3;
+    s.cpl = Cpl::Kernel;
+    s.rip = s.sys.msr.lstar;
+    Ok(())
+}
+
+/// `sysretq` from CPL0: back to CPL3 at RCX with RFLAGS from R11. #UD without EFER.SCE,
+/// #GP(0) above CPL0 or with a non-canonical RCX (the check Intel makes before leaving ring 0).
+pub fn sysret(s: &mut GuestState, rex_w: bool) -> Result<(), Failure> {
+    if s.efer & 1 == 0 {
+        return Err(GuestException::new(vector::UD).into());
+    }
+    if s.cpl != Cpl::Kernel {
+        return Err(GuestException::gp(0).into());
+    }
+    if !rex_w {
+        return Err(Failure::Unsupported("sysretl to compatibility mode".into()));
+    }
+    let rip = s.gpr[gpr::RCX];
+    if !crate::mmu::is_canonical(rip) {
+        return Err(GuestException::gp(0).into());
+    }
+    let base = ((s.sys.msr.star >> 48) & 0xffff) as u16;
+    s.seg[1] = (base + 16) | 3;
+    s.seg[2] = (base + 8) | 3;
+    s.rflags = (s.gpr[gpr::R11] & 0x3c_7fd7) | flags::FIXED;
+    s.cpl = Cpl::User;
+    s.rip = rip;
+    Ok(())
+}
