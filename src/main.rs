@@ -1,6 +1,15 @@
 //! `hbt`: the command-line edge. Each subcommand lives in `cli/` and composes the library
 //! crates; errors become one `error:` line on stderr and exit status 1 (2 for usage errors).
 
+/// A line on stderr that never panics: `hbt run img 2>&1 | head` closes stderr too, and a
+/// diagnostic that cannot be written is dropped rather than turned into a crash.
+macro_rules! diag {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 mod cli;
 mod exec;
 mod vmm;
@@ -18,7 +27,7 @@ fn main() {
         if broken_pipe {
             std::process::exit(0);
         }
-        eprintln!("error: {e:#}");
+        diag!("error: {e:#}");
         std::process::exit(1);
     }
 }

@@ -1,13 +1,18 @@
 //! `hbt run` on the test guests in test-images/ (built by guests/build.sh): transcript and exit
-//! status of each. These need /dev/kvm; without it they fail with a message saying so.
+//! status of each, under every engine (`--accel kvm` and `--accel bt` must agree). The KVM runs
+//! need /dev/kvm; without it they fail with a message saying so. `--accel bt` needs nothing.
 
 use std::path::Path;
 use std::process::Command;
 
+/// The engines every test guest must behave identically under.
+const ENGINES: [&str; 2] = ["kvm", "bt"];
+
 /// `hbt run ARGS` from the repository root, with a 60 s timeout unless ARGS set one.
 fn hbt_run_command(args: &[&str]) -> Command {
+    let translated = args.windows(2).any(|w| w == ["--accel", "bt"]);
     assert!(
-        Path::new("/dev/kvm").exists(),
+        translated || Path::new("/dev/kvm").exists(),
         "/dev/kvm is missing: these tests run guests on KVM (CI provides it)"
     );
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hbt"));
@@ -35,10 +40,20 @@ fn hbt_run(args: &[&str]) -> (String, String, Option<i32>) {
     )
 }
 
+/// The guest prints `expected` and ends with `status` under every engine.
 fn transcript(image: &str, expected: &str, status: i32) {
-    let (stdout, stderr, code) = hbt_run(&[image]);
-    assert_eq!(stdout, expected, "transcript of {image} (stderr: {stderr})");
-    assert_eq!(code, Some(status), "exit status of {image} (stderr: {stderr})");
+    for accel in ENGINES {
+        let (stdout, stderr, code) = hbt_run(&["--accel", accel, image]);
+        assert_eq!(
+            stdout, expected,
+            "transcript of {image} under --accel {accel} (stderr: {stderr})"
+        );
+        assert_eq!(
+            code,
+            Some(status),
+            "exit status of {image} under --accel {accel} (stderr: {stderr})"
+        );
+    }
 }
 
 #[test]
@@ -65,6 +80,12 @@ fn io_heavy_exits_per_port_write() {
     );
     let (_, stderr, _) = hbt_run(&["--stats", "test-images/io-heavy.img"]);
     assert!(stderr.contains("serial@0x3f8 20052"), "per-port exit counts: {stderr}");
+    // The translator sees the same port accesses, without a VM exit for any of them.
+    let (_, stderr, _) = hbt_run(&["--accel", "bt", "--stats", "test-images/io-heavy.img"]);
+    assert!(
+        stderr.contains("port accesses: serial@0x3f8 20052") && stderr.contains("--accel bt"),
+        "per-port access counts: {stderr}"
+    );
 }
 
 #[test]
@@ -101,6 +122,22 @@ fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
         stderr.contains("KVM internal error") && stderr.contains("bytes at rip: cc"),
         "stderr: {stderr}"
     );
+    // The translator delivers it through the guest's IDT, as a CPU does.
+    let (stdout, stderr, code) = hbt_run(&["--accel", "bt", "test-images/cpl0-int3.img"]);
+    assert_eq!(stdout, "int3 at CPL0\nint3 handled, hits 1\n", "{stderr}");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn virtualization_instructions_are_undefined_under_the_translator() {
+    // The translated CPU has no VMX/SVM (CPUID says so): `vmcall` raises #UD, which the guest's
+    // handler reports as trap 6 and exits with 100 + vector.
+    let (stdout, stderr, code) = hbt_run(&["--accel", "bt", "test-images/stuck-vmcall.img"]);
+    assert_eq!(
+        stdout, "stuck-vmcall: entering the vmcall loop\nunexpected trap 6 error 0x0 at 0x200920 cs 0x8 cr2 0x0\n",
+        "{stderr}"
+    );
+    assert_eq!(code, Some(106), "{stderr}");
 }
 
 #[test]
@@ -112,15 +149,38 @@ fn boot_progress_is_timestamped_in_stats() {
         "{stderr}"
     );
     assert!(stderr.contains("in KVM_RUN"), "{stderr}");
+    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats", "test-images/hello.img"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        stderr.contains("boot progress 0x01 at") && stderr.contains("boot progress 0x02 at"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("in the run loop") && stderr.contains("blocks ("),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn timeout_ends_a_spinning_guest() {
     let dir = tempfile::tempdir().unwrap();
     let spin = spin_guest(dir.path());
-    let (_, stderr, code) = hbt_run(&["--timeout", "1", "--load-addr", "0x100000", spin.to_str().unwrap()]);
-    assert_eq!(code, Some(124), "{stderr}");
-    assert!(stderr.contains("--timeout"), "{stderr}");
+    for accel in ENGINES {
+        let (_, stderr, code) = hbt_run(&[
+            "--accel",
+            accel,
+            "--timeout",
+            "1",
+            "--load-addr",
+            "0x100000",
+            spin.to_str().unwrap(),
+        ]);
+        assert_eq!(code, Some(124), "--accel {accel}: {stderr}");
+        assert!(
+            stderr.contains("--timeout") && stderr.contains("rip=0x100000"),
+            "--accel {accel}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -141,6 +201,11 @@ fn bad_images_get_one_line_errors() {
     let (_, stderr, code) = hbt_run(&[bad.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("truncated.img"), "{stderr}");
+    for accel in ENGINES {
+        let (_, stderr, code) = hbt_run(&["--accel", accel, bad.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "--accel {accel}");
+        assert!(stderr.contains("truncated.img"), "--accel {accel}: {stderr}");
+    }
     let (_, stderr, code) = hbt_run(&["--accel", "hybrid", "test-images/hello.img"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("not available yet"), "{stderr}");
@@ -190,7 +255,7 @@ fn a_debian_bzimage_is_loaded_and_entered() {
     args.push(&kernel_s);
     let (_, stderr, code) = hbt_run(&args);
     assert_eq!(code, Some(124), "{stderr}");
-    assert!(stderr.contains("(Linux bzImage)"), "{stderr}");
+    assert!(stderr.contains("(Linux bzImage, --accel kvm)"), "{stderr}");
     // Under emulated CPL0 the decompressor needs seconds just to copy itself (`rep movsq` of the
     // whole image), so how far it gets in 3 s depends on the machine's load. What it does
     // first is certain: leave the 64-bit entry and switch to a stack of its own.
@@ -242,20 +307,22 @@ fn bzimage_errors_name_the_problem() {
 fn ctrl_c_ends_the_run_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let spin = spin_guest(dir.path());
-    let child = hbt_run_command(&["--load-addr", "0x100000", spin.to_str().unwrap()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: sending SIGINT to our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(
-        stderr.contains("interrupted (Ctrl-C)") && stderr.contains("rip=0x100000"),
-        "{stderr}"
-    );
+    for accel in ENGINES {
+        let child = hbt_run_command(&["--accel", accel, "--load-addr", "0x100000", spin.to_str().unwrap()])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        // SAFETY: sending SIGINT to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "--accel {accel}: {stderr}");
+        assert!(
+            stderr.contains("interrupted (Ctrl-C)") && stderr.contains("rip=0x100000"),
+            "--accel {accel}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -273,6 +340,14 @@ fn stats_json_is_one_object_with_the_counts() {
         .unwrap();
     assert_eq!(serial["exits"], 20052);
     assert!(v["seconds_in_kvm_run"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["accel"], "kvm");
+    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats-json", "test-images/io-heavy.img"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    assert_eq!(v["accel"], "bt");
+    assert_eq!(v["ended_by"], "ExitPort(0)");
+    assert!(v["translator"]["blocks_translated"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["cpuid_hidden"]["vmx"].is_string(), "{v}");
 }
 
 #[test]
@@ -285,13 +360,19 @@ fn serial_interrupts_drive_output_and_input() {
     );
     // Input: stdin bytes raise the received-data interrupt.
     use std::io::Write;
-    let mut child = hbt_run_command(&["test-images/serial-echo.img"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"hello guest\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "echo: HELLO GUEST\n");
-    assert_eq!(out.status.code(), Some(0));
+    for accel in ENGINES {
+        let mut child = hbt_run_command(&["--accel", accel, "test-images/serial-echo.img"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"hello guest\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "echo: HELLO GUEST\n",
+            "--accel {accel}"
+        );
+        assert_eq!(out.status.code(), Some(0), "--accel {accel}");
+    }
 }

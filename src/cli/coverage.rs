@@ -127,7 +127,7 @@ pub fn run(args: CoverageArgs) -> Result<()> {
                 None => scan_root(&scan.root, shard, &mut cache, &progress)?,
             };
             if let Err(e) = cache.save() {
-                eprintln!("warning: {e}");
+                diag!("warning: {e}");
             }
             if scan.shard.is_some() {
                 let json = Part::new(shard, corpus).to_json();
@@ -147,7 +147,7 @@ fn open_cache(scan: &ScanArgs, quiet: bool) -> ScanCache {
     };
     let (cache, problem) = ScanCache::open(&path);
     if let (Some(p), false) = (problem, quiet) {
-        eprintln!("warning: {p}");
+        diag!("warning: {p}");
     }
     cache
 }
@@ -173,16 +173,16 @@ fn report_on(corpus: &CorpusScan, args: &ReportArgs, started: Instant) -> Result
     if !args.quiet {
         const SHOWN: usize = 30;
         for w in corpus.warnings.iter().take(SHOWN) {
-            eprintln!("warning: {}: {}", w.path, w.detail);
+            diag!("warning: {}: {}", w.path, w.detail);
         }
         if corpus.warnings.len() > SHOWN {
-            eprintln!(
+            diag!(
                 "warning: … and {} more (all are listed in --format json)",
                 corpus.warnings.len() - SHOWN
             );
         }
         for (line, text) in popularity.bad_lines.iter().take(SHOWN) {
-            eprintln!("warning: {}:{line}: not a popcon record: {text}", popularity.source);
+            diag!("warning: {}:{line}: not a popcon record: {text}", popularity.source);
         }
     }
     if corpus.binaries.is_empty() {

@@ -123,12 +123,12 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
     let progress = |r: &CodeResult| {
         let n = done.fetch_add(1, Ordering::Relaxed) + 1;
         if r.status == Status::Failed {
-            eprintln!("FAIL {:?}: {}", r.code, r.failure.as_deref().unwrap_or(""));
+            diag!("FAIL {:?}: {}", r.code, r.failure.as_deref().unwrap_or(""));
         }
         if tty && (n.is_multiple_of(25) || n == total) {
             eprint!("\r{n}/{total} instruction forms tested");
             if n == total {
-                eprintln!();
+                diag!();
             }
         }
     };

@@ -232,9 +232,9 @@ fn execute(args: &ExecArgs) -> Result<i32> {
                 "guest_xcr0": format!("{:#x}", platform.xcr0()),
                 "hidden_host_features": hidden,
             });
-            eprintln!("{v}");
+            diag!("{v}");
         } else {
-            eprintln!(
+            diag!(
                 "hbt exec stats (pid {}): {seconds:.3} s ({:.3} s translating, the rest running translated code \
                  and system calls), {} blocks ({} guest instructions) translated, {} KiB code cache, \
                  {} dispatcher exits, {} chained links, {} indirect misses, {} emulated instructions, {} system calls",
@@ -249,7 +249,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
                 st.emulated,
                 sys.count
             );
-            eprintln!(
+            diag!(
                 "hbt exec guest CPU: {} (XCR0 {:#x}) minus {} host features: {}",
                 args.cpu_model,
                 platform.xcr0(),

@@ -553,7 +553,7 @@ pub fn die(program: &std::path::Path, fatal: &Fatal) -> ! {
     let name = unsafe { std::ffi::CStr::from_ptr(libc::strsignal(fatal.signal)) }
         .to_string_lossy()
         .into_owned();
-    eprintln!("hbt: {}: {name} ({})", program.display(), fatal.why);
+    diag!("hbt: {}: {name} ({})", program.display(), fatal.why);
     set_host_blocked(0);
     // SAFETY: restoring the default action and raising the signal in this process.
     unsafe {

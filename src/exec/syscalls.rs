@@ -78,18 +78,22 @@ fn raw_int80(nr: u32, a: [u32; 6]) -> u64 {
     let ret: u64;
     // SAFETY: as in `raw`: a guest system call the handler let through. RBX and RBP, which
     // Rust's inline assembly may not name, are saved on the stack around it and loaded from `a`.
+    // The pointer sits in R8, named: a `reg` operand may be given RBX, which the first load
+    // overwrites. Older kernels zero R8–R11 on `int $0x80` from 64-bit code, so they are
+    // clobbered.
     unsafe {
         std::arch::asm!(
             "push rbx",
             "push rbp",
-            "mov ebx, [{a}]",
-            "mov ebp, [{a} + 20]",
+            "mov ebx, [r8]",
+            "mov ebp, [r8 + 20]",
             "int 0x80",
             "pop rbp",
             "pop rbx",
-            a = in(reg) a.as_ptr(),
+            inout("r8") a.as_ptr() => _,
             inlateout("rax") nr as u64 => ret,
             in("ecx") a[1], in("edx") a[2], in("esi") a[3], in("edi") a[4],
+            out("r9") _, out("r10") _, out("r11") _,
         );
     }
     ret
@@ -231,7 +235,7 @@ impl Syscalls {
                 Some(&(_, name)) => {
                     static SAID: std::sync::Once = std::sync::Once::new();
                     SAID.call_once(|| {
-                        eprintln!(
+                        diag!(
                             "hbt: {}: int $0x80 {name} (i386 #{nr}) is not supported; it fails with ENOSYS",
                             self.program.display()
                         )

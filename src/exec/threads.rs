@@ -115,7 +115,7 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
     if !THREADED.swap(true, Ordering::SeqCst) {
         t.set_write_protect_code(false);
         if let Err(e) = hbt_translator::host::signals::catch_kick(KICK_SIGNAL) {
-            eprintln!("hbt: cannot install the thread kick signal: {e}");
+            diag!("hbt: cannot install the thread kick signal: {e}");
         }
         register_thread();
     }
@@ -150,7 +150,7 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
             }) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!(
+                    diag!(
                         "hbt: {}: cannot create a translator for a new thread: {e}",
                         program.display()
                     );
@@ -165,7 +165,7 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
                 Ok(End::Thread) => {}
                 Ok(End::Process(status)) => std::process::exit(status),
                 Err(e) => {
-                    eprintln!("error: {e:#}");
+                    diag!("error: {e:#}");
                     std::process::exit(1);
                 }
             }

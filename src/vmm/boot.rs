@@ -28,6 +28,14 @@ const EFER_SCE: u64 = 1;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_NXE: u64 = 1 << 11;
+const BOOT_CR0: u64 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+const BOOT_CR4: u64 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+const BOOT_EFER: u64 = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+/// The GDT [`write_tables`] writes: null, null, `__BOOT_CS`, `__BOOT_DS`.
+const GDT_LIMIT: u16 = 4 * 8 - 1;
+/// TR: a busy 64-bit TSS at 0, limit 0x67 (what KVM needs to enter long mode; the test guests
+/// and Linux load their own).
+const TR_TYPE_BUSY_TSS: u8 = 11;
 
 /// Writes the GDT and page tables into guest memory.
 pub fn write_tables(mem: &mut GuestMemory) -> Result<()> {
@@ -70,7 +78,7 @@ fn segment(selector: u16, code: bool) -> kvm_segment {
 /// Long-mode system registers on top of what KVM reports.
 pub fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
     s.gdt.base = GDT_ADDR;
-    s.gdt.limit = 4 * 8 - 1;
+    s.gdt.limit = GDT_LIMIT;
     s.idt.base = 0;
     s.idt.limit = 0;
     s.cs = segment(BOOT_CS, true);
@@ -84,15 +92,15 @@ pub fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
         base: 0,
         limit: 0x67,
         selector: 0,
-        type_: 11,
+        type_: TR_TYPE_BUSY_TSS,
         present: 1,
         s: 0,
         ..data
     };
     s.cr3 = PML4_ADDR;
-    s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-    s.efer = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+    s.cr4 = BOOT_CR4;
+    s.cr0 = BOOT_CR0;
+    s.efer = BOOT_EFER;
     s
 }
 
@@ -104,4 +112,44 @@ pub fn entry_regs(rip: u64, rsp: u64, rsi: u64) -> kvm_regs {
         rflags: 0x2,
         ..Default::default()
     }
+}
+
+/// IA32_MISC_ENABLE as firmware leaves it: fast strings on (Linux drops ERMS otherwise, and
+/// with FSRM still set its memmove then skips the short-copy check it needs without ERMS), BTS
+/// and PEBS unavailable.
+const MISC_ENABLE_AT_RESET: u64 = (1 << 0) | (1 << 11) | (1 << 12);
+
+/// The same entry state for the translator (`--accel bt`): CPL0, the registers of
+/// [`entry_regs`] and the system registers of [`long_mode_sregs`].
+pub fn long_mode_state(rip: u64, rsp: u64, rsi: u64) -> hbt_translator::state::GuestState {
+    use hbt_translator::state::{gpr, Cpl, DescriptorTable, GuestState, Segment};
+    let mut s = GuestState {
+        rip,
+        rflags: 0x2,
+        cr0: BOOT_CR0,
+        cr2: 0,
+        cr3: PML4_ADDR,
+        cr4: BOOT_CR4,
+        efer: BOOT_EFER,
+        cpl: Cpl::Kernel,
+        // x87 and SSE: the state a CPU with CR4.OSXSAVE clear keeps (FXSAVE's).
+        xcr0: 0x3,
+        seg: [BOOT_DS, BOOT_CS, BOOT_DS, BOOT_DS, BOOT_DS, BOOT_DS],
+        ..GuestState::default()
+    };
+    s.gpr[gpr::RSP] = rsp;
+    s.gpr[gpr::RSI] = rsi;
+    s.sys.msr.misc_enable = MISC_ENABLE_AT_RESET;
+    s.sys.gdtr = DescriptorTable {
+        base: GDT_ADDR,
+        limit: GDT_LIMIT,
+    };
+    const PRESENT: u16 = 1 << 7;
+    s.sys.tr = Segment {
+        selector: 0,
+        base: 0,
+        limit: 0x67,
+        attr: TR_TYPE_BUSY_TSS as u16 | PRESENT,
+    };
+    s
 }

@@ -1,25 +1,28 @@
-//! `hbt run`: the VMM. Guest RAM ([`memory`]), KVM state ([`vstate`]), image loaders
-//! ([`loader`]), long-mode entry ([`boot`]), the port-I/O device table ([`devices`]) and the run
-//! loop below, which ends on the guest's exit port, a reset, a triple fault, `--timeout`,
-//! Ctrl-C or a KVM error, and says which.
+//! `hbt run`: the VMM. Guest RAM ([`memory`]), image loaders ([`loader`]), long-mode entry
+//! ([`boot`]), the device models ([`devices`]), the guest CPUID without KVM ([`cpuid`]) and
+//! the engines that run the guest ([`engine`]: KVM, or the binary translator), which end on
+//! the guest's exit port, a reset, a triple fault, `--timeout`, Ctrl-C ([`stop`]) or an engine
+//! error, and say which.
 
 pub mod boot;
+pub mod cpu_state;
+pub mod cpuid;
 pub mod devices;
+pub mod engine;
 pub mod loader;
 pub mod memory;
+pub mod stop;
 mod terminal;
 pub mod vstate;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use devices::{Action, Buses};
-use kvm_ioctls::VcpuExit;
+use engine::{fmt_counts, End};
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// Run a guest image on KVM.
+/// Run a guest image on KVM or in hbt's binary translator.
 ///
 /// The image is recognized by its contents: a bare-metal x86-64 ELF (entered in 64-bit long
 /// mode with identity paging), a Linux bzImage (boot protocol 2.12+, 64-bit entry; --initrd,
@@ -30,6 +33,7 @@ use std::time::{Duration, Instant};
 ///   hbt run test-images/hello.img
 ///   hbt run --stats --timeout 10 test-images/timer.img
 ///   hbt run --load-addr 0x100000 code.bin
+///   hbt run --accel bt test-images/hello.img   (no /dev/kvm needed)
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
@@ -38,8 +42,9 @@ pub struct RunArgs {
     /// Guest RAM, in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     mem: u64,
-    /// Execution engine. Only `kvm` exists today; `bt` (translator only) and `hybrid` (guest
-    /// user mode on KVM, kernel mode translated) are reserved.
+    /// Execution engine: `kvm` (hardware virtualization through /dev/kvm), `bt` (hbt's binary
+    /// translator runs the whole machine; no /dev/kvm needed). `hybrid` (guest user mode on
+    /// KVM, kernel mode translated) is reserved.
     #[arg(long, value_enum, default_value_t = Accel::Kvm)]
     accel: Accel,
     /// Flat binary: guest-physical load address.
@@ -88,101 +93,14 @@ fn parse_u64(s: &str) -> Result<u64, String> {
 /// 52-bit limit even above the MMIO hole).
 const MAX_RAM: u64 = 1 << 40;
 
-/// Why a run ended.
-#[derive(Debug)]
-enum End {
-    ExitPort(u32),
-    Reset,
-    Halted,
-    Timeout,
-    /// SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signal number.
-    Interrupted(i32),
-    /// stdout was closed (EPIPE on the console).
-    OutputClosed,
-}
-
-/// Bit 0: `--timeout`; bits 8..: the terminating signal that arrived (SIGINT/SIGTERM/SIGHUP).
-static STOP: AtomicU64 = AtomicU64::new(0);
-const STOP_TIMEOUT: u64 = 1;
-static VCPU_THREAD: AtomicU64 = AtomicU64::new(0);
-static KICK_INSTALLED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_kick(_: libc::c_int) {}
-/// SIGINT/SIGTERM/SIGHUP: end the run cleanly (terminal restored, status 128 + signal).
-extern "C" fn on_terminate(sig: libc::c_int) {
-    // The first terminating signal wins.
-    let _ = STOP.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
-        (v >> 8 == 0).then_some(v | (sig as u64) << 8)
-    });
-    kick_vcpu();
-}
-
-/// Makes the vCPU thread's KVM_RUN return (EINTR) by signalling it.
-fn kick_vcpu() {
-    let t = VCPU_THREAD.load(Ordering::SeqCst);
-    if t != 0 {
-        // SAFETY: pthread_kill on the vCPU thread, which lives for the whole run.
-        unsafe { libc::pthread_kill(t as libc::pthread_t, libc::SIGUSR1) };
-    }
-}
-
-fn install_signal_handlers() {
-    if KICK_INSTALLED.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    // SAFETY: plain handlers without SA_RESTART, so KVM_RUN returns EINTR; they only touch atomics.
-    unsafe {
-        for (sig, handler) in [
-            (libc::SIGUSR1, on_kick as *const () as usize),
-            (libc::SIGINT, on_terminate as *const () as usize),
-            (libc::SIGTERM, on_terminate as *const () as usize),
-            (libc::SIGHUP, on_terminate as *const () as usize),
-        ] {
-            let mut a: libc::sigaction = std::mem::zeroed();
-            a.sa_sigaction = handler;
-            libc::sigemptyset(&mut a.sa_mask);
-            libc::sigaction(sig, &a, std::ptr::null_mut());
-        }
-    }
-}
-
 pub fn run(args: RunArgs) -> Result<()> {
     let code = execute(&args)?;
     std::process::exit(code);
 }
 
-/// Exit reasons counted by the run loop (index into `RunStats::exits`).
-const EXIT_REASONS: [&str; 5] = ["io-out", "io-in", "mmio-read", "mmio-write", "signal"];
-const IO_OUT: usize = 0;
-const IO_IN: usize = 1;
-const MMIO_READ: usize = 2;
-const MMIO_WRITE: usize = 3;
-const SIGNAL: usize = 4;
-
-#[derive(Default)]
-struct RunStats {
-    exits: [u64; EXIT_REASONS.len()],
-    in_kvm: Duration,
-}
-
-impl RunStats {
-    /// (reason, count) of the reasons that occurred.
-    fn exits_by_reason(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        EXIT_REASONS
-            .iter()
-            .zip(self.exits)
-            .filter(|e| e.1 > 0)
-            .map(|(r, n)| (*r, n))
-    }
-}
-
 fn execute(args: &RunArgs) -> Result<i32> {
-    match args.accel {
-        Accel::Kvm => {}
-        Accel::Bt | Accel::Hybrid => bail!(
-            "--accel {} is not available yet: the translator's system mode comes next; use --accel kvm",
-            if args.accel == Accel::Bt { "bt" } else { "hybrid" }
-        ),
+    if args.accel == Accel::Hybrid {
+        bail!("--accel hybrid is not available yet: use --accel kvm or --accel bt");
     }
     if !args.image.exists() {
         bail!(
@@ -215,128 +133,46 @@ fn execute(args: &RunArgs) -> Result<i32> {
     )
     .with_context(|| format!("guest image {}", args.image.display()))?;
     boot::write_tables(&mut mem)?;
-    let vm = vstate::vm::Vm::new(&mem)?;
-    let mut vcpu = vm.create_vcpu()?;
-    let sregs = vcpu.get_sregs().context("KVM_GET_SREGS failed")?;
-    vcpu.set_sregs(&boot::long_mode_sregs(sregs))
-        .context("KVM_SET_SREGS failed")?;
-    vcpu.set_regs(&boot::entry_regs(entry.rip, entry.rsp, entry.rsi))
-        .context("KVM_SET_REGS failed")?;
 
     let interactive = std::io::stdin().is_terminal();
-    let _terminal = terminal::RawGuard::new(interactive);
-    let (mut bus, marks) = Buses::standard(started, interactive, vm.irq_line(devices::serial::COM1_IRQ));
-    // SAFETY: pthread_self has no preconditions.
-    VCPU_THREAD.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
-    STOP.store(0, Ordering::SeqCst);
-    install_signal_handlers();
-    // The watchdog ends the run at --timeout, and after a terminating signal keeps kicking the
-    // vCPU until the loop notices: a kick that lands just before KVM_RUN is lost, and a guest
-    // that never exits (vmcall at CPL0, a spin) would otherwise run on.
-    let deadline = args
-        .timeout
-        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
-    std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_millis(20));
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            STOP.fetch_or(STOP_TIMEOUT, Ordering::SeqCst);
-        }
-        if STOP.load(Ordering::SeqCst) != 0 {
-            kick_vcpu();
-        }
-    });
-
+    let setup = engine::Setup {
+        mem: &mut mem,
+        entry: &entry,
+        started,
+        interactive,
+    };
+    stop::arm(args.timeout);
     if args.raw_exit_loop {
-        return raw_exit_loop(&mut vcpu);
+        return engine::kvm::raw_exit_loop(&setup);
     }
-    let mut st = RunStats::default();
-    let loop_started = Instant::now();
-    let end = loop {
-        let stop = STOP.load(Ordering::SeqCst);
-        if stop >> 8 != 0 {
-            break End::Interrupted((stop >> 8) as i32 & 0xff);
-        }
-        if stop & STOP_TIMEOUT != 0 {
-            break End::Timeout;
-        }
-        let t0 = Instant::now();
-        let exit = vcpu.run();
-        st.in_kvm += t0.elapsed();
-        let (reason, action) = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => (IO_OUT, bus.pio.write(port as u64, data)),
-            Ok(VcpuExit::IoIn(port, data)) => {
-                bus.pio.read(port as u64, data);
-                (IO_IN, Action::Continue)
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                bus.mmio.read(addr, data);
-                (MMIO_READ, Action::Continue)
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => (MMIO_WRITE, bus.mmio.write(addr, data)),
-            Ok(VcpuExit::Hlt) => break End::Halted,
-            Ok(VcpuExit::Shutdown) => {
-                bail!(
-                    "guest triple fault (shutdown) after {:.3} s: {}",
-                    started.elapsed().as_secs_f64(),
-                    vstate::vcpu::describe(&vcpu, &mem)
-                )
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                bail!("guest system event {kind}: {}", vstate::vcpu::describe(&vcpu, &mem))
-            }
-            Ok(VcpuExit::InternalError) => {
-                bail!(
-                    "KVM internal error (the in-kernel emulator could not run the guest): {}",
-                    vstate::vcpu::describe(&vcpu, &mem)
-                )
-            }
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                bail!(
-                    "KVM could not enter the guest (hardware entry failure {reason:#x}): {}",
-                    vstate::vcpu::describe(&vcpu, &mem)
-                )
-            }
-            Ok(VcpuExit::Intr) => (SIGNAL, Action::Continue),
-            Ok(other) => {
-                let what = format!("{other:?}");
-                bail!("unexpected KVM exit {what}: {}", vstate::vcpu::describe(&vcpu, &mem))
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => (SIGNAL, Action::Continue),
-            Err(e) => bail!("KVM_RUN failed: {e}: {}", vstate::vcpu::describe(&vcpu, &mem)),
-        };
-        match action {
-            Action::Continue => {}
-            Action::Exit(v) => break End::ExitPort(v),
-            Action::Reset => break End::Reset,
-            Action::OutputClosed => break End::OutputClosed,
-        }
-        st.exits[reason] += 1;
+    let terminal = terminal::RawGuard::new(interactive);
+    let mut finished = match args.accel {
+        Accel::Kvm => engine::kvm::run(&setup)?,
+        Accel::Bt => engine::bt::run(&setup)?,
+        Accel::Hybrid => unreachable!("refused above"),
     };
     let total = started.elapsed();
-    let in_loop = loop_started.elapsed();
     // The guest's last output comes before hbt says how the run ended.
-    bus.pio.flush();
-    drop(_terminal);
-    let status = match &end {
+    finished.buses.pio.flush();
+    drop(terminal);
+    let end = &finished.end;
+    let location = &finished.location;
+    let status = match end {
         End::ExitPort(v) => *v as i32,
         End::Reset => 0,
         End::Halted => {
-            eprintln!(
-                "hbt: guest halted with interrupts off: {}",
-                vstate::vcpu::describe(&vcpu, &mem)
-            );
+            diag!("hbt: guest halted with interrupts off: {location}");
             1
         }
         End::Timeout => {
-            eprintln!(
-                "hbt: --timeout reached after {:.3} s; guest at {}",
-                total.as_secs_f64(),
-                vstate::vcpu::describe(&vcpu, &mem)
+            diag!(
+                "hbt: --timeout reached after {:.3} s; guest at {location}",
+                total.as_secs_f64()
             );
             124
         }
         End::OutputClosed => {
-            eprintln!("hbt: stdout was closed; run ended as a program would by SIGPIPE");
+            diag!("hbt: stdout was closed; run ended as a program would by SIGPIPE");
             128 + libc::SIGPIPE
         }
         End::Interrupted(sig) => {
@@ -345,14 +181,17 @@ fn execute(args: &RunArgs) -> Result<i32> {
             } else {
                 "SIGTERM/SIGHUP"
             };
-            eprintln!(
-                "hbt: interrupted ({why}); guest at {}",
-                vstate::vcpu::describe(&vcpu, &mem)
-            );
+            diag!("hbt: interrupted ({why}); guest at {location}");
             128 + *sig
         }
     };
-    let total_exits: u64 = st.exits.iter().sum();
+    let accel = args
+        .accel
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    let bus = &finished.buses;
+    let marks = finished.marks.0.borrow();
     if args.stats_json {
         let devices = |b: &devices::Bus| {
             b.exit_counts()
@@ -360,92 +199,51 @@ fn execute(args: &RunArgs) -> Result<i32> {
                 .map(|(name, base, n)| serde_json::json!({"device": name, "base": base, "exits": n}))
                 .collect::<Vec<_>>()
         };
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "image": args.image.display().to_string(),
             "kind": entry.kind,
+            "accel": accel,
             "ended_by": format!("{end:?}"),
             "status": status,
             "seconds_total": total.as_secs_f64(),
-            "seconds_in_kvm_run": st.in_kvm.as_secs_f64(),
-            "seconds_in_hbt": total.saturating_sub(st.in_kvm).as_secs_f64(),
-            "seconds_run_loop": in_loop.as_secs_f64(),
-            "exits": total_exits,
-            "exits_by_reason": st.exits_by_reason().collect::<std::collections::BTreeMap<_, _>>(),
+            "seconds_run_loop": finished.seconds_run_loop,
             "port_exits": devices(&bus.pio),
             "unclaimed_port_accesses": bus.pio.unclaimed,
             "mmio_exits": devices(&bus.mmio),
             "unclaimed_mmio_accesses": bus.mmio.unclaimed,
-            "boot_progress": marks.0.borrow().iter().map(|(t, v)| serde_json::json!({"seconds": t, "value": v})).collect::<Vec<_>>(),
+            "boot_progress": marks.iter().map(|(t, v)| serde_json::json!({"seconds": t, "value": v})).collect::<Vec<_>>(),
         });
-        eprintln!("{v}");
+        if let Some(obj) = v.as_object_mut() {
+            obj.extend(std::mem::take(&mut finished.stats_json));
+        }
+        diag!("{v}");
     }
     if args.stats {
-        eprintln!(
-            "hbt run stats: {} ({}), ended by {end:?}",
+        diag!(
+            "hbt run stats: {} ({}, --accel {accel}), ended by {end:?}",
             args.image.display(),
             entry.kind
         );
-        eprintln!(
-            "  time: {:.6} s total, {:.6} s in KVM_RUN, {:.6} s in hbt; run loop {:.6} s, {:.3} µs per exit",
-            total.as_secs_f64(),
-            st.in_kvm.as_secs_f64(),
-            total.saturating_sub(st.in_kvm).as_secs_f64(),
-            in_loop.as_secs_f64(),
-            in_loop.as_secs_f64() * 1e6 / total_exits.max(1) as f64
-        );
-        eprintln!(
-            "  exits: {total_exits} ({})",
-            fmt_counts(st.exits_by_reason().map(|(k, v)| (k.to_string(), v)))
-        );
+        for line in &finished.stats_lines {
+            diag!("{line}");
+        }
+        // Under KVM each access is an exit; under the translator, a call into the device.
+        let what = if args.accel == Accel::Kvm { "exits" } else { "accesses" };
         for (space, b) in [("port", &bus.pio), ("mmio", &bus.mmio)] {
             let per_device = b
                 .exit_counts()
                 .into_iter()
                 .filter(|c| c.2 > 0)
                 .map(|(name, base, n)| (format!("{name}@{base:#x}"), n));
-            eprintln!(
-                "  {space} exits: {} (unclaimed {space} accesses: {})",
+            diag!(
+                "  {space} {what}: {} (unclaimed {space} accesses: {})",
                 fmt_counts(per_device),
                 b.unclaimed
             );
         }
-        for (t, v) in marks.0.borrow().iter() {
-            eprintln!("  boot progress {v:#04x} at {t:.6} s");
+        for (t, v) in marks.iter() {
+            diag!("  boot progress {v:#04x} at {t:.6} s");
         }
     }
     Ok(status)
-}
-
-/// The floor `--raw-exit-loop` measures: KVM_RUN and back with nothing in between but a match.
-fn raw_exit_loop(vcpu: &mut kvm_ioctls::VcpuFd) -> Result<i32> {
-    let started = Instant::now();
-    let mut exits = 0u64;
-    loop {
-        exits += 1;
-        match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, _)) if port as u64 == devices::debug_exit::PORT => break,
-            Ok(VcpuExit::IoOut(..)) => {}
-            Ok(VcpuExit::IoIn(_, data)) => data.fill(0),
-            Ok(other) => {
-                let what = format!("{other:?}");
-                bail!("raw exit loop: unexpected exit {what}")
-            }
-            Err(e) => bail!("raw exit loop: KVM_RUN failed: {e}"),
-        }
-    }
-    let t = started.elapsed().as_secs_f64();
-    eprintln!(
-        "raw exit loop: {exits} exits in {t:.6} s, {:.3} µs per exit",
-        t * 1e6 / exits as f64
-    );
-    Ok(0)
-}
-
-fn fmt_counts(it: impl Iterator<Item = (String, u64)>) -> String {
-    let v: Vec<String> = it.map(|(k, n)| format!("{k} {n}")).collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
-    }
 }

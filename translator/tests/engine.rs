@@ -189,17 +189,25 @@ impl SoftGuest {
         unsafe { *self.ram.add(pa as usize) = v };
     }
     fn translator(&self) -> Translator {
+        self.translator_with(false)
+    }
+    /// With `system`, a system-mode translator entered at CPL0.
+    fn translator_with(&self, system: bool) -> Translator {
         // SAFETY: the RAM mapping outlives the translator (the test keeps `self` alive).
         let ram = unsafe { GuestRam::new(self.ram, RAM as u64) };
         let mut t = Translator::new(Config {
             strategy: MemoryStrategy::SoftMmu(ram),
             code_cache_bytes: 1 << 20,
             verified_only: true,
-            system: false,
+            system,
         })
         .unwrap();
         t.state_mut().cr3 = 0;
         t.state_mut().rip = CODE_VA;
+        if system {
+            t.state_mut().cpl = hbt_translator::state::Cpl::Kernel;
+            t.state_mut().seg = [0x18, 0x10, 0x18, 0x18, 0x18, 0x18];
+        }
         t
     }
 }
@@ -314,5 +322,250 @@ fn an_asynchronous_signal_stops_a_chained_loop_at_a_block_boundary() {
         let (sig, info) = take_pending(1 << (libc::SIGUSR2 - 1)).expect("SIGUSR2 recorded");
         assert_eq!(sig, libc::SIGUSR2);
         assert_eq!(i32::from_le_bytes(info[0..4].try_into().unwrap()), libc::SIGUSR2);
+    }
+}
+
+#[test]
+fn flags_stay_live_across_soft_mmu_accesses_in_a_copy_loop() {
+    // The shape of Linux's memmove loop: the flags of `sub` decide the `jae` after four
+    // memory accesses (each a TLB lookup that must not disturb them), first with TLB misses.
+    // L: sub rdx,0x20; mov r11,[rsi]; mov r10,[rsi+8]; lea rsi,[rsi+0x20]; mov [rdi],r11;
+    //    mov [rdi+8],r10; lea rdi,[rdi+0x20]; lea rcx,[rcx+1]; jae L; hlt
+    let code = [
+        0x48, 0x83, 0xea, 0x20, 0x4c, 0x8b, 0x1e, 0x4c, 0x8b, 0x56, 0x08, 0x48, 0x8d, 0x76, 0x20, 0x4c, 0x89, 0x1f,
+        0x4c, 0x89, 0x57, 0x08, 0x48, 0x8d, 0x7f, 0x20, 0x48, 0x8d, 0x49, 0x01, 0x73, 0xe0, 0xf4,
+    ];
+    for system in [false, true] {
+        let g = SoftGuest::new(&code);
+        for i in 0..64u64 {
+            g.write_u64(0x6000 + 8 * i, 0x1000 + i);
+        }
+        let mut t = g.translator_with(system);
+        let s = t.state_mut();
+        s.gpr[2] = 0x100; // rdx: 8 full iterations, the 9th borrows
+        s.gpr[6] = 0x40_1000; // rsi
+        s.gpr[7] = 0x40_1400; // rdi
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        if system {
+            assert_eq!(exit, Exit::Halt, "system mode");
+        } else {
+            assert!(gp_at(exit), "{exit:?}");
+        }
+        assert_eq!(t.state().gpr[1], 9, "iterations (system mode: {system})");
+        // SAFETY: reading inside the RAM mapping.
+        let copied = unsafe { std::ptr::read_unaligned(g.ram.add(0x6400 + 8 * 16) as *const u64) };
+        assert_eq!(copied, 0x1000 + 16, "system mode: {system}");
+    }
+}
+
+#[test]
+fn flags_survive_split_accesses_in_a_copy_loop() {
+    // Linux's memmove inner loop, with an unaligned source that crosses into a page that is
+    // not physically adjacent (split accesses through the bounce buffer) while CF from `sub`
+    // is live: L: sub rdx,0x20; mov r11,[rsi]; mov r10,[rsi+8]; mov r9,[rsi+16];
+    // mov r8,[rsi+24]; lea rsi,[rsi+32]; mov [rdi],r11; mov [rdi+8],r10; mov [rdi+16],r9;
+    // mov [rdi+24],r8; lea rdi,[rdi+32]; lea rcx,[rcx+1]; jae L; hlt
+    let code = [
+        0x48, 0x83, 0xea, 0x20, 0x4c, 0x8b, 0x1e, 0x4c, 0x8b, 0x56, 0x08, 0x4c, 0x8b, 0x4e, 0x10, 0x4c, 0x8b, 0x46,
+        0x18, 0x48, 0x8d, 0x76, 0x20, 0x4c, 0x89, 0x1f, 0x4c, 0x89, 0x57, 0x08, 0x4c, 0x89, 0x4f, 0x10, 0x4c, 0x89,
+        0x47, 0x18, 0x48, 0x8d, 0x7f, 0x20, 0x48, 0x8d, 0x49, 0x01, 0x73, 0xd0, 0xf4,
+    ];
+    // rsi: the 4th iteration's loads cross 0x405000, or the last one's (CF set then).
+    for (system, rsi) in [
+        (false, 0x40_4f92),
+        (true, 0x40_4f92),
+        (false, 0x40_4ef6),
+        (true, 0x40_4ef6),
+    ] {
+        let g = SoftGuest::new(&code);
+        let mut t = g.translator_with(system);
+        let s = t.state_mut();
+        s.gpr[2] = 0x100; // rdx: 8 full iterations, the 9th borrows
+        s.gpr[6] = rsi;
+        s.gpr[7] = 0x40_1000; // rdi
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        if system {
+            assert_eq!(exit, Exit::Halt, "system mode");
+        } else {
+            assert!(gp_at(exit), "{exit:?}");
+        }
+        assert_eq!(t.state().gpr[1], 9, "iterations (system mode: {system}, rsi {rsi:#x})");
+        assert!(t.stats().tlb_misses > 2, "{:?}", t.stats());
+    }
+}
+
+/// A platform whose interrupt line rises at every `period`-th block boundary (vector 32).
+struct TickingPlatform {
+    period: u64,
+    boundaries: u64,
+    delivered: u64,
+}
+
+impl hbt_translator::Platform for TickingPlatform {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        HostPlatform.cpuid(leaf, subleaf)
+    }
+    fn rdtsc(&mut self) -> u64 {
+        0
+    }
+    fn tsc_aux(&mut self) -> u32 {
+        0
+    }
+    fn interrupt_pending(&mut self) -> bool {
+        self.boundaries += 1;
+        self.boundaries.is_multiple_of(self.period)
+    }
+    fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        self.delivered += 1;
+        Some(32)
+    }
+}
+
+#[test]
+fn interrupts_between_blocks_of_a_loop_keep_its_flags() {
+    use hbt_translator::state::{flags, DescriptorTable};
+    // The copy loop of `flags_survive_split_accesses_in_a_copy_loop` (its TLB misses split the
+    // body into several blocks), interrupted at block boundaries by a handler that clobbers
+    // the flags (`xor eax,eax` clears CF) before `iretq`: CF from `sub` must come back.
+    let mut code = vec![
+        0x48, 0x83, 0xea, 0x20, 0x4c, 0x8b, 0x1e, 0x4c, 0x8b, 0x56, 0x08, 0x4c, 0x8b, 0x4e, 0x10, 0x4c, 0x8b, 0x46,
+        0x18, 0x48, 0x8d, 0x76, 0x20, 0x4c, 0x89, 0x1f, 0x4c, 0x89, 0x57, 0x08, 0x4c, 0x89, 0x4f, 0x10, 0x4c, 0x89,
+        0x47, 0x18, 0x48, 0x8d, 0x7f, 0x20, 0x48, 0x8d, 0x49, 0x01, 0x73, 0xd0, 0xfa, 0xf4,
+    ];
+    code.resize(0x100, 0xcc);
+    code.extend([0x31, 0xc0, 0x48, 0xcf]); // handler at +0x100: xor eax,eax; iretq
+    for period in [2u64, 3, 5, 7] {
+        let g = SoftGuest::new(&code);
+        // GDT at 0x401800: 0x10 = 64-bit code, 0x18 = data. IDT at 0x401a00: vector 32.
+        g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
+        g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
+        let handler = CODE_VA + 0x100;
+        let gate = 0x6a00 + 32 * 16;
+        g.write_u64(
+            gate,
+            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
+        );
+        g.write_u64(gate + 8, handler >> 32);
+        let mut t = g.translator_with(true);
+        let s = t.state_mut();
+        s.sys.gdtr = DescriptorTable {
+            base: 0x40_1800,
+            limit: 0x1f,
+        };
+        s.sys.idtr = DescriptorTable {
+            base: 0x40_1a00,
+            limit: 0x3ff,
+        };
+        s.rflags |= flags::IF;
+        s.gpr[4] = 0x40_1f00; // rsp
+        s.gpr[2] = 0x100;
+        s.gpr[6] = 0x40_4f92;
+        s.gpr[7] = 0x40_1000;
+        let mut platform = TickingPlatform {
+            period,
+            boundaries: 0,
+            delivered: 0,
+        };
+        let exit = t.run(&mut platform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Halt, "period {period}");
+        assert!(platform.delivered > 0, "period {period}: no interrupt delivered");
+        assert_eq!(
+            t.state().gpr[1],
+            9,
+            "iterations with an interrupt every {period} boundaries"
+        );
+    }
+}
+
+#[test]
+fn a_copy_loop_entered_past_its_head_keeps_the_borrow() {
+    // Linux's memmove enters its loop through a first `sub` (L0) and loops back to the second
+    // (L): with rdx = 0x39 the second `sub` borrows and `jae` must fall through at once.
+    // L0: sub rdx,0x20; L: sub rdx,0x20; mov r11,[rsi]; mov r10,[rsi+8]; mov r9,[rsi+16];
+    // mov r8,[rsi+24]; lea rsi,[rsi+32]; mov [rdi],r11; mov [rdi+8],r10; mov [rdi+16],r9;
+    // mov [rdi+24],r8; lea rdi,[rdi+32]; lea rcx,[rcx+1]; jae L; hlt
+    let code = [
+        0x48, 0x83, 0xea, 0x20, 0x48, 0x83, 0xea, 0x20, 0x4c, 0x8b, 0x1e, 0x4c, 0x8b, 0x56, 0x08, 0x4c, 0x8b, 0x4e,
+        0x10, 0x4c, 0x8b, 0x46, 0x18, 0x48, 0x8d, 0x76, 0x20, 0x4c, 0x89, 0x1f, 0x4c, 0x89, 0x57, 0x08, 0x4c, 0x89,
+        0x4f, 0x10, 0x4c, 0x89, 0x47, 0x18, 0x48, 0x8d, 0x7f, 0x20, 0x48, 0x8d, 0x49, 0x01, 0x73, 0xd0, 0xf4,
+    ];
+    for system in [false, true] {
+        let g = SoftGuest::new(&code);
+        let mut t = g.translator_with(system);
+        let s = t.state_mut();
+        s.gpr[2] = 0x39;
+        s.gpr[6] = 0x40_1002;
+        s.gpr[7] = 0x40_1000;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        if system {
+            assert_eq!(exit, Exit::Halt, "system mode");
+        } else {
+            assert!(gp_at(exit), "{exit:?}");
+        }
+        assert_eq!(t.state().gpr[2], (-7i64) as u64, "rdx (system mode: {system})");
+        assert_eq!(t.state().gpr[1], 1, "one pass (system mode: {system})");
+    }
+}
+
+#[test]
+fn linux_memmove_head_keeps_the_borrow_of_its_loop() {
+    // The first 0x64 bytes of Linux 6.1's memmove (Debian 6.1.0-57 cloud kernel), up to the
+    // loop's `jae`, then `hlt`: the entry block runs through several taken and untaken
+    // conditional branches into the copy loop. With 0x39 bytes the loop's `sub` borrows on
+    // the first pass.
+    let mut code = vec![
+        0x48, 0x89, 0xf8, 0x48, 0x39, 0xfe, 0x7d, 0x0f, 0x49, 0x89, 0xf0, 0x49, 0x01, 0xd0, 0x49, 0x39, 0xf8, 0x0f,
+        0x8f, 0xa9, 0x00, 0x00, 0x00, 0x48, 0x83, 0xfa, 0x20, 0x0f, 0x82, 0xf5, 0x00, 0x00, 0x00, 0x90, 0x90, 0x90,
+        0x90, 0x90, 0x48, 0x81, 0xfa, 0xa8, 0x02, 0x00, 0x00, 0x72, 0x05, 0x40, 0x38, 0xfe, 0x74, 0x3c, 0x48, 0x83,
+        0xea, 0x20, 0x48, 0x83, 0xea, 0x20, 0x4c, 0x8b, 0x1e, 0x4c, 0x8b, 0x56, 0x08, 0x4c, 0x8b, 0x4e, 0x10, 0x4c,
+        0x8b, 0x46, 0x18, 0x48, 0x8d, 0x76, 0x20, 0x4c, 0x89, 0x1f, 0x4c, 0x89, 0x57, 0x08, 0x4c, 0x89, 0x4f, 0x10,
+        0x4c, 0x89, 0x47, 0x18, 0x48, 0x8d, 0x7f, 0x20, 0x73, 0xd4,
+    ];
+    code.push(0xf4);
+    code.resize(0x200, 0xcc);
+    for system in [false, true] {
+        let g = SoftGuest::new(&code);
+        let mut t = g.translator_with(system);
+        let s = t.state_mut();
+        s.gpr[2] = 0x39;
+        s.gpr[6] = 0x40_1002;
+        s.gpr[7] = 0x40_1000;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        if system {
+            assert_eq!(exit, Exit::Halt, "system mode");
+        } else {
+            assert!(gp_at(exit), "{exit:?}");
+        }
+        // User mode: #GP at `hlt`; system mode: halted after it.
+        assert_eq!(t.state().rip, CODE_VA + 0x64 + system as u64, "system mode: {system}");
+        assert_eq!(t.state().gpr[2], (-7i64) as u64, "rdx (system mode: {system})");
+    }
+}
+
+#[test]
+fn linux_memmove_head_takes_the_short_copy_branch() {
+    // As above with 0x19 bytes: `cmp rdx,0x20; jb rel32` must branch to the short-copy tail
+    // (offset 0x116, a `hlt` here).
+    let mut code = vec![
+        0x48, 0x89, 0xf8, 0x48, 0x39, 0xfe, 0x7d, 0x0f, 0x49, 0x89, 0xf0, 0x49, 0x01, 0xd0, 0x49, 0x39, 0xf8, 0x0f,
+        0x8f, 0xa9, 0x00, 0x00, 0x00, 0x48, 0x83, 0xfa, 0x20, 0x0f, 0x82, 0xf5, 0x00, 0x00, 0x00, 0x90, 0x90, 0x90,
+        0x90, 0x90, 0x48, 0x81, 0xfa, 0xa8, 0x02, 0x00, 0x00, 0x72, 0x05, 0x40, 0x38, 0xfe, 0x74, 0x3c, 0x48, 0x83,
+        0xea, 0x20,
+    ];
+    code.resize(0x200, 0xcc);
+    code[0x116] = 0xf4;
+    for system in [false, true] {
+        let g = SoftGuest::new(&code);
+        let mut t = g.translator_with(system);
+        let s = t.state_mut();
+        s.gpr[2] = 0x19;
+        s.gpr[6] = 0x40_1002;
+        s.gpr[7] = 0x40_1000;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        assert_eq!(
+            t.state().rip,
+            CODE_VA + 0x116 + system as u64,
+            "{exit:?} system mode: {system}"
+        );
     }
 }

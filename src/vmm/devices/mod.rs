@@ -4,9 +4,12 @@
 
 pub mod debug_exit;
 pub mod i8042;
+pub mod pic;
+pub mod pit;
 pub mod progress;
 pub mod serial;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What a device asks the run loop to do after an access.
@@ -97,6 +100,34 @@ impl Buses {
         }
         // No MMIO devices yet: the hole reads as all ones (the IOAPIC/LAPIC are KVM's).
         (Buses { pio, mmio: Bus::new() }, marks)
+    }
+}
+
+/// The 8259 pair, its ELCR and the 8254 with port 0x61, for engines without KVM's in-kernel
+/// chips (`--accel bt`).
+pub fn insert_legacy_interrupt_chips(pio: &mut Bus, pic: &Arc<pic::SharedPic>, pit: &Arc<pit::SharedPit>) {
+    for (base, len, device) in [
+        (
+            pic::MASTER,
+            2,
+            Box::new(pic::PicPorts {
+                pic: Arc::clone(pic),
+                chip: 0,
+            }) as Box<dyn Device>,
+        ),
+        (
+            pic::SLAVE,
+            2,
+            Box::new(pic::PicPorts {
+                pic: Arc::clone(pic),
+                chip: 1,
+            }),
+        ),
+        (pic::ELCR, 2, Box::new(pic::ElcrPorts { pic: Arc::clone(pic) })),
+        (pit::PORT, 4, Box::new(pit::PitPorts(Arc::clone(pit)))),
+        (pit::PORT_61, 1, Box::new(pit::Port61(Arc::clone(pit)))),
+    ] {
+        pio.insert(base, len, device);
     }
 }
 

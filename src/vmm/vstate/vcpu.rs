@@ -1,6 +1,7 @@
 //! vCPU helpers: LAPIC wiring for the legacy PIC, and a register dump for error reports.
 
 use super::error::{IoctlContext, Result};
+use crate::vmm::cpu_state::CpuSnapshot;
 use crate::vmm::memory::GuestMemory;
 use kvm_ioctls::VcpuFd;
 
@@ -27,33 +28,11 @@ pub fn wire_lapic(vcpu: &VcpuFd) -> Result<()> {
 
 /// One line of registers plus the bytes at RIP (for reports of faults and KVM errors).
 pub fn describe(vcpu: &VcpuFd, mem: &GuestMemory) -> String {
-    let Ok(r) = vcpu.get_regs() else {
+    let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
         return "(registers unavailable)".into();
     };
-    let s = vcpu.get_sregs().ok();
-    let mut out = format!(
-        "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x}",
-        r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
-    );
-    if let Some(s) = s {
-        out += &format!(
-            " cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
-            s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
-        );
-    }
     // RIP is a guest-virtual address; with hbt's identity map it is also guest-physical.
     let mut bytes = [0u8; 15];
-    if mem.read(r.rip, &mut bytes).is_ok() {
-        let instr = iced_x86::Decoder::with_ip(64, &bytes, r.rip, iced_x86::DecoderOptions::NONE).decode();
-        out += &format!(
-            " bytes at rip: {} ({})",
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
-            if instr.is_invalid() {
-                "not a valid instruction".to_string()
-            } else {
-                format!("`{instr}`")
-            }
-        );
-    }
-    out
+    let code = mem.read(r.rip, &mut bytes).is_ok().then_some(bytes);
+    CpuSnapshot::from_kvm(&r, &s).describe(code)
 }

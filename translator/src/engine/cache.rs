@@ -65,6 +65,10 @@ pub(super) struct Block {
     pub(super) incoming: Vec<Incoming>,
     pub(super) inline_caches: Vec<crate::emit::InlineCache>,
     pub(super) valid: bool,
+    /// Soft-MMU: (guest virtual page, guest physical page) of its code when it was translated.
+    pub(super) mapping: Vec<(u64, u64)>,
+    /// The `Translator::mapping_epoch` in which `mapping` was last found current.
+    pub(super) epoch: u64,
 }
 
 impl Translator {
@@ -90,6 +94,7 @@ impl Translator {
         self.code_pages.clear();
         self.protected.release_all();
         self.code.reset_to(self.glue_len);
+        self.linked.clear();
         let ctx = self.ctx.get_mut();
         ctx.flush_tlb();
         ctx.flush_ibl(self.glue.ibl_empty);
@@ -115,7 +120,7 @@ impl Translator {
             }
         };
         self.code.patch_rel32(field, host);
-        self.blocks[dst].incoming.push(Incoming::Jump { field, original });
+        self.link_into(dst, Incoming::Jump { field, original });
         self.stats.chained += 1;
     }
 
@@ -147,13 +152,16 @@ impl Translator {
         self.code.patch_rel32(rel, host);
         // Later misses use the table (the site is polymorphic) instead of the dispatcher.
         self.code.patch_rel32(fill, fill + 4);
-        self.blocks[dst].incoming.push(Incoming::InlineCache {
-            imm,
-            rel,
-            miss,
-            fill,
-            fill_stub,
-        });
+        self.link_into(
+            dst,
+            Incoming::InlineCache {
+                imm,
+                rel,
+                miss,
+                fill,
+                fill_stub,
+            },
+        );
         self.stats.chained += 1;
     }
 
@@ -174,6 +182,7 @@ impl Translator {
         &mut self,
         block: DecodedBlock,
         phys_pages: Vec<u64>,
+        mapping: Vec<(u64, u64)>,
         cached: bool,
     ) -> Result<u64, TranslateError> {
         let options = emit::EmitOptions {
@@ -218,6 +227,8 @@ impl Translator {
             incoming: Vec::new(),
             inline_caches: emitted.inline_caches,
             valid: cached,
+            mapping,
+            epoch: self.mapping_epoch,
         });
         if cached {
             self.by_guest.insert(key, index);
@@ -238,28 +249,82 @@ impl Translator {
                 .retain(|&rip, _| !(rip + 15 > page && rip < page + PAGE));
         }
         for i in list {
-            if !self.blocks[i].valid {
-                continue;
-            }
-            self.blocks[i].valid = false;
-            self.stats.invalidated_blocks += 1;
-            let (key, host) = (self.blocks[i].key, self.blocks[i].host);
-            if self.by_guest.get(&key) == Some(&i) {
-                self.by_guest.remove(&key);
-            }
-            for link in std::mem::take(&mut self.blocks[i].incoming) {
-                // SAFETY: links are recorded inside the code buffer; translated code is stopped.
-                unsafe { link.undo(false) };
-            }
-            let empty = self.glue.ibl_empty;
-            let ctx = self.ctx.get_mut();
-            for slot in 0..IBL_ENTRIES {
-                if ctx.ibl_hosts[slot] == host {
-                    ctx.ibl_hosts[slot] = empty;
-                    ctx.ibl_tags[slot] = IBL_EMPTY_TAG;
-                }
+            self.invalidate_block(i);
+        }
+    }
+
+    /// Takes block `i` out of every lookup and unlinks everything that jumps into it.
+    pub(super) fn invalidate_block(&mut self, i: usize) {
+        if !self.blocks[i].valid {
+            return;
+        }
+        self.blocks[i].valid = false;
+        self.stats.invalidated_blocks += 1;
+        let (key, host) = (self.blocks[i].key, self.blocks[i].host);
+        if self.by_guest.get(&key) == Some(&i) {
+            self.by_guest.remove(&key);
+        }
+        for link in std::mem::take(&mut self.blocks[i].incoming) {
+            // SAFETY: links are recorded inside the code buffer; translated code is stopped.
+            unsafe { link.undo(false) };
+        }
+        let empty = self.glue.ibl_empty;
+        let ctx = self.ctx.get_mut();
+        for slot in 0..IBL_ENTRIES {
+            if ctx.ibl_hosts[slot] == host {
+                ctx.ibl_hosts[slot] = empty;
+                ctx.ibl_tags[slot] = IBL_EMPTY_TAG;
             }
         }
+    }
+
+    /// Records a link into block `dst` (so invalidation and [`Translator::remap`] can undo it).
+    fn link_into(&mut self, dst: usize, link: Incoming) {
+        if self.blocks[dst].incoming.is_empty() {
+            self.linked.push(dst);
+        }
+        self.blocks[dst].incoming.push(link);
+    }
+
+    /// The guest's address space changed (CR3, INVLPG, paging controls): the TLBs and every
+    /// link between blocks go, but the blocks stay. Each is revalidated (its code pages walked
+    /// again) the next time the dispatcher looks it up, and kept if they still map to the same
+    /// physical pages: kernel text survives the address-space switches that would otherwise
+    /// retranslate it all.
+    pub(super) fn remap(&mut self) {
+        for i in std::mem::take(&mut self.linked) {
+            for link in std::mem::take(&mut self.blocks[i].incoming) {
+                // SAFETY: as in `invalidate_block`.
+                unsafe { link.undo(false) };
+            }
+        }
+        let empty = self.glue.ibl_empty;
+        let ctx = self.ctx.get_mut();
+        ctx.flush_tlb();
+        ctx.flush_ibl(empty);
+        self.mapping_epoch += 1;
+        self.stats.remaps += 1;
+    }
+
+    /// Whether block `i` may run in the current address space: translated or revalidated in
+    /// this mapping epoch, or its code pages still map (and are executable) as when it was
+    /// translated.
+    pub(super) fn mapping_current(&mut self, i: usize) -> bool {
+        if self.blocks[i].epoch == self.mapping_epoch {
+            return true;
+        }
+        let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
+            return true;
+        };
+        let state = &self.ctx.get().state;
+        let current = self.blocks[i]
+            .mapping
+            .iter()
+            .all(|&(va, pa)| soft_mmu::walk(ram, state, va, Access::Fetch).map(|p| p & !(PAGE - 1)) == Ok(pa));
+        if current {
+            self.blocks[i].epoch = self.mapping_epoch;
+        }
+        current
     }
 }
 

@@ -33,9 +33,32 @@ use std::collections::{BTreeMap, HashMap};
 const PAGE: u64 = 4096;
 /// Default size of the code cache.
 pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
-/// Consecutive TLB misses at one instruction before the engine gives up (two accesses of one
-/// instruction evicting each other forever).
+/// Consecutive TLB misses at one instruction on pages it just missed on before the engine gives
+/// up (two accesses of one instruction evicting each other forever).
 const TLB_RETRY_LIMIT: u32 = 16;
+
+/// The recent TLB misses, to tell an instruction that cannot make progress (its accesses evict
+/// each other: the same pages again and again) from one that walks through memory (`rep stosb`,
+/// a memset loop: a new page each miss).
+#[derive(Default)]
+struct MissHistory {
+    rip: u64,
+    pages: [u64; 2],
+    repeats: u32,
+}
+
+impl MissHistory {
+    fn thrashing(&mut self, rip: u64, page: u64) -> bool {
+        if rip == self.rip && self.pages.contains(&page) {
+            self.repeats += 1;
+        } else {
+            self.repeats = 0;
+        }
+        self.rip = rip;
+        self.pages = [self.pages[1], page];
+        self.repeats > TLB_RETRY_LIMIT
+    }
+}
 
 mod cache;
 mod callbacks;
@@ -43,6 +66,7 @@ mod memory;
 mod smc;
 mod softmmu;
 mod system;
+pub use system::DeliveredEvent;
 
 use cache::Block;
 use callbacks::{interrupt, lookup_site};
@@ -61,6 +85,8 @@ pub struct Stats {
     pub emulated: u64,
     pub invalidated_blocks: u64,
     pub flushes: u64,
+    /// System mode: guest address-space changes (links and TLBs dropped, blocks revalidated).
+    pub remaps: u64,
     /// Time spent decoding and emitting blocks.
     pub translate_time: std::time::Duration,
     /// System mode: exceptions and external interrupts delivered, by vector.
@@ -121,6 +147,12 @@ pub struct Translator {
     bounce_buffer: Option<PageBuffer>,
     /// The guest XCR0 the code cache was translated for (0: none yet).
     translated_xcr0: u64,
+    /// Blocks with links into them (what [`Translator::remap`] must undo).
+    linked: Vec<usize>,
+    /// Bumped by every guest address-space change (see `Block::epoch`).
+    mapping_epoch: u64,
+    /// System mode: the last events delivered (`system::RECENT_EVENTS`).
+    recent_events: std::collections::VecDeque<system::DeliveredEvent>,
     /// System mode: the CPL the TLBs and the indirect-branch table were filled at.
     code_cpl: Option<crate::state::Cpl>,
     /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
@@ -164,6 +196,9 @@ impl Translator {
             bounce_buffer: None,
             translated_xcr0: 0,
             code_cpl: None,
+            recent_events: Default::default(),
+            linked: Vec::new(),
+            mapping_epoch: 0,
             maps: Default::default(),
             stats: Stats::default(),
         })
@@ -207,7 +242,7 @@ impl Translator {
         };
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
-        let mut last_miss = (0u64, 0u32);
+        let mut misses = MissHistory::default();
         // Some(exit): return it; None: go on at the (new) guest RIP.
         macro_rules! guest_exception {
             ($exc:expr) => {{
@@ -226,8 +261,10 @@ impl Translator {
                 return Ok(Exit::Interrupted);
             }
             if self.system {
-                if let Some(exit) = self.system_boundary(platform)? {
-                    return Ok(exit);
+                match self.system_boundary(platform)? {
+                    system::Boundary::Continue => {}
+                    system::Boundary::Delivered => pending_link = 0,
+                    system::Boundary::Exit(exit) => return Ok(exit),
                 }
             }
             let rip = self.ctx.get().state.rip;
@@ -286,18 +323,15 @@ impl Translator {
                 }
                 r if r == ExitReason::TlbMiss as u32 => {
                     self.stats.tlb_misses += 1;
-                    let rip = self.ctx.get().state.rip;
-                    last_miss = if last_miss.0 == rip {
-                        (rip, last_miss.1 + 1)
-                    } else {
-                        (rip, 1)
-                    };
-                    if last_miss.1 > TLB_RETRY_LIMIT {
+                    let (rip, page) = (self.ctx.get().state.rip, self.ctx.get().miss_va >> 12);
+                    if misses.thrashing(rip, page) {
                         return Err(TranslateError::Host(format!(
                             "soft-MMU TLB thrashing at guest RIP {rip:#x} (two accesses of one instruction evict each other)"
                         )));
                     }
                     if let Some(exc) = self.tlb_miss()? {
+                        // A miss that faults made progress (the fault is delivered or returned).
+                        misses = MissHistory::default();
                         let ctx = self.ctx.get_mut();
                         if ctx.miss_info & MISS_MMX_STORE != 0 && vendor::host_has(Quirk::FaultingMmxStoreResetsTop) {
                             ctx.state.xsave.set_x87_top(0);
@@ -390,7 +424,11 @@ impl Translator {
         if uncached {
             self.uncached_step = None;
         } else if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
-            return Ok(Lookup::Host(self.blocks[i].host));
+            if self.mapping_current(i) {
+                return Ok(Lookup::Host(self.blocks[i].host));
+            }
+            // The code's page maps elsewhere now: translate what is there.
+            self.invalidate_block(i);
         } else if let Some(&(instr, rule)) = self.emulated_at.get(&rip) {
             self.stats.emulated += 1;
             return self.emulate(&instr, rule, platform);
@@ -418,6 +456,16 @@ impl Translator {
         };
         // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
         // into the next page in case an instruction straddles it).
+        let mapping: Vec<(u64, u64)> = if soft && !uncached {
+            fetch
+                .pages
+                .iter()
+                .copied()
+                .filter(|&(va, _)| va < block.end && va + PAGE > block.start)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let pages = if uncached {
             Vec::new()
         } else if !soft {
@@ -435,12 +483,7 @@ impl Translator {
             }
             pages
         } else {
-            fetch
-                .pages
-                .into_iter()
-                .filter(|&(va, _)| va < block.end && va + PAGE > block.start)
-                .map(|(_, pa)| pa)
-                .collect()
+            mapping.iter().map(|&(_, pa)| pa).collect()
         };
         if let Some(first) = block.instrs.first() {
             let fs_gs = matches!(
@@ -460,7 +503,7 @@ impl Translator {
                 return self.emulate(&instr, first.rule, platform);
             }
         }
-        let host = self.install(block, pages, !uncached)?;
+        let host = self.install(block, pages, mapping, !uncached)?;
         self.stats.translate_time += translate_started.elapsed();
         Ok(Lookup::Host(host))
     }
@@ -509,9 +552,9 @@ impl Translator {
             Rule::Implicit(_) => emulate::implicit::execute(state, instr, mem)
                 .map_err(|_| unsupported("(no engine implementation for this form)")),
             _ => emulate::segment::execute(state, instr, mem).map_err(|u| match u {
-                emulate::segment::Unsupported::CompatibilityMode(cs) => {
-                    unsupported(&format!("(far transfer to 32-bit code segment {cs:#x}: compatibility mode)"))
-                }
+                emulate::segment::Unsupported::CompatibilityMode(cs) => unsupported(&format!(
+                    "(far transfer to 32-bit code segment {cs:#x}: compatibility mode)"
+                )),
                 emulate::segment::Unsupported::Form => unsupported("(segment form)"),
             }),
         });

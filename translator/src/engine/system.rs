@@ -7,14 +7,59 @@
 //! - blocks are keyed by guest virtual RIP *and* CPL (`cache::block_key`), so code translated at
 //!   CPL0 never runs at CPL3;
 //! - the inline TLBs and the indirect-branch table are dropped when the CPL changes;
-//! - a write to CR3, CR4 or CR0.WP/PG and `invlpg` drop every translation, blocks included
-//!   (keying blocks by guest physical page, so address-space switches keep them, is next).
+//! - a write to CR3, CR4 or CR0.WP/PG and `invlpg` drop the TLBs, the indirect-branch table
+//!   and every link between blocks (`cache.rs`, `remap`); each block is then revalidated when
+//!   the dispatcher next looks it up: kept if its code pages still map to the physical pages
+//!   it was translated from, retranslated otherwise.
 
 use super::*;
 use crate::system::delivery::{self, Event, Undeliverable};
 use crate::system::{self as sys, Effects, Next};
 
+/// What happened at a block boundary in system mode.
+pub(super) enum Boundary {
+    Continue,
+    /// An external interrupt was delivered: the guest continues at its handler, not where the
+    /// last block was going (so that block's exit must not be chained to the handler).
+    Delivered,
+    Exit(Exit),
+}
+
+/// How many delivered events [`Translator::recent_events`] keeps.
+pub const RECENT_EVENTS: usize = 32;
+
+/// An exception or interrupt as it was delivered, with where the guest was (for reports of a
+/// guest that went wrong: the last events before a triple fault or a hang).
+#[derive(Clone, Copy, Debug)]
+pub struct DeliveredEvent {
+    pub event: Event,
+    pub rip: u64,
+    pub cs: u16,
+    pub rsp: u64,
+    pub gs_base: u64,
+}
+
+impl std::fmt::Display for DeliveredEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.event {
+            Event::Exception(e) => write!(f, "exception {e} (vector {})", e.vector)?,
+            Event::Software(v) => write!(f, "int {v:#x}")?,
+            Event::External(v) => write!(f, "interrupt vector {v}")?,
+        }
+        write!(
+            f,
+            " at rip={:#x} cs={:#x} rsp={:#x} gs_base={:#x}",
+            self.rip, self.cs, self.rsp, self.gs_base
+        )
+    }
+}
+
 impl Translator {
+    /// The last exceptions and interrupts delivered in system mode, oldest first.
+    pub fn recent_events(&self) -> impl ExactSizeIterator<Item = &DeliveredEvent> {
+        self.recent_events.iter()
+    }
+
     /// Performs an instruction the engine runs itself in system mode.
     pub(super) fn execute_system(
         &mut self,
@@ -37,9 +82,10 @@ impl Translator {
                 .or_default() += 1;
         }
         if effects.flush_tlb {
-            // Guest translations changed: nothing derived from them survives (see the file
-            // comment). The caller returns to the dispatcher before anything else runs.
-            self.flush();
+            // Guest translations changed: the TLBs and links go; blocks are revalidated
+            // against the new mapping when next looked up (see the file comment). The caller
+            // returns to the dispatcher before anything else runs.
+            self.remap();
         }
         let next = result.map_err(|why| TranslateError::Unsupported {
             rip: instr.ip(),
@@ -65,6 +111,18 @@ impl Translator {
         } else if let Event::External(v) = event {
             *self.stats.interrupts.entry(v).or_default() += 1;
         }
+        let before = &self.ctx.get().state;
+        let record = DeliveredEvent {
+            event,
+            rip: before.rip,
+            cs: before.seg[1],
+            rsp: before.gpr[crate::state::gpr::RSP],
+            gs_base: before.gs_base,
+        };
+        if self.recent_events.len() == RECENT_EVENTS {
+            self.recent_events.pop_front();
+        }
+        self.recent_events.push_back(record);
         let (result, written) = self.with_memory(false, |state, mem| delivery::deliver(state, mem, event));
         for page in written {
             self.invalidate_phys_page(page);
@@ -96,7 +154,7 @@ impl Translator {
     /// At a block boundary: takes a pending external interrupt when IF is set and no interrupt
     /// shadow is active (the shadow of `sti`/`mov ss` lasts until the next instruction), and
     /// drops CPL-specific translations after a privilege change.
-    pub(super) fn system_boundary(&mut self, platform: &mut dyn Platform) -> Result<Option<Exit>, TranslateError> {
+    pub(super) fn system_boundary(&mut self, platform: &mut dyn Platform) -> Result<Boundary, TranslateError> {
         let state = &mut self.ctx.get_mut().state;
         let shadow = std::mem::take(&mut state.sys.interrupt_shadow);
         let cpl = state.cpl;
@@ -107,12 +165,19 @@ impl Translator {
             ctx.flush_tlb();
             ctx.flush_ibl(empty);
         }
+        // A split access or a self-modifying store is set up to run as the very next
+        // instruction (its bounce buffer is mapped in the TLB, its page is writable): an
+        // interrupt now would run the handler in that state instead.
+        let step_pending = self.bounce.is_some() || self.uncached_step.is_some();
         let state = &self.ctx.get().state;
-        if !shadow && state.rflags & crate::state::flags::IF != 0 && platform.interrupt_pending() {
+        if !shadow && !step_pending && state.rflags & crate::state::flags::IF != 0 && platform.interrupt_pending() {
             if let Some(v) = platform.acknowledge_interrupt() {
-                return self.deliver(Event::External(v));
+                return Ok(match self.deliver(Event::External(v))? {
+                    Some(exit) => Boundary::Exit(exit),
+                    None => Boundary::Delivered,
+                });
             }
         }
-        Ok(None)
+        Ok(Boundary::Continue)
     }
 }

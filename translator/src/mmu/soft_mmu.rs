@@ -7,10 +7,13 @@ use super::{is_canonical, Access};
 use crate::exit::GuestException;
 use crate::state::{Cpl, GuestState};
 
-/// Guest physical memory `[0, size)`, backed by host memory at `base`.
+/// Guest physical memory `[0, size)`, backed by host memory at `base`; optionally with a hole
+/// `[hole, hole_end)` (a PC's MMIO window below 4 GiB): RAM from `hole` on is backed by the host
+/// bytes after the first `hole` and appears at `hole_end` and above.
 pub struct GuestRam {
     base: *mut u8,
     size: u64,
+    hole: Option<(u64, u64)>,
 }
 
 // SAFETY: GuestRam is a view of memory the creator guarantees to outlive it; moving it to
@@ -27,12 +30,31 @@ impl GuestRam {
     /// alignment faults (`movaps`, `#AC`) would differ from the CPU's.
     pub unsafe fn new(base: *mut u8, size: u64) -> Self {
         assert_eq!(base as usize % 4096, 0, "guest RAM must be page-aligned in host memory");
-        GuestRam { base, size }
+        GuestRam { base, size, hole: None }
     }
 
-    /// Host address of guest physical `pa..pa+len`, if inside RAM.
+    /// Like [`GuestRam::new`], with the guest-physical hole `[hole, hole_end)` (see the type).
+    ///
+    /// # Safety
+    /// As for [`GuestRam::new`].
+    pub unsafe fn with_hole(base: *mut u8, size: u64, hole: u64, hole_end: u64) -> Self {
+        // SAFETY: the caller's guarantee, passed on.
+        let mut ram = unsafe { GuestRam::new(base, size) };
+        assert!(hole <= hole_end && hole.is_multiple_of(4096) && hole_end.is_multiple_of(4096));
+        ram.hole = Some((hole, hole_end));
+        ram
+    }
+
+    /// Host address of guest physical `pa..pa+len`, if it lies in RAM (not across the hole).
     pub fn host(&self, pa: u64, len: u64) -> Option<u64> {
-        (pa.checked_add(len)? <= self.size).then(|| self.base as u64 + pa)
+        let end = pa.checked_add(len)?;
+        let offset = match self.hole {
+            Some((hole, _)) if end <= hole => pa,
+            Some((hole, hole_end)) if pa >= hole_end => pa - hole_end + hole,
+            Some(_) => return None,
+            None => pa,
+        };
+        (offset + len <= self.size).then(|| self.base as u64 + offset)
     }
 
     fn read_u64(&self, pa: u64) -> Option<u64> {

@@ -12,8 +12,8 @@
 //!   (`emulate/string.rs`, `emulate/implicit.rs`).
 //! - [`Rule::UserCopy`] — instructions whose result is the host kernel's view (descriptor-table
 //!   stores emulated by Linux's UMIP handler, `lar`/`lsl`): for a user-mode guest of a Linux host
-//!   that view *is* the guest's, so they are copied; kernel-mode guests get them from the
-//!   system-mode platform later and are refused until then.
+//!   that view *is* the guest's, so they are copied; in system mode the engine performs them
+//!   against the guest's own tables (`system/query.rs`).
 //! - [`Rule::Emulate`] — sensitive instructions the engine performs itself (`emulate/mod.rs`,
 //!   and `system/` in system mode): they end the block.
 //! - [`Rule::System`] — privileged and system instructions ([`crate::system::SYSTEM_OPS`]):

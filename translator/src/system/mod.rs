@@ -4,7 +4,8 @@
 //! One mechanism per file: `descriptors.rs` (GDT/LDT/TSS and the checks of each segment
 //! load), `delivery.rs` (exceptions and interrupts through the guest's IDT, #DF, triple
 //! fault), `transfer.rs` (`iretq`, far returns/jumps/calls, `syscall`/`sysretq`), `msr.rs`
-//! (the MSR table). This file holds the table of privileged and system instructions
+//! (the MSR table), `query.rs` (`sgdt`…`smsw`, `lar`/`lsl`/`verr`/`verw` against the guest's
+//! own tables). This file holds the table of privileged and system instructions
 //! ([`SYSTEM_OPS`]) and [`execute`], which performs every instruction the engine runs itself in
 //! system mode. Guest RFLAGS.IF, IOPL, TF, NT and (at CPL0) AC are virtual: they live in
 //! `GuestState::rflags`, never in the host's flags (the host runs at CPL3).
@@ -12,6 +13,7 @@
 pub mod delivery;
 pub mod descriptors;
 pub mod msr;
+pub mod query;
 pub mod transfer;
 
 use crate::emulate::regs::{read_gpr, sreg_index, write_gpr};
@@ -119,6 +121,7 @@ pub fn execute(
         Rule::Stack(StackOp::Pushf) => pushf(&mut s, instr, mem),
         Rule::Stack(StackOp::Popf) => popf(&mut s, instr, mem),
         Rule::Emulate(op) => emulate_op(&mut s, instr, op, mem, platform),
+        Rule::UserCopy => query::execute(&mut s, instr, mem).map(|()| Next::Continue),
         _ => return Err(format!("no system-mode implementation for {rule:?}")),
     };
     match r {
@@ -300,7 +303,11 @@ fn system_op(
                 return Err(GuestException::gp(0).into());
             }
             let v = (s.gpr[gpr::RDX] << 32) | (s.gpr[gpr::RAX] & 0xffff_ffff);
-            if crate::cpu::xsave::XsaveLayout::host().check_guest_xcr0(v).is_err() {
+            // Only components the platform's CPUID offers (leaf 0DH), as the CPU checks
+            // against what it supports.
+            let [eax, _, _, edx] = platform.cpuid(0xd, 0);
+            let offered = (edx as u64) << 32 | eax as u64;
+            if v & !offered != 0 || crate::cpu::xsave::XsaveLayout::host().check_guest_xcr0(v).is_err() {
                 return Err(GuestException::gp(0).into());
             }
             s.xcr0 = v;
@@ -415,7 +422,20 @@ fn emulate_op(
     let here = instr.ip();
     let next = instr.next_ip();
     match op {
-        EmulateOp::Cpuid | EmulateOp::Xgetbv => {
+        EmulateOp::Cpuid => {
+            let (leaf, subleaf) = (s.gpr[gpr::RAX] as u32, s.gpr[gpr::RCX] as u32);
+            crate::emulate::sensitive(s, instr, op, platform);
+            // OSXSAVE and OSPKE mirror the guest's CR4, not the host's.
+            const CR4_OSXSAVE: u64 = 1 << 18;
+            const CR4_PKE: u64 = 1 << 22;
+            let mirror = |reg: &mut u64, bit: u32, on: bool| *reg = (*reg & !(1 << bit)) | (on as u64) << bit;
+            if leaf == 1 {
+                mirror(&mut s.gpr[gpr::RCX], 27, s.cr4 & CR4_OSXSAVE != 0);
+            } else if leaf == 7 && subleaf == 0 {
+                mirror(&mut s.gpr[gpr::RCX], 4, s.cr4 & CR4_PKE != 0);
+            }
+        }
+        EmulateOp::Xgetbv => {
             crate::emulate::sensitive(s, instr, op, platform);
         }
         EmulateOp::Rdtsc | EmulateOp::Rdtscp => {

@@ -110,10 +110,7 @@ pub fn far_jump(
     ip: u64,
     call: Option<(u64, usize)>,
 ) -> Result<(), Failure> {
-    let d = match descriptors::read(s, mem, cs) {
-        Ok(d) => d,
-        Err(e) => return Err(e.into()),
-    };
+    let d = descriptors::read(s, mem, cs)?;
     if !d.code_or_data() {
         return Err(Failure::Unsupported(format!(
             "far transfer through system descriptor {cs:#x} (call gates are not modelled)"

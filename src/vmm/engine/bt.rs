@@ -1,0 +1,290 @@
+//! `--accel bt`: the whole guest machine runs in hbt's binary translator (system mode, soft-MMU
+//! over guest RAM); no /dev/kvm is needed. The translator calls back into [`BtPlatform`] for
+//! port I/O (the same device models KVM's exits reach), CPUID (`cpuid.rs`), platform MSRs and
+//! the interrupt controller, which is hbt's own 8259 pair with an 8254 PIT in place of KVM's
+//! in-kernel ones.
+//!
+//! Threads: the vCPU thread runs the translator; the PIT's ticker thread pulses IRQ 0 at each
+//! timer deadline and the serial input thread raises IRQ 4. Both then kick the vCPU thread
+//! (`stop::KICK_SIGNAL`, routed to the translator's kick handler), which unlinks chained blocks
+//! so translated code returns to the dispatcher, where the interrupt window is checked. A `hlt`
+//! with interrupts enabled sleeps on the PIC until it raises INTR.
+
+use super::{fmt_counts, End, Finished, Setup};
+use crate::vmm::cpu_state::CpuSnapshot;
+use crate::vmm::devices::{self, pic::SharedPic, pit::SharedPit, Action, Buses, IrqLine};
+use crate::vmm::memory::{GuestMemory, MMIO_HOLE_END, MMIO_HOLE_START};
+use crate::vmm::{boot, cpuid, stop};
+use anyhow::{bail, Result};
+use hbt_translator::mmu::{soft_mmu, Access};
+use hbt_translator::state::flags;
+use hbt_translator::{Config, Exit, GuestRam, MemoryStrategy, Platform, PortOutcome, Translator};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Dispatcher rounds per call into the translator (the run loop checks for a stop between).
+const BLOCK_BUDGET: u64 = 1 << 16;
+/// The longest a halted vCPU sleeps before looking for a stop request.
+const HALT_POLL: Duration = Duration::from_millis(20);
+const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
+/// The loaded microcode's revision (in EDX:EAX after a write of 0 and a CPUID): none here.
+const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+
+/// The machine around the translated CPU.
+struct BtPlatform {
+    buses: Buses,
+    pic: Arc<SharedPic>,
+    /// What a device asked for when a port write returned `PortOutcome::Stop`.
+    stop: Option<Action>,
+}
+
+impl Platform for BtPlatform {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid::guest_cpuid(leaf, subleaf)
+    }
+    fn rdtsc(&mut self) -> u64 {
+        // SAFETY: rdtsc has no memory effects.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    }
+    fn tsc_aux(&mut self) -> u32 {
+        0
+    }
+    fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        let mut data = [0u8; 4];
+        self.buses.pio.read(port as u64, &mut data[..size as usize]);
+        u32::from_le_bytes(data)
+    }
+    fn port_out(&mut self, port: u16, size: u8, value: u32) -> PortOutcome {
+        match self.buses.pio.write(port as u64, &value.to_le_bytes()[..size as usize]) {
+            Action::Continue => PortOutcome::Continue,
+            action => {
+                self.stop = Some(action);
+                PortOutcome::Stop
+            }
+        }
+    }
+    fn rdmsr(&mut self, index: u32) -> Option<u64> {
+        match index {
+            IA32_TIME_STAMP_COUNTER => Some(self.rdtsc()),
+            IA32_BIOS_SIGN_ID => Some(0),
+            _ => None,
+        }
+    }
+    fn wrmsr(&mut self, index: u32, _value: u64) -> Option<()> {
+        (index == IA32_BIOS_SIGN_ID).then_some(())
+    }
+    fn interrupt_pending(&mut self) -> bool {
+        self.pic.interrupt_pending()
+    }
+    fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        self.pic.acknowledge()
+    }
+}
+
+/// A view of guest RAM for the translator's soft-MMU (or for reading guest code in reports).
+fn guest_ram(mem: &GuestMemory) -> GuestRam {
+    // SAFETY: the mapping is page-aligned (mmap) and outlives the run: `execute` owns it and
+    // drops it after the engine returns.
+    unsafe { GuestRam::with_hole(mem.host_base() as *mut u8, mem.size(), MMIO_HOLE_START, MMIO_HOLE_END) }
+}
+
+/// The 15 bytes at the guest's RIP, through its page tables.
+fn code_at_rip(ram: &GuestRam, t: &Translator) -> Option<[u8; 15]> {
+    let state = t.state();
+    let mut bytes = [0u8; 15];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        let pa = soft_mmu::walk(ram, state, state.rip.wrapping_add(i as u64), Access::Fetch).ok()?;
+        let host = ram.host(pa, 1)?;
+        // SAFETY: `host` is inside guest RAM (checked by `GuestRam::host`).
+        *b = unsafe { *(host as *const u8) };
+    }
+    Some(bytes)
+}
+
+pub fn run(setup: &Setup) -> Result<Finished> {
+    let mut translator = Translator::new(Config {
+        strategy: MemoryStrategy::SoftMmu(guest_ram(setup.mem)),
+        code_cache_bytes: hbt_translator::engine::DEFAULT_CODE_CACHE,
+        // Forms with a rule but no harness verdict on this host still run: a guest kernel needs
+        // them, and the alternative (#UD) is worse.
+        verified_only: false,
+        system: true,
+    })?;
+    let e = setup.entry;
+    *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
+    hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
+
+    let pic = Arc::new(SharedPic::default());
+    let pit = Arc::new(SharedPit::default());
+    let com1_irq = {
+        let pic = Arc::clone(&pic);
+        IrqLine::new(move |level| {
+            pic.set_irq(devices::serial::COM1_IRQ as u8, level);
+            if level && !stop::on_vcpu_thread() {
+                stop::kick_vcpu();
+            }
+        })
+    };
+    let (mut buses, marks) = Buses::standard(setup.started, setup.interactive, com1_irq);
+    devices::insert_legacy_interrupt_chips(&mut buses.pio, &pic, &pit);
+    let done = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let (pic, pit, done) = (Arc::clone(&pic), Arc::clone(&pit), Arc::clone(&done));
+        std::thread::Builder::new()
+            .name("hbt-pit".into())
+            .spawn(move || pit.run_ticker(&pic, &done, stop::kick_vcpu))?
+    };
+    // Every helper thread exists now (watchdog, serial input, ticker): they take the
+    // terminating signals from here on.
+    stop::block_terminating_signals();
+    let mut platform = BtPlatform {
+        buses,
+        pic: Arc::clone(&pic),
+        stop: None,
+    };
+
+    let loop_started = Instant::now();
+    let result = run_loop(&mut translator, &mut platform);
+    done.store(true, Ordering::SeqCst);
+    pit.notify();
+    let _ = ticker.join();
+    let in_loop = loop_started.elapsed();
+    let ram = guest_ram(setup.mem);
+    let mut location = CpuSnapshot::from_translator(translator.state()).describe(code_at_rip(&ram, &translator));
+    if result.is_err() && translator.recent_events().len() > 0 {
+        location += "\nlast events delivered, oldest first:";
+        for e in translator.recent_events() {
+            location += &format!("\n  {e}");
+        }
+    }
+    let end = match result {
+        Ok(end) => end,
+        Err(why) => {
+            platform.buses.pio.flush();
+            bail!("{why} after {:.3} s: {location}", setup.started.elapsed().as_secs_f64())
+        }
+    };
+    let (stats_lines, stats_json) = report(&translator, in_loop);
+    Ok(Finished {
+        end,
+        location,
+        buses: platform.buses,
+        marks,
+        seconds_run_loop: in_loop.as_secs_f64(),
+        stats_lines,
+        stats_json,
+    })
+}
+
+/// Runs the guest until it ends or a stop is requested. Errors say why the machine cannot go on.
+fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
+    loop {
+        if let Some(end) = stop::requested() {
+            return Ok(end);
+        }
+        let exit = t
+            .run(platform, BLOCK_BUDGET)
+            .map_err(|e| anyhow::anyhow!("translator: {e}"))?;
+        match exit {
+            Exit::BlockLimit | Exit::Interrupted => {}
+            Exit::Stopped => match platform.stop.take() {
+                Some(Action::Exit(v)) => return Ok(End::ExitPort(v)),
+                Some(Action::Reset) => return Ok(End::Reset),
+                Some(Action::OutputClosed) => return Ok(End::OutputClosed),
+                Some(Action::Continue) | None => {}
+            },
+            Exit::Halt => {
+                if t.state().rflags & flags::IF == 0 {
+                    return Ok(End::Halted);
+                }
+                platform.pic.wait(HALT_POLL, || stop::requested().is_some());
+            }
+            Exit::TripleFault(e) => bail!("guest triple fault (a fault while delivering {e} as a double fault)"),
+            Exit::Exception(e) => bail!("translator returned guest exception {e} in system mode"),
+            Exit::Syscall => bail!("translator returned a user-mode syscall exit in system mode"),
+        }
+    }
+}
+
+/// The translator's counters for `--stats`/`--stats-json`.
+fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
+    let s = t.stats();
+    fn vectors(m: &std::collections::BTreeMap<u8, u64>) -> impl Iterator<Item = (String, u64)> + '_ {
+        m.iter().map(|(v, n)| (format!("{v}"), *n))
+    }
+    let lines = vec![
+        format!(
+            "  time: {:.6} s in the run loop, {:.6} s translating",
+            in_loop.as_secs_f64(),
+            s.translate_time.as_secs_f64()
+        ),
+        format!(
+            "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
+             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps",
+            s.blocks_translated,
+            s.guest_instructions_translated,
+            t.code_cache_used() >> 10,
+            s.block_exits,
+            s.chained,
+            s.indirect_misses,
+            s.tlb_misses,
+            s.emulated,
+            s.flushes,
+            s.remaps
+        ),
+        format!(
+            "  exceptions delivered by vector: {}",
+            fmt_counts(vectors(&s.exceptions))
+        ),
+        format!(
+            "  interrupts delivered by vector: {}",
+            fmt_counts(vectors(&s.interrupts))
+        ),
+        format!(
+            "  CPUID hides: {}",
+            cpuid::HIDDEN.iter().map(|h| h.name).collect::<Vec<_>>().join(" ")
+        ),
+        format!(
+            "  unimplemented instructions (#UD to the guest): {}",
+            fmt_counts(s.unimplemented.iter().map(|(k, n)| (k.clone(), *n)))
+        ),
+    ];
+    let mut lines = lines;
+    if t.recent_events().len() == 0 {
+        lines.push("  last events delivered: none".into());
+    } else {
+        lines.push("  last events delivered, oldest first:".into());
+        lines.extend(t.recent_events().map(|e| format!("    {e}")));
+    }
+    let mut map = serde_json::Map::new();
+    map.insert(
+        "cpuid_hidden".into(),
+        serde_json::Value::Object(
+            cpuid::HIDDEN
+                .iter()
+                .map(|h| (h.name.to_string(), h.why.into()))
+                .collect(),
+        ),
+    );
+    map.insert("seconds_translating".into(), s.translate_time.as_secs_f64().into());
+    map.insert(
+        "translator".into(),
+        serde_json::json!({
+            "blocks_translated": s.blocks_translated,
+            "guest_instructions_translated": s.guest_instructions_translated,
+            "code_cache_bytes": t.code_cache_used(),
+            "block_exits": s.block_exits,
+            "chained": s.chained,
+            "indirect_misses": s.indirect_misses,
+            "tlb_misses": s.tlb_misses,
+            "emulated": s.emulated,
+            "flushes": s.flushes,
+            "remaps": s.remaps,
+            "exceptions_by_vector": s.exceptions,
+            "interrupts_by_vector": s.interrupts,
+            "unimplemented": s.unimplemented,
+        }),
+    );
+    (lines, map)
+}
