@@ -6,7 +6,11 @@
 //! offered).
 //!
 //! The hypervisor leaves (0x4000_0000–0x4000_00ff) describe hbt, not whatever hypervisor the
-//! host runs under: a guest must not find KVM's paravirtual clock or MSRs there.
+//! host runs under. They carry KVM's signature with exactly the KVM paravirtual features hbt
+//! implements itself: the clock (`devices/pvclock.rs`: the TSC rate on every vendor, since
+//! Linux reads CPUID 15H only on Intel) and "port 0x80 delays are not needed". A guest looking
+//! for anything else of KVM's (steal time, PV EOI, async page faults, hypercalls) finds its
+//! feature bit clear.
 
 use hbt_translator::cpu::xsave::XsaveLayout;
 use iced_x86::CpuidFeature;
@@ -16,8 +20,8 @@ const EBX: usize = 1;
 const ECX: usize = 2;
 const EDX: usize = 3;
 
-/// A CPUID feature bit the model clears.
-pub struct Hidden {
+/// A CPUID bit the model clears ([`HIDDEN`]) or sets ([`CLAIMED`]).
+pub struct ModelBit {
     pub leaf: u32,
     pub subleaf: u32,
     pub reg: usize,
@@ -26,8 +30,8 @@ pub struct Hidden {
     pub why: &'static str,
 }
 
-const fn hide(leaf: u32, subleaf: u32, reg: usize, bit: u32, name: &'static str, why: &'static str) -> Hidden {
-    Hidden {
+const fn hide(leaf: u32, subleaf: u32, reg: usize, bit: u32, name: &'static str, why: &'static str) -> ModelBit {
+    ModelBit {
         leaf,
         subleaf,
         reg,
@@ -43,7 +47,7 @@ const NO_EVEX: &str = "the translator has no rules for EVEX-encoded (AVX-512) in
 const NO_RULE: &str = "the translator has no rule for its instructions (rules::NEVER_COPY)";
 
 /// The features `--accel bt` hides.
-pub const HIDDEN: &[Hidden] = &[
+pub const HIDDEN: &[ModelBit] = &[
     hide(
         1,
         0,
@@ -59,7 +63,16 @@ pub const HIDDEN: &[Hidden] = &[
     hide(1, 0, ECX, 24, "tsc-deadline", NO_LAPIC),
     hide(1, 0, ECX, 30, "rdrand", NO_RULE),
     hide(1, 0, EDX, 9, "apic", NO_LAPIC),
+    hide(
+        1,
+        0,
+        EDX,
+        12,
+        "mtrr",
+        "MTRRs are not modelled (memory types mean nothing to a translator)",
+    ),
     hide(7, 0, EBX, 0, "fsgsbase", NO_CR4_BIT),
+    hide(7, 0, EBX, 1, "tsc-adjust", "IA32_TSC_ADJUST is not modelled"),
     hide(7, 0, EBX, 4, "hle", NO_RULE),
     hide(7, 0, EBX, 16, "avx512f", NO_EVEX),
     hide(7, 0, EBX, 17, "avx512dq", NO_EVEX),
@@ -118,8 +131,28 @@ pub const HIDDEN: &[Hidden] = &[
     hide(0x8000_0008, 0, EBX, 0, "clzero", NO_RULE),
 ];
 
-/// The hypervisor leaf's signature ("hbt hbt hbt ").
-const SIGNATURE: [u32; 3] = [0x2074_6268, 0x2074_6268, 0x2074_6268];
+/// Why the model says the CPU is not affected by a speculative-execution bug: the guest's
+/// code never runs as written. Its software mitigations (return thunks, retpolines, buffer
+/// clearing on kernel exit) are translated like any other code, so they would cost a kernel
+/// under hbt dearly — a return thunk turns every `ret` into a return-cache miss — and protect
+/// nothing: what speculates on the host is hbt's code, and keeping the guest from the host is
+/// hbt's job, not the guest's.
+const TRANSLATED: &str = "guest code runs translated: its mitigation would cost and not protect";
+
+/// The bits `--accel bt` sets ("not affected" claims), where the host has the leaf.
+pub const CLAIMED: &[ModelBit] = &[
+    hide(0x8000_0021, 0, EAX, 29, "srso-no", TRANSLATED),
+    hide(0x8000_0021, 0, ECX, 1, "tsa-sq-no", TRANSLATED),
+    hide(0x8000_0021, 0, ECX, 2, "tsa-l1-no", TRANSLATED),
+];
+
+/// The hypervisor leaf's signature ("KVMKVMKVM\0\0\0"): the ABI of the features below.
+const SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+/// KVM paravirtual features (CPUID 0x4000_0001 EAX) hbt implements, by bit.
+const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+const PARAVIRT_FEATURES: u32 = KVM_FEATURE_NOP_IO_DELAY | KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
 
 /// The XSAVE components offered: the managed ones whose instructions the guest may use.
 pub fn guest_xcr0() -> u64 {
@@ -129,10 +162,10 @@ pub fn guest_xcr0() -> u64 {
 /// CPUID as the guest sees it.
 pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     if (0x4000_0000..0x4000_0100).contains(&leaf) {
-        return if leaf == 0x4000_0000 {
-            [0x4000_0000, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]]
-        } else {
-            [0; 4]
+        return match leaf {
+            0x4000_0000 => [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
+            0x4000_0001 => [PARAVIRT_FEATURES, 0, 0, 0],
+            _ => [0; 4],
         };
     }
     let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
@@ -140,6 +173,21 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     XsaveLayout::host().guest_cpuid(guest_xcr0(), leaf, subleaf, &mut regs);
     for h in HIDDEN.iter().filter(|h| h.leaf == leaf && h.subleaf == subleaf) {
         regs[h.reg] &= !(1 << h.bit);
+    }
+    if leaf <= max_leaf_of(leaf) {
+        for c in CLAIMED.iter().filter(|c| c.leaf == leaf && c.subleaf == subleaf) {
+            regs[c.reg] |= 1 << c.bit;
+        }
+    }
+    if leaf == 0x15 && regs[EAX] == 0 && max_basic_leaf() >= 0x15 {
+        // TSC/crystal ratio 1:1 at a 1 kHz "crystal": TSC Hz = ECX * EBX / EAX. A kernel that
+        // reads it (Linux does on Intel) never calibrates against a spinning PIT loop, which
+        // translated port reads make noisy.
+        regs = [1, tsc_khz() as u32, 1000, 0];
+    }
+    if leaf == 0x16 && regs[EAX] == 0 && max_basic_leaf() >= 0x16 {
+        let mhz = (tsc_khz() / 1000) as u32;
+        regs = [mhz, mhz, 100, 0];
     }
     if leaf == 1 {
         // One logical processor: the guest has one vCPU.
@@ -150,12 +198,58 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     regs
 }
 
+fn max_basic_leaf() -> u32 {
+    std::arch::x86_64::__cpuid_count(0, 0).eax
+}
+
+/// The host's highest leaf in `leaf`'s range (basic or extended).
+fn max_leaf_of(leaf: u32) -> u32 {
+    std::arch::x86_64::__cpuid_count(leaf & 0x8000_0000, 0).eax
+}
+
+/// The host TSC's rate in kHz (the guest's TSC is the host's): from CPUID 15H when the host
+/// says, else measured once against the monotonic clock over 20 ms (±0.01%).
+pub fn tsc_khz() -> u64 {
+    static KHZ: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let r = std::arch::x86_64::__cpuid_count(0x15, 0);
+        if max_basic_leaf() >= 0x15 && r.eax != 0 && r.ebx != 0 && r.ecx != 0 {
+            return r.ecx as u64 * r.ebx as u64 / r.eax as u64 / 1000;
+        }
+        measured_tsc_khz()
+    })
+}
+
+fn measured_tsc_khz() -> u64 {
+    use std::time::{Duration, Instant};
+    // SAFETY: rdtsc has no memory effects.
+    let tsc = || unsafe { std::arch::x86_64::_rdtsc() };
+    // An (instant, TSC) pair taken between two TSC reads; the tightest of a few tries.
+    let pair = || {
+        (0..5)
+            .map(|_| {
+                let a = tsc();
+                let now = Instant::now();
+                let b = tsc();
+                (b - a, now, a / 2 + b / 2)
+            })
+            .min_by_key(|&(width, _, _)| width)
+            .map(|(_, now, t)| (now, t))
+            .unwrap()
+    };
+    let (t0, c0) = pair();
+    std::thread::sleep(Duration::from_millis(20));
+    let (t1, c1) = pair();
+    let ns = (t1 - t0).as_nanos().max(1) as u64;
+    ((c1 - c0) as u128 * 1_000_000 / ns as u128) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn hidden_features_are_clear_and_the_hypervisor_is_hbt() {
+    fn hidden_features_are_clear_and_only_the_paravirtual_clock_is_offered() {
         for h in HIDDEN {
             let r = guest_cpuid(h.leaf, h.subleaf);
             assert_eq!(r[h.reg] & (1 << h.bit), 0, "{} ({})", h.name, h.why);
@@ -163,8 +257,26 @@ mod tests {
         assert_ne!(guest_cpuid(1, 0)[ECX] & (1 << 31), 0);
         let sig = guest_cpuid(0x4000_0000, 0);
         let bytes: Vec<u8> = sig[1..].iter().flat_map(|r| r.to_le_bytes()).collect();
-        assert_eq!(&bytes, b"hbt hbt hbt ");
-        assert_eq!(guest_cpuid(0x4000_0001, 0), [0; 4], "no KVM paravirtual features");
+        assert_eq!(&bytes, b"KVMKVMKVM\0\0\0");
+        assert_eq!(sig[0], 0x4000_0001, "highest hypervisor leaf");
+        // Bits 1, 3 and 24: NOP_IO_DELAY, CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT; nothing else.
+        assert_eq!(guest_cpuid(0x4000_0001, 0), [0x0100_000a, 0, 0, 0]);
+        assert_eq!(guest_cpuid(0x4000_0002, 0), [0; 4]);
+    }
+
+    #[test]
+    fn not_affected_claims_are_set_where_the_leaf_exists() {
+        for c in CLAIMED {
+            let r = guest_cpuid(c.leaf, c.subleaf);
+            if c.leaf <= max_leaf_of(c.leaf) {
+                assert_ne!(r[c.reg] & (1 << c.bit), 0, "{} ({})", c.name, c.why);
+            } else {
+                // No such leaf on this host: the guest reads what the host reads.
+                let h = std::arch::x86_64::__cpuid_count(c.leaf, c.subleaf);
+                let host = [h.eax, h.ebx, h.ecx, h.edx];
+                assert_eq!(r[c.reg] & (1 << c.bit), host[c.reg] & (1 << c.bit), "{}", c.name);
+            }
+        }
     }
 
     #[test]
@@ -173,6 +285,18 @@ mod tests {
         let r = std::arch::x86_64::__cpuid_count(0, 0);
         assert_eq!(guest_cpuid(0, 0), [r.eax, r.ebx, r.ecx, r.edx]);
         assert_ne!(guest_cpuid(1, 0)[EDX] & (1 << 26), 0);
+    }
+
+    #[test]
+    fn the_tsc_rate_is_offered_where_the_leaf_exists() {
+        // Between 500 MHz and 10 GHz on any host these tests run on.
+        let khz = tsc_khz();
+        assert!((500_000..10_000_000).contains(&khz), "{khz} kHz");
+        if max_basic_leaf() >= 0x15 {
+            let [eax, ebx, ecx, _] = guest_cpuid(0x15, 0);
+            let hz = ecx as u64 * ebx as u64 / eax as u64;
+            assert_eq!(hz / 1000, khz, "CPUID 15H gives the TSC rate");
+        }
     }
 
     #[test]

@@ -193,6 +193,12 @@ fn execute(args: &RunArgs) -> Result<i32> {
     let bus = &finished.buses;
     let marks = finished.marks.0.borrow();
     if args.stats_json {
+        let unclaimed = |b: &devices::Bus| {
+            b.unclaimed_top(usize::MAX)
+                .into_iter()
+                .map(|(address, n)| serde_json::json!({"address": address, "accesses": n}))
+                .collect::<Vec<_>>()
+        };
         let devices = |b: &devices::Bus| {
             b.exit_counts()
                 .into_iter()
@@ -209,8 +215,10 @@ fn execute(args: &RunArgs) -> Result<i32> {
             "seconds_run_loop": finished.seconds_run_loop,
             "port_exits": devices(&bus.pio),
             "unclaimed_port_accesses": bus.pio.unclaimed,
+            "unclaimed_ports": unclaimed(&bus.pio),
             "mmio_exits": devices(&bus.mmio),
             "unclaimed_mmio_accesses": bus.mmio.unclaimed,
+            "unclaimed_mmio": unclaimed(&bus.mmio),
             "boot_progress": marks.iter().map(|(t, v)| serde_json::json!({"seconds": t, "value": v})).collect::<Vec<_>>(),
         });
         if let Some(obj) = v.as_object_mut() {
@@ -235,8 +243,15 @@ fn execute(args: &RunArgs) -> Result<i32> {
                 .into_iter()
                 .filter(|c| c.2 > 0)
                 .map(|(name, base, n)| (format!("{name}@{base:#x}"), n));
+            let top = b.unclaimed_top(8);
+            let top = if top.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = top.iter().map(|(a, n)| format!("{a:#x} {n}")).collect();
+                format!(", most at {}", list.join(", "))
+            };
             diag!(
-                "  {space} {what}: {} (unclaimed {space} accesses: {})",
+                "  {space} {what}: {} (unclaimed {space} accesses: {}{top})",
                 fmt_counts(per_device),
                 b.unclaimed
             );

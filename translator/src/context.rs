@@ -195,6 +195,21 @@ impl Context {
         self.tlb_write.fill(empty);
     }
 
+    /// The indirect-branch slot of guest address `rip` (`engine::ibl_insert` fills only it).
+    pub fn ibl_slot(rip: u64) -> usize {
+        (rip & (IBL_ENTRIES as u64 - 1)) as usize
+    }
+
+    /// Empties the slot of the block at guest `rip` (or `rip`'s CPL0 key: the slot ignores the
+    /// key bit) if it holds `host`, the block's translation.
+    pub fn ibl_forget(&mut self, rip: u64, host: u64, miss: u64) {
+        let slot = Self::ibl_slot(rip);
+        if self.ibl_hosts[slot] == host {
+            self.ibl_hosts[slot] = miss;
+            self.ibl_tags[slot] = IBL_EMPTY_TAG;
+        }
+    }
+
     /// Empties the indirect-branch table; every slot's host address becomes `miss`.
     pub fn flush_ibl(&mut self, miss: u64) {
         self.ibl_tags.fill(IBL_EMPTY_TAG);

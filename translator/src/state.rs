@@ -275,6 +275,35 @@ pub struct GuestState {
 impl GuestState {
     /// Alignment checking is on: CPL3 with CR0.AM and RFLAGS.AC set.
     pub fn alignment_checking(&self) -> bool {
+        self.paging().alignment_checking()
+    }
+
+    /// The registers a page walk and an alignment check depend on.
+    pub fn paging(&self) -> Paging {
+        Paging {
+            cr0: self.cr0,
+            cr3: self.cr3,
+            efer: self.efer,
+            rflags: self.rflags,
+            cpl: self.cpl,
+        }
+    }
+}
+
+/// What a guest memory access is checked against (page walk, alignment): a copy of five
+/// registers, cheap to take per access where the whole state (with its XSAVE image) is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paging {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub efer: u64,
+    pub rflags: u64,
+    pub cpl: Cpl,
+}
+
+impl Paging {
+    /// Alignment checking applies: CPL3, CR0.AM and RFLAGS.AC.
+    pub fn alignment_checking(&self) -> bool {
         self.cpl == Cpl::User && self.cr0 & (1 << 18) != 0 && self.rflags & flags::AC != 0
     }
 }

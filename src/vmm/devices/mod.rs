@@ -7,6 +7,8 @@ pub mod i8042;
 pub mod pic;
 pub mod pit;
 pub mod progress;
+pub mod pvclock;
+pub mod rtc;
 pub mod serial;
 
 use std::sync::Arc;
@@ -69,7 +71,13 @@ pub struct Bus {
     ranges: Vec<Range>,
     /// Accesses no device owns (reads return all ones, writes are dropped).
     pub unclaimed: u64,
+    /// The same, by address, for the first [`UNCLAIMED_ADDRESSES`] addresses seen (a guest
+    /// probing absent hardware touches a few ports many times).
+    unclaimed_by_address: std::collections::BTreeMap<u64, u64>,
 }
+
+/// How many distinct unclaimed addresses a bus counts one by one.
+const UNCLAIMED_ADDRESSES: usize = 256;
 
 /// Both buses.
 pub struct Buses {
@@ -82,6 +90,7 @@ impl Buses {
     pub fn standard(started: Instant, interactive: bool, com1_irq: IrqLine) -> (Self, progress::Marks) {
         let marks = progress::Marks::default();
         let mut pio = Bus::new();
+        let (i8042_data, i8042_command) = i8042::I8042Port::pair();
         for (base, len, device) in [
             (
                 serial::COM1,
@@ -89,7 +98,9 @@ impl Buses {
                 Box::new(serial::Serial::stdio(interactive, com1_irq)) as Box<dyn Device>,
             ),
             (debug_exit::PORT, 4, Box::new(debug_exit::DebugExit)),
-            (i8042::PORT, 1, Box::new(i8042::I8042)),
+            (i8042::DATA_PORT, 1, Box::new(i8042_data)),
+            (i8042::PORT, 1, Box::new(i8042_command)),
+            (rtc::PORT, 2, Box::new(rtc::Rtc::default())),
             (
                 progress::PORT,
                 1,
@@ -136,6 +147,7 @@ impl Bus {
         Bus {
             ranges: Vec::new(),
             unclaimed: 0,
+            unclaimed_by_address: Default::default(),
         }
     }
 
@@ -165,7 +177,7 @@ impl Bus {
                 r.device.read(addr - r.base, data)
             }
             None => {
-                self.unclaimed += 1;
+                self.record_unclaimed(addr);
                 data.fill(0xff)
             }
         }
@@ -178,10 +190,28 @@ impl Bus {
                 r.device.write(addr - r.base, data)
             }
             None => {
-                self.unclaimed += 1;
+                self.record_unclaimed(addr);
                 Action::Continue
             }
         }
+    }
+
+    fn record_unclaimed(&mut self, addr: u64) {
+        self.unclaimed += 1;
+        let known = self.unclaimed_by_address.len() < UNCLAIMED_ADDRESSES;
+        if let Some(n) = self.unclaimed_by_address.get_mut(&addr) {
+            *n += 1;
+        } else if known {
+            self.unclaimed_by_address.insert(addr, 1);
+        }
+    }
+
+    /// The `n` unclaimed addresses accessed most, with their counts, most first.
+    pub fn unclaimed_top(&self, n: usize) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.unclaimed_by_address.iter().map(|(&a, &c)| (a, c)).collect();
+        v.sort_by_key(|&(a, c)| (std::cmp::Reverse(c), a));
+        v.truncate(n);
+        v
     }
 
     /// Flushes every device's buffered output.

@@ -175,6 +175,13 @@ impl Pic {
         self.chips[0].pending().is_some()
     }
 
+    /// Whether an edge on `irq` is latched and not yet acknowledged (IRR): another edge now
+    /// would be lost.
+    pub fn requested(&self, irq: u8) -> bool {
+        let (chip, bit) = if irq < 8 { (0, irq) } else { (1, irq - 8) };
+        self.chips[chip].irr & (1 << bit) != 0
+    }
+
     /// INTA: the vector of the highest-priority interrupt, now in service; the spurious
     /// vector (IRQ 7 of the chip) if it went away.
     pub fn acknowledge(&mut self) -> Option<u8> {
@@ -230,6 +237,10 @@ impl SharedPic {
 
     pub fn pulse(&self, irq: u8) {
         self.with(|pic| pic.pulse(irq));
+    }
+
+    pub fn requested(&self, irq: u8) -> bool {
+        self.with(|pic| pic.requested(irq))
     }
 
     /// The CPU's INTR line, as of the last change.

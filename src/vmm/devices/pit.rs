@@ -7,6 +7,12 @@
 //! driving IRQ 0: once at terminal count in mode 0, every period in modes 2 and 3. A ticker
 //! thread ([`SharedPit::run_ticker`]) sleeps until [`Pit::next_deadline`] and pulses IRQ 0 on
 //! the PIC then, so the vCPU thread never polls the clock.
+//!
+//! Ticks are reinjected, as KVM's in-kernel PIT does by default: a period that ends while the
+//! previous edge is still latched in the PIC (the guest had interrupts off, or hbt was busy
+//! translating) is owed, and delivered as soon as the guest acknowledges the one before. A
+//! kernel that counts ticks for time (jiffies, and Linux's clocksource watchdog on them) would
+//! otherwise fall behind the TSC and declare it unstable.
 
 use super::pic::SharedPic;
 use super::{Action, Device};
@@ -18,6 +24,9 @@ pub const PORT: u64 = 0x40;
 pub const PORT_61: u64 = 0x61;
 /// Input clock, Hz.
 const HZ: u64 = 1_193_182;
+/// Most ticks owed before older ones are dropped (a guest that keeps interrupts off for
+/// seconds gets at most this many back).
+const MAX_OWED: u64 = 1000;
 
 #[derive(Clone, Copy, Default)]
 struct Channel {
@@ -111,17 +120,13 @@ pub struct Pit {
 }
 
 impl Pit {
-    /// Whether channel 0 signalled IRQ 0 since the last poll (missed periods coalesce into
-    /// one edge, as a late timer interrupt would).
-    pub fn poll(&mut self, now: Instant) -> bool {
+    /// How many IRQ 0 periods channel 0 completed since the last poll.
+    pub fn poll(&mut self, now: Instant) -> u64 {
         let c = &mut self.channels[0];
         let periods = c.periods(now);
-        if periods > c.fired {
-            c.fired = periods;
-            true
-        } else {
-            false
-        }
+        let new = periods.saturating_sub(c.fired);
+        c.fired = c.fired.max(periods);
+        new
     }
 
     /// When channel 0 next raises IRQ 0.
@@ -224,27 +229,43 @@ impl Pit {
 pub struct SharedPit {
     pit: Mutex<Pit>,
     changed: Condvar,
+    /// Ticks owed are waiting for the guest to acknowledge IRQ 0 ([`SharedPit::acknowledged`]).
+    owing: AtomicBool,
 }
 
 impl SharedPit {
+    /// Runs `f` on the PIT; wakes the ticker only when channel 0's deadline moved, so the
+    /// port reads of a calibration loop cost no futex wake and no lock contention.
     fn with<R>(&self, f: impl FnOnce(&mut Pit) -> R) -> R {
-        let r = f(&mut self.pit.lock().unwrap_or_else(|e| e.into_inner()));
-        self.changed.notify_all();
+        let mut pit = self.pit.lock().unwrap_or_else(|e| e.into_inner());
+        let before = pit.next_deadline();
+        let r = f(&mut pit);
+        if pit.next_deadline() != before {
+            self.changed.notify_all();
+        }
         r
     }
 
     /// The ticker thread's body: until `done`, pulses IRQ 0 on `pic` at each channel-0
-    /// deadline and calls `kick` (to stop the vCPU's translated code at its next block end).
+    /// deadline and, when that leaves an interrupt pending at the CPU (IRQ 0 unmasked and not
+    /// already in service), calls `kick` (to stop the vCPU's translated code at its next block
+    /// end).
     pub fn run_ticker(&self, pic: &SharedPic, done: &AtomicBool, kick: impl Fn()) {
         // The longest sleep without a deadline: how soon `done` is noticed.
         const IDLE: Duration = Duration::from_millis(50);
         let mut pit = self.pit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owed = 0u64;
         while !done.load(Ordering::SeqCst) {
             let now = Instant::now();
-            if pit.poll(now) {
+            owed = (owed + pit.poll(now)).min(MAX_OWED);
+            if owed > 0 && !pic.requested(0) {
                 pic.pulse(0);
-                kick();
+                owed -= 1;
+                if pic.interrupt_pending() {
+                    kick();
+                }
             }
+            self.owing.store(owed > 0, Ordering::SeqCst);
             let wait = pit
                 .next_deadline()
                 .map_or(IDLE, |d| d.saturating_duration_since(now).min(IDLE));
@@ -259,6 +280,16 @@ impl SharedPit {
     /// Wakes the ticker (to notice `done`).
     pub fn notify(&self) {
         self.changed.notify_all();
+    }
+
+    /// The CPU acknowledged an interrupt: if ticks are owed, the ticker delivers the next.
+    pub fn acknowledged(&self) {
+        if self.owing.load(Ordering::Relaxed) {
+            // Under the lock: the ticker holds it from its IRR check until it waits, so the
+            // wake-up cannot fall between the two.
+            let _pit = self.pit.lock().unwrap_or_else(|e| e.into_inner());
+            self.changed.notify_all();
+        }
     }
 }
 
@@ -309,14 +340,15 @@ mod tests {
         p.write(3, 0x34, t0); // channel 0, lo/hi, mode 2
         p.write(0, (1193 & 0xff) as u8, t0);
         p.write(0, (1193 >> 8) as u8, t0);
-        assert!(!p.poll(t0));
+        assert_eq!(p.poll(t0), 0);
         let d = p.next_deadline().unwrap();
         assert!(d > t0 && d - t0 < Duration::from_micros(1100), "≈1 ms period");
-        assert!(p.poll(t0 + Duration::from_micros(1001)));
-        assert!(!p.poll(t0 + Duration::from_micros(1500)));
-        assert!(
+        assert_eq!(p.poll(t0 + Duration::from_micros(1001)), 1);
+        assert_eq!(p.poll(t0 + Duration::from_micros(1500)), 0);
+        assert_eq!(
             p.poll(t0 + Duration::from_micros(5100)),
-            "late: periods coalesce into one edge"
+            4,
+            "late: every period is counted, for the ticker to reinject"
         );
         // Latch and read the count: it falls from 1193.
         p.write(3, 0x00, t0 + Duration::from_micros(500));

@@ -1,5 +1,6 @@
-//! Boot-progress port (POST-code style, port 0x80): each byte written is timestamped and shown
-//! by `--stats`, so a guest can mark how far it got and when.
+//! Boot-progress port (POST-code style, port 0x80): each new byte written is timestamped and
+//! shown by `--stats`, so a guest can mark how far it got and when. A write of the value already
+//! shown is no new mark: Linux writes port 0x80 as an I/O delay (`outb_p`), thousands of times.
 
 use super::{Action, Device};
 use std::cell::RefCell;
@@ -35,8 +36,9 @@ impl Device for BootProgress {
     }
     fn write(&mut self, _offset: u64, data: &[u8]) -> Action {
         let mut marks = self.marks.0.borrow_mut();
-        if marks.len() < MAX_MARKS {
-            marks.push((self.started.elapsed().as_secs_f64(), data.first().copied().unwrap_or(0)));
+        let value = data.first().copied().unwrap_or(0);
+        if marks.len() < MAX_MARKS && marks.last().map(|m| m.1) != Some(value) {
+            marks.push((self.started.elapsed().as_secs_f64(), value));
         }
         Action::Continue
     }

@@ -12,6 +12,7 @@
 
 use super::{fmt_counts, End, Finished, Setup};
 use crate::vmm::cpu_state::CpuSnapshot;
+use crate::vmm::devices::pvclock::{PhysWrite, PvClock};
 use crate::vmm::devices::{self, pic::SharedPic, pit::SharedPit, Action, Buses, IrqLine};
 use crate::vmm::memory::{GuestMemory, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::vmm::{boot, cpuid, stop};
@@ -25,6 +26,9 @@ use std::time::{Duration, Instant};
 
 /// Dispatcher rounds per call into the translator (the run loop checks for a stop between).
 const BLOCK_BUDGET: u64 = 1 << 16;
+/// Code cache for a whole guest machine: a Linux boot translates ≈60 MiB (the soft-MMU's
+/// inline checks make code ≈80 bytes per guest instruction); a full cache is flushed whole.
+const SYSTEM_CODE_CACHE: usize = 256 << 20;
 /// The longest a halted vCPU sleeps before looking for a stop request.
 const HALT_POLL: Duration = Duration::from_millis(20);
 const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
@@ -35,8 +39,32 @@ const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 struct BtPlatform {
     buses: Buses,
     pic: Arc<SharedPic>,
+    /// Told of each interrupt acknowledge, to reinject owed timer ticks.
+    pit: Arc<SharedPit>,
     /// What a device asked for when a port write returned `PortOutcome::Stop`.
     stop: Option<Action>,
+    /// The paravirtual clock (`devices/pvclock.rs`) and the RAM it writes into.
+    clock: PvClock,
+    ram: GuestRam,
+    /// Guest-physical ranges hbt wrote since the run loop last told the translator.
+    written: Vec<(u64, u64)>,
+}
+
+/// Guest RAM as the paravirtual clock writes it: each write is recorded, so translations of
+/// code in the range (a guest that put its clock structure over code) are dropped.
+struct RecordedWrites<'a> {
+    ram: &'a GuestRam,
+    written: &'a mut Vec<(u64, u64)>,
+}
+
+impl PhysWrite for RecordedWrites<'_> {
+    fn write_phys(&mut self, gpa: u64, bytes: &[u8]) -> bool {
+        let ok = self.ram.write(gpa, bytes);
+        if ok {
+            self.written.push((gpa, bytes.len() as u64));
+        }
+        ok
+    }
 }
 
 impl Platform for BtPlatform {
@@ -68,17 +96,27 @@ impl Platform for BtPlatform {
         match index {
             IA32_TIME_STAMP_COUNTER => Some(self.rdtsc()),
             IA32_BIOS_SIGN_ID => Some(0),
-            _ => None,
+            _ => self.clock.rdmsr(index),
         }
     }
-    fn wrmsr(&mut self, index: u32, _value: u64) -> Option<()> {
-        (index == IA32_BIOS_SIGN_ID).then_some(())
+    fn wrmsr(&mut self, index: u32, value: u64) -> Option<()> {
+        if index == IA32_BIOS_SIGN_ID {
+            return Some(());
+        }
+        let tsc = self.rdtsc();
+        let mut mem = RecordedWrites {
+            ram: &self.ram,
+            written: &mut self.written,
+        };
+        self.clock.wrmsr(index, value, tsc, &mut mem)
     }
     fn interrupt_pending(&mut self) -> bool {
         self.pic.interrupt_pending()
     }
     fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        self.pic.acknowledge()
+        let vector = self.pic.acknowledge();
+        self.pit.acknowledged();
+        vector
     }
 }
 
@@ -94,7 +132,7 @@ fn code_at_rip(ram: &GuestRam, t: &Translator) -> Option<[u8; 15]> {
     let state = t.state();
     let mut bytes = [0u8; 15];
     for (i, b) in bytes.iter_mut().enumerate() {
-        let pa = soft_mmu::walk(ram, state, state.rip.wrapping_add(i as u64), Access::Fetch).ok()?;
+        let pa = soft_mmu::walk(ram, &state.paging(), state.rip.wrapping_add(i as u64), Access::Fetch).ok()?;
         let host = ram.host(pa, 1)?;
         // SAFETY: `host` is inside guest RAM (checked by `GuestRam::host`).
         *b = unsafe { *(host as *const u8) };
@@ -105,12 +143,14 @@ fn code_at_rip(ram: &GuestRam, t: &Translator) -> Option<[u8; 15]> {
 pub fn run(setup: &Setup) -> Result<Finished> {
     let mut translator = Translator::new(Config {
         strategy: MemoryStrategy::SoftMmu(guest_ram(setup.mem)),
-        code_cache_bytes: hbt_translator::engine::DEFAULT_CODE_CACHE,
+        code_cache_bytes: SYSTEM_CODE_CACHE,
         // Forms with a rule but no harness verdict on this host still run: a guest kernel needs
         // them, and the alternative (#UD) is worse.
         verified_only: false,
         system: true,
     })?;
+    // A guest spinning with interrupts off must still end on --timeout or a signal.
+    translator.set_stop_check(|| stop::requested().is_some());
     let e = setup.entry;
     *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
     hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
@@ -121,7 +161,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
         let pic = Arc::clone(&pic);
         IrqLine::new(move |level| {
             pic.set_irq(devices::serial::COM1_IRQ as u8, level);
-            if level && !stop::on_vcpu_thread() {
+            if level && pic.interrupt_pending() && !stop::on_vcpu_thread() {
                 stop::kick_vcpu();
             }
         })
@@ -141,7 +181,12 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     let mut platform = BtPlatform {
         buses,
         pic: Arc::clone(&pic),
+        pit: Arc::clone(&pit),
         stop: None,
+        // SAFETY: rdtsc has no memory effects.
+        clock: PvClock::new(unsafe { std::arch::x86_64::_rdtsc() }, cpuid::tsc_khz()),
+        ram: guest_ram(setup.mem),
+        written: Vec::new(),
     };
 
     let loop_started = Instant::now();
@@ -186,6 +231,9 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
         let exit = t
             .run(platform, BLOCK_BUDGET)
             .map_err(|e| anyhow::anyhow!("translator: {e}"))?;
+        for (gpa, len) in platform.written.drain(..) {
+            t.invalidate_range(gpa, len);
+        }
         match exit {
             Exit::BlockLimit | Exit::Interrupted => {}
             Exit::Stopped => match platform.stop.take() {
@@ -246,6 +294,10 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             cpuid::HIDDEN.iter().map(|h| h.name).collect::<Vec<_>>().join(" ")
         ),
         format!(
+            "  CPUID claims not affected: {}",
+            cpuid::CLAIMED.iter().map(|c| c.name).collect::<Vec<_>>().join(" ")
+        ),
+        format!(
             "  unimplemented instructions (#UD to the guest): {}",
             fmt_counts(s.unimplemented.iter().map(|(k, n)| (k.clone(), *n)))
         ),
@@ -264,6 +316,15 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             cpuid::HIDDEN
                 .iter()
                 .map(|h| (h.name.to_string(), h.why.into()))
+                .collect(),
+        ),
+    );
+    map.insert(
+        "cpuid_claimed".into(),
+        serde_json::Value::Object(
+            cpuid::CLAIMED
+                .iter()
+                .map(|c| (c.name.to_string(), c.why.into()))
                 .collect(),
         ),
     );

@@ -35,6 +35,64 @@ pub fn sub_flags(a: u64, b: u64, bits: u32) -> u64 {
     f
 }
 
+/// Bytes a `rep movs`/`rep stos` moves per call before yielding to the dispatcher.
+const BULK_BYTES_PER_CALL: usize = 256 << 10;
+const PAGE: u64 = 4096;
+
+/// Forward `rep movs`/`rep stos` a page-bounded chunk at a time: each chunk is one read and one
+/// write through the page walk instead of one per element. A chunk never crosses a page of
+/// either operand and never reads bytes an earlier element of it would have written, so it
+/// has the effect of its elements in order, and a chunk that faults does so at its first
+/// element with nothing of it done. Stops before an element that straddles a page (or
+/// overlaps its source), when RCX reaches 0, or when `budget` bytes are done.
+fn bulk_chunks(
+    state: &mut GuestState,
+    mnemonic: Mnemonic,
+    n: usize,
+    src_base: u64,
+    mem: &mut dyn GuestMemory,
+    budget: &mut usize,
+) -> Result<(), GuestException> {
+    let movs = matches!(
+        mnemonic,
+        Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
+    );
+    let mut buf = [0u8; PAGE as usize];
+    while state.gpr[gpr::RCX] > 0 && *budget >= n {
+        let rdi = state.gpr[gpr::RDI];
+        let room = |va: u64| (PAGE - (va & (PAGE - 1))) / n as u64;
+        let mut k = state.gpr[gpr::RCX].min(room(rdi)).min((*budget / n) as u64);
+        let src = src_base.wrapping_add(state.gpr[gpr::RSI]);
+        if movs {
+            k = k.min(room(src));
+            if rdi > src && rdi - src < k * n as u64 {
+                k = (rdi - src) / n as u64;
+            }
+        }
+        if k == 0 {
+            return Ok(());
+        }
+        let bytes = &mut buf[..k as usize * n];
+        if movs {
+            mem.read(src, bytes)?;
+        } else {
+            let v = state.gpr[gpr::RAX].to_le_bytes();
+            for element in bytes.chunks_exact_mut(n) {
+                element.copy_from_slice(&v[..n]);
+            }
+        }
+        mem.write(rdi, bytes)?;
+        let len = k * n as u64;
+        state.gpr[gpr::RDI] = rdi.wrapping_add(len);
+        if movs {
+            state.gpr[gpr::RSI] = state.gpr[gpr::RSI].wrapping_add(len);
+        }
+        state.gpr[gpr::RCX] -= k;
+        *budget -= len as usize;
+    }
+    Ok(())
+}
+
 /// Emulates a string instruction (with its REP prefix) at `state.rip`. Iterations that
 /// completed before a fault stay done, as on the CPU.
 pub fn execute(
@@ -63,9 +121,39 @@ pub fn execute(
     // Alignment checking (CPL3, CR0.AM, RFLAGS.AC) applies to each element access.
     let check_alignment = state.alignment_checking() && n > 1;
     let misaligned = |va: u64| check_alignment && !va.is_multiple_of(n as u64);
+    let bulk = rep
+        && !check_alignment
+        && state.rflags & flags::DF == 0
+        && matches!(
+            mnemonic,
+            Mnemonic::Movsb
+                | Mnemonic::Movsw
+                | Mnemonic::Movsd
+                | Mnemonic::Movsq
+                | Mnemonic::Stosb
+                | Mnemonic::Stosw
+                | Mnemonic::Stosd
+                | Mnemonic::Stosq
+        );
+    let mut budget = BULK_BYTES_PER_CALL;
     loop {
         if rep && state.gpr[gpr::RCX] == 0 {
             break;
+        }
+        if bulk {
+            if let Err(exc) = bulk_chunks(state, mnemonic, n, src_base, mem, &mut budget) {
+                return Ok(Outcome::Exit(Exit::Exception(exc)));
+            }
+            if state.gpr[gpr::RCX] == 0 {
+                break;
+            }
+            if budget < n {
+                // RIP stays at the instruction, RCX counts what is left: it resumes after any
+                // interrupt the dispatcher delivers, as the CPU's iterations do.
+                return Ok(Outcome::Continue);
+            }
+            // What is left starts with an element that straddles a page or overlaps the
+            // bytes just copied: one element below, then chunks again.
         }
         let rsi = state.gpr[gpr::RSI];
         let rdi = state.gpr[gpr::RDI];

@@ -30,7 +30,7 @@ impl CodeFetch for Fetcher<'_> {
                 Ok(buf.len())
             }
             MemoryStrategy::SoftMmu(ram) => {
-                let pa = soft_mmu::walk(ram, self.state, addr, Access::Fetch)?;
+                let pa = soft_mmu::walk(ram, &self.state.paging(), addr, Access::Fetch)?;
                 let host = ram
                     .host(pa, buf.len() as u64)
                     .ok_or(GuestException::page_fault(addr, 0x11))?;
@@ -49,8 +49,8 @@ impl CodeFetch for Fetcher<'_> {
 /// Guest memory for instructions the engine performs in Rust.
 pub(super) struct Memory<'a> {
     pub(super) strategy: &'a MemoryStrategy,
-    /// Guest state at the instruction (page walks and alignment checking).
-    pub(super) state: GuestState,
+    /// The guest's paging registers at the instruction (page walks and alignment checking).
+    pub(super) state: crate::state::Paging,
     pub(super) written: &'a mut Vec<u64>,
     /// Apply alignment checking to 2/4/8-byte accesses (not for gather elements).
     pub(super) alignment_checks: bool,
@@ -98,8 +98,9 @@ impl Memory<'_> {
                 MemoryStrategy::Identity => addr,
                 MemoryStrategy::SoftMmu(ram) => {
                     let pa = soft_mmu::walk(ram, &self.state, addr, access)?;
-                    if access == Access::Write {
-                        self.written.push(pa & !(PAGE - 1));
+                    let page = pa & !(PAGE - 1);
+                    if access == Access::Write && self.written.last() != Some(&page) {
+                        self.written.push(page);
                     }
                     ram.host(pa, chunk as u64).ok_or(GuestException::page_fault(addr, 0))?
                 }

@@ -28,38 +28,14 @@ use crate::mmu::{self, soft_mmu, Access, MemoryStrategy};
 use crate::platform::Platform;
 use crate::rules::Rule;
 use crate::state::GuestState;
-use std::collections::{BTreeMap, HashMap};
+use addr_map::AddrMap;
+use std::collections::BTreeMap;
 
 const PAGE: u64 = 4096;
 /// Default size of the code cache.
 pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
-/// Consecutive TLB misses at one instruction on pages it just missed on before the engine gives
-/// up (two accesses of one instruction evicting each other forever).
-const TLB_RETRY_LIMIT: u32 = 16;
 
-/// The recent TLB misses, to tell an instruction that cannot make progress (its accesses evict
-/// each other: the same pages again and again) from one that walks through memory (`rep stosb`,
-/// a memset loop: a new page each miss).
-#[derive(Default)]
-struct MissHistory {
-    rip: u64,
-    pages: [u64; 2],
-    repeats: u32,
-}
-
-impl MissHistory {
-    fn thrashing(&mut self, rip: u64, page: u64) -> bool {
-        if rip == self.rip && self.pages.contains(&page) {
-            self.repeats += 1;
-        } else {
-            self.repeats = 0;
-        }
-        self.rip = rip;
-        self.pages = [self.pages[1], page];
-        self.repeats > TLB_RETRY_LIMIT
-    }
-}
-
+mod addr_map;
 mod cache;
 mod callbacks;
 mod memory;
@@ -119,17 +95,23 @@ pub struct Translator {
     verified_only: bool,
     system: bool,
     blocks: Vec<Block>,
-    by_guest: HashMap<u64, usize>,
+    by_guest: AddrMap<usize>,
     by_host: BTreeMap<u64, usize>,
-    code_pages: HashMap<u64, Vec<usize>>,
+    code_pages: AddrMap<Vec<usize>>,
+    /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
+    /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
+    ibl_used: Vec<u32>,
     /// Identity strategy: decoded instructions the engine performs (SYSCALL, CPUID…) by guest
     /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
     /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
-    emulated_at: HashMap<u64, (iced_x86::Instruction, Rule)>,
+    emulated_at: AddrMap<(iced_x86::Instruction, Rule)>,
     /// Set by the asynchronous-signal handler; `run` returns `Exit::Interrupted` at its next
     /// dispatch. (A signal landing between this check and entering translated code, outside
     /// the code buffer, is seen at the next natural exit.)
     interrupted: std::sync::atomic::AtomicBool,
+    /// Asked by the kick handler whether the embedder wants the run to end (see
+    /// [`Translator::set_stop_check`]); must be async-signal-safe.
+    stop_check: fn() -> bool,
     /// Identity strategy: write-protect host pages holding translated code, to notice
     /// self-modifying code (off for multi-threaded guests, whose other threads' translators
     /// do not know this one's protections).
@@ -184,12 +166,14 @@ impl Translator {
             verified_only: config.verified_only,
             system: config.system,
             blocks: Vec::new(),
-            by_guest: HashMap::new(),
-            emulated_at: HashMap::new(),
+            by_guest: AddrMap::default(),
+            emulated_at: AddrMap::default(),
             interrupted: std::sync::atomic::AtomicBool::new(false),
+            stop_check: || false,
             write_protect_code: true,
             by_host: BTreeMap::new(),
-            code_pages: HashMap::new(),
+            code_pages: AddrMap::default(),
+            ibl_used: Vec::new(),
             uncached_step: None,
             protected: Box::default(),
             bounce: None,
@@ -226,6 +210,14 @@ impl Translator {
         self.ctx.get_mut().flush_tlb();
     }
 
+    /// Installs the check the kick handler makes before leaving chains linked while a system
+    /// guest has IF=0: `true` means the embedder wants the run to end, so translated code must
+    /// return to the dispatcher now. Called from a signal handler: it must be async-signal-safe
+    /// (an atomic load, say).
+    pub fn set_stop_check(&mut self, check: fn() -> bool) {
+        self.stop_check = check;
+    }
+
     /// Runs guest code from `state().rip` until an exit that needs the caller, or until
     /// `block_budget` dispatcher rounds have passed.
     pub fn run(&mut self, platform: &mut dyn Platform, block_budget: u64) -> Result<Exit, TranslateError> {
@@ -242,7 +234,6 @@ impl Translator {
         };
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
-        let mut misses = MissHistory::default();
         // Some(exit): return it; None: go on at the (new) guest RIP.
         macro_rules! guest_exception {
             ($exc:expr) => {{
@@ -323,15 +314,7 @@ impl Translator {
                 }
                 r if r == ExitReason::TlbMiss as u32 => {
                     self.stats.tlb_misses += 1;
-                    let (rip, page) = (self.ctx.get().state.rip, self.ctx.get().miss_va >> 12);
-                    if misses.thrashing(rip, page) {
-                        return Err(TranslateError::Host(format!(
-                            "soft-MMU TLB thrashing at guest RIP {rip:#x} (two accesses of one instruction evict each other)"
-                        )));
-                    }
                     if let Some(exc) = self.tlb_miss()? {
-                        // A miss that faults made progress (the fault is delivered or returned).
-                        misses = MissHistory::default();
                         let ctx = self.ctx.get_mut();
                         if ctx.miss_info & MISS_MMX_STORE != 0 && vendor::host_has(Quirk::FaultingMmxStoreResetsTop) {
                             ctx.state.xsave.set_x87_top(0);
@@ -564,25 +547,23 @@ impl Translator {
         result
     }
 
-    /// Runs `f` on a copy of the guest state with guest memory for it (page walks with the
-    /// state as it was), then stores the state back. Returns `f`'s result and the guest
-    /// physical pages written (their translations must go).
+    /// Runs `f` on the guest state with guest memory for it (page walks and alignment checks
+    /// with the paging registers as they were when `f` began). Returns `f`'s result and the
+    /// guest physical pages written (their translations must go).
     fn with_memory<R>(
         &mut self,
         alignment_checks: bool,
         f: impl FnOnce(&mut GuestState, &mut Memory) -> R,
     ) -> (R, Vec<u64>) {
         let mut written = Vec::new();
-        let ctx = self.ctx.get_mut();
-        let mut state = ctx.state.clone();
+        let state = &mut self.ctx.get_mut().state;
         let mut mem = Memory {
             strategy: &self.strategy,
-            state: state.clone(),
+            state: state.paging(),
             written: &mut written,
             alignment_checks,
         };
-        let r = f(&mut state, &mut mem);
-        ctx.state = state;
+        let r = f(state, &mut mem);
         (r, written)
     }
 }

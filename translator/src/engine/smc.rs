@@ -99,14 +99,7 @@ pub(super) fn code_write(data: *const (), addr: u64, pc: u64) -> CodeWrite {
                 unsafe { link.undo(false) };
             }
             // SAFETY: ctx is the live context; translated code is stopped.
-            unsafe {
-                for slot in 0..IBL_ENTRIES {
-                    if (*ctx).ibl_hosts[slot] == block.host {
-                        (*ctx).ibl_hosts[slot] = t.glue.ibl_empty;
-                        (*ctx).ibl_tags[slot] = IBL_EMPTY_TAG;
-                    }
-                }
-            }
+            unsafe { (*ctx).ibl_forget(block.key, block.host, t.glue.ibl_empty) };
         }
     }
     // SAFETY: see above.

@@ -115,7 +115,7 @@ impl Translator {
         let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
         let stack = ctx.miss_info & (1 << 24) != 0;
         let rip = ctx.state.rip;
-        let state = ctx.state.clone();
+        let state = ctx.state.paging();
         // Alignment checking comes before paging (CPL3 with CR0.AM and RFLAGS.AC).
         let alignment = match size {
             2 | 4 | 8 => size,

@@ -160,17 +160,23 @@ impl Translator {
         let cpl = state.cpl;
         if self.code_cpl != Some(cpl) {
             self.code_cpl = Some(cpl);
-            let empty = self.glue.ibl_empty;
-            let ctx = self.ctx.get_mut();
-            ctx.flush_tlb();
-            ctx.flush_ibl(empty);
+            self.ctx.get_mut().flush_tlb();
+            self.flush_ibl();
         }
         // A split access or a self-modifying store is set up to run as the very next
         // instruction (its bounce buffer is mapped in the TLB, its page is writable): an
         // interrupt now would run the handler in that state instead.
         let step_pending = self.bounce.is_some() || self.uncached_step.is_some();
         let state = &self.ctx.get().state;
-        if !shadow && !step_pending && state.rflags & crate::state::flags::IF != 0 && platform.interrupt_pending() {
+        if shadow && !step_pending && state.rflags & crate::state::flags::IF != 0 && platform.interrupt_pending() {
+            // `sti` (or `mov ss`) holds interrupts off for one instruction: run that one alone,
+            // so the interrupt is taken right after it and not after the loop it may start.
+            self.uncached_step = Some(state.rip);
+        } else if !shadow
+            && !step_pending
+            && state.rflags & crate::state::flags::IF != 0
+            && platform.interrupt_pending()
+        {
             if let Some(v) = platform.acknowledge_interrupt() {
                 return Ok(match self.deliver(Event::External(v))? {
                     Some(exit) => Boundary::Exit(exit),

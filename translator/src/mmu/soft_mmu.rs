@@ -5,7 +5,7 @@
 
 use super::{is_canonical, Access};
 use crate::exit::GuestException;
-use crate::state::{Cpl, GuestState};
+use crate::state::{Cpl, Paging};
 
 /// Guest physical memory `[0, size)`, backed by host memory at `base`; optionally with a hole
 /// `[hole, hole_end)` (a PC's MMIO window below 4 GiB): RAM from `hole` on is backed by the host
@@ -57,6 +57,19 @@ impl GuestRam {
         (offset + len <= self.size).then(|| self.base as u64 + offset)
     }
 
+    /// Copies `bytes` to guest physical `pa` (a device or hbt itself writing guest RAM; the
+    /// caller tells the translator, which may hold code from the range). False, and nothing
+    /// written, when the range is not all RAM.
+    pub fn write(&self, pa: u64, bytes: &[u8]) -> bool {
+        let Some(h) = self.host(pa, bytes.len() as u64) else {
+            return false;
+        };
+        // SAFETY: `h..h+len` lies inside the mapping (checked by host()), which the creator
+        // keeps mapped and writable; the guest holds no Rust references into it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), h as *mut u8, bytes.len()) };
+        true
+    }
+
     fn read_u64(&self, pa: u64) -> Option<u64> {
         let h = self.host(pa, 8)?;
         // SAFETY: in range (checked by host()); page-table entries are 8-byte aligned in
@@ -84,7 +97,7 @@ const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// Walks the guest page tables for `va`. Returns the guest physical address of `va`, having set
 /// accessed (and, for writes, dirty) bits as the CPU does; or the exception the CPU would raise.
-pub fn walk(ram: &GuestRam, state: &GuestState, va: u64, access: Access) -> Result<u64, GuestException> {
+pub fn walk(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Result<u64, GuestException> {
     if !is_canonical(va) {
         return Err(GuestException::gp(0));
     }

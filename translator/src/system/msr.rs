@@ -39,6 +39,9 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
     (0x277, "IA32_PAT", Slot::Pat),
     (0x6e0, "IA32_TSC_DEADLINE", Slot::Platform),
     (0xc000_0080, "IA32_EFER", Slot::Efer),
+    // KVM's paravirtual clock, which the VMM offers through its hypervisor CPUID leaves.
+    (0x4b56_4d00, "MSR_KVM_WALL_CLOCK_NEW", Slot::Platform),
+    (0x4b56_4d01, "MSR_KVM_SYSTEM_TIME_NEW", Slot::Platform),
     (0xc000_0081, "IA32_STAR", Slot::Star),
     (0xc000_0082, "IA32_LSTAR", Slot::Lstar),
     (0xc000_0083, "IA32_CSTAR", Slot::Cstar),
