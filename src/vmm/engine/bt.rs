@@ -310,24 +310,11 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
         lines.extend(t.recent_events().map(|e| format!("    {e}")));
     }
     let mut map = serde_json::Map::new();
-    map.insert(
-        "cpuid_hidden".into(),
-        serde_json::Value::Object(
-            cpuid::HIDDEN
-                .iter()
-                .map(|h| (h.name.to_string(), h.why.into()))
-                .collect(),
-        ),
-    );
-    map.insert(
-        "cpuid_claimed".into(),
-        serde_json::Value::Object(
-            cpuid::CLAIMED
-                .iter()
-                .map(|c| (c.name.to_string(), c.why.into()))
-                .collect(),
-        ),
-    );
+    let reasons = |bits: &[cpuid::ModelBit]| {
+        serde_json::Value::Object(bits.iter().map(|b| (b.name.to_string(), b.why.into())).collect())
+    };
+    map.insert("cpuid_hidden".into(), reasons(cpuid::HIDDEN));
+    map.insert("cpuid_claimed".into(), reasons(cpuid::CLAIMED));
     map.insert("seconds_translating".into(), s.translate_time.as_secs_f64().into());
     map.insert(
         "translator".into(),
