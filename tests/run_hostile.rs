@@ -213,3 +213,103 @@ fn mutated_images_never_crash_hbt() {
     }
     ci_summary(&format!("hbt run: {RUNS} mutated images, no crash; ended by {ends:?}"));
 }
+
+/// Runs a flat CPL0 image (loaded at 0x100000 in long mode, identity-mapped, no IDT) under
+/// `accel` with a short `--timeout`: it must end cleanly — a guest status, a reported guest
+/// fault or triple fault (1), or the timeout (124) — never a panic or a signal.
+fn hostile_cpl0_run(dir: &Path, name: &str, code: &[u8], accel: &str) -> i32 {
+    let img = dir.join(format!("{name}.bin"));
+    std::fs::write(&img, code).unwrap();
+    let out = run_bounded(
+        &mut command(&[
+            "--accel",
+            accel,
+            "--timeout",
+            "0.5",
+            "--load-addr",
+            "0x100000",
+            img.to_str().unwrap(),
+        ]),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let code = out.status.code();
+    assert!(
+        !stderr.contains("panicked") && code.is_some_and(|c| c != 101),
+        "{name} (--accel {accel}) crashed hbt ({:?}): {stderr}",
+        out.status
+    );
+    code.unwrap()
+}
+
+#[test]
+fn hostile_cpl0_code_ends_cleanly() {
+    // Targeted attacks on the machine model, each ending in `jmp $`: a CR3 far outside RAM,
+    // a PTE whose frame lies outside RAM (read and written after INVLPG), and writes into the
+    // MMIO hole (the LAPIC page, the top of the 4 GiB window).
+    let dir = tempfile::tempdir().unwrap();
+    let mov_rax = |v: u64| [&[0x48u8, 0xb8][..], &v.to_le_bytes()].concat();
+    let spin = [0xeb, 0xfe];
+    let wild_cr3 = [
+        mov_rax(0x000f_ffff_ffff_f000),
+        vec![0x0f, 0x22, 0xd8],                         // mov cr3, rax
+        vec![0x8b, 0x04, 0x25, 0x00, 0x00, 0x10, 0x00], // mov eax, [0x100000]
+        spin.to_vec(),
+    ]
+    .concat();
+    let pte_outside_ram = [
+        mov_rax(0x0000_0040_0000_0083), // 2 MiB page at 256 GiB, present + writable
+        vec![0x48, 0xa3, 0x08, 0xb0, 0, 0, 0, 0, 0, 0], // mov [0xb008], rax: PD entry 1
+        vec![0x0f, 0x01, 0x3c, 0x25, 0x00, 0x00, 0x20, 0x00], // invlpg [0x200000]
+        vec![0x8b, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00], // mov eax, [0x200000]
+        vec![0xc7, 0x04, 0x25, 0x00, 0x00, 0x20, 0x00, 0x78, 0x56, 0x34, 0x12], // mov dword [0x200000], imm
+        spin.to_vec(),
+    ]
+    .concat();
+    let mmio_writes = [
+        mov_rax(0xfee0_0000),
+        vec![0xc7, 0x00, 0x78, 0x56, 0x34, 0x12], // mov dword [rax], imm
+        vec![0x8b, 0x00],                         // mov eax, [rax]
+        mov_rax(0xffff_fff8),
+        vec![0x48, 0x89, 0x00], // mov [rax], rax
+        vec![0xf3, 0x48, 0xab], // rep stosq (rcx = 0 at boot: no iterations)
+        spin.to_vec(),
+    ]
+    .concat();
+    for accel in ["bt", "kvm"] {
+        for (name, code) in [
+            ("wild-cr3", &wild_cr3),
+            ("pte-outside-ram", &pte_outside_ram),
+            ("mmio-writes", &mmio_writes),
+        ] {
+            let status = hostile_cpl0_run(dir.path(), name, code, accel);
+            assert!(matches!(status, 1 | 124), "{name} (--accel {accel}): status {status}");
+        }
+    }
+}
+
+#[test]
+fn random_bytes_at_cpl0_never_crash_hbt() {
+    // 100 seeded images of random bytes executed at CPL0 under the translator (which must
+    // survive whatever they do to CR3, the page tables, MSRs and the IDT).
+    use hbt_translator::harness::ci_summary;
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = 0x5eed_c910_u64;
+    let mut ends = std::collections::BTreeMap::<i32, u32>::new();
+    const RUNS: usize = 100;
+    for i in 0..RUNS {
+        let bytes: Vec<u8> = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        let status = hostile_cpl0_run(dir.path(), &format!("random{i}"), &bytes, "bt");
+        *ends.entry(status).or_default() += 1;
+    }
+    ci_summary(&format!(
+        "hbt run --accel bt: {RUNS} random-byte CPL0 images (seed 0x5eedc910), no crash; ended by status {ends:?}"
+    ));
+}
