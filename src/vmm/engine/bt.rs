@@ -255,6 +255,11 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
     }
 }
 
+/// The names of CPUID model bits, space-separated (for `--stats`).
+fn names(bits: &[cpuid::ModelBit]) -> String {
+    bits.iter().map(|b| b.name).collect::<Vec<_>>().join(" ")
+}
+
 /// The translator's counters for `--stats`/`--stats-json`.
 fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
     let s = t.stats();
@@ -289,14 +294,8 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             "  interrupts delivered by vector: {}",
             fmt_counts(vectors(&s.interrupts))
         ),
-        format!(
-            "  CPUID hides: {}",
-            cpuid::HIDDEN.iter().map(|h| h.name).collect::<Vec<_>>().join(" ")
-        ),
-        format!(
-            "  CPUID claims not affected: {}",
-            cpuid::CLAIMED.iter().map(|c| c.name).collect::<Vec<_>>().join(" ")
-        ),
+        format!("  CPUID hides: {}", names(cpuid::HIDDEN)),
+        format!("  CPUID claims not affected: {}", names(cpuid::CLAIMED)),
         format!(
             "  unimplemented instructions (#UD to the guest): {}",
             fmt_counts(s.unimplemented.iter().map(|(k, n)| (k.clone(), *n)))

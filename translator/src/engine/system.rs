@@ -168,21 +168,19 @@ impl Translator {
         // interrupt now would run the handler in that state instead.
         let step_pending = self.bounce.is_some() || self.uncached_step.is_some();
         let state = &self.ctx.get().state;
-        if shadow && !step_pending && state.rflags & crate::state::flags::IF != 0 && platform.interrupt_pending() {
+        let deliverable = !step_pending && state.rflags & crate::state::flags::IF != 0;
+        if !deliverable || !platform.interrupt_pending() {
+            return Ok(Boundary::Continue);
+        }
+        if shadow {
             // `sti` (or `mov ss`) holds interrupts off for one instruction: run that one alone,
             // so the interrupt is taken right after it and not after the loop it may start.
             self.uncached_step = Some(state.rip);
-        } else if !shadow
-            && !step_pending
-            && state.rflags & crate::state::flags::IF != 0
-            && platform.interrupt_pending()
-        {
-            if let Some(v) = platform.acknowledge_interrupt() {
-                return Ok(match self.deliver(Event::External(v))? {
-                    Some(exit) => Boundary::Exit(exit),
-                    None => Boundary::Delivered,
-                });
-            }
+        } else if let Some(v) = platform.acknowledge_interrupt() {
+            return Ok(match self.deliver(Event::External(v))? {
+                Some(exit) => Boundary::Exit(exit),
+                None => Boundary::Delivered,
+            });
         }
         Ok(Boundary::Continue)
     }
