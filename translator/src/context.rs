@@ -83,7 +83,6 @@ pub struct Context {
     pub flag_slot: u64,
     /// Top of `flag_stack`.
     pub flag_stack_top: u64,
-    pub ibl_target: u64,
     /// Set on an indirect-branch miss: the guest RIP of the branch and how far it moved RSP
     /// (a `ret` pops, a `call` pushes), so a non-canonical target can fault at the branch.
     pub branch_rip: u64,
@@ -120,7 +119,6 @@ pub mod off {
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
-    pub const IBL_TARGET: usize = offset_of!(Context, ibl_target);
     pub const BRANCH_RIP: usize = offset_of!(Context, branch_rip);
     pub const BRANCH_RSP_DELTA: usize = offset_of!(Context, branch_rsp_delta);
     pub const FAULT_VECTOR: usize = offset_of!(Context, fault_vector);

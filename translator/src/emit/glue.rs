@@ -115,8 +115,10 @@ pub fn emit(base: u64, has_avx: bool) -> (Vec<u8>, Glue) {
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
 
     // --- empty indirect slot: reached only when the target is the one (canonical) value whose
-    // negation is the empty tag, with every register already restored: an ordinary miss ---
+    // negation is the empty tag, entered like a block's prologue (R11 = this address, RCX
+    // restored): an ordinary miss ---
     glue.ibl_empty = a.here();
+    a.glue(Instruction::with2(Code::Mov_r64_rm64, R::R11, spill_slot(R::R11)));
     a.store_ctx_u64(off::RIP, IBL_EMPTY_TARGET);
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));

@@ -19,6 +19,7 @@
 
 pub mod asm;
 mod branch;
+pub use branch::IBL_PROLOGUE_LEN;
 pub mod glue;
 mod memop;
 mod stack;
@@ -184,6 +185,13 @@ pub fn emit_block(
         required_alignment: 0,
         info: InstructionInfoFactory::new(),
     };
+    // Indirect branches enter through the prologue (see `branch.rs`).
+    e.asm.glue(Instruction::with2(
+        Code::Mov_r64_rm64,
+        Register::R11,
+        spill_slot(Register::R11),
+    ));
+    debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
     for d in &block.instrs {
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;

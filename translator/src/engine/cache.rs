@@ -100,13 +100,18 @@ impl Translator {
         self.stats.flushes += 1;
     }
 
+    /// The block whose entry (see [`Translator::install`]) is `entry`.
+    fn block_at_entry(&self, entry: u64) -> Option<usize> {
+        self.by_host.get(&entry.wrapping_sub(IBL_PROLOGUE_LEN)).copied()
+    }
+
     pub(super) fn chain(&mut self, field: u64, host: u64) {
         // The source block may have been invalidated since it exited.
         let Some(src) = self.block_at_host(field) else { return };
         if !self.blocks[src].valid {
             return;
         }
-        let Some(&dst) = self.by_host.get(&host) else { return };
+        let Some(dst) = self.block_at_entry(host) else { return };
         if !self.blocks[dst].valid {
             return;
         }
@@ -123,7 +128,8 @@ impl Translator {
         self.stats.chained += 1;
     }
 
-    /// Points the return cache whose `mov rax, imm64` field is at `site` at `target`/`host`.
+    /// Points the inline cache whose `mov rcx, imm64` field is at `site` at `target`, whose block
+    /// is entered at `host`; the cache's hit path jumps to that block's prologue.
     pub(super) fn fill_inline_cache(&mut self, site: u64, target: u64, host: u64) {
         let Some(src) = self.block_at_host(site) else { return };
         let block = &self.blocks[src];
@@ -136,7 +142,7 @@ impl Translator {
         else {
             return;
         };
-        let Some(&dst) = self.by_host.get(&host) else { return };
+        let Some(dst) = self.block_at_entry(host) else { return };
         if !self.blocks[src].valid || !self.blocks[dst].valid {
             return;
         }
@@ -148,7 +154,7 @@ impl Translator {
             base + cache.fill_stub as u64,
         );
         self.code.patch_u64(imm, target.wrapping_neg());
-        self.code.patch_rel32(rel, host);
+        self.code.patch_rel32(rel, self.blocks[dst].host);
         // Later misses use the table (the site is polymorphic) instead of the dispatcher.
         self.code.patch_rel32(fill, fill + 4);
         self.link_into(
@@ -181,6 +187,7 @@ impl Translator {
         self.ibl_used.clear();
     }
 
+    /// Makes the table send `target` to the block entered at `host` (through its prologue).
     pub(super) fn ibl_insert(&mut self, target: u64, host: u64) {
         let ctx = self.ctx.get_mut();
         let i = crate::context::Context::ibl_slot(target);
@@ -188,7 +195,7 @@ impl Translator {
             self.ibl_used.push(i as u32);
         }
         ctx.ibl_tags[i] = target.wrapping_neg();
-        ctx.ibl_hosts[i] = host;
+        ctx.ibl_hosts[i] = host - IBL_PROLOGUE_LEN;
     }
 
     pub(super) fn block_at_host(&self, addr: u64) -> Option<usize> {
@@ -204,6 +211,7 @@ impl Translator {
         mapping: Vec<(u64, u64)>,
         cached: bool,
     ) -> Result<u64, TranslateError> {
+        // Returns the block's entry (after its indirect-branch prologue).
         let options = emit::EmitOptions {
             soft_mmu: self.strategy.is_soft_mmu(),
             split_access: self.bounce.is_some(),
@@ -253,7 +261,7 @@ impl Translator {
             self.by_guest.insert(key, index);
         }
         self.by_host.insert(host, index);
-        Ok(host)
+        Ok(host + IBL_PROLOGUE_LEN)
     }
 
     /// Invalidates every block whose code lies in guest physical page `page` (self-modifying

@@ -17,7 +17,7 @@ use crate::context::{
 };
 use crate::cpu::vendor::{self, Quirk};
 use crate::cpu::xsave::XsaveLayout;
-use crate::emit::{self, glue::Glue, ExitPatch, HostSite};
+use crate::emit::{self, glue::Glue, ExitPatch, HostSite, IBL_PROLOGUE_LEN};
 use crate::emulate::{self, GuestMemory, Outcome};
 use crate::error::TranslateError;
 use crate::exit::{Exit, GuestException};
@@ -408,7 +408,7 @@ impl Translator {
             self.uncached_step = None;
         } else if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
             if self.mapping_current(i) {
-                return Ok(Lookup::Host(self.blocks[i].host));
+                return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
             }
             // The code's page maps elsewhere now: translate what is there.
             self.invalidate_block(i);
