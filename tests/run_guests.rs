@@ -89,6 +89,27 @@ fn io_heavy_exits_per_port_write() {
 }
 
 #[test]
+fn device_memory_reads_all_ones_and_drops_writes() {
+    transcript(
+        "test-images/device-memory.img",
+        "hole dword after a store: 0xffffffff ok\n\
+         past-RAM qword after a store: 0xffffffffffffffff ok\n\
+         past-RAM last byte of a page: 0xff ok\n\
+         past-RAM word after add: 0xffff ok\n",
+        0,
+    );
+    // Both engines put the accesses on one MMIO bus, which counts what nothing claimed: two at
+    // the hole, six past RAM (the `add` reads and writes).
+    for accel in ENGINES {
+        let (_, stderr, _) = hbt_run(&["--accel", accel, "--stats", "test-images/device-memory.img"]);
+        assert!(
+            stderr.contains("unclaimed mmio accesses: 8, most at 0x40000010 3, 0x40000000 2, 0xd0000080 2"),
+            "--accel {accel}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn exceptions_reach_the_guest_idt() {
     transcript(
         "test-images/exceptions.img",

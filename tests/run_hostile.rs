@@ -276,14 +276,16 @@ fn hostile_cpl0_code_ends_cleanly() {
         spin.to_vec(),
     ]
     .concat();
+    // Device memory reads all ones and drops writes under both engines, so those two spin into
+    // the timeout; the wild CR3 ends in a reported fault or the timeout.
     for accel in ["bt", "kvm"] {
-        for (name, code) in [
-            ("wild-cr3", &wild_cr3),
-            ("pte-outside-ram", &pte_outside_ram),
-            ("mmio-writes", &mmio_writes),
+        for (name, code, ends) in [
+            ("wild-cr3", &wild_cr3, &[1, 124][..]),
+            ("pte-outside-ram", &pte_outside_ram, &[124][..]),
+            ("mmio-writes", &mmio_writes, &[124][..]),
         ] {
             let status = hostile_cpl0_run(dir.path(), name, code, accel);
-            assert!(matches!(status, 1 | 124), "{name} (--accel {accel}): status {status}");
+            assert!(ends.contains(&status), "{name} (--accel {accel}): status {status}");
         }
     }
 }

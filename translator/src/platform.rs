@@ -22,6 +22,15 @@ pub trait Platform {
     fn port_out(&mut self, _port: u16, _size: u8, _value: u32) -> PortOutcome {
         PortOutcome::Continue
     }
+    /// A guest-physical access outside RAM (the MMIO hole, or past the end of RAM) that reads
+    /// `data.len()` bytes at `pa`; nothing there reads all ones, as on a PC bus.
+    fn mmio_read(&mut self, _pa: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    /// A guest-physical write outside RAM; nothing there drops it. `Stop` as for `port_out`.
+    fn mmio_write(&mut self, _pa: u64, _data: &[u8]) -> PortOutcome {
+        PortOutcome::Continue
+    }
     /// Platform MSRs (APIC base, TSC, TSC deadline…): the value, or None for #GP(0).
     fn rdmsr(&mut self, _index: u32) -> Option<u64> {
         None
@@ -39,7 +48,7 @@ pub trait Platform {
     }
 }
 
-/// What a port write asks of the engine.
+/// What a device write (port or MMIO) asks of the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PortOutcome {
     Continue,

@@ -67,6 +67,19 @@ impl PhysWrite for RecordedWrites<'_> {
     }
 }
 
+impl BtPlatform {
+    /// A device write's outcome: anything but `Continue` ends the run (kept for the VMM).
+    fn outcome(&mut self, action: Action) -> PortOutcome {
+        match action {
+            Action::Continue => PortOutcome::Continue,
+            action => {
+                self.stop = Some(action);
+                PortOutcome::Stop
+            }
+        }
+    }
+}
+
 impl Platform for BtPlatform {
     fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
         cpuid::guest_cpuid(leaf, subleaf)
@@ -84,13 +97,17 @@ impl Platform for BtPlatform {
         u32::from_le_bytes(data)
     }
     fn port_out(&mut self, port: u16, size: u8, value: u32) -> PortOutcome {
-        match self.buses.pio.write(port as u64, &value.to_le_bytes()[..size as usize]) {
-            Action::Continue => PortOutcome::Continue,
-            action => {
-                self.stop = Some(action);
-                PortOutcome::Stop
-            }
-        }
+        let action = self.buses.pio.write(port as u64, &value.to_le_bytes()[..size as usize]);
+        self.outcome(action)
+    }
+    // The same MMIO bus KVM's exits use: unclaimed addresses read all ones, drop writes and are
+    // counted (`--stats`).
+    fn mmio_read(&mut self, pa: u64, data: &mut [u8]) {
+        self.buses.mmio.read(pa, data);
+    }
+    fn mmio_write(&mut self, pa: u64, data: &[u8]) -> PortOutcome {
+        let action = self.buses.mmio.write(pa, data);
+        self.outcome(action)
     }
     fn rdmsr(&mut self, index: u32) -> Option<u64> {
         match index {
@@ -274,7 +291,7 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
         ),
         format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
-             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps",
+             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} device-memory accesses",
             s.blocks_translated,
             s.guest_instructions_translated,
             t.code_cache_used() >> 10,
@@ -284,7 +301,8 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             s.tlb_misses,
             s.emulated,
             s.flushes,
-            s.remaps
+            s.remaps,
+            s.mmio_accesses
         ),
         format!(
             "  exceptions delivered by vector: {}",
@@ -328,6 +346,7 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             "emulated": s.emulated,
             "flushes": s.flushes,
             "remaps": s.remaps,
+            "mmio_accesses": s.mmio_accesses,
             "exceptions_by_vector": s.exceptions,
             "interrupts_by_vector": s.interrupts,
             "unimplemented": s.unimplemented,

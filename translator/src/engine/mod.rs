@@ -25,7 +25,7 @@ use crate::host::codebuf::CodeBuffer;
 use crate::host::gsbase::GsBaseGuard;
 use crate::host::signals::{CodeWrite, FaultSite, TranslatedFaults, TranslatedGuard};
 use crate::mmu::{self, soft_mmu, Access, MemoryStrategy};
-use crate::platform::Platform;
+use crate::platform::{Platform, PortOutcome};
 use crate::rules::Rule;
 use crate::state::GuestState;
 use addr_map::AddrMap;
@@ -48,7 +48,7 @@ use cache::Block;
 use callbacks::{interrupt, lookup_site};
 use memory::{Fetcher, Memory};
 use smc::code_write;
-use softmmu::{Bounce, PageBuffer};
+use softmmu::{Bounce, MmioAccess, PageBuffer};
 /// Counters for `--stats`.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -63,6 +63,8 @@ pub struct Stats {
     pub flushes: u64,
     /// System mode: guest address-space changes (links and TLBs dropped, blocks revalidated).
     pub remaps: u64,
+    /// Soft-MMU: accesses to guest-physical memory outside RAM (sent to the platform's devices).
+    pub mmio_accesses: u64,
     /// Time spent decoding and emitting blocks.
     pub translate_time: std::time::Duration,
     /// System mode: exceptions and external interrupts delivered, by vector.
@@ -126,6 +128,8 @@ pub struct Translator {
     /// Soft-MMU access crossing into a page that is not host-contiguous: both pages are copied
     /// into `bounce_buffer`, the instruction runs once against the copy, and written bytes go back.
     bounce: Option<Bounce>,
+    /// A device access set up by a TLB miss (`softmmu.rs`), finished after its instruction ran.
+    mmio: Option<MmioAccess>,
     bounce_buffer: Option<PageBuffer>,
     /// The guest XCR0 the code cache was translated for (0: none yet).
     translated_xcr0: u64,
@@ -177,6 +181,7 @@ impl Translator {
             uncached_step: None,
             protected: Box::default(),
             bounce: None,
+            mmio: None,
             bounce_buffer: None,
             translated_xcr0: 0,
             code_cpl: None,
@@ -288,6 +293,11 @@ impl Translator {
             if let Some(b) = self.bounce.take() {
                 self.finish_bounce(b);
             }
+            if let Some(m) = self.mmio.take() {
+                if self.finish_mmio(m, platform) == PortOutcome::Stop {
+                    return Ok(Exit::Stopped);
+                }
+            }
             let ctx = self.ctx.get_mut();
             match ctx.exit_reason {
                 r if r == ExitReason::Branch as u32 => pending_link = ctx.exit_link,
@@ -314,7 +324,7 @@ impl Translator {
                 }
                 r if r == ExitReason::TlbMiss as u32 => {
                     self.stats.tlb_misses += 1;
-                    if let Some(exc) = self.tlb_miss()? {
+                    if let Some(exc) = self.tlb_miss(platform)? {
                         let ctx = self.ctx.get_mut();
                         if ctx.miss_info & MISS_MMX_STORE != 0 && vendor::host_has(Quirk::FaultingMmxStoreResetsTop) {
                             ctx.state.xsave.set_x87_top(0);

@@ -1,8 +1,22 @@
 //! The soft-MMU slow path: a TLB miss walks the guest page tables (alignment and canonical
 //! checks first, as the CPU orders them), fills the inline TLB or raises the guest fault; an
-//! access that crosses into a non-contiguous page runs once against a bounce buffer.
+//! access that crosses into a non-contiguous page runs once against a bounce buffer, and so
+//! does an access to guest-physical memory that is not RAM (device memory): the platform's
+//! `mmio_read` fills the bytes the instruction reads, the bytes it writes go to `mmio_write`
+//! after it ran. Translated code never gets a host pointer outside guest RAM.
 
 use super::*;
+
+/// An in-flight device access (see `Translator::mmio`): the instruction at `rip` runs once
+/// with the page at `page_va` mapped to the bounce buffer's first page.
+#[derive(Clone, Copy)]
+pub(super) struct MmioAccess {
+    pub(super) rip: u64,
+    pub(super) page_va: u64,
+    pub(super) pa: u64,
+    pub(super) size: usize,
+    pub(super) writes: bool,
+}
 
 /// An in-flight split access (see `Translator::bounce`).
 #[derive(Clone, Copy)]
@@ -107,8 +121,116 @@ impl Translator {
         ctx.tlb_read[index] = empty;
     }
 
+    /// Sets up a device access of `size` bytes at guest physical `pa` (virtual `va`) by the
+    /// instruction at `rip`: its bytes in the bounce buffer hold what the device returns (if the
+    /// instruction reads memory), the TLB maps the page there for reads and writes, and the
+    /// instruction runs as an uncached one-instruction block; `finish_mmio` sends what it wrote.
+    fn start_mmio(
+        &mut self,
+        platform: &mut dyn Platform,
+        rip: u64,
+        va: u64,
+        pa: u64,
+        size: u64,
+    ) -> Result<(), TranslateError> {
+        let (reads, writes) = self.memory_kinds_at(rip)?;
+        if self.bounce_buffer.is_none() {
+            self.bounce_buffer = memmap2_free::PageBuffer::new();
+        }
+        let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
+            return Err(TranslateError::SplitAccess { rip, va, size });
+        };
+        let offset = (va & (PAGE - 1)) as usize;
+        // SAFETY: the buffer is two pages; offset + size stays in the first (the caller checked
+        // the access does not cross a page), and nothing else refers to it now.
+        let bytes = unsafe {
+            std::ptr::write_bytes(buffer, 0xff, PAGE as usize);
+            std::slice::from_raw_parts_mut(buffer.add(offset), size as usize)
+        };
+        if reads {
+            platform.mmio_read(pa, bytes);
+        }
+        let page_va = va & !(PAGE - 1);
+        let ctx = self.ctx.get_mut();
+        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
+        let entry = crate::context::TlbEntry {
+            vpn: page_va >> 12,
+            addend: (buffer as u64).wrapping_sub(page_va),
+        };
+        ctx.tlb_read[index] = entry;
+        ctx.tlb_write[index] = entry;
+        self.stats.mmio_accesses += 1;
+        self.mmio = Some(MmioAccess {
+            rip,
+            page_va,
+            pa,
+            size: size as usize,
+            writes,
+        });
+        self.uncached_step = Some(rip);
+        Ok(())
+    }
+
+    /// Ends a device access: if the instruction completed, the bytes it wrote go to the
+    /// device; the TLB forgets the buffer. `Stop` if the device asked to end the run.
+    pub(super) fn finish_mmio(&mut self, m: MmioAccess, platform: &mut dyn Platform) -> PortOutcome {
+        let ctx = self.ctx.get_mut();
+        let index = ((m.page_va >> 12) as usize) & (TLB_ENTRIES - 1);
+        let empty = crate::context::TlbEntry {
+            vpn: crate::context::TLB_EMPTY,
+            addend: 0,
+        };
+        ctx.tlb_write[index] = empty;
+        ctx.tlb_read[index] = empty;
+        let completed = ctx.state.rip != m.rip;
+        let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
+            return PortOutcome::Continue;
+        };
+        if !(m.writes && completed) {
+            return PortOutcome::Continue;
+        }
+        // SAFETY: the range `start_mmio` handed out, inside the buffer's first page.
+        let bytes = unsafe { std::slice::from_raw_parts(buffer.add((m.pa & (PAGE - 1)) as usize), m.size) };
+        platform.mmio_write(m.pa, bytes)
+    }
+
+    /// Whether the instruction at guest `rip` reads and whether it writes memory.
+    fn memory_kinds_at(&mut self, rip: u64) -> Result<(bool, bool), TranslateError> {
+        use iced_x86::OpAccess;
+        let mut fetch = Fetcher {
+            strategy: &self.strategy,
+            state: &self.ctx.get().state,
+            pages: Vec::new(),
+            maps: &mut self.maps,
+        };
+        let mut bytes = [0u8; 15];
+        // The instruction was just fetched for its block; only its own bytes matter, so a
+        // fetch cut short at a page boundary retries with what fits in this page.
+        let room = (PAGE - (rip & (PAGE - 1))).min(15) as usize;
+        let n = if fetch.fetch(rip, &mut bytes).is_ok() {
+            15
+        } else {
+            fetch
+                .fetch(rip, &mut bytes[..room])
+                .map_err(|_| TranslateError::Host(format!("device access at guest RIP {rip:#x}: its code is gone")))?;
+            room
+        };
+        let instr = iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode();
+        let mut info = iced_x86::InstructionInfoFactory::new();
+        let (mut reads, mut writes) = (false, false);
+        for m in info.info(&instr).used_memory() {
+            match m.access() {
+                OpAccess::Read | OpAccess::CondRead => reads = true,
+                OpAccess::Write | OpAccess::CondWrite => writes = true,
+                OpAccess::ReadWrite | OpAccess::ReadCondWrite => (reads, writes) = (true, true),
+                _ => {}
+            }
+        }
+        Ok((reads, writes))
+    }
+
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
-    pub(super) fn tlb_miss(&mut self) -> Result<Option<GuestException>, TranslateError> {
+    pub(super) fn tlb_miss(&mut self, platform: &mut dyn Platform) -> Result<Option<GuestException>, TranslateError> {
         let ctx = self.ctx.get();
         let va = ctx.miss_va;
         let size = (ctx.miss_info & 0xffff).max(1);
@@ -173,9 +295,14 @@ impl Translator {
                 }
                 Err(exc) => return Ok(Some(exc)),
             };
-            let host = ram
-                .host(pa & !(PAGE - 1), PAGE)
-                .ok_or_else(|| TranslateError::Host(format!("guest physical {pa:#x} outside guest RAM")))?;
+            let Some(host) = ram.host(pa & !(PAGE - 1), PAGE) else {
+                if n == 0 && (last & !(PAGE - 1)) == (va & !(PAGE - 1)) {
+                    return self.start_mmio(platform, rip, va, pa, size).map(|()| None);
+                }
+                return Err(TranslateError::Host(format!(
+                    "guest RIP {rip:#x}: a {size}-byte access at {va:#x} crosses a page boundary into or out of device memory (guest physical {pa:#x}), which is not supported"
+                )));
+            };
             fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host));
         }
         if fills.len() == 2 {
