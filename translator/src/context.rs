@@ -83,6 +83,8 @@ pub struct Context {
     pub flag_slot: u64,
     /// Top of `flag_stack`.
     pub flag_stack_top: u64,
+    /// The constant 1: the mask operand of the indirect-branch lookup's last `pext`.
+    pub one: u64,
     /// Set on an indirect-branch miss: the guest RIP of the branch and how far it moved RSP
     /// (a `ret` pops, a `call` pushes), so a non-canonical target can fault at the branch.
     pub branch_rip: u64,
@@ -119,6 +121,7 @@ pub mod off {
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
+    pub const ONE: usize = offset_of!(Context, one);
     pub const BRANCH_RIP: usize = offset_of!(Context, branch_rip);
     pub const BRANCH_RSP_DELTA: usize = offset_of!(Context, branch_rsp_delta);
     pub const FAULT_VECTOR: usize = offset_of!(Context, fault_vector);
@@ -149,6 +152,7 @@ impl ContextBox {
         ctx.state = GuestState::default();
         ctx.flag_stack_top = &ctx.flag_stack[FLAG_STACK_SLOTS - 2] as *const u64 as u64;
         ctx.flag_slot = ctx.flag_stack_top - 8;
+        ctx.one = 1;
         ctx.flush_tlb();
         ctx.ibl_tags.fill(IBL_EMPTY_TAG);
         boxed

@@ -22,6 +22,11 @@ pub fn ctx_indexed(index: Register, scale: u32, offset: usize) -> MemoryOperand 
     MemoryOperand::new(Register::None, index, scale, offset as i64, 4, false, Register::GS)
 }
 
+/// `nop dword [rax+rax*1+0]`: the 5-byte NOP that replaces a `jmp rel32` (same length).
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// Opcode of `jmp rel32`.
+pub const JMP_REL32: u8 = 0xe9;
+
 /// The spill slot of a 64-bit register.
 pub fn spill_slot(reg: Register) -> MemoryOperand {
     ctx(off::SPILL + 8 * reg_num(reg))

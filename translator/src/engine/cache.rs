@@ -48,6 +48,10 @@ impl Incoming {
                 if !anywhere {
                     rel32(rel, miss);
                 }
+                // The fill jump was turned into a NOP: make it a jump again. (Stopped anywhere,
+                // translated code sits at an instruction boundary, never inside these 5 bytes.)
+                // SAFETY: as above; the opcode byte precedes the rel32 field.
+                unsafe { std::ptr::write((fill - 1) as *mut u8, crate::emit::asm::JMP_REL32) };
                 rel32(fill, fill_stub);
             }
         }
@@ -156,7 +160,7 @@ impl Translator {
         self.code.patch_u64(imm, target.wrapping_neg());
         self.code.patch_rel32(rel, self.blocks[dst].host);
         // Later misses use the table (the site is polymorphic) instead of the dispatcher.
-        self.code.patch_rel32(fill, fill + 4);
+        self.code.patch_jmp_to_nop(fill);
         self.link_into(
             dst,
             Incoming::InlineCache {

@@ -62,6 +62,19 @@ impl CodeBuffer {
         unsafe { std::ptr::write_unaligned(field as *mut i32, rel as i32) };
     }
 
+    /// Turns the `jmp rel32` whose rel32 is at `field` into a 5-byte NOP. (A taken jump to the
+    /// next instruction is not free: it is one more always-taken branch in the history the
+    /// indirect-branch predictor reads.)
+    pub fn patch_jmp_to_nop(&mut self, field: u64) {
+        let at = field - 1;
+        assert!(
+            self.contains(at) && self.contains(field + 3),
+            "patch outside the code buffer"
+        );
+        // SAFETY: at..at+5 is inside the mapping (asserted); translated code is stopped.
+        unsafe { std::ptr::copy_nonoverlapping(crate::emit::asm::NOP5.as_ptr(), at as *mut u8, 5) };
+    }
+
     /// Rewrites a 64-bit immediate at `field`.
     pub fn patch_u64(&mut self, field: u64, value: u64) {
         assert!(self.contains(field), "patch outside the code buffer");

@@ -102,3 +102,16 @@ pub fn host_xcr0() -> u64 {
         ((hi as u64) << 32) | lo as u64
     })
 }
+
+/// BMI2's `pext` is a single fast instruction here (Intel since Haswell, AMD since Zen 3). AMD
+/// families before 19H run it in microcode, tens of cycles and more with dense masks, so the
+/// emitter does not use it there (see `emit/branch.rs`).
+pub fn fast_pext() -> bool {
+    static FAST: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FAST.get_or_init(|| {
+        let amd = crate::cpu::vendor::Vendor::host() == crate::cpu::vendor::Vendor::Amd;
+        let eax = __cpuid_count(1, 0).eax;
+        let family = ((eax >> 8) & 0xf) + if (eax >> 8) & 0xf == 0xf { (eax >> 20) & 0xff } else { 0 };
+        host_has(F::BMI2) && !(amd && family < 0x19)
+    })
+}
