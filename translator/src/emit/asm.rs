@@ -29,7 +29,7 @@ pub const JMP_REL32: u8 = 0xe9;
 
 /// The spill slot of a 64-bit register.
 pub fn spill_slot(reg: Register) -> MemoryOperand {
-    ctx(off::SPILL + 8 * reg_num(reg))
+    ctx(off::SPILL + 8 * crate::context::spill_index(reg_num(reg)))
 }
 
 /// Hardware number (0..16) of a 64-bit GPR.

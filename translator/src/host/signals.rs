@@ -334,7 +334,7 @@ extern "C" fn handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut lib
             let ctx = unsafe { &mut *t.ctx };
             for r in 0..16 {
                 if site.spilled & (1 << r) != 0 {
-                    gregs[GREG_OF[r]] = ctx.spill[r] as i64;
+                    gregs[GREG_OF[r]] = ctx.spill[crate::context::spill_index(r)] as i64;
                 }
             }
             if site.flags_in_slot {
