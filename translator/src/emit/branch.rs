@@ -172,10 +172,13 @@ impl BlockEmitter<'_> {
         Ok(())
     }
 
-    /// Jumps to guest R11 through this site's one-entry inline cache, then the table; R11 and
-    /// RCX are borrowed (RCX still holds its guest value). `rsp_delta` is how far the branch
+    /// Jumps to guest R11 through this site's one-entry inline cache, then the table; R11 is
+    /// borrowed, RCX is borrowed here. `rsp_delta` is how far the branch
     /// moved RSP (recorded on a miss, see `record_branch`).
     fn cached_dispatch(&mut self, rsp_delta: i64) {
+        if self.spilled & (1 << 1) == 0 {
+            self.borrow(Register::RCX);
+        }
         let a = &mut self.asm;
         a.mov_imm64(Register::RCX, super::INLINE_CACHE_EMPTY);
         let imm_field = a.buf.len() - 8;
@@ -220,9 +223,15 @@ impl BlockEmitter<'_> {
         });
     }
 
+    /// R11 receives the target. Under the soft-MMU RCX is borrowed later, by `cached_dispatch`,
+    /// so that loading the target (and pushing a return address) can use the flag-free TLB
+    /// lookup, which needs RCX for itself; under identity both spills go together (adjacent
+    /// stores to one line commit in one cycle, see `context::spill_index`).
     fn borrow_dispatch_regs(&mut self) {
         self.borrow(TARGET);
-        self.borrow(Register::RCX);
+        if !self.soft_mmu {
+            self.borrow(Register::RCX);
+        }
     }
 
     /// R11 = target of `jmp/call r/m64` (R11/RCX borrowed but still holding guest values).

@@ -186,8 +186,15 @@ impl BlockEmitter<'_> {
                 return Ok(());
             }
         }
-        if self.soft_mmu {
-            // The lookup clobbers flags; guest flags are kept even when the program no longer
+        // The flag-free lookup needs RCX (for `jrcxz`) and BMI2 (`shrx`); bit-string operands
+        // compute their word offset with flag-setting arithmetic.
+        let flag_free = self.soft_mmu
+            && !is_bit_string_op(instr)
+            && crate::host::features::host_has(iced_x86::CpuidFeature::BMI2)
+            && s != Register::RCX
+            && self.spilled & (1 << 1) == 0;
+        if self.soft_mmu && !flag_free {
+            // This lookup clobbers flags; guest flags are kept even when the program no longer
             // needs them, because a fault here must show the guest its flags unchanged.
             self.save_flags();
         }
@@ -223,7 +230,10 @@ impl BlockEmitter<'_> {
             rewritten.set_op1_register(sized);
             bit_reg = Some(d);
         }
-        if self.soft_mmu {
+        if flag_free {
+            let size = self.access_size(instr);
+            self.tlb_lookup_flag_free(s, access, size, used);
+        } else if self.soft_mmu {
             let size = self.access_size(instr);
             self.tlb_lookup(s, access, size, used | bit_reg.map_or(0, |d| 1 << reg_num(d)));
             self.restore_flags();
@@ -406,6 +416,86 @@ impl BlockEmitter<'_> {
         a.glue(Instruction::with2(Code::Add_r64_rm64, s, entry(table + 8)));
         self.miss_stub(field, s, info, flags_saved);
         self.give_back(u);
+        self.give_back(t);
+    }
+
+    /// The inline TLB lookup turning guest address S into a host address without touching
+    /// flags (so guest flags need no save and restore: `pushfq`/`popfq` around every access
+    /// were most of the soft-MMU's cost). RCX and one more register are borrowed:
+    ///
+    /// ```text
+    ///   mov ecx,12; lea t,[s+size-1]; shrx t,t,rcx     ; t = page of the last byte
+    ///   shrx rcx,s,rcx; movzx ecx,cl; lea ecx,[rcx*2]  ; entry of the first byte's page
+    ///   mov rcx,gs:[rcx*8+tlb]; not t; lea rcx,[rcx+t+1]; jrcxz hit  ; its page == t?
+    ///   jmp miss
+    /// hit: not t; movzx ecx,t8; lea ecx,[rcx*2]; mov t,gs:[rcx*8+tlb+8]; lea s,[s+t]
+    /// ```
+    ///
+    /// An access that crosses into the next page misses: the entry at the first byte's index
+    /// can only hold pages with that index, never the next page.
+    pub(super) fn tlb_lookup_flag_free(&mut self, s: Register, access: Access, size: u64, used: u16) {
+        let t = self.pick(used | (1 << reg_num(s)) | (1 << 1));
+        self.borrow(t);
+        self.borrow(Register::RCX);
+        let info = self.miss_info(access, size);
+        let table = if access == Access::Write {
+            off::TLB_WRITE
+        } else {
+            off::TLB_READ
+        };
+        let entry =
+            |disp: usize| MemoryOperand::new(Register::None, Register::RCX, 8, disp as i64, 4, false, Register::GS);
+        let double_ecx = || {
+            Instruction::with2(
+                Code::Lea_r32_m,
+                Register::ECX,
+                MemoryOperand::with_base_index(Register::RCX, Register::RCX),
+            )
+        };
+        let a: &mut Asm = &mut self.asm;
+        a.glue(Instruction::with2(Code::Mov_r32_imm32, Register::ECX, 12u32));
+        let last = if size > 1 && !self.split_access {
+            size as i64 - 1
+        } else {
+            0
+        };
+        a.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            t,
+            MemoryOperand::with_base_displ(s, last),
+        ));
+        a.glue(Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, t, t, Register::RCX));
+        a.glue(Instruction::with3(
+            Code::VEX_Shrx_r64_rm64_r64,
+            Register::RCX,
+            s,
+            Register::RCX,
+        ));
+        a.glue(Instruction::with2(Code::Movzx_r32_rm8, Register::ECX, Register::CL));
+        a.glue(double_ecx());
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, entry(table)));
+        a.glue(Instruction::with1(Code::Not_rm64, t));
+        a.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            Register::RCX,
+            MemoryOperand::new(Register::RCX, t, 1, 1, 1, false, Register::None),
+        ));
+        let hit = a.here() + 2 + 5;
+        a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
+        let field = a.branch32_forward(Code::Jmp_rel32_64);
+        debug_assert_eq!(a.here(), hit);
+        self.miss_stub(field, s, info, false);
+        let a: &mut Asm = &mut self.asm;
+        a.glue(Instruction::with1(Code::Not_rm64, t));
+        a.glue(Instruction::with2(Code::Movzx_r32_rm8, Register::ECX, GPR8[reg_num(t)]));
+        a.glue(double_ecx());
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, t, entry(table + 8)));
+        a.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            s,
+            MemoryOperand::with_base_index(s, t),
+        ));
+        self.give_back(Register::RCX);
         self.give_back(t);
     }
 }
