@@ -112,14 +112,6 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(7, 0, ECX, 22, "rdpid", NO_RULE),
     hide(7, 0, EDX, 20, "ibt", "CET indirect-branch tracking is not modelled"),
     hide(
-        7,
-        0,
-        EDX,
-        29,
-        "arch-capabilities",
-        "IA32_ARCH_CAPABILITIES is not modelled",
-    ),
-    hide(
         0xd,
         1,
         EAX,
@@ -141,10 +133,29 @@ const TRANSLATED: &str = "guest code runs translated: its mitigation would cost 
 
 /// The bits `--accel bt` sets ("not affected" claims), where the host has the leaf.
 pub const CLAIMED: &[ModelBit] = &[
+    // IA32_ARCH_CAPABILITIES exists; it reads ARCH_CAPABILITIES below.
+    hide(7, 0, EDX, 29, "arch-capabilities", TRANSLATED),
     hide(0x8000_0021, 0, EAX, 29, "srso-no", TRANSLATED),
     hide(0x8000_0021, 0, ECX, 1, "tsa-sq-no", TRANSLATED),
     hide(0x8000_0021, 0, ECX, 2, "tsa-l1-no", TRANSLATED),
 ];
+
+/// IA32_ARCH_CAPABILITIES as `--accel bt` reports it: not affected by Meltdown (RDCL_NO, so
+/// Linux turns page-table isolation off: it cost a CR3 write per kernel entry and exit, and
+/// kept kernel text from being global), MDS, TAA, the MMIO stale-data bugs (SBDR/FBSDP/PSDP),
+/// GDS, RFDS (so no VERW buffer clearing on every return to user mode) and PBRSB, for the
+/// reason in [`TRANSLATED`]. Read-only, as on hardware.
+pub const ARCH_CAPABILITIES: u64 = (1 << 0) // RDCL_NO
+    | (1 << 5) // MDS_NO
+    | (1 << 8) // TAA_NO
+    | (1 << 13) // SBDR_SSDP_NO
+    | (1 << 14) // FBSDP_NO
+    | (1 << 15) // PSDP_NO
+    | (1 << 24) // PBRSB_NO
+    | (1 << 26) // GDS_NO
+    | (1 << 27); // RFDS_NO
+/// Its MSR index.
+pub const IA32_ARCH_CAPABILITIES: u32 = 0x10a;
 
 /// The hypervisor leaf's signature ("KVMKVMKVM\0\0\0"): the ABI of the features below.
 const SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];

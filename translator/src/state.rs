@@ -283,6 +283,7 @@ impl GuestState {
         Paging {
             cr0: self.cr0,
             cr3: self.cr3,
+            cr4: self.cr4,
             efer: self.efer,
             rflags: self.rflags,
             cpl: self.cpl,
@@ -290,12 +291,13 @@ impl GuestState {
     }
 }
 
-/// What a guest memory access is checked against (page walk, alignment): a copy of five
+/// What a guest memory access is checked against (page walk, alignment): a copy of six
 /// registers, cheap to take per access where the whole state (with its XSAVE image) is not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Paging {
     pub cr0: u64,
     pub cr3: u64,
+    pub cr4: u64,
     pub efer: u64,
     pub rflags: u64,
     pub cpl: Cpl,

@@ -113,6 +113,7 @@ impl Platform for BtPlatform {
         match index {
             IA32_TIME_STAMP_COUNTER => Some(self.rdtsc()),
             IA32_BIOS_SIGN_ID => Some(0),
+            cpuid::IA32_ARCH_CAPABILITIES => Some(cpuid::ARCH_CAPABILITIES),
             _ => self.clock.rdmsr(index),
         }
     }
@@ -291,7 +292,7 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
         ),
         format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
-             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} device-memory accesses",
+             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
             s.blocks_translated,
             s.guest_instructions_translated,
             t.code_cache_used() >> 10,
@@ -302,6 +303,8 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             s.emulated,
             s.flushes,
             s.remaps,
+            s.page_invalidations,
+            s.invalidated_blocks,
             s.mmio_accesses
         ),
         format!(
@@ -346,6 +349,8 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             "emulated": s.emulated,
             "flushes": s.flushes,
             "remaps": s.remaps,
+            "page_invalidations": s.page_invalidations,
+            "invalidated_blocks": s.invalidated_blocks,
             "mmio_accesses": s.mmio_accesses,
             "exceptions_by_vector": s.exceptions,
             "interrupts_by_vector": s.interrupts,

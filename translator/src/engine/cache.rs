@@ -73,6 +73,9 @@ pub(super) struct Block {
     pub(super) mapping: Vec<(u64, u64)>,
     /// The `Translator::mapping_epoch` in which `mapping` was last found current.
     pub(super) epoch: u64,
+    /// Soft-MMU: every page of its code was mapped global, as of `global_epoch`.
+    pub(super) global: bool,
+    pub(super) global_epoch: u64,
 }
 
 impl Translator {
@@ -213,6 +216,7 @@ impl Translator {
         block: DecodedBlock,
         phys_pages: Vec<u64>,
         mapping: Vec<(u64, u64)>,
+        global: bool,
         cached: bool,
     ) -> Result<u64, TranslateError> {
         // Returns the block's entry (after its indirect-branch prologue).
@@ -249,6 +253,11 @@ impl Translator {
             entry.push(index);
         }
         let key = self.block_key(block.start);
+        let mut region = block.start >> 21;
+        while region <= (block.end.max(block.start + 1) - 1) >> 21 {
+            self.code_regions.insert(region);
+            region += 1;
+        }
         self.blocks.push(Block {
             key,
             host,
@@ -260,6 +269,8 @@ impl Translator {
             valid: cached,
             mapping,
             epoch: self.mapping_epoch,
+            global,
+            global_epoch: self.global_epoch,
         });
         if cached {
             self.by_guest.insert(key, index);
@@ -316,36 +327,73 @@ impl Translator {
     /// again) the next time the dispatcher looks it up, and kept if they still map to the same
     /// physical pages: kernel text survives the address-space switches that would otherwise
     /// retranslate it all.
-    pub(super) fn remap(&mut self) {
+    ///
+    /// `keep_global`: a CR3 write with CR4.PGE, which leaves global translations in the TLB,
+    /// so links into blocks whose code is all global stay and those blocks need no
+    /// revalidation. (Linux writes CR3 thousands of times while it boots without PCID — each
+    /// text_poke switches to a temporary mm and back — and its text is global.)
+    pub(super) fn remap(&mut self, keep_global: bool) {
+        let mut still_linked = Vec::new();
         for i in std::mem::take(&mut self.linked) {
+            let b = &self.blocks[i];
+            if keep_global && b.global && b.global_epoch == self.global_epoch {
+                still_linked.push(i);
+                continue;
+            }
             for link in std::mem::take(&mut self.blocks[i].incoming) {
                 // SAFETY: as in `invalidate_block`.
                 unsafe { link.undo(false) };
             }
         }
+        self.linked = still_linked;
         self.ctx.get_mut().flush_tlb();
         self.flush_ibl();
         self.mapping_epoch += 1;
+        if !keep_global {
+            self.global_epoch += 1;
+        }
         self.stats.remaps += 1;
+    }
+
+    /// INVLPG: the data TLBs go (cheap; the page may be a large one, whose 4 KiB entries all
+    /// go with it), but links and blocks stay unless translated code lies in the 2 MiB region
+    /// of `va` (Linux invalidates single pages all the time — copy-on-write, unmap, kmap — and a
+    /// full remap each time undid every chained jump). A 1 GiB page is not tracked: the VMM
+    /// does not offer them (`pdpe1gb` hidden); a guest that maps its code with one anyway may
+    /// run its old code after an INVLPG, which concerns only itself.
+    pub(super) fn invalidate_page(&mut self, va: u64) {
+        if self.code_regions.contains(&(va >> 21)) {
+            self.remap(false);
+        } else {
+            self.ctx.get_mut().flush_tlb();
+            self.stats.page_invalidations += 1;
+        }
     }
 
     /// Whether block `i` may run in the current address space: translated or revalidated in
     /// this mapping epoch, or its code pages still map (and are executable) as when it was
     /// translated.
     pub(super) fn mapping_current(&mut self, i: usize) -> bool {
-        if self.blocks[i].epoch == self.mapping_epoch {
+        let b = &self.blocks[i];
+        if b.epoch == self.mapping_epoch || (b.global && b.global_epoch == self.global_epoch) {
             return true;
         }
         let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
             return true;
         };
         let state = &self.ctx.get().state.paging();
-        let current = self.blocks[i]
-            .mapping
-            .iter()
-            .all(|&(va, pa)| soft_mmu::walk(ram, state, va, Access::Fetch).map(|p| p & !(PAGE - 1)) == Ok(pa));
+        let mut global = true;
+        let current = self.blocks[i].mapping.iter().all(|&(va, pa)| {
+            soft_mmu::walk_leaf(ram, state, va, Access::Fetch).is_ok_and(|(p, g)| {
+                global &= g;
+                p & !(PAGE - 1) == pa
+            })
+        });
         if current {
-            self.blocks[i].epoch = self.mapping_epoch;
+            let b = &mut self.blocks[i];
+            b.epoch = self.mapping_epoch;
+            b.global = global;
+            b.global_epoch = self.global_epoch;
         }
         current
     }

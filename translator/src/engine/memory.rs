@@ -11,6 +11,8 @@ pub(super) struct Fetcher<'a> {
     pub(super) state: &'a GuestState,
     /// (guest virtual page, guest physical page) of every page read.
     pub(super) pages: Vec<(u64, u64)>,
+    /// The guest virtual pages among them whose translation is not global.
+    pub(super) nonglobal: Vec<u64>,
     pub(super) maps: &'a mut crate::host::pages::HostMaps,
 }
 
@@ -30,10 +32,13 @@ impl CodeFetch for Fetcher<'_> {
                 Ok(buf.len())
             }
             MemoryStrategy::SoftMmu(ram) => {
-                let pa = soft_mmu::walk(ram, &self.state.paging(), addr, Access::Fetch)?;
+                let (pa, global) = soft_mmu::walk_leaf(ram, &self.state.paging(), addr, Access::Fetch)?;
                 let host = ram
                     .host(pa, buf.len() as u64)
                     .ok_or(GuestException::page_fault(addr, 0x11))?;
+                if !global && !self.nonglobal.contains(&(addr & !(PAGE - 1))) {
+                    self.nonglobal.push(addr & !(PAGE - 1));
+                }
                 // SAFETY: host..host+len is inside guest RAM (checked by `host`).
                 unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
                 let page = (addr & !(PAGE - 1), pa & !(PAGE - 1));

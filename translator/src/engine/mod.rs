@@ -63,6 +63,8 @@ pub struct Stats {
     pub flushes: u64,
     /// System mode: guest address-space changes (links and TLBs dropped, blocks revalidated).
     pub remaps: u64,
+    /// System mode: INVLPGs that only dropped the data TLBs (no translated code nearby).
+    pub page_invalidations: u64,
     /// Soft-MMU: accesses to guest-physical memory outside RAM (sent to the platform's devices).
     pub mmio_accesses: u64,
     /// Time spent decoding and emitting blocks.
@@ -100,6 +102,9 @@ pub struct Translator {
     by_guest: AddrMap<usize>,
     by_host: BTreeMap<u64, usize>,
     code_pages: AddrMap<Vec<usize>>,
+    /// System mode: 2 MiB regions of guest virtual addresses that hold translated code (an
+    /// INVLPG elsewhere leaves the links between blocks alone, see `invalidate_page`).
+    code_regions: std::collections::HashSet<u64>,
     /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
     /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
     ibl_used: Vec<u32>,
@@ -137,6 +142,9 @@ pub struct Translator {
     linked: Vec<usize>,
     /// Bumped by every guest address-space change (see `Block::epoch`).
     mapping_epoch: u64,
+    /// Bumped by the address-space changes that drop global translations too (CR4, CR0,
+    /// INVLPG near code); a CR3 write bumps only `mapping_epoch`.
+    global_epoch: u64,
     /// System mode: the last events delivered (`system::RECENT_EVENTS`).
     recent_events: std::collections::VecDeque<system::DeliveredEvent>,
     /// System mode: the CPL the TLBs and the indirect-branch table were filled at.
@@ -177,6 +185,7 @@ impl Translator {
             write_protect_code: true,
             by_host: BTreeMap::new(),
             code_pages: AddrMap::default(),
+            code_regions: Default::default(),
             ibl_used: Vec::new(),
             uncached_step: None,
             protected: Box::default(),
@@ -188,6 +197,7 @@ impl Translator {
             recent_events: Default::default(),
             linked: Vec::new(),
             mapping_epoch: 0,
+            global_epoch: 0,
             maps: Default::default(),
             stats: Stats::default(),
         })
@@ -432,6 +442,7 @@ impl Translator {
             strategy: &self.strategy,
             state: &self.ctx.get().state,
             pages: Vec::new(),
+            nonglobal: Vec::new(),
             maps: &mut self.maps,
         };
         let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
@@ -459,6 +470,8 @@ impl Translator {
         } else {
             Vec::new()
         };
+        // Code whose every page is global survives CR3 writes (see `remap`).
+        let global = !mapping.is_empty() && mapping.iter().all(|(va, _)| !fetch.nonglobal.contains(va));
         let pages = if uncached {
             Vec::new()
         } else if !soft {
@@ -496,7 +509,7 @@ impl Translator {
                 return self.emulate(&instr, first.rule, platform);
             }
         }
-        let host = self.install(block, pages, mapping, !uncached)?;
+        let host = self.install(block, pages, mapping, global, !uncached)?;
         self.stats.translate_time += translate_started.elapsed();
         Ok(Lookup::Host(host))
     }

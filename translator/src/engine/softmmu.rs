@@ -201,6 +201,7 @@ impl Translator {
             strategy: &self.strategy,
             state: &self.ctx.get().state,
             pages: Vec::new(),
+            nonglobal: Vec::new(),
             maps: &mut self.maps,
         };
         let mut bytes = [0u8; 15];

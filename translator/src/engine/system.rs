@@ -85,7 +85,12 @@ impl Translator {
             // Guest translations changed: the TLBs and links go; blocks are revalidated
             // against the new mapping when next looked up (see the file comment). The caller
             // returns to the dispatcher before anything else runs.
-            self.remap();
+            self.remap(false);
+        } else if effects.cr3_write {
+            let pge = self.ctx.get().state.cr4 & (1 << 7) != 0;
+            self.remap(pge);
+        } else if let Some(va) = effects.invlpg {
+            self.invalidate_page(va);
         }
         let next = result.map_err(|why| TranslateError::Unsupported {
             rip: instr.ip(),

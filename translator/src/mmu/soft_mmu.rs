@@ -95,9 +95,18 @@ pub const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
+/// The global bit of a leaf entry (meaningful with CR4.PGE).
+const G: u64 = 1 << 8;
+
 /// Walks the guest page tables for `va`. Returns the guest physical address of `va`, having set
 /// accessed (and, for writes, dirty) bits as the CPU does; or the exception the CPU would raise.
 pub fn walk(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Result<u64, GuestException> {
+    walk_leaf(ram, state, va, access).map(|(pa, _)| pa)
+}
+
+/// [`walk`], also telling whether the translation is global (the leaf's G bit with CR4.PGE
+/// set): a CR3 write leaves such translations in the TLB.
+pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Result<(u64, bool), GuestException> {
     if !is_canonical(va) {
         return Err(GuestException::gp(0));
     }
@@ -148,7 +157,8 @@ pub fn walk(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Result<u
             }
             let page_size = 1u64 << (12 + 9 * level);
             let frame = entry & ADDR & !(page_size - 1);
-            return Ok(frame | (va & (page_size - 1)));
+            let global = entry & G != 0 && state.cr4 & (1 << 7) != 0;
+            return Ok((frame | (va & (page_size - 1)), global));
         }
         if entry & A == 0 {
             ram.write_u64(entry_pa, entry | A);

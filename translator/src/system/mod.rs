@@ -96,8 +96,12 @@ pub enum Next {
 /// Side effects the engine must apply.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Effects {
-    /// Guest translations changed (CR3, CR4, CR0.WP/PG, INVLPG): drop the TLBs.
+    /// Guest translations changed (CR4, CR0.WP/PG): drop the TLBs.
     pub flush_tlb: bool,
+    /// CR3 was written: drop the non-global translations.
+    pub cr3_write: bool,
+    /// INVLPG of this linear address: the translations of its page (whatever its size) went.
+    pub invlpg: Option<u64>,
     /// A privileged instruction without a model (its name goes into the statistics).
     pub unimplemented: bool,
 }
@@ -286,7 +290,7 @@ fn system_op(
         }
         SystemOp::Invlpg => {
             kernel_only(s)?;
-            effects.flush_tlb = true;
+            effects.invlpg = Some(mem_va(s, instr, 0));
         }
         SystemOp::CacheFlush => kernel_only(s)?,
         SystemOp::Swapgs => {
@@ -360,7 +364,7 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
         Register::CR3 => {
             // PCID is not offered: bit 63 (no-flush) is reserved, so every write flushes.
             s.cr3 = v & 0x000f_ffff_ffff_f018;
-            effects.flush_tlb = true;
+            effects.cr3_write = true;
         }
         Register::CR4 => {
             const PAE: u64 = 1 << 5;

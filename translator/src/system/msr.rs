@@ -32,6 +32,7 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
     (0x10, "IA32_TIME_STAMP_COUNTER", Slot::Platform),
     (0x1b, "IA32_APIC_BASE", Slot::Platform),
     (0x8b, "IA32_BIOS_SIGN_ID", Slot::Platform),
+    (0x10a, "IA32_ARCH_CAPABILITIES", Slot::Platform),
     (0x174, "IA32_SYSENTER_CS", Slot::SysenterCs),
     (0x175, "IA32_SYSENTER_ESP", Slot::SysenterEsp),
     (0x176, "IA32_SYSENTER_EIP", Slot::SysenterEip),
