@@ -201,6 +201,17 @@ impl Drop for ContextBox {
 }
 
 impl Context {
+    /// Empties both TLBs' entries for the page at guest virtual `page_va`.
+    pub fn forget_tlb_page(&mut self, page_va: u64) {
+        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
+        let empty = TlbEntry {
+            vpn: TLB_EMPTY,
+            addend: 0,
+        };
+        self.tlb_write[index] = empty;
+        self.tlb_read[index] = empty;
+    }
+
     pub fn flush_tlb(&mut self) {
         let empty = TlbEntry {
             vpn: TLB_EMPTY,

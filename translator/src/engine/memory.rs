@@ -16,6 +16,22 @@ pub(super) struct Fetcher<'a> {
     pub(super) maps: &'a mut crate::host::pages::HostMaps,
 }
 
+impl<'a> Fetcher<'a> {
+    pub(super) fn new(
+        strategy: &'a MemoryStrategy,
+        state: &'a GuestState,
+        maps: &'a mut crate::host::pages::HostMaps,
+    ) -> Self {
+        Fetcher {
+            strategy,
+            state,
+            pages: Vec::new(),
+            nonglobal: Vec::new(),
+            maps,
+        }
+    }
+}
+
 /// #PF error code of a user-mode instruction fetch: not present (0x14) or no-execute (0x15).
 const FETCH_NOT_PRESENT: u32 = 0x14;
 const FETCH_NX: u32 = 0x15;

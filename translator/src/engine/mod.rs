@@ -438,13 +438,7 @@ impl Translator {
         }
         let translate_started = std::time::Instant::now();
         let soft = self.strategy.is_soft_mmu();
-        let mut fetch = Fetcher {
-            strategy: &self.strategy,
-            state: &self.ctx.get().state,
-            pages: Vec::new(),
-            nonglobal: Vec::new(),
-            maps: &mut self.maps,
-        };
+        let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
         let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
         let block = match block::build(&mut fetch, rip, soft, self.system, self.verified_only, cap) {
             Ok(b) => b,

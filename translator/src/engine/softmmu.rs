@@ -111,14 +111,7 @@ impl Translator {
                 self.invalidate_phys_page(pa);
             }
         }
-        let ctx = self.ctx.get_mut();
-        let index = ((b.page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let empty = crate::context::TlbEntry {
-            vpn: crate::context::TLB_EMPTY,
-            addend: 0,
-        };
-        ctx.tlb_write[index] = empty;
-        ctx.tlb_read[index] = empty;
+        self.ctx.get_mut().forget_tlb_page(b.page_va);
     }
 
     /// Sets up a device access of `size` bytes at guest physical `pa` (virtual `va`) by the
@@ -175,13 +168,7 @@ impl Translator {
     /// device; the TLB forgets the buffer. `Stop` if the device asked to end the run.
     pub(super) fn finish_mmio(&mut self, m: MmioAccess, platform: &mut dyn Platform) -> PortOutcome {
         let ctx = self.ctx.get_mut();
-        let index = ((m.page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let empty = crate::context::TlbEntry {
-            vpn: crate::context::TLB_EMPTY,
-            addend: 0,
-        };
-        ctx.tlb_write[index] = empty;
-        ctx.tlb_read[index] = empty;
+        ctx.forget_tlb_page(m.page_va);
         let completed = ctx.state.rip != m.rip;
         let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
             return PortOutcome::Continue;
@@ -197,13 +184,7 @@ impl Translator {
     /// Whether the instruction at guest `rip` reads and whether it writes memory.
     fn memory_kinds_at(&mut self, rip: u64) -> Result<(bool, bool), TranslateError> {
         use iced_x86::OpAccess;
-        let mut fetch = Fetcher {
-            strategy: &self.strategy,
-            state: &self.ctx.get().state,
-            pages: Vec::new(),
-            nonglobal: Vec::new(),
-            maps: &mut self.maps,
-        };
+        let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
         let mut bytes = [0u8; 15];
         // The instruction was just fetched for its block; only its own bytes matter, so a
         // fetch cut short at a page boundary retries with what fits in this page.
