@@ -335,14 +335,9 @@ impl BlockEmitter<'_> {
         } else {
             let hit = a.here() + 2 + 5;
             a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
-            // The miss leaves through a cold stub that records the branch (see `record_branch`).
             let field = a.branch32_forward(Code::Jmp_rel32_64);
             debug_assert_eq!(a.here(), hit);
-            self.cold.push(super::Cold::TableMiss {
-                field,
-                guest_rip: self.guest_rip,
-                rsp_delta,
-            });
+            self.table_miss(field, rsp_delta);
             None
         };
         let a = &mut self.asm;
@@ -360,12 +355,17 @@ impl BlockEmitter<'_> {
             assert!(distance <= 127, "indirect-branch hit path too long for jrcxz");
             self.asm.buf[jrcxz_at + 1] = distance as u8;
             let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-            self.cold.push(super::Cold::TableMiss {
-                field,
-                guest_rip: self.guest_rip,
-                rsp_delta,
-            });
+            self.table_miss(field, rsp_delta);
         }
         self.spilled &= !DISPATCH_MASK;
+    }
+
+    /// The table miss leaves through a cold stub that records the branch (see `record_branch`).
+    fn table_miss(&mut self, field: usize, rsp_delta: i64) {
+        self.cold.push(super::Cold::TableMiss {
+            field,
+            guest_rip: self.guest_rip,
+            rsp_delta,
+        });
     }
 }

@@ -131,7 +131,9 @@ impl Translator {
             self.bounce_buffer = memmap2_free::PageBuffer::new();
         }
         let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
-            return Err(TranslateError::SplitAccess { rip, va, size });
+            return Err(TranslateError::Host(format!(
+                "guest RIP {rip:#x}: no bounce page for a device access at {va:#x}"
+            )));
         };
         let offset = (va & (PAGE - 1)) as usize;
         // SAFETY: the buffer is two pages; offset + size stays in the first (the caller checked

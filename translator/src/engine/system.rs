@@ -7,14 +7,16 @@
 //! - blocks are keyed by guest virtual RIP *and* CPL (`cache::block_key`), so code translated at
 //!   CPL0 never runs at CPL3;
 //! - the inline TLBs and the indirect-branch table are dropped when the CPL changes;
-//! - a write to CR3, CR4 or CR0.WP/PG and `invlpg` drop the TLBs, the indirect-branch table
-//!   and every link between blocks (`cache.rs`, `remap`); each block is then revalidated when
-//!   the dispatcher next looks it up: kept if its code pages still map to the physical pages
-//!   it was translated from, retranslated otherwise.
+//! - a write to CR3, CR4 or CR0.WP/PG drops the TLBs, the indirect-branch table and the links
+//!   between blocks (`cache.rs`, `remap`; a CR3 write with CR4.PGE keeps the links into blocks
+//!   whose code is global); each block is then revalidated when the dispatcher next looks it
+//!   up: kept if its code pages still map to the physical pages it was translated from,
+//!   retranslated otherwise. `invlpg` away from translated code drops only the TLBs
+//!   (`invalidate_page`).
 
 use super::*;
 use crate::system::delivery::{self, Event, Undeliverable};
-use crate::system::{self as sys, Effects, Next};
+use crate::system::{self as sys, Effects, Invalidated, Next};
 
 /// What happened at a block boundary in system mode.
 pub(super) enum Boundary {
@@ -81,16 +83,14 @@ impl Translator {
                 .entry(format!("{:?}", instr.mnemonic()).to_lowercase())
                 .or_default() += 1;
         }
-        if effects.flush_tlb {
-            // Guest translations changed: the TLBs and links go; blocks are revalidated
-            // against the new mapping when next looked up (see the file comment). The caller
-            // returns to the dispatcher before anything else runs.
-            self.remap(false);
-        } else if effects.cr3_write {
-            let pge = self.ctx.get().state.cr4 & (1 << 7) != 0;
-            self.remap(pge);
-        } else if let Some(va) = effects.invlpg {
-            self.invalidate_page(va);
+        // Guest translations changed: the TLBs and links go; blocks are revalidated against the
+        // new mapping when next looked up (see the file comment). The caller returns to the
+        // dispatcher before anything else runs.
+        match effects.invalidated {
+            Invalidated::Nothing => {}
+            Invalidated::All => self.remap(false),
+            Invalidated::NonGlobal => self.remap(true),
+            Invalidated::Page(va) => self.invalidate_page(va),
         }
         let next = result.map_err(|why| TranslateError::Unsupported {
             rip: instr.ip(),

@@ -93,15 +93,23 @@ pub enum Next {
     Exit(Exit),
 }
 
+/// Which guest translations an instruction invalidated (one instruction does at most one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Invalidated {
+    #[default]
+    Nothing,
+    /// All of them: CR4.PGE/PSE/PAE, CR0.WP/PG, or CR3 without CR4.PGE.
+    All,
+    /// The non-global ones: CR3 written with CR4.PGE set.
+    NonGlobal,
+    /// INVLPG of this linear address: its page's translations (whatever the page's size).
+    Page(u64),
+}
+
 /// Side effects the engine must apply.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Effects {
-    /// Guest translations changed (CR4, CR0.WP/PG): drop the TLBs.
-    pub flush_tlb: bool,
-    /// CR3 was written: drop the non-global translations.
-    pub cr3_write: bool,
-    /// INVLPG of this linear address: the translations of its page (whatever its size) went.
-    pub invlpg: Option<u64>,
+    pub invalidated: Invalidated,
     /// A privileged instruction without a model (its name goes into the statistics).
     pub unimplemented: bool,
 }
@@ -290,7 +298,7 @@ fn system_op(
         }
         SystemOp::Invlpg => {
             kernel_only(s)?;
-            effects.invlpg = Some(mem_va(s, instr, 0));
+            effects.invalidated = Invalidated::Page(mem_va(s, instr, 0));
         }
         SystemOp::CacheFlush => kernel_only(s)?,
         SystemOp::Swapgs => {
@@ -356,7 +364,7 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
                 return Err(Failure::Unsupported("leaving paged protected (long) mode".into()));
             }
             if (v ^ s.cr0) & ((1 << 16) | PG) != 0 {
-                effects.flush_tlb = true;
+                effects.invalidated = Invalidated::All;
             }
             s.cr0 = v | 0x10; // ET reads as one
         }
@@ -364,7 +372,11 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
         Register::CR3 => {
             // PCID is not offered: bit 63 (no-flush) is reserved, so every write flushes.
             s.cr3 = v & 0x000f_ffff_ffff_f018;
-            effects.cr3_write = true;
+            effects.invalidated = if s.cr4 & (1 << 7) != 0 {
+                Invalidated::NonGlobal
+            } else {
+                Invalidated::All
+            };
         }
         Register::CR4 => {
             const PAE: u64 = 1 << 5;
@@ -377,7 +389,7 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
                 return Err(GuestException::gp(0).into());
             }
             if (v ^ s.cr4) & ((1 << 7) | (1 << 4) | PAE) != 0 {
-                effects.flush_tlb = true; // PGE, PSE, PAE
+                effects.invalidated = Invalidated::All; // PGE, PSE, PAE
             }
             s.cr4 = v;
         }
