@@ -97,6 +97,69 @@ fn calls_returns_and_indirect_calls_use_the_guest_stack() {
     assert_eq!(stack[499], page.addr() + 14);
 }
 
+/// A page with no access rights: the guest's stack runs into it.
+struct GuardPage(*mut libc::c_void);
+
+impl GuardPage {
+    fn new() -> Self {
+        // SAFETY: fresh anonymous mapping, checked; nothing dereferences it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        GuardPage(p)
+    }
+    fn end(&self) -> u64 {
+        self.0 as u64 + 4096
+    }
+}
+
+impl Drop for GuardPage {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the page mapped in `new`.
+        unsafe { libc::munmap(self.0, 4096) };
+    }
+}
+
+#[test]
+fn call_and_ret_on_an_unmapped_stack_fault_precisely() {
+    // call +0 (its 64-bit return address is pushed from a literal), then a `ret`: with RSP at
+    // the end of (and then inside) a no-access page, each raises #PF at itself, RSP unchanged.
+    let page = CodePage::new(&[0xe8, 0, 0, 0, 0, 0xc3]);
+    assert!(page.addr() > u32::MAX as u64, "the return address needs 64 bits");
+    let guard = GuardPage::new();
+    for (rip, rsp, fault_addr) in [
+        (page.addr(), guard.end(), guard.end() - 8),
+        (page.addr() + 5, guard.end() - 64, guard.end() - 64),
+    ] {
+        let mut t = identity();
+        t.state_mut().rip = rip;
+        t.state_mut().gpr[4] = rsp;
+        t.state_mut().gpr[11] = 0x1111;
+        t.state_mut().gpr[1] = 0x2222;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        let Exit::Exception(e) = exit else {
+            panic!("expected #PF, got {exit:?}");
+        };
+        assert_eq!(e.vector, vector::PF, "{e:?}");
+        assert_eq!(e.address, Some(fault_addr), "{e:?}");
+        assert_eq!(t.state().rip, rip, "the fault is at the call/ret");
+        assert_eq!(t.state().gpr[4], rsp, "RSP unchanged");
+        assert_eq!(
+            (t.state().gpr[11], t.state().gpr[1]),
+            (0x1111, 0x2222),
+            "R11/RCX restored"
+        );
+    }
+}
+
 #[test]
 fn division_by_zero_is_a_precise_guest_exception() {
     // xor edx,edx; div rcx; hlt   with rcx = 0
