@@ -120,6 +120,14 @@ pub const HIDDEN: &[ModelBit] = &[
         "XSAVES/XRSTORS and supervisor state components are not modelled",
     ),
     hide(0x8000_0001, 0, ECX, 2, "svm", "no nested virtualization"),
+    hide(
+        0x8000_0001,
+        0,
+        EDX,
+        26,
+        "pdpe1gb",
+        "1 GiB pages are not tracked by INVLPG's code-region check (PS in a PDPTE faults as reserved)",
+    ),
     hide(0x8000_0008, 0, EBX, 0, "clzero", NO_RULE),
 ];
 

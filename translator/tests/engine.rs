@@ -632,3 +632,23 @@ fn linux_memmove_head_takes_the_short_copy_branch() {
         );
     }
 }
+
+#[test]
+fn xsetbv_retranslates_the_xsave_family_for_the_new_xcr0() {
+    // CPL0: xor ecx,ecx; xor edx,edx; mov eax,7; xsetbv; mov edi,0x401000; xrstor64 [rdi]; hlt
+    // with a compacted x87|SSE|AVX image (XCOMP_BV = bit 63 | 7, XSTATE_BV = 0). Code
+    // translated for the XCR0 before the xsetbv (x87|SSE) would refuse the AVX bit with #GP.
+    if hbt_translator::cpu::xsave::XsaveLayout::host().managed() & 0x4 == 0 {
+        panic!("this test needs a host with AVX (XCR0 bit 2)");
+    }
+    let g = SoftGuest::new(&[
+        0x31, 0xc9, 0x31, 0xd2, 0xb8, 7, 0, 0, 0, 0x0f, 0x01, 0xd1, 0xbf, 0x00, 0x10, 0x40, 0x00, 0x48, 0x0f, 0xae,
+        0x2f, 0xf4,
+    ]);
+    g.write_u64(0x6000 + 520, (1 << 63) | 7);
+    let mut t = g.translator_with(true);
+    t.state_mut().xcr0 = 0x3;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Halt, "{exit:?} at {:#x}", t.state().rip);
+    assert_eq!(t.state().xcr0, 0x7);
+}

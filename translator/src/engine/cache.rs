@@ -358,9 +358,9 @@ impl Translator {
     /// INVLPG: the data TLBs go (cheap; the page may be a large one, whose 4 KiB entries all
     /// go with it), but links and blocks stay unless translated code lies in the 2 MiB region
     /// of `va` (Linux invalidates single pages all the time — copy-on-write, unmap, kmap — and a
-    /// full remap each time undid every chained jump). A 1 GiB page is not tracked: the VMM
-    /// does not offer them (`pdpe1gb` hidden); a guest that maps its code with one anyway may
-    /// run its old code after an INVLPG, which concerns only itself.
+    /// full remap each time undid every chained jump). There are no 1 GiB pages to track: the
+    /// VMM does not offer them (`pdpe1gb` hidden) and the page walk treats PS in a PDPTE as a
+    /// reserved bit.
     pub(super) fn invalidate_page(&mut self, va: u64) {
         if self.code_regions.contains(&(va >> 21)) {
             self.remap(false);

@@ -371,7 +371,7 @@ impl Translator {
     /// The entry glue `xrstor`s the guest's XSAVE image with its XCR0 as the mask: refuse a state
     /// the host would fault on (an XCR0 outside the managed set, a malformed header or MXCSR),
     /// and drop translations made for another XCR0 (copied `xsave`/`xrstor` are specialized to it).
-    fn check_extended_state(&mut self) -> Result<(), TranslateError> {
+    pub(super) fn check_extended_state(&mut self) -> Result<(), TranslateError> {
         let state = &self.ctx.get().state;
         let xcr0 = state.xcr0;
         if xcr0 != self.translated_xcr0 {

@@ -95,6 +95,9 @@ pub const PS: u64 = 1 << 7;
 const NX: u64 = 1 << 63;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
+/// The page-fault error code bit for a reserved bit set in a paging-structure entry.
+const RSVD: u32 = 1 << 3;
+
 /// The global bit of a leaf entry (meaningful with CR4.PGE).
 const G: u64 = 1 << 8;
 
@@ -113,8 +116,12 @@ pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Res
     let user = state.cpl == Cpl::User;
     let wp = state.cr0 & (1 << 16) != 0;
     let nxe = state.efer & (1 << 11) != 0;
-    let fault = |present: bool| {
+    // `rsvd`: a reserved bit was set in an entry (which implies present).
+    let fault = |present: bool, rsvd: bool| {
         let mut ec = present as u32;
+        if rsvd {
+            ec |= RSVD;
+        }
         if access == Access::Write {
             ec |= 2;
         }
@@ -133,20 +140,25 @@ pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Res
     for level in (0..4).rev() {
         let index = (va >> (12 + 9 * level)) & 511;
         let entry_pa = table + index * 8;
-        let entry = ram.read_u64(entry_pa).ok_or_else(|| fault(false))?;
+        let entry = ram.read_u64(entry_pa).ok_or_else(|| fault(false, false))?;
         if entry & P == 0 {
-            return Err(fault(false));
+            return Err(fault(false, false));
         }
         writable &= entry & RW != 0;
         user_ok &= entry & US != 0;
         exec_ok &= !(nxe && entry & NX != 0);
-        let leaf = level == 0 || (level <= 2 && entry & PS != 0);
+        if level == 2 && entry & PS != 0 {
+            // 1 GiB pages are not offered (`pdpe1gb` is hidden from the guest's CPUID), so PS
+            // in a PDPTE is a reserved bit: #PF with P and RSVD set, nothing marked accessed.
+            return Err(fault(true, true));
+        }
+        let leaf = level == 0 || (level == 1 && entry & PS != 0);
         if leaf {
             let denied = (user && !user_ok)
                 || (access == Access::Write && !writable && (user || wp))
                 || (access == Access::Fetch && !exec_ok);
             if denied {
-                return Err(fault(true));
+                return Err(fault(true, false));
             }
             let mut new = entry | A;
             if access == Access::Write {
@@ -166,4 +178,84 @@ pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Res
         table = entry & ADDR;
     }
     unreachable!("the loop returns at level 0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guest RAM of 64 KiB (page-aligned, as `GuestRam` requires) with the PML4 at 0x1000
+    /// pointing to a PDPT at 0x2000; tests fill in the rest.
+    #[repr(C, align(4096))]
+    struct Tables([u64; 8192]);
+
+    impl Tables {
+        fn new() -> Box<Self> {
+            let mut t = Box::new(Tables([0; 8192]));
+            t.set(0x1000, 0x2000 | P | RW | US);
+            t
+        }
+        fn set(&mut self, pa: u64, v: u64) {
+            self.0[(pa / 8) as usize] = v;
+        }
+        fn get(&self, pa: u64) -> u64 {
+            self.0[(pa / 8) as usize]
+        }
+        fn walk(&mut self, va: u64, access: Access, cpl: Cpl) -> Result<u64, GuestException> {
+            // SAFETY: the 64 KiB array is page-aligned and outlives `ram`, which is dropped at
+            // the end of this call; nothing else touches the array meanwhile.
+            let ram = unsafe { GuestRam::new(self.0.as_mut_ptr() as *mut u8, 64 << 10) };
+            let paging = Paging {
+                cr0: 1 << 16, // WP
+                cr3: 0x1000,
+                cr4: 0,
+                efer: 1 << 11, // NXE
+                rflags: 2,
+                cpl,
+            };
+            walk(&ram, &paging, va, access)
+        }
+    }
+
+    #[test]
+    fn a_1gib_page_is_a_reserved_bit_fault() {
+        let mut t = Tables::new();
+        t.set(0x2000, P | RW | US | PS);
+        let e = t.walk(0x1234, Access::Write, Cpl::User).unwrap_err();
+        assert_eq!(e, GuestException::page_fault(0x1234, 1 | 2 | 4 | RSVD));
+        assert_eq!(t.get(0x2000) & A, 0, "a faulting walk marks nothing accessed");
+    }
+
+    #[test]
+    fn two_mib_and_4kib_pages_translate_and_set_accessed_and_dirty() {
+        let mut t = Tables::new();
+        t.set(0x2000, 0x3000 | P | RW | US);
+        t.set(0x3000, 0x20_0000 | P | RW | US | PS); // va [0, 2M) -> pa [2M, 4M)
+        t.set(0x3008, 0x4000 | P | RW | US); // va [2M, 4M) -> PT
+        t.set(0x4008, 0x9000 | P | US); // va 2M+4K -> pa 0x9000, read-only
+        assert_eq!(t.walk(0x1_2345, Access::Write, Cpl::User), Ok(0x21_2345));
+        assert_eq!(t.get(0x3000) & (A | D), A | D);
+        assert_eq!(t.walk(0x20_1010, Access::Read, Cpl::User), Ok(0x9010));
+        assert_eq!(t.get(0x4008) & (A | D), A);
+        // Read-only: a write faults at CPL3 and, with CR0.WP, at CPL0 too.
+        for cpl in [Cpl::User, Cpl::Kernel] {
+            let ec = 1 | 2 | if cpl == Cpl::User { 4 } else { 0 };
+            assert_eq!(
+                t.walk(0x20_1010, Access::Write, cpl),
+                Err(GuestException::page_fault(0x20_1010, ec))
+            );
+        }
+    }
+
+    #[test]
+    fn a_supervisor_page_faults_from_cpl3_with_error_code_5() {
+        let mut t = Tables::new();
+        t.set(0x2000, 0x3000 | P | RW | US);
+        t.set(0x3000, 0x20_0000 | P | RW | PS); // supervisor-only 2 MiB page
+        assert_eq!(t.walk(0x100, Access::Read, Cpl::Kernel), Ok(0x20_0100));
+        assert_eq!(
+            t.walk(0x100, Access::Read, Cpl::User),
+            Err(GuestException::page_fault(0x100, 5))
+        );
+    }
 }
