@@ -89,6 +89,11 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
         "{context}"
     );
     assert!(!stdout.contains("Kernel panic"), "{context}");
+    // No kernel WARN/BUG/oops: each is the guest telling us the machine misbehaved (XSETBV
+    // once left code narrowed to the old XCR0, and the kernel's own xrstor got #GP).
+    for bad in ["------------[ cut here ]------------", "BUG:", "Oops:"] {
+        assert!(!stdout.contains(bad), "the kernel logged `{bad}`\n{context}");
+    }
 }
 
 fn tail(s: &str, n: usize) -> String {
