@@ -6,23 +6,29 @@ use hbt_translator::{Config, Exit, GuestRam, HostPlatform, MemoryStrategy, Trans
 
 const BUDGET: u64 = 10_000;
 
+/// A fresh anonymous 4 KiB mapping with protection `prot` (the caller unmaps it).
+fn anonymous_page(prot: libc::c_int) -> *mut libc::c_void {
+    // SAFETY: a fresh anonymous mapping, checked; it aliases nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p
+}
+
 /// One RWX page holding `code` (identity strategy: guest addresses are host addresses).
 struct CodePage(*mut u8);
 
 impl CodePage {
     fn new(code: &[u8]) -> Self {
-        // SAFETY: fresh anonymous mapping, checked; the test writes only inside it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        } as *mut u8;
-        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+        let p = anonymous_page(libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as *mut u8;
         // SAFETY: the page is 4096 bytes; tests use far less.
         unsafe {
             std::ptr::write_bytes(p, 0xf4, 4096);
@@ -102,19 +108,7 @@ struct GuardPage(*mut libc::c_void);
 
 impl GuardPage {
     fn new() -> Self {
-        // SAFETY: fresh anonymous mapping, checked; nothing dereferences it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        GuardPage(p)
+        GuardPage(anonymous_page(libc::PROT_NONE))
     }
     fn end(&self) -> u64 {
         self.0 as u64 + 4096

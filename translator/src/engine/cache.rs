@@ -99,6 +99,7 @@ impl Translator {
         self.emulated_at.clear();
         self.by_host.clear();
         self.code_pages.clear();
+        self.code_regions.clear();
         self.protected.release_all();
         self.code.reset_to(self.glue_len);
         self.linked.clear();

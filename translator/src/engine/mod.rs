@@ -370,10 +370,21 @@ impl Translator {
 
     /// The entry glue `xrstor`s the guest's XSAVE image with its XCR0 as the mask: refuse a state
     /// the host would fault on (an XCR0 outside the managed set, a malformed header or MXCSR),
-    /// and drop translations made for another XCR0 (copied `xsave`/`xrstor` are specialized to it).
-    pub(super) fn check_extended_state(&mut self) -> Result<(), TranslateError> {
-        let state = &self.ctx.get().state;
-        let xcr0 = state.xcr0;
+    /// and drop translations made for another XCR0 (see [`Translator::follow_guest_xcr0`]).
+    fn check_extended_state(&mut self) -> Result<(), TranslateError> {
+        self.follow_guest_xcr0()?;
+        self.ctx
+            .get()
+            .state
+            .xsave
+            .check(XsaveLayout::host().host_xcr0())
+            .map_err(|why| TranslateError::Host(format!("guest extended state cannot be loaded: {why}")))
+    }
+
+    /// Copied `xsave`/`xrstor` are specialized to the guest's XCR0: when it has changed (a new
+    /// run, or XSETBV in system mode), the code cache goes.
+    pub(super) fn follow_guest_xcr0(&mut self) -> Result<(), TranslateError> {
+        let xcr0 = self.ctx.get().state.xcr0;
         if xcr0 != self.translated_xcr0 {
             XsaveLayout::host()
                 .check_guest_xcr0(xcr0)
@@ -381,11 +392,7 @@ impl Translator {
             self.flush();
             self.translated_xcr0 = xcr0;
         }
-        let state = &self.ctx.get().state;
-        state
-            .xsave
-            .check(XsaveLayout::host().host_xcr0())
-            .map_err(|why| TranslateError::Host(format!("guest extended state cannot be loaded: {why}")))
+        Ok(())
     }
 
     /// RFLAGS bits that live in the host's flags while translated code runs: the status flags

@@ -95,7 +95,7 @@ impl Translator {
         // XSETBV: code translated for the old XCR0 narrows XSAVE-family masks to it (a kernel
         // setting XCR0 = x87|SSE|AVX then restoring a compacted AVX image got #GP from code
         // translated for x87|SSE: Linux 6.1's WARN in fpu__init_system_xstate).
-        self.check_extended_state()?;
+        self.follow_guest_xcr0()?;
         let next = result.map_err(|why| TranslateError::Unsupported {
             rip: instr.ip(),
             text: instr.to_string(),
