@@ -3,11 +3,14 @@
 # (`L: call f; dec rcx; jnz L` / `f: add rax,rcx; ret`) written out by hand in the shapes the
 # translator could emit, as static programs timed in one run (medians of RUNS, 1e9 iterations):
 # - native:     the kernel itself (call/ret, predicted by the return stack buffer);
-# - translated: what hbt emits today under identity (push of the literal return address, jump;
-#               R11/RCX spilled, `pop r11`, flag-free inline-cache compare, RCX and R11 reloaded);
+# - translated: what hbt emits under identity for a call it does not inline (push of the literal
+#               return address, jump; R11/RCX spilled, `pop r11`, flag-free inline-cache
+#               compare, RCX and R11 reloaded). The kernel's own call is to a leaf in the same
+#               page, which the block builder inlines (block.rs): that runs at ~1.0x native;
+#               this script is about every other call (callee in another page, not a leaf);
 # - no-spill:   the floor for any translation that keeps guest return addresses on the guest
 #               stack: no spills, and a `cmp`/`jne` that simply clobbers the guest's flags.
-# If no-spill is already ~2x native, no dispatch design brings this kernel much below 2x.
+# If no-spill is already ~2x native, no dispatch design brings a dispatched return much below 2x.
 # Needs `as` and `ld` (binutils). Usage: benches/call-return-floor.sh [RUNS]
 set -euo pipefail
 RUNS=${1:-5}

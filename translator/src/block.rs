@@ -5,25 +5,59 @@
 //! (a chained exit) and decoding goes on along the fall-through side, which saves the
 //! `jmp` a block-ending `jcc` would need for its fall-through on every execution (measured
 //! on busybox `sh`, whose hot loops are chains of short `cmp`/`jcc` runs).
+//!
+//! Blocks also follow control flow *within their page*, so hot short paths run without a
+//! taken host branch or a return lookup:
+//! - a direct `jmp` is followed (emits nothing, [`Flow::Followed`]);
+//! - a direct `call` to a *leaf* is inlined ([`Flow::InlinedCall`]): the return address is still
+//!   pushed, the callee's code follows in the block, and its `ret` ([`Flow::InlinedRet`]) only
+//!   moves RSP back and decoding goes on at the return address. That is exact only because the
+//!   callee is checked first ([`inlinable_leaf`]): every instruction on the path from the call to
+//!   the `ret` is copied code that neither writes memory nor touches RSP, so the `ret` pops
+//!   exactly the address the `call` pushed. Faults inside the callee stay precise (each
+//!   instruction keeps its own guest RIP), the callee's `jcc`s leave the block as usual, and a
+//!   block is entered only at its start, so nothing resumes between the push and the pop.
 
 use crate::exit::{vector, GuestException};
 use crate::rules::{rule, BranchKind, Rule};
-use iced_x86::{Decoder, DecoderOptions, Instruction};
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
 
 /// Most instructions in one block.
 pub const MAX_BLOCK_INSTRUCTIONS: usize = 64;
+/// Most instructions of a callee that is inlined (its `ret` included).
+pub const MAX_INLINED_CALLEE: usize = 16;
+/// Most direct jumps and inlined calls one block follows (each duplicates the code it reaches).
+const MAX_FOLLOWED: usize = 4;
 const PAGE: u64 = 4096;
+
+/// How an instruction takes part in the block's control flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Emitted by its rule.
+    Normal,
+    /// A direct `jmp` whose target follows it in the block: nothing is emitted.
+    Followed,
+    /// A direct `call` whose leaf callee follows it in the block: only the push is emitted.
+    InlinedCall,
+    /// The inlined callee's `ret`: RSP moves past the return address the call pushed.
+    InlinedRet,
+}
 
 pub struct DecodedInstr {
     pub instr: Instruction,
     pub rule: Rule,
     pub bytes: Vec<u8>,
+    pub flow: Flow,
 }
 
 pub struct DecodedBlock {
     pub start: u64,
-    /// Guest address after the last instruction.
+    /// Guest address the block falls through to after its last instruction.
     pub end: u64,
+    /// Lowest and highest (exclusive) guest address the block's instructions occupy: followed
+    /// jumps and inlined calls may place code on either side of `start`, never outside its page
+    /// (except an instruction straddling into the next one).
+    pub span: (u64, u64),
     pub instrs: Vec<DecodedInstr>,
     /// The last instruction leaves the block itself (unconditional branch or engine exit); a
     /// block ending in a `jcc` still needs its fall-through exit.
@@ -52,35 +86,141 @@ pub trait CodeFetch {
 
 use crate::supported::is_supported;
 
-/// Decodes one block at `rip`. `soft_mmu` and `system` (system mode) decide which rules end a
-/// block.
-pub fn build(
-    fetch: &mut dyn CodeFetch,
-    rip: u64,
-    soft_mmu: bool,
-    system: bool,
-    verified_only: bool,
-    max_instructions: usize,
-) -> Result<DecodedBlock, BuildError> {
-    let page_end = (rip & !(PAGE - 1)) + PAGE;
-    let mut buf = vec![0u8; (page_end - rip) as usize + 15];
+/// What the builder needs to know besides the code.
+#[derive(Clone, Copy, Debug)]
+pub struct BuildOptions {
+    /// The soft-MMU strategy and system mode decide which rules end a block.
+    pub soft_mmu: bool,
+    pub system: bool,
+    pub verified_only: bool,
+    pub max_instructions: usize,
+}
+
+/// The guest code of one page, as far as it could be read.
+struct PageCode {
+    buf: Vec<u8>,
+    page: u64,
+    /// Readable bytes are `buf[low..avail]` (guest addresses `page + low ..`).
+    low: usize,
+    avail: usize,
+}
+
+impl PageCode {
+    fn page_end(&self) -> u64 {
+        self.page + PAGE
+    }
+
+    /// A decoder positioned at `ip`, which must be readable.
+    fn decoder_at(&self, ip: u64) -> Decoder<'_> {
+        let pos = (ip - self.page) as usize;
+        let mut d = Decoder::with_ip(64, &self.buf[pos..self.avail], ip, DecoderOptions::NONE);
+        d.set_ip(ip);
+        d
+    }
+
+    /// `ip` starts inside the page, in what was read.
+    fn holds(&self, ip: u64) -> bool {
+        ip >= self.page + self.low as u64 && ip < self.page_end() && ((ip - self.page) as usize) < self.avail
+    }
+}
+
+/// The rule the builder uses for `instr`, if it has one (and, with `verified_only`, it is
+/// verified).
+fn rule_for(instr: &Instruction, verified_only: bool) -> Option<Rule> {
+    rule(instr.code()).filter(|_| !verified_only || is_supported(instr.code()))
+}
+
+fn has_fs_gs(instr: &Instruction) -> bool {
+    matches!(instr.segment_prefix(), Register::FS | Register::GS)
+}
+
+/// Whether the block can go on after `instr` (rule `r`) at all.
+fn ends_block(r: Rule, instr: &Instruction, o: &BuildOptions) -> bool {
+    match r {
+        Rule::Branch(BranchKind::Jcc) => false,
+        Rule::Branch(_) => true,
+        _ => r.runs_in_engine(o.soft_mmu, has_fs_gs(instr), o.system),
+    }
+}
+
+/// The instruction count of the leaf at `target` (its `ret` included) if a call to it can be
+/// inlined: within `limit` instructions, in this page, every instruction up to a plain `ret` is
+/// copied code (or a `jcc`, whose taken side leaves the block) that writes no memory and does not
+/// use RSP — so the `ret` pops exactly what the call pushed.
+fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) -> Option<usize> {
+    if !code.holds(target) {
+        return None;
+    }
+    let mut decoder = code.decoder_at(target);
+    let mut info = InstructionInfoFactory::new();
+    for n in 1..=limit.min(MAX_INLINED_CALLEE) {
+        if !decoder.can_decode() || decoder.ip() >= code.page_end() {
+            return None;
+        }
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            return None;
+        }
+        let r = rule_for(&instr, o.verified_only)?;
+        match r {
+            Rule::Branch(BranchKind::Ret) if instr.code() == Code::Retnq => return Some(n),
+            Rule::Branch(BranchKind::Jcc) => {}
+            Rule::Copy if !ends_block(r, &instr, o) => {
+                let i = info.info(&instr);
+                let writes = i
+                    .used_memory()
+                    .iter()
+                    .any(|m| !matches!(m.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess));
+                let stack = i
+                    .used_registers()
+                    .iter()
+                    .any(|u| u.register().is_gpr() && u.register().full_register() == Register::RSP);
+                if writes || stack {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// Decodes one block at `rip`.
+pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<DecodedBlock, BuildError> {
+    let page = rip & !(PAGE - 1);
+    let page_end = page + PAGE;
+    let at = (rip - page) as usize;
+    let mut buf = vec![0u8; PAGE as usize + 15];
     let first = fetch
-        .fetch(rip, &mut buf[..(page_end - rip) as usize])
+        .fetch(rip, &mut buf[at..PAGE as usize])
         .map_err(BuildError::Fault)?;
-    let mut avail = first;
+    let mut avail = at + first;
     let mut second_fault = None;
-    if first == (page_end - rip) as usize {
-        match fetch.fetch(page_end, &mut buf[first..first + 15]) {
+    if avail == PAGE as usize {
+        match fetch.fetch(page_end, &mut buf[avail..avail + 15]) {
             Ok(n) => avail += n,
             Err(e) => second_fault = Some(e),
         }
     }
-    let mut decoder = Decoder::with_ip(64, &buf[..avail], rip, DecoderOptions::NONE);
-    let mut instrs = Vec::new();
+    // The page's code before `rip`, for jumps and calls backwards (same page, so it reads as the
+    // rest of it does; if not, those are simply not followed).
+    let low = if at > 0 && o.max_instructions > 1 && matches!(fetch.fetch(page, &mut buf[..at]), Ok(n) if n == at) {
+        0
+    } else {
+        at
+    };
+    let code = PageCode { buf, page, low, avail };
+    let cap = o.max_instructions.min(MAX_BLOCK_INSTRUCTIONS);
+    let mut decoder = code.decoder_at(rip);
+    let mut instrs: Vec<DecodedInstr> = Vec::new();
     let mut terminated = false;
     let mut end = rip;
-    while decoder.can_decode() && end < page_end && instrs.len() < max_instructions.min(MAX_BLOCK_INSTRUCTIONS) {
-        let pos = decoder.position();
+    let mut span = (rip, rip);
+    let mut followed = 0;
+    // The return address of the inlined call whose callee is being decoded.
+    let mut inlined_return: Option<u64> = None;
+    while decoder.can_decode() && end < page_end && instrs.len() < cap {
+        let pos = (decoder.ip() - page) as usize;
         let instr = decoder.decode();
         if instr.is_invalid() {
             if instrs.is_empty() {
@@ -92,23 +232,60 @@ pub fn build(
             }
             break;
         }
-        let bytes = buf[pos..pos + instr.len()].to_vec();
-        let verified = !verified_only || is_supported(instr.code());
-        let Some(r) = rule(instr.code()).filter(|_| verified) else {
+        let bytes = code.buf[pos..pos + instr.len()].to_vec();
+        let Some(r) = rule_for(&instr, o.verified_only) else {
             if instrs.is_empty() {
                 return Err(BuildError::Unsupported(instr, bytes));
             }
             break;
         };
-        let fs_gs = matches!(instr.segment_prefix(), iced_x86::Register::FS | iced_x86::Register::GS);
-        let ends = match r {
-            Rule::Branch(BranchKind::Jcc) => false,
-            Rule::Branch(_) => true,
-            _ => r.runs_in_engine(soft_mmu, fs_gs, system),
-        };
+        span = (span.0.min(instr.ip()), span.1.max(instr.next_ip()));
         end = instr.next_ip();
-        instrs.push(DecodedInstr { instr, rule: r, bytes });
-        if ends {
+        let room = cap - instrs.len() - 1;
+        let mut flow = Flow::Normal;
+        let mut next = None;
+        match r {
+            Rule::Branch(BranchKind::Jmp)
+                if matches!(instr.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
+                    && followed < MAX_FOLLOWED
+                    && room > 0
+                    && code.holds(instr.near_branch64()) =>
+            {
+                flow = Flow::Followed;
+                next = Some(instr.near_branch64());
+            }
+            Rule::Branch(BranchKind::Call)
+                if instr.code() == Code::Call_rel32_64
+                    && inlined_return.is_none()
+                    && followed < MAX_FOLLOWED
+                    && code.holds(end)
+                    && inlinable_leaf(&code, instr.near_branch64(), room, &o).is_some() =>
+            {
+                flow = Flow::InlinedCall;
+                inlined_return = Some(end);
+                next = Some(instr.near_branch64());
+            }
+            Rule::Branch(BranchKind::Ret) if instr.code() == Code::Retnq && inlined_return.is_some() => {
+                flow = Flow::InlinedRet;
+                next = inlined_return.take();
+            }
+            _ => {}
+        }
+        instrs.push(DecodedInstr {
+            instr,
+            rule: r,
+            bytes,
+            flow,
+        });
+        if let Some(target) = next {
+            if flow != Flow::InlinedRet {
+                followed += 1;
+            }
+            end = target;
+            decoder = code.decoder_at(target);
+            continue;
+        }
+        if ends_block(r, &instr, &o) {
             terminated = true;
             break;
         }
@@ -122,6 +299,7 @@ pub fn build(
     Ok(DecodedBlock {
         start: rip,
         end,
+        span,
         instrs,
         terminated,
     })

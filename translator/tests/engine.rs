@@ -154,6 +154,111 @@ fn call_and_ret_on_an_unmapped_stack_fault_precisely() {
     }
 }
 
+/// Runs the code in `page` (identity) from its start with RSP at `top`, 500 slots into a fresh
+/// stack; returns the translator, the exit, the stack (for what the guest left there) and `top`.
+fn run_with_stack(page: &CodePage, setup: impl FnOnce(&mut Translator)) -> (Translator, Exit, Vec<u64>, u64) {
+    let mut stack = vec![0u64; 512];
+    let top = stack.as_mut_ptr() as u64 + 8 * 500;
+    let mut t = identity();
+    t.state_mut().rip = page.addr();
+    t.state_mut().gpr[4] = top;
+    setup(&mut t);
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    (t, exit, stack, top)
+}
+
+#[test]
+fn a_call_to_a_leaf_in_the_same_page_is_inlined_exactly() {
+    // call f; hlt; f: add rax,rcx; ret  -- one block: the call pushes, the ret only pops
+    let page = CodePage::new(&[0xe8, 1, 0, 0, 0, 0xf4, 0x48, 0x01, 0xc8, 0xc3]);
+    let (t, exit, stack, top) = run_with_stack(&page, |t| {
+        t.state_mut().gpr[0] = 40;
+        t.state_mut().gpr[1] = 2;
+    });
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(t.state().rip, page.addr() + 5, "back at the hlt after the call");
+    assert_eq!(t.state().gpr[0], 42);
+    assert_eq!(t.state().gpr[4], top, "stack balanced");
+    assert_eq!(stack[499], page.addr() + 5, "the return address is on the guest stack");
+    assert_eq!(
+        t.stats().blocks_translated,
+        1,
+        "call, callee and return in one block: {:?}",
+        t.stats()
+    );
+}
+
+#[test]
+fn a_fault_inside_an_inlined_callee_is_precise() {
+    // call f; hlt; f: mov rax,[rsi]; ret   with RSI in a no-access page
+    let page = CodePage::new(&[0xe8, 1, 0, 0, 0, 0xf4, 0x48, 0x8b, 0x06, 0xc3]);
+    let guard = GuardPage::new();
+    let (t, exit, stack, top) = run_with_stack(&page, |t| {
+        t.state_mut().gpr[0] = 7;
+        t.state_mut().gpr[6] = guard.end() - 4096;
+    });
+    let Exit::Exception(e) = exit else {
+        panic!("expected #PF, got {exit:?}")
+    };
+    assert_eq!(e.vector, vector::PF, "{e:?}");
+    assert_eq!(t.state().rip, page.addr() + 6, "RIP at the faulting load in the callee");
+    assert_eq!(t.state().gpr[4], top - 8, "the call's push happened");
+    assert_eq!(stack[499], page.addr() + 5);
+    assert_eq!(t.state().gpr[0], 7, "destination untouched");
+}
+
+#[test]
+fn callees_that_write_memory_or_move_rsp_are_not_inlined_and_return_where_the_guest_says() {
+    // call f; hlt; g: inc rbx; hlt; f: lea rax,[rip-9] (= g); mov [rsp],rax; ret
+    let page = CodePage::new(&[
+        0xe8, 5, 0, 0, 0, 0xf4, 0x48, 0xff, 0xc3, 0xf4, 0x48, 0x8d, 0x05, 0xf5, 0xff, 0xff, 0xff, 0x48, 0x89, 0x04,
+        0x24, 0xc3,
+    ]);
+    let (t, exit, _, top) = run_with_stack(&page, |_| {});
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(t.state().rip, page.addr() + 9, "the rewritten return address was taken");
+    assert_eq!(t.state().gpr[3], 1);
+    assert_eq!(t.state().gpr[4], top);
+    // call f; hlt; g: inc rbx; hlt; f: pop rax; add rax,1 (= g); push rax; ret  -- RSP moves
+    let page = CodePage::new(&[
+        0xe8, 5, 0, 0, 0, 0xf4, 0x48, 0xff, 0xc3, 0xf4, 0x58, 0x48, 0x83, 0xc0, 0x01, 0x50, 0xc3,
+    ]);
+    let (t, exit, _, top) = run_with_stack(&page, |_| {});
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(
+        (t.state().rip, t.state().gpr[3], t.state().gpr[4]),
+        (page.addr() + 9, 1, top)
+    );
+}
+
+#[test]
+fn an_inlined_callee_branch_leaves_the_block_and_still_returns() {
+    // call f; hlt; f: test rcx,rcx; jz +3; inc rax; ret
+    let page = CodePage::new(&[
+        0xe8, 1, 0, 0, 0, 0xf4, 0x48, 0x85, 0xc9, 0x74, 0x03, 0x48, 0xff, 0xc0, 0xc3,
+    ]);
+    for (rcx, rax) in [(0, 0), (1, 1)] {
+        let (t, exit, _, top) = run_with_stack(&page, |t| t.state_mut().gpr[1] = rcx);
+        assert!(gp_at(exit), "{exit:?}");
+        assert_eq!(
+            (t.state().rip, t.state().gpr[0], t.state().gpr[4]),
+            (page.addr() + 5, rax, top),
+            "rcx={rcx}"
+        );
+    }
+}
+
+#[test]
+fn direct_jumps_within_the_page_are_followed() {
+    // jmp L; ud2; L: inc rax; hlt
+    let page = CodePage::new(&[0xeb, 0x02, 0x0f, 0x0b, 0x48, 0xff, 0xc0, 0xf4]);
+    let mut t = identity();
+    t.state_mut().rip = page.addr();
+    assert!(gp_at(t.run(&mut HostPlatform, BUDGET).unwrap()));
+    assert_eq!((t.state().rip, t.state().gpr[0]), (page.addr() + 7, 1));
+    assert_eq!(t.stats().blocks_translated, 1, "{:?}", t.stats());
+}
+
 #[test]
 fn division_by_zero_is_a_precise_guest_exception() {
     // xor edx,edx; div rcx; hlt   with rcx = 0
@@ -290,6 +395,48 @@ fn soft_mmu_page_fault_is_precise() {
     assert_eq!(t.state().rip, CODE_VA + 1, "RIP at the faulting mov");
     assert_eq!(t.state().gpr[3], 0x1234, "destination untouched");
     assert_eq!(t.state().rflags & 1, 1, "CF from stc survives the fault");
+}
+
+#[test]
+fn soft_mmu_inlined_call_pushes_through_the_mmu_and_faults_precisely() {
+    // call f; hlt; f: add rax,rcx; mov rdx,[rsi]; ret   stack in the data page
+    let g = SoftGuest::new(&[0xe8, 1, 0, 0, 0, 0xf4, 0x48, 0x01, 0xc8, 0x48, 0x8b, 0x16, 0xc3]);
+    for (rsi, faults) in [(0x40_1000u64, false), (0x40_2000, true)] {
+        let mut t = g.translator();
+        // The first run fills the TLB (its misses restart inside the callee, in other blocks);
+        // the second runs the inlined block from end to end.
+        for pass in 0..2 {
+            let translated = t.stats().blocks_translated;
+            t.state_mut().rip = CODE_VA;
+            t.state_mut().gpr[0] = 40;
+            t.state_mut().gpr[1] = 2;
+            t.state_mut().gpr[4] = 0x40_1800;
+            t.state_mut().gpr[6] = rsi;
+            g.write_u64(0x67f8, 0);
+            let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+            let mut ret = [0u8; 8];
+            // SAFETY: 0x67f8 (the data page's frame 0x6000 + 0x7f8) is inside RAM.
+            unsafe { std::ptr::copy_nonoverlapping(g.ram.add(0x67f8), ret.as_mut_ptr(), 8) };
+            assert_eq!(
+                u64::from_le_bytes(ret),
+                CODE_VA + 5,
+                "return address pushed through the soft-MMU"
+            );
+            if faults {
+                assert!(matches!(exit, Exit::Exception(e) if e.vector == vector::PF), "{exit:?}");
+                assert_eq!((t.state().rip, t.state().gpr[4]), (CODE_VA + 9, 0x40_17f8));
+            } else {
+                assert!(gp_at(exit), "{exit:?}");
+                assert_eq!(
+                    (t.state().rip, t.state().gpr[0], t.state().gpr[4]),
+                    (CODE_VA + 5, 42, 0x40_1800)
+                );
+            }
+            if pass == 1 {
+                assert_eq!(t.stats().blocks_translated, translated, "{:?}", t.stats());
+            }
+        }
+    }
 }
 
 #[test]

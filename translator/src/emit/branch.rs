@@ -2,12 +2,10 @@
 //!
 //! - Direct jumps, `jcc`, `jrcxz`/`loop*`: every way out of the block is a `jmp/jcc rel32` to an
 //!   exit stub; the engine chains it to the successor block once that exists (patching rel32).
-//! - `call`: the *guest* return address is pushed (through the memory strategy), then as a jump.
-//!   Under identity a 64-bit return address is `push qword [rip+literal]`, the literal placed
-//!   after the block's final jump, and `ret` pops it with `pop r11`: on an Intel Sapphire Rapids
-//!   host the call kernel of `benches/translate.rs` went from 3.0x to 2.7x native (one uop
-//!   each where `mov r11,imm64; mov [rsp-8],r11; lea rsp,[rsp-8]` with R11 spilled and reloaded
-//!   was six).
+//! - `call`: the *guest* return address is pushed (through the memory strategy, see
+//!   `push_return`), then as a jump; under identity `ret` pops it with `pop r11`. A call to a
+//!   leaf in the same page is inlined by the block builder (`block::Flow`): the push, the
+//!   callee, and for its `ret` only `lea rsp,[rsp+8]`.
 //! - `ret`, `jmp r/m`, `call r/m`: the guest target goes to R11 and, without touching flags, a
 //!   one-entry inline cache for the site, then the shared indirect-branch table, find the host
 //!   block:
@@ -79,26 +77,6 @@ impl BlockEmitter<'_> {
                 self.counter_jump_over_next(instr)?;
                 self.exit_jump(Code::Jmp_rel32_64, next);
                 self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
-            }
-            BranchKind::Call if !self.soft_mmu && (next as i64) != (next as i32 as i64) => {
-                // Identity: `push qword [rip+literal]; jmp target; literal: dq next` — one
-                // instruction and no borrowed register for a 64-bit return address (the literal
-                // sits after the block's last jump, where nothing executes).
-                let push_len = 6;
-                let literal = self.asm.here() + push_len + 5;
-                let mut push = Instruction::with1(
-                    Code::Push_rm64,
-                    MemoryOperand::with_base_displ(Register::RIP, literal as i64),
-                )
-                .expect("push qword [rip+disp32]");
-                push.set_ip(self.guest_rip);
-                let start = self.asm.buf.len();
-                self.asm.emit(&push)?;
-                debug_assert_eq!(self.asm.buf.len() - start, push_len as usize);
-                self.site_here(start);
-                self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
-                debug_assert_eq!(self.asm.here(), literal);
-                self.asm.buf.extend_from_slice(&next.to_le_bytes());
             }
             BranchKind::Call => {
                 self.push_return(next)?;
@@ -294,10 +272,30 @@ impl BlockEmitter<'_> {
 
     /// Pushes the guest return address through the memory strategy, as one 8-byte store: the
     /// `ret` reads it back with one 8-byte load, and a load fed by two 4-byte stores cannot be
-    /// store-forwarded (a ~10-cycle stall per call/return pair).
-    fn push_return(&mut self, ret: u64) -> Result<(), TranslateError> {
+    /// store-forwarded (a ~10-cycle stall per call/return pair). Under identity that is one
+    /// `push`, of an imm32 or, for a 64-bit address, of a literal after the block's code
+    /// (`push qword [rip+literal]`): no register is borrowed (on an Intel Sapphire Rapids host
+    /// the call kernel of `benches/translate.rs` went from 3.0x to 2.7x native against
+    /// `mov r11,imm64; mov [rsp-8],r11; lea rsp,[rsp-8]` with R11 spilled and reloaded).
+    pub(super) fn push_return(&mut self, ret: u64) -> Result<(), TranslateError> {
+        let fits = (ret as i64) == (ret as i32 as i64);
+        if !self.soft_mmu {
+            let start = self.asm.buf.len();
+            if fits {
+                self.asm.glue(Instruction::with1(Code::Pushq_imm32, ret as i32));
+            } else {
+                // The displacement is bound to the literal when the cold code is emitted.
+                self.asm.glue(Instruction::with1(
+                    Code::Push_rm64,
+                    MemoryOperand::with_base_displ(Register::RIP, self.asm.here() as i64),
+                ));
+                self.literals.push((self.asm.buf.len() - 4, ret));
+            }
+            self.site_here(start);
+            return Ok(());
+        }
         let slot = MemoryOperand::with_base_displ(Register::RSP, -8);
-        if (ret as i64) == (ret as i32 as i64) {
+        if fits {
             let mut store = Instruction::with2(Code::Mov_rm64_imm32, slot, ret as i32).expect("mov [rsp-8],imm32");
             store.set_ip(self.guest_rip);
             self.mem_instr(&store, None, 0)?;
@@ -320,6 +318,16 @@ impl BlockEmitter<'_> {
             MemoryOperand::with_base_displ(Register::RSP, -8),
         ));
         Ok(())
+    }
+
+    /// The `ret` of a callee inlined after its call (`block::Flow::InlinedRet`): the builder
+    /// proved the return address on the stack is the one the call pushed, so only RSP moves.
+    pub(super) fn inlined_ret(&mut self) {
+        self.asm.glue(Instruction::with2(
+            Code::Lea_r64_m,
+            Register::RSP,
+            MemoryOperand::with_base_displ(Register::RSP, 8),
+        ));
     }
 
     /// On the way to the miss path: the branch's guest RIP and RSP movement, so the engine can

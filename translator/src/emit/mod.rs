@@ -25,7 +25,7 @@ mod memop;
 mod stack;
 mod xstate;
 
-use crate::block::DecodedBlock;
+use crate::block::{DecodedBlock, Flow};
 use crate::context::{off, ExitReason};
 use crate::error::TranslateError;
 use crate::host::signals::FaultSite;
@@ -129,6 +129,9 @@ pub(crate) struct BlockEmitter<'a> {
     exits: Vec<ExitPatch>,
     inline_caches: Vec<InlineCache>,
     cold: Vec<Cold>,
+    /// 64-bit constants placed after the cold code: (offset of the rip-relative disp32 that
+    /// reads it, value).
+    literals: Vec<(usize, u64)>,
     guest_rip: u64,
     guest_len: u8,
     /// Base register of the memory operand being rewritten (for the TLB-miss segment bit).
@@ -176,6 +179,7 @@ pub fn emit_block(
         exits: Vec::new(),
         inline_caches: Vec::new(),
         cold: Vec::new(),
+        literals: Vec::new(),
         guest_rip: 0,
         guest_len: 0,
         mem_base: Register::None,
@@ -200,6 +204,18 @@ pub fn emit_block(
         e.no_alignment_check = d.rule == Rule::UserCopy || skips_alignment_check(&d.instr);
         e.mmx_store = is_mmx_store(&d.instr);
         e.required_alignment = xstate::required_alignment_log2(&d.instr);
+        match d.flow {
+            Flow::Normal => {}
+            Flow::Followed => continue,
+            Flow::InlinedCall => {
+                e.push_return(d.instr.next_ip())?;
+                continue;
+            }
+            Flow::InlinedRet => {
+                e.inlined_ret();
+                continue;
+            }
+        }
         if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr), options.system) {
             e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
             continue;
@@ -445,6 +461,17 @@ impl BlockEmitter<'_> {
                     self.restore_guest(spilled, flags_saved);
                     self.exit_to_engine(ExitReason::TlbMiss, guest_rip);
                 }
+            }
+        }
+        // Literals last, 8-byte aligned (the padding is never executed).
+        if !self.literals.is_empty() {
+            while !self.asm.here().is_multiple_of(8) {
+                self.asm.buf.push(0xcc);
+            }
+            for (field, value) in std::mem::take(&mut self.literals) {
+                let here = self.asm.here();
+                self.asm.bind(field, here);
+                self.asm.buf.extend_from_slice(&value.to_le_bytes());
             }
         }
     }

@@ -254,8 +254,8 @@ impl Translator {
             entry.push(index);
         }
         let key = self.block_key(block.start);
-        let mut region = block.start >> 21;
-        while region <= (block.end.max(block.start + 1) - 1) >> 21 {
+        let mut region = block.span.0 >> 21;
+        while region <= (block.span.1 - 1) >> 21 {
             self.code_regions.insert(region);
             region += 1;
         }

@@ -447,7 +447,13 @@ impl Translator {
         let soft = self.strategy.is_soft_mmu();
         let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
         let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
-        let block = match block::build(&mut fetch, rip, soft, self.system, self.verified_only, cap) {
+        let options = block::BuildOptions {
+            soft_mmu: soft,
+            system: self.system,
+            verified_only: self.verified_only,
+            max_instructions: cap,
+        };
+        let block = match block::build(&mut fetch, rip, options) {
             Ok(b) => b,
             Err(BuildError::Fault(exc)) => return Ok(Lookup::Exit(Exit::Exception(exc))),
             Err(BuildError::Unsupported(instr, bytes)) => {
@@ -466,7 +472,7 @@ impl Translator {
                 .pages
                 .iter()
                 .copied()
-                .filter(|&(va, _)| va < block.end && va + PAGE > block.start)
+                .filter(|&(va, _)| va < block.span.1 && va + PAGE > block.span.0)
                 .collect()
         } else {
             Vec::new()
@@ -480,8 +486,8 @@ impl Translator {
             // so a guest write to them is noticed; all of them are recorded so an unmap or
             // remap of the range drops the block.
             let mut pages = Vec::new();
-            let mut page = block.start & !(PAGE - 1);
-            while page < block.end {
+            let mut page = block.span.0 & !(PAGE - 1);
+            while page < block.span.1 {
                 if self.write_protect_code {
                     self.protected.protect(page, &mut self.maps);
                 }
@@ -612,7 +618,13 @@ fn dump_block(block: &DecodedBlock, host: u64, code: &[u8]) {
     for d in &block.instrs {
         text.clear();
         f.format(&d.instr, &mut text);
-        out += &format!("  guest {:#x}  {text}\n", d.instr.ip());
+        let flow = match d.flow {
+            block::Flow::Normal => "",
+            block::Flow::Followed => "   (followed)",
+            block::Flow::InlinedCall => "   (inlined call)",
+            block::Flow::InlinedRet => "   (inlined ret)",
+        };
+        out += &format!("  guest {:#x}  {text}{flow}\n", d.instr.ip());
     }
     let mut dec = Decoder::with_ip(64, code, host, DecoderOptions::NONE);
     for i in &mut dec {
