@@ -46,8 +46,15 @@ pub enum Flow {
 pub struct DecodedInstr {
     pub instr: Instruction,
     pub rule: Rule,
-    pub bytes: Vec<u8>,
+    /// The guest bytes, `instr.len()` of them (inline: no allocation per instruction).
+    raw: [u8; 15],
     pub flow: Flow,
+}
+
+impl DecodedInstr {
+    pub fn bytes(&self) -> &[u8] {
+        &self.raw[..self.instr.len()]
+    }
 }
 
 pub struct DecodedBlock {
@@ -212,7 +219,7 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
     let code = PageCode { buf, page, low, avail };
     let cap = o.max_instructions.min(MAX_BLOCK_INSTRUCTIONS);
     let mut decoder = code.decoder_at(rip);
-    let mut instrs: Vec<DecodedInstr> = Vec::new();
+    let mut instrs: Vec<DecodedInstr> = Vec::with_capacity(16);
     let mut terminated = false;
     let mut end = rip;
     let mut span = (rip, rip);
@@ -232,13 +239,15 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
             }
             break;
         }
-        let bytes = code.buf[pos..pos + instr.len()].to_vec();
+        let bytes = &code.buf[pos..pos + instr.len()];
         let Some(r) = rule_for(&instr, o.verified_only) else {
             if instrs.is_empty() {
-                return Err(BuildError::Unsupported(instr, bytes));
+                return Err(BuildError::Unsupported(instr, bytes.to_vec()));
             }
             break;
         };
+        let mut raw = [0u8; 15];
+        raw[..bytes.len()].copy_from_slice(bytes);
         span = (span.0.min(instr.ip()), span.1.max(instr.next_ip()));
         end = instr.next_ip();
         let room = cap - instrs.len() - 1;
@@ -274,7 +283,7 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
         instrs.push(DecodedInstr {
             instr,
             rule: r,
-            bytes,
+            raw,
             flow,
         });
         if let Some(target) = next {

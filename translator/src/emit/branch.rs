@@ -50,7 +50,7 @@ const DISPATCH_MASK: u16 = (1 << 11) | (1 << 1);
 /// Length of the prologue in front of every block, `mov r11, gs:[spill(r11)]`: indirect
 /// branches arrive there with the host address in R11 (see the module comment); direct entry
 /// (the dispatcher, chained jumps) skips it.
-pub const IBL_PROLOGUE_LEN: u64 = 10;
+pub const IBL_PROLOGUE_LEN: u64 = 9;
 
 impl BlockEmitter<'_> {
     pub(super) fn branch(&mut self, instr: &Instruction, kind: BranchKind) -> Result<(), TranslateError> {

@@ -444,7 +444,7 @@ impl BlockEmitter<'_> {
             off::TLB_READ
         };
         let entry =
-            |disp: usize| MemoryOperand::new(Register::None, Register::RCX, 8, disp as i64, 4, false, Register::GS);
+            |disp: usize| MemoryOperand::new(Register::None, Register::RCX, 8, disp as i64, 8, false, Register::GS);
         let double_ecx = || {
             Instruction::with2(
                 Code::Lea_r32_m,

@@ -221,10 +221,10 @@ pub fn emit_block(
             continue;
         }
         match d.rule {
-            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, &d.bytes)?,
+            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, d.bytes())?,
             // With an FS/GS override the operand is rewritten, and `pop [rsp+x]` must then see RSP
             // after the pop: the decomposition handles that.
-            Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, &d.bytes)?,
+            Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, d.bytes())?,
             Rule::Stack(op) => e.stack(&d.instr, op)?,
             Rule::Branch(kind) => e.branch(&d.instr, kind)?,
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
