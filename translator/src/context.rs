@@ -108,6 +108,10 @@ pub struct Context {
     pub flag_stack: [u64; FLAG_STACK_SLOTS],
     pub tlb_read: [TlbEntry; TLB_ENTRIES],
     pub tlb_write: [TlbEntry; TLB_ENTRIES],
+    /// Which TLB entries hold a global translation, kept by [`Context::flush_tlb_nonglobal`]:
+    /// bit 0 the read entry, bit 1 the write entry. Written only by [`Context::fill_tlb`] and
+    /// the flushes, so a slot refilled with a non-global translation never keeps the bit.
+    pub tlb_global: [u8; TLB_ENTRIES],
     pub ibl_tags: [u64; IBL_ENTRIES],
     pub ibl_hosts: [u64; IBL_ENTRIES],
 }
@@ -200,25 +204,82 @@ impl Drop for ContextBox {
     }
 }
 
+/// Which of the two TLBs an entry goes to (bit in `Context::tlb_global`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlbKind {
+    Read = 1,
+    Write = 2,
+}
+
+const TLB_EMPTY_ENTRY: TlbEntry = TlbEntry {
+    vpn: TLB_EMPTY,
+    addend: 0,
+};
+
 impl Context {
+    /// The TLB slot of the page at guest virtual `page_va`.
+    pub fn tlb_index(page_va: u64) -> usize {
+        ((page_va >> 12) as usize) & (TLB_ENTRIES - 1)
+    }
+
+    /// Maps the page at guest virtual `page_va` to host address `host` in one TLB; `global`
+    /// translations survive [`Context::flush_tlb_nonglobal`].
+    pub fn fill_tlb(&mut self, kind: TlbKind, page_va: u64, host: u64, global: bool) {
+        let index = Self::tlb_index(page_va);
+        let entry = TlbEntry {
+            vpn: page_va >> 12,
+            addend: host.wrapping_sub(page_va),
+        };
+        match kind {
+            TlbKind::Read => self.tlb_read[index] = entry,
+            TlbKind::Write => self.tlb_write[index] = entry,
+        }
+        if global {
+            self.tlb_global[index] |= kind as u8;
+        } else {
+            self.tlb_global[index] &= !(kind as u8);
+        }
+    }
+
     /// Empties both TLBs' entries for the page at guest virtual `page_va`.
     pub fn forget_tlb_page(&mut self, page_va: u64) {
-        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let empty = TlbEntry {
-            vpn: TLB_EMPTY,
-            addend: 0,
-        };
-        self.tlb_write[index] = empty;
-        self.tlb_read[index] = empty;
+        let index = Self::tlb_index(page_va);
+        self.tlb_write[index] = TLB_EMPTY_ENTRY;
+        self.tlb_read[index] = TLB_EMPTY_ENTRY;
+        self.tlb_global[index] = 0;
+    }
+
+    /// Empties the write-TLB entries that reach the host page at `host_page` (its guest page
+    /// became a code page: writes to it must miss, so they can invalidate its blocks). The
+    /// whole write TLB used to go, once per new code page.
+    pub fn forget_write_tlb_host(&mut self, host_page: u64) {
+        for (e, g) in self.tlb_write.iter_mut().zip(&mut self.tlb_global) {
+            if e.vpn != TLB_EMPTY && (e.vpn << 12).wrapping_add(e.addend) == host_page {
+                *e = TLB_EMPTY_ENTRY;
+                *g &= !(TlbKind::Write as u8);
+            }
+        }
     }
 
     pub fn flush_tlb(&mut self) {
-        let empty = TlbEntry {
-            vpn: TLB_EMPTY,
-            addend: 0,
-        };
-        self.tlb_read.fill(empty);
-        self.tlb_write.fill(empty);
+        self.tlb_read.fill(TLB_EMPTY_ENTRY);
+        self.tlb_write.fill(TLB_EMPTY_ENTRY);
+        self.tlb_global.fill(0);
+    }
+
+    /// A CR3 write without PCIDs: only global translations stay (Linux writes CR3 thousands of
+    /// times while booting — every `text_poke` switches to a temporary mm and back — and a
+    /// full flush each time made a third of the boot's TLB misses).
+    pub fn flush_tlb_nonglobal(&mut self) {
+        for i in 0..TLB_ENTRIES {
+            let g = self.tlb_global[i];
+            if g & TlbKind::Read as u8 == 0 {
+                self.tlb_read[i] = TLB_EMPTY_ENTRY;
+            }
+            if g & TlbKind::Write as u8 == 0 {
+                self.tlb_write[i] = TLB_EMPTY_ENTRY;
+            }
+        }
     }
 
     /// The indirect-branch slot of guest address `rip` (`engine::ibl_insert` fills only it).
@@ -240,5 +301,39 @@ impl Context {
     pub fn flush_ibl(&mut self, miss: u64) {
         self.ibl_tags.fill(IBL_EMPTY_TAG);
         self.ibl_hosts.fill(miss);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_global_tlb_entries_survive_a_nonglobal_flush() {
+        let mut ctx = ContextBox::new();
+        let c = ctx.get_mut();
+        let (a, b) = (0x40_1000u64, 0x40_2000u64);
+        c.fill_tlb(TlbKind::Read, a, 0x7000_1000, true);
+        c.fill_tlb(TlbKind::Write, a, 0x7000_1000, false);
+        c.fill_tlb(TlbKind::Read, b, 0x7000_2000, false);
+        c.flush_tlb_nonglobal();
+        let (ia, ib) = (Context::tlb_index(a), Context::tlb_index(b));
+        assert_eq!(c.tlb_read[ia].vpn, a >> 12, "global read entry kept");
+        assert_eq!(
+            c.tlb_write[ia].vpn, TLB_EMPTY,
+            "non-global write entry of the same slot dropped"
+        );
+        assert_eq!(c.tlb_read[ib].vpn, TLB_EMPTY);
+        // A slot refilled with a non-global translation loses its global bit.
+        c.fill_tlb(TlbKind::Read, a + (TLB_ENTRIES as u64) * 4096, 0x7000_3000, false);
+        c.flush_tlb_nonglobal();
+        assert_eq!(c.tlb_read[ia].vpn, TLB_EMPTY);
+        // A page becoming code: only the write entries that reach its host page go.
+        c.fill_tlb(TlbKind::Write, a, 0x7000_1000, true);
+        c.fill_tlb(TlbKind::Write, b, 0x7000_2000, true);
+        c.forget_write_tlb_host(0x7000_2000);
+        assert_eq!((c.tlb_write[ia].vpn, c.tlb_write[ib].vpn), (a >> 12, TLB_EMPTY));
+        c.flush_tlb();
+        assert!(c.tlb_read.iter().chain(c.tlb_write.iter()).all(|e| e.vpn == TLB_EMPTY));
     }
 }

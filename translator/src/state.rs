@@ -322,7 +322,7 @@ impl Default for GuestState {
             cr0: 0x8005_0033, // PE, MP, ET, NE, WP, AM, PG
             cr2: 0,
             cr3: 0,
-            cr4: 0x0006_06a0, // PAE, PGE, OSFXSR, OSXMMEXCPT, OSXSAVE
+            cr4: 0x0004_06a0, // PAE, PGE, OSFXSR, OSXMMEXCPT, OSXSAVE
             efer: 0xd01,      // SCE, LME, LMA, NXE
             cpl: Cpl::User,
             xcr0: crate::cpu::xsave::XsaveLayout::host().managed() & XSAVE_MASK,

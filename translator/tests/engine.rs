@@ -793,3 +793,44 @@ fn xsetbv_retranslates_the_xsave_family_for_the_new_xcr0() {
     assert_eq!(exit, Exit::Halt, "{exit:?} at {:#x}", t.state().rip);
     assert_eq!(t.state().xcr0, 0x7);
 }
+
+#[test]
+fn a_cr3_write_keeps_global_translations_and_a_pge_toggle_drops_them() {
+    // 0x00: mov rax,[0x401000]; hlt
+    // 0x10: mov rbx,cr3; mov cr3,rbx; mov rcx,[0x401000]; hlt
+    // 0x20: mov rax,cr4; and rax,~0x80; mov cr4,rax; or rax,0x80; mov cr4,rax;
+    //       mov rcx,[0x401000]; hlt
+    let mut code = vec![0u8; 0x40];
+    code[..9].copy_from_slice(&[0x48, 0x8b, 0x04, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4]);
+    code[0x10..0x1f].copy_from_slice(&[
+        0x0f, 0x20, 0xdb, 0x0f, 0x22, 0xdb, 0x48, 0x8b, 0x0c, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4,
+    ]);
+    code[0x20..0x3f].copy_from_slice(&[
+        0x0f, 0x20, 0xe0, 0x48, 0x25, 0x7f, 0xff, 0xff, 0xff, 0x0f, 0x22, 0xe0, 0x48, 0x0d, 0x80, 0x00, 0x00, 0x00,
+        0x0f, 0x22, 0xe0, 0x48, 0x8b, 0x0c, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4, 0x90,
+    ]);
+    const G: u64 = 1 << 8;
+    for global in [false, true] {
+        let g = SoftGuest::new(&code);
+        let pte = 0x3000 + 8; // PT[1]: the data page 0x401000
+        g.write_u64(pte, 0x6000 | 0b111 | if global { G } else { 0 });
+        g.write_u64(0x6000, 0x1111);
+        g.write_u64(0x8000, 0x2222);
+        let mut t = g.translator_with(true);
+        assert_ne!(t.state().cr4 & (1 << 7), 0, "PGE");
+        let mut run = |t: &mut Translator, rip: u64| {
+            t.state_mut().rip = CODE_VA + rip;
+            let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+            assert_eq!(exit, Exit::Halt, "{exit:?} at {:#x}", t.state().rip);
+        };
+        run(&mut t, 0);
+        assert_eq!(t.state().gpr[0], 0x1111);
+        // The guest's page table now points the page elsewhere, without an INVLPG.
+        g.write_u64(pte, 0x8000 | 0b111 | if global { G } else { 0 });
+        run(&mut t, 0x10);
+        let after_cr3 = if global { 0x1111 } else { 0x2222 };
+        assert_eq!(t.state().gpr[1], after_cr3, "global={global}: after the CR3 write");
+        run(&mut t, 0x20);
+        assert_eq!(t.state().gpr[1], 0x2222, "global={global}: after toggling CR4.PGE");
+    }
+}

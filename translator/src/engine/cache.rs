@@ -246,10 +246,11 @@ impl Translator {
             let entry = self.code_pages.entry(page).or_default();
             if entry.is_empty() {
                 // Writes to this page must now miss so they can invalidate its blocks.
-                self.ctx.get_mut().tlb_write.fill(crate::context::TlbEntry {
-                    vpn: crate::context::TLB_EMPTY,
-                    addend: 0,
-                });
+                if let MemoryStrategy::SoftMmu(ram) = &self.strategy {
+                    if let Some(host) = ram.host(page, PAGE) {
+                        self.ctx.get_mut().forget_write_tlb_host(host);
+                    }
+                }
             }
             entry.push(index);
         }
@@ -347,7 +348,11 @@ impl Translator {
             }
         }
         self.linked = still_linked;
-        self.ctx.get_mut().flush_tlb();
+        if keep_global {
+            self.ctx.get_mut().flush_tlb_nonglobal();
+        } else {
+            self.ctx.get_mut().flush_tlb();
+        }
         self.flush_ibl();
         self.mapping_epoch += 1;
         if !keep_global {

@@ -12,9 +12,7 @@
 //! the code cache.
 
 use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
-use crate::context::{
-    ContextBox, ExitReason, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_SHIFT, MISS_MMX_STORE, TLB_ENTRIES,
-};
+use crate::context::{ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_SHIFT, MISS_MMX_STORE};
 use crate::cpu::vendor::{self, Quirk};
 use crate::cpu::xsave::XsaveLayout;
 use crate::emit::{self, glue::Glue, ExitPatch, HostSite, IBL_PROLOGUE_LEN};

@@ -54,7 +54,7 @@ impl Translator {
     /// without the crossing check.
     pub(super) fn start_bounce(
         &mut self,
-        fills: &[(u64, u64, u64)],
+        fills: &[(u64, u64, u64, bool)],
         access: Access,
         rip: u64,
         va: u64,
@@ -76,17 +76,8 @@ impl Translator {
             unsafe { std::ptr::copy_nonoverlapping(fill.2 as *const u8, buffer.add(i * PAGE as usize), PAGE as usize) };
         }
         let page_va = fills[0].0;
-        let ctx = self.ctx.get_mut();
-        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let entry = crate::context::TlbEntry {
-            vpn: page_va >> 12,
-            addend: (buffer as u64).wrapping_sub(page_va),
-        };
-        if write {
-            ctx.tlb_write[index] = entry;
-        } else {
-            ctx.tlb_read[index] = entry;
-        }
+        let kind = if write { TlbKind::Write } else { TlbKind::Read };
+        self.ctx.get_mut().fill_tlb(kind, page_va, buffer as u64, false);
         self.bounce = Some(Bounce {
             page_va,
             hosts: [fills[0].2, fills[1].2],
@@ -147,13 +138,8 @@ impl Translator {
         }
         let page_va = va & !(PAGE - 1);
         let ctx = self.ctx.get_mut();
-        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let entry = crate::context::TlbEntry {
-            vpn: page_va >> 12,
-            addend: (buffer as u64).wrapping_sub(page_va),
-        };
-        ctx.tlb_read[index] = entry;
-        ctx.tlb_write[index] = entry;
+        ctx.fill_tlb(TlbKind::Read, page_va, buffer as u64, false);
+        ctx.fill_tlb(TlbKind::Write, page_va, buffer as u64, false);
         self.stats.mmio_accesses += 1;
         self.mmio = Some(MmioAccess {
             rip,
@@ -268,8 +254,8 @@ impl Translator {
             if n == 1 && addr <= va {
                 break;
             }
-            let pa = match soft_mmu::walk(ram, &state, addr, access) {
-                Ok(pa) => pa,
+            let (pa, global) = match soft_mmu::walk_leaf(ram, &state, addr, access) {
+                Ok(leaf) => leaf,
                 Err(exc) if stack && exc.vector == crate::exit::vector::GP => {
                     return Ok(Some(GuestException {
                         vector: 12,
@@ -287,12 +273,12 @@ impl Translator {
                     "guest RIP {rip:#x}: a {size}-byte access at {va:#x} crosses a page boundary into or out of device memory (guest physical {pa:#x}), which is not supported"
                 )));
             };
-            fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host));
+            fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host, global));
         }
         if fills.len() == 2 {
             return self.start_bounce(&fills, access, rip, va, size).map(|()| None);
         }
-        let (page_va, page_pa, host) = fills[0];
+        let (page_va, page_pa, host, global) = fills[0];
         if access == Access::Write && self.code_pages.contains_key(&page_pa) {
             let own_page = soft_mmu::walk(ram, &state, rip, Access::Fetch).map(|pa| pa & !(PAGE - 1));
             self.invalidate_phys_page(page_pa);
@@ -301,16 +287,12 @@ impl Translator {
             }
         }
         let ctx = self.ctx.get_mut();
-        let index = ((page_va >> 12) as usize) & (TLB_ENTRIES - 1);
-        let entry = crate::context::TlbEntry {
-            vpn: page_va >> 12,
-            addend: host.wrapping_sub(page_va),
-        };
         if access == Access::Write {
-            ctx.tlb_write[index] = entry;
-        } else {
-            ctx.tlb_read[index] = entry;
+            ctx.fill_tlb(TlbKind::Write, page_va, host, global);
         }
+        // A page that may be written may be read (x86 has no write-only pages, and protection
+        // keys only ever take away write before read): a write miss fills both TLBs.
+        ctx.fill_tlb(TlbKind::Read, page_va, host, global);
         Ok(None)
     }
 }
