@@ -818,7 +818,7 @@ fn a_cr3_write_keeps_global_translations_and_a_pge_toggle_drops_them() {
         g.write_u64(0x8000, 0x2222);
         let mut t = g.translator_with(true);
         assert_ne!(t.state().cr4 & (1 << 7), 0, "PGE");
-        let mut run = |t: &mut Translator, rip: u64| {
+        let run = |t: &mut Translator, rip: u64| {
             t.state_mut().rip = CODE_VA + rip;
             let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
             assert_eq!(exit, Exit::Halt, "{exit:?} at {:#x}", t.state().rip);
