@@ -106,6 +106,9 @@ pub struct Translator {
     /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
     /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
     ibl_used: Vec<u32>,
+    /// Per indirect-branch slot: it holds a global block (kept by a CR3 write, see
+    /// `flush_ibl_keeping`).
+    ibl_global: Vec<bool>,
     /// Identity strategy: decoded instructions the engine performs (SYSCALL, CPUID…) by guest
     /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
     /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
@@ -185,6 +188,7 @@ impl Translator {
             code_pages: AddrMap::default(),
             code_regions: Default::default(),
             ibl_used: Vec::new(),
+            ibl_global: vec![false; IBL_ENTRIES],
             uncached_step: None,
             protected: Box::default(),
             bounce: None,
