@@ -313,3 +313,134 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
         terminated,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One page of guest code at `BASE`; everything else faults.
+    struct Page(Vec<u8>);
+    const BASE: u64 = 0x40_0000;
+
+    impl CodeFetch for Page {
+        fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException> {
+            if !(BASE..BASE + PAGE).contains(&addr) {
+                return Err(GuestException::page_fault(addr, 0x10));
+            }
+            let at = (addr - BASE) as usize;
+            let n = buf.len().min(PAGE as usize - at);
+            buf[..n].copy_from_slice(&self.0[at..at + n]);
+            Ok(n)
+        }
+    }
+
+    fn page(pieces: &[(usize, &[u8])]) -> Page {
+        let mut p = vec![0xf4; PAGE as usize]; // hlt
+        for (at, code) in pieces {
+            p[*at..*at + code.len()].copy_from_slice(code);
+        }
+        Page(p)
+    }
+
+    fn build_at(p: &mut Page, offset: u64) -> DecodedBlock {
+        let o = BuildOptions {
+            soft_mmu: false,
+            system: false,
+            verified_only: false,
+            max_instructions: MAX_BLOCK_INSTRUCTIONS,
+        };
+        match build(p, BASE + offset, o) {
+            Ok(b) => b,
+            Err(_) => panic!("no block at {offset:#x}"),
+        }
+    }
+
+    fn flows(b: &DecodedBlock) -> Vec<(u64, Flow)> {
+        b.instrs.iter().map(|d| (d.instr.ip() - BASE, d.flow)).collect()
+    }
+
+    #[test]
+    fn a_leaf_call_backwards_in_the_page_is_inlined_and_the_span_covers_it() {
+        // 0x10: f: add rax,rcx; ret      0x100: call f; inc rdx; hlt
+        let mut p = page(&[
+            (0x10, &[0x48, 0x01, 0xc8, 0xc3]),
+            (0x100, &[0xe8, 0x0b, 0xff, 0xff, 0xff, 0x48, 0xff, 0xc2]),
+        ]);
+        let b = build_at(&mut p, 0x100);
+        assert_eq!(
+            flows(&b),
+            [
+                (0x100, Flow::InlinedCall),
+                (0x10, Flow::Normal),
+                (0x13, Flow::InlinedRet),
+                (0x105, Flow::Normal),
+                (0x108, Flow::Normal)
+            ]
+        );
+        assert_eq!(b.span, (BASE + 0x10, BASE + 0x109));
+        assert!(b.terminated, "ends at the hlt");
+    }
+
+    #[test]
+    fn calls_that_cannot_be_proven_to_return_to_their_site_end_the_block() {
+        for (callee, why) in [
+            (&[0x48, 0x89, 0x07, 0xc3][..], "mov [rdi],rax writes memory"),
+            (&[0x50, 0x58, 0xc3][..], "push/pop move RSP"),
+            (&[0x48, 0x8b, 0x04, 0x24, 0xc3][..], "mov rax,[rsp] uses RSP"),
+            (&[0xe8, 0, 0, 0, 0, 0xc3][..], "a nested call"),
+            (&[0xc2, 0x08, 0x00][..], "ret 8"),
+            (&[0xeb, 0xfe][..], "no ret"),
+        ] {
+            let mut p = page(&[(0, &[0xe8, 0x0b, 0, 0, 0]), (0x10, callee)]);
+            let b = build_at(&mut p, 0);
+            assert_eq!(flows(&b), [(0, Flow::Normal)], "{why}");
+            assert_eq!(b.end, BASE + 5);
+        }
+        // A callee in another page is not inlined either.
+        let mut p = page(&[(0, &[0xe8, 0x00, 0x10, 0, 0])]);
+        assert_eq!(flows(&build_at(&mut p, 0)), [(0, Flow::Normal)]);
+    }
+
+    #[test]
+    fn jumps_are_followed_a_bounded_number_of_times() {
+        // 0: jmp 0 (to itself)
+        let mut p = page(&[(0, &[0xeb, 0xfe])]);
+        let b = build_at(&mut p, 0);
+        assert_eq!(b.instrs.len(), MAX_FOLLOWED + 1);
+        assert!(b.instrs[..MAX_FOLLOWED].iter().all(|d| d.flow == Flow::Followed));
+        assert_eq!(b.instrs[MAX_FOLLOWED].flow, Flow::Normal, "the last one is a real exit");
+        assert!(b.terminated);
+        // A jump out of the page is not followed.
+        let mut p = page(&[(0, &[0xe9, 0x00, 0x10, 0, 0])]);
+        assert_eq!(flows(&build_at(&mut p, 0)), [(0, Flow::Normal)]);
+    }
+
+    #[test]
+    fn a_block_cut_by_the_cap_after_an_inlined_return_falls_through_to_the_return_address() {
+        // call f; f: ret   with room for exactly the call and its ret
+        let mut p = page(&[(0, &[0xe8, 0x0b, 0, 0, 0]), (0x10, &[0xc3])]);
+        let o = BuildOptions {
+            soft_mmu: false,
+            system: false,
+            verified_only: false,
+            max_instructions: 2,
+        };
+        let Ok(b) = build(&mut p, BASE, o) else {
+            panic!("no block")
+        };
+        assert_eq!(flows(&b), [(0, Flow::InlinedCall), (0x10, Flow::InlinedRet)]);
+        assert_eq!((b.end, b.terminated), (BASE + 5, false));
+        // With room for one instruction nothing is followed.
+        let Ok(b) = build(
+            &mut p,
+            BASE,
+            BuildOptions {
+                max_instructions: 1,
+                ..o
+            },
+        ) else {
+            panic!("no block")
+        };
+        assert_eq!(flows(&b), [(0, Flow::Normal)]);
+    }
+}
