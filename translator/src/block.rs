@@ -103,16 +103,54 @@ pub struct BuildOptions {
     pub max_instructions: usize,
 }
 
-/// The guest code of one page, as far as it could be read.
+/// The guest code of one page, as far as it was read: from the block's start to the page end
+/// (and 15 bytes into the next page, for an instruction that straddles it), and the part before
+/// the start only once a jump or call backwards needs it ([`PageCode::read_low`]).
 struct PageCode {
     buf: Vec<u8>,
     page: u64,
     /// Readable bytes are `buf[low..avail]` (guest addresses `page + low ..`).
     low: usize,
     avail: usize,
+    /// The part before the block's start was asked for (whether or not it could be read).
+    low_tried: bool,
+    /// Why the next page could not be read, if it could not.
+    next_page_fault: Option<GuestException>,
 }
 
 impl PageCode {
+    fn read(fetch: &mut dyn CodeFetch, rip: u64) -> Result<Self, GuestException> {
+        let page = rip & !(PAGE - 1);
+        let at = (rip - page) as usize;
+        let mut buf = vec![0u8; PAGE as usize + 15];
+        let mut avail = at + fetch.fetch(rip, &mut buf[at..PAGE as usize])?;
+        let mut next_page_fault = None;
+        if avail == PAGE as usize {
+            match fetch.fetch(page + PAGE, &mut buf[avail..avail + 15]) {
+                Ok(n) => avail += n,
+                Err(e) => next_page_fault = Some(e),
+            }
+        }
+        Ok(PageCode {
+            buf,
+            page,
+            low: at,
+            avail,
+            low_tried: false,
+            next_page_fault,
+        })
+    }
+
+    /// Reads the page before the block's start (same page, so it reads as the rest of it does;
+    /// if not, jumps there are simply not followed).
+    fn read_low(&mut self, fetch: &mut dyn CodeFetch) {
+        self.low_tried = true;
+        let at = self.low;
+        if matches!(fetch.fetch(self.page, &mut self.buf[..at]), Ok(n) if n == at) {
+            self.low = 0;
+        }
+    }
+
     fn page_end(&self) -> u64 {
         self.page + PAGE
     }
@@ -120,14 +158,17 @@ impl PageCode {
     /// A decoder positioned at `ip`, which must be readable.
     fn decoder_at(&self, ip: u64) -> Decoder<'_> {
         let pos = (ip - self.page) as usize;
-        let mut d = Decoder::with_ip(64, &self.buf[pos..self.avail], ip, DecoderOptions::NONE);
-        d.set_ip(ip);
-        d
+        Decoder::with_ip(64, &self.buf[pos..self.avail], ip, DecoderOptions::NONE)
     }
 
     /// `ip` starts inside the page, in what was read.
     fn holds(&self, ip: u64) -> bool {
         ip >= self.page + self.low as u64 && ip < self.page_end() && ((ip - self.page) as usize) < self.avail
+    }
+
+    /// `ip` is in the part of the page before the block's start, not read yet.
+    fn wants_low(&self, ip: u64) -> bool {
+        !self.low_tried && ip >= self.page && ip < self.page + self.low as u64
     }
 }
 
@@ -150,27 +191,29 @@ fn ends_block(r: Rule, instr: &Instruction, o: &BuildOptions) -> bool {
     }
 }
 
-/// The instruction count of the leaf at `target` (its `ret` included) if a call to it can be
-/// inlined: within `limit` instructions, in this page, every instruction up to a plain `ret` is
-/// copied code (or a `jcc`, whose taken side leaves the block) that writes no memory and does not
-/// use RSP — so the `ret` pops exactly what the call pushed.
-fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) -> Option<usize> {
+/// Whether a call to the leaf at `target` can be inlined: within `limit` instructions (its
+/// `ret` included), in this page, every instruction up to a plain `ret` is copied code (or a
+/// `jcc`, whose taken side leaves the block) that writes no memory and does not use RSP — so the
+/// `ret` pops exactly what the call pushed.
+fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) -> bool {
     if !code.holds(target) {
-        return None;
+        return false;
     }
     let mut decoder = code.decoder_at(target);
     let mut info = InstructionInfoFactory::new();
-    for n in 1..=limit.min(MAX_INLINED_CALLEE) {
+    for _ in 0..limit.min(MAX_INLINED_CALLEE) {
         if !decoder.can_decode() || decoder.ip() >= code.page_end() {
-            return None;
+            return false;
         }
         let instr = decoder.decode();
         if instr.is_invalid() {
-            return None;
+            return false;
         }
-        let r = rule_for(&instr, o.verified_only)?;
+        let Some(r) = rule_for(&instr, o.verified_only) else {
+            return false;
+        };
         match r {
-            Rule::Branch(BranchKind::Ret) if instr.code() == Code::Retnq => return Some(n),
+            Rule::Branch(BranchKind::Ret) if instr.code() == Code::Retnq => return true,
             Rule::Branch(BranchKind::Jcc) => {}
             Rule::Copy if !ends_block(r, &instr, o) => {
                 let i = info.info(&instr);
@@ -183,40 +226,30 @@ fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) 
                     .iter()
                     .any(|u| u.register().is_gpr() && u.register().full_register() == Register::RSP);
                 if writes || stack {
-                    return None;
+                    return false;
                 }
             }
-            _ => return None,
+            _ => return false,
         }
     }
-    None
+    false
 }
 
 /// Decodes one block at `rip`.
 pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<DecodedBlock, BuildError> {
-    let page = rip & !(PAGE - 1);
-    let page_end = page + PAGE;
-    let at = (rip - page) as usize;
-    let mut buf = vec![0u8; PAGE as usize + 15];
-    let first = fetch
-        .fetch(rip, &mut buf[at..PAGE as usize])
-        .map_err(BuildError::Fault)?;
-    let mut avail = at + first;
-    let mut second_fault = None;
-    if avail == PAGE as usize {
-        match fetch.fetch(page_end, &mut buf[avail..avail + 15]) {
-            Ok(n) => avail += n,
-            Err(e) => second_fault = Some(e),
-        }
+    let mut code = PageCode::read(fetch, rip).map_err(BuildError::Fault)?;
+    if let Some(block) = decode(&code, rip, &o)? {
+        return Ok(block);
     }
-    // The page's code before `rip`, for jumps and calls backwards (same page, so it reads as the
-    // rest of it does; if not, those are simply not followed).
-    let low = if at > 0 && o.max_instructions > 1 && matches!(fetch.fetch(page, &mut buf[..at]), Ok(n) if n == at) {
-        0
-    } else {
-        at
-    };
-    let code = PageCode { buf, page, low, avail };
+    // A jump or call backwards within the page: decode again with that part read.
+    code.read_low(fetch);
+    Ok(decode(&code, rip, &o)?.expect("the page before the start was read"))
+}
+
+/// [`build`] over the code read so far; `None` if a jump or call the block would follow goes
+/// into the part of the page before `rip` that was not read yet.
+fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Option<DecodedBlock>, BuildError> {
+    let (page, page_end, avail) = (code.page, code.page_end(), code.avail);
     let cap = o.max_instructions.min(MAX_BLOCK_INSTRUCTIONS);
     let mut decoder = code.decoder_at(rip);
     let mut instrs: Vec<DecodedInstr> = Vec::with_capacity(16);
@@ -232,7 +265,7 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
         if instr.is_invalid() {
             if instrs.is_empty() {
                 let truncated = avail - pos < 15 && decoder.last_error() == iced_x86::DecoderError::NoMoreBytes;
-                return Err(BuildError::Fault(match (truncated, second_fault) {
+                return Err(BuildError::Fault(match (truncated, code.next_page_fault) {
                     (true, Some(f)) => f,
                     _ => GuestException::new(vector::UD),
                 }));
@@ -251,6 +284,13 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
         span = (span.0.min(instr.ip()), span.1.max(instr.next_ip()));
         end = instr.next_ip();
         let room = cap - instrs.len() - 1;
+        let follows = matches!(
+            instr.code(),
+            Code::Jmp_rel8_64 | Code::Jmp_rel32_64 | Code::Call_rel32_64
+        );
+        if follows && followed < MAX_FOLLOWED && room > 0 && code.wants_low(instr.near_branch64()) {
+            return Ok(None);
+        }
         let mut flow = Flow::Normal;
         let mut next = None;
         match r {
@@ -268,7 +308,7 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
                     && inlined_return.is_none()
                     && followed < MAX_FOLLOWED
                     && code.holds(end)
-                    && inlinable_leaf(&code, instr.near_branch64(), room, &o).is_some() =>
+                    && inlinable_leaf(code, instr.near_branch64(), room, o) =>
             {
                 flow = Flow::InlinedCall;
                 inlined_return = Some(end);
@@ -294,7 +334,7 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
             decoder = code.decoder_at(target);
             continue;
         }
-        if ends_block(r, &instr, &o) {
+        if ends_block(r, &instr, o) {
             terminated = true;
             break;
         }
@@ -302,16 +342,16 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
     if instrs.is_empty() {
         // Only possible when nothing was decodable before the page end.
         return Err(BuildError::Fault(
-            second_fault.unwrap_or(GuestException::new(vector::UD)),
+            code.next_page_fault.unwrap_or(GuestException::new(vector::UD)),
         ));
     }
-    Ok(DecodedBlock {
+    Ok(Some(DecodedBlock {
         start: rip,
         end,
         span,
         instrs,
         terminated,
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -111,7 +111,7 @@ pub struct Context {
     /// Which TLB entries hold a global translation, kept by [`Context::flush_tlb_nonglobal`]:
     /// bit 0 the read entry, bit 1 the write entry. Written only by [`Context::fill_tlb`] and
     /// the flushes, so a slot refilled with a non-global translation never keeps the bit.
-    pub tlb_global: [u8; TLB_ENTRIES],
+    tlb_global: [u8; TLB_ENTRIES],
     pub ibl_tags: [u64; IBL_ENTRIES],
     pub ibl_hosts: [u64; IBL_ENTRIES],
 }

@@ -211,7 +211,8 @@ impl Translator {
 
     /// Makes the table send `target` to the block entered at `host` (through its prologue).
     pub(super) fn ibl_insert(&mut self, target: u64, host: u64) {
-        let global = self.block_at_entry(host).is_some_and(|b| self.blocks[b].global);
+        // Only system mode has global blocks (and CR3 writes that keep them).
+        let global = self.system && self.block_at_entry(host).is_some_and(|b| self.blocks[b].global);
         let ctx = self.ctx.get_mut();
         let i = crate::context::Context::ibl_slot(target);
         if ctx.ibl_tags[i] == IBL_EMPTY_TAG && self.ibl_used.len() < IBL_ENTRIES / 16 {
