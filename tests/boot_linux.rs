@@ -1,8 +1,10 @@
 //! Boots Debian's installed kernel (linux-image-cloud-amd64) under `hbt run --accel bt` — no
 //! KVM — to a busybox initramfs built here (`scripts/busybox-initramfs.sh`), whose /init runs a
-//! few commands and reboots (the i8042 reset ends the run with status 0). The transcript must
-//! show the kernel's version, the CPU model hbt gives, the root listing, shell arithmetic and a
-//! SHA-256 that matches the host's.
+//! few commands and powers off (ACPI S5 through the FADT's PM1a control block ends the run with
+//! status 0). The transcript must show the kernel's version, the CPU model hbt gives, the root
+//! listing, shell arithmetic, a SHA-256 that matches the host's, and that the machine ran in
+//! APIC mode: the serial port's interrupt through the I/O APIC and the local APIC timer
+//! ticking (found through the ACPI MADT that `acpi.rs` writes).
 
 mod support;
 
@@ -19,8 +21,9 @@ grep -m1 "model name" /proc/cpuinfo
 echo "ls: $(ls / | tr '\n' ' ')"
 echo "arith: $((6 * 7 + 2 ** 10))"
 sha256sum /payload.txt
+grep -E "LOC:|ttyS0" /proc/interrupts
 echo "init: done"
-reboot -f
+poweroff -f
 "#;
 
 #[test]
@@ -54,7 +57,7 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let context = format!("--- stdout (tail) ---\n{}\n--- stderr ---\n{stderr}", tail(&stdout, 60));
     assert_eq!(out.status.code(), Some(0), "{context}");
-    assert!(stderr.contains("ended by Reset"), "{context}");
+    assert!(stderr.contains("ended by PowerOff"), "{context}");
 
     let release = kernel
         .file_name()
@@ -83,6 +86,19 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
             "missing `{want}`\n{context}"
         );
     }
+    // APIC mode: COM1's IRQ 4 through the I/O APIC, and local APIC timer interrupts.
+    assert!(
+        stdout.lines().any(|l| l.contains("IO-APIC") && l.contains("ttyS0")),
+        "ttyS0 not on the I/O APIC\n{context}"
+    );
+    let local_timer: u64 = stdout
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("LOC:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(local_timer > 0, "no local APIC timer interrupts\n{context}");
+    assert!(stdout.contains("TSC deadline timer available"), "{context}");
     // Nothing the kernel needed was missing from the translator.
     assert!(
         stderr.contains("unimplemented instructions (#UD to the guest): none"),

@@ -125,6 +125,19 @@ fn timer_interrupts_are_counted() {
 }
 
 #[test]
+fn local_apic_timer_modes_self_ipi_and_task_priority() {
+    transcript(
+        "test-images/lapic-timer.img",
+        "lapic: cpuid apic 1, tsc-deadline 1, id 0x0, version 0x50014, base msr 0xfee00900\n\
+         periodic: 10 interrupts\n\
+         one-shot: 1 interrupt, counting when armed 1, current count after 0\n\
+         tsc-deadline: armed 1, fired at or after it 1, msr after 0x0\n\
+         self-ipi: in IRR 1, taken 1, held in IRR by TPR 0x20 1, taken after 1\n",
+        0,
+    );
+}
+
+#[test]
 fn self_modifying_code_runs_the_new_instruction() {
     transcript(
         "test-images/smc.img",

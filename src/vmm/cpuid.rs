@@ -41,7 +41,7 @@ const fn hide(leaf: u32, subleaf: u32, reg: usize, bit: u32, name: &'static str,
     }
 }
 
-const NO_LAPIC: &str = "no local APIC is modelled yet (the 8259 PIC delivers interrupts)";
+const NO_X2APIC: &str = "the local APIC is modelled in xAPIC (MMIO) mode only";
 const NO_CR4_BIT: &str = "system mode does not implement the CR4 bit that enables it";
 const NO_EVEX: &str = "the translator has no rules for EVEX-encoded (AVX-512) instructions yet";
 const NO_RULE: &str = "the translator has no rule for its instructions (rules::NEVER_COPY)";
@@ -59,10 +59,8 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(1, 0, ECX, 5, "vmx", "no nested virtualization"),
     hide(1, 0, ECX, 6, "smx", "no safer-mode extensions"),
     hide(1, 0, ECX, 17, "pcid", NO_CR4_BIT),
-    hide(1, 0, ECX, 21, "x2apic", NO_LAPIC),
-    hide(1, 0, ECX, 24, "tsc-deadline", NO_LAPIC),
+    hide(1, 0, ECX, 21, "x2apic", NO_X2APIC),
     hide(1, 0, ECX, 30, "rdrand", NO_RULE),
-    hide(1, 0, EDX, 9, "apic", NO_LAPIC),
     hide(
         1,
         0,
@@ -141,6 +139,16 @@ const TRANSLATED: &str = "guest code runs translated: its mitigation would cost 
 
 /// The bits `--accel bt` sets ("not affected" claims), where the host has the leaf.
 pub const CLAIMED: &[ModelBit] = &[
+    // `devices/lapic.rs`: its timer runs in every state the guest can put the CPU in (Linux
+    // then needs no PIT to back it up, `apic_needs_pit`).
+    hide(
+        6,
+        0,
+        EAX,
+        2,
+        "arat",
+        "the modelled local APIC timer always runs (no deep C-states)",
+    ),
     // IA32_ARCH_CAPABILITIES exists; it reads ARCH_CAPABILITIES below.
     hide(7, 0, EDX, 29, "arch-capabilities", TRANSLATED),
     hide(0x8000_0021, 0, EAX, 29, "srso-no", TRANSLATED),
@@ -209,10 +217,16 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         regs = [mhz, mhz, 100, 0];
     }
     if leaf == 1 {
-        // One logical processor: the guest has one vCPU.
+        // One logical processor, APIC ID 0: the guest has one vCPU (`devices/lapic.rs`).
         regs[EBX] &= 0x0000_ffff;
         regs[EBX] |= 1 << 16;
         regs[ECX] |= 1 << 31; // hypervisor present
+    }
+    if matches!(leaf, 0xb | 0x1f) {
+        regs[EDX] = 0; // the x2APIC ID of this (the only) processor
+    }
+    if leaf == 0x8000_001e {
+        regs[EAX] = 0; // AMD's extended APIC ID
     }
     regs
 }

@@ -4,6 +4,7 @@
 //! the guest's exit port, a reset, a triple fault, `--timeout`, Ctrl-C ([`stop`]) or an engine
 //! error, and say which.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpu_state;
 pub mod cpuid;
@@ -121,6 +122,8 @@ fn execute(args: &RunArgs) -> Result<i32> {
             )
         })?;
     let mut mem = memory::GuestMemory::new(bytes)?;
+    // The firmware tables first: an image that loads over them wins.
+    acpi::write_tables(&mut mem)?;
     let entry = loader::load(
         &args.image,
         &mut mem,
@@ -159,7 +162,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
     let location = &finished.location;
     let status = match end {
         End::ExitPort(v) => *v as i32,
-        End::Reset => 0,
+        End::Reset | End::PowerOff => 0,
         End::Halted => {
             diag!("hbt: guest halted with interrupts off: {location}");
             1

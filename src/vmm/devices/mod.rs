@@ -2,8 +2,12 @@
 //! table of address ranges, each owned by one device; the run loop looks an exit's address up
 //! once and calls the device. [`Buses::standard`] is the table `hbt run` uses.
 
+pub mod acpi_pm;
+pub mod chipset;
 pub mod debug_exit;
 pub mod i8042;
+pub mod ioapic;
+pub mod lapic;
 pub mod pic;
 pub mod pit;
 pub mod progress;
@@ -11,7 +15,6 @@ pub mod pvclock;
 pub mod rtc;
 pub mod serial;
 
-use std::sync::Arc;
 use std::time::Instant;
 
 /// What a device asks the run loop to do after an access.
@@ -22,6 +25,8 @@ pub enum Action {
     Exit(u32),
     /// The guest asked for a reset (i8042 pulse): the run ends.
     Reset,
+    /// The guest powered the machine off (ACPI S5 through PM1a_CNT): the run ends.
+    PowerOff,
     /// hbt's stdout is closed (EPIPE): nobody reads the console any more, the run ends.
     OutputClosed,
 }
@@ -101,6 +106,7 @@ impl Buses {
             (i8042::DATA_PORT, 1, Box::new(i8042_data)),
             (i8042::PORT, 1, Box::new(i8042_command)),
             (rtc::PORT, 2, Box::new(rtc::Rtc::default())),
+            (acpi_pm::PORT, acpi_pm::LEN, Box::new(acpi_pm::AcpiPm::default())),
             (
                 progress::PORT,
                 1,
@@ -109,36 +115,8 @@ impl Buses {
         ] {
             pio.insert(base, len, device);
         }
-        // No MMIO devices yet: the hole reads as all ones (the IOAPIC/LAPIC are KVM's).
+        // The interrupt controllers are the engine's: KVM's in-kernel ones, or `chipset.rs`.
         (Buses { pio, mmio: Bus::new() }, marks)
-    }
-}
-
-/// The 8259 pair, its ELCR and the 8254 with port 0x61, for engines without KVM's in-kernel
-/// chips (`--accel bt`).
-pub fn insert_legacy_interrupt_chips(pio: &mut Bus, pic: &Arc<pic::SharedPic>, pit: &Arc<pit::SharedPit>) {
-    for (base, len, device) in [
-        (
-            pic::MASTER,
-            2,
-            Box::new(pic::PicPorts {
-                pic: Arc::clone(pic),
-                chip: 0,
-            }) as Box<dyn Device>,
-        ),
-        (
-            pic::SLAVE,
-            2,
-            Box::new(pic::PicPorts {
-                pic: Arc::clone(pic),
-                chip: 1,
-            }),
-        ),
-        (pic::ELCR, 2, Box::new(pic::ElcrPorts { pic: Arc::clone(pic) })),
-        (pit::PORT, 4, Box::new(pit::PitPorts(Arc::clone(pit)))),
-        (pit::PORT_61, 1, Box::new(pit::Port61(Arc::clone(pit)))),
-    ] {
-        pio.insert(base, len, device);
     }
 }
 

@@ -6,10 +6,8 @@
 //! (OCW3), fully nested priority with the slave cascaded on IRQ 2, edge-triggered inputs (a
 //! line's rising edge latches its IRR bit, as an ISA bus's), the spurious IRQ 7 when an
 //! interrupt vanishes before it is acknowledged, and the ELCR ports (0x4d0/0x4d1), which are
-//! stored but do not change the triggering.
-
-use super::{Action, Device};
-use std::sync::{Arc, Condvar, Mutex};
+//! stored but do not change the triggering. The model is pure; `chipset.rs` shares it between
+//! threads and puts its ports on the bus.
 
 pub const MASTER: u64 = 0x20;
 pub const SLAVE: u64 = 0xa0;
@@ -160,6 +158,7 @@ impl Pic {
     }
 
     /// A rising and falling edge on `irq` (a timer tick).
+    #[cfg(test)]
     pub fn pulse(&mut self, irq: u8) {
         self.set_irq(irq, true);
         self.set_irq(irq, false);
@@ -180,6 +179,35 @@ impl Pic {
     pub fn requested(&self, irq: u8) -> bool {
         let (chip, bit) = if irq < 8 { (0, irq) } else { (1, irq - 8) };
         self.chips[chip].irr & (1 << bit) != 0
+    }
+
+    /// A read of one chip's ports (0: IRR or ISR as OCW3 selected, 1: the mask).
+    pub fn read_port(&self, chip: usize, offset: u64) -> u8 {
+        let chip = &self.chips[chip & 1];
+        if offset == 0 {
+            chip.read_command()
+        } else {
+            chip.imr
+        }
+    }
+
+    /// A write to one chip's ports (0: ICW1/OCW2/OCW3, 1: ICW2–4 or the mask).
+    pub fn write_port(&mut self, chip: usize, offset: u64, v: u8) {
+        if offset == 0 {
+            self.chips[chip & 1].write_command(v);
+        } else {
+            self.chips[chip & 1].write_data(v);
+        }
+        self.update_cascade();
+    }
+
+    /// The edge/level control register of one chip (stored, not acted on).
+    pub fn elcr(&self, chip: usize) -> u8 {
+        self.chips[chip & 1].elcr
+    }
+
+    pub fn set_elcr(&mut self, chip: usize, v: u8) {
+        self.chips[chip & 1].elcr = v;
     }
 
     /// INTA: the vector of the highest-priority interrupt, now in service; the spurious
@@ -204,122 +232,6 @@ impl Pic {
         };
         self.update_cascade();
         Some(vector)
-    }
-}
-
-/// The PIC shared across threads: the vCPU thread (port I/O, acknowledgement) and the devices
-/// raising lines from other threads (the serial port's input, the PIT's ticker). `intr` mirrors
-/// the INTR line so the engine can test it at every block boundary without taking the lock;
-/// `raised` wakes a halted vCPU.
-#[derive(Default)]
-pub struct SharedPic {
-    pic: Mutex<Pic>,
-    intr: std::sync::atomic::AtomicBool,
-    raised: Condvar,
-}
-
-impl SharedPic {
-    /// Runs `f` on the PIC, then updates INTR (and wakes a waiter when it is up).
-    pub fn with<R>(&self, f: impl FnOnce(&mut Pic) -> R) -> R {
-        let mut pic = self.pic.lock().unwrap_or_else(|e| e.into_inner());
-        let r = f(&mut pic);
-        let intr = pic.interrupt_pending();
-        self.intr.store(intr, std::sync::atomic::Ordering::SeqCst);
-        if intr {
-            self.raised.notify_all();
-        }
-        r
-    }
-
-    pub fn set_irq(&self, irq: u8, level: bool) {
-        self.with(|pic| pic.set_irq(irq, level));
-    }
-
-    pub fn pulse(&self, irq: u8) {
-        self.with(|pic| pic.pulse(irq));
-    }
-
-    pub fn requested(&self, irq: u8) -> bool {
-        self.with(|pic| pic.requested(irq))
-    }
-
-    /// The CPU's INTR line, as of the last change.
-    pub fn interrupt_pending(&self) -> bool {
-        self.intr.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    pub fn acknowledge(&self) -> Option<u8> {
-        self.with(|pic| pic.acknowledge())
-    }
-
-    /// Blocks until INTR is up, `wake()` says so, or `timeout` passes.
-    pub fn wait(&self, timeout: std::time::Duration, wake: impl Fn() -> bool) {
-        let pic = self.pic.lock().unwrap_or_else(|e| e.into_inner());
-        if pic.interrupt_pending() || wake() {
-            return;
-        }
-        let _ = self.raised.wait_timeout(pic, timeout);
-    }
-}
-
-/// One chip's two ports on the port bus.
-pub struct PicPorts {
-    pub pic: Arc<SharedPic>,
-    pub chip: usize,
-}
-
-impl Device for PicPorts {
-    fn name(&self) -> &'static str {
-        if self.chip == 0 {
-            "pic-master"
-        } else {
-            "pic-slave"
-        }
-    }
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let chip = self.chip;
-        let v = self.pic.with(|pic| {
-            let chip = &pic.chips[chip];
-            if offset == 0 {
-                chip.read_command()
-            } else {
-                chip.imr
-            }
-        });
-        data.fill(v);
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
-        let v = data.first().copied().unwrap_or(0);
-        let chip = self.chip;
-        self.pic.with(|pic| {
-            if offset == 0 {
-                pic.chips[chip].write_command(v);
-            } else {
-                pic.chips[chip].write_data(v);
-            }
-            pic.update_cascade();
-        });
-        Action::Continue
-    }
-}
-
-/// The edge/level control registers (0x4d0: master, 0x4d1: slave).
-pub struct ElcrPorts {
-    pub pic: Arc<SharedPic>,
-}
-
-impl Device for ElcrPorts {
-    fn name(&self) -> &'static str {
-        "elcr"
-    }
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = self.pic.with(|pic| pic.chips[offset as usize & 1].elcr);
-        data.fill(v);
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
-        let v = data.first().copied().unwrap_or(0);
-        self.pic.with(|pic| pic.chips[offset as usize & 1].elcr = v);
-        Action::Continue
     }
 }
 

@@ -4,20 +4,16 @@
 //! Time is the host's monotonic clock at the PIT's 1.193182 MHz. Modelled: the control word
 //! (channel, access mode lobyte/hibyte/both, modes 0–5, the counter-latch and read-back
 //! commands), counts read back as they fall, the gate of channel 2, and channel 0's output
-//! driving IRQ 0: once at terminal count in mode 0, every period in modes 2 and 3. A ticker
-//! thread ([`SharedPit::run_ticker`]) sleeps until [`Pit::next_deadline`] and pulses IRQ 0 on
-//! the PIC then, so the vCPU thread never polls the clock.
+//! driving IRQ 0: once at terminal count in mode 0, every period in modes 2 and 3. The model
+//! is pure: `chipset.rs` puts its ports on the bus, and its timer thread sleeps until
+//! [`Pit::next_deadline`] and pulses IRQ 0 then, so the vCPU thread never polls the clock.
 //!
 //! Ticks are reinjected, as KVM's in-kernel PIT does by default: a period that ends while the
-//! previous edge is still latched in the PIC (the guest had interrupts off, or hbt was busy
-//! translating) is owed, and delivered as soon as the guest acknowledges the one before. A
-//! kernel that counts ticks for time (jiffies, and Linux's clocksource watchdog on them) would
-//! otherwise fall behind the TSC and declare it unstable.
+//! previous edge is still latched (the guest had interrupts off, or hbt was busy translating)
+//! is owed, and delivered as soon as the guest acknowledges the one before. A kernel that
+//! counts ticks for time (jiffies, and Linux's clocksource watchdog on them) would otherwise
+//! fall behind the TSC and declare it unstable.
 
-use super::pic::SharedPic;
-use super::{Action, Device};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const PORT: u64 = 0x40;
@@ -26,7 +22,7 @@ pub const PORT_61: u64 = 0x61;
 const HZ: u64 = 1_193_182;
 /// Most ticks owed before older ones are dropped (a guest that keeps interrupts off for
 /// seconds gets at most this many back).
-const MAX_OWED: u64 = 1000;
+pub const MAX_OWED: u64 = 1000;
 
 #[derive(Clone, Copy, Default)]
 struct Channel {
@@ -134,7 +130,8 @@ impl Pit {
         self.channels[0].deadline()
     }
 
-    fn write(&mut self, port: u64, v: u8, now: Instant) {
+    /// A write to port 0x40 + `port` (0–3).
+    pub fn write(&mut self, port: u64, v: u8, now: Instant) {
         if port == 3 {
             let ch = (v >> 6) as usize;
             if ch == 3 {
@@ -185,7 +182,8 @@ impl Pit {
         }
     }
 
-    fn read(&mut self, port: u64, now: Instant) -> u8 {
+    /// A read of port 0x40 + `port` (0–3).
+    pub fn read(&mut self, port: u64, now: Instant) -> u8 {
         if port == 3 {
             return 0xff;
         }
@@ -207,125 +205,19 @@ impl Pit {
         byte
     }
 
-    fn read_61(&mut self, now: Instant) -> u8 {
+    pub fn read_61(&mut self, now: Instant) -> u8 {
         self.refresh = !self.refresh;
         let out2 = self.channels[2].output(now);
         (self.port61 & 0x0f) | (self.refresh as u8) << 4 | (out2 as u8) << 5
     }
 
-    fn write_61(&mut self, v: u8, now: Instant) {
+    pub fn write_61(&mut self, v: u8, now: Instant) {
         let gate_rises = v & 1 != 0 && self.port61 & 1 == 0;
         self.port61 = v & 0x0f;
         if gate_rises {
             let c = &mut self.channels[2];
             c.loaded = Some(now);
         }
-    }
-}
-
-/// The PIT shared between the vCPU thread (its ports) and the ticker thread; `changed` wakes
-/// the ticker when the guest reprograms a channel.
-#[derive(Default)]
-pub struct SharedPit {
-    pit: Mutex<Pit>,
-    changed: Condvar,
-    /// Ticks owed are waiting for the guest to acknowledge IRQ 0 ([`SharedPit::acknowledged`]).
-    owing: AtomicBool,
-}
-
-impl SharedPit {
-    /// Runs `f` on the PIT; wakes the ticker only when channel 0's deadline moved, so the
-    /// port reads of a calibration loop cost no futex wake and no lock contention.
-    fn with<R>(&self, f: impl FnOnce(&mut Pit) -> R) -> R {
-        let mut pit = self.pit.lock().unwrap_or_else(|e| e.into_inner());
-        let before = pit.next_deadline();
-        let r = f(&mut pit);
-        if pit.next_deadline() != before {
-            self.changed.notify_all();
-        }
-        r
-    }
-
-    /// The ticker thread's body: until `done`, pulses IRQ 0 on `pic` at each channel-0
-    /// deadline and, when that leaves an interrupt pending at the CPU (IRQ 0 unmasked and not
-    /// already in service), calls `kick` (to stop the vCPU's translated code at its next block
-    /// end).
-    pub fn run_ticker(&self, pic: &SharedPic, done: &AtomicBool, kick: impl Fn()) {
-        // The longest sleep without a deadline: how soon `done` is noticed.
-        const IDLE: Duration = Duration::from_millis(50);
-        let mut pit = self.pit.lock().unwrap_or_else(|e| e.into_inner());
-        let mut owed = 0u64;
-        while !done.load(Ordering::SeqCst) {
-            let now = Instant::now();
-            owed = (owed + pit.poll(now)).min(MAX_OWED);
-            if owed > 0 && !pic.requested(0) {
-                pic.pulse(0);
-                owed -= 1;
-                if pic.interrupt_pending() {
-                    kick();
-                }
-            }
-            self.owing.store(owed > 0, Ordering::SeqCst);
-            let wait = pit
-                .next_deadline()
-                .map_or(IDLE, |d| d.saturating_duration_since(now).min(IDLE));
-            pit = self
-                .changed
-                .wait_timeout(pit, wait)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// Wakes the ticker (to notice `done`).
-    pub fn notify(&self) {
-        self.changed.notify_all();
-    }
-
-    /// The CPU acknowledged an interrupt: if ticks are owed, the ticker delivers the next.
-    pub fn acknowledged(&self) {
-        if self.owing.load(Ordering::Relaxed) {
-            // Under the lock: the ticker holds it from its IRR check until it waits, so the
-            // wake-up cannot fall between the two.
-            let _pit = self.pit.lock().unwrap_or_else(|e| e.into_inner());
-            self.changed.notify_all();
-        }
-    }
-}
-
-/// The PIT's ports on the bus (0x40–0x43).
-pub struct PitPorts(pub Arc<SharedPit>);
-
-impl Device for PitPorts {
-    fn name(&self) -> &'static str {
-        "pit"
-    }
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = self.0.with(|pit| pit.read(offset, Instant::now()));
-        data.fill(v);
-    }
-    fn write(&mut self, offset: u64, data: &[u8]) -> Action {
-        let v = data.first().copied().unwrap_or(0);
-        self.0.with(|pit| pit.write(offset, v, Instant::now()));
-        Action::Continue
-    }
-}
-
-/// Port 0x61.
-pub struct Port61(pub Arc<SharedPit>);
-
-impl Device for Port61 {
-    fn name(&self) -> &'static str {
-        "port61"
-    }
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
-        let v = self.0.with(|pit| pit.read_61(Instant::now()));
-        data.fill(v);
-    }
-    fn write(&mut self, _offset: u64, data: &[u8]) -> Action {
-        let v = data.first().copied().unwrap_or(0);
-        self.0.with(|pit| pit.write_61(v, Instant::now()));
-        Action::Continue
     }
 }
 

@@ -1,19 +1,21 @@
 //! `--accel bt`: the whole guest machine runs in hbt's binary translator (system mode, soft-MMU
 //! over guest RAM); no /dev/kvm is needed. The translator calls back into [`BtPlatform`] for
-//! port I/O (the same device models KVM's exits reach), CPUID (`cpuid.rs`), platform MSRs and
-//! the interrupt controller, which is hbt's own 8259 pair with an 8254 PIT in place of KVM's
-//! in-kernel ones.
+//! port I/O and MMIO (the same device models KVM's exits reach), CPUID (`cpuid.rs`), platform
+//! MSRs and the interrupt controllers, which are hbt's own (`devices/chipset.rs`: 8259 pair,
+//! I/O APIC, local APIC, 8254 PIT) in place of KVM's in-kernel ones.
 //!
-//! Threads: the vCPU thread runs the translator; the PIT's ticker thread pulses IRQ 0 at each
-//! timer deadline and the serial input thread raises IRQ 4. Both then kick the vCPU thread
-//! (`stop::KICK_SIGNAL`, routed to the translator's kick handler), which unlinks chained blocks
-//! so translated code returns to the dispatcher, where the interrupt window is checked. A `hlt`
-//! with interrupts enabled sleeps on the PIC until it raises INTR.
+//! Threads: the vCPU thread runs the translator; the chipset's timer thread fires the PIT and
+//! the local APIC timer at their deadlines, and the serial input thread raises IRQ 4. Both
+//! then kick the vCPU thread (`stop::KICK_SIGNAL`, routed to the translator's kick handler),
+//! which unlinks chained blocks so translated code returns to the dispatcher, where the
+//! interrupt window is checked. A `hlt` with interrupts enabled sleeps on the chipset until it
+//! raises INTR.
 
 use super::{fmt_counts, End, Finished, Setup};
 use crate::vmm::cpu_state::CpuSnapshot;
+use crate::vmm::devices::lapic;
 use crate::vmm::devices::pvclock::{PhysWrite, PvClock};
-use crate::vmm::devices::{self, pic::SharedPic, pit::SharedPit, Action, Buses, IrqLine};
+use crate::vmm::devices::{self, chipset::Chipset, Action, Buses, IrqLine};
 use crate::vmm::memory::{GuestMemory, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::vmm::{boot, cpuid, stop};
 use anyhow::{bail, Result};
@@ -38,9 +40,7 @@ const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 /// The machine around the translated CPU.
 struct BtPlatform {
     buses: Buses,
-    pic: Arc<SharedPic>,
-    /// Told of each interrupt acknowledge, to reinject owed timer ticks.
-    pit: Arc<SharedPit>,
+    chipset: Arc<Chipset>,
     /// What a device asked for when a port write returned `PortOutcome::Stop`.
     stop: Option<Action>,
     /// The paravirtual clock (`devices/pvclock.rs`) and the RAM it writes into.
@@ -114,6 +114,7 @@ impl Platform for BtPlatform {
             IA32_TIME_STAMP_COUNTER => Some(self.rdtsc()),
             IA32_BIOS_SIGN_ID => Some(0),
             cpuid::IA32_ARCH_CAPABILITIES => Some(cpuid::ARCH_CAPABILITIES),
+            lapic::IA32_APIC_BASE | lapic::IA32_TSC_DEADLINE => self.chipset.rdmsr(index),
             _ => self.clock.rdmsr(index),
         }
     }
@@ -122,6 +123,9 @@ impl Platform for BtPlatform {
             return Some(());
         }
         let tsc = self.rdtsc();
+        if matches!(index, lapic::IA32_APIC_BASE | lapic::IA32_TSC_DEADLINE) {
+            return self.chipset.wrmsr(index, value, tsc);
+        }
         let mut mem = RecordedWrites {
             ram: &self.ram,
             written: &mut self.written,
@@ -129,12 +133,10 @@ impl Platform for BtPlatform {
         self.clock.wrmsr(index, value, tsc, &mut mem)
     }
     fn interrupt_pending(&mut self) -> bool {
-        self.pic.interrupt_pending()
+        self.chipset.interrupt_pending()
     }
     fn acknowledge_interrupt(&mut self) -> Option<u8> {
-        let vector = self.pic.acknowledge();
-        self.pit.acknowledged();
-        vector
+        self.chipset.acknowledge()
     }
 }
 
@@ -173,33 +175,31 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
     hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
 
-    let pic = Arc::new(SharedPic::default());
-    let pit = Arc::new(SharedPit::default());
+    let chipset = Arc::new(Chipset::new(cpuid::tsc_khz()));
     let com1_irq = {
-        let pic = Arc::clone(&pic);
+        let chipset = Arc::clone(&chipset);
         IrqLine::new(move |level| {
-            pic.set_irq(devices::serial::COM1_IRQ as u8, level);
-            if level && pic.interrupt_pending() && !stop::on_vcpu_thread() {
+            chipset.set_irq(devices::serial::COM1_IRQ as u8, level);
+            if level && chipset.interrupt_pending() && !stop::on_vcpu_thread() {
                 stop::kick_vcpu();
             }
         })
     };
     let (mut buses, marks) = Buses::standard(setup.started, setup.interactive, com1_irq);
-    devices::insert_legacy_interrupt_chips(&mut buses.pio, &pic, &pit);
+    devices::chipset::insert(&mut buses.pio, &mut buses.mmio, &chipset);
     let done = Arc::new(AtomicBool::new(false));
     let ticker = {
-        let (pic, pit, done) = (Arc::clone(&pic), Arc::clone(&pit), Arc::clone(&done));
+        let (chipset, done) = (Arc::clone(&chipset), Arc::clone(&done));
         std::thread::Builder::new()
-            .name("hbt-pit".into())
-            .spawn(move || pit.run_ticker(&pic, &done, stop::kick_vcpu))?
+            .name("hbt-timers".into())
+            .spawn(move || chipset.run_timers(&done, stop::kick_vcpu))?
     };
     // Every helper thread exists now (watchdog, serial input, ticker): they take the
     // terminating signals from here on.
     stop::block_terminating_signals();
     let mut platform = BtPlatform {
         buses,
-        pic: Arc::clone(&pic),
-        pit: Arc::clone(&pit),
+        chipset: Arc::clone(&chipset),
         stop: None,
         // SAFETY: rdtsc has no memory effects.
         clock: PvClock::new(unsafe { std::arch::x86_64::_rdtsc() }, cpuid::tsc_khz()),
@@ -210,7 +210,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     let loop_started = Instant::now();
     let result = run_loop(&mut translator, &mut platform);
     done.store(true, Ordering::SeqCst);
-    pit.notify();
+    chipset.notify_timers();
     let _ = ticker.join();
     let in_loop = loop_started.elapsed();
     let ram = guest_ram(setup.mem);
@@ -228,7 +228,12 @@ pub fn run(setup: &Setup) -> Result<Finished> {
             bail!("{why} after {:.3} s: {location}", setup.started.elapsed().as_secs_f64())
         }
     };
-    let (stats_lines, stats_json) = report(&translator, in_loop);
+    let (mut stats_lines, mut stats_json) = report(&translator, in_loop);
+    let unsupported = chipset.unsupported_requests();
+    stats_lines.push(format!(
+        "  interrupt requests the chipset model cannot carry out (NMI/INIT/SMI, APIC relocation): {unsupported}"
+    ));
+    stats_json.insert("chipset_unsupported_requests".into(), unsupported.into());
     Ok(Finished {
         end,
         location,
@@ -257,6 +262,7 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
             Exit::Stopped => match platform.stop.take() {
                 Some(Action::Exit(v)) => return Ok(End::ExitPort(v)),
                 Some(Action::Reset) => return Ok(End::Reset),
+                Some(Action::PowerOff) => return Ok(End::PowerOff),
                 Some(Action::OutputClosed) => return Ok(End::OutputClosed),
                 Some(Action::Continue) | None => {}
             },
@@ -264,7 +270,7 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
                 if t.state().rflags & flags::IF == 0 {
                     return Ok(End::Halted);
                 }
-                platform.pic.wait(HALT_POLL, || stop::requested().is_some());
+                platform.chipset.wait(HALT_POLL, || stop::requested().is_some());
             }
             Exit::TripleFault(e) => bail!("guest triple fault (a fault while delivering {e} as a double fault)"),
             Exit::Exception(e) => bail!("translator returned guest exception {e} in system mode"),

@@ -105,6 +105,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
             Action::Continue => {}
             Action::Exit(v) => break End::ExitPort(v),
             Action::Reset => break End::Reset,
+            Action::PowerOff => break End::PowerOff,
             Action::OutputClosed => break End::OutputClosed,
         }
         st.exits[reason] += 1;

@@ -27,6 +27,8 @@ pub struct Setup<'a> {
 pub enum End {
     ExitPort(u32),
     Reset,
+    /// ACPI soft-off (S5).
+    PowerOff,
     Halted,
     Timeout,
     /// SIGINT (Ctrl-C), SIGTERM or SIGHUP: the signal number.

@@ -51,10 +51,17 @@ impl Vm {
 
     pub fn create_vcpu(&self) -> Result<VcpuFd> {
         let vcpu = self.fd.create_vcpu(0).ioctl("KVM_CREATE_VCPU")?;
-        let cpuid = self
+        let mut cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .ioctl("KVM_GET_SUPPORTED_CPUID")?;
+        // KVM emulates the TSC-deadline timer in its in-kernel local APIC but leaves the CPUID
+        // bit to userspace (as QEMU sets it); `--accel bt` offers it too (`devices/lapic.rs`).
+        if self.kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                e.ecx |= 1 << 24;
+            }
+        }
         vcpu.set_cpuid2(&cpuid).ioctl("KVM_SET_CPUID2")?;
         super::vcpu::wire_lapic(&vcpu)?;
         Ok(vcpu)
