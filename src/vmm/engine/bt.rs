@@ -287,6 +287,11 @@ fn names(bits: &[cpuid::ModelBit]) -> String {
 /// The translator's counters for `--stats`/`--stats-json`.
 fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
     let s = t.stats();
+    fn by_count(m: &std::collections::BTreeMap<iced_x86::Mnemonic, u64>) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = m.iter().map(|(k, n)| (format!("{k:?}").to_lowercase(), *n)).collect();
+        v.sort_by_key(|(k, n)| (std::cmp::Reverse(*n), k.clone()));
+        v
+    }
     fn vectors(m: &std::collections::BTreeMap<u8, u64>) -> impl Iterator<Item = (String, u64)> + '_ {
         m.iter().map(|(v, n)| (format!("{v}"), *n))
     }
@@ -312,6 +317,10 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             s.page_invalidations,
             s.invalidated_blocks,
             s.mmio_accesses
+        ),
+        format!(
+            "  emulated instructions by mnemonic (most first): {}",
+            fmt_counts(by_count(&s.emulated_by_mnemonic).into_iter().take(12))
         ),
         format!(
             "  exceptions delivered by vector: {}",
@@ -361,6 +370,7 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
             "exceptions_by_vector": s.exceptions,
             "interrupts_by_vector": s.interrupts,
             "unimplemented": s.unimplemented,
+            "emulated_by_mnemonic": by_count(&s.emulated_by_mnemonic).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
         }),
     );
     (lines, map)

@@ -18,7 +18,7 @@
 //! are live there they are parked on the host flag stack around it. A miss restores every
 //! borrowed register and exits; the engine walks the page tables and restarts the instruction.
 
-use super::asm::{reg_num, Asm, GPR8};
+use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
 use crate::context::{off, MISS_ALIGN_SHIFT, MISS_MMX_STORE};
 use crate::error::TranslateError;
@@ -408,7 +408,11 @@ impl BlockEmitter<'_> {
         let a: &mut Asm = &mut self.asm;
         a.glue(Instruction::with2(Code::Mov_r64_rm64, t, s));
         a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
-        a.glue(Instruction::with2(Code::Movzx_r32_rm8, reg32(u), GPR8[reg_num(t)]));
+        a.glue(Instruction::with2(
+            Code::Movzx_r32_rm16,
+            reg32(u),
+            super::stack::sized16(t),
+        ));
         a.glue(Instruction::with2(Code::Shl_rm64_imm8, u, 4));
         let entry = |disp: usize| MemoryOperand::new(u, Register::None, 1, disp as i64, 8, false, Register::GS);
         a.glue(Instruction::with2(Code::Cmp_r64_rm64, t, entry(table)));
@@ -471,7 +475,7 @@ impl BlockEmitter<'_> {
             s,
             Register::RCX,
         ));
-        a.glue(Instruction::with2(Code::Movzx_r32_rm8, Register::ECX, Register::CL));
+        a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::CX));
         a.glue(double_ecx());
         a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, entry(table)));
         a.glue(Instruction::with1(Code::Not_rm64, t));
@@ -487,7 +491,11 @@ impl BlockEmitter<'_> {
         self.miss_stub(field, s, info, false);
         let a: &mut Asm = &mut self.asm;
         a.glue(Instruction::with1(Code::Not_rm64, t));
-        a.glue(Instruction::with2(Code::Movzx_r32_rm8, Register::ECX, GPR8[reg_num(t)]));
+        a.glue(Instruction::with2(
+            Code::Movzx_r32_rm16,
+            Register::ECX,
+            super::stack::sized16(t),
+        ));
         a.glue(double_ecx());
         a.glue(Instruction::with2(Code::Mov_r64_rm64, t, entry(table + 8)));
         a.glue(Instruction::with2(

@@ -76,6 +76,11 @@ pub(super) struct Block {
     /// Soft-MMU: every page of its code was mapped global, as of `global_epoch`.
     pub(super) global: bool,
     pub(super) global_epoch: u64,
+    /// Soft-MMU: not translated code but one instruction the engine performs (a system
+    /// instruction, a string instruction, `pushf`…), decoded once. It has no host code and no
+    /// links; it is found, revalidated and invalidated like a block, so the dispatcher does not
+    /// fetch and decode it again each time (a Linux boot performs ≈900k of them).
+    pub(super) emulated: Option<(iced_x86::Instruction, Rule)>,
 }
 
 impl Translator {
@@ -260,18 +265,7 @@ impl Translator {
         let index = self.blocks.len();
         self.stats.blocks_translated += 1;
         self.stats.guest_instructions_translated += block.instrs.len() as u64;
-        for &page in &phys_pages {
-            let entry = self.code_pages.entry(page).or_default();
-            if entry.is_empty() {
-                // Writes to this page must now miss so they can invalidate its blocks.
-                if let MemoryStrategy::SoftMmu(ram) = &self.strategy {
-                    if let Some(host) = ram.host(page, PAGE) {
-                        self.ctx.get_mut().forget_write_tlb_host(host);
-                    }
-                }
-            }
-            entry.push(index);
-        }
+        self.register_code_pages(&phys_pages, index);
         let key = self.block_key(block.start);
         let mut region = block.span.0 >> 21;
         while region <= (block.span.1 - 1) >> 21 {
@@ -291,12 +285,61 @@ impl Translator {
             epoch: self.mapping_epoch,
             global,
             global_epoch: self.global_epoch,
+            emulated: None,
         });
         if cached {
             self.by_guest.insert(key, index);
         }
         self.by_host.insert(host, index);
         Ok(host + IBL_PROLOGUE_LEN)
+    }
+
+    /// Records the instruction the engine performs at `start` (soft-MMU) as a block without
+    /// host code (see [`Block::emulated`]).
+    pub(super) fn install_emulated(
+        &mut self,
+        start: u64,
+        instr: iced_x86::Instruction,
+        rule: Rule,
+        phys_pages: Vec<u64>,
+        mapping: Vec<(u64, u64)>,
+        global: bool,
+    ) {
+        let index = self.blocks.len();
+        self.register_code_pages(&phys_pages, index);
+        let key = self.block_key(start);
+        self.blocks.push(Block {
+            key,
+            host: 0,
+            host_len: 0,
+            sites: Vec::new(),
+            exits: Vec::new(),
+            incoming: Vec::new(),
+            inline_caches: Vec::new(),
+            valid: true,
+            mapping,
+            epoch: self.mapping_epoch,
+            global,
+            global_epoch: self.global_epoch,
+            emulated: Some((instr, rule)),
+        });
+        self.by_guest.insert(key, index);
+    }
+
+    /// Records that block `index` has code in `pages` (guest physical, or host under identity).
+    fn register_code_pages(&mut self, pages: &[u64], index: usize) {
+        for &page in pages {
+            let entry = self.code_pages.entry(page).or_default();
+            if entry.is_empty() {
+                // Writes to this page must now miss so they can invalidate its blocks.
+                if let MemoryStrategy::SoftMmu(ram) = &self.strategy {
+                    if let Some(host) = ram.host(page, PAGE) {
+                        self.ctx.get_mut().forget_write_tlb_host(host);
+                    }
+                }
+            }
+            entry.push(index);
+        }
     }
 
     /// Invalidates every block whose code lies in guest physical page `page` (self-modifying

@@ -57,6 +57,8 @@ pub struct Stats {
     pub indirect_misses: u64,
     pub tlb_misses: u64,
     pub emulated: u64,
+    /// The same, by mnemonic (what leaves translated code most).
+    pub emulated_by_mnemonic: BTreeMap<iced_x86::Mnemonic, u64>,
     pub invalidated_blocks: u64,
     pub flushes: u64,
     /// System mode: guest address-space changes (links and TLBs dropped, blocks revalidated).
@@ -437,6 +439,10 @@ impl Translator {
             self.uncached_step = None;
         } else if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
             if self.mapping_current(i) {
+                if let Some((instr, rule)) = self.blocks[i].emulated {
+                    self.stats.emulated += 1;
+                    return self.emulate(&instr, rule, platform);
+                }
                 return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
             }
             // The code's page maps elsewhere now: translate what is there.
@@ -509,10 +515,14 @@ impl Translator {
                 self.stats.translate_time += translate_started.elapsed();
                 self.stats.emulated += 1;
                 let instr = first.instr;
-                if !soft && !uncached {
-                    self.emulated_at.insert(rip, (instr, first.rule));
-                    for page in pages {
-                        self.code_pages.entry(page).or_default();
+                if !uncached {
+                    if soft {
+                        self.install_emulated(rip, instr, first.rule, pages, mapping, global);
+                    } else {
+                        self.emulated_at.insert(rip, (instr, first.rule));
+                        for page in pages {
+                            self.code_pages.entry(page).or_default();
+                        }
                     }
                 }
                 return self.emulate(&instr, first.rule, platform);
@@ -530,6 +540,7 @@ impl Translator {
         platform: &mut dyn Platform,
     ) -> Result<Lookup, TranslateError> {
         use crate::rules::EmulateOp;
+        *self.stats.emulated_by_mnemonic.entry(instr.mnemonic()).or_default() += 1;
         let unsupported = |why: &str| TranslateError::Unsupported {
             rip: instr.ip(),
             text: instr.to_string(),
