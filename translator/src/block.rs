@@ -99,8 +99,20 @@ pub struct BuildOptions {
     /// The soft-MMU strategy and system mode decide which rules end a block.
     pub soft_mmu: bool,
     pub system: bool,
+    /// System mode: the block is translated for CPL0.
+    pub kernel: bool,
     pub verified_only: bool,
     pub max_instructions: usize,
+}
+
+impl BuildOptions {
+    pub fn mode(&self) -> crate::rules::Mode {
+        crate::rules::Mode {
+            soft_mmu: self.soft_mmu,
+            system: self.system,
+            kernel: self.kernel,
+        }
+    }
 }
 
 /// The guest code of one page, as far as it was read: from the block's start to the page end
@@ -187,7 +199,7 @@ fn ends_block(r: Rule, instr: &Instruction, o: &BuildOptions) -> bool {
     match r {
         Rule::Branch(BranchKind::Jcc) => false,
         Rule::Branch(_) => true,
-        _ => r.runs_in_engine(o.soft_mmu, has_fs_gs(instr), o.system),
+        _ => r.runs_in_engine(has_fs_gs(instr), o.mode()),
     }
 }
 
@@ -386,6 +398,7 @@ mod tests {
         let o = BuildOptions {
             soft_mmu: false,
             system: false,
+            kernel: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
         };
@@ -462,6 +475,7 @@ mod tests {
         let o = BuildOptions {
             soft_mmu: false,
             system: false,
+            kernel: false,
             verified_only: false,
             max_instructions: 2,
         };

@@ -111,6 +111,11 @@ pub struct Context {
     /// (a `ret` pops, a `call` pushes), so a non-canonical target can fault at the branch.
     pub branch_rip: u64,
     pub branch_rsp_delta: u64,
+    /// System mode, while translated code runs: the guest RFLAGS bits the host cannot hold
+    /// (IOPL, TF, NT, AC at CPL0, …; see `Translator::enter`), and IF apart from them as 0 or
+    /// 0x200, so an inlined `cli` is one flag-free store and `pushfq` merges both with an `or`.
+    pub virtual_flags: u64,
+    pub virtual_if: u64,
     pub fault_vector: u32,
     pub fault_error_code: u32,
     pub fault_address: u64,
@@ -153,6 +158,8 @@ pub mod off {
     pub const MISS_VA: usize = offset_of!(Context, miss_va);
     pub const MISS_INFO: usize = offset_of!(Context, miss_info);
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
+    pub const VIRTUAL_FLAGS: usize = offset_of!(Context, virtual_flags);
+    pub const VIRTUAL_IF: usize = offset_of!(Context, virtual_if);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
     pub const ONE: usize = offset_of!(Context, one);

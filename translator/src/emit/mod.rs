@@ -48,6 +48,8 @@ pub struct HostSite {
 pub struct ExitPatch {
     pub field: u32,
     pub target: u64,
+    /// Offset of its exit stub (where an unchained field points).
+    pub stub: u32,
 }
 
 /// Output of [`emit_block`].
@@ -122,6 +124,8 @@ pub(crate) struct BlockEmitter<'a> {
     asm: Asm,
     glue: &'a Glue,
     soft_mmu: bool,
+    /// Which rules the engine performs, and how pushf sees the virtual flags.
+    mode: crate::rules::Mode,
     split_access: bool,
     spilled: u16,
     flags_in_slot: bool,
@@ -158,6 +162,18 @@ pub struct EmitOptions {
     pub guest_xcr0: u64,
     /// System mode (`Config::system`).
     pub system: bool,
+    /// System mode: the block runs at CPL0 (`rules::Mode::kernel`).
+    pub kernel: bool,
+}
+
+impl EmitOptions {
+    fn mode(&self) -> crate::rules::Mode {
+        crate::rules::Mode {
+            soft_mmu: self.soft_mmu,
+            system: self.system,
+            kernel: self.kernel,
+        }
+    }
 }
 
 /// Emits `block` for host address `base`.
@@ -172,6 +188,7 @@ pub fn emit_block(
         asm: Asm::new(base),
         glue,
         soft_mmu,
+        mode: options.mode(),
         split_access: options.split_access,
         spilled: 0,
         flags_in_slot: false,
@@ -216,7 +233,7 @@ pub fn emit_block(
                 continue;
             }
         }
-        if d.rule.runs_in_engine(soft_mmu, has_fs_gs(&d.instr), options.system) {
+        if d.rule.runs_in_engine(has_fs_gs(&d.instr), e.mode) {
             e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
             continue;
         }
@@ -227,6 +244,9 @@ pub fn emit_block(
             Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, d.bytes())?,
             Rule::Stack(op) => e.stack(&d.instr, op)?,
             Rule::Branch(kind) => e.branch(&d.instr, kind)?,
+            // CPL0 (`Rule::runs_in_engine`): IF is virtual, and no interrupt can become
+            // deliverable by clearing it.
+            Rule::System(crate::system::SystemOp::Cli) => e.asm.store_ctx_u64(off::VIRTUAL_IF, 0),
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
         debug_assert_eq!(e.spilled, 0, "glue left a register borrowed");
@@ -394,6 +414,7 @@ impl BlockEmitter<'_> {
                 Cold::Exit { field, target } => {
                     let here = self.asm.here();
                     self.asm.bind(field, here);
+                    let stub = (here - self.asm.base()) as u32;
                     let link = self.asm.base() + field as u64;
                     self.asm.store_ctx_u64(off::RIP, target);
                     self.asm.store_ctx_u64(off::EXIT_LINK, link);
@@ -403,6 +424,7 @@ impl BlockEmitter<'_> {
                     self.exits.push(ExitPatch {
                         field: field as u32,
                         target,
+                        stub,
                     });
                 }
                 Cold::CacheFill {

@@ -3,7 +3,7 @@
 //! guest virtual address, so each is decomposed into explicit accesses that go through
 //! `memop.rs`. Memory is accessed before RSP changes, so a fault leaves RSP as the CPU would.
 
-use super::asm::reg_num;
+use super::asm::{ctx, reg_num};
 use super::BlockEmitter;
 use crate::context::off;
 use crate::error::TranslateError;
@@ -167,7 +167,20 @@ impl BlockEmitter<'_> {
                 self.asm.mov_to_ctx(off::RSP_SAVE, Register::RSP);
                 self.asm.mov_from_ctx(Register::RSP, off::FLAG_STACK_TOP);
                 self.asm.op0(Code::Pushfq);
-                self.asm.glue(Instruction::with1(Code::Pop_r64, d));
+                if self.mode.system {
+                    // CPL0 (`Rule::runs_in_engine`): the host holds only the status flags and
+                    // DF; the rest is in the context. The pushed copy restores the guest's flags.
+                    use crate::state::flags;
+                    let host = (flags::STATUS | flags::DF | flags::FIXED) as u32;
+                    let a = &mut self.asm;
+                    a.glue(Instruction::with2(Code::Mov_r64_rm64, d, stack_slot(0)));
+                    a.glue(Instruction::with2(Code::And_rm64_imm32, d, host));
+                    a.glue(Instruction::with2(Code::Or_r64_rm64, d, ctx(off::VIRTUAL_FLAGS)));
+                    a.glue(Instruction::with2(Code::Or_r64_rm64, d, ctx(off::VIRTUAL_IF)));
+                    a.op0(Code::Popfq);
+                } else {
+                    self.asm.glue(Instruction::with1(Code::Pop_r64, d));
+                }
                 self.asm.mov_from_ctx(Register::RSP, off::RSP_SAVE);
                 let store = self.guest_glue(Instruction::with2(mov_store(n), stack_slot(-(n as i64)), sized(d, n)));
                 self.mem_instr(&store, None, 0)?;

@@ -249,6 +249,7 @@ impl Translator {
             split_access: self.bounce.is_some(),
             guest_xcr0: self.translated_xcr0,
             system: self.system,
+            kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
         };
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,

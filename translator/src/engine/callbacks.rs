@@ -5,33 +5,63 @@
 use super::*;
 
 /// Asynchronous-signal callback: flag the interrupt and, when translated code is running,
-/// undo every chained jump, return cache and table entry so it leaves at its next block end
-/// (the dispatcher re-links lazily). Allocation-free.
+/// make it leave at its next block end: the way out of the block it is in (chained jumps,
+/// return caches) goes back to the dispatcher and the indirect-branch table is emptied, so
+/// whatever the block does next reaches the dispatcher, where the interrupt is taken. Only
+/// that block is unlinked — undoing every chain at each timer tick made the dispatcher relink
+/// them all again (a Linux boot re-chained ≈160k links) — unless the signal stopped the glue
+/// rather than a block (then every chain goes, as the glue may be about to enter any block).
+/// Allocation-free.
 ///
 /// A system-mode guest running with IF=0 cannot take an interrupt before it sets IF again,
 /// and every instruction that does (`sti`, `popf`, `iretq`) runs in the dispatcher, which
-/// checks for pending interrupts: its chains stay, which spares a kernel's `cli` sections the
-/// cost of re-linking after every timer tick (≈35% of a Linux boot's wall time). A stop the
+/// checks for pending interrupts (only `cli` is inlined): its chains stay. A stop the
 /// embedder asked for (`Translator::set_stop_check`) always unlinks: a guest spinning with
 /// IF=0 must still end on `--timeout` or Ctrl-C.
-pub(super) fn interrupt(data: *const (), in_code: bool) {
-    // SAFETY: `data` is the Translator registered by `run`. With `in_code`, translated code is
-    // stopped in the signal handler and the engine is not mutating its tables.
+pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
+    // SAFETY: `data` is the Translator registered by `run`. With a PC in code, translated code
+    // is stopped in the signal handler and the engine is not mutating its tables.
     let t = unsafe { &*(data as *const Translator) };
     t.interrupted.store(true, std::sync::atomic::Ordering::SeqCst);
-    if !in_code {
+    let Some(pc) = pc_in_code else {
         return;
-    }
-    // SAFETY: translated code is stopped on this thread; the virtual IF lives in the state's
-    // RFLAGS image, which only the dispatcher (emulated instructions) changes.
-    let if_clear = t.system && unsafe { (*t.ctx.as_ptr()).state.rflags } & crate::state::flags::IF == 0;
+    };
+    // SAFETY: translated code is stopped on this thread; while it runs the virtual IF is in the
+    // context (`Translator::enter`), changed only by the dispatcher and by inlined `cli`.
+    let if_clear = t.system && unsafe { (*t.ctx.as_ptr()).virtual_if } == 0;
     if if_clear && !(t.stop_check)() {
         return;
     }
-    for block in t.blocks.iter().filter(|b| b.valid) {
-        for link in &block.incoming {
-            // SAFETY: fields recorded when the links were made, inside the code buffer.
-            unsafe { link.undo(true) };
+    match t.block_at_host(pc) {
+        Some(i) => {
+            let b = &t.blocks[i];
+            for e in &b.exits {
+                let field = b.host + e.field as u64;
+                let stub = b.host + e.stub as u64;
+                // SAFETY: the exit's rel32 field lies in the block, in the code buffer;
+                // translated code is stopped.
+                unsafe { std::ptr::write_unaligned(field as *mut i32, stub.wrapping_sub(field + 4) as i32) };
+            }
+            for c in &b.inline_caches {
+                let at = |off: u32| b.host + off as u64;
+                let cache = cache::Incoming::InlineCache {
+                    imm: at(c.imm_field),
+                    rel: at(c.rel_field),
+                    miss: at(c.miss),
+                    fill: at(c.fill_field),
+                    fill_stub: at(c.fill_stub),
+                };
+                // SAFETY: the cache's fields lie in the block; translated code is stopped.
+                unsafe { cache.undo(true) };
+            }
+        }
+        None => {
+            for block in t.blocks.iter().filter(|b| b.valid) {
+                for link in &block.incoming {
+                    // SAFETY: fields recorded when the links were made, inside the code buffer.
+                    unsafe { link.undo(true) };
+                }
+            }
         }
     }
     let ctx = t.ctx.as_ptr();

@@ -410,14 +410,20 @@ impl Translator {
         flags::STATUS | flags::DF | if ac { flags::AC } else { 0 }
     }
 
+    /// Runs translated code at `host`. The RFLAGS bits the host cannot hold wait in the
+    /// context meanwhile (`Context::virtual_flags`/`virtual_if`), where inlined `cli`/`pushfq`
+    /// and the kick handler find them, and are merged back when it returns.
     fn enter(&mut self, host: u64) {
+        use crate::state::flags;
         let mask = self.host_flags_mask();
         let ctx = self.ctx.get_mut();
         let virtual_flags = ctx.state.rflags & !mask;
-        ctx.state.rflags = (ctx.state.rflags & mask) | crate::state::flags::FIXED;
+        ctx.virtual_if = virtual_flags & flags::IF;
+        ctx.virtual_flags = virtual_flags & !flags::IF & !flags::FIXED;
+        ctx.state.rflags = (ctx.state.rflags & mask) | flags::FIXED;
         self.run_translated(host);
-        let state = &mut self.ctx.get_mut().state;
-        state.rflags = (state.rflags & mask) | virtual_flags | crate::state::flags::FIXED;
+        let ctx = self.ctx.get_mut();
+        ctx.state.rflags = (ctx.state.rflags & mask) | ctx.virtual_flags | ctx.virtual_if | flags::FIXED;
     }
 
     fn run_translated(&mut self, host: u64) {
@@ -458,6 +464,7 @@ impl Translator {
         let options = block::BuildOptions {
             soft_mmu: soft,
             system: self.system,
+            kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
             verified_only: self.verified_only,
             max_instructions: cap,
         };
@@ -511,7 +518,7 @@ impl Translator {
                 first.instr.segment_prefix(),
                 iced_x86::Register::FS | iced_x86::Register::GS
             );
-            if first.rule.runs_in_engine(soft, fs_gs, self.system) {
+            if first.rule.runs_in_engine(fs_gs, options.mode()) {
                 self.stats.translate_time += translate_started.elapsed();
                 self.stats.emulated += 1;
                 let instr = first.instr;

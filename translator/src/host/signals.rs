@@ -46,7 +46,7 @@ pub struct TranslatedFaults {
     /// An asynchronous signal arrived: make `run` return [`crate::Exit::Interrupted`] soon.
     /// `in_code` says the host PC was inside the code buffer (translated code is running, so
     /// the engine's tables are quiescent and its links may be undone).
-    pub interrupt: fn(data: *const (), in_code: bool),
+    pub interrupt: fn(data: *const (), pc_in_code: Option<u64>),
     /// Host address range of the code buffer (glue and blocks).
     pub code_range: (u64, u64),
 }
@@ -435,7 +435,7 @@ extern "C" fn kick_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *
         // the kernel's.
         let t = unsafe { &*translated };
         let pc = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
-        (t.interrupt)(t.data, pc >= t.code_range.0 && pc < t.code_range.1);
+        (t.interrupt)(t.data, (pc >= t.code_range.0 && pc < t.code_range.1).then_some(pc));
     }
 }
 
@@ -480,6 +480,6 @@ extern "C" fn async_handler(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *m
         let t = unsafe { &*translated };
         // SAFETY: see above.
         let pc = unsafe { (*(uc as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
-        (t.interrupt)(t.data, pc >= t.code_range.0 && pc < t.code_range.1);
+        (t.interrupt)(t.data, (pc >= t.code_range.0 && pc < t.code_range.1).then_some(pc));
     }
 }

@@ -368,16 +368,30 @@ pub fn codes_with_rules() -> impl Iterator<Item = Code> {
     Code::values().filter(|&c| rule(c).is_some())
 }
 
+/// Where a block is translated: what decides which rules the engine performs itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mode {
+    /// The soft-MMU memory strategy (guest RSP is not a host address).
+    pub soft_mmu: bool,
+    /// System mode (`Config::system`): a whole guest machine.
+    pub system: bool,
+    /// System mode, a block translated for CPL0 (blocks are keyed by CPL).
+    pub kernel: bool,
+}
+
 impl Rule {
     /// Rules the engine performs in Rust (they end a block): the sensitive and system ones
-    /// always; implicit memory under the soft-MMU or an FS/GS override; and in system mode
-    /// (`system`) also `pushf`/`popf` (the virtual IF/IOPL) and the descriptor-table stores,
-    /// whose values are the guest's, not the host kernel's.
-    pub fn runs_in_engine(self, soft_mmu: bool, fs_gs_override: bool, system: bool) -> bool {
+    /// (but `cli` at CPL0, which is inlined: one store to the virtual IF); implicit memory
+    /// under the soft-MMU or an FS/GS override; and in system mode also `popf` (it may set IF,
+    /// IOPL, TF), `pushf` at CPL3 (where AC may live in the host flags, by CR0.AM), and the
+    /// descriptor-table stores, whose values are the guest's, not the host kernel's.
+    pub fn runs_in_engine(self, fs_gs_override: bool, mode: Mode) -> bool {
         match self {
+            Rule::System(SystemOp::Cli) if mode.system && mode.kernel => false,
             Rule::Emulate(_) | Rule::System(_) => true,
-            Rule::Implicit(_) => soft_mmu || fs_gs_override,
-            Rule::Stack(StackOp::Pushf | StackOp::Popf) | Rule::UserCopy => system,
+            Rule::Implicit(_) => mode.soft_mmu || fs_gs_override,
+            Rule::Stack(StackOp::Pushf) => mode.system && !mode.kernel,
+            Rule::Stack(StackOp::Popf) | Rule::UserCopy => mode.system,
             _ => false,
         }
     }
