@@ -834,3 +834,60 @@ fn a_cr3_write_keeps_global_translations_and_a_pge_toggle_drops_them() {
         assert_eq!(t.state().gpr[1], 0x2222, "global={global}: after toggling CR4.PGE");
     }
 }
+
+#[test]
+fn rf_restored_by_iretq_lasts_until_the_next_instruction_starts() {
+    use hbt_translator::state::{flags, DescriptorTable};
+    // mov rax,rsp; push 0x18; push rax; push 0x10202 (RF|IF); push 0x10; lea rcx,[rip+3];
+    // push rcx; iretq; then nop; nop; hlt. The interrupt handler at +0x100 takes the pushed
+    // RFLAGS: mov rbx,[rsp+16]; hlt.
+    let mut code = vec![
+        0x48, 0x89, 0xe0, 0x6a, 0x18, 0x50, 0x68, 0x02, 0x02, 0x01, 0x00, 0x6a, 0x10, 0x48, 0x8d, 0x0d, 0x03, 0x00,
+        0x00, 0x00, 0x51, 0x48, 0xcf, 0x90, 0x90, 0xf4,
+    ];
+    code.resize(0x100, 0xcc);
+    code.extend([0x48, 0x8b, 0x5c, 0x24, 0x10, 0xf4]);
+    // period 1: the interrupt comes right after iretq, before any instruction started (RF is
+    // still set); period 2: after the two nops (RF was cleared as the first one started).
+    for (period, rf) in [(1u64, flags::RF), (2, 0)] {
+        let g = SoftGuest::new(&code);
+        g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
+        g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
+        let handler = CODE_VA + 0x100;
+        let gate = 0x6a00 + 32 * 16;
+        g.write_u64(
+            gate,
+            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
+        );
+        g.write_u64(gate + 8, handler >> 32);
+        let mut t = g.translator_with(true);
+        let s = t.state_mut();
+        s.sys.gdtr = DescriptorTable {
+            base: 0x40_1800,
+            limit: 0x1f,
+        };
+        s.sys.idtr = DescriptorTable {
+            base: 0x40_1a00,
+            limit: 0x3ff,
+        };
+        s.gpr[4] = 0x40_1f00;
+        let mut platform = TickingPlatform {
+            period,
+            boundaries: 0,
+            delivered: 0,
+        };
+        let exit = t.run(&mut platform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Halt, "period {period}");
+        assert_eq!(platform.delivered, 1, "period {period}");
+        assert_eq!(
+            t.state().gpr[3] & (flags::RF | flags::IF),
+            rf | flags::IF,
+            "period {period}: pushed RFLAGS"
+        );
+        assert_eq!(
+            t.state().rflags & flags::RF,
+            0,
+            "period {period}: the handler runs with RF clear"
+        );
+    }
+}
