@@ -22,9 +22,9 @@ pub(super) fn interrupt(data: *const (), in_code: bool) {
     if !in_code {
         return;
     }
-    // SAFETY: translated code is stopped on this thread; the virtual IF lives in the state's
-    // RFLAGS image, which only the dispatcher (emulated instructions) changes.
-    let if_clear = t.system && unsafe { (*t.ctx.as_ptr()).state.rflags } & crate::state::flags::IF == 0;
+    // The virtual IF as `enter` left it: only the dispatcher (emulated instructions) changes IF,
+    // and while translated code runs it is not in the state's RFLAGS image.
+    let if_clear = t.system && !t.guest_if.load(std::sync::atomic::Ordering::Relaxed);
     if if_clear && !(t.stop_check)() {
         return;
     }

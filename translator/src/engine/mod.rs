@@ -117,6 +117,10 @@ pub struct Translator {
     /// dispatch. (A signal landing between this check and entering translated code, outside
     /// the code buffer, is seen at the next natural exit.)
     interrupted: std::sync::atomic::AtomicBool,
+    /// System mode: the guest's virtual IF while translated code runs. `enter` keeps the
+    /// virtual flags out of the state's RFLAGS image for that time (the entry glue loads the
+    /// image into the host's flags), so the kick handler reads IF here.
+    guest_if: std::sync::atomic::AtomicBool,
     /// Asked by the kick handler whether the embedder wants the run to end (see
     /// [`Translator::set_stop_check`]); must be async-signal-safe.
     stop_check: fn() -> bool,
@@ -182,6 +186,7 @@ impl Translator {
             by_guest: AddrMap::default(),
             emulated_at: AddrMap::default(),
             interrupted: std::sync::atomic::AtomicBool::new(false),
+            guest_if: std::sync::atomic::AtomicBool::new(false),
             stop_check: || false,
             write_protect_code: true,
             by_host: BTreeMap::new(),
@@ -414,6 +419,10 @@ impl Translator {
         // RF is cleared as an instruction starts (see `emulate`).
         let virtual_flags = ctx.state.rflags & !mask & !crate::state::flags::RF;
         ctx.state.rflags = (ctx.state.rflags & mask) | crate::state::flags::FIXED;
+        self.guest_if.store(
+            virtual_flags & crate::state::flags::IF != 0,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.run_translated(host);
         let state = &mut self.ctx.get_mut().state;
         state.rflags = (state.rflags & mask) | virtual_flags | crate::state::flags::FIXED;
