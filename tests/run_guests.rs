@@ -56,6 +56,11 @@ fn transcript(image: &str, expected: &str, status: i32) {
     }
 }
 
+/// A transcript given line by line (each line ends with a newline).
+fn lines(lines: &[&str]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
 #[test]
 fn hello_and_exit_code() {
     transcript("test-images/hello.img", "Hello from an hbt test guest!\n", 0);
@@ -129,6 +134,44 @@ fn self_modifying_code_runs_the_new_instruction() {
     transcript(
         "test-images/smc.img",
         "smc: first 0x11111111, after rewrite 0x22222222\n",
+        0,
+    );
+}
+
+#[test]
+fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
+    // CR3 switches, INVLPG, CR3 reloads and global pages (CR4.PGE), for data and for code on the
+    // pages (guests/paging.c).
+    transcript(
+        "test-images/paging.img",
+        &lines(&[
+            "tree 1 data: 0xaaaa",
+            "tree 1 code: 0xaaaa",
+            "tree 2 data: 0xbbbb",
+            "tree 2 code: 0xbbbb",
+            "tree 1 again data: 0xaaaa",
+            "tree 1 again code: 0xaaaa",
+            "re-pointed + invlpg data: 0xbbbb",
+            "re-pointed + invlpg code: 0xbbbb",
+            "re-pointed + cr3 reload data: 0xaaaa",
+            "re-pointed + cr3 reload code: 0xaaaa",
+            "global data: 0xaaaa",
+            "global code: 0xaaaa",
+            "global re-pointed + invlpg data: 0xbbbb",
+            "global re-pointed + invlpg code: 0xbbbb",
+            "after cr3 switch, non-global data: 0xaaaa",
+            "after cr3 switch, non-global code: 0xaaaa",
+            "global after PGE toggle data: 0xaaaa",
+            "global after PGE toggle code: 0xaaaa",
+            "global jump to tree 1 code: 0xaaaa",
+            "global jump to tree 2 code: 0xbbbb",
+            "global jump to tree 1 code again: 0xaaaa",
+            "G bit without PGE data: 0xaaaa",
+            "G bit without PGE code: 0xaaaa",
+            "G bit without PGE, re-pointed + cr3 reload data: 0xbbbb",
+            "G bit without PGE, re-pointed + cr3 reload code: 0xbbbb",
+            "paging: ok",
+        ]),
         0,
     );
 }
