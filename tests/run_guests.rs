@@ -177,6 +177,30 @@ fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
 }
 
 #[test]
+fn page_protection_faults_carry_the_cpu_error_codes() {
+    // U/S, R/W, NX and CR0.WP: #PF error codes 5, 7, 0x15, 0x11 and 3 with CR2
+    // (guests/user_fault.c).
+    transcript(
+        "test-images/user-fault.img",
+        &lines(&[
+            "CPL0 read of the supervisor page: 0x5005",
+            "CPL3 read of the supervisor page: vector 14 error 0x5 cr2 0x8000001000 from CPL3",
+            "CPL3 write to the read-only user page: vector 14 error 0x7 cr2 0x8000002000 from CPL3",
+            "CPL3 jump into the no-execute page: vector 14 error 0x15 cr2 0x8000003000 from CPL3",
+            "CPL3 read of the read-only user page: 0x7007",
+            "CPL0 jump into the no-execute page: vector 14 error 0x11 cr2 0x8000003000 from CPL0",
+            "CPL0 write to the read-only page, CR0.WP=1: vector 14 error 0x3 cr2 0x8000004000 from CPL0",
+            "read-only page after the faulting write: 0x3003",
+            "CPL0 write to the read-only page, CR0.WP=0: no fault",
+            "read-only page after that write: 0x3333",
+            "CPL3 write to the read-only user page, CR0.WP=0: vector 14 error 0x7 cr2 0x8000002000 from CPL3",
+            "user-fault: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
     // kvm_pvm cannot emulate `int3` at CPL0 (see guests/cpl0_int3.c).
     let (stdout, stderr, code) = hbt_run(&["test-images/cpl0-int3.img"]);
