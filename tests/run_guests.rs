@@ -201,6 +201,45 @@ fn page_protection_faults_carry_the_cpu_error_codes() {
 }
 
 #[test]
+fn a_fault_while_delivering_a_fault_is_a_double_fault_on_its_ist_stack() {
+    // IST stacks; #PF in #PF and #NP in #DE become #DF on IST1, from CPL0 and CPL3; the run ends
+    // in the #DF handler (guests/double_fault.c).
+    transcript(
+        "test-images/double-fault.img",
+        &lines(&[
+            "#PF error 0x0 cr2 0x8000000040 from CPL0",
+            "  handler on IST2 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  RF set in the pushed RFLAGS (a fault) ok",
+            "one #PF, no #DF ok",
+            "#DF error 0x0 from CPL0 cs 0x8 ss 0x10",
+            "  handler on IST1 ok",
+            "  error code 0 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  frame RIP is the faulting instruction ok",
+            "  cr2 0x8000000080",
+            "  CR2 is the address of the #PF or of its frame ok",
+            "#PF while delivering #PF: one #DF, no #PF handler ok",
+            "#DF error 0x0 from CPL0 cs 0x8 ss 0x10",
+            "  handler on IST1 ok",
+            "  error code 0 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  frame RIP is the faulting instruction ok",
+            "#NP while delivering #DE: a #DF ok",
+            "#DF error 0x0 from CPL3 cs 0x23 ss 0x1b",
+            "  handler on IST1 ok",
+            "  error code 0 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  frame RIP is the faulting instruction ok",
+            "  cr2 0x80000000c0",
+            "  CR2 is the address of the #PF or of its frame ok",
+            "double-fault: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
     // kvm_pvm cannot emulate `int3` at CPL0 (see guests/cpl0_int3.c).
     let (stdout, stderr, code) = hbt_run(&["test-images/cpl0-int3.img"]);
