@@ -240,6 +240,33 @@ fn a_fault_while_delivering_a_fault_is_a_double_fault_on_its_ist_stack() {
 }
 
 #[test]
+fn syscall_sysretq_and_swapgs_round_trips() {
+    // SYSCALL/SYSRETQ with SWAPGS to a per-CPU area: RCX, R11, SFMASK, GS bases (guests/syscall.c;
+    // under KVM each round trip takes kvm_pvm's #GP detour described there).
+    transcript(
+        "test-images/syscall.img",
+        &lines(&[
+            "round trips counted in the per-CPU area: 200",
+            "  all of them ok",
+            "last: RFLAGS before syscall 0x40697, R11 in the kernel 0x40697",
+            "last: RFLAGS at the entry 0x2, after sysretq 0x40697",
+            "last: RCX in the kernel 0x20099a, after sysretq 0x20099a (the instruction after syscall: 0x20099a)",
+            "gs:0 in the kernel 0x2105c0 (per-CPU area 0x2105c0), at CPL3 0x2105b0 (user area 0x2105b0)",
+            "the value read through gs: in every round trip ok",
+            "RFLAGS back at CPL3 as before syscall ok",
+            "RCX at CPL3 and in the kernel: the return address ok",
+            "R11 at CPL3 and in the kernel: RFLAGS before syscall ok",
+            "SFMASK flags clear at the entry ok",
+            "GS base: the per-CPU area in the kernel, the user's at CPL3 ok",
+            "GS_BASE MSR at CPL0 afterwards: the user's ok",
+            "KERNEL_GS_BASE MSR afterwards: the per-CPU area ok",
+            "syscall: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
     // kvm_pvm cannot emulate `int3` at CPL0 (see guests/cpl0_int3.c).
     let (stdout, stderr, code) = hbt_run(&["test-images/cpl0-int3.img"]);
