@@ -267,6 +267,35 @@ fn syscall_sysretq_and_swapgs_round_trips() {
 }
 
 #[test]
+fn iretq_to_cpl3_and_back_through_int3() {
+    // IRETQ to CPL3 with hand-built frames and back through int3: CS/SS RPL, RFLAGS, RSP, and
+    // #GP for mismatched frames (guests/iretq.c).
+    transcript(
+        "test-images/iretq.img",
+        &lines(&[
+            "round trip 1: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x202 rsp top-0x0",
+            "  as loaded ok",
+            "round trip 2: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x8c7 rsp top-0x18",
+            "  as loaded ok",
+            "round trip 3: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x243 rsp top-0x101",
+            "  as loaded ok",
+            "round trip 4: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x2 rsp top-0x1007",
+            "  as loaded ok",
+            "round trip 5: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0xa82 rsp top-0x1ff8",
+            "  as loaded ok",
+            "cli at CPL3 with IOPL 0: vector 13 error 0x0 at 0x200941 cs 0x23",
+            "  #GP(0) at the cli, then int3 after it ok",
+            "IRETQ to CS 0x23 with SS 0x10: vector 13 error 0x10 at the iretq yes",
+            "  #GP(0x10) at CPL0 ok",
+            "IRETQ to CS 0xb (DPL 0, RPL 3): vector 13 error 0x8 at the iretq yes",
+            "  #GP(0x8) at CPL0 ok",
+            "iretq: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
     // kvm_pvm cannot emulate `int3` at CPL0 (see guests/cpl0_int3.c).
     let (stdout, stderr, code) = hbt_run(&["test-images/cpl0-int3.img"]);
