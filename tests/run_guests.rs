@@ -296,6 +296,24 @@ fn iretq_to_cpl3_and_back_through_int3() {
 }
 
 #[test]
+fn interrupts_reach_tight_self_chained_loops() {
+    // A PIT interrupt reaches `jmp` to itself, a loop over two pages and `sti; jmp` to itself, at
+    // CPL0 and CPL3 (guests/irq_loop.c): under bt the kick must unlink chained code.
+    transcript(
+        "test-images/irq-loop.img",
+        &lines(&[
+            "CPL0 jmp to itself: interrupted at CPL0, ok",
+            "CPL0 counting loop over two pages: interrupted at CPL0, ok",
+            "CPL0 sti then jmp to itself, interrupt pending: interrupted at CPL0, ok",
+            "CPL3 jmp to itself: interrupted at CPL3, ok",
+            "CPL3 counting loop over two pages: interrupted at CPL3, ok",
+            "irq-loop: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
     // kvm_pvm cannot emulate `int3` at CPL0 (see guests/cpl0_int3.c).
     let (stdout, stderr, code) = hbt_run(&["test-images/cpl0-int3.img"]);
