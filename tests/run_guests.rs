@@ -314,6 +314,25 @@ fn interrupts_reach_tight_self_chained_loops() {
 }
 
 #[test]
+fn code_rewritten_through_a_second_alias_runs_the_new_instruction() {
+    // One code page mapped executable at X and writable at W: rewrites through W (and the identity
+    // map) must run, also inside a translated loop (guests/smc_alias.c).
+    transcript(
+        "test-images/smc-alias.img",
+        &lines(&[
+            "CPL0: f 0x1111, rewritten through W 0x2222, through the identity map 0x3333 ok",
+            "CPL0: g rewriting itself 0x4444, 0x5555 ok",
+            "CPL0: h rewritten in its loop at 100: 412, at 200: 312 ok",
+            "CPL3: f 0x1111, rewritten through W 0x2222, through the identity map 0x3333 ok",
+            "CPL3: g rewriting itself 0x4444, 0x5555 ok",
+            "CPL3: h rewritten in its loop at 100: 412, at 200: 312 ok",
+            "smc-alias: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn kvm_emulation_failures_are_reported_with_rip_and_bytes() {
     // kvm_pvm cannot emulate `int3` at CPL0 (see guests/cpl0_int3.c).
     let (stdout, stderr, code) = hbt_run(&["test-images/cpl0-int3.img"]);
