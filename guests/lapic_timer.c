@@ -32,8 +32,6 @@
 static inline u32 rd(u32 reg) { return *(volatile u32 *)(LAPIC + reg); }
 static inline void wr(u32 reg, u32 v) { *(volatile u32 *)(LAPIC + reg) = v; }
 static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
-static void wrmsr(u32 msr, u64 v) { __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32))); }
-static u64 rdmsr(u32 msr) { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((u64)hi << 32) | lo; }
 static int requested(u8 v) { return (rd(IRR + 0x10 * (v / 32)) >> (v % 32)) & 1; }
 
 static volatile u32 count[48];

@@ -56,6 +56,11 @@ fn transcript(image: &str, expected: &str, status: i32) {
     }
 }
 
+/// A transcript given line by line (each line ends with a newline).
+fn lines(lines: &[&str]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
 #[test]
 fn hello_and_exit_code() {
     transcript("test-images/hello.img", "Hello from an hbt test guest!\n", 0);
@@ -142,6 +147,200 @@ fn self_modifying_code_runs_the_new_instruction() {
     transcript(
         "test-images/smc.img",
         "smc: first 0x11111111, after rewrite 0x22222222\n",
+        0,
+    );
+}
+
+#[test]
+fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
+    // CR3 switches, INVLPG, CR3 reloads and global pages (CR4.PGE), for data and for code on the
+    // pages (guests/paging.c).
+    transcript(
+        "test-images/paging.img",
+        &lines(&[
+            "tree 1 data: 0xaaaa",
+            "tree 1 code: 0xaaaa",
+            "tree 2 data: 0xbbbb",
+            "tree 2 code: 0xbbbb",
+            "tree 1 again data: 0xaaaa",
+            "tree 1 again code: 0xaaaa",
+            "re-pointed + invlpg data: 0xbbbb",
+            "re-pointed + invlpg code: 0xbbbb",
+            "re-pointed + cr3 reload data: 0xaaaa",
+            "re-pointed + cr3 reload code: 0xaaaa",
+            "global data: 0xaaaa",
+            "global code: 0xaaaa",
+            "global re-pointed + invlpg data: 0xbbbb",
+            "global re-pointed + invlpg code: 0xbbbb",
+            "after cr3 switch, non-global data: 0xaaaa",
+            "after cr3 switch, non-global code: 0xaaaa",
+            "global after PGE toggle data: 0xaaaa",
+            "global after PGE toggle code: 0xaaaa",
+            "global jump to tree 1 code: 0xaaaa",
+            "global jump to tree 2 code: 0xbbbb",
+            "global jump to tree 1 code again: 0xaaaa",
+            "G bit without PGE data: 0xaaaa",
+            "G bit without PGE code: 0xaaaa",
+            "G bit without PGE, re-pointed + cr3 reload data: 0xbbbb",
+            "G bit without PGE, re-pointed + cr3 reload code: 0xbbbb",
+            "paging: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
+fn page_protection_faults_carry_the_cpu_error_codes() {
+    // U/S, R/W, NX and CR0.WP: #PF error codes 5, 7, 0x15, 0x11 and 3 with CR2
+    // (guests/user_fault.c).
+    transcript(
+        "test-images/user-fault.img",
+        &lines(&[
+            "CPL0 read of the supervisor page: 0x5005",
+            "CPL3 read of the supervisor page: vector 14 error 0x5 cr2 0x8000001000 from CPL3",
+            "CPL3 write to the read-only user page: vector 14 error 0x7 cr2 0x8000002000 from CPL3",
+            "CPL3 jump into the no-execute page: vector 14 error 0x15 cr2 0x8000003000 from CPL3",
+            "CPL3 read of the read-only user page: 0x7007",
+            "CPL0 jump into the no-execute page: vector 14 error 0x11 cr2 0x8000003000 from CPL0",
+            "CPL0 write to the read-only page, CR0.WP=1: vector 14 error 0x3 cr2 0x8000004000 from CPL0",
+            "read-only page after the faulting write: 0x3003",
+            "CPL0 write to the read-only page, CR0.WP=0: no fault",
+            "read-only page after that write: 0x3333",
+            "CPL3 write to the read-only user page, CR0.WP=0: vector 14 error 0x7 cr2 0x8000002000 from CPL3",
+            "user-fault: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
+fn a_fault_while_delivering_a_fault_is_a_double_fault_on_its_ist_stack() {
+    // IST stacks; #PF in #PF and #NP in #DE become #DF on IST1, from CPL0 and CPL3; the run ends
+    // in the #DF handler (guests/double_fault.c).
+    transcript(
+        "test-images/double-fault.img",
+        &lines(&[
+            "#PF error 0x0 cr2 0x8000000040 from CPL0",
+            "  handler on IST2 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  RF set in the pushed RFLAGS (a fault) ok",
+            "one #PF, no #DF ok",
+            "#DF error 0x0 from CPL0 cs 0x8 ss 0x10",
+            "  handler on IST1 ok",
+            "  error code 0 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  frame RIP is the faulting instruction ok",
+            "  cr2 0x8000000080",
+            "  CR2 is the address of the #PF or of its frame ok",
+            "#PF while delivering #PF: one #DF, no #PF handler ok",
+            "#DF error 0x0 from CPL0 cs 0x8 ss 0x10",
+            "  handler on IST1 ok",
+            "  error code 0 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  frame RIP is the faulting instruction ok",
+            "#NP while delivering #DE: a #DF ok",
+            "#DF error 0x0 from CPL3 cs 0x23 ss 0x1b",
+            "  handler on IST1 ok",
+            "  error code 0 ok",
+            "  frame RSP is the faulting instruction's ok",
+            "  frame RIP is the faulting instruction ok",
+            "  cr2 0x80000000c0",
+            "  CR2 is the address of the #PF or of its frame ok",
+            "double-fault: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
+fn syscall_sysretq_and_swapgs_round_trips() {
+    // SYSCALL/SYSRETQ with SWAPGS to a per-CPU area: RCX, R11, SFMASK, GS bases (guests/syscall.c;
+    // under KVM each round trip takes kvm_pvm's #GP detour described there).
+    transcript(
+        "test-images/syscall.img",
+        &lines(&[
+            "round trips counted in the per-CPU area: 200",
+            "  all of them ok",
+            "last: RFLAGS before syscall 0x40697, R11 in the kernel 0x40697",
+            "last: RFLAGS at the entry 0x2, after sysretq 0x40697",
+            "last: RCX in the kernel 0x20099a, after sysretq 0x20099a (the instruction after syscall: 0x20099a)",
+            "gs:0 in the kernel 0x2105c0 (per-CPU area 0x2105c0), at CPL3 0x2105b0 (user area 0x2105b0)",
+            "the value read through gs: in every round trip ok",
+            "RFLAGS back at CPL3 as before syscall ok",
+            "RCX at CPL3 and in the kernel: the return address ok",
+            "R11 at CPL3 and in the kernel: RFLAGS before syscall ok",
+            "SFMASK flags clear at the entry ok",
+            "GS base: the per-CPU area in the kernel, the user's at CPL3 ok",
+            "GS_BASE MSR at CPL0 afterwards: the user's ok",
+            "KERNEL_GS_BASE MSR afterwards: the per-CPU area ok",
+            "syscall: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
+fn iretq_to_cpl3_and_back_through_int3() {
+    // IRETQ to CPL3 with hand-built frames and back through int3: CS/SS RPL, RFLAGS, RSP, and
+    // #GP for mismatched frames (guests/iretq.c).
+    transcript(
+        "test-images/iretq.img",
+        &lines(&[
+            "round trip 1: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x202 rsp top-0x0",
+            "  as loaded ok",
+            "round trip 2: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x8c7 rsp top-0x18",
+            "  as loaded ok",
+            "round trip 3: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x243 rsp top-0x101",
+            "  as loaded ok",
+            "round trip 4: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0x2 rsp top-0x1007",
+            "  as loaded ok",
+            "round trip 5: int3 frame rip 0x20093f cs 0x23 ss 0x1b rflags 0xa82 rsp top-0x1ff8",
+            "  as loaded ok",
+            "cli at CPL3 with IOPL 0: vector 13 error 0x0 at 0x200941 cs 0x23",
+            "  #GP(0) at the cli, then int3 after it ok",
+            "IRETQ to CS 0x23 with SS 0x10: vector 13 error 0x10 at the iretq yes",
+            "  #GP(0x10) at CPL0 ok",
+            "IRETQ to CS 0xb (DPL 0, RPL 3): vector 13 error 0x8 at the iretq yes",
+            "  #GP(0x8) at CPL0 ok",
+            "iretq: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
+fn interrupts_reach_tight_self_chained_loops() {
+    // A PIT interrupt reaches `jmp` to itself, a loop over two pages and `sti; jmp` to itself, at
+    // CPL0 and CPL3 (guests/irq_loop.c): under bt the kick must unlink chained code.
+    transcript(
+        "test-images/irq-loop.img",
+        &lines(&[
+            "CPL0 jmp to itself: interrupted at CPL0, ok",
+            "CPL0 counting loop over two pages: interrupted at CPL0, ok",
+            "CPL0 sti then jmp to itself, interrupt pending: interrupted at CPL0, ok",
+            "CPL3 jmp to itself: interrupted at CPL3, ok",
+            "CPL3 counting loop over two pages: interrupted at CPL3, ok",
+            "irq-loop: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
+fn code_rewritten_through_a_second_alias_runs_the_new_instruction() {
+    // One code page mapped executable at X and writable at W: rewrites through W (and the identity
+    // map) must run, also inside a translated loop (guests/smc_alias.c).
+    transcript(
+        "test-images/smc-alias.img",
+        &lines(&[
+            "CPL0: f 0x1111, rewritten through W 0x2222, through the identity map 0x3333 ok",
+            "CPL0: g rewriting itself 0x4444, 0x5555 ok",
+            "CPL0: h rewritten in its loop at 100: 412, at 200: 312 ok",
+            "CPL3: f 0x1111, rewritten through W 0x2222, through the identity map 0x3333 ok",
+            "CPL3: g rewriting itself 0x4444, 0x5555 ok",
+            "CPL3: h rewritten in its loop at 100: 412, at 200: 312 ok",
+            "smc-alias: ok",
+        ]),
         0,
     );
 }

@@ -14,8 +14,6 @@ volatile u64 rt_resume;
 extern char rt_trap_stub_base[], trap_stack_top[];
 extern void rt_syscall_entry(void);
 
-static void wrmsr(u32 msr, u64 v) { __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32))); }
-static u64 rdmsr(u32 msr) { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((u64)hi << 32) | lo; }
 
 void rt_init(void) {
     gdt[1] = 0x00af9a000000ffffUL; /* kernel code, 64-bit */

@@ -30,6 +30,23 @@ struct frame {
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
 static inline u64 read_cr2(void) { u64 v; __asm__ volatile("mov %%cr2, %0" : "=r"(v)); return v; }
+static inline u64 read_cr0(void) { u64 v; __asm__ volatile("mov %%cr0, %0" : "=r"(v)); return v; }
+static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
+static inline u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
+static inline void write_cr0(u64 v) { __asm__ volatile("mov %0, %%cr0" ::"r"(v) : "memory"); }
+static inline void write_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" ::"r"(v) : "memory"); }
+static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" ::"r"(v) : "memory"); }
+static inline void invlpg(u64 va) { __asm__ volatile("invlpg (%0)" ::"r"(va) : "memory"); }
+static inline void wrmsr(u32 msr, u64 v) { __asm__ volatile("wrmsr" ::"c"(msr), "a"((u32)v), "d"((u32)(v >> 32))); }
+static inline u64 rdmsr(u32 msr) { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((u64)hi << 32) | lo; }
+
+#define CR0_WP (1UL << 16)
+#define CR4_PGE (1UL << 7)
+#define MSR_STAR 0xc0000081
+#define MSR_LSTAR 0xc0000082
+#define MSR_SFMASK 0xc0000084
+#define MSR_GS_BASE 0xc0000101
+#define MSR_KERNEL_GS_BASE 0xc0000102
 
 void rt_init(void);
 void rt_putc(char c);
@@ -62,3 +79,30 @@ u64 rt_enter_user(void (*fn)(void));
 /* From CPL3: `syscall` back to the CPL0 code that called rt_enter_user (see start.S for how
  * the LSTAR entry completes the switch on kvm_pvm). */
 __attribute__((noreturn)) void rt_user_return(u64 value);
+
+/* Paging (runtime/paging.c). hbt enters guests with an identity map of the first 4 GiB in 2 MiB
+ * pages; these helpers add 4 KiB pages in PML4 slot 1 (RT_MAP_BASE and up, never mapped by hbt)
+ * and build further page-table trees that share the identity map. Tables and frames come from a
+ * pool of zeroed pages in .bss, where guest virtual = guest physical. */
+#define RT_PAGE 4096UL
+#define RT_MAP_BASE 0x8000000000UL
+#define PTE_P (1UL << 0)
+#define PTE_W (1UL << 1)
+#define PTE_U (1UL << 2)
+#define PTE_A (1UL << 5)
+#define PTE_D (1UL << 6)
+#define PTE_G (1UL << 8)
+#define PTE_NX (1UL << 63)
+#define PTE_FRAME 0x000ffffffffff000UL
+/* A zeroed page from the pool (its address is also its guest-physical address). */
+void *rt_page_alloc(void);
+/* A new tree (returns its CR3): the identity map of the current tree, nothing else. */
+u64 rt_pt_new(void);
+/* The 4 KiB PTE of `va` in the tree `cr3`, building missing tables (P|W|U: the leaf decides). */
+volatile u64 *rt_pte(u64 cr3, u64 va);
+/* Maps the 4 KiB page at `va` in tree `cr3` to frame `pa` with PTE bits `flags`. */
+void rt_map(u64 cr3, u64 va, u64 pa, u64 flags);
+
+/* Interrupt stack table (runtime/ist.c): vector `vector` is delivered on the stack whose top is
+ * `stack_top`, through TSS.IST[ist] (1-7). */
+void rt_set_ist(int vector, int ist, void *stack_top);

@@ -834,3 +834,164 @@ fn a_cr3_write_keeps_global_translations_and_a_pge_toggle_drops_them() {
         assert_eq!(t.state().gpr[1], 0x2222, "global={global}: after toggling CR4.PGE");
     }
 }
+
+#[test]
+fn rf_restored_by_iretq_lasts_until_the_next_instruction_starts() {
+    use hbt_translator::state::{flags, DescriptorTable};
+    // mov rax,rsp; push 0x18; push rax; push 0x10202 (RF|IF); push 0x10; lea rcx,[rip+3];
+    // push rcx; iretq; then nop; nop; hlt. The interrupt handler at +0x100 takes the pushed
+    // RFLAGS: mov rbx,[rsp+16]; hlt.
+    let mut code = vec![
+        0x48, 0x89, 0xe0, 0x6a, 0x18, 0x50, 0x68, 0x02, 0x02, 0x01, 0x00, 0x6a, 0x10, 0x48, 0x8d, 0x0d, 0x03, 0x00,
+        0x00, 0x00, 0x51, 0x48, 0xcf, 0x90, 0x90, 0xf4,
+    ];
+    code.resize(0x100, 0xcc);
+    code.extend([0x48, 0x8b, 0x5c, 0x24, 0x10, 0xf4]);
+    // period 1: the interrupt comes right after iretq, before any instruction started (RF is
+    // still set); period 2: after the two nops (RF was cleared as the first one started).
+    for (period, rf) in [(1u64, flags::RF), (2, 0)] {
+        let g = SoftGuest::new(&code);
+        g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
+        g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
+        let handler = CODE_VA + 0x100;
+        let gate = 0x6a00 + 32 * 16;
+        g.write_u64(
+            gate,
+            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
+        );
+        g.write_u64(gate + 8, handler >> 32);
+        let mut t = g.translator_with(true);
+        let s = t.state_mut();
+        s.sys.gdtr = DescriptorTable {
+            base: 0x40_1800,
+            limit: 0x1f,
+        };
+        s.sys.idtr = DescriptorTable {
+            base: 0x40_1a00,
+            limit: 0x3ff,
+        };
+        s.gpr[4] = 0x40_1f00;
+        let mut platform = TickingPlatform {
+            period,
+            boundaries: 0,
+            delivered: 0,
+        };
+        let exit = t.run(&mut platform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Halt, "period {period}");
+        assert_eq!(platform.delivered, 1, "period {period}");
+        assert_eq!(
+            t.state().gpr[3] & (flags::RF | flags::IF),
+            rf | flags::IF,
+            "period {period}: pushed RFLAGS"
+        );
+        assert_eq!(
+            t.state().rflags & flags::RF,
+            0,
+            "period {period}: the handler runs with RF clear"
+        );
+    }
+}
+
+/// For `a_kick_stops_a_self_chained_loop_only_when_the_guest_can_take_an_interrupt`: the
+/// interrupt line (raised by the kicking thread) and the embedder's stop request.
+static KICK_IRQ: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static KICK_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+struct KickedPlatform;
+
+impl hbt_translator::Platform for KickedPlatform {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        HostPlatform.cpuid(leaf, subleaf)
+    }
+    fn rdtsc(&mut self) -> u64 {
+        0
+    }
+    fn tsc_aux(&mut self) -> u32 {
+        0
+    }
+    fn interrupt_pending(&mut self) -> bool {
+        KICK_IRQ.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        KICK_IRQ.store(false, std::sync::atomic::Ordering::SeqCst);
+        Some(32)
+    }
+}
+
+#[test]
+fn a_kick_stops_a_self_chained_loop_only_when_the_guest_can_take_an_interrupt() {
+    use hbt_translator::host::signals::catch_kick;
+    use hbt_translator::state::{flags, DescriptorTable};
+    use std::sync::atomic::Ordering;
+    // L: inc rax; jmp L (chained to itself), with IF set and then clear. A device raises the
+    // interrupt line and kicks the vCPU thread: with IF set the kick must unlink the loop so
+    // the dispatcher delivers the interrupt (the handler at +0x100 is `hlt`); with IF clear
+    // the chains stay (nothing could be delivered) and only the embedder's stop request,
+    // checked by the kick handler, ends the run.
+    let mut code = vec![0x48, 0xff, 0xc0, 0xeb, 0xfb];
+    code.resize(0x100, 0xcc);
+    code.push(0xf4);
+    let kick = libc::SIGRTMIN() + 5;
+    catch_kick(kick).unwrap();
+    for interrupts_on in [true, false] {
+        let g = SoftGuest::new(&code);
+        g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
+        g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
+        let handler = CODE_VA + 0x100;
+        let gate = 0x6a00 + 32 * 16;
+        g.write_u64(
+            gate,
+            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
+        );
+        let mut t = g.translator_with(true);
+        t.set_stop_check(|| KICK_STOP.load(Ordering::SeqCst));
+        let s = t.state_mut();
+        s.sys.gdtr = DescriptorTable {
+            base: 0x40_1800,
+            limit: 0x1f,
+        };
+        s.sys.idtr = DescriptorTable {
+            base: 0x40_1a00,
+            limit: 0x3ff,
+        };
+        s.gpr[4] = 0x40_1f00;
+        if interrupts_on {
+            s.rflags |= flags::IF;
+        }
+        KICK_IRQ.store(false, Ordering::SeqCst);
+        KICK_STOP.store(false, Ordering::SeqCst);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() } as u64;
+        let kicker = std::thread::spawn(move || {
+            let kick_me = || {
+                // SAFETY: signalling the test thread, which has a handler for `kick`.
+                unsafe { libc::pthread_kill(me as libc::pthread_t, kick) };
+            };
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            KICK_IRQ.store(true, Ordering::SeqCst);
+            for _ in 0..20 {
+                kick_me();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            // Still looping: the embedder wants the run to end.
+            KICK_STOP.store(true, Ordering::SeqCst);
+            kick_me();
+        });
+        let mut exit = t.run(&mut KickedPlatform, u64::MAX).unwrap();
+        while exit == Exit::Interrupted && !KICK_STOP.load(Ordering::SeqCst) {
+            exit = t.run(&mut KickedPlatform, u64::MAX).unwrap();
+        }
+        kicker.join().unwrap();
+        if interrupts_on {
+            assert_eq!(exit, Exit::Halt, "the interrupt reached its handler");
+            assert_eq!(t.state().rip, handler + 1);
+        } else {
+            assert_eq!(exit, Exit::Interrupted, "stopped only by the stop request");
+            assert!(
+                KICK_IRQ.load(Ordering::SeqCst),
+                "the interrupt was not taken with IF clear"
+            );
+        }
+        assert!(t.state().gpr[0] > 1000, "the loop ran translated");
+    }
+}

@@ -417,7 +417,8 @@ impl Translator {
         use crate::state::flags;
         let mask = self.host_flags_mask();
         let ctx = self.ctx.get_mut();
-        let virtual_flags = ctx.state.rflags & !mask;
+        // RF is cleared as an instruction starts (see `emulate`).
+        let virtual_flags = ctx.state.rflags & !mask & !flags::RF;
         ctx.virtual_if = virtual_flags & flags::IF;
         ctx.virtual_flags = virtual_flags & !flags::IF & !flags::FIXED;
         ctx.state.rflags = (ctx.state.rflags & mask) | flags::FIXED;
@@ -554,6 +555,11 @@ impl Translator {
             code: format!("{:?}", instr.code()),
             bytes: why.to_string(),
         };
+        if self.system {
+            // RF (resume flag) lives from the `iret` that restores it to the start of the next
+            // instruction (SDM vol. 3 §17.3.1.1); a fault pushes it set again (`delivery.rs`).
+            self.ctx.get_mut().state.rflags &= !crate::state::flags::RF;
+        }
         let outcome = match rule {
             Rule::Emulate(EmulateOp::Segment) if !self.system => self.emulate_with_memory(instr, rule)?,
             Rule::Implicit(_) => self.emulate_with_memory(instr, rule)?,

@@ -45,7 +45,7 @@ impl std::fmt::Display for DeliveredEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.event {
             Event::Exception(e) => write!(f, "exception {e} (vector {})", e.vector)?,
-            Event::Software(v) => write!(f, "int {v:#x}")?,
+            Event::Software { vector, .. } => write!(f, "int {vector:#x}")?,
             Event::External(v) => write!(f, "interrupt vector {v}")?,
         }
         write!(

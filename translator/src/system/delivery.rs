@@ -6,8 +6,12 @@
 //! 2. its code segment from the GDT: 64-bit, present, DPL ≤ CPL; the new CPL is its DPL;
 //! 3. the stack: IST n if the gate names one, else RSPn from the TSS when the privilege changes,
 //!    else the current RSP; aligned down to 16;
-//! 4. pushed: SS, RSP, RFLAGS, CS, RIP and the error code, if the vector has one;
-//! 5. TF, NT, RF and VM cleared, and IF for an interrupt gate; CR2 set for #PF.
+//! 4. pushed: SS, RSP, RFLAGS, CS, RIP and the error code, if the vector has one; the RFLAGS
+//!    image has RF set for a fault-class exception and clear for `int n` (§17.3.1.1);
+//! 5. TF, NT, RF and VM cleared, and IF for an interrupt gate.
+//!
+//! CR2 gets the address of a #PF when the #PF is raised, before its delivery starts: a fault
+//! while delivering it leaves CR2 at that address (and the #DF handler sees it).
 //!
 //! A fault while delivering combines with the one being delivered as the CPU's table says:
 //! two contributory faults, or a page fault and then a page or contributory fault, become #DF;
@@ -25,8 +29,10 @@ pub enum Event {
     /// A CPU exception (RIP already where the CPU reports it: the instruction for faults,
     /// after it for traps).
     Exception(GuestException),
-    /// `int n`, `int3`, `into`: RIP is after the instruction; the gate's DPL is checked.
-    Software(u8),
+    /// `int n`, `int3`: RIP is after the instruction; the gate's DPL is checked. `at` is the
+    /// instruction's own address, where a fault while delivering it is reported (the
+    /// instruction did not complete).
+    Software { vector: u8, at: u64 },
     /// An external interrupt from the interrupt controller.
     External(u8),
 }
@@ -35,7 +41,8 @@ impl Event {
     fn vector(self) -> u8 {
         match self {
             Event::Exception(e) => e.vector,
-            Event::Software(v) | Event::External(v) => v,
+            Event::Software { vector, .. } => vector,
+            Event::External(v) => v,
         }
     }
 
@@ -66,6 +73,9 @@ pub fn deliver(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> R
         Err(Failure::Unsupported(why)) => return Err(Undeliverable::Unsupported(why)),
         Err(Failure::Guest(e)) => e,
     };
+    if let Event::Software { at, .. } = event {
+        s.rip = at;
+    }
     let delivering = event.vector();
     let double = (contributory(delivering) && contributory(first.vector))
         || (delivering == vector::PF && (first.vector == vector::PF || contributory(first.vector)));
@@ -106,6 +116,24 @@ pub fn deliver(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> R
 
 const DF: u8 = 8;
 
+/// Fault-class exceptions (SDM vol. 3 §6.5; #DB is a fault only for instruction breakpoints,
+/// which the model does not raise): the RFLAGS image pushed for them has RF set, so that the
+/// handler's `iret` does not hit an instruction breakpoint again (§17.3.1.1).
+fn fault_class(v: u8) -> bool {
+    matches!(v, 0 | 5 | 6 | 7 | 10 | 11 | 12 | 13 | 14 | 16 | 17 | 19 | 20 | 21)
+}
+
+/// The RFLAGS image delivering `event` pushes (§17.3.1.1): RF set for faults, clear for
+/// software interrupts (it is cleared as `int n` starts), as it is for the rest.
+fn pushed_flags(s: &GuestState, event: Event) -> u64 {
+    let rflags = s.rflags | flags::FIXED;
+    match event {
+        Event::Exception(e) if fault_class(e.vector) => rflags | flags::RF,
+        Event::Software { .. } => rflags & !flags::RF,
+        _ => rflags,
+    }
+}
+
 /// Exceptions whose delivery pushes an error code.
 fn has_error_code(v: u8) -> bool {
     matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21)
@@ -113,6 +141,11 @@ fn has_error_code(v: u8) -> bool {
 
 fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> Result<(), Failure> {
     let v = event.vector();
+    if let Event::Exception(e) = event {
+        if e.vector == vector::PF {
+            s.cr2 = e.address.unwrap_or(0);
+        }
+    }
     let ext = event.ext();
     let idt_fault = |vec: u8| GuestException {
         vector: vec,
@@ -130,7 +163,7 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
     if gate_type != 0x0e && gate_type != 0x0f {
         return Err(idt_fault(vector::GP).into());
     }
-    if matches!(event, Event::Software(_)) && gate_dpl < cpl {
+    if matches!(event, Event::Software { .. }) && gate_dpl < cpl {
         return Err(idt_fault(vector::GP).into());
     }
     if g[5] & 0x80 == 0 {
@@ -176,13 +209,7 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
         }
         .into());
     }
-    let mut frame: Vec<u64> = vec![
-        s.seg[2] as u64,
-        old_rsp,
-        s.rflags | flags::FIXED,
-        s.seg[1] as u64,
-        s.rip,
-    ];
+    let mut frame: Vec<u64> = vec![s.seg[2] as u64, old_rsp, pushed_flags(s, event), s.seg[1] as u64, s.rip];
     if let Event::Exception(e) = event {
         if has_error_code(e.vector) {
             frame.push(e.error_code.unwrap_or(0) as u64);
@@ -192,11 +219,6 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
     let bytes: Vec<u8> = frame.iter().rev().flat_map(|w| w.to_le_bytes()).collect();
     let new_rsp = rsp.wrapping_sub(bytes.len() as u64);
     mem.write_system(new_rsp, &bytes)?;
-    if let Event::Exception(e) = event {
-        if e.vector == vector::PF {
-            s.cr2 = e.address.unwrap_or(0);
-        }
-    }
     s.gpr[4] = new_rsp;
     s.rip = offset;
     s.seg[1] = (selector & !3) | new_cpl;
@@ -210,4 +232,170 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
     }
     s.sys.interrupt_shadow = false;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{DescriptorTable, Segment};
+
+    /// 64 KiB of flat memory at virtual 0 (anything above is not mapped: #PF). A GDT at
+    /// 0x1000 (0x08 kernel code, 0x10 kernel data, 0x1b user data, 0x23 user code), an IDT at
+    /// 0x2000 whose gates all enter 0x08:0x5000+16·vector through an interrupt gate of DPL 0,
+    /// and a TSS at 0x3000 with RSP0 = 0x8000 and IST1 = 0x9000.
+    struct Flat(Vec<u8>);
+
+    const UNMAPPED: u64 = 0x10_0000;
+
+    impl GuestMemory for Flat {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            let at = va as usize;
+            let src = self
+                .0
+                .get(at..at + buf.len())
+                .ok_or(GuestException::page_fault(va, 0))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+            let at = va as usize;
+            let dst = self
+                .0
+                .get_mut(at..at + data.len())
+                .ok_or(GuestException::page_fault(va, 2))?;
+            dst.copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    impl Flat {
+        fn new() -> Self {
+            let mut m = Flat(vec![0; 0x10000]);
+            let gdt = [
+                0,
+                0x00af_9b00_0000_ffff,
+                0x00cf_9300_0000_ffff,
+                0x00cf_f300_0000_ffff,
+                0x00af_fb00_0000_ffff,
+            ];
+            for (i, d) in gdt.iter().enumerate() {
+                m.put(0x1000 + 8 * i as u64, *d);
+            }
+            for v in 0..=32u64 {
+                m.gate(v as u8, 0, 0);
+            }
+            m.put(0x3000 + 4, 0x8000);
+            m.put(0x3000 + 0x24, 0x9000);
+            m
+        }
+        fn put(&mut self, at: u64, v: u64) {
+            self.write(at, &v.to_le_bytes()).unwrap();
+        }
+        fn get(&mut self, at: u64) -> u64 {
+            self.read_le(at, 8).unwrap()
+        }
+        fn gate(&mut self, vector: u8, dpl: u64, ist: u64) {
+            let handler = 0x5000 + 16 * vector as u64;
+            let low =
+                (handler & 0xffff) | (0x08 << 16) | (ist << 32) | ((0x8e | dpl << 5) << 40) | (handler >> 16) << 48;
+            self.put(0x2000 + 16 * vector as u64, low);
+        }
+    }
+
+    /// At CPL3 in user code, RSP 0x7000, IF and RF set.
+    fn user_state() -> GuestState {
+        let mut s = GuestState {
+            rip: 0x4000,
+            rflags: flags::FIXED | flags::IF | flags::RF,
+            cpl: Cpl::User,
+            seg: [0x1b, 0x23, 0x1b, 0x1b, 0x1b, 0x1b],
+            ..GuestState::default()
+        };
+        s.gpr[4] = 0x7000;
+        s.sys.gdtr = DescriptorTable {
+            base: 0x1000,
+            limit: 0x27,
+        };
+        s.sys.idtr = DescriptorTable {
+            base: 0x2000,
+            limit: 0x20f,
+        };
+        s.sys.tr = Segment {
+            selector: 0x28,
+            base: 0x3000,
+            limit: 0x67,
+            attr: 0x8b,
+        };
+        s
+    }
+
+    /// The frame delivery pushed: RIP, CS, RFLAGS, RSP, SS (after the error code, if any).
+    fn frame(s: &GuestState, m: &mut Flat, error_code: bool) -> [u64; 5] {
+        let at = s.gpr[4] + if error_code { 8 } else { 0 };
+        std::array::from_fn(|i| m.get(at + 8 * i as u64))
+    }
+
+    #[test]
+    fn faults_push_rf_set_and_software_interrupts_rf_clear() {
+        let mut m = Flat::new();
+        m.gate(3, 3, 0);
+        let mut s = user_state();
+        s.rflags &= !flags::RF;
+        deliver(&mut s, &mut m, Event::Exception(GuestException::gp(0))).unwrap();
+        assert_eq!(frame(&s, &mut m, true)[2] & flags::RF, flags::RF, "#GP is a fault");
+        let mut s = user_state();
+        deliver(&mut s, &mut m, Event::Software { vector: 3, at: 0x3fff }).unwrap();
+        assert_eq!(frame(&s, &mut m, false)[2] & flags::RF, 0, "int3 clears RF");
+        assert_eq!(frame(&s, &mut m, false)[0], 0x4000, "int3 pushes the next RIP");
+        let mut s = user_state();
+        deliver(&mut s, &mut m, Event::External(32)).unwrap();
+        assert_eq!(
+            frame(&s, &mut m, false)[2] & flags::RF,
+            flags::RF,
+            "an interrupt pushes RF as it is"
+        );
+        assert_eq!(
+            s.rflags & (flags::RF | flags::IF),
+            0,
+            "the handler runs with RF and IF clear"
+        );
+    }
+
+    #[test]
+    fn a_fault_delivering_int3_is_reported_at_the_int3() {
+        let mut m = Flat::new(); // the int3 gate has DPL 0: #GP(3·8+2) from CPL3
+        let mut s = user_state();
+        deliver(&mut s, &mut m, Event::Software { vector: 3, at: 0x3fff }).unwrap();
+        assert_eq!(s.rip, 0x5000 + 16 * 13, "the #GP handler runs");
+        assert_eq!(m.get(s.gpr[4]), 3 * 8 + 2, "error code: IDT vector 3");
+        assert_eq!(
+            frame(&s, &mut m, true)[0],
+            0x3fff,
+            "RIP of the int3, which did not complete"
+        );
+    }
+
+    #[test]
+    fn a_page_fault_delivering_a_page_fault_is_a_double_fault_and_cr2_has_the_first_address() {
+        let mut m = Flat::new();
+        m.put(0x3000 + 0x2c, UNMAPPED + 0x1000); // IST2: no memory below it
+        m.gate(14, 0, 2);
+        m.gate(8, 0, 1);
+        let mut s = user_state();
+        s.cr2 = 0x1234;
+        deliver(
+            &mut s,
+            &mut m,
+            Event::Exception(GuestException::page_fault(0xdead_0000, 4)),
+        )
+        .unwrap();
+        assert_eq!(s.rip, 0x5000 + 16 * 8, "the #DF handler runs");
+        assert_eq!(s.gpr[4], 0x9000 - 6 * 8, "on IST1, with an error code");
+        assert_eq!(m.get(s.gpr[4]), 0, "#DF's error code is 0");
+        assert_eq!(
+            frame(&s, &mut m, true),
+            [0x4000, 0x23, flags::FIXED | flags::IF | flags::RF, 0x7000, 0x1b]
+        );
+        assert_eq!(s.cr2, 0xdead_0000, "CR2 was loaded when the #PF was raised");
+    }
 }

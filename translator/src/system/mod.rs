@@ -467,8 +467,18 @@ fn emulate_op(
         EmulateOp::Syscall => {
             transfer::syscall(s, next)?;
         }
-        EmulateOp::Int3 => return Ok(Next::Deliver(Event::Software(vector::BP))),
-        EmulateOp::IntN => return Ok(Next::Deliver(Event::Software(instr.immediate8()))),
+        EmulateOp::Int3 => {
+            return Ok(Next::Deliver(Event::Software {
+                vector: vector::BP,
+                at: here,
+            }))
+        }
+        EmulateOp::IntN => {
+            return Ok(Next::Deliver(Event::Software {
+                vector: instr.immediate8(),
+                at: here,
+            }))
+        }
         EmulateOp::Int1 => {
             return Ok(Next::Deliver(Event::Exception(GuestException::new(vector::DB))));
         }
