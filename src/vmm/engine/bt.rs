@@ -253,7 +253,8 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
             t.invalidate_range(gpa, len);
         }
         match exit {
-            Exit::BlockLimit | Exit::Interrupted => {}
+            // (No debugger sets breakpoints or steps here yet.)
+            Exit::BlockLimit | Exit::Interrupted | Exit::Breakpoint | Exit::Stepped => {}
             Exit::Stopped => match platform.stop.take() {
                 Some(Action::Exit(v)) => return Ok(End::ExitPort(v)),
                 Some(Action::Reset) => return Ok(End::Reset),

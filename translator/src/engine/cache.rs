@@ -69,6 +69,9 @@ pub(super) struct Block {
     pub(super) incoming: Vec<Incoming>,
     pub(super) inline_caches: Vec<crate::emit::InlineCache>,
     pub(super) valid: bool,
+    /// Lowest and highest (exclusive) guest virtual address its instructions occupy
+    /// (`DecodedBlock::span`; what a new breakpoint is checked against).
+    pub(super) span: (u64, u64),
     /// Soft-MMU: (guest virtual page, guest physical page) of its code when it was translated.
     pub(super) mapping: Vec<(u64, u64)>,
     /// The `Translator::mapping_epoch` in which `mapping` was last found current.
@@ -287,6 +290,7 @@ impl Translator {
             incoming: Vec::new(),
             inline_caches: emitted.inline_caches,
             valid: cached,
+            span: block.span,
             mapping,
             epoch: self.mapping_epoch,
             global,
