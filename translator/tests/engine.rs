@@ -982,3 +982,29 @@ fn a_step_into_a_faulting_instruction_stops_at_the_handler() {
         assert_eq!((t.state().rip, t.state().gpr[3]), (CODE_VA + 0x100, 0));
     }
 }
+
+#[test]
+fn resuming_from_a_breakpoint_runs_its_instruction_once_even_when_it_restarts() {
+    // 0x00: mov rdx,[0x401000]; 0x08: inc rax; 0x0b: jmp 0x0b
+    let g = SoftGuest::new(&[
+        0x48, 0x8b, 0x14, 0x25, 0x00, 0x10, 0x40, 0x00, 0x48, 0xff, 0xc0, 0xeb, 0xfe,
+    ]);
+    g.write_u64(0x6000, 0x55);
+    let mut t = g.translator_with(true);
+    t.add_breakpoint(CODE_VA);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+    assert_eq!((t.state().rip, t.state().gpr[2]), (CODE_VA, 0), "nothing ran");
+    // The load misses the (empty) TLB and restarts: still one execution, no second stop.
+    t.skip_breakpoint_at_rip();
+    t.add_breakpoint(CODE_VA + 0x0b);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+    assert!(t.stats().tlb_misses > 0, "{:?}", t.stats());
+    assert_eq!(t.state().rip, CODE_VA + 0x0b, "went on to the next breakpoint");
+    assert_eq!((t.state().gpr[2], t.state().gpr[0]), (0x55, 1));
+    // A loop onto itself stops again after one round.
+    for _ in 0..3 {
+        t.skip_breakpoint_at_rip();
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+        assert_eq!(t.state().rip, CODE_VA + 0x0b);
+    }
+}

@@ -54,8 +54,9 @@ pub trait Debuggee {
     fn write_memory(&mut self, va: u64, data: &[u8]) -> usize;
     /// Makes `wanted` the set of breakpoints (guest virtual addresses).
     fn set_breakpoints(&mut self, wanted: &BTreeSet<u64>);
-    /// Lets the guest run. A breakpoint at the current RIP does not stop it before it moves.
-    /// Errors end the machine (a triple fault, an engine failure); the guest state is left as
+    /// Lets the guest run. Resumed from the breakpoint it last stopped at (RIP unchanged),
+    /// that breakpoint does not stop it again before the instruction there has run; any other
+    /// breakpoint at RIP stops it at once. Errors end the machine (a triple fault, an engine failure); the guest state is left as
     /// it was when it happened, for the debugger to look at.
     fn resume(&mut self, how: Resume) -> Result<DebugStop>;
 }

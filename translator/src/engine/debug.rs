@@ -28,9 +28,11 @@
 //! boundary after stepping ends. A step over `hlt` returns [`Exit::Halt`] with RIP after it;
 //! the embedder decides whether to wait for an interrupt.
 //!
-//! **Resuming** from a breakpoint: [`Translator::skip_breakpoint_at_rip`] lets the next
-//! dispatch run the code at the current RIP even if a breakpoint is there (a debugger that
-//! continues or steps from the breakpoint it stopped at, without removing it first).
+//! **Resuming** from a breakpoint: [`Translator::skip_breakpoint_at_rip`] lets the code at the
+//! current RIP run even if a breakpoint is there (a debugger that continues or steps from the
+//! breakpoint it stopped at, without removing it first), until an instruction completes or an
+//! exception or interrupt takes the guest elsewhere. A loop back to the same address stops
+//! there again.
 
 use super::*;
 use std::collections::BTreeSet;
@@ -41,8 +43,8 @@ pub(super) struct DebugState {
     /// Guest virtual addresses to stop before.
     pub(super) breakpoints: BTreeSet<u64>,
     pub(super) single_step: bool,
-    /// The next dispatch at this address runs it even if it is a breakpoint (set by
-    /// `skip_breakpoint_at_rip`, cleared by the next dispatch wherever it goes).
+    /// Code at this address runs even if it is a breakpoint, until the guest moves (set by
+    /// `skip_breakpoint_at_rip`; see `moved`).
     skip: Option<u64>,
 }
 
@@ -53,11 +55,20 @@ impl DebugState {
         !self.breakpoints.is_empty() && self.breakpoints.contains(&va)
     }
 
-    /// The dispatcher, about to run code at `rip`, must stop for the debugger. Consumes the
-    /// one-time skip.
+    /// The dispatcher, about to run code at `rip`, must stop for the debugger.
     pub(super) fn stops_at(&mut self, rip: u64) -> bool {
-        let skipped = self.skip.take() == Some(rip);
-        self.is_breakpoint(rip) && !skipped
+        if self.skip.is_some_and(|skip| skip != rip) {
+            self.skip = None;
+        }
+        self.is_breakpoint(rip) && self.skip != Some(rip)
+    }
+
+    /// An instruction completed, or an exception or interrupt took the guest elsewhere: a
+    /// breakpoint skipped at the RIP it was resumed at counts again. (Until then, an
+    /// instruction the engine restarts — a soft-MMU TLB miss, a device access — does not stop
+    /// at the same breakpoint twice.)
+    pub(super) fn moved(&mut self) {
+        self.skip = None;
     }
 }
 
@@ -101,8 +112,8 @@ impl Translator {
         self.debug.single_step
     }
 
-    /// The next dispatch runs the code at the current guest RIP even if a breakpoint is set
-    /// there (resuming from the breakpoint the guest stopped at).
+    /// The code at the current guest RIP runs even if a breakpoint is set there, until the
+    /// guest moves (resuming from the breakpoint the guest stopped at; see the module comment).
     pub fn skip_breakpoint_at_rip(&mut self) {
         self.debug.skip = Some(self.ctx.get().state.rip);
     }

@@ -257,10 +257,11 @@ impl Translator {
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
         let stepping = self.debug.single_step;
-        // A guest instruction completed, or the exception it raised was delivered: the end of
-        // a single step (`debug.rs`).
+        // A guest instruction completed, or the exception it raised was delivered: the guest
+        // has moved, and a single step ends (`debug.rs`).
         macro_rules! retired {
             () => {
+                self.debug.moved();
                 if stepping {
                     return Ok(Exit::Stepped);
                 }
@@ -287,7 +288,10 @@ impl Translator {
             if self.system {
                 match self.system_boundary(platform)? {
                     system::Boundary::Continue => {}
-                    system::Boundary::Delivered => pending_link = 0,
+                    system::Boundary::Delivered => {
+                        pending_link = 0;
+                        self.debug.moved();
+                    }
                     system::Boundary::Exit(exit) => return Ok(exit),
                 }
             }

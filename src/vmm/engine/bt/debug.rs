@@ -14,11 +14,17 @@ const PAGE: u64 = 4096;
 pub(super) struct BtDebuggee<'a> {
     t: &'a mut Translator,
     platform: &'a mut BtPlatform,
+    /// The breakpoint the guest last stopped at (not yet run).
+    stopped_at: Option<u64>,
 }
 
 impl<'a> BtDebuggee<'a> {
     pub(super) fn new(t: &'a mut Translator, platform: &'a mut BtPlatform) -> Self {
-        BtDebuggee { t, platform }
+        BtDebuggee {
+            t,
+            platform,
+            stopped_at: None,
+        }
     }
 
     /// The host address of guest virtual `va` and how many bytes from it lie in the same page,
@@ -83,10 +89,15 @@ impl Debuggee for BtDebuggee<'_> {
     }
 
     fn resume(&mut self, how: Resume) -> Result<DebugStop> {
+        if self.stopped_at.take() == Some(self.t.state().rip) {
+            self.t.skip_breakpoint_at_rip();
+        }
         self.t.set_single_step(how == Resume::Step);
-        self.t.skip_breakpoint_at_rip();
         let stop = run_loop(self.t, self.platform);
         self.t.set_single_step(false);
+        if let Ok(DebugStop::Breakpoint) = stop {
+            self.stopped_at = Some(self.t.state().rip);
+        }
         stop
     }
 }
