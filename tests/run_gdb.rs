@@ -272,17 +272,15 @@ fn gdb_drives_a_guest_through_breakpoints_steps_memory_and_registers_to_its_exit
 }
 
 /// Lets the guest run under gdb, sends gdb a SIGINT (what Ctrl-C in its terminal does: gdb
-/// passes the interrupt to the stub), then prints where it stopped and where a step took it,
-/// and kills it: (gdb's output, hbt's stderr, hbt's status, stopped at, stepped to).
-fn interrupt_with_ctrl_c(hbt: Hbt, port: u16) -> (String, String, Option<i32>, u64, u64) {
-    let commands = [
+/// passes the interrupt to the stub), prints where it stopped (`STOPPED`), then runs `then`:
+/// (gdb's output, hbt's stdout, hbt's stderr, hbt's status).
+fn interrupt_with_ctrl_c(hbt: Hbt, port: u16, then: &[String]) -> (String, String, String, Option<i32>) {
+    let mut commands = vec![
         "echo READY\\n".to_string(),
         "continue".into(),
         "printf \"STOPPED %#lx\\n\", $pc".into(),
-        "stepi".into(),
-        "printf \"STEPPED %#lx\\n\", $pc".into(),
-        "kill".into(),
     ];
+    commands.extend_from_slice(then);
     let mut gdb = gdb(port, &commands).spawn().unwrap();
     // Once gdb is connected and about to continue, let the guest run a while.
     let mut stdout = BufReader::new(gdb.stdout.take().unwrap());
@@ -296,40 +294,61 @@ fn interrupt_with_ctrl_c(hbt: Hbt, port: u16) -> (String, String, Option<i32>, u
     stdout.read_to_string(&mut gdb_out).unwrap();
     gdb_out += &String::from_utf8_lossy(&out.stdout);
     gdb_out += &String::from_utf8_lossy(&out.stderr);
-    let (_, stderr, status) = hbt_finished(hbt);
-    let context = format!("gdb:\n{gdb_out}\nhbt stderr:\n{stderr}");
-    assert!(gdb_out.contains("received signal SIGINT"), "{context}");
-    assert_eq!(status, Some(137), "gdb's kill ends the run: {context}");
-    assert!(stderr.contains("gdb killed the guest"), "{context}");
-    let (stopped, stepped) = (printed(&gdb_out, "STOPPED"), printed(&gdb_out, "STEPPED"));
-    (gdb_out, stderr, status, stopped, stepped)
+    let (hbt_out, stderr, status) = hbt_finished(hbt);
+    assert!(
+        gdb_out.contains("received signal SIGINT"),
+        "gdb:\n{gdb_out}\nhbt stderr:\n{stderr}"
+    );
+    (gdb_out, hbt_out, stderr, status)
 }
 
 #[test]
 fn ctrl_c_in_gdb_stops_a_spinning_guest_and_kill_ends_the_run() {
-    // serial-echo spins (interrupts on) until a line arrives on stdin, which is /dev/null.
+    // serial-echo waits (interrupts on) for a line on stdin, which is /dev/null.
     let (hbt, port) = hbt_waiting_for_gdb("serial-echo.img");
-    let (gdb_out, _, _, stopped, stepped) = interrupt_with_ctrl_c(hbt, port);
+    let then = [
+        "stepi".to_string(),
+        "printf \"STEPPED %#lx\\n\", $pc".into(),
+        "kill".into(),
+    ];
+    let (gdb_out, _, stderr, status) = interrupt_with_ctrl_c(hbt, port, &then);
+    let context = format!("gdb:\n{gdb_out}\nhbt stderr:\n{stderr}");
     let image = Image::open("serial-echo.img");
-    let in_image = |pc: u64| {
+    let stopped = printed(&gdb_out, "STOPPED");
+    assert!(
         image
             .segments
             .iter()
-            .any(|&(base, _, size)| (base..base + size as u64).contains(&pc))
-    };
-    assert!(in_image(stopped), "{gdb_out}");
-    assert_ne!(stepped, stopped, "{gdb_out}");
+            .any(|&(base, _, size)| (base..base + size as u64).contains(&stopped)),
+        "{context}"
+    );
+    assert_ne!(printed(&gdb_out, "STEPPED"), stopped, "{context}");
+    assert_eq!(status, Some(137), "gdb's kill ends the run: {context}");
+    assert!(stderr.contains("gdb killed the guest"), "{context}");
 }
 
 #[test]
-fn ctrl_c_in_gdb_stops_a_loop_with_interrupts_off() {
+fn ctrl_c_stops_a_loop_with_interrupts_off_and_code_written_from_gdb_replaces_it() {
     // cli; L: jmp L  — one self-chained block that no interrupt can leave.
     let dir = tempfile::tempdir().unwrap();
     let code = dir.path().join("spin.bin");
     std::fs::write(&code, [0xfa, 0xeb, 0xfe]).unwrap();
     let (hbt, port) = hbt_with_gdb(&["--load-addr", "0x100000", code.to_str().unwrap()]);
-    let (gdb_out, _, _, stopped, stepped) = interrupt_with_ctrl_c(hbt, port);
-    assert_eq!((stopped, stepped), (0x100001, 0x100001), "{gdb_out}");
+    // Over the translated loop: mov al,7; out 0xf4,al (the exit port: status 7).
+    let then = [
+        "stepi".to_string(),
+        "printf \"STEPPED %#lx\\n\", $pc".into(),
+        "set {unsigned int}0x100001 = 0xf4e607b0".into(),
+        "x/2i 0x100001".into(),
+        "continue".into(),
+    ];
+    let (gdb_out, _, stderr, status) = interrupt_with_ctrl_c(hbt, port, &then);
+    let context = format!("gdb:\n{gdb_out}\nhbt stderr:\n{stderr}");
+    assert_eq!(printed(&gdb_out, "STOPPED"), 0x100001, "{context}");
+    assert_eq!(printed(&gdb_out, "STEPPED"), 0x100001, "jmp to itself: {context}");
+    assert!(gdb_out.contains("out    %al,$0xf4"), "{context}");
+    assert!(gdb_out.contains("exited with code 07"), "{context}");
+    assert_eq!(status, Some(7), "the new code ran, not the old translation: {context}");
 }
 
 #[test]
