@@ -403,6 +403,14 @@ fn a_machine_that_cannot_go_on_stops_for_gdb_before_the_run_ends() {
     assert!(gdb_out.contains("terminated with signal SIGSEGV"), "{context}");
     assert_eq!(status, Some(1), "{context}");
     assert!(stderr.contains("error: guest triple fault"), "{context}");
+    // gdb leaving (detaching) after the stop ends the run the same way: the machine is dead.
+    let (hbt, port) = hbt_with_gdb(&["--load-addr", "0x100000", code.to_str().unwrap()]);
+    let out = bounded(gdb(port, &["continue".to_string()]).spawn().unwrap());
+    let gdb_out = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let (_, stderr, status) = hbt_finished(hbt);
+    assert!(gdb_out.contains("received signal SIGSEGV"), "{gdb_out}");
+    assert_eq!(status, Some(1), "{stderr}");
+    assert!(stderr.contains("error: guest triple fault"), "{stderr}");
 }
 
 /// A minimal remote-protocol client: one packet out, its reply back.

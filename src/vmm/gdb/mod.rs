@@ -187,7 +187,7 @@ pub fn serve(listener: &Listener, guest: &mut dyn Debuggee) -> Result<End> {
     let mut failure: Option<anyhow::Error> = None;
     let mut machine = match GdbStub::new(stream).run_state_machine(&mut target) {
         Ok(m) => m,
-        Err(e) => return lost(e, target.guest),
+        Err(e) => return lost(e, None, target.guest),
     };
     loop {
         let next = match machine {
@@ -200,7 +200,7 @@ pub fn serve(listener: &Listener, guest: &mut dyn Debuggee) -> Result<End> {
                 }
                 match gdb.borrow_conn().read() {
                     Ok(byte) => gdb.incoming_data(&mut target, byte),
-                    Err(e) => return lost(e, target.guest),
+                    Err(e) => return lost(e, failure, target.guest),
                 }
             }
             GdbStubStateMachine::Running(mut gdb) => {
@@ -225,7 +225,7 @@ pub fn serve(listener: &Listener, guest: &mut dyn Debuggee) -> Result<End> {
                     Ok(DebugStop::Stepped) => gdb.report_stop(&mut target, SingleThreadStopReason::DoneStep),
                     Ok(DebugStop::Attention) => match gdb.borrow_conn().read() {
                         Ok(byte) => gdb.incoming_data(&mut target, byte),
-                        Err(e) => return lost(e, target.guest),
+                        Err(e) => return lost(e, None, target.guest),
                     },
                     Ok(DebugStop::Ended(end)) => {
                         let reason = end_reason(&end);
@@ -262,17 +262,19 @@ pub fn serve(listener: &Listener, guest: &mut dyn Debuggee) -> Result<End> {
                 if let Some(end) = ended {
                     return Ok(end);
                 }
-                if let Some(why) = failure {
-                    return Err(why);
-                }
-                return lost(e, target.guest);
+                return lost(e, failure, target.guest);
             }
         };
     }
 }
 
-/// The gdb session broke (connection closed or reset, a protocol error): the guest runs on.
-fn lost(why: impl std::fmt::Display, guest: &mut dyn Debuggee) -> Result<End> {
+/// The gdb session broke (connection closed or reset, a protocol error): the guest runs on,
+/// unless it had already failed (`failure`), which then ends the run.
+fn lost(why: impl std::fmt::Display, failure: Option<anyhow::Error>, guest: &mut dyn Debuggee) -> Result<End> {
+    if let Some(failure) = failure {
+        diag!("hbt: lost gdb ({why})");
+        return Err(failure);
+    }
     diag!("hbt: lost gdb ({why}); the guest runs on");
     run_on(guest)
 }
