@@ -514,6 +514,29 @@ mod tests {
     }
 
     #[test]
+    fn x87_registers_and_the_full_tag_word_come_from_the_xsave_image() {
+        let mut s = GuestState::default();
+        let x = &mut s.xsave;
+        // One value pushed: TOP = 7, ST(0) = 1.0 in physical register 7.
+        x.set_fsw(7 << 11);
+        x.set_ftw(0x80);
+        let one = [0, 0, 0, 0, 0, 0, 0, 0x80, 0xff, 0x3f];
+        x.st_mut(0).copy_from_slice(&one);
+        x.mark_in_use(X87);
+        let r = from_state(&s);
+        assert_eq!(r.core.st[0], one);
+        assert_eq!(r.core.fpu.fstat, 0x3800);
+        assert_eq!(r.core.fpu.ftag, 0x3fff, "physical 7 valid, the rest empty");
+        // Written back unchanged, the image stays as it was; a new tag word is abridged.
+        let mut w = r.clone();
+        apply(&w, &mut s).unwrap();
+        assert_eq!(s.xsave.ftw(), 0x80);
+        w.core.fpu.ftag = 0x0fff; // physical 6 and 7 valid
+        apply(&w, &mut s).unwrap();
+        assert_eq!(s.xsave.ftw(), 0xc0);
+    }
+
+    #[test]
     fn writes_change_what_gdb_may_change_and_refuse_the_rest() {
         let mut s = GuestState::default();
         let mut r = from_state(&s);
