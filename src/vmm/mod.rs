@@ -2,7 +2,7 @@
 //! ([`boot`]), the device models ([`devices`]), the guest CPUID without KVM ([`cpuid`]) and
 //! the engines that run the guest ([`engine`]: KVM, or the binary translator), which end on
 //! the guest's exit port, a reset, a triple fault, `--timeout`, Ctrl-C ([`stop`]) or an engine
-//! error, and say which.
+//! error, and say which. [`gdb`] is the gdb stub of `--gdb`.
 
 pub mod acpi;
 pub mod boot;
@@ -10,6 +10,7 @@ pub mod cpu_state;
 pub mod cpuid;
 pub mod devices;
 pub mod engine;
+pub mod gdb;
 pub mod loader;
 pub mod memory;
 pub mod stop;
@@ -35,6 +36,8 @@ use std::time::Instant;
 ///   hbt run --stats --timeout 10 test-images/timer.img
 ///   hbt run --load-addr 0x100000 code.bin
 ///   hbt run --accel bt test-images/hello.img   (no /dev/kvm needed)
+///   hbt run --accel bt --gdb 1234 test-images/hello.img
+///       then, elsewhere: gdb -ex 'target remote :1234'   (with vmlinux for a Linux guest)
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct RunArgs {
@@ -69,6 +72,12 @@ pub struct RunArgs {
     /// Like --stats, as one JSON object on stderr (for scripts).
     #[arg(long)]
     stats_json: bool,
+    /// Wait for gdb on [HOST:]PORT with the guest stopped at its first instruction, like QEMU's
+    /// `-s -S`; it runs once gdb continues (`gdb -ex 'target remote :PORT'`). A bare port
+    /// listens on 127.0.0.1; port 0 picks a free one (printed). Needs --accel bt. When gdb
+    /// detaches or goes away, the guest runs on to its end.
+    #[arg(long, value_name = "[HOST:]PORT", value_parser = gdb::parse_addr)]
+    gdb: Option<std::net::SocketAddr>,
     /// Benchmark floor: run the guest with a bare KVM_RUN loop that only counts exits (no
     /// devices, no output) until it writes the debug-exit port; print the loop's time per exit.
     #[arg(long, hide = true)]
@@ -103,6 +112,9 @@ fn execute(args: &RunArgs) -> Result<i32> {
     if args.accel == Accel::Hybrid {
         bail!("--accel hybrid is not available yet: use --accel kvm or --accel bt");
     }
+    if args.gdb.is_some() && args.accel != Accel::Bt {
+        bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator (KVM's guest debugging is not wired up)");
+    }
     if !args.image.exists() {
         bail!(
             "guest image {} does not exist (try test-images/hello.img)",
@@ -136,6 +148,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
     )
     .with_context(|| format!("guest image {}", args.image.display()))?;
     boot::write_tables(&mut mem)?;
+    let gdb = args.gdb.map(gdb::Listener::bind).transpose()?;
 
     let interactive = std::io::stdin().is_terminal();
     let setup = engine::Setup {
@@ -143,6 +156,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         entry: &entry,
         started,
         interactive,
+        gdb,
     };
     stop::arm(args.timeout);
     if args.raw_exit_loop {
@@ -177,6 +191,10 @@ fn execute(args: &RunArgs) -> Result<i32> {
         End::OutputClosed => {
             diag!("hbt: stdout was closed; run ended as a program would by SIGPIPE");
             128 + libc::SIGPIPE
+        }
+        End::Killed => {
+            diag!("hbt: gdb killed the guest; it was at {location}");
+            128 + libc::SIGKILL
         }
         End::Interrupted(sig) => {
             let why = if *sig == libc::SIGINT {

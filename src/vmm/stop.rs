@@ -1,6 +1,7 @@
-//! Ending a run from outside the guest: `--timeout`, SIGINT/SIGTERM/SIGHUP, and the kick that
-//! makes the vCPU thread notice (SIGUSR1: KVM_RUN returns EINTR; under `--accel bt` the
-//! translator's kick handler stops translated code at its next block end).
+//! Ending a run from outside the guest: `--timeout`, SIGINT/SIGTERM/SIGHUP, a debugger asking
+//! for the guest (`--gdb`), and the kick that makes the vCPU thread notice (SIGUSR1: KVM_RUN
+//! returns EINTR; under `--accel bt` the translator's kick handler stops translated code at its
+//! next block end).
 //!
 //! A watchdog thread sets the timeout and, once a stop is requested, keeps kicking the vCPU
 //! until the run loop notices: a kick that lands just before KVM_RUN is lost, and a guest that
@@ -17,6 +18,9 @@ static VCPU_THREAD: AtomicU64 = AtomicU64::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// The signal that kicks the vCPU thread.
 pub const KICK_SIGNAL: i32 = libc::SIGUSR1;
+/// A debugger wants the guest stopped (gdb sent Ctrl-C or another packet while it ran): the
+/// engine's run loop returns to the debugger instead of ending the run (`--gdb`).
+static ATTENTION: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_kick(_: libc::c_int) {}
 /// SIGINT/SIGTERM/SIGHUP: end the run cleanly (terminal restored, status 128 + signal).
@@ -53,6 +57,23 @@ pub fn requested() -> Option<End> {
     } else {
         None
     }
+}
+
+/// Asks the vCPU thread to stop the guest for the debugger (from any thread).
+pub fn request_attention() {
+    ATTENTION.store(true, Ordering::SeqCst);
+    kick_vcpu();
+}
+
+/// Whether the debugger asked for the guest (async-signal-safe: the translator's stop check
+/// calls it from the kick handler).
+pub fn attention() -> bool {
+    ATTENTION.load(Ordering::SeqCst)
+}
+
+/// Takes the debugger's request, if there is one.
+pub fn take_attention() -> bool {
+    ATTENTION.swap(false, Ordering::SeqCst)
 }
 
 /// Makes the calling thread the vCPU thread, installs the handlers (the kick handler is a

@@ -21,6 +21,7 @@
 use crate::exit::{vector, GuestException};
 use crate::rules::{rule, BranchKind, Rule};
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, InstructionInfoFactory, OpAccess, Register};
+use std::collections::BTreeSet;
 
 /// Most instructions in one block.
 pub const MAX_BLOCK_INSTRUCTIONS: usize = 64;
@@ -95,7 +96,7 @@ use crate::supported::is_supported;
 
 /// What the builder needs to know besides the code.
 #[derive(Clone, Copy, Debug)]
-pub struct BuildOptions {
+pub struct BuildOptions<'a> {
     /// The soft-MMU strategy and system mode decide which rules end a block.
     pub soft_mmu: bool,
     pub system: bool,
@@ -103,9 +104,13 @@ pub struct BuildOptions {
     pub kernel: bool,
     pub verified_only: bool,
     pub max_instructions: usize,
+    /// Debugger breakpoints (guest virtual addresses, `engine/debug.rs`): a block ends before
+    /// one (it becomes the block's fall-through) and a callee holding one is not inlined, so
+    /// code at a breakpoint only ever starts a block.
+    pub breakpoints: &'a BTreeSet<u64>,
 }
 
-impl BuildOptions {
+impl BuildOptions<'_> {
     pub fn mode(&self) -> crate::rules::Mode {
         crate::rules::Mode {
             soft_mmu: self.soft_mmu,
@@ -114,6 +119,9 @@ impl BuildOptions {
         }
     }
 }
+
+/// No breakpoints (what every block is built with unless a debugger set some).
+pub static NO_BREAKPOINTS: BTreeSet<u64> = BTreeSet::new();
 
 /// The guest code of one page, as far as it was read: from the block's start to the page end
 /// (and 15 bytes into the next page, for an instruction that straddles it), and the part before
@@ -218,7 +226,7 @@ fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) 
             return false;
         }
         let instr = decoder.decode();
-        if instr.is_invalid() {
+        if instr.is_invalid() || o.breakpoints.contains(&instr.ip()) {
             return false;
         }
         let Some(r) = rule_for(&instr, o.verified_only) else {
@@ -273,6 +281,11 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Option<DecodedB
     let mut inlined_return: Option<u64> = None;
     while decoder.can_decode() && end < page_end && instrs.len() < cap {
         let pos = (decoder.ip() - page) as usize;
+        if !instrs.is_empty() && o.breakpoints.contains(&decoder.ip()) {
+            // Falls through to the breakpoint (`end` is already its address), where the
+            // dispatcher stops.
+            break;
+        }
         let instr = decoder.decode();
         if instr.is_invalid() {
             if instrs.is_empty() {
@@ -401,6 +414,7 @@ mod tests {
             kernel: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
+            breakpoints: &NO_BREAKPOINTS,
         };
         match build(p, BASE + offset, o) {
             Ok(b) => b,
@@ -478,6 +492,7 @@ mod tests {
             kernel: false,
             verified_only: false,
             max_instructions: 2,
+            breakpoints: &NO_BREAKPOINTS,
         };
         let Ok(b) = build(&mut p, BASE, o) else {
             panic!("no block")
@@ -496,5 +511,45 @@ mod tests {
             panic!("no block")
         };
         assert_eq!(flows(&b), [(0, Flow::Normal)]);
+    }
+
+    #[test]
+    fn a_breakpoint_ends_the_block_before_it_and_is_never_inlined_or_followed_into() {
+        fn built(p: &mut Page, breakpoints: &BTreeSet<u64>) -> DecodedBlock {
+            let o = BuildOptions {
+                soft_mmu: false,
+                system: false,
+                kernel: false,
+                verified_only: false,
+                max_instructions: MAX_BLOCK_INSTRUCTIONS,
+                breakpoints,
+            };
+            match build(p, BASE, o) {
+                Ok(b) => b,
+                Err(_) => panic!("no block"),
+            }
+        }
+        // 0: inc rax; inc rcx; inc rdx; hlt
+        let mut p = page(&[(0, &[0x48, 0xff, 0xc0, 0x48, 0xff, 0xc1, 0x48, 0xff, 0xc2])]);
+        let b = built(&mut p, &BTreeSet::from([BASE + 6]));
+        assert_eq!(flows(&b), [(0, Flow::Normal), (3, Flow::Normal)]);
+        assert_eq!(
+            (b.end, b.terminated),
+            (BASE + 6, false),
+            "falls through to the breakpoint"
+        );
+        // A breakpoint at the block's own start does not cut it: the dispatcher stops there.
+        assert_eq!(built(&mut p, &BTreeSet::from([BASE])).instrs.len(), 4);
+        // 0: jmp 0x10; 0x10: inc rax; hlt — a followed jump to a breakpoint exits to it.
+        let mut p = page(&[(0, &[0xeb, 0x0e]), (0x10, &[0x48, 0xff, 0xc0])]);
+        let b = built(&mut p, &BTreeSet::from([BASE + 0x10]));
+        assert_eq!((b.end, b.terminated), (BASE + 0x10, false));
+        assert!(b.instrs.iter().all(|d| d.instr.ip() != BASE + 0x10));
+        // 0: call f; f (0x10): add rax,rcx; ret — a callee holding a breakpoint is not inlined.
+        let mut p = page(&[(0, &[0xe8, 0x0b, 0, 0, 0]), (0x10, &[0x48, 0x01, 0xc8, 0xc3])]);
+        assert_eq!(built(&mut p, &NO_BREAKPOINTS).instrs[0].flow, Flow::InlinedCall);
+        let b = built(&mut p, &BTreeSet::from([BASE + 0x13]));
+        assert_eq!(flows(&b), [(0, Flow::Normal)]);
+        assert!(b.terminated, "the call is a real exit");
     }
 }

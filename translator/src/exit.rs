@@ -93,4 +93,11 @@ pub enum Exit {
     Stopped,
     /// System mode: a fault while delivering a double fault (the CPU shuts down).
     TripleFault(GuestException),
+    /// A debugger breakpoint ([`crate::Translator::add_breakpoint`]) at the guest RIP: nothing
+    /// there has run yet.
+    Breakpoint,
+    /// Single-stepping ([`crate::Translator::set_single_step`]): one guest instruction
+    /// completed, or the exception it raised was delivered (system mode: RIP is at the
+    /// handler's first instruction, which has not run).
+    Stepped,
 }

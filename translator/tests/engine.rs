@@ -995,3 +995,177 @@ fn a_kick_stops_a_self_chained_loop_only_when_the_guest_can_take_an_interrupt() 
         assert!(t.state().gpr[0] > 1000, "the loop ran translated");
     }
 }
+
+// Debugger support (`engine/debug.rs`): breakpoints and single-step.
+
+/// A system-mode translator over `g` at CPL0 with a flat GDT (0x10 code, 0x18 data), an IDT
+/// whose `vectors` all go to `CODE_VA + handler`, IF set and RSP at 0x401f00.
+fn system_with_idt(g: &SoftGuest, vectors: &[u8], handler: u64) -> Translator {
+    use hbt_translator::state::{flags, DescriptorTable};
+    g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
+    g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
+    let handler = CODE_VA + handler;
+    for &v in vectors {
+        let gate = 0x6a00 + v as u64 * 16;
+        g.write_u64(
+            gate,
+            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
+        );
+        g.write_u64(gate + 8, handler >> 32);
+    }
+    let mut t = g.translator_with(true);
+    let s = t.state_mut();
+    s.sys.gdtr = DescriptorTable {
+        base: 0x40_1800,
+        limit: 0x1f,
+    };
+    s.sys.idtr = DescriptorTable {
+        base: 0x40_1a00,
+        limit: 0x3ff,
+    };
+    s.rflags |= flags::IF;
+    s.gpr[4] = 0x40_1f00;
+    t
+}
+
+#[test]
+fn a_breakpoint_splits_blocks_and_stops_every_iteration_of_a_chained_loop() {
+    // 0x00: mov ecx,5; xor eax,eax; 0x07: L: inc rax; 0x0a: dec ecx; jnz L; hlt
+    let g = SoftGuest::new(&[
+        0xb9, 5, 0, 0, 0, 0x31, 0xc0, 0x48, 0xff, 0xc0, 0xff, 0xc9, 0x75, 0xf9, 0xf4,
+    ]);
+    let mut t = g.translator_with(true);
+    // Translated and chained without a breakpoint first.
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    assert_eq!(t.state().gpr[0], 5);
+    assert!(t.stats().chained > 0, "{:?}", t.stats());
+    let invalidated = t.stats().invalidated_blocks;
+    assert!(t.add_breakpoint(CODE_VA + 0x0a));
+    assert!(!t.add_breakpoint(CODE_VA + 0x0a), "already set");
+    assert!(
+        t.stats().invalidated_blocks > invalidated,
+        "blocks covering the breakpoint are dropped"
+    );
+    t.state_mut().rip = CODE_VA;
+    let translated = t.stats().guest_instructions_translated;
+    let mut stops = Vec::new();
+    loop {
+        match t.run(&mut HostPlatform, BUDGET).unwrap() {
+            Exit::Breakpoint => {
+                assert_eq!(t.state().rip, CODE_VA + 0x0a);
+                if stops.is_empty() {
+                    assert_eq!(
+                        t.stats().guest_instructions_translated - translated,
+                        3,
+                        "the block from the entry ends before the breakpoint"
+                    );
+                }
+                stops.push(t.state().gpr[0]);
+                t.skip_breakpoint_at_rip();
+            }
+            Exit::Halt => break,
+            other => panic!("{other:?} at {:#x}", t.state().rip),
+        }
+    }
+    assert_eq!(stops, [1, 2, 3, 4, 5], "RAX at each stop: one per iteration");
+    // Removed, the loop runs through.
+    assert!(t.remove_breakpoint(CODE_VA + 0x0a));
+    assert_eq!(t.breakpoints().count(), 0);
+    t.state_mut().rip = CODE_VA;
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    assert_eq!(t.state().gpr[0], 5);
+}
+
+#[test]
+fn single_step_stops_after_every_instruction_and_holds_interrupts() {
+    // 0x00: mov ecx,3; 0x05: mov rdx,[0x401000]; 0x0d: L: add eax,ecx; 0x0f: dec ecx;
+    // 0x11: jnz L; 0x13: hlt  — the load's TLB miss restarts it, which is not a step.
+    let g = SoftGuest::new(&[
+        0xb9, 3, 0, 0, 0, 0x48, 0x8b, 0x14, 0x25, 0x00, 0x10, 0x40, 0x00, 0x01, 0xc8, 0xff, 0xc9, 0x75, 0xfa, 0xf4,
+    ]);
+    g.write_u64(0x6000, 0x77);
+    let mut t = g.translator_with(true);
+    t.state_mut().rflags |= hbt_translator::state::flags::IF;
+    t.set_single_step(true);
+    // An interrupt is pending at every boundary; stepping must not take it.
+    let mut platform = TickingPlatform {
+        period: 1,
+        boundaries: 0,
+        delivered: 0,
+    };
+    let mut rips = Vec::new();
+    let exit = loop {
+        match t.run(&mut platform, BUDGET).unwrap() {
+            Exit::Stepped => rips.push(t.state().rip - CODE_VA),
+            other => break other,
+        }
+        assert!(rips.len() <= 20, "runaway: {rips:x?}");
+    };
+    assert_eq!(
+        rips,
+        [0x05, 0x0d, 0x0f, 0x11, 0x0d, 0x0f, 0x11, 0x0d, 0x0f, 0x11, 0x13],
+        "one stop per instruction executed"
+    );
+    assert_eq!((exit, t.state().rip), (Exit::Halt, CODE_VA + 0x14), "a step over hlt");
+    assert_eq!((t.state().gpr[0], t.state().gpr[2]), (6, 0x77));
+    assert_eq!(platform.delivered, 0, "no interrupt taken while stepping");
+    assert_eq!(t.stats().chained, 0, "nothing is chained while stepping");
+}
+
+#[test]
+fn a_step_into_a_faulting_instruction_stops_at_the_handler() {
+    // 0x00: mov rax,[0x402000] (not mapped: #PF); 0x10: ud2 (#UD)
+    // 0x100: handler: mov ebx,7; hlt
+    let mut code = vec![0x90; 0x105];
+    code[..8].copy_from_slice(&[0x48, 0x8b, 0x04, 0x25, 0x00, 0x20, 0x40, 0x00]);
+    code[0x10..0x12].copy_from_slice(&[0x0f, 0x0b]);
+    code[0x100..0x105].copy_from_slice(&[0xbb, 7, 0, 0, 0]);
+    code.push(0xf4);
+    for (start, frame, cr2) in [(0x00u64, 48u64, Some(0x40_2000u64)), (0x10, 40, None)] {
+        let g = SoftGuest::new(&code);
+        let mut t = system_with_idt(&g, &[6, 14], 0x100);
+        t.state_mut().rip = CODE_VA + start;
+        t.set_single_step(true);
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Stepped);
+        assert_eq!(t.state().rip, CODE_VA + 0x100, "at the handler's first instruction");
+        assert_eq!(t.state().gpr[3], 0, "the handler has not run");
+        assert_eq!(t.state().gpr[4], 0x40_1f00 - frame, "the exception frame is pushed");
+        if let Some(cr2) = cr2 {
+            assert_eq!(t.state().cr2, cr2);
+        }
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Stepped);
+        assert_eq!((t.state().rip, t.state().gpr[3]), (CODE_VA + 0x105, 7));
+        // Not stepping, a breakpoint at the handler stops there after the delivery.
+        let mut t = system_with_idt(&g, &[6, 14], 0x100);
+        t.state_mut().rip = CODE_VA + start;
+        t.add_breakpoint(CODE_VA + 0x100);
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+        assert_eq!((t.state().rip, t.state().gpr[3]), (CODE_VA + 0x100, 0));
+    }
+}
+
+#[test]
+fn resuming_from_a_breakpoint_runs_its_instruction_once_even_when_it_restarts() {
+    // 0x00: mov rdx,[0x401000]; 0x08: inc rax; 0x0b: jmp 0x0b
+    let g = SoftGuest::new(&[
+        0x48, 0x8b, 0x14, 0x25, 0x00, 0x10, 0x40, 0x00, 0x48, 0xff, 0xc0, 0xeb, 0xfe,
+    ]);
+    g.write_u64(0x6000, 0x55);
+    let mut t = g.translator_with(true);
+    t.add_breakpoint(CODE_VA);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+    assert_eq!((t.state().rip, t.state().gpr[2]), (CODE_VA, 0), "nothing ran");
+    // The load misses the (empty) TLB and restarts: still one execution, no second stop.
+    t.skip_breakpoint_at_rip();
+    t.add_breakpoint(CODE_VA + 0x0b);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+    assert!(t.stats().tlb_misses > 0, "{:?}", t.stats());
+    assert_eq!(t.state().rip, CODE_VA + 0x0b, "went on to the next breakpoint");
+    assert_eq!((t.state().gpr[2], t.state().gpr[0]), (0x55, 1));
+    // A loop onto itself stops again after one round.
+    for _ in 0..3 {
+        t.skip_breakpoint_at_rip();
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
+        assert_eq!(t.state().rip, CODE_VA + 0x0b);
+    }
+}

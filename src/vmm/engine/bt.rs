@@ -10,7 +10,10 @@
 //! which unlinks chained blocks so translated code returns to the dispatcher, where the
 //! interrupt window is checked. A `hlt` with interrupts enabled sleeps on the chipset until it
 //! raises INTR.
+//!
+//! Under `--gdb` the run loop is driven by the gdb stub through `debug.rs` instead.
 
+use super::debug::DebugStop;
 use super::{fmt_counts, End, Finished, Setup};
 use crate::vmm::cpu_state::CpuSnapshot;
 use crate::vmm::devices::lapic;
@@ -36,6 +39,8 @@ const HALT_POLL: Duration = Duration::from_millis(20);
 const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
 /// The loaded microcode's revision (in EDX:EAX after a write of 0 and a CPUID): none here.
 const IA32_BIOS_SIGN_ID: u32 = 0x8b;
+
+mod debug;
 
 /// The machine around the translated CPU.
 struct BtPlatform {
@@ -169,8 +174,9 @@ pub fn run(setup: &Setup) -> Result<Finished> {
         verified_only: false,
         system: true,
     })?;
-    // A guest spinning with interrupts off must still end on --timeout or a signal.
-    translator.set_stop_check(|| stop::requested().is_some());
+    // A guest spinning with interrupts off must still end on --timeout or a signal, and stop
+    // for a debugger that asks.
+    translator.set_stop_check(|| stop::requested().is_some() || stop::attention());
     let e = setup.entry;
     *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
     hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
@@ -208,7 +214,10 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     };
 
     let loop_started = Instant::now();
-    let result = run_loop(&mut translator, &mut platform);
+    let result = match &setup.gdb {
+        None => run_to_end(&mut translator, &mut platform),
+        Some(gdb) => crate::vmm::gdb::serve(gdb, &mut debug::BtDebuggee::new(&mut translator, &mut platform)),
+    };
     done.store(true, Ordering::SeqCst);
     chipset.notify_timers();
     let _ = ticker.join();
@@ -245,11 +254,25 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     })
 }
 
-/// Runs the guest until it ends or a stop is requested. Errors say why the machine cannot go on.
-fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
+/// Runs the guest until it ends or a stop is requested.
+fn run_to_end(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
+    loop {
+        // (Only a debugger sets breakpoints, steps or asks for attention.)
+        if let DebugStop::Ended(end) = run_loop(t, platform)? {
+            return Ok(end);
+        }
+    }
+}
+
+/// Runs the guest until it ends, a stop is requested or it stops for a debugger. Errors say
+/// why the machine cannot go on.
+fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<DebugStop> {
     loop {
         if let Some(end) = stop::requested() {
-            return Ok(end);
+            return Ok(DebugStop::Ended(end));
+        }
+        if stop::take_attention() {
+            return Ok(DebugStop::Attention);
         }
         let exit = t
             .run(platform, BLOCK_BUDGET)
@@ -259,18 +282,26 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
         }
         match exit {
             Exit::BlockLimit | Exit::Interrupted => {}
+            Exit::Breakpoint => return Ok(DebugStop::Breakpoint),
+            Exit::Stepped => return Ok(DebugStop::Stepped),
             Exit::Stopped => match platform.stop.take() {
-                Some(Action::Exit(v)) => return Ok(End::ExitPort(v)),
-                Some(Action::Reset) => return Ok(End::Reset),
-                Some(Action::PowerOff) => return Ok(End::PowerOff),
-                Some(Action::OutputClosed) => return Ok(End::OutputClosed),
+                Some(Action::Exit(v)) => return Ok(DebugStop::Ended(End::ExitPort(v))),
+                Some(Action::Reset) => return Ok(DebugStop::Ended(End::Reset)),
+                Some(Action::PowerOff) => return Ok(DebugStop::Ended(End::PowerOff)),
+                Some(Action::OutputClosed) => return Ok(DebugStop::Ended(End::OutputClosed)),
                 Some(Action::Continue) | None => {}
             },
             Exit::Halt => {
                 if t.state().rflags & flags::IF == 0 {
-                    return Ok(End::Halted);
+                    return Ok(DebugStop::Ended(End::Halted));
                 }
-                platform.chipset.wait(HALT_POLL, || stop::requested().is_some());
+                // A step over `hlt` ends after it: interrupts are held while stepping.
+                if t.single_step() {
+                    return Ok(DebugStop::Stepped);
+                }
+                platform
+                    .chipset
+                    .wait(HALT_POLL, || stop::requested().is_some() || stop::attention());
             }
             Exit::TripleFault(e) => bail!("guest triple fault (a fault while delivering {e} as a double fault)"),
             Exit::Exception(e) => bail!("translator returned guest exception {e} in system mode"),

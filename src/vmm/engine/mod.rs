@@ -2,9 +2,10 @@
 //! [`bt`] (hbt's binary translator in system mode, no /dev/kvm needed). Both start from the
 //! same loaded RAM and long-mode entry state (`boot.rs`), drive the same device models
 //! (`devices/`) and end with a [`Finished`]: how the run ended, where the guest was, and the
-//! engine's counters for `--stats`.
+//! engine's counters for `--stats`. [`debug`] is the interface a debugger (`--gdb`) drives.
 
 pub mod bt;
+pub mod debug;
 pub mod kvm;
 
 use super::devices::{progress, Buses};
@@ -20,6 +21,8 @@ pub struct Setup<'a> {
     pub started: Instant,
     /// stdin is a terminal (the serial port's input is interactive).
     pub interactive: bool,
+    /// `--gdb`: the guest waits at its first instruction for a debugger on this socket.
+    pub gdb: Option<super::gdb::Listener>,
 }
 
 /// Why a run ended.
@@ -35,6 +38,8 @@ pub enum End {
     Interrupted(i32),
     /// stdout was closed (EPIPE on the console).
     OutputClosed,
+    /// The debugger killed the guest (gdb's `kill`).
+    Killed,
 }
 
 /// How a run ended, with what `--stats` reports.

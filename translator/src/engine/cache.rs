@@ -69,6 +69,9 @@ pub(super) struct Block {
     pub(super) incoming: Vec<Incoming>,
     pub(super) inline_caches: Vec<crate::emit::InlineCache>,
     pub(super) valid: bool,
+    /// Lowest and highest (exclusive) guest virtual address its instructions occupy
+    /// (`DecodedBlock::span`; what a new breakpoint is checked against).
+    pub(super) span: (u64, u64),
     /// Soft-MMU: (guest virtual page, guest physical page) of its code when it was translated.
     pub(super) mapping: Vec<(u64, u64)>,
     /// The `Translator::mapping_epoch` in which `mapping` was last found current.
@@ -282,6 +285,7 @@ impl Translator {
             incoming: Vec::new(),
             inline_caches: emitted.inline_caches,
             valid: cached,
+            span: block.span,
             mapping,
             epoch: self.mapping_epoch,
             global,
@@ -322,6 +326,7 @@ impl Translator {
             epoch: self.mapping_epoch,
             global,
             global_epoch: self.global_epoch,
+            span: (start, start + instr.len() as u64),
             emulated: Some((instr, rule)),
         });
         self.by_guest.insert(key, index);

@@ -4,7 +4,8 @@
 //! table), `smc.rs` (self-modifying code under the identity strategy: write protection and
 //! invalidation), `softmmu.rs` (the soft-MMU slow path: TLB misses and split accesses),
 //! `memory.rs` (guest code fetch and guest memory for emulated instructions), `callbacks.rs`
-//! (what the host signal handler calls back into).
+//! (what the host signal handler calls back into), `debug.rs` (breakpoints and single-step for
+//! a debugger).
 //!
 //! `run` enters translated code through the entry glue and gets control back only on block
 //! exits that are not chained yet, indirect-branch misses, soft-MMU TLB misses, instructions the
@@ -36,6 +37,7 @@ pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
 mod addr_map;
 mod cache;
 mod callbacks;
+mod debug;
 mod memory;
 mod smc;
 mod softmmu;
@@ -152,6 +154,8 @@ pub struct Translator {
     recent_events: std::collections::VecDeque<system::DeliveredEvent>,
     /// System mode: the CPL the TLBs and the indirect-branch table were filled at.
     code_cpl: Option<crate::state::Cpl>,
+    /// Breakpoints and single-step (`debug.rs`).
+    debug: debug::DebugState,
     /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
     /// pages, as the CPU would) and for the protections SMC detection changes.
     maps: crate::host::pages::HostMaps,
@@ -198,6 +202,7 @@ impl Translator {
             bounce_buffer: None,
             translated_xcr0: 0,
             code_cpl: None,
+            debug: Default::default(),
             recent_events: Default::default(),
             linked: Vec::new(),
             mapping_epoch: 0,
@@ -253,6 +258,17 @@ impl Translator {
         };
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
+        let stepping = self.debug.single_step;
+        // A guest instruction completed, or the exception it raised was delivered: the guest
+        // has moved, and a single step ends (`debug.rs`).
+        macro_rules! retired {
+            () => {
+                self.debug.moved();
+                if stepping {
+                    return Ok(Exit::Stepped);
+                }
+            };
+        }
         // Some(exit): return it; None: go on at the (new) guest RIP.
         macro_rules! guest_exception {
             ($exc:expr) => {{
@@ -260,6 +276,7 @@ impl Translator {
                 if let Some(exit) = self.guest_exception($exc)? {
                     return Ok(exit);
                 }
+                retired!();
                 continue;
             }};
         }
@@ -273,17 +290,24 @@ impl Translator {
             if self.system {
                 match self.system_boundary(platform)? {
                     system::Boundary::Continue => {}
-                    system::Boundary::Delivered => pending_link = 0,
+                    system::Boundary::Delivered => {
+                        pending_link = 0;
+                        self.debug.moved();
+                    }
                     system::Boundary::Exit(exit) => return Ok(exit),
                 }
             }
             let rip = self.ctx.get().state.rip;
+            if self.debug.stops_at(rip) {
+                return Ok(Exit::Breakpoint);
+            }
             let lookup = match self.block_for(rip, platform) {
                 Err(TranslateError::Unsupported { code, .. }) if self.system => {
                     pending_link = 0;
                     if let Some(exit) = self.undefined_instruction(&code)? {
                         return Ok(exit);
                     }
+                    retired!();
                     continue;
                 }
                 other => other?,
@@ -294,13 +318,15 @@ impl Translator {
                 Lookup::Exit(exit) => return Ok(exit),
                 Lookup::Emulated => {
                     pending_link = 0;
+                    retired!();
                     continue;
                 }
             };
-            if pending_link != 0 {
+            // Code at a breakpoint is entered only from here (`debug.rs`).
+            if pending_link != 0 && !self.debug.is_breakpoint(rip) {
                 self.chain(pending_link, host);
-                pending_link = 0;
             }
+            pending_link = 0;
             self.enter(host);
             self.stats.block_exits += 1;
             self.invalidate_written_pages();
@@ -314,7 +340,10 @@ impl Translator {
             }
             let ctx = self.ctx.get_mut();
             match ctx.exit_reason {
-                r if r == ExitReason::Branch as u32 => pending_link = ctx.exit_link,
+                r if r == ExitReason::Branch as u32 => {
+                    pending_link = ctx.exit_link;
+                    retired!();
+                }
                 r if r == ExitReason::IndirectMiss as u32 => {
                     self.stats.indirect_misses += 1;
                     let target = self.ctx.get().state.rip;
@@ -328,7 +357,12 @@ impl Translator {
                     // Only a return cache's first miss sets the link; clear it so a later
                     // table miss elsewhere does not refill that cache.
                     let site = std::mem::take(&mut self.ctx.get_mut().exit_link);
-                    // (A target that cannot be translated is met again at the next dispatch.)
+                    retired!();
+                    // (A target that cannot be translated is met again at the next dispatch.
+                    // Code at a breakpoint is entered only through the dispatcher.)
+                    if self.debug.is_breakpoint(target) {
+                        continue;
+                    }
                     if let Ok(Lookup::Host(h)) = self.block_for(target, platform) {
                         self.ibl_insert(target, h);
                         if site != 0 {
@@ -441,22 +475,27 @@ impl Translator {
     /// The host address of the block at `rip`, translating it if needed. Instructions the
     /// engine emulates are handled here directly when a block would start with one.
     fn block_for(&mut self, rip: u64, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
-        let uncached = self.uncached_step == Some(rip);
-        if uncached {
+        let one_off = self.uncached_step == Some(rip);
+        if one_off {
             self.uncached_step = None;
-        } else if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
-            if self.mapping_current(i) {
-                if let Some((instr, rule)) = self.blocks[i].emulated {
-                    self.stats.emulated += 1;
-                    return self.emulate(&instr, rule, platform);
+        }
+        // Single-stepping: one-instruction blocks, never cached (`debug.rs`).
+        let uncached = one_off || self.debug.single_step;
+        if !uncached {
+            if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
+                if self.mapping_current(i) {
+                    if let Some((instr, rule)) = self.blocks[i].emulated {
+                        self.stats.emulated += 1;
+                        return self.emulate(&instr, rule, platform);
+                    }
+                    return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
                 }
-                return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
+                // The code's page maps elsewhere now: translate what is there.
+                self.invalidate_block(i);
+            } else if let Some(&(instr, rule)) = self.emulated_at.get(&rip) {
+                self.stats.emulated += 1;
+                return self.emulate(&instr, rule, platform);
             }
-            // The code's page maps elsewhere now: translate what is there.
-            self.invalidate_block(i);
-        } else if let Some(&(instr, rule)) = self.emulated_at.get(&rip) {
-            self.stats.emulated += 1;
-            return self.emulate(&instr, rule, platform);
         }
         let translate_started = std::time::Instant::now();
         let soft = self.strategy.is_soft_mmu();
@@ -468,6 +507,7 @@ impl Translator {
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
             verified_only: self.verified_only,
             max_instructions: cap,
+            breakpoints: &self.debug.breakpoints,
         };
         let block = match block::build(&mut fetch, rip, options) {
             Ok(b) => b,

@@ -177,7 +177,8 @@ impl Translator {
         // interrupt now would run the handler in that state instead.
         let step_pending = self.bounce.is_some() || self.uncached_step.is_some();
         let state = &self.ctx.get().state;
-        let deliverable = !step_pending && state.rflags & crate::state::flags::IF != 0;
+        // A debugger's single step holds interrupts pending (`debug.rs`).
+        let deliverable = !step_pending && !self.debug.single_step && state.rflags & crate::state::flags::IF != 0;
         if !deliverable || !platform.interrupt_pending() {
             return Ok(Boundary::Continue);
         }

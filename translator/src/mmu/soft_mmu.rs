@@ -180,6 +180,30 @@ pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Res
     unreachable!("the loop returns at level 0")
 }
 
+/// Translates `va` for a debugger: the guest-physical address it maps to in the current page
+/// tables, without the side effects or checks of a guest access — no accessed or dirty bit is
+/// set, and U/S, R/W and NX are ignored (a debugger reads kernel memory while the guest is at
+/// CPL3 and writes read-only kernel text, as with QEMU's gdb stub). `None` when `va` is not
+/// canonical or not mapped.
+pub fn translate_for_debugger(ram: &GuestRam, state: &Paging, va: u64) -> Option<u64> {
+    if !is_canonical(va) {
+        return None;
+    }
+    let mut table = state.cr3 & ADDR;
+    for level in (0..4).rev() {
+        let entry = ram.read_u64(table + ((va >> (12 + 9 * level)) & 511) * 8)?;
+        if entry & P == 0 || (level == 2 && entry & PS != 0) {
+            return None;
+        }
+        if level == 0 || (level == 1 && entry & PS != 0) {
+            let page_size = 1u64 << (12 + 9 * level);
+            return Some((entry & ADDR & !(page_size - 1)) | (va & (page_size - 1)));
+        }
+        table = entry & ADDR;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +269,37 @@ mod tests {
                 Err(GuestException::page_fault(0x20_1010, ec))
             );
         }
+    }
+
+    #[test]
+    fn the_debugger_translation_sets_no_bits_and_ignores_permissions() {
+        let mut t = Tables::new();
+        t.set(0x2000, 0x3000 | P | RW | US);
+        t.set(0x3000, 0x4000 | P); // supervisor-only, read-only PT
+        t.set(0x4008, 0x9000 | P | NX); // va 0x1000 -> pa 0x9000
+        let paging = Paging {
+            cr0: 1 << 16,
+            cr3: 0x1000,
+            cr4: 0,
+            efer: 1 << 11,
+            rflags: 2,
+            cpl: Cpl::User,
+        };
+        {
+            let ram = unsafe_ram(&mut t);
+            assert_eq!(translate_for_debugger(&ram, &paging, 0x1234), Some(0x9234));
+            assert_eq!(translate_for_debugger(&ram, &paging, 0x2000), None, "not present");
+            assert_eq!(translate_for_debugger(&ram, &paging, 1 << 47), None, "not canonical");
+        }
+        assert_eq!(t.get(0x1000) & A, 0, "nothing marked accessed");
+        assert_eq!(t.get(0x4008) & A, 0);
+    }
+
+    /// A `GuestRam` over the tables (the caller lets it go before touching them again).
+    fn unsafe_ram(t: &mut Tables) -> GuestRam {
+        // SAFETY: the 64 KiB array is page-aligned and outlives the returned view, which the
+        // caller lets go before using the array again.
+        unsafe { GuestRam::new(t.0.as_mut_ptr() as *mut u8, 64 << 10) }
     }
 
     #[test]
