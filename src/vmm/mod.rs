@@ -10,6 +10,7 @@ pub mod cpu_state;
 pub mod cpuid;
 pub mod devices;
 pub mod engine;
+pub mod isa_system;
 pub mod loader;
 pub mod memory;
 pub mod stop;
