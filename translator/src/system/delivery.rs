@@ -6,7 +6,8 @@
 //! 2. its code segment from the GDT: 64-bit, present, DPL ≤ CPL; the new CPL is its DPL;
 //! 3. the stack: IST n if the gate names one, else RSPn from the TSS when the privilege changes,
 //!    else the current RSP; aligned down to 16;
-//! 4. pushed: SS, RSP, RFLAGS, CS, RIP and the error code, if the vector has one;
+//! 4. pushed: SS, RSP, RFLAGS (with RF set for a fault), CS, RIP and the error code, if the
+//!    vector has one;
 //! 5. TF, NT, RF and VM cleared, and IF for an interrupt gate; CR2 set for #PF.
 //!
 //! A fault while delivering combines with the one being delivered as the CPU's table says:
@@ -106,6 +107,14 @@ pub fn deliver(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> R
 
 const DF: u8 = 8;
 
+/// Fault-class exceptions: the CPU reports them at the faulting instruction and sets RF in the
+/// RFLAGS image it pushes, so that an `iretq` back to the instruction does not take an
+/// instruction breakpoint on it again (SDM vol. 3 §18.3.1.1). Traps (#BP, #OF, #DB from
+/// `int1`), software interrupts and external interrupts push RFLAGS as it is.
+fn fault_class(v: u8) -> bool {
+    matches!(v, 0 | 5 | 6 | 7 | 10..=14 | 16 | 17 | 19 | 20 | 21)
+}
+
 /// Exceptions whose delivery pushes an error code.
 fn has_error_code(v: u8) -> bool {
     matches!(v, 8 | 10 | 11 | 12 | 13 | 14 | 17 | 21)
@@ -176,10 +185,14 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
         }
         .into());
     }
+    let rf = match event {
+        Event::Exception(e) if fault_class(e.vector) => flags::RF,
+        _ => 0,
+    };
     let mut frame: Vec<u64> = vec![
         s.seg[2] as u64,
         old_rsp,
-        s.rflags | flags::FIXED,
+        s.rflags | flags::FIXED | rf,
         s.seg[1] as u64,
         s.rip,
     ];
@@ -210,4 +223,77 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
     }
     s.sys.interrupt_shadow = false;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::DescriptorTable;
+
+    /// Flat memory: linear address = index; reads past the end fault.
+    struct Flat(Vec<u8>);
+
+    impl GuestMemory for Flat {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            let at = va as usize;
+            let src = self
+                .0
+                .get(at..at + buf.len())
+                .ok_or(GuestException::page_fault(va, 0))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+            let at = va as usize;
+            let dst = self
+                .0
+                .get_mut(at..at + data.len())
+                .ok_or(GuestException::page_fault(va, 2))?;
+            dst.copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    /// A CPL0 machine: GDT at 0 (kernel code 0x10), IDT at 0x100 with gates for #BP and #GP to
+    /// 0x1234, stack top 0x800.
+    fn machine() -> (GuestState, Flat) {
+        let mut m = Flat(vec![0; 0x1000]);
+        m.0[0x10..0x18].copy_from_slice(&0x00af_9b00_0000_ffffu64.to_le_bytes());
+        for v in [3u64, 13] {
+            let gate: u64 = 0x1234 | (0x10 << 16) | (0xee << 40);
+            let at = 0x100 + 16 * v as usize;
+            m.0[at..at + 8].copy_from_slice(&gate.to_le_bytes());
+        }
+        let mut s = GuestState {
+            cpl: Cpl::Kernel,
+            rip: 0x500,
+            rflags: flags::FIXED | flags::IF,
+            ..GuestState::default()
+        };
+        s.seg[1] = 0x10;
+        s.gpr[4] = 0x800;
+        s.sys.gdtr = DescriptorTable { base: 0, limit: 0x1f };
+        s.sys.idtr = DescriptorTable {
+            base: 0x100,
+            limit: 0xfff,
+        };
+        (s, m)
+    }
+
+    fn pushed_rflags(m: &Flat, s: &GuestState, error_code: bool) -> u64 {
+        let at = s.gpr[4] as usize + 16 + 8 * error_code as usize;
+        u64::from_le_bytes(m.0[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn a_fault_pushes_rflags_with_rf_set_and_a_trap_does_not() {
+        let (mut s, mut m) = machine();
+        deliver(&mut s, &mut m, Event::Exception(GuestException::gp(0))).unwrap();
+        assert_eq!(s.rip, 0x1234);
+        assert_eq!(pushed_rflags(&m, &s, true), flags::FIXED | flags::IF | flags::RF);
+        assert_eq!(s.rflags & flags::RF, 0, "the handler runs with RF clear");
+        let (mut s, mut m) = machine();
+        deliver(&mut s, &mut m, Event::Software(3)).unwrap();
+        assert_eq!(pushed_rflags(&m, &s, false), flags::FIXED | flags::IF);
+    }
 }
