@@ -173,6 +173,11 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
 
     match args.format {
         OutputFormat::Json => {
+            let strategies: &[&str] = if args.system {
+                &["system-kvm-vs-bt"]
+            } else {
+                &["identity", "soft-mmu"]
+            };
             let codes_json: Vec<_> = results
                 .iter()
                 .map(|r| {
@@ -180,7 +185,8 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                         "code": format!("{:?}", r.code),
                         "mnemonic": r.mnemonic,
                         "cases": r.cases,
-                        "strategies": ["identity", "soft-mmu"],
+                        "uncompared": r.uncompared,
+                        "strategies": strategies,
                         "status": r.status.label(),
                         "reason": r.status.reason(),
                         "first_failure": r.failure,
@@ -189,13 +195,14 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                 .collect();
             let doc = serde_json::json!({
                 "seed": args.seed,
+                "system": args.system,
                 "cases_per_strategy": args.cases,
                 "host": host,
                 "passed": passed,
                 "failed": failed,
                 "not_executable": not_executable.len(),
                 "skipped": skipped,
-                "total_cases": cases * 2,
+                "total_cases": if args.system { cases } else { cases * 2 },
                 "codes": codes_json,
             });
             let mut out = std::io::stdout().lock();
@@ -222,14 +229,29 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                     r.cases
                 )?;
             }
-            writeln!(
-                out,
-                "\n{passed} passed, {failed} failed, {} not executable on this host, {skipped} skipped; {} cases run ({} per strategy × identity, soft-mmu) in {:.1} s",
-                not_executable.len(),
-                cases * 2,
-                cases,
-                elapsed.as_secs_f64()
-            )?;
+            if args.system {
+                let no_reference = results
+                    .iter()
+                    .filter(|r| matches!(r.status, Status::NoReference(_)))
+                    .count();
+                let uncompared: u64 = results.iter().map(|r| r.uncompared).sum();
+                writeln!(
+                    out,
+                    "\n{passed} passed, {failed} failed, {} not executable on this host, {no_reference} without a reference, {} skipped; {cases} cases compared under KVM and the translator ({uncompared} the reference could not run) in {:.1} s",
+                    not_executable.len(),
+                    skipped - no_reference,
+                    elapsed.as_secs_f64()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "\n{passed} passed, {failed} failed, {} not executable on this host, {skipped} skipped; {} cases run ({} per strategy × identity, soft-mmu) in {:.1} s",
+                    not_executable.len(),
+                    cases * 2,
+                    cases,
+                    elapsed.as_secs_f64()
+                )?;
+            }
             for r in results.iter().filter(|r| r.status == Status::Failed) {
                 writeln!(out, "\nFAILED {:?}: {}", r.code, r.failure.as_deref().unwrap_or(""))?;
             }

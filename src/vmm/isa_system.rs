@@ -426,6 +426,21 @@ fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
     match (instr.mnemonic(), ring) {
         (M::Int, Ring::User) => Some("kvm_pvm raises #UD for `int n` at CPL3"),
         (M::Syscall, Ring::User) => Some("kvm_pvm enters LSTAR keeping the user CS (CPL3)"),
+        (M::Str | M::Sldt, Ring::User) => {
+            Some("kvm_pvm runs them at CPL3 on the host's descriptor tables, not the guest's")
+        }
+        (
+            M::Xgetbv
+            | M::Xsave
+            | M::Xsave64
+            | M::Xsaveopt
+            | M::Xsaveopt64
+            | M::Xsavec
+            | M::Xsavec64
+            | M::Xrstor
+            | M::Xrstor64,
+            Ring::User,
+        ) => Some("kvm_pvm runs CPL3 code with the host's XCR0, not the guest's (xsavec wrote AVX-512 state bits)"),
         _ => None,
     }
 }

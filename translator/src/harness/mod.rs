@@ -256,9 +256,7 @@ impl Cases for Worker {
         (state.fs_base, state.gs_base) = bases;
         self.machine.set_native_data(&mem);
         let forked = r == Rule::Emulate(EmulateOp::Segment);
-        let native = self
-            .native_outcome(&state, inst, forked)
-            .map_err(|e| Failure::Plain(e))?;
+        let native = self.native_outcome(&state, inst, forked).map_err(Failure::Plain)?;
         for (si, name) in STRATEGIES.iter().enumerate() {
             let translated = self.translated_outcome(si, &state, &mem, inst);
             let ignore = match r {

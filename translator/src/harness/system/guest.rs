@@ -126,6 +126,8 @@ pub fn write_fixed(ram: &mut [u8]) {
     ram[TSS as usize..TSS as usize + 0x1000].fill(0);
     put(ram, TSS + 4, KERNEL_STACK_TOP); // RSP0
     put(ram, TSS + 0x24, KERNEL_STACK_TOP); // IST1
+                                            // I/O map base past the limit: no I/O permission bitmap (port access needs CPL <= IOPL).
+    ram[TSS as usize + 0x66..TSS as usize + 0x68].copy_from_slice(&0x68u16.to_le_bytes());
     ram[HANDLERS as usize..HANDLERS as usize + 0x1000].fill(HLT);
 }
 
