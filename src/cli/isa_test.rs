@@ -3,7 +3,8 @@
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use hbt_translator::cpu::HostCpu;
-use hbt_translator::harness::{feature_names, run_codes, CodeResult, Options, Status};
+use hbt_translator::harness::system::{Ring, SystemWorker};
+use hbt_translator::harness::{feature_names, run_codes, run_codes_on, CodeResult, Options, Status};
 use hbt_translator::rules::codes_with_rules;
 use hbt_translator::supported::{self, code_by_name, supported_codes};
 use iced_x86::Code;
@@ -66,6 +67,13 @@ pub struct IsaTestArgs {
     /// Show skipped Codes in the table too.
     #[arg(long)]
     verbose: bool,
+    /// System mode: run each instance inside a small guest machine (page tables with random
+    /// U/S, R/W, NX, A/D bits around the data, an IDT whose handlers stop the machine) once on
+    /// KVM (the reference: CPL3 code runs on the host CPU) and once through the translator in
+    /// system mode, and compare registers, flags, memory, page-table A/D bits and the delivered
+    /// exception (vector, error code, CR2, frame). Needs /dev/kvm.
+    #[arg(long)]
+    system: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -133,7 +141,21 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
         }
     };
     let started = std::time::Instant::now();
-    let results = run_codes(&codes, &opts, threads, &progress).map_err(anyhow::Error::msg)?;
+    let results = if args.system {
+        crate::vmm::isa_system::check_kvm()?;
+        let make = |_: usize| {
+            let reference = crate::vmm::isa_system::KvmReference::new().map_err(|e| format!("{e:#}"))?;
+            SystemWorker::new(
+                Box::new(reference),
+                Box::new(crate::vmm::isa_system::ModelPlatform),
+                Ring::User,
+            )
+        };
+        run_codes_on(&codes, &opts, threads, &make, &progress)
+    } else {
+        run_codes(&codes, &opts, threads, &progress)
+    }
+    .map_err(anyhow::Error::msg)?;
     let elapsed = started.elapsed();
     let passed = results.iter().filter(|r| r.status == Status::Passed).count();
     let failed = results.iter().filter(|r| r.status == Status::Failed).count();
@@ -151,6 +173,11 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
 
     match args.format {
         OutputFormat::Json => {
+            let strategies: &[&str] = if args.system {
+                &["system-kvm-vs-bt"]
+            } else {
+                &["identity", "soft-mmu"]
+            };
             let codes_json: Vec<_> = results
                 .iter()
                 .map(|r| {
@@ -158,7 +185,8 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                         "code": format!("{:?}", r.code),
                         "mnemonic": r.mnemonic,
                         "cases": r.cases,
-                        "strategies": ["identity", "soft-mmu"],
+                        "uncompared": r.uncompared,
+                        "strategies": strategies,
                         "status": r.status.label(),
                         "reason": r.status.reason(),
                         "first_failure": r.failure,
@@ -167,13 +195,14 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                 .collect();
             let doc = serde_json::json!({
                 "seed": args.seed,
+                "system": args.system,
                 "cases_per_strategy": args.cases,
                 "host": host,
                 "passed": passed,
                 "failed": failed,
                 "not_executable": not_executable.len(),
                 "skipped": skipped,
-                "total_cases": cases * 2,
+                "total_cases": if args.system { cases } else { cases * 2 },
                 "codes": codes_json,
             });
             let mut out = std::io::stdout().lock();
@@ -188,6 +217,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                     Status::Passed => "passed".to_string(),
                     Status::Failed => "FAILED".to_string(),
                     Status::NotExecutable(missing) => format!("not executable here (needs {})", feature_names(missing)),
+                    Status::NoReference(why) => format!("not compared: {why}"),
                     Status::Skipped(why) if args.verbose => format!("skipped: {why}"),
                     Status::Skipped(_) => continue,
                 };
@@ -199,14 +229,29 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                     r.cases
                 )?;
             }
-            writeln!(
-                out,
-                "\n{passed} passed, {failed} failed, {} not executable on this host, {skipped} skipped; {} cases run ({} per strategy × identity, soft-mmu) in {:.1} s",
-                not_executable.len(),
-                cases * 2,
-                cases,
-                elapsed.as_secs_f64()
-            )?;
+            if args.system {
+                let no_reference = results
+                    .iter()
+                    .filter(|r| matches!(r.status, Status::NoReference(_)))
+                    .count();
+                let uncompared: u64 = results.iter().map(|r| r.uncompared).sum();
+                writeln!(
+                    out,
+                    "\n{passed} passed, {failed} failed, {} not executable on this host, {no_reference} without a reference, {} skipped; {cases} cases compared under KVM and the translator ({uncompared} the reference could not run) in {:.1} s",
+                    not_executable.len(),
+                    skipped - no_reference,
+                    elapsed.as_secs_f64()
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "\n{passed} passed, {failed} failed, {} not executable on this host, {skipped} skipped; {} cases run ({} per strategy × identity, soft-mmu) in {:.1} s",
+                    not_executable.len(),
+                    cases * 2,
+                    cases,
+                    elapsed.as_secs_f64()
+                )?;
+            }
             for r in results.iter().filter(|r| r.status == Status::Failed) {
                 writeln!(out, "\nFAILED {:?}: {}", r.code, r.failure.as_deref().unwrap_or(""))?;
             }

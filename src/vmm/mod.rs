@@ -11,6 +11,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod engine;
 pub mod gdb;
+pub mod isa_system;
 pub mod loader;
 pub mod memory;
 pub mod stop;

@@ -123,9 +123,10 @@ impl BuildOptions<'_> {
 /// No breakpoints (what every block is built with unless a debugger set some).
 pub static NO_BREAKPOINTS: BTreeSet<u64> = BTreeSet::new();
 
-/// The guest code of one page, as far as it was read: from the block's start to the page end
-/// (and 15 bytes into the next page, for an instruction that straddles it), and the part before
-/// the start only once a jump or call backwards needs it ([`PageCode::read_low`]).
+/// The guest code of one page, as far as it was read: from the block's start to the page end,
+/// 15 bytes into the next page only once an instruction straddles it ([`PageCode::read_next`]),
+/// and the part before the start only once a jump or call backwards needs it
+/// ([`PageCode::read_low`]).
 struct PageCode {
     buf: Vec<u8>,
     page: u64,
@@ -134,31 +135,43 @@ struct PageCode {
     avail: usize,
     /// The part before the block's start was asked for (whether or not it could be read).
     low_tried: bool,
+    /// The next page was asked for (whether or not it could be read).
+    next_tried: bool,
     /// Why the next page could not be read, if it could not.
     next_page_fault: Option<GuestException>,
 }
 
 impl PageCode {
+    /// Reads from `rip` to the end of its page. The next page is read only when an instruction
+    /// at a block's start runs into it ([`PageCode::read_next`]): a CPU walks the next page's
+    /// translation (setting its accessed bit, or faulting) only for an instruction that needs
+    /// its bytes.
     fn read(fetch: &mut dyn CodeFetch, rip: u64) -> Result<Self, GuestException> {
         let page = rip & !(PAGE - 1);
         let at = (rip - page) as usize;
         let mut buf = vec![0u8; PAGE as usize + 15];
-        let mut avail = at + fetch.fetch(rip, &mut buf[at..PAGE as usize])?;
-        let mut next_page_fault = None;
-        if avail == PAGE as usize {
-            match fetch.fetch(page + PAGE, &mut buf[avail..avail + 15]) {
-                Ok(n) => avail += n,
-                Err(e) => next_page_fault = Some(e),
-            }
-        }
+        let avail = at + fetch.fetch(rip, &mut buf[at..PAGE as usize])?;
         Ok(PageCode {
             buf,
             page,
             low: at,
             avail,
             low_tried: false,
-            next_page_fault,
+            next_tried: false,
+            next_page_fault: None,
         })
+    }
+
+    /// Reads the first 15 bytes of the next page (for an instruction that straddles into it).
+    fn read_next(&mut self, fetch: &mut dyn CodeFetch) {
+        self.next_tried = true;
+        if self.avail == PAGE as usize {
+            let avail = self.avail;
+            match fetch.fetch(self.page + PAGE, &mut self.buf[avail..avail + 15]) {
+                Ok(n) => self.avail += n,
+                Err(e) => self.next_page_fault = Some(e),
+            }
+        }
     }
 
     /// Reads the page before the block's start (same page, so it reads as the rest of it does;
@@ -255,20 +268,30 @@ fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) 
     false
 }
 
+/// What [`decode`] needs read before it can build the block.
+enum Need {
+    /// The part of the page before the block's start (a jump or call backwards).
+    Low,
+    /// The start of the next page (the block's first instruction straddles into it).
+    Next,
+}
+
 /// Decodes one block at `rip`.
 pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<DecodedBlock, BuildError> {
     let mut code = PageCode::read(fetch, rip).map_err(BuildError::Fault)?;
-    if let Some(block) = decode(&code, rip, &o)? {
-        return Ok(block);
+    loop {
+        match decode(&code, rip, &o)? {
+            Ok(block) => return Ok(block),
+            // Each is asked for once (`low_tried`, `next_tried`), so this ends.
+            Err(Need::Low) => code.read_low(fetch),
+            Err(Need::Next) => code.read_next(fetch),
+        }
     }
-    // A jump or call backwards within the page: decode again with that part read.
-    code.read_low(fetch);
-    Ok(decode(&code, rip, &o)?.expect("the page before the start was read"))
 }
 
-/// [`build`] over the code read so far; `None` if a jump or call the block would follow goes
-/// into the part of the page before `rip` that was not read yet.
-fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Option<DecodedBlock>, BuildError> {
+/// [`build`] over the code read so far, or what must be read first: the part of the page
+/// before `rip` (a jump or call the block would follow goes there) or the next page.
+fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedBlock, Need>, BuildError> {
     let (page, page_end, avail) = (code.page, code.page_end(), code.avail);
     let cap = o.max_instructions.min(MAX_BLOCK_INSTRUCTIONS);
     let mut decoder = code.decoder_at(rip);
@@ -290,6 +313,9 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Option<DecodedB
         if instr.is_invalid() {
             if instrs.is_empty() {
                 let truncated = avail - pos < 15 && decoder.last_error() == iced_x86::DecoderError::NoMoreBytes;
+                if truncated && !code.next_tried {
+                    return Ok(Err(Need::Next));
+                }
                 return Err(BuildError::Fault(match (truncated, code.next_page_fault) {
                     (true, Some(f)) => f,
                     _ => GuestException::new(vector::UD),
@@ -314,7 +340,7 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Option<DecodedB
             Code::Jmp_rel8_64 | Code::Jmp_rel32_64 | Code::Call_rel32_64
         );
         if follows && followed < MAX_FOLLOWED && room > 0 && code.wants_low(instr.near_branch64()) {
-            return Ok(None);
+            return Ok(Err(Need::Low));
         }
         let mut flow = Flow::Normal;
         let mut next = None;
@@ -370,7 +396,7 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Option<DecodedB
             code.next_page_fault.unwrap_or(GuestException::new(vector::UD)),
         ));
     }
-    Ok(Some(DecodedBlock {
+    Ok(Ok(DecodedBlock {
         start: rip,
         end,
         span,
@@ -420,6 +446,43 @@ mod tests {
             Ok(b) => b,
             Err(_) => panic!("no block at {offset:#x}"),
         }
+    }
+
+    /// Counts the fetches that reach into the page after `BASE`.
+    struct Counting(Page, usize);
+
+    impl CodeFetch for Counting {
+        fn fetch(&mut self, addr: u64, buf: &mut [u8]) -> Result<usize, GuestException> {
+            if addr >= BASE + PAGE {
+                self.1 += 1;
+            }
+            self.0.fetch(addr, buf)
+        }
+    }
+
+    #[test]
+    fn the_next_page_is_read_only_for_an_instruction_that_straddles_it() {
+        let o = BuildOptions {
+            soft_mmu: true,
+            system: true,
+            kernel: true,
+            verified_only: false,
+            max_instructions: MAX_BLOCK_INSTRUCTIONS,
+            breakpoints: &NO_BREAKPOINTS,
+        };
+        // `inc rax; hlt` ending exactly at the page end: the next page is never walked (a CPU
+        // would not set its accessed bit).
+        let mut p = Counting(page(&[(0xffc, &[0x48, 0xff, 0xc0, 0xf4])]), 0);
+        let b = build(&mut p, BASE + 0xffc, o).ok().expect("a block");
+        assert_eq!(b.instrs.len(), 2);
+        assert_eq!(p.1, 0);
+        // `mov eax, imm32` straddling into a page that faults: the fault is the next page's.
+        let mut p = Counting(page(&[(0xffe, &[0xb8, 0x01])]), 0);
+        match build(&mut p, BASE + 0xffe, o) {
+            Err(BuildError::Fault(e)) => assert_eq!(e, GuestException::page_fault(BASE + PAGE, 0x10)),
+            _ => panic!("no fault"),
+        }
+        assert_eq!(p.1, 1);
     }
 
     fn flows(b: &DecodedBlock) -> Vec<(u64, Flow)> {

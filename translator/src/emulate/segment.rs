@@ -250,8 +250,9 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         Mnemonic::Retf => {
             let size = op_size(instr);
             let rsp = s.gpr[gpr::RSP];
-            let ip = mem.read_le(stack_address(rsp)?, size)?;
+            // The CS slot first, as the CPU reads it (`system::transfer::far_return`).
             let cs = mem.read_le(stack_address(rsp.wrapping_add(size as u64))?, size)? as u16;
+            let ip = mem.read_le(stack_address(rsp)?, size)?;
             let pop = if instr.op_count() == 1 {
                 instr.immediate16() as u64
             } else {

@@ -12,6 +12,7 @@ pub mod machine;
 pub mod mutate;
 pub mod rng;
 pub mod synth;
+pub mod system;
 
 use crate::engine::{Config, Translator};
 use crate::exit::{vector, Exit, GuestException};
@@ -55,6 +56,9 @@ pub enum Status {
     NotExecutable(Vec<iced_x86::CpuidFeature>),
     /// Not testable for another reason (no rule, not synthesizable): a defect for a supported form.
     Skipped(String),
+    /// System mode: the reference engine cannot run the form as the CPU would (the reason),
+    /// so it is not compared there.
+    NoReference(String),
 }
 
 impl Status {
@@ -65,6 +69,7 @@ impl Status {
             Status::Failed => "failed",
             Status::NotExecutable(_) => "not-executable",
             Status::Skipped(_) => "skipped",
+            Status::NoReference(_) => "no-reference",
         }
     }
 
@@ -72,7 +77,7 @@ impl Status {
     pub fn reason(&self) -> Option<String> {
         match self {
             Status::NotExecutable(missing) => Some(format!("the host CPU lacks {}", feature_names(missing))),
-            Status::Skipped(why) => Some(why.clone()),
+            Status::Skipped(why) | Status::NoReference(why) => Some(why.clone()),
             _ => None,
         }
     }
@@ -101,6 +106,8 @@ pub struct CodeResult {
     pub mnemonic: String,
     /// Cases run per memory strategy.
     pub cases: u64,
+    /// System mode: cases the reference engine could not run as the CPU would (not compared).
+    pub uncompared: u64,
     pub status: Status,
     /// First failing case: reproducible with the same `--code` and `--seed`.
     pub failure: Option<String>,
@@ -114,7 +121,6 @@ const STRATEGIES: [&str; 2] = ["identity", "soft-mmu"];
 pub struct Worker {
     translators: [Translator; 2],
     machine: Machine,
-    formatter: IntelFormatter,
 }
 
 impl Worker {
@@ -139,103 +145,12 @@ impl Worker {
         Ok(Worker {
             translators: [identity, soft],
             machine,
-            formatter: IntelFormatter::new(),
         })
     }
 
     /// Tests one `Code`.
     pub fn test_code(&mut self, code: Code, opts: &Options) -> CodeResult {
-        let mut result = CodeResult {
-            code,
-            mnemonic: format!("{:?}", code.mnemonic()).to_lowercase(),
-            cases: 0,
-            status: Status::Passed,
-            failure: None,
-        };
-        if std::env::var_os("HBT_ISA_TRACE").is_some() {
-            eprintln!("testing {code:?}");
-        }
-        let Some(r) = rule(code) else {
-            result.status = Status::Skipped("no translation rule".into());
-            return result;
-        };
-        if !host_runs(code) {
-            let missing = code
-                .cpuid_features()
-                .iter()
-                .copied()
-                .filter(|&f| !host_has(f))
-                .collect();
-            result.status = Status::NotExecutable(missing);
-            return result;
-        }
-        let instances = opts.cases.div_ceil(STATES_PER_INSTANCE).max(1);
-        let mut rng = Rng::new(opts.seed ^ (code as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        for k in 0..instances {
-            let at = self.machine.code_at();
-            let data = self.machine.data();
-            let Some(inst) = (0..SYNTH_ATTEMPTS).find_map(|_| synth::instance(code, &mut rng, at, data)) else {
-                if k == 0 {
-                    result.status = Status::Skipped("no encodable instance could be synthesized".into());
-                }
-                return result;
-            };
-            // Flush first: the identity translator write-protects the code pages it translated.
-            for t in &mut self.translators {
-                t.flush();
-            }
-            self.machine.load_code(&inst.bytes, inst.lead_in);
-            let states = STATES_PER_INSTANCE.min(opts.cases - k * STATES_PER_INSTANCE);
-            for j in 0..states {
-                // The guest starts with this thread's FS/GS bases, so both runs agree on them.
-                let bases = host_fs_gs_base();
-                let (mut state, mem) = synth::state(&inst, &mut rng, self.machine.code_range(), data, bases);
-                (state.fs_base, state.gs_base) = bases;
-                self.machine.set_native_data(&mem);
-                let forked = r == Rule::Emulate(EmulateOp::Segment);
-                let native = match self.native_outcome(&state, &inst, forked) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        result.status = Status::Failed;
-                        result.failure = Some(e);
-                        return result;
-                    }
-                };
-                for (si, name) in STRATEGIES.iter().enumerate() {
-                    let translated = self.translated_outcome(si, &state, &mem, &inst);
-                    let ignore = match r {
-                        Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) => Ignore { gpr: 0b101 },
-                        _ => Ignore::default(),
-                    };
-                    let diffs = match &translated {
-                        Ok(t) => {
-                            let mut d = differences(&inst.instr, &native, t, ignore);
-                            if ignore.gpr != 0 && tsc(t) < tsc(&native) {
-                                d.push("time-stamp counter went backwards".into());
-                            }
-                            d
-                        }
-                        Err(e) => vec![format!("translator error: {e}")],
-                    };
-                    if !diffs.is_empty() {
-                        let mut text = String::new();
-                        self.formatter.format(&inst.instr, &mut text);
-                        result.status = Status::Failed;
-                        result.failure =
-                            Some(format!(
-                            "`{text}` (bytes {}) under {name}, seed {} (instance {k}, state {j})\n  input: {}\n  {}",
-                            inst.bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
-                            opts.seed,
-                            compare::describe_state(&state),
-                            diffs.join("\n  ")
-                        ));
-                        return result;
-                    }
-                }
-                result.cases += 1;
-            }
-        }
-        result
+        test_cases(self, code, opts)
     }
 
     fn native_outcome(
@@ -320,6 +235,170 @@ impl Worker {
     }
 }
 
+impl Cases for Worker {
+    fn place(&self) -> (u64, u64) {
+        (self.machine.code_at(), self.machine.data())
+    }
+
+    fn load(&mut self, inst: &synth::Instance) {
+        // Flush first: the identity translator write-protects the code pages it translated.
+        for t in &mut self.translators {
+            t.flush();
+        }
+        self.machine.load_code(&inst.bytes, inst.lead_in);
+    }
+
+    fn run(&mut self, inst: &synth::Instance, rng: &mut Rng, r: Rule) -> Result<Ran, Failure> {
+        // The guest starts with this thread's FS/GS bases, so both runs agree on them.
+        let bases = host_fs_gs_base();
+        let data = self.machine.data();
+        let (mut state, mem) = synth::state(inst, rng, self.machine.code_range(), data, bases);
+        (state.fs_base, state.gs_base) = bases;
+        self.machine.set_native_data(&mem);
+        let forked = r == Rule::Emulate(EmulateOp::Segment);
+        let native = self.native_outcome(&state, inst, forked).map_err(Failure::Plain)?;
+        for (si, name) in STRATEGIES.iter().enumerate() {
+            let translated = self.translated_outcome(si, &state, &mem, inst);
+            let ignore = match r {
+                Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) => Ignore { gpr: 0b101 },
+                _ => Ignore::default(),
+            };
+            let diffs = match &translated {
+                Ok(t) => {
+                    let mut d = differences(&inst.instr, &native, t, ignore);
+                    if ignore.gpr != 0 && tsc(t) < tsc(&native) {
+                        d.push("time-stamp counter went backwards".into());
+                    }
+                    d
+                }
+                Err(e) => vec![format!("translator error: {e}")],
+            };
+            if !diffs.is_empty() {
+                return Err(Failure::Case {
+                    under: name.to_string(),
+                    state: Box::new(state),
+                    diffs,
+                });
+            }
+        }
+        Ok(Ran::Compared)
+    }
+}
+
+/// Why one case failed.
+pub enum Failure {
+    /// The case could not be run (the message says why).
+    Plain(String),
+    /// The reference engine cannot run this instance (system mode): not compared.
+    Unreferenced(String),
+    /// The runs differ: under which engine or strategy, from which input state, and how.
+    Case {
+        under: String,
+        state: Box<crate::state::GuestState>,
+        diffs: Vec<String>,
+    },
+}
+
+/// A test machine as the shared case loop ([`test_cases`]) drives it.
+pub trait Cases {
+    /// Where instances are placed: the instruction's address and the data region's.
+    fn place(&self) -> (u64, u64);
+    /// Loads a new instance (its code) into the machine.
+    fn load(&mut self, inst: &synth::Instance);
+    /// Synthesizes one state for `inst`, runs it everywhere and compares.
+    fn run(&mut self, inst: &synth::Instance, rng: &mut Rng, rule: Rule) -> Result<Ran, Failure>;
+}
+
+/// What became of one case that did not fail.
+pub enum Ran {
+    Compared,
+    /// The reference could not run it as the CPU would (system mode): not compared.
+    NotCompared,
+}
+
+/// Tests one `Code` on `machine`: `opts.cases` states, `STATES_PER_INSTANCE` per synthesized
+/// instance; stops at the first failing case.
+pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Options) -> CodeResult {
+    let mut result = CodeResult {
+        code,
+        mnemonic: format!("{:?}", code.mnemonic()).to_lowercase(),
+        cases: 0,
+        uncompared: 0,
+        status: Status::Passed,
+        failure: None,
+    };
+    if std::env::var_os("HBT_ISA_TRACE").is_some() {
+        eprintln!("testing {code:?}");
+    }
+    let Some(r) = rule(code) else {
+        result.status = Status::Skipped("no translation rule".into());
+        return result;
+    };
+    if !host_runs(code) {
+        let missing = code
+            .cpuid_features()
+            .iter()
+            .copied()
+            .filter(|&f| !host_has(f))
+            .collect();
+        result.status = Status::NotExecutable(missing);
+        return result;
+    }
+    let instances = opts.cases.div_ceil(STATES_PER_INSTANCE).max(1);
+    let mut rng = Rng::new(opts.seed ^ (code as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut formatter = IntelFormatter::new();
+    for k in 0..instances {
+        let (at, data) = machine.place();
+        let Some(inst) = (0..SYNTH_ATTEMPTS).find_map(|_| synth::instance(code, &mut rng, at, data)) else {
+            if k == 0 {
+                result.status = Status::Skipped("no encodable instance could be synthesized".into());
+            }
+            return result;
+        };
+        machine.load(&inst);
+        let states = STATES_PER_INSTANCE.min(opts.cases - k * STATES_PER_INSTANCE);
+        for j in 0..states {
+            match machine.run(&inst, &mut rng, r) {
+                Ok(Ran::Compared) => result.cases += 1,
+                Ok(Ran::NotCompared) => result.uncompared += 1,
+                Err(Failure::Plain(e)) => {
+                    result.status = Status::Failed;
+                    result.failure = Some(e);
+                    return result;
+                }
+                Err(Failure::Unreferenced(why)) => {
+                    result.status = Status::NoReference(why);
+                    return result;
+                }
+                Err(Failure::Case { under, state, diffs }) => {
+                    let mut text = String::new();
+                    formatter.format(&inst.instr, &mut text);
+                    result.status = Status::Failed;
+                    result.failure = Some(format!(
+                        "`{text}` (bytes {}) under {under}, seed {} (instance {k}, state {j})\n  input: {}\n  {}",
+                        inst.bytes
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        opts.seed,
+                        compare::describe_state(&state),
+                        diffs.join("\n  ")
+                    ));
+                    return result;
+                }
+            }
+        }
+    }
+    if result.cases == 0 && result.uncompared > 0 {
+        result.status = Status::NoReference(format!(
+            "the reference could not run any of its {} cases as the CPU would",
+            result.uncompared
+        ));
+    }
+    result
+}
+
 /// What a guest of this translator sees where the host shows more: CPUID and `xgetbv` through
 /// the guest's XCR0 (the managed components: XFD-armed AMX hidden). The native run executes on
 /// the host, so its results are mapped the way the translator's platform maps the host's; on
@@ -399,6 +478,18 @@ pub fn run_codes(
     threads: usize,
     progress: &(dyn Fn(&CodeResult) + Sync),
 ) -> Result<Vec<CodeResult>, String> {
+    run_codes_on(codes, opts, threads, &|w| Worker::new(w), progress)
+}
+
+/// Tests `codes` on `threads` machines made by `make` (called with the thread's index, on that
+/// thread); `progress` is called after each `Code`.
+pub fn run_codes_on<M: Cases>(
+    codes: &[Code],
+    opts: &Options,
+    threads: usize,
+    make: &(dyn Fn(usize) -> Result<M, String> + Sync),
+    progress: &(dyn Fn(&CodeResult) + Sync),
+) -> Result<Vec<CodeResult>, String> {
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(codes.len()));
     let errors = Mutex::new(Vec::new());
@@ -406,8 +497,8 @@ pub fn run_codes(
         for w in 0..threads.max(1) {
             let (next, results, errors) = (&next, &results, &errors);
             scope.spawn(move || {
-                let mut worker = match Worker::new(w) {
-                    Ok(worker) => worker,
+                let mut machine = match make(w) {
+                    Ok(m) => m,
                     Err(e) => {
                         errors.lock().unwrap().push(e);
                         return;
@@ -416,7 +507,7 @@ pub fn run_codes(
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&code) = codes.get(i) else { break };
-                    let r = worker.test_code(code, opts);
+                    let r = test_cases(&mut machine, code, opts);
                     progress(&r);
                     results.lock().unwrap().push((i, r));
                 }

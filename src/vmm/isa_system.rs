@@ -1,0 +1,462 @@
+//! KVM as the reference of `hbt isa-test --system` (the harness side is
+//! `hbt_translator::harness::system`): one VM per test thread, reused across cases, created
+//! *without* the in-kernel irqchip so that `hlt` at CPL0 — every IDT handler of the harness's
+//! guest is one — exits to userspace (KVM_EXIT_HLT). CPL3 code runs on the host CPU with real
+//! page walks over the guest's tables and real exception delivery through its IDT, which makes
+//! it an exact oracle for the soft-MMU and for delivery; CPL0 code runs in KVM's instruction
+//! emulator.
+//!
+//! The vCPU's CPUID is the bt engine's CPU model (`cpuid.rs`), so both engines show the guest
+//! the same processor; the translator's platform here answers CPUID from the same model.
+//!
+//! Page-table coherence (kvm_pvm, shadow paging): KVM does not see page-table writes made
+//! through this process's mapping of guest RAM (`shared/probes/shadowcoherence.c`). The harness
+//! gives each case page-table frames no earlier case used since its pool last wrapped; when a
+//! root comes round again, the memory slot is deleted and re-added, which drops every shadow
+//! page (measured on an Intel Xeon SPR host: a case costs ≈130 µs; a slot re-add before every
+//! case would add ≈145 µs to each, once per pool wrap it adds ≈2 µs per case).
+
+use crate::vmm::cpuid;
+use hbt_translator::harness::system::outcome::Stop;
+use hbt_translator::harness::system::{guest, Quirks, Reference, ReferenceError, Ring};
+use hbt_translator::state::{Cpl, GuestState, Segment};
+use hbt_translator::Platform;
+use kvm_bindings::{kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use memmap2::MmapMut;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SFMASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_TSC_AUX: u32 = 0xc000_0103;
+const MSRS: [u32; 6] = [
+    MSR_STAR,
+    MSR_LSTAR,
+    MSR_CSTAR,
+    MSR_SFMASK,
+    MSR_KERNEL_GS_BASE,
+    MSR_TSC_AUX,
+];
+/// A case that has not stopped after this long is stuck (a loop the synthesizer did not
+/// foresee): the watchdog interrupts KVM_RUN.
+const CASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An ioctl's error, named.
+fn e(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+    move |err| format!("{what}: {err}")
+}
+
+/// `--system needs /dev/kvm` unless it can be opened.
+pub fn check_kvm() -> anyhow::Result<()> {
+    match Kvm::new() {
+        Ok(_) => Ok(()),
+        Err(e) => anyhow::bail!("--system needs /dev/kvm: KVM is the reference (cannot open it: {e})"),
+    }
+}
+
+pub struct KvmReference {
+    vm: VmFd,
+    vcpu: VcpuFd,
+    ram: MmapMut,
+    /// Page-table roots run since the memory slot was last re-added.
+    roots: HashSet<u64>,
+    /// The vCPU thread and when its current run started (0: not running), for the watchdog.
+    watch: Arc<Watch>,
+    _kvm: Kvm,
+}
+
+struct Watch {
+    thread: AtomicU64,
+    started_ns: AtomicU64,
+    epoch: Instant,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl KvmReference {
+    pub fn new() -> anyhow::Result<Self> {
+        let kvm = Kvm::new().map_err(|e| anyhow::anyhow!("--system needs /dev/kvm: KVM is the reference ({e})"))?;
+        let vm = kvm.create_vm()?;
+        let ram = MmapMut::map_anon(guest::RAM_SIZE as usize)?;
+        // SAFETY: the region is `ram`'s mapping, which lives as long as the VM (both fields of
+        // this value; the VM fd closes before the mapping is unmapped: field order).
+        unsafe { vm.set_user_memory_region(slot(&ram, guest::RAM_SIZE)) }?;
+        let vcpu = vm.create_vcpu(0)?;
+        let mut table = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
+        for e in table.as_mut_slice() {
+            [e.eax, e.ebx, e.ecx, e.edx] = cpuid::guest_cpuid(e.function, e.index);
+        }
+        vcpu.set_cpuid2(&table)?;
+        let watch = Arc::new(Watch {
+            // SAFETY: pthread_self has no preconditions.
+            thread: AtomicU64::new(unsafe { libc::pthread_self() } as u64),
+            started_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+            done: false.into(),
+        });
+        install_kick_handler();
+        let w = Arc::clone(&watch);
+        std::thread::Builder::new()
+            .name("hbt-isa-watchdog".into())
+            .spawn(move || watchdog(&w))?;
+        Ok(KvmReference {
+            vm,
+            vcpu,
+            ram,
+            roots: HashSet::new(),
+            watch,
+            _kvm: kvm,
+        })
+    }
+
+    /// Deletes and re-adds the memory slot: KVM drops every shadow page built from the guest's
+    /// page tables (the only way to make it see their new contents, see the file comment).
+    fn refresh_slot(&mut self) -> Result<(), String> {
+        let mut region = slot(&self.ram, 0);
+        // SAFETY: deleting and re-adding the same mapping, which outlives the VM.
+        unsafe {
+            self.vm.set_user_memory_region(region).map_err(|e| e.to_string())?;
+            region.memory_size = guest::RAM_SIZE;
+            self.vm.set_user_memory_region(region).map_err(|e| e.to_string())?;
+        }
+        self.roots.clear();
+        Ok(())
+    }
+
+    fn load(&mut self, s: &GuestState) -> Result<(), String> {
+        let mut sregs = self.vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+        let ram: &[u8] = &self.ram;
+        let seg = |i: usize, base: Option<u64>| segment(ram, s, s.seg[i], base);
+        sregs.es = seg(0, None);
+        sregs.cs = seg(1, None);
+        sregs.ss = seg(2, None);
+        sregs.ds = seg(3, None);
+        sregs.fs = seg(4, Some(s.fs_base));
+        sregs.gs = seg(5, Some(s.gs_base));
+        sregs.tr = system_segment(&s.sys.tr, 11);
+        sregs.ldt = system_segment(&s.sys.ldtr, 2);
+        sregs.gdt.base = s.sys.gdtr.base;
+        sregs.gdt.limit = s.sys.gdtr.limit;
+        sregs.idt.base = s.sys.idtr.base;
+        sregs.idt.limit = s.sys.idtr.limit;
+        sregs.cr0 = s.cr0;
+        sregs.cr2 = s.cr2;
+        sregs.cr3 = s.cr3;
+        sregs.cr4 = s.cr4;
+        sregs.efer = s.efer;
+        sregs.cr8 = s.sys.cr8;
+        self.vcpu.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
+        let g = &s.gpr;
+        let regs = kvm_bindings::kvm_regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: s.rip,
+            rflags: s.rflags,
+        };
+        self.vcpu.set_regs(&regs).map_err(e("KVM_SET_REGS"))?;
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = s.xcr0;
+        self.vcpu.set_xcrs(&xcrs).map_err(e("KVM_SET_XCRS"))?;
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        for (w, b) in xsave.region.iter_mut().zip(s.xsave.0.chunks(4)) {
+            *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
+        }
+        self.vcpu.set_xsave(&xsave).map_err(e("KVM_SET_XSAVE"))?;
+        let m = &s.sys.msr;
+        let values = [m.star, m.lstar, m.cstar, m.sfmask, s.kernel_gs_base, m.tsc_aux];
+        let entries: Vec<kvm_msr_entry> = MSRS
+            .iter()
+            .zip(values)
+            .map(|(&index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
+        let n = self.vcpu.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
+        if n != MSRS.len() {
+            return Err(format!("KVM_SET_MSRS set {n} of {} MSRs", MSRS.len()));
+        }
+        Ok(())
+    }
+
+    /// The vCPU's state, in the translator's terms.
+    fn save(&self) -> Result<GuestState, String> {
+        let r = self.vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
+        let sr = self.vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+        let mut s = GuestState {
+            gpr: [
+                r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+                r.r15,
+            ],
+            rip: r.rip,
+            rflags: r.rflags,
+            fs_base: sr.fs.base,
+            gs_base: sr.gs.base,
+            cr0: sr.cr0,
+            cr2: sr.cr2,
+            cr3: sr.cr3,
+            cr4: sr.cr4,
+            efer: sr.efer,
+            cpl: if sr.cs.selector & 3 == 0 {
+                Cpl::Kernel
+            } else {
+                Cpl::User
+            },
+            seg: [sr.es, sr.cs, sr.ss, sr.ds, sr.fs, sr.gs].map(|x| x.selector),
+            ..GuestState::default()
+        };
+        s.sys.gdtr.base = sr.gdt.base;
+        s.sys.gdtr.limit = sr.gdt.limit;
+        s.sys.idtr.base = sr.idt.base;
+        s.sys.idtr.limit = sr.idt.limit;
+        s.sys.tr.selector = sr.tr.selector;
+        s.sys.ldtr.selector = sr.ldt.selector;
+        s.sys.cr8 = sr.cr8;
+        let xcrs = self.vcpu.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
+        s.xcr0 = xcrs.xcrs[..xcrs.nr_xcrs as usize]
+            .iter()
+            .find(|x| x.xcr == 0)
+            .map_or(0, |x| x.value);
+        let xsave = self.vcpu.get_xsave().map_err(e("KVM_GET_XSAVE"))?;
+        for (b, w) in s.xsave.0.chunks_mut(4).zip(xsave.region.iter()) {
+            b.copy_from_slice(&w.to_le_bytes());
+        }
+        let entries: Vec<kvm_msr_entry> = MSRS
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
+        self.vcpu.get_msrs(&mut msrs).map_err(e("KVM_GET_MSRS"))?;
+        let v: Vec<u64> = msrs.as_slice().iter().map(|m| m.data).collect();
+        let m = &mut s.sys.msr;
+        [m.star, m.lstar, m.cstar, m.sfmask, s.kernel_gs_base, m.tsc_aux] = [v[0], v[1], v[2], v[3], v[4], v[5]];
+        Ok(s)
+    }
+}
+
+impl Drop for KvmReference {
+    fn drop(&mut self) {
+        self.watch.done.store(true, Ordering::SeqCst);
+    }
+}
+
+fn slot(ram: &MmapMut, size: u64) -> kvm_userspace_memory_region {
+    kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: size,
+        userspace_addr: ram.as_ptr() as u64,
+        flags: 0,
+    }
+}
+
+/// A code or data segment register as the CPU caches it from the guest's GDT (a null
+/// selector is unusable; `base` overrides the descriptor's, for FS and GS).
+fn segment(ram: &[u8], s: &GuestState, selector: u16, base: Option<u64>) -> kvm_segment {
+    let index = (selector >> 3) as u64;
+    let at = s.sys.gdtr.base + 8 * index;
+    if selector & !3 == 0 || selector & 4 != 0 || at + 8 > ram.len() as u64 || 8 * index + 7 > s.sys.gdtr.limit as u64 {
+        return kvm_segment {
+            selector,
+            base: base.unwrap_or(0),
+            unusable: 1,
+            dpl: (selector & 3) as u8,
+            ..Default::default()
+        };
+    }
+    let d = guest::get(ram, at);
+    let g = (d >> 55) & 1;
+    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
+    kvm_segment {
+        base: base.unwrap_or(((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24)),
+        limit: if g != 0 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        selector,
+        type_: ((d >> 40) & 0xf) as u8,
+        present: ((d >> 47) & 1) as u8,
+        dpl: ((d >> 45) & 3) as u8,
+        db: ((d >> 54) & 1) as u8,
+        s: ((d >> 44) & 1) as u8,
+        l: ((d >> 53) & 1) as u8,
+        g: g as u8,
+        avl: ((d >> 52) & 1) as u8,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// TR or LDTR from the translator's descriptor cache (`attr` in the VMX layout).
+fn system_segment(seg: &Segment, default_type: u8) -> kvm_segment {
+    let a = seg.attr;
+    kvm_segment {
+        base: seg.base,
+        limit: seg.limit,
+        selector: seg.selector,
+        type_: if a == 0 { default_type } else { (a & 0xf) as u8 },
+        present: ((a >> 7) & 1) as u8,
+        dpl: ((a >> 5) & 3) as u8,
+        s: 0,
+        unusable: (a & 0x80 == 0 && seg.selector == 0) as u8,
+        ..Default::default()
+    }
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() {
+    // SAFETY: installing a no-op handler (without SA_RESTART, so KVM_RUN returns EINTR).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_kick as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(crate::vmm::stop::KICK_SIGNAL, &sa, std::ptr::null_mut());
+    }
+}
+
+/// Kicks the vCPU thread out of a run that has gone on longer than [`CASE_TIMEOUT`].
+fn watchdog(w: &Watch) {
+    while !w.done.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        let started = w.started_ns.load(Ordering::SeqCst);
+        if started != 0 && w.epoch.elapsed().as_nanos() as u64 - started > CASE_TIMEOUT.as_nanos() as u64 {
+            // SAFETY: the vCPU thread outlives its reference, which stops this thread first.
+            unsafe {
+                libc::pthread_kill(
+                    w.thread.load(Ordering::SeqCst) as libc::pthread_t,
+                    crate::vmm::stop::KICK_SIGNAL,
+                )
+            };
+        }
+    }
+}
+
+impl Reference for KvmReference {
+    fn ram(&mut self) -> &mut [u8] {
+        &mut self.ram
+    }
+
+    fn run(&mut self, state: &GuestState) -> Result<Stop, ReferenceError> {
+        if !self.roots.insert(state.cr3) {
+            self.refresh_slot().map_err(ReferenceError::Failed)?;
+            self.roots.insert(state.cr3);
+        }
+        self.load(state).map_err(ReferenceError::Failed)?;
+        self.watch
+            .started_ns
+            .store(self.watch.epoch.elapsed().as_nanos().max(1) as u64, Ordering::SeqCst);
+        let exit = self.vcpu.run();
+        self.watch.started_ns.store(0, Ordering::SeqCst);
+        let stop = match exit {
+            Ok(VcpuExit::Hlt) => Stop::Halted(Box::new(self.save().map_err(ReferenceError::Failed)?)),
+            Ok(VcpuExit::Shutdown) => Stop::Shutdown,
+            Ok(VcpuExit::InternalError) => {
+                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(ReferenceError::Cannot(format!(
+                    "KVM's instruction emulator cannot run it (internal error at rip {rip:#x})"
+                )));
+            }
+            Ok(other) => {
+                let what = format!("{other:?}");
+                return Err(ReferenceError::Failed(format!("unexpected KVM exit {what}")));
+            }
+            Err(e) if e.errno() == libc::EINTR => {
+                return Err(ReferenceError::Failed(format!(
+                    "the case did not stop within {} s under KVM",
+                    CASE_TIMEOUT.as_secs()
+                )))
+            }
+            Err(e) => return Err(ReferenceError::Failed(format!("KVM_RUN: {e}"))),
+        };
+        Ok(stop)
+    }
+
+    fn unfit(&self, instr: &iced_x86::Instruction, ring: Ring) -> Option<String> {
+        unfit(instr, ring).map(str::to_string)
+    }
+
+    fn xcr0(&self) -> u64 {
+        cpuid::guest_xcr0()
+    }
+
+    fn quirks(&self) -> Quirks {
+        // Measured on kvm_pvm (README, `--system`): misaligned CPL3 accesses with RFLAGS.AC set
+        // raise #AC or not whatever the guest's CR0.AM; `mov es, 1` or `mov fs, 0x33` at CPL3
+        // read back 0; with a non-canonical RSP, `fwait`, `addps` or `cmpsd` at CPL3 raise #UD;
+        // SSE instructions whose memory operand faults (#GP, #PF) raise #UD.
+        Quirks {
+            no_alignment_checks: true,
+            loses_data_selectors: true,
+            needs_canonical_rsp: true,
+            spurious_ud: true,
+        }
+    }
+}
+
+/// What kvm_pvm (no VT-x/AMD-V) does differently from the CPU, measured: such forms are not
+/// compared against it.
+fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
+    use iced_x86::Mnemonic as M;
+    match (instr.mnemonic(), ring) {
+        (M::Int, Ring::User) => Some("kvm_pvm raises #UD for `int n` at CPL3"),
+        (M::Syscall, Ring::User) => Some("kvm_pvm enters LSTAR keeping the user CS (CPL3)"),
+        (M::Str | M::Sldt, Ring::User) => {
+            Some("kvm_pvm runs them at CPL3 on the host's descriptor tables, not the guest's")
+        }
+        (
+            M::Xgetbv
+            | M::Xsave
+            | M::Xsave64
+            | M::Xsaveopt
+            | M::Xsaveopt64
+            | M::Xsavec
+            | M::Xsavec64
+            | M::Xrstor
+            | M::Xrstor64,
+            Ring::User,
+        ) => Some("kvm_pvm runs CPL3 code with the host's XCR0, not the guest's (xsavec wrote AVX-512 state bits)"),
+        _ => None,
+    }
+}
+
+/// The translator's platform in the harness: the bt engine's CPU model, as the vCPU's CPUID.
+pub struct ModelPlatform;
+
+impl Platform for ModelPlatform {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid::guest_cpuid(leaf, subleaf)
+    }
+    fn rdtsc(&mut self) -> u64 {
+        // SAFETY: rdtsc has no memory effects.
+        unsafe { std::arch::x86_64::_rdtsc() }
+    }
+    fn tsc_aux(&mut self) -> u32 {
+        0
+    }
+}

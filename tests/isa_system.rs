@@ -1,0 +1,178 @@
+//! CI's system-mode differential test: `hbt isa-test --system --cases 32` over the whole
+//! supported set (32 cases per form, where the user-mode harness runs 200 per strategy). Each
+//! case runs at CPL3 inside a small guest machine on KVM (the reference) and through the
+//! translator in system mode, and the outcomes are compared (README, `--system`).
+//!
+//! It fails on any difference in a form not listed in [`KNOWN`], and on any supported form left
+//! untested for a reason other than a missing host CPU feature or a documented inability of
+//! KVM to serve as the reference (`src/vmm/isa_system.rs`, `unfit`). A form listed in [`KNOWN`]
+//! that passes is reported, so the list shrinks as those are fixed.
+
+use std::process::Command;
+
+/// Differences found by this test and not fixed yet, each with what was seen.
+const KNOWN: &[(&str, &str)] = &[
+    (
+        "VEX_Vpgatherdd_xmm_vm32x_xmm",
+        "gather faulting mid-way: the CPU keeps the elements gathered so far and clears their mask bits; the translator leaves mask and destination unchanged",
+    ),
+    ("VEX_Vpgatherdd_ymm_vm32y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vpgatherdq_xmm_vm32x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vpgatherdq_ymm_vm32x_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vpgatherqd_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vpgatherqd_xmm_vm64y_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vpgatherqq_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vpgatherqq_ymm_vm64y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherdps_xmm_vm32x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherdps_ymm_vm32y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherdpd_xmm_vm32x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherdpd_ymm_vm32x_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherqps_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherqps_xmm_vm64y_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherqpd_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    ("VEX_Vgatherqpd_ymm_vm64y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
+    (
+        "Enterw_imm16_imm8",
+        "a faulting `enter` with a nesting level: the CPU's first access is the push (#PF error code 6), the translator reads the outer frame pointers first (4)",
+    ),
+    ("Enterq_imm16_imm8", "as Enterw_imm16_imm8"),
+    (
+        "Call_m1616",
+        "far call/jmp through memory at CPL3: exception differs from KVM's (not yet analysed)",
+    ),
+    ("Jmp_m1664", "as Call_m1616: KVM raises #GP(0), the translator #UD"),
+    ("Iretw", "16/32-bit iret at CPL3: not yet analysed"),
+    ("Iretd", "as Iretw"),
+    ("Iretq", "iretq to a stack KVM rejects with #SS(sel), the translator with #GP(sel) (not yet analysed)"),
+    ("Call_m1632", "as Call_m1616"),
+    ("Call_m1664", "as Call_m1616: KVM raises #GP(0), the translator #UD"),
+    ("Sgdt_m1664", "sgdt/sidt at CPL3 straddling into a faulting page: KVM writes the first page's bytes (not yet analysed)"),
+    ("Sidt_m1664", "as Sgdt_m1664"),
+    ("Movaps_xmmm128_xmm", "accessed/dirty bits after an FS-relative store (not yet analysed)"),
+    ("Movapd_xmmm128_xmm", "as Movaps_xmmm128_xmm"),
+    ("Movdqa_xmmm128_xmm", "as Movaps_xmmm128_xmm"),
+    ("Pushw_FS", "push fs: KVM pushes 0x33 where the guest's FS is null (kvm_pvm's FS selector at CPL3; not yet analysed)"),
+    ("Pushq_FS", "as Pushw_FS"),
+    ("Fxsave64_m512byte", "fxsave/fxrstor: #GP or FCW differ from KVM's (not yet analysed)"),
+    ("Fxrstor_m512byte", "as Fxsave64_m512byte"),
+    ("Fxrstor64_m512byte", "as Fxsave64_m512byte"),
+    ("Rdtscp", "TSC_AUX/ECX differs from KVM's (not yet analysed)"),
+    ("Cpuid", "ECX of a leaf KVM adjusts at run time differs (not yet analysed)"),
+    (
+        "Cmpsw_m16_m16",
+        "accessed bit of the other string operand's page when the instruction does not fault: order of walks (not yet analysed)",
+    ),
+    ("Cmpsd_m32_m32", "as Cmpsw_m16_m16"),
+    ("Cmpsb_m8_m8", "as Cmpsw_m16_m16"),
+    ("Cmpsq_m64_m64", "as Cmpsw_m16_m16"),
+    (
+        "Cmpxchg16b_m128",
+        "accessed/dirty bits of a data page after a fault elsewhere (not yet analysed)",
+    ),
+    ("Movntpd_m128_xmm", "dirty bit on a non-temporal store (not yet analysed)"),
+    ("Movntdq_m128_xmm", "as Movntpd_m128_xmm"),
+    ("Movntps_m128_xmm", "as Movntpd_m128_xmm"),
+    ("VEX_Vmaskmovps_xmm_xmm_m128", "masked loads/stores: fault and A/D bits of masked-off elements (not yet analysed)"),
+    ("VEX_Vmaskmovps_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vmaskmovpd_xmm_xmm_m128", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vmaskmovpd_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vmaskmovps_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vmaskmovps_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vmaskmovpd_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vmaskmovpd_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovd_xmm_xmm_m128", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovd_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovq_xmm_xmm_m128", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovq_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovd_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovd_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovq_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    ("VEX_Vpmaskmovq_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
+    (
+        "VEX_Vcvtps2ph_xmmm64_xmm_imm8",
+        "a conversion whose store faults: KVM's MXCSR has the conversion's exception flags set, the translator's does not",
+    ),
+    ("VEX_Vcvtps2ph_xmmm128_ymm_imm8", "as VEX_Vcvtps2ph_xmmm64_xmm_imm8"),
+];
+
+/// Cases per form (the user-mode harness runs 200 per memory strategy).
+const CASES: u32 = 32;
+
+#[test]
+fn supported_forms_match_kvm_in_a_guest_machine() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        panic!("/dev/kvm is missing: the system-mode harness needs KVM as its reference");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hbt"))
+        .args([
+            "isa-test",
+            "--system",
+            "--format",
+            "json",
+            "--cases",
+            &CASES.to_string(),
+        ])
+        .output()
+        .expect("hbt runs");
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hbt isa-test --system printed no JSON ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let mut problems = Vec::new();
+    let mut known_failed = Vec::new();
+    let mut known_passed = Vec::new();
+    let mut no_reference = Vec::new();
+    let mut not_executable = Vec::new();
+    let mut passed = 0;
+    let mut cases = 0;
+    for c in doc["codes"].as_array().expect("codes") {
+        let code = c["code"].as_str().unwrap_or("?");
+        let known = KNOWN.iter().find(|(k, _)| *k == code);
+        cases += c["cases"].as_u64().unwrap_or(0);
+        match (c["status"].as_str().unwrap_or("?"), known) {
+            ("passed", None) => passed += 1,
+            ("passed", Some(_)) => known_passed.push(code.to_string()),
+            ("failed", Some((_, why))) => known_failed.push(format!("{code} ({why})")),
+            ("failed", None) => problems.push(format!("{code} FAILED: {}", c["first_failure"].as_str().unwrap_or(""))),
+            ("not-executable", _) => not_executable.push(format!("{code} ({})", c["reason"].as_str().unwrap_or(""))),
+            ("no-reference", _) => no_reference.push(format!("{code} ({})", c["reason"].as_str().unwrap_or(""))),
+            (other, _) => problems.push(format!(
+                "{code} is supported but was not tested ({other}: {})",
+                c["reason"].as_str().unwrap_or("")
+            )),
+        }
+    }
+    let summary = format!(
+        "isa-test --system ({CASES} cases per form, seed 1): {passed} forms passed ({cases} cases compared under KVM and the translator), \
+         {} known differences still failing, {} known differences now passing{}, {} forms KVM cannot serve as reference for, \
+         {} not executable on this host, {} problem(s)",
+        known_failed.len(),
+        known_passed.len(),
+        if known_passed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({}: remove them from tests/isa_system.rs KNOWN)", known_passed.join(", "))
+        },
+        no_reference.len(),
+        not_executable.len(),
+        problems.len()
+    );
+    eprintln!("{summary}");
+    eprintln!("without a reference: {}", no_reference.join("; "));
+    eprintln!("known differences: {}", known_failed.join("; "));
+    if let Some(path) = std::env::var_os("HBT_CI_SUMMARY") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{summary}");
+        }
+    }
+    assert!(passed > 1500, "only {passed} forms passed: {summary}");
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}

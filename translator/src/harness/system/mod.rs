@@ -1,0 +1,244 @@
+//! The harness's system mode (`hbt isa-test --system`): each synthesized instance runs inside a
+//! small guest machine (`guest.rs`: page tables with random U/S, R/W, NX, A/D bits and unmapped
+//! pages around the data, a GDT, a TSS and an IDT whose handlers stop the machine), once on a
+//! *reference* engine that delivers exceptions as the CPU does and once through the translator
+//! in system mode (soft-MMU, delivery through the guest's IDT), and the two outcomes are
+//! compared (`outcome.rs`). The translator crate knows nothing about the reference: `hbt`
+//! supplies KVM, whose CPL3 execution is the host CPU's, with real page walks and real
+//! exception delivery.
+//!
+//! Instances run at CPL3 ([`Ring::User`]), or at CPL0 ([`Ring::Kernel`]) for privileged
+//! instructions, where KVM's reference is its in-kernel instruction emulator.
+
+pub mod guest;
+pub mod outcome;
+
+use super::compare::Ignore;
+use super::rng::Rng;
+use super::synth::{self, Instance};
+use super::{Cases, Failure, Ran};
+use crate::engine::{Config, Translator};
+use crate::exit::{vector, Exit};
+use crate::mmu::{GuestRam, MemoryStrategy};
+use crate::platform::Platform;
+use crate::rules::{EmulateOp, Rule};
+use crate::state::GuestState;
+pub use guest::Ring;
+use outcome::{Masks, Stop};
+
+/// Dispatcher rounds one translated case may take (a case needs a handful).
+const RUN_BUDGET: u64 = 256;
+/// FS and GS bases of every case (any values do: the synthesizer aims FS/GS-relative operands
+/// at the data region through them).
+const SEGMENT_BASES: (u64, u64) = (0x0000_0010_0000_0000, 0x0000_0020_0000_0000);
+
+/// Why the reference did not produce an outcome.
+#[derive(Debug)]
+pub enum ReferenceError {
+    /// The reference cannot run this instruction (KVM's emulator gave up): the form is not
+    /// covered here, and the reason is reported.
+    Cannot(String),
+    /// Anything else: the case fails with this message.
+    Failed(String),
+}
+
+/// The engine the translator is compared with. It owns a guest RAM of [`guest::RAM_SIZE`]
+/// bytes, which the harness fills before each run.
+pub trait Reference {
+    fn ram(&mut self) -> &mut [u8];
+    /// Runs the machine from `state` until a `hlt` at CPL0 or a triple fault. Each case's
+    /// page tables are fresh frames at `state.cr3`; frames of an earlier case are reused only
+    /// after the pool wraps (the reference must not use translations cached from them).
+    fn run(&mut self, state: &GuestState) -> Result<Stop, ReferenceError>;
+    /// Forms the reference is known not to run as the CPU would at `ring` (e.g. KVM on a host
+    /// without VT-x/AMD-V raises #UD for `int n` at CPL3): the reason, and they are not tested.
+    fn unfit(&self, instr: &iced_x86::Instruction, ring: Ring) -> Option<String>;
+    /// The machine's XCR0 (what its CPUID offers).
+    fn xcr0(&self) -> u64;
+    /// Where the reference is known to differ from the CPU for every form.
+    fn quirks(&self) -> Quirks;
+}
+
+/// Differences between a reference engine and the CPU that hold for every instruction: what
+/// the harness then does not set up, or does not compare.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Quirks {
+    /// Alignment checking at CPL3 does not follow the guest's CR0.AM: cases run with CR0.AM
+    /// and RFLAGS.AC clear.
+    pub no_alignment_checks: bool,
+    /// ES, DS, FS and GS selectors do not survive the reference's return to CPL0: they are not
+    /// compared.
+    pub loses_data_selectors: bool,
+    /// A non-canonical RSP at CPL3 makes the reference raise #UD for instructions that do not
+    /// use the stack: cases start with RSP made canonical.
+    pub needs_canonical_rsp: bool,
+    /// The reference raises #UD where it had to emulate an instruction it does not know (KVM
+    /// emulates a CPL3 instruction whose access faults in some ways): a case where only the
+    /// reference raised #UD is not compared.
+    pub spurious_ud: bool,
+}
+
+/// One test thread of the system mode: the reference, the translator in system mode over its
+/// own copy of the machine's RAM, and the platform it sees (the reference's CPUID).
+/// The translator is declared first so it drops before the RAM it points into.
+pub struct SystemWorker {
+    translator: Translator,
+    ram: Ram,
+    reference: Box<dyn Reference>,
+    platform: Box<dyn Platform>,
+    ring: Ring,
+    /// Cases run (picks each case's page-table set from the pool).
+    case: u64,
+}
+
+/// Page-aligned guest RAM for the translator's copy of the machine.
+struct Ram(&'static mut [u8]);
+
+impl Ram {
+    fn new() -> Result<Self, String> {
+        let p = crate::host::map_anonymous(guest::RAM_SIZE as usize, libc::PROT_READ | libc::PROT_WRITE)
+            .ok_or("cannot map the system harness's guest RAM")?;
+        // SAFETY: the mapping is RAM_SIZE bytes, readable and writable, owned by this value.
+        Ok(Ram(unsafe {
+            std::slice::from_raw_parts_mut(p, guest::RAM_SIZE as usize)
+        }))
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: the mapping created in `new`.
+        unsafe { libc::munmap(self.0.as_mut_ptr() as *mut libc::c_void, self.0.len()) };
+    }
+}
+
+impl SystemWorker {
+    pub fn new(mut reference: Box<dyn Reference>, platform: Box<dyn Platform>, ring: Ring) -> Result<Self, String> {
+        let ram = Ram::new()?;
+        guest::write_fixed(ram.0);
+        guest::write_fixed(reference.ram());
+        // SAFETY: the RAM is page-aligned and owned by the worker, which drops the translator
+        // first (field order).
+        let view = unsafe { GuestRam::new(ram.0.as_mut_ptr(), guest::RAM_SIZE) };
+        let translator = Translator::new(Config {
+            strategy: MemoryStrategy::SoftMmu(view),
+            code_cache_bytes: 4 << 20,
+            verified_only: false,
+            system: true,
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(SystemWorker {
+            translator,
+            ram,
+            reference,
+            platform,
+            ring,
+            case: 0,
+        })
+    }
+
+    /// Tests one `Code`.
+    pub fn test_code(&mut self, code: iced_x86::Code, opts: &super::Options) -> super::CodeResult {
+        super::test_cases(self, code, opts)
+    }
+
+    /// Runs the translator on the machine from `state`.
+    fn translated(&mut self, state: &GuestState) -> Result<Stop, String> {
+        let t = &mut self.translator;
+        *t.state_mut() = state.clone();
+        // Every case has new page tables: like a CPU after a CR3 write, nothing translated
+        // through the old ones may be used (and the code pages' accessed bits get set again).
+        t.flush();
+        match t.run(self.platform.as_mut(), RUN_BUDGET).map_err(|e| e.to_string())? {
+            Exit::Halt => Ok(Stop::Halted(Box::new(t.state().clone()))),
+            Exit::TripleFault(_) => Ok(Stop::Shutdown),
+            other => Err(format!("the translated run ended with {other:?}")),
+        }
+    }
+}
+
+impl Cases for SystemWorker {
+    fn place(&self) -> (u64, u64) {
+        (guest::code_at(), guest::data())
+    }
+
+    fn load(&mut self, inst: &Instance) {
+        guest::write_code(self.ram.0, &inst.bytes, inst.lead_in);
+        guest::write_code(self.reference.ram(), &inst.bytes, inst.lead_in);
+    }
+
+    fn run(&mut self, inst: &Instance, rng: &mut Rng, rule: Rule) -> Result<Ran, Failure> {
+        if let Some(why) = self.reference.unfit(&inst.instr, self.ring) {
+            return Err(Failure::Unreferenced(why));
+        }
+        let (mut state, mem) = synth::state(inst, rng, guest::code_range(), guest::data(), SEGMENT_BASES);
+        (state.fs_base, state.gs_base) = SEGMENT_BASES;
+        state.xcr0 = self.reference.xcr0();
+        let tables = guest::write_tables(self.ram.0, self.case, rng, self.ring);
+        self.case += 1;
+        guest::machine_state(&mut state, &tables, self.ring);
+        let quirks = self.reference.quirks();
+        if quirks.no_alignment_checks {
+            state.cr0 &= !guest::CR0_AM;
+            state.rflags &= !crate::state::flags::AC;
+        }
+        if quirks.needs_canonical_rsp {
+            state.gpr[4] = ((state.gpr[4] << 16) as i64 >> 16) as u64;
+        }
+        // Both machines start from the same bytes: the fixed pages (a CPL0 case may have
+        // changed them), this case's tables, the data.
+        guest::write_fixed(self.ram.0);
+        guest::write_data(self.ram.0, &mem);
+        self.ram.0[(guest::KERNEL_STACK_TOP - 0x1000) as usize..guest::KERNEL_STACK_TOP as usize].fill(0);
+        let reference_ram = self.reference.ram();
+        let (lo, hi) = tables.range();
+        reference_ram[lo as usize..hi as usize].copy_from_slice(&self.ram.0[lo as usize..hi as usize]);
+        reference_ram[..0x10000].copy_from_slice(&self.ram.0[..0x10000]);
+
+        let reference = match self.reference.run(&state) {
+            Ok(stop) => stop,
+            Err(ReferenceError::Cannot(why)) => return Err(Failure::Unreferenced(why)),
+            Err(ReferenceError::Failed(why)) => return Err(Failure::Plain(format!("reference: {why}"))),
+        };
+        let translated = self.translated(&state);
+        let reference = outcome::read(self.reference.ram(), reference, inst, &tables);
+        let diffs = match translated {
+            Ok(stop) => {
+                let translated = outcome::read(self.ram.0, stop, inst, &tables);
+                if quirks.spurious_ud && reference.raised(vector::UD) && !translated.raised(vector::UD) {
+                    return Ok(Ran::NotCompared);
+                }
+                let masks = Masks {
+                    data_selectors: quirks.loses_data_selectors,
+                    ignore: match rule {
+                        Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) => Ignore { gpr: 0b101 },
+                        _ => Ignore::default(),
+                    },
+                };
+                outcome::differences(&inst.instr, &reference, &translated, &tables, masks)
+            }
+            Err(e) => vec![format!("translator error: {e}")],
+        };
+        if diffs.is_empty() {
+            Ok(Ran::Compared)
+        } else {
+            let mut diffs = diffs;
+            diffs.push(format!(
+                "page tables at {:#x}: data PTEs {:#x} {:#x}, neighbours {:#x} {:#x}",
+                tables.root,
+                tables.data_ptes[0],
+                tables.data_ptes[1],
+                tables.neighbour_ptes[0],
+                tables.neighbour_ptes[1]
+            ));
+            Err(Failure::Case {
+                under: format!(
+                    "system mode at {}",
+                    if self.ring == Ring::User { "CPL3" } else { "CPL0" }
+                ),
+                state: Box::new(state),
+                diffs,
+            })
+        }
+    }
+}
