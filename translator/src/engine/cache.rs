@@ -84,6 +84,10 @@ pub(super) struct Block {
     /// links; it is found, revalidated and invalidated like a block, so the dispatcher does not
     /// fetch and decode it again each time (a Linux boot performs ≈900k of them).
     pub(super) emulated: Option<(iced_x86::Instruction, Rule)>,
+    /// Translated without the page-crossing check for one split access (see
+    /// `Translator::split_key`): entered only by the dispatcher for such an access, never
+    /// chained to.
+    pub(super) split_access: bool,
 }
 
 impl Translator {
@@ -97,6 +101,12 @@ impl Translator {
         } else {
             rip
         }
+    }
+
+    /// The key of the page-crossing variant of the one-instruction block at `rip` (see
+    /// `block_for`): bit 61 flipped, so it never equals a block key.
+    pub(super) fn split_key(&self, rip: u64) -> u64 {
+        self.block_key(rip) ^ (1 << 61)
     }
 
     /// Forgets every translation and TLB entry (after the guest changed code or page tables
@@ -128,7 +138,7 @@ impl Translator {
             return;
         }
         let Some(dst) = self.block_at_entry(host) else { return };
-        if !self.blocks[dst].valid {
+        if !self.blocks[dst].valid || self.blocks[dst].split_access {
             return;
         }
         let original = {
@@ -244,8 +254,9 @@ impl Translator {
         phys_pages: Vec<u64>,
         mapping: Vec<(u64, u64)>,
         global: bool,
-        cached: bool,
+        key: Option<u64>,
     ) -> Result<u64, TranslateError> {
+        // `key`: where `by_guest` finds it; None for an uncached one-instruction block.
         // Returns the block's entry (after its indirect-branch prologue).
         let options = emit::EmitOptions {
             soft_mmu: self.strategy.is_soft_mmu(),
@@ -270,7 +281,9 @@ impl Translator {
         self.stats.blocks_translated += 1;
         self.stats.guest_instructions_translated += block.instrs.len() as u64;
         self.register_code_pages(&phys_pages, index);
-        let key = self.block_key(block.start);
+        let cached = key.is_some();
+        let split_access = self.bounce.is_some();
+        let key = key.unwrap_or_else(|| self.block_key(block.start));
         let mut region = block.span.0 >> 21;
         while region <= (block.span.1 - 1) >> 21 {
             self.code_regions.insert(region);
@@ -291,6 +304,7 @@ impl Translator {
             global,
             global_epoch: self.global_epoch,
             emulated: None,
+            split_access,
         });
         if cached {
             self.by_guest.insert(key, index);
@@ -328,6 +342,7 @@ impl Translator {
             global_epoch: self.global_epoch,
             span: (start, start + instr.len() as u64),
             emulated: Some((instr, rule)),
+            split_access: false,
         });
         self.by_guest.insert(key, index);
     }

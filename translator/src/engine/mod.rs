@@ -481,6 +481,18 @@ impl Translator {
         }
         // Single-stepping: one-instruction blocks, never cached (`debug.rs`).
         let uncached = one_off || self.debug.single_step;
+        // A split access (`softmmu.rs`) runs its instruction once without the page-crossing
+        // check: that translation is kept under a key of its own, for the next time the same
+        // instruction crosses a page (a kernel's unaligned copies do, thousands of times).
+        let split_key = (one_off && self.bounce.is_some() && !self.debug.single_step).then(|| self.split_key(rip));
+        if let Some(key) = split_key {
+            if let Some(&i) = self.by_guest.get(&key) {
+                if self.mapping_current(i) {
+                    return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
+                }
+                self.invalidate_block(i);
+            }
+        }
         if !uncached {
             if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
                 if self.mapping_current(i) {
@@ -523,7 +535,8 @@ impl Translator {
         };
         // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
         // into the next page in case an instruction straddles it).
-        let mapping: Vec<(u64, u64)> = if soft && !uncached {
+        let kept = !uncached || split_key.is_some();
+        let mapping: Vec<(u64, u64)> = if soft && kept {
             fetch
                 .pages
                 .iter()
@@ -535,7 +548,7 @@ impl Translator {
         };
         // Code whose every page is global survives CR3 writes (see `remap`).
         let global = !mapping.is_empty() && mapping.iter().all(|(va, _)| !fetch.nonglobal.contains(va));
-        let pages = if uncached {
+        let pages = if !kept {
             Vec::new()
         } else if !soft {
             // Identity: the host pages the block's bytes occupy, write-protected (if writable)
@@ -576,7 +589,11 @@ impl Translator {
                 return self.emulate(&instr, first.rule, platform);
             }
         }
-        let host = self.install(block, pages, mapping, global, !uncached)?;
+        let key = match split_key {
+            Some(key) => Some(key),
+            None => (!uncached).then(|| self.block_key(rip)),
+        };
+        let host = self.install(block, pages, mapping, global, key)?;
         self.stats.translate_time += translate_started.elapsed();
         Ok(Lookup::Host(host))
     }

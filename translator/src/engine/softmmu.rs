@@ -25,6 +25,9 @@ pub(super) struct Bounce {
     pub(super) hosts: [u64; 2],
     pub(super) pas: [u64; 2],
     pub(super) write: bool,
+    /// The two pages were copied into the bounce buffer (they are not consecutive in guest
+    /// RAM); otherwise the access runs on guest RAM itself.
+    pub(super) copied: bool,
 }
 
 mod memmap2_free {
@@ -71,33 +74,49 @@ impl Translator {
             self.invalidate_phys_page(fills[0].1);
             self.invalidate_phys_page(fills[1].1);
         }
-        for (i, fill) in fills.iter().enumerate() {
-            // SAFETY: fill.2 is a page of guest RAM; the buffer has two pages.
-            unsafe { std::ptr::copy_nonoverlapping(fill.2 as *const u8, buffer.add(i * PAGE as usize), PAGE as usize) };
-        }
+        // Pages that follow each other in guest RAM follow each other in the host mapping too:
+        // the access can run on them in place (most split accesses are a kernel's, on its
+        // direct map or its image, where consecutive virtual pages are consecutive physical
+        // ones). Only scattered pages are copied.
+        let consecutive = fills[1].1 == fills[0].1 + PAGE && fills[1].2 == fills[0].2 + PAGE;
+        let host = if consecutive {
+            fills[0].2
+        } else {
+            for (i, fill) in fills.iter().enumerate() {
+                // SAFETY: fill.2 is a page of guest RAM; the buffer has two pages.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(fill.2 as *const u8, buffer.add(i * PAGE as usize), PAGE as usize)
+                };
+            }
+            buffer as u64
+        };
         let page_va = fills[0].0;
         let kind = if write { TlbKind::Write } else { TlbKind::Read };
-        self.ctx.get_mut().fill_tlb(kind, page_va, buffer as u64, false);
+        self.ctx.get_mut().fill_tlb(kind, page_va, host, false);
         self.bounce = Some(Bounce {
             page_va,
             hosts: [fills[0].2, fills[1].2],
             pas: [fills[0].1, fills[1].1],
             write,
+            copied: !consecutive,
         });
         self.uncached_step = Some(rip);
         Ok(())
     }
 
-    /// Ends a split access: written bytes go back to guest memory, the TLB forgets the buffer.
+    /// Ends a split access: written bytes go back to guest memory (when copied), the TLB
+    /// forgets the page.
     pub(super) fn finish_bounce(&mut self, b: Bounce) {
         let Some(buffer) = self.bounce_buffer.as_ref().map(|b| b.0) else {
             return;
         };
-        if b.write {
+        if b.write && b.copied {
             for (i, &host) in b.hosts.iter().enumerate() {
                 // SAFETY: as in start_bounce.
                 unsafe { std::ptr::copy_nonoverlapping(buffer.add(i * PAGE as usize), host as *mut u8, PAGE as usize) };
             }
+        }
+        if b.write {
             for pa in b.pas {
                 self.invalidate_phys_page(pa);
             }
