@@ -503,7 +503,11 @@ fn split_accesses_run_in_place_on_consecutive_pages_and_reuse_their_translation(
     assert!(gp_at(exit), "{exit:?}");
     let last = 0x1111_2222_3333_0009u64;
     assert_eq!(t.state().gpr[0], last + 1);
-    assert_eq!((t.state().gpr[3], t.state().gpr[2]), (last, last), "both reads saw the last write");
+    assert_eq!(
+        (t.state().gpr[3], t.state().gpr[2]),
+        (last, last),
+        "both reads saw the last write"
+    );
     // SAFETY: reading inside the RAM mapping.
     let (consecutive, lo, hi) = unsafe {
         (
@@ -513,12 +517,20 @@ fn split_accesses_run_in_place_on_consecutive_pages_and_reuse_their_translation(
         )
     };
     assert_eq!(consecutive, last, "written in place across 0xa000/0xb000");
-    assert_eq!((lo, hi), (last as u32, (last >> 32) as u32), "scattered halves in their frames");
+    assert_eq!(
+        (lo, hi),
+        (last as u32, (last >> 32) as u32),
+        "scattered halves in their frames"
+    );
     // The loop's blocks (each split access restarts the block after it) plus one page-crossing
     // variant per access site: 10 whatever the iterations (46 when each split access had a
     // translation of its own).
     let translated = t.stats().blocks_translated;
-    assert!(translated <= 10, "{translated} blocks for 40 split accesses: {:?}", t.stats());
+    assert!(
+        translated <= 10,
+        "{translated} blocks for 40 split accesses: {:?}",
+        t.stats()
+    );
 }
 
 #[test]

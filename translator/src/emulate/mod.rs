@@ -49,6 +49,27 @@ pub trait GuestMemory {
     fn write_system(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
         self.write(va, data)
     }
+
+    /// `len` bytes from `src` to `dst`, each range within one page (a `rep movs` chunk, which
+    /// the caller keeps clear of overlap that would change the result): the source is checked
+    /// first, then the destination, and nothing is written if either faults.
+    fn copy(&mut self, dst: u64, src: u64, len: usize) -> Result<(), GuestException> {
+        let mut buf = [0u8; 4096];
+        let buf = &mut buf[..len];
+        self.read(src, buf)?;
+        self.write(dst, buf)
+    }
+
+    /// `len` bytes at `dst` (within one page) filled with copies of `element` (a `rep stos`
+    /// chunk; `len` is a multiple of its size).
+    fn fill(&mut self, dst: u64, len: usize, element: &[u8]) -> Result<(), GuestException> {
+        let mut buf = [0u8; 4096];
+        let buf = &mut buf[..len];
+        for e in buf.chunks_exact_mut(element.len()) {
+            e.copy_from_slice(element);
+        }
+        self.write(dst, buf)
+    }
 }
 
 /// A stack address: non-canonical stack references raise `#SS(0)` rather than `#GP(0)`.

@@ -57,7 +57,6 @@ fn bulk_chunks(
         mnemonic,
         Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
     );
-    let mut buf = [0u8; PAGE as usize];
     while state.gpr[gpr::RCX] > 0 && *budget >= n {
         let rdi = state.gpr[gpr::RDI];
         let room = |va: u64| (PAGE - (va & (PAGE - 1))) / n as u64;
@@ -72,17 +71,12 @@ fn bulk_chunks(
         if k == 0 {
             return Ok(());
         }
-        let bytes = &mut buf[..k as usize * n];
-        if movs {
-            mem.read(src, bytes)?;
-        } else {
-            let v = state.gpr[gpr::RAX].to_le_bytes();
-            for element in bytes.chunks_exact_mut(n) {
-                element.copy_from_slice(&v[..n]);
-            }
-        }
-        mem.write(rdi, bytes)?;
         let len = k * n as u64;
+        if movs {
+            mem.copy(rdi, src, len as usize)?;
+        } else {
+            mem.fill(rdi, len as usize, &state.gpr[gpr::RAX].to_le_bytes()[..n])?;
+        }
         state.gpr[gpr::RDI] = rdi.wrapping_add(len);
         if movs {
             state.gpr[gpr::RSI] = state.gpr[gpr::RSI].wrapping_add(len);

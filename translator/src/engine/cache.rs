@@ -121,6 +121,7 @@ impl Translator {
         self.protected.release_all();
         self.code.reset_to(self.glue_len);
         self.linked.clear();
+        self.linked_global.clear();
         self.ctx.get_mut().flush_tlb();
         self.flush_ibl();
         self.stats.flushes += 1;
@@ -400,8 +401,13 @@ impl Translator {
 
     /// Records a link into block `dst` (so invalidation and [`Translator::remap`] can undo it).
     fn link_into(&mut self, dst: usize, link: Incoming) {
-        if self.blocks[dst].incoming.is_empty() {
-            self.linked.push(dst);
+        let b = &self.blocks[dst];
+        if b.incoming.is_empty() {
+            if b.global && b.global_epoch == self.global_epoch {
+                self.linked_global.push(dst);
+            } else {
+                self.linked.push(dst);
+            }
         }
         self.blocks[dst].incoming.push(link);
     }
@@ -416,12 +422,20 @@ impl Translator {
     /// so links into blocks whose code is all global stay and those blocks need no
     /// revalidation. (Linux writes CR3 thousands of times while it boots without PCID — each
     /// text_poke switches to a temporary mm and back — and its text is global.)
+    ///
+    /// Blocks with links into them are listed by whether their code was global when first
+    /// linked (`linked_global`), so a CR3 write visits only the others: walking every linked
+    /// block at each of a boot's CR3 writes was 5% of it.
     pub(super) fn remap(&mut self, keep_global: bool) {
-        let mut still_linked = Vec::new();
-        for i in std::mem::take(&mut self.linked) {
+        let mut undo = std::mem::take(&mut self.linked);
+        if !keep_global {
+            undo.append(&mut self.linked_global);
+        }
+        for i in undo {
             let b = &self.blocks[i];
             if keep_global && b.global && b.global_epoch == self.global_epoch {
-                still_linked.push(i);
+                // Became global when it was revalidated.
+                self.linked_global.push(i);
                 continue;
             }
             for link in std::mem::take(&mut self.blocks[i].incoming) {
@@ -429,7 +443,6 @@ impl Translator {
                 unsafe { link.undo(false) };
             }
         }
-        self.linked = still_linked;
         if keep_global {
             self.ctx.get_mut().flush_tlb_nonglobal();
         } else {

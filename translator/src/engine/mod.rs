@@ -145,6 +145,8 @@ pub struct Translator {
     translated_xcr0: u64,
     /// Blocks with links into them (what [`Translator::remap`] must undo).
     linked: Vec<usize>,
+    /// The same for blocks whose code was global when first linked (kept by a CR3 write).
+    linked_global: Vec<usize>,
     /// Bumped by every guest address-space change (see `Block::epoch`).
     mapping_epoch: u64,
     /// Bumped by the address-space changes that drop global translations too (CR4, CR0,
@@ -205,6 +207,7 @@ impl Translator {
             debug: Default::default(),
             recent_events: Default::default(),
             linked: Vec::new(),
+            linked_global: Vec::new(),
             mapping_epoch: 0,
             global_epoch: 0,
             maps: Default::default(),
