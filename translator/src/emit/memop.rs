@@ -447,62 +447,14 @@ impl BlockEmitter<'_> {
         } else {
             off::TLB_READ
         };
-        let entry =
-            |disp: usize| MemoryOperand::new(Register::None, Register::RCX, 8, disp as i64, 8, false, Register::GS);
-        let double_ecx = || {
-            Instruction::with2(
-                Code::Lea_r32_m,
-                Register::ECX,
-                MemoryOperand::with_base_index(Register::RCX, Register::RCX),
-            )
-        };
-        let a: &mut Asm = &mut self.asm;
-        a.glue(Instruction::with2(Code::Mov_r32_imm32, Register::ECX, 12u32));
         let last = if size > 1 && !self.split_access {
-            size as i64 - 1
+            size as i32 - 1
         } else {
             0
         };
-        a.glue(Instruction::with2(
-            Code::Lea_r64_m,
-            t,
-            MemoryOperand::with_base_displ(s, last),
-        ));
-        a.glue(Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, t, t, Register::RCX));
-        a.glue(Instruction::with3(
-            Code::VEX_Shrx_r64_rm64_r64,
-            Register::RCX,
-            s,
-            Register::RCX,
-        ));
-        a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::CX));
-        a.glue(double_ecx());
-        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RCX, entry(table)));
-        a.glue(Instruction::with1(Code::Not_rm64, t));
-        a.glue(Instruction::with2(
-            Code::Lea_r64_m,
-            Register::RCX,
-            MemoryOperand::new(Register::RCX, t, 1, 1, 1, false, Register::None),
-        ));
-        let hit = a.here() + 2 + 5;
-        a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
-        let field = a.branch32_forward(Code::Jmp_rel32_64);
-        debug_assert_eq!(a.here(), hit);
+        let field = self.asm.tlb_probe(s, t, table, last);
         self.miss_stub(field, s, info, false);
-        let a: &mut Asm = &mut self.asm;
-        a.glue(Instruction::with1(Code::Not_rm64, t));
-        a.glue(Instruction::with2(
-            Code::Movzx_r32_rm16,
-            Register::ECX,
-            super::stack::sized16(t),
-        ));
-        a.glue(double_ecx());
-        a.glue(Instruction::with2(Code::Mov_r64_rm64, t, entry(table + 8)));
-        a.glue(Instruction::with2(
-            Code::Lea_r64_m,
-            s,
-            MemoryOperand::with_base_index(s, t),
-        ));
+        self.asm.tlb_hit(s, t, table);
         self.give_back(Register::RCX);
         self.give_back(t);
     }

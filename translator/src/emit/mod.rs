@@ -322,15 +322,13 @@ impl BlockEmitter<'_> {
     fn borrow(&mut self, reg: Register) {
         let n = asm::reg_num(reg);
         debug_assert_eq!(self.spilled & (1 << n), 0);
-        self.asm
-            .glue(Instruction::with2(Code::Mov_rm64_r64, spill_slot(reg), reg));
+        self.asm.mov_to_ctx(asm::spill_offset(reg), reg);
         self.spilled |= 1 << n;
     }
 
     /// Gives a borrowed register back its guest value.
     fn give_back(&mut self, reg: Register) {
-        self.asm
-            .glue(Instruction::with2(Code::Mov_r64_rm64, reg, spill_slot(reg)));
+        self.asm.mov_from_ctx(reg, asm::spill_offset(reg));
         self.spilled &= !(1 << asm::reg_num(reg));
     }
 
