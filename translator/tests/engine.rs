@@ -534,6 +534,49 @@ fn split_accesses_run_in_place_on_consecutive_pages_and_reuse_their_translation(
 }
 
 #[test]
+fn a_host_address_serves_the_next_instruction_with_the_same_operand_only() {
+    // mov rsi,0x401000; mov qword [rsi],5; add [rsi],rcx; add rax,[rsi] (reuses the lookup);
+    // add r11,[rsi] (R11 would hold the host address: looked up again); mov rdx,[rsi];
+    // add rsi,[rsi] (writes its own base); mov rbx,[rsi] (a new address); hlt
+    let g = SoftGuest::new(&[
+        0x48, 0xc7, 0xc6, 0x00, 0x10, 0x40, 0x00, 0x48, 0xc7, 0x06, 0x05, 0, 0, 0, 0x48, 0x01, 0x0e, 0x48, 0x03, 0x06,
+        0x4c, 0x03, 0x1e, 0x48, 0x8b, 0x16, 0x48, 0x03, 0x36, 0x48, 0x8b, 0x1e, 0xf4,
+    ]);
+    g.write_u64(0x6008, 0x77);
+    let mut t = g.translator();
+    let s = t.state_mut();
+    s.gpr[1] = 3;
+    s.gpr[11] = 100;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert!(gp_at(exit), "{exit:?}");
+    let s = t.state();
+    assert_eq!((s.gpr[0], s.gpr[11], s.gpr[2]), (8, 108, 8), "rax, r11, rdx");
+    assert_eq!((s.gpr[6], s.gpr[3], s.gpr[1]), (0x40_1008, 0x77, 3), "rsi, rbx, rcx");
+}
+
+#[test]
+fn a_fault_at_an_instruction_reusing_a_host_address_is_precise() {
+    // mov rsi,0x401000; mov qword [rsi],0; mov rax,[rsi]; div qword [rsi] (#DE); hlt
+    let g = SoftGuest::new(&[
+        0x48, 0xc7, 0xc6, 0x00, 0x10, 0x40, 0x00, 0x48, 0xc7, 0x06, 0, 0, 0, 0, 0x48, 0x8b, 0x06, 0x48, 0xf7, 0x36,
+        0xf4,
+    ]);
+    let mut t = g.translator();
+    for r in [3usize, 8, 9, 10, 11] {
+        t.state_mut().gpr[r] = 0x1000 + r as u64;
+    }
+    t.state_mut().gpr[2] = 1;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert!(matches!(exit, Exit::Exception(e) if e.vector == vector::DE), "{exit:?}");
+    let s = t.state();
+    assert_eq!(s.rip, CODE_VA + 17, "at the div");
+    for r in [3usize, 8, 9, 10, 11] {
+        assert_eq!(s.gpr[r], 0x1000 + r as u64, "r{r} given back");
+    }
+    assert_eq!((s.gpr[0], s.gpr[2]), (0, 1), "rax loaded, rdx untouched");
+}
+
+#[test]
 fn self_modifying_code_is_seen_by_the_next_block() {
     // mov byte [rip+3],0x42; jmp +0; mov al,0x11; hlt  -- rewrites the 0x11 before it runs
     let g = SoftGuest::new(&[0xc6, 0x05, 0x03, 0, 0, 0, 0x42, 0xeb, 0x00, 0xb0, 0x11, 0xf4]);

@@ -121,6 +121,13 @@ impl Asm {
     // Context moves are appended as bytes, without building an iced `Instruction` (the same
     // encodings as `encode_glue_fast`, which the unit test checks against iced).
 
+    /// `mov dst, src` (64-bit registers): `REX.W 89 /r`.
+    pub fn mov_rr(&mut self, dst: Register, src: Register) {
+        let (d, s) = (reg_num(dst), reg_num(src));
+        self.buf
+            .extend_from_slice(&[rex(true, s, 0, d), 0x89, 0xc0 | ((s & 7) as u8) << 3 | (d & 7) as u8]);
+    }
+
     /// `mov gs:[offset], reg` (64-bit).
     pub fn mov_to_ctx(&mut self, offset: usize, reg: Register) {
         self.ctx_mov(0x89, reg, offset);
@@ -488,6 +495,18 @@ mod tests {
                 a.store_ctx_u32(offset, 0x8765_4321);
                 let want = Instruction::with2(Code::Mov_rm32_imm32, ctx(offset), 0x8765_4321u32).unwrap();
                 assert_eq!(a.buf, iced(&want, 0));
+            }
+        }
+    }
+
+    #[test]
+    fn register_moves_match_iced() {
+        for d in 0..16 {
+            for s in 0..16 {
+                let mut a = Asm::new(0);
+                a.mov_rr(gpr64(d), gpr64(s));
+                let want = Instruction::with2(Code::Mov_rm64_r64, gpr64(d), gpr64(s)).unwrap();
+                assert_eq!(a.buf, iced(&want, 0), "mov {d} {s}");
             }
         }
     }

@@ -72,6 +72,53 @@ fn modrm_form(code: Code) -> Code {
     }
 }
 
+/// Whether `instr` names AH, CH, DH or BH (then no REX prefix is allowed).
+fn uses_high8(instr: &Instruction) -> bool {
+    instr.op_kinds().enumerate().any(|(n, k)| {
+        k == OpKind::Register
+            && matches!(
+                instr.op_register(n as u32),
+                Register::AH | Register::CH | Register::DH | Register::BH
+            )
+    })
+}
+
+/// A guest memory operand's address expression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct MemKey {
+    base: Register,
+    index: Register,
+    scale: u32,
+    displacement: u64,
+    segment: Register,
+}
+
+impl MemKey {
+    fn of(instr: &Instruction) -> Self {
+        MemKey {
+            base: instr.memory_base().full_register(),
+            index: instr.memory_index().full_register(),
+            scale: instr.memory_index_scale(),
+            displacement: instr.memory_displacement64(),
+            segment: instr.segment_prefix(),
+        }
+    }
+}
+
+/// The soft-MMU host address of a copied instruction's memory operand, kept in the register S
+/// that was borrowed for it: the next instruction, if it is copied too and has the same operand
+/// and access size (reads, or writes after a write), uses it without a second TLB lookup
+/// (`add [rsi+rdx*8],rcx; add rax,[rsi+rdx*8]`). Between the two nothing can change the TLB
+/// (only the engine does, and the block does not return to it) or the operand's registers (the
+/// first instruction does not write them). The next instruction of any other kind gives S back.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct HeldAddress {
+    s: Register,
+    key: MemKey,
+    size: u64,
+    write: bool,
+}
+
 impl BlockEmitter<'_> {
     /// Bytes the soft-MMU checks for `instr`'s memory operand. The XSAVE family has no size in
     /// iced: the guest's standard-format image for its XCR0 (the largest the instruction can
@@ -93,6 +140,14 @@ impl BlockEmitter<'_> {
         avoid: u16,
     ) -> Result<(), TranslateError> {
         let info = self.info.info(instr);
+        let key = MemKey::of(instr);
+        // Whether the instruction changes a register its own address is made of (then its
+        // host address cannot serve the next instruction).
+        let writes_key = info.used_registers().iter().any(|u| {
+            !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
+                && u.register().is_gpr()
+                && [key.base, key.index].contains(&u.register().full_register())
+        });
         let access = info.used_memory().iter().find_map(|m| match m.access() {
             OpAccess::Read | OpAccess::CondRead => Some(Access::Read),
             OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
@@ -108,6 +163,32 @@ impl BlockEmitter<'_> {
         let seg = matches!(instr.segment_prefix(), Register::FS | Register::GS);
         let rip_rel = instr.is_ip_rel_memory_operand();
         let vsib = instr.memory_index().is_xmm() || instr.memory_index().is_ymm();
+        if let Some(h) = self.held.take() {
+            let used = self.used_gprs(instr) | avoid;
+            let high8 = uses_high8(instr);
+            let fits = self.soft_mmu
+                && access.is_some_and(|a| a == Access::Read || h.write)
+                && h.key == key
+                && raw.is_some()
+                && !rip_rel
+                && !vsib
+                && !is_bit_string_op(instr)
+                && !self.narrows_xstate(instr)
+                && self.access_size(instr) == h.size
+                && self.required_alignment == 0
+                && used & (1 << reg_num(h.s)) == 0
+                && !(high8 && reg_num(h.s) >= 8);
+            if fits {
+                // The previous instruction's lookup found this operand's page (for writing,
+                // when this one writes), and nothing between changed the TLB or the operand's
+                // registers: S still holds the host address.
+                self.emit_at_register(instr, h.s)?;
+                let write = h.write;
+                self.hold_or_give_back(h.s, key, h.size, write, writes_key);
+                return Ok(());
+            }
+            self.give_back(h.s);
+        }
 
         let Some(access) = access else {
             // lea, nop r/m, prefetch: no access. Only lea has an architectural result.
@@ -160,13 +241,7 @@ impl BlockEmitter<'_> {
         }
         let used = self.used_gprs(instr) | avoid;
         // With AH/CH/DH/BH in the instruction no REX prefix is allowed: S must be a legacy register.
-        let high8 = instr.op_kinds().enumerate().any(|(n, k)| {
-            k == OpKind::Register
-                && matches!(
-                    instr.op_register(n as u32),
-                    Register::AH | Register::CH | Register::DH | Register::BH
-                )
-        });
+        let high8 = uses_high8(instr);
         let s = self.pick(used | if high8 { 0xff00 } else { 0 });
         self.borrow(s);
         if !self.soft_mmu && seg && !rip_rel {
@@ -241,9 +316,37 @@ impl BlockEmitter<'_> {
         self.emit_at_register(&rewritten, s)?;
         if let Some(d) = bit_reg {
             self.give_back(d);
+            self.give_back(s);
+        } else if self.soft_mmu && raw.is_some() && !rip_rel {
+            let size = self.access_size(instr);
+            self.hold_or_give_back(s, key, size, access == Access::Write, writes_key);
+        } else {
+            self.give_back(s);
         }
-        self.give_back(s);
         Ok(())
+    }
+
+    /// After a copied instruction's access through S: keep S (the host address) for the next
+    /// instruction if that may use it, else give it back.
+    fn hold_or_give_back(&mut self, s: Register, key: MemKey, size: u64, write: bool, writes_key: bool) {
+        if writes_key || self.required_alignment != 0 {
+            self.give_back(s);
+        } else {
+            self.held = Some(HeldAddress { s, key, size, write });
+        }
+    }
+
+    /// Gives back the register of a held host address (before anything but a copied
+    /// instruction with the same memory operand).
+    pub(super) fn release_held(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.give_back(h.s);
+        }
+    }
+
+    /// The borrowed register a held host address occupies (bit per hardware number).
+    pub(super) fn held_mask(&self) -> u16 {
+        self.held.map_or(0, |h| 1 << reg_num(h.s))
     }
 
     /// Emits `instr` with its memory operand replaced by `[s]` (S holds the final address), as
@@ -369,6 +472,17 @@ impl BlockEmitter<'_> {
 
     /// Queues the cold stub a TLB-lookup branch at `field` goes to on a miss.
     pub(super) fn miss_stub(&mut self, field: usize, va_reg: Register, info: u64, flags_saved: bool) {
+        self.miss_stub_parked(field, va_reg, info, flags_saved, None);
+    }
+
+    fn miss_stub_parked(
+        &mut self,
+        field: usize,
+        va_reg: Register,
+        info: u64,
+        flags_saved: bool,
+        parked_rcx: Option<Register>,
+    ) {
         let (guest_rip, spilled) = (self.guest_rip, self.spilled);
         self.cold.push(Cold::TlbMiss {
             field,
@@ -377,6 +491,7 @@ impl BlockEmitter<'_> {
             guest_rip,
             spilled,
             flags_saved,
+            parked_rcx,
         });
     }
 
@@ -437,10 +552,25 @@ impl BlockEmitter<'_> {
     ///
     /// An access that crosses into the next page misses: the entry at the first byte's index
     /// can only hold pages with that index, never the next page.
+    ///
+    /// In a block whose guest code uses RCX, the guest's RCX is parked in another borrowed
+    /// register (P) rather than in its spill slot: RCX is then often hot (a loop counter), and
+    /// a store and reload of it around every access put a store-forwarding delay on its
+    /// dependency chain (the memory kernel of `benches/translate.rs` ran 6× native), where P is
+    /// usually a register the block does not touch. Elsewhere the plain spill is cheaper (one
+    /// store and load fewer).
     pub(super) fn tlb_lookup_flag_free(&mut self, s: Register, access: Access, size: u64, used: u16) {
         let t = self.pick(used | (1 << reg_num(s)) | (1 << 1));
         self.borrow(t);
-        self.borrow(Register::RCX);
+        let parked = self.block_uses_rcx.then(|| {
+            let p = self.pick(used | (1 << reg_num(s)) | (1 << 1));
+            self.borrow(p);
+            self.asm.mov_rr(p, Register::RCX);
+            p
+        });
+        if parked.is_none() {
+            self.borrow(Register::RCX);
+        }
         let info = self.miss_info(access, size);
         let table = if access == Access::Write {
             off::TLB_WRITE
@@ -453,9 +583,15 @@ impl BlockEmitter<'_> {
             0
         };
         let field = self.asm.tlb_probe(s, t, table, last);
-        self.miss_stub(field, s, info, false);
+        self.miss_stub_parked(field, s, info, false, parked);
         self.asm.tlb_hit(s, t, table);
-        self.give_back(Register::RCX);
+        match parked {
+            Some(p) => {
+                self.asm.mov_rr(Register::RCX, p);
+                self.give_back(p);
+            }
+            None => self.give_back(Register::RCX),
+        }
         self.give_back(t);
     }
 }

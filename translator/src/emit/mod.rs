@@ -117,6 +117,9 @@ enum Cold {
         guest_rip: u64,
         spilled: u16,
         flags_saved: bool,
+        /// The register holding the guest's RCX meanwhile (the flag-free lookup parks it
+        /// there rather than in its spill slot; see `tlb_lookup_flag_free`).
+        parked_rcx: Option<Register>,
     },
 }
 
@@ -148,6 +151,11 @@ pub(crate) struct BlockEmitter<'a> {
     mmx_store: bool,
     /// log2 of the alignment the current access requires (`context::MISS_ALIGN_SHIFT`).
     required_alignment: u8,
+    /// The host address of the previous copied instruction's memory operand, still in the
+    /// register that was borrowed for it (`memop.rs`).
+    held: Option<memop::HeldAddress>,
+    /// The block's guest instructions use RCX (see `tlb_lookup_flag_free`).
+    block_uses_rcx: bool,
     info: InstructionInfoFactory,
 }
 
@@ -204,6 +212,8 @@ pub fn emit_block(
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
         required_alignment: 0,
+        held: None,
+        block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
         info: InstructionInfoFactory::new(),
     };
     // Indirect branches enter through the prologue (see `branch.rs`).
@@ -214,6 +224,13 @@ pub fn emit_block(
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
     for d in &block.instrs {
+        // A host address kept from the last instruction serves only a copied instruction with
+        // the same memory operand (`memop.rs`, `HeldAddress`).
+        let copied_memory =
+            d.flow == Flow::Normal && d.rule == Rule::Copy && d.instr.op_kinds().any(|k| k == iced_x86::OpKind::Memory);
+        if !copied_memory {
+            e.release_held();
+        }
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
         // Linux's UMIP emulator performs these stores itself, without alignment checking; the
@@ -249,8 +266,9 @@ pub fn emit_block(
             Rule::System(crate::system::SystemOp::Cli) => e.asm.store_ctx_u64(off::VIRTUAL_IF, 0),
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
-        debug_assert_eq!(e.spilled, 0, "glue left a register borrowed");
+        debug_assert_eq!(e.spilled & !e.held_mask(), 0, "glue left a register borrowed");
     }
+    e.release_held();
     if !block.ends_in_transfer() {
         let here_field = e.asm.branch32_forward(Code::Jmp_rel32_64);
         e.cold.push(Cold::Exit {
@@ -265,6 +283,17 @@ pub fn emit_block(
         exits: e.exits,
         inline_caches: e.inline_caches,
     })
+}
+
+/// Whether `instr` names RCX (or a part of it) as an operand or in its address, or uses it as
+/// a REP count: a cheap test, used only to choose between two correct code shapes.
+fn names_rcx(instr: &Instruction) -> bool {
+    let rcx = |r: Register| r.is_gpr() && r.full_register() == Register::RCX;
+    (0..instr.op_count()).any(|i| instr.op_kind(i) == iced_x86::OpKind::Register && rcx(instr.op_register(i)))
+        || rcx(instr.memory_base())
+        || rcx(instr.memory_index())
+        || instr.has_rep_prefix()
+        || instr.has_repne_prefix()
 }
 
 /// Accesses the host CPU never alignment-checks (its vendor's quirk).
@@ -474,10 +503,14 @@ impl BlockEmitter<'_> {
                     guest_rip,
                     spilled,
                     flags_saved,
+                    parked_rcx,
                 } => {
                     self.bind_here(field);
                     self.asm.mov_to_ctx(off::MISS_VA, va_reg);
                     self.asm.store_ctx_u64(off::MISS_INFO, info);
+                    if let Some(p) = parked_rcx {
+                        self.asm.mov_rr(Register::RCX, p);
+                    }
                     self.restore_guest(spilled, flags_saved);
                     self.exit_to_engine(ExitReason::TlbMiss, guest_rip);
                 }
