@@ -56,7 +56,6 @@ const KNOWN: &[(&str, &str)] = &[
     ("Fxsave64_m512byte", "fxsave/fxrstor: #GP or FCW differ from KVM's (not yet analysed)"),
     ("Fxrstor_m512byte", "as Fxsave64_m512byte"),
     ("Fxrstor64_m512byte", "as Fxsave64_m512byte"),
-    ("Rdtscp", "TSC_AUX/ECX differs from KVM's (not yet analysed)"),
     ("Cpuid", "ECX of a leaf KVM adjusts at run time differs (not yet analysed)"),
     (
         "Cmpsw_m16_m16",

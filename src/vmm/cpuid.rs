@@ -60,7 +60,6 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(1, 0, ECX, 6, "smx", "no safer-mode extensions"),
     hide(1, 0, ECX, 17, "pcid", NO_CR4_BIT),
     hide(1, 0, ECX, 21, "x2apic", NO_X2APIC),
-    hide(1, 0, ECX, 30, "rdrand", NO_RULE),
     hide(
         1,
         0,
@@ -91,7 +90,6 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(7, 0, EDX, 23, "avx512fp16", NO_EVEX),
     hide(7, 1, EAX, 5, "avx512bf16", NO_EVEX),
     hide(7, 0, EBX, 11, "rtm", NO_RULE),
-    hide(7, 0, EBX, 18, "rdseed", NO_RULE),
     hide(7, 0, EBX, 7, "smep", NO_CR4_BIT),
     hide(7, 0, EBX, 10, "invpcid", "PCID is not offered"),
     hide(7, 0, EBX, 20, "smap", NO_CR4_BIT),
@@ -107,7 +105,6 @@ pub const HIDDEN: &[ModelBit] = &[
         "la57",
         "five-level paging is not implemented by the soft-MMU",
     ),
-    hide(7, 0, ECX, 22, "rdpid", NO_RULE),
     hide(7, 0, EDX, 20, "ibt", "CET indirect-branch tracking is not modelled"),
     hide(
         0xd,

@@ -85,6 +85,37 @@ pub fn stack_address(va: u64) -> Result<u64, GuestException> {
     }
 }
 
+/// A value from the host's RDRAND or RDSEED, if the host has the instruction (retried as Intel
+/// recommends while the generator reports it has none ready).
+fn host_random(mnemonic: iced_x86::Mnemonic) -> Option<u64> {
+    use crate::host::features::host_has;
+    use iced_x86::CpuidFeature;
+    let seed = mnemonic == iced_x86::Mnemonic::Rdseed;
+    if !host_has(if seed {
+        CpuidFeature::RDSEED
+    } else {
+        CpuidFeature::RDRAND
+    }) {
+        return None;
+    }
+    let mut v = 0u64;
+    for _ in 0..100 {
+        // SAFETY: the host has the instruction (checked above); it only writes `v`.
+        let ok = unsafe {
+            if seed {
+                std::arch::x86_64::_rdseed64_step(&mut v)
+            } else {
+                std::arch::x86_64::_rdrand64_step(&mut v)
+            }
+        };
+        if ok == 1 {
+            return Some(v);
+        }
+        std::hint::spin_loop();
+    }
+    None
+}
+
 fn set32(state: &mut GuestState, reg: usize, value: u32) {
     state.gpr[reg] = value as u64;
 }
@@ -121,6 +152,20 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
                 let aux = platform.tsc_aux();
                 set32(state, gpr::RCX, aux);
             }
+        }
+        EmulateOp::Random => {
+            let Some(v) = host_random(instr.mnemonic()) else {
+                // The host lacks the instruction (CPUID says so to the guest too): a CPU without
+                // it raises #UD.
+                return raise(state, here, GuestException::new(vector::UD));
+            };
+            regs::write_gpr(state, instr.op0_register(), v);
+            // CF=1: a value was available; OF, SF, ZF, AF, PF cleared.
+            state.rflags = (state.rflags & !flags::STATUS) | flags::CF;
+        }
+        EmulateOp::Rdpid => {
+            let aux = platform.tsc_aux();
+            regs::write_gpr(state, instr.op0_register(), aux as u64);
         }
         EmulateOp::Syscall if user => {
             state.gpr[gpr::RCX] = next;

@@ -92,6 +92,25 @@ pub struct Ignore {
     pub gpr: u16,
 }
 
+impl Ignore {
+    /// What of `instr`'s result (rule `rule`) cannot be reproduced, so is not compared: the
+    /// time-stamp counter in RDX:RAX of `rdtsc`/`rdtscp`, the value of `rdrand`/`rdseed` (their
+    /// flags are compared), and — against KVM (`against_kvm`) — the TSC_AUX `rdpid` and
+    /// `rdtscp` read, which kvm_pvm lets CPL3 code read from the host (the host CPU's number:
+    /// the comparison passed or failed with the CPU the test thread ran on).
+    pub fn nondeterministic(rule: crate::rules::Rule, instr: &Instruction, against_kvm: bool) -> Self {
+        use crate::rules::{EmulateOp, Rule};
+        let dest = || 1u16 << (instr.op0_register().full_register().number() & 15);
+        match rule {
+            Rule::Emulate(EmulateOp::Rdtscp) if against_kvm => Ignore { gpr: 0b111 },
+            Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) => Ignore { gpr: 0b101 },
+            Rule::Emulate(EmulateOp::Random) => Ignore { gpr: dest() },
+            Rule::Emulate(EmulateOp::Rdpid) if against_kvm => Ignore { gpr: dest() },
+            _ => Ignore::default(),
+        }
+    }
+}
+
 /// Lists every difference between `native` and `translated`; empty means equal.
 pub fn differences(instr: &Instruction, native: &Outcome, translated: &Outcome, ignore: Ignore) -> Vec<String> {
     let mut out = Vec::new();

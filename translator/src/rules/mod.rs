@@ -100,6 +100,11 @@ pub enum EmulateOp {
     Segment,
     /// `xgetbv`: the guest's XCR0 (and XINUSE), not the host's.
     Xgetbv,
+    /// `rdrand`/`rdseed`: a random value from the host's generator (nondeterministic, so never
+    /// copied: the differential harness compares only the flags, `harness/mod.rs`).
+    Random,
+    /// `rdpid`: IA32_TSC_AUX, the guest's (system mode) or the platform's.
+    Rdpid,
 }
 
 /// Mnemonics with a dedicated rule, independent of operand form.
@@ -116,6 +121,9 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Rdpmc, Rule::System(SystemOp::Unimplemented)),
     (Mnemonic::Int1, Rule::Emulate(EmulateOp::Int1)),
     (Mnemonic::Xgetbv, Rule::Emulate(EmulateOp::Xgetbv)),
+    (Mnemonic::Rdrand, Rule::Emulate(EmulateOp::Random)),
+    (Mnemonic::Rdseed, Rule::Emulate(EmulateOp::Random)),
+    (Mnemonic::Rdpid, Rule::Emulate(EmulateOp::Rdpid)),
     (Mnemonic::Lfs, Rule::Emulate(EmulateOp::Segment)),
     (Mnemonic::Lgs, Rule::Emulate(EmulateOp::Segment)),
     (Mnemonic::Lss, Rule::Emulate(EmulateOp::Segment)),
@@ -163,9 +171,6 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
 /// (segment and base registers, protection keys, shadow stacks), depend on the host's
 /// descriptor tables, are nondeterministic, or touch memory implicitly.
 const NEVER_COPY: &[Mnemonic] = &[
-    Mnemonic::Rdrand,
-    Mnemonic::Rdseed,
-    Mnemonic::Rdpid,
     Mnemonic::Rdpkru,
     Mnemonic::Wrpkru,
     Mnemonic::Rdfsbase,

@@ -451,8 +451,14 @@ fn emulate_op(
                 mirror(&mut s.gpr[gpr::RCX], 4, s.cr4 & CR4_PKE != 0);
             }
         }
-        EmulateOp::Xgetbv => {
-            crate::emulate::sensitive(s, instr, op, platform);
+        EmulateOp::Xgetbv | EmulateOp::Random => {
+            if let crate::emulate::Outcome::Exit(Exit::Exception(e)) = crate::emulate::sensitive(s, instr, op, platform)
+            {
+                return Ok(Next::Deliver(Event::Exception(e)));
+            }
+        }
+        EmulateOp::Rdpid => {
+            crate::emulate::regs::write_gpr(s, instr.op0_register(), s.sys.msr.tsc_aux & 0xffff_ffff);
         }
         EmulateOp::Rdtsc | EmulateOp::Rdtscp => {
             const TSD: u64 = 1 << 2;

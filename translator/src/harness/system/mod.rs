@@ -21,7 +21,7 @@ use crate::engine::{Config, Translator};
 use crate::exit::{vector, Exit};
 use crate::mmu::{GuestRam, MemoryStrategy};
 use crate::platform::Platform;
-use crate::rules::{EmulateOp, Rule};
+use crate::rules::Rule;
 use crate::state::GuestState;
 pub use guest::Ring;
 use outcome::{Masks, Stop};
@@ -210,10 +210,7 @@ impl Cases for SystemWorker {
                 }
                 let masks = Masks {
                     data_selectors: quirks.loses_data_selectors,
-                    ignore: match rule {
-                        Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) => Ignore { gpr: 0b101 },
-                        _ => Ignore::default(),
-                    },
+                    ignore: Ignore::nondeterministic(rule, &inst.instr, true),
                 };
                 outcome::differences(&inst.instr, &reference, &translated, &tables, masks)
             }
