@@ -158,6 +158,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         started,
         interactive,
         gdb,
+        detailed_stats: args.stats || args.stats_json,
     };
     stop::arm(args.timeout);
     if args.raw_exit_loop {

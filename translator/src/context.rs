@@ -116,6 +116,9 @@ pub struct Context {
     /// 0x200, so an inlined `cli` is one flag-free store and `pushfq` merges both with an `or`.
     pub virtual_flags: u64,
     pub virtual_if: u64,
+    /// Soft-MMU accesses served by the inline TLB, counted by translations made with
+    /// `Translator::set_detailed_stats` (`--stats`).
+    pub tlb_hits: u64,
     pub fault_vector: u32,
     pub fault_error_code: u32,
     pub fault_address: u64,
@@ -160,6 +163,7 @@ pub mod off {
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const VIRTUAL_FLAGS: usize = offset_of!(Context, virtual_flags);
     pub const VIRTUAL_IF: usize = offset_of!(Context, virtual_if);
+    pub const TLB_HITS: usize = offset_of!(Context, tlb_hits);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);
     pub const ONE: usize = offset_of!(Context, one);

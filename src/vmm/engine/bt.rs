@@ -53,6 +53,8 @@ struct BtPlatform {
     ram: GuestRam,
     /// Guest-physical ranges hbt wrote since the run loop last told the translator.
     written: Vec<(u64, u64)>,
+    /// Time spent in device models (port I/O and MMIO), for `--stats`.
+    device_time: Duration,
 }
 
 /// Guest RAM as the paravirtual clock writes it: each write is recorded, so translations of
@@ -97,21 +99,29 @@ impl Platform for BtPlatform {
         0
     }
     fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        let started = Instant::now();
         let mut data = [0u8; 4];
         self.buses.pio.read(port as u64, &mut data[..size as usize]);
+        self.device_time += started.elapsed();
         u32::from_le_bytes(data)
     }
     fn port_out(&mut self, port: u16, size: u8, value: u32) -> PortOutcome {
+        let started = Instant::now();
         let action = self.buses.pio.write(port as u64, &value.to_le_bytes()[..size as usize]);
+        self.device_time += started.elapsed();
         self.outcome(action)
     }
     // The same MMIO bus KVM's exits use: unclaimed addresses read all ones, drop writes and are
     // counted (`--stats`).
     fn mmio_read(&mut self, pa: u64, data: &mut [u8]) {
+        let started = Instant::now();
         self.buses.mmio.read(pa, data);
+        self.device_time += started.elapsed();
     }
     fn mmio_write(&mut self, pa: u64, data: &[u8]) -> PortOutcome {
+        let started = Instant::now();
         let action = self.buses.mmio.write(pa, data);
+        self.device_time += started.elapsed();
         self.outcome(action)
     }
     fn rdmsr(&mut self, index: u32) -> Option<u64> {
@@ -177,6 +187,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     // A guest spinning with interrupts off must still end on --timeout or a signal, and stop
     // for a debugger that asks.
     translator.set_stop_check(|| stop::requested().is_some() || stop::attention());
+    translator.set_detailed_stats(setup.detailed_stats);
     let e = setup.entry;
     *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
     hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
@@ -211,6 +222,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
         clock: PvClock::new(unsafe { std::arch::x86_64::_rdtsc() }, cpuid::tsc_khz()),
         ram: guest_ram(setup.mem),
         written: Vec::new(),
+        device_time: Duration::ZERO,
     };
 
     let loop_started = Instant::now();
@@ -237,7 +249,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
             bail!("{why} after {:.3} s: {location}", setup.started.elapsed().as_secs_f64())
         }
     };
-    let (mut stats_lines, mut stats_json) = report(&translator, in_loop);
+    let (mut stats_lines, mut stats_json) = report(&translator, in_loop, platform.device_time, setup.detailed_stats);
     let unsupported = chipset.unsupported_requests();
     stats_lines.push(format!(
         "  interrupt requests the chipset model cannot carry out (NMI/INIT/SMI, APIC relocation): {unsupported}"
@@ -316,8 +328,15 @@ fn names(bits: &[cpuid::ModelBit]) -> String {
 }
 
 /// The translator's counters for `--stats`/`--stats-json`.
-fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
+fn report(
+    t: &Translator,
+    in_loop: Duration,
+    device_time: Duration,
+    detailed: bool,
+) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
     let s = t.stats();
+    let lookups = s.tlb_hits + s.tlb_misses;
+    let hit_rate = (lookups > 0).then(|| s.tlb_hits as f64 / lookups as f64);
     fn by_count(m: &std::collections::BTreeMap<iced_x86::Mnemonic, u64>) -> Vec<(String, u64)> {
         let mut v: Vec<(String, u64)> = m.iter().map(|(k, n)| (format!("{k:?}").to_lowercase(), *n)).collect();
         v.sort_by_key(|(k, n)| (std::cmp::Reverse(*n), k.clone()));
@@ -328,10 +347,21 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
     }
     let lines = vec![
         format!(
-            "  time: {:.6} s in the run loop, {:.6} s translating",
+            "  time: {:.6} s in the run loop: {:.6} s translating, {:.6} s in translated code, {:.6} s in devices, the rest in the engine (dispatch, TLB misses, emulated instructions, delivery)",
             in_loop.as_secs_f64(),
-            s.translate_time.as_secs_f64()
+            s.translate_time.as_secs_f64(),
+            s.translated_code_time.as_secs_f64(),
+            device_time.as_secs_f64()
         ),
+        match hit_rate {
+            Some(r) if detailed => format!(
+                "  soft-MMU TLB: {:.3}% of lookups hit ({} hits, {} misses)",
+                r * 100.0,
+                s.tlb_hits,
+                s.tlb_misses
+            ),
+            _ => format!("  soft-MMU TLB: {} misses", s.tlb_misses),
+        },
         format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
              {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
@@ -382,6 +412,13 @@ fn report(t: &Translator, in_loop: Duration) -> (Vec<String>, serde_json::Map<St
     map.insert("cpuid_hidden".into(), reasons(cpuid::HIDDEN));
     map.insert("cpuid_claimed".into(), reasons(cpuid::CLAIMED));
     map.insert("seconds_translating".into(), s.translate_time.as_secs_f64().into());
+    map.insert(
+        "seconds_in_translated_code".into(),
+        s.translated_code_time.as_secs_f64().into(),
+    );
+    map.insert("seconds_in_devices".into(), device_time.as_secs_f64().into());
+    map.insert("tlb_hits".into(), s.tlb_hits.into());
+    map.insert("tlb_hit_rate".into(), hit_rate.into());
     map.insert(
         "translator".into(),
         serde_json::json!({

@@ -23,6 +23,9 @@ pub struct Setup<'a> {
     pub interactive: bool,
     /// `--gdb`: the guest waits at its first instruction for a debugger on this socket.
     pub gdb: Option<super::gdb::Listener>,
+    /// `--stats`/`--stats-json`: collect what costs a little to measure (time in translated
+    /// code, soft-MMU TLB hits).
+    pub detailed_stats: bool,
 }
 
 /// Why a run ended.

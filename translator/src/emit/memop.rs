@@ -336,6 +336,20 @@ impl BlockEmitter<'_> {
         }
     }
 
+    /// With `--stats`, counts a TLB hit (`Context::tlb_hits`) using the free register `r`,
+    /// without touching flags.
+    fn count_tlb_hit(&mut self, r: Register) {
+        if self.count_tlb_hits {
+            self.asm.mov_from_ctx(r, off::TLB_HITS);
+            self.asm.glue(Instruction::with2(
+                Code::Lea_r64_m,
+                r,
+                MemoryOperand::with_base_displ(r, 1),
+            ));
+            self.asm.mov_to_ctx(off::TLB_HITS, r);
+        }
+    }
+
     /// Gives back the register of a held host address (before anything but a copied
     /// instruction with the same memory operand).
     pub(super) fn release_held(&mut self) {
@@ -534,6 +548,7 @@ impl BlockEmitter<'_> {
         let field = a.branch32_forward(Code::Jne_rel32_64);
         a.glue(Instruction::with2(Code::Add_r64_rm64, s, entry(table + 8)));
         self.miss_stub(field, s, info, flags_saved);
+        self.count_tlb_hit(u);
         self.give_back(u);
         self.give_back(t);
     }
@@ -585,6 +600,7 @@ impl BlockEmitter<'_> {
         let field = self.asm.tlb_probe(s, t, table, last);
         self.miss_stub_parked(field, s, info, false, parked);
         self.asm.tlb_hit(s, t, table);
+        self.count_tlb_hit(t);
         match parked {
             Some(p) => {
                 self.asm.mov_rr(Register::RCX, p);

@@ -156,6 +156,7 @@ pub(crate) struct BlockEmitter<'a> {
     held: Option<memop::HeldAddress>,
     /// The block's guest instructions use RCX (see `tlb_lookup_flag_free`).
     block_uses_rcx: bool,
+    count_tlb_hits: bool,
     info: InstructionInfoFactory,
 }
 
@@ -172,6 +173,8 @@ pub struct EmitOptions {
     pub system: bool,
     /// System mode: the block runs at CPL0 (`rules::Mode::kernel`).
     pub kernel: bool,
+    /// Count soft-MMU TLB hits in `Context::tlb_hits` (`--stats`; three instructions a hit).
+    pub count_tlb_hits: bool,
 }
 
 impl EmitOptions {
@@ -214,6 +217,7 @@ pub fn emit_block(
         required_alignment: 0,
         held: None,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
+        count_tlb_hits: options.count_tlb_hits,
         info: InstructionInfoFactory::new(),
     };
     // Indirect branches enter through the prologue (see `branch.rs`).

@@ -265,6 +265,7 @@ impl Translator {
             guest_xcr0: self.translated_xcr0,
             system: self.system,
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
+            count_tlb_hits: self.detailed_stats,
         };
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,

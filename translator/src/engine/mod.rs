@@ -71,6 +71,10 @@ pub struct Stats {
     pub mmio_accesses: u64,
     /// Time spent decoding and emitting blocks.
     pub translate_time: std::time::Duration,
+    /// With [`Translator::set_detailed_stats`]: time in translated code, and soft-MMU accesses
+    /// the inline TLB served.
+    pub translated_code_time: std::time::Duration,
+    pub tlb_hits: u64,
     /// System mode: exceptions and external interrupts delivered, by vector.
     pub exceptions: BTreeMap<u8, u64>,
     pub interrupts: BTreeMap<u8, u64>,
@@ -162,6 +166,8 @@ pub struct Translator {
     /// pages, as the CPU would) and for the protections SMC detection changes.
     maps: crate::host::pages::HostMaps,
     stats: Stats,
+    /// See [`Translator::set_detailed_stats`].
+    detailed_stats: bool,
 }
 
 impl Drop for Translator {
@@ -212,6 +218,7 @@ impl Translator {
             global_epoch: 0,
             maps: Default::default(),
             stats: Stats::default(),
+            detailed_stats: false,
         })
     }
 
@@ -225,6 +232,12 @@ impl Translator {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Also measure what costs a little (for `--stats`): time in translated code, and TLB
+    /// hits, which blocks translated from now on count (three instructions per hit).
+    pub fn set_detailed_stats(&mut self, on: bool) {
+        self.detailed_stats = on;
     }
 
     /// Bytes of translated code in the cache.
@@ -459,7 +472,14 @@ impl Translator {
         ctx.virtual_if = virtual_flags & flags::IF;
         ctx.virtual_flags = virtual_flags & !flags::IF & !flags::FIXED;
         ctx.state.rflags = (ctx.state.rflags & mask) | flags::FIXED;
-        self.run_translated(host);
+        if self.detailed_stats {
+            let started = std::time::Instant::now();
+            self.run_translated(host);
+            self.stats.translated_code_time += started.elapsed();
+            self.stats.tlb_hits = self.ctx.get().tlb_hits;
+        } else {
+            self.run_translated(host);
+        }
         let ctx = self.ctx.get_mut();
         ctx.state.rflags = (ctx.state.rflags & mask) | ctx.virtual_flags | ctx.virtual_if | flags::FIXED;
     }
