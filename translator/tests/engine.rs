@@ -720,7 +720,6 @@ impl hbt_translator::Platform for TickingPlatform {
 
 #[test]
 fn interrupts_between_blocks_of_a_loop_keep_its_flags() {
-    use hbt_translator::state::{flags, DescriptorTable};
     // The copy loop of `flags_survive_split_accesses_in_a_copy_loop` (its TLB misses split the
     // body into several blocks), interrupted at block boundaries by a handler that clobbers
     // the flags (`xor eax,eax` clears CF) before `iretq`: CF from `sub` must come back.
@@ -733,28 +732,8 @@ fn interrupts_between_blocks_of_a_loop_keep_its_flags() {
     code.extend([0x31, 0xc0, 0x48, 0xcf]); // handler at +0x100: xor eax,eax; iretq
     for period in [2u64, 3, 5, 7] {
         let g = SoftGuest::new(&code);
-        // GDT at 0x401800: 0x10 = 64-bit code, 0x18 = data. IDT at 0x401a00: vector 32.
-        g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
-        g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
-        let handler = CODE_VA + 0x100;
-        let gate = 0x6a00 + 32 * 16;
-        g.write_u64(
-            gate,
-            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
-        );
-        g.write_u64(gate + 8, handler >> 32);
-        let mut t = g.translator_with(true);
+        let mut t = system_with_idt(&g, &[32], 0x100);
         let s = t.state_mut();
-        s.sys.gdtr = DescriptorTable {
-            base: 0x40_1800,
-            limit: 0x1f,
-        };
-        s.sys.idtr = DescriptorTable {
-            base: 0x40_1a00,
-            limit: 0x3ff,
-        };
-        s.rflags |= flags::IF;
-        s.gpr[4] = 0x40_1f00; // rsp
         s.gpr[2] = 0x100;
         s.gpr[6] = 0x40_4f92;
         s.gpr[7] = 0x40_1000;
@@ -930,7 +909,7 @@ fn a_cr3_write_keeps_global_translations_and_a_pge_toggle_drops_them() {
 
 #[test]
 fn rf_restored_by_iretq_lasts_until_the_next_instruction_starts() {
-    use hbt_translator::state::{flags, DescriptorTable};
+    use hbt_translator::state::flags;
     // mov rax,rsp; push 0x18; push rax; push 0x10202 (RF|IF); push 0x10; lea rcx,[rip+3];
     // push rcx; iretq; then nop; nop; hlt. The interrupt handler at +0x100 takes the pushed
     // RFLAGS: mov rbx,[rsp+16]; hlt.
@@ -944,26 +923,8 @@ fn rf_restored_by_iretq_lasts_until_the_next_instruction_starts() {
     // still set); period 2: after the two nops (RF was cleared as the first one started).
     for (period, rf) in [(1u64, flags::RF), (2, 0)] {
         let g = SoftGuest::new(&code);
-        g.write_u64(0x6800 + 0x10, 0x00af_9b00_0000_ffff);
-        g.write_u64(0x6800 + 0x18, 0x00cf_9300_0000_ffff);
-        let handler = CODE_VA + 0x100;
-        let gate = 0x6a00 + 32 * 16;
-        g.write_u64(
-            gate,
-            (handler & 0xffff) | (0x10 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48,
-        );
-        g.write_u64(gate + 8, handler >> 32);
-        let mut t = g.translator_with(true);
-        let s = t.state_mut();
-        s.sys.gdtr = DescriptorTable {
-            base: 0x40_1800,
-            limit: 0x1f,
-        };
-        s.sys.idtr = DescriptorTable {
-            base: 0x40_1a00,
-            limit: 0x3ff,
-        };
-        s.gpr[4] = 0x40_1f00;
+        let mut t = system_with_idt(&g, &[32], 0x100);
+        t.state_mut().rflags &= !flags::IF; // the iretq's frame sets it
         let mut platform = TickingPlatform {
             period,
             boundaries: 0,
