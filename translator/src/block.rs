@@ -102,6 +102,8 @@ pub struct BuildOptions<'a> {
     pub system: bool,
     /// System mode: the block is translated for CPL0.
     pub kernel: bool,
+    /// See `rules::Mode::interrupt_line`.
+    pub interrupt_line: bool,
     pub verified_only: bool,
     pub max_instructions: usize,
     /// Debugger breakpoints (guest virtual addresses, `engine/debug.rs`): a block ends before
@@ -116,6 +118,7 @@ impl BuildOptions<'_> {
             soft_mmu: self.soft_mmu,
             system: self.system,
             kernel: self.kernel,
+            interrupt_line: self.interrupt_line,
         }
     }
 }
@@ -438,6 +441,7 @@ mod tests {
             soft_mmu: false,
             system: false,
             kernel: false,
+            interrupt_line: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
             breakpoints: &NO_BREAKPOINTS,
@@ -466,6 +470,7 @@ mod tests {
             soft_mmu: true,
             system: true,
             kernel: true,
+            interrupt_line: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
             breakpoints: &NO_BREAKPOINTS,
@@ -553,6 +558,7 @@ mod tests {
             soft_mmu: false,
             system: false,
             kernel: false,
+            interrupt_line: false,
             verified_only: false,
             max_instructions: 2,
             breakpoints: &NO_BREAKPOINTS,
@@ -583,6 +589,7 @@ mod tests {
                 soft_mmu: false,
                 system: false,
                 kernel: false,
+                interrupt_line: false,
                 verified_only: false,
                 max_instructions: MAX_BLOCK_INSTRUCTIONS,
                 breakpoints,

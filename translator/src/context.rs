@@ -68,6 +68,10 @@ pub enum ExitReason {
     /// The instruction at the guest RIP writes the page its own block came from (`fault_*` is
     /// not a guest exception): it runs from a fresh translation.
     SelfModify = 6,
+    /// System mode: an inlined `sti` set IF while the interrupt controller's INTR line was up
+    /// (`Translator::set_interrupt_line`); the guest RIP is the next instruction, inside
+    /// `sti`'s shadow.
+    InterruptWindow = 7,
 }
 
 /// Where each register (by hardware number) is spilled in [`Context::spill`]. The registers

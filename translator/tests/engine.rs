@@ -577,6 +577,59 @@ fn a_fault_at_an_instruction_reusing_a_host_address_is_precise() {
 }
 
 #[test]
+fn kernel_rep_stos_and_movs_run_in_place_within_a_page() {
+    // mov rdi,0x401010; mov ecx,4; mov rax,0x1122334455667788; rep stosq;
+    // mov rsi,0x401010; mov rdi,0x401100; mov ecx,32; rep movsb; hlt
+    let mut code = vec![0x48, 0xc7, 0xc7, 0x10, 0x10, 0x40, 0x00, 0xb9, 4, 0, 0, 0];
+    code.extend([0x48, 0xb8, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+    code.extend([0xf3, 0x48, 0xab]);
+    code.extend([
+        0x48, 0xc7, 0xc6, 0x10, 0x10, 0x40, 0x00, 0x48, 0xc7, 0xc7, 0x00, 0x11, 0x40, 0x00,
+    ]);
+    code.extend([0xb9, 32, 0, 0, 0, 0xf3, 0xa4, 0xf4]);
+    let g = SoftGuest::new(&code);
+    let mut t = g.translator_with(true);
+    // Twice: the first run's TLB misses restart each string instruction in the engine; the
+    // second finds both pages in the TLB and runs them in place.
+    for round in 0..2 {
+        t.state_mut().rip = CODE_VA;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Halt, "round {round}");
+        let s = t.state();
+        assert_eq!(
+            (s.gpr[1], s.gpr[6], s.gpr[7]),
+            (0, 0x40_1030, 0x40_1120),
+            "round {round}: rcx rsi rdi"
+        );
+        for i in 0..4u64 {
+            let pa = 0x6010 + 8 * i;
+            // SAFETY: reading inside the RAM mapping.
+            let (stored, copied) = unsafe {
+                (
+                    std::ptr::read_unaligned(g.ram.add(pa as usize) as *const u64),
+                    std::ptr::read_unaligned(g.ram.add(pa as usize + 0xf0) as *const u64),
+                )
+            };
+            assert_eq!(
+                (stored, copied),
+                (0x1122334455667788, 0x1122334455667788),
+                "round {round}"
+            );
+        }
+    }
+    assert!(
+        t.stats()
+            .emulated_by_mnemonic
+            .get(&iced_x86::Mnemonic::Stosq)
+            .copied()
+            .unwrap_or(0)
+            <= 1,
+        "{:?}",
+        t.stats()
+    );
+}
+
+#[test]
 fn self_modifying_code_is_seen_by_the_next_block() {
     // mov byte [rip+3],0x42; jmp +0; mov al,0x11; hlt  -- rewrites the 0x11 before it runs
     let g = SoftGuest::new(&[0xc6, 0x05, 0x03, 0, 0, 0, 0x42, 0xeb, 0x00, 0xb0, 0x11, 0xf4]);
@@ -716,6 +769,62 @@ impl hbt_translator::Platform for TickingPlatform {
         self.delivered += 1;
         Some(32)
     }
+}
+
+/// An interrupt line that stays up until the CPU takes it once (`LINE`, which translated code
+/// may read: `Translator::set_interrupt_line`).
+struct OneInterrupt {
+    taken: bool,
+}
+
+static LINE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl hbt_translator::Platform for OneInterrupt {
+    fn cpuid(&mut self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        HostPlatform.cpuid(leaf, subleaf)
+    }
+    fn rdtsc(&mut self) -> u64 {
+        0
+    }
+    fn tsc_aux(&mut self) -> u32 {
+        0
+    }
+    fn interrupt_pending(&mut self) -> bool {
+        LINE.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn acknowledge_interrupt(&mut self) -> Option<u8> {
+        self.taken = true;
+        LINE.store(false, std::sync::atomic::Ordering::SeqCst);
+        Some(32)
+    }
+}
+
+#[test]
+fn an_inlined_sti_takes_a_waiting_interrupt_after_its_shadow() {
+    // cli; nop; sti; mov ebx,1; mov ecx,2; hlt — with an interrupt waiting all along. The
+    // handler (+0x100: mov rdx,rbx; mov r8,rcx; hlt) must run after `mov ebx,1` (sti's shadow)
+    // and before `mov ecx,2`.
+    let mut code = vec![0xfa, 0x90, 0xfb, 0xbb, 1, 0, 0, 0, 0xb9, 2, 0, 0, 0, 0xf4];
+    code.resize(0x100, 0xcc);
+    code.extend([0x48, 0x89, 0xda, 0x49, 0x89, 0xc8, 0xf4]);
+    let g = SoftGuest::new(&code);
+    let mut t = system_with_idt(&g, &[32], 0x100);
+    t.state_mut().rflags &= !hbt_translator::state::flags::IF;
+    LINE.store(true, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: a static.
+    unsafe { t.set_interrupt_line(&LINE) };
+    let mut platform = OneInterrupt { taken: false };
+    let exit = t.run(&mut platform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Halt);
+    let s = t.state();
+    assert!(platform.taken);
+    assert_eq!((s.gpr[2], s.gpr[8]), (1, 0), "rbx and rcx as the handler saw them");
+    assert_eq!(s.rip, CODE_VA + 0x107, "halted in the handler");
+    assert!(
+        !t.stats().emulated_by_mnemonic.contains_key(&iced_x86::Mnemonic::Sti),
+        "sti was inlined: {:?}",
+        t.stats()
+    );
 }
 
 #[test]

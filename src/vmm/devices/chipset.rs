@@ -196,6 +196,11 @@ impl Chipset {
         self.with(|c| c.set_irq(irq, level));
     }
 
+    /// The CPU's INTR line itself (translated code reads it: `Translator::set_interrupt_line`).
+    pub fn interrupt_line(&self) -> &AtomicBool {
+        &self.intr
+    }
+
     /// The CPU's INTR line, as of the last change.
     pub fn interrupt_pending(&self) -> bool {
         self.intr.load(Ordering::SeqCst)

@@ -204,6 +204,9 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     };
     let (mut buses, marks) = Buses::standard(setup.started, setup.interactive, com1_irq);
     devices::chipset::insert(&mut buses.pio, &mut buses.mmio, &chipset);
+    // SAFETY: the chipset outlives every `translator.run` below (`platform` and `run_loop` hold
+    // it), and its INTR line is an AtomicBool inside the Arc's allocation, which does not move.
+    unsafe { translator.set_interrupt_line(chipset.interrupt_line()) };
     let done = Arc::new(AtomicBool::new(false));
     let ticker = {
         let (chipset, done) = (Arc::clone(&chipset), Arc::clone(&done));

@@ -23,6 +23,7 @@ pub use branch::IBL_PROLOGUE_LEN;
 pub mod glue;
 mod memop;
 mod stack;
+mod string;
 mod xstate;
 
 use crate::block::{DecodedBlock, Flow};
@@ -109,6 +110,16 @@ enum Cold {
         spilled: u16,
         flags_saved: bool,
     },
+    /// The engine performs the instruction at `guest_rip` after all (`string.rs`): restore the
+    /// guest state and exit; every rel32 in `fields` jumps here.
+    ToEngine {
+        fields: Vec<usize>,
+        guest_rip: u64,
+        spilled: u16,
+        flags_saved: bool,
+    },
+    /// An inlined `sti` found an interrupt waiting: RCX back, exit at `next_rip` in the shadow.
+    InterruptWindow { field: usize, next_rip: u64 },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
     TlbMiss {
         field: usize,
@@ -157,6 +168,7 @@ pub(crate) struct BlockEmitter<'a> {
     /// The block's guest instructions use RCX (see `tlb_lookup_flag_free`).
     block_uses_rcx: bool,
     count_tlb_hits: bool,
+    interrupt_line: Option<u64>,
     info: InstructionInfoFactory,
 }
 
@@ -173,6 +185,9 @@ pub struct EmitOptions {
     pub system: bool,
     /// System mode: the block runs at CPL0 (`rules::Mode::kernel`).
     pub kernel: bool,
+    /// Address of the interrupt controller's INTR line (one byte, 0 or 1), if translated code
+    /// may read it (`Translator::set_interrupt_line`).
+    pub interrupt_line: Option<u64>,
     /// Count soft-MMU TLB hits in `Context::tlb_hits` (`--stats`; three instructions a hit).
     pub count_tlb_hits: bool,
 }
@@ -183,6 +198,7 @@ impl EmitOptions {
             soft_mmu: self.soft_mmu,
             system: self.system,
             kernel: self.kernel,
+            interrupt_line: self.interrupt_line.is_some(),
         }
     }
 }
@@ -218,6 +234,7 @@ pub fn emit_block(
         held: None,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
         count_tlb_hits: options.count_tlb_hits,
+        interrupt_line: options.interrupt_line,
         info: InstructionInfoFactory::new(),
     };
     // Indirect branches enter through the prologue (see `branch.rs`).
@@ -255,7 +272,11 @@ pub fn emit_block(
             }
         }
         if d.rule.runs_in_engine(has_fs_gs(&d.instr), e.mode) {
-            e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
+            if e.string_in_place(&d.instr) {
+                e.string(&d.instr)?;
+            } else {
+                e.exit_to_engine(ExitReason::Emulate, d.instr.ip());
+            }
             continue;
         }
         match d.rule {
@@ -268,6 +289,7 @@ pub fn emit_block(
             // CPL0 (`Rule::runs_in_engine`): IF is virtual, and no interrupt can become
             // deliverable by clearing it.
             Rule::System(crate::system::SystemOp::Cli) => e.asm.store_ctx_u64(off::VIRTUAL_IF, 0),
+            Rule::System(crate::system::SystemOp::Sti) => e.sti(&d.instr),
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
         debug_assert_eq!(e.spilled & !e.held_mask(), 0, "glue left a register borrowed");
@@ -425,6 +447,35 @@ impl BlockEmitter<'_> {
         }
     }
 
+    /// `sti` at CPL0: sets the virtual IF, and when the interrupt controller's INTR line is up
+    /// returns to the dispatcher after it, which takes the interrupt once `sti`'s shadow has
+    /// passed; otherwise goes on. Flag-free:
+    ///
+    /// ```text
+    ///   mov qword gs:[virtual_if],0x200; spill rcx; mov rcx,line; movzx ecx,byte [rcx]
+    ///   jrcxz +5; jmp window   ; (cold) reload rcx, exit InterruptWindow at the next RIP
+    ///   reload rcx
+    /// ```
+    fn sti(&mut self, instr: &Instruction) {
+        let line = self.interrupt_line.expect("sti is inlined only with an INTR line");
+        self.asm.store_ctx_u64(off::VIRTUAL_IF, crate::state::flags::IF);
+        self.borrow(Register::RCX);
+        self.asm.mov_imm64(Register::RCX, line);
+        self.asm.glue(Instruction::with2(
+            Code::Movzx_r32_rm8,
+            Register::ECX,
+            iced_x86::MemoryOperand::with_base(Register::RCX),
+        ));
+        let hit = self.asm.here() + 2 + 5;
+        self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
+        let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
+        self.cold.push(Cold::InterruptWindow {
+            field,
+            next_rip: instr.next_ip(),
+        });
+        self.give_back(Register::RCX);
+    }
+
     /// Ends the block: the engine handles the instruction at `rip`.
     fn exit_to_engine(&mut self, reason: ExitReason, rip: u64) {
         self.asm.store_ctx_u64(off::RIP, rip);
@@ -499,6 +550,23 @@ impl BlockEmitter<'_> {
                     self.asm.store_ctx_u32(off::FAULT_VECTOR, vector as u32);
                     self.asm.store_ctx_u32(off::FAULT_ERROR_CODE, error_code);
                     self.exit_to_engine(ExitReason::Fault, guest_rip);
+                }
+                Cold::InterruptWindow { field, next_rip } => {
+                    self.bind_here(field);
+                    self.asm.mov_from_ctx(Register::RCX, asm::spill_offset(Register::RCX));
+                    self.exit_to_engine(ExitReason::InterruptWindow, next_rip);
+                }
+                Cold::ToEngine {
+                    fields,
+                    guest_rip,
+                    spilled,
+                    flags_saved,
+                } => {
+                    for field in fields {
+                        self.bind_here(field);
+                    }
+                    self.restore_guest(spilled, flags_saved);
+                    self.exit_to_engine(ExitReason::Emulate, guest_rip);
                 }
                 Cold::TlbMiss {
                     field,

@@ -266,6 +266,7 @@ impl Translator {
             system: self.system,
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
             count_tlb_hits: self.detailed_stats,
+            interrupt_line: self.interrupt_line,
         };
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,

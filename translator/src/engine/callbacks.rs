@@ -13,9 +13,10 @@ use super::*;
 /// rather than a block (then every chain goes, as the glue may be about to enter any block).
 /// Allocation-free.
 ///
-/// A system-mode guest running with IF=0 cannot take an interrupt before it sets IF again,
-/// and every instruction that does (`sti`, `popf`, `iretq`) runs in the dispatcher, which
-/// checks for pending interrupts (only `cli` is inlined): its chains stay. A stop the
+/// A system-mode guest running with IF=0 cannot take an interrupt before it sets IF again, and
+/// every instruction that does (`popf`, `iretq`) runs in the dispatcher, which checks for
+/// pending interrupts, or is an inlined `sti`, which reads the interrupt controller's INTR line
+/// itself (`Translator::set_interrupt_line`): its chains stay. A stop the
 /// embedder asked for (`Translator::set_stop_check`) always unlinks: a guest spinning with
 /// IF=0 must still end on `--timeout` or Ctrl-C.
 pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {

@@ -168,6 +168,8 @@ pub struct Translator {
     stats: Stats,
     /// See [`Translator::set_detailed_stats`].
     detailed_stats: bool,
+    /// See [`Translator::set_interrupt_line`].
+    interrupt_line: Option<u64>,
 }
 
 impl Drop for Translator {
@@ -219,6 +221,7 @@ impl Translator {
             maps: Default::default(),
             stats: Stats::default(),
             detailed_stats: false,
+            interrupt_line: None,
         })
     }
 
@@ -232,6 +235,18 @@ impl Translator {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// System mode: lets translated code read the interrupt controller's INTR line (the byte
+    /// at `line`, nonzero while an interrupt waits for the CPU), so `sti` at CPL0 is inlined and
+    /// returns to the dispatcher only when an interrupt is waiting (a Linux boot executes ≈100k
+    /// `sti`s). Affects blocks translated from now on.
+    ///
+    /// # Safety
+    /// `line` must stay readable (a live `AtomicBool`, say) whenever translated code runs: in
+    /// every later call of [`Translator::run`].
+    pub unsafe fn set_interrupt_line(&mut self, line: *const std::sync::atomic::AtomicBool) {
+        self.interrupt_line = Some(line as u64);
     }
 
     /// Also measure what costs a little (for `--stats`): time in translated code, and TLB
@@ -397,6 +412,11 @@ impl Translator {
                     }
                 }
                 r if r == ExitReason::Emulate as u32 => {}
+                r if r == ExitReason::InterruptWindow as u32 => {
+                    // An inlined `sti` (IF is set, merged back by `enter`): the interrupt waits
+                    // for the end of its shadow, the next instruction.
+                    self.ctx.get_mut().state.sys.interrupt_shadow = true;
+                }
                 r if r == ExitReason::SelfModify as u32 => {
                     // The store's page is writable and its blocks are gone: run the store once
                     // from an uncached block, then go on from fresh translations.
@@ -540,6 +560,7 @@ impl Translator {
             soft_mmu: soft,
             system: self.system,
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
+            interrupt_line: self.interrupt_line.is_some(),
             verified_only: self.verified_only,
             max_instructions: cap,
             breakpoints: &self.debug.breakpoints,

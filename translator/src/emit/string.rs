@@ -1,0 +1,152 @@
+//! `rep stos` and `rep movs` of kernel code under the soft-MMU, run in place: when the direction
+//! flag is clear and the destination (and source) stay inside one page each, both pages are
+//! found through the inline TLB and the guest's own instruction runs natively on their host
+//! addresses, with RDI/RSI pointing there for its duration. Anything else — DF set, a range that
+//! crosses a page, a TLB miss — goes to the engine as before (`emulate/string.rs`).
+//!
+//! Why: a Linux kernel clears and copies pages with `rep stosq`/`rep movsq` and runs memset and
+//! memcpy as `rep stosb`/`rep movsb`; performed by the engine, each cost a round trip through
+//! the dispatcher (≈300k of a boot's 500k engine-performed instructions).
+//!
+//! Why it is exact: a TLB hit for a page means the access is allowed there (the entry was filled
+//! by a walk for that privilege and kind; write entries never exist for pages holding translated
+//! code, so self-modifying stores still miss), so an in-page range cannot fault; the native
+//! instruction then does what the CPU does on the guest's pages (overlap included: both are the
+//! same host memory). Only kernel code takes this path: at CPL0 RFLAGS.AC is virtual, so the
+//! native instruction can never raise #AC. The instruction is never the first of a block (the
+//! engine performs those), so a TLB miss restarts it in the engine.
+//!
+//! ```text
+//!   save flags; t = guest flags; bt t,10 (DF); jc engine
+//!   cmp rcx,4096/n; ja engine; test rcx,rcx; jz done
+//!   t = (rdi & 0xfff) + rcx*n; cmp t,4096; ja engine      (the same for rsi)
+//!   d = host(rdi) for writing; s = host(rsi) for reading   (inline TLB; a miss exits)
+//!   t = rdi; rdi = d; (u = rsi; rsi = s); rep stos/movs; rdi += t - d; (rsi += u - s)
+//!   give back the scratch registers; restore flags
+//! done: jmp next instruction (a chainable block exit)
+//! ```
+
+use super::asm::reg_num;
+use super::{BlockEmitter, Cold};
+use crate::context::off;
+use crate::error::TranslateError;
+use crate::mmu::Access;
+use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic, OpKind, Register};
+
+const PAGE: u32 = 4096;
+const DF_BIT: i32 = 10;
+
+/// Bit per hardware number.
+fn bit(r: Register) -> u16 {
+    1 << reg_num(r)
+}
+
+impl BlockEmitter<'_> {
+    /// Whether `instr` takes the in-place path (see the module comment).
+    pub(super) fn string_in_place(&self, instr: &Instruction) -> bool {
+        let kind = matches!(
+            instr.mnemonic(),
+            Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq
+        ) || (matches!(
+            instr.mnemonic(),
+            Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
+        ) && instr.op1_kind() == OpKind::MemorySegRSI);
+        self.soft_mmu
+            && self.mode.kernel
+            && !self.split_access
+            && kind
+            && instr.has_rep_prefix()
+            && instr.op0_kind() == OpKind::MemoryESRDI
+            && !matches!(instr.segment_prefix(), Register::FS | Register::GS)
+    }
+
+    /// Emits `instr` (a `rep stos`/`rep movs` for which [`Self::string_in_place`] holds).
+    pub(super) fn string(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
+        let n = instr.memory_size().size() as u32;
+        let movs = instr.op1_kind() == OpKind::MemorySegRSI;
+        let used = bit(Register::RCX) | bit(Register::RDI) | if movs { bit(Register::RSI) } else { bit(Register::RAX) };
+        self.save_flags();
+        let t = self.pick(used);
+        self.borrow(t);
+        let mut to_engine = Vec::new();
+        let a = &mut self.asm;
+        a.mov_from_ctx(t, off::FLAG_SLOT);
+        // FLAG_SLOT holds the address of the saved flags: load them.
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, t, MemoryOperand::with_base(t)));
+        a.glue(Instruction::with2(Code::Bt_rm64_imm8, t, DF_BIT));
+        to_engine.push(a.branch32_forward(Code::Jb_rel32_64));
+        a.glue(Instruction::with2(
+            Code::Cmp_rm64_imm32,
+            Register::RCX,
+            (PAGE / n) as i32,
+        ));
+        to_engine.push(a.branch32_forward(Code::Ja_rel32_64));
+        a.glue(Instruction::with2(Code::Test_rm64_r64, Register::RCX, Register::RCX));
+        let nothing = a.branch32_forward(Code::Je_rel32_64);
+        for base in if movs {
+            &[Register::RDI, Register::RSI][..]
+        } else {
+            &[Register::RDI][..]
+        } {
+            // t = offset in its page + the length: more than a page means it crosses.
+            a.glue(Instruction::with2(Code::Mov_r64_rm64, t, *base));
+            a.glue(Instruction::with2(Code::And_rm64_imm32, t, (PAGE - 1) as i32));
+            a.glue(Instruction::with2(
+                Code::Lea_r64_m,
+                t,
+                MemoryOperand::new(t, Register::RCX, n, 0, 0, false, Register::None),
+            ));
+            a.glue(Instruction::with2(Code::Cmp_rm64_imm32, t, PAGE as i32));
+            to_engine.push(a.branch32_forward(Code::Ja_rel32_64));
+        }
+        let (spilled, guest_rip) = (self.spilled, self.guest_rip);
+        self.cold.push(Cold::ToEngine {
+            fields: to_engine,
+            guest_rip,
+            spilled,
+            flags_saved: true,
+        });
+        // Host addresses of the two ranges (a miss exits: the engine performs the instruction).
+        let d = self.pick(used | bit(t));
+        self.borrow(d);
+        self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, d, Register::RDI));
+        self.tlb_lookup(d, Access::Write, 1, used | bit(t) | bit(d));
+        let src = if movs {
+            let s = self.pick(used | bit(t) | bit(d));
+            self.borrow(s);
+            self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, s, Register::RSI));
+            self.tlb_lookup(s, Access::Read, 1, used | bit(t) | bit(d) | bit(s));
+            let u = self.pick(used | bit(t) | bit(d) | bit(s));
+            self.borrow(u);
+            Some((s, u))
+        } else {
+            None
+        };
+        // The guest's own instruction, on the host addresses.
+        let a = &mut self.asm;
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, t, Register::RDI));
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RDI, d));
+        if let Some((s, u)) = src {
+            a.glue(Instruction::with2(Code::Mov_r64_rm64, u, Register::RSI));
+            a.glue(Instruction::with2(Code::Mov_r64_rm64, Register::RSI, s));
+        }
+        let mut native = *instr;
+        native.set_segment_prefix(Register::None);
+        a.emit(&native)?;
+        a.glue(Instruction::with2(Code::Sub_r64_rm64, Register::RDI, d));
+        a.glue(Instruction::with2(Code::Add_r64_rm64, Register::RDI, t));
+        if let Some((s, u)) = src {
+            a.glue(Instruction::with2(Code::Sub_r64_rm64, Register::RSI, s));
+            a.glue(Instruction::with2(Code::Add_r64_rm64, Register::RSI, u));
+            self.give_back(u);
+            self.give_back(s);
+        }
+        self.give_back(d);
+        self.bind_here(nothing);
+        self.give_back(t);
+        self.restore_flags();
+        // The instruction ended the block: go on at the next one (a chainable exit).
+        self.exit_jump(Code::Jmp_rel32_64, instr.next_ip());
+        Ok(())
+    }
+}
