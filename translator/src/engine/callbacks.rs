@@ -5,9 +5,8 @@
 use super::*;
 
 /// Asynchronous-signal callback: flag the interrupt and, when translated code is running,
-/// make it leave at its next block end: the way out of the block it is in (chained jumps,
-/// return caches) goes back to the dispatcher and the indirect-branch table is emptied, so
-/// whatever the block does next reaches the dispatcher, where the interrupt is taken. Only
+/// make it leave at its next block end: every way out of the block it is in (chained jumps,
+/// inline caches) goes back to the dispatcher, where the interrupt is taken. Only
 /// that block is unlinked — undoing every chain at each timer tick made the dispatcher relink
 /// them all again (a Linux boot re-chained ≈160k links) — unless the signal stopped the glue
 /// rather than a block (then every chain goes, as the glue may be about to enter any block).
@@ -33,6 +32,9 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
     if if_clear && !(t.stop_check)() {
         return;
     }
+    // Its inline caches undone, the block's indirect branches miss them and leave for the
+    // dispatcher (the restored fill jump), never reaching the indirect-branch table: the table
+    // is emptied only when the signal stopped the glue.
     match t.block_at_host(pc) {
         Some(i) => {
             let b = &t.blocks[i];
@@ -63,13 +65,13 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
                     unsafe { link.undo(true) };
                 }
             }
+            let ctx = t.ctx.as_ptr();
+            // Tags only: a lookup stopped between its tag check and its host load must still
+            // find the (valid) host it matched.
+            // SAFETY: ctx is the live context; translated code is stopped.
+            unsafe { (*ctx).ibl_tags.fill(IBL_EMPTY_TAG) };
         }
     }
-    let ctx = t.ctx.as_ptr();
-    // Tags only: a lookup stopped between its tag check and its host load must still find the
-    // (valid) host it matched.
-    // SAFETY: ctx is the live context; translated code is stopped.
-    unsafe { (*ctx).ibl_tags.fill(IBL_EMPTY_TAG) };
 }
 
 /// Signal-handler callback: maps a host PC inside translated code to its fault site.
