@@ -74,4 +74,4 @@ if [ "$mqi" != nan ] && [ "$mhi" != nan ]; then
   printf 'hbt/qemu: %.2f to /init, %.2f to the end (target ≤ 1.0)\n' "$(echo "$mhi / $mqi" | bc -l)" "$(echo "$mhe / $mqe" | bc -l)"
 fi
 echo "--- where hbt's time goes (one more run, --stats) ---"
-"${hbt_cmd[@]}" --stats 2>&1 >/dev/null | grep -E '^  (time|translator|exceptions|interrupts|unimplemented|port)'
+"${hbt_cmd[@]}" --stats 2>&1 >/dev/null | grep -E '^  (time|soft-MMU|translator|emulated|exceptions|interrupts|unimplemented|port)'
