@@ -3,8 +3,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(
-        "cannot open /dev/kvm ({0}): hbt run needs KVM; check that /dev/kvm exists and that you may \
-         read and write it (e.g. add yourself to the `kvm` group)"
+        "cannot open /dev/kvm ({0}): --accel kvm needs KVM; check that /dev/kvm exists and that you \
+         may read and write it (e.g. add yourself to the `kvm` group), or run the guest without KVM \
+         with --accel bt"
     )]
     OpenKvm(kvm_ioctls::Error),
     #[error("{ioctl} failed: {source}")]
