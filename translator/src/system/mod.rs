@@ -36,6 +36,11 @@ pub enum SystemOp {
     PortIn,
     /// `out` to an immediate or DX port.
     PortOut,
+    /// `ins`/`outs` (with REP): string I/O between the DX port and memory.
+    PortString,
+    /// `rdpmc`: no performance counters are modelled, so #GP(0) for every counter (as a CPU
+    /// raises for an index it does not have).
+    Rdpmc,
     Lgdt,
     Lidt,
     Lldt,
@@ -67,6 +72,12 @@ pub const SYSTEM_OPS: &[(Mnemonic, SystemOp)] = &[
     (Mnemonic::Hlt, SystemOp::Hlt),
     (Mnemonic::In, SystemOp::PortIn),
     (Mnemonic::Out, SystemOp::PortOut),
+    (Mnemonic::Insb, SystemOp::PortString),
+    (Mnemonic::Insw, SystemOp::PortString),
+    (Mnemonic::Insd, SystemOp::PortString),
+    (Mnemonic::Outsb, SystemOp::PortString),
+    (Mnemonic::Outsw, SystemOp::PortString),
+    (Mnemonic::Outsd, SystemOp::PortString),
     (Mnemonic::Lgdt, SystemOp::Lgdt),
     (Mnemonic::Lidt, SystemOp::Lidt),
     (Mnemonic::Lldt, SystemOp::Lldt),
@@ -219,6 +230,14 @@ fn system_op(
                 }
             }
         }
+        SystemOp::PortString => return port_string(s, instr, mem, platform),
+        SystemOp::Rdpmc => {
+            const PCE: u64 = 1 << 8;
+            if s.cpl != Cpl::Kernel && s.cr4 & PCE == 0 {
+                return Err(GuestException::gp(0).into());
+            }
+            return Err(GuestException::gp(0).into());
+        }
         SystemOp::Lgdt | SystemOp::Lidt => {
             kernel_only(s)?;
             let va = mem_va(s, instr, 0);
@@ -344,6 +363,99 @@ fn system_op(
             return Ok(Next::Deliver(Event::Exception(GuestException::new(vector::UD))));
         }
     }
+    Ok(Next::Continue)
+}
+
+/// Iterations of a `rep ins`/`rep outs` performed before the dispatcher gets a turn (RIP stays
+/// at the instruction and RCX counts what is left, as when the CPU takes an interrupt).
+const PORT_STRING_BATCH: u64 = 4096;
+
+/// `ins`/`outs`, with or without REP: one element per iteration between the DX port and
+/// ES:RDI (`ins`, no segment override) or seg:RSI (`outs`), RDI/RSI stepping by DF. With a
+/// 32-bit address size EDI/ESI and ECX are used (and written zero-extended). Iterations done
+/// before a fault stay done, as on the CPU: the fault is delivered at the instruction with
+/// the registers of the iteration that faulted.
+fn port_string(
+    s: &mut GuestState,
+    instr: &Instruction,
+    mem: &mut dyn GuestMemory,
+    platform: &mut dyn Platform,
+) -> Result<Next, Failure> {
+    io_allowed(s)?;
+    let here = instr.ip();
+    let n = instr.memory_size().size();
+    let input = matches!(instr.mnemonic(), Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd);
+    let (pointer, kind) = if input {
+        (gpr::RDI, instr.op0_kind())
+    } else {
+        (gpr::RSI, instr.op1_kind())
+    };
+    let wide = matches!(kind, OpKind::MemoryESRDI | OpKind::MemorySegRSI);
+    let width = |v: u64| if wide { v } else { v & 0xffff_ffff };
+    let base = if input {
+        0
+    } else {
+        match instr.segment_prefix() {
+            Register::FS => s.fs_base,
+            Register::GS => s.gs_base,
+            _ => 0,
+        }
+    };
+    let step = if s.rflags & flags::DF != 0 {
+        (n as u64).wrapping_neg()
+    } else {
+        n as u64
+    };
+    let port = s.gpr[gpr::RDX] as u16;
+    let rep = instr.has_rep_prefix() || instr.has_repne_prefix();
+    for _ in 0..PORT_STRING_BATCH {
+        if rep && width(s.gpr[gpr::RCX]) == 0 {
+            return Ok(Next::Continue);
+        }
+        let at = base.wrapping_add(width(s.gpr[pointer]));
+        // One element: Ok(true) when the device asks the run to stop after it.
+        let mut element = |s: &mut GuestState| -> Result<bool, GuestException> {
+            if s.alignment_checking() && n > 1 && !at.is_multiple_of(n as u64) {
+                return Err(GuestException {
+                    vector: vector::AC,
+                    error_code: Some(0),
+                    address: None,
+                });
+            }
+            if input {
+                // The port is read before the memory is written.
+                let v = platform.port_in(port, n as u8);
+                mem.write(at, &v.to_le_bytes()[..n])?;
+                Ok(false)
+            } else {
+                let v = mem.read_le(at, n)? as u32;
+                Ok(platform.port_out(port, n as u8, v) == PortOutcome::Stop)
+            }
+        };
+        let stop = match element(s) {
+            Ok(stop) => stop,
+            Err(e) => {
+                s.rip = here;
+                return Ok(Next::Deliver(Event::Exception(e)));
+            }
+        };
+        s.gpr[pointer] = width(s.gpr[pointer].wrapping_add(step));
+        if rep {
+            s.gpr[gpr::RCX] = width(s.gpr[gpr::RCX].wrapping_sub(1));
+        }
+        let finished = !rep || width(s.gpr[gpr::RCX]) == 0;
+        if stop {
+            if !finished {
+                s.rip = here;
+            }
+            return Ok(Next::Exit(Exit::Stopped));
+        }
+        if finished {
+            return Ok(Next::Continue);
+        }
+    }
+    // Not finished: resume at the instruction after the dispatcher's turn.
+    s.rip = here;
     Ok(Next::Continue)
 }
 
@@ -672,6 +784,9 @@ mod tests {
     struct Pages(HashMap<u64, Box<[u8; 4096]>>);
 
     impl Pages {
+        fn with(pages: &[u64]) -> Self {
+            Pages(pages.iter().map(|&p| (p, Box::new([0u8; 4096]))).collect())
+        }
         fn byte(&mut self, va: u64, write: bool) -> Result<&mut u8, GuestException> {
             match self.0.get_mut(&(va & !0xfff)) {
                 Some(p) => Ok(&mut p[(va & 0xfff) as usize]),
@@ -789,5 +904,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn rdpmc_raises_gp_for_every_counter() {
+        let (mut mem, mut ports) = (Pages::default(), Ports::default());
+        for ecx in [0, 1, 0x4000_0000] {
+            let mut s = kernel();
+            s.gpr[gpr::RCX] = ecx;
+            assert!(gp(run(&mut s, &[0x0f, 0x33], &mut mem, &mut ports)), "ecx {ecx:#x}");
+        }
+    }
 
+    #[test]
+    fn rep_ins_keeps_the_iterations_before_a_fault_and_outs_writes_the_port() {
+        let mut mem = Pages::with(&[0x7000]);
+        let mut ports = Ports::default();
+        // rep insw: 4 elements from 0x7ffc, the third at 0x8000 faults (not present).
+        let mut s = kernel();
+        (s.gpr[gpr::RDX], s.gpr[gpr::RDI], s.gpr[gpr::RCX]) = (0x60, 0x7ffc, 4);
+        let next = run(&mut s, &[0xf3, 0x66, 0x6d], &mut mem, &mut ports);
+        assert_eq!(
+            next,
+            Next::Deliver(Event::Exception(GuestException::page_fault(0x8000, 2)))
+        );
+        assert_eq!((s.rip, s.gpr[gpr::RDI], s.gpr[gpr::RCX]), (0x1000, 0x8000, 2));
+        assert_eq!(mem.read_le(0x7ffc, 4).unwrap(), 0x00a0_00a0, "two words of port 0x60");
+        // outsb with DF: from 0x7010 down, port 0x80.
+        let mut s = kernel();
+        s.rflags |= flags::DF;
+        (s.gpr[gpr::RDX], s.gpr[gpr::RSI], s.gpr[gpr::RCX]) = (0x80, 0x7010, 2);
+        mem.write(0x700f, &[0x11, 0x22]).unwrap();
+        assert_eq!(run(&mut s, &[0xf3, 0x6e], &mut mem, &mut ports), Next::Continue);
+        assert_eq!(ports.0, [(0x80, 1, 0x22), (0x80, 1, 0x11)]);
+        assert_eq!((s.rip, s.gpr[gpr::RSI], s.gpr[gpr::RCX]), (0x1002, 0x700e, 0));
+        // At CPL3 with IOPL 0: #GP(0), nothing done.
+        let mut s = GuestState::default();
+        (s.gpr[gpr::RDX], s.gpr[gpr::RSI]) = (0x80, 0x7010);
+        assert!(gp(run(&mut s, &[0x6e], &mut mem, &mut ports)));
+        assert_eq!(ports.0.len(), 2);
+    }
 }
