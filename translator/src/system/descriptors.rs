@@ -319,6 +319,23 @@ mod tests {
     }
 
     #[test]
+    fn ltr_of_an_ldt_selector_or_one_past_the_limit_is_gp_with_the_selector() {
+        // (KVM on kvm_pvm reports error code 0 for these, so the CPL0 harness compares only
+        // the vector: the error code is checked here.)
+        let mut s = GuestState::default();
+        s.sys.gdtr.limit = 0xff;
+        for selector in [0x24u16, 0x0f, 0x100, 0xfff8, 0xf8] {
+            let e = load_tr(&mut s, &mut NoMemory, selector).unwrap_err();
+            assert_eq!(e, gp(selector), "{selector:#x}");
+        }
+        assert_eq!(
+            load_tr(&mut s, &mut NoMemory, 3).unwrap_err(),
+            GuestException::gp(0),
+            "null"
+        );
+    }
+
+    #[test]
     fn lldt_with_a_null_selector_keeps_its_rpl_and_reads_no_descriptor() {
         for selector in [0, 1, 2, 3] {
             let mut s = GuestState::default();
