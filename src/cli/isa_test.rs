@@ -35,6 +35,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 ///   hbt isa-test --mnemonic add --cases 1000
 ///   hbt isa-test --code Add_rm64_r64 --seed 7 --format json
 ///   hbt isa-test --all --write-supported translator/src/supported.txt
+///   hbt isa-test --system --cpl0 --mnemonic wrmsr --cases 1000
+///
+/// HBT_ISA_EVERY_FAILURE=1 reports every failing case on stderr instead of stopping at the
+/// first (for finding out where a reference differs).
 #[derive(Args)]
 #[command(verbatim_doc_comment)]
 pub struct IsaTestArgs {
@@ -74,6 +78,16 @@ pub struct IsaTestArgs {
     /// exception (vector, error code, CR2, frame). Needs /dev/kvm.
     #[arg(long)]
     system: bool,
+    /// With --system: run the instances at CPL0, where KVM's in-kernel instruction emulator is
+    /// the reference, in a machine whose GDT and LDT hold every kind of descriptor, and with
+    /// operands that keep it running (CR values that keep long mode on or break it on purpose,
+    /// MSRs both engines model, descriptor-table images, iretq/sysretq frames, XCR0 values).
+    /// Compares system registers, debug registers, MSRs, GDTR/IDTR/TR/LDTR, the GDT page and
+    /// port writes too. Without --code/--mnemonic it tests the supported forms whose rule is a
+    /// privileged or system one. What KVM cannot run, or runs differently from the CPU on this
+    /// host, is listed at the end as "not compared: KVM cannot serve as reference".
+    #[arg(long, requires = "system")]
+    cpl0: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -107,6 +121,9 @@ fn selection(args: &IsaTestArgs) -> Result<Vec<Code>> {
         } else {
             supported_codes().to_vec()
         };
+        if args.cpl0 {
+            codes.retain(|&c| hbt_translator::harness::system::cpl0_form(c));
+        }
     }
     codes.sort_by_key(|&c| c as u32);
     codes.dedup();
@@ -148,7 +165,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
             SystemWorker::new(
                 Box::new(reference),
                 Box::new(crate::vmm::isa_system::ModelPlatform),
-                Ring::User,
+                if args.cpl0 { Ring::Kernel } else { Ring::User },
             )
         };
         run_codes_on(&codes, &opts, threads, &make, &progress)
@@ -186,6 +203,11 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                         "mnemonic": r.mnemonic,
                         "cases": r.cases,
                         "uncompared": r.uncompared,
+                        "uncompared_reasons": r
+                            .uncompared_reasons
+                            .iter()
+                            .map(|(why, n)| serde_json::json!({"reason": why, "cases": n}))
+                            .collect::<Vec<_>>(),
                         "strategies": strategies,
                         "status": r.status.label(),
                         "reason": r.status.reason(),
@@ -196,6 +218,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
             let doc = serde_json::json!({
                 "seed": args.seed,
                 "system": args.system,
+                "cpl": if args.cpl0 { 0 } else { 3 },
                 "cases_per_strategy": args.cases,
                 "host": host,
                 "passed": passed,
@@ -237,11 +260,13 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                 let uncompared: u64 = results.iter().map(|r| r.uncompared).sum();
                 writeln!(
                     out,
-                    "\n{passed} passed, {failed} failed, {} not executable on this host, {no_reference} without a reference, {} skipped; {cases} cases compared under KVM and the translator ({uncompared} the reference could not run) in {:.1} s",
+                    "\n{passed} passed, {failed} failed, {} not executable on this host, {no_reference} without a reference, {} skipped; {cases} cases compared under KVM and the translator at CPL{} ({uncompared} not compared) in {:.1} s",
                     not_executable.len(),
                     skipped - no_reference,
+                    if args.cpl0 { 0 } else { 3 },
                     elapsed.as_secs_f64()
                 )?;
+                write_unreferenced(&mut out, &results)?;
             } else {
                 writeln!(
                     out,
@@ -259,6 +284,35 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
     }
     if failed > 0 {
         bail!("{failed} instruction form(s) failed the differential test");
+    }
+    Ok(())
+}
+
+/// The system mode's list of what was not compared because KVM cannot serve as the reference
+/// (the whole form, or some of its cases), grouped by reason.
+fn write_unreferenced(out: &mut impl Write, results: &[CodeResult]) -> Result<()> {
+    let mut by_reason: Vec<(String, Vec<String>)> = Vec::new();
+    let mut add = |why: &str, what: String| match by_reason.iter_mut().find(|(w, _)| w == why) {
+        Some((_, forms)) => forms.push(what),
+        None => by_reason.push((why.to_string(), vec![what])),
+    };
+    for r in results {
+        match &r.status {
+            Status::NoReference(why) => add(why, format!("{:?}", r.code)),
+            Status::Passed | Status::Failed => {
+                for (why, n) in &r.uncompared_reasons {
+                    add(why, format!("{:?} ({n} of {} cases)", r.code, r.uncompared + r.cases));
+                }
+            }
+            _ => {}
+        }
+    }
+    if by_reason.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nnot compared: KVM cannot serve as reference")?;
+    for (why, forms) in by_reason {
+        writeln!(out, "  {why}:\n    {}", forms.join(", "))?;
     }
     Ok(())
 }

@@ -183,8 +183,36 @@ pub fn guest_xcr0() -> u64 {
     XsaveLayout::host().xcr0_for(|f| !matches!(f, CpuidFeature::AVX512F | CpuidFeature::PKU))
 }
 
+/// Leaves whose output depends on the subleaf (ECX). For every other leaf the CPU ignores ECX,
+/// so the model must too: `cpuid` with leaf 1 and a stray ECX sees leaf 1.
+fn indexed(leaf: u32) -> bool {
+    matches!(
+        leaf,
+        4 | 7
+            | 0xb
+            | 0xd
+            | 0xf
+            | 0x10
+            | 0x12
+            | 0x14
+            | 0x17
+            | 0x18
+            | 0x1a
+            | 0x1b
+            | 0x1d
+            | 0x1e
+            | 0x1f
+            | 0x20
+            | 0x23
+            | 0x24
+    ) || matches!(leaf, 0x8000_001d | 0x8000_0020 | 0x8000_0026)
+}
+
 /// CPUID as the guest sees it.
 pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // The hidden and claimed bits are listed by (leaf, subleaf): a leaf without subleaves is
+    // listed at subleaf 0 and must match whatever ECX holds.
+    let subleaf = if indexed(leaf) { subleaf } else { 0 };
     if (0x4000_0000..0x4000_0100).contains(&leaf) {
         return match leaf {
             0x4000_0000 => [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
@@ -292,6 +320,22 @@ mod tests {
         // Bits 1, 3 and 24: NOP_IO_DELAY, CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT; nothing else.
         assert_eq!(guest_cpuid(0x4000_0001, 0), [0x0100_000a, 0, 0, 0]);
         assert_eq!(guest_cpuid(0x4000_0002, 0), [0; 4]);
+    }
+
+    #[test]
+    fn leaves_without_subleaves_ignore_ecx() {
+        // `cpuid` with EAX=1 and a stray ECX (found by `hbt isa-test --system --cpl0`: PCID
+        // and x2APIC showed through with ECX=1).
+        for leaf in [1, 0x8000_0001] {
+            for ecx in [1, 2, 0xffff_ffff] {
+                assert_eq!(
+                    guest_cpuid(leaf, ecx),
+                    guest_cpuid(leaf, 0),
+                    "leaf {leaf:#x} ECX {ecx:#x}"
+                );
+            }
+        }
+        assert_eq!(guest_cpuid(1, 1)[ECX] & (1 << 17), 0, "pcid stays hidden");
     }
 
     #[test]

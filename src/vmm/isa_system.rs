@@ -15,10 +15,20 @@
 //! root comes round again, the memory slot is deleted and re-added, which drops every shadow
 //! page (measured on an Intel Xeon SPR host: a case costs ≈130 µs; a slot re-add before every
 //! case would add ≈145 µs to each, once per pool wrap it adds ≈2 µs per case).
+//!
+//! At CPL0 (`--system --cpl0`) the machine does port I/O, which exits here: the harness's
+//! trivial device (`harness::system::device`) answers, as it does for the translator, and the
+//! writes are compared. Debug registers, PAT and the SYSENTER MSRs move with the state, and CR8
+//! through the run structure (KVM_RUN takes it from there without an in-kernel local APIC).
+//! Where KVM on this host runs a CPL0 case differently from the CPU, `isa_system/cpl0.rs` says
+//! so case by case; whole forms are in [`unfit`].
+
+mod cpl0;
 
 use crate::vmm::cpuid;
+use hbt_translator::harness::system::device::{self, PortWrite};
 use hbt_translator::harness::system::outcome::Stop;
-use hbt_translator::harness::system::{guest, Quirks, Reference, ReferenceError, Ring};
+use hbt_translator::harness::system::{guest, Case, KernelQuirks, Quirks, Reference, ReferenceError, Ring, Unfit};
 use hbt_translator::state::{Cpl, GuestState, Segment};
 use hbt_translator::Platform;
 use kvm_bindings::{kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
@@ -43,6 +53,12 @@ const MSRS: [u32; 6] = [
     MSR_KERNEL_GS_BASE,
     MSR_TSC_AUX,
 ];
+/// MSRs only CPL0 cases set and read back (CPL3 code cannot reach them).
+const KERNEL_MSRS: [u32; 4] = [MSR_PAT, MSR_SYSENTER_CS, MSR_SYSENTER_ESP, MSR_SYSENTER_EIP];
+const MSR_PAT: u32 = 0x277;
+const MSR_SYSENTER_CS: u32 = 0x174;
+const MSR_SYSENTER_ESP: u32 = 0x175;
+const MSR_SYSENTER_EIP: u32 = 0x176;
 /// A case that has not stopped after this long is stuck (a loop the synthesizer did not
 /// foresee): the watchdog interrupts KVM_RUN.
 const CASE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -66,6 +82,8 @@ pub struct KvmReference {
     ram: MmapMut,
     /// Page-table roots run since the memory slot was last re-added.
     roots: HashSet<u64>,
+    /// The `out`s of the current run.
+    port_writes: Vec<PortWrite>,
     /// The vCPU thread and when its current run started (0: not running), for the watchdog.
     watch: Arc<Watch>,
     _kvm: Kvm,
@@ -109,6 +127,7 @@ impl KvmReference {
             vcpu,
             ram,
             roots: HashSet::new(),
+            port_writes: Vec::new(),
             watch,
             _kvm: kvm,
         })
@@ -151,6 +170,9 @@ impl KvmReference {
         sregs.efer = s.efer;
         sregs.cr8 = s.sys.cr8;
         self.vcpu.set_sregs(&sregs).map_err(e("KVM_SET_SREGS"))?;
+        // Without an in-kernel local APIC, KVM_RUN loads CR8 from the run structure (which
+        // holds the value of the last exit), not from the registers set above.
+        self.vcpu.get_kvm_run().cr8 = s.sys.cr8;
         let g = &s.gpr;
         let regs = kvm_bindings::kvm_regs {
             rax: g[0],
@@ -186,8 +208,21 @@ impl KvmReference {
         }
         self.vcpu.set_xsave(&xsave).map_err(e("KVM_SET_XSAVE"))?;
         let m = &s.sys.msr;
-        let values = [m.star, m.lstar, m.cstar, m.sfmask, s.kernel_gs_base, m.tsc_aux];
-        let entries: Vec<kvm_msr_entry> = MSRS
+        let mut values = vec![m.star, m.lstar, m.cstar, m.sfmask, s.kernel_gs_base, m.tsc_aux];
+        let mut indexes = MSRS.to_vec();
+        if s.cpl == Cpl::Kernel {
+            indexes.extend(KERNEL_MSRS);
+            values.extend([m.pat, m.sysenter_cs, m.sysenter_esp, m.sysenter_eip]);
+            let d = &s.sys.dr;
+            let debug = kvm_bindings::kvm_debugregs {
+                db: [d[0], d[1], d[2], d[3]],
+                dr6: d[6],
+                dr7: d[7],
+                ..Default::default()
+            };
+            self.vcpu.set_debug_regs(&debug).map_err(e("KVM_SET_DEBUGREGS"))?;
+        }
+        let entries: Vec<kvm_msr_entry> = indexes
             .iter()
             .zip(values)
             .map(|(&index, data)| kvm_msr_entry {
@@ -198,8 +233,12 @@ impl KvmReference {
             .collect();
         let msrs = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
         let n = self.vcpu.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
-        if n != MSRS.len() {
-            return Err(format!("KVM_SET_MSRS set {n} of {} MSRs", MSRS.len()));
+        if n != indexes.len() {
+            return Err(format!(
+                "KVM_SET_MSRS set {n} of {} MSRs (the first refused: {:#x})",
+                indexes.len(),
+                indexes[n]
+            ));
         }
         Ok(())
     }
@@ -248,17 +287,51 @@ impl KvmReference {
         }
         let entries: Vec<kvm_msr_entry> = MSRS
             .iter()
+            .chain(KERNEL_MSRS.iter())
             .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
             .collect();
         let mut msrs = Msrs::from_entries(&entries).map_err(|err| format!("MSR list: {err:?}"))?;
-        self.vcpu.get_msrs(&mut msrs).map_err(e("KVM_GET_MSRS"))?;
+        let n = self.vcpu.get_msrs(&mut msrs).map_err(e("KVM_GET_MSRS"))?;
+        if n != entries.len() {
+            return Err(format!("KVM_GET_MSRS read {n} of {} MSRs", entries.len()));
+        }
         let v: Vec<u64> = msrs.as_slice().iter().map(|m| m.data).collect();
         let m = &mut s.sys.msr;
         [m.star, m.lstar, m.cstar, m.sfmask, s.kernel_gs_base, m.tsc_aux] = [v[0], v[1], v[2], v[3], v[4], v[5]];
+        [m.pat, m.sysenter_cs, m.sysenter_esp, m.sysenter_eip] = [v[6], v[7], v[8], v[9]];
+        let debug = self.vcpu.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+        s.sys.dr = [
+            debug.db[0],
+            debug.db[1],
+            debug.db[2],
+            debug.db[3],
+            0,
+            0,
+            debug.dr6,
+            debug.dr7,
+        ];
+        s.sys.ldtr.base = sr.ldt.base;
+        s.sys.ldtr.limit = sr.ldt.limit;
+        s.sys.tr.base = sr.tr.base;
+        s.sys.tr.limit = sr.tr.limit;
         Ok(s)
+    }
+
+    /// What KVM said about its last internal-error exit.
+    fn internal_error(&mut self) -> &'static str {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the union member
+        // KVM filled in; it is plain data.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        match suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "its instruction emulator failed",
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "an exception while delivering an exception",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "an event it could not deliver",
+            _ => "an internal error",
+        }
     }
 }
 
@@ -371,15 +444,52 @@ impl Reference for KvmReference {
         self.watch
             .started_ns
             .store(self.watch.epoch.elapsed().as_nanos().max(1) as u64, Ordering::SeqCst);
-        let exit = self.vcpu.run();
+        self.port_writes.clear();
+        let run: *const kvm_bindings::kvm_run = self.vcpu.get_kvm_run();
+        // The element size of a port I/O exit: `rep ins`/`rep outs` come out as one exit whose
+        // data holds several elements.
+        let io_size = || {
+            // SAFETY: `run` is the vCPU's mapped kvm_run, valid while the vCPU lives; the exit
+            // being a KVM_EXIT_IO, `io` is the union member KVM filled in (plain data).
+            unsafe { (*run).__bindgen_anon_1.io.size as usize }
+        };
+        let exit = loop {
+            // Port I/O at CPL0 comes out here: the harness's trivial device answers (the
+            // translator's platform gives the same answers, `device.rs`). A guest-physical access
+            // outside RAM reads all ones and drops writes, as the translator's platform does.
+            match self.vcpu.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    let size = io_size().clamp(1, 4);
+                    let v = device::port_in(port, size as u8);
+                    for element in data.chunks_mut(size) {
+                        element.copy_from_slice(&v.to_le_bytes()[..element.len()]);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let size = io_size().clamp(1, 4);
+                    for element in data.chunks(size) {
+                        let mut v = [0u8; 4];
+                        v[..element.len()].copy_from_slice(element);
+                        self.port_writes.push(PortWrite {
+                            port,
+                            size: element.len() as u8,
+                            value: u32::from_le_bytes(v),
+                        });
+                    }
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+                Ok(VcpuExit::MmioWrite(..)) => {}
+                other => break other,
+            }
+        };
         self.watch.started_ns.store(0, Ordering::SeqCst);
         let stop = match exit {
             Ok(VcpuExit::Hlt) => Stop::Halted(Box::new(self.save().map_err(ReferenceError::Failed)?)),
             Ok(VcpuExit::Shutdown) => Stop::Shutdown,
             Ok(VcpuExit::InternalError) => {
-                let rip = self.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                 return Err(ReferenceError::Cannot(format!(
-                    "KVM's instruction emulator cannot run it (internal error at rip {rip:#x})"
+                    "KVM cannot run it ({})",
+                    self.internal_error()
                 )));
             }
             Ok(other) => {
@@ -403,6 +513,30 @@ impl Reference for KvmReference {
 
     fn xcr0(&self) -> u64 {
         cpuid::guest_xcr0()
+    }
+
+    fn take_port_writes(&mut self) -> Vec<PortWrite> {
+        std::mem::take(&mut self.port_writes)
+    }
+
+    fn unfit_case(&self, case: &Case, ring: Ring) -> Option<Unfit> {
+        match ring {
+            Ring::Kernel => cpl0::unfit_case(case),
+            Ring::User => None,
+        }
+    }
+
+    fn kernel_quirks(&self) -> KernelQuirks {
+        // Measured at CPL0 (`isa_system/cpl0.rs` has the case-by-case ones): a `sgdt`, `str`,
+        // `smsw`… whose store crosses into a page it may not write leaves the bytes of the
+        // first page written, then raises the #PF, and when both pages fault it reports the
+        // second; a `mov` to DR6 writes bit 16 (RTM, which reads as 1 on a CPU without TSX, as
+        // the model is) as given.
+        KernelQuirks {
+            split_store_writes_first_page: true,
+            dr6_ignored: 1 << 16,
+            split_store_faults_second_page: true,
+        }
     }
 
     fn quirks(&self) -> Quirks {
@@ -441,6 +575,21 @@ fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
             | M::Xrstor64,
             Ring::User,
         ) => Some("kvm_pvm runs CPL3 code with the host's XCR0, not the guest's (xsavec wrote AVX-512 state bits)"),
+        (M::Int, Ring::Kernel) => Some(
+            "kvm_pvm at CPL0: `int n` fails in KVM's instruction emulator, or (vector 0x1b) returns -ENOSYS in RAX without delivering",
+        ),
+        (M::Rdpid, Ring::Kernel) => {
+            Some("kvm_pvm at CPL0 raises #UD for `rdpid`: its CPU has no RDPID, the model's has")
+        }
+        (M::Cpuid, Ring::Kernel) => Some(
+            "kvm_pvm at CPL0 answers CPUID with the host's values (leaf 7's AVX-512 bits, MTRR, XCR0 0xe7), not its CPUID table (the model's)",
+        ),
+        (M::Iret | M::Iretd, Ring::Kernel) => {
+            Some("kvm_pvm at CPL0: every 16- and 32-bit `iret` raises #GP(0), whatever the frame")
+        }
+        (M::Sysret, Ring::Kernel) => {
+            Some("kvm_pvm at CPL0: `sysret` without REX.W returns to the 64-bit user CS, not STAR's compatibility-mode one")
+        }
         _ => None,
     }
 }

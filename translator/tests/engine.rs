@@ -346,6 +346,10 @@ impl SoftGuest {
         // SAFETY: pa + 8 <= RAM in every call above.
         unsafe { std::ptr::write_unaligned(self.ram.add(pa as usize) as *mut u64, v) };
     }
+    fn read_u64(&self, pa: u64) -> u64 {
+        // SAFETY: pa + 8 <= RAM in every call.
+        unsafe { std::ptr::read_unaligned(self.ram.add(pa as usize) as *const u64) }
+    }
     fn write_u8(&self, pa: u64, v: u8) {
         // SAFETY: pa < RAM.
         unsafe { *self.ram.add(pa as usize) = v };
@@ -1331,4 +1335,232 @@ fn resuming_from_a_breakpoint_runs_its_instruction_once_even_when_it_restarts() 
         assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Breakpoint);
         assert_eq!(t.state().rip, CODE_VA + 0x0b);
     }
+}
+
+// CPL0 forms KVM cannot serve as reference for on kvm_pvm (`hbt isa-test --system --cpl0`
+// lists them: KVM's instruction emulator fails, or does something else than the CPU). Those a
+// Linux boot uses are checked here instead, against the SDM.
+
+/// The guest-physical address of a data-page virtual address (0x401000 -> 0x6000).
+fn data_pa(va: u64) -> u64 {
+    assert_eq!(va >> 12, 0x401, "{va:#x} is not in the data page");
+    0x6000 + (va & 0xfff)
+}
+
+/// `system_with_idt` plus user code and data segments (0x33, 0x2b) and a TSS whose RSP0 is
+/// 0x401f80, so CPL3 code can fault back to CPL0.
+fn system_with_user_segments(g: &SoftGuest, vectors: &[u8], handler: u64) -> Translator {
+    use hbt_translator::state::Segment;
+    g.write_u64(0x6800 + 0x28, 0x00cf_f300_0000_ffff);
+    g.write_u64(0x6800 + 0x30, 0x00af_fb00_0000_ffff);
+    g.write_u64(0x6c00 + 4, 0x40_1f80);
+    let mut t = system_with_idt(g, vectors, handler);
+    let s = t.state_mut();
+    s.sys.gdtr.limit = 0x4f;
+    s.sys.tr = Segment {
+        selector: 0x40,
+        base: 0x40_1c00,
+        limit: 0x67,
+        attr: 0x8b,
+    };
+    t
+}
+
+#[test]
+fn lretq_at_cpl0_reloads_cs_and_returns_to_cpl3_on_the_frame_s_stack() {
+    // lea rax,[rip+5]; push 0x10; push rax; lretq        (Linux's head_64.S reloads CS so)
+    // mov ebx,0x1111; push 0x2b; push 0x401e00; push 0x33; lea rax,[rip+3]; push rax; lretq
+    // hlt (at CPL3: #GP(0) to the handler at +0x100)
+    let mut code = vec![
+        0x48, 0x8d, 0x05, 0x05, 0x00, 0x00, 0x00, 0x6a, 0x10, 0x50, 0x48, 0xcb, 0xbb, 0x11, 0x11, 0x00, 0x00, 0x6a,
+        0x2b, 0x68, 0x00, 0x1e, 0x40, 0x00, 0x6a, 0x33, 0x48, 0x8d, 0x05, 0x03, 0x00, 0x00, 0x00, 0x50, 0x48, 0xcb,
+        0xf4,
+    ];
+    code.resize(0x100, 0xcc);
+    code.push(0xf4);
+    let g = SoftGuest::new(&code);
+    let mut t = system_with_user_segments(&g, &[13], 0x100);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    assert_eq!(t.state().gpr[3], 0x1111, "the same-level return went on");
+    assert_eq!(t.state().rip, CODE_VA + 0x101, "in the #GP handler");
+    // #GP(0) from the hlt at CPL3, on RSP0: error code, RIP, CS, RFLAGS, RSP, SS.
+    let frame = t.state().gpr[4];
+    assert_eq!(frame, 0x40_1f80 - 48);
+    let word = |i: u64| g.read_u64(data_pa(frame + 8 * i));
+    assert_eq!(
+        [word(0), word(1), word(2), word(4), word(5)],
+        [0, CODE_VA + 0x24, 0x33, 0x40_1e00, 0x2b]
+    );
+}
+
+#[test]
+fn int3_int1_and_int_n_at_cpl0_deliver_through_the_idt_after_the_instruction() {
+    // +0x00: int3; hlt   +0x10: int1; hlt   +0x20: int 0x20; hlt   handler at +0x100: hlt
+    let mut code = vec![0u8; 0x100];
+    code[..2].copy_from_slice(&[0xcc, 0xf4]);
+    code[0x10..0x12].copy_from_slice(&[0xf1, 0xf4]);
+    code[0x20..0x23].copy_from_slice(&[0xcd, 0x20, 0xf4]);
+    code.push(0xf4);
+    for (start, len) in [(0u64, 1u64), (0x10, 1), (0x20, 2)] {
+        let g = SoftGuest::new(&code);
+        let mut t = system_with_idt(&g, &[1, 3, 0x20], 0x100);
+        t.state_mut().rip = CODE_VA + start;
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt, "at +{start:#x}");
+        assert_eq!(t.state().rip, CODE_VA + 0x101, "at +{start:#x}: in the handler");
+        // Same privilege: RIP (after the instruction), CS, RFLAGS, RSP, SS on the stack.
+        let frame = t.state().gpr[4];
+        assert_eq!(frame, 0x40_1f00 - 40, "at +{start:#x}");
+        let word = |i: u64| g.read_u64(data_pa(frame + 8 * i));
+        assert_eq!(
+            [word(0), word(1), word(3), word(4)],
+            [CODE_VA + start + len, 0x10, 0x40_1f00, 0x18]
+        );
+        assert_ne!(word(2) & (1 << 9), 0, "at +{start:#x}: the pushed RFLAGS has IF");
+    }
+}
+
+#[test]
+fn rdpid_and_rdtscp_at_cpl0_read_the_tsc_aux_wrmsr_wrote() {
+    // mov ecx,0xc0000103; mov eax,0x1234; xor edx,edx; wrmsr; rdpid rax; mov rbx,rax; rdtscp; hlt
+    // +0x20: mov ecx,0xc0000103; mov edx,1; wrmsr; hlt   (bits 63:32 of TSC_AUX: #GP(0))
+    let mut code = vec![
+        0xb9, 0x03, 0x01, 0x00, 0xc0, 0xb8, 0x34, 0x12, 0x00, 0x00, 0x31, 0xd2, 0x0f, 0x30, 0xf3, 0x0f, 0xc7, 0xf8,
+        0x48, 0x89, 0xc3, 0x0f, 0x01, 0xf9, 0xf4,
+    ];
+    code.resize(0x20, 0);
+    code.extend([
+        0xb9, 0x03, 0x01, 0x00, 0xc0, 0xba, 0x01, 0x00, 0x00, 0x00, 0x0f, 0x30, 0xf4,
+    ]);
+    code.resize(0x100, 0xcc);
+    code.push(0xf4);
+    let g = SoftGuest::new(&code);
+    let mut t = system_with_idt(&g, &[13], 0x100);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    assert_eq!(t.state().rip, CODE_VA + 0x19);
+    assert_eq!((t.state().gpr[3], t.state().gpr[1]), (0x1234, 0x1234), "rdpid, rdtscp");
+    t.state_mut().rip = CODE_VA + 0x20;
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    assert_eq!(t.state().rip, CODE_VA + 0x101, "#GP(0)");
+    assert_eq!(t.state().sys.msr.tsc_aux, 0x1234, "unchanged");
+}
+
+#[test]
+fn xgetbv_and_xsetbv_at_cpl0_need_cr4_osxsave() {
+    // +0x00: xor ecx,ecx; xgetbv; hlt   +0x10: xor ecx,ecx; xor edx,edx; mov eax,3; xsetbv; hlt
+    let mut code = vec![0x31, 0xc9, 0x0f, 0x01, 0xd0, 0xf4];
+    code.resize(0x10, 0);
+    code.extend([
+        0x31, 0xc9, 0x31, 0xd2, 0xb8, 0x03, 0x00, 0x00, 0x00, 0x0f, 0x01, 0xd1, 0xf4,
+    ]);
+    code.resize(0x100, 0xcc);
+    code.push(0xf4);
+    const OSXSAVE: u64 = 1 << 18;
+    for osxsave in [true, false] {
+        for start in [0u64, 0x10] {
+            let g = SoftGuest::new(&code);
+            let mut t = system_with_idt(&g, &[6], 0x100);
+            let xcr0 = t.state().xcr0;
+            t.state_mut().rip = CODE_VA + start;
+            if !osxsave {
+                t.state_mut().cr4 &= !OSXSAVE;
+            }
+            assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+            if osxsave {
+                assert_eq!(
+                    t.state().rip,
+                    CODE_VA + start + 6 + 7 * (start / 0x10),
+                    "+{start:#x} ran"
+                );
+                if start == 0 {
+                    assert_eq!(t.state().gpr[0], xcr0 & 0xffff_ffff, "xgetbv reads XCR0");
+                } else {
+                    assert_eq!(t.state().xcr0, 3, "xsetbv wrote XCR0");
+                }
+            } else {
+                assert_eq!(t.state().rip, CODE_VA + 0x101, "+{start:#x}: #UD without CR4.OSXSAVE");
+                assert_eq!(t.state().xcr0, xcr0);
+            }
+        }
+    }
+}
+
+#[test]
+fn lar_lsl_verr_verw_at_cpl0_read_the_guest_gdt() {
+    // mov eax,0x18; lar rbx,rax; lsl rcx,rax; mov eax,0x40; lar rdx,rax; lsl rsi,rax;
+    // mov eax,0x38; verr ax; sete r8b; mov eax,0x28; verw ax; sete r9b; mov eax,0x50;
+    // lar r10,rax; sete r11b; hlt
+    let g = SoftGuest::new(&[
+        0xb8, 0x18, 0x00, 0x00, 0x00, 0x48, 0x0f, 0x02, 0xd8, 0x48, 0x0f, 0x03, 0xc8, 0xb8, 0x40, 0x00, 0x00, 0x00,
+        0x48, 0x0f, 0x02, 0xd0, 0x48, 0x0f, 0x03, 0xf0, 0xb8, 0x38, 0x00, 0x00, 0x00, 0x0f, 0x00, 0xe0, 0x41, 0x0f,
+        0x94, 0xc0, 0xb8, 0x28, 0x00, 0x00, 0x00, 0x0f, 0x00, 0xe8, 0x41, 0x0f, 0x94, 0xc1, 0xb8, 0x50, 0x00, 0x00,
+        0x00, 0x4c, 0x0f, 0x02, 0xd0, 0x41, 0x0f, 0x94, 0xc3, 0xf4,
+    ]);
+    // 0x38: execute-only 64-bit code; 0x40: a busy 64-bit TSS (16 bytes). The limit is 0x4f.
+    g.write_u64(0x6800 + 0x38, 0x00af_9900_0000_ffff);
+    g.write_u64(0x6800 + 0x40, 0x0000_8b00_4010_0067);
+    let mut t = system_with_user_segments(&g, &[], 0x100);
+    t.state_mut().gpr[10] = 0x5555;
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    let r = t.state().gpr;
+    assert_eq!(
+        (r[3], r[1]),
+        (0x00c0_9300, 0xffff_ffff),
+        "lar/lsl of the kernel data segment"
+    );
+    assert_eq!((r[2], r[6]), (0x0000_8b00, 0x67), "lar/lsl of the busy TSS");
+    assert_eq!(r[8] & 0xff, 0, "verr: execute-only code is not readable");
+    assert_eq!(r[9] & 0xff, 1, "verw: DPL 3 data is writable from CPL0");
+    assert_eq!(
+        (r[10], r[11] & 0xff),
+        (0x5555, 0),
+        "lar past the GDT limit: ZF clear, nothing loaded"
+    );
+}
+
+#[test]
+fn ud0_ud1_xsaves_xrstors_and_sysretl_raise_ud_at_cpl0() {
+    // +0x00: ud1 eax,[rax]  +0x08: ud0 eax,[rax]  +0x10: xsaves [rax] (the model has no XSAVES)
+    // +0x18: sysretl (compatibility mode is not modelled: refused, never run as sysretq)
+    // +0x20: xrstors [rax]
+    let mut code = vec![0u8; 0x100];
+    code[..4].copy_from_slice(&[0x0f, 0xb9, 0x00, 0xf4]);
+    code[8..12].copy_from_slice(&[0x0f, 0xff, 0x00, 0xf4]);
+    code[0x10..0x14].copy_from_slice(&[0x0f, 0xc7, 0x28, 0xf4]);
+    code[0x18..0x1b].copy_from_slice(&[0x0f, 0x07, 0xf4]);
+    code[0x20..0x24].copy_from_slice(&[0x0f, 0xc7, 0x18, 0xf4]);
+    code.push(0xf4);
+    for start in [0u64, 8, 0x10, 0x18, 0x20] {
+        let g = SoftGuest::new(&code);
+        let mut t = system_with_idt(&g, &[6], 0x100);
+        t.state_mut().rip = CODE_VA + start;
+        t.state_mut().gpr[0] = 0x40_1000;
+        t.state_mut().gpr[1] = 0x7fff_0000_1000;
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+        assert_eq!(t.state().rip, CODE_VA + 0x101, "+{start:#x}: #UD");
+        let frame = t.state().gpr[4];
+        assert_eq!(
+            g.read_u64(data_pa(frame)),
+            CODE_VA + start,
+            "+{start:#x}: a fault, at the instruction"
+        );
+    }
+}
+
+#[test]
+fn iretd_at_cpl0_pops_a_frame_of_32_bit_slots() {
+    // mov rsp,0x401f00; sub rsp,20; then the frame: EIP 0x400040, CS 0x10, EFLAGS 0x203,
+    // ESP 0x401e00, SS 0x18 (dwords); iretd; hlt at +0x40
+    let mut code = vec![
+        0x48, 0xc7, 0xc4, 0x00, 0x1f, 0x40, 0x00, 0x48, 0x83, 0xec, 0x14, 0xc7, 0x04, 0x24, 0x40, 0x00, 0x40, 0x00,
+        0xc7, 0x44, 0x24, 0x04, 0x10, 0x00, 0x00, 0x00, 0xc7, 0x44, 0x24, 0x08, 0x03, 0x02, 0x00, 0x00, 0xc7, 0x44,
+        0x24, 0x0c, 0x00, 0x1e, 0x40, 0x00, 0xc7, 0x44, 0x24, 0x10, 0x18, 0x00, 0x00, 0x00, 0xcf,
+    ];
+    code.resize(0x40, 0xcc);
+    code.push(0xf4);
+    let g = SoftGuest::new(&code);
+    let mut t = system_with_idt(&g, &[], 0x100);
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    let s = t.state();
+    assert_eq!((s.rip, s.gpr[4], s.rflags & 0xfff), (CODE_VA + 0x41, 0x40_1e00, 0x203));
+    assert_eq!((s.seg[1], s.seg[2]), (0x10, 0x18));
 }

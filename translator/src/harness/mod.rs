@@ -108,6 +108,8 @@ pub struct CodeResult {
     pub cases: u64,
     /// System mode: cases the reference engine could not run as the CPU would (not compared).
     pub uncompared: u64,
+    /// Why those cases were not compared: each distinct reason with its count.
+    pub uncompared_reasons: Vec<(String, u64)>,
     pub status: Status,
     /// First failing case: reproducible with the same `--code` and `--seed`.
     pub failure: Option<String>,
@@ -310,8 +312,8 @@ pub trait Cases {
 /// What became of one case that did not fail.
 pub enum Ran {
     Compared,
-    /// The reference could not run it as the CPU would (system mode): not compared.
-    NotCompared,
+    /// The reference could not run it as the CPU would (system mode): not compared, and why.
+    NotCompared(String),
 }
 
 /// Tests one `Code` on `machine`: `opts.cases` states, `STATES_PER_INSTANCE` per synthesized
@@ -322,6 +324,7 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
         mnemonic: format!("{:?}", code.mnemonic()).to_lowercase(),
         cases: 0,
         uncompared: 0,
+        uncompared_reasons: Vec::new(),
         status: Status::Passed,
         failure: None,
     };
@@ -358,7 +361,13 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
         for j in 0..states {
             match machine.run(&inst, &mut rng, r) {
                 Ok(Ran::Compared) => result.cases += 1,
-                Ok(Ran::NotCompared) => result.uncompared += 1,
+                Ok(Ran::NotCompared(why)) => {
+                    result.uncompared += 1;
+                    match result.uncompared_reasons.iter_mut().find(|(w, _)| *w == why) {
+                        Some((_, n)) => *n += 1,
+                        None => result.uncompared_reasons.push((why, 1)),
+                    }
+                }
                 Err(Failure::Plain(e)) => {
                     result.status = Status::Failed;
                     result.failure = Some(e);
@@ -371,8 +380,7 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
                 Err(Failure::Case { under, state, diffs }) => {
                     let mut text = String::new();
                     formatter.format(&inst.instr, &mut text);
-                    result.status = Status::Failed;
-                    result.failure = Some(format!(
+                    let report = format!(
                         "`{text}` (bytes {}) under {under}, seed {} (instance {k}, state {j})\n  input: {}\n  {}",
                         inst.bytes
                             .iter()
@@ -382,17 +390,27 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
                         opts.seed,
                         compare::describe_state(&state),
                         diffs.join("\n  ")
-                    ));
+                    );
+                    result.status = Status::Failed;
+                    // For investigating a reference's differences: report every failing case
+                    // (and go on) instead of stopping at the first.
+                    if std::env::var_os("HBT_ISA_EVERY_FAILURE").is_some() {
+                        eprintln!("CASE {:?} {report}", inst.instr.code());
+                        result.failure.get_or_insert(report);
+                        continue;
+                    }
+                    result.failure = Some(report);
                     return result;
                 }
             }
         }
     }
     if result.cases == 0 && result.uncompared > 0 {
-        result.status = Status::NoReference(format!(
-            "the reference could not run any of its {} cases as the CPU would",
-            result.uncompared
-        ));
+        let why = match result.uncompared_reasons.as_slice() {
+            [(only, _)] => only.clone(),
+            _ => "the reference could not run any of its cases as the CPU would".to_string(),
+        };
+        result.status = Status::NoReference(why);
     }
     result
 }

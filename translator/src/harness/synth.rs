@@ -316,7 +316,8 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     if lock_ok && rng.chance(30) {
         i.set_has_lock_prefix(true);
     }
-    if rule(code) == Some(Rule::Implicit(ImplicitOp::String)) {
+    let string_io = rule(code) == Some(Rule::System(crate::system::SystemOp::PortString));
+    if rule(code) == Some(Rule::Implicit(ImplicitOp::String)) || string_io {
         match rng.below(3) {
             0 => {}
             1 => i.set_has_repe_prefix(true),

@@ -118,7 +118,7 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Ud0, Rule::Emulate(EmulateOp::Ud)),
     (Mnemonic::Ud1, Rule::Emulate(EmulateOp::Ud)),
     (Mnemonic::Ud2, Rule::Emulate(EmulateOp::Ud)),
-    (Mnemonic::Rdpmc, Rule::System(SystemOp::Unimplemented)),
+    (Mnemonic::Rdpmc, Rule::System(SystemOp::Rdpmc)),
     (Mnemonic::Int1, Rule::Emulate(EmulateOp::Int1)),
     (Mnemonic::Xgetbv, Rule::Emulate(EmulateOp::Xgetbv)),
     (Mnemonic::Rdrand, Rule::Emulate(EmulateOp::Random)),
@@ -434,6 +434,9 @@ mod tests {
         assert_eq!(rule(Code::Swapgs), Some(Rule::System(SystemOp::Swapgs)));
         assert_eq!(rule(Code::Sysretq), Some(Rule::System(SystemOp::Sysret)));
         assert_eq!(rule(Code::Invlpgaq), Some(Rule::System(SystemOp::Unimplemented)));
+        assert_eq!(rule(Code::Rdpmc), Some(Rule::System(SystemOp::Rdpmc)));
+        assert_eq!(rule(Code::Insw_m16_DX), Some(Rule::System(SystemOp::PortString)));
+        assert_eq!(rule(Code::Outsb_DX_m8), Some(Rule::System(SystemOp::PortString)));
         assert_eq!(rule(Code::Wrfsbase_r64), None);
         assert_eq!(rule(Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32), None);
     }

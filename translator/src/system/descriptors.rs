@@ -250,7 +250,12 @@ pub fn load_tr(s: &mut GuestState, mem: &mut dyn GuestMemory, selector: u16) -> 
 /// `lldt`: an LDT descriptor (type 2), or null to disable the LDT.
 pub fn load_ldt(s: &mut GuestState, mem: &mut dyn GuestMemory, selector: u16) -> Result<(), GuestException> {
     if selector & !3 == 0 {
-        s.sys.ldtr = Segment::default();
+        // A null selector leaves LDTR unusable; `sldt` still reads the selector loaded, RPL
+        // bits included (as KVM's emulator and QEMU keep it).
+        s.sys.ldtr = Segment {
+            selector,
+            ..Segment::default()
+        };
         return Ok(());
     }
     let (d, base) = read_system16(s, mem, selector)?;
@@ -300,5 +305,49 @@ mod tests {
         let tss = Descriptor(0x0000_8900_0000_0067 | (0x12_3456 << 16) | (0x78 << 56));
         assert!(!tss.code_or_data() && tss.kind() == 9);
         assert_eq!(tss.base(), 0x7812_3456);
+    }
+
+    struct NoMemory;
+
+    impl GuestMemory for NoMemory {
+        fn read(&mut self, va: u64, _: &mut [u8]) -> Result<(), GuestException> {
+            Err(GuestException::page_fault(va, 0))
+        }
+        fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
+            Err(GuestException::page_fault(va, 2))
+        }
+    }
+
+    #[test]
+    fn ltr_of_an_ldt_selector_or_one_past_the_limit_is_gp_with_the_selector() {
+        // (KVM on kvm_pvm reports error code 0 for these, so the CPL0 harness compares only
+        // the vector: the error code is checked here.)
+        let mut s = GuestState::default();
+        s.sys.gdtr.limit = 0xff;
+        for selector in [0x24u16, 0x0f, 0x100, 0xfff8, 0xf8] {
+            let e = load_tr(&mut s, &mut NoMemory, selector).unwrap_err();
+            assert_eq!(e, gp(selector), "{selector:#x}");
+        }
+        assert_eq!(
+            load_tr(&mut s, &mut NoMemory, 3).unwrap_err(),
+            GuestException::gp(0),
+            "null"
+        );
+    }
+
+    #[test]
+    fn lldt_with_a_null_selector_keeps_its_rpl_and_reads_no_descriptor() {
+        for selector in [0, 1, 2, 3] {
+            let mut s = GuestState::default();
+            s.sys.ldtr.base = 0x1234;
+            load_ldt(&mut s, &mut NoMemory, selector).unwrap();
+            assert_eq!(
+                s.sys.ldtr,
+                Segment {
+                    selector,
+                    ..Segment::default()
+                }
+            );
+        }
     }
 }

@@ -36,6 +36,11 @@ pub enum SystemOp {
     PortIn,
     /// `out` to an immediate or DX port.
     PortOut,
+    /// `ins`/`outs` (with REP): string I/O between the DX port and memory.
+    PortString,
+    /// `rdpmc`: no performance counters are modelled, so #GP(0) for every counter (as a CPU
+    /// raises for an index it does not have).
+    Rdpmc,
     Lgdt,
     Lidt,
     Lldt,
@@ -67,6 +72,12 @@ pub const SYSTEM_OPS: &[(Mnemonic, SystemOp)] = &[
     (Mnemonic::Hlt, SystemOp::Hlt),
     (Mnemonic::In, SystemOp::PortIn),
     (Mnemonic::Out, SystemOp::PortOut),
+    (Mnemonic::Insb, SystemOp::PortString),
+    (Mnemonic::Insw, SystemOp::PortString),
+    (Mnemonic::Insd, SystemOp::PortString),
+    (Mnemonic::Outsb, SystemOp::PortString),
+    (Mnemonic::Outsw, SystemOp::PortString),
+    (Mnemonic::Outsd, SystemOp::PortString),
     (Mnemonic::Lgdt, SystemOp::Lgdt),
     (Mnemonic::Lidt, SystemOp::Lidt),
     (Mnemonic::Lldt, SystemOp::Lldt),
@@ -219,6 +230,14 @@ fn system_op(
                 }
             }
         }
+        SystemOp::PortString => return port_string(s, instr, mem, platform),
+        SystemOp::Rdpmc => {
+            const PCE: u64 = 1 << 8;
+            if s.cpl != Cpl::Kernel && s.cr4 & PCE == 0 {
+                return Err(GuestException::gp(0).into());
+            }
+            return Err(GuestException::gp(0).into());
+        }
         SystemOp::Lgdt | SystemOp::Lidt => {
             kernel_only(s)?;
             let va = mem_va(s, instr, 0);
@@ -261,7 +280,7 @@ fn system_op(
         }
         SystemOp::MovCr => {
             kernel_only(s)?;
-            mov_cr(s, instr, effects)?;
+            mov_cr(s, instr, platform, effects)?;
         }
         SystemOp::MovDr => {
             kernel_only(s)?;
@@ -278,7 +297,17 @@ fn system_op(
                 n => n,
             };
             if to_dr {
-                s.sys.dr[n] = s.gpr[gp_reg.number() & 15];
+                let v = s.gpr[gp_reg.number() & 15];
+                s.sys.dr[n] = if n >= 6 {
+                    // The upper halves of DR6 and DR7 are reserved (#GP(0) when set).
+                    if v >> 32 != 0 {
+                        return Err(GuestException::gp(0).into());
+                    }
+                    let (volatile, fixed) = debug_register_bits(platform, n);
+                    (v & volatile) | fixed
+                } else {
+                    v
+                };
             } else {
                 s.gpr[gp_reg.number() & 15] = s.sys.dr[n];
             }
@@ -310,6 +339,9 @@ fn system_op(
             transfer::sysret(s, rex_w)?;
         }
         SystemOp::Xsetbv => {
+            if s.cr4 & CR4_OSXSAVE == 0 {
+                return Err(GuestException::new(vector::UD).into());
+            }
             kernel_only(s)?;
             if s.gpr[gpr::RCX] as u32 != 0 {
                 return Err(GuestException::gp(0).into());
@@ -334,7 +366,126 @@ fn system_op(
     Ok(Next::Continue)
 }
 
-fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Result<(), Failure> {
+/// Iterations of a `rep ins`/`rep outs` performed before the dispatcher gets a turn (RIP stays
+/// at the instruction and RCX counts what is left, as when the CPU takes an interrupt).
+const PORT_STRING_BATCH: u64 = 4096;
+
+/// `ins`/`outs`, with or without REP: one element per iteration between the DX port and
+/// ES:RDI (`ins`, no segment override) or seg:RSI (`outs`), RDI/RSI stepping by DF. With a
+/// 32-bit address size EDI/ESI and ECX are used (and written zero-extended). Iterations done
+/// before a fault stay done, as on the CPU: the fault is delivered at the instruction with
+/// the registers of the iteration that faulted.
+fn port_string(
+    s: &mut GuestState,
+    instr: &Instruction,
+    mem: &mut dyn GuestMemory,
+    platform: &mut dyn Platform,
+) -> Result<Next, Failure> {
+    io_allowed(s)?;
+    let here = instr.ip();
+    let n = instr.memory_size().size();
+    let input = matches!(instr.mnemonic(), Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd);
+    let (pointer, kind) = if input {
+        (gpr::RDI, instr.op0_kind())
+    } else {
+        (gpr::RSI, instr.op1_kind())
+    };
+    let wide = matches!(kind, OpKind::MemoryESRDI | OpKind::MemorySegRSI);
+    let width = |v: u64| if wide { v } else { v & 0xffff_ffff };
+    let base = if input {
+        0
+    } else {
+        match instr.segment_prefix() {
+            Register::FS => s.fs_base,
+            Register::GS => s.gs_base,
+            _ => 0,
+        }
+    };
+    let step = if s.rflags & flags::DF != 0 {
+        (n as u64).wrapping_neg()
+    } else {
+        n as u64
+    };
+    let port = s.gpr[gpr::RDX] as u16;
+    let rep = instr.has_rep_prefix() || instr.has_repne_prefix();
+    for _ in 0..PORT_STRING_BATCH {
+        if rep && width(s.gpr[gpr::RCX]) == 0 {
+            return Ok(Next::Continue);
+        }
+        let at = base.wrapping_add(width(s.gpr[pointer]));
+        // One element: Ok(true) when the device asks the run to stop after it.
+        let mut element = |s: &mut GuestState| -> Result<bool, GuestException> {
+            if s.alignment_checking() && n > 1 && !at.is_multiple_of(n as u64) {
+                return Err(GuestException {
+                    vector: vector::AC,
+                    error_code: Some(0),
+                    address: None,
+                });
+            }
+            if input {
+                // The port is read before the memory is written.
+                let v = platform.port_in(port, n as u8);
+                mem.write(at, &v.to_le_bytes()[..n])?;
+                Ok(false)
+            } else {
+                let v = mem.read_le(at, n)? as u32;
+                Ok(platform.port_out(port, n as u8, v) == PortOutcome::Stop)
+            }
+        };
+        let stop = match element(s) {
+            Ok(stop) => stop,
+            Err(e) => {
+                s.rip = here;
+                return Ok(Next::Deliver(Event::Exception(e)));
+            }
+        };
+        s.gpr[pointer] = width(s.gpr[pointer].wrapping_add(step));
+        if rep {
+            s.gpr[gpr::RCX] = width(s.gpr[gpr::RCX].wrapping_sub(1));
+        }
+        let finished = !rep || width(s.gpr[gpr::RCX]) == 0;
+        if stop {
+            if !finished {
+                s.rip = here;
+            }
+            return Ok(Next::Exit(Exit::Stopped));
+        }
+        if finished {
+            return Ok(Next::Continue);
+        }
+    }
+    // Not finished: resume at the instruction after the dispatcher's turn.
+    s.rip = here;
+    Ok(Next::Continue)
+}
+
+/// The guest's physical-address width (CPUID 80000008H:EAX[7:0]; 36 where the leaf is missing,
+/// as the SDM says for processors without it).
+fn physical_address_bits(platform: &mut dyn Platform) -> u32 {
+    let [max, ..] = platform.cpuid(0x8000_0000, 0);
+    if max >= 0x8000_0008 {
+        (platform.cpuid(0x8000_0008, 0)[0] & 0xff).clamp(32, 52)
+    } else {
+        36
+    }
+}
+
+/// CR4.OSXSAVE: without it `xgetbv` and `xsetbv` raise #UD (before any privilege check).
+const CR4_OSXSAVE: u64 = 1 << 18;
+
+/// CR0 bits the CPU keeps (PE, MP, EM, TS, ET, NE, WP, AM, NW, CD, PG); writes of the other
+/// bits of the low half are ignored, of the high half raise #GP.
+const CR0_DEFINED: u64 = 0xe005_003f;
+/// CR4 bits the model implements: VME..OSXMMEXCPT (0-10) and OSXSAVE. The others are reserved
+/// (the CPU model hides the features that would enable them, `src/vmm/cpuid.rs`).
+const CR4_ALLOWED: u64 = 0x0000_07ff | (1 << 18);
+
+fn mov_cr(
+    s: &mut GuestState,
+    instr: &Instruction,
+    platform: &mut dyn Platform,
+    effects: &mut Effects,
+) -> Result<(), Failure> {
     let (to_cr, cr, reg) = if instr.op0_register().is_cr() {
         (true, instr.op0_register(), instr.op1_register())
     } else {
@@ -357,21 +508,28 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
         Register::CR0 => {
             const PG: u64 = 1 << 31;
             const PE: u64 = 1;
-            if v >> 32 != 0 {
+            const NW: u64 = 1 << 29;
+            const CD: u64 = 1 << 30;
+            // In 64-bit mode paging cannot be turned off (nor protection under paging), and
+            // NW without CD is an invalid combination: all #GP(0), as are the upper 32 bits.
+            if v >> 32 != 0 || v & (PG | PE) != (PG | PE) || v & (NW | CD) == NW {
                 return Err(GuestException::gp(0).into());
             }
-            if v & (PG | PE) != (PG | PE) {
-                return Err(Failure::Unsupported("leaving paged protected (long) mode".into()));
-            }
+            let v = (v & CR0_DEFINED) | 0x10; // ET reads as one
             if (v ^ s.cr0) & ((1 << 16) | PG) != 0 {
                 effects.invalidated = Invalidated::All;
             }
-            s.cr0 = v | 0x10; // ET reads as one
+            s.cr0 = v;
         }
         Register::CR2 => s.cr2 = v,
         Register::CR3 => {
-            // PCID is not offered: bit 63 (no-flush) is reserved, so every write flushes.
-            s.cr3 = v & 0x000f_ffff_ffff_f018;
+            // PCID is not offered: bits from MAXPHYADDR up (bit 63, PCID's no-flush bit,
+            // included) are reserved, and every write flushes.
+            if v >> physical_address_bits(platform) != 0 {
+                return Err(GuestException::gp(0).into());
+            }
+            // Bits 2:0 and 11:5 are ignored by paging but kept (a read gives them back).
+            s.cr3 = v;
             effects.invalidated = if s.cr4 & (1 << 7) != 0 {
                 Invalidated::NonGlobal
             } else {
@@ -380,12 +538,8 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
         }
         Register::CR4 => {
             const PAE: u64 = 1 << 5;
-            // Bits the model supports: VME..OSXMMEXCPT, FSGSBASE? no; OSXSAVE.
-            const ALLOWED: u64 = 0x0000_07ff | (1 << 18);
-            if v & PAE == 0 {
-                return Err(Failure::Unsupported("clearing CR4.PAE in long mode".into()));
-            }
-            if v & !ALLOWED != 0 {
+            // Long mode needs PAE: clearing it raises #GP(0), like setting a reserved bit.
+            if v & PAE == 0 || v & !CR4_ALLOWED != 0 {
                 return Err(GuestException::gp(0).into());
             }
             if (v ^ s.cr4) & ((1 << 7) | (1 << 4) | PAE) != 0 {
@@ -402,6 +556,26 @@ fn mov_cr(s: &mut GuestState, instr: &Instruction, effects: &mut Effects) -> Res
         _ => return Err(GuestException::new(vector::UD).into()),
     }
     Ok(())
+}
+
+/// DR6 and DR7 as the CPU keeps them: which bits software changes, which read as one. DR6's
+/// RTM and bus-lock bits are fixed at one unless the CPU has the feature (CPUID 7: EBX[11],
+/// ECX[24]).
+fn debug_register_bits(platform: &mut dyn Platform, dr: usize) -> (u64, u64) {
+    match dr {
+        6 => {
+            let [_, ebx, ecx, _] = platform.cpuid(7, 0);
+            let mut volatile = 0xe00f; // B0-B3, BD, BS, BT
+            if ebx & (1 << 11) != 0 {
+                volatile |= 1 << 16;
+            }
+            if ecx & (1 << 24) != 0 {
+                volatile |= 1 << 11;
+            }
+            (volatile, 0xffff_0ff0 & !volatile)
+        }
+        _ => (0xffff_2bff, 0x400),
+    }
 }
 
 /// The RFLAGS value `pushf` stores: the virtual flags included, RF and VM cleared.
@@ -442,7 +616,6 @@ fn emulate_op(
             let (leaf, subleaf) = (s.gpr[gpr::RAX] as u32, s.gpr[gpr::RCX] as u32);
             crate::emulate::sensitive(s, instr, op, platform);
             // OSXSAVE and OSPKE mirror the guest's CR4, not the host's.
-            const CR4_OSXSAVE: u64 = 1 << 18;
             const CR4_PKE: u64 = 1 << 22;
             let mirror = |reg: &mut u64, bit: u32, on: bool| *reg = (*reg & !(1 << bit)) | (on as u64) << bit;
             if leaf == 1 {
@@ -450,6 +623,10 @@ fn emulate_op(
             } else if leaf == 7 && subleaf == 0 {
                 mirror(&mut s.gpr[gpr::RCX], 4, s.cr4 & CR4_PKE != 0);
             }
+        }
+        EmulateOp::Xgetbv if s.cr4 & CR4_OSXSAVE == 0 => {
+            s.rip = here;
+            return Ok(Next::Deliver(Event::Exception(GuestException::new(vector::UD))));
         }
         EmulateOp::Xgetbv | EmulateOp::Random => {
             if let crate::emulate::Outcome::Exit(Exit::Exception(e)) = crate::emulate::sensitive(s, instr, op, platform)
@@ -595,4 +772,174 @@ fn load_sreg(s: &mut GuestState, mem: &mut dyn GuestMemory, sreg: Register, sele
         r => descriptors::load_data(s, mem, sreg_index(r), selector)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// Memory of 4 KiB pages; a page not in the map faults (not present).
+    #[derive(Default)]
+    struct Pages(HashMap<u64, Box<[u8; 4096]>>);
+
+    impl Pages {
+        fn with(pages: &[u64]) -> Self {
+            Pages(pages.iter().map(|&p| (p, Box::new([0u8; 4096]))).collect())
+        }
+        fn byte(&mut self, va: u64, write: bool) -> Result<&mut u8, GuestException> {
+            match self.0.get_mut(&(va & !0xfff)) {
+                Some(p) => Ok(&mut p[(va & 0xfff) as usize]),
+                None => Err(GuestException::page_fault(va, if write { 2 } else { 0 })),
+            }
+        }
+    }
+
+    impl GuestMemory for Pages {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = *self.byte(va + i as u64, false)?;
+            }
+            Ok(())
+        }
+        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+            // Like the CPU: nothing is written when a byte of the access faults.
+            for i in 0..data.len() {
+                self.byte(va + i as u64, true)?;
+            }
+            for (i, &b) in data.iter().enumerate() {
+                *self.byte(va + i as u64, true)? = b;
+            }
+            Ok(())
+        }
+    }
+
+    /// Ports read `0x40 + port`; writes are recorded.
+    #[derive(Default)]
+    struct Ports(Vec<(u16, u8, u32)>);
+
+    impl Platform for Ports {
+        fn cpuid(&mut self, leaf: u32, _: u32) -> [u32; 4] {
+            match leaf {
+                0x8000_0000 => [0x8000_0008, 0, 0, 0],
+                0x8000_0008 => [46, 0, 0, 0],
+                _ => [0; 4],
+            }
+        }
+        fn rdtsc(&mut self) -> u64 {
+            0
+        }
+        fn tsc_aux(&mut self) -> u32 {
+            0
+        }
+        fn port_in(&mut self, port: u16, _: u8) -> u32 {
+            0x40 + port as u32
+        }
+        fn port_out(&mut self, port: u16, size: u8, value: u32) -> PortOutcome {
+            self.0.push((port, size, value));
+            PortOutcome::Continue
+        }
+    }
+
+    fn kernel() -> GuestState {
+        GuestState {
+            cpl: Cpl::Kernel,
+            ..GuestState::default()
+        }
+    }
+
+    /// Runs the instruction `bytes` at 0x1000 on `s`: the engine's next step.
+    fn run(s: &mut GuestState, bytes: &[u8], mem: &mut Pages, ports: &mut Ports) -> Next {
+        let instr = iced_x86::Decoder::with_ip(64, bytes, 0x1000, iced_x86::DecoderOptions::NONE).decode();
+        let rule = crate::rules::rule(instr.code()).expect("a rule");
+        s.rip = 0x1000;
+        execute(s, &instr, rule, mem, ports, &mut Effects::default()).expect("modelled")
+    }
+
+    fn gp(next: Next) -> bool {
+        next == Next::Deliver(Event::Exception(GuestException::gp(0)))
+    }
+
+    #[test]
+    fn mov_to_control_registers_faults_where_the_cpu_does_and_drops_what_it_ignores() {
+        let (mut mem, mut ports) = (Pages::default(), Ports::default());
+        // mov cr0,rax / mov cr3,rax / mov cr4,rax
+        let (cr0, cr3, cr4) = ([0x0f, 0x22, 0xc0], [0x0f, 0x22, 0xd8], [0x0f, 0x22, 0xe0]);
+        let mut with = |bytes: &[u8], rax: u64| {
+            let mut s = kernel();
+            s.gpr[gpr::RAX] = rax;
+            let next = run(&mut s, bytes, &mut mem, &mut ports);
+            (next, s)
+        };
+        // Paging and protection stay on in long mode; NW needs CD; the upper half is reserved.
+        for v in [0x0005_0033, 0x8005_0032, 0xa005_0033, 0x1_8005_0033] {
+            assert!(gp(with(&cr0, v).0), "cr0 {v:#x}");
+        }
+        // Reserved bits of the lower half read as zero (bit 15 here); ET reads as one.
+        let (next, s) = with(&cr0, 0x8005_8023);
+        assert_eq!((next, s.cr0), (Next::Continue, 0x8005_0033));
+        // CR3: bits from MAXPHYADDR (46 here) up are reserved, bit 63 included; the ignored
+        // low bits are kept.
+        assert!(gp(with(&cr3, 0x4000_0000_1000).0));
+        assert!(gp(with(&cr3, 1 << 63 | 0x1000).0));
+        let (next, s) = with(&cr3, 0x3fff_ffff_f645);
+        assert_eq!((next, s.cr3), (Next::Continue, 0x3fff_ffff_f645));
+        // CR4: PAE stays on in long mode; bits of features the model hides are reserved.
+        assert!(gp(with(&cr4, 0x0004_0680).0), "PAE clear");
+        assert!(gp(with(&cr4, 0x0004_06a0 | 1 << 16).0), "FSGSBASE");
+        assert!(gp(with(&cr4, 0x1_0004_06a0).0), "upper half");
+    }
+
+    #[test]
+    fn mov_to_dr6_and_dr7_keeps_their_fixed_bits_and_refuses_the_upper_half() {
+        let (mut mem, mut ports) = (Pages::default(), Ports::default());
+        // mov dr6,rax / mov dr7,rax
+        for (bytes, n, fixed) in [([0x0f, 0x23, 0xf0], 6, 0xffff_0ff0u64), ([0x0f, 0x23, 0xf8], 7, 0x400)] {
+            let mut s = kernel();
+            s.gpr[gpr::RAX] = 0;
+            assert_eq!(run(&mut s, &bytes, &mut mem, &mut ports), Next::Continue);
+            assert_eq!(s.sys.dr[n], fixed, "dr{n} after writing 0");
+            s.gpr[gpr::RAX] = 1 << 32;
+            assert!(gp(run(&mut s, &bytes, &mut mem, &mut ports)), "dr{n}: upper half");
+        }
+    }
+
+    #[test]
+    fn rdpmc_raises_gp_for_every_counter() {
+        let (mut mem, mut ports) = (Pages::default(), Ports::default());
+        for ecx in [0, 1, 0x4000_0000] {
+            let mut s = kernel();
+            s.gpr[gpr::RCX] = ecx;
+            assert!(gp(run(&mut s, &[0x0f, 0x33], &mut mem, &mut ports)), "ecx {ecx:#x}");
+        }
+    }
+
+    #[test]
+    fn rep_ins_keeps_the_iterations_before_a_fault_and_outs_writes_the_port() {
+        let mut mem = Pages::with(&[0x7000]);
+        let mut ports = Ports::default();
+        // rep insw: 4 elements from 0x7ffc, the third at 0x8000 faults (not present).
+        let mut s = kernel();
+        (s.gpr[gpr::RDX], s.gpr[gpr::RDI], s.gpr[gpr::RCX]) = (0x60, 0x7ffc, 4);
+        let next = run(&mut s, &[0xf3, 0x66, 0x6d], &mut mem, &mut ports);
+        assert_eq!(
+            next,
+            Next::Deliver(Event::Exception(GuestException::page_fault(0x8000, 2)))
+        );
+        assert_eq!((s.rip, s.gpr[gpr::RDI], s.gpr[gpr::RCX]), (0x1000, 0x8000, 2));
+        assert_eq!(mem.read_le(0x7ffc, 4).unwrap(), 0x00a0_00a0, "two words of port 0x60");
+        // outsb with DF: from 0x7010 down, port 0x80.
+        let mut s = kernel();
+        s.rflags |= flags::DF;
+        (s.gpr[gpr::RDX], s.gpr[gpr::RSI], s.gpr[gpr::RCX]) = (0x80, 0x7010, 2);
+        mem.write(0x700f, &[0x11, 0x22]).unwrap();
+        assert_eq!(run(&mut s, &[0xf3, 0x6e], &mut mem, &mut ports), Next::Continue);
+        assert_eq!(ports.0, [(0x80, 1, 0x22), (0x80, 1, 0x11)]);
+        assert_eq!((s.rip, s.gpr[gpr::RSI], s.gpr[gpr::RCX]), (0x1002, 0x700e, 0));
+        // At CPL3 with IOPL 0: #GP(0), nothing done.
+        let mut s = GuestState::default();
+        (s.gpr[gpr::RDX], s.gpr[gpr::RSI]) = (0x80, 0x7010);
+        assert!(gp(run(&mut s, &[0x6e], &mut mem, &mut ports)));
+        assert_eq!(ports.0.len(), 2);
+    }
 }

@@ -56,6 +56,8 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
 /// EFER bits software may set: SCE, LME, NXE (LMA is the CPU's).
 const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 11);
 const EFER_LMA: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const CR0_PG: u64 = 1 << 31;
 
 fn slot(index: u32) -> Option<Slot> {
     MSRS.iter().find(|&&(i, _, _)| i == index).map(|&(_, _, s)| s)
@@ -97,7 +99,9 @@ pub fn write(s: &mut GuestState, platform: &mut dyn Platform, index: u32, value:
     match slot {
         Slot::Platform => return platform.wrmsr(index, value),
         Slot::Efer => {
-            if value & !(EFER_WRITABLE | EFER_LMA) != 0 {
+            // LME cannot change while paging is on (the harness and every kernel run with it
+            // on: the model is 64-bit only).
+            if value & !(EFER_WRITABLE | EFER_LMA) != 0 || (value ^ s.efer) & EFER_LME != 0 && s.cr0 & CR0_PG != 0 {
                 return None;
             }
             s.efer = (value & EFER_WRITABLE) | (s.efer & EFER_LMA);
@@ -115,6 +119,8 @@ pub fn write(s: &mut GuestState, platform: &mut dyn Platform, index: u32, value:
             return None
         }
         Slot::TscAux if value >> 32 != 0 => return None,
+        // Each of the eight entries is a memory type: UC, WC, WT, WP, WB or UC- (0, 1, 4..7).
+        Slot::Pat if value.to_le_bytes().iter().any(|&t| !matches!(t, 0 | 1 | 4..=7)) => return None,
         _ => {}
     }
     *field(s, slot)? = value;
@@ -151,9 +157,35 @@ mod tests {
         );
         assert_eq!(read(&mut s, p, 0x1234), None, "unknown MSR");
         let lma = s.efer & EFER_LMA;
-        assert_eq!(write(&mut s, p, 0xc000_0080, 0x1), Some(()));
-        assert_eq!(s.efer, 0x1 | lma, "LMA is kept, only SCE/LME/NXE are written");
+        assert_eq!(write(&mut s, p, 0xc000_0080, 0x101), Some(()));
+        assert_eq!(s.efer, 0x101 | lma, "LMA is kept, only SCE/LME/NXE are written");
         assert_eq!(write(&mut s, p, 0xc000_0080, 1 << 20), None, "reserved EFER bit");
+        s.efer = 0xd01;
+        assert_eq!(
+            write(&mut s, p, 0xc000_0080, 0xc01),
+            None,
+            "clearing LME with paging on"
+        );
+        assert_eq!(
+            write(&mut s, p, 0xc000_0080, 0x501),
+            Some(()),
+            "NXE may change (LMA is ignored)"
+        );
+        assert_eq!(
+            write(&mut s, p, 0x277, 0x0007_0406_0007_0406),
+            Some(()),
+            "the reset PAT"
+        );
+        assert_eq!(
+            write(&mut s, p, 0x277, 0x0007_0406_0007_0402),
+            None,
+            "memory type 2 is reserved"
+        );
+        assert_eq!(
+            write(&mut s, p, 0x277, 0x0807_0406_0007_0406),
+            None,
+            "memory type 8 is reserved"
+        );
         assert_eq!(read(&mut s, p, 0x1b), None, "no APIC on this platform");
         let indexes: std::collections::HashSet<u32> = MSRS.iter().map(|m| m.0).collect();
         assert_eq!(indexes.len(), MSRS.len(), "one row per MSR");

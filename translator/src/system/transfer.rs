@@ -7,6 +7,9 @@ use crate::emulate::GuestMemory;
 use crate::exit::{vector, GuestException};
 use crate::state::{flags, gpr, Cpl, GuestState};
 
+const VIF: u64 = 1 << 19;
+const VIP: u64 = 1 << 20;
+
 fn cpl_of(rpl: u16) -> Result<Cpl, Failure> {
     match rpl {
         0 => Ok(Cpl::Kernel),
@@ -32,6 +35,11 @@ pub fn writable_flags(cpl: Cpl, iopl: u64) -> u64 {
 
 /// `iretq` (and the 16/32-bit `iret` forms, which pop smaller slots).
 pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Result<(), Failure> {
+    // NT asks for a return from a nested task, which IA-32e mode does not have: #GP(0) before
+    // the frame is read.
+    if s.rflags & flags::NT != 0 {
+        return Err(GuestException::gp(0).into());
+    }
     let rsp = s.gpr[gpr::RSP];
     let at = |i: u64| rsp.wrapping_add(i * size as u64);
     let ip = stack_read(mem, at(0), size)?;
@@ -45,7 +53,13 @@ pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Resul
         return Err(GuestException::gp(0).into());
     }
     let iopl = (s.rflags & flags::IOPL) >> 12;
-    let writable = writable_flags(s.cpl, iopl) & if size == 2 { 0xffff } else { u64::MAX };
+    let mut writable = writable_flags(s.cpl, iopl);
+    if s.cpl == Cpl::Kernel {
+        // At CPL0 a 32- or 64-bit `iret` also loads VIF and VIP (the SDM's IRET pseudocode;
+        // `popf` never does, which is why `writable_flags` leaves them out).
+        writable |= VIF | VIP;
+    }
+    let writable = writable & if size == 2 { 0xffff } else { u64::MAX };
     let old_cpl = s.cpl;
     descriptors::load_ss(s, mem, ss, cs & 3)?;
     s.rflags = (s.rflags & !writable) | (fl & writable) | flags::FIXED;
@@ -114,9 +128,14 @@ pub fn far_jump(
 ) -> Result<(), Failure> {
     let d = descriptors::read(s, mem, cs)?;
     if !d.code_or_data() {
-        return Err(Failure::Unsupported(format!(
-            "far transfer through system descriptor {cs:#x} (call gates are not modelled)"
-        )));
+        // 64-bit call gates are not modelled; anything else (a TSS, a task gate: no task
+        // switches in IA-32e mode; an LDT, an interrupt gate) is #GP(selector).
+        if d.kind() == 12 {
+            return Err(Failure::Unsupported(format!(
+                "far transfer through call gate {cs:#x} (call gates are not modelled)"
+            )));
+        }
+        return Err(descriptors::selector_fault(vector::GP, cs).into());
     }
     descriptors::check_code(s, mem, cs, false)?;
     if !crate::mmu::is_canonical(ip) {
@@ -191,6 +210,99 @@ mod tests {
         }
         fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
             Err(GuestException::page_fault(va, 7))
+        }
+    }
+
+    /// Memory holding one iretq frame at 0x7000 (RIP, CS, RFLAGS, RSP, SS) and a flat GDT at
+    /// 0x1000 (0x10 kernel code, 0x18 kernel data, 0x2b user data, 0x33 user code).
+    struct Frame(std::collections::HashMap<u64, u8>);
+
+    impl Frame {
+        fn new(words: [u64; 5]) -> Self {
+            let mut m = std::collections::HashMap::new();
+            let mut put = |at: u64, v: u64| {
+                for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+                    m.insert(at + i as u64, b);
+                }
+            };
+            for (i, w) in words.into_iter().enumerate() {
+                put(0x7000 + 8 * i as u64, w);
+            }
+            put(0x1010, 0x00af_9b00_0000_ffff);
+            put(0x1018, 0x00cf_9300_0000_ffff);
+            put(0x1028, 0x00cf_f300_0000_ffff);
+            put(0x1030, 0x00af_fb00_0000_ffff);
+            Frame(m)
+        }
+    }
+
+    impl GuestMemory for Frame {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = *self.0.get(&(va + i as u64)).ok_or(GuestException::page_fault(va, 0))?;
+            }
+            Ok(())
+        }
+        fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
+            Err(GuestException::page_fault(va, 2))
+        }
+    }
+
+    #[test]
+    fn iretq_at_cpl0_loads_vif_and_vip_and_popf_flags_do_not_include_them() {
+        for (cs, ss) in [(0x10, 0x18), (0x33, 0x2b)] {
+            let mut s = GuestState {
+                cpl: Cpl::Kernel,
+                ..GuestState::default()
+            };
+            s.sys.gdtr = crate::state::DescriptorTable {
+                base: 0x1000,
+                limit: 0x3f,
+            };
+            s.gpr[gpr::RSP] = 0x7000;
+            let image = flags::FIXED | VIF | VIP | flags::CF;
+            iret(&mut s, &mut Frame::new([0x40_0000, cs, image, 0x8000, ss]), 8).unwrap();
+            assert_eq!(s.rflags, image, "to CS {cs:#x}");
+        }
+        assert_eq!(
+            writable_flags(Cpl::Kernel, 0) & (VIF | VIP),
+            0,
+            "popf keeps VIF and VIP"
+        );
+    }
+
+    #[test]
+    fn a_far_jump_to_a_tss_is_gp_with_its_selector() {
+        let mut s = GuestState {
+            cpl: Cpl::Kernel,
+            ..GuestState::default()
+        };
+        s.sys.gdtr = crate::state::DescriptorTable {
+            base: 0x1000,
+            limit: 0x3f,
+        };
+        let mut mem = Frame::new([0; 5]);
+        // 0x20: an available 64-bit TSS.
+        for (i, b) in 0x0000_8900_3000_0067u64.to_le_bytes().into_iter().enumerate() {
+            mem.0.insert(0x1020 + i as u64, b);
+        }
+        match far_jump(&mut s, &mut mem, 0x20, 0x40_0000, None) {
+            Err(Failure::Guest(e)) => assert_eq!(e, descriptors::selector_fault(vector::GP, 0x20)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn iret_with_nt_set_raises_gp_before_reading_the_frame() {
+        let mut s = GuestState {
+            cpl: Cpl::Kernel,
+            ..GuestState::default()
+        };
+        s.rflags |= flags::NT;
+        s.gpr[gpr::RSP] = 0x7000;
+        match iret(&mut s, &mut Nothing, 8) {
+            Err(Failure::Guest(e)) => assert_eq!(e, GuestException::gp(0)),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -10,8 +10,10 @@
 //! Instances run at CPL3 ([`Ring::User`]), or at CPL0 ([`Ring::Kernel`]) for privileged
 //! instructions, where KVM's reference is its in-kernel instruction emulator.
 
+pub mod device;
 pub mod guest;
 pub mod outcome;
+pub mod privileged;
 
 use super::compare::Ignore;
 use super::rng::Rng;
@@ -25,6 +27,53 @@ use crate::rules::Rule;
 use crate::state::GuestState;
 pub use guest::Ring;
 use outcome::{Masks, Stop};
+
+/// The forms CPL0 mode tests by default: those whose rule is a privileged or system one (the
+/// engine performs them against the guest's system state), where running at CPL0 rather than
+/// CPL3 changes what they do. Any other form behaves the same at both levels and is covered by
+/// the CPL3 mode (`--code` still runs it at CPL0).
+pub fn cpl0_form(code: iced_x86::Code) -> bool {
+    use crate::rules::{EmulateOp, StackOp};
+    matches!(
+        crate::rules::rule(code),
+        Some(Rule::System(_) | Rule::UserCopy | Rule::Emulate(_) | Rule::Stack(StackOp::Pushf | StackOp::Popf))
+    ) && !matches!(crate::rules::rule(code), Some(Rule::Emulate(EmulateOp::Random)))
+}
+
+/// A store crossing from one data page into the next where the reference raised the #PF of
+/// the second page and the translator (as the CPU) that of the first
+/// ([`KernelQuirks::split_store_faults_second_page`]).
+fn second_page_first(
+    inst: &Instance,
+    state: &GuestState,
+    reference: &outcome::SystemOutcome,
+    translated: &outcome::SystemOutcome,
+) -> Option<&'static str> {
+    let (start, end) = store_operand(inst, state)?;
+    let page = (start | 0xfff) + 1;
+    let (a, b) = (reference.last.as_ref()?, translated.last.as_ref()?);
+    let second = guest::data() + page;
+    (end > page && reference.raised(14) && translated.raised(14) && a.cr2 == second && b.cr2 < second)
+        .then_some("the reference raised the #PF of a store's second page where its first page faults too")
+}
+
+/// The memory an instance writes, as offsets into the data region: its explicit memory operand,
+/// or `ins`'s element at RDI.
+fn store_operand(inst: &Instance, state: &GuestState) -> Option<(u64, u64)> {
+    let size = inst.instr.memory_size().size().max(1) as u64;
+    let start = match inst.mem_target {
+        Some(t) => t,
+        None if matches!(
+            inst.instr.mnemonic(),
+            iced_x86::Mnemonic::Insb | iced_x86::Mnemonic::Insw | iced_x86::Mnemonic::Insd
+        ) =>
+        {
+            state.gpr[7].checked_sub(guest::data())?
+        }
+        None => return None,
+    };
+    Some((start, start + size))
+}
 
 /// Dispatcher rounds one translated case may take (a case needs a handful).
 const RUN_BUDGET: u64 = 256;
@@ -57,6 +106,85 @@ pub trait Reference {
     fn xcr0(&self) -> u64;
     /// Where the reference is known to differ from the CPU for every form.
     fn quirks(&self) -> Quirks;
+    /// The `out`s of the last run, in order (the device is [`device`]'s: `in` must read
+    /// [`device::port_in`]).
+    fn take_port_writes(&mut self) -> Vec<device::PortWrite> {
+        Vec::new()
+    }
+    /// Where the reference is known to differ from the CPU on this one case (`case` holds the
+    /// instance, its input state and data), beyond [`Reference::unfit`]'s whole forms.
+    fn unfit_case(&self, case: &Case, ring: Ring) -> Option<Unfit> {
+        let _ = (case, ring);
+        None
+    }
+    /// Differences from the CPU at CPL0 that hold for every form.
+    fn kernel_quirks(&self) -> KernelQuirks {
+        KernelQuirks::default()
+    }
+}
+
+/// One case as the reference will run it: what [`Reference::unfit_case`] looks at.
+pub struct Case<'a> {
+    pub instance: &'a Instance,
+    pub state: &'a GuestState,
+    /// The data region's contents, in virtual order.
+    pub data: &'a [u8],
+}
+
+impl Case<'_> {
+    /// `size` bytes (up to 8) at `offset` bytes into the explicit memory operand, when the
+    /// instance has one and they lie in the data region.
+    pub fn operand(&self, offset: u64, size: usize) -> Option<u64> {
+        let at = (self.instance.mem_target? + offset) as usize;
+        let bytes = self.data.get(at..at + size)?;
+        let mut v = [0u8; 8];
+        v[..size].copy_from_slice(bytes);
+        Some(u64::from_le_bytes(v))
+    }
+
+    /// `size` bytes at `offset` bytes above RSP (a stack operand), when in the data region.
+    pub fn stack(&self, offset: u64, size: usize) -> Option<u64> {
+        let at = self.state.gpr[4].wrapping_add(offset).checked_sub(guest::data())? as usize;
+        let bytes = self.data.get(at..at + size)?;
+        let mut v = [0u8; 8];
+        v[..size].copy_from_slice(bytes);
+        Some(u64::from_le_bytes(v))
+    }
+
+    /// The value of operand `n` when it is a general register (all 64 bits).
+    pub fn register(&self, n: u32) -> Option<u64> {
+        let instr = &self.instance.instr;
+        (instr.op_kind(n) == iced_x86::OpKind::Register && instr.op_register(n).is_gpr())
+            .then(|| self.state.gpr[instr.op_register(n).full_register().number() & 15])
+    }
+}
+
+/// How the reference differs from the CPU on one case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unfit {
+    /// The case is not compared (the reason).
+    Case(String),
+    /// The case is compared, but not the error code of the exception it raises (the
+    /// reference reports another one).
+    ErrorCode(String),
+    /// The case is compared, but not the address of a #PF it raises (CR2): the reference
+    /// touches the pieces of the access in another order than the CPU.
+    FaultAddress(String),
+}
+
+/// Differences between a reference engine and the CPU at CPL0 that hold for every form: what
+/// the comparison then leaves out.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelQuirks {
+    /// A store that crosses into a page it may not write leaves its part in the first page
+    /// written (an emulator writing page by page): after such a #PF the bytes of the store's
+    /// first page are not compared.
+    pub split_store_writes_first_page: bool,
+    /// DR6 bits the reference does not keep as the CPU does: not compared.
+    pub dr6_ignored: u64,
+    /// A store crossing two pages that both fault raises the #PF of the second page (the CPU
+    /// reports the first): such a case is not compared.
+    pub split_store_faults_second_page: bool,
 }
 
 /// Differences between a reference engine and the CPU that hold for every instruction: what
@@ -85,7 +213,7 @@ pub struct SystemWorker {
     translator: Translator,
     ram: Ram,
     reference: Box<dyn Reference>,
-    platform: Box<dyn Platform>,
+    platform: device::HarnessPlatform,
     ring: Ring,
     /// Cases run (picks each case's page-table set from the pool).
     case: u64,
@@ -115,8 +243,8 @@ impl Drop for Ram {
 impl SystemWorker {
     pub fn new(mut reference: Box<dyn Reference>, platform: Box<dyn Platform>, ring: Ring) -> Result<Self, String> {
         let ram = Ram::new()?;
-        guest::write_fixed(ram.0);
-        guest::write_fixed(reference.ram());
+        guest::write_fixed(ram.0, ring);
+        guest::write_fixed(reference.ram(), ring);
         // SAFETY: the RAM is page-aligned and owned by the worker, which drops the translator
         // first (field order).
         let view = unsafe { GuestRam::new(ram.0.as_mut_ptr(), guest::RAM_SIZE) };
@@ -131,7 +259,10 @@ impl SystemWorker {
             translator,
             ram,
             reference,
-            platform,
+            platform: device::HarnessPlatform {
+                inner: platform,
+                writes: Vec::new(),
+            },
             ring,
             case: 0,
         })
@@ -144,12 +275,13 @@ impl SystemWorker {
 
     /// Runs the translator on the machine from `state`.
     fn translated(&mut self, state: &GuestState) -> Result<Stop, String> {
+        self.platform.writes.clear();
         let t = &mut self.translator;
         *t.state_mut() = state.clone();
         // Every case has new page tables: like a CPU after a CR3 write, nothing translated
         // through the old ones may be used (and the code pages' accessed bits get set again).
         t.flush();
-        match t.run(self.platform.as_mut(), RUN_BUDGET).map_err(|e| e.to_string())? {
+        match t.run(&mut self.platform, RUN_BUDGET).map_err(|e| e.to_string())? {
             Exit::Halt => Ok(Stop::Halted(Box::new(t.state().clone()))),
             Exit::TripleFault(_) => Ok(Stop::Shutdown),
             other => Err(format!("the translated run ended with {other:?}")),
@@ -177,6 +309,10 @@ impl Cases for SystemWorker {
         let tables = guest::write_tables(self.ram.0, self.case, rng, self.ring);
         self.case += 1;
         guest::machine_state(&mut state, &tables, self.ring);
+        let mut mem = mem;
+        if self.ring == Ring::Kernel {
+            privileged::kernel_state(inst, rng, &mut state, &mut mem, &tables);
+        }
         let quirks = self.reference.quirks();
         if quirks.no_alignment_checks {
             state.cr0 &= !guest::CR0_AM;
@@ -187,9 +323,26 @@ impl Cases for SystemWorker {
         }
         // Both machines start from the same bytes: the fixed pages (a CPL0 case may have
         // changed them), this case's tables, the data.
-        guest::write_fixed(self.ram.0);
+        guest::write_fixed(self.ram.0, self.ring);
         guest::write_data(self.ram.0, &mem);
         self.ram.0[(guest::KERNEL_STACK_TOP - 0x1000) as usize..guest::KERNEL_STACK_TOP as usize].fill(0);
+        let case = Case {
+            instance: inst,
+            state: &state,
+            data: &mem,
+        };
+        let (mut error_code_unfit, mut fault_address) = (false, false);
+        match self.reference.unfit_case(&case, self.ring) {
+            Some(Unfit::Case(why)) => return Ok(Ran::NotCompared(why)),
+            Some(Unfit::ErrorCode(_)) => error_code_unfit = true,
+            Some(Unfit::FaultAddress(_)) => fault_address = true,
+            None => {}
+        }
+        if self.ring == Ring::Kernel {
+            if let Some(why) = privileged::translator_limitation(&case) {
+                return Ok(Ran::NotCompared(format!("translator limitation: {why}")));
+            }
+        }
         let reference_ram = self.reference.ram();
         let (lo, hi) = tables.range();
         reference_ram[lo as usize..hi as usize].copy_from_slice(&self.ram.0[lo as usize..hi as usize]);
@@ -197,18 +350,44 @@ impl Cases for SystemWorker {
 
         let reference = match self.reference.run(&state) {
             Ok(stop) => stop,
-            Err(ReferenceError::Cannot(why)) => return Err(Failure::Unreferenced(why)),
+            Err(ReferenceError::Cannot(why)) => return Ok(Ran::NotCompared(why)),
             Err(ReferenceError::Failed(why)) => return Err(Failure::Plain(format!("reference: {why}"))),
         };
+        let reference_writes = self.reference.take_port_writes();
         let translated = self.translated(&state);
-        let reference = outcome::read(self.reference.ram(), reference, inst, &tables);
+        let mut reference = outcome::read(self.reference.ram(), reference, inst, &tables);
+        reference.port_writes = reference_writes;
         let diffs = match translated {
             Ok(stop) => {
-                let translated = outcome::read(self.ram.0, stop, inst, &tables);
-                if quirks.spurious_ud && reference.raised(vector::UD) && !translated.raised(vector::UD) {
-                    return Ok(Ran::NotCompared);
+                let mut translated = outcome::read(self.ram.0, stop, inst, &tables);
+                translated.port_writes = std::mem::take(&mut self.platform.writes);
+                // (A CPL3 quirk: at CPL0 everything runs in the reference's emulator, and a #UD
+                // there is compared like any other outcome.)
+                if quirks.spurious_ud
+                    && self.ring == Ring::User
+                    && reference.raised(vector::UD)
+                    && !translated.raised(vector::UD)
+                {
+                    return Ok(Ran::NotCompared(
+                        "the reference raised #UD where it had to emulate the instruction".into(),
+                    ));
+                }
+                let kernel = self.reference.kernel_quirks();
+                if self.ring == Ring::Kernel && kernel.split_store_faults_second_page {
+                    if let Some(why) = second_page_first(inst, &state, &reference, &translated) {
+                        return Ok(Ran::NotCompared(why.into()));
+                    }
                 }
                 let masks = Masks {
+                    cpl0: self.ring == Ring::Kernel,
+                    kernel: if self.ring == Ring::Kernel {
+                        self.reference.kernel_quirks()
+                    } else {
+                        KernelQuirks::default()
+                    },
+                    error_code: !error_code_unfit,
+                    fault_address,
+                    operand: store_operand(inst, &state),
                     data_selectors: quirks.loses_data_selectors,
                     ignore: Ignore::nondeterministic(rule, &inst.instr, true),
                 };

@@ -47,6 +47,10 @@ pub struct SystemOutcome {
     pub last: Option<Box<GuestState>>,
     /// The case's page-table frames.
     pub tables: Vec<u8>,
+    /// The `out`s the run made (CPL0), in order.
+    pub port_writes: Vec<super::device::PortWrite>,
+    /// The page holding the GDT and the CPL0 machine's LDT (`ltr` marks a TSS busy there).
+    pub descriptors: Vec<u8>,
 }
 
 impl SystemOutcome {
@@ -72,6 +76,8 @@ pub fn read(ram: &[u8], stop: Stop, inst: &Instance, tables: &Tables) -> SystemO
                 outcome: None,
                 last: None,
                 tables: table_bytes,
+                port_writes: Vec::new(),
+                descriptors: guest::descriptor_page(ram).to_vec(),
             }
         }
         Stop::Halted(s) => s,
@@ -121,6 +127,8 @@ pub fn read(ram: &[u8], stop: Stop, inst: &Instance, tables: &Tables) -> SystemO
         outcome: Some(Outcome::from_state(&s, event, data)),
         last: Some(last),
         tables: table_bytes,
+        port_writes: Vec::new(),
+        descriptors: guest::descriptor_page(ram).to_vec(),
     }
 }
 
@@ -130,6 +138,18 @@ pub struct Masks {
     pub ignore: Ignore,
     /// Leave the ES, DS, FS and GS selectors out.
     pub data_selectors: bool,
+    /// A CPL0 case: compare what only CPL0 code can change too (debug registers, CR8, the
+    /// other MSRs, TR/LDTR bases and limits, the GDT/LDT page).
+    pub cpl0: bool,
+    /// What the reference does differently at CPL0 for every form.
+    pub kernel: super::KernelQuirks,
+    /// Compare the exception's error code (false: the reference is known to report another).
+    pub error_code: bool,
+    /// The explicit memory operand, as offsets into the data region (start, end).
+    pub operand: Option<(u64, u64)>,
+    /// Leave a #PF's address (CR2) out when both raised #PF (the reference accesses the
+    /// pieces of the operand in another order than the CPU).
+    pub fault_address: bool,
 }
 
 /// Every difference between the reference's outcome and the translator's; empty means equal.
@@ -151,6 +171,37 @@ pub fn differences(
             Ending::Handler { vector: *vector, frame }
         }
         other => other.clone(),
+    };
+    // Equalize what is not compared before comparing the rest.
+    let mut translated_ending = translated.ending.clone();
+    if !masks.error_code {
+        if let (Ending::Handler { vector: v, frame: f }, Ending::Handler { vector: w, frame: g }) =
+            (&reference.ending, &mut translated_ending)
+        {
+            if v == w && has_error_code(*v) && !f.is_empty() && !g.is_empty() {
+                g[0] = f[0];
+            }
+        }
+    }
+    let translated = &SystemOutcome {
+        ending: translated_ending,
+        outcome: translated.outcome.clone().map(|mut b| {
+            if let (Some(a), false) = (&reference.outcome, masks.error_code) {
+                if let (Event::Exception(x), Event::Exception(y)) = (a.event, &mut b.event) {
+                    if x.vector == y.vector {
+                        y.error_code = x.error_code;
+                    }
+                }
+            }
+            if let (Some(a), Some(split)) = (&reference.outcome, split_store(reference, translated, masks)) {
+                b.data[split.clone()].copy_from_slice(&a.data[split]);
+            }
+            b
+        }),
+        last: translated.last.clone(),
+        tables: translated.tables.clone(),
+        port_writes: translated.port_writes.clone(),
+        descriptors: translated.descriptors.clone(),
     };
     if ending(&reference.ending) != ending(&translated.ending) {
         out.push(format!(
@@ -180,13 +231,37 @@ pub fn differences(
             }
         }
     }
+    if masks.cpl0 {
+        for (i, (x, y)) in reference
+            .descriptors
+            .chunks(8)
+            .zip(translated.descriptors.chunks(8))
+            .enumerate()
+        {
+            if x != y {
+                out.push(format!(
+                    "descriptor at {:#x}: reference {:02x?}, translated {:02x?}",
+                    guest::GDT + 8 * i as u64,
+                    x,
+                    y
+                ));
+            }
+        }
+    }
+    if reference.port_writes != translated.port_writes {
+        out.push(format!(
+            "port writes: reference {:x?}, translated {:x?}",
+            reference.port_writes, translated.port_writes
+        ));
+    }
     let coarse = pieces_in_cpu_order(instr);
     let same_page = |x: u64, y: u64| x >> 12 == y >> 12;
+    let any_address = masks.fault_address && reference.raised(14) && translated.raised(14);
     if let (Some(a), Some(b)) = (&reference.last, &translated.last) {
-        if a.cr2 != b.cr2 && !(coarse && same_page(a.cr2, b.cr2)) {
+        if a.cr2 != b.cr2 && !(coarse && same_page(a.cr2, b.cr2)) && !any_address {
             out.push(format!("cr2: reference {:#x}, translated {:#x}", a.cr2, b.cr2));
         }
-        out.extend(system_registers(a, b));
+        out.extend(system_registers(a, b, masks));
     }
     if reference.tables != translated.tables {
         // After a #PF, the accessed and dirty bits of the pages an instruction walked before
@@ -207,7 +282,35 @@ pub fn differences(
     if coarse {
         out.retain(|d| !(d.starts_with("event:") && same_page_fault_event(reference, translated)));
     }
+    if any_address {
+        out.retain(|d| !(d.starts_with("event:") && same_fault_but_address(reference, translated)));
+    }
     out
+}
+
+/// Both ended in #PF with the same error code (wherever).
+fn same_fault_but_address(a: &SystemOutcome, b: &SystemOutcome) -> bool {
+    match (&a.outcome, &b.outcome) {
+        (Some(x), Some(y)) => matches!(
+            (x.event, y.event),
+            (Event::Exception(e), Event::Exception(f)) if e.vector == 14 && f.vector == 14 && e.error_code == f.error_code
+        ),
+        _ => false,
+    }
+}
+
+/// The data bytes a reference that writes a page-crossing store page by page
+/// ([`super::KernelQuirks::split_store_writes_first_page`]) left written when the store's second
+/// page faulted (both engines raised the same #PF at that page's start): the range, as offsets
+/// into the data region.
+fn split_store(reference: &SystemOutcome, translated: &SystemOutcome, masks: Masks) -> Option<std::ops::Range<usize>> {
+    if !masks.kernel.split_store_writes_first_page || !reference.raised(14) || !translated.raised(14) {
+        return None;
+    }
+    let (start, end) = masks.operand?;
+    let (a, b) = (reference.last.as_ref()?, translated.last.as_ref()?);
+    let page = a.cr2.checked_sub(guest::data())?;
+    (a.cr2 == b.cr2 && page.is_multiple_of(4096) && start < page && page < end).then_some(start as usize..page as usize)
 }
 
 /// Instructions whose memory access is made of many pieces the CPU touches in an order of its
@@ -278,7 +381,7 @@ fn describe_ending(e: &Ending) -> String {
 }
 
 /// The registers only CPL0 code changes.
-fn system_registers(a: &GuestState, b: &GuestState) -> Vec<String> {
+fn system_registers(a: &GuestState, b: &GuestState, masks: Masks) -> Vec<String> {
     let mut out = Vec::new();
     let mut check = |name: &str, x: u64, y: u64| {
         if x != y {
@@ -301,12 +404,40 @@ fn system_registers(a: &GuestState, b: &GuestState) -> Vec<String> {
     check("lstar", a.sys.msr.lstar, b.sys.msr.lstar);
     check("cstar", a.sys.msr.cstar, b.sys.msr.cstar);
     check("sfmask", a.sys.msr.sfmask, b.sys.msr.sfmask);
+    if masks.cpl0 {
+        // What only a CPL0 case sets up (a CPL3 one cannot change or read these).
+        check("cr8", a.sys.cr8, b.sys.cr8);
+        check("tsc_aux", a.sys.msr.tsc_aux, b.sys.msr.tsc_aux);
+        check("pat", a.sys.msr.pat, b.sys.msr.pat);
+        check("sysenter_cs", a.sys.msr.sysenter_cs, b.sys.msr.sysenter_cs);
+        check("sysenter_esp", a.sys.msr.sysenter_esp, b.sys.msr.sysenter_esp);
+        check("sysenter_eip", a.sys.msr.sysenter_eip, b.sys.msr.sysenter_eip);
+        for (i, name) in [(0, "dr0"), (1, "dr1"), (2, "dr2"), (3, "dr3"), (6, "dr6"), (7, "dr7")] {
+            let ignored = if i == 6 { masks.kernel.dr6_ignored } else { 0 };
+            check(name, a.sys.dr[i] & !ignored, b.sys.dr[i] & !ignored);
+        }
+        check("ldtr.base", a.sys.ldtr.base, b.sys.ldtr.base);
+        check("ldtr.limit", a.sys.ldtr.limit as u64, b.sys.ldtr.limit as u64);
+        check("tr.base", a.sys.tr.base, b.sys.tr.base);
+        check("tr.limit", a.sys.tr.limit as u64, b.sys.tr.limit as u64);
+    }
     out
 }
 
 /// Names each page-table entry that differs (its level, index and bits).
 fn table_differences(a: &[u8], b: &[u8], tables: &Tables) -> Vec<String> {
-    const NAMES: [&str; 5] = ["PML4", "PDPT", "PD", "low PT", "test PT"];
+    const NAMES: [&str; 10] = [
+        "PML4",
+        "PDPT",
+        "PD",
+        "low PT",
+        "test PT",
+        "alternate PML4",
+        "alternate PDPT",
+        "alternate PD",
+        "alternate low PT",
+        "alternate test PT",
+    ];
     let mut out = Vec::new();
     for (i, (x, y)) in a.chunks(8).zip(b.chunks(8)).enumerate() {
         if x != y {
