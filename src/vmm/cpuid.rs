@@ -209,10 +209,34 @@ fn indexed(leaf: u32) -> bool {
 }
 
 /// CPUID as the guest sees it.
+///
+/// Computed once per (leaf, subleaf) and remembered: each host CPUID is a VM exit when hbt
+/// itself runs in a VM (several microseconds), and the translator asks for some leaves on every
+/// `mov cr3` (the physical-address width) — a Linux boot's 17,600 CR3 writes made CPUID a
+/// quarter of its time.
 pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    use std::sync::OnceLock;
+    static MODEL: OnceLock<ModelCache> = OnceLock::new();
     // The hidden and claimed bits are listed by (leaf, subleaf): a leaf without subleaves is
     // listed at subleaf 0 and must match whatever ECX holds.
     let subleaf = if indexed(leaf) { subleaf } else { 0 };
+    let model = MODEL.get_or_init(Default::default);
+    if let Some(&regs) = model.lock().unwrap_or_else(|e| e.into_inner()).get(&(leaf, subleaf)) {
+        return regs;
+    }
+    let regs = model_cpuid(leaf, subleaf);
+    model
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((leaf, subleaf), regs);
+    regs
+}
+
+/// The CPUID results computed so far, by (leaf, subleaf).
+type ModelCache = std::sync::Mutex<std::collections::HashMap<(u32, u32), [u32; 4]>>;
+
+/// [`guest_cpuid`] computed from the host's CPUID.
+fn model_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     if (0x4000_0000..0x4000_0100).contains(&leaf) {
         return match leaf {
             0x4000_0000 => [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
