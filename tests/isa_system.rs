@@ -13,25 +13,6 @@ use std::process::Command;
 /// Differences found by this test and not fixed yet, each with what was seen.
 const KNOWN: &[(&str, &str)] = &[
     (
-        "VEX_Vpgatherdd_xmm_vm32x_xmm",
-        "gather faulting mid-way: the CPU keeps the elements gathered so far and clears their mask bits; the translator leaves mask and destination unchanged",
-    ),
-    ("VEX_Vpgatherdd_ymm_vm32y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vpgatherdq_xmm_vm32x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vpgatherdq_ymm_vm32x_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vpgatherqd_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vpgatherqd_xmm_vm64y_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vpgatherqq_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vpgatherqq_ymm_vm64y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherdps_xmm_vm32x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherdps_ymm_vm32y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherdpd_xmm_vm32x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherdpd_ymm_vm32x_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherqps_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherqps_xmm_vm64y_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherqpd_xmm_vm64x_xmm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    ("VEX_Vgatherqpd_ymm_vm64y_ymm", "as VEX_Vpgatherdd_xmm_vm32x_xmm"),
-    (
         "Enterw_imm16_imm8",
         "a faulting `enter` with a nesting level: the CPU's first access is the push (#PF error code 6), the translator reads the outer frame pointers first (4)",
     ),

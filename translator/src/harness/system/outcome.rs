@@ -166,6 +166,11 @@ pub fn differences(
                 b.seg[i] = a.seg[i];
             }
         }
+        if a.event != Event::Completed || b.event != Event::Completed {
+            if let Some(unused) = gather_unused_bytes(instr) {
+                unused.copy(&a.xsave, &mut b.xsave);
+            }
+        }
         out.extend(
             compare::differences(instr, a, &b, masks.ignore)
                 .into_iter()
@@ -239,6 +244,45 @@ fn pieces_in_cpu_order(instr: &Instruction) -> bool {
             | M::Iretd
             | M::Iretq
     ) || instr.is_vsib()
+}
+
+/// The bytes of a gather's destination and mask registers that correspond to no element (a
+/// gather of dwords by qword indices fills half its vector length): the SDM (VPGATHERQD,
+/// VGATHERQPS) lets the CPU update them "even if the instruction triggers an exception", so
+/// after a fault they are the implementation's. (An Intel Xeon normalizes the mask's unused
+/// elements as it does the others and leaves the destination's; the translator does the
+/// same, but another CPU need not.)
+struct UnusedBytes {
+    regs: [usize; 2],
+    from: usize,
+}
+
+impl UnusedBytes {
+    fn copy(&self, from: &crate::state::XSaveArea, to: &mut crate::state::XSaveArea) {
+        for r in self.regs {
+            let mut v = [0u8; 32];
+            v[..16].copy_from_slice(from.xmm(r));
+            v[16..].copy_from_slice(from.ymm_hi(r));
+            let mut w = [0u8; 32];
+            w[..16].copy_from_slice(to.xmm(r));
+            w[16..].copy_from_slice(to.ymm_hi(r));
+            w[self.from..].copy_from_slice(&v[self.from..]);
+            to.xmm_mut(r).copy_from_slice(&w[..16]);
+            to.ymm_hi_mut(r).copy_from_slice(&w[16..]);
+        }
+    }
+}
+
+fn gather_unused_bytes(instr: &Instruction) -> Option<UnusedBytes> {
+    use iced_x86::Mnemonic as M;
+    if !matches!(instr.mnemonic(), M::Vpgatherqd | M::Vgatherqps) {
+        return None;
+    }
+    let elements = if instr.memory_index().is_ymm() { 4 } else { 2 };
+    Some(UnusedBytes {
+        regs: [instr.op0_register().number() & 15, instr.op2_register().number() & 15],
+        from: 4 * elements,
+    })
 }
 
 /// Both ended in #PF with the same error code and CR2 in the same page.
