@@ -13,11 +13,6 @@ use std::process::Command;
 /// Differences found by this test and not fixed yet, each with what was seen.
 const KNOWN: &[(&str, &str)] = &[
     (
-        "Enterw_imm16_imm8",
-        "a faulting `enter` with a nesting level: the CPU's first access is the push (#PF error code 6), the translator reads the outer frame pointers first (4)",
-    ),
-    ("Enterq_imm16_imm8", "as Enterw_imm16_imm8"),
-    (
         "Call_m1616",
         "far call/jmp through memory at CPL3: exception differs from KVM's (not yet analysed)",
     ),

@@ -1,7 +1,7 @@
 //! Engine behaviour beyond single instructions: chaining, indirect branches, self-modifying
 //! code, precise faults under both memory strategies, and refusal of unsupported instructions.
 
-use hbt_translator::exit::vector;
+use hbt_translator::exit::{vector, GuestException};
 use hbt_translator::{Config, Exit, GuestRam, HostPlatform, MemoryStrategy, TranslateError, Translator};
 
 const BUDGET: u64 = 10_000;
@@ -437,6 +437,23 @@ fn soft_mmu_inlined_call_pushes_through_the_mmu_and_faults_precisely() {
             }
         }
     }
+}
+
+#[test]
+fn enter_checks_its_final_stack_top_for_writing() {
+    // enter 0x2000,1; hlt with RSP in the data page: the two pushes fit, the final stack top
+    // (0x3ff000) is not mapped. The CPU's check there is a write's (#PF error code 6 at CPL3).
+    let g = SoftGuest::new(&[0xc8, 0x00, 0x20, 0x01, 0xf4]);
+    let mut t = g.translator();
+    t.state_mut().gpr[4] = 0x40_1010;
+    t.state_mut().gpr[5] = 0x40_1234;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x3f_f000, 6)));
+    assert_eq!(
+        (t.state().rip, t.state().gpr[4], t.state().gpr[5]),
+        (CODE_VA, 0x40_1010, 0x40_1234),
+        "RIP, RSP and RBP as before the enter"
+    );
 }
 
 #[test]

@@ -80,12 +80,12 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
         push(&mut rsp, frame, mem)?;
     }
     // After the pushes the CPU checks that the final stack top is writable (observed on this
-    // host: #PF there with RSP and RBP unchanged, the pushed frame already in memory).
+    // host: #PF there with RSP and RBP unchanged, the pushed frame already in memory). The
+    // check is a write's: an unmapped top faults with a write's error code (6 at CPL3, as KVM
+    // shows on an Intel Xeon), not a read's.
     let final_rsp = rsp.wrapping_sub(alloc);
     let probe = stack_address(final_rsp).map_err(|e| (e, None))?;
-    let mut word = [0u8; 8];
-    mem.read(probe, &mut word[..size as usize]).map_err(|e| (e, None))?;
-    mem.write(probe, &word[..size as usize]).map_err(|e| (e, None))?;
+    mem.probe_write(probe, size as usize).map_err(|e| (e, None))?;
     if size == 2 {
         s.gpr[gpr::RBP] = (s.gpr[gpr::RBP] & !0xffff) | (frame & 0xffff);
     } else {

@@ -50,6 +50,15 @@ pub trait GuestMemory {
         self.write(va, data)
     }
 
+    /// Checks that the `len` (≤ 16) bytes at `va` could be written, as a write would (alignment
+    /// check, page walk, fault with a write's error code), without writing them.
+    fn probe_write(&mut self, va: u64, len: usize) -> Result<(), GuestException> {
+        // Without a page walk of its own, a memory can only write back what it reads.
+        let mut buf = [0u8; 16];
+        self.read(va, &mut buf[..len])?;
+        self.write(va, &buf[..len])
+    }
+
     /// `len` bytes from `src` to `dst`, each range within one page (a `rep movs` chunk, which
     /// the caller keeps clear of overlap that would change the result): the source is checked
     /// first, then the destination, and nothing is written if either faults.
