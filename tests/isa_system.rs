@@ -12,16 +12,9 @@ use std::process::Command;
 
 /// Differences found by this test and not fixed yet, each with what was seen.
 const KNOWN: &[(&str, &str)] = &[
-    (
-        "Call_m1616",
-        "far call/jmp through memory at CPL3: exception differs from KVM's (not yet analysed)",
-    ),
-    ("Jmp_m1664", "as Call_m1616: KVM raises #GP(0), the translator #UD"),
     ("Iretw", "16/32-bit iret at CPL3: not yet analysed"),
     ("Iretd", "as Iretw"),
     ("Iretq", "iretq to a stack KVM rejects with #SS(sel), the translator with #GP(sel) (not yet analysed)"),
-    ("Call_m1632", "as Call_m1616"),
-    ("Call_m1664", "as Call_m1616: KVM raises #GP(0), the translator #UD"),
     ("Sgdt_m1664", "sgdt/sidt at CPL3 straddling into a faulting page: KVM writes the first page's bytes (not yet analysed)"),
     ("Sidt_m1664", "as Sgdt_m1664"),
     ("Movaps_xmmm128_xmm", "accessed/dirty bits after an FS-relative store (not yet analysed)"),

@@ -112,11 +112,22 @@ pub fn far_jump(
     ip: u64,
     call: Option<(u64, usize)>,
 ) -> Result<(), Failure> {
+    // A null selector is #GP(0) before any descriptor is read (the null descriptor is no
+    // system descriptor to go through).
+    if cs & !3 == 0 {
+        return Err(GuestException::gp(0).into());
+    }
     let d = descriptors::read(s, mem, cs)?;
     if !d.code_or_data() {
-        return Err(Failure::Unsupported(format!(
-            "far transfer through system descriptor {cs:#x} (call gates are not modelled)"
-        )));
+        // In IA-32e mode the only system descriptor a far jmp/call may name is a 64-bit call
+        // gate; a TSS, a task gate, an LDT or an empty entry is #GP(selector) (SDM JMP/CALL).
+        const CALL_GATE_64: u8 = 0xc;
+        if d.kind() == CALL_GATE_64 {
+            return Err(Failure::Unsupported(format!(
+                "far transfer through call gate {cs:#x} (call gates are not modelled)"
+            )));
+        }
+        return Err(descriptors::selector_fault(vector::GP, cs).into());
     }
     descriptors::check_code(s, mem, cs, false)?;
     if !crate::mmu::is_canonical(ip) {
@@ -191,6 +202,89 @@ mod tests {
         }
         fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
             Err(GuestException::page_fault(va, 7))
+        }
+    }
+
+    /// 64 KiB of memory at virtual 0 (above: #PF) holding Linux's GDT layout at 0x1000 (limit
+    /// 0x7f): 0x10 kernel code, 0x18 kernel data, 0x2b user data, 0x33 user code, a 64-bit
+    /// TSS at 0x40; entry 7 (0x38) is empty.
+    struct Gdt(Vec<u8>);
+
+    impl GuestMemory for Gdt {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            let at = va as usize;
+            let src = self
+                .0
+                .get(at..at + buf.len())
+                .ok_or(GuestException::page_fault(va, 4))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+            let at = va as usize;
+            let dst = self
+                .0
+                .get_mut(at..at + data.len())
+                .ok_or(GuestException::page_fault(va, 6))?;
+            dst.copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    impl Gdt {
+        fn new() -> Self {
+            let mut m = Gdt(vec![0; 0x10000]);
+            for (i, d) in [
+                (2, 0x00af_9b00_0000_ffffu64),
+                (3, 0x00cf_9300_0000_ffff),
+                (5, 0x00cf_f300_0000_ffff),
+                (6, 0x00af_fb00_0000_ffff),
+                (8, 0x0000_8900_3000_0067),
+            ] {
+                m.write(0x1000 + 8 * i, &d.to_le_bytes()).unwrap();
+            }
+            m
+        }
+    }
+
+    /// A CPL3 state over [`Gdt`], RSP at 0x8000.
+    fn user_state() -> GuestState {
+        let mut s = GuestState {
+            cpl: Cpl::User,
+            ..GuestState::default()
+        };
+        s.seg = [0x2b, 0x33, 0x2b, 0x2b, 0x2b, 0x2b];
+        s.sys.gdtr = crate::state::DescriptorTable {
+            base: 0x1000,
+            limit: 0x7f,
+        };
+        s.gpr[gpr::RSP] = 0x8000;
+        s
+    }
+
+    fn guest_fault(r: Result<(), Failure>) -> GuestException {
+        match r {
+            Err(Failure::Guest(e)) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_far_jump_or_call_to_a_null_or_system_selector_is_a_general_protection_fault() {
+        for call in [None, Some((0x1234, 8))] {
+            // Null, whatever the RPL: #GP(0).
+            for cs in [0, 3] {
+                let mut s = user_state();
+                let e = guest_fault(far_jump(&mut s, &mut Gdt::new(), cs, 0x1000, call));
+                assert_eq!(e, GuestException::gp(0), "cs {cs:#x}");
+            }
+            // A TSS, the TSS's upper half, an empty entry: #GP(selector).
+            for cs in [0x43, 0x48, 0x38] {
+                let mut s = user_state();
+                let e = guest_fault(far_jump(&mut s, &mut Gdt::new(), cs, 0x1000, call));
+                assert_eq!(e, GuestException::gp((cs & !3) as u32), "cs {cs:#x}");
+                assert_eq!(s.gpr[gpr::RSP], 0x8000, "nothing pushed");
+            }
         }
     }
 
