@@ -276,6 +276,10 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 Mnemonic::Iretd => 4,
                 _ => 8,
             };
+            // NT set: no task return in IA-32e mode (#GP(0) before anything is popped).
+            if s.rflags & flags::NT != 0 {
+                return Err(GuestException::gp(0).into());
+            }
             let rsp = stack_address(s.gpr[gpr::RSP])?;
             let at = |i: u64| rsp.wrapping_add(i * size as u64);
             let ip = mem.read_le(at(0), size)?;
@@ -283,9 +287,11 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             let fl = mem.read_le(at(2), size)?;
             let new_rsp = mem.read_le(at(3), size)?;
             let ss = mem.read_le(at(4), size)? as u16;
-            far_target(s, cs, ip, true)?;
+            // CS, then SS, then RIP, as the CPU checks them (`system::transfer::iret`).
+            check_code_segment(cs, true)?;
             let mut probe = s.clone();
             load_segment(&mut probe, 2, ss)?;
+            far_target(s, cs, ip, true)?;
             // At CPL3 with IOPL 0, IF and IOPL keep their values.
             let writable = flags::STATUS | flags::TF | flags::DF | (1 << 14) | flags::AC | flags::ID | flags::RF;
             let writable = if size == 2 { writable & 0xffff } else { writable };

@@ -30,8 +30,16 @@ pub fn writable_flags(cpl: Cpl, iopl: u64) -> u64 {
     w
 }
 
-/// `iretq` (and the 16/32-bit `iret` forms, which pop smaller slots).
+/// `iretq` (and the 16/32-bit `iret` forms, which pop smaller slots). In 64-bit mode every
+/// form pops SS:RSP. The checks come in the order an Intel Xeon makes them (measured at CPL3
+/// with frames built to fail two checks at once): NT set is #GP(0) before anything is popped
+/// (no task return in IA-32e mode); then the CS selector and descriptor (#GP(CS), #NP); then
+/// the SS selector and descriptor (#GP(0) for a null SS to CPL3, #GP(SS), #SS(SS)); only then
+/// a non-canonical RIP (#GP(0)).
 pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Result<(), Failure> {
+    if s.rflags & flags::NT != 0 {
+        return Err(GuestException::gp(0).into());
+    }
     let rsp = s.gpr[gpr::RSP];
     let at = |i: u64| rsp.wrapping_add(i * size as u64);
     let ip = stack_read(mem, at(0), size)?;
@@ -41,13 +49,13 @@ pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Resul
     let ss = stack_read(mem, at(4), size)? as u16;
     descriptors::check_code(s, mem, cs, true)?;
     let target = cpl_of(cs & 3)?;
-    if !crate::mmu::is_canonical(ip) {
-        return Err(GuestException::gp(0).into());
-    }
     let iopl = (s.rflags & flags::IOPL) >> 12;
     let writable = writable_flags(s.cpl, iopl) & if size == 2 { 0xffff } else { u64::MAX };
     let old_cpl = s.cpl;
     descriptors::load_ss(s, mem, ss, cs & 3)?;
+    if !crate::mmu::is_canonical(ip) {
+        return Err(GuestException::gp(0).into());
+    }
     s.rflags = (s.rflags & !writable) | (fl & writable) | flags::FIXED;
     s.seg[1] = cs;
     s.cpl = target;
@@ -286,6 +294,56 @@ mod tests {
                 assert_eq!(s.gpr[gpr::RSP], 0x8000, "nothing pushed");
             }
         }
+    }
+
+    /// Runs `iret` of operand size `size` at CPL3 from a frame of (RIP, CS, RFLAGS, RSP, SS).
+    fn iret_from(frame: [u64; 5], size: usize, rflags: u64) -> Result<GuestState, Failure> {
+        let mut mem = Gdt::new();
+        for (i, v) in frame.iter().enumerate() {
+            mem.write(0x8000 + (i * size) as u64, &v.to_le_bytes()[..size]).unwrap();
+        }
+        let mut s = user_state();
+        s.rflags = rflags;
+        iret(&mut s, &mut mem, size).map(|()| s)
+    }
+
+    #[test]
+    fn iret_checks_cs_then_ss_then_rip_as_the_cpu_does() {
+        // Each frame fails two checks; the fault is the one an Intel Xeon reports for it at
+        // CPL3 (a native `iret` in a Linux process, whose GDT has this layout).
+        let non_canonical = 0x8000_0000_0000_0000;
+        let cases: [([u64; 5], GuestException); 5] = [
+            ([0x1000, 0x18, 0x202, 0x9000, 0], GuestException::gp(0x18)),
+            ([0x1000, 0x33, 0x202, 0x9000, 0], GuestException::gp(0)),
+            ([non_canonical, 0x33, 0x202, 0x9000, 0x3b], GuestException::gp(0x38)),
+            ([non_canonical, 0x18, 0x202, 0x9000, 0x2b], GuestException::gp(0x18)),
+            ([0x1000, 0x33, 0x202, 0x9000, 0x7505], GuestException::gp(0x7504)),
+        ];
+        for size in [2, 4, 8] {
+            for (frame, fault) in cases {
+                let frame = frame.map(|v| if size == 8 { v } else { v & ((1 << (8 * size)) - 1) });
+                if frame[0] >> 47 != 0 && size != 8 {
+                    continue; // a 16/32-bit RIP is always canonical
+                }
+                match iret_from(frame, size, 0x202).err() {
+                    Some(Failure::Guest(e)) => assert_eq!(e, fault, "size {size}, frame {frame:x?}"),
+                    other => panic!("size {size}, frame {frame:x?}: {other:?}"),
+                }
+            }
+        }
+        // NT set: #GP(0) before the frame is read (no task return in IA-32e mode).
+        let mut s = user_state();
+        s.rflags = 0x4202;
+        let e = guest_fault(iret(&mut s, &mut Gdt(Vec::new()), 8));
+        assert_eq!(e, GuestException::gp(0));
+        // A good frame: RSP from the frame, zero-extended from the operand size.
+        let Ok(s) = iret_from([0x2000, 0x33, 0x246, 0x1234_5678, 0x2b], 4, 0x202) else {
+            panic!("a good frame faulted")
+        };
+        assert_eq!(
+            (s.rip, s.gpr[gpr::RSP], s.seg[1], s.seg[2]),
+            (0x2000, 0x1234_5678, 0x33, 0x2b)
+        );
     }
 
     #[test]
