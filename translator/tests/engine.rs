@@ -457,6 +457,26 @@ fn enter_checks_its_final_stack_top_for_writing() {
 }
 
 #[test]
+fn a_misaligned_sse_operand_raises_gp_before_the_page_walk() {
+    // movaps xmm0,[rbx]; hlt and cmpxchg16b [rbx]; hlt, with RBX 8 bytes past a 16-byte
+    // boundary: in the unmapped page (the CPU raises #GP(0), not #PF) and in the data page
+    // (#GP(0) without marking the page accessed).
+    for code in [&[0x0f, 0x28, 0x03, 0xf4][..], &[0x48, 0x0f, 0xc7, 0x0b, 0xf4]] {
+        for rbx in [0x40_2008u64, 0x40_1008] {
+            let g = SoftGuest::new(code);
+            let mut t = g.translator();
+            t.state_mut().gpr[3] = rbx;
+            let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+            assert_eq!(exit, Exit::Exception(GuestException::gp(0)), "{code:x?} at {rbx:#x}");
+            assert_eq!(t.state().rip, CODE_VA);
+            // SAFETY: reading the data page's PTE inside the RAM mapping.
+            let pte = unsafe { std::ptr::read_unaligned(g.ram.add(0x3008) as *const u64) };
+            assert_eq!(pte & 0x60, 0, "{code:x?} at {rbx:#x}: the data page was not accessed");
+        }
+    }
+}
+
+#[test]
 fn soft_mmu_sets_accessed_and_dirty_bits() {
     // mov qword [0x401000], rax; hlt
     let g = SoftGuest::new(&[0x48, 0x89, 0x04, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4]);

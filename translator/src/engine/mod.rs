@@ -13,7 +13,10 @@
 //! the code cache.
 
 use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
-use crate::context::{ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_SHIFT, MISS_MMX_STORE};
+use crate::context::{
+    ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT,
+    MISS_ALIGN_WAIVED_BY_MM, MISS_MMX_STORE,
+};
 use crate::cpu::vendor::{self, Quirk};
 use crate::cpu::xsave::XsaveLayout;
 use crate::emit::{self, glue::Glue, ExitPatch, HostSite, IBL_PROLOGUE_LEN};

@@ -250,12 +250,15 @@ impl Translator {
             error_code: Some(0),
             address: None,
         };
-        if !va.is_multiple_of(required) {
-            // Instructions that require alignment (the XSAVE/FXSAVE families) check it before
-            // paging. With alignment checking on, an image that is not even 4-byte aligned
-            // raises #AC; otherwise a misaligned one raises #GP(0) (measured on Intel Xeon:
-            // `xsave`/`fxsave` at offsets 1, 2, 3, 6 give #AC, at 4, 8, 12 #GP).
-            let ac_first = ac && !va.is_multiple_of(4);
+        const MXCSR_MM: u32 = 1 << 17;
+        let waived = ctx.miss_info & MISS_ALIGN_WAIVED_BY_MM != 0 && ctx.state.xsave.mxcsr() & MXCSR_MM != 0;
+        if !va.is_multiple_of(required) && !waived {
+            // Instructions that require alignment (`emit/alignment.rs`) check it before paging.
+            // With alignment checking on, an FXSAVE/XSAVE image that is not even 4-byte aligned
+            // raises #AC; otherwise a misaligned operand raises #GP(0) (measured on Intel Xeon:
+            // `xsave`/`fxsave` at offsets 1, 2, 3, 6 give #AC, at 4, 8, 12 #GP; `movaps` at 1
+            // gives #GP).
+            let ac_first = ac && !va.is_multiple_of(4) && ctx.miss_info & MISS_ALIGN_PLAIN_GP == 0;
             return Ok(Some(if ac_first { ac_fault } else { GuestException::gp(0) }));
         }
         if ac && !exempt && !va.is_multiple_of(alignment) {
