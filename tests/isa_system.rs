@@ -46,11 +46,6 @@ const KNOWN: &[(&str, &str)] = &[
     ("VEX_Vpmaskmovd_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
     ("VEX_Vpmaskmovq_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
     ("VEX_Vpmaskmovq_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    (
-        "VEX_Vcvtps2ph_xmmm64_xmm_imm8",
-        "a conversion whose store faults: KVM's MXCSR has the conversion's exception flags set, the translator's does not",
-    ),
-    ("VEX_Vcvtps2ph_xmmm128_ymm_imm8", "as VEX_Vcvtps2ph_xmmm64_xmm_imm8"),
 ];
 
 /// Cases per form (the user-mode harness runs 200 per memory strategy).

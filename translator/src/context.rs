@@ -45,6 +45,9 @@ pub const MISS_ALIGN_SHIFT: u64 = 27;
 pub const MISS_ALIGN_PLAIN_GP: u64 = 1 << 31;
 /// `miss_info` bit: the guest's MXCSR.MM (AMD's misaligned SSE mode) lifts the requirement.
 pub const MISS_ALIGN_WAIVED_BY_MM: u64 = 1 << 32;
+/// `miss_info` bit: the access is `vcvtps2ph`'s store (a fault there leaves the conversion's
+/// MXCSR flags behind: `emulate/f16c.rs`).
+pub const MISS_F16C_STORE: u64 = 1 << 33;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 

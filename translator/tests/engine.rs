@@ -477,6 +477,23 @@ fn a_misaligned_sse_operand_raises_gp_before_the_page_walk() {
 }
 
 #[test]
+fn a_faulting_vcvtps2ph_store_leaves_the_conversions_flags_in_mxcsr() {
+    if !hbt_translator::host::features::host_has(iced_x86::CpuidFeature::F16C) {
+        return;
+    }
+    // vcvtps2ph [0x402000],xmm1,4; hlt: 1.0001 is inexact in half precision, the page is not
+    // mapped. The CPU converts before it stores: #PF with MXCSR.PE set.
+    let g = SoftGuest::new(&[0xc4, 0xe3, 0x79, 0x1d, 0x0c, 0x25, 0x00, 0x20, 0x40, 0x00, 0x04, 0xf4]);
+    let mut t = g.translator();
+    let s = t.state_mut();
+    s.xsave.xmm_mut(1)[..4].copy_from_slice(&1.0001f32.to_le_bytes());
+    s.xsave.set_mxcsr(0x1f80);
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x40_2000, 6)));
+    assert_eq!(t.state().xsave.mxcsr(), 0x1fa0);
+}
+
+#[test]
 fn soft_mmu_sets_accessed_and_dirty_bits() {
     // mov qword [0x401000], rax; hlt
     let g = SoftGuest::new(&[0x48, 0x89, 0x04, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4]);

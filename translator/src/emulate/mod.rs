@@ -4,6 +4,7 @@
 //! go through the page walk — string instructions (`string.rs`), xlat, enter, gathers and masked
 //! stores (`implicit.rs`).
 
+pub mod f16c;
 pub mod implicit;
 pub mod regs;
 pub mod segment;

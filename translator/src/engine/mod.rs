@@ -15,7 +15,7 @@
 use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
 use crate::context::{
     ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT,
-    MISS_ALIGN_WAIVED_BY_MM, MISS_MMX_STORE,
+    MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MMX_STORE,
 };
 use crate::cpu::vendor::{self, Quirk};
 use crate::cpu::xsave::XsaveLayout;
@@ -396,6 +396,14 @@ impl Translator {
                         if ctx.miss_info & MISS_MMX_STORE != 0 && vendor::host_has(Quirk::FaultingMmxStoreResetsTop) {
                             ctx.state.xsave.set_x87_top(0);
                         }
+                        let memory_fault = matches!(exc.vector, 12..=14);
+                        let exc = if ctx.miss_info & MISS_F16C_STORE != 0 && memory_fault {
+                            let rip = ctx.state.rip;
+                            let instr = self.instruction_at(rip)?;
+                            emulate::f16c::faulting_store(&mut self.ctx.get_mut().state, &instr, exc)
+                        } else {
+                            exc
+                        };
                         guest_exception!(exc);
                     }
                 }

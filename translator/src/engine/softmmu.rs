@@ -191,20 +191,7 @@ impl Translator {
     /// Whether the instruction at guest `rip` reads and whether it writes memory.
     fn memory_kinds_at(&mut self, rip: u64) -> Result<(bool, bool), TranslateError> {
         use iced_x86::OpAccess;
-        let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
-        let mut bytes = [0u8; 15];
-        // The instruction was just fetched for its block; only its own bytes matter, so a
-        // fetch cut short at a page boundary retries with what fits in this page.
-        let room = (PAGE - (rip & (PAGE - 1))).min(15) as usize;
-        let n = if fetch.fetch(rip, &mut bytes).is_ok() {
-            15
-        } else {
-            fetch
-                .fetch(rip, &mut bytes[..room])
-                .map_err(|_| TranslateError::Host(format!("device access at guest RIP {rip:#x}: its code is gone")))?;
-            room
-        };
-        let instr = iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode();
+        let instr = self.instruction_at(rip)?;
         let mut info = iced_x86::InstructionInfoFactory::new();
         let (mut reads, mut writes) = (false, false);
         for m in info.info(&instr).used_memory() {
@@ -216,6 +203,25 @@ impl Translator {
             }
         }
         Ok((reads, writes))
+    }
+
+    /// The instruction at guest `rip` (one the engine met translated code at: its code is
+    /// there).
+    pub(super) fn instruction_at(&mut self, rip: u64) -> Result<iced_x86::Instruction, TranslateError> {
+        let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
+        let mut bytes = [0u8; 15];
+        // The instruction was just fetched for its block; only its own bytes matter, so a
+        // fetch cut short at a page boundary retries with what fits in this page.
+        let room = (PAGE - (rip & (PAGE - 1))).min(15) as usize;
+        let n = if fetch.fetch(rip, &mut bytes).is_ok() {
+            15
+        } else {
+            fetch
+                .fetch(rip, &mut bytes[..room])
+                .map_err(|_| TranslateError::Host(format!("guest RIP {rip:#x}: its code is gone")))?;
+            room
+        };
+        Ok(iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode())
     }
 
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
