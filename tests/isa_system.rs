@@ -38,25 +38,6 @@ const KNOWN: &[(&str, &str)] = &[
         "Cpuid",
         "ECX of a leaf KVM adjusts at run time differs (not yet analysed)",
     ),
-    (
-        "VEX_Vmaskmovps_xmm_xmm_m128",
-        "masked loads/stores: fault and A/D bits of masked-off elements (not yet analysed)",
-    ),
-    ("VEX_Vmaskmovps_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vmaskmovpd_xmm_xmm_m128", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vmaskmovpd_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vmaskmovps_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vmaskmovps_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vmaskmovpd_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vmaskmovpd_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovd_xmm_xmm_m128", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovd_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovq_xmm_xmm_m128", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovq_ymm_ymm_m256", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovd_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovd_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovq_m128_xmm_xmm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
-    ("VEX_Vpmaskmovq_m256_ymm_ymm", "as VEX_Vmaskmovps_xmm_xmm_m128"),
 ];
 
 /// Cases per form (the user-mode harness runs 200 per memory strategy).

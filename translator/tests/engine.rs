@@ -494,6 +494,49 @@ fn a_faulting_vcvtps2ph_store_leaves_the_conversions_flags_in_mxcsr() {
 }
 
 #[test]
+fn masked_moves_touch_only_the_elements_their_mask_selects() {
+    // RBX = 0x401ff8: elements 0 and 1 in the data page, 2 and 3 in the unmapped page.
+    let run = |code: &[u8], mask: [u32; 4]| {
+        let g = SoftGuest::new(code);
+        let mut t = g.translator();
+        let s = t.state_mut();
+        s.gpr[3] = 0x40_1ff8;
+        for (i, m) in mask.iter().enumerate() {
+            s.xsave.xmm_mut(1)[4 * i..4 * i + 4].copy_from_slice(&m.to_le_bytes());
+        }
+        s.xsave.xmm_mut(0).copy_from_slice(&[0xab; 16]);
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        // SAFETY: reading the data page's PTE and its last 8 bytes inside the RAM mapping.
+        let (pte, tail) = unsafe {
+            (
+                std::ptr::read_unaligned(g.ram.add(0x3008) as *const u64),
+                std::ptr::read_unaligned(g.ram.add(0x6ff8) as *const u64),
+            )
+        };
+        (exit, t.state().xsave.xmm(0).to_vec(), pte, tail)
+    };
+    let load = [0xc4, 0xe2, 0x71, 0x2c, 0x03, 0xf4]; // vmaskmovps xmm0,xmm1,[rbx]; hlt
+    let store = [0xc4, 0xe2, 0x71, 0x2e, 0x03, 0xf4]; // vmaskmovps [rbx],xmm1,xmm0; hlt
+    let on = 0x8000_0000;
+    // Nothing selected: no fault, no access; a load zeroes the destination.
+    let (exit, xmm0, pte, _) = run(&load, [0; 4]);
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!((xmm0, pte & 0x60), (vec![0; 16], 0));
+    // Only the mapped elements: completes.
+    let (exit, xmm0, pte, _) = run(&load, [on, 0, 0, 0]);
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(&xmm0[4..], &[0; 12]);
+    assert_eq!(pte & 0x60, 0x20, "accessed");
+    // A selected element in the unmapped page faults at it, and a store then stores nothing.
+    let (exit, _, _, tail) = run(&store, [on, 0, on, 0]);
+    assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x40_2000, 6)));
+    assert_eq!(tail, 0, "nothing stored");
+    let (exit, _, pte, tail) = run(&store, [on, on, 0, 0]);
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!((pte & 0x60, tail), (0x60, u64::MAX / 0xff * 0xab));
+}
+
+#[test]
 fn soft_mmu_sets_accessed_and_dirty_bits() {
     // mov qword [0x401000], rax; hlt
     let g = SoftGuest::new(&[0x48, 0x89, 0x04, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4]);

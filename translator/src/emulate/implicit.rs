@@ -1,12 +1,13 @@
 //! Instructions with implicit or per-element memory accesses that the soft-MMU cannot express
-//! as one rewritten operand: `xlat`, `enter`, AVX2 gathers and `maskmovdqu`. Under the identity
-//! strategy they run natively; under the soft-MMU the engine performs them here.
+//! as one rewritten operand: `xlat`, `enter`, AVX2 gathers, `maskmovdqu` and the AVX masked
+//! moves. Under the identity strategy they run natively; under the soft-MMU the engine
+//! performs them here.
 
 use super::regs::{linear_address, read_ymm, write_ymm};
 use super::{stack_address, GuestMemory, Outcome};
 use crate::exit::{Exit, GuestException};
 use crate::state::{gpr, GuestState};
-use iced_x86::{Instruction, Mnemonic, Register};
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 /// Performs one instruction; the caller advances nothing (RIP is set here on success).
 pub fn execute(
@@ -19,6 +20,9 @@ pub fn execute(
         Mnemonic::Xlatb => xlat(&mut next, instr, mem),
         Mnemonic::Enter => enter(&mut next, instr, mem),
         Mnemonic::Maskmovdqu | Mnemonic::Vmaskmovdqu => maskmov(&next, instr, mem),
+        Mnemonic::Vmaskmovps | Mnemonic::Vmaskmovpd | Mnemonic::Vpmaskmovd | Mnemonic::Vpmaskmovq => {
+            masked_move(&mut next, instr, mem)
+        }
         m if is_gather(m) => gather(&mut next, instr, mem),
         _ => return Err(super::NotEmulated),
     };
@@ -118,6 +122,62 @@ fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             mem.write(base.wrapping_add(i as u64), &data[i..i + 1])
                 .map_err(|e| (e, None))?;
         }
+    }
+    Ok(())
+}
+
+/// `vmaskmovps/pd`, `vpmaskmovd/q`, loads and stores: only the elements whose mask sign bit is
+/// set are accessed, in order, so only they fault (even a non-canonical address faults only
+/// through them) and only their pages are marked accessed (the SDM leaves the accessed and
+/// dirty bits of masked-off elements' pages to the implementation; an Intel Xeon leaves them
+/// alone, like this). A load zeroes the other elements (and the upper half of a 128-bit
+/// form). A store checks every element before it writes any: a fault stores nothing (measured
+/// on an Intel Xeon). Never #AC (SDM exception class 6).
+fn masked_move(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
+    let es = match instr.mnemonic() {
+        Mnemonic::Vmaskmovps | Mnemonic::Vpmaskmovd => 4,
+        _ => 8,
+    };
+    let store = instr.op0_kind() == OpKind::Memory;
+    let (memory_operand, data_reg) = if store {
+        (0, instr.op2_register())
+    } else {
+        (2, instr.op0_register())
+    };
+    let mask = read_ymm(s, instr.op1_register().number() & 15);
+    let bytes = if data_reg.is_ymm() { 32 } else { 16 };
+    let base = linear_address(s, instr, memory_operand, 0).unwrap_or(0);
+    let active: Vec<usize> = (0..bytes / es).filter(|i| mask[i * es + es - 1] & 0x80 != 0).collect();
+    let at = |i: usize| base.wrapping_add((i * es) as u64);
+    // A non-canonical address through RSP or RBP is a stack fault, #SS(0).
+    let stack = matches!(instr.memory_base(), Register::RSP | Register::RBP);
+    let fault = |e: GuestException| {
+        let e = if stack && e == GuestException::gp(0) {
+            GuestException {
+                vector: 12,
+                error_code: Some(0),
+                address: None,
+            }
+        } else {
+            e
+        };
+        (e, None)
+    };
+    let data_n = data_reg.number() & 15;
+    if store {
+        let data = read_ymm(s, data_n);
+        for &i in &active {
+            mem.probe_write(at(i), es).map_err(fault)?;
+        }
+        for &i in &active {
+            mem.write(at(i), &data[i * es..(i + 1) * es]).map_err(fault)?;
+        }
+    } else {
+        let mut loaded = [0u8; 32];
+        for &i in &active {
+            mem.read(at(i), &mut loaded[i * es..(i + 1) * es]).map_err(fault)?;
+        }
+        write_ymm(s, data_n, &loaded);
     }
     Ok(())
 }

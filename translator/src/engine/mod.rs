@@ -675,7 +675,8 @@ impl Translator {
             code: format!("{:?}", instr.code()),
             bytes: why.to_string(),
         };
-        let alignment_checks = rule != Rule::Implicit(ImplicitOp::Gather);
+        // Neither gathers nor masked moves raise #AC (SDM exception classes 12 and 6).
+        let alignment_checks = !matches!(rule, Rule::Implicit(ImplicitOp::Gather | ImplicitOp::MaskedMove));
         let (result, written) = self.with_memory(alignment_checks, |state, mem| match rule {
             Rule::Implicit(ImplicitOp::String) => emulate::string::execute(state, instr, mem)
                 .map_err(|_| unsupported("(32-bit address size string instruction)")),
