@@ -130,6 +130,10 @@ pub struct Masks {
     pub ignore: Ignore,
     /// Leave the ES, DS, FS and GS selectors out.
     pub data_selectors: bool,
+    /// Leave out the accessed and dirty bits of these data pages (0, 1): pages a masked move's
+    /// operand covers where no selected element lies (the SDM leaves them to the
+    /// implementation).
+    pub masked_off_pages: [bool; 2],
 }
 
 /// Every difference between the reference's outcome and the translator's; empty means equal.
@@ -198,8 +202,9 @@ pub fn differences(
         // the one that faulted depend on the order the CPU touches its operands' pages.
         let mut x = reference.tables.clone();
         let mut y = translated.tables.clone();
-        if reference.raised(14) || translated.raised(14) {
-            for pte in data_pte_offsets(tables) {
+        let after_fault = reference.raised(14) || translated.raised(14);
+        for (page, pte) in data_pte_offsets(tables).into_iter().enumerate() {
+            if after_fault || masks.masked_off_pages[page] {
                 for t in [&mut x, &mut y] {
                     t[pte] &= !0x60;
                 }
