@@ -282,13 +282,14 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             }
             let rsp = stack_address(s.gpr[gpr::RSP])?;
             let at = |i: u64| rsp.wrapping_add(i * size as u64);
-            let ip = mem.read_le(at(0), size)?;
-            let cs = mem.read_le(at(1), size)? as u16;
+            // The slots and checks in the CPU's order (`system::transfer::iret`): RFLAGS, CS,
+            // RIP, check CS, SS, RSP, check SS, then RIP.
             let fl = mem.read_le(at(2), size)?;
-            let new_rsp = mem.read_le(at(3), size)?;
-            let ss = mem.read_le(at(4), size)? as u16;
-            // CS, then SS, then RIP, as the CPU checks them (`system::transfer::iret`).
+            let cs = mem.read_le(at(1), size)? as u16;
+            let ip = mem.read_le(at(0), size)?;
             check_code_segment(cs, true)?;
+            let ss = mem.read_le(at(4), size)? as u16;
+            let new_rsp = mem.read_le(at(3), size)?;
             let mut probe = s.clone();
             load_segment(&mut probe, 2, ss)?;
             far_target(s, cs, ip, true)?;

@@ -221,9 +221,9 @@ pub fn differences(
 }
 
 /// Instructions whose memory access is made of many pieces the CPU touches in an order of its
-/// own (the FXSAVE/XSAVE images, the x87 environment, masked moves, gathers, the `iret`
-/// frame): when one faults, CR2 may name any byte of the faulting page that the CPU reached
-/// first, so it is compared at page granularity.
+/// own (the FXSAVE/XSAVE images, the x87 environment, masked moves, gathers): when one
+/// faults, CR2 may name any byte of the faulting page that the CPU reached first, so it is
+/// compared at page granularity. (The `iret` frame's order is modelled: `system/transfer.rs`.)
 fn pieces_in_cpu_order(instr: &Instruction) -> bool {
     use iced_x86::Mnemonic as M;
     matches!(
@@ -245,9 +245,6 @@ fn pieces_in_cpu_order(instr: &Instruction) -> bool {
             | M::Maskmovq
             | M::Maskmovdqu
             | M::Vmaskmovdqu
-            | M::Iret
-            | M::Iretd
-            | M::Iretq
     ) || instr.is_vsib()
 }
 
