@@ -185,6 +185,9 @@ pub fn guest_xcr0() -> u64 {
 
 /// CPUID as the guest sees it.
 pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    // Most leaves ignore ECX: a guest asking for leaf 1 with ECX = 1 gets leaf 1, whose
+    // hidden features ([`HIDDEN`], keyed by subleaf 0) stay hidden.
+    let subleaf = if has_subleaves(leaf) { subleaf } else { 0 };
     if (0x4000_0000..0x4000_0100).contains(&leaf) {
         return match leaf {
             0x4000_0000 => [0x4000_0001, SIGNATURE[0], SIGNATURE[1], SIGNATURE[2]],
@@ -226,6 +229,34 @@ pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         regs[EAX] = 0; // AMD's extended APIC ID
     }
     regs
+}
+
+/// Leaves whose ECX selects a subleaf (SDM vol. 2 CPUID, AMD APM vol. 3 appendix E): cache and
+/// topology enumeration, structured extended features, XSAVE, RDT, SGX, processor trace, SoC
+/// vendor, PCONFIG, AMX, AVX10, AMD's cache topology and QoS leaves.
+fn has_subleaves(leaf: u32) -> bool {
+    matches!(
+        leaf,
+        0x4 | 0x7
+            | 0xb
+            | 0xd
+            | 0xf
+            | 0x10
+            | 0x12
+            | 0x14
+            | 0x17
+            | 0x18
+            | 0x1b
+            | 0x1d
+            | 0x1e
+            | 0x1f
+            | 0x20
+            | 0x23
+            | 0x24
+            | 0x8000_001d
+            | 0x8000_0020
+            | 0x8000_0026
+    )
 }
 
 fn max_basic_leaf() -> u32 {
@@ -292,6 +323,24 @@ mod tests {
         // Bits 1, 3 and 24: NOP_IO_DELAY, CLOCKSOURCE2, CLOCKSOURCE_STABLE_BIT; nothing else.
         assert_eq!(guest_cpuid(0x4000_0001, 0), [0x0100_000a, 0, 0, 0]);
         assert_eq!(guest_cpuid(0x4000_0002, 0), [0; 4]);
+    }
+
+    #[test]
+    fn a_leaf_without_subleaves_ignores_ecx() {
+        // The system harness found leaf 1 with ECX = 1 offering x2APIC and PCID, and leaf
+        // 0x8000_0001 with ECX = 1 offering 1 GiB pages: the hidden bits are keyed by subleaf 0.
+        for leaf in [1, 0x8000_0001] {
+            for subleaf in [1, 2, 0xffff_ffff] {
+                assert_eq!(
+                    guest_cpuid(leaf, subleaf),
+                    guest_cpuid(leaf, 0),
+                    "leaf {leaf:#x} ECX {subleaf:#x}"
+                );
+            }
+        }
+        for h in HIDDEN.iter().filter(|h| !has_subleaves(h.leaf)) {
+            assert_eq!(guest_cpuid(h.leaf, 1)[h.reg] & (1 << h.bit), 0, "{}", h.name);
+        }
     }
 
     #[test]
