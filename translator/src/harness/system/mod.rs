@@ -55,6 +55,13 @@ pub trait Reference {
     fn unfit(&self, instr: &iced_x86::Instruction, ring: Ring) -> Option<String>;
     /// The machine's XCR0 (what its CPUID offers).
     fn xcr0(&self) -> u64;
+    /// Bits (EAX, EBX, ECX, EDX) of CPUID leaf `leaf`, subleaf `subleaf` that the reference
+    /// answers differently from the CPU model both engines are given (KVM adjusts some when
+    /// the table is set): not compared.
+    fn cpuid_adjusted(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let _ = (leaf, subleaf);
+        [0; 4]
+    }
     /// Where the reference is known to differ from the CPU for every form.
     fn quirks(&self) -> Quirks;
 }
@@ -66,7 +73,10 @@ pub struct Quirks {
     /// Alignment checking at CPL3 does not follow the guest's CR0.AM: cases run with CR0.AM
     /// and RFLAGS.AC clear.
     pub no_alignment_checks: bool,
-    /// ES, DS, FS and GS selectors do not survive the reference's return to CPL0: they are not
+    /// ES, DS, FS and GS selectors are not the reference's to set at CPL3: what a case loads
+    /// reads back 0 after the return to CPL0, and what CPL3 code reads (`push fs`,
+    /// `mov r/m, gs`) is the selector the CPU still holds from an earlier case, not the
+    /// case's. Those four selectors, and the values instructions read from them, are not
     /// compared.
     pub loses_data_selectors: bool,
     /// A non-canonical RSP at CPL3 makes the reference raise #UD for instructions that do not
@@ -76,6 +86,27 @@ pub struct Quirks {
     /// emulates a CPL3 instruction whose access faults in some ways): a case where only the
     /// reference raised #UD is not compared.
     pub spurious_ud: bool,
+    /// The reference hands an instruction that raised #GP at CPL3 to an instruction emulator
+    /// of its own, whose outcome replaces the CPU's #GP. Where that emulator is known to
+    /// differ from the CPU (`emulation_differs_after_gp`), a case in which the translator
+    /// raised #GP is not compared.
+    pub gp_goes_to_emulator: bool,
+    /// `sgdt`/`sidt` at CPL3 are carried out by the reference's instruction emulator (the
+    /// host's CR4.UMIP makes the CPU raise #GP), which writes a page-split operand page by
+    /// page: after a #PF the operand's bytes are not compared.
+    pub descriptor_table_stores_split: bool,
+}
+
+/// Instructions whose #GP the reference's emulator (see [`Quirks::gp_goes_to_emulator`]) turns
+/// into something else than the CPU's #GP: `iret` (its selector faults come back as #GP(0)
+/// or #SS), FXSAVE/FXRSTOR (no alignment check: a misaligned image is saved or restored, or
+/// faults on its page; an FS/GS-relative image is looked for without the segment base).
+fn emulation_differs_after_gp(instr: &iced_x86::Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    matches!(
+        instr.mnemonic(),
+        M::Iret | M::Iretd | M::Iretq | M::Fxsave | M::Fxsave64 | M::Fxrstor | M::Fxrstor64
+    )
 }
 
 /// One test thread of the system mode: the reference, the translator in system mode over its
@@ -208,9 +239,26 @@ impl Cases for SystemWorker {
                 if quirks.spurious_ud && reference.raised(vector::UD) && !translated.raised(vector::UD) {
                     return Ok(Ran::NotCompared);
                 }
+                if quirks.gp_goes_to_emulator
+                    && translated.raised(vector::GP)
+                    && emulation_differs_after_gp(&inst.instr)
+                {
+                    return Ok(Ran::NotCompared);
+                }
+                let mut ignore = Ignore::nondeterministic(rule, &inst.instr, true);
+                let mut translated = translated;
+                let cpuid_adjusted = self.reference.cpuid_adjusted(state.gpr[0] as u32, state.gpr[1] as u32);
+                ignore.gpr |= mask_quirks(
+                    &quirks,
+                    cpuid_adjusted,
+                    &inst.instr,
+                    &state,
+                    &reference,
+                    &mut translated,
+                );
                 let masks = Masks {
                     data_selectors: quirks.loses_data_selectors,
-                    ignore: Ignore::nondeterministic(rule, &inst.instr, true),
+                    ignore,
                     masked_off_pages: masked_off_pages(&inst.instr, &state),
                 };
                 outcome::differences(&inst.instr, &reference, &translated, &tables, masks)
@@ -277,4 +325,62 @@ fn masked_off_pages(instr: &iced_x86::Instruction, state: &GuestState) -> [bool;
         }
     }
     [covered[0] && !selected[0], covered[1] && !selected[1]]
+}
+
+/// Makes the translated outcome agree with the reference's in the fields `quirks` says the
+/// reference cannot get right for `instr` from input state `input`. Returns the GPRs not to
+/// compare.
+fn mask_quirks(
+    quirks: &Quirks,
+    cpuid_adjusted: [u32; 4],
+    instr: &iced_x86::Instruction,
+    input: &GuestState,
+    reference: &outcome::SystemOutcome,
+    translated: &mut outcome::SystemOutcome,
+) -> u16 {
+    use crate::emulate::regs::linear_address;
+    use iced_x86::{Mnemonic as M, OpKind, Register};
+    let both_page_faulted = reference.raised(vector::PF) && translated.raised(vector::PF);
+    let (Some(a), Some(b)) = (&reference.outcome, &mut translated.outcome) else {
+        return 0;
+    };
+    // Copies the reference's data bytes at virtual `va..va+len` (those in the data region).
+    let mut copy_data = |va: u64, len: u64| {
+        for v in va..va.wrapping_add(len) {
+            let at = v.wrapping_sub(guest::data()) as usize;
+            if at < a.data.len() {
+                b.data[at] = a.data[at];
+            }
+        }
+    };
+    let mut gprs = 0u16;
+    let data_selector = |r: Register| matches!(r, Register::ES | Register::DS | Register::FS | Register::GS);
+    if quirks.loses_data_selectors {
+        match instr.mnemonic() {
+            M::Push if data_selector(instr.op0_register()) => {
+                let size = instr.stack_pointer_increment().unsigned_abs() as u64;
+                copy_data(input.gpr[4].wrapping_sub(size), size);
+            }
+            M::Mov if instr.op1_kind() == OpKind::Register && data_selector(instr.op1_register()) => {
+                if instr.op0_kind() == OpKind::Memory {
+                    copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), 2);
+                } else {
+                    gprs |= 1 << (instr.op0_register().full_register().number() & 15);
+                }
+            }
+            _ => {}
+        }
+    }
+    if quirks.descriptor_table_stores_split && matches!(instr.mnemonic(), M::Sgdt | M::Sidt) && both_page_faulted {
+        copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), 10);
+    }
+    if instr.mnemonic() == M::Cpuid {
+        let adjusted = cpuid_adjusted;
+        // EAX, EBX, ECX, EDX are GPRs 0, 3, 1, 2.
+        for (reg, bits) in [0, 3, 1, 2].into_iter().zip(adjusted) {
+            let bits = bits as u64;
+            b.gpr[reg] = (b.gpr[reg] & !bits) | (a.gpr[reg] & bits);
+        }
+    }
+    gprs
 }
