@@ -91,9 +91,9 @@ pub struct Quirks {
     /// differ from the CPU (`emulation_differs_after_gp`), a case in which the translator
     /// raised #GP is not compared.
     pub gp_goes_to_emulator: bool,
-    /// `sgdt`/`sidt` at CPL3 are carried out by the reference's instruction emulator (the
-    /// host's CR4.UMIP makes the CPU raise #GP), which writes a page-split operand page by
-    /// page: after a #PF the operand's bytes are not compared.
+    /// `sgdt`/`sidt`/`smsw` at CPL3 are carried out by the reference's instruction emulator
+    /// (the host's CR4.UMIP makes the CPU raise #GP), which writes a page-split operand page
+    /// by page: after a #PF the operand's bytes are not compared.
     pub descriptor_table_stores_split: bool,
 }
 
@@ -371,8 +371,13 @@ fn mask_quirks(
             _ => {}
         }
     }
-    if quirks.descriptor_table_stores_split && matches!(instr.mnemonic(), M::Sgdt | M::Sidt) && both_page_faulted {
-        copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), 10);
+    if quirks.descriptor_table_stores_split
+        && matches!(instr.mnemonic(), M::Sgdt | M::Sidt | M::Smsw)
+        && instr.op0_kind() == OpKind::Memory
+        && both_page_faulted
+    {
+        let len = if instr.mnemonic() == M::Smsw { 2 } else { 10 };
+        copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), len);
     }
     if instr.mnemonic() == M::Cpuid {
         let adjusted = cpuid_adjusted;
