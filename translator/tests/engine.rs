@@ -537,6 +537,24 @@ fn masked_moves_touch_only_the_elements_their_mask_selects() {
 }
 
 #[test]
+fn an_m80_store_whose_top_two_bytes_fault_has_stored_its_low_eight() {
+    // fldpi; fstp tbyte [rbx]; hlt. At 0x401ff8 the significand fills the data page and the
+    // sign and exponent fall into the unmapped page: the CPU's first store (the low 8 bytes)
+    // is done at the #PF. At 0x401ff9 the low 8 bytes cross too: nothing is stored.
+    for (rbx, stored) in [(0x40_1ff8u64, 0xc90f_daa2_2168_c235u64), (0x40_1ff9, 0)] {
+        let g = SoftGuest::new(&[0xd9, 0xeb, 0xdb, 0x3b, 0xf4]);
+        let mut t = g.translator();
+        t.state_mut().gpr[3] = rbx;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x40_2000, 6)));
+        let at = 0x6000 + (rbx & 0xfff) as usize;
+        // SAFETY: reading inside the RAM mapping (the data page's frame is 0x6000).
+        let low = unsafe { std::ptr::read_unaligned(g.ram.add(at.min(0x6ff8)) as *const u64) };
+        assert_eq!(low, stored, "at {rbx:#x}");
+    }
+}
+
+#[test]
 fn soft_mmu_sets_accessed_and_dirty_bits() {
     // mov qword [0x401000], rax; hlt
     let g = SoftGuest::new(&[0x48, 0x89, 0x04, 0x25, 0x00, 0x10, 0x40, 0x00, 0xf4]);

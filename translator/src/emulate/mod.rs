@@ -9,6 +9,7 @@ pub mod implicit;
 pub mod regs;
 pub mod segment;
 pub mod string;
+pub mod x87;
 
 use crate::cpu::vendor::{self, Quirk};
 use crate::exit::{vector, Exit, GuestException};

@@ -224,6 +224,24 @@ impl Translator {
         Ok(iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode())
     }
 
+    /// The first piece of an `fstp m80fp`/`fbstp m80bcd` at `va` whose second piece faults:
+    /// its low 8 bytes go to the first page (guest physical page `page_pa`, host page `host`),
+    /// as the CPU's first store put them there. Other 10-byte stores write nothing.
+    fn store_m80_low_qword(&mut self, rip: u64, va: u64, page_pa: u64, host: u64) -> Result<(), TranslateError> {
+        let instr = self.instruction_at(rip)?;
+        if !matches!(instr.mnemonic(), iced_x86::Mnemonic::Fstp | iced_x86::Mnemonic::Fbstp) {
+            return Ok(());
+        }
+        let Some(low) = emulate::x87::low_qword_of_m80_store(&self.ctx.get().state, instr.mnemonic()) else {
+            return Ok(());
+        };
+        // SAFETY: `host` is the first page's host address in guest RAM (from the walk) and
+        // va's offset + 8 stays inside that page (checked by the caller).
+        unsafe { std::ptr::copy_nonoverlapping(low.as_ptr(), (host + (va & (PAGE - 1))) as *mut u8, 8) };
+        self.invalidate_phys_page(page_pa);
+        Ok(())
+    }
+
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
     pub(super) fn tlb_miss(&mut self, platform: &mut dyn Platform) -> Result<Option<GuestException>, TranslateError> {
         let ctx = self.ctx.get();
@@ -291,7 +309,21 @@ impl Translator {
                         address: None,
                     }))
                 }
-                Err(exc) => return Ok(Some(exc)),
+                Err(exc) => {
+                    // A 10-byte store whose low 8 bytes lie in the first page: the x87 m80
+                    // stores have written those when the top 2 fault (`emulate/x87.rs`).
+                    let low_fits = va & (PAGE - 1) <= PAGE - 8;
+                    if n == 1
+                        && access == Access::Write
+                        && size == 10
+                        && low_fits
+                        && exc.vector == crate::exit::vector::PF
+                    {
+                        let (_, page_pa, host, _) = fills[0];
+                        self.store_m80_low_qword(rip, va, page_pa, host)?;
+                    }
+                    return Ok(Some(exc));
+                }
             };
             let Some(host) = ram.host(pa & !(PAGE - 1), PAGE) else {
                 if n == 0 && (last & !(PAGE - 1)) == (va & !(PAGE - 1)) {
