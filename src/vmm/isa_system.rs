@@ -83,7 +83,10 @@ struct CpuidAdjustment {
 /// The bits KVM_SET_CPUID2 changed in `set` (what `get` reads back), but for those KVM computes
 /// from the guest's state as it runs, which both engines do (leaf 1 ECX.OSXSAVE, leaf 7
 /// ECX.OSPKE: CR4; leaf 1 EDX.APIC: the APIC base MSR). Measured on kvm_pvm (an Intel Xeon
-/// host): leaf 1 EDX.MTRR (bit 12) comes back set though the model clears it.
+/// host): leaf 1 EDX.MTRR comes back set though the model clears it, leaf 7's features the
+/// model hides (AVX-512, FSGSBASE, SMEP…) come back as the host has them, and leaf 0xd
+/// describes the host's XSAVE components (CPUID at CPL3 then answers EAX = 0xe7 for leaf 0xd
+/// where the model says 0x7: the same host-XCR0 quirk as `unfit`'s XSAVE rows).
 fn cpuid_adjustments(
     set: &[kvm_bindings::kvm_cpuid_entry2],
     get: &[kvm_bindings::kvm_cpuid_entry2],
