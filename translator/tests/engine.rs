@@ -474,6 +474,14 @@ fn a_misaligned_sse_operand_raises_gp_before_the_page_walk() {
             assert_eq!(pte & 0x60, 0, "{code:x?} at {rbx:#x}: the data page was not accessed");
         }
     }
+    // movups xmm1,[rbx]; movaps xmm0,[rbx]; hlt: the movaps reuses the movups's host address
+    // (no lookup of its own); the host's movaps still raises #GP(0), at the movaps.
+    let g = SoftGuest::new(&[0x0f, 0x10, 0x0b, 0x0f, 0x28, 0x03, 0xf4]);
+    let mut t = g.translator();
+    t.state_mut().gpr[3] = 0x40_1008;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Exception(GuestException::gp(0)));
+    assert_eq!(t.state().rip, CODE_VA + 3);
 }
 
 #[test]

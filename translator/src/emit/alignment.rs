@@ -26,6 +26,15 @@ pub(super) struct Requirement {
     pub(super) waived_by_mm: bool,
 }
 
+impl Requirement {
+    /// An FXSAVE/XSAVE image's requirement: such an instruction neither reuses the previous
+    /// instruction's host address nor leaves its own for the next (`memop.rs`). An SSE
+    /// operand may: on a reused address the host instruction checks the alignment itself.
+    pub(super) fn image(self) -> bool {
+        self.log2 != 0 && !self.plain_gp
+    }
+}
+
 /// Explicitly aligned moves: the requirement holds in every encoding and in misaligned SSE
 /// mode too.
 fn aligned_move(m: Mnemonic) -> bool {
