@@ -183,31 +183,6 @@ pub fn guest_xcr0() -> u64 {
     XsaveLayout::host().xcr0_for(|f| !matches!(f, CpuidFeature::AVX512F | CpuidFeature::PKU))
 }
 
-/// Leaves whose output depends on the subleaf (ECX). For every other leaf the CPU ignores ECX,
-/// so the model must too: `cpuid` with leaf 1 and a stray ECX sees leaf 1.
-fn indexed(leaf: u32) -> bool {
-    matches!(
-        leaf,
-        4 | 7
-            | 0xb
-            | 0xd
-            | 0xf
-            | 0x10
-            | 0x12
-            | 0x14
-            | 0x17
-            | 0x18
-            | 0x1a
-            | 0x1b
-            | 0x1d
-            | 0x1e
-            | 0x1f
-            | 0x20
-            | 0x23
-            | 0x24
-    ) || matches!(leaf, 0x8000_001d | 0x8000_0020 | 0x8000_0026)
-}
-
 /// CPUID as the guest sees it.
 ///
 /// Computed once per (leaf, subleaf) and remembered: each host CPUID is a VM exit when hbt
@@ -217,9 +192,9 @@ fn indexed(leaf: u32) -> bool {
 pub fn guest_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     use std::sync::OnceLock;
     static MODEL: OnceLock<ModelCache> = OnceLock::new();
-    // The hidden and claimed bits are listed by (leaf, subleaf): a leaf without subleaves is
-    // listed at subleaf 0 and must match whatever ECX holds.
-    let subleaf = if indexed(leaf) { subleaf } else { 0 };
+    // Most leaves ignore ECX: a guest asking for leaf 1 with ECX = 1 gets leaf 1, whose
+    // hidden features ([`HIDDEN`], keyed by subleaf 0) stay hidden.
+    let subleaf = if has_subleaves(leaf) { subleaf } else { 0 };
     let model = MODEL.get_or_init(Default::default);
     if let Some(&regs) = model.lock().unwrap_or_else(|e| e.into_inner()).get(&(leaf, subleaf)) {
         return regs;
@@ -278,6 +253,34 @@ fn model_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
         regs[EAX] = 0; // AMD's extended APIC ID
     }
     regs
+}
+
+/// Leaves whose ECX selects a subleaf (SDM vol. 2 CPUID, AMD APM vol. 3 appendix E): cache and
+/// topology enumeration, structured extended features, XSAVE, RDT, SGX, processor trace, SoC
+/// vendor, PCONFIG, AMX, AVX10, AMD's cache topology and QoS leaves.
+fn has_subleaves(leaf: u32) -> bool {
+    matches!(
+        leaf,
+        0x4 | 0x7
+            | 0xb
+            | 0xd
+            | 0xf
+            | 0x10
+            | 0x12
+            | 0x14
+            | 0x17
+            | 0x18
+            | 0x1b
+            | 0x1d
+            | 0x1e
+            | 0x1f
+            | 0x20
+            | 0x23
+            | 0x24
+            | 0x8000_001d
+            | 0x8000_0020
+            | 0x8000_0026
+    )
 }
 
 fn max_basic_leaf() -> u32 {
@@ -347,19 +350,21 @@ mod tests {
     }
 
     #[test]
-    fn leaves_without_subleaves_ignore_ecx() {
-        // `cpuid` with EAX=1 and a stray ECX (found by `hbt isa-test --system --cpl0`: PCID
-        // and x2APIC showed through with ECX=1).
+    fn a_leaf_without_subleaves_ignores_ecx() {
+        // The system harness found leaf 1 with ECX = 1 offering x2APIC and PCID, and leaf
+        // 0x8000_0001 with ECX = 1 offering 1 GiB pages: the hidden bits are keyed by subleaf 0.
         for leaf in [1, 0x8000_0001] {
-            for ecx in [1, 2, 0xffff_ffff] {
+            for subleaf in [1, 2, 0xffff_ffff] {
                 assert_eq!(
-                    guest_cpuid(leaf, ecx),
+                    guest_cpuid(leaf, subleaf),
                     guest_cpuid(leaf, 0),
-                    "leaf {leaf:#x} ECX {ecx:#x}"
+                    "leaf {leaf:#x} ECX {subleaf:#x}"
                 );
             }
         }
-        assert_eq!(guest_cpuid(1, 1)[ECX] & (1 << 17), 0, "pcid stays hidden");
+        for h in HIDDEN.iter().filter(|h| !has_subleaves(h.leaf)) {
+            assert_eq!(guest_cpuid(h.leaf, 1)[h.reg] & (1 << h.bit), 0, "{}", h.name);
+        }
     }
 
     #[test]

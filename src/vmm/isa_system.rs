@@ -86,7 +86,51 @@ pub struct KvmReference {
     port_writes: Vec<PortWrite>,
     /// The vCPU thread and when its current run started (0: not running), for the watchdog.
     watch: Arc<Watch>,
+    /// CPUID bits KVM changed in the model's table when it was set (see `cpuid_adjustments`).
+    cpuid_adjusted: Vec<CpuidAdjustment>,
     _kvm: Kvm,
+}
+
+/// Bits of one CPUID leaf (and subleaf, when its index is significant) that KVM changed.
+struct CpuidAdjustment {
+    function: u32,
+    index: Option<u32>,
+    bits: [u32; 4],
+}
+
+/// The bits KVM_SET_CPUID2 changed in `set` (what `get` reads back), but for those KVM computes
+/// from the guest's state as it runs, which both engines do (leaf 1 ECX.OSXSAVE, leaf 7
+/// ECX.OSPKE: CR4; leaf 1 EDX.APIC: the APIC base MSR). Measured on kvm_pvm (an Intel Xeon
+/// host): leaf 1 EDX.MTRR comes back set though the model clears it, leaf 7's features the
+/// model hides (AVX-512, FSGSBASE, SMEP…) come back as the host has them, and leaf 0xd
+/// describes the host's XSAVE components (CPUID at CPL3 then answers EAX = 0xe7 for leaf 0xd
+/// where the model says 0x7: the same host-XCR0 quirk as `unfit`'s XSAVE rows).
+fn cpuid_adjustments(
+    set: &[kvm_bindings::kvm_cpuid_entry2],
+    get: &[kvm_bindings::kvm_cpuid_entry2],
+) -> Vec<CpuidAdjustment> {
+    let mut out = Vec::new();
+    for g in get {
+        let Some(s) = set.iter().find(|s| s.function == g.function && s.index == g.index) else {
+            continue;
+        };
+        let mut bits = [s.eax ^ g.eax, s.ebx ^ g.ebx, s.ecx ^ g.ecx, s.edx ^ g.edx];
+        if g.function == 1 {
+            bits[2] &= !(1 << 27);
+            bits[3] &= !(1 << 9);
+        }
+        if g.function == 7 && g.index == 0 {
+            bits[2] &= !(1 << 4);
+        }
+        if bits != [0; 4] {
+            out.push(CpuidAdjustment {
+                function: g.function,
+                index: (g.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0).then_some(g.index),
+                bits,
+            });
+        }
+    }
+    out
 }
 
 struct Watch {
@@ -110,6 +154,9 @@ impl KvmReference {
             [e.eax, e.ebx, e.ecx, e.edx] = cpuid::guest_cpuid(e.function, e.index);
         }
         vcpu.set_cpuid2(&table)?;
+        // What KVM made of the table: the bits it changed are the reference's, not the model's.
+        let effective = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)?;
+        let cpuid_adjusted = cpuid_adjustments(table.as_slice(), effective.as_slice());
         let watch = Arc::new(Watch {
             // SAFETY: pthread_self has no preconditions.
             thread: AtomicU64::new(unsafe { libc::pthread_self() } as u64),
@@ -129,8 +176,18 @@ impl KvmReference {
             roots: HashSet::new(),
             port_writes: Vec::new(),
             watch,
+            cpuid_adjusted,
             _kvm: kvm,
         })
+    }
+
+    /// The bits of `adjusted` for CPUID `leaf`, `subleaf` (the subleaf matters only where KVM
+    /// says the leaf's index is significant).
+    fn adjusted_bits(adjusted: &[CpuidAdjustment], leaf: u32, subleaf: u32) -> [u32; 4] {
+        adjusted
+            .iter()
+            .find(|a| a.function == leaf && a.index.is_none_or(|i| i == subleaf))
+            .map_or([0; 4], |a| a.bits)
     }
 
     /// Deletes and re-adds the memory slot: KVM drops every shadow page built from the guest's
@@ -511,6 +568,10 @@ impl Reference for KvmReference {
         unfit(instr, ring).map(str::to_string)
     }
 
+    fn cpuid_adjusted(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        KvmReference::adjusted_bits(&self.cpuid_adjusted, leaf, subleaf)
+    }
+
     fn xcr0(&self) -> u64 {
         cpuid::guest_xcr0()
     }
@@ -542,13 +603,31 @@ impl Reference for KvmReference {
     fn quirks(&self) -> Quirks {
         // Measured on kvm_pvm (README, `--system`): misaligned CPL3 accesses with RFLAGS.AC set
         // raise #AC or not whatever the guest's CR0.AM; `mov es, 1` or `mov fs, 0x33` at CPL3
-        // read back 0; with a non-canonical RSP, `fwait`, `addps` or `cmpsd` at CPL3 raise #UD;
-        // SSE instructions whose memory operand faults (#GP, #PF) raise #UD.
+        // read back 0, and `push fs` at CPL3 pushes the selector an earlier case loaded
+        // (0x7b after `mov fs, dx` with DX = 0x7b) where this case's FS is null; with a
+        // non-canonical RSP, `fwait`, `addps` or `cmpsd` at CPL3 raise #UD; SSE instructions
+        // whose memory operand faults (#GP, #PF) raise #UD.
+        //
+        // kvm_pvm sends every #GP a guest raises to KVM's instruction emulator (PVM's exit
+        // handler: GP_VECTOR -> kvm_emulate_instruction(vcpu, EMULTYPE_PVM_GP)), whose outcome
+        // replaces the CPU's. Measured against the same instruction run natively in a Linux
+        // process on the same Intel Xeon (whose GDT has the guest's layout): an `iret` frame
+        // with SS 0x18 gives the CPU's #GP(0x18) natively, #GP(0) under KVM; SS 0x7505 (past
+        // the GDT limit) #GP(0x7504) natively, #GP(0) under KVM; SS 0x3b (an empty entry)
+        // #GP(0x38) natively, #SS(0x38) under KVM; `fxsave64`/`fxrstor` at an address 16-byte
+        // misaligned give #GP(0) natively, under KVM a #PF on the image's page or a completed
+        // restore; `fxrstor64 gs:[rcx]` with reserved MXCSR bits (#GP(0)) faults under KVM at
+        // RCX without the GS base. The host runs with CR4.UMIP, so CPL3 `sgdt`/`sidt` always
+        // go to the emulator (they store the guest's GDTR/IDTR, which the CPU cannot know);
+        // a store split across a mapped and an unmapped page has its first page written
+        // under KVM (the emulator writes page by page).
         Quirks {
             no_alignment_checks: true,
             loses_data_selectors: true,
             needs_canonical_rsp: true,
             spurious_ud: true,
+            gp_goes_to_emulator: true,
+            descriptor_table_stores_split: true,
         }
     }
 }
@@ -562,6 +641,12 @@ fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
         (M::Syscall, Ring::User) => Some("kvm_pvm enters LSTAR keeping the user CS (CPL3)"),
         (M::Str | M::Sldt, Ring::User) => {
             Some("kvm_pvm runs them at CPL3 on the host's descriptor tables, not the guest's")
+        }
+        // `lar 0x21` (Linux's 32-bit user code, RPL 1) sets ZF natively in a Linux process on
+        // this host (0xcffb00) but clears it under KVM at CPL3, though the guest's GDT has that
+        // same descriptor: the queries do not see the guest's GDT there.
+        (M::Lar | M::Lsl | M::Verr | M::Verw, Ring::User) => {
+            Some("kvm_pvm runs them at CPL3 on descriptor tables that are not the guest's")
         }
         (
             M::Xgetbv
@@ -607,5 +692,47 @@ impl Platform for ModelPlatform {
     }
     fn tsc_aux(&mut self) -> u32 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    fn entry(function: u32, index: u32, flags: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cpuid_adjustments_keep_what_kvm_changed_but_not_what_it_computes_as_the_guest_runs() {
+        let set = [
+            entry(1, 0, 0, 1 << 27, 0),
+            entry(7, 0, 1, 1 << 4, 0),
+            entry(7, 1, 1, 0, 0),
+        ];
+        // MTRR set by KVM, OSXSAVE and APIC changed with the guest's CR4 and APIC base.
+        let get = [
+            entry(1, 0, 0, 0, (1 << 12) | (1 << 9)),
+            entry(7, 0, 1, 0, 0),
+            entry(7, 1, 1, 0, 1 << 3),
+        ];
+        let r = KvmReference::adjusted_bits(&cpuid_adjustments(&set, &get), 1, 5);
+        assert_eq!(r, [0, 0, 0, 1 << 12], "leaf 1 ignores the subleaf");
+        assert_eq!(
+            KvmReference::adjusted_bits(&cpuid_adjustments(&set, &get), 7, 0),
+            [0; 4]
+        );
+        assert_eq!(
+            KvmReference::adjusted_bits(&cpuid_adjustments(&set, &get), 7, 1),
+            [0, 0, 0, 1 << 3]
+        );
     }
 }

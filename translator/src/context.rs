@@ -36,9 +36,18 @@ pub const IBL_EMPTY_TAG: u64 = IBL_EMPTY_TARGET.wrapping_neg();
 /// `miss_info` bit: the access is a store from an MMX register (on Intel, a faulting one has
 /// already reset FSW.TOP: `cpu::vendor::Quirk::FaultingMmxStoreResetsTop`).
 pub const MISS_MMX_STORE: u64 = 1 << 26;
-/// `miss_info` bits 27..31: log2 of the alignment the instruction requires (#GP(0) before any
-/// page walk when the address is not aligned: the XSAVE family's 64 bytes); 0 = none.
+/// `miss_info` bits 27..30: log2 of the alignment the instruction requires (#GP(0) before any
+/// page walk when the address is not aligned: the XSAVE family's 64 bytes, SSE operands'
+/// 16 or 32; `emit/alignment.rs`); 0 = none.
 pub const MISS_ALIGN_SHIFT: u64 = 27;
+/// `miss_info` bit: a misaligned operand is #GP(0) even with alignment checking on (SSE
+/// operands); without it, an image not even 4-byte aligned raises #AC first (FXSAVE/XSAVE).
+pub const MISS_ALIGN_PLAIN_GP: u64 = 1 << 31;
+/// `miss_info` bit: the guest's MXCSR.MM (AMD's misaligned SSE mode) lifts the requirement.
+pub const MISS_ALIGN_WAIVED_BY_MM: u64 = 1 << 32;
+/// `miss_info` bit: the access is `vcvtps2ph`'s store (a fault there leaves the conversion's
+/// MXCSR flags behind: `emulate/f16c.rs`).
+pub const MISS_F16C_STORE: u64 = 1 << 33;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 

@@ -1,7 +1,7 @@
 //! Engine behaviour beyond single instructions: chaining, indirect branches, self-modifying
 //! code, precise faults under both memory strategies, and refusal of unsupported instructions.
 
-use hbt_translator::exit::vector;
+use hbt_translator::exit::{vector, GuestException};
 use hbt_translator::{Config, Exit, GuestRam, HostPlatform, MemoryStrategy, TranslateError, Translator};
 
 const BUDGET: u64 = 10_000;
@@ -440,6 +440,129 @@ fn soft_mmu_inlined_call_pushes_through_the_mmu_and_faults_precisely() {
                 assert_eq!(t.stats().blocks_translated, translated, "{:?}", t.stats());
             }
         }
+    }
+}
+
+#[test]
+fn enter_checks_its_final_stack_top_for_writing() {
+    // enter 0x2000,1; hlt with RSP in the data page: the two pushes fit, the final stack top
+    // (0x3ff000) is not mapped. The CPU's check there is a write's (#PF error code 6 at CPL3).
+    let g = SoftGuest::new(&[0xc8, 0x00, 0x20, 0x01, 0xf4]);
+    let mut t = g.translator();
+    t.state_mut().gpr[4] = 0x40_1010;
+    t.state_mut().gpr[5] = 0x40_1234;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x3f_f000, 6)));
+    assert_eq!(
+        (t.state().rip, t.state().gpr[4], t.state().gpr[5]),
+        (CODE_VA, 0x40_1010, 0x40_1234),
+        "RIP, RSP and RBP as before the enter"
+    );
+}
+
+#[test]
+fn a_misaligned_sse_operand_raises_gp_before_the_page_walk() {
+    // movaps xmm0,[rbx]; hlt and cmpxchg16b [rbx]; hlt, with RBX 8 bytes past a 16-byte
+    // boundary: in the unmapped page (the CPU raises #GP(0), not #PF) and in the data page
+    // (#GP(0) without marking the page accessed).
+    for code in [&[0x0f, 0x28, 0x03, 0xf4][..], &[0x48, 0x0f, 0xc7, 0x0b, 0xf4]] {
+        for rbx in [0x40_2008u64, 0x40_1008] {
+            let g = SoftGuest::new(code);
+            let mut t = g.translator();
+            t.state_mut().gpr[3] = rbx;
+            let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+            assert_eq!(exit, Exit::Exception(GuestException::gp(0)), "{code:x?} at {rbx:#x}");
+            assert_eq!(t.state().rip, CODE_VA);
+            // SAFETY: reading the data page's PTE inside the RAM mapping.
+            let pte = unsafe { std::ptr::read_unaligned(g.ram.add(0x3008) as *const u64) };
+            assert_eq!(pte & 0x60, 0, "{code:x?} at {rbx:#x}: the data page was not accessed");
+        }
+    }
+    // movups xmm1,[rbx]; movaps xmm0,[rbx]; hlt: the movaps reuses the movups's host address
+    // (no lookup of its own); the host's movaps still raises #GP(0), at the movaps.
+    let g = SoftGuest::new(&[0x0f, 0x10, 0x0b, 0x0f, 0x28, 0x03, 0xf4]);
+    let mut t = g.translator();
+    t.state_mut().gpr[3] = 0x40_1008;
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Exception(GuestException::gp(0)));
+    assert_eq!(t.state().rip, CODE_VA + 3);
+}
+
+#[test]
+fn a_faulting_vcvtps2ph_store_leaves_the_conversions_flags_in_mxcsr() {
+    if !hbt_translator::host::features::host_has(iced_x86::CpuidFeature::F16C) {
+        return;
+    }
+    // vcvtps2ph [0x402000],xmm1,4; hlt: 1.0001 is inexact in half precision, the page is not
+    // mapped. The CPU converts before it stores: #PF with MXCSR.PE set.
+    let g = SoftGuest::new(&[0xc4, 0xe3, 0x79, 0x1d, 0x0c, 0x25, 0x00, 0x20, 0x40, 0x00, 0x04, 0xf4]);
+    let mut t = g.translator();
+    let s = t.state_mut();
+    s.xsave.xmm_mut(1)[..4].copy_from_slice(&1.0001f32.to_le_bytes());
+    s.xsave.set_mxcsr(0x1f80);
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x40_2000, 6)));
+    assert_eq!(t.state().xsave.mxcsr(), 0x1fa0);
+}
+
+#[test]
+fn masked_moves_touch_only_the_elements_their_mask_selects() {
+    // RBX = 0x401ff8: elements 0 and 1 in the data page, 2 and 3 in the unmapped page.
+    let run = |code: &[u8], mask: [u32; 4]| {
+        let g = SoftGuest::new(code);
+        let mut t = g.translator();
+        let s = t.state_mut();
+        s.gpr[3] = 0x40_1ff8;
+        for (i, m) in mask.iter().enumerate() {
+            s.xsave.xmm_mut(1)[4 * i..4 * i + 4].copy_from_slice(&m.to_le_bytes());
+        }
+        s.xsave.xmm_mut(0).copy_from_slice(&[0xab; 16]);
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        // SAFETY: reading the data page's PTE and its last 8 bytes inside the RAM mapping.
+        let (pte, tail) = unsafe {
+            (
+                std::ptr::read_unaligned(g.ram.add(0x3008) as *const u64),
+                std::ptr::read_unaligned(g.ram.add(0x6ff8) as *const u64),
+            )
+        };
+        (exit, t.state().xsave.xmm(0).to_vec(), pte, tail)
+    };
+    let load = [0xc4, 0xe2, 0x71, 0x2c, 0x03, 0xf4]; // vmaskmovps xmm0,xmm1,[rbx]; hlt
+    let store = [0xc4, 0xe2, 0x71, 0x2e, 0x03, 0xf4]; // vmaskmovps [rbx],xmm1,xmm0; hlt
+    let on = 0x8000_0000;
+    // Nothing selected: no fault, no access; a load zeroes the destination.
+    let (exit, xmm0, pte, _) = run(&load, [0; 4]);
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!((xmm0, pte & 0x60), (vec![0; 16], 0));
+    // Only the mapped elements: completes.
+    let (exit, xmm0, pte, _) = run(&load, [on, 0, 0, 0]);
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(&xmm0[4..], &[0; 12]);
+    assert_eq!(pte & 0x60, 0x20, "accessed");
+    // A selected element in the unmapped page faults at it, and a store then stores nothing.
+    let (exit, _, _, tail) = run(&store, [on, 0, on, 0]);
+    assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x40_2000, 6)));
+    assert_eq!(tail, 0, "nothing stored");
+    let (exit, _, pte, tail) = run(&store, [on, on, 0, 0]);
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!((pte & 0x60, tail), (0x60, u64::MAX / 0xff * 0xab));
+}
+
+#[test]
+fn an_m80_store_whose_top_two_bytes_fault_has_stored_its_low_eight() {
+    // fldpi; fstp tbyte [rbx]; hlt. At 0x401ff8 the significand fills the data page and the
+    // sign and exponent fall into the unmapped page: the CPU's first store (the low 8 bytes)
+    // is done at the #PF. At 0x401ff9 the low 8 bytes cross too: nothing is stored.
+    for (rbx, stored) in [(0x40_1ff8u64, 0xc90f_daa2_2168_c235u64), (0x40_1ff9, 0)] {
+        let g = SoftGuest::new(&[0xd9, 0xeb, 0xdb, 0x3b, 0xf4]);
+        let mut t = g.translator();
+        t.state_mut().gpr[3] = rbx;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Exception(GuestException::page_fault(0x40_2000, 6)));
+        let at = 0x6000 + (rbx & 0xfff) as usize;
+        // SAFETY: reading inside the RAM mapping (the data page's frame is 0x6000).
+        let low = unsafe { std::ptr::read_unaligned(g.ram.add(at.min(0x6ff8)) as *const u64) };
+        assert_eq!(low, stored, "at {rbx:#x}");
     }
 }
 
@@ -1502,9 +1625,10 @@ fn lar_lsl_verr_verw_at_cpl0_read_the_guest_gdt() {
     t.state_mut().gpr[10] = 0x5555;
     assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
     let r = t.state().gpr;
+    // lar keeps the limit's bits 19:16 (0xf here), as the CPU does.
     assert_eq!(
         (r[3], r[1]),
-        (0x00c0_9300, 0xffff_ffff),
+        (0x00cf_9300, 0xffff_ffff),
         "lar/lsl of the kernel data segment"
     );
     assert_eq!((r[2], r[6]), (0x0000_8b00, 0x67), "lar/lsl of the busy TSS");

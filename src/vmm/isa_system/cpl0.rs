@@ -141,10 +141,20 @@ pub fn unfit_case(c: &Case) -> Option<Unfit> {
 /// (measured: it loads a gate's selector into CS, transfers to a non-canonical RIP and faults
 /// there, checks SS before CS).
 fn iret_frame(c: &Case) -> Option<Unfit> {
-    let rip = c.stack(0, 8)?;
-    let cs = c.stack(8, 8)? as u16;
-    let flags = c.stack(16, 8)?;
-    let ss = c.stack(32, 8)? as u16;
+    // Whatever the frame: the emulator reads it from the RIP slot up, where the CPU reads
+    // RFLAGS, CS and RIP first (measured at CPL3), so when reading it faults, the #PF address
+    // differs.
+    let order = || {
+        Some(Unfit::FaultAddress(
+            "kvm_pvm at CPL0: the emulator reads an `iretq` frame from the RIP slot up; the CPU reads RFLAGS, CS and RIP first (measured at CPL3), so a faulting frame's #PF address is not compared".into(),
+        ))
+    };
+    let (Some(rip), Some(cs), Some(flags), Some(ss)) = (c.stack(0, 8), c.stack(8, 8), c.stack(16, 8), c.stack(32, 8))
+    else {
+        return order();
+    };
+    let cs = cs as u16;
+    let ss = ss as u16;
     let fine = canonical(rip) && matches!((cs, ss), (0x10, 0x18 | 0) | (0x33, 0x2b | 0x7b));
     if c.state.rflags & NT != 0 {
         None
@@ -153,6 +163,6 @@ fn iret_frame(c: &Case) -> Option<Unfit> {
     } else if cs == 0x33 && flags & (USER_IOPL | AC | NT) != 0 {
         case("returns to CPL3 with IOPL 0, AC and NT clear whatever the `iretq` frame says")
     } else {
-        None
+        order()
     }
 }

@@ -20,7 +20,9 @@
 
 use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
-use crate::context::{off, MISS_ALIGN_SHIFT, MISS_MMX_STORE};
+use crate::context::{
+    off, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MMX_STORE,
+};
 use crate::error::TranslateError;
 use crate::mmu::Access;
 use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic, OpAccess, OpKind, Register};
@@ -175,7 +177,7 @@ impl BlockEmitter<'_> {
                 && !is_bit_string_op(instr)
                 && !self.narrows_xstate(instr)
                 && self.access_size(instr) == h.size
-                && self.required_alignment == 0
+                && !self.required_alignment.image()
                 && used & (1 << reg_num(h.s)) == 0
                 && !(high8 && reg_num(h.s) >= 8);
             if fits {
@@ -329,7 +331,7 @@ impl BlockEmitter<'_> {
     /// After a copied instruction's access through S: keep S (the host address) for the next
     /// instruction if that may use it, else give it back.
     fn hold_or_give_back(&mut self, s: Register, key: MemKey, size: u64, write: bool, writes_key: bool) {
-        if writes_key || self.required_alignment != 0 {
+        if writes_key || self.required_alignment.image() {
             self.give_back(s);
         } else {
             self.held = Some(HeldAddress { s, key, size, write });
@@ -481,7 +483,18 @@ impl BlockEmitter<'_> {
             | (stack << 24)
             | (no_alignment_check << 25)
             | if self.mmx_store { MISS_MMX_STORE } else { 0 }
-            | ((self.required_alignment as u64) << MISS_ALIGN_SHIFT)
+            | if self.f16c_store { MISS_F16C_STORE } else { 0 }
+            | ((self.required_alignment.log2 as u64) << MISS_ALIGN_SHIFT)
+            | if self.required_alignment.plain_gp {
+                MISS_ALIGN_PLAIN_GP
+            } else {
+                0
+            }
+            | if self.required_alignment.waived_by_mm {
+                MISS_ALIGN_WAIVED_BY_MM
+            } else {
+                0
+            }
     }
 
     /// Queues the cold stub a TLB-lookup branch at `field` goes to on a miss.

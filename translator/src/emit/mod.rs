@@ -15,8 +15,10 @@
 //! One file per concern: `memop.rs` (explicit memory operands through the strategy), `stack.rs`
 //! (push/pop/pushf/popf/leave under the soft-MMU), `branch.rs` (control transfers, chaining and
 //! the inline indirect-branch lookup), `glue.rs` (entry/exit), `xstate.rs` (guest
-//! `xsave`/`xrstor` narrowed to the guest's XCR0), `asm.rs` (encoder wrapper).
+//! `xsave`/`xrstor` narrowed to the guest's XCR0), `alignment.rs` (operands that must be
+//! aligned before any page walk), `asm.rs` (encoder wrapper).
 
+mod alignment;
 pub mod asm;
 mod branch;
 pub use branch::IBL_PROLOGUE_LEN;
@@ -160,8 +162,10 @@ pub(crate) struct BlockEmitter<'a> {
     guest_xcr0: u64,
     /// The current instruction stores an MMX register (see `context::MISS_MMX_STORE`).
     mmx_store: bool,
-    /// log2 of the alignment the current access requires (`context::MISS_ALIGN_SHIFT`).
-    required_alignment: u8,
+    /// The current instruction is `vcvtps2ph` to memory (see `context::MISS_F16C_STORE`).
+    f16c_store: bool,
+    /// The alignment the current access requires (`alignment.rs`, `context::MISS_ALIGN_SHIFT`).
+    required_alignment: alignment::Requirement,
     /// The host address of the previous copied instruction's memory operand, still in the
     /// register that was borrowed for it (`memop.rs`).
     held: Option<memop::HeldAddress>,
@@ -230,7 +234,8 @@ pub fn emit_block(
         no_alignment_check: false,
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
-        required_alignment: 0,
+        f16c_store: false,
+        required_alignment: alignment::Requirement::default(),
         held: None,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
         count_tlb_hits: options.count_tlb_hits,
@@ -258,7 +263,9 @@ pub fn emit_block(
         // F16C conversions skip it on some vendors (`cpu::vendor`).
         e.no_alignment_check = d.rule == Rule::UserCopy || skips_alignment_check(&d.instr);
         e.mmx_store = is_mmx_store(&d.instr);
-        e.required_alignment = xstate::required_alignment_log2(&d.instr);
+        e.f16c_store =
+            d.instr.mnemonic() == iced_x86::Mnemonic::Vcvtps2ph && d.instr.op0_kind() == iced_x86::OpKind::Memory;
+        e.required_alignment = alignment::requirement(&d.instr);
         match d.flow {
             Flow::Normal => {}
             Flow::Followed => continue,

@@ -45,11 +45,9 @@ fn is_restore(instr: &Instruction) -> bool {
     matches!(instr.mnemonic(), Mnemonic::Xrstor | Mnemonic::Xrstor64)
 }
 
-/// log2 of the alignment an instruction's memory operand must have, where a misaligned one
-/// raises #GP(0) before any access (so before any page fault): XSAVE images (64 bytes) and
-/// FXSAVE images (16). 0 for everything else. (The legacy-SSE aligned forms, e.g. `movaps`,
-/// behave the same way; they are not listed yet, so a misaligned one whose page is unmapped
-/// reports #PF under the soft-MMU.)
+/// log2 of the alignment an XSAVE or FXSAVE image must have, where a misaligned one raises
+/// #GP(0) before any access (so before any page fault): 64 bytes and 16. 0 for everything
+/// else (the other forms with a requirement: `alignment.rs`).
 pub(super) fn required_alignment_log2(instr: &Instruction) -> u8 {
     match instr.mnemonic() {
         _ if is_xstate(instr) => 6,

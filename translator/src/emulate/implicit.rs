@@ -1,12 +1,13 @@
 //! Instructions with implicit or per-element memory accesses that the soft-MMU cannot express
-//! as one rewritten operand: `xlat`, `enter`, AVX2 gathers and `maskmovdqu`. Under the identity
-//! strategy they run natively; under the soft-MMU the engine performs them here.
+//! as one rewritten operand: `xlat`, `enter`, AVX2 gathers, `maskmovdqu` and the AVX masked
+//! moves. Under the identity strategy they run natively; under the soft-MMU the engine
+//! performs them here.
 
 use super::regs::{linear_address, read_ymm, write_ymm};
 use super::{stack_address, GuestMemory, Outcome};
 use crate::exit::{Exit, GuestException};
 use crate::state::{gpr, GuestState};
-use iced_x86::{Instruction, Mnemonic, Register};
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 /// Performs one instruction; the caller advances nothing (RIP is set here on success).
 pub fn execute(
@@ -19,6 +20,9 @@ pub fn execute(
         Mnemonic::Xlatb => xlat(&mut next, instr, mem),
         Mnemonic::Enter => enter(&mut next, instr, mem),
         Mnemonic::Maskmovdqu | Mnemonic::Vmaskmovdqu => maskmov(&next, instr, mem),
+        Mnemonic::Vmaskmovps | Mnemonic::Vmaskmovpd | Mnemonic::Vpmaskmovd | Mnemonic::Vpmaskmovq => {
+            masked_move(&mut next, instr, mem)
+        }
         m if is_gather(m) => gather(&mut next, instr, mem),
         _ => return Err(super::NotEmulated),
     };
@@ -80,12 +84,12 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
         push(&mut rsp, frame, mem)?;
     }
     // After the pushes the CPU checks that the final stack top is writable (observed on this
-    // host: #PF there with RSP and RBP unchanged, the pushed frame already in memory).
+    // host: #PF there with RSP and RBP unchanged, the pushed frame already in memory). The
+    // check is a write's: an unmapped top faults with a write's error code (6 at CPL3, as KVM
+    // shows on an Intel Xeon), not a read's.
     let final_rsp = rsp.wrapping_sub(alloc);
     let probe = stack_address(final_rsp).map_err(|e| (e, None))?;
-    let mut word = [0u8; 8];
-    mem.read(probe, &mut word[..size as usize]).map_err(|e| (e, None))?;
-    mem.write(probe, &word[..size as usize]).map_err(|e| (e, None))?;
+    mem.probe_write(probe, size as usize).map_err(|e| (e, None))?;
     if size == 2 {
         s.gpr[gpr::RBP] = (s.gpr[gpr::RBP] & !0xffff) | (frame & 0xffff);
     } else {
@@ -122,6 +126,62 @@ fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
     Ok(())
 }
 
+/// `vmaskmovps/pd`, `vpmaskmovd/q`, loads and stores: only the elements whose mask sign bit is
+/// set are accessed, in order, so only they fault (even a non-canonical address faults only
+/// through them) and only their pages are marked accessed (the SDM leaves the accessed and
+/// dirty bits of masked-off elements' pages to the implementation; an Intel Xeon leaves them
+/// alone, like this). A load zeroes the other elements (and the upper half of a 128-bit
+/// form). A store checks every element before it writes any: a fault stores nothing (measured
+/// on an Intel Xeon). Never #AC (SDM exception class 6).
+fn masked_move(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
+    let es = match instr.mnemonic() {
+        Mnemonic::Vmaskmovps | Mnemonic::Vpmaskmovd => 4,
+        _ => 8,
+    };
+    let store = instr.op0_kind() == OpKind::Memory;
+    let (memory_operand, data_reg) = if store {
+        (0, instr.op2_register())
+    } else {
+        (2, instr.op0_register())
+    };
+    let mask = read_ymm(s, instr.op1_register().number() & 15);
+    let bytes = if data_reg.is_ymm() { 32 } else { 16 };
+    let base = linear_address(s, instr, memory_operand, 0).unwrap_or(0);
+    let active: Vec<usize> = (0..bytes / es).filter(|i| mask[i * es + es - 1] & 0x80 != 0).collect();
+    let at = |i: usize| base.wrapping_add((i * es) as u64);
+    // A non-canonical address through RSP or RBP is a stack fault, #SS(0).
+    let stack = matches!(instr.memory_base(), Register::RSP | Register::RBP);
+    let fault = |e: GuestException| {
+        let e = if stack && e == GuestException::gp(0) {
+            GuestException {
+                vector: 12,
+                error_code: Some(0),
+                address: None,
+            }
+        } else {
+            e
+        };
+        (e, None)
+    };
+    let data_n = data_reg.number() & 15;
+    if store {
+        let data = read_ymm(s, data_n);
+        for &i in &active {
+            mem.probe_write(at(i), es).map_err(fault)?;
+        }
+        for &i in &active {
+            mem.write(at(i), &data[i * es..(i + 1) * es]).map_err(fault)?;
+        }
+    } else {
+        let mut loaded = [0u8; 32];
+        for &i in &active {
+            mem.read(at(i), &mut loaded[i * es..(i + 1) * es]).map_err(fault)?;
+        }
+        write_ymm(s, data_n, &loaded);
+    }
+    Ok(())
+}
+
 fn is_gather(m: Mnemonic) -> bool {
     matches!(
         m,
@@ -136,8 +196,14 @@ fn is_gather(m: Mnemonic) -> bool {
     )
 }
 
-/// AVX2 gather: loads the elements whose mask sign bit is set, clearing each mask element as
-/// it completes (so a fault leaves the completed part visible, as on the CPU).
+/// AVX2 gather, as the SDM's pseudo-code (VPGATHERDD and friends, VEX forms) has it: the mask
+/// register is first normalized — every element becomes all ones where its sign bit is set and
+/// zero elsewhere, the bits above a 128-bit instruction's mask cleared — then the
+/// elements whose mask is set are loaded in order, each clearing its mask element as it
+/// completes. A fault leaves the completed elements in the destination and the normalized mask
+/// without them (the CPU does exactly this: `hbt isa-test --system` against KVM on an Intel
+/// Xeon, where CPL3 gathers run on the CPU). The upper destination half of a 128-bit form and
+/// the elements past the last are zeroed only when the gather completes.
 fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let dst_reg = instr.op0_register();
     let mask_reg = instr.op2_register();
@@ -160,6 +226,16 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
     let (dn, mn) = (dst_reg.number() & 15, mask_reg.number() & 15);
     let mut dst = read_ymm(s, dn);
     let mut mask = read_ymm(s, mn);
+    // The mask has the destination's element size and the encoding's vector length (VEX.L):
+    // `vpgatherqd xmm, [vm64y], xmm` is a 256-bit instruction whose mask elements past the
+    // fourth are normalized too, as this host does (the SDM leaves those unused elements to
+    // the implementation).
+    let vl = if dst_reg.is_ymm() || index.is_ymm() { 32 } else { 16 };
+    for element in mask[..vl].chunks_exact_mut(es) {
+        let fill = if element[es - 1] & 0x80 != 0 { 0xff } else { 0 };
+        element.fill(fill);
+    }
+    mask[vl..].fill(0);
     for i in 0..n {
         let at = i * es;
         if mask[at + es - 1] & 0x80 == 0 {
@@ -188,4 +264,127 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
     write_ymm(s, dn, &dst);
     write_ymm(s, mn, &mask);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Code, MemoryOperand};
+
+    /// Memory whose bytes are the low byte of their address, and where every address from
+    /// `fault_from` on is not present.
+    struct Memory {
+        fault_from: u64,
+    }
+
+    impl GuestMemory for Memory {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            if va.wrapping_add(buf.len() as u64) > self.fault_from {
+                return Err(GuestException::page_fault(va.max(self.fault_from), 4));
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = va.wrapping_add(i as u64) as u8;
+            }
+            Ok(())
+        }
+        fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
+            Err(GuestException::page_fault(va, 6))
+        }
+    }
+
+    fn dwords(v: [u32; 8]) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, d) in v.iter().enumerate() {
+            b[4 * i..4 * i + 4].copy_from_slice(&d.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn a_gather_faulting_mid_way_keeps_completed_elements_and_its_normalized_mask() {
+        // vpgatherdd xmm0, [rax+xmm1*4], xmm2: elements 0..3 at 0x1000 + 4 * i; element 1 is
+        // masked off, element 2 faults.
+        let instr = Instruction::with3(
+            Code::VEX_Vpgatherdd_xmm_vm32x_xmm,
+            Register::XMM0,
+            MemoryOperand::new(Register::RAX, Register::XMM1, 4, 0, 0, false, Register::None),
+            Register::XMM2,
+        )
+        .unwrap();
+        let mut s = GuestState::default();
+        s.gpr[gpr::RAX] = 0x1000;
+        write_ymm(&mut s, 0, &dwords([0xdddd_dddd; 8]));
+        write_ymm(&mut s, 1, &dwords([0, 1, 2, 3, 0, 0, 0, 0]));
+        let garbage = 0x1234_5678;
+        write_ymm(
+            &mut s,
+            2,
+            &dwords([
+                0x8000_0000,
+                0x7fff_ffff,
+                0x8000_0001,
+                0xf000_0000,
+                garbage,
+                garbage,
+                0,
+                1,
+            ]),
+        );
+        let before = s.clone();
+        let outcome = execute(&mut s, &instr, &mut Memory { fault_from: 0x1008 }).ok();
+        assert!(
+            matches!(outcome, Some(Outcome::Exit(Exit::Exception(e))) if e == GuestException::page_fault(0x1008, 4))
+        );
+        assert_eq!(s.rip, before.rip, "the gather did not complete");
+        // Element 0 was gathered; the destination's other elements (and its upper half) wait.
+        assert_eq!(
+            read_ymm(&s, 0),
+            dwords([
+                0x0302_0100,
+                0xdddd_dddd,
+                0xdddd_dddd,
+                0xdddd_dddd,
+                0xdddd_dddd,
+                0xdddd_dddd,
+                0xdddd_dddd,
+                0xdddd_dddd
+            ])
+        );
+        // The mask: element 0 done, element 1 masked off (now 0), elements 2 and 3 pending (all
+        // ones); bits 255:128 cleared.
+        assert_eq!(read_ymm(&s, 2), dwords([0, 0, u32::MAX, u32::MAX, 0, 0, 0, 0]));
+
+        // Completed: the mask ends all zero, the destination's upper half is zeroed.
+        let mut s = before;
+        let outcome = execute(&mut s, &instr, &mut Memory { fault_from: u64::MAX }).ok();
+        assert!(matches!(outcome, Some(Outcome::Continue)));
+        assert_eq!(
+            read_ymm(&s, 0),
+            dwords([0x0302_0100, 0xdddd_dddd, 0x0b0a_0908, 0x0f0e_0d0c, 0, 0, 0, 0])
+        );
+        assert_eq!(read_ymm(&s, 2), [0; 32]);
+    }
+
+    #[test]
+    fn a_256_bit_gather_of_dwords_by_qword_indices_normalizes_its_whole_mask_on_a_fault() {
+        // vpgatherqd xmm0, [rax+ymm1], xmm2 is a VEX.256 instruction: on a fault the mask's
+        // elements 4..7 (which gather nothing) are normalized too, as on an Intel Xeon.
+        let instr = Instruction::with3(
+            Code::VEX_Vpgatherqd_xmm_vm64y_xmm,
+            Register::XMM0,
+            MemoryOperand::new(Register::RAX, Register::YMM1, 1, 0, 0, false, Register::None),
+            Register::XMM2,
+        )
+        .unwrap();
+        let mut s = GuestState::default();
+        s.gpr[gpr::RAX] = 0x1000;
+        write_ymm(
+            &mut s,
+            2,
+            &dwords([0x8000_0000, 0, 0, 0, 0x8000_0000, 0x4000_0000, 0x9000_0000, 1]),
+        );
+        let outcome = execute(&mut s, &instr, &mut Memory { fault_from: 0 }).ok();
+        assert!(matches!(outcome, Some(Outcome::Exit(Exit::Exception(_)))));
+        assert_eq!(read_ymm(&s, 2), dwords([u32::MAX, 0, 0, 0, u32::MAX, 0, u32::MAX, 0]));
+    }
 }

@@ -4,10 +4,12 @@
 //! go through the page walk — string instructions (`string.rs`), xlat, enter, gathers and masked
 //! stores (`implicit.rs`).
 
+pub mod f16c;
 pub mod implicit;
 pub mod regs;
 pub mod segment;
 pub mod string;
+pub mod x87;
 
 use crate::cpu::vendor::{self, Quirk};
 use crate::exit::{vector, Exit, GuestException};
@@ -48,6 +50,15 @@ pub trait GuestMemory {
     }
     fn write_system(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
         self.write(va, data)
+    }
+
+    /// Checks that the `len` (≤ 16) bytes at `va` could be written, as a write would (alignment
+    /// check, page walk, fault with a write's error code), without writing them.
+    fn probe_write(&mut self, va: u64, len: usize) -> Result<(), GuestException> {
+        // Without a page walk of its own, a memory can only write back what it reads.
+        let mut buf = [0u8; 16];
+        self.read(va, &mut buf[..len])?;
+        self.write(va, &buf[..len])
     }
 
     /// `len` bytes from `src` to `dst`, each range within one page (a `rep movs` chunk, which

@@ -276,16 +276,23 @@ fn run(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
                 Mnemonic::Iretd => 4,
                 _ => 8,
             };
+            // NT set: no task return in IA-32e mode (#GP(0) before anything is popped).
+            if s.rflags & flags::NT != 0 {
+                return Err(GuestException::gp(0).into());
+            }
             let rsp = stack_address(s.gpr[gpr::RSP])?;
             let at = |i: u64| rsp.wrapping_add(i * size as u64);
-            let ip = mem.read_le(at(0), size)?;
-            let cs = mem.read_le(at(1), size)? as u16;
+            // The slots and checks in the CPU's order (`system::transfer::iret`): RFLAGS, CS,
+            // RIP, check CS, SS, RSP, check SS, then RIP.
             let fl = mem.read_le(at(2), size)?;
-            let new_rsp = mem.read_le(at(3), size)?;
+            let cs = mem.read_le(at(1), size)? as u16;
+            let ip = mem.read_le(at(0), size)?;
+            check_code_segment(cs, true)?;
             let ss = mem.read_le(at(4), size)? as u16;
-            far_target(s, cs, ip, true)?;
+            let new_rsp = mem.read_le(at(3), size)?;
             let mut probe = s.clone();
             load_segment(&mut probe, 2, ss)?;
+            far_target(s, cs, ip, true)?;
             // At CPL3 with IOPL 0, IF and IOPL keep their values.
             let writable = flags::STATUS | flags::TF | flags::DF | (1 << 14) | flags::AC | flags::ID | flags::RF;
             let writable = if size == 2 { writable & 0xffff } else { writable };

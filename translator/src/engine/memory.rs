@@ -193,6 +193,16 @@ impl GuestMemory for Memory<'_> {
         self.write_soft(va, data, crate::state::Cpl::Kernel)
     }
 
+    fn probe_write(&mut self, va: u64, len: usize) -> Result<(), GuestException> {
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            let mut buf = [0u8; 16];
+            self.read(va, &mut buf[..len])?;
+            return self.write(va, &buf[..len]);
+        }
+        self.check_alignment(va, len)?;
+        self.each_page(va, len, Access::Write, |_, _, _| {})
+    }
+
     // Soft-MMU string chunks run on guest RAM in place: one page walk per range and one
     // host memmove/memset, instead of a copy through a buffer (a Linux boot clears ≈1 GB of
     // pages with `rep stosq`).

@@ -13,7 +13,10 @@
 //! the code cache.
 
 use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
-use crate::context::{ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_SHIFT, MISS_MMX_STORE};
+use crate::context::{
+    ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT,
+    MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MMX_STORE,
+};
 use crate::cpu::vendor::{self, Quirk};
 use crate::cpu::xsave::XsaveLayout;
 use crate::emit::{self, glue::Glue, ExitPatch, HostSite, IBL_PROLOGUE_LEN};
@@ -408,6 +411,14 @@ impl Translator {
                         if ctx.miss_info & MISS_MMX_STORE != 0 && vendor::host_has(Quirk::FaultingMmxStoreResetsTop) {
                             ctx.state.xsave.set_x87_top(0);
                         }
+                        let memory_fault = matches!(exc.vector, 12..=14);
+                        let exc = if ctx.miss_info & MISS_F16C_STORE != 0 && memory_fault {
+                            let rip = ctx.state.rip;
+                            let instr = self.instruction_at(rip)?;
+                            emulate::f16c::faulting_store(&mut self.ctx.get_mut().state, &instr, exc)
+                        } else {
+                            exc
+                        };
                         guest_exception!(exc);
                     }
                 }
@@ -685,7 +696,8 @@ impl Translator {
             code: format!("{:?}", instr.code()),
             bytes: why.to_string(),
         };
-        let alignment_checks = rule != Rule::Implicit(ImplicitOp::Gather);
+        // Neither gathers nor masked moves raise #AC (SDM exception classes 12 and 6).
+        let alignment_checks = !matches!(rule, Rule::Implicit(ImplicitOp::Gather | ImplicitOp::MaskedMove));
         let (result, written) = self.with_memory(alignment_checks, |state, mem| match rule {
             Rule::Implicit(ImplicitOp::String) => emulate::string::execute(state, instr, mem)
                 .map_err(|_| unsupported("(32-bit address size string instruction)")),

@@ -191,20 +191,7 @@ impl Translator {
     /// Whether the instruction at guest `rip` reads and whether it writes memory.
     fn memory_kinds_at(&mut self, rip: u64) -> Result<(bool, bool), TranslateError> {
         use iced_x86::OpAccess;
-        let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
-        let mut bytes = [0u8; 15];
-        // The instruction was just fetched for its block; only its own bytes matter, so a
-        // fetch cut short at a page boundary retries with what fits in this page.
-        let room = (PAGE - (rip & (PAGE - 1))).min(15) as usize;
-        let n = if fetch.fetch(rip, &mut bytes).is_ok() {
-            15
-        } else {
-            fetch
-                .fetch(rip, &mut bytes[..room])
-                .map_err(|_| TranslateError::Host(format!("device access at guest RIP {rip:#x}: its code is gone")))?;
-            room
-        };
-        let instr = iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode();
+        let instr = self.instruction_at(rip)?;
         let mut info = iced_x86::InstructionInfoFactory::new();
         let (mut reads, mut writes) = (false, false);
         for m in info.info(&instr).used_memory() {
@@ -216,6 +203,43 @@ impl Translator {
             }
         }
         Ok((reads, writes))
+    }
+
+    /// The instruction at guest `rip` (one the engine met translated code at: its code is
+    /// there).
+    pub(super) fn instruction_at(&mut self, rip: u64) -> Result<iced_x86::Instruction, TranslateError> {
+        let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
+        let mut bytes = [0u8; 15];
+        // The instruction was just fetched for its block; only its own bytes matter, so a
+        // fetch cut short at a page boundary retries with what fits in this page.
+        let room = (PAGE - (rip & (PAGE - 1))).min(15) as usize;
+        let n = if fetch.fetch(rip, &mut bytes).is_ok() {
+            15
+        } else {
+            fetch
+                .fetch(rip, &mut bytes[..room])
+                .map_err(|_| TranslateError::Host(format!("guest RIP {rip:#x}: its code is gone")))?;
+            room
+        };
+        Ok(iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode())
+    }
+
+    /// The first piece of an `fstp m80fp`/`fbstp m80bcd` at `va` whose second piece faults:
+    /// its low 8 bytes go to the first page (guest physical page `page_pa`, host page `host`),
+    /// as the CPU's first store put them there. Other 10-byte stores write nothing.
+    fn store_m80_low_qword(&mut self, rip: u64, va: u64, page_pa: u64, host: u64) -> Result<(), TranslateError> {
+        let instr = self.instruction_at(rip)?;
+        if !matches!(instr.mnemonic(), iced_x86::Mnemonic::Fstp | iced_x86::Mnemonic::Fbstp) {
+            return Ok(());
+        }
+        let Some(low) = emulate::x87::low_qword_of_m80_store(&self.ctx.get().state, instr.mnemonic()) else {
+            return Ok(());
+        };
+        // SAFETY: `host` is the first page's host address in guest RAM (from the walk) and
+        // va's offset + 8 stays inside that page (checked by the caller).
+        unsafe { std::ptr::copy_nonoverlapping(low.as_ptr(), (host + (va & (PAGE - 1))) as *mut u8, 8) };
+        self.invalidate_phys_page(page_pa);
+        Ok(())
     }
 
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
@@ -250,12 +274,15 @@ impl Translator {
             error_code: Some(0),
             address: None,
         };
-        if !va.is_multiple_of(required) {
-            // Instructions that require alignment (the XSAVE/FXSAVE families) check it before
-            // paging. With alignment checking on, an image that is not even 4-byte aligned
-            // raises #AC; otherwise a misaligned one raises #GP(0) (measured on Intel Xeon:
-            // `xsave`/`fxsave` at offsets 1, 2, 3, 6 give #AC, at 4, 8, 12 #GP).
-            let ac_first = ac && !va.is_multiple_of(4);
+        const MXCSR_MM: u32 = 1 << 17;
+        let waived = ctx.miss_info & MISS_ALIGN_WAIVED_BY_MM != 0 && ctx.state.xsave.mxcsr() & MXCSR_MM != 0;
+        if !va.is_multiple_of(required) && !waived {
+            // Instructions that require alignment (`emit/alignment.rs`) check it before paging.
+            // With alignment checking on, an FXSAVE/XSAVE image that is not even 4-byte aligned
+            // raises #AC; otherwise a misaligned operand raises #GP(0) (measured on Intel Xeon:
+            // `xsave`/`fxsave` at offsets 1, 2, 3, 6 give #AC, at 4, 8, 12 #GP; `movaps` at 1
+            // gives #GP).
+            let ac_first = ac && !va.is_multiple_of(4) && ctx.miss_info & MISS_ALIGN_PLAIN_GP == 0;
             return Ok(Some(if ac_first { ac_fault } else { GuestException::gp(0) }));
         }
         if ac && !exempt && !va.is_multiple_of(alignment) {
@@ -282,7 +309,21 @@ impl Translator {
                         address: None,
                     }))
                 }
-                Err(exc) => return Ok(Some(exc)),
+                Err(exc) => {
+                    // A 10-byte store whose low 8 bytes lie in the first page: the x87 m80
+                    // stores have written those when the top 2 fault (`emulate/x87.rs`).
+                    let low_fits = va & (PAGE - 1) <= PAGE - 8;
+                    if n == 1
+                        && access == Access::Write
+                        && size == 10
+                        && low_fits
+                        && exc.vector == crate::exit::vector::PF
+                    {
+                        let (_, page_pa, host, _) = fills[0];
+                        self.store_m80_low_qword(rip, va, page_pa, host)?;
+                    }
+                    return Ok(Some(exc));
+                }
             };
             let Some(host) = ram.host(pa & !(PAGE - 1), PAGE) else {
                 if n == 0 && (last & !(PAGE - 1)) == (va & !(PAGE - 1)) {

@@ -51,6 +51,9 @@ pub enum ImplicitOp {
     Gather,
     /// maskmovdqu (implicit `[rdi]`)
     MaskMove,
+    /// vmaskmovps/pd, vpmaskmovd/q: only the elements whose mask is set are loaded or stored,
+    /// so only they may fault or mark pages accessed
+    MaskedMove,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +153,10 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Vgatherdpd, Rule::Implicit(ImplicitOp::Gather)),
     (Mnemonic::Vgatherqps, Rule::Implicit(ImplicitOp::Gather)),
     (Mnemonic::Vgatherqpd, Rule::Implicit(ImplicitOp::Gather)),
+    (Mnemonic::Vmaskmovps, Rule::Implicit(ImplicitOp::MaskedMove)),
+    (Mnemonic::Vmaskmovpd, Rule::Implicit(ImplicitOp::MaskedMove)),
+    (Mnemonic::Vpmaskmovd, Rule::Implicit(ImplicitOp::MaskedMove)),
+    (Mnemonic::Vpmaskmovq, Rule::Implicit(ImplicitOp::MaskedMove)),
     (Mnemonic::Push, Rule::Stack(StackOp::Push)),
     (Mnemonic::Pop, Rule::Stack(StackOp::Pop)),
     (Mnemonic::Pushf, Rule::Stack(StackOp::Pushf)),

@@ -725,7 +725,7 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
         }
         Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss => {
             let dst = instr.op0_register();
-            let size = dst.size() as u64;
+            let size = far_offset_size(dst.size()) as u64;
             let a = va(s, 1);
             let offset = mem.read_le(a, size as usize)?;
             let selector = mem.read_le(a.wrapping_add(size), 2)? as u16;
@@ -735,7 +735,12 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
                 _ => Register::SS,
             };
             load_sreg(s, mem, sreg, selector)?;
-            write_gpr(s, dst, offset);
+            if dst.size() == 8 {
+                // AMD's m16:32 offset goes into the 64-bit register zero-extended.
+                s.gpr[dst.number() & 15] = offset;
+            } else {
+                write_gpr(s, dst, offset);
+            }
         }
         Mnemonic::Retf => {
             let pop = if instr.op_count() == 1 {
@@ -749,7 +754,7 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
             transfer::iret(s, mem, op_size(instr))?;
         }
         Mnemonic::Jmp | Mnemonic::Call => {
-            let size = instr.memory_size().size() - 2;
+            let size = far_offset_size(instr.memory_size().size() - 2);
             let a = va(s, 0);
             let ip = mem.read_le(a, size)?;
             let cs = mem.read_le(a.wrapping_add(size as u64), 2)? as u16;
@@ -759,6 +764,17 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
         _ => return Err(Failure::Unsupported(format!("segment instruction `{instr}`"))),
     }
     Ok(())
+}
+
+/// The offset size of a far pointer whose operand size is `size`: REX.W (m16:64) is m16:32 on
+/// AMD (`cpu::vendor`, as in user mode).
+fn far_offset_size(size: usize) -> usize {
+    use crate::cpu::vendor::{host_has, Quirk};
+    if size == 8 && host_has(Quirk::FarPointerIgnoresRexW) {
+        4
+    } else {
+        size
+    }
 }
 
 fn load_sreg(s: &mut GuestState, mem: &mut dyn GuestMemory, sreg: Register, selector: u16) -> Result<(), Failure> {

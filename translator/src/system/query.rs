@@ -117,9 +117,42 @@ fn query(s: &GuestState, mem: &mut dyn GuestMemory, selector: u16, what: Mnemoni
         }
     }
     Ok(match what {
-        Mnemonic::Lar => Some((d.0 >> 32) & 0x00f0_ff00),
+        // The SDM masks the second doubleword with 00FxFF00H, bits 19:16 undefined; an Intel
+        // Xeon leaves the limit's bits 19:16 there (`lar` of Linux's 0x2b natively:
+        // 0xcff300), as a user-mode guest sees (it runs `lar` itself).
+        Mnemonic::Lar => Some((d.0 >> 32) & 0x00ff_ff00),
         Mnemonic::Lsl => Some(d.limit() as u64),
         Mnemonic::Verr => (d.code_or_data() && (!d.code() || d.readable_or_writable())).then_some(0),
         _ => (d.code_or_data() && !d.code() && d.readable_or_writable()).then_some(0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::GuestException;
+
+    /// A GDT at 0 with Linux's user data segment at 0x2b (every other access: #PF).
+    struct Gdt;
+
+    impl GuestMemory for Gdt {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            let entry: u64 = if va == 0x28 { 0x00cf_f300_0000_ffff } else { 0 };
+            buf.copy_from_slice(&entry.to_le_bytes()[..buf.len()]);
+            Ok(())
+        }
+        fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
+            Err(GuestException::page_fault(va, 6))
+        }
+    }
+
+    #[test]
+    fn lar_keeps_the_limit_bits_19_16_as_the_cpu_does() {
+        let mut s = GuestState {
+            cpl: crate::state::Cpl::User,
+            ..GuestState::default()
+        };
+        s.sys.gdtr.limit = 0x7f;
+        assert_eq!(query(&s, &mut Gdt, 0x2b, Mnemonic::Lar).ok().flatten(), Some(0xcff300));
+    }
 }

@@ -181,8 +181,12 @@ pub fn write_fixed(ram: &mut [u8], ring: Ring) {
     gdt[4] = 0x00cf_fb00_0000_ffff; // 0x23 user code, 32-bit
     gdt[5] = 0x00cf_f300_0000_ffff; // 0x2b user data
     gdt[6] = 0x00af_fb00_0000_ffff; // 0x33 user code, 64-bit
-    gdt[15] = 0x00cf_f300_0000_ffff; // 0x7b per-CPU data (Linux's), DPL 3
-                                     // 0x40: an available 64-bit TSS.
+                                    // 0x7b: Linux's CPU/node segment, read-only expand-down data of DPL 3 whose limit is the
+                                    // CPU number (0 here; `lsl` reads it at CPL3, as vgetcpu does). A reference whose CPL3
+                                    // segment loads go to its host's GDT (kvm_pvm's do) sees this very descriptor there, with
+                                    // the host CPU's number as limit.
+    gdt[15] = 0x0040_f500_0000_0000;
+    // 0x40: an available 64-bit TSS.
     gdt[8] = 0x67 | ((TSS & 0xff_ffff) << 16) | (0x89 << 40) | (((TSS >> 24) & 0xff) << 56);
     gdt[9] = TSS >> 32;
     let entries = match ring {

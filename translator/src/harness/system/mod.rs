@@ -104,6 +104,13 @@ pub trait Reference {
     fn unfit(&self, instr: &iced_x86::Instruction, ring: Ring) -> Option<String>;
     /// The machine's XCR0 (what its CPUID offers).
     fn xcr0(&self) -> u64;
+    /// Bits (EAX, EBX, ECX, EDX) of CPUID leaf `leaf`, subleaf `subleaf` that the reference
+    /// answers differently from the CPU model both engines are given (KVM adjusts some when
+    /// the table is set): not compared.
+    fn cpuid_adjusted(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        let _ = (leaf, subleaf);
+        [0; 4]
+    }
     /// Where the reference is known to differ from the CPU for every form.
     fn quirks(&self) -> Quirks;
     /// The `out`s of the last run, in order (the device is [`device`]'s: `in` must read
@@ -194,7 +201,10 @@ pub struct Quirks {
     /// Alignment checking at CPL3 does not follow the guest's CR0.AM: cases run with CR0.AM
     /// and RFLAGS.AC clear.
     pub no_alignment_checks: bool,
-    /// ES, DS, FS and GS selectors do not survive the reference's return to CPL0: they are not
+    /// ES, DS, FS and GS selectors are not the reference's to set at CPL3: what a case loads
+    /// reads back 0 after the return to CPL0, and what CPL3 code reads (`push fs`,
+    /// `mov r/m, gs`) is the selector the CPU still holds from an earlier case, not the
+    /// case's. Those four selectors, and the values instructions read from them, are not
     /// compared.
     pub loses_data_selectors: bool,
     /// A non-canonical RSP at CPL3 makes the reference raise #UD for instructions that do not
@@ -204,6 +214,27 @@ pub struct Quirks {
     /// emulates a CPL3 instruction whose access faults in some ways): a case where only the
     /// reference raised #UD is not compared.
     pub spurious_ud: bool,
+    /// The reference hands an instruction that raised #GP at CPL3 to an instruction emulator
+    /// of its own, whose outcome replaces the CPU's #GP. Where that emulator is known to
+    /// differ from the CPU (`emulation_differs_after_gp`), a case in which the translator
+    /// raised #GP is not compared.
+    pub gp_goes_to_emulator: bool,
+    /// `sgdt`/`sidt`/`smsw` at CPL3 are carried out by the reference's instruction emulator
+    /// (the host's CR4.UMIP makes the CPU raise #GP), which writes a page-split operand page
+    /// by page: after a #PF the operand's bytes are not compared.
+    pub descriptor_table_stores_split: bool,
+}
+
+/// Instructions whose #GP the reference's emulator (see [`Quirks::gp_goes_to_emulator`]) turns
+/// into something else than the CPU's #GP: `iret` (its selector faults come back as #GP(0)
+/// or #SS), FXSAVE/FXRSTOR (no alignment check: a misaligned image is saved or restored, or
+/// faults on its page; an FS/GS-relative image is looked for without the segment base).
+fn emulation_differs_after_gp(instr: &iced_x86::Instruction) -> bool {
+    use iced_x86::Mnemonic as M;
+    matches!(
+        instr.mnemonic(),
+        M::Iret | M::Iretd | M::Iretq | M::Fxsave | M::Fxsave64 | M::Fxrstor | M::Fxrstor64
+    )
 }
 
 /// One test thread of the system mode: the reference, the translator in system mode over its
@@ -378,6 +409,25 @@ impl Cases for SystemWorker {
                         return Ok(Ran::NotCompared(why.into()));
                     }
                 }
+                if quirks.gp_goes_to_emulator
+                    && translated.raised(vector::GP)
+                    && emulation_differs_after_gp(&inst.instr)
+                {
+                    return Ok(Ran::NotCompared(
+                        "the translator raised #GP, which kvm_pvm sends to its emulator, whose result differs for this form"
+                            .into(),
+                    ));
+                }
+                let mut ignore = Ignore::nondeterministic(rule, &inst.instr, true);
+                let cpuid_adjusted = self.reference.cpuid_adjusted(state.gpr[0] as u32, state.gpr[1] as u32);
+                ignore.gpr |= mask_quirks(
+                    &quirks,
+                    cpuid_adjusted,
+                    &inst.instr,
+                    &state,
+                    &reference,
+                    &mut translated,
+                );
                 let masks = Masks {
                     cpl0: self.ring == Ring::Kernel,
                     kernel: if self.ring == Ring::Kernel {
@@ -389,7 +439,8 @@ impl Cases for SystemWorker {
                     fault_address,
                     operand: store_operand(inst, &state),
                     data_selectors: quirks.loses_data_selectors,
-                    ignore: Ignore::nondeterministic(rule, &inst.instr, true),
+                    ignore,
+                    masked_off_pages: masked_off_pages(&inst.instr, &state),
                 };
                 outcome::differences(&inst.instr, &reference, &translated, &tables, masks)
             }
@@ -417,4 +468,105 @@ impl Cases for SystemWorker {
             })
         }
     }
+}
+
+/// Which of the two data pages a masked move (`vmaskmov*`, `vpmaskmov*`) covers without any
+/// selected element in it. The SDM (VMASKMOV): "In cases where mask bits indicate data should
+/// not be loaded or stored paging A and D bits will be set in an implementation dependent
+/// way"; an Intel Xeon leaves them alone, as the translator does, but another CPU need not.
+fn masked_off_pages(instr: &iced_x86::Instruction, state: &GuestState) -> [bool; 2] {
+    use crate::emulate::regs::{linear_address, read_ymm};
+    use iced_x86::Mnemonic as M;
+    let es = match instr.mnemonic() {
+        M::Vmaskmovps | M::Vpmaskmovd => 4,
+        M::Vmaskmovpd | M::Vpmaskmovq => 8,
+        _ => return [false; 2],
+    };
+    let store = instr.op0_kind() == iced_x86::OpKind::Memory;
+    let (memory_operand, data) = if store {
+        (0, instr.op2_register())
+    } else {
+        (2, instr.op0_register())
+    };
+    let bytes = if data.is_ymm() { 32 } else { 16 };
+    let base = linear_address(state, instr, memory_operand, 0).unwrap_or(0);
+    let mask = read_ymm(state, instr.op1_register().number() & 15);
+    let page_of =
+        |va: u64| (0..2u64).find(|&p| (guest::data() + 0x1000 * p..guest::data() + 0x1000 * (p + 1)).contains(&va));
+    let mut covered = [false; 2];
+    let mut selected = [false; 2];
+    for i in 0..bytes / es {
+        for byte in [i * es, i * es + es - 1] {
+            if let Some(p) = page_of(base.wrapping_add(byte as u64)) {
+                covered[p as usize] = true;
+                if mask[i * es + es - 1] & 0x80 != 0 {
+                    selected[p as usize] = true;
+                }
+            }
+        }
+    }
+    [covered[0] && !selected[0], covered[1] && !selected[1]]
+}
+
+/// Makes the translated outcome agree with the reference's in the fields `quirks` says the
+/// reference cannot get right for `instr` from input state `input`. Returns the GPRs not to
+/// compare.
+fn mask_quirks(
+    quirks: &Quirks,
+    cpuid_adjusted: [u32; 4],
+    instr: &iced_x86::Instruction,
+    input: &GuestState,
+    reference: &outcome::SystemOutcome,
+    translated: &mut outcome::SystemOutcome,
+) -> u16 {
+    use crate::emulate::regs::linear_address;
+    use iced_x86::{Mnemonic as M, OpKind, Register};
+    let both_page_faulted = reference.raised(vector::PF) && translated.raised(vector::PF);
+    let (Some(a), Some(b)) = (&reference.outcome, &mut translated.outcome) else {
+        return 0;
+    };
+    // Copies the reference's data bytes at virtual `va..va+len` (those in the data region).
+    let mut copy_data = |va: u64, len: u64| {
+        for v in va..va.wrapping_add(len) {
+            let at = v.wrapping_sub(guest::data()) as usize;
+            if at < a.data.len() {
+                b.data[at] = a.data[at];
+            }
+        }
+    };
+    let mut gprs = 0u16;
+    let data_selector = |r: Register| matches!(r, Register::ES | Register::DS | Register::FS | Register::GS);
+    if quirks.loses_data_selectors {
+        match instr.mnemonic() {
+            M::Push if data_selector(instr.op0_register()) => {
+                let size = instr.stack_pointer_increment().unsigned_abs() as u64;
+                copy_data(input.gpr[4].wrapping_sub(size), size);
+            }
+            M::Mov if instr.op1_kind() == OpKind::Register && data_selector(instr.op1_register()) => {
+                if instr.op0_kind() == OpKind::Memory {
+                    copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), 2);
+                } else {
+                    gprs |= 1 << (instr.op0_register().full_register().number() & 15);
+                }
+            }
+            _ => {}
+        }
+    }
+    if quirks.descriptor_table_stores_split
+        && matches!(instr.mnemonic(), M::Sgdt | M::Sidt | M::Smsw)
+        && instr.op0_kind() == OpKind::Memory
+        && both_page_faulted
+    {
+        let len = if instr.mnemonic() == M::Smsw { 2 } else { 10 };
+        copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), len);
+    }
+    if instr.mnemonic() == M::Cpuid {
+        let adjusted = cpuid_adjusted;
+        // EAX, EBX, ECX, EDX are GPRs 0, 3, 1, 2.
+        for (reg, bits) in [0, 3, 1, 2].into_iter().zip(adjusted) {
+            let bits = bits as u64;
+            b.gpr[reg] = (b.gpr[reg] & !bits) | (a.gpr[reg] & bits);
+        }
+    }
+    gprs
 }

@@ -150,6 +150,10 @@ pub struct Masks {
     /// Leave a #PF's address (CR2) out when both raised #PF (the reference accesses the
     /// pieces of the operand in another order than the CPU).
     pub fault_address: bool,
+    /// Leave out the accessed and dirty bits of these data pages (0, 1): pages a masked move's
+    /// operand covers where no selected element lies (the SDM leaves them to the
+    /// implementation).
+    pub masked_off_pages: [bool; 2],
 }
 
 /// Every difference between the reference's outcome and the translator's; empty means equal.
@@ -217,6 +221,11 @@ pub fn differences(
                 b.seg[i] = a.seg[i];
             }
         }
+        if a.event != Event::Completed || b.event != Event::Completed {
+            if let Some(unused) = gather_unused_bytes(instr) {
+                unused.copy(&a.xsave, &mut b.xsave);
+            }
+        }
         out.extend(
             compare::differences(instr, a, &b, masks.ignore)
                 .into_iter()
@@ -268,8 +277,9 @@ pub fn differences(
         // the one that faulted depend on the order the CPU touches its operands' pages.
         let mut x = reference.tables.clone();
         let mut y = translated.tables.clone();
-        if reference.raised(14) || translated.raised(14) {
-            for pte in data_pte_offsets(tables) {
+        let after_fault = reference.raised(14) || translated.raised(14);
+        for (page, pte) in data_pte_offsets(tables).into_iter().enumerate() {
+            if after_fault || masks.masked_off_pages[page] {
                 for t in [&mut x, &mut y] {
                     t[pte] &= !0x60;
                 }
@@ -314,9 +324,9 @@ fn split_store(reference: &SystemOutcome, translated: &SystemOutcome, masks: Mas
 }
 
 /// Instructions whose memory access is made of many pieces the CPU touches in an order of its
-/// own (the FXSAVE/XSAVE images, the x87 environment, masked moves, gathers, the `iret`
-/// frame): when one faults, CR2 may name any byte of the faulting page that the CPU reached
-/// first, so it is compared at page granularity.
+/// own (the FXSAVE/XSAVE images, the x87 environment, masked moves, gathers): when one
+/// faults, CR2 may name any byte of the faulting page that the CPU reached first, so it is
+/// compared at page granularity. (The `iret` frame's order is modelled: `system/transfer.rs`.)
 fn pieces_in_cpu_order(instr: &Instruction) -> bool {
     use iced_x86::Mnemonic as M;
     matches!(
@@ -338,10 +348,46 @@ fn pieces_in_cpu_order(instr: &Instruction) -> bool {
             | M::Maskmovq
             | M::Maskmovdqu
             | M::Vmaskmovdqu
-            | M::Iret
-            | M::Iretd
-            | M::Iretq
     ) || instr.is_vsib()
+}
+
+/// The bytes of a gather's destination and mask registers that correspond to no element (a
+/// gather of dwords by qword indices fills half its vector length): the SDM (VPGATHERQD,
+/// VGATHERQPS) lets the CPU update them "even if the instruction triggers an exception", so
+/// after a fault they are the implementation's. (An Intel Xeon normalizes the mask's unused
+/// elements as it does the others and leaves the destination's; the translator does the
+/// same, but another CPU need not.)
+struct UnusedBytes {
+    regs: [usize; 2],
+    from: usize,
+}
+
+impl UnusedBytes {
+    fn copy(&self, from: &crate::state::XSaveArea, to: &mut crate::state::XSaveArea) {
+        for r in self.regs {
+            let mut v = [0u8; 32];
+            v[..16].copy_from_slice(from.xmm(r));
+            v[16..].copy_from_slice(from.ymm_hi(r));
+            let mut w = [0u8; 32];
+            w[..16].copy_from_slice(to.xmm(r));
+            w[16..].copy_from_slice(to.ymm_hi(r));
+            w[self.from..].copy_from_slice(&v[self.from..]);
+            to.xmm_mut(r).copy_from_slice(&w[..16]);
+            to.ymm_hi_mut(r).copy_from_slice(&w[16..]);
+        }
+    }
+}
+
+fn gather_unused_bytes(instr: &Instruction) -> Option<UnusedBytes> {
+    use iced_x86::Mnemonic as M;
+    if !matches!(instr.mnemonic(), M::Vpgatherqd | M::Vgatherqps) {
+        return None;
+    }
+    let elements = if instr.memory_index().is_ymm() { 4 } else { 2 };
+    Some(UnusedBytes {
+        regs: [instr.op0_register().number() & 15, instr.op2_register().number() & 15],
+        from: 4 * elements,
+    })
 }
 
 /// Both ended in #PF with the same error code and CR2 in the same page.
