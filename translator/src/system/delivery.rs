@@ -238,68 +238,39 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
 mod tests {
     use super::*;
     use crate::state::{DescriptorTable, Segment};
+    use crate::system::test_memory::FlatMemory;
 
     /// 64 KiB of flat memory at virtual 0 (anything above is not mapped: #PF). A GDT at
     /// 0x1000 (0x08 kernel code, 0x10 kernel data, 0x1b user data, 0x23 user code), an IDT at
     /// 0x2000 whose gates all enter 0x08:0x5000+16·vector through an interrupt gate of DPL 0,
     /// and a TSS at 0x3000 with RSP0 = 0x8000 and IST1 = 0x9000.
-    struct Flat(Vec<u8>);
+    fn machine() -> FlatMemory {
+        let mut m = FlatMemory::new(0x10000, false);
+        let gdt = [
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00cf_f300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+        ];
+        for (i, d) in gdt.iter().enumerate() {
+            m.put_u64(0x1000 + 8 * i as u64, *d);
+        }
+        for v in 0..=32u64 {
+            gate(&mut m, v as u8, 0, 0);
+        }
+        m.put_u64(0x3000 + 4, 0x8000);
+        m.put_u64(0x3000 + 0x24, 0x9000);
+        m
+    }
 
     const UNMAPPED: u64 = 0x10_0000;
 
-    impl GuestMemory for Flat {
-        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
-            let at = va as usize;
-            let src = self
-                .0
-                .get(at..at + buf.len())
-                .ok_or(GuestException::page_fault(va, 0))?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
-            let at = va as usize;
-            let dst = self
-                .0
-                .get_mut(at..at + data.len())
-                .ok_or(GuestException::page_fault(va, 2))?;
-            dst.copy_from_slice(data);
-            Ok(())
-        }
-    }
-
-    impl Flat {
-        fn new() -> Self {
-            let mut m = Flat(vec![0; 0x10000]);
-            let gdt = [
-                0,
-                0x00af_9b00_0000_ffff,
-                0x00cf_9300_0000_ffff,
-                0x00cf_f300_0000_ffff,
-                0x00af_fb00_0000_ffff,
-            ];
-            for (i, d) in gdt.iter().enumerate() {
-                m.put(0x1000 + 8 * i as u64, *d);
-            }
-            for v in 0..=32u64 {
-                m.gate(v as u8, 0, 0);
-            }
-            m.put(0x3000 + 4, 0x8000);
-            m.put(0x3000 + 0x24, 0x9000);
-            m
-        }
-        fn put(&mut self, at: u64, v: u64) {
-            self.write(at, &v.to_le_bytes()).unwrap();
-        }
-        fn get(&mut self, at: u64) -> u64 {
-            self.read_le(at, 8).unwrap()
-        }
-        fn gate(&mut self, vector: u8, dpl: u64, ist: u64) {
-            let handler = 0x5000 + 16 * vector as u64;
-            let low =
-                (handler & 0xffff) | (0x08 << 16) | (ist << 32) | ((0x8e | dpl << 5) << 40) | (handler >> 16) << 48;
-            self.put(0x2000 + 16 * vector as u64, low);
-        }
+    /// Points IDT entry `vector` at 0x08:0x5000+16·vector, an interrupt gate of `dpl` on `ist`.
+    fn gate(m: &mut FlatMemory, vector: u8, dpl: u64, ist: u64) {
+        let handler = 0x5000 + 16 * vector as u64;
+        let low = (handler & 0xffff) | (0x08 << 16) | (ist << 32) | ((0x8e | dpl << 5) << 40) | (handler >> 16) << 48;
+        m.put_u64(0x2000 + 16 * vector as u64, low);
     }
 
     /// At CPL3 in user code, RSP 0x7000, IF and RF set.
@@ -330,15 +301,15 @@ mod tests {
     }
 
     /// The frame delivery pushed: RIP, CS, RFLAGS, RSP, SS (after the error code, if any).
-    fn frame(s: &GuestState, m: &mut Flat, error_code: bool) -> [u64; 5] {
+    fn frame(s: &GuestState, m: &mut FlatMemory, error_code: bool) -> [u64; 5] {
         let at = s.gpr[4] + if error_code { 8 } else { 0 };
-        std::array::from_fn(|i| m.get(at + 8 * i as u64))
+        std::array::from_fn(|i| m.get_u64(at + 8 * i as u64))
     }
 
     #[test]
     fn faults_push_rf_set_and_software_interrupts_rf_clear() {
-        let mut m = Flat::new();
-        m.gate(3, 3, 0);
+        let mut m = machine();
+        gate(&mut m, 3, 3, 0);
         let mut s = user_state();
         s.rflags &= !flags::RF;
         deliver(&mut s, &mut m, Event::Exception(GuestException::gp(0))).unwrap();
@@ -363,11 +334,11 @@ mod tests {
 
     #[test]
     fn a_fault_delivering_int3_is_reported_at_the_int3() {
-        let mut m = Flat::new(); // the int3 gate has DPL 0: #GP(3·8+2) from CPL3
+        let mut m = machine(); // the int3 gate has DPL 0: #GP(3·8+2) from CPL3
         let mut s = user_state();
         deliver(&mut s, &mut m, Event::Software { vector: 3, at: 0x3fff }).unwrap();
         assert_eq!(s.rip, 0x5000 + 16 * 13, "the #GP handler runs");
-        assert_eq!(m.get(s.gpr[4]), 3 * 8 + 2, "error code: IDT vector 3");
+        assert_eq!(m.get_u64(s.gpr[4]), 3 * 8 + 2, "error code: IDT vector 3");
         assert_eq!(
             frame(&s, &mut m, true)[0],
             0x3fff,
@@ -377,10 +348,10 @@ mod tests {
 
     #[test]
     fn a_page_fault_delivering_a_page_fault_is_a_double_fault_and_cr2_has_the_first_address() {
-        let mut m = Flat::new();
-        m.put(0x3000 + 0x2c, UNMAPPED + 0x1000); // IST2: no memory below it
-        m.gate(14, 0, 2);
-        m.gate(8, 0, 1);
+        let mut m = machine();
+        m.put_u64(0x3000 + 0x2c, UNMAPPED + 0x1000); // IST2: no memory below it
+        gate(&mut m, 14, 0, 2);
+        gate(&mut m, 8, 0, 1);
         let mut s = user_state();
         s.cr2 = 0x1234;
         deliver(
@@ -391,7 +362,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.rip, 0x5000 + 16 * 8, "the #DF handler runs");
         assert_eq!(s.gpr[4], 0x9000 - 6 * 8, "on IST1, with an error code");
-        assert_eq!(m.get(s.gpr[4]), 0, "#DF's error code is 0");
+        assert_eq!(m.get_u64(s.gpr[4]), 0, "#DF's error code is 0");
         assert_eq!(
             frame(&s, &mut m, true),
             [0x4000, 0x23, flags::FIXED | flags::IF | flags::RF, 0x7000, 0x1b]

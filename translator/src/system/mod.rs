@@ -14,6 +14,8 @@ pub mod delivery;
 pub mod descriptors;
 pub mod msr;
 pub mod query;
+#[cfg(test)]
+mod test_memory;
 pub mod transfer;
 
 use crate::emulate::regs::{read_gpr, sreg_index, write_gpr};

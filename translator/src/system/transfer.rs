@@ -211,6 +211,7 @@ pub fn sysret(s: &mut GuestState, rex_w: bool) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::system::test_memory::FlatMemory;
 
     /// Memory where every access faults at its address.
     struct Nothing;
@@ -224,49 +225,24 @@ mod tests {
         }
     }
 
-    /// 64 KiB of memory at virtual 0 (above: #PF) holding Linux's GDT layout at 0x1000 (limit
-    /// 0x7f): 0x10 kernel code, 0x18 kernel data, 0x2b user data, 0x33 user code, a 64-bit
-    /// TSS at 0x40; entry 7 (0x38) is empty.
-    struct Gdt(Vec<u8>);
-
-    impl GuestMemory for Gdt {
-        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
-            let at = va as usize;
-            let src = self
-                .0
-                .get(at..at + buf.len())
-                .ok_or(GuestException::page_fault(va, 4))?;
-            buf.copy_from_slice(src);
-            Ok(())
+    /// 64 KiB of memory at virtual 0 (above: #PF from CPL3) holding Linux's GDT layout at
+    /// 0x1000 (limit 0x7f): 0x10 kernel code, 0x18 kernel data, 0x2b user data, 0x33 user
+    /// code, a 64-bit TSS at 0x40; entry 7 (0x38) is empty.
+    fn linux_gdt() -> FlatMemory {
+        let mut m = FlatMemory::new(0x10000, true);
+        for (i, d) in [
+            (2, 0x00af_9b00_0000_ffffu64),
+            (3, 0x00cf_9300_0000_ffff),
+            (5, 0x00cf_f300_0000_ffff),
+            (6, 0x00af_fb00_0000_ffff),
+            (8, 0x0000_8900_3000_0067),
+        ] {
+            m.put_u64(0x1000 + 8 * i, d);
         }
-        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
-            let at = va as usize;
-            let dst = self
-                .0
-                .get_mut(at..at + data.len())
-                .ok_or(GuestException::page_fault(va, 6))?;
-            dst.copy_from_slice(data);
-            Ok(())
-        }
+        m
     }
 
-    impl Gdt {
-        fn new() -> Self {
-            let mut m = Gdt(vec![0; 0x10000]);
-            for (i, d) in [
-                (2, 0x00af_9b00_0000_ffffu64),
-                (3, 0x00cf_9300_0000_ffff),
-                (5, 0x00cf_f300_0000_ffff),
-                (6, 0x00af_fb00_0000_ffff),
-                (8, 0x0000_8900_3000_0067),
-            ] {
-                m.write(0x1000 + 8 * i, &d.to_le_bytes()).unwrap();
-            }
-            m
-        }
-    }
-
-    /// A CPL3 state over [`Gdt`], RSP at 0x8000.
+    /// A CPL3 state over [`linux_gdt`], RSP at 0x8000.
     fn user_state() -> GuestState {
         let mut s = GuestState {
             cpl: Cpl::User,
@@ -294,13 +270,13 @@ mod tests {
             // Null, whatever the RPL: #GP(0).
             for cs in [0, 3] {
                 let mut s = user_state();
-                let e = guest_fault(far_jump(&mut s, &mut Gdt::new(), cs, 0x1000, call));
+                let e = guest_fault(far_jump(&mut s, &mut linux_gdt(), cs, 0x1000, call));
                 assert_eq!(e, GuestException::gp(0), "cs {cs:#x}");
             }
             // A TSS, the TSS's upper half, an empty entry: #GP(selector).
             for cs in [0x43, 0x48, 0x38] {
                 let mut s = user_state();
-                let e = guest_fault(far_jump(&mut s, &mut Gdt::new(), cs, 0x1000, call));
+                let e = guest_fault(far_jump(&mut s, &mut linux_gdt(), cs, 0x1000, call));
                 assert_eq!(e, GuestException::gp((cs & !3) as u32), "cs {cs:#x}");
                 assert_eq!(s.gpr[gpr::RSP], 0x8000, "nothing pushed");
             }
@@ -309,7 +285,7 @@ mod tests {
 
     /// Runs `iret` of operand size `size` at CPL3 from a frame of (RIP, CS, RFLAGS, RSP, SS).
     fn iret_from(frame: [u64; 5], size: usize, rflags: u64) -> Result<GuestState, Failure> {
-        let mut mem = Gdt::new();
+        let mut mem = linux_gdt();
         for (i, v) in frame.iter().enumerate() {
             mem.write(0x8000 + (i * size) as u64, &v.to_le_bytes()[..size]).unwrap();
         }
@@ -345,7 +321,7 @@ mod tests {
         // NT set: #GP(0) before the frame is read (no task return in IA-32e mode).
         let mut s = user_state();
         s.rflags = 0x4202;
-        let e = guest_fault(iret(&mut s, &mut Gdt(Vec::new()), 8));
+        let e = guest_fault(iret(&mut s, &mut FlatMemory::new(0, true), 8));
         assert_eq!(e, GuestException::gp(0));
         // A good frame: RSP from the frame, zero-extended from the operand size.
         let Ok(s) = iret_from([0x2000, 0x33, 0x246, 0x1234_5678, 0x2b], 4, 0x202) else {
@@ -364,7 +340,7 @@ mod tests {
         // read first, and SS before RSP once CS passed.
         for size in [2u64, 4, 8] {
             for (inside, first_fault) in [(0, 2), (1, 2), (2, 2), (3, 4), (4, 4)] {
-                let mut mem = Gdt::new();
+                let mut mem = linux_gdt();
                 let rsp = 0x10000 - inside * size;
                 let frame = [0x1000u64, 0x33, 0x202, 0x9000, 0x2b];
                 for (i, v) in frame.iter().enumerate().take(inside as usize) {
