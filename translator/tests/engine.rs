@@ -611,6 +611,74 @@ fn soft_mmu_access_across_non_contiguous_pages() {
 }
 
 #[test]
+fn code_after_a_split_access_never_runs_with_the_bounce_buffer_mapped() {
+    // A split access over scattered frames runs against a copy of both pages (the bounce
+    // buffer, mapped in the TLB for the first page and one access kind): the code after it must
+    // run only once the dispatcher has written the copy back and unmapped it, however it is
+    // reached — a chained jump, or the indirect-branch table when the split operand is a jump's
+    // pointer. Otherwise it reads the copy after writing the page, or its stores to the second
+    // page are overwritten by the copy. Each loop runs 10 times, so its blocks are chained and
+    // its indirect target is in the table from the second iteration on.
+    let mut code = vec![];
+    let jnz_back = |code: &mut Vec<u8>, to: usize| {
+        let rel = to as i64 - (code.len() as i64 + 2);
+        code.extend([0x75, rel as i8 as u8]);
+    };
+    // mov ecx,10; L: mov rbx,[0x404ffc]; mov [0x404010],rcx; mov edx,[0x404010]; add r8,rdx;
+    // dec rcx; jnz L
+    code.extend([0xb9, 10, 0, 0, 0]);
+    let l = code.len();
+    code.extend([0x48, 0x8b, 0x1c, 0x25, 0xfc, 0x4f, 0x40, 0x00]);
+    code.extend([0x48, 0x89, 0x0c, 0x25, 0x10, 0x40, 0x40, 0x00]);
+    code.extend([0x8b, 0x14, 0x25, 0x10, 0x40, 0x40, 0x00, 0x49, 0x01, 0xd0]);
+    code.extend([0x48, 0xff, 0xc9]);
+    jnz_back(&mut code, l);
+    // mov ecx,10; M: jmp [0x404ffc]; T: mov [0x404020],rcx; mov edx,[0x404020]; add r9,rdx;
+    // dec rcx; jnz M
+    code.extend([0xb9, 10, 0, 0, 0]);
+    let m = code.len();
+    code.extend([0xff, 0x24, 0x25, 0xfc, 0x4f, 0x40, 0x00]);
+    let target = CODE_VA + code.len() as u64;
+    code.extend([0x48, 0x89, 0x0c, 0x25, 0x20, 0x40, 0x40, 0x00]);
+    code.extend([0x8b, 0x14, 0x25, 0x20, 0x40, 0x40, 0x00, 0x49, 0x01, 0xd1]);
+    code.extend([0x48, 0xff, 0xc9]);
+    jnz_back(&mut code, m);
+    // mov ecx,10; N: mov [0x404ffc],rcx; mov [0x405100],rcx; dec rcx; jnz N; hlt
+    code.extend([0xb9, 10, 0, 0, 0]);
+    let n = code.len();
+    code.extend([0x48, 0x89, 0x0c, 0x25, 0xfc, 0x4f, 0x40, 0x00]);
+    code.extend([0x48, 0x89, 0x0c, 0x25, 0x00, 0x51, 0x40, 0x00]);
+    code.extend([0x48, 0xff, 0xc9]);
+    jnz_back(&mut code, n);
+    code.push(0xf4);
+    let g = SoftGuest::new(&code);
+    // The pointer at 0x404ffc, split over the frames of 0x404000 (0x7000) and 0x405000 (0x9000).
+    g.write_u64(0x7ff8, (target & 0xffff_ffff) << 32);
+    g.write_u64(0x9000, target >> 32);
+    let mut t = g.translator();
+    let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+    assert!(gp_at(exit), "{exit:?}");
+    assert_eq!(t.state().gpr[3], target, "the split read");
+    let sum: u64 = (1..=10).sum();
+    assert_eq!(
+        t.state().gpr[8],
+        sum,
+        "after a chained jump: each read saw the store before it"
+    );
+    assert_eq!(
+        t.state().gpr[9],
+        sum,
+        "after the table's jump: each read saw the store before it"
+    );
+    assert_eq!(
+        g.read_u64(0x9100),
+        1,
+        "the second page's last store survived the split store"
+    );
+    assert_eq!(g.read_u64(0x7ffc) & 0xffff_ffff, 1, "the split store's low half");
+}
+
+#[test]
 fn split_accesses_run_in_place_on_consecutive_pages_and_reuse_their_translation() {
     // mov ecx,10; L: mov [0x406ffc],rax; mov rbx,[0x406ffc]; mov [0x404ffc],rax;
     // mov rdx,[0x404ffc]; inc rax; dec rcx; jnz L; hlt

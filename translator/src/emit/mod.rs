@@ -181,7 +181,8 @@ pub(crate) struct BlockEmitter<'a> {
 pub struct EmitOptions {
     pub soft_mmu: bool,
     /// Soft-MMU only: the block's single access crosses a page boundary and the engine has
-    /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out.
+    /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out; its
+    /// indirect branches go straight back to the dispatcher, which ends the split access.
     pub split_access: bool,
     /// The guest's XCR0 (`GuestState::xcr0`); the engine retranslates when it changes.
     pub guest_xcr0: u64,

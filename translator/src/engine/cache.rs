@@ -85,8 +85,8 @@ pub(super) struct Block {
     /// fetch and decode it again each time (a Linux boot performs ≈900k of them).
     pub(super) emulated: Option<(iced_x86::Instruction, Rule)>,
     /// Translated without the page-crossing check for one split access (see
-    /// `Translator::split_key`): entered only by the dispatcher for such an access, never
-    /// chained to.
+    /// `Translator::split_key`): entered only by the dispatcher for such an access, and left
+    /// only to it (never chained, its indirect branches skip the table: `emit/branch.rs`).
     pub(super) split_access: bool,
 }
 
@@ -135,7 +135,9 @@ impl Translator {
     pub(super) fn chain(&mut self, field: u64, host: u64) {
         // The source block may have been invalidated since it exited.
         let Some(src) = self.block_at_host(field) else { return };
-        if !self.blocks[src].valid {
+        // A split access's block returns to the dispatcher, which ends the split access (its
+        // bounce buffer is mapped in the TLB until then): it is neither chained from nor to.
+        if !self.blocks[src].valid || self.blocks[src].split_access {
             return;
         }
         let Some(dst) = self.block_at_entry(host) else { return };
