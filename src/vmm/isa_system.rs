@@ -26,12 +26,13 @@
 mod cpl0;
 
 use crate::vmm::cpuid;
+use crate::vmm::vstate::transfer::{self, named as e};
 use hbt_translator::harness::system::device::{self, PortWrite};
 use hbt_translator::harness::system::outcome::Stop;
 use hbt_translator::harness::system::{guest, Case, KernelQuirks, Quirks, Reference, ReferenceError, Ring, Unfit};
-use hbt_translator::state::{Cpl, GuestState, Segment};
+use hbt_translator::state::{Cpl, GuestState};
 use hbt_translator::Platform;
-use kvm_bindings::{kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use memmap2::MmapMut;
 use std::collections::HashSet;
@@ -62,11 +63,6 @@ const MSR_SYSENTER_EIP: u32 = 0x176;
 /// A case that has not stopped after this long is stuck (a loop the synthesizer did not
 /// foresee): the watchdog interrupts KVM_RUN.
 const CASE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// An ioctl's error, named.
-fn e(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
-    move |err| format!("{what}: {err}")
-}
 
 /// `--system needs /dev/kvm` unless it can be opened.
 pub fn check_kvm() -> anyhow::Result<()> {
@@ -149,10 +145,7 @@ impl KvmReference {
         // this value; the VM fd closes before the mapping is unmapped: field order).
         unsafe { vm.set_user_memory_region(slot(&ram, guest::RAM_SIZE)) }?;
         let vcpu = vm.create_vcpu(0)?;
-        let mut table = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-        for e in table.as_mut_slice() {
-            [e.eax, e.ebx, e.ecx, e.edx] = cpuid::guest_cpuid(e.function, e.index);
-        }
+        let table = crate::vmm::vstate::vm::model_cpuid(&kvm)?;
         vcpu.set_cpuid2(&table)?;
         // What KVM made of the table: the bits it changed are the reference's, not the model's.
         let effective = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)?;
@@ -214,8 +207,8 @@ impl KvmReference {
         sregs.ds = seg(3, None);
         sregs.fs = seg(4, Some(s.fs_base));
         sregs.gs = seg(5, Some(s.gs_base));
-        sregs.tr = system_segment(&s.sys.tr, 11);
-        sregs.ldt = system_segment(&s.sys.ldtr, 2);
+        sregs.tr = transfer::system_segment(&s.sys.tr, 11);
+        sregs.ldt = transfer::system_segment(&s.sys.ldtr, 2);
         sregs.gdt.base = s.sys.gdtr.base;
         sregs.gdt.limit = s.sys.gdtr.limit;
         sregs.idt.base = s.sys.idtr.base;
@@ -230,40 +223,9 @@ impl KvmReference {
         // Without an in-kernel local APIC, KVM_RUN loads CR8 from the run structure (which
         // holds the value of the last exit), not from the registers set above.
         self.vcpu.get_kvm_run().cr8 = s.sys.cr8;
-        let g = &s.gpr;
-        let regs = kvm_bindings::kvm_regs {
-            rax: g[0],
-            rcx: g[1],
-            rdx: g[2],
-            rbx: g[3],
-            rsp: g[4],
-            rbp: g[5],
-            rsi: g[6],
-            rdi: g[7],
-            r8: g[8],
-            r9: g[9],
-            r10: g[10],
-            r11: g[11],
-            r12: g[12],
-            r13: g[13],
-            r14: g[14],
-            r15: g[15],
-            rip: s.rip,
-            rflags: s.rflags,
-        };
+        let regs = transfer::regs_of(s);
         self.vcpu.set_regs(&regs).map_err(e("KVM_SET_REGS"))?;
-        let mut xcrs = kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
-        xcrs.xcrs[0].xcr = 0;
-        xcrs.xcrs[0].value = s.xcr0;
-        self.vcpu.set_xcrs(&xcrs).map_err(e("KVM_SET_XCRS"))?;
-        let mut xsave = kvm_bindings::kvm_xsave::default();
-        for (w, b) in xsave.region.iter_mut().zip(s.xsave.0.chunks(4)) {
-            *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
-        }
-        self.vcpu.set_xsave(&xsave).map_err(e("KVM_SET_XSAVE"))?;
+        transfer::set_extended_state(&self.vcpu, s)?;
         let m = &s.sys.msr;
         let mut values = vec![m.star, m.lstar, m.cstar, m.sfmask, s.kernel_gs_base, m.tsc_aux];
         let mut indexes = MSRS.to_vec();
@@ -305,10 +267,7 @@ impl KvmReference {
         let r = self.vcpu.get_regs().map_err(e("KVM_GET_REGS"))?;
         let sr = self.vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?;
         let mut s = GuestState {
-            gpr: [
-                r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-                r.r15,
-            ],
+            gpr: transfer::gprs_of(&r),
             rip: r.rip,
             rflags: r.rflags,
             fs_base: sr.fs.base,
@@ -333,15 +292,7 @@ impl KvmReference {
         s.sys.tr.selector = sr.tr.selector;
         s.sys.ldtr.selector = sr.ldt.selector;
         s.sys.cr8 = sr.cr8;
-        let xcrs = self.vcpu.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
-        s.xcr0 = xcrs.xcrs[..xcrs.nr_xcrs as usize]
-            .iter()
-            .find(|x| x.xcr == 0)
-            .map_or(0, |x| x.value);
-        let xsave = self.vcpu.get_xsave().map_err(e("KVM_GET_XSAVE"))?;
-        for (b, w) in s.xsave.0.chunks_mut(4).zip(xsave.region.iter()) {
-            b.copy_from_slice(&w.to_le_bytes());
-        }
+        transfer::get_extended_state(&self.vcpu, &mut s)?;
         let entries: Vec<kvm_msr_entry> = MSRS
             .iter()
             .chain(KERNEL_MSRS.iter())
@@ -409,53 +360,13 @@ fn slot(ram: &MmapMut, size: u64) -> kvm_userspace_memory_region {
 }
 
 /// A code or data segment register as the CPU caches it from the guest's GDT (a null
-/// selector is unusable; `base` overrides the descriptor's, for FS and GS).
+/// selector or one outside the table is unusable; `base` overrides the descriptor's, for FS
+/// and GS).
 fn segment(ram: &[u8], s: &GuestState, selector: u16, base: Option<u64>) -> kvm_segment {
     let index = (selector >> 3) as u64;
     let at = s.sys.gdtr.base + 8 * index;
-    if selector & !3 == 0 || selector & 4 != 0 || at + 8 > ram.len() as u64 || 8 * index + 7 > s.sys.gdtr.limit as u64 {
-        return kvm_segment {
-            selector,
-            base: base.unwrap_or(0),
-            unusable: 1,
-            dpl: (selector & 3) as u8,
-            ..Default::default()
-        };
-    }
-    let d = guest::get(ram, at);
-    let g = (d >> 55) & 1;
-    let raw_limit = ((d & 0xffff) | ((d >> 32) & 0xf_0000)) as u32;
-    kvm_segment {
-        base: base.unwrap_or(((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24)),
-        limit: if g != 0 { (raw_limit << 12) | 0xfff } else { raw_limit },
-        selector,
-        type_: ((d >> 40) & 0xf) as u8,
-        present: ((d >> 47) & 1) as u8,
-        dpl: ((d >> 45) & 3) as u8,
-        db: ((d >> 54) & 1) as u8,
-        s: ((d >> 44) & 1) as u8,
-        l: ((d >> 53) & 1) as u8,
-        g: g as u8,
-        avl: ((d >> 52) & 1) as u8,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
-/// TR or LDTR from the translator's descriptor cache (`attr` in the VMX layout).
-fn system_segment(seg: &Segment, default_type: u8) -> kvm_segment {
-    let a = seg.attr;
-    kvm_segment {
-        base: seg.base,
-        limit: seg.limit,
-        selector: seg.selector,
-        type_: if a == 0 { default_type } else { (a & 0xf) as u8 },
-        present: ((a >> 7) & 1) as u8,
-        dpl: ((a >> 5) & 3) as u8,
-        s: 0,
-        unusable: (a & 0x80 == 0 && seg.selector == 0) as u8,
-        ..Default::default()
-    }
+    let inside = selector & 4 == 0 && at + 8 <= ram.len() as u64 && 8 * index + 7 <= s.sys.gdtr.limit as u64;
+    transfer::segment_from_descriptor(selector, inside.then(|| guest::get(ram, at)), base)
 }
 
 extern "C" fn on_kick(_: libc::c_int) {}

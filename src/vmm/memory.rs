@@ -17,6 +17,12 @@ type Result<T> = std::result::Result<T, MemoryError>;
 
 pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const MMIO_HOLE_END: u64 = 4 << 30;
+/// hbt's own guest-physical region in the MMIO hole, reserved in the e820 map for every
+/// engine: the hybrid engine keeps the descriptor tables, entry stubs and page tables KVM runs
+/// guest user code with there (`engine/hybrid/host_region.rs`). It is never guest RAM: the
+/// guest reads it as unclaimed device memory.
+pub const HBT_REGION_START: u64 = 0xd000_0000;
+pub const HBT_REGION_SIZE: u64 = 32 << 20;
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
 
@@ -76,6 +82,8 @@ impl GuestMemory {
                 map.push((start, r.guest + r.size - start, E820_RAM));
             }
         }
+        map.push((HBT_REGION_START, HBT_REGION_SIZE, E820_RESERVED));
+        map.sort_by_key(|e| e.0);
         map
     }
 

@@ -48,10 +48,15 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     mem: u64,
     /// Execution engine: `kvm` (hardware virtualization through /dev/kvm), `bt` (hbt's binary
-    /// translator runs the whole machine; no /dev/kvm needed). `hybrid` (guest user mode on
-    /// KVM, kernel mode translated) is reserved.
+    /// translator runs the whole machine; no /dev/kvm needed), `hybrid` (guest kernel code in
+    /// the translator, guest user code under KVM at native speed).
     #[arg(long, value_enum, default_value_t = Accel::Kvm)]
     accel: Accel,
+    /// Under --accel hybrid, which engine runs guest user code: `adaptive` (KVM for address
+    /// spaces whose user code runs long between kernel entries, the translator for those that
+    /// enter the kernel every few microseconds: shells, fork/exec loops) or `always-kvm`.
+    #[arg(long, value_enum, default_value_t = engine::hybrid::policy::Mode::Adaptive, value_name = "POLICY")]
+    hybrid_policy: engine::hybrid::policy::Mode,
     /// Flat binary: guest-physical load address.
     #[arg(long, value_parser = parse_u64, value_name = "ADDR")]
     load_addr: Option<u64>,
@@ -110,9 +115,6 @@ pub fn run(args: RunArgs) -> Result<()> {
 }
 
 fn execute(args: &RunArgs) -> Result<i32> {
-    if args.accel == Accel::Hybrid {
-        bail!("--accel hybrid is not available yet: use --accel kvm or --accel bt");
-    }
     if args.gdb.is_some() && args.accel != Accel::Bt {
         bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator (KVM's guest debugging is not wired up)");
     }
@@ -159,6 +161,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         interactive,
         gdb,
         detailed_stats: args.stats || args.stats_json,
+        hybrid_policy: args.hybrid_policy,
     };
     stop::arm(args.timeout);
     if args.raw_exit_loop {
@@ -168,7 +171,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
     let mut finished = match args.accel {
         Accel::Kvm => engine::kvm::run(&setup)?,
         Accel::Bt => engine::bt::run(&setup)?,
-        Accel::Hybrid => unreachable!("refused above"),
+        Accel::Hybrid => engine::hybrid::run(&setup)?,
     };
     let total = started.elapsed();
     // The guest's last output comes before hbt says how the run ended.

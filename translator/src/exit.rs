@@ -96,6 +96,9 @@ pub enum Exit {
     /// A debugger breakpoint ([`crate::Translator::add_breakpoint`]) at the guest RIP: nothing
     /// there has run yet.
     Breakpoint,
+    /// System mode with [`crate::Translator::set_user_exit`]: the guest has just entered CPL3;
+    /// nothing of the user code has run yet.
+    UserMode,
     /// Single-stepping ([`crate::Translator::set_single_step`]): one guest instruction
     /// completed, or the exception it raised was delivered (system mode: RIP is at the
     /// handler's first instruction, which has not run).

@@ -16,9 +16,9 @@
 use super::debug::DebugStop;
 use super::{fmt_counts, End, Finished, Setup};
 use crate::vmm::cpu_state::CpuSnapshot;
-use crate::vmm::devices::lapic;
 use crate::vmm::devices::pvclock::{PhysWrite, PvClock};
 use crate::vmm::devices::{self, chipset::Chipset, Action, Buses, IrqLine};
+use crate::vmm::devices::{lapic, progress};
 use crate::vmm::memory::{GuestMemory, MMIO_HOLE_END, MMIO_HOLE_START};
 use crate::vmm::{boot, cpuid, stop};
 use anyhow::{bail, Result};
@@ -43,8 +43,8 @@ const IA32_BIOS_SIGN_ID: u32 = 0x8b;
 mod debug;
 
 /// The machine around the translated CPU.
-struct BtPlatform {
-    buses: Buses,
+pub(super) struct BtPlatform {
+    pub(super) buses: Buses,
     chipset: Arc<Chipset>,
     /// What a device asked for when a port write returned `PortOutcome::Stop`.
     stop: Option<Action>,
@@ -156,7 +156,7 @@ impl Platform for BtPlatform {
 }
 
 /// A view of guest RAM for the translator's soft-MMU (or for reading guest code in reports).
-fn guest_ram(mem: &GuestMemory) -> GuestRam {
+pub(super) fn guest_ram(mem: &GuestMemory) -> GuestRam {
     // SAFETY: the mapping is page-aligned (mmap) and outlives the run: `execute` owns it and
     // drops it after the engine returns.
     unsafe { GuestRam::with_hole(mem.host_base() as *mut u8, mem.size(), MMIO_HOLE_START, MMIO_HOLE_END) }
@@ -175,119 +175,172 @@ fn code_at_rip(ram: &GuestRam, t: &Translator) -> Option<[u8; 15]> {
     Some(bytes)
 }
 
-pub fn run(setup: &Setup) -> Result<Finished> {
-    let mut translator = Translator::new(Config {
-        strategy: MemoryStrategy::SoftMmu(guest_ram(setup.mem)),
-        code_cache_bytes: SYSTEM_CODE_CACHE,
-        // Forms with a rule but no harness verdict on this host still run: a guest kernel needs
-        // them, and the alternative (#UD) is worse.
-        verified_only: false,
-        system: true,
-    })?;
-    // A guest spinning with interrupts off must still end on --timeout or a signal, and stop
-    // for a debugger that asks.
-    translator.set_stop_check(|| stop::requested().is_some() || stop::attention());
-    translator.set_detailed_stats(setup.detailed_stats);
-    let e = setup.entry;
-    *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
-    hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
+/// The translated machine: the translator in system mode over guest RAM, and the platform
+/// around it (device buses, hbt's chipset with its timer thread). The hybrid engine runs guest
+/// kernel code on the same machine.
+pub(super) struct Machine {
+    pub(super) translator: Translator,
+    pub(super) platform: BtPlatform,
+    pub(super) chipset: Arc<Chipset>,
+    pub(super) marks: progress::Marks,
+    /// Stops the timer thread.
+    done: Arc<AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
 
-    let chipset = Arc::new(Chipset::new(cpuid::tsc_khz()));
-    let com1_irq = {
-        let chipset = Arc::clone(&chipset);
-        IrqLine::new(move |level| {
-            chipset.set_irq(devices::serial::COM1_IRQ as u8, level);
-            if level && chipset.interrupt_pending() && !stop::on_vcpu_thread() {
-                stop::kick_vcpu();
-            }
+impl Machine {
+    pub(super) fn new(setup: &Setup) -> Result<Machine> {
+        let mut translator = Translator::new(Config {
+            strategy: MemoryStrategy::SoftMmu(guest_ram(setup.mem)),
+            code_cache_bytes: SYSTEM_CODE_CACHE,
+            // Forms with a rule but no harness verdict on this host still run: a guest kernel
+            // needs them, and the alternative (#UD) is worse.
+            verified_only: false,
+            system: true,
+        })?;
+        // A guest spinning with interrupts off must still end on --timeout or a signal, and
+        // stop for a debugger that asks.
+        translator.set_stop_check(|| stop::requested().is_some() || stop::attention());
+        translator.set_detailed_stats(setup.detailed_stats);
+        let e = setup.entry;
+        *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
+        hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;
+
+        let chipset = Arc::new(Chipset::new(cpuid::tsc_khz()));
+        let com1_irq = {
+            let chipset = Arc::clone(&chipset);
+            IrqLine::new(move |level| {
+                chipset.set_irq(devices::serial::COM1_IRQ as u8, level);
+                if level && chipset.interrupt_pending() && !stop::on_vcpu_thread() {
+                    stop::kick_vcpu();
+                }
+            })
+        };
+        let (mut buses, marks) = Buses::standard(setup.started, setup.interactive, com1_irq);
+        devices::chipset::insert(&mut buses.pio, &mut buses.mmio, &chipset);
+        // SAFETY: the chipset outlives every `translator.run` (the machine holds both, and
+        // drops the translator first: field order), and its INTR line is an AtomicBool inside
+        // the Arc's allocation, which does not move.
+        unsafe { translator.set_interrupt_line(chipset.interrupt_line()) };
+        let done = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (chipset, done) = (Arc::clone(&chipset), Arc::clone(&done));
+            std::thread::Builder::new()
+                .name("hbt-timers".into())
+                .spawn(move || chipset.run_timers(&done, stop::kick_vcpu))?
+        };
+        // Every helper thread exists now (watchdog, serial input, ticker): they take the
+        // terminating signals from here on.
+        stop::block_terminating_signals();
+        let platform = BtPlatform {
+            buses,
+            chipset: Arc::clone(&chipset),
+            stop: None,
+            // SAFETY: rdtsc has no memory effects.
+            clock: PvClock::new(unsafe { std::arch::x86_64::_rdtsc() }, cpuid::tsc_khz()),
+            ram: guest_ram(setup.mem),
+            written: Vec::new(),
+            device_time: Duration::ZERO,
+        };
+        Ok(Machine {
+            translator,
+            platform,
+            chipset,
+            marks,
+            done,
+            ticker: Some(ticker),
         })
-    };
-    let (mut buses, marks) = Buses::standard(setup.started, setup.interactive, com1_irq);
-    devices::chipset::insert(&mut buses.pio, &mut buses.mmio, &chipset);
-    // SAFETY: the chipset outlives every `translator.run` below (`platform` and `run_loop` hold
-    // it), and its INTR line is an AtomicBool inside the Arc's allocation, which does not move.
-    unsafe { translator.set_interrupt_line(chipset.interrupt_line()) };
-    let done = Arc::new(AtomicBool::new(false));
-    let ticker = {
-        let (chipset, done) = (Arc::clone(&chipset), Arc::clone(&done));
-        std::thread::Builder::new()
-            .name("hbt-timers".into())
-            .spawn(move || chipset.run_timers(&done, stop::kick_vcpu))?
-    };
-    // Every helper thread exists now (watchdog, serial input, ticker): they take the
-    // terminating signals from here on.
-    stop::block_terminating_signals();
-    let mut platform = BtPlatform {
-        buses,
-        chipset: Arc::clone(&chipset),
-        stop: None,
-        // SAFETY: rdtsc has no memory effects.
-        clock: PvClock::new(unsafe { std::arch::x86_64::_rdtsc() }, cpuid::tsc_khz()),
-        ram: guest_ram(setup.mem),
-        written: Vec::new(),
-        device_time: Duration::ZERO,
-    };
+    }
 
+    /// Stops the timer thread and turns the run's result into the report: where the guest
+    /// was (with the last events delivered when it went wrong) and the translator's counters,
+    /// followed by `extra` lines and fields from the engine that drove the machine.
+    pub(super) fn finish(
+        mut self,
+        setup: &Setup,
+        result: Result<End>,
+        loop_started: Instant,
+        extra: (Vec<String>, serde_json::Map<String, serde_json::Value>),
+    ) -> Result<Finished> {
+        self.done.store(true, Ordering::SeqCst);
+        self.chipset.notify_timers();
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+        let in_loop = loop_started.elapsed();
+        let t = &self.translator;
+        let mut location = CpuSnapshot::from_translator(t.state()).describe(code_at_rip(&self.platform.ram, t));
+        if result.is_err() && t.recent_events().len() > 0 {
+            location += "\nlast events delivered, oldest first:";
+            for e in t.recent_events() {
+                location += &format!("\n  {e}");
+            }
+        }
+        let end = match result {
+            Ok(end) => end,
+            Err(why) => {
+                self.platform.buses.pio.flush();
+                bail!("{why} after {:.3} s: {location}", setup.started.elapsed().as_secs_f64())
+            }
+        };
+        let (mut stats_lines, mut stats_json) = report(t, in_loop, self.platform.device_time, setup.detailed_stats);
+        let unsupported = self.chipset.unsupported_requests();
+        stats_lines.push(format!(
+            "  interrupt requests the chipset model cannot carry out (NMI/INIT/SMI, APIC relocation): {unsupported}"
+        ));
+        stats_json.insert("chipset_unsupported_requests".into(), unsupported.into());
+        stats_lines.extend(extra.0);
+        stats_json.extend(extra.1);
+        Ok(Finished {
+            end,
+            location,
+            buses: self.platform.buses,
+            marks: self.marks,
+            seconds_run_loop: in_loop.as_secs_f64(),
+            stats_lines,
+            stats_json,
+        })
+    }
+}
+
+pub fn run(setup: &Setup) -> Result<Finished> {
+    let mut m = Machine::new(setup)?;
     let loop_started = Instant::now();
     let result = match &setup.gdb {
-        None => run_to_end(&mut translator, &mut platform),
-        Some(gdb) => crate::vmm::gdb::serve(gdb, &mut debug::BtDebuggee::new(&mut translator, &mut platform)),
+        None => run_to_end(&mut m.translator, &mut m.platform),
+        Some(gdb) => crate::vmm::gdb::serve(gdb, &mut debug::BtDebuggee::new(&mut m.translator, &mut m.platform)),
     };
-    done.store(true, Ordering::SeqCst);
-    chipset.notify_timers();
-    let _ = ticker.join();
-    let in_loop = loop_started.elapsed();
-    let ram = guest_ram(setup.mem);
-    let mut location = CpuSnapshot::from_translator(translator.state()).describe(code_at_rip(&ram, &translator));
-    if result.is_err() && translator.recent_events().len() > 0 {
-        location += "\nlast events delivered, oldest first:";
-        for e in translator.recent_events() {
-            location += &format!("\n  {e}");
-        }
-    }
-    let end = match result {
-        Ok(end) => end,
-        Err(why) => {
-            platform.buses.pio.flush();
-            bail!("{why} after {:.3} s: {location}", setup.started.elapsed().as_secs_f64())
-        }
-    };
-    let (mut stats_lines, mut stats_json) = report(&translator, in_loop, platform.device_time, setup.detailed_stats);
-    let unsupported = chipset.unsupported_requests();
-    stats_lines.push(format!(
-        "  interrupt requests the chipset model cannot carry out (NMI/INIT/SMI, APIC relocation): {unsupported}"
-    ));
-    stats_json.insert("chipset_unsupported_requests".into(), unsupported.into());
-    Ok(Finished {
-        end,
-        location,
-        buses: platform.buses,
-        marks,
-        seconds_run_loop: in_loop.as_secs_f64(),
-        stats_lines,
-        stats_json,
-    })
+    m.finish(setup, result, loop_started, Default::default())
 }
 
 /// Runs the guest until it ends or a stop is requested.
 fn run_to_end(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
     loop {
         // (Only a debugger sets breakpoints, steps or asks for attention.)
-        if let DebugStop::Ended(end) = run_loop(t, platform)? {
+        if let Pause::Debugger(DebugStop::Ended(end)) = run_loop(t, platform)? {
             return Ok(end);
         }
     }
 }
 
-/// Runs the guest until it ends, a stop is requested or it stops for a debugger. Errors say
-/// why the machine cannot go on.
-fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<DebugStop> {
+/// Why [`run_loop`] returned.
+pub(super) enum Pause {
+    /// The run ended, or the guest stopped for a debugger.
+    Debugger(DebugStop),
+    /// The guest entered CPL3 (only with the translator's user-mode exit on: the hybrid engine
+    /// takes user code from there).
+    UserMode,
+}
+
+/// Runs the guest until it ends, a stop is requested, it stops for a debugger or (with the
+/// translator's user-mode exit on) it enters CPL3. Errors say why the machine cannot go on.
+pub(super) fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<Pause> {
     loop {
         if let Some(end) = stop::requested() {
-            return Ok(DebugStop::Ended(end));
+            return Ok(Pause::Debugger(DebugStop::Ended(end)));
         }
         if stop::take_attention() {
-            return Ok(DebugStop::Attention);
+            return Ok(Pause::Debugger(DebugStop::Attention));
         }
         let exit = t
             .run(platform, BLOCK_BUDGET)
@@ -297,22 +350,23 @@ fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<DebugStop> 
         }
         match exit {
             Exit::BlockLimit | Exit::Interrupted => {}
-            Exit::Breakpoint => return Ok(DebugStop::Breakpoint),
-            Exit::Stepped => return Ok(DebugStop::Stepped),
+            Exit::Breakpoint => return Ok(Pause::Debugger(DebugStop::Breakpoint)),
+            Exit::Stepped => return Ok(Pause::Debugger(DebugStop::Stepped)),
+            Exit::UserMode => return Ok(Pause::UserMode),
             Exit::Stopped => match platform.stop.take() {
-                Some(Action::Exit(v)) => return Ok(DebugStop::Ended(End::ExitPort(v))),
-                Some(Action::Reset) => return Ok(DebugStop::Ended(End::Reset)),
-                Some(Action::PowerOff) => return Ok(DebugStop::Ended(End::PowerOff)),
-                Some(Action::OutputClosed) => return Ok(DebugStop::Ended(End::OutputClosed)),
+                Some(Action::Exit(v)) => return Ok(Pause::Debugger(DebugStop::Ended(End::ExitPort(v)))),
+                Some(Action::Reset) => return Ok(Pause::Debugger(DebugStop::Ended(End::Reset))),
+                Some(Action::PowerOff) => return Ok(Pause::Debugger(DebugStop::Ended(End::PowerOff))),
+                Some(Action::OutputClosed) => return Ok(Pause::Debugger(DebugStop::Ended(End::OutputClosed))),
                 Some(Action::Continue) | None => {}
             },
             Exit::Halt => {
                 if t.state().rflags & flags::IF == 0 {
-                    return Ok(DebugStop::Ended(End::Halted));
+                    return Ok(Pause::Debugger(DebugStop::Ended(End::Halted)));
                 }
                 // A step over `hlt` ends after it: interrupts are held while stepping.
                 if t.single_step() {
-                    return Ok(DebugStop::Stepped);
+                    return Ok(Pause::Debugger(DebugStop::Stepped));
                 }
                 platform
                     .chipset

@@ -6,6 +6,7 @@
 
 pub mod bt;
 pub mod debug;
+pub mod hybrid;
 pub mod kvm;
 
 use super::devices::{progress, Buses};
@@ -26,6 +27,8 @@ pub struct Setup<'a> {
     /// `--stats`/`--stats-json`: collect what costs a little to measure (time in translated
     /// code, soft-MMU TLB hits).
     pub detailed_stats: bool,
+    /// `--hybrid-policy`: which engine runs guest user code under `--accel hybrid`.
+    pub hybrid_policy: hybrid::policy::Mode,
 }
 
 /// Why a run ended.

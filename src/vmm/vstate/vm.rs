@@ -1,5 +1,7 @@
 //! The KVM VM: guest RAM registered as memory slots, the in-kernel interrupt controllers and
-//! PIT (the `timer` guest's clock), and a vCPU with the host's supported CPUID.
+//! PIT (the `timer` guest's clock), and a vCPU with the host's supported CPUID — or, for an
+//! engine that brings hbt's own interrupt controllers (the hybrid engine), a bare VM whose vCPU
+//! shows the guest hbt's CPU model (`cpuid.rs`).
 
 use super::error::{IoctlContext, Result, VmError};
 use crate::vmm::memory::GuestMemory;
@@ -14,6 +16,19 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(mem: &GuestMemory) -> Result<Self> {
+        let vm = Vm::bare(mem)?;
+        vm.fd.create_irq_chip().ioctl("KVM_CREATE_IRQCHIP")?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.fd.create_pit2(pit).ioctl("KVM_CREATE_PIT2")?;
+        Ok(vm)
+    }
+
+    /// Guest RAM only: no in-kernel interrupt controllers or PIT (`hlt` and every interrupt
+    /// are the VMM's).
+    pub fn bare(mem: &GuestMemory) -> Result<Self> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let fd = kvm.create_vm().ioctl("KVM_CREATE_VM")?;
         for (slot, r) in mem.regions().iter().enumerate() {
@@ -28,12 +43,6 @@ impl Vm {
             // owns both and drops the VM first).
             unsafe { fd.set_user_memory_region(region) }.ioctl("KVM_SET_USER_MEMORY_REGION")?;
         }
-        fd.create_irq_chip().ioctl("KVM_CREATE_IRQCHIP")?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).ioctl("KVM_CREATE_PIT2")?;
         Ok(Vm {
             kvm,
             fd: std::sync::Arc::new(fd),
@@ -66,4 +75,23 @@ impl Vm {
         super::vcpu::wire_lapic(&vcpu)?;
         Ok(vcpu)
     }
+
+    /// A vCPU whose CPUID is hbt's CPU model (what `--accel bt` shows the guest), for a VM
+    /// made with [`Vm::bare`].
+    pub fn create_model_vcpu(&self) -> Result<VcpuFd> {
+        let vcpu = self.fd.create_vcpu(0).ioctl("KVM_CREATE_VCPU")?;
+        vcpu.set_cpuid2(&model_cpuid(&self.kvm)?).ioctl("KVM_SET_CPUID2")?;
+        Ok(vcpu)
+    }
+}
+
+/// KVM's table of CPUID leaves with hbt's CPU model's values (`cpuid::guest_cpuid`) in each.
+pub fn model_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId> {
+    let mut table = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .ioctl("KVM_GET_SUPPORTED_CPUID")?;
+    for e in table.as_mut_slice() {
+        [e.eax, e.ebx, e.ecx, e.edx] = crate::vmm::cpuid::guest_cpuid(e.function, e.index);
+    }
+    Ok(table)
 }

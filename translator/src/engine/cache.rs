@@ -357,6 +357,9 @@ impl Translator {
         for &page in pages {
             let entry = self.code_pages.entry(page).or_default();
             if entry.is_empty() {
+                if self.user_exit {
+                    self.new_code_pages.push(page);
+                }
                 // Writes to this page must now miss so they can invalidate its blocks.
                 if let MemoryStrategy::SoftMmu(ram) = &self.strategy {
                     if let Some(host) = ram.host(page, PAGE) {
@@ -454,6 +457,7 @@ impl Translator {
         }
         self.flush_ibl_keeping(keep_global);
         self.mapping_epoch += 1;
+        self.invalidations += 1;
         if !keep_global {
             self.global_epoch += 1;
         }
@@ -472,6 +476,7 @@ impl Translator {
         } else {
             self.ctx.get_mut().flush_tlb();
             self.stats.page_invalidations += 1;
+            self.invalidations += 1;
         }
     }
 

@@ -41,6 +41,7 @@ mod addr_map;
 mod cache;
 mod callbacks;
 mod debug;
+mod handover;
 mod memory;
 mod smc;
 mod softmmu;
@@ -173,6 +174,12 @@ pub struct Translator {
     detailed_stats: bool,
     /// See [`Translator::set_interrupt_line`].
     interrupt_line: Option<u64>,
+    /// System mode: return `Exit::UserMode` when the guest enters CPL3 (`handover.rs`).
+    user_exit: bool,
+    /// Bumped by every guest invalidation of translations (`handover.rs`).
+    invalidations: u64,
+    /// Pages that gained translated code while `user_exit` is on (`handover.rs`).
+    new_code_pages: Vec<u64>,
 }
 
 impl Drop for Translator {
@@ -225,6 +232,9 @@ impl Translator {
             stats: Stats::default(),
             detailed_stats: false,
             interrupt_line: None,
+            user_exit: false,
+            invalidations: 0,
+            new_code_pages: Vec::new(),
         })
     }
 

@@ -167,11 +167,15 @@ impl Translator {
         let state = &mut self.ctx.get_mut().state;
         let shadow = std::mem::take(&mut state.sys.interrupt_shadow);
         let cpl = state.cpl;
+        let entered_user = self.code_cpl != Some(cpl) && cpl == crate::state::Cpl::User;
         if self.code_cpl != Some(cpl) {
             self.code_cpl = Some(cpl);
             self.ctx.get_mut().flush_tlb();
             self.flush_ibl();
         }
+        // The embedder runs user code elsewhere (`handover.rs`), once an interrupt that is
+        // waiting has been taken here (that enters the kernel again).
+        let user_exit = entered_user && self.user_exit && !shadow;
         // A split access or a self-modifying store is set up to run as the very next
         // instruction (its bounce buffer is mapped in the TLB, its page is writable): an
         // interrupt now would run the handler in that state instead.
@@ -180,7 +184,11 @@ impl Translator {
         // A debugger's single step holds interrupts pending (`debug.rs`).
         let deliverable = !step_pending && !self.debug.single_step && state.rflags & crate::state::flags::IF != 0;
         if !deliverable || !platform.interrupt_pending() {
-            return Ok(Boundary::Continue);
+            return Ok(if user_exit && !step_pending {
+                Boundary::Exit(Exit::UserMode)
+            } else {
+                Boundary::Continue
+            });
         }
         if shadow {
             // `sti` (or `mov ss`) holds interrupts off for one instruction: run that one alone,

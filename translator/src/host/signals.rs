@@ -426,9 +426,29 @@ pub fn catch_kick(sig: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A byte the kick handler sets to 1 (see [`set_kick_flag`]).
+static KICK_FLAG: std::sync::atomic::AtomicPtr<u8> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Makes the kick handler set `*flag = 1` whenever it runs (null: no flag). An embedder that
+/// also runs the vCPU thread in KVM points it at the vCPU's `kvm_run.immediate_exit`: a kick
+/// that lands after the embedder last looked for work but before it entered KVM_RUN then makes
+/// KVM_RUN return at once, instead of being lost until the guest's next exit.
+///
+/// # Safety
+/// `flag` must stay writable until it is replaced; the handler runs on the thread the kick is
+/// sent to (the vCPU thread).
+pub unsafe fn set_kick_flag(flag: *mut u8) {
+    KICK_FLAG.store(flag, std::sync::atomic::Ordering::SeqCst);
+}
+
 extern "C" fn kick_handler(_sig: libc::c_int, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // SAFETY: as in `handler`: only AC changes, on our own stack.
     unsafe { std::arch::asm!("pushfq", "and qword ptr [rsp], {m}", "popfq", m = const !(1i64 << 18)) };
+    let flag = KICK_FLAG.load(std::sync::atomic::Ordering::SeqCst);
+    if !flag.is_null() {
+        // SAFETY: `set_kick_flag`'s caller keeps it writable while it is installed.
+        unsafe { flag.write_volatile(1) };
+    }
     let translated = TRANSLATED.with(|c| c.get());
     if !translated.is_null() {
         // SAFETY: registered by TranslatedGuard::arm and live until it drops; the ucontext is

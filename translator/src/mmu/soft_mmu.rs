@@ -70,14 +70,16 @@ impl GuestRam {
         true
     }
 
-    fn read_u64(&self, pa: u64) -> Option<u64> {
+    /// The 8 bytes at guest-physical `pa`, if they lie in RAM.
+    pub fn read_u64(&self, pa: u64) -> Option<u64> {
         let h = self.host(pa, 8)?;
         // SAFETY: in range (checked by host()); page-table entries are 8-byte aligned in
         // guest memory but read unaligned to be safe against hostile CR3 values.
         Some(unsafe { std::ptr::read_unaligned(h as *const u64) })
     }
 
-    fn write_u64(&self, pa: u64, v: u64) {
+    /// Writes 8 bytes at guest-physical `pa` (dropped unless they lie in RAM).
+    pub fn write_u64(&self, pa: u64, v: u64) {
         if let Some(h) = self.host(pa, 8) {
             // SAFETY: in range, see read_u64.
             unsafe { std::ptr::write_unaligned(h as *mut u64, v) };

@@ -2,7 +2,7 @@
 //! and single-step, `translator/src/engine/debug.rs`), the soft-MMU's debugger page walk and
 //! the run loop.
 
-use super::{run_loop, BtPlatform};
+use super::{run_loop, BtPlatform, Pause};
 use crate::vmm::engine::debug::{DebugStop, Debuggee, Resume};
 use anyhow::Result;
 use hbt_translator::mmu::soft_mmu;
@@ -93,7 +93,10 @@ impl Debuggee for BtDebuggee<'_> {
             self.t.skip_breakpoint_at_rip();
         }
         self.t.set_single_step(how == Resume::Step);
-        let stop = run_loop(self.t, self.platform);
+        let stop = run_loop(self.t, self.platform).and_then(|p| match p {
+            Pause::Debugger(stop) => Ok(stop),
+            Pause::UserMode => anyhow::bail!("the translator stopped for another engine under the debugger"),
+        });
         self.t.set_single_step(false);
         if let Ok(DebugStop::Breakpoint) = stop {
             self.stopped_at = Some(self.t.state().rip);

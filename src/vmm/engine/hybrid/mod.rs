@@ -1,0 +1,418 @@
+//! `--accel hybrid`: guest kernel code (CPL0) in hbt's translator, guest user code (CPL3) under
+//! KVM — the split VMware Workstation made, rebuilt on KVM. On these hosts (kvm_pvm) KVM runs
+//! CPL3 natively and CPL0 ≈1000× slower, so the translator runs the machine (`bt.rs`'s
+//! [`Machine`]: the same chipset, devices and CPU model) and hands each stretch of user code to
+//! KVM when the policy (`policy.rs`) says it pays.
+//!
+//! A switch, step by step:
+//! 1. the translator stops when the guest enters CPL3 (`sysretq`, `iretq`…; its user-mode exit);
+//! 2. the state goes into KVM with hbt's descriptor tables, entry stubs (`host_region.rs`) and
+//!    page tables (`user_tables.rs`) in place of the guest kernel's;
+//! 3. KVM runs user code until it enters the kernel — through a stub — or the chipset kicks the
+//!    thread out of KVM_RUN for an interrupt, a timeout or a signal;
+//! 4. the user state comes back and the translator continues as the CPU would: a system call
+//!    through the guest's LSTAR (`transfer::syscall`); a page fault whose access the guest's
+//!    tables allow widens hbt's tables and KVM resumes (the guest never sees it); any other
+//!    fault is delivered through the guest's IDT — a #PF from the translator's own walk, the
+//!    rest by re-running the faulting instruction in the translator (one single step), which
+//!    raises exactly what the guest's IDT, GDT and page tables make of it; an interrupt is
+//!    taken by the translator at the user instruction boundary.
+
+mod host_region;
+pub mod policy;
+mod user_tables;
+mod user_vcpu;
+
+use super::bt::{self, Machine, Pause};
+use super::debug::DebugStop;
+use super::{fmt_counts, End, Finished, Setup};
+use crate::vmm::devices::Action;
+use crate::vmm::stop;
+use anyhow::{bail, Result};
+use hbt_translator::mmu::soft_mmu::{self, GuestRam};
+use hbt_translator::mmu::Access;
+use hbt_translator::state::{Cpl, GuestState};
+use hbt_translator::system::delivery::Event;
+use hbt_translator::{Exit, GuestException, Translator};
+use host_region::Entry;
+use kvm_ioctls::VcpuExit;
+use policy::{Choice, Policy};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use user_vcpu::UserVcpu;
+
+/// Why user code under KVM went back to the translator (or stayed, for `HiddenFault`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Cause {
+    Syscall,
+    /// A page fault the guest's tables allow: hbt's tables widened, KVM resumed.
+    HiddenFault,
+    PageFault,
+    /// Another exception (vector).
+    Exception(u8),
+    /// The chipset, a timeout or a signal kicked KVM_RUN.
+    Kick,
+    /// A device access from user code (MMIO mapped to user space).
+    Device,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Syscall => write!(f, "syscall"),
+            Cause::HiddenFault => write!(f, "hidden-page-fault"),
+            Cause::PageFault => write!(f, "page-fault"),
+            Cause::Exception(v) => write!(f, "exception-{v}"),
+            Cause::Kick => write!(f, "interrupt-or-stop"),
+            Cause::Device => write!(f, "device-access"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct HybridStats {
+    in_kvm: Duration,
+    stints: u64,
+    causes: BTreeMap<Cause, u64>,
+    replays: u64,
+    translator_user_stretches: u64,
+}
+
+/// The translator's code pages, for the tables (`user_tables::CodePages`).
+struct TranslatedCode<'a>(&'a Translator);
+
+impl user_tables::CodePages for TranslatedCode<'_> {
+    fn has_code(&self, page: u64) -> bool {
+        self.0.has_code_on_page(page)
+    }
+}
+
+pub fn run(setup: &Setup) -> Result<Finished> {
+    if setup.gdb.is_some() {
+        bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator alone");
+    }
+    let mut m = Machine::new(setup)?;
+    let mut user = UserVcpu::new(setup.mem)?;
+    m.translator.set_user_exit(true);
+    // SAFETY: the flag is the vCPU's kvm_run mapping, which lives until `user` drops; the flag
+    // is cleared below before that.
+    unsafe { hbt_translator::host::signals::set_kick_flag(user.immediate_exit_flag()) };
+    let mut stats = HybridStats::default();
+    let mut policy = Policy::new(setup.hybrid_policy);
+    let loop_started = Instant::now();
+    let ram = bt::guest_ram(setup.mem);
+    let result = drive(&mut m, &ram, &mut user, &mut policy, &mut stats);
+    // SAFETY: clearing the flag (no pointer is stored).
+    unsafe { hbt_translator::host::signals::set_kick_flag(std::ptr::null_mut()) };
+    let extra = report(&stats, &user, &policy, loop_started.elapsed());
+    m.finish(setup, result, loop_started, extra)
+}
+
+/// Runs the machine to its end.
+fn drive(
+    m: &mut Machine,
+    ram: &GuestRam,
+    user: &mut UserVcpu,
+    policy: &mut Policy,
+    stats: &mut HybridStats,
+) -> Result<End> {
+    loop {
+        match bt::run_loop(&mut m.translator, &mut m.platform)? {
+            Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
+            Pause::Debugger(_) => {}
+            Pause::UserMode => match policy.choose(m.translator.state().cr3) {
+                Choice::Translator => stats.translator_user_stretches += 1,
+                Choice::Kvm => {
+                    if let Some(end) = user_stint(m, ram, user, policy, stats)? {
+                        return Ok(end);
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Runs user code under KVM from the translator's state until it enters the kernel (or is
+/// kicked out); leaves the translator ready to go on. `Some(end)` when the run ended.
+fn user_stint(
+    m: &mut Machine,
+    ram: &GuestRam,
+    user: &mut UserVcpu,
+    policy: &mut Policy,
+    stats: &mut HybridStats,
+) -> Result<Option<End>> {
+    let new_pages = m.translator.take_new_code_pages();
+    user.tables.code_appeared(&new_pages);
+    let started = Instant::now();
+    let before = m.translator.state().clone();
+    let generation = m.translator.invalidation_generation();
+    user.load(ram, &before, generation, &TranslatedCode(&m.translator))?;
+    stats.stints += 1;
+    let mut last_hidden = None;
+    let outcome = loop {
+        user.vcpu.set_kvm_immediate_exit(0);
+        if stop::requested().is_some() || stop::attention() || m.chipset.interrupt_pending() {
+            break Outcome::Kicked;
+        }
+        let t0 = Instant::now();
+        let exit = user.vcpu.run();
+        stats.in_kvm += t0.elapsed();
+        let mut out = None;
+        let mut kicked = false;
+        match exit {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => kicked = true,
+            Ok(VcpuExit::Intr) => kicked = true,
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut bytes = [0u8; 8];
+                let len = data.len().min(8);
+                bytes[..len].copy_from_slice(&data[..len]);
+                out = Some((port, bytes, len));
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                *stats.causes.entry(Cause::Device).or_default() += 1;
+                m.platform.buses.pio.read(port as u64, data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                *stats.causes.entry(Cause::Device).or_default() += 1;
+                m.platform.buses.mmio.read(addr, data);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                *stats.causes.entry(Cause::Device).or_default() += 1;
+                if let action @ (Action::Exit(_) | Action::Reset | Action::PowerOff | Action::OutputClosed) =
+                    m.platform.buses.mmio.write(addr, data)
+                {
+                    break Outcome::Ended(action);
+                }
+            }
+            Ok(other) => {
+                let what = format!("{other:?}");
+                bail!(
+                    "KVM stopped running guest user code with {what} (hbt's entry structures must catch every kernel entry): {}",
+                    user.describe()
+                )
+            }
+            Err(e) => bail!("KVM_RUN failed running guest user code: {e}"),
+        }
+        // Port output from a stub (user code entered the kernel) or, rarely, a device; or a
+        // kick that caught the vCPU between a kernel entry and its stub's exit (at LSTAR, or at
+        // a gate stub with the frame pushed), which is that entry.
+        let regs = user.vcpu.get_regs().map_err(|e| anyhow::anyhow!("KVM_GET_REGS: {e}"))?;
+        let cr2 = user.cr2()?;
+        let entry = user.region.entry(regs.rip, regs.rsp, cr2);
+        if kicked && entry.is_none() {
+            break Outcome::Kicked;
+        }
+        if let Some(Entry::Gate { vector, frame, .. }) = entry {
+            if frame.cs & 3 != 3 {
+                bail!(
+                    "exception {vector} inside hbt's entry stubs (frame {frame:x?}): {}",
+                    user.describe()
+                );
+            }
+        }
+        if kicked || out.is_some() {
+            let (port, bytes, len) = out.unwrap_or((0, [0; 8], 0));
+            match entry {
+                Some(Entry::Syscall { rsp }) => break Outcome::Syscall { rsp },
+                Some(Entry::Gate {
+                    vector: 14,
+                    error_code,
+                    frame,
+                }) => {
+                    let access = match error_code.unwrap_or(0) {
+                        e if e & 0x10 != 0 => Access::Fetch,
+                        e if e & 0x2 != 0 => Access::Write,
+                        _ => Access::Read,
+                    };
+                    let mut paging = before.paging();
+                    paging.cpl = Cpl::User;
+                    match soft_mmu::walk(ram, &paging, cr2, access) {
+                        Ok(pa) if last_hidden != Some((cr2, access)) => {
+                            // The guest allows it: widen hbt's tables (a write to a page
+                            // holding translated code drops those translations first).
+                            last_hidden = Some((cr2, access));
+                            if access == Access::Write && m.translator.has_code_on_page(pa) {
+                                m.translator.invalidate_range(pa & !0xfff, 0x1000);
+                            }
+                            *stats.causes.entry(Cause::HiddenFault).or_default() += 1;
+                            let widened = user.tables.widen(ram, cr2, &TranslatedCode(&m.translator))?;
+                            if widened {
+                                user.resume_user(&frame)?;
+                            } else {
+                                // Not a widening: the whole tree again.
+                                let s = user.user_state(&before, Some(&frame))?;
+                                user.tables.forget();
+                                user.load(ram, &s, generation, &TranslatedCode(&m.translator))?;
+                            }
+                            continue;
+                        }
+                        Ok(_) => break Outcome::Replay(frame),
+                        Err(exc) => break Outcome::Fault(frame, exc),
+                    }
+                }
+                Some(Entry::Gate { vector, frame, .. }) => break Outcome::Gate(vector, frame),
+                None => {
+                    // Port output by user code itself (a guest that gave it IOPL 3 on a
+                    // host that honours it).
+                    *stats.causes.entry(Cause::Device).or_default() += 1;
+                    match m.platform.buses.pio.write(port as u64, &bytes[..len]) {
+                        Action::Continue => {}
+                        action => break Outcome::Ended(action),
+                    }
+                }
+            }
+        }
+    };
+    let entered_kernel = !matches!(outcome, Outcome::Kicked | Outcome::Ended(_));
+    policy.stint_ended(before.cr3, started.elapsed(), entered_kernel);
+    let t = &mut m.translator;
+    let resume = |t: &mut Translator, s: GuestState| {
+        *t.state_mut() = s;
+        t.set_user_exit(true);
+    };
+    match outcome {
+        Outcome::Kicked => {
+            *stats.causes.entry(Cause::Kick).or_default() += 1;
+            resume(t, user.user_state(&before, None)?);
+        }
+        Outcome::Ended(action) => {
+            resume(t, user.user_state(&before, None)?);
+            return Ok(Some(match action {
+                Action::Exit(v) => End::ExitPort(v),
+                Action::Reset => End::Reset,
+                Action::PowerOff => End::PowerOff,
+                _ => End::OutputClosed,
+            }));
+        }
+        Outcome::Syscall { rsp } => {
+            *stats.causes.entry(Cause::Syscall).or_default() += 1;
+            let mut s = user.user_state(&before, None)?;
+            s.gpr[4] = rsp;
+            // RCX holds the next instruction, R11 RFLAGS as the CPU saved them; the translator
+            // performs the rest of the instruction against the guest's STAR/LSTAR/SFMASK.
+            let next = s.gpr[1];
+            s.rip = next;
+            s.rflags = user_vcpu::merge_flags(s.gpr[11], before.rflags);
+            resume(t, s);
+            let state = t.state_mut();
+            if let Err(exc) = hbt_translator::system::transfer::syscall(state, next) {
+                state.rip = next.wrapping_sub(2);
+                deliver(t, Event::Exception(exc))?;
+            }
+        }
+        Outcome::Fault(frame, exc) => {
+            *stats.causes.entry(Cause::PageFault).or_default() += 1;
+            resume(t, user.user_state(&before, Some(&frame))?);
+            deliver(t, Event::Exception(exc))?;
+        }
+        Outcome::Gate(3, frame) => {
+            // int3 (kvm_pvm enters the DPL-0 gate from CPL3): RIP is after it.
+            *stats.causes.entry(Cause::Exception(3)).or_default() += 1;
+            resume(t, user.user_state(&before, Some(&frame))?);
+            deliver(
+                t,
+                Event::Software {
+                    vector: 3,
+                    at: frame.rip.wrapping_sub(1),
+                },
+            )?;
+        }
+        Outcome::Gate(vector, frame) => {
+            *stats.causes.entry(Cause::Exception(vector)).or_default() += 1;
+            resume(t, user.user_state(&before, Some(&frame))?);
+            stats.replays += 1;
+            return replay(m);
+        }
+        Outcome::Replay(frame) => {
+            *stats.causes.entry(Cause::PageFault).or_default() += 1;
+            resume(t, user.user_state(&before, Some(&frame))?);
+            stats.replays += 1;
+            return replay(m);
+        }
+    }
+    Ok(None)
+}
+
+/// How a stint ended.
+enum Outcome {
+    Kicked,
+    Syscall {
+        rsp: u64,
+    },
+    /// A device asked to end the run.
+    Ended(Action),
+    /// A page fault the translator's walk raises.
+    Fault(host_region::Frame, GuestException),
+    /// A gate other than #PF: the translator re-runs the instruction.
+    Gate(u8, host_region::Frame),
+    /// A page fault the guest's tables allowed twice in a row: the translator runs it.
+    Replay(host_region::Frame),
+}
+
+fn deliver(t: &mut Translator, event: Event) -> Result<()> {
+    match t.deliver_event(event).map_err(|e| anyhow::anyhow!("translator: {e}"))? {
+        None => Ok(()),
+        Some(Exit::TripleFault(e)) => bail!("guest triple fault (a fault while delivering {e} as a double fault)"),
+        Some(other) => bail!("delivering {event:?} ended with {other:?}"),
+    }
+}
+
+/// Runs the instruction at the user RIP in the translator (one step): it raises what the
+/// guest's own tables make of it, or completes.
+fn replay(m: &mut Machine) -> Result<Option<End>> {
+    let t = &mut m.translator;
+    t.set_user_exit(false);
+    t.set_single_step(true);
+    let result = bt::run_loop(t, &mut m.platform);
+    t.set_single_step(false);
+    t.set_user_exit(true);
+    match result? {
+        Pause::Debugger(DebugStop::Ended(end)) => Ok(Some(end)),
+        _ => Ok(None),
+    }
+}
+
+fn report(
+    s: &HybridStats,
+    user: &UserVcpu,
+    policy: &Policy,
+    total: Duration,
+) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
+    let causes = || s.causes.iter().map(|(c, n)| (c.to_string(), *n));
+    let t = user.tables.stats;
+    let lines = vec![
+        format!(
+            "  hybrid: {:.6} s of {:.6} s in KVM running user code, the rest in the translator; {} stints under KVM, {} user stretches left to the translator",
+            s.in_kvm.as_secs_f64(),
+            total.as_secs_f64(),
+            s.stints,
+            s.translator_user_stretches
+        ),
+        format!("  hybrid: user code left KVM by cause: {}", fmt_counts(causes())),
+        format!(
+            "  hybrid: {} instructions re-run in the translator; page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
+            s.replays,
+            t.builds,
+            t.widened,
+            t.slot_resets,
+            user.tables.frames_in_use()
+        ),
+        format!("  hybrid policy: {}", policy.describe()),
+    ];
+    let mut map = serde_json::Map::new();
+    map.insert(
+        "hybrid".into(),
+        serde_json::json!({
+            "seconds_in_kvm": s.in_kvm.as_secs_f64(),
+            "stints": s.stints,
+            "translator_user_stretches": s.translator_user_stretches,
+            "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),
+            "replays": s.replays,
+            "tables_built": t.builds,
+            "tables_widened": t.widened,
+            "slot_resets": t.slot_resets,
+            "policy": policy.json(),
+        }),
+    );
+    (lines, map)
+}

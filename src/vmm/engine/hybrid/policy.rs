@@ -1,0 +1,142 @@
+//! Which engine runs a stretch of guest user code (DESIGN §5). KVM runs it at native speed, but
+//! every kernel entry from it costs a round trip through hbt's stubs and a state transfer
+//! (≈ 60–120 µs for a system call or a page fault on an Intel SPR host under kvm_pvm); the
+//! translator runs user code slower (≈ 1.1–3× native, `benches/exec-vs-peers.sh`) but enters
+//! the guest kernel for the price of a jump.
+//!
+//! So a stretch that runs u µs natively costs u + T under KVM and ≈ s·u in the translator:
+//! KVM pays when u > T / (s − 1). The adaptive policy keeps, per address space (guest CR3),
+//! a moving average of how long its stretches ran under KVM, and compares it with the
+//! cheapest stretch seen anywhere (≈ T itself, a user entry that did almost nothing): an
+//! address space whose stretches are a few round trips long or less goes to the translator for
+//! a while, and is probed under KVM again after a back-off that doubles while the verdict
+//! holds (so a shell that starts a long computation gets KVM back within a few entries).
+//!
+//! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
+//! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
+//! policy over kernel code paths instead of user address spaces; nothing here depends on which
+//! engine is the default for CPL0.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    Kvm,
+    Translator,
+}
+
+/// `--hybrid-policy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Per address space, by how long its stretches run between kernel entries.
+    Adaptive,
+    /// Every stretch of user code under KVM.
+    AlwaysKvm,
+}
+
+/// A stretch averaging less than this many times the cheapest stretch goes to the translator.
+const SHORT: f64 = 4.0;
+/// The first back-off (user entries left to the translator), and the longest.
+const FIRST_BACKOFF: u32 = 8;
+const MAX_BACKOFF: u32 = 512;
+
+#[derive(Default)]
+struct Space {
+    /// Moving average of its stretches under KVM, µs.
+    average_us: f64,
+    stretches: u64,
+    /// User entries still left to the translator, and the back-off that set it.
+    translator_left: u32,
+    backoff: u32,
+}
+
+pub struct Policy {
+    mode: Mode,
+    spaces: HashMap<u64, Space>,
+    /// The cheapest stretch under KVM seen, µs (≈ the cost of the round trip itself).
+    floor_us: f64,
+    to_kvm: u64,
+    to_translator: u64,
+    /// Times an address space was sent to the translator for a while.
+    demotions: u64,
+}
+
+impl Policy {
+    pub fn new(mode: Mode) -> Self {
+        Policy {
+            mode,
+            spaces: HashMap::new(),
+            floor_us: f64::INFINITY,
+            to_kvm: 0,
+            to_translator: 0,
+            demotions: 0,
+        }
+    }
+
+    /// Where the user code of address space `cr3` that is about to run goes.
+    pub fn choose(&mut self, cr3: u64) -> Choice {
+        let space = self.spaces.entry(cr3).or_default();
+        if self.mode == Mode::Adaptive && space.translator_left > 0 {
+            space.translator_left -= 1;
+            self.to_translator += 1;
+            Choice::Translator
+        } else {
+            self.to_kvm += 1;
+            Choice::Kvm
+        }
+    }
+
+    /// A stretch of `cr3`'s user code took `took` under KVM (from the state going in to the
+    /// state coming out); `entered_kernel`: it ended with a kernel entry (not a kick), so its
+    /// length is the user code's own plus one round trip.
+    pub fn stint_ended(&mut self, cr3: u64, took: Duration, entered_kernel: bool) {
+        if self.mode != Mode::Adaptive || !entered_kernel {
+            return;
+        }
+        let us = took.as_secs_f64() * 1e6;
+        self.floor_us = self.floor_us.min(us);
+        let space = self.spaces.entry(cr3).or_default();
+        space.average_us = if space.stretches == 0 {
+            us
+        } else {
+            0.5 * space.average_us + 0.5 * us
+        };
+        space.stretches += 1;
+        if space.average_us < SHORT * self.floor_us {
+            space.backoff = (space.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
+            space.translator_left = space.backoff;
+            self.demotions += 1;
+        } else {
+            space.backoff = 0;
+        }
+    }
+
+    /// One line for `--stats`. (A CR3 whose process exited may come back for another process;
+    /// its record then starts from the old one's verdict, which its next stretch corrects.)
+    pub fn describe(&self) -> String {
+        let name = match self.mode {
+            Mode::Adaptive => "adaptive",
+            Mode::AlwaysKvm => "always-kvm",
+        };
+        format!(
+            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces, {} times one was left to the translator; cheapest stretch under KVM {:.1} µs",
+            self.to_kvm,
+            self.to_translator,
+            self.spaces.len(),
+            self.demotions,
+            if self.floor_us.is_finite() { self.floor_us } else { 0.0 },
+        )
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": format!("{:?}", self.mode),
+            "to_kvm": self.to_kvm,
+            "to_translator": self.to_translator,
+            "address_spaces": self.spaces.len(),
+            "demotions": self.demotions,
+            "cheapest_stretch_us": if self.floor_us.is_finite() { self.floor_us } else { 0.0 },
+        })
+    }
+}

@@ -1,0 +1,292 @@
+//! The KVM vCPU that runs guest user code for the hybrid engine: a bare VM (no in-kernel
+//! interrupt controllers: interrupts are hbt's chipset's, delivered by the translator) over the
+//! same guest RAM, plus hbt's region (`host_region.rs`) in a slot of its own, and a vCPU that
+//! shows the guest hbt's CPU model.
+//!
+//! [`UserVcpu::load`] puts a CPL3 state from the translator into KVM with hbt's descriptor
+//! tables, entry stubs and page tables (`user_tables.rs`) in place of the guest kernel's;
+//! [`UserVcpu::user_state`] reads the user state back, either as it stands (KVM_RUN was
+//! interrupted at an instruction boundary) or from a gate frame (user code entered the kernel).
+
+use super::host_region::{Frame, HostRegion, HBT_PML4_SLOT};
+use super::user_tables::{CodePages, FramePool, TablesError, UserTables};
+use crate::vmm::memory::{GuestMemory, HBT_REGION_SIZE, HBT_REGION_START};
+use crate::vmm::vstate::transfer::{self, named};
+use crate::vmm::vstate::vm::Vm;
+use anyhow::{Context, Result};
+use hbt_translator::mmu::soft_mmu::{self, GuestRam};
+use hbt_translator::state::{flags, Cpl, GuestState};
+use kvm_bindings::{kvm_msr_entry, kvm_sregs, kvm_userspace_memory_region, Msrs};
+use kvm_ioctls::VcpuFd;
+
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SFMASK: u32 = 0xc000_0084;
+const MSR_TSC_AUX: u32 = 0xc000_0103;
+const MSR_SYSENTER_CS: u32 = 0x174;
+const REGION_SLOT: u32 = 8;
+/// RFLAGS bits user code cannot change at IOPL 0 (or that kvm_pvm does not show it): they stay
+/// as the guest kernel left them.
+const KERNEL_OWNED_FLAGS: u64 = flags::IF | flags::IOPL | flags::VIF | flags::VIP | flags::VM;
+
+/// Counters for `--stats`.
+#[derive(Default, Clone, Copy)]
+pub struct VcpuStats {
+    pub loads: u64,
+}
+
+pub struct UserVcpu {
+    pub vcpu: VcpuFd,
+    vm: Vm,
+    pub region: HostRegion,
+    pub tables: UserTables,
+    /// KVM's special registers as last read (the template each load edits).
+    sregs: kvm_sregs,
+    /// STAR and TSC_AUX as last given to KVM.
+    msrs: Option<(u64, u64)>,
+    pub stats: VcpuStats,
+}
+
+impl UserVcpu {
+    pub fn new(mem: &GuestMemory) -> Result<Self> {
+        let vm = Vm::bare(mem)?;
+        let region = HostRegion::new(HBT_REGION_START, HBT_REGION_SIZE).context("cannot map hbt's region")?;
+        // SAFETY: the region's mapping lives as long as `region`, which this value owns with the
+        // VM (the VM fd is closed before the mapping goes: field order); nothing else uses it.
+        unsafe { vm.fd.set_user_memory_region(region_slot(&region, true)) }
+            .map_err(named("KVM_SET_USER_MEMORY_REGION"))
+            .map_err(anyhow::Error::msg)?;
+        let vcpu = vm.create_model_vcpu()?;
+        // SAFETY: the pool is the region's frames from POOL_START on, used by nothing else.
+        let pool = unsafe {
+            FramePool::new(
+                region.host_base(),
+                region.gpa(),
+                super::host_region::POOL_START,
+                region.size(),
+            )
+        };
+        let tables = UserTables::new(pool, HBT_PML4_SLOT, region.pml4_entry());
+        let sregs = vcpu
+            .get_sregs()
+            .map_err(named("KVM_GET_SREGS"))
+            .map_err(anyhow::Error::msg)?;
+        let user = UserVcpu {
+            vcpu,
+            vm,
+            region,
+            tables,
+            sregs,
+            msrs: None,
+            stats: VcpuStats::default(),
+        };
+        let (lstar, cstar) = (user.region.lstar(), user.region.cstar());
+        user.set_msrs(&[
+            (MSR_LSTAR, lstar),
+            (MSR_CSTAR, cstar),
+            (MSR_SFMASK, 0),
+            (MSR_SYSENTER_CS, 0),
+        ])?;
+        Ok(user)
+    }
+
+    fn set_msrs(&self, values: &[(u32, u64)]) -> Result<()> {
+        let entries: Vec<kvm_msr_entry> = values
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| anyhow::anyhow!("MSR list: {e:?}"))?;
+        let n = self
+            .vcpu
+            .set_msrs(&msrs)
+            .map_err(named("KVM_SET_MSRS"))
+            .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(n == values.len(), "KVM_SET_MSRS set {n} of {} MSRs", values.len());
+        Ok(())
+    }
+
+    /// Deletes and re-adds the region's slot (KVM drops every shadow page) and recycles the
+    /// page-table pool.
+    fn reset_region_slot(&mut self) -> Result<()> {
+        // SAFETY: deleting and re-adding the region's own mapping, which outlives the VM.
+        unsafe {
+            self.vm
+                .fd
+                .set_user_memory_region(region_slot(&self.region, false))
+                .map_err(named("KVM_SET_USER_MEMORY_REGION"))
+                .map_err(anyhow::Error::msg)?;
+            self.vm
+                .fd
+                .set_user_memory_region(region_slot(&self.region, true))
+                .map_err(named("KVM_SET_USER_MEMORY_REGION"))
+                .map_err(anyhow::Error::msg)?;
+        }
+        self.tables.after_slot_reset();
+        Ok(())
+    }
+
+    /// The root of the tables for `s` (building them, resetting the slot when the pool ran out).
+    fn root(&mut self, ram: &GuestRam, s: &GuestState, generation: u64, code: &dyn CodePages) -> Result<u64> {
+        match self.tables.root_for(ram, s.cr3, generation, code) {
+            Ok(root) => Ok(root),
+            Err(TablesError::Exhausted) => {
+                self.reset_region_slot()?;
+                self.tables
+                    .root_for(ram, s.cr3, generation, code)
+                    .map_err(|e| anyhow::anyhow!("{e} by a single address space"))
+            }
+        }
+    }
+
+    /// Puts the CPL3 state `s` into KVM, on tables for invalidation generation `generation`.
+    pub fn load(&mut self, ram: &GuestRam, s: &GuestState, generation: u64, code: &dyn CodePages) -> Result<()> {
+        debug_assert_eq!(s.cpl, Cpl::User);
+        let root = self.root(ram, s, generation, code)?;
+        let descriptor = |selector: u16| guest_descriptor(ram, s, selector);
+        let seg = |i: usize, base: Option<u64>| transfer::segment_from_descriptor(s.seg[i], descriptor(s.seg[i]), base);
+        let sr = &mut self.sregs;
+        sr.es = seg(0, None);
+        sr.cs = seg(1, None);
+        sr.ss = seg(2, None);
+        sr.ds = seg(3, None);
+        sr.fs = seg(4, Some(s.fs_base));
+        sr.gs = seg(5, Some(s.gs_base));
+        (sr.gdt, sr.idt, sr.tr) = self.region.descriptor_tables();
+        sr.ldt = kvm_bindings::kvm_segment {
+            unusable: 1,
+            ..Default::default()
+        };
+        sr.cr0 = s.cr0;
+        sr.cr2 = s.cr2;
+        sr.cr3 = root;
+        sr.cr4 = s.cr4;
+        sr.efer = s.efer;
+        self.vcpu
+            .set_sregs(&self.sregs)
+            .map_err(named("KVM_SET_SREGS"))
+            .map_err(anyhow::Error::msg)?;
+        self.vcpu
+            .set_regs(&transfer::regs_of(s))
+            .map_err(named("KVM_SET_REGS"))
+            .map_err(anyhow::Error::msg)?;
+        transfer::set_extended_state(&self.vcpu, s).map_err(anyhow::Error::msg)?;
+        let msrs = (s.sys.msr.star, s.sys.msr.tsc_aux);
+        if self.msrs != Some(msrs) {
+            self.set_msrs(&[(MSR_STAR, msrs.0), (MSR_TSC_AUX, msrs.1)])?;
+            self.msrs = Some(msrs);
+        }
+        self.stats.loads += 1;
+        Ok(())
+    }
+
+    /// Puts the user registers back after a fault hbt resolved itself (the vCPU is in a stub
+    /// at CPL0): the state `before` with the GPRs the fault left, at `frame`.
+    pub fn resume_user(&mut self, frame: &Frame) -> Result<()> {
+        let mut regs = self
+            .vcpu
+            .get_regs()
+            .map_err(named("KVM_GET_REGS"))
+            .map_err(anyhow::Error::msg)?;
+        regs.rip = frame.rip;
+        regs.rsp = frame.rsp;
+        regs.rflags = frame.rflags & !flags::RF;
+        self.vcpu
+            .set_sregs(&self.sregs)
+            .map_err(named("KVM_SET_SREGS"))
+            .map_err(anyhow::Error::msg)?;
+        self.vcpu
+            .set_regs(&regs)
+            .map_err(named("KVM_SET_REGS"))
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// The user state after a run: `before` (what was loaded) with KVM's GPRs, FS/GS bases and
+    /// extended state; RIP, RSP and RFLAGS from `frame` when user code left through a gate.
+    /// RFLAGS bits only the kernel changes keep `before`'s values.
+    pub fn user_state(&self, before: &GuestState, frame: Option<&Frame>) -> Result<GuestState> {
+        let r = self
+            .vcpu
+            .get_regs()
+            .map_err(named("KVM_GET_REGS"))
+            .map_err(anyhow::Error::msg)?;
+        let sr = self
+            .vcpu
+            .get_sregs()
+            .map_err(named("KVM_GET_SREGS"))
+            .map_err(anyhow::Error::msg)?;
+        let mut s = before.clone();
+        s.gpr = transfer::gprs_of(&r);
+        let (rip, rsp, rflags) = match frame {
+            Some(f) => (f.rip, f.rsp, f.rflags),
+            None => (r.rip, r.rsp, r.rflags),
+        };
+        s.rip = rip;
+        s.gpr[4] = rsp;
+        s.rflags = merge_flags(rflags, before.rflags);
+        // (At a stub FS and GS are still the user's: a gate does not change them.)
+        s.fs_base = sr.fs.base;
+        s.gs_base = sr.gs.base;
+        transfer::get_extended_state(&self.vcpu, &mut s).map_err(anyhow::Error::msg)?;
+        Ok(s)
+    }
+
+    /// KVM's CR2 (the address of the last #PF it delivered).
+    pub fn cr2(&self) -> Result<u64> {
+        Ok(self
+            .vcpu
+            .get_sregs()
+            .map_err(named("KVM_GET_SREGS"))
+            .map_err(anyhow::Error::msg)?
+            .cr2)
+    }
+
+    /// The vCPU's registers, for an error report.
+    pub fn describe(&self) -> String {
+        match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => crate::vmm::cpu_state::CpuSnapshot::from_kvm(&r, &s).describe(None),
+            _ => "(registers unavailable)".into(),
+        }
+    }
+
+    /// `kvm_run.immediate_exit`, for the kick handler (`set_kick_flag`).
+    pub fn immediate_exit_flag(&mut self) -> *mut u8 {
+        &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8
+    }
+}
+
+/// RFLAGS from KVM with the bits only the kernel changes taken from `kernel`'s.
+pub fn merge_flags(kvm: u64, kernel: u64) -> u64 {
+    (kvm & !KERNEL_OWNED_FLAGS & !flags::RF) | (kernel & KERNEL_OWNED_FLAGS) | flags::FIXED
+}
+
+/// The 8 bytes of the guest's GDT (or LDT: unusable here) slot for `selector`, read through its
+/// page tables as the CPU does; `None` for a null selector or one outside the table.
+fn guest_descriptor(ram: &GuestRam, s: &GuestState, selector: u16) -> Option<u64> {
+    let index = (selector >> 3) as u64;
+    if selector & 4 != 0 || 8 * index + 7 > s.sys.gdtr.limit as u64 {
+        return None;
+    }
+    let va = s.sys.gdtr.base.wrapping_add(8 * index);
+    let mut kernel = s.paging();
+    kernel.cpl = Cpl::Kernel;
+    let pa = soft_mmu::translate_for_debugger(ram, &kernel, va)?;
+    if pa & 7 != 0 && (pa & 0xfff) > 0xff8 {
+        return None;
+    }
+    ram.read_u64(pa)
+}
+
+fn region_slot(region: &HostRegion, present: bool) -> kvm_userspace_memory_region {
+    kvm_userspace_memory_region {
+        slot: REGION_SLOT,
+        guest_phys_addr: region.gpa(),
+        memory_size: if present { region.size() } else { 0 },
+        userspace_addr: region.host_base(),
+        flags: 0,
+    }
+}

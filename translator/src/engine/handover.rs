@@ -1,0 +1,61 @@
+//! What an embedder that runs some of the guest's code elsewhere needs from the engine (the
+//! hybrid VMM runs guest user code under KVM and hands it back here at every kernel entry):
+//!
+//! - **user-mode exit** ([`Translator::set_user_exit`]): `run` returns [`Exit::UserMode`] at the
+//!   first block boundary after the guest entered CPL3 (`sysretq`, `iretq`…), once no interrupt
+//!   is waiting to be taken there, so the embedder can move the state out;
+//! - **the invalidation generation** ([`Translator::invalidation_generation`]): bumped whenever
+//!   the guest invalidated translations (CR3/CR4/CR0 writes, INVLPG, INVPCID), so a copy of its
+//!   page tables made elsewhere knows it may be stale — the guest's TLB semantics, which is all
+//!   an OS relies on;
+//! - **pages that gained translated code** ([`Translator::take_new_code_pages`]): code running
+//!   elsewhere must not write them without the engine hearing of it (the embedder maps them
+//!   read-only there and reports writes with [`Translator::invalidate_range`]);
+//! - **events from outside** ([`Translator::deliver_event`]): an exception or interrupt the
+//!   other engine saw, delivered through the guest's IDT as if it had happened here.
+
+use super::*;
+use crate::system::delivery::Event;
+
+impl Translator {
+    /// Turns the user-mode exit on or off (see the module comment). While it is on, pages that
+    /// gain translated code are also logged for [`Translator::take_new_code_pages`]. Turning it
+    /// on makes the next block boundary at CPL3 count as an entry to user mode (the embedder
+    /// handed back a state at CPL3 and wants it again unless an interrupt is taken first).
+    pub fn set_user_exit(&mut self, on: bool) {
+        self.user_exit = on;
+        if on {
+            self.code_cpl = None;
+        }
+    }
+
+    pub fn user_exit(&self) -> bool {
+        self.user_exit
+    }
+
+    /// How many times the guest has invalidated translations so far.
+    pub fn invalidation_generation(&self) -> u64 {
+        self.invalidations
+    }
+
+    /// Guest-physical pages that gained translated code since the last call (logged only while
+    /// the user-mode exit is on: the embedder calls this between its runs).
+    pub fn take_new_code_pages(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.new_code_pages)
+    }
+
+    /// Whether guest-physical page `page` holds translated code.
+    pub fn has_code_on_page(&self, page: u64) -> bool {
+        self.code_pages.contains_key(&(page & !(PAGE - 1)))
+    }
+
+    /// Delivers `event` through the guest's IDT from the current state (system mode), as the
+    /// dispatcher does for events met here. `Some(exit)`: the machine cannot go on (a triple
+    /// fault).
+    pub fn deliver_event(&mut self, event: Event) -> Result<Option<Exit>, TranslateError> {
+        if !self.system {
+            return Err(TranslateError::Host("events are delivered only in system mode".into()));
+        }
+        self.deliver(event)
+    }
+}
