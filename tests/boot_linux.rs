@@ -1,11 +1,14 @@
 //! Boots Debian's installed kernel (linux-image-cloud-amd64) under `hbt run --accel bt` — no
-//! KVM — to a busybox initramfs built here (`scripts/busybox-initramfs.sh`), whose /init runs a
-//! few commands and powers off (ACPI S5 through the FADT's PM1a control block ends the run with
-//! status 0). The transcript must show the kernel's version, the CPU model hbt gives, the root
-//! listing, shell arithmetic, a SHA-256 that matches the host's, 20 `busybox --install` runs
-//! (short processes, each on a freshly randomized stack) without a crash, and that the machine ran in
-//! APIC mode: the serial port's interrupt through the I/O APIC and the local APIC timer
-//! ticking (found through the ACPI MADT that `acpi.rs` writes).
+//! KVM — and under `--accel hybrid` (kernel code translated, user code under KVM) to a busybox
+//! initramfs built here (`scripts/busybox-initramfs.sh`), whose /init runs a few commands and
+//! powers off (ACPI S5 through the FADT's PM1a control block ends the run with status 0). The
+//! transcript must show the kernel's version, the CPU model hbt gives, the root listing, shell
+//! arithmetic, a SHA-256 that matches the host's, the page-table coherence checks of
+//! `guests/linux/coherence.c` (munmap, mprotect, MAP_FIXED, fork and copy-on-write, freed pages
+//! reaching another process), 20 `busybox --install` runs (short processes, each on a freshly
+//! randomized stack) without a crash, and that the machine ran in APIC mode: the serial port's
+//! interrupt through the I/O APIC and the local APIC timer ticking (found through the ACPI MADT
+//! that `acpi.rs` writes).
 
 mod support;
 
@@ -22,6 +25,7 @@ grep -m1 "model name" /proc/cpuinfo
 echo "ls: $(ls / | tr '\n' ' ')"
 echo "arith: $((6 * 7 + 2 ** 10))"
 sha256sum /payload.txt
+/coherence
 grep -E "LOC:|ttyS0" /proc/interrupts
 i=0; bad=0
 while [ $i -lt 20 ]; do mkdir /tmp/$i && busybox --install -s /tmp/$i || bad=$((bad+1)); i=$((i+1)); done
@@ -32,6 +36,26 @@ poweroff -f
 
 #[test]
 fn the_installed_kernel_boots_to_busybox_under_the_translator() {
+    boot(&["--accel", "bt"]);
+}
+
+#[test]
+fn the_installed_kernel_boots_to_busybox_under_the_hybrid_engine() {
+    // Every stretch of user code under KVM: what the page-table coherence checks are about.
+    let stats = boot(&["--accel", "hybrid", "--hybrid-policy", "always-kvm"]);
+    let stints: u64 = stats
+        .split(" stints under KVM")
+        .next()
+        .and_then(|before| before.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(stints > 100, "user code hardly ran under KVM:\n{stats}");
+    // The default policy, which leaves syscall-heavy processes to the translator.
+    boot(&["--accel", "hybrid"]);
+}
+
+/// Boots with `engine` (hbt run options); returns hbt's --stats output.
+fn boot(engine: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let init = dir.path().join("init");
     std::fs::write(&init, INIT).unwrap();
@@ -39,9 +63,17 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
     std::fs::write(&payload, "hbt boots Linux without KVM\n".repeat(1000)).unwrap();
     let initrd = dir.path().join("initramfs.cpio");
     let root = env!("CARGO_MANIFEST_DIR");
+    let coherence = dir.path().join("coherence");
+    let gcc = Command::new("gcc")
+        .args(["-O1", "-static", "-o"])
+        .arg(&coherence)
+        .arg(format!("{root}/guests/linux/coherence.c"))
+        .output()
+        .expect("gcc (.ci/run installs it)");
+    assert!(gcc.status.success(), "gcc: {}", String::from_utf8_lossy(&gcc.stderr));
     let st = Command::new("bash")
         .arg(format!("{root}/scripts/busybox-initramfs.sh"))
-        .args([&initrd, &init, &payload])
+        .args([&initrd, &init, &payload, &coherence])
         .status()
         .expect("bash");
     assert!(
@@ -51,7 +83,9 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
 
     let kernel = debian_kernel();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hbt"));
-    cmd.args(["run", "--accel", "bt", "--timeout", "300", "--mem", "512", "--stats"])
+    cmd.arg("run")
+        .args(engine)
+        .args(["--timeout", "300", "--mem", "512", "--stats"])
         .arg("--initrd")
         .arg(&initrd)
         .args(["--append", "console=ttyS0 panic=-1"])
@@ -59,7 +93,11 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
     let out = run_bounded(&mut cmd, Duration::from_secs(330));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = format!("--- stdout (tail) ---\n{}\n--- stderr ---\n{stderr}", tail(&stdout, 60));
+    let context = format!(
+        "--- hbt run {} ---\n--- stdout (tail) ---\n{}\n--- stderr ---\n{stderr}",
+        engine.join(" "),
+        tail(&stdout, 60)
+    );
     assert_eq!(out.status.code(), Some(0), "{context}");
     assert!(stderr.contains("ended by PowerOff"), "{context}");
 
@@ -80,7 +118,8 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
         "init: up".to_string(),
         format!("uname: {release}"),
         format!("model name\t: {host_model}"),
-        "ls: bin dev init payload.txt proc root sys tmp".to_string(),
+        "ls: bin coherence dev init payload.txt proc root sys tmp".to_string(),
+        "coherence: all ok".to_string(),
         "arith: 1066".to_string(),
         format!("{sha}  /payload.txt"),
         // Many processes, each with a fresh randomized stack: user code's split accesses over
@@ -124,6 +163,7 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
     ] {
         assert!(!stdout.contains(bad), "the kernel logged `{bad}`\n{context}");
     }
+    stderr.into_owned()
 }
 
 fn tail(s: &str, n: usize) -> String {

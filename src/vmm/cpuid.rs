@@ -93,7 +93,6 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(7, 0, EBX, 7, "smep", NO_CR4_BIT),
     hide(7, 0, EBX, 10, "invpcid", "PCID is not offered"),
     hide(7, 0, EBX, 20, "smap", NO_CR4_BIT),
-    hide(7, 0, ECX, 2, "umip", NO_CR4_BIT),
     hide(7, 0, ECX, 3, "pku", NO_CR4_BIT),
     hide(7, 0, ECX, 5, "waitpkg", NO_RULE),
     hide(7, 0, ECX, 7, "shstk", "CET shadow stacks are not modelled"),

@@ -49,9 +49,10 @@ pub struct RunArgs {
     mem: u64,
     /// Execution engine: `kvm` (hardware virtualization through /dev/kvm), `bt` (hbt's binary
     /// translator runs the whole machine; no /dev/kvm needed), `hybrid` (guest kernel code in
-    /// the translator, guest user code under KVM at native speed).
-    #[arg(long, value_enum, default_value_t = Accel::Kvm)]
-    accel: Accel,
+    /// the translator, guest user code under KVM at native speed). Default: hybrid where
+    /// /dev/kvm can be opened, bt otherwise (and bt under --gdb); --stats says which and why.
+    #[arg(long, value_enum)]
+    accel: Option<Accel>,
     /// Under --accel hybrid, which engine runs guest user code: `adaptive` (KVM for address
     /// spaces whose user code runs long between kernel entries, the translator for those that
     /// enter the kernel every few microseconds: shells, fork/exec loops) or `always-kvm`.
@@ -114,8 +115,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     std::process::exit(code);
 }
 
+/// The engine to use, and why (for --stats).
+fn choose_engine(args: &RunArgs) -> (Accel, &'static str) {
+    match args.accel {
+        Some(accel) => (accel, "chosen with --accel"),
+        None if args.gdb.is_some() => (Accel::Bt, "default under --gdb"),
+        None if kvm_ioctls::Kvm::new().is_ok() => (Accel::Hybrid, "default: /dev/kvm works"),
+        None => (Accel::Bt, "default: /dev/kvm cannot be opened"),
+    }
+}
+
 fn execute(args: &RunArgs) -> Result<i32> {
-    if args.gdb.is_some() && args.accel != Accel::Bt {
+    let (accel_choice, accel_why) = choose_engine(args);
+    if args.gdb.is_some() && accel_choice != Accel::Bt {
         bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator (KVM's guest debugging is not wired up)");
     }
     if !args.image.exists() {
@@ -168,7 +180,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         return engine::kvm::raw_exit_loop(&setup);
     }
     let terminal = terminal::RawGuard::new(interactive);
-    let mut finished = match args.accel {
+    let mut finished = match accel_choice {
         Accel::Kvm => engine::kvm::run(&setup)?,
         Accel::Bt => engine::bt::run(&setup)?,
         Accel::Hybrid => engine::hybrid::run(&setup)?,
@@ -211,8 +223,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
             128 + *sig
         }
     };
-    let accel = args
-        .accel
+    let accel = accel_choice
         .to_possible_value()
         .map(|v| v.get_name().to_string())
         .unwrap_or_default();
@@ -235,6 +246,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
             "image": args.image.display().to_string(),
             "kind": entry.kind,
             "accel": accel,
+            "accel_chosen": accel_why,
             "ended_by": format!("{end:?}"),
             "status": status,
             "seconds_total": total.as_secs_f64(),
@@ -254,7 +266,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
     }
     if args.stats {
         diag!(
-            "hbt run stats: {} ({}, --accel {accel}), ended by {end:?}",
+            "hbt run stats: {} ({}, --accel {accel}, {accel_why}), ended by {end:?}",
             args.image.display(),
             entry.kind
         );
@@ -262,7 +274,11 @@ fn execute(args: &RunArgs) -> Result<i32> {
             diag!("{line}");
         }
         // Under KVM each access is an exit; under the translator, a call into the device.
-        let what = if args.accel == Accel::Kvm { "exits" } else { "accesses" };
+        let what = if accel_choice == Accel::Kvm {
+            "exits"
+        } else {
+            "accesses"
+        };
         for (space, b) in [("port", &bus.pio), ("mmio", &bus.mmio)] {
             let per_device = b
                 .exit_counts()

@@ -478,9 +478,12 @@ const CR4_OSXSAVE: u64 = 1 << 18;
 /// CR0 bits the CPU keeps (PE, MP, EM, TS, ET, NE, WP, AM, NW, CD, PG); writes of the other
 /// bits of the low half are ignored, of the high half raise #GP.
 const CR0_DEFINED: u64 = 0xe005_003f;
-/// CR4 bits the model implements: VME..OSXMMEXCPT (0-10) and OSXSAVE. The others are reserved
-/// (the CPU model hides the features that would enable them, `src/vmm/cpuid.rs`).
-const CR4_ALLOWED: u64 = 0x0000_07ff | (1 << 18);
+/// CR4 bits the model implements: VME..OSXMMEXCPT (0-10), UMIP (11: `query.rs`) and OSXSAVE.
+/// The others are reserved (the CPU model hides the features that would enable them,
+/// `src/vmm/cpuid.rs`).
+const CR4_ALLOWED: u64 = 0x0000_0fff | (1 << 18);
+/// CR4.UMIP: `sgdt`/`sidt`/`sldt`/`str`/`smsw` raise #GP(0) at CPL3.
+pub const CR4_UMIP: u64 = 1 << 11;
 
 fn mov_cr(
     s: &mut GuestState,

@@ -3,8 +3,9 @@
 //! `lar`/`lsl`/`verr`/`verw`. In user mode these are copied (the host kernel's view is the
 //! guest's, `Rule::UserCopy`); a kernel-mode guest must see its own tables.
 //!
-//! None is privileged (UMIP, which would make the stores #GP at CPL3, is not offered). The
-//! queries never fault on a bad selector: they clear ZF, as the CPU does.
+//! With CR4.UMIP the stores raise #GP(0) at CPL3 (the hybrid engine relies on it: user code
+//! under KVM must not read hbt's descriptor tables, and the kernel emulates what programs may
+//! see). The queries never fault on a bad selector: they clear ZF, as the CPU does.
 
 use super::descriptors::{self, Failure};
 use crate::emulate::regs::{read_gpr, write_gpr};
@@ -15,6 +16,13 @@ use iced_x86::{Instruction, Mnemonic, OpKind};
 
 /// Performs one of this file's instructions on `s` (RIP already past it).
 pub fn execute(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Failure> {
+    let table_store = matches!(
+        instr.mnemonic(),
+        Mnemonic::Sgdt | Mnemonic::Sidt | Mnemonic::Sldt | Mnemonic::Str | Mnemonic::Smsw
+    );
+    if table_store && s.cpl == crate::state::Cpl::User && s.cr4 & super::CR4_UMIP != 0 {
+        return Err(crate::exit::GuestException::gp(0).into());
+    }
     match instr.mnemonic() {
         Mnemonic::Sgdt | Mnemonic::Sidt => {
             let t = if instr.mnemonic() == Mnemonic::Sgdt {

@@ -164,7 +164,11 @@ impl UserVcpu {
         sr.cr0 = s.cr0;
         sr.cr2 = s.cr2;
         sr.cr3 = root;
-        sr.cr4 = s.cr4;
+        // UMIP whatever the guest chose: `sgdt`/`sidt`/`sldt`/`str`/`smsw` at CPL3 would show
+        // hbt's tables (kvm_pvm's emulator answers them from KVM's registers); with it they
+        // fault out and the translator runs them against the guest's own (the model offers
+        // UMIP, so KVM accepts the bit).
+        sr.cr4 = s.cr4 | hbt_translator::system::CR4_UMIP;
         sr.efer = s.efer;
         self.vcpu
             .set_sregs(&self.sregs)

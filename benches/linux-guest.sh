@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Guest workloads under each engine, in one run: boots the installed Debian kernel
+# (linux-image-cloud-amd64) with a busybox initramfs once per engine — `hbt run --accel hybrid`
+# (the adaptive policy), `--accel hybrid --hybrid-policy always-kvm`, `--accel bt`, and QEMU TCG
+# (`qemu-system-x86_64 -M microvm -accel tcg`) — and times, inside the guest:
+#   a  spin-hash: a CPU-bound static program with no system call in its loop (~1 s natively)
+#   b  sha256sum of a 64 MiB tmpfs file (a read every few KiB)
+#   c  gzip -c of it
+#   d  a 100,000-iteration sh loop
+#   e  300 fork+exec of /bin/true
+# plus a–c natively on the host (same binaries, the file in /dev/shm). Each workload is timed on
+# the host from the guest's serial output (BEGIN/END markers), so every engine is measured by
+# the same clock. Prints seconds per workload and engine, and the ratios the hybrid engine is
+# held to: (a) hybrid vs native (target ≤ 1.05), every workload hybrid vs the better of bt and
+# always-KVM (target ≤ 1.10) and hybrid vs QEMU TCG (target ≤ 0.5).
+#
+#   benches/linux-guest.sh            (QEMU runs are bounded: BOUND seconds, default 900)
+#
+# Needs gcc, busybox-static, cpio, linux-image-cloud-amd64 and qemu-system-x86 (Debian).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BOUND=${BOUND:-900}
+MEM=512
+APPEND="console=ttyS0 panic=-1"
+kernel=$(ls /boot/vmlinuz-* | sort | tail -1)
+cargo build --release -q
+HBT=$PWD/target/release/hbt
+work=$(mktemp -d)
+trap 'rm -rf "$work" /dev/shm/hbt-linux-guest.bin' EXIT
+gcc -O2 -static -o "$work/spin-hash" guests/linux/spin_hash.c
+cat > "$work/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t tmpfs tmpfs /tmp
+dd if=/dev/urandom of=/tmp/f bs=1M count=64 2>/dev/null
+echo "READY"
+echo "BEGIN a"; /spin-hash 1000; echo "END a"
+echo "BEGIN b"; sha256sum /tmp/f; echo "END b"
+echo "BEGIN c"; gzip -c /tmp/f | wc -c; echo "END c"
+echo "BEGIN d"; i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; echo "END d"
+echo "BEGIN e"; i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done; echo "END e"
+echo "DONE"
+reboot -f
+INIT
+scripts/busybox-initramfs.sh "$work/initramfs.cpio" "$work/init" "$work/spin-hash"
+
+# Runs a guest command line; prints "a=<s> b=<s> ..." from the BEGIN/END markers, or "hang".
+timed() {
+  python3 - "$BOUND" "$@" <<'PY'
+import subprocess, sys, threading, time
+bound = float(sys.argv[1]); cmd = sys.argv[2:]
+p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+timer = threading.Timer(bound, p.kill); timer.start()
+begin, took = {}, {}
+for line in p.stdout:
+    now = time.monotonic()
+    words = line.decode(errors="replace").split()
+    if len(words) == 2 and words[0] == "BEGIN": begin[words[1]] = now
+    if len(words) == 2 and words[0] == "END" and words[1] in begin: took[words[1]] = now - begin[words[1]]
+p.wait(); timer.cancel()
+print(" ".join(f"{k}={v:.3f}" for k, v in sorted(took.items())) if len(took) == 5 else "hang")
+PY
+}
+
+# Native a–c with the same binaries.
+native() {
+  python3 - "$work/spin-hash" <<'PY'
+import subprocess, sys, time
+spin = sys.argv[1]; f = "/dev/shm/hbt-linux-guest.bin"
+subprocess.run(["dd", "if=/dev/urandom", f"of={f}", "bs=1M", "count=64"], check=True, capture_output=True)
+out = {}
+for k, cmd in [("a", [spin, "1000"]), ("b", ["busybox", "sha256sum", f]), ("c", ["sh", "-c", f"busybox gzip -c {f} | wc -c"])]:
+    t = time.monotonic(); subprocess.run(cmd, check=True, capture_output=True); out[k] = time.monotonic() - t
+print(" ".join(f"{k}={v:.3f}" for k, v in sorted(out.items())))
+PY
+}
+
+declare -A result
+hbt_cmd=("$HBT" run --mem $MEM --initrd "$work/initramfs.cpio" --append "$APPEND")
+result[native]=$(native)
+result[hybrid]=$(timed "${hbt_cmd[@]}" --accel hybrid "$kernel")
+result[always-kvm]=$(timed "${hbt_cmd[@]}" --accel hybrid --hybrid-policy always-kvm "$kernel")
+result[bt]=$(timed "${hbt_cmd[@]}" --accel bt "$kernel")
+if command -v qemu-system-x86_64 >/dev/null; then
+  result[qemu-tcg]=$(timed qemu-system-x86_64 -M microvm -accel tcg -cpu max -m $MEM -nodefaults -no-user-config \
+    -nographic -no-reboot -serial stdio -kernel "$kernel" -initrd "$work/initramfs.cpio" -append "$APPEND")
+else
+  result[qemu-tcg]="hang"; echo "qemu-system-x86_64 not installed: no TCG column" >&2
+fi
+
+python3 - "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
+  "${result[native]}" "${result[hybrid]}" "${result[always-kvm]}" "${result[bt]}" "${result[qemu-tcg]}" <<'PY'
+import sys
+host, *cols = sys.argv[1:]
+names = ["native", "hybrid", "always-kvm", "bt", "qemu-tcg"]
+parse = lambda s: {} if s == "hang" else {k: float(v) for k, v in (w.split("=") for w in s.split())}
+r = dict(zip(names, map(parse, cols)))
+work = {"a": "spin-hash (CPU, no syscalls)", "b": "sha256sum 64 MiB", "c": "gzip -c 64 MiB",
+        "d": "sh loop 100k", "e": "300 fork+exec"}
+print(f"host: {host}; guest: {sys.argv[0] and ''}512 MiB, Debian kernel, busybox; seconds (host clock, one boot per engine)")
+print(f"{'workload':30}" + "".join(f"{n:>11}" for n in names) + f"{'hyb/best':>10}{'hyb/tcg':>9}")
+for k, label in work.items():
+    row = f"{k} {label:28}" + "".join(f"{r[n][k]:>11.3f}" if k in r[n] else f"{'-':>11}" for n in names)
+    h = r["hybrid"].get(k)
+    best = min([r[n][k] for n in ("bt", "always-kvm") if k in r[n]], default=None)
+    tcg = r["qemu-tcg"].get(k)
+    row += f"{h / best:>10.2f}" if h and best else f"{'-':>10}"
+    row += f"{h / tcg:>9.2f}" if h and tcg else f"{'-':>9}"
+    print(row)
+if "a" in r["hybrid"] and "a" in r["native"]:
+    print(f"(a) hybrid / native: {r['hybrid']['a'] / r['native']['a']:.2f} (target <= 1.05)")
+for n in names[1:]:
+    if not r[n]: print(f"{n}: did not finish (hung past the bound)")
+print("targets: hyb/best <= 1.10 (hybrid vs the better of bt and always-KVM), hyb/tcg <= 0.5")
+PY
