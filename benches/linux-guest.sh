@@ -32,10 +32,12 @@ cat > "$work/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
+mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 dd if=/dev/urandom of=/tmp/f bs=1M count=64 2>/dev/null
 echo "READY"
 echo "BEGIN a"; /spin-hash 1000; echo "END a"
+echo "file: $(wc -c < /tmp/f) bytes"
 echo "BEGIN b"; sha256sum /tmp/f; echo "END b"
 echo "BEGIN c"; gzip -c /tmp/f | wc -c; echo "END c"
 echo "BEGIN d"; i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; echo "END d"

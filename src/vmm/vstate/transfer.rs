@@ -94,18 +94,36 @@ pub fn system_segment(seg: &Segment, default_type: u8) -> kvm_segment {
 
 /// Loads XCR0 and the XSAVE image (standard format; the part KVM's 4 KiB buffer holds).
 pub fn set_extended_state(vcpu: &VcpuFd, s: &GuestState) -> Result<(), String> {
+    set_xcr0(vcpu, s.xcr0)?;
+    set_xsave_image(vcpu, &s.xsave.0)
+}
+
+pub fn set_xcr0(vcpu: &VcpuFd, xcr0: u64) -> Result<(), String> {
     let mut xcrs = kvm_xcrs {
         nr_xcrs: 1,
         ..Default::default()
     };
     xcrs.xcrs[0].xcr = 0;
-    xcrs.xcrs[0].value = s.xcr0;
-    vcpu.set_xcrs(&xcrs).map_err(named("KVM_SET_XCRS"))?;
+    xcrs.xcrs[0].value = xcr0;
+    vcpu.set_xcrs(&xcrs).map_err(named("KVM_SET_XCRS"))
+}
+
+/// Loads the first 4 KiB of a standard-format XSAVE image.
+pub fn set_xsave_image(vcpu: &VcpuFd, image: &[u8]) -> Result<(), String> {
     let mut xsave = kvm_xsave::default();
-    for (w, b) in xsave.region.iter_mut().zip(s.xsave.0.chunks(4)) {
+    for (w, b) in xsave.region.iter_mut().zip(image.chunks(4)) {
         *w = u32::from_le_bytes(b.try_into().expect("4 bytes"));
     }
     vcpu.set_xsave(&xsave).map_err(named("KVM_SET_XSAVE"))
+}
+
+/// Reads the vCPU's XSAVE image into the first 4 KiB of `image`.
+pub fn get_xsave_image(vcpu: &VcpuFd, image: &mut [u8]) -> Result<(), String> {
+    let xsave = vcpu.get_xsave().map_err(named("KVM_GET_XSAVE"))?;
+    for (b, w) in image.chunks_mut(4).zip(xsave.region.iter()) {
+        b.copy_from_slice(&w.to_le_bytes());
+    }
+    Ok(())
 }
 
 /// Reads XCR0 and the XSAVE image back into `s`.
@@ -115,9 +133,5 @@ pub fn get_extended_state(vcpu: &VcpuFd, s: &mut GuestState) -> Result<(), Strin
         .iter()
         .find(|x| x.xcr == 0)
         .map_or(0, |x| x.value);
-    let xsave = vcpu.get_xsave().map_err(named("KVM_GET_XSAVE"))?;
-    for (b, w) in s.xsave.0.chunks_mut(4).zip(xsave.region.iter()) {
-        b.copy_from_slice(&w.to_le_bytes());
-    }
-    Ok(())
+    get_xsave_image(vcpu, &mut s.xsave.0)
 }

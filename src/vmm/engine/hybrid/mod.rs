@@ -72,6 +72,8 @@ impl std::fmt::Display for Cause {
 #[derive(Default)]
 struct HybridStats {
     in_kvm: Duration,
+    /// Moving the state into KVM and back out (ioctls, page tables).
+    switching: Duration,
     stints: u64,
     causes: BTreeMap<Cause, u64>,
     replays: u64,
@@ -147,6 +149,7 @@ fn user_stint(
     let before = m.translator.state().clone();
     let generation = m.translator.invalidation_generation();
     user.load(ram, &before, generation, &TranslatedCode(&m.translator))?;
+    stats.switching += started.elapsed();
     stats.stints += 1;
     let mut last_hidden = None;
     let outcome = loop {
@@ -196,8 +199,8 @@ fn user_stint(
         // Port output from a stub (user code entered the kernel) or, rarely, a device; or a
         // kick that caught the vCPU between a kernel entry and its stub's exit (at LSTAR, or at
         // a gate stub with the frame pushed), which is that entry.
-        let regs = user.vcpu.get_regs().map_err(|e| anyhow::anyhow!("KVM_GET_REGS: {e}"))?;
-        let cr2 = user.cr2()?;
+        let (regs, _) = user.registers();
+        let cr2 = user.cr2();
         let entry = user.region.entry(regs.rip, regs.rsp, cr2);
         if kicked && entry.is_none() {
             break Outcome::Kicked;
@@ -237,7 +240,7 @@ fn user_stint(
                             *stats.causes.entry(Cause::HiddenFault).or_default() += 1;
                             let widened = user.tables.widen(ram, cr2, &TranslatedCode(&m.translator))?;
                             if widened {
-                                user.resume_user(&frame)?;
+                                user.resume_user(&frame);
                             } else {
                                 // Not a widening: the whole tree again.
                                 let s = user.user_state(&before, Some(&frame))?;
@@ -263,6 +266,7 @@ fn user_stint(
             }
         }
     };
+    let back = Instant::now();
     let entered_kernel = !matches!(outcome, Outcome::Kicked | Outcome::Ended(_));
     policy.stint_ended(before.cr3, started.elapsed(), entered_kernel);
     let t = &mut m.translator;
@@ -330,6 +334,7 @@ fn user_stint(
             return replay(m);
         }
     }
+    stats.switching += back.elapsed();
     Ok(None)
 }
 
@@ -388,6 +393,12 @@ fn report(
             s.stints,
             s.translator_user_stretches
         ),
+        format!(
+            "  hybrid: {:.6} s moving state into and out of KVM ({:.1} µs per stint; {} XSAVE images given to KVM)",
+            s.switching.as_secs_f64(),
+            s.switching.as_secs_f64() * 1e6 / s.stints.max(1) as f64,
+            user.stats.xsave_loads,
+        ),
         format!("  hybrid: user code left KVM by cause: {}", fmt_counts(causes())),
         format!(
             "  hybrid: {} instructions re-run in the translator; page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
@@ -404,6 +415,7 @@ fn report(
         "hybrid".into(),
         serde_json::json!({
             "seconds_in_kvm": s.in_kvm.as_secs_f64(),
+            "seconds_switching": s.switching.as_secs_f64(),
             "stints": s.stints,
             "translator_user_stretches": s.translator_user_stretches,
             "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),

@@ -91,11 +91,14 @@ impl Policy {
     /// state coming out); `entered_kernel`: it ended with a kernel entry (not a kick), so its
     /// length is the user code's own plus one round trip.
     pub fn stint_ended(&mut self, cr3: u64, took: Duration, entered_kernel: bool) {
-        if self.mode != Mode::Adaptive || !entered_kernel {
+        if !entered_kernel {
             return;
         }
         let us = took.as_secs_f64() * 1e6;
         self.floor_us = self.floor_us.min(us);
+        if self.mode != Mode::Adaptive {
+            return;
+        }
         let space = self.spaces.entry(cr3).or_default();
         space.average_us = if space.stretches == 0 {
             us
