@@ -392,6 +392,23 @@ fn hbt_region_and_tables_stay_hidden_from_the_guest() {
 }
 
 #[test]
+fn cpuid_is_the_same_processor_at_cpl0_and_cpl3() {
+    // Under hybrid, CPL3 CPUID faults out of KVM and the translator answers from the model.
+    transcript(
+        "test-images/cpuid-model.img",
+        &lines(&[
+            "leaf 0x0 subleaf 0x0: CPL0 and CPL3 agree",
+            "leaf 0x1 subleaf 0x0: CPL0 and CPL3 agree",
+            "leaf 0x7 subleaf 0x0: CPL0 and CPL3 agree",
+            "leaf 0xd subleaf 0x0: CPL0 and CPL3 agree",
+            "leaf 0xd subleaf 0x1: CPL0 and CPL3 agree",
+            "cpuid-model: ok",
+        ]),
+        0,
+    );
+}
+
+#[test]
 fn interrupts_reach_tight_self_chained_loops() {
     // A PIT interrupt reaches `jmp` to itself, a loop over two pages and `sti; jmp` to itself, at
     // CPL0 and CPL3 (guests/irq_loop.c): under bt the kick must unlink chained code.

@@ -99,6 +99,10 @@ pub enum Exit {
     /// System mode with [`crate::Translator::set_user_exit`]: the guest has just entered CPL3;
     /// nothing of the user code has run yet.
     UserMode,
+    /// System mode with [`crate::Translator::set_kernel_exit`]: the guest has just entered
+    /// CPL0 from CPL3 (a system call, an exception or an interrupt was delivered); nothing of
+    /// the kernel code has run yet.
+    KernelMode,
     /// Single-stepping ([`crate::Translator::set_single_step`]): one guest instruction
     /// completed, or the exception it raised was delivered (system mode: RIP is at the
     /// handler's first instruction, which has not run).

@@ -330,6 +330,8 @@ pub(super) enum Pause {
     /// The guest entered CPL3 (only with the translator's user-mode exit on: the hybrid engine
     /// takes user code from there).
     UserMode,
+    /// The guest entered CPL0 from CPL3 (only with the kernel-mode exit on).
+    KernelMode,
 }
 
 /// Runs the guest until it ends, a stop is requested, it stops for a debugger or (with the
@@ -353,6 +355,7 @@ pub(super) fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<
             Exit::Breakpoint => return Ok(Pause::Debugger(DebugStop::Breakpoint)),
             Exit::Stepped => return Ok(Pause::Debugger(DebugStop::Stepped)),
             Exit::UserMode => return Ok(Pause::UserMode),
+            Exit::KernelMode => return Ok(Pause::KernelMode),
             Exit::Stopped => match platform.stop.take() {
                 Some(Action::Exit(v)) => return Ok(Pause::Debugger(DebugStop::Ended(End::ExitPort(v)))),
                 Some(Action::Reset) => return Ok(Pause::Debugger(DebugStop::Ended(End::Reset))),

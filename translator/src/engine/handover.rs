@@ -4,6 +4,8 @@
 //! - **user-mode exit** ([`Translator::set_user_exit`]): `run` returns [`Exit::UserMode`] at the
 //!   first block boundary after the guest entered CPL3 (`sysretq`, `iretq`…), once no interrupt
 //!   is waiting to be taken there, so the embedder can move the state out;
+//! - **kernel-mode exit** ([`Translator::set_kernel_exit`]): `run` returns [`Exit::KernelMode`]
+//!   when user code the engine ran enters the kernel, so the embedder can time user stretches;
 //! - **the invalidation generation** ([`Translator::invalidation_generation`]): bumped whenever
 //!   the guest invalidated translations (CR3/CR4/CR0 writes, INVLPG, INVPCID), so a copy of its
 //!   page tables made elsewhere knows it may be stale — the guest's TLB semantics, which is all
@@ -31,6 +33,11 @@ impl Translator {
 
     pub fn user_exit(&self) -> bool {
         self.user_exit
+    }
+
+    /// Turns the kernel-mode exit on or off (see the module comment).
+    pub fn set_kernel_exit(&mut self, on: bool) {
+        self.kernel_exit = on;
     }
 
     /// How many times the guest has invalidated translations so far.

@@ -176,6 +176,8 @@ pub struct Translator {
     interrupt_line: Option<u64>,
     /// System mode: return `Exit::UserMode` when the guest enters CPL3 (`handover.rs`).
     user_exit: bool,
+    /// System mode: return `Exit::KernelMode` when the guest enters CPL0 from CPL3.
+    kernel_exit: bool,
     /// Bumped by every guest invalidation of translations (`handover.rs`).
     invalidations: u64,
     /// Pages that gained translated code while `user_exit` is on (`handover.rs`).
@@ -233,6 +235,7 @@ impl Translator {
             detailed_stats: false,
             interrupt_line: None,
             user_exit: false,
+            kernel_exit: false,
             invalidations: 0,
             new_code_pages: Vec::new(),
         })

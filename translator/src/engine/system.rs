@@ -168,10 +168,14 @@ impl Translator {
         let shadow = std::mem::take(&mut state.sys.interrupt_shadow);
         let cpl = state.cpl;
         let entered_user = self.code_cpl != Some(cpl) && cpl == crate::state::Cpl::User;
+        let entered_kernel = self.code_cpl == Some(crate::state::Cpl::User) && cpl == crate::state::Cpl::Kernel;
         if self.code_cpl != Some(cpl) {
             self.code_cpl = Some(cpl);
             self.ctx.get_mut().flush_tlb();
             self.flush_ibl();
+        }
+        if entered_kernel && self.kernel_exit {
+            return Ok(Boundary::Exit(Exit::KernelMode));
         }
         // The embedder runs user code elsewhere (`handover.rs`), once an interrupt that is
         // waiting has been taken here (that enters the kernel again).

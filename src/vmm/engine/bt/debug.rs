@@ -95,7 +95,9 @@ impl Debuggee for BtDebuggee<'_> {
         self.t.set_single_step(how == Resume::Step);
         let stop = run_loop(self.t, self.platform).and_then(|p| match p {
             Pause::Debugger(stop) => Ok(stop),
-            Pause::UserMode => anyhow::bail!("the translator stopped for another engine under the debugger"),
+            Pause::UserMode | Pause::KernelMode => {
+                anyhow::bail!("the translator stopped for another engine under the debugger")
+            }
         });
         self.t.set_single_step(false);
         if let Ok(DebugStop::Breakpoint) = stop {

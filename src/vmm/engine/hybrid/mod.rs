@@ -118,18 +118,30 @@ fn drive(
     policy: &mut Policy,
     stats: &mut HybridStats,
 ) -> Result<End> {
+    let mut translator_stretch = None;
     loop {
         match bt::run_loop(&mut m.translator, &mut m.platform)? {
             Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
             Pause::Debugger(_) => {}
             Pause::UserMode => match policy.choose(m.translator.state().cr3) {
-                Choice::Translator => stats.translator_user_stretches += 1,
+                Choice::Translator => {
+                    // Timed to its next kernel entry (the policy's evidence).
+                    stats.translator_user_stretches += 1;
+                    translator_stretch = Some((m.translator.state().cr3, Instant::now()));
+                    m.translator.set_kernel_exit(true);
+                }
                 Choice::Kvm => {
                     if let Some(end) = user_stint(m, ram, user, policy, stats)? {
                         return Ok(end);
                     }
                 }
             },
+            Pause::KernelMode => {
+                m.translator.set_kernel_exit(false);
+                if let Some((cr3, started)) = translator_stretch.take() {
+                    policy.translator_stretch_ended(cr3, started.elapsed());
+                }
+            }
         }
     }
 }

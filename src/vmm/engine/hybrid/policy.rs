@@ -10,7 +10,10 @@
 //! cheapest stretch seen anywhere (≈ T itself, a user entry that did almost nothing): an
 //! address space whose stretches are a few round trips long or less goes to the translator for
 //! a while, and is probed under KVM again after a back-off that doubles while the verdict
-//! holds (so a shell that starts a long computation gets KVM back within a few entries).
+//! holds. While an address space is left to the translator, its user stretches there are timed
+//! too (to their next kernel entry): one that ran many round trips' worth (user code that
+//! computed) sends it back to KVM at once — a program that starts with a burst of system calls
+//! and then computes gets KVM back within one timer tick.
 //!
 //! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
 //! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
@@ -37,6 +40,9 @@ pub enum Mode {
 
 /// A stretch averaging less than this many times the cheapest stretch goes to the translator.
 const SHORT: f64 = 4.0;
+/// A stretch in the translator (user entry to user entry) longer than this many times the
+/// cheapest KVM stretch was user computation: back to KVM.
+const LONG: f64 = 20.0;
 /// The first back-off (user entries left to the translator), and the longest.
 const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
@@ -58,8 +64,9 @@ pub struct Policy {
     floor_us: f64,
     to_kvm: u64,
     to_translator: u64,
-    /// Times an address space was sent to the translator for a while.
+    /// Times an address space was sent to the translator for a while, and brought back early.
     demotions: u64,
+    promotions: u64,
 }
 
 impl Policy {
@@ -71,6 +78,7 @@ impl Policy {
             to_kvm: 0,
             to_translator: 0,
             demotions: 0,
+            promotions: 0,
         }
     }
 
@@ -115,6 +123,16 @@ impl Policy {
         }
     }
 
+    /// A stretch of `cr3`'s user code ran `took` in the translator (to its next kernel entry).
+    pub fn translator_stretch_ended(&mut self, cr3: u64, took: Duration) {
+        if took.as_secs_f64() * 1e6 > LONG * self.floor_us {
+            let space = self.spaces.entry(cr3).or_default();
+            space.translator_left = 0;
+            space.backoff = 0;
+            self.promotions += 1;
+        }
+    }
+
     /// One line for `--stats`. (A CR3 whose process exited may come back for another process;
     /// its record then starts from the old one's verdict, which its next stretch corrects.)
     pub fn describe(&self) -> String {
@@ -123,11 +141,12 @@ impl Policy {
             Mode::AlwaysKvm => "always-kvm",
         };
         format!(
-            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces, {} times one was left to the translator; cheapest stretch under KVM {:.1} µs",
+            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces, {} times one was left to the translator, {} times brought back early; cheapest stretch under KVM {:.1} µs",
             self.to_kvm,
             self.to_translator,
             self.spaces.len(),
             self.demotions,
+            self.promotions,
             if self.floor_us.is_finite() { self.floor_us } else { 0.0 },
         )
     }
@@ -139,6 +158,7 @@ impl Policy {
             "to_translator": self.to_translator,
             "address_spaces": self.spaces.len(),
             "demotions": self.demotions,
+            "promotions": self.promotions,
             "cheapest_stretch_us": if self.floor_us.is_finite() { self.floor_us } else { 0.0 },
         })
     }

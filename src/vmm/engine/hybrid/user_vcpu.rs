@@ -25,6 +25,9 @@ const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SFMASK: u32 = 0xc000_0084;
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const MSR_SYSENTER_CS: u32 = 0x174;
+/// MSR_MISC_FEATURES_ENABLES bit 0: CPUID faulting (KVM emulates it on every host).
+const MSR_MISC_FEATURES_ENABLES: u32 = 0x140;
+const CPUID_FAULTING: u64 = 1;
 const REGION_SLOT: u32 = 8;
 /// RFLAGS bits user code cannot change at IOPL 0 (or that kvm_pvm does not show it): they stay
 /// as the guest kernel left them.
@@ -104,6 +107,12 @@ impl UserVcpu {
             (MSR_SFMASK, 0),
             (MSR_SYSENTER_CS, 0),
         ])?;
+        // CPUID at CPL3 faults out and the translator answers it from the CPU model: KVM's own
+        // answer is not the model's on kvm_pvm (leaf 7 shows the host's AVX-512, leaf 0xd the
+        // host's XSAVE components), and a program that saw AVX-512 under KVM would later
+        // execute it in the translator, which has no rules for it.
+        user.set_msrs(&[(MSR_MISC_FEATURES_ENABLES, CPUID_FAULTING)])
+            .context("cannot turn on CPUID faulting in KVM (MSR_MISC_FEATURES_ENABLES)")?;
         Ok(user)
     }
 
