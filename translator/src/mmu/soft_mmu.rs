@@ -91,11 +91,11 @@ impl GuestRam {
 pub const P: u64 = 1 << 0;
 pub const RW: u64 = 1 << 1;
 pub const US: u64 = 1 << 2;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
+pub const A: u64 = 1 << 5;
+pub const D: u64 = 1 << 6;
 pub const PS: u64 = 1 << 7;
-const NX: u64 = 1 << 63;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
+pub const NX: u64 = 1 << 63;
+pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
 
 /// The page-fault error code bit for a reserved bit set in a paging-structure entry.
 const RSVD: u32 = 1 << 3;

@@ -31,16 +31,8 @@
 //! first: self-modifying code across engines). Accessed bits are set in the guest's entries as
 //! they are copied (the SDM lets a CPU set them for entries it merely caches).
 
-use hbt_translator::mmu::soft_mmu::GuestRam;
+use hbt_translator::mmu::soft_mmu::{GuestRam, A, ADDR, D, NX, P, PS, RW, US};
 
-const P: u64 = 1;
-const RW: u64 = 1 << 1;
-const US: u64 = 1 << 2;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
-const PS: u64 = 1 << 7;
-const NX: u64 = 1 << 63;
-const ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// What a copied non-leaf entry keeps of the guest's (present, write, user, PWT, PCD, accessed, NX).
 const TABLE_BITS: u64 = P | RW | US | (1 << 3) | (1 << 4) | A | NX;
 /// What a copied leaf keeps (as above, plus PAT (bit 7 in a PTE, bit 12 in a 2 MiB entry); the
