@@ -136,20 +136,12 @@ pub struct Context {
     pub fault_error_code: u32,
     pub fault_address: u64,
     pub flag_stack: [u64; FLAG_STACK_SLOTS],
-    pub tlb_read: [TlbEntry; TLB_ENTRIES],
-    pub tlb_write: [TlbEntry; TLB_ENTRIES],
-    /// Per TLB slot: bit 0/1 the read/write entry holds a global translation (kept by
-    /// [`Context::flush_tlb_nonglobal`]); [`SLOT_LISTED`] and [`SLOT_LISTED_NONGLOBAL`]: the slot
-    /// is in `tlb_slots` / `tlb_nonglobal_slots`. Written only by [`Context::fill_tlb`] and the
-    /// flushes, so a slot refilled with a non-global translation never keeps a global bit.
-    tlb_flags: [u8; TLB_ENTRIES],
-    /// Slots that may hold an entry since the last full flush (`tlb_slots_len` of them), or
-    /// `TLB_UNTRACKED`: too many, every slot must be considered.
-    tlb_slots: [u16; TLB_TRACKED],
-    tlb_slots_len: u32,
-    /// Slots filled with a non-global translation since the last CR3 write (or `TLB_UNTRACKED`).
-    tlb_nonglobal_slots: [u16; TLB_TRACKED_NONGLOBAL],
-    tlb_nonglobal_len: u32,
+    /// The soft-MMU TLBs, one set per privilege level (`KERNEL_TLB`, `USER_TLB`): translated
+    /// code looks up the set of the level its block was translated for, and the engine fills
+    /// the set of the level the guest runs at, so a change of privilege level (a system call,
+    /// an interrupt from user mode, the return) flushes nothing — a CPL3 lookup can never hit
+    /// a translation a CPL0 walk allowed. Flushes (CR3, INVLPG, CR4…) empty both.
+    pub tlbs: [TlbSet; 2],
     pub ibl_tags: [u64; IBL_ENTRIES],
     pub ibl_hosts: [u64; IBL_ENTRIES],
 }
@@ -184,8 +176,13 @@ pub mod off {
     pub const BRANCH_RSP_DELTA: usize = offset_of!(Context, branch_rsp_delta);
     pub const FAULT_VECTOR: usize = offset_of!(Context, fault_vector);
     pub const FAULT_ERROR_CODE: usize = offset_of!(Context, fault_error_code);
-    pub const TLB_READ: usize = offset_of!(Context, tlb_read);
-    pub const TLB_WRITE: usize = offset_of!(Context, tlb_write);
+    /// The read (or write) TLB of set `set` (`KERNEL_TLB`, `USER_TLB`).
+    pub const fn tlb_read(set: usize) -> usize {
+        offset_of!(Context, tlbs) + set * std::mem::size_of::<TlbSet>() + offset_of!(TlbSet, read)
+    }
+    pub const fn tlb_write(set: usize) -> usize {
+        offset_of!(Context, tlbs) + set * std::mem::size_of::<TlbSet>() + offset_of!(TlbSet, write)
+    }
     pub const IBL_TAGS: usize = offset_of!(Context, ibl_tags);
     pub const IBL_HOSTS: usize = offset_of!(Context, ibl_hosts);
 }
@@ -211,7 +208,9 @@ impl ContextBox {
         ctx.flag_stack_top = &ctx.flag_stack[FLAG_STACK_SLOTS - 2] as *const u64 as u64;
         ctx.flag_slot = ctx.flag_stack_top - 8;
         ctx.one = 1;
-        ctx.tlb_slots_len = TLB_UNTRACKED; // all of it: the tables start zeroed, not empty
+        for set in &mut ctx.tlbs {
+            set.slots_len = TLB_UNTRACKED; // all of it: the tables start zeroed, not empty
+        }
         ctx.flush_tlb();
         ctx.ibl_tags.fill(IBL_EMPTY_TAG);
         boxed
@@ -263,100 +262,178 @@ const SLOT_LISTED_NONGLOBAL: u8 = 1 << 3;
 /// A tracking list that overflowed.
 const TLB_UNTRACKED: u32 = u32::MAX;
 
-impl Context {
-    /// The TLB slot of the page at guest virtual `page_va`.
-    pub fn tlb_index(page_va: u64) -> usize {
-        ((page_va >> 12) as usize) & (TLB_ENTRIES - 1)
-    }
+/// The TLB set kernel-mode (CPL0) translations use, and the user-mode (CPL3) one.
+pub const KERNEL_TLB: usize = 0;
+pub const USER_TLB: usize = 1;
 
-    /// Maps the page at guest virtual `page_va` to host address `host` in one TLB; `global`
-    /// translations survive [`Context::flush_tlb_nonglobal`]. The slot is listed (once) so
-    /// the flushes visit only slots in use.
-    pub fn fill_tlb(&mut self, kind: TlbKind, page_va: u64, host: u64, global: bool) {
-        let index = Self::tlb_index(page_va);
+/// The TLB set of privilege level `cpl`.
+pub fn tlb_set(cpl: crate::state::Cpl) -> usize {
+    match cpl {
+        crate::state::Cpl::Kernel => KERNEL_TLB,
+        crate::state::Cpl::User => USER_TLB,
+    }
+}
+
+/// One privilege level's soft-MMU TLB: read and write entries, direct-mapped, with the slots
+/// in use tracked so flushes visit only those.
+#[repr(C)]
+pub struct TlbSet {
+    pub read: [TlbEntry; TLB_ENTRIES],
+    pub write: [TlbEntry; TLB_ENTRIES],
+    /// Per TLB slot: bit 0/1 the read/write entry holds a global translation (kept by
+    /// [`TlbSet::flush_nonglobal`]); [`SLOT_LISTED`] and [`SLOT_LISTED_NONGLOBAL`]: the slot
+    /// is in `slots` / `nonglobal_slots`. Written only by [`TlbSet::fill`] and the flushes, so
+    /// a slot refilled with a non-global translation never keeps a global bit.
+    flags: [u8; TLB_ENTRIES],
+    /// Slots that may hold an entry since the last full flush (`slots_len` of them), or
+    /// `TLB_UNTRACKED`: too many, every slot must be considered.
+    slots: [u16; TLB_TRACKED],
+    slots_len: u32,
+    /// Slots filled with a non-global translation since the last CR3 write (or `TLB_UNTRACKED`).
+    nonglobal_slots: [u16; TLB_TRACKED_NONGLOBAL],
+    nonglobal_len: u32,
+}
+
+impl TlbSet {
+    /// Maps the page at guest virtual `page_va` to host address `host`; `global` translations
+    /// survive [`TlbSet::flush_nonglobal`]. The slot is listed (once) so the flushes visit only
+    /// slots in use.
+    fn fill(&mut self, kind: TlbKind, page_va: u64, host: u64, global: bool) {
+        let index = Context::tlb_index(page_va);
         let entry = TlbEntry {
             vpn: page_va >> 12,
             addend: host.wrapping_sub(page_va),
         };
         match kind {
-            TlbKind::Read => self.tlb_read[index] = entry,
-            TlbKind::Write => self.tlb_write[index] = entry,
+            TlbKind::Read => self.read[index] = entry,
+            TlbKind::Write => self.write[index] = entry,
         }
-        let flags = &mut self.tlb_flags[index];
+        let flags = &mut self.flags[index];
         if global {
             *flags |= kind as u8;
         } else {
             *flags &= !(kind as u8);
         }
-        if *flags & SLOT_LISTED == 0 && self.tlb_slots_len != TLB_UNTRACKED {
+        if *flags & SLOT_LISTED == 0 && self.slots_len != TLB_UNTRACKED {
             *flags |= SLOT_LISTED;
-            if (self.tlb_slots_len as usize) < TLB_TRACKED {
-                self.tlb_slots[self.tlb_slots_len as usize] = index as u16;
-                self.tlb_slots_len += 1;
+            if (self.slots_len as usize) < TLB_TRACKED {
+                self.slots[self.slots_len as usize] = index as u16;
+                self.slots_len += 1;
             } else {
-                self.tlb_slots_len = TLB_UNTRACKED;
+                self.slots_len = TLB_UNTRACKED;
             }
         }
-        let flags = &mut self.tlb_flags[index];
-        if !global && *flags & SLOT_LISTED_NONGLOBAL == 0 && self.tlb_nonglobal_len != TLB_UNTRACKED {
+        let flags = &mut self.flags[index];
+        if !global && *flags & SLOT_LISTED_NONGLOBAL == 0 && self.nonglobal_len != TLB_UNTRACKED {
             *flags |= SLOT_LISTED_NONGLOBAL;
-            if (self.tlb_nonglobal_len as usize) < TLB_TRACKED_NONGLOBAL {
-                self.tlb_nonglobal_slots[self.tlb_nonglobal_len as usize] = index as u16;
-                self.tlb_nonglobal_len += 1;
+            if (self.nonglobal_len as usize) < TLB_TRACKED_NONGLOBAL {
+                self.nonglobal_slots[self.nonglobal_len as usize] = index as u16;
+                self.nonglobal_len += 1;
             } else {
-                self.tlb_nonglobal_len = TLB_UNTRACKED;
+                self.nonglobal_len = TLB_UNTRACKED;
             }
         }
     }
 
     /// The slots that may hold entries: the listed ones, or all of them.
-    fn used_tlb_slots(&self) -> Vec<usize> {
-        if self.tlb_slots_len == TLB_UNTRACKED {
+    fn used_slots(&self) -> Vec<usize> {
+        if self.slots_len == TLB_UNTRACKED {
             (0..TLB_ENTRIES).collect()
         } else {
-            self.tlb_slots[..self.tlb_slots_len as usize]
+            self.slots[..self.slots_len as usize]
                 .iter()
                 .map(|&i| i as usize)
                 .collect()
         }
     }
 
-    /// Empties both TLBs' entries for the page at guest virtual `page_va`.
+    fn forget_page(&mut self, page_va: u64) {
+        let index = Context::tlb_index(page_va);
+        self.write[index] = TLB_EMPTY_ENTRY;
+        self.read[index] = TLB_EMPTY_ENTRY;
+        self.flags[index] &= !SLOT_GLOBAL;
+    }
+
+    fn forget_write_host(&mut self, host_page: u64) {
+        for i in self.used_slots() {
+            let e = &mut self.write[i];
+            if e.vpn != TLB_EMPTY && (e.vpn << 12).wrapping_add(e.addend) == host_page {
+                *e = TLB_EMPTY_ENTRY;
+                self.flags[i] &= !(TlbKind::Write as u8);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.slots_len == TLB_UNTRACKED {
+            self.read.fill(TLB_EMPTY_ENTRY);
+            self.write.fill(TLB_EMPTY_ENTRY);
+            self.flags.fill(0);
+        } else {
+            for k in 0..self.slots_len as usize {
+                let i = self.slots[k] as usize;
+                self.read[i] = TLB_EMPTY_ENTRY;
+                self.write[i] = TLB_EMPTY_ENTRY;
+                self.flags[i] = 0;
+            }
+        }
+        self.slots_len = 0;
+        self.nonglobal_len = 0;
+    }
+
+    fn flush_nonglobal(&mut self) {
+        let slots: Vec<usize> = if self.nonglobal_len == TLB_UNTRACKED {
+            self.used_slots()
+        } else {
+            let listed = &self.nonglobal_slots[..self.nonglobal_len as usize];
+            listed.iter().map(|&i| i as usize).collect()
+        };
+        for i in slots {
+            let g = self.flags[i];
+            if g & TlbKind::Read as u8 == 0 {
+                self.read[i] = TLB_EMPTY_ENTRY;
+            }
+            if g & TlbKind::Write as u8 == 0 {
+                self.write[i] = TLB_EMPTY_ENTRY;
+            }
+            self.flags[i] &= !SLOT_LISTED_NONGLOBAL;
+        }
+        self.nonglobal_len = 0;
+    }
+}
+
+impl Context {
+    /// The TLB slot of the page at guest virtual `page_va`.
+    pub fn tlb_index(page_va: u64) -> usize {
+        ((page_va >> 12) as usize) & (TLB_ENTRIES - 1)
+    }
+
+    /// Maps the page at guest virtual `page_va` to host address `host` in one TLB of set
+    /// `set`; `global` translations survive [`Context::flush_tlb_nonglobal`].
+    pub fn fill_tlb(&mut self, set: usize, kind: TlbKind, page_va: u64, host: u64, global: bool) {
+        self.tlbs[set].fill(kind, page_va, host, global);
+    }
+
+    /// Empties both sets' entries for the page at guest virtual `page_va`.
     pub fn forget_tlb_page(&mut self, page_va: u64) {
-        let index = Self::tlb_index(page_va);
-        self.tlb_write[index] = TLB_EMPTY_ENTRY;
-        self.tlb_read[index] = TLB_EMPTY_ENTRY;
-        self.tlb_flags[index] &= !SLOT_GLOBAL;
+        for set in &mut self.tlbs {
+            set.forget_page(page_va);
+        }
     }
 
     /// Empties the write-TLB entries that reach the host page at `host_page` (its guest page
     /// became a code page: writes to it must miss, so they can invalidate its blocks). The
     /// whole write TLB used to go, once per new code page.
     pub fn forget_write_tlb_host(&mut self, host_page: u64) {
-        for i in self.used_tlb_slots() {
-            let e = &mut self.tlb_write[i];
-            if e.vpn != TLB_EMPTY && (e.vpn << 12).wrapping_add(e.addend) == host_page {
-                *e = TLB_EMPTY_ENTRY;
-                self.tlb_flags[i] &= !(TlbKind::Write as u8);
-            }
+        for set in &mut self.tlbs {
+            set.forget_write_host(host_page);
         }
     }
 
     pub fn flush_tlb(&mut self) {
-        if self.tlb_slots_len == TLB_UNTRACKED {
-            self.tlb_read.fill(TLB_EMPTY_ENTRY);
-            self.tlb_write.fill(TLB_EMPTY_ENTRY);
-            self.tlb_flags.fill(0);
-        } else {
-            for k in 0..self.tlb_slots_len as usize {
-                let i = self.tlb_slots[k] as usize;
-                self.tlb_read[i] = TLB_EMPTY_ENTRY;
-                self.tlb_write[i] = TLB_EMPTY_ENTRY;
-                self.tlb_flags[i] = 0;
-            }
+        for set in &mut self.tlbs {
+            set.flush();
         }
-        self.tlb_slots_len = 0;
-        self.tlb_nonglobal_len = 0;
     }
 
     /// A CR3 write without PCIDs: only global translations stay (Linux writes CR3 thousands of
@@ -364,23 +441,9 @@ impl Context {
     /// full flush each time made a third of the boot's TLB misses). Only the slots filled with
     /// a non-global translation since the last one are visited, while they are few.
     pub fn flush_tlb_nonglobal(&mut self) {
-        let slots: Vec<usize> = if self.tlb_nonglobal_len == TLB_UNTRACKED {
-            self.used_tlb_slots()
-        } else {
-            let listed = &self.tlb_nonglobal_slots[..self.tlb_nonglobal_len as usize];
-            listed.iter().map(|&i| i as usize).collect()
-        };
-        for i in slots {
-            let g = self.tlb_flags[i];
-            if g & TlbKind::Read as u8 == 0 {
-                self.tlb_read[i] = TLB_EMPTY_ENTRY;
-            }
-            if g & TlbKind::Write as u8 == 0 {
-                self.tlb_write[i] = TLB_EMPTY_ENTRY;
-            }
-            self.tlb_flags[i] &= !SLOT_LISTED_NONGLOBAL;
+        for set in &mut self.tlbs {
+            set.flush_nonglobal();
         }
-        self.tlb_nonglobal_len = 0;
     }
 
     /// The indirect-branch slot of guest address `rip` (`engine::ibl_insert` fills only it).
@@ -414,28 +477,41 @@ mod tests {
         let mut ctx = ContextBox::new();
         let c = ctx.get_mut();
         let (a, b) = (0x40_1000u64, 0x40_2000u64);
-        c.fill_tlb(TlbKind::Read, a, 0x7000_1000, true);
-        c.fill_tlb(TlbKind::Write, a, 0x7000_1000, false);
-        c.fill_tlb(TlbKind::Read, b, 0x7000_2000, false);
+        c.fill_tlb(USER_TLB, TlbKind::Read, a, 0x7000_1000, true);
+        c.fill_tlb(USER_TLB, TlbKind::Write, a, 0x7000_1000, false);
+        c.fill_tlb(USER_TLB, TlbKind::Read, b, 0x7000_2000, false);
         c.flush_tlb_nonglobal();
         let (ia, ib) = (Context::tlb_index(a), Context::tlb_index(b));
-        assert_eq!(c.tlb_read[ia].vpn, a >> 12, "global read entry kept");
+        assert_eq!(c.tlbs[USER_TLB].read[ia].vpn, a >> 12, "global read entry kept");
         assert_eq!(
-            c.tlb_write[ia].vpn, TLB_EMPTY,
+            c.tlbs[USER_TLB].write[ia].vpn, TLB_EMPTY,
             "non-global write entry of the same slot dropped"
         );
-        assert_eq!(c.tlb_read[ib].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_TLB].read[ib].vpn, TLB_EMPTY);
         // A slot refilled with a non-global translation loses its global bit.
-        c.fill_tlb(TlbKind::Read, a + (TLB_ENTRIES as u64) * 4096, 0x7000_3000, false);
+        c.fill_tlb(
+            USER_TLB,
+            TlbKind::Read,
+            a + (TLB_ENTRIES as u64) * 4096,
+            0x7000_3000,
+            false,
+        );
         c.flush_tlb_nonglobal();
-        assert_eq!(c.tlb_read[ia].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_TLB].read[ia].vpn, TLB_EMPTY);
         // A page becoming code: only the write entries that reach its host page go.
-        c.fill_tlb(TlbKind::Write, a, 0x7000_1000, true);
-        c.fill_tlb(TlbKind::Write, b, 0x7000_2000, true);
+        c.fill_tlb(USER_TLB, TlbKind::Write, a, 0x7000_1000, true);
+        c.fill_tlb(USER_TLB, TlbKind::Write, b, 0x7000_2000, true);
         c.forget_write_tlb_host(0x7000_2000);
-        assert_eq!((c.tlb_write[ia].vpn, c.tlb_write[ib].vpn), (a >> 12, TLB_EMPTY));
+        assert_eq!(
+            (c.tlbs[USER_TLB].write[ia].vpn, c.tlbs[USER_TLB].write[ib].vpn),
+            (a >> 12, TLB_EMPTY)
+        );
         c.flush_tlb();
-        assert!(c.tlb_read.iter().chain(c.tlb_write.iter()).all(|e| e.vpn == TLB_EMPTY));
+        assert!(c.tlbs[USER_TLB]
+            .read
+            .iter()
+            .chain(c.tlbs[USER_TLB].write.iter())
+            .all(|e| e.vpn == TLB_EMPTY));
     }
 
     /// The flushes visit only the slots listed as in use; past the lists' capacity they fall
@@ -444,24 +520,54 @@ mod tests {
     fn tracked_and_untracked_flushes_leave_nothing_behind() {
         let mut ctx = ContextBox::new();
         let c = ctx.get_mut();
-        let empty = |c: &Context| c.tlb_read.iter().chain(c.tlb_write.iter()).all(|e| e.vpn == TLB_EMPTY);
+        let empty = |c: &Context| {
+            c.tlbs[USER_TLB]
+                .read
+                .iter()
+                .chain(c.tlbs[USER_TLB].write.iter())
+                .all(|e| e.vpn == TLB_EMPTY)
+        };
         for n in [10, TLB_TRACKED_NONGLOBAL + 5, TLB_TRACKED + 5, TLB_ENTRIES] {
             for i in 0..n as u64 {
                 let global = i % 3 == 0;
-                c.fill_tlb(TlbKind::Read, i << 12, 0x7000_0000 + (i << 12), global);
-                c.fill_tlb(TlbKind::Write, i << 12, 0x7000_0000 + (i << 12), global);
+                c.fill_tlb(USER_TLB, TlbKind::Read, i << 12, 0x7000_0000 + (i << 12), global);
+                c.fill_tlb(USER_TLB, TlbKind::Write, i << 12, 0x7000_0000 + (i << 12), global);
             }
             c.flush_tlb_nonglobal();
-            let kept = (0..TLB_ENTRIES).filter(|&i| c.tlb_read[i].vpn != TLB_EMPTY).count();
+            let kept = (0..TLB_ENTRIES)
+                .filter(|&i| c.tlbs[USER_TLB].read[i].vpn != TLB_EMPTY)
+                .count();
             assert_eq!(kept, n.div_ceil(3), "{n} slots: only the global third stays");
-            assert!((0..n).all(|i| (c.tlb_write[i].vpn != TLB_EMPTY) == (i % 3 == 0)));
+            assert!((0..n).all(|i| (c.tlbs[USER_TLB].write[i].vpn != TLB_EMPTY) == (i % 3 == 0)));
             // The last write entry's host page becomes code.
             let last = n as u64 - 1;
-            c.fill_tlb(TlbKind::Write, last << 12, 0x7000_0000 + (last << 12), false);
+            c.fill_tlb(USER_TLB, TlbKind::Write, last << 12, 0x7000_0000 + (last << 12), false);
             c.forget_write_tlb_host(0x7000_0000 + (last << 12));
-            assert_eq!(c.tlb_write[last as usize].vpn, TLB_EMPTY, "{n} slots");
+            assert_eq!(c.tlbs[USER_TLB].write[last as usize].vpn, TLB_EMPTY, "{n} slots");
             c.flush_tlb();
             assert!(empty(c), "{n} slots: a full flush empties both TLBs");
         }
+    }
+
+    /// The two privilege levels' sets are apart: a CPL0 fill is not a CPL3 hit; the flushes
+    /// (CR3, INVLPG, the code-page write forget) empty both.
+    #[test]
+    fn kernel_and_user_tlb_sets_are_apart_and_flush_together() {
+        let mut ctx = ContextBox::new();
+        let c = ctx.get_mut();
+        let a = 0x40_1000u64;
+        let i = Context::tlb_index(a);
+        c.fill_tlb(KERNEL_TLB, TlbKind::Read, a, 0x7000_1000, false);
+        assert_eq!(c.tlbs[KERNEL_TLB].read[i].vpn, a >> 12);
+        assert_eq!(c.tlbs[USER_TLB].read[i].vpn, TLB_EMPTY, "a CPL0 walk never serves CPL3");
+        c.fill_tlb(USER_TLB, TlbKind::Write, a, 0x7000_1000, false);
+        c.fill_tlb(KERNEL_TLB, TlbKind::Write, a, 0x7000_1000, false);
+        c.forget_write_tlb_host(0x7000_1000);
+        assert_eq!(c.tlbs[USER_TLB].write[i].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[KERNEL_TLB].write[i].vpn, TLB_EMPTY);
+        c.fill_tlb(USER_TLB, TlbKind::Read, a, 0x7000_1000, false);
+        c.flush_tlb_nonglobal();
+        assert!(c.tlbs.iter().all(|s| s.read[i].vpn == TLB_EMPTY));
+        assert_ne!(off::tlb_read(KERNEL_TLB), off::tlb_read(USER_TLB));
     }
 }

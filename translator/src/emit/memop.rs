@@ -475,6 +475,15 @@ impl BlockEmitter<'_> {
     }
 
     /// `Context::miss_info` for an access of the current instruction.
+    /// The TLB set this block's lookups use: its privilege level's (`context::TlbSet`).
+    pub(super) fn tlb_set(&self) -> usize {
+        if self.mode.kernel {
+            crate::context::KERNEL_TLB
+        } else {
+            crate::context::USER_TLB
+        }
+    }
+
     pub(super) fn miss_info(&self, access: Access, size: u64) -> u64 {
         // Stack-segment accesses (RSP/RBP base) raise #SS rather than #GP when non-canonical.
         let stack = matches!(self.mem_base.full_register(), Register::RSP | Register::RBP) as u64;
@@ -542,10 +551,11 @@ impl BlockEmitter<'_> {
             let field = a.branch32_forward(Code::Jne_rel32_64);
             self.miss_stub(field, s, info, flags_saved);
         }
+        let set = self.tlb_set();
         let table = if access == Access::Write {
-            off::TLB_WRITE
+            off::tlb_write(set)
         } else {
-            off::TLB_READ
+            off::tlb_read(set)
         };
         let a: &mut Asm = &mut self.asm;
         a.glue(Instruction::with2(Code::Mov_r64_rm64, t, s));
@@ -600,10 +610,11 @@ impl BlockEmitter<'_> {
             self.borrow(Register::RCX);
         }
         let info = self.miss_info(access, size);
+        let set = self.tlb_set();
         let table = if access == Access::Write {
-            off::TLB_WRITE
+            off::tlb_write(set)
         } else {
-            off::TLB_READ
+            off::tlb_read(set)
         };
         let last = if size > 1 && !self.split_access {
             size as i32 - 1

@@ -92,7 +92,8 @@ impl Translator {
         };
         let page_va = fills[0].0;
         let kind = if write { TlbKind::Write } else { TlbKind::Read };
-        self.ctx.get_mut().fill_tlb(kind, page_va, host, false);
+        let set = crate::context::tlb_set(self.ctx.get().state.cpl);
+        self.ctx.get_mut().fill_tlb(set, kind, page_va, host, false);
         self.bounce = Some(Bounce {
             page_va,
             hosts: [fills[0].2, fills[1].2],
@@ -157,8 +158,9 @@ impl Translator {
         }
         let page_va = va & !(PAGE - 1);
         let ctx = self.ctx.get_mut();
-        ctx.fill_tlb(TlbKind::Read, page_va, buffer as u64, false);
-        ctx.fill_tlb(TlbKind::Write, page_va, buffer as u64, false);
+        let set = crate::context::tlb_set(ctx.state.cpl);
+        ctx.fill_tlb(set, TlbKind::Read, page_va, buffer as u64, false);
+        ctx.fill_tlb(set, TlbKind::Write, page_va, buffer as u64, false);
         self.stats.mmio_accesses += 1;
         self.mmio = Some(MmioAccess {
             rip,
@@ -347,12 +349,13 @@ impl Translator {
             }
         }
         let ctx = self.ctx.get_mut();
+        let set = crate::context::tlb_set(ctx.state.cpl);
         if access == Access::Write {
-            ctx.fill_tlb(TlbKind::Write, page_va, host, global);
+            ctx.fill_tlb(set, TlbKind::Write, page_va, host, global);
         }
         // A page that may be written may be read (x86 has no write-only pages, and protection
         // keys only ever take away write before read): a write miss fills both TLBs.
-        ctx.fill_tlb(TlbKind::Read, page_va, host, global);
+        ctx.fill_tlb(set, TlbKind::Read, page_va, host, global);
         Ok(None)
     }
 }

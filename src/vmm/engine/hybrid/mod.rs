@@ -78,6 +78,10 @@ struct HybridStats {
     causes: BTreeMap<Cause, u64>,
     replays: u64,
     translator_user_stretches: u64,
+    /// From a stint kicked out for an interrupt to the next stint (the guest kernel's handler
+    /// in the translator, both switches).
+    kick_to_stint: Duration,
+    kicked_at: Option<Instant>,
 }
 
 /// The translator's code pages, for the tables (`user_tables::CodePages`).
@@ -158,6 +162,9 @@ fn user_stint(
     let new_pages = m.translator.take_new_code_pages();
     user.tables.code_appeared(&new_pages);
     let started = Instant::now();
+    if let Some(kicked) = stats.kicked_at.take() {
+        stats.kick_to_stint += kicked.elapsed();
+    }
     let before = m.translator.state().clone();
     let generation = m.translator.invalidation_generation();
     user.load(ram, &before, generation, &TranslatedCode(&m.translator))?;
@@ -289,6 +296,7 @@ fn user_stint(
     match outcome {
         Outcome::Kicked => {
             *stats.causes.entry(Cause::Kick).or_default() += 1;
+            stats.kicked_at = Some(Instant::now());
             resume(t, user.user_state(&before, None)?);
         }
         Outcome::Ended(action) => {
@@ -412,6 +420,10 @@ fn report(
             user.stats.xsave_loads,
         ),
         format!("  hybrid: user code left KVM by cause: {}", fmt_counts(causes())),
+        format!(
+            "  hybrid: {:.1} µs on average from an interrupt's kick to user code under KVM again",
+            s.kick_to_stint.as_secs_f64() * 1e6 / s.causes.get(&Cause::Kick).copied().unwrap_or(0).max(1) as f64
+        ),
         format!(
             "  hybrid: {} instructions re-run in the translator; page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
             s.replays,
