@@ -136,14 +136,23 @@ pub struct Context {
     pub fault_error_code: u32,
     pub fault_address: u64,
     pub flag_stack: [u64; FLAG_STACK_SLOTS],
-    /// The soft-MMU TLBs, one set per privilege level (`KERNEL_TLB`, `USER_TLB`): translated
+    /// The soft-MMU TLBs, one set per privilege level (`KERNEL_SET`, `USER_SET`): translated
     /// code looks up the set of the level its block was translated for, and the engine fills
     /// the set of the level the guest runs at, so a change of privilege level (a system call,
     /// an interrupt from user mode, the return) flushes nothing — a CPL3 lookup can never hit
     /// a translation a CPL0 walk allowed. Flushes (CR3, INVLPG, CR4…) empty both.
     pub tlbs: [TlbSet; 2],
-    pub ibl_tags: [u64; IBL_ENTRIES],
-    pub ibl_hosts: [u64; IBL_ENTRIES],
+    /// The indirect-branch tables, one per privilege level (`KERNEL_SET`, `USER_SET`): a
+    /// table holds host blocks translated for its level.
+    pub ibls: [IblTable; 2],
+}
+
+/// One privilege level's indirect-branch table: per slot the negated guest target (see
+/// [`IBL_EMPTY_TAG`]) and the host address to jump to.
+#[repr(C)]
+pub struct IblTable {
+    pub tags: [u64; IBL_ENTRIES],
+    pub hosts: [u64; IBL_ENTRIES],
 }
 
 /// Offsets glue uses (`gs:[OFF]`).
@@ -176,15 +185,20 @@ pub mod off {
     pub const BRANCH_RSP_DELTA: usize = offset_of!(Context, branch_rsp_delta);
     pub const FAULT_VECTOR: usize = offset_of!(Context, fault_vector);
     pub const FAULT_ERROR_CODE: usize = offset_of!(Context, fault_error_code);
-    /// The read (or write) TLB of set `set` (`KERNEL_TLB`, `USER_TLB`).
+    /// The read (or write) TLB of set `set` (`KERNEL_SET`, `USER_SET`).
     pub const fn tlb_read(set: usize) -> usize {
         offset_of!(Context, tlbs) + set * std::mem::size_of::<TlbSet>() + offset_of!(TlbSet, read)
     }
     pub const fn tlb_write(set: usize) -> usize {
         offset_of!(Context, tlbs) + set * std::mem::size_of::<TlbSet>() + offset_of!(TlbSet, write)
     }
-    pub const IBL_TAGS: usize = offset_of!(Context, ibl_tags);
-    pub const IBL_HOSTS: usize = offset_of!(Context, ibl_hosts);
+    /// The tags (or hosts) of indirect-branch table `set`.
+    pub const fn ibl_tags(set: usize) -> usize {
+        offset_of!(Context, ibls) + set * std::mem::size_of::<IblTable>() + offset_of!(IblTable, tags)
+    }
+    pub const fn ibl_hosts(set: usize) -> usize {
+        offset_of!(Context, ibls) + set * std::mem::size_of::<IblTable>() + offset_of!(IblTable, hosts)
+    }
 }
 
 /// Owner of a heap-allocated [`Context`] (it is too large for the stack and must not move while
@@ -212,7 +226,9 @@ impl ContextBox {
             set.slots_len = TLB_UNTRACKED; // all of it: the tables start zeroed, not empty
         }
         ctx.flush_tlb();
-        ctx.ibl_tags.fill(IBL_EMPTY_TAG);
+        for t in &mut ctx.ibls {
+            t.tags.fill(IBL_EMPTY_TAG);
+        }
         boxed
     }
 
@@ -262,15 +278,17 @@ const SLOT_LISTED_NONGLOBAL: u8 = 1 << 3;
 /// A tracking list that overflowed.
 const TLB_UNTRACKED: u32 = u32::MAX;
 
-/// The TLB set kernel-mode (CPL0) translations use, and the user-mode (CPL3) one.
-pub const KERNEL_TLB: usize = 0;
-pub const USER_TLB: usize = 1;
+/// The set (of TLBs, of indirect-branch tables) kernel-mode (CPL0) translations use, and the
+/// user-mode (CPL3) one: blocks are translated for one privilege level and reach only their
+/// level's set, so a change of level flushes neither.
+pub const KERNEL_SET: usize = 0;
+pub const USER_SET: usize = 1;
 
-/// The TLB set of privilege level `cpl`.
-pub fn tlb_set(cpl: crate::state::Cpl) -> usize {
+/// The set of privilege level `cpl`.
+pub fn level_set(cpl: crate::state::Cpl) -> usize {
     match cpl {
-        crate::state::Cpl::Kernel => KERNEL_TLB,
-        crate::state::Cpl::User => USER_TLB,
+        crate::state::Cpl::Kernel => KERNEL_SET,
+        crate::state::Cpl::User => USER_SET,
     }
 }
 
@@ -452,19 +470,21 @@ impl Context {
     }
 
     /// Empties the slot of the block at guest `rip` (or `rip`'s CPL0 key: the slot ignores the
-    /// key bit) if it holds `host`, the block's translation.
+    /// key bit) if it holds `host`, the block's translation, in either level's table.
     pub fn ibl_forget(&mut self, rip: u64, host: u64, miss: u64) {
         let slot = Self::ibl_slot(rip);
-        if self.ibl_hosts[slot] == host {
-            self.ibl_hosts[slot] = miss;
-            self.ibl_tags[slot] = IBL_EMPTY_TAG;
+        for t in &mut self.ibls {
+            if t.hosts[slot] == host {
+                t.hosts[slot] = miss;
+                t.tags[slot] = IBL_EMPTY_TAG;
+            }
         }
     }
 
-    /// Empties the indirect-branch table; every slot's host address becomes `miss`.
-    pub fn flush_ibl(&mut self, miss: u64) {
-        self.ibl_tags.fill(IBL_EMPTY_TAG);
-        self.ibl_hosts.fill(miss);
+    /// Empties indirect-branch table `set`; every slot's host address becomes `miss`.
+    pub fn flush_ibl(&mut self, set: usize, miss: u64) {
+        self.ibls[set].tags.fill(IBL_EMPTY_TAG);
+        self.ibls[set].hosts.fill(miss);
     }
 }
 
@@ -477,40 +497,40 @@ mod tests {
         let mut ctx = ContextBox::new();
         let c = ctx.get_mut();
         let (a, b) = (0x40_1000u64, 0x40_2000u64);
-        c.fill_tlb(USER_TLB, TlbKind::Read, a, 0x7000_1000, true);
-        c.fill_tlb(USER_TLB, TlbKind::Write, a, 0x7000_1000, false);
-        c.fill_tlb(USER_TLB, TlbKind::Read, b, 0x7000_2000, false);
+        c.fill_tlb(USER_SET, TlbKind::Read, a, 0x7000_1000, true);
+        c.fill_tlb(USER_SET, TlbKind::Write, a, 0x7000_1000, false);
+        c.fill_tlb(USER_SET, TlbKind::Read, b, 0x7000_2000, false);
         c.flush_tlb_nonglobal();
         let (ia, ib) = (Context::tlb_index(a), Context::tlb_index(b));
-        assert_eq!(c.tlbs[USER_TLB].read[ia].vpn, a >> 12, "global read entry kept");
+        assert_eq!(c.tlbs[USER_SET].read[ia].vpn, a >> 12, "global read entry kept");
         assert_eq!(
-            c.tlbs[USER_TLB].write[ia].vpn, TLB_EMPTY,
+            c.tlbs[USER_SET].write[ia].vpn, TLB_EMPTY,
             "non-global write entry of the same slot dropped"
         );
-        assert_eq!(c.tlbs[USER_TLB].read[ib].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_SET].read[ib].vpn, TLB_EMPTY);
         // A slot refilled with a non-global translation loses its global bit.
         c.fill_tlb(
-            USER_TLB,
+            USER_SET,
             TlbKind::Read,
             a + (TLB_ENTRIES as u64) * 4096,
             0x7000_3000,
             false,
         );
         c.flush_tlb_nonglobal();
-        assert_eq!(c.tlbs[USER_TLB].read[ia].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_SET].read[ia].vpn, TLB_EMPTY);
         // A page becoming code: only the write entries that reach its host page go.
-        c.fill_tlb(USER_TLB, TlbKind::Write, a, 0x7000_1000, true);
-        c.fill_tlb(USER_TLB, TlbKind::Write, b, 0x7000_2000, true);
+        c.fill_tlb(USER_SET, TlbKind::Write, a, 0x7000_1000, true);
+        c.fill_tlb(USER_SET, TlbKind::Write, b, 0x7000_2000, true);
         c.forget_write_tlb_host(0x7000_2000);
         assert_eq!(
-            (c.tlbs[USER_TLB].write[ia].vpn, c.tlbs[USER_TLB].write[ib].vpn),
+            (c.tlbs[USER_SET].write[ia].vpn, c.tlbs[USER_SET].write[ib].vpn),
             (a >> 12, TLB_EMPTY)
         );
         c.flush_tlb();
-        assert!(c.tlbs[USER_TLB]
+        assert!(c.tlbs[USER_SET]
             .read
             .iter()
-            .chain(c.tlbs[USER_TLB].write.iter())
+            .chain(c.tlbs[USER_SET].write.iter())
             .all(|e| e.vpn == TLB_EMPTY));
     }
 
@@ -521,29 +541,29 @@ mod tests {
         let mut ctx = ContextBox::new();
         let c = ctx.get_mut();
         let empty = |c: &Context| {
-            c.tlbs[USER_TLB]
+            c.tlbs[USER_SET]
                 .read
                 .iter()
-                .chain(c.tlbs[USER_TLB].write.iter())
+                .chain(c.tlbs[USER_SET].write.iter())
                 .all(|e| e.vpn == TLB_EMPTY)
         };
         for n in [10, TLB_TRACKED_NONGLOBAL + 5, TLB_TRACKED + 5, TLB_ENTRIES] {
             for i in 0..n as u64 {
                 let global = i % 3 == 0;
-                c.fill_tlb(USER_TLB, TlbKind::Read, i << 12, 0x7000_0000 + (i << 12), global);
-                c.fill_tlb(USER_TLB, TlbKind::Write, i << 12, 0x7000_0000 + (i << 12), global);
+                c.fill_tlb(USER_SET, TlbKind::Read, i << 12, 0x7000_0000 + (i << 12), global);
+                c.fill_tlb(USER_SET, TlbKind::Write, i << 12, 0x7000_0000 + (i << 12), global);
             }
             c.flush_tlb_nonglobal();
             let kept = (0..TLB_ENTRIES)
-                .filter(|&i| c.tlbs[USER_TLB].read[i].vpn != TLB_EMPTY)
+                .filter(|&i| c.tlbs[USER_SET].read[i].vpn != TLB_EMPTY)
                 .count();
             assert_eq!(kept, n.div_ceil(3), "{n} slots: only the global third stays");
-            assert!((0..n).all(|i| (c.tlbs[USER_TLB].write[i].vpn != TLB_EMPTY) == (i % 3 == 0)));
+            assert!((0..n).all(|i| (c.tlbs[USER_SET].write[i].vpn != TLB_EMPTY) == (i % 3 == 0)));
             // The last write entry's host page becomes code.
             let last = n as u64 - 1;
-            c.fill_tlb(USER_TLB, TlbKind::Write, last << 12, 0x7000_0000 + (last << 12), false);
+            c.fill_tlb(USER_SET, TlbKind::Write, last << 12, 0x7000_0000 + (last << 12), false);
             c.forget_write_tlb_host(0x7000_0000 + (last << 12));
-            assert_eq!(c.tlbs[USER_TLB].write[last as usize].vpn, TLB_EMPTY, "{n} slots");
+            assert_eq!(c.tlbs[USER_SET].write[last as usize].vpn, TLB_EMPTY, "{n} slots");
             c.flush_tlb();
             assert!(empty(c), "{n} slots: a full flush empties both TLBs");
         }
@@ -557,17 +577,17 @@ mod tests {
         let c = ctx.get_mut();
         let a = 0x40_1000u64;
         let i = Context::tlb_index(a);
-        c.fill_tlb(KERNEL_TLB, TlbKind::Read, a, 0x7000_1000, false);
-        assert_eq!(c.tlbs[KERNEL_TLB].read[i].vpn, a >> 12);
-        assert_eq!(c.tlbs[USER_TLB].read[i].vpn, TLB_EMPTY, "a CPL0 walk never serves CPL3");
-        c.fill_tlb(USER_TLB, TlbKind::Write, a, 0x7000_1000, false);
-        c.fill_tlb(KERNEL_TLB, TlbKind::Write, a, 0x7000_1000, false);
+        c.fill_tlb(KERNEL_SET, TlbKind::Read, a, 0x7000_1000, false);
+        assert_eq!(c.tlbs[KERNEL_SET].read[i].vpn, a >> 12);
+        assert_eq!(c.tlbs[USER_SET].read[i].vpn, TLB_EMPTY, "a CPL0 walk never serves CPL3");
+        c.fill_tlb(USER_SET, TlbKind::Write, a, 0x7000_1000, false);
+        c.fill_tlb(KERNEL_SET, TlbKind::Write, a, 0x7000_1000, false);
         c.forget_write_tlb_host(0x7000_1000);
-        assert_eq!(c.tlbs[USER_TLB].write[i].vpn, TLB_EMPTY);
-        assert_eq!(c.tlbs[KERNEL_TLB].write[i].vpn, TLB_EMPTY);
-        c.fill_tlb(USER_TLB, TlbKind::Read, a, 0x7000_1000, false);
+        assert_eq!(c.tlbs[USER_SET].write[i].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[KERNEL_SET].write[i].vpn, TLB_EMPTY);
+        c.fill_tlb(USER_SET, TlbKind::Read, a, 0x7000_1000, false);
         c.flush_tlb_nonglobal();
         assert!(c.tlbs.iter().all(|s| s.read[i].vpn == TLB_EMPTY));
-        assert_ne!(off::tlb_read(KERNEL_TLB), off::tlb_read(USER_TLB));
+        assert_ne!(off::tlb_read(KERNEL_SET), off::tlb_read(USER_SET));
     }
 }

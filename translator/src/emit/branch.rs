@@ -349,12 +349,13 @@ impl BlockEmitter<'_> {
 
     /// The inline indirect-branch lookup; R11 = guest target, R11/RCX borrowed.
     fn indirect_lookup(&mut self, rsp_delta: i64) {
+        let tags = off::ibl_tags(self.level_set());
         let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(
             Code::Mov_r64_rm64,
             Register::RCX,
-            ctx_indexed(Register::RCX, 8, off::IBL_TAGS),
+            ctx_indexed(Register::RCX, 8, tags),
         ));
         a.glue(Instruction::with2(
             Code::Lea_r64_m,
@@ -398,12 +399,13 @@ impl BlockEmitter<'_> {
             self.table_miss(field, rsp_delta);
             None
         };
+        let hosts = off::ibl_hosts(self.level_set());
         let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(
             Code::Mov_r64_rm64,
             TARGET,
-            ctx_indexed(Register::RCX, 8, off::IBL_HOSTS),
+            ctx_indexed(Register::RCX, 8, hosts),
         ));
         // The target's prologue gives R11 back.
         self.give_back(Register::RCX);

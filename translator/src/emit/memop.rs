@@ -476,11 +476,11 @@ impl BlockEmitter<'_> {
 
     /// `Context::miss_info` for an access of the current instruction.
     /// The TLB set this block's lookups use: its privilege level's (`context::TlbSet`).
-    pub(super) fn tlb_set(&self) -> usize {
+    pub(super) fn level_set(&self) -> usize {
         if self.mode.kernel {
-            crate::context::KERNEL_TLB
+            crate::context::KERNEL_SET
         } else {
-            crate::context::USER_TLB
+            crate::context::USER_SET
         }
     }
 
@@ -551,7 +551,7 @@ impl BlockEmitter<'_> {
             let field = a.branch32_forward(Code::Jne_rel32_64);
             self.miss_stub(field, s, info, flags_saved);
         }
-        let set = self.tlb_set();
+        let set = self.level_set();
         let table = if access == Access::Write {
             off::tlb_write(set)
         } else {
@@ -610,7 +610,7 @@ impl BlockEmitter<'_> {
             self.borrow(Register::RCX);
         }
         let info = self.miss_info(access, size);
-        let set = self.tlb_set();
+        let set = self.level_set();
         let table = if access == Access::Write {
             off::tlb_write(set)
         } else {

@@ -199,9 +199,9 @@ impl Translator {
         self.stats.chained += 1;
     }
 
-    /// Empties the indirect-branch table. Only the slots filled since the last flush are
-    /// cleared while they are few: system mode flushes at every privilege change and address-
-    /// space switch, and a full 1 MiB fill each time cost 7% of a Linux boot.
+    /// Empties the indirect-branch tables. Only the slots filled since the last flush are
+    /// cleared while they are few: system mode flushes at every address-space switch, and a
+    /// full 1 MiB fill each time cost 7% of a Linux boot.
     pub(super) fn flush_ibl(&mut self) {
         self.flush_ibl_keeping(false);
     }
@@ -213,36 +213,43 @@ impl Translator {
     fn flush_ibl_keeping(&mut self, keep_global: bool) {
         let empty = self.glue.ibl_empty;
         let ctx = self.ctx.get_mut();
-        if self.ibl_used.len() >= IBL_ENTRIES / 16 {
-            // Slots filled past the list's end are not known: all go.
-            ctx.flush_ibl(empty);
-            self.ibl_used.clear();
-            return;
-        }
-        let global = &self.ibl_global;
-        self.ibl_used.retain(|&slot| {
-            if keep_global && global[slot as usize] {
-                return true;
+        for set in 0..2 {
+            let used = &mut self.ibl_used[set];
+            if used.len() >= IBL_ENTRIES / 16 {
+                // Slots filled past the list's end are not known: all go.
+                ctx.flush_ibl(set, empty);
+                used.clear();
+                continue;
             }
-            ctx.ibl_hosts[slot as usize] = empty;
-            ctx.ibl_tags[slot as usize] = IBL_EMPTY_TAG;
-            false
-        });
+            let global = &self.ibl_global[set];
+            let table = &mut ctx.ibls[set];
+            used.retain(|&slot| {
+                if keep_global && global[slot as usize] {
+                    return true;
+                }
+                table.hosts[slot as usize] = empty;
+                table.tags[slot as usize] = IBL_EMPTY_TAG;
+                false
+            });
+        }
     }
 
-    /// Makes the table send `target` to the block entered at `host` (through its prologue).
+    /// Makes the running privilege level's table send `target` to the block entered at `host`
+    /// (through its prologue).
     pub(super) fn ibl_insert(&mut self, target: u64, host: u64) {
         // Only system mode has global blocks (and CR3 writes that keep them).
         let global = self.system && self.block_at_entry(host).is_some_and(|b| self.blocks[b].global);
         let ctx = self.ctx.get_mut();
+        let set = crate::context::level_set(ctx.state.cpl);
         let i = crate::context::Context::ibl_slot(target);
-        if ctx.ibl_tags[i] == IBL_EMPTY_TAG && self.ibl_used.len() < IBL_ENTRIES / 16 {
-            self.ibl_used.push(i as u32);
+        let table = &mut ctx.ibls[set];
+        if table.tags[i] == IBL_EMPTY_TAG && self.ibl_used[set].len() < IBL_ENTRIES / 16 {
+            self.ibl_used[set].push(i as u32);
         }
         // A slot refilled with another block takes that block's bit.
-        self.ibl_global[i] = global;
-        ctx.ibl_tags[i] = target.wrapping_neg();
-        ctx.ibl_hosts[i] = host - IBL_PROLOGUE_LEN;
+        self.ibl_global[set][i] = global;
+        table.tags[i] = target.wrapping_neg();
+        table.hosts[i] = host - IBL_PROLOGUE_LEN;
     }
 
     pub(super) fn block_at_host(&self, addr: u64) -> Option<usize> {

@@ -69,7 +69,11 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
             // Tags only: a lookup stopped between its tag check and its host load must still
             // find the (valid) host it matched.
             // SAFETY: ctx is the live context; translated code is stopped.
-            unsafe { (*ctx).ibl_tags.fill(IBL_EMPTY_TAG) };
+            unsafe {
+                for t in &mut (*ctx).ibls {
+                    t.tags.fill(IBL_EMPTY_TAG);
+                }
+            }
         }
     }
 }

@@ -117,10 +117,10 @@ pub struct Translator {
     code_regions: std::collections::HashSet<u64>,
     /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
     /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
-    ibl_used: Vec<u32>,
+    ibl_used: [Vec<u32>; 2],
     /// Per indirect-branch slot: it holds a global block (kept by a CR3 write, see
     /// `flush_ibl_keeping`).
-    ibl_global: Vec<bool>,
+    ibl_global: [Vec<bool>; 2],
     /// Identity strategy: decoded instructions the engine performs (SYSCALL, CPUID…) by guest
     /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
     /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
@@ -197,7 +197,9 @@ impl Translator {
         code.append(&glue_code)?;
         let glue_len = code.used();
         let mut ctx = ContextBox::new();
-        ctx.get_mut().flush_ibl(glue.ibl_empty);
+        for set in 0..2 {
+            ctx.get_mut().flush_ibl(set, glue.ibl_empty);
+        }
         Ok(Translator {
             ctx,
             code,
@@ -215,8 +217,8 @@ impl Translator {
             by_host: BTreeMap::new(),
             code_pages: AddrMap::default(),
             code_regions: Default::default(),
-            ibl_used: Vec::new(),
-            ibl_global: vec![false; IBL_ENTRIES],
+            ibl_used: [Vec::new(), Vec::new()],
+            ibl_global: [vec![false; IBL_ENTRIES], vec![false; IBL_ENTRIES]],
             uncached_step: None,
             protected: Box::default(),
             bounce: None,

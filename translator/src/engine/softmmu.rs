@@ -92,7 +92,7 @@ impl Translator {
         };
         let page_va = fills[0].0;
         let kind = if write { TlbKind::Write } else { TlbKind::Read };
-        let set = crate::context::tlb_set(self.ctx.get().state.cpl);
+        let set = crate::context::level_set(self.ctx.get().state.cpl);
         self.ctx.get_mut().fill_tlb(set, kind, page_va, host, false);
         self.bounce = Some(Bounce {
             page_va,
@@ -158,7 +158,7 @@ impl Translator {
         }
         let page_va = va & !(PAGE - 1);
         let ctx = self.ctx.get_mut();
-        let set = crate::context::tlb_set(ctx.state.cpl);
+        let set = crate::context::level_set(ctx.state.cpl);
         ctx.fill_tlb(set, TlbKind::Read, page_va, buffer as u64, false);
         ctx.fill_tlb(set, TlbKind::Write, page_va, buffer as u64, false);
         self.stats.mmio_accesses += 1;
@@ -349,7 +349,7 @@ impl Translator {
             }
         }
         let ctx = self.ctx.get_mut();
-        let set = crate::context::tlb_set(ctx.state.cpl);
+        let set = crate::context::level_set(ctx.state.cpl);
         if access == Access::Write {
             ctx.fill_tlb(set, TlbKind::Write, page_va, host, global);
         }

@@ -6,8 +6,8 @@
 //! What is keyed how (this first version errs on the side of flushing):
 //! - blocks are keyed by guest virtual RIP *and* CPL (`cache::block_key`), so code translated at
 //!   CPL0 never runs at CPL3;
-//! - each CPL has its own inline TLB set (blocks look up their level's); the indirect-branch
-//!   table is dropped when the CPL changes;
+//! - each CPL has its own inline TLBs and indirect-branch table (blocks reach only their
+//!   level's), so a change of CPL flushes nothing;
 //! - a write to CR3, CR4 or CR0.WP/PG drops the TLBs, the indirect-branch table and the links
 //!   between blocks (`cache.rs`, `remap`; a CR3 write with CR4.PGE keeps the links into blocks
 //!   whose code is global); each block is then revalidated when the dispatcher next looks it
@@ -171,10 +171,9 @@ impl Translator {
         let entered_user = self.code_cpl != Some(cpl) && cpl == crate::state::Cpl::User;
         let entered_kernel = self.code_cpl == Some(crate::state::Cpl::User) && cpl == crate::state::Cpl::Kernel;
         if self.code_cpl != Some(cpl) {
-            // The TLBs stay: each privilege level has its own set (`context::TlbSet`). The
-            // indirect-branch table holds host blocks of one level's translations.
+            // Nothing to flush: each privilege level has its own TLBs and indirect-branch
+            // table (`context::level_set`).
             self.code_cpl = Some(cpl);
-            self.flush_ibl();
         }
         if entered_kernel && self.kernel_exit {
             return Ok(Boundary::Exit(Exit::KernelMode));
