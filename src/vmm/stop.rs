@@ -59,6 +59,26 @@ pub fn requested() -> Option<End> {
     }
 }
 
+/// The hybrid engine's policy wants translated user code stopped at its next block boundary
+/// (it has run long enough to belong under KVM: `engine/hybrid/policy.rs`).
+static POLICY_CHECK: AtomicBool = AtomicBool::new(false);
+
+/// Asks the vCPU thread for a policy check (from the hybrid engine's timer thread).
+pub fn request_policy_check() {
+    POLICY_CHECK.store(true, Ordering::SeqCst);
+    kick_vcpu();
+}
+
+/// Whether a policy check is waiting (async-signal-safe: the translator's stop check).
+pub fn policy_check_pending() -> bool {
+    POLICY_CHECK.load(Ordering::SeqCst)
+}
+
+/// Takes the policy check, if one is waiting.
+pub fn take_policy_check() -> bool {
+    POLICY_CHECK.swap(false, Ordering::SeqCst)
+}
+
 /// Asks the vCPU thread to stop the guest for the debugger (from any thread).
 pub fn request_attention() {
     ATTENTION.store(true, Ordering::SeqCst);

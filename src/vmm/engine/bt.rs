@@ -200,7 +200,7 @@ impl Machine {
         })?;
         // A guest spinning with interrupts off must still end on --timeout or a signal, and
         // stop for a debugger that asks.
-        translator.set_stop_check(|| stop::requested().is_some() || stop::attention());
+        translator.set_stop_check(|| stop::requested().is_some() || stop::attention() || stop::policy_check_pending());
         translator.set_detailed_stats(setup.detailed_stats);
         let e = setup.entry;
         *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
@@ -332,6 +332,8 @@ pub(super) enum Pause {
     UserMode,
     /// The guest entered CPL0 from CPL3 (only with the kernel-mode exit on).
     KernelMode,
+    /// The hybrid engine's policy asked to look at where the guest is (`stop::request_policy_check`).
+    PolicyCheck,
 }
 
 /// Runs the guest until it ends, a stop is requested, it stops for a debugger or (with the
@@ -343,6 +345,9 @@ pub(super) fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<
         }
         if stop::take_attention() {
             return Ok(Pause::Debugger(DebugStop::Attention));
+        }
+        if stop::take_policy_check() {
+            return Ok(Pause::PolicyCheck);
         }
         let exit = t
             .run(platform, BLOCK_BUDGET)

@@ -35,6 +35,14 @@ impl Translator {
         self.user_exit
     }
 
+    /// Whether the guest state may leave the engine now: no instruction is half done (a split
+    /// access's bounce buffer or a device access mapped in the TLB, a one-off step pending).
+    /// `run` returning `Interrupted` can stop between those; the user- and kernel-mode exits
+    /// never do.
+    pub fn at_clean_boundary(&self) -> bool {
+        self.bounce.is_none() && self.mmio.is_none() && self.uncached_step.is_none()
+    }
+
     /// Turns the kernel-mode exit on or off (see the module comment).
     pub fn set_kernel_exit(&mut self, on: bool) {
         self.kernel_exit = on;

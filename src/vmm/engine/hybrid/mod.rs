@@ -82,6 +82,8 @@ struct HybridStats {
     /// in the translator, both switches).
     kick_to_stint: Duration,
     kicked_at: Option<Instant>,
+    /// Translated user stretches the policy's watch sent to KVM while they ran.
+    policy_checks: u64,
 }
 
 /// The translator's code pages, for the tables (`user_tables::CodePages`).
@@ -122,7 +124,11 @@ fn drive(
     policy: &mut Policy,
     stats: &mut HybridStats,
 ) -> Result<End> {
-    let mut translator_stretch = None;
+    // A user stretch left to the translator: its address space and start. The watch asks for
+    // a policy check once it has run long enough to belong under KVM (a loop that makes no
+    // system call and sees no interrupt would otherwise never leave the translator).
+    let mut translator_stretch: Option<(u64, Instant)> = None;
+    let watch = policy::Watch::start();
     loop {
         match bt::run_loop(&mut m.translator, &mut m.platform)? {
             Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
@@ -133,6 +139,7 @@ fn drive(
                     stats.translator_user_stretches += 1;
                     translator_stretch = Some((m.translator.state().cr3, Instant::now()));
                     m.translator.set_kernel_exit(true);
+                    watch.arm(policy.long_stretch());
                 }
                 Choice::Kvm => {
                     if let Some(end) = user_stint(m, ram, user, policy, stats)? {
@@ -142,8 +149,28 @@ fn drive(
             },
             Pause::KernelMode => {
                 m.translator.set_kernel_exit(false);
+                watch.disarm();
                 if let Some((cr3, started)) = translator_stretch.take() {
                     policy.translator_stretch_ended(cr3, started.elapsed());
+                }
+            }
+            Pause::PolicyCheck => {
+                // Still the same user stretch: it computes; KVM takes it from here — at a
+                // clean boundary only (a split access half done must finish in the translator:
+                // its bounce buffer goes back to guest memory when it does).
+                let at_user = m.translator.state().cpl == Cpl::User;
+                if let (true, Some((cr3, started))) = (at_user, translator_stretch) {
+                    if !m.translator.at_clean_boundary() {
+                        watch.arm(Duration::from_micros(50));
+                    } else if m.translator.state().cr3 == cr3 {
+                        translator_stretch = None;
+                        m.translator.set_kernel_exit(false);
+                        policy.translator_stretch_ended(cr3, started.elapsed());
+                        stats.policy_checks += 1;
+                        if let Some(end) = user_stint(m, ram, user, policy, stats)? {
+                            return Ok(end);
+                        }
+                    }
                 }
             }
         }
@@ -432,7 +459,11 @@ fn report(
             t.slot_resets,
             user.tables.frames_in_use()
         ),
-        format!("  hybrid policy: {}", policy.describe()),
+        format!(
+            "  hybrid policy: {}; {} translated stretches moved to KVM while they ran",
+            policy.describe(),
+            s.policy_checks
+        ),
     ];
     let mut map = serde_json::Map::new();
     map.insert(

@@ -12,8 +12,13 @@
 //! a while, and is probed under KVM again after a back-off that doubles while the verdict
 //! holds. While an address space is left to the translator, its user stretches there are timed
 //! too (to their next kernel entry): one that ran many round trips' worth (user code that
-//! computed) sends it back to KVM at once — a program that starts with a burst of system calls
-//! and then computes gets KVM back within one timer tick.
+//! computed) sends it back to KVM at once, and a [`Watch`] thread stops a stretch that is still
+//! running by then and moves it to KVM where it stands.
+//!
+//! A new address space starts under KVM. (Starting it in the translator instead — most
+//! processes of a shell live a few system calls long — measured slower: 300 fork+exec of
+//! busybox `true` took 2.7–3.3 s against 2.4 s, Intel SPR host; a fresh process's code is
+//! translated anew while under KVM it runs at once.)
 //!
 //! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
 //! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
@@ -21,7 +26,8 @@
 //! engine is the default for CPL0.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
@@ -43,6 +49,8 @@ const SHORT: f64 = 4.0;
 /// A stretch in the translator (user entry to user entry) longer than this many times the
 /// cheapest KVM stretch was user computation: back to KVM.
 const LONG: f64 = 20.0;
+/// The cheapest KVM stretch assumed until one is measured (µs; Intel SPR host: 60–140).
+const DEFAULT_FLOOR_US: f64 = 100.0;
 /// The first back-off (user entries left to the translator), and the longest.
 const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
@@ -60,8 +68,10 @@ struct Space {
 pub struct Policy {
     mode: Mode,
     spaces: HashMap<u64, Space>,
-    /// The cheapest stretch under KVM seen, µs (≈ the cost of the round trip itself).
+    /// The cheapest stretch under KVM seen, µs (≈ the cost of the round trip itself), and how
+    /// many stretches it is the minimum of.
     floor_us: f64,
+    floor_samples: u64,
     to_kvm: u64,
     to_translator: u64,
     /// Times an address space was sent to the translator for a while, and brought back early.
@@ -75,6 +85,7 @@ impl Policy {
             mode,
             spaces: HashMap::new(),
             floor_us: f64::INFINITY,
+            floor_samples: 0,
             to_kvm: 0,
             to_translator: 0,
             demotions: 0,
@@ -104,9 +115,11 @@ impl Policy {
         }
         let us = took.as_secs_f64() * 1e6;
         self.floor_us = self.floor_us.min(us);
+        self.floor_samples += 1;
         if self.mode != Mode::Adaptive {
             return;
         }
+        let floor = self.floor();
         let space = self.spaces.entry(cr3).or_default();
         space.average_us = if space.stretches == 0 {
             us
@@ -114,7 +127,7 @@ impl Policy {
             0.5 * space.average_us + 0.5 * us
         };
         space.stretches += 1;
-        if space.average_us < SHORT * self.floor_us {
+        if space.average_us < SHORT * floor {
             space.backoff = (space.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
             space.translator_left = space.backoff;
             self.demotions += 1;
@@ -123,9 +136,24 @@ impl Policy {
         }
     }
 
-    /// A stretch of `cr3`'s user code ran `took` in the translator (to its next kernel entry).
+    /// The cheapest KVM stretch, measured (once there are a few) or assumed (µs).
+    fn floor(&self) -> f64 {
+        if self.floor_samples >= 8 {
+            self.floor_us
+        } else {
+            self.floor_us.min(DEFAULT_FLOOR_US)
+        }
+    }
+
+    /// How long a translated user stretch may run before it belongs under KVM.
+    pub fn long_stretch(&self) -> Duration {
+        Duration::from_secs_f64(LONG * self.floor() * 1e-6)
+    }
+
+    /// A stretch of `cr3`'s user code ran `took` in the translator (to its next kernel entry,
+    /// or to the watch's check).
     pub fn translator_stretch_ended(&mut self, cr3: u64, took: Duration) {
-        if took.as_secs_f64() * 1e6 > LONG * self.floor_us {
+        if took.as_secs_f64() * 1e6 > LONG * self.floor() {
             let space = self.spaces.entry(cr3).or_default();
             space.translator_left = 0;
             space.backoff = 0;
@@ -141,13 +169,13 @@ impl Policy {
             Mode::AlwaysKvm => "always-kvm",
         };
         format!(
-            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces, {} times one was left to the translator, {} times brought back early; cheapest stretch under KVM {:.1} µs",
+            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces, {} times one was left to the translator, {} times brought back early; cheapest stretch under KVM {:.1} µs (assumed 100 until 8 are measured)",
             self.to_kvm,
             self.to_translator,
             self.spaces.len(),
             self.demotions,
             self.promotions,
-            if self.floor_us.is_finite() { self.floor_us } else { 0.0 },
+            self.floor(),
         )
     }
 
@@ -159,7 +187,68 @@ impl Policy {
             "address_spaces": self.spaces.len(),
             "demotions": self.demotions,
             "promotions": self.promotions,
-            "cheapest_stretch_us": if self.floor_us.is_finite() { self.floor_us } else { 0.0 },
+            "cheapest_stretch_us": self.floor(),
         })
+    }
+}
+
+/// A thread that asks for a policy check (`stop::request_policy_check`) when a translated user
+/// stretch has run for the time it was armed with, unless disarmed first.
+pub struct Watch {
+    deadline: Arc<(Mutex<WatchState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct WatchState {
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Watch {
+    pub fn start() -> Watch {
+        let deadline: Arc<(Mutex<WatchState>, Condvar)> = Arc::default();
+        let shared = Arc::clone(&deadline);
+        let spawned = std::thread::Builder::new().name("hbt-policy".into()).spawn(move || {
+            let (lock, cv) = &*shared;
+            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
+            while !state.done {
+                match state.deadline {
+                    Some(d) if Instant::now() >= d => {
+                        state.deadline = None;
+                        crate::vmm::stop::request_policy_check();
+                    }
+                    Some(d) => {
+                        let wait = d.saturating_duration_since(Instant::now());
+                        state = cv.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0;
+                    }
+                    None => state = cv.wait(state).unwrap_or_else(|e| e.into_inner()),
+                }
+            }
+        });
+        // Without the thread, stretches end only at kernel entries (interrupts included).
+        drop(spawned);
+        Watch { deadline }
+    }
+
+    pub fn arm(&self, after: Duration) {
+        self.set(Some(Instant::now() + after));
+    }
+
+    pub fn disarm(&self) {
+        self.set(None);
+    }
+
+    fn set(&self, deadline: Option<Instant>) {
+        let (lock, cv) = &*self.deadline;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline = deadline;
+        cv.notify_one();
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.deadline;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+        cv.notify_one();
     }
 }
