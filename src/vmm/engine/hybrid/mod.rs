@@ -198,6 +198,8 @@ fn user_stint(
     stats.switching += started.elapsed();
     stats.stints += 1;
     let mut last_hidden = None;
+    // Round trips out of KVM in this stint: the final one and each hidden fault's.
+    let mut round_trips = 1u32;
     let outcome = loop {
         user.vcpu.set_kvm_immediate_exit(0);
         if stop::requested().is_some() || stop::attention() || m.chipset.interrupt_pending() {
@@ -280,6 +282,7 @@ fn user_stint(
                             // The guest allows it: widen hbt's tables (a write to a page
                             // holding translated code drops those translations first).
                             last_hidden = Some((cr2, access));
+                            round_trips += 1;
                             if access == Access::Write && m.translator.has_code_on_page(pa) {
                                 m.translator.invalidate_range(pa & !0xfff, 0x1000);
                             }
@@ -314,7 +317,7 @@ fn user_stint(
     };
     let back = Instant::now();
     let entered_kernel = !matches!(outcome, Outcome::Kicked | Outcome::Ended(_));
-    policy.stint_ended(before.cr3, started.elapsed(), entered_kernel);
+    policy.stint_ended(before.cr3, started.elapsed() / round_trips, entered_kernel);
     let t = &mut m.translator;
     let resume = |t: &mut Translator, s: GuestState| {
         *t.state_mut() = s;

@@ -26,7 +26,8 @@
 //! engine is the default for CPL0.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,9 +107,11 @@ impl Policy {
         }
     }
 
-    /// A stretch of `cr3`'s user code took `took` under KVM (from the state going in to the
-    /// state coming out); `entered_kernel`: it ended with a kernel entry (not a kick), so its
-    /// length is the user code's own plus one round trip.
+    /// A stretch of `cr3`'s user code took `took` under KVM per round trip out of it (from the
+    /// state going in to the state coming out, divided by the exits it took: a page fault hbt
+    /// resolved is a round trip too, and a freshly exec'd program under KVM makes dozens);
+    /// `entered_kernel`: it ended with a kernel entry (not a kick), so its length is the user
+    /// code's own plus one round trip.
     pub fn stint_ended(&mut self, cr3: u64, took: Duration, entered_kernel: bool) {
         if !entered_kernel {
             return;
@@ -193,62 +196,64 @@ impl Policy {
 }
 
 /// A thread that asks for a policy check (`stop::request_policy_check`) when a translated user
-/// stretch has run for the time it was armed with, unless disarmed first.
+/// stretch has run for the time it was armed with, unless disarmed first. Arming and disarming
+/// are one atomic store each (they happen at every user entry and kernel entry the translator
+/// runs: a mutex and a wake-up there cost ≈10 µs per system call); the thread looks every
+/// millisecond.
 pub struct Watch {
-    deadline: Arc<(Mutex<WatchState>, Condvar)>,
+    shared: Arc<WatchState>,
 }
 
-#[derive(Default)]
 struct WatchState {
-    deadline: Option<Instant>,
-    done: bool,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` the stretch is due; 0: disarmed.
+    deadline_ns: AtomicU64,
+    done: AtomicBool,
 }
+
+const WATCH_POLL: Duration = Duration::from_millis(1);
 
 impl Watch {
     pub fn start() -> Watch {
-        let deadline: Arc<(Mutex<WatchState>, Condvar)> = Arc::default();
-        let shared = Arc::clone(&deadline);
+        let shared = Arc::new(WatchState {
+            epoch: Instant::now(),
+            deadline_ns: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        });
+        let state = Arc::clone(&shared);
         let spawned = std::thread::Builder::new().name("hbt-policy".into()).spawn(move || {
-            let (lock, cv) = &*shared;
-            let mut state = lock.lock().unwrap_or_else(|e| e.into_inner());
-            while !state.done {
-                match state.deadline {
-                    Some(d) if Instant::now() >= d => {
-                        state.deadline = None;
-                        crate::vmm::stop::request_policy_check();
-                    }
-                    Some(d) => {
-                        let wait = d.saturating_duration_since(Instant::now());
-                        state = cv.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0;
-                    }
-                    None => state = cv.wait(state).unwrap_or_else(|e| e.into_inner()),
+            while !state.done.load(Ordering::Relaxed) {
+                std::thread::sleep(WATCH_POLL);
+                let due = state.deadline_ns.load(Ordering::Relaxed);
+                let now = state.epoch.elapsed().as_nanos() as u64;
+                if due != 0
+                    && now >= due
+                    && state
+                        .deadline_ns
+                        .compare_exchange(due, 0, Ordering::SeqCst, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    crate::vmm::stop::request_policy_check();
                 }
             }
         });
         // Without the thread, stretches end only at kernel entries (interrupts included).
         drop(spawned);
-        Watch { deadline }
+        Watch { shared }
     }
 
     pub fn arm(&self, after: Duration) {
-        self.set(Some(Instant::now() + after));
+        let due = (self.shared.epoch.elapsed() + after).as_nanos() as u64;
+        self.shared.deadline_ns.store(due.max(1), Ordering::Relaxed);
     }
 
     pub fn disarm(&self) {
-        self.set(None);
-    }
-
-    fn set(&self, deadline: Option<Instant>) {
-        let (lock, cv) = &*self.deadline;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).deadline = deadline;
-        cv.notify_one();
+        self.shared.deadline_ns.store(0, Ordering::Relaxed);
     }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let (lock, cv) = &*self.deadline;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).done = true;
-        cv.notify_one();
+        self.shared.done.store(true, Ordering::Relaxed);
     }
 }
