@@ -409,6 +409,17 @@ fn cpuid_is_the_same_processor_at_cpl0_and_cpl3() {
 }
 
 #[test]
+fn random_user_code_ends_cleanly_under_every_engine() {
+    // 1000 pages of pseudo-random bytes run at CPL3 (guests/user_chaos.c): under hybrid they
+    // run under KVM on hbt's page tables and stubs, and come back to the translator.
+    transcript(
+        "test-images/user-chaos.img",
+        "user-chaos: 1000 rounds at CPL3, done\n",
+        0,
+    );
+}
+
+#[test]
 fn interrupts_reach_tight_self_chained_loops() {
     // A PIT interrupt reaches `jmp` to itself, a loop over two pages and `sti; jmp` to itself, at
     // CPL0 and CPL3 (guests/irq_loop.c): under bt the kick must unlink chained code.
