@@ -451,14 +451,31 @@ fn mutated_programs_end_as_they_do_natively() {
         let path = dir.path().join(format!("m{i}"));
         std::fs::write(&path, m.mutate(&seed)).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let native = match Command::new(&path).output() {
-            Err(e) => format!("execve: {}", hbt_translator::host::files::os_message(&e)),
-            Ok(_) => {
-                let n = native_outcome(&path);
-                format!("{} {:?}", n.end, n.stdout)
+        // ETXTBSY is the test harness's, not the mutant's: another test thread that forks
+        // while this file was open for writing holds the fd until its child execs. Retried.
+        let busy = |text: &str| text.contains("Text file busy");
+        let mut native = String::new();
+        for _ in 0..20 {
+            native = match Command::new(&path).output() {
+                Err(e) => format!("execve: {}", hbt_translator::host::files::os_message(&e)),
+                Ok(_) => {
+                    let n = native_outcome(&path);
+                    format!("{} {:?}", n.end, n.stdout)
+                }
+            };
+            if !busy(&native) {
+                break;
             }
-        };
-        let (t, stderr) = translated(&path, &[]);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let (mut t, mut stderr) = translated(&path, &[]);
+        for _ in 0..20 {
+            if !busy(&stderr) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            (t, stderr) = translated(&path, &[]);
+        }
         let under_hbt = if t.end == "exit 1" && stderr.contains("cannot execute") {
             // hbt's execve refusal names the errno text.
             match native.strip_prefix("execve: ") {
