@@ -14,7 +14,7 @@
 //! Under `--gdb` the run loop is driven by the gdb stub through `debug.rs` instead.
 
 use super::debug::DebugStop;
-use super::{fmt_counts, End, Finished, Setup};
+use super::{ending, fmt_counts, End, Finished, Setup};
 use crate::vmm::cpu_state::CpuSnapshot;
 use crate::vmm::devices::pvclock::{PhysWrite, PvClock};
 use crate::vmm::devices::{self, chipset::Chipset, Action, Buses, IrqLine};
@@ -361,13 +361,11 @@ pub(super) fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<
             Exit::Stepped => return Ok(Pause::Debugger(DebugStop::Stepped)),
             Exit::UserMode => return Ok(Pause::UserMode),
             Exit::KernelMode => return Ok(Pause::KernelMode),
-            Exit::Stopped => match platform.stop.take() {
-                Some(Action::Exit(v)) => return Ok(Pause::Debugger(DebugStop::Ended(End::ExitPort(v)))),
-                Some(Action::Reset) => return Ok(Pause::Debugger(DebugStop::Ended(End::Reset))),
-                Some(Action::PowerOff) => return Ok(Pause::Debugger(DebugStop::Ended(End::PowerOff))),
-                Some(Action::OutputClosed) => return Ok(Pause::Debugger(DebugStop::Ended(End::OutputClosed))),
-                Some(Action::Continue) | None => {}
-            },
+            Exit::Stopped => {
+                if let Some(end) = platform.stop.take().and_then(ending) {
+                    return Ok(Pause::Debugger(DebugStop::Ended(end)));
+                }
+            }
             Exit::Halt => {
                 if t.state().rflags & flags::IF == 0 {
                     return Ok(Pause::Debugger(DebugStop::Ended(End::Halted)));

@@ -1,7 +1,7 @@
 //! `--accel kvm`: the guest runs on KVM; hbt handles its port-I/O and MMIO exits with the device
 //! models. KVM's in-kernel PIC/IOAPIC/LAPIC and PIT provide the interrupts.
 
-use super::{fmt_counts, End, Finished, Setup};
+use super::{ending, fmt_counts, End, Finished, Setup};
 use crate::vmm::devices::{self, Action, Buses};
 use crate::vmm::{boot, stop, vstate};
 use anyhow::{bail, Context, Result};
@@ -101,12 +101,8 @@ pub fn run(setup: &Setup) -> Result<Finished> {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => (SIGNAL, Action::Continue),
             Err(e) => bail!("KVM_RUN failed: {e}: {}", vstate::vcpu::describe(&vcpu, mem)),
         };
-        match action {
-            Action::Continue => {}
-            Action::Exit(v) => break End::ExitPort(v),
-            Action::Reset => break End::Reset,
-            Action::PowerOff => break End::PowerOff,
-            Action::OutputClosed => break End::OutputClosed,
+        if let Some(end) = ending(action) {
+            break end;
         }
         st.exits[reason] += 1;
     };

@@ -9,7 +9,7 @@ pub mod debug;
 pub mod hybrid;
 pub mod kvm;
 
-use super::devices::{progress, Buses};
+use super::devices::{progress, Action, Buses};
 use super::loader::Entry;
 use super::memory::GuestMemory;
 use std::time::Instant;
@@ -60,6 +60,17 @@ pub struct Finished {
     /// Engine counters: lines for `--stats` and fields for `--stats-json`.
     pub stats_lines: Vec<String>,
     pub stats_json: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How a device's request ends the run (`None`: it does not).
+pub fn ending(action: Action) -> Option<End> {
+    match action {
+        Action::Continue => None,
+        Action::Exit(v) => Some(End::ExitPort(v)),
+        Action::Reset => Some(End::Reset),
+        Action::PowerOff => Some(End::PowerOff),
+        Action::OutputClosed => Some(End::OutputClosed),
+    }
 }
 
 /// `(name, count)` pairs as `name 3, other 5`, or `none`.

@@ -31,10 +31,6 @@ impl Translator {
         }
     }
 
-    pub fn user_exit(&self) -> bool {
-        self.user_exit
-    }
-
     /// Whether the guest state may leave the engine now: no instruction is half done (a split
     /// access's bounce buffer or a device access mapped in the TLB, a one-off step pending).
     /// `run` returning `Interrupted` can stop between those; the user- and kernel-mode exits

@@ -25,8 +25,7 @@ mod user_vcpu;
 
 use super::bt::{self, Machine, Pause};
 use super::debug::DebugStop;
-use super::{fmt_counts, End, Finished, Setup};
-use crate::vmm::devices::Action;
+use super::{ending, fmt_counts, End, Finished, Setup};
 use crate::vmm::stop;
 use anyhow::{bail, Result};
 use hbt_translator::mmu::soft_mmu::{self, GuestRam};
@@ -229,10 +228,8 @@ fn user_stint(
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 *stats.causes.entry(Cause::Device).or_default() += 1;
-                if let action @ (Action::Exit(_) | Action::Reset | Action::PowerOff | Action::OutputClosed) =
-                    m.platform.buses.mmio.write(addr, data)
-                {
-                    break Outcome::Ended(action);
+                if let Some(end) = ending(m.platform.buses.mmio.write(addr, data)) {
+                    break Outcome::Ended(end);
                 }
             }
             Ok(other) => {
@@ -247,8 +244,8 @@ fn user_stint(
         // Port output from a stub (user code entered the kernel) or, rarely, a device; or a
         // kick that caught the vCPU between a kernel entry and its stub's exit (at LSTAR, or at
         // a gate stub with the frame pushed), which is that entry.
-        let (regs, _) = user.registers();
-        let cr2 = user.cr2();
+        let (regs, sregs) = user.registers();
+        let cr2 = sregs.cr2;
         let entry = user.region.entry(regs.rip, regs.rsp, cr2);
         if kicked && entry.is_none() {
             break Outcome::Kicked;
@@ -307,9 +304,8 @@ fn user_stint(
                     // Port output by user code itself (a guest that gave it IOPL 3 on a
                     // host that honours it).
                     *stats.causes.entry(Cause::Device).or_default() += 1;
-                    match m.platform.buses.pio.write(port as u64, &bytes[..len]) {
-                        Action::Continue => {}
-                        action => break Outcome::Ended(action),
+                    if let Some(end) = ending(m.platform.buses.pio.write(port as u64, &bytes[..len])) {
+                        break Outcome::Ended(end);
                     }
                 }
             }
@@ -329,14 +325,9 @@ fn user_stint(
             stats.kicked_at = Some(Instant::now());
             resume(t, user.user_state(&before, None)?);
         }
-        Outcome::Ended(action) => {
+        Outcome::Ended(end) => {
             resume(t, user.user_state(&before, None)?);
-            return Ok(Some(match action {
-                Action::Exit(v) => End::ExitPort(v),
-                Action::Reset => End::Reset,
-                Action::PowerOff => End::PowerOff,
-                _ => End::OutputClosed,
-            }));
+            return Ok(Some(end));
         }
         Outcome::Syscall { rsp } => {
             *stats.causes.entry(Cause::Syscall).or_default() += 1;
@@ -395,7 +386,7 @@ enum Outcome {
         rsp: u64,
     },
     /// A device asked to end the run.
-    Ended(Action),
+    Ended(End),
     /// A page fault the translator's walk raises.
     Fault(host_region::Frame, GuestException),
     /// A gate other than #PF: the translator re-runs the instruction.

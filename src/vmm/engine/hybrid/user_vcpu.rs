@@ -265,11 +265,6 @@ impl UserVcpu {
         Ok(s)
     }
 
-    /// KVM's CR2 (the address of the last #PF it delivered).
-    pub fn cr2(&self) -> u64 {
-        self.registers().1.cr2
-    }
-
     /// The vCPU's registers, for an error report.
     pub fn describe(&self) -> String {
         match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
