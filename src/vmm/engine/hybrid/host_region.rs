@@ -202,9 +202,9 @@ impl HostRegion {
         (gdt, idt, tr)
     }
 
-    /// The kernel entry behind an `out` exit at `rip` (after the `out`) with `rsp`, `cr2`, if
-    /// the exit came from a stub; `None` otherwise.
-    pub fn entry(&self, rip: u64, rsp: u64, cr2: u64) -> Option<Entry> {
+    /// The kernel entry behind an `out` exit at `rip` (after the `out`) with `rsp`, if the exit
+    /// came from a stub; `None` otherwise.
+    pub fn entry(&self, rip: u64, rsp: u64) -> Option<Entry> {
         let offset = rip.wrapping_sub(HBT_VA);
         if (SYSCALL_STUBS..SYSCALL_STUBS + 2 * STUB_SIZE).contains(&offset) {
             // The stub itself ran (a CPU's `syscall`): RSP is still the user's.
@@ -232,8 +232,10 @@ impl HostRegion {
             rflags: self.get(at + 16),
             rsp: self.get(at + 24),
         };
-        // kvm_pvm's syscall: a #PF fetching the LSTAR/CSTAR stub itself.
-        if vector == 14 && (cr2 == self.lstar() || cr2 == self.cstar()) && frame.rip == cr2 {
+        // kvm_pvm's syscall: a #PF fetching the LSTAR/CSTAR stub itself (by RIP: CR2 may be
+        // unreported, `user_vcpu::UNREPORTED_CR2`). User code that jumps there gets the same
+        // frame and is taken for a system call, with whatever RCX/R11 it holds.
+        if vector == 14 && (frame.rip == self.lstar() || frame.rip == self.cstar()) {
             return Some(Entry::Syscall { rsp: frame.rsp });
         }
         Some(Entry::Gate {

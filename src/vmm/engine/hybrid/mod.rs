@@ -76,6 +76,8 @@ struct HybridStats {
     stints: u64,
     causes: BTreeMap<Cause, u64>,
     replays: u64,
+    /// Page faults KVM delivered without their address (`user_vcpu::UNREPORTED_CR2`).
+    unreported_cr2: u64,
     translator_user_stretches: u64,
     /// From a stint kicked out for an interrupt to the next stint (the guest kernel's handler
     /// in the translator, both switches).
@@ -246,7 +248,7 @@ fn user_stint(
         // a gate stub with the frame pushed), which is that entry.
         let (regs, sregs) = user.registers();
         let cr2 = sregs.cr2;
-        let entry = user.region.entry(regs.rip, regs.rsp, cr2);
+        let entry = user.region.entry(regs.rip, regs.rsp);
         if kicked && entry.is_none() {
             break Outcome::Kicked;
         }
@@ -267,6 +269,11 @@ fn user_stint(
                     error_code,
                     frame,
                 }) => {
+                    if cr2 == user_vcpu::UNREPORTED_CR2 {
+                        // KVM did not say where: the translator finds out (user_vcpu.rs).
+                        stats.unreported_cr2 += 1;
+                        break Outcome::Replay(frame);
+                    }
                     let access = match error_code.unwrap_or(0) {
                         e if e & 0x10 != 0 => Access::Fetch,
                         e if e & 0x2 != 0 => Access::Write,
@@ -446,8 +453,9 @@ fn report(
             s.kick_to_stint.as_secs_f64() * 1e6 / s.causes.get(&Cause::Kick).copied().unwrap_or(0).max(1) as f64
         ),
         format!(
-            "  hybrid: {} instructions re-run in the translator; page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
+            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address); page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
             s.replays,
+            s.unreported_cr2,
             t.builds,
             t.widened,
             t.slot_resets,
@@ -469,6 +477,7 @@ fn report(
             "translator_user_stretches": s.translator_user_stretches,
             "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),
             "replays": s.replays,
+            "page_faults_without_address": s.unreported_cr2,
             "tables_built": t.builds,
             "tables_widened": t.widened,
             "slot_resets": t.slot_resets,

@@ -31,6 +31,14 @@ const CPUID_FAULTING: u64 = 1;
 const REGION_SLOT: u32 = 8;
 /// RFLAGS bits user code cannot change at IOPL 0 (or that kvm_pvm does not show it): they stay
 /// as the guest kernel left them.
+/// The CR2 hbt gives KVM with every state it loads: non-canonical, so no page fault can
+/// report it. kvm_pvm sometimes delivers a #PF without writing CR2 — measured on an Intel
+/// Xeon (SPR) host, about 1 user fault in 4000 in a busybox loop: the first instruction after
+/// a state load (typically the one after a `syscall`), error code "not present, fetch", the
+/// frame's RF clear, CR2 whatever hbt loaded. A fault that comes back with this value has no
+/// address hbt can trust, so the translator re-runs the instruction instead (`hybrid/mod.rs`).
+pub const UNREPORTED_CR2: u64 = 0x8000_0000_0000_0000;
+
 const KERNEL_OWNED_FLAGS: u64 = flags::IF | flags::IOPL | flags::VIF | flags::VIP | flags::VM;
 
 /// Counters for `--stats`.
@@ -187,7 +195,7 @@ impl UserVcpu {
             ..Default::default()
         };
         sr.cr0 = s.cr0;
-        sr.cr2 = s.cr2;
+        sr.cr2 = UNREPORTED_CR2;
         sr.cr3 = root;
         // UMIP whatever the guest chose: `sgdt`/`sidt`/`sldt`/`str`/`smsw` at CPL3 would show
         // hbt's tables (kvm_pvm's emulator answers them from KVM's registers); with it they
