@@ -91,8 +91,16 @@ pub(super) struct Block {
     pub(super) host_len: u32,
     pub(super) sites: Vec<HostSite>,
     pub(super) exits: Vec<ExitPatch>,
-    /// Chained jumps and return caches that lead into this block (undone on invalidation).
+    /// Chained jumps and return caches that lead into this block (undone on invalidation and
+    /// by an address-space change, [`Translator::remap`]).
     pub(super) incoming: Vec<Incoming>,
+    /// The same, from blocks whose code occupies every (virtual, physical) page this block's
+    /// does: undone on invalidation only. The source runs only while its pages map as
+    /// translated (it was revalidated, or entered through such a link itself), so this
+    /// block's code is then current too. Most links are of this kind (a loop, the arms of an
+    /// `if`); undoing them at each CR3 write made the dispatcher chain them again (≈35% of a
+    /// fork/exec-heavy guest's block exits).
+    pub(super) incoming_same_pages: Vec<Incoming>,
     pub(super) inline_caches: Vec<crate::emit::InlineCache>,
     pub(super) valid: bool,
     /// Lowest and highest (exclusive) guest virtual address its instructions occupy
@@ -181,7 +189,7 @@ impl Translator {
             }
         };
         self.code.patch_rel32(field, host);
-        self.link_into(dst, Incoming::Jump { field, original });
+        self.link_into(src, dst, Incoming::Jump { field, original });
         self.stats.chained += 1;
     }
 
@@ -215,6 +223,7 @@ impl Translator {
         // Later misses use the table (the site is polymorphic) instead of the dispatcher.
         self.code.patch_jmp_to_nop(fill);
         self.link_into(
+            src,
             dst,
             Incoming::InlineCache {
                 imm,
@@ -337,6 +346,7 @@ impl Translator {
             sites: emitted.sites,
             exits: emitted.exits,
             incoming: Vec::new(),
+            incoming_same_pages: Vec::new(),
             inline_caches: emitted.inline_caches,
             valid: cached,
             span: block.span,
@@ -377,6 +387,7 @@ impl Translator {
             sites: Vec::new(),
             exits: Vec::new(),
             incoming: Vec::new(),
+            incoming_same_pages: Vec::new(),
             inline_caches: Vec::new(),
             valid: true,
             mapping: mapping.into(),
@@ -436,7 +447,11 @@ impl Translator {
         if self.by_guest.get(&key) == Some(&i) {
             self.by_guest.remove(&key);
         }
-        for link in std::mem::take(&mut self.blocks[i].incoming) {
+        let b = &mut self.blocks[i];
+        for link in std::mem::take(&mut b.incoming)
+            .iter()
+            .chain(&std::mem::take(&mut b.incoming_same_pages))
+        {
             // SAFETY: links are recorded inside the code buffer; translated code is stopped.
             unsafe { link.undo(false) };
         }
@@ -444,8 +459,14 @@ impl Translator {
         self.ctx.get_mut().ibl_forget(key, host, empty);
     }
 
-    /// Records a link into block `dst` (so invalidation and [`Translator::remap`] can undo it).
-    fn link_into(&mut self, dst: usize, link: Incoming) {
+    /// Records a link from block `src` into block `dst` (so invalidation and
+    /// [`Translator::remap`] can undo it).
+    fn link_into(&mut self, src: usize, dst: usize, link: Incoming) {
+        let (from, to) = (&self.blocks[src].mapping, &self.blocks[dst].mapping);
+        if to.iter().next().is_some() && to.iter().all(|p| from.iter().any(|q| q == p)) {
+            self.blocks[dst].incoming_same_pages.push(link);
+            return;
+        }
         let b = &self.blocks[dst];
         if b.incoming.is_empty() {
             if b.global && b.global_epoch == self.global_epoch {
@@ -457,8 +478,9 @@ impl Translator {
         self.blocks[dst].incoming.push(link);
     }
 
-    /// The guest's address space changed (CR3, INVLPG, paging controls): the TLBs and every
-    /// link between blocks go, but the blocks stay. Each is revalidated (its code pages walked
+    /// The guest's address space changed (CR3, INVLPG, paging controls): the TLBs and the
+    /// links between blocks go (but those within the same pages, `Block::incoming_same_pages`),
+    /// and the blocks stay. Each is revalidated (its code pages walked
     /// again) the next time the dispatcher looks it up, and kept if they still map to the same
     /// physical pages: kernel text survives the address-space switches that would otherwise
     /// retranslate it all.

@@ -60,7 +60,7 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
         }
         None => {
             for block in t.blocks.iter().filter(|b| b.valid) {
-                for link in &block.incoming {
+                for link in block.incoming.iter().chain(&block.incoming_same_pages) {
                     // SAFETY: fields recorded when the links were made, inside the code buffer.
                     unsafe { link.undo(true) };
                 }

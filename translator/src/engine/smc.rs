@@ -93,7 +93,7 @@ pub(super) fn code_write(data: *const (), addr: u64, pc: u64) -> CodeWrite {
         let ctx = t.ctx.as_ptr();
         for &i in list {
             let block = &t.blocks[i];
-            for link in &block.incoming {
+            for link in block.incoming.iter().chain(&block.incoming_same_pages) {
                 // SAFETY: fields recorded when the links were made, inside the code buffer;
                 // translated code is stopped in the fault handler.
                 unsafe { link.undo(false) };
