@@ -336,7 +336,7 @@ impl Translator {
         let key = key.unwrap_or_else(|| self.block_key(block.start));
         let mut region = block.span.0 >> 21;
         while region <= (block.span.1 - 1) >> 21 {
-            self.code_regions.insert(region);
+            self.code_regions.entry(region).or_default().push(index);
             region += 1;
         }
         self.blocks.push(Block {
@@ -528,19 +528,38 @@ impl Translator {
     }
 
     /// INVLPG: the data TLBs go (cheap; the page may be a large one, whose 4 KiB entries all
-    /// go with it), but links and blocks stay unless translated code lies in the 2 MiB region
-    /// of `va` (Linux invalidates single pages all the time — copy-on-write, unmap, kmap — and a
-    /// full remap each time undid every chained jump). There are no 1 GiB pages to track: the
-    /// VMM does not offer them (`pdpe1gb` hidden) and the page walk treats PS in a PDPTE as a
-    /// reserved bit.
+    /// go with it), and so does whatever lets translated code enter the blocks in the 2 MiB
+    /// region of `va` without the dispatcher revalidating them: links from other pages, their
+    /// indirect-branch entries, their validation. Links within one page stay (see
+    /// `Block::incoming_same_pages`: every way into the page now goes through the
+    /// dispatcher). Everything else stays: Linux invalidates single pages all the time —
+    /// copy-on-write, unmap, kmap — often in the 2 MiB region of a program's code (its data
+    /// follows it), and a full remap each time undid every chain into the kernel too (≈5,000
+    /// times in 600 fork+exec). There are no 1 GiB pages to track: the VMM does not offer them
+    /// (`pdpe1gb` hidden) and the page walk treats PS in a PDPTE as a reserved bit.
     pub(super) fn invalidate_page(&mut self, va: u64) {
-        if self.code_regions.contains(&(va >> 21)) {
-            self.remap(false);
-        } else {
-            self.ctx.get_mut().flush_tlb();
-            self.stats.page_invalidations += 1;
-            self.invalidations += 1;
-        }
+        self.ctx.get_mut().flush_tlb();
+        self.stats.page_invalidations += 1;
+        self.invalidations += 1;
+        let Some(in_region) = self.code_regions.get_mut(&(va >> 21)) else {
+            return;
+        };
+        let empty = self.glue.ibl_empty;
+        let ctx = self.ctx.get_mut();
+        in_region.retain(|&i| {
+            let b = &mut self.blocks[i];
+            if !b.valid {
+                return false;
+            }
+            for link in b.incoming.drain(..) {
+                // SAFETY: as in `invalidate_block`.
+                unsafe { link.undo(false) };
+            }
+            ctx.ibl_forget(b.key, b.host, empty);
+            b.epoch = NEVER_VALIDATED;
+            b.global = false;
+            true
+        });
     }
 
     /// Whether block `i` may run in the current address space: translated or revalidated in
@@ -571,6 +590,9 @@ impl Translator {
         current
     }
 }
+
+/// A `Block::epoch` no mapping epoch equals: the block is revalidated when next looked up.
+const NEVER_VALIDATED: u64 = u64::MAX;
 
 pub(super) fn read_rel32_target(field: u64) -> u64 {
     // SAFETY: `field` is the rel32 of a jump inside our code buffer (checked by the caller

@@ -117,7 +117,7 @@ pub struct Translator {
     code_pages: AddrMap<Vec<usize>>,
     /// System mode: 2 MiB regions of guest virtual addresses that hold translated code (an
     /// INVLPG elsewhere leaves the links between blocks alone, see `invalidate_page`).
-    code_regions: std::collections::HashSet<u64>,
+    code_regions: AddrMap<Vec<usize>>,
     /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
     /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
     ibl_used: [Vec<u32>; 2],

@@ -78,6 +78,8 @@ struct HybridStats {
     replays: u64,
     /// Page faults KVM delivered without their address (`user_vcpu::UNREPORTED_CR2`).
     unreported_cr2: u64,
+    /// User instructions KVM's emulator could not perform (run by the translator instead).
+    emulation_failures: u64,
     translator_user_stretches: u64,
     /// From a stint kicked out for an interrupt to the next stint (the guest kernel's handler
     /// in the translator, both switches).
@@ -234,6 +236,12 @@ fn user_stint(
                     break Outcome::Ended(end);
                 }
             }
+            Ok(VcpuExit::InternalError) => {
+                // kvm_pvm's emulator gave up on a user instruction it should have let fault
+                // (`engine/kvm.rs`, EMULATION_RETRIES): the translator runs it.
+                stats.emulation_failures += 1;
+                break Outcome::Replay(None);
+            }
             Ok(other) => {
                 let what = format!("{other:?}");
                 bail!(
@@ -272,7 +280,7 @@ fn user_stint(
                     if cr2 == user_vcpu::UNREPORTED_CR2 {
                         // KVM did not say where: the translator finds out (user_vcpu.rs).
                         stats.unreported_cr2 += 1;
-                        break Outcome::Replay(frame);
+                        break Outcome::Replay(Some(frame));
                     }
                     let access = match error_code.unwrap_or(0) {
                         e if e & 0x10 != 0 => Access::Fetch,
@@ -302,7 +310,7 @@ fn user_stint(
                             }
                             continue;
                         }
-                        Ok(_) => break Outcome::Replay(frame),
+                        Ok(_) => break Outcome::Replay(Some(frame)),
                         Err(exc) => break Outcome::Fault(frame, exc),
                     }
                 }
@@ -377,7 +385,7 @@ fn user_stint(
         }
         Outcome::Replay(frame) => {
             *stats.causes.entry(Cause::PageFault).or_default() += 1;
-            resume(t, user.user_state(&before, Some(&frame))?);
+            resume(t, user.user_state(&before, frame.as_ref())?);
             stats.replays += 1;
             return replay(m);
         }
@@ -398,8 +406,9 @@ enum Outcome {
     Fault(host_region::Frame, GuestException),
     /// A gate other than #PF: the translator re-runs the instruction.
     Gate(u8, host_region::Frame),
-    /// A page fault the guest's tables allowed twice in a row: the translator runs it.
-    Replay(host_region::Frame),
+    /// A page fault the guest's tables allowed twice in a row, or one without an address, or
+    /// (no frame: at KVM's RIP) an instruction KVM's emulator gave up on: the translator runs it.
+    Replay(Option<host_region::Frame>),
 }
 
 fn deliver(t: &mut Translator, event: Event) -> Result<()> {
@@ -453,9 +462,10 @@ fn report(
             s.kick_to_stint.as_secs_f64() * 1e6 / s.causes.get(&Cause::Kick).copied().unwrap_or(0).max(1) as f64
         ),
         format!(
-            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address); page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
+            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address, {} instructions KVM's emulator gave up on); page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
             s.replays,
             s.unreported_cr2,
+            s.emulation_failures,
             t.builds,
             t.widened,
             t.slot_resets,
@@ -478,6 +488,7 @@ fn report(
             "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),
             "replays": s.replays,
             "page_faults_without_address": s.unreported_cr2,
+            "emulation_failures": s.emulation_failures,
             "tables_built": t.builds,
             "tables_widened": t.widened,
             "slot_resets": t.slot_resets,
