@@ -56,7 +56,6 @@ const DEFAULT_FLOOR_US: f64 = 100.0;
 const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
 
-#[derive(Default)]
 struct Space {
     /// Moving average of its stretches under KVM, µs.
     average_us: f64,
@@ -64,6 +63,18 @@ struct Space {
     /// User entries still left to the translator, and the back-off that set it.
     translator_left: u32,
     backoff: u32,
+}
+
+impl Space {
+    /// A new address space: its first user entries in the translator (see the file comment).
+    fn new() -> Space {
+        Space {
+            average_us: 0.0,
+            stretches: 0,
+            translator_left: MAX_BACKOFF,
+            backoff: MAX_BACKOFF,
+        }
+    }
 }
 
 pub struct Policy {
@@ -96,7 +107,7 @@ impl Policy {
 
     /// Where the user code of address space `cr3` that is about to run goes.
     pub fn choose(&mut self, cr3: u64) -> Choice {
-        let space = self.spaces.entry(cr3).or_default();
+        let space = self.spaces.entry(cr3).or_insert_with(Space::new);
         if self.mode == Mode::Adaptive && space.translator_left > 0 {
             space.translator_left -= 1;
             self.to_translator += 1;
@@ -123,7 +134,7 @@ impl Policy {
             return;
         }
         let floor = self.floor();
-        let space = self.spaces.entry(cr3).or_default();
+        let space = self.spaces.entry(cr3).or_insert_with(Space::new);
         space.average_us = if space.stretches == 0 {
             us
         } else {
@@ -157,7 +168,7 @@ impl Policy {
     /// or to the watch's check).
     pub fn translator_stretch_ended(&mut self, cr3: u64, took: Duration) {
         if took.as_secs_f64() * 1e6 > LONG * self.floor() {
-            let space = self.spaces.entry(cr3).or_default();
+            let space = self.spaces.entry(cr3).or_insert_with(Space::new);
             space.translator_left = 0;
             space.backoff = 0;
             self.promotions += 1;
