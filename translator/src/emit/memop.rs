@@ -189,7 +189,11 @@ impl BlockEmitter<'_> {
                 self.hold_or_give_back(h.s, key, h.size, write, writes_key);
                 return Ok(());
             }
-            self.give_back(h.s);
+            if used & (1 << reg_num(h.s)) == 0 {
+                self.release_scratch(h.s);
+            } else {
+                self.give_back(h.s);
+            }
         }
 
         let Some(access) = access else {
@@ -244,8 +248,7 @@ impl BlockEmitter<'_> {
         let used = self.used_gprs(instr) | avoid;
         // With AH/CH/DH/BH in the instruction no REX prefix is allowed: S must be a legacy register.
         let high8 = uses_high8(instr);
-        let s = self.pick(used | if high8 { 0xff00 } else { 0 });
-        self.borrow(s);
+        let s = self.take_scratch(used | if high8 { 0xff00 } else { 0 });
         if !self.soft_mmu && seg && !rip_rel {
             if let Some(rewritten) = Self::segment_base_operand(instr, s) {
                 // Identity FS/GS: S = guest base, folded into the operand as base or index
@@ -259,7 +262,7 @@ impl BlockEmitter<'_> {
                 let start = self.asm.buf.len();
                 self.asm.emit(&rewritten)?;
                 self.site_here(start);
-                self.give_back(s);
+                self.release_scratch(s);
                 return Ok(());
             }
         }
@@ -318,12 +321,12 @@ impl BlockEmitter<'_> {
         self.emit_at_register(&rewritten, s)?;
         if let Some(d) = bit_reg {
             self.give_back(d);
-            self.give_back(s);
+            self.release_scratch(s);
         } else if self.soft_mmu && raw.is_some() && !rip_rel {
             let size = self.access_size(instr);
             self.hold_or_give_back(s, key, size, access == Access::Write, writes_key);
         } else {
-            self.give_back(s);
+            self.release_scratch(s);
         }
         Ok(())
     }
@@ -332,7 +335,7 @@ impl BlockEmitter<'_> {
     /// instruction if that may use it, else give it back.
     fn hold_or_give_back(&mut self, s: Register, key: MemKey, size: u64, write: bool, writes_key: bool) {
         if writes_key || self.required_alignment.image() {
-            self.give_back(s);
+            self.release_scratch(s);
         } else {
             self.held = Some(HeldAddress { s, key, size, write });
         }
@@ -356,7 +359,7 @@ impl BlockEmitter<'_> {
     /// instruction with the same memory operand).
     pub(super) fn release_held(&mut self) {
         if let Some(h) = self.held.take() {
-            self.give_back(h.s);
+            self.release_scratch(h.s);
         }
     }
 
@@ -598,16 +601,20 @@ impl BlockEmitter<'_> {
     /// usually a register the block does not touch. Elsewhere the plain spill is cheaper (one
     /// store and load fewer).
     pub(super) fn tlb_lookup_flag_free(&mut self, s: Register, access: Access, size: u64, used: u16) {
-        let t = self.pick(used | (1 << reg_num(s)) | (1 << 1));
-        self.borrow(t);
-        let parked = self.block_uses_rcx.then(|| {
-            let p = self.pick(used | (1 << reg_num(s)) | (1 << 1));
-            self.borrow(p);
+        let t = self.take_scratch(used | (1 << reg_num(s)) | (1 << 1));
+        // RCX already borrowed lazily (its guest value in its slot) is simply taken again.
+        let rcx_lazy = self.lazy & (1 << 1) != 0;
+        let parked = (self.block_uses_rcx && !rcx_lazy).then(|| {
+            let p = self.take_scratch(used | (1 << reg_num(s)) | (1 << 1) | (1 << reg_num(t)));
             self.asm.mov_rr(p, Register::RCX);
             p
         });
         if parked.is_none() {
-            self.borrow(Register::RCX);
+            if rcx_lazy {
+                self.lazy &= !(1 << 1);
+            } else {
+                self.borrow(Register::RCX);
+            }
         }
         let info = self.miss_info(access, size);
         let set = self.level_set();
@@ -628,10 +635,10 @@ impl BlockEmitter<'_> {
         match parked {
             Some(p) => {
                 self.asm.mov_rr(Register::RCX, p);
-                self.give_back(p);
+                self.release_scratch(p);
             }
-            None => self.give_back(Register::RCX),
+            None => self.release_scratch(Register::RCX),
         }
-        self.give_back(t);
+        self.release_scratch(t);
     }
 }

@@ -169,6 +169,19 @@ pub(crate) struct BlockEmitter<'a> {
     /// The host address of the previous copied instruction's memory operand, still in the
     /// register that was borrowed for it (`memop.rs`).
     held: Option<memop::HeldAddress>,
+    /// Borrowed registers (a subset of `spilled`) given back lazily: the TLB lookups' scratch
+    /// registers stay borrowed, their guest values in the spill slots, until an instruction
+    /// that names them, anything but a copied instruction, or the block's end
+    /// (`take_scratch`). A store and a load per register and access were most of a
+    /// memory-heavy block's glue (three registers per access).
+    lazy: u16,
+    /// The instruction being emitted is a copied one (the next instruction's start gives
+    /// back what it needs): only then is a scratch register given back lazily. Glue for
+    /// anything else may leave the block within the instruction.
+    lazy_ok: bool,
+    /// The GPRs the instruction being emitted names, explicitly or not (a scratch register
+    /// among them — RCX, which the flag-free lookup always borrows — goes back at once).
+    names: u16,
     /// The block's guest instructions use RCX (see `tlb_lookup_flag_free`).
     block_uses_rcx: bool,
     count_tlb_hits: bool,
@@ -238,6 +251,9 @@ pub fn emit_block(
         f16c_store: false,
         required_alignment: alignment::Requirement::default(),
         held: None,
+        lazy: 0,
+        lazy_ok: false,
+        names: 0,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
         count_tlb_hits: options.count_tlb_hits,
         interrupt_line: options.interrupt_line,
@@ -258,6 +274,20 @@ pub fn emit_block(
         if !copied_memory {
             e.release_held();
         }
+        // Lazily given-back registers: a copied instruction needs back only those it names;
+        // anything else (glue that exits, branches, stack operations) all of them.
+        let copied = d.flow == Flow::Normal
+            && matches!(d.rule, Rule::Copy | Rule::UserCopy | Rule::Implicit(_))
+            && !d.rule.runs_in_engine(has_fs_gs(&d.instr), e.mode);
+        // A register the instruction only overwrites (32 or 64 bits) needs no reload: it
+        // stays borrowed while the instruction is emitted (a fault in it must show the old
+        // value, from the spill slot) and is the instruction's own afterwards.
+        let (needed, overwritten) = if copied { e.read_gprs(&d.instr) } else { (u16::MAX, 0) };
+        e.flush_lazy(needed);
+        e.names = needed | overwritten;
+        let overwritten = e.lazy & overwritten;
+        e.lazy &= !overwritten;
+        e.lazy_ok = copied;
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
         // Linux's UMIP emulator performs these stores itself, without alignment checking; the
@@ -300,9 +330,16 @@ pub fn emit_block(
             Rule::System(crate::system::SystemOp::Sti) => e.sti(&d.instr),
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
-        debug_assert_eq!(e.spilled & !e.held_mask(), 0, "glue left a register borrowed");
+        e.spilled &= !overwritten;
+        debug_assert_eq!(
+            e.spilled & !(e.held_mask() | e.lazy),
+            0,
+            "glue left a register borrowed"
+        );
     }
+    e.lazy_ok = false;
     e.release_held();
+    e.flush_lazy(u16::MAX);
     if !block.ends_in_transfer() {
         let here_field = e.asm.branch32_forward(Code::Jmp_rel32_64);
         e.cold.push(Cold::Exit {
@@ -395,6 +432,39 @@ impl BlockEmitter<'_> {
         self.spilled &= !(1 << asm::reg_num(reg));
     }
 
+    /// A scratch register not in `avoid`: one borrowed lazily already (no store), else a
+    /// fresh borrow. Give it back with [`BlockEmitter::release_scratch`].
+    fn take_scratch(&mut self, avoid: u16) -> Register {
+        const ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
+        if let Some(&n) = ORDER.iter().find(|&&n| self.lazy & !avoid & (1 << n) != 0) {
+            self.lazy &= !(1 << n);
+            return asm::gpr64(n);
+        }
+        let r = self.pick(avoid);
+        self.borrow(r);
+        r
+    }
+
+    /// Gives a scratch register back lazily: its guest value stays in the spill slot until
+    /// [`BlockEmitter::flush_lazy`] (fault sites and exits restore it from there meanwhile).
+    fn release_scratch(&mut self, reg: Register) {
+        if self.lazy_ok && self.names & (1 << asm::reg_num(reg)) == 0 {
+            self.lazy |= 1 << asm::reg_num(reg);
+        } else {
+            self.give_back(reg);
+        }
+    }
+
+    /// Gives back the lazily borrowed registers in `mask`.
+    fn flush_lazy(&mut self, mask: u16) {
+        for n in 0..16 {
+            if self.lazy & mask & (1 << n) != 0 {
+                self.lazy &= !(1 << n);
+                self.give_back(asm::gpr64(n));
+            }
+        }
+    }
+
     /// Picks a register not in `avoid` (bit per hardware number), not RSP and not borrowed.
     fn pick(&self, avoid: u16) -> Register {
         const ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
@@ -417,6 +487,25 @@ impl BlockEmitter<'_> {
             }
         }
         mask
+    }
+
+    /// (Registers an instruction reads or writes only in part, registers it only overwrites
+    /// whole — a 32- or 64-bit write — each a bit per hardware number.)
+    fn read_gprs(&mut self, instr: &Instruction) -> (u16, u16) {
+        let (mut read, mut overwritten) = (0u16, 0u16);
+        for used in self.info.info(instr).used_registers() {
+            let r = used.register();
+            if !r.is_gpr() {
+                continue;
+            }
+            let bit = 1 << asm::reg_num(r);
+            if used.access() == iced_x86::OpAccess::Write && r.size() >= 4 {
+                overwritten |= bit;
+            } else {
+                read |= bit;
+            }
+        }
+        (read, overwritten & !read)
     }
 
     /// Saves guest flags on the host flag stack (only `mov`s touch RSP; flags are intact).
