@@ -272,7 +272,7 @@ impl BlockEmitter<'_> {
             && !is_bit_string_op(instr)
             && crate::host::features::host_has(iced_x86::CpuidFeature::BMI2)
             && s != Register::RCX
-            && self.spilled & (1 << 1) == 0;
+            && (self.spilled & (1 << 1) == 0 || self.borrowed_idle(Register::RCX));
         if self.soft_mmu && !flag_free {
             // This lookup clobbers flags; guest flags are kept even when the program no longer
             // needs them, because a fault here must show the guest its flags unchanged.
@@ -602,16 +602,17 @@ impl BlockEmitter<'_> {
     /// store and load fewer).
     pub(super) fn tlb_lookup_flag_free(&mut self, s: Register, access: Access, size: u64, used: u16) {
         let t = self.take_scratch(used | (1 << reg_num(s)) | (1 << 1));
-        // RCX already borrowed lazily (its guest value in its slot) is simply taken again.
-        let rcx_lazy = self.lazy & (1 << 1) != 0;
-        let parked = (self.block_uses_rcx && !rcx_lazy).then(|| {
+        // RCX already borrowed and idle (its guest value in its slot) is simply taken.
+        let rcx_idle = self.borrowed_idle(Register::RCX);
+        let parked = (self.block_uses_rcx && !rcx_idle).then(|| {
             let p = self.take_scratch(used | (1 << reg_num(s)) | (1 << 1) | (1 << reg_num(t)));
             self.asm.mov_rr(p, Register::RCX);
             p
         });
         if parked.is_none() {
-            if rcx_lazy {
+            if rcx_idle {
                 self.lazy &= !(1 << 1);
+                self.overwrite_pending &= !(1 << 1);
             } else {
                 self.borrow(Register::RCX);
             }

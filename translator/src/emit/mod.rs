@@ -182,6 +182,9 @@ pub(crate) struct BlockEmitter<'a> {
     /// The GPRs the instruction being emitted names, explicitly or not (a scratch register
     /// among them — RCX, which the flag-free lookup always borrows — goes back at once).
     names: u16,
+    /// Lazily borrowed registers the instruction being emitted overwrites whole: still
+    /// borrowed (the spill slot has the value a fault must show) until it is emitted.
+    overwrite_pending: u16,
     /// The block's guest instructions use RCX (see `tlb_lookup_flag_free`).
     block_uses_rcx: bool,
     count_tlb_hits: bool,
@@ -254,6 +257,7 @@ pub fn emit_block(
         lazy: 0,
         lazy_ok: false,
         names: 0,
+        overwrite_pending: 0,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
         count_tlb_hits: options.count_tlb_hits,
         interrupt_line: options.interrupt_line,
@@ -285,8 +289,8 @@ pub fn emit_block(
         let (needed, overwritten) = if copied { e.read_gprs(&d.instr) } else { (u16::MAX, 0) };
         e.flush_lazy(needed);
         e.names = needed | overwritten;
-        let overwritten = e.lazy & overwritten;
-        e.lazy &= !overwritten;
+        e.overwrite_pending = e.lazy & overwritten;
+        e.lazy &= !e.overwrite_pending;
         e.lazy_ok = copied;
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
@@ -330,7 +334,7 @@ pub fn emit_block(
             Rule::System(crate::system::SystemOp::Sti) => e.sti(&d.instr),
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
-        e.spilled &= !overwritten;
+        e.spilled &= !std::mem::take(&mut e.overwrite_pending);
         debug_assert_eq!(
             e.spilled & !(e.held_mask() | e.lazy),
             0,
@@ -453,6 +457,12 @@ impl BlockEmitter<'_> {
         } else {
             self.give_back(reg);
         }
+    }
+
+    /// Whether `reg` is borrowed but idle — given back lazily, or about to be overwritten by
+    /// the instruction — so glue may use it without storing it again.
+    fn borrowed_idle(&self, reg: Register) -> bool {
+        (self.lazy | self.overwrite_pending) & (1 << asm::reg_num(reg)) != 0
     }
 
     /// Gives back the lazily borrowed registers in `mask`.

@@ -136,9 +136,7 @@ impl Memory<'_> {
 impl Memory<'_> {
     /// Alignment checking (CPL3, CR0.AM, RFLAGS.AC) for a 2-, 4- or 8-byte access.
     pub(super) fn check_alignment(&self, va: u64, len: usize) -> Result<(), GuestException> {
-        if !mmu::is_canonical(va) {
-            return Err(GuestException::gp(0));
-        }
+        canonical(va)?;
         let ac = self.alignment_checks && self.state.alignment_checking();
         if ac && matches!(len, 2 | 4 | 8) && !va.is_multiple_of(len as u64) {
             return Err(GuestException {
@@ -154,25 +152,12 @@ impl Memory<'_> {
 impl GuestMemory for Memory<'_> {
     fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
         self.check_alignment(va, buf.len())?;
-        if matches!(self.strategy, MemoryStrategy::Identity) {
-            return mmu::read_host_checked(va, buf).ok_or(GuestException::page_fault(va, 4));
-        }
-        let len = buf.len();
-        self.each_page(va, len, Access::Read, |host, at, n| {
-            // SAFETY: host..host+n lies in guest RAM (checked by the walk and `host`).
-            unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf[at..].as_mut_ptr(), n) }
-        })
+        self.read_elements(va, buf)
     }
 
     fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
         self.check_alignment(va, data.len())?;
-        if matches!(self.strategy, MemoryStrategy::Identity) {
-            return mmu::write_host_checked(va, data)
-                .then_some(())
-                .ok_or(GuestException::page_fault(va, 6));
-        }
-        let cpl = self.state.cpl;
-        self.write_soft(va, data, cpl)
+        self.write_elements(va, data)
     }
 
     fn read_system(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
@@ -207,8 +192,8 @@ impl GuestMemory for Memory<'_> {
     // host memmove/memset, instead of a copy through a buffer (a Linux boot clears ≈1 GB of
     // pages with `rep stosq`).
     fn copy(&mut self, dst: u64, src: u64, len: usize) -> Result<(), GuestException> {
-        self.check_alignment(src, len)?;
-        self.check_alignment(dst, len)?;
+        canonical(src)?;
+        canonical(dst)?;
         if let (Some(from), Some(to)) = (
             self.page_span(src, len, Access::Read)?,
             self.page_span(dst, len, Access::Write)?,
@@ -220,12 +205,12 @@ impl GuestMemory for Memory<'_> {
         }
         let mut buf = [0u8; 4096];
         let buf = &mut buf[..len];
-        self.read(src, buf)?;
-        self.write(dst, buf)
+        self.read_elements(src, buf)?;
+        self.write_elements(dst, buf)
     }
 
     fn fill(&mut self, dst: u64, len: usize, element: &[u8]) -> Result<(), GuestException> {
-        self.check_alignment(dst, len)?;
+        canonical(dst)?;
         if let Some(to) = self.page_span(dst, len, Access::Write)? {
             // SAFETY: the range lies in guest RAM (checked by the walk).
             let bytes = unsafe { std::slice::from_raw_parts_mut(to as *mut u8, len) };
@@ -243,11 +228,46 @@ impl GuestMemory for Memory<'_> {
         for e in buf.chunks_exact_mut(element.len()) {
             e.copy_from_slice(element);
         }
-        self.write(dst, buf)
+        self.write_elements(dst, buf)
+    }
+}
+
+/// #GP(0) for a non-canonical address.
+fn canonical(va: u64) -> Result<(), GuestException> {
+    if mmu::is_canonical(va) {
+        Ok(())
+    } else {
+        Err(GuestException::gp(0))
     }
 }
 
 impl Memory<'_> {
+    /// Reads `buf.len()` bytes at `va` with no alignment check: one access, or a run of string
+    /// elements whose alignment the caller checked (`copy`/`fill` chunks hold many).
+    fn read_elements(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+        canonical(va)?;
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return mmu::read_host_checked(va, buf).ok_or(GuestException::page_fault(va, 4));
+        }
+        let len = buf.len();
+        self.each_page(va, len, Access::Read, |host, at, n| {
+            // SAFETY: host..host+n lies in guest RAM (checked by the walk and `host`).
+            unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf[at..].as_mut_ptr(), n) }
+        })
+    }
+
+    /// The write counterpart of [`Memory::read_elements`].
+    fn write_elements(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+        canonical(va)?;
+        if matches!(self.strategy, MemoryStrategy::Identity) {
+            return mmu::write_host_checked(va, data)
+                .then_some(())
+                .ok_or(GuestException::page_fault(va, 6));
+        }
+        let cpl = self.state.cpl;
+        self.write_soft(va, data, cpl)
+    }
+
     /// Soft-MMU: the host address of `len` bytes at `va` when they lie in one page of guest
     /// RAM (walked for `access`, a written page recorded); None under the identity strategy
     /// or when the range spans pages. Faults as the access would.
@@ -272,5 +292,60 @@ impl Memory<'_> {
             // SAFETY: as in `read`.
             unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), host as *mut u8, n) }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulate::GuestMemory;
+    use crate::mmu::soft_mmu::{GuestRam, P, RW, US};
+    use crate::state::{flags, Cpl, Paging};
+
+    /// 64 KiB of guest RAM (page-aligned, as `GuestRam` requires): PML4 at 0x1000, PDPT at
+    /// 0x2000, PD at 0x3000, PT at 0x4000 mapping 0x8000–0xffff to itself, user-writable.
+    #[repr(C, align(4096))]
+    struct Ram([u64; 8192]);
+
+    #[test]
+    fn string_chunks_are_not_alignment_checked_as_one_access() {
+        let mut ram = Box::new(Ram([0; 8192]));
+        for (table, next) in [(0x1000, 0x2000), (0x2000, 0x3000), (0x3000, 0x4000)] {
+            ram.0[table / 8] = next | P | RW | US;
+        }
+        for page in 8..16u64 {
+            ram.0[0x4000 / 8 + page as usize] = (page << 12) | P | RW | US;
+        }
+        // SAFETY: the array is page-aligned and outlives `strategy`, dropped at the end of the
+        // test; nothing else touches it meanwhile.
+        let strategy = MemoryStrategy::SoftMmu(unsafe { GuestRam::new(ram.0.as_mut_ptr() as *mut u8, 64 << 10) });
+        let mut written = Vec::new();
+        // CPL3 with CR0.AM and RFLAGS.AC: alignment checking on.
+        let state = Paging {
+            cr0: 1 << 18,
+            cr3: 0x1000,
+            cr4: 0,
+            efer: 0,
+            rflags: flags::AC | flags::FIXED,
+            cpl: Cpl::User,
+        };
+        let mut mem = Memory {
+            strategy: &strategy,
+            state,
+            written: &mut written,
+            alignment_checks: true,
+        };
+        // A chunk of 8 byte elements (`rep movsb`/`rep stosb` with AC set: no element can be
+        // misaligned) at odd addresses, in one page and across two.
+        mem.copy(0x9001, 0x8003, 8).unwrap();
+        mem.copy(0x9ffd, 0x8003, 8).unwrap();
+        mem.fill(0xa003, 8, &[0x5a]).unwrap();
+        mem.fill(0xaffd, 8, &[0x5a]).unwrap();
+        // One misaligned 4-byte access still raises #AC.
+        let mut word = [0u8; 4];
+        assert_eq!(mem.read(0x9001, &mut word).unwrap_err().vector, crate::exit::vector::AC);
+        assert_eq!(mem.write(0x9001, &word).unwrap_err().vector, crate::exit::vector::AC);
+        // Non-canonical addresses are #GP(0) either way.
+        assert_eq!(mem.fill(1 << 63, 8, &[0]).unwrap_err(), GuestException::gp(0));
     }
 }

@@ -15,10 +15,12 @@
 //! computed) sends it back to KVM at once, and a [`Watch`] thread stops a stretch that is still
 //! running by then and moves it to KVM where it stands.
 //!
-//! A new address space starts under KVM. (Starting it in the translator instead — most
-//! processes of a shell live a few system calls long — measured slower: 300 fork+exec of
-//! busybox `true` took 2.7–3.3 s against 2.4 s, Intel SPR host; a fresh process's code is
-//! translated anew while under KVM it runs at once.)
+//! A new address space starts in the translator (for `MAX_BACKOFF` user entries, or until a
+//! stretch computes): most processes of a shell live a few system calls and page faults long,
+//! and under KVM each of those is a round trip. Measured on an Intel SPR host, 300 fork+exec
+//! of busybox `true`: 3.96 s starting under KVM, 1.5–2.0 s starting in the translator (bt
+//! alone: 1.5 s). (It measured the other way round while the translated kernel undid every
+//! chain at each INVLPG near user code; `translator/src/engine/cache.rs`.)
 //!
 //! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
 //! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
