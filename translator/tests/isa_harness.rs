@@ -14,6 +14,18 @@ fn every_supported_code_passes_the_differential_test() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    differential_test(seed);
+}
+
+/// A second fixed seed: other operand values and states than seed 1's. Seed 9 found a false
+/// #AC that seed 1 never hit (soft-MMU bulk `rep movsb`/`rep stosb` chunks alignment-checked
+/// as one access, with RFLAGS.AC set).
+#[test]
+fn every_supported_code_passes_the_differential_test_with_a_second_seed() {
+    differential_test(9);
+}
+
+fn differential_test(seed: u64) {
     let opts = Options { cases: 200, seed };
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let results = run_codes(supported_codes(), &opts, threads, &|_| {}).expect("harness workers start");
