@@ -175,12 +175,11 @@ pub(crate) struct BlockEmitter<'a> {
     /// (`take_scratch`). A store and a load per register and access were most of a
     /// memory-heavy block's glue (three registers per access).
     lazy: u16,
-    /// The instruction being emitted is a copied one (the next instruction's start gives
-    /// back what it needs): only then is a scratch register given back lazily. Glue for
-    /// anything else may leave the block within the instruction.
-    lazy_ok: bool,
-    /// The GPRs the instruction being emitted names, explicitly or not (a scratch register
-    /// among them — RCX, which the flag-free lookup always borrows — goes back at once).
+    /// The GPRs the instruction being emitted names, explicitly or not: a scratch register
+    /// among them (RCX, which the flag-free lookup always borrows) goes back at once. All of
+    /// them for anything but a copied instruction (its glue may leave the block within the
+    /// instruction; only a copied one is followed by an instruction start that gives back
+    /// what is needed) and at the block's end: nothing is given back lazily then.
     names: u16,
     /// Lazily borrowed registers the instruction being emitted overwrites whole: still
     /// borrowed (the spill slot has the value a fault must show) until it is emitted.
@@ -224,6 +223,9 @@ impl EmitOptions {
     }
 }
 
+/// The order glue picks scratch registers in (hardware numbers; never RSP).
+const SCRATCH_ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
+
 /// Emits `block` for host address `base`.
 pub fn emit_block(
     block: &DecodedBlock,
@@ -255,8 +257,7 @@ pub fn emit_block(
         required_alignment: alignment::Requirement::default(),
         held: None,
         lazy: 0,
-        lazy_ok: false,
-        names: 0,
+        names: u16::MAX,
         overwrite_pending: 0,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
         count_tlb_hits: options.count_tlb_hits,
@@ -291,7 +292,6 @@ pub fn emit_block(
         e.names = needed | overwritten;
         e.overwrite_pending = e.lazy & overwritten;
         e.lazy &= !e.overwrite_pending;
-        e.lazy_ok = copied;
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
         // Linux's UMIP emulator performs these stores itself, without alignment checking; the
@@ -341,7 +341,7 @@ pub fn emit_block(
             "glue left a register borrowed"
         );
     }
-    e.lazy_ok = false;
+    e.names = u16::MAX;
     e.release_held();
     e.flush_lazy(u16::MAX);
     if !block.ends_in_transfer() {
@@ -439,8 +439,7 @@ impl BlockEmitter<'_> {
     /// A scratch register not in `avoid`: one borrowed lazily already (no store), else a
     /// fresh borrow. Give it back with [`BlockEmitter::release_scratch`].
     fn take_scratch(&mut self, avoid: u16) -> Register {
-        const ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
-        if let Some(&n) = ORDER.iter().find(|&&n| self.lazy & !avoid & (1 << n) != 0) {
+        if let Some(&n) = SCRATCH_ORDER.iter().find(|&&n| self.lazy & !avoid & (1 << n) != 0) {
             self.lazy &= !(1 << n);
             return asm::gpr64(n);
         }
@@ -452,7 +451,7 @@ impl BlockEmitter<'_> {
     /// Gives a scratch register back lazily: its guest value stays in the spill slot until
     /// [`BlockEmitter::flush_lazy`] (fault sites and exits restore it from there meanwhile).
     fn release_scratch(&mut self, reg: Register) {
-        if self.lazy_ok && self.names & (1 << asm::reg_num(reg)) == 0 {
+        if self.names & (1 << asm::reg_num(reg)) == 0 {
             self.lazy |= 1 << asm::reg_num(reg);
         } else {
             self.give_back(reg);
@@ -477,9 +476,8 @@ impl BlockEmitter<'_> {
 
     /// Picks a register not in `avoid` (bit per hardware number), not RSP and not borrowed.
     fn pick(&self, avoid: u16) -> Register {
-        const ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
         let taken = avoid | self.spilled | (1 << 4);
-        let n = ORDER
+        let n = SCRATCH_ORDER
             .iter()
             .copied()
             .find(|&n| taken & (1 << n) == 0)

@@ -448,13 +448,8 @@ impl Translator {
             self.by_guest.remove(&key);
         }
         let b = &mut self.blocks[i];
-        for link in std::mem::take(&mut b.incoming)
-            .iter()
-            .chain(&std::mem::take(&mut b.incoming_same_pages))
-        {
-            // SAFETY: links are recorded inside the code buffer; translated code is stopped.
-            unsafe { link.undo(false) };
-        }
+        undo_links(&mut b.incoming);
+        undo_links(&mut b.incoming_same_pages);
         let empty = self.glue.ibl_empty;
         self.ctx.get_mut().ibl_forget(key, host, empty);
     }
@@ -505,13 +500,7 @@ impl Translator {
                 self.linked_global.push(i);
                 continue;
             }
-            // Drained, not taken: the block keeps its list's allocation for the links it gets
-            // again after this CR3 write (freeing and reallocating them was ≈5% of a
-            // fork/exec-heavy Linux guest).
-            for link in self.blocks[i].incoming.drain(..) {
-                // SAFETY: as in `invalidate_block`.
-                unsafe { link.undo(false) };
-            }
+            undo_links(&mut self.blocks[i].incoming);
         }
         if keep_global {
             self.ctx.get_mut().flush_tlb_nonglobal();
@@ -551,10 +540,7 @@ impl Translator {
             if !b.valid {
                 return false;
             }
-            for link in b.incoming.drain(..) {
-                // SAFETY: as in `invalidate_block`.
-                unsafe { link.undo(false) };
-            }
+            undo_links(&mut b.incoming);
             ctx.ibl_forget(b.key, b.host, empty);
             b.epoch = NEVER_VALIDATED;
             b.global = false;
@@ -588,6 +574,17 @@ impl Translator {
             b.global_epoch = self.global_epoch;
         }
         current
+    }
+}
+
+/// Undoes every link in `links` and empties it. Drained, not taken: the block keeps the
+/// list's allocation for the links it gets again after a CR3 write (freeing and reallocating
+/// them was ≈5% of a fork/exec-heavy Linux guest). Translated code must be stopped.
+fn undo_links(links: &mut Vec<Incoming>) {
+    for link in links.drain(..) {
+        // SAFETY: links are recorded inside the code buffer when made; the engine calls this
+        // only while translated code is stopped.
+        unsafe { link.undo(false) };
     }
 }
 
