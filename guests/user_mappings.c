@@ -3,7 +3,8 @@
  * since KVM does not see hbt's writes to guest page tables. CPL3 reads and writes a user page;
  * CPL0 then re-points its PTE to another frame and invalidates it (INVLPG), makes it read-only,
  * removes it, maps it again without an invalidation (a not-present entry is never cached),
- * re-points it and reloads CR3, and switches to a second tree mapping it elsewhere and back.
+ * re-points it and reloads CR3, switches to a second tree mapping it elsewhere and back, and
+ * re-points, write-protects and removes it while the second tree is loaded.
  * Each CPL3 touch reports what it read or the #PF it took. Only what the architecture
  * guarantees is checked (every narrowing change is followed by its invalidation). */
 #include "runtime/rt.h"
@@ -93,6 +94,20 @@ int main(void) {
     *pte = (u64)a | user_rw;  /* the first tree, while it is not in use */
     write_cr3(cr3);
     touch("first tree again, A", user_read, 0xaaaa, NO_FAULT);
+    /* Narrowed while the tree is not in use: only the CR3 load that comes back to it
+     * invalidates (the hybrid engine keeps a copy per tree and must check it). */
+    write_cr3(other);
+    *pte = (u64)c | user_rw;
+    write_cr3(cr3);
+    touch("re-pointed to C while away, back", user_read, 0xcccc, NO_FAULT);
+    write_cr3(other);
+    *pte = (u64)c | PTE_P | PTE_U;
+    write_cr3(cr3);
+    touch("made read-only while away, back, write", user_write, 0, 7);
+    write_cr3(other);
+    *pte = 0;
+    write_cr3(cr3);
+    touch("removed while away, back", user_read, 0, 4);
 
     rt_puts(failures ? "user-mappings: FAILED\n" : "user-mappings: ok\n");
     return failures ? 1 : 0;

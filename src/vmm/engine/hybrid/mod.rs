@@ -85,8 +85,6 @@ struct HybridStats {
     /// in the translator, both switches).
     kick_to_stint: Duration,
     kicked_at: Option<Instant>,
-    /// Translated user stretches the policy's watch sent to KVM while they ran.
-    policy_checks: u64,
 }
 
 /// The translator's code pages, for the tables (`user_tables::CodePages`).
@@ -140,9 +138,10 @@ fn drive(
                 Choice::Translator => {
                     // Timed to its next kernel entry (the policy's evidence).
                     stats.translator_user_stretches += 1;
-                    translator_stretch = Some((m.translator.state().cr3, Instant::now()));
+                    let cr3 = m.translator.state().cr3;
+                    translator_stretch = Some((cr3, Instant::now()));
                     m.translator.set_kernel_exit(true);
-                    watch.arm(policy.long_stretch());
+                    watch.arm(policy.long_stretch(cr3));
                 }
                 Choice::Kvm => {
                     if let Some(end) = user_stint(m, ram, user, policy, stats)? {
@@ -168,8 +167,7 @@ fn drive(
                     } else if m.translator.state().cr3 == cr3 {
                         translator_stretch = None;
                         m.translator.set_kernel_exit(false);
-                        policy.translator_stretch_ended(cr3, started.elapsed());
-                        stats.policy_checks += 1;
+                        policy.translator_stretch_cut(cr3, started.elapsed());
                         if let Some(end) = user_stint(m, ram, user, policy, stats)? {
                             return Ok(end);
                         }
@@ -201,8 +199,6 @@ fn user_stint(
     stats.switching += started.elapsed();
     stats.stints += 1;
     let mut last_hidden = None;
-    // Round trips out of KVM in this stint: the final one and each hidden fault's.
-    let mut round_trips = 1u32;
     let outcome = loop {
         user.vcpu.set_kvm_immediate_exit(0);
         if stop::requested().is_some() || stop::attention() || m.chipset.interrupt_pending() {
@@ -294,7 +290,6 @@ fn user_stint(
                             // The guest allows it: widen hbt's tables (a write to a page
                             // holding translated code drops those translations first).
                             last_hidden = Some((cr2, access));
-                            round_trips += 1;
                             if access == Access::Write && m.translator.has_code_on_page(pa) {
                                 m.translator.invalidate_range(pa & !0xfff, 0x1000);
                             }
@@ -328,7 +323,7 @@ fn user_stint(
     };
     let back = Instant::now();
     let entered_kernel = !matches!(outcome, Outcome::Kicked | Outcome::Ended(_));
-    policy.stint_ended(before.cr3, started.elapsed() / round_trips, entered_kernel);
+    policy.stint_ended(before.cr3, started.elapsed(), entered_kernel);
     let t = &mut m.translator;
     let resume = |t: &mut Translator, s: GuestState| {
         *t.state_mut() = s;
@@ -442,7 +437,7 @@ fn report(
 ) -> (Vec<String>, serde_json::Map<String, serde_json::Value>) {
     let causes = || s.causes.iter().map(|(c, n)| (c.to_string(), *n));
     let t = user.tables.stats;
-    let lines = vec![
+    let mut lines = vec![
         format!(
             "  hybrid: {:.6} s of {:.6} s in KVM running user code, the rest in the translator; {} stints under KVM, {} user stretches left to the translator",
             s.in_kvm.as_secs_f64(),
@@ -462,21 +457,19 @@ fn report(
             s.kick_to_stint.as_secs_f64() * 1e6 / s.causes.get(&Cause::Kick).copied().unwrap_or(0).max(1) as f64
         ),
         format!(
-            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address, {} instructions KVM's emulator gave up on); page tables for KVM: {} built, {} widened in place, {} slot resets, {} frames in use",
+            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address, {} instructions KVM's emulator gave up on); page tables for KVM: {} built, {} kept after checking them against the guest's, {} widened in place, {} slot resets, {} frames in use",
             s.replays,
             s.unreported_cr2,
             s.emulation_failures,
             t.builds,
+            t.kept,
             t.widened,
             t.slot_resets,
             user.tables.frames_in_use()
         ),
-        format!(
-            "  hybrid policy: {}; {} translated stretches moved to KVM while they ran",
-            policy.describe(),
-            s.policy_checks
-        ),
+        format!("  hybrid policy: {}", policy.describe()),
     ];
+    lines.extend(policy.busiest(4).into_iter().map(|l| format!("    {l}")));
     let mut map = serde_json::Map::new();
     map.insert(
         "hybrid".into(),
@@ -490,6 +483,7 @@ fn report(
             "page_faults_without_address": s.unreported_cr2,
             "emulation_failures": s.emulation_failures,
             "tables_built": t.builds,
+            "tables_kept": t.kept,
             "tables_widened": t.widened,
             "slot_resets": t.slot_resets,
             "policy": policy.json(),

@@ -4,24 +4,25 @@
 //! translator runs user code slower (≈ 1.1–3× native, `benches/exec-vs-peers.sh`) but enters
 //! the guest kernel for the price of a jump.
 //!
-//! So a stretch that runs u µs natively costs u + T under KVM and ≈ s·u in the translator:
-//! KVM pays when u > T / (s − 1). The adaptive policy keeps, per address space (guest CR3),
-//! a moving average of how long its stretches ran under KVM, and compares it with the cost
-//! of a round trip (≈ T: the median of the cheapest stretches seen anywhere, user entries that
-//! did almost nothing): an
-//! address space whose stretches are a few round trips long or less goes to the translator for
-//! a while, and is probed under KVM again after a back-off that doubles while the verdict
-//! holds. While an address space is left to the translator, its user stretches there are timed
-//! too (to their next kernel entry): one that ran many round trips' worth (user code that
-//! computed) sends it back to KVM at once, and a [`Watch`] thread stops a stretch that is still
-//! running by then and moves it to KVM where it stands.
+//! So a stretch that runs u µs natively costs u + T under KVM and ≈ s·u in the translator, and
+//! both u and s belong to the program (s ≈ 1.1 for register arithmetic, 4 for a hash over
+//! memory), T to the host (and to the stretch: the first one on fresh page tables pays for
+//! KVM's shadow faults too). Rather than guess them, the adaptive policy measures what it is
+//! choosing between: per address space (guest CR3) it keeps a moving average of what a stretch
+//! costs under KVM (state in, user code, exit, hbt's fault fixes) and in the translator (user
+//! entry to kernel entry), runs the cheaper, and re-measures the other now and then — a probe
+//! of a few stretches, after a back-off that doubles while the verdict holds. A probe comes
+//! early when the running engine's average moves far from what it was when chosen (the
+//! program changed phase: a shell done with its loop starts forking) or rises above the other's.
 //!
-//! A new address space starts in the translator (for `MAX_BACKOFF` user entries, or until a
-//! stretch computes): most processes of a shell live a few system calls and page faults long,
-//! and under KVM each of those is a round trip. Measured on an Intel SPR host, 300 fork+exec
-//! of busybox `true`: 3.96 s starting under KVM, 1.5–2.0 s starting in the translator (bt
-//! alone: 1.5 s). (It measured the other way round while the translated kernel undid every
-//! chain at each INVLPG near user code; `translator/src/engine/cache.rs`.)
+//! Two facts bound the probing. KVM cannot win for a program whose translated stretches are
+//! shorter than one round trip (T: the median of the cheapest KVM stretches seen anywhere),
+//! so those are never probed under KVM — most processes of a shell live a few system calls
+//! and page faults long (300 fork+exec of busybox `true` on an Intel SPR host: 3.96 s starting
+//! under KVM, 1.5 s in the translator). And a stretch that makes no kernel entry at all would
+//! never end: a [`Watch`] thread stops a translated stretch once it has run past what the same
+//! stretch costs under KVM (or, with no KVM measurement yet, [`LONG`] round trips) and moves
+//! it to KVM where it stands.
 //!
 //! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
 //! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
@@ -39,46 +40,105 @@ pub enum Choice {
     Translator,
 }
 
+impl Choice {
+    fn other(self) -> Choice {
+        match self {
+            Choice::Kvm => Choice::Translator,
+            Choice::Translator => Choice::Kvm,
+        }
+    }
+}
+
 /// `--hybrid-policy`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Per address space, by how long its stretches run between kernel entries.
+    /// Per address space, the engine whose stretches measure cheaper.
     Adaptive,
     /// Every stretch of user code under KVM.
     AlwaysKvm,
 }
 
-/// A stretch averaging less than this many times the cheapest stretch goes to the translator.
-const SHORT: f64 = 4.0;
-/// A stretch in the translator (user entry to user entry) longer than this many times the
-/// cheapest KVM stretch was user computation: back to KVM.
+/// A translated stretch this many round trips long, in an address space never measured under
+/// KVM, was user computation: KVM takes it from there.
 const LONG: f64 = 20.0;
+/// A translated stretch longer than this many times the same address space's KVM average is
+/// moved to KVM while it runs (twice: the stretch under KVM would still have to run).
+const CUT: f64 = 2.0;
+/// The running engine's average this many times worse than the other's, or this factor away
+/// from its value when chosen (either way), calls for an early probe.
+const SHIFT: f64 = 4.0;
+/// Stretches a probe measures the other engine for.
+const PROBE: u32 = 4;
 /// The cheapest KVM stretch assumed until one is measured (µs; Intel SPR host: 60–140).
 const DEFAULT_FLOOR_US: f64 = 100.0;
 /// How many of the cheapest KVM stretches the round-trip estimate is the median of.
 const CHEAPEST_KEPT: usize = 16;
-/// The first back-off (user entries left to the translator), and the longest.
+/// Stretches between probes: the first back-off, and the longest.
 const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
+/// Weight of the newest stretch in the moving averages.
+const NEWEST: f64 = 0.25;
 
 struct Space {
-    /// Moving average of its stretches under KVM, µs.
-    average_us: f64,
-    stretches: u64,
-    /// User entries still left to the translator, and the back-off that set it.
-    translator_left: u32,
+    engine: Choice,
+    /// Moving averages of a stretch's cost under KVM and in the translator, µs.
+    kvm_us: Option<f64>,
+    translator_us: Option<f64>,
+    /// The running engine's average when it was chosen.
+    chosen_at_us: Option<f64>,
+    /// Stretches before the other engine is probed; stretches of the probe still to measure.
+    left: u32,
+    probing: u32,
     backoff: u32,
+    /// For `--stats`: stretches and µs spent in each engine (KVM, translator).
+    stretches: [u64; 2],
+    spent_us: [f64; 2],
 }
 
 impl Space {
-    /// A new address space: its first user entries in the translator (see the file comment).
+    /// A new address space starts in the translator (see the file comment).
     fn new() -> Space {
         Space {
-            average_us: 0.0,
-            stretches: 0,
-            translator_left: MAX_BACKOFF,
-            backoff: MAX_BACKOFF,
+            engine: Choice::Translator,
+            kvm_us: None,
+            translator_us: None,
+            chosen_at_us: None,
+            left: FIRST_BACKOFF,
+            probing: 0,
+            backoff: FIRST_BACKOFF,
+            stretches: [0; 2],
+            spent_us: [0.0; 2],
         }
+    }
+
+    fn average(&self, engine: Choice) -> Option<f64> {
+        match engine {
+            Choice::Kvm => self.kvm_us,
+            Choice::Translator => self.translator_us,
+        }
+    }
+
+    fn add(&mut self, engine: Choice, us: f64) {
+        self.stretches[engine as usize] += 1;
+        self.spent_us[engine as usize] += us;
+        let slot = match engine {
+            Choice::Kvm => &mut self.kvm_us,
+            Choice::Translator => &mut self.translator_us,
+        };
+        *slot = Some(slot.map_or(us, |old| (1.0 - NEWEST) * old + NEWEST * us));
+    }
+
+    /// Runs `engine` from now on; the back-off grows when it was running already.
+    fn settle(&mut self, engine: Choice) {
+        self.backoff = if engine == self.engine {
+            (self.backoff * 2).min(MAX_BACKOFF)
+        } else {
+            FIRST_BACKOFF
+        };
+        self.engine = engine;
+        self.left = self.backoff;
+        self.probing = 0;
+        self.chosen_at_us = self.average(engine);
     }
 }
 
@@ -92,9 +152,11 @@ pub struct Policy {
     cheapest_us: Vec<f64>,
     to_kvm: u64,
     to_translator: u64,
-    /// Times an address space was sent to the translator for a while, and brought back early.
-    demotions: u64,
-    promotions: u64,
+    /// Probes started, and verdicts that changed an address space's engine.
+    probes: u64,
+    switches: u64,
+    /// Translated stretches moved to KVM while they ran.
+    cuts: u64,
 }
 
 impl Policy {
@@ -105,29 +167,52 @@ impl Policy {
             cheapest_us: Vec::with_capacity(CHEAPEST_KEPT + 1),
             to_kvm: 0,
             to_translator: 0,
-            demotions: 0,
-            promotions: 0,
+            probes: 0,
+            switches: 0,
+            cuts: 0,
         }
     }
 
     /// Where the user code of address space `cr3` that is about to run goes.
     pub fn choose(&mut self, cr3: u64) -> Choice {
-        let space = self.spaces.entry(cr3).or_insert_with(Space::new);
-        if self.mode == Mode::Adaptive && space.translator_left > 0 {
-            space.translator_left -= 1;
-            self.to_translator += 1;
-            Choice::Translator
-        } else {
-            self.to_kvm += 1;
+        let choice = if self.mode == Mode::AlwaysKvm {
             Choice::Kvm
+        } else {
+            let floor = self.floor();
+            let space = self.spaces.entry(cr3).or_insert_with(Space::new);
+            if space.probing == 0 && space.left == 0 {
+                // KVM cannot beat translated stretches shorter than its round trip.
+                let hopeless = space.engine == Choice::Translator && space.translator_us.is_some_and(|t| t < floor);
+                if hopeless {
+                    space.settle(Choice::Translator);
+                } else {
+                    // What the other engine measured before is stale (that is why it is probed).
+                    match space.engine.other() {
+                        Choice::Kvm => space.kvm_us = None,
+                        Choice::Translator => space.translator_us = None,
+                    }
+                    space.probing = PROBE;
+                    self.probes += 1;
+                }
+            }
+            if space.probing > 0 {
+                space.engine.other()
+            } else {
+                space.left = space.left.saturating_sub(1);
+                space.engine
+            }
+        };
+        match choice {
+            Choice::Kvm => self.to_kvm += 1,
+            Choice::Translator => self.to_translator += 1,
         }
+        choice
     }
 
-    /// A stretch of `cr3`'s user code took `took` under KVM per round trip out of it (from the
-    /// state going in to the state coming out, divided by the exits it took: a page fault hbt
-    /// resolved is a round trip too, and a freshly exec'd program under KVM makes dozens);
-    /// `entered_kernel`: it ended with a kernel entry (not a kick), so its length is the user
-    /// code's own plus one round trip.
+    /// A stretch of `cr3`'s user code took `took` under KVM, from the state going in to the
+    /// state coming out (hbt's fixes of faults the guest's tables allow included: they are
+    /// KVM's cost); `entered_kernel`: it ended with a kernel entry, not a kick (a kicked
+    /// stretch is not over).
     pub fn stint_ended(&mut self, cr3: u64, took: Duration, entered_kernel: bool) {
         if !entered_kernel {
             return;
@@ -138,23 +223,67 @@ impl Policy {
             self.cheapest_us.insert(at, us);
             self.cheapest_us.truncate(CHEAPEST_KEPT);
         }
-        if self.mode != Mode::Adaptive {
-            return;
+        if self.mode == Mode::Adaptive {
+            self.stretch_ended(cr3, Choice::Kvm, us);
         }
+    }
+
+    /// A stretch of `cr3`'s user code ran `took` in the translator, to its next kernel entry.
+    pub fn translator_stretch_ended(&mut self, cr3: u64, took: Duration) {
+        self.stretch_ended(cr3, Choice::Translator, took.as_secs_f64() * 1e6);
+    }
+
+    /// A translated stretch of `cr3` ran `took` and is still running (the watch fired): it
+    /// moves to KVM where it stands.
+    pub fn translator_stretch_cut(&mut self, cr3: u64, took: Duration) {
+        let space = self.spaces.entry(cr3).or_insert_with(Space::new);
+        space.add(Choice::Translator, took.as_secs_f64() * 1e6);
+        if space.engine == Choice::Translator {
+            self.switches += 1;
+        }
+        space.settle(Choice::Kvm);
+        self.cuts += 1;
+    }
+
+    fn stretch_ended(&mut self, cr3: u64, engine: Choice, us: f64) {
         let floor = self.floor();
         let space = self.spaces.entry(cr3).or_insert_with(Space::new);
-        space.average_us = if space.stretches == 0 {
-            us
-        } else {
-            0.5 * space.average_us + 0.5 * us
+        space.add(engine, us);
+        if space.probing > 0 {
+            if engine != space.engine {
+                space.probing -= 1;
+                if space.probing == 0 {
+                    let (kvm, translator) = (
+                        space.kvm_us.unwrap_or(f64::MAX),
+                        space.translator_us.unwrap_or(f64::MAX),
+                    );
+                    let better = if kvm < translator {
+                        Choice::Kvm
+                    } else {
+                        Choice::Translator
+                    };
+                    if better != space.engine {
+                        self.switches += 1;
+                    }
+                    space.settle(better);
+                }
+            }
+            return;
+        }
+        if engine != space.engine {
+            return;
+        }
+        let mine = space.average(engine).unwrap_or(us);
+        let worse_than_other = match space.average(engine.other()) {
+            Some(other) => mine > SHIFT * other,
+            // Never measured under KVM: translated stretches of many round trips compute.
+            None => engine == Choice::Translator && mine > LONG * floor,
         };
-        space.stretches += 1;
-        if space.average_us < SHORT * floor {
-            space.backoff = (space.backoff * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF);
-            space.translator_left = space.backoff;
-            self.demotions += 1;
-        } else {
-            space.backoff = 0;
+        let moved = space
+            .chosen_at_us
+            .is_some_and(|at| mine > SHIFT * at || SHIFT * mine < at);
+        if worse_than_other || moved {
+            space.left = 0;
         }
     }
 
@@ -170,38 +299,58 @@ impl Policy {
         }
     }
 
-    /// How long a translated user stretch may run before it belongs under KVM.
-    pub fn long_stretch(&self) -> Duration {
-        Duration::from_secs_f64(LONG * self.floor() * 1e-6)
-    }
-
-    /// A stretch of `cr3`'s user code ran `took` in the translator (to its next kernel entry,
-    /// or to the watch's check).
-    pub fn translator_stretch_ended(&mut self, cr3: u64, took: Duration) {
-        if took.as_secs_f64() * 1e6 > LONG * self.floor() {
-            let space = self.spaces.entry(cr3).or_insert_with(Space::new);
-            space.translator_left = 0;
-            space.backoff = 0;
-            self.promotions += 1;
-        }
+    /// How long a translated stretch of `cr3` may run before it belongs under KVM.
+    pub fn long_stretch(&self, cr3: u64) -> Duration {
+        let floor = self.floor();
+        let us = match self.spaces.get(&cr3).and_then(|s| s.kvm_us) {
+            Some(kvm) => (CUT * kvm).max(CUT * floor),
+            None => LONG * floor,
+        };
+        Duration::from_secs_f64(us * 1e-6)
     }
 
     /// One line for `--stats`. (A CR3 whose process exited may come back for another process;
-    /// its record then starts from the old one's verdict, which its next stretch corrects.)
+    /// its record then starts from the old one's averages, which its next stretches correct.)
     pub fn describe(&self) -> String {
         let name = match self.mode {
             Mode::Adaptive => "adaptive",
             Mode::AlwaysKvm => "always-kvm",
         };
+        let on_kvm = self.spaces.values().filter(|s| s.engine == Choice::Kvm).count();
         format!(
-            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces, {} times one was left to the translator, {} times brought back early; cheapest stretch under KVM {:.1} µs (assumed 100 until 16 are measured; the median of the 16 cheapest)",
+            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces ({on_kvm} under KVM at the end); {} probes, {} verdicts that switched engines, {} translated stretches moved to KVM while they ran; KVM round trip {:.1} µs (the median of the 16 cheapest stretches; 100 assumed until measured)",
             self.to_kvm,
             self.to_translator,
             self.spaces.len(),
-            self.demotions,
-            self.promotions,
+            self.probes,
+            self.switches,
+            self.cuts,
             self.floor(),
         )
+    }
+
+    /// The address spaces that ran longest, for `--stats`: CR3, stretches and seconds per
+    /// engine, the averages, and where each ended up.
+    pub fn busiest(&self, n: usize) -> Vec<String> {
+        let mut spaces: Vec<_> = self.spaces.iter().collect();
+        spaces.sort_by(|a, b| (b.1.spent_us[0] + b.1.spent_us[1]).total_cmp(&(a.1.spent_us[0] + a.1.spent_us[1])));
+        let avg = |v: Option<f64>| v.map_or("-".to_string(), |us| format!("{us:.0} µs"));
+        spaces
+            .iter()
+            .take(n)
+            .map(|(cr3, s)| {
+                format!(
+                    "cr3 {cr3:#x}: KVM {} stretches {:.3} s (average {}), translator {} stretches {:.3} s (average {}); on {:?}",
+                    s.stretches[0],
+                    s.spent_us[0] * 1e-6,
+                    avg(s.kvm_us),
+                    s.stretches[1],
+                    s.spent_us[1] * 1e-6,
+                    avg(s.translator_us),
+                    s.engine
+                )
+            })
+            .collect()
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -210,9 +359,10 @@ impl Policy {
             "to_kvm": self.to_kvm,
             "to_translator": self.to_translator,
             "address_spaces": self.spaces.len(),
-            "demotions": self.demotions,
-            "promotions": self.promotions,
-            "cheapest_stretch_us": self.floor(),
+            "probes": self.probes,
+            "switches": self.switches,
+            "cuts": self.cuts,
+            "round_trip_us": self.floor(),
         })
     }
 }
@@ -300,19 +450,72 @@ mod tests {
         assert!((80.0..120.0).contains(&p.floor()), "floor {}", p.floor());
     }
 
+    /// Runs `n` stretches of `cr3`, each costing `kvm_us` under KVM or `translator_us` in the
+    /// translator, as the policy chooses (a translated stretch past `long_stretch` is cut and
+    /// finishes under KVM, as the watch makes it); returns how many went to KVM.
+    fn run(p: &mut Policy, cr3: u64, n: u32, kvm_us: u64, translator_us: u64) -> u32 {
+        let mut on_kvm = 0;
+        for _ in 0..n {
+            match p.choose(cr3) {
+                Choice::Kvm => {
+                    on_kvm += 1;
+                    p.stint_ended(cr3, Duration::from_micros(kvm_us), true);
+                }
+                Choice::Translator if Duration::from_micros(translator_us) > p.long_stretch(cr3) => {
+                    p.translator_stretch_cut(cr3, p.long_stretch(cr3));
+                    p.stint_ended(cr3, Duration::from_micros(kvm_us), true);
+                }
+                Choice::Translator => p.translator_stretch_ended(cr3, Duration::from_micros(translator_us)),
+            }
+        }
+        on_kvm
+    }
+
     #[test]
-    fn a_new_address_space_starts_in_the_translator_until_a_stretch_computes() {
+    fn each_address_space_runs_on_the_engine_that_measures_cheaper() {
+        let mut p = Policy::new(Mode::Adaptive);
+        // A compressor: 1.2 ms a stretch under KVM, 3.6 ms translated.
+        let compressor = run(&mut p, 0x1000, 2000, 1200, 3600);
+        // A reader of a pipe: 150 µs under KVM, 5 µs translated.
+        let reader = run(&mut p, 0x2000, 2000, 150, 5);
+        // A hash over small reads: 120 µs under KVM, 70 µs translated.
+        let hasher = run(&mut p, 0x3000, 2000, 120, 70);
+        assert!(compressor > 1950, "compressor under KVM {compressor} of 2000");
+        // Shorter translated than one round trip: never probed under KVM.
+        assert_eq!(reader, 0);
+        assert!(hasher < 50, "hasher under KVM {hasher} of 2000");
+        assert_eq!(Policy::new(Mode::AlwaysKvm).choose(0x1000), Choice::Kvm);
+    }
+
+    #[test]
+    fn a_phase_change_is_noticed_without_waiting_for_the_back_off() {
+        let mut p = Policy::new(Mode::Adaptive);
+        run(&mut p, 0x1000, 40, 100, 60);
+        // A long loop: the watch moves it to KVM, where it stays while it computes.
+        assert_eq!(p.choose(0x1000), Choice::Translator);
+        p.translator_stretch_cut(0x1000, p.long_stretch(0x1000));
+        // (Probes of the translator are cut short: a few stretches of 600.)
+        let compute = run(&mut p, 0x1000, 600, 50_000, 400_000);
+        assert!(compute > 590, "{compute} of 600 under KVM");
+        // Then it forks and waits: short stretches, cheaper translated — back within a few.
+        let mut kvm = 0;
+        for i in 0..40 {
+            if run(&mut p, 0x1000, 1, 150, 40) == 1 {
+                kvm = i + 1;
+            }
+        }
+        assert!(kvm < 20, "still under KVM after {kvm} short stretches");
+    }
+
+    #[test]
+    fn a_new_address_space_starts_in_the_translator_and_a_long_stretch_moves_it() {
         let mut p = Policy::new(Mode::Adaptive);
         assert_eq!(p.choose(0x1000), Choice::Translator);
-        p.translator_stretch_ended(0x1000, Duration::from_micros(100));
-        assert_eq!(p.choose(0x1000), Choice::Translator);
-        p.translator_stretch_ended(0x1000, Duration::from_millis(50));
+        assert_eq!(p.long_stretch(0x1000), Duration::from_micros(2000));
+        p.translator_stretch_cut(0x1000, Duration::from_millis(2));
         assert_eq!(p.choose(0x1000), Choice::Kvm);
-        // Short stretches under KVM send it back to the translator for a while.
-        for _ in 0..20 {
-            p.stint_ended(0x1000, Duration::from_micros(100), true);
-        }
-        assert_eq!(p.choose(0x1000), Choice::Translator);
-        assert_eq!(Policy::new(Mode::AlwaysKvm).choose(0x1000), Choice::Kvm);
+        // Once measured under KVM, the cut comes at twice its stretch.
+        p.stint_ended(0x1000, Duration::from_micros(300), true);
+        assert_eq!(p.long_stretch(0x1000), Duration::from_micros(600));
     }
 }
