@@ -357,6 +357,7 @@ fn user_stint(
         }
         Outcome::Fault(frame, exc) => {
             *stats.causes.entry(Cause::PageFault).or_default() += 1;
+            user.faulted_at = exc.address.map(|va| (before.cr3, va));
             resume(t, user.user_state(&before, Some(&frame))?);
             deliver(t, Event::Exception(exc))?;
         }

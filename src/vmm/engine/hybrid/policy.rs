@@ -214,17 +214,20 @@ impl Policy {
     /// KVM's cost); `entered_kernel`: it ended with a kernel entry, not a kick (a kicked
     /// stretch is not over).
     pub fn stint_ended(&mut self, cr3: u64, took: Duration, entered_kernel: bool) {
+        let us = took.as_secs_f64() * 1e6;
         if !entered_kernel {
+            // Its time still counts for `--stats`.
+            self.spaces.entry(cr3).or_insert_with(Space::new).spent_us[Choice::Kvm as usize] += us;
             return;
         }
-        let us = took.as_secs_f64() * 1e6;
         if self.cheapest_us.len() < CHEAPEST_KEPT || us < self.cheapest_us[CHEAPEST_KEPT - 1] {
             let at = self.cheapest_us.partition_point(|&c| c <= us);
             self.cheapest_us.insert(at, us);
             self.cheapest_us.truncate(CHEAPEST_KEPT);
         }
-        if self.mode == Mode::Adaptive {
-            self.stretch_ended(cr3, Choice::Kvm, us);
+        match self.mode {
+            Mode::Adaptive => self.stretch_ended(cr3, Choice::Kvm, us),
+            Mode::AlwaysKvm => self.spaces.entry(cr3).or_insert_with(Space::new).add(Choice::Kvm, us),
         }
     }
 

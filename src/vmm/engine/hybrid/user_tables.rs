@@ -352,6 +352,20 @@ impl UserTables {
                 };
                 self.pool.table(ours)[i as usize] = copy;
                 self.stats.widened += 1;
+                if level == 1 {
+                    // The guest mapped pages here since the tree was built: take its
+                    // neighbours too (Linux maps file pages 16 at a time around a fault), each
+                    // a KVM round trip saved.
+                    for j in (0..ENTRIES).filter(|&j| j != i) {
+                        if self.pool.table(ours)[j as usize] & P != 0 {
+                            continue;
+                        }
+                        let Some(gj) = read_entry(ram, theirs, j) else { break };
+                        if let Some(leaf) = self.leaf(ram, theirs, j, gj, leaves) {
+                            self.pool.table(ours)[j as usize] = leaf;
+                        }
+                    }
+                }
                 return Ok(true);
             }
             if level == 2 && g & PS != 0 {

@@ -62,6 +62,9 @@ pub struct UserVcpu {
     /// would give KVM the same skips the ioctl.
     xcr0: Option<u64>,
     xsave: Vec<u8>,
+    /// Guest CR3 and address of the last user page fault delivered to the guest kernel (its
+    /// mapping is taken into the tree at the next load).
+    pub faulted_at: Option<(u64, u64)>,
     pub stats: VcpuStats,
 }
 
@@ -106,6 +109,7 @@ impl UserVcpu {
             msrs: None,
             xcr0: None,
             xsave: Vec::new(),
+            faulted_at: None,
             stats: VcpuStats::default(),
         };
         let (lstar, cstar) = (user.region.lstar(), user.region.cstar());
@@ -180,6 +184,14 @@ impl UserVcpu {
     pub fn load(&mut self, ram: &GuestRam, s: &GuestState, generation: u64, code: &dyn CodePages) -> Result<()> {
         debug_assert_eq!(s.cpl, Cpl::User);
         let root = self.root(ram, s, generation, code)?;
+        if let Some((cr3, va)) = self.faulted_at.take() {
+            // The guest kernel has handled a fault of this user code at `va`: what it mapped
+            // goes into the tree now rather than after one more exit. (If the pool is out of
+            // frames, the access faults out and the tree is rebuilt then.)
+            if cr3 == s.cr3 {
+                let _ = self.tables.widen(ram, va, code);
+            }
+        }
         let descriptor = |selector: u16| guest_descriptor(ram, s, selector);
         let seg = |i: usize, base: Option<u64>| transfer::segment_from_descriptor(s.seg[i], descriptor(s.seg[i]), base);
         let sr = &mut self.sregs;
