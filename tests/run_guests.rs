@@ -725,6 +725,23 @@ fn stats_json_is_one_object_with_the_counts() {
     assert_eq!(v["ended_by"], "ExitPort(0)");
     assert!(v["translator"]["blocks_translated"].as_u64().unwrap() > 0, "{v}");
     assert!(v["cpuid_hidden"]["vmx"].is_string(), "{v}");
+    // Hybrid: KVM's page tables kept across a switch away and back (user-mappings comes back to
+    // its first tree after only widening it), and the policy's per-address-space record.
+    let (_, stderr, code) = hbt_run(&[
+        "--accel",
+        "hybrid",
+        "--hybrid-policy",
+        "always-kvm",
+        "--stats-json",
+        "test-images/user-mappings.img",
+    ]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let hybrid = &v["hybrid"];
+    assert!(hybrid["tables_kept"].as_u64().unwrap() >= 1, "{hybrid}");
+    assert!(hybrid["tables_built"].as_u64().unwrap() >= 4, "{hybrid}");
+    let busiest = hybrid["policy"]["busiest"].as_array().unwrap();
+    assert!(busiest[0]["kvm_stretches"].as_u64().unwrap() > 0, "{hybrid}");
 }
 
 #[test]

@@ -332,11 +332,17 @@ impl Policy {
         )
     }
 
+    /// The address spaces by time spent, longest first.
+    fn by_time(&self) -> Vec<(&u64, &Space)> {
+        let mut spaces: Vec<_> = self.spaces.iter().collect();
+        spaces.sort_by(|a, b| (b.1.spent_us[0] + b.1.spent_us[1]).total_cmp(&(a.1.spent_us[0] + a.1.spent_us[1])));
+        spaces
+    }
+
     /// The address spaces that ran longest, for `--stats`: CR3, stretches and seconds per
     /// engine, the averages, and where each ended up.
     pub fn busiest(&self, n: usize) -> Vec<String> {
-        let mut spaces: Vec<_> = self.spaces.iter().collect();
-        spaces.sort_by(|a, b| (b.1.spent_us[0] + b.1.spent_us[1]).total_cmp(&(a.1.spent_us[0] + a.1.spent_us[1])));
+        let spaces = self.by_time();
         let avg = |v: Option<f64>| v.map_or("-".to_string(), |us| format!("{us:.0} µs"));
         spaces
             .iter()
@@ -366,6 +372,16 @@ impl Policy {
             "switches": self.switches,
             "cuts": self.cuts,
             "round_trip_us": self.floor(),
+            "busiest": self.by_time().iter().take(8).map(|(cr3, s)| serde_json::json!({
+                "cr3": cr3,
+                "engine": format!("{:?}", s.engine),
+                "kvm_stretches": s.stretches[0],
+                "kvm_seconds": s.spent_us[0] * 1e-6,
+                "kvm_average_us": s.kvm_us,
+                "translator_stretches": s.stretches[1],
+                "translator_seconds": s.spent_us[1] * 1e-6,
+                "translator_average_us": s.translator_us,
+            })).collect::<Vec<_>>(),
         })
     }
 }
