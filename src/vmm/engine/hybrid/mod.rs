@@ -458,12 +458,14 @@ fn report(
             s.kick_to_stint.as_secs_f64() * 1e6 / s.causes.get(&Cause::Kick).copied().unwrap_or(0).max(1) as f64
         ),
         format!(
-            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address, {} instructions KVM's emulator gave up on); page tables for KVM: {} built, {} kept after checking them against the guest's, {} widened in place, {} slot resets, {} frames in use",
+            "  hybrid: {} instructions re-run in the translator ({} page faults KVM reported without an address, {} instructions KVM's emulator gave up on); page tables for KVM: {} built, {} kept after checking them against the guest's ({} checks, {:.1} µs each), {} widened in place, {} slot resets, {} frames in use",
             s.replays,
             s.unreported_cr2,
             s.emulation_failures,
             t.builds,
             t.kept,
+            t.checks,
+            t.check_time.as_secs_f64() * 1e6 / t.checks.max(1) as f64,
             t.widened,
             t.slot_resets,
             user.tables.frames_in_use()
@@ -485,6 +487,8 @@ fn report(
             "emulation_failures": s.emulation_failures,
             "tables_built": t.builds,
             "tables_kept": t.kept,
+            "table_checks": t.checks,
+            "seconds_checking_tables": t.check_time.as_secs_f64(),
             "tables_widened": t.widened,
             "slot_resets": t.slot_resets,
             "policy": policy.json(),

@@ -129,6 +129,9 @@ pub struct TableStats {
     pub builds: u64,
     /// Trees checked against the guest's tables after an invalidation, and kept.
     pub kept: u64,
+    /// Checks made (kept or not), and the time they took.
+    pub checks: u64,
+    pub check_time: std::time::Duration,
     pub widened: u64,
     pub slot_resets: u64,
 }
@@ -179,7 +182,14 @@ impl UserTables {
         let guest_root = guest_cr3 & ADDR;
         if let Some(tree) = self.trees.get(&guest_cr3) {
             let (root, at) = (tree.root, tree.generation);
-            if at == generation || self.still_granted(ram, root, guest_root) {
+            let kept = at == generation || {
+                let started = std::time::Instant::now();
+                let granted = self.still_granted(ram, root, guest_root);
+                self.stats.checks += 1;
+                self.stats.check_time += started.elapsed();
+                granted
+            };
+            if kept {
                 if at != generation {
                     self.stats.kept += 1;
                 }
