@@ -71,6 +71,76 @@ fn json_report_has_the_documented_keys() {
 }
 
 #[test]
+fn compare_lists_the_important_instructions_a_census_never_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = common::fake_root(dir.path());
+    let pop = common::popcon(dir.path(), 1000, &[("app", 500), ("libfoo1", 250), ("avxtool", 250)]);
+    let report = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "coverage",
+            "--root",
+            root.to_str().unwrap(),
+            "--popcon",
+            pop.to_str().unwrap(),
+        ];
+        args.extend_from_slice(&["--format", "json", "--granularity", "code"]);
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&hbt(&args, dir.path()))).unwrap()
+    };
+    let all = report(&[]);
+    let rows = all["instructions"].as_array().unwrap();
+    let first = rows[0]["code"].as_str().unwrap().to_string();
+    // A census (as `hbt exec --census` writes it) that ran only the most important form.
+    let census = dir.path().join("run.census");
+    std::fs::write(&census, format!("# hbt census of a test\n{first}  # 7\n")).unwrap();
+    let v = report(&["--compare", census.to_str().unwrap(), "--compare-top", "5"]);
+    let c = &v["comparison"];
+    assert_eq!(c["top"], 5);
+    let missing: Vec<&str> = c["never_executed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["instruction"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = rows
+        .iter()
+        .take(5)
+        .skip(1)
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(missing, expected);
+    assert_eq!(c["never_executed"][0]["rank"], 2);
+    assert_eq!(v["supported"]["set"], census.to_str().unwrap());
+    // The table says it too; a file that is not an instruction list is one clear error.
+    let table = ok(&hbt(
+        &[
+            "coverage",
+            "--root",
+            root.to_str().unwrap(),
+            "--popcon",
+            pop.to_str().unwrap(),
+            "--compare",
+            census.to_str().unwrap(),
+        ],
+        dir.path(),
+    ));
+    assert!(table.contains("never executed"), "{table}");
+    std::fs::write(&census, "not_an_instruction\n").unwrap();
+    let out = hbt(
+        &[
+            "coverage",
+            "--root",
+            root.to_str().unwrap(),
+            "--compare",
+            census.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--compare"), "{out:?}");
+}
+
+#[test]
 fn table_csv_and_html() {
     let dir = tempfile::tempdir().unwrap();
     let root = common::fake_root(dir.path());

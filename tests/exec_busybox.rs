@@ -214,3 +214,45 @@ fn stats_json_reports_translation_counts() {
     assert!(v["system_calls"].as_u64().unwrap() >= 1, "{v}");
     assert!(v["hidden_host_features"].is_array(), "{v}");
 }
+
+#[test]
+fn census_counts_the_forms_of_the_process_and_the_programs_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f"), b"some bytes to hash\n").unwrap();
+    // The forms of a census file (it reads as an instruction set), after running `args`.
+    let census = |name: &str, args: &[&str]| {
+        let file = dir.path().join(name);
+        let out = Command::new(hbt())
+            .args(["exec", "--census", file.to_str().unwrap(), BUSYBOX])
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.starts_with("# hbt census of hbt exec"), "{text}");
+        let set = hbt_coverage::instr_set::InstructionSet::parse(&text, &file).unwrap();
+        (set.codes.iter().collect::<std::collections::BTreeSet<usize>>(), text)
+    };
+    let (shell, text) = census("sh.census", &["sh", "-c", ":"]);
+    assert!(text.lines().any(|l| l.starts_with("Syscall ")), "{text}");
+    let (hash, _) = census("hash.census", &["sha256sum", "f"]);
+    let only_hashing: Vec<usize> = hash.difference(&shell).copied().collect();
+    assert!(!only_hashing.is_empty());
+    // A shell that changes directory, forks a child and execs the hash: the exec'd program,
+    // told the same file (as an absolute path), adds what it translated.
+    let (both, _) = census(
+        "both.census",
+        &[
+            "sh",
+            "-c",
+            "mkdir sub && cd sub && /bin/busybox true; exec /bin/busybox sha256sum ../f",
+        ],
+    );
+    let missing: Vec<usize> = only_hashing.iter().filter(|c| !both.contains(c)).copied().collect();
+    assert!(missing.is_empty(), "forms of sha256sum missing after exec: {missing:?}");
+    // A second run adds to the file.
+    let before = census("sh.census", &["sh", "-c", ":"]).1;
+    let count = |t: &str| t.lines().find(|l| l.starts_with("Syscall ")).map(|l| l.to_string());
+    assert_ne!(count(&text), count(&before), "{before}");
+}

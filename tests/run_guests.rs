@@ -770,3 +770,28 @@ fn serial_interrupts_drive_output_and_input() {
         assert_eq!(out.status.code(), Some(0), "--accel {accel}");
     }
 }
+
+#[test]
+fn census_of_a_translated_guest_and_refused_under_kvm() {
+    let dir = tempfile::tempdir().unwrap();
+    let census = dir.path().join("guest.census");
+    let path = census.to_str().unwrap();
+    let (stdout, stderr, code) = hbt_run(&["--accel", "bt", "--census", path, "test-images/syscall.img"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("syscall"), "{stdout}");
+    let text = std::fs::read_to_string(&census).unwrap();
+    assert!(
+        text.starts_with("# hbt census of hbt run test-images/syscall.img"),
+        "{text}"
+    );
+    // The guest's own system-mode instructions are among what the translator translated.
+    for form in ["Syscall", "Sysretq", "Swapgs", "Wrmsr"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("{form} "))),
+            "{form} missing: {text}"
+        );
+    }
+    let (_, stderr, code) = hbt_run(&["--accel", "kvm", "--census", path, "test-images/hello.img"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("--census") && stderr.contains("--accel bt"), "{stderr}");
+}

@@ -93,6 +93,9 @@ pub struct AnalysisOptions<'a> {
     pub granularity: Granularity,
     /// How many steps of the plan from the supported set to list as "next".
     pub next_count: usize,
+    /// `--compare`: list which of this many most important instructions the supported set
+    /// (a run's census) does not contain at all (at mnemonic granularity: no form of it).
+    pub compare_top: Option<usize>,
 }
 
 /// The CPUID features of a code, joined: `SSE2`, `AVX512VL+AVX512F`.
@@ -329,6 +332,28 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
         }
     };
 
+    // What a census never executed among the most important instructions.
+    let comparison = opts.compare_top.map(|top| {
+        let executed: std::collections::HashSet<String> = supported.iter().map(|c| g.key_name(g.key_of(c))).collect();
+        let name = |r: &InstructionRow| r.code.clone().unwrap_or_else(|| r.mnemonic.clone());
+        Comparison {
+            set: opts.supported.name.clone(),
+            top,
+            never_executed: instructions
+                .iter()
+                .take(top)
+                .enumerate()
+                .filter(|(_, r)| !executed.contains(&name(r)))
+                .map(|(i, r)| MissingRow {
+                    rank: i + 1,
+                    instruction: name(r),
+                    extension: r.extension.clone(),
+                    importance: r.importance,
+                })
+                .collect(),
+        }
+    });
+
     // ISA-extension breakdown over every form the corpus uses (before the model filter).
     let mut ext: BTreeMap<String, ExtensionRow> = BTreeMap::new();
     let total_occ: u64 = corpus_codes.iter().map(|c| occurrences[c]).sum();
@@ -394,6 +419,7 @@ pub fn analyze(corpus: &CorpusScan, opts: &AnalysisOptions) -> Report {
             weighted_completeness: mp.supported_wc,
             complete_packages: mp.complete_packages as u64,
         },
+        comparison,
         plan,
         plan_needed: mp.needed.clone(),
         next,

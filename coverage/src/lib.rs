@@ -16,6 +16,7 @@
 
 pub mod analysis;
 pub mod cache;
+pub mod census;
 pub mod corpus;
 pub mod cpu_model;
 pub mod error;

@@ -164,6 +164,7 @@ fn whole_system_metrics() {
                 supported: set,
                 granularity: Granularity::Mnemonic,
                 next_count: 20,
+                compare_top: None,
             },
         )
     };

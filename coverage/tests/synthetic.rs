@@ -77,6 +77,7 @@ fn options<'a>(pop: &'a Popularity, set: &'a InstructionSet, model: CpuModel, g:
         supported: set,
         granularity: g,
         next_count: 20,
+        compare_top: None,
     }
 }
 

@@ -30,6 +30,7 @@ use std::time::Instant;
 ///   hbt coverage --cpu-model x86-64-v3 --granularity code --format json -o wc.json
 ///   hbt coverage --debs ./pool --popcon by_inst --format html -o report.html
 ///   hbt coverage --shard 1/4 -o part1.json         # then: hbt coverage merge part*.json
+///   hbt exec --census ls.census /bin/ls; hbt coverage --compare ls.census
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
 pub struct CoverageArgs {
@@ -90,6 +91,14 @@ struct ReportArgs {
     /// of iced Code names and/or mnemonics, one per line.
     #[arg(long, value_name = "SET", default_value = "translator")]
     supported: String,
+    /// Compare a run's census (`hbt exec --census FILE`, `hbt run --census FILE`) with the
+    /// distribution: its weighted completeness, and which of the --compare-top most important
+    /// instructions it never executed (a mnemonic counts as executed when any form of it was).
+    #[arg(long, value_name = "FILE", conflicts_with = "supported")]
+    compare: Option<PathBuf>,
+    /// With --compare: how many of the most important instructions to look at.
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "compare")]
+    compare_top: usize,
     /// Count instruction forms (iced Code, e.g. Add_rm32_r32) or mnemonics (add).
     #[arg(long, value_name = "G", default_value = "mnemonic")]
     granularity: Granularity,
@@ -163,11 +172,13 @@ fn report_on(corpus: &CorpusScan, args: &ReportArgs, started: Instant) -> Result
             p
         }
     };
-    let supported = match args.supported.as_str() {
-        "translator" => InstructionSet::translator(),
-        "all" => InstructionSet::all(),
-        "none" => InstructionSet::none(),
-        file => InstructionSet::from_file(Path::new(file))
+    let supported = match (&args.compare, args.supported.as_str()) {
+        (Some(census), _) => InstructionSet::from_file(census)
+            .with_context(|| format!("--compare {}: expected a census file", census.display()))?,
+        (None, "translator") => InstructionSet::translator(),
+        (None, "all") => InstructionSet::all(),
+        (None, "none") => InstructionSet::none(),
+        (None, file) => InstructionSet::from_file(Path::new(file))
             .with_context(|| format!("--supported {file}: expected translator, all, none or a readable file"))?,
     };
     if !args.quiet {
@@ -196,6 +207,7 @@ fn report_on(corpus: &CorpusScan, args: &ReportArgs, started: Instant) -> Result
             supported: &supported,
             granularity: args.granularity,
             next_count: args.next,
+            compare_top: args.compare.as_ref().map(|_| args.compare_top),
         },
     );
     report.timing.seconds = started.elapsed().as_secs_f64();

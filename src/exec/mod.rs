@@ -2,6 +2,7 @@
 //! (identity strategy). System calls go to the host kernel, except those that would break the
 //! translation, which are emulated here (`syscalls.rs`).
 
+mod census;
 mod elf;
 mod loader;
 mod signals;
@@ -32,6 +33,7 @@ use std::time::Instant;
 ///   hbt exec /bin/busybox echo hello
 ///   hbt exec --stats /bin/busybox sha256sum /etc/os-release
 ///   hbt exec --cpu-model x86-64-v2 /bin/busybox gzip -c big.txt
+///   hbt exec --census sh.census /bin/sh -c 'ls | wc -l'; hbt coverage --compare sh.census
 #[derive(Args)]
 #[command(verbatim_doc_comment, trailing_var_arg = true)]
 pub struct ExecArgs {
@@ -45,6 +47,11 @@ pub struct ExecArgs {
     /// limited to what the translator verifies; x86-64-v4 needs AVX-512, which it does not).
     #[arg(long, value_name = "MODEL", default_value = "host")]
     cpu_model: CpuModel,
+    /// Write the instruction forms translated during the run to FILE (added to it when it is
+    /// already a census: the processes a program starts add theirs). Read it with
+    /// `hbt coverage --compare FILE` or `--supported FILE`.
+    #[arg(long, value_name = "FILE")]
+    census: Option<PathBuf>,
     /// argv[0] for the program (default: the program path), as execve(2) allows.
     #[arg(long, value_name = "NAME")]
     argv0: Option<String>,
@@ -195,6 +202,13 @@ fn execute(args: &ExecArgs) -> Result<i32> {
         system: false,
     })
     .context("cannot create the translator")?;
+    if let Some(file) = &args.census {
+        let what = format!("hbt exec {}", argv.join(" "));
+        census::start(file, what).with_context(|| format!("--census {}", file.display()))?;
+    }
+    if let Some(counts) = census::counts() {
+        t.record_census(counts);
+    }
     if args.cpu_model == CpuModel::V4 {
         bail!("--cpu-model x86-64-v4 needs AVX-512 (EVEX), which the translator does not support yet");
     }
@@ -210,6 +224,7 @@ fn execute(args: &ExecArgs) -> Result<i32> {
         syscalls::End::Process(status) => status,
         syscalls::End::Thread => unreachable!("the first thread's exit ends the process"),
     };
+    census::flush();
     if args.stats || args.stats_json {
         let st = t.stats();
         let hidden = platform.hidden();

@@ -554,6 +554,7 @@ pub fn die(program: &std::path::Path, fatal: &Fatal) -> ! {
         .to_string_lossy()
         .into_owned();
     diag!("hbt: {}: {name} ({})", program.display(), fatal.why);
+    super::census::flush();
     set_host_blocked(0);
     // SAFETY: restoring the default action and raising the signal in this process.
     unsafe {

@@ -404,6 +404,7 @@ impl Syscalls {
         let host_flags = flags & !(CLONE_VM | CLONE_VFORK | CLONE_SETTLS);
         let ret = raw(SYS_CLONE, [host_flags, 0, ptid, ctid, 0, 0]);
         if ret == 0 {
+            super::census::forked();
             // Child: its guest stack and TLS as requested.
             if stack != 0 {
                 t.state_mut().gpr[4] = stack;
@@ -449,6 +450,10 @@ impl Syscalls {
             Err(e) => return Ok(errno(e)),
         };
         let mut args = vec!["hbt".to_string(), "exec".to_string()];
+        args.extend(["--cpu-model".to_string(), self.cpu_model.to_string()]);
+        if let Some(census) = super::census::path() {
+            args.extend(["--census".to_string(), census.display().to_string()]);
+        }
         if let Some(argv0) = argv.first() {
             args.extend(["--argv0".to_string(), argv0.clone()]);
         }
@@ -466,6 +471,8 @@ impl Syscalls {
         pa.push(std::ptr::null());
         let mut pe: Vec<*const libc::c_char> = cenv.iter().map(|c| c.as_ptr()).collect();
         pe.push(std::ptr::null());
+        // What this process translated goes to the census now: the new program adds its own.
+        super::census::flush();
         // SAFETY: NUL-terminated argument and environment vectors that outlive the call.
         unsafe { libc::execve(me.as_ptr(), pa.as_ptr(), pe.as_ptr()) };
         Ok(errno(

@@ -158,12 +158,18 @@ pub fn spawn(t: &mut Translator, sys: &Syscalls, flags: u64, stack: u64, ptid: u
                 }
             };
             child.set_write_protect_code(false);
+            if let Some(counts) = super::census::counts() {
+                child.record_census(counts);
+            }
             *child.state_mut() = state;
             let mut platform = ExecPlatform::new(model);
             let mut seen = seen;
             match super::drive(&mut child, &mut child_sys, &mut platform, &program, &mut seen) {
                 Ok(End::Thread) => {}
-                Ok(End::Process(status)) => std::process::exit(status),
+                Ok(End::Process(status)) => {
+                    super::census::flush();
+                    std::process::exit(status)
+                }
                 Err(e) => {
                     diag!("error: {e:#}");
                     std::process::exit(1);

@@ -79,6 +79,11 @@ pub struct RunArgs {
     /// Like --stats, as one JSON object on stderr (for scripts).
     #[arg(long)]
     stats_json: bool,
+    /// Write the instruction forms the translator translated during the run (guest kernel and
+    /// user code under --accel bt; under hybrid, not the user code that ran under KVM) to FILE,
+    /// added to it when it is already a census. Read it with `hbt coverage --compare FILE`.
+    #[arg(long, value_name = "FILE")]
+    census: Option<PathBuf>,
     /// Wait for gdb on [HOST:]PORT with the guest stopped at its first instruction, like QEMU's
     /// `-s -S`; it runs once gdb continues (`gdb -ex 'target remote :PORT'`). A bare port
     /// listens on 127.0.0.1; port 0 picks a free one (printed). Needs --accel bt. When gdb
@@ -127,6 +132,10 @@ fn choose_engine(args: &RunArgs) -> (Accel, &'static str) {
 
 fn execute(args: &RunArgs) -> Result<i32> {
     let (accel_choice, accel_why) = choose_engine(args);
+    if args.census.is_some() && accel_choice == Accel::Kvm {
+        bail!("--census counts what hbt's translator translates: it needs --accel bt or hybrid, not kvm");
+    }
+    let census = args.census.as_ref().map(|_| hbt_translator::CensusCounts::new());
     if args.gdb.is_some() && accel_choice != Accel::Bt {
         bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator (KVM's guest debugging is not wired up)");
     }
@@ -174,6 +183,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         gdb,
         detailed_stats: args.stats || args.stats_json,
         hybrid_policy: args.hybrid_policy,
+        census: census.clone(),
     };
     stop::arm(args.timeout);
     if args.raw_exit_loop {
@@ -186,6 +196,11 @@ fn execute(args: &RunArgs) -> Result<i32> {
         Accel::Hybrid => engine::hybrid::run(&setup)?,
     };
     let total = started.elapsed();
+    if let (Some(file), Some(counts)) = (&args.census, &census) {
+        let what = format!("hbt run {}", args.image.display());
+        hbt_coverage::census::add_to_file(file, &what, &counts.forms())
+            .with_context(|| format!("--census {}", file.display()))?;
+    }
     // The guest's last output comes before hbt says how the run ended.
     finished.buses.pio.flush();
     drop(terminal);

@@ -28,6 +28,7 @@ pub mod state;
 pub mod supported;
 pub mod system;
 
+pub use engine::census::CensusCounts;
 pub use engine::{Config, Stats, Translator};
 pub use error::TranslateError;
 pub use exit::{Exit, GuestException};

@@ -46,6 +46,9 @@ pub struct Report {
     pub instruction_forms: Vec<InstructionRow>,
     pub extensions: Vec<ExtensionRow>,
     pub supported: SupportedSummary,
+    /// `--compare`: the most important instructions the compared set (a census) never ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Comparison>,
     /// Greedy plan from the empty set.
     pub plan: Vec<PlanRow>,
     /// Plan steps needed to reach 50/90/99/100% weighted completeness.
@@ -112,6 +115,24 @@ pub struct SupportedSummary {
     pub count_in_corpus: u64,
     pub weighted_completeness: f64,
     pub complete_packages: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Comparison {
+    pub set: String,
+    /// How many of the most important instructions were looked at.
+    pub top: usize,
+    /// Those of them the set does not contain, most important first.
+    pub never_executed: Vec<MissingRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MissingRow {
+    /// Position by importance (1 = most important).
+    pub rank: usize,
+    pub instruction: String,
+    pub extension: String,
+    pub importance: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -155,6 +155,28 @@ pub fn render_table(r: &Report) -> String {
         );
     }
 
+    if let Some(c) = &r.comparison {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "Of the {} most important {unit}, `{}` never executed {}{}",
+            c.top,
+            c.set,
+            c.never_executed.len(),
+            if c.never_executed.is_empty() { "" } else { ":" }
+        );
+        for m in &c.never_executed {
+            let _ = writeln!(
+                o,
+                "  #{:<4} {:<28} {:<24} importance {}",
+                m.rank,
+                m.instruction,
+                m.extension,
+                pct(m.importance)
+            );
+        }
+    }
+
     let _ = writeln!(o);
     let _ = writeln!(o, "CPU models ({unit} needed, greedy plan from nothing)");
     let _ = writeln!(

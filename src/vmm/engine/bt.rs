@@ -202,6 +202,9 @@ impl Machine {
         // stop for a debugger that asks.
         translator.set_stop_check(|| stop::requested().is_some() || stop::attention() || stop::policy_check_pending());
         translator.set_detailed_stats(setup.detailed_stats);
+        if let Some(counts) = &setup.census {
+            translator.record_census(std::sync::Arc::clone(counts));
+        }
         let e = setup.entry;
         *translator.state_mut() = boot::long_mode_state(e.rip, e.rsp, e.rsi);
         hbt_translator::host::signals::catch_kick(stop::KICK_SIGNAL)?;

@@ -29,6 +29,8 @@ pub struct Setup<'a> {
     pub detailed_stats: bool,
     /// `--hybrid-policy`: which engine runs guest user code under `--accel hybrid`.
     pub hybrid_policy: hybrid::policy::Mode,
+    /// `--census`: the translator counts the forms it translates here.
+    pub census: Option<std::sync::Arc<hbt_translator::CensusCounts>>,
 }
 
 /// Why a run ended.

@@ -40,6 +40,7 @@ pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
 mod addr_map;
 mod cache;
 mod callbacks;
+pub mod census;
 mod debug;
 mod handover;
 mod memory;
@@ -108,6 +109,8 @@ pub struct Translator {
     strategy: MemoryStrategy,
     verified_only: bool,
     system: bool,
+    /// Translated instances per instruction form, while a census is recorded (`census.rs`).
+    census: Option<std::sync::Arc<census::CensusCounts>>,
     blocks: Vec<Block>,
     by_guest: AddrMap<usize>,
     /// (host address, block index) in address order: blocks are appended to the code buffer,
@@ -210,6 +213,7 @@ impl Translator {
             glue_len,
             strategy: config.strategy,
             verified_only: config.verified_only,
+            census: None,
             system: config.system,
             blocks: Vec::new(),
             by_guest: AddrMap::default(),
@@ -606,6 +610,7 @@ impl Translator {
                 })
             }
         };
+        census::count_block(&self.census, &block);
         // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
         // into the next page in case an instruction straddles it).
         let kept = !uncached || split_key.is_some();
