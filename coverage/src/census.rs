@@ -19,6 +19,8 @@ pub fn render(what: &str, forms: &[(Code, u64)]) -> String {
     forms.sort_by_key(|&(c, n)| (std::cmp::Reverse(n), c as usize));
     let mut out = String::new();
     let total: u64 = forms.iter().map(|&(_, n)| n).sum();
+    // One line, whatever the command line held.
+    let what: String = what.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let _ = writeln!(out, "{HEADER}{what}");
     let _ = writeln!(
         out,
@@ -91,7 +93,8 @@ mod tests {
 
     #[test]
     fn a_census_reads_back_as_an_instruction_set() {
-        let text = render("a test", &[(Code::Add_rm64_r64, 12), (Code::Syscall, 1)]);
+        let text = render("a test\nover lines", &[(Code::Add_rm64_r64, 12), (Code::Syscall, 1)]);
+        assert!(text.starts_with("# hbt census of a test over lines\n"), "{text}");
         let set = InstructionSet::parse(&text, Path::new("census.txt")).unwrap();
         assert!(set.codes.contains(Code::Add_rm64_r64 as usize));
         assert!(set.codes.contains(Code::Syscall as usize));
