@@ -439,6 +439,16 @@ impl Context {
         }
     }
 
+    /// Empties both sets' entries for every page of the 2 MiB region holding guest virtual
+    /// `va`: what INVLPG of `va` must drop, since the translation it names may be a 2 MiB page,
+    /// cached here as 4 KiB entries.
+    pub fn forget_tlb_region(&mut self, va: u64) {
+        let region = va & !((1 << 21) - 1);
+        for page in (0..512).map(|i| region.wrapping_add(i << 12)) {
+            self.forget_tlb_page(page);
+        }
+    }
+
     /// Empties the write-TLB entries that reach the host page at `host_page` (its guest page
     /// became a code page: writes to it must miss, so they can invalidate its blocks). The
     /// whole write TLB used to go, once per new code page.

@@ -516,8 +516,8 @@ impl Translator {
         self.stats.remaps += 1;
     }
 
-    /// INVLPG: the data TLBs go (cheap; the page may be a large one, whose 4 KiB entries all
-    /// go with it), and so does whatever lets translated code enter the blocks in the 2 MiB
+    /// INVLPG: the data TLB entries of `va`'s 2 MiB region go (the page may be a large one,
+    /// cached as 4 KiB entries), and so does whatever lets translated code enter the blocks in the 2 MiB
     /// region of `va` without the dispatcher revalidating them: links from other pages, their
     /// indirect-branch entries, their validation. Links within one page stay (see
     /// `Block::incoming_same_pages`: every way into the page now goes through the
@@ -527,7 +527,10 @@ impl Translator {
     /// times in 600 fork+exec). There are no 1 GiB pages to track: the VMM does not offer them
     /// (`pdpe1gb` hidden) and the page walk treats PS in a PDPTE as a reserved bit.
     pub(super) fn invalidate_page(&mut self, va: u64) {
-        self.ctx.get_mut().flush_tlb();
+        // Other pages' translations may stay cached, as on a CPU (an OS invalidates each page
+        // whose translation it changed); a whole-TLB flush here refilled ≈1,750 entries per
+        // fork+exec of a Linux guest.
+        self.ctx.get_mut().forget_tlb_region(va);
         self.stats.page_invalidations += 1;
         self.invalidations += 1;
         let Some(in_region) = self.code_regions.get_mut(&(va >> 21)) else {
