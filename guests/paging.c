@@ -5,7 +5,8 @@
  * code (a function on the page, which a translator caches). Only what the architecture
  * guarantees is checked: a stale translation may survive a PTE change until INVLPG or a CR3
  * write (global ones until INVLPG or a PGE toggle), and may also be dropped early, so nothing
- * is read between a change and its flush. */
+ * is read between a change and its flush. Last, a code page removed: a jump into it faults
+ * (#PF, fetch), and once mapped again it runs what its frame holds then. */
 #include "runtime/rt.h"
 
 #define DATA (RT_MAP_BASE + 0x1000)   /* non-global data page */
@@ -19,6 +20,12 @@ static void check(const char *what, u64 got, u64 want) {
     rt_puts(what); rt_puts(": "); rt_put_hex(got);
     if (got != want) { rt_puts(" WRONG, want "); rt_put_hex(want); failures++; }
     rt_puts("\n");
+}
+
+static volatile u64 fault_error = 256, fault_cr2;
+static int record(struct frame *f) {
+    fault_error = f->error; fault_cr2 = read_cr2();
+    return rt_resume_at(f);
 }
 
 static u64 read_at(u64 va) { return *(volatile u64 *)va; }
@@ -120,6 +127,22 @@ int main(void) {
     write_cr3(t1);
     check("G bit without PGE, re-pointed + cr3 reload data", read_at(GDATA), 0xbbbb);
     check("G bit without PGE, re-pointed + cr3 reload code", call_at(GCODE + 8), 0xbbbb);
+
+    /* Code removed (a translator still has its translation), jumped into, mapped again to the
+     * same frame (not present before: nothing to invalidate), then re-pointed. */
+    rt_set_trap(14, record);
+    write_cr4(cr4);
+    check("code before removal", call_at(CODE + 8), 0xaaaa);
+    *rt_pte(t1, CODE) = 0;
+    invlpg(CODE);
+    RT_FAULTING("jmp *%%rax", CODE + 8);
+    check("removed code page, jump: #PF error", fault_error, 0x10);
+    check("removed code page, jump: cr2", fault_cr2, CODE + 8);
+    *rt_pte(t1, CODE) = a | rw;
+    check("mapped again, same frame: code", call_at(CODE + 8), 0xaaaa);
+    *rt_pte(t1, CODE) = b | rw;
+    invlpg(CODE);
+    check("then re-pointed + invlpg: code", call_at(CODE + 8), 0xbbbb);
 
     rt_puts(failures ? "paging: FAILED\n" : "paging: ok\n");
     return failures ? 1 : 0;

@@ -580,6 +580,16 @@ impl Translator {
     }
 }
 
+impl Translator {
+    /// The fault a fetch at `rip` takes under the guest's page tables now, if any (soft-MMU).
+    pub(super) fn fetch_fault(&self, rip: u64) -> Option<GuestException> {
+        let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
+            return None;
+        };
+        soft_mmu::walk_leaf(ram, &self.ctx.get().state.paging(), rip, Access::Fetch).err()
+    }
+}
+
 /// Undoes every link in `links` and empties it. Drained, not taken: the block keeps the
 /// list's allocation for the links it gets again after a CR3 write (freeing and reallocating
 /// them was ≈5% of a fork/exec-heavy Linux guest). Translated code must be stopped.

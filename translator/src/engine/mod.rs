@@ -578,6 +578,12 @@ impl Translator {
                     }
                     return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
                 }
+                // Not executable at all now — a new process before its first fault on the page:
+                // the fault goes to the guest and the block stays for when the page maps the
+                // same frame again (each exec of a busybox applet translated its code anew).
+                if let Some(fault) = self.fetch_fault(rip) {
+                    return Ok(Lookup::Exit(Exit::Exception(fault)));
+                }
                 // The code's page maps elsewhere now: translate what is there.
                 self.invalidate_block(i);
             } else if let Some(&(instr, rule)) = self.emulated_at.get(&rip) {
