@@ -152,6 +152,7 @@ impl Translator {
         self.by_host.clear();
         self.code_pages.clear();
         self.code_regions.clear();
+        self.large_code_regions.clear();
         self.protected.release_all();
         self.code.reset_to(self.glue_len);
         self.linked.clear();
@@ -517,15 +518,18 @@ impl Translator {
     }
 
     /// INVLPG: the data TLB entries of `va`'s 2 MiB region go (the page may be a large one,
-    /// cached as 4 KiB entries), and so does whatever lets translated code enter the blocks in the 2 MiB
-    /// region of `va` without the dispatcher revalidating them: links from other pages, their
-    /// indirect-branch entries, their validation. Links within one page stay (see
+    /// cached as 4 KiB entries), and so does whatever lets translated code enter the blocks on
+    /// `va`'s page without the dispatcher revalidating them: links from other pages, their
+    /// indirect-branch entries, their validation — for every block of the 2 MiB region if a
+    /// 2 MiB page mapped code there. Links within one page stay (see
     /// `Block::incoming_same_pages`: every way into the page now goes through the
     /// dispatcher). Everything else stays: Linux invalidates single pages all the time —
-    /// copy-on-write, unmap, kmap — often in the 2 MiB region of a program's code (its data
-    /// follows it), and a full remap each time undid every chain into the kernel too (≈5,000
-    /// times in 600 fork+exec). There are no 1 GiB pages to track: the VMM does not offer them
-    /// (`pdpe1gb` hidden) and the page walk treats PS in a PDPTE as a reserved bit.
+    /// copy-on-write, unmap, kmap — often next to a program's code (its data follows it), and
+    /// undoing the links of every block of the region each time (a static busybox's whole
+    /// text) was ≈4% of a fork/exec-heavy guest; a full remap each time undid every chain into
+    /// the kernel too (≈5,000 times in 600 fork+exec). There are no 1 GiB pages to track: the
+    /// VMM does not offer them (`pdpe1gb` hidden) and the page walk treats PS in a PDPTE as a
+    /// reserved bit.
     pub(super) fn invalidate_page(&mut self, va: u64) {
         // Other pages' translations may stay cached, as on a CPU (an OS invalidates each page
         // whose translation it changed); a whole-TLB flush here refilled ≈1,750 entries per
@@ -533,6 +537,10 @@ impl Translator {
         self.ctx.get_mut().forget_tlb_region(va);
         self.stats.page_invalidations += 1;
         self.invalidations += 1;
+        // Blocks on other 4 KiB pages keep their links unless a 2 MiB page mapped code here
+        // (the INVLPG may have remapped all of it).
+        let page = va & !(PAGE - 1);
+        let whole_region = self.large_code_regions.contains(&(va >> 21));
         let Some(in_region) = self.code_regions.get_mut(&(va >> 21)) else {
             return;
         };
@@ -542,6 +550,9 @@ impl Translator {
             let b = &mut self.blocks[i];
             if !b.valid {
                 return false;
+            }
+            if !whole_region && !b.mapping.iter().any(|&(v, _)| v == page) {
+                return true;
             }
             undo_links(&mut b.incoming);
             ctx.ibl_forget(b.key, b.host, empty);

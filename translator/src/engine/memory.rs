@@ -13,6 +13,8 @@ pub(super) struct Fetcher<'a> {
     pub(super) pages: Vec<(u64, u64)>,
     /// The guest virtual pages among them whose translation is not global.
     pub(super) nonglobal: Vec<u64>,
+    /// Some page among them is part of a 2 MiB page.
+    pub(super) large: bool,
     pub(super) maps: &'a mut crate::host::pages::HostMaps,
 }
 
@@ -27,6 +29,7 @@ impl<'a> Fetcher<'a> {
             state,
             pages: Vec::new(),
             nonglobal: Vec::new(),
+            large: false,
             maps,
         }
     }
@@ -60,6 +63,7 @@ impl CodeFetch for Fetcher<'_> {
                 let page = (addr & !(PAGE - 1), pa & !(PAGE - 1));
                 if !self.pages.contains(&page) {
                     self.pages.push(page);
+                    self.large |= soft_mmu::is_large_page(ram, &self.state.paging(), addr);
                 }
                 Ok(buf.len())
             }

@@ -121,6 +121,9 @@ pub struct Translator {
     /// System mode: 2 MiB regions of guest virtual addresses that hold translated code (an
     /// INVLPG elsewhere leaves the links between blocks alone, see `invalidate_page`).
     code_regions: AddrMap<Vec<usize>>,
+    /// The 2 MiB regions where some block's code was mapped by a 2 MiB page: INVLPG of any
+    /// address there may have remapped all of it (`cache.rs`, `invalidate_page`).
+    large_code_regions: std::collections::HashSet<u64>,
     /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
     /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
     ibl_used: [Vec<u32>; 2],
@@ -224,6 +227,7 @@ impl Translator {
             by_host: Vec::new(),
             code_pages: AddrMap::default(),
             code_regions: Default::default(),
+            large_code_regions: Default::default(),
             ibl_used: [Vec::new(), Vec::new()],
             ibl_global: [vec![false; IBL_ENTRIES], vec![false; IBL_ENTRIES]],
             uncached_step: None,
@@ -632,6 +636,9 @@ impl Translator {
         };
         // Code whose every page is global survives CR3 writes (see `remap`).
         let global = !mapping.is_empty() && mapping.iter().all(|(va, _)| !fetch.nonglobal.contains(va));
+        if fetch.large {
+            self.large_code_regions.extend(mapping.iter().map(|&(va, _)| va >> 21));
+        }
         let pages = if !kept {
             Vec::new()
         } else if !soft {

@@ -206,6 +206,25 @@ pub fn translate_for_debugger(ram: &GuestRam, state: &Paging, va: u64) -> Option
     None
 }
 
+/// Whether `va` is mapped by a 2 MiB page in the current tables (no side effects; `false` when
+/// not mapped).
+pub fn is_large_page(ram: &GuestRam, state: &Paging, va: u64) -> bool {
+    let mut table = state.cr3 & ADDR;
+    for level in (1..4).rev() {
+        let Some(entry) = ram.read_u64(table + ((va >> (12 + 9 * level)) & 511) * 8) else {
+            return false;
+        };
+        if entry & P == 0 {
+            return false;
+        }
+        if level == 1 {
+            return entry & PS != 0;
+        }
+        table = entry & ADDR;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
