@@ -48,21 +48,31 @@ reboot -f
 INIT
 scripts/busybox-initramfs.sh "$work/initramfs.cpio" "$work/init" "$work/spin-hash"
 
-# Runs a guest command line; prints "a=<s> b=<s> ..." from the BEGIN/END markers, or "hang".
+# Runs a guest command line; prints "a=<s> b=<s> ..." from the BEGIN/END markers, or "hang"
+# (then the run's console and stderr are kept in /tmp/hbt-linux-guest-<engine>.log, named on
+# stderr: the first argument is the engine's name).
 timed() {
   python3 - "$BOUND" "$@" <<'PY'
 import subprocess, sys, threading, time
-bound = float(sys.argv[1]); cmd = sys.argv[2:]
-p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+bound = float(sys.argv[1]); name = sys.argv[2]; cmd = sys.argv[3:]
+p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 timer = threading.Timer(bound, p.kill); timer.start()
-begin, took = {}, {}
+begin, took, log = {}, {}, []
 for line in p.stdout:
     now = time.monotonic()
+    log.append(line)
     words = line.decode(errors="replace").split()
     if len(words) == 2 and words[0] == "BEGIN": begin[words[1]] = now
     if len(words) == 2 and words[0] == "END" and words[1] in begin: took[words[1]] = now - begin[words[1]]
-p.wait(); timer.cancel()
-print(" ".join(f"{k}={v:.3f}" for k, v in sorted(took.items())) if len(took) == 5 else "hang")
+status = p.wait(); killed = not timer.is_alive(); timer.cancel()
+if len(took) == 5:
+    print(" ".join(f"{k}={v:.3f}" for k, v in sorted(took.items())))
+else:
+    path = f"/tmp/hbt-linux-guest-{name}.log"
+    open(path, "wb").write(b"".join(log))
+    why = f"killed after {bound:.0f} s" if killed else f"exit status {status}"
+    print(f"{name}: {len(took)} of 5 workloads finished ({why}); output in {path}", file=sys.stderr)
+    print("hang")
 PY
 }
 
@@ -82,12 +92,12 @@ PY
 declare -A result
 hbt_cmd=("$HBT" run --mem $MEM --initrd "$work/initramfs.cpio" --append "$APPEND")
 result[native]=$(native)
-result[hybrid]=$(timed "${hbt_cmd[@]}" --accel hybrid "$kernel")
-result[always-kvm]=$(timed "${hbt_cmd[@]}" --accel hybrid --hybrid-policy always-kvm "$kernel")
-result[bt]=$(timed "${hbt_cmd[@]}" --accel bt "$kernel")
+result[hybrid]=$(timed hybrid "${hbt_cmd[@]}" --accel hybrid "$kernel")
+result[always-kvm]=$(timed always-kvm "${hbt_cmd[@]}" --accel hybrid --hybrid-policy always-kvm "$kernel")
+result[bt]=$(timed bt "${hbt_cmd[@]}" --accel bt "$kernel")
 if command -v qemu-system-x86_64 >/dev/null; then
   for try in 1 2 3; do
-    result[qemu-tcg]=$(timed qemu-system-x86_64 -M microvm -accel tcg -cpu max -m $MEM -nodefaults -no-user-config \
+    result[qemu-tcg]=$(timed qemu-tcg qemu-system-x86_64 -M microvm -accel tcg -cpu max -m $MEM -nodefaults -no-user-config \
       -nographic -no-reboot -serial stdio -kernel "$kernel" -initrd "$work/initramfs.cpio" -append "$APPEND")
     [ "${result[qemu-tcg]}" = hang ] || break
     echo "qemu-system-x86_64 (TCG) hung past ${BOUND}s (try $try of 3)" >&2

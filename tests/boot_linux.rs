@@ -52,6 +52,23 @@ fn the_installed_kernel_boots_to_busybox_under_the_hybrid_engine() {
     assert!(stints > 100, "user code hardly ran under KVM:\n{stats}");
     // The default policy, which leaves syscall-heavy processes to the translator.
     boot(&["--accel", "hybrid"]);
+    // A page-table pool of 16 frames: KVM's tables run out all the time (while building a tree,
+    // and while widening one at a fault), and the region's slot is reset each time.
+    let stats = boot(&[
+        "--accel",
+        "hybrid",
+        "--hybrid-policy",
+        "always-kvm",
+        "--hybrid-table-frames",
+        "16",
+    ]);
+    let resets: u64 = stats
+        .split(" slot resets")
+        .next()
+        .and_then(|before| before.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(resets > 20, "the pool hardly ran out:\n{stats}");
 }
 
 /// Boots with `engine` (hbt run options); returns hbt's --stats output.

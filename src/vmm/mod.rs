@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// enter the kernel every few microseconds: shells, fork/exec loops) or `always-kvm`.
     #[arg(long, value_enum, default_value_t = engine::hybrid::policy::Mode::Adaptive, value_name = "POLICY")]
     hybrid_policy: engine::hybrid::policy::Mode,
+    /// Hybrid: page-table frames for KVM's copies of the guest's tables before the region's
+    /// memory slot is reset (default: all of hbt's 32 MiB region; small values exercise the
+    /// resets in tests).
+    #[arg(long, hide = true, value_name = "N", value_parser = clap::value_parser!(u64).range(8..))]
+    hybrid_table_frames: Option<u64>,
     /// Flat binary: guest-physical load address.
     #[arg(long, value_parser = parse_u64, value_name = "ADDR")]
     load_addr: Option<u64>,
@@ -183,6 +188,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         gdb,
         detailed_stats: args.stats || args.stats_json,
         hybrid_policy: args.hybrid_policy,
+        hybrid_table_frames: args.hybrid_table_frames,
         census: census.clone(),
     };
     stop::arm(args.timeout);

@@ -29,6 +29,8 @@ pub struct Setup<'a> {
     pub detailed_stats: bool,
     /// `--hybrid-policy`: which engine runs guest user code under `--accel hybrid`.
     pub hybrid_policy: hybrid::policy::Mode,
+    /// `--hybrid-table-frames`: the page-table pool's size (None: the whole region).
+    pub hybrid_table_frames: Option<u64>,
     /// `--census`: the translator counts the forms it translates here.
     pub census: Option<std::sync::Arc<hbt_translator::CensusCounts>>,
 }

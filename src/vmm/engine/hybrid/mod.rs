@@ -101,7 +101,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
         bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator alone");
     }
     let mut m = Machine::new(setup)?;
-    let mut user = UserVcpu::new(setup.mem)?;
+    let mut user = UserVcpu::new(setup.mem, setup.hybrid_table_frames)?;
     m.translator.set_user_exit(true);
     // SAFETY: the flag is the vCPU's kvm_run mapping, which lives until `user` drops; the flag
     // is cleared below before that.
@@ -294,11 +294,11 @@ fn user_stint(
                                 m.translator.invalidate_range(pa & !0xfff, 0x1000);
                             }
                             *stats.causes.entry(Cause::HiddenFault).or_default() += 1;
-                            let widened = user.tables.widen(ram, cr2, &TranslatedCode(&m.translator))?;
+                            let widened = user.tables.widen(ram, cr2, &TranslatedCode(&m.translator));
                             if widened {
                                 user.resume_user(&frame);
                             } else {
-                                // Not a widening: the whole tree again.
+                                // Not a widening (or no frame left for one): the whole tree again.
                                 let s = user.user_state(&before, Some(&frame))?;
                                 user.tables.forget();
                                 user.load(ram, &s, generation, &TranslatedCode(&m.translator))?;

@@ -317,15 +317,15 @@ impl UserTables {
 
     /// A user access to `va` faulted under KVM but the guest's tables allow it: makes the tree
     /// allow it too, in place (filling entries that were not present, or setting the write bit
-    /// of a leaf whose guest entry is now dirty). `Ok(false)` when that is not a widening (the
-    /// guest re-pointed the page without invalidating, which an OS does not do): the caller
-    /// builds a new tree.
-    pub fn widen(&mut self, ram: &GuestRam, va: u64, code: &dyn CodePages) -> Result<bool, TablesError> {
+    /// of a leaf whose guest entry is now dirty). `false` when that is not a widening (the
+    /// guest re-pointed the page without invalidating, which an OS does not do) or the pool has
+    /// no frame left for it: the caller builds a new tree (which resets the slot if need be).
+    pub fn widen(&mut self, ram: &GuestRam, va: u64, code: &dyn CodePages) -> bool {
         let Some(cr3) = self.current else {
-            return Ok(false);
+            return false;
         };
         let Some(tree) = self.trees.get_mut(&cr3) else {
-            return Ok(false);
+            return false;
         };
         let root = tree.root;
         let mut writable = std::mem::take(&mut tree.writable);
@@ -337,7 +337,7 @@ impl UserTables {
         if let Some(tree) = self.trees.get_mut(&cr3) {
             tree.writable = writable;
         }
-        widened
+        widened.unwrap_or(false)
     }
 
     fn widen_in(

@@ -69,7 +69,8 @@ pub struct UserVcpu {
 }
 
 impl UserVcpu {
-    pub fn new(mem: &GuestMemory) -> Result<Self> {
+    /// `table_frames`: how many frames the page-table pool may use (None: the whole region).
+    pub fn new(mem: &GuestMemory, table_frames: Option<u64>) -> Result<Self> {
         let vm = Vm::bare(mem)?;
         let region = HostRegion::new(HBT_REGION_START, HBT_REGION_SIZE).context("cannot map hbt's region")?;
         // SAFETY: the region's mapping lives as long as `region`, which this value owns with the
@@ -92,7 +93,9 @@ impl UserVcpu {
                 region.host_base(),
                 region.gpa(),
                 super::host_region::POOL_START,
-                region.size(),
+                table_frames.map_or(region.size(), |n| {
+                    (super::host_region::POOL_START + n * 4096).min(region.size())
+                }),
             )
         };
         let tables = UserTables::new(pool, HBT_PML4_SLOT, region.pml4_entry());
@@ -189,7 +192,7 @@ impl UserVcpu {
             // goes into the tree now rather than after one more exit. (If the pool is out of
             // frames, the access faults out and the tree is rebuilt then.)
             if cr3 == s.cr3 {
-                let _ = self.tables.widen(ram, va, code);
+                self.tables.widen(ram, va, code);
             }
         }
         let descriptor = |selector: u16| guest_descriptor(ram, s, selector);
