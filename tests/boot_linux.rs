@@ -43,12 +43,7 @@ fn the_installed_kernel_boots_to_busybox_under_the_translator() {
 fn the_installed_kernel_boots_to_busybox_under_the_hybrid_engine() {
     // Every stretch of user code under KVM: what the page-table coherence checks are about.
     let stats = boot(&["--accel", "hybrid", "--hybrid-policy", "always-kvm"]);
-    let stints: u64 = stats
-        .split(" stints under KVM")
-        .next()
-        .and_then(|before| before.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let stints = count_before(&stats, " stints under KVM");
     assert!(stints > 100, "user code hardly ran under KVM:\n{stats}");
     // The default policy, which leaves syscall-heavy processes to the translator.
     boot(&["--accel", "hybrid"]);
@@ -62,13 +57,18 @@ fn the_installed_kernel_boots_to_busybox_under_the_hybrid_engine() {
         "--hybrid-table-frames",
         "16",
     ]);
-    let resets: u64 = stats
-        .split(" slot resets")
+    let resets = count_before(&stats, " slot resets");
+    assert!(resets > 20, "the pool hardly ran out:\n{stats}");
+}
+
+/// The number in `stats` just before the first `what` (0 if none).
+fn count_before(stats: &str, what: &str) -> u64 {
+    stats
+        .split(what)
         .next()
         .and_then(|before| before.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(resets > 20, "the pool hardly ran out:\n{stats}");
+        .unwrap_or(0)
 }
 
 /// Boots with `engine` (hbt run options); returns hbt's --stats output.
