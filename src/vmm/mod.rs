@@ -53,9 +53,10 @@ pub struct RunArgs {
     /// /dev/kvm can be opened, bt otherwise (and bt under --gdb); --stats says which and why.
     #[arg(long, value_enum)]
     accel: Option<Accel>,
-    /// Under --accel hybrid, which engine runs guest user code: `adaptive` (KVM for address
-    /// spaces whose user code runs long between kernel entries, the translator for those that
-    /// enter the kernel every few microseconds: shells, fork/exec loops) or `always-kvm`.
+    /// Under --accel hybrid, which engine runs guest user code: `adaptive` (per address space,
+    /// the engine whose stretches between kernel entries measure cheaper, re-measured now and
+    /// then: KVM for code that computes, the translator for code that enters the kernel every
+    /// few microseconds — shells, fork/exec loops, small reads) or `always-kvm`.
     #[arg(long, value_enum, default_value_t = engine::hybrid::policy::Mode::Adaptive, value_name = "POLICY")]
     hybrid_policy: engine::hybrid::policy::Mode,
     /// Hybrid: page-table frames for KVM's copies of the guest's tables before the region's
