@@ -796,6 +796,22 @@ fn census_of_a_translated_guest_and_refused_under_kvm() {
             "{form} missing: {text}"
         );
     }
+    // A file that is not a census is refused before the guest runs, and left alone.
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "mine\n").unwrap();
+    let (stdout, stderr, code) = hbt_run(&[
+        "--accel",
+        "bt",
+        "--census",
+        notes.to_str().unwrap(),
+        "test-images/hello.img",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stdout.is_empty() && stderr.contains("not an hbt census"),
+        "{stdout} {stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine\n");
     let (_, stderr, code) = hbt_run(&["--accel", "kvm", "--census", path, "test-images/hello.img"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("--census") && stderr.contains("--accel bt"), "{stderr}");

@@ -20,6 +20,8 @@ static CENSUS: OnceLock<Census> = OnceLock::new();
 pub fn start(path: &Path, what: String) -> std::io::Result<()> {
     // Absolute: the guest may change directory before it ends.
     let path = std::path::absolute(path)?;
+    // A file that cannot be written, or is something else, is an error now, not at the end.
+    hbt_coverage::census::add_to_file(&path, &what, &[])?;
     let _ = CENSUS.set(Census {
         path,
         what,

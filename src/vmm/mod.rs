@@ -141,6 +141,12 @@ fn execute(args: &RunArgs) -> Result<i32> {
     if args.census.is_some() && accel_choice == Accel::Kvm {
         bail!("--census counts what hbt's translator translates: it needs --accel bt or hybrid, not kvm");
     }
+    let census_what = format!("hbt run {}", args.image.display());
+    if let Some(file) = &args.census {
+        // A file that cannot be written, or is something else, is an error before the run.
+        hbt_coverage::census::add_to_file(file, &census_what, &[])
+            .with_context(|| format!("--census {}", file.display()))?;
+    }
     let census = args.census.as_ref().map(|_| hbt_translator::CensusCounts::new());
     if args.gdb.is_some() && accel_choice != Accel::Bt {
         bail!("--gdb needs --accel bt: the gdb stub drives hbt's binary translator (KVM's guest debugging is not wired up)");
@@ -204,8 +210,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
     };
     let total = started.elapsed();
     if let (Some(file), Some(counts)) = (&args.census, &census) {
-        let what = format!("hbt run {}", args.image.display());
-        hbt_coverage::census::add_to_file(file, &what, &counts.forms())
+        hbt_coverage::census::add_to_file(file, &census_what, &counts.forms())
             .with_context(|| format!("--census {}", file.display()))?;
     }
     // The guest's last output comes before hbt says how the run ended.
