@@ -163,6 +163,7 @@ pub mod off {
     pub const RFLAGS: usize = offset_of!(Context, state) + offset_of!(GuestState, rflags);
     pub const FS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, fs_base);
     pub const GS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, gs_base);
+    pub const KERNEL_GS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, kernel_gs_base);
     pub const XSAVE: usize = offset_of!(Context, state) + offset_of!(GuestState, xsave);
     pub const XCR0: usize = offset_of!(Context, state) + offset_of!(GuestState, xcr0);
     pub const SPILL: usize = offset_of!(Context, spill);

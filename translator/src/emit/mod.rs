@@ -332,6 +332,7 @@ pub fn emit_block(
             // deliverable by clearing it.
             Rule::System(crate::system::SystemOp::Cli) => e.asm.store_ctx_u64(off::VIRTUAL_IF, 0),
             Rule::System(crate::system::SystemOp::Sti) => e.sti(&d.instr),
+            Rule::System(crate::system::SystemOp::Swapgs) => e.swapgs(),
             Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
         }
         e.spilled &= !std::mem::take(&mut e.overwrite_pending);
@@ -579,6 +580,19 @@ impl BlockEmitter<'_> {
             next_rip: instr.next_ip(),
         });
         self.give_back(Register::RCX);
+    }
+
+    /// `swapgs` at CPL0: the guest's GS base and KERNEL_GS_BASE trade places in its state
+    /// (a Linux system call makes two; each ended a block and went through the engine).
+    fn swapgs(&mut self) {
+        let a = self.take_scratch(0);
+        let b = self.take_scratch(1 << asm::reg_num(a));
+        self.asm.mov_from_ctx(a, off::GS_BASE);
+        self.asm.mov_from_ctx(b, off::KERNEL_GS_BASE);
+        self.asm.mov_to_ctx(off::GS_BASE, b);
+        self.asm.mov_to_ctx(off::KERNEL_GS_BASE, a);
+        self.release_scratch(b);
+        self.release_scratch(a);
     }
 
     /// Ends the block: the engine handles the instruction at `rip`.

@@ -396,15 +396,16 @@ pub struct Mode {
 
 impl Rule {
     /// Rules the engine performs in Rust (they end a block): the sensitive and system ones
-    /// (but `cli` and — where translated code can read the INTR line — `sti` at CPL0, which are
-    /// inlined: a store to the virtual IF, and for `sti` a look at INTR, `emit/mod.rs`); implicit
+    /// (but `cli`, `swapgs` and — where translated code can read the INTR line — `sti` at CPL0,
+    /// which are inlined: a store to the virtual IF, an exchange of the two GS bases in the
+    /// guest state, and for `sti` a look at INTR, `emit/mod.rs`); implicit
     /// memory
     /// under the soft-MMU or an FS/GS override; and in system mode also `popf` (it may set IF,
     /// IOPL, TF), `pushf` at CPL3 (where AC may live in the host flags, by CR0.AM), and the
     /// descriptor-table stores, whose values are the guest's, not the host kernel's.
     pub fn runs_in_engine(self, fs_gs_override: bool, mode: Mode) -> bool {
         match self {
-            Rule::System(SystemOp::Cli) if mode.system && mode.kernel => false,
+            Rule::System(SystemOp::Cli | SystemOp::Swapgs) if mode.system && mode.kernel => false,
             Rule::System(SystemOp::Sti) if mode.system && mode.kernel && mode.interrupt_line => false,
             Rule::Emulate(_) | Rule::System(_) => true,
             Rule::Implicit(_) => mode.soft_mmu || fs_gs_override,
