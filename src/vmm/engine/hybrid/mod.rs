@@ -53,6 +53,8 @@ enum Cause {
     Kick,
     /// A device access from user code (MMIO mapped to user space).
     Device,
+    /// KVM's instruction emulator gave up on a user instruction (the translator runs it).
+    EmulationFailure,
 }
 
 impl std::fmt::Display for Cause {
@@ -64,6 +66,7 @@ impl std::fmt::Display for Cause {
             Cause::Exception(v) => write!(f, "exception-{v}"),
             Cause::Kick => write!(f, "interrupt-or-stop"),
             Cause::Device => write!(f, "device-access"),
+            Cause::EmulationFailure => write!(f, "kvm-emulation-failure"),
         }
     }
 }
@@ -380,7 +383,13 @@ fn user_stint(
             return replay(m);
         }
         Outcome::Replay(frame) => {
-            *stats.causes.entry(Cause::PageFault).or_default() += 1;
+            // No frame: KVM's emulator gave up on the instruction (no fault was delivered).
+            let cause = if frame.is_some() {
+                Cause::PageFault
+            } else {
+                Cause::EmulationFailure
+            };
+            *stats.causes.entry(cause).or_default() += 1;
             resume(t, user.user_state(&before, frame.as_ref())?);
             stats.replays += 1;
             return replay(m);
