@@ -188,6 +188,18 @@ pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Res
 /// CPL3 and writes read-only kernel text, as with QEMU's gdb stub). `None` when `va` is not
 /// canonical or not mapped.
 pub fn translate_for_debugger(ram: &GuestRam, state: &Paging, va: u64) -> Option<u64> {
+    peek(ram, state, va).map(|(pa, _)| pa)
+}
+
+/// Whether `va` is mapped by a 2 MiB page in the current tables (no side effects; `false` when
+/// not mapped).
+pub fn is_large_page(ram: &GuestRam, state: &Paging, va: u64) -> bool {
+    peek(ram, state, va).is_some_and(|(_, size)| size > 4096)
+}
+
+/// The walk without side effects or permission checks: `va`'s guest-physical address and the
+/// size of the page mapping it.
+fn peek(ram: &GuestRam, state: &Paging, va: u64) -> Option<(u64, u64)> {
     if !is_canonical(va) {
         return None;
     }
@@ -199,30 +211,11 @@ pub fn translate_for_debugger(ram: &GuestRam, state: &Paging, va: u64) -> Option
         }
         if level == 0 || (level == 1 && entry & PS != 0) {
             let page_size = 1u64 << (12 + 9 * level);
-            return Some((entry & ADDR & !(page_size - 1)) | (va & (page_size - 1)));
+            return Some(((entry & ADDR & !(page_size - 1)) | (va & (page_size - 1)), page_size));
         }
         table = entry & ADDR;
     }
     None
-}
-
-/// Whether `va` is mapped by a 2 MiB page in the current tables (no side effects; `false` when
-/// not mapped).
-pub fn is_large_page(ram: &GuestRam, state: &Paging, va: u64) -> bool {
-    let mut table = state.cr3 & ADDR;
-    for level in (1..4).rev() {
-        let Some(entry) = ram.read_u64(table + ((va >> (12 + 9 * level)) & 511) * 8) else {
-            return false;
-        };
-        if entry & P == 0 {
-            return false;
-        }
-        if level == 1 {
-            return entry & PS != 0;
-        }
-        table = entry & ADDR;
-    }
-    false
 }
 
 #[cfg(test)]

@@ -276,7 +276,7 @@ impl UserTables {
                 return false;
             }
             if level == 1 {
-                if e & !RW & !D != (g & (LEAF_BITS | PS | ADDR)) | A || (e & RW != 0 && g & D == 0) {
+                if e & !RW & !D != leaf_bits(g) || (e & RW != 0 && g & D == 0) {
                     return false;
                 }
                 continue;
@@ -473,8 +473,8 @@ impl UserTables {
         let frame = e & ADDR;
         ram.host(frame, PAGE)?;
         set_accessed(ram, table, i, e);
-        // PAT is bit 7 in a 4 KiB entry.
-        Some(leaves.mapped(frame, (e & (LEAF_BITS | PS)) | A, e))
+        let bits = leaf_bits(e);
+        Some(leaves.mapped(frame, bits & !ADDR, e))
     }
 
     /// Our 4 KiB entry for page `j` of the 2 MiB guest leaf `e` (its accessed bit is set when
@@ -498,6 +498,11 @@ type Writable = std::collections::HashSet<u64>;
 enum GuestNode {
     Table(u64),
     Big(u64),
+}
+
+/// Our entry for the 4 KiB guest leaf `e`, without the write right (PAT is bit 7 there).
+fn leaf_bits(e: u64) -> u64 {
+    (e & (LEAF_BITS | PS | ADDR)) | A
 }
 
 /// Our 4 KiB entry for page `j` of the 2 MiB guest leaf `e`, without the write right.
