@@ -106,6 +106,9 @@ pub struct BuildOptions<'a> {
     pub interrupt_line: bool,
     pub verified_only: bool,
     pub max_instructions: usize,
+    /// The guest's XCR0: a vector instruction whose state it does not enable is #UD
+    /// (`cpu::xsave::components_needed`).
+    pub xcr0: u64,
     /// Debugger breakpoints (guest virtual addresses, `engine/debug.rs`): a block ends before
     /// one (it becomes the block's fall-through) and a callee holding one is not inlined, so
     /// code at a breakpoint only ever starts a block.
@@ -313,6 +316,15 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedB
             break;
         }
         let instr = decoder.decode();
+        let state_disabled = crate::cpu::xsave::components_needed(&instr) & !o.xcr0 != 0;
+        if state_disabled {
+            // What a CPU whose XCR0 lacks the instruction's state does; translated, it would
+            // run on the host's registers of that state.
+            if instrs.is_empty() {
+                return Err(BuildError::Fault(GuestException::new(vector::UD)));
+            }
+            break;
+        }
         if instr.is_invalid() {
             if instrs.is_empty() {
                 let truncated = avail - pos < 15 && decoder.last_error() == iced_x86::DecoderError::NoMoreBytes;
@@ -444,6 +456,7 @@ mod tests {
             interrupt_line: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
+            xcr0: u64::MAX,
             breakpoints: &NO_BREAKPOINTS,
         };
         match build(p, BASE + offset, o) {
@@ -473,6 +486,7 @@ mod tests {
             interrupt_line: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
+            xcr0: u64::MAX,
             breakpoints: &NO_BREAKPOINTS,
         };
         // `inc rax; hlt` ending exactly at the page end: the next page is never walked (a CPU
@@ -561,6 +575,7 @@ mod tests {
             interrupt_line: false,
             verified_only: false,
             max_instructions: 2,
+            xcr0: u64::MAX,
             breakpoints: &NO_BREAKPOINTS,
         };
         let Ok(b) = build(&mut p, BASE, o) else {
@@ -592,6 +607,7 @@ mod tests {
                 interrupt_line: false,
                 verified_only: false,
                 max_instructions: MAX_BLOCK_INSTRUCTIONS,
+                xcr0: u64::MAX,
                 breakpoints,
             };
             match build(p, BASE, o) {

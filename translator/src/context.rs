@@ -48,6 +48,9 @@ pub const MISS_ALIGN_WAIVED_BY_MM: u64 = 1 << 32;
 /// `miss_info` bit: the access is `vcvtps2ph`'s store (a fault there leaves the conversion's
 /// MXCSR flags behind: `emulate/f16c.rs`).
 pub const MISS_F16C_STORE: u64 = 1 << 33;
+/// `miss_info` bit: an EVEX access under an opmask (`mmu::masked`): pages holding only
+/// masked-off elements are not walked.
+pub const MISS_MASKED: u64 = 1 << 34;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 

@@ -134,6 +134,40 @@ impl XSaveArea {
     pub fn ymm_hi_mut(&mut self, i: usize) -> &mut [u8] {
         &mut self.0[XSAVE_AVX_OFFSET + 16 * i..XSAVE_AVX_OFFSET + 16 + 16 * i]
     }
+    /// The bytes of extended component `bit` in this image, when the translator manages it on
+    /// this host (`XsaveLayout::managed`; the standard format puts it at CPUID's offset).
+    fn component_range(bit: u32) -> Option<std::ops::Range<usize>> {
+        let layout = crate::cpu::xsave::XsaveLayout::host();
+        if layout.managed() & (1 << bit) == 0 {
+            return None;
+        }
+        let c = layout.component(bit)?;
+        Some(c.offset as usize..(c.offset + c.size) as usize)
+    }
+    /// AVX-512 opmask register k`k` (None where AVX-512 state is not managed).
+    pub fn opmask(&self, k: usize) -> Option<u64> {
+        let r = Self::component_range(5)?;
+        let at = r.start + 8 * k;
+        Some(u64::from_le_bytes(self.0[at..at + 8].try_into().unwrap()))
+    }
+    pub fn set_opmask(&mut self, k: usize, value: u64) {
+        if let Some(r) = Self::component_range(5) {
+            let at = r.start + 8 * k;
+            self.0[at..at + 8].copy_from_slice(&value.to_le_bytes());
+        }
+    }
+    /// Bits 511:256 of ZMM`i` for i < 16 (ZMM_Hi256), or all of ZMM`i` for 16 ≤ i < 32
+    /// (Hi16_ZMM); None where AVX-512 state is not managed.
+    pub fn zmm_upper(&self, i: usize) -> Option<&[u8]> {
+        let (bit, size, n) = if i < 16 { (6, 32, i) } else { (7, 64, i - 16) };
+        let r = Self::component_range(bit)?;
+        Some(&self.0[r.start + size * n..r.start + size * (n + 1)])
+    }
+    pub fn zmm_upper_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        let (bit, size, n) = if i < 16 { (6, 32, i) } else { (7, 64, i - 16) };
+        let r = Self::component_range(bit)?;
+        Some(&mut self.0[r.start + size * n..r.start + size * (n + 1)])
+    }
     /// Sets bits of XSTATE_BV (components whose saved values xrstor must load).
     pub fn mark_in_use(&mut self, components: u64) {
         let bv = self.xstate_bv() | components;
@@ -160,7 +194,17 @@ impl XSaveArea {
         if bv & 4 == 0 {
             self.0[XSAVE_AVX_OFFSET..XSAVE_AVX_OFFSET + 256].fill(0);
         }
-        self.0[512..520].copy_from_slice(&XSAVE_MASK.to_le_bytes());
+        // AVX-512 (opmask, ZMM_Hi256, Hi16_ZMM): all zeros in the initial configuration.
+        let mut normalized = XSAVE_MASK;
+        for bit in 5..8 {
+            if let Some(r) = Self::component_range(bit) {
+                if bv & (1 << bit) == 0 {
+                    self.0[r].fill(0);
+                }
+                normalized |= 1 << bit;
+            }
+        }
+        self.0[512..520].copy_from_slice(&normalized.to_le_bytes());
     }
 
     /// Checks that `xrstor` on a CPU whose XCR0 is `xcr0` accepts this image (standard

@@ -275,16 +275,32 @@ fn division_by_zero_is_a_precise_guest_exception() {
 
 #[test]
 fn unsupported_instructions_are_refused_with_mnemonic_bytes_and_rip() {
-    // vaddps zmm0,zmm1,zmm2 (AVX-512: no rule)
-    let page = CodePage::new(&[0x62, 0xf1, 0x74, 0x48, 0x58, 0xc2]);
+    // rdpkru (protection keys are the host's: no rule)
+    let page = CodePage::new(&[0x0f, 0x01, 0xee]);
     let mut t = identity();
     t.state_mut().rip = page.addr();
     let err = t.run(&mut HostPlatform, BUDGET).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, TranslateError::Unsupported { .. }), "{text}");
-    assert!(text.contains("vaddps"), "{text}");
-    assert!(text.contains("62 f1 74 48 58 c2"), "{text}");
+    assert!(text.contains("rdpkru"), "{text}");
+    assert!(text.contains("0f 01 ee"), "{text}");
     assert!(text.contains(&format!("{:#x}", page.addr())), "{text}");
+}
+
+#[test]
+fn avx512_instructions_are_undefined_without_avx512_state_in_xcr0() {
+    // vaddps zmm0,zmm1,zmm2; kmovw eax,k1 — a guest whose XCR0 lacks the AVX-512 components
+    // (the default state offers x87/SSE/AVX only) gets #UD, as from a CPU with that XCR0, and
+    // never reaches the host's ZMM or opmask registers.
+    for bytes in [&[0x62, 0xf1, 0x74, 0x48, 0x58, 0xc2][..], &[0xc5, 0xf8, 0x93, 0xc1]] {
+        let page = CodePage::new(bytes);
+        let mut t = identity();
+        assert_eq!(t.state().xcr0 & 0xe0, 0);
+        t.state_mut().rip = page.addr();
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        assert!(matches!(exit, Exit::Exception(e) if e.vector == vector::UD), "{exit:?}");
+        assert_eq!(t.state().rip, page.addr());
+    }
 }
 
 #[test]

@@ -295,6 +295,55 @@ impl XsaveLayout {
     }
 }
 
+/// The XCR0 components `instr` needs enabled, or it raises #UD (SDM Vol. 2 §2.8 and §2.7.9):
+/// AVX's (with SSE's) for a VEX form on vector registers, and all three AVX-512 components as
+/// well for an EVEX form or an opmask instruction. VEX forms on general registers only
+/// (BMI1/BMI2) need none.
+pub fn components_needed(instr: &iced_x86::Instruction) -> u64 {
+    use iced_x86::OpCodeOperandKind as K;
+    let op = instr.code().op_code();
+    let kinds = op.op_kinds();
+    let avx = component::SSE | component::AVX;
+    match op.encoding() {
+        iced_x86::EncodingKind::EVEX => avx | component::AVX512,
+        iced_x86::EncodingKind::VEX => {
+            let opmask = kinds
+                .iter()
+                .any(|k| matches!(k, K::k_reg | K::k_rm | K::k_vvvv | K::k_or_mem | K::kp1_reg));
+            let vector = kinds.iter().any(|k| {
+                matches!(
+                    k,
+                    K::xmm_reg
+                        | K::xmm_rm
+                        | K::xmm_vvvv
+                        | K::xmm_is4
+                        | K::xmm_or_mem
+                        | K::ymm_reg
+                        | K::ymm_rm
+                        | K::ymm_vvvv
+                        | K::ymm_is4
+                        | K::ymm_or_mem
+                        | K::mem_vsib32x
+                        | K::mem_vsib64x
+                        | K::mem_vsib32y
+                        | K::mem_vsib64y
+                )
+            });
+            if opmask {
+                avx | component::AVX512
+            } else if vector
+                || instr.code() == iced_x86::Code::VEX_Vzeroupper
+                || instr.code() == iced_x86::Code::VEX_Vzeroall
+            {
+                avx
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    }
+}
+
 /// MXCSR bits `ldmxcsr`/`xrstor` accept on this host (FXSAVE's MXCSR_MASK; 0xffbf when the
 /// CPU reports 0, as the SDM specifies).
 pub fn host_mxcsr_mask() -> u32 {

@@ -7,7 +7,9 @@
 //! Measured on an Intel Xeon (a native Linux process, an operand 8 bytes past a 16-byte
 //! boundary in a page that is not mapped): #GP(0) for every legacy-SSE instruction with a
 //! 16-byte memory operand except the unaligned forms below, for `cmpxchg16b`, and for the VEX
-//! aligned and non-temporal moves (16 or 32 bytes); #PF for every other VEX form. With
+//! aligned and non-temporal moves (16 or 32 bytes); #PF for every other VEX form. The EVEX
+//! aligned and non-temporal moves (16, 32 or 64 bytes) are checked the same way, masked or not
+//! (the differential harness compares them with the CPU). With
 //! RFLAGS.AC and CR0.AM set a misaligned SSE operand still raises #GP(0) (not #AC), unlike the
 //! FXSAVE/XSAVE images.
 
@@ -54,6 +56,8 @@ fn aligned_move(m: Mnemonic) -> bool {
             | Mnemonic::Vmovntpd
             | Mnemonic::Vmovntdq
             | Mnemonic::Vmovntdqa
+            | Mnemonic::Vmovdqa32
+            | Mnemonic::Vmovdqa64
     )
 }
 
@@ -98,7 +102,7 @@ pub(super) fn requirement(instr: &Instruction) -> Requirement {
     if m == Mnemonic::Cmpxchg16b {
         return plain(4, false);
     }
-    if aligned_move(m) && matches!(size, 16 | 32) {
+    if aligned_move(m) && matches!(size, 16 | 32 | 64) {
         return plain(size.trailing_zeros() as u8, false);
     }
     let legacy = instr.code().op_code().encoding() == iced_x86::EncodingKind::Legacy;

@@ -21,7 +21,7 @@
 use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
 use crate::context::{
-    off, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MMX_STORE,
+    off, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED, MISS_MMX_STORE,
 };
 use crate::error::TranslateError;
 use crate::mmu::Access;
@@ -496,6 +496,7 @@ impl BlockEmitter<'_> {
             | (no_alignment_check << 25)
             | if self.mmx_store { MISS_MMX_STORE } else { 0 }
             | if self.f16c_store { MISS_F16C_STORE } else { 0 }
+            | if self.masked_access { MISS_MASKED } else { 0 }
             | ((self.required_alignment.log2 as u64) << MISS_ALIGN_SHIFT)
             | if self.required_alignment.plain_gp {
                 MISS_ALIGN_PLAIN_GP

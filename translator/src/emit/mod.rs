@@ -162,6 +162,8 @@ pub(crate) struct BlockEmitter<'a> {
     guest_xcr0: u64,
     /// The current instruction stores an MMX register (see `context::MISS_MMX_STORE`).
     mmx_store: bool,
+    /// The current instruction's memory operand is accessed per element under an opmask.
+    masked_access: bool,
     /// The current instruction is `vcvtps2ph` to memory (see `context::MISS_F16C_STORE`).
     f16c_store: bool,
     /// The alignment the current access requires (`alignment.rs`, `context::MISS_ALIGN_SHIFT`).
@@ -253,6 +255,7 @@ pub fn emit_block(
         no_alignment_check: false,
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
+        masked_access: false,
         f16c_store: false,
         required_alignment: alignment::Requirement::default(),
         held: None,
@@ -298,6 +301,7 @@ pub fn emit_block(
         // F16C conversions skip it on some vendors (`cpu::vendor`).
         e.no_alignment_check = d.rule == Rule::UserCopy || skips_alignment_check(&d.instr);
         e.mmx_store = is_mmx_store(&d.instr);
+        e.masked_access = crate::mmu::masked::is_masked_access(&d.instr);
         e.f16c_store =
             d.instr.mnemonic() == iced_x86::Mnemonic::Vcvtps2ph && d.instr.op0_kind() == iced_x86::OpKind::Memory;
         e.required_alignment = alignment::requirement(&d.instr);

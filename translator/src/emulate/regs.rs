@@ -50,9 +50,14 @@ pub fn read_ymm(state: &GuestState, n: usize) -> [u8; 32] {
     v
 }
 
+/// Writes YMMn as a VEX-encoded instruction does: bits 511:256 of ZMMn are zeroed (where the
+/// AVX-512 state exists).
 pub fn write_ymm(state: &mut GuestState, n: usize, v: &[u8; 32]) {
     state.xsave.xmm_mut(n).copy_from_slice(&v[..16]);
     state.xsave.ymm_hi_mut(n).copy_from_slice(&v[16..]);
+    if let Some(upper) = state.xsave.zmm_upper_mut(n) {
+        upper.fill(0);
+    }
     // Mark SSE and AVX state in use, or xrstor would load their initial (zero) values instead.
     state.xsave.mark_in_use(0b110);
 }

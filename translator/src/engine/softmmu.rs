@@ -51,10 +51,15 @@ mod memmap2_free {
 
 pub(super) use memmap2_free::PageBuffer;
 
+/// The guest-physical address of a bounce-buffer page that stands for no guest page (host 0):
+/// one holding only masked-off elements of a masked access (`mmu::masked`).
+const NO_PAGE: u64 = u64::MAX;
+
 impl Translator {
     /// Sets up a split access: both pages copied into the bounce buffer, the first page's TLB
     /// entry pointed at it, and the instruction scheduled as an uncached one-instruction block
-    /// without the crossing check.
+    /// without the crossing check. A fill with host address 0 is a page the access must not
+    /// touch (its elements are masked off): zeros in the buffer, never written back.
     pub(super) fn start_bounce(
         &mut self,
         fills: &[(u64, u64, u64, bool)],
@@ -71,21 +76,27 @@ impl Translator {
         };
         let write = access == Access::Write;
         if write {
-            self.invalidate_phys_page(fills[0].1);
-            self.invalidate_phys_page(fills[1].1);
+            for fill in fills.iter().filter(|f| f.2 != 0) {
+                self.invalidate_phys_page(fill.1);
+            }
         }
         // Pages that follow each other in guest RAM follow each other in the host mapping too:
         // the access can run on them in place (most split accesses are a kernel's, on its
         // direct map or its image, where consecutive virtual pages are consecutive physical
         // ones). Only scattered pages are copied.
-        let consecutive = fills[1].1 == fills[0].1 + PAGE && fills[1].2 == fills[0].2 + PAGE;
+        let consecutive =
+            fills[0].2 != 0 && fills[1].2 != 0 && fills[1].1 == fills[0].1 + PAGE && fills[1].2 == fills[0].2 + PAGE;
         let host = if consecutive {
             fills[0].2
         } else {
             for (i, fill) in fills.iter().enumerate() {
-                // SAFETY: fill.2 is a page of guest RAM; the buffer has two pages.
+                // SAFETY: fill.2 is a page of guest RAM (or 0: none); the buffer has two pages.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(fill.2 as *const u8, buffer.add(i * PAGE as usize), PAGE as usize)
+                    if fill.2 == 0 {
+                        std::ptr::write_bytes(buffer.add(i * PAGE as usize), 0, PAGE as usize);
+                    } else {
+                        std::ptr::copy_nonoverlapping(fill.2 as *const u8, buffer.add(i * PAGE as usize), PAGE as usize)
+                    }
                 };
             }
             buffer as u64
@@ -112,13 +123,13 @@ impl Translator {
             return;
         };
         if b.write && b.copied {
-            for (i, &host) in b.hosts.iter().enumerate() {
+            for (i, &host) in b.hosts.iter().enumerate().filter(|(_, &h)| h != 0) {
                 // SAFETY: as in start_bounce.
                 unsafe { std::ptr::copy_nonoverlapping(buffer.add(i * PAGE as usize), host as *mut u8, PAGE as usize) };
             }
         }
         if b.write {
-            for pa in b.pas {
+            for (pa, _) in b.pas.into_iter().zip(b.hosts).filter(|(_, h)| *h != 0) {
                 self.invalidate_phys_page(pa);
             }
         }
@@ -246,6 +257,24 @@ impl Translator {
 
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
     pub(super) fn tlb_miss(&mut self, platform: &mut dyn Platform) -> Result<Option<GuestException>, TranslateError> {
+        let miss_info = self.ctx.get().miss_info;
+        // A masked AVX-512 access walks only the pages that hold an active element.
+        let masked = if miss_info & MISS_MASKED != 0 {
+            let instr = self.instruction_at(self.ctx.get().state.rip)?;
+            let k = instr.op_mask();
+            let mask = if k == iced_x86::Register::None {
+                u64::MAX
+            } else {
+                let state = &self.ctx.get().state;
+                state
+                    .xsave
+                    .opmask(k as usize - iced_x86::Register::K0 as usize)
+                    .unwrap_or(u64::MAX)
+            };
+            Some((instr, mask))
+        } else {
+            None
+        };
         let ctx = self.ctx.get();
         let va = ctx.miss_va;
         let size = (ctx.miss_info & 0xffff).max(1);
@@ -253,7 +282,10 @@ impl Translator {
         let stack = ctx.miss_info & (1 << 24) != 0;
         let rip = ctx.state.rip;
         let state = ctx.state.paging();
-        // Alignment checking comes before paging (CPL3 with CR0.AM and RFLAGS.AC).
+        // Alignment checking comes before paging (CPL3 with CR0.AM and RFLAGS.AC). A masked
+        // AVX-512 access is checked like any other, by its operand's size (measured with AC set:
+        // `vpmovzxbq zmm{k1}, m64` at an odd address raises #AC even with one active element,
+        // `vpmovzxbd zmm{k1}, m128` does not), and not at all with every element masked off.
         let alignment = match size {
             2 | 4 | 8 => size,
             10 => 8,
@@ -278,7 +310,12 @@ impl Translator {
         };
         const MXCSR_MM: u32 = 1 << 17;
         let waived = ctx.miss_info & MISS_ALIGN_WAIVED_BY_MM != 0 && ctx.state.xsave.mxcsr() & MXCSR_MM != 0;
-        if !va.is_multiple_of(required) && !waived {
+        // A masked access with every element masked off is not checked (measured: a misaligned
+        // `vmovdqa64` with k1 = 0 completes).
+        let any_active = masked
+            .as_ref()
+            .is_none_or(|(instr, mask)| mmu::masked::first_touched(instr, *mask, 0, size).is_some());
+        if !va.is_multiple_of(required) && !waived && any_active {
             // Instructions that require alignment (`emit/alignment.rs`) check it before paging.
             // With alignment checking on, an FXSAVE/XSAVE image that is not even 4-byte aligned
             // raises #AC; otherwise a misaligned operand raises #GP(0) (measured on Intel Xeon:
@@ -287,7 +324,7 @@ impl Translator {
             let ac_first = ac && !va.is_multiple_of(4) && ctx.miss_info & MISS_ALIGN_PLAIN_GP == 0;
             return Ok(Some(if ac_first { ac_fault } else { GuestException::gp(0) }));
         }
-        if ac && !exempt && !va.is_multiple_of(alignment) {
+        if ac && !exempt && !va.is_multiple_of(alignment) && any_active {
             return Ok(Some(ac_fault));
         }
         // Identity glue takes this path only for the alignment checks above.
@@ -302,6 +339,23 @@ impl Translator {
             if n == 1 && addr <= va {
                 break;
             }
+            // A masked access faults at its first active element in the page (measured: CR2 is
+            // that element's address, or the page's start when the element straddles into it).
+            let mut fault_at = addr;
+            if let Some((instr, mask)) = &masked {
+                let (from, to) = if n == 0 {
+                    (0, (PAGE - (va & (PAGE - 1))).min(size))
+                } else {
+                    (addr - va, size)
+                };
+                match mmu::masked::first_touched(instr, *mask, from, to) {
+                    Some(offset) => fault_at = va + offset,
+                    None => {
+                        fills.push((addr & !(PAGE - 1), NO_PAGE, 0, false));
+                        continue;
+                    }
+                }
+            }
             let (pa, global) = match soft_mmu::walk_leaf(ram, &state, addr, access) {
                 Ok(leaf) => leaf,
                 Err(exc) if stack && exc.vector == crate::exit::vector::GP => {
@@ -311,7 +365,10 @@ impl Translator {
                         address: None,
                     }))
                 }
-                Err(exc) => {
+                Err(mut exc) => {
+                    if exc.vector == crate::exit::vector::PF {
+                        exc.address = Some(fault_at);
+                    }
                     // A 10-byte store whose low 8 bytes lie in the first page: the x87 m80
                     // stores have written those when the top 2 fault (`emulate/x87.rs`).
                     let low_fits = va & (PAGE - 1) <= PAGE - 8;
@@ -336,6 +393,14 @@ impl Translator {
                 )));
             };
             fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host, global));
+        }
+        if fills.iter().any(|f| f.2 == 0) {
+            // Some page holds only masked-off elements: the instruction runs once against the
+            // bounce buffer, that page's part zeros and never written back.
+            if fills.len() == 1 {
+                fills.push((fills[0].0 + PAGE, NO_PAGE, 0, false));
+            }
+            return self.start_bounce(&fills, access, rip, va, size).map(|()| None);
         }
         if fills.len() == 2 {
             return self.start_bounce(&fills, access, rip, va, size).map(|()| None);

@@ -13,7 +13,10 @@ use super::rng::Rng;
 use crate::cpu::xsave::{XsaveLayout, XCOMP_BV, XSTATE_BV};
 use crate::rules::{rule, BranchKind, EmulateOp, ImplicitOp, Rule, StackOp};
 use crate::state::{flags, GuestState, XSaveArea};
-use iced_x86::{Code, Decoder, DecoderOptions, Encoder, Instruction, OpCodeOperandKind as K, OpKind, Register};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, Encoder, EncodingKind, Instruction, OpCodeOperandKind as K, OpKind, Register,
+    RoundingControl,
+};
 
 /// The legacy high-byte registers (usable only without a REX prefix).
 const HIGH8: [Register; 4] = [Register::AH, Register::CH, Register::DH, Register::BH];
@@ -67,9 +70,20 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     let mut i = Instruction::default();
     i.set_code(code);
     let mut mem_target = None;
+    let evex = op.encoding() == EncodingKind::EVEX;
+    // EVEX names 32 vector registers; VEX and legacy 16.
+    let vregs = if evex { 32 } else { 16 };
+    // Embedded broadcast (EVEX.b with a memory operand): one element read and repeated.
+    let broadcast = op.can_broadcast() && rng.chance(30);
+    let mut has_memory = false;
     // Forms iced gives no size (XSAVE family) get the soft-MMU's assumption: the standard image
     // of the guest's (the harness's: every managed) component set.
-    let mem_size = match op.memory_size().size() as u64 {
+    let size_of = if broadcast {
+        op.broadcast_memory_size()
+    } else {
+        op.memory_size()
+    };
+    let mem_size = match size_of.size() as u64 {
         0 => {
             let layout = XsaveLayout::host();
             layout.size(layout.managed()) as u64
@@ -93,8 +107,12 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 set_reg(&mut i, gpr_of_size(rng, 8))
             }
             K::mm_reg | K::mm_rm => set_reg(&mut i, vec_reg(Register::MM0, rng, 8)),
-            K::xmm_reg | K::xmm_rm | K::xmm_vvvv | K::xmm_is4 => set_reg(&mut i, vec_reg(Register::XMM0, rng, 16)),
-            K::ymm_reg | K::ymm_rm | K::ymm_vvvv | K::ymm_is4 => set_reg(&mut i, vec_reg(Register::YMM0, rng, 16)),
+            K::xmm_reg | K::xmm_rm | K::xmm_vvvv => set_reg(&mut i, vec_reg(Register::XMM0, rng, vregs)),
+            K::ymm_reg | K::ymm_rm | K::ymm_vvvv => set_reg(&mut i, vec_reg(Register::YMM0, rng, vregs)),
+            K::zmm_reg | K::zmm_rm | K::zmm_vvvv => set_reg(&mut i, vec_reg(Register::ZMM0, rng, 32)),
+            K::xmm_is4 => set_reg(&mut i, vec_reg(Register::XMM0, rng, 16)),
+            K::ymm_is4 => set_reg(&mut i, vec_reg(Register::YMM0, rng, 16)),
+            K::k_reg | K::k_rm | K::k_vvvv => set_reg(&mut i, vec_reg(Register::K0, rng, 8)),
             K::al => set_reg(&mut i, Register::AL),
             K::cl => set_reg(&mut i, Register::CL),
             K::ax => set_reg(&mut i, Register::AX),
@@ -127,6 +145,8 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             | K::mm_or_mem
             | K::xmm_or_mem
             | K::ymm_or_mem
+            | K::zmm_or_mem
+            | K::k_or_mem
                 if reg_or_mem(rng) =>
             {
                 let r = match kind {
@@ -135,8 +155,10 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     K::r32_or_mem => gpr_of_size(rng, 4),
                     K::r64_or_mem => gpr_of_size(rng, 8),
                     K::mm_or_mem => vec_reg(Register::MM0, rng, 8),
-                    K::xmm_or_mem => vec_reg(Register::XMM0, rng, 16),
-                    _ => vec_reg(Register::YMM0, rng, 16),
+                    K::xmm_or_mem => vec_reg(Register::XMM0, rng, vregs),
+                    K::ymm_or_mem => vec_reg(Register::YMM0, rng, vregs),
+                    K::zmm_or_mem => vec_reg(Register::ZMM0, rng, 32),
+                    _ => vec_reg(Register::K0, rng, 8),
                 };
                 set_reg(&mut i, r);
             }
@@ -148,11 +170,14 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             | K::mm_or_mem
             | K::xmm_or_mem
             | K::ymm_or_mem
+            | K::zmm_or_mem
+            | K::k_or_mem
             | K::mem_vsib32x
             | K::mem_vsib64x
             | K::mem_vsib32y
             | K::mem_vsib64y => {
                 i.set_op_kind(n, OpKind::Memory);
+                has_memory = true;
                 let vsib = matches!(kind, K::mem_vsib32x | K::mem_vsib64x | K::mem_vsib32y | K::mem_vsib64y);
                 // Where the access lands: inside one data page, naturally aligned or not.
                 let span = if vsib { 512 } else { mem_size.min(4095) };
@@ -165,6 +190,12 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 // guest-physical layout).
                 if !vsib && (2..=64).contains(&mem_size) && rng.chance(10) {
                     offset = 4096 - 1 - rng.below(mem_size - 1);
+                }
+                // A masked access that runs off the end of the data region into the unmapped
+                // page after it: masked-off elements must not fault (`state` clears most of the
+                // crossing elements' mask bits, sets them sometimes).
+                if evex && !vsib && op.can_use_op_mask_register() && mem_size >= 2 && rng.chance(15) {
+                    offset = DATA_SIZE - 1 - rng.below(mem_size - 1);
                 }
                 mem_target = Some(offset);
                 let addr32 = !vsib && rng.chance(10);
@@ -213,10 +244,13 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     i.set_memory_base(to32(base));
                     i.set_memory_index(to32(index));
                     i.set_memory_index_scale(rng.pick(&[1, 2, 4, 8]));
-                    let disp = match rng.below(3) {
+                    let disp = match rng.below(if evex { 4 } else { 3 }) {
                         0 => 0i64,
                         1 => rng.below(256) as i64 - 128,
-                        _ => rng.below(0x2000_0000) as i64 - 0x1000_0000,
+                        2 => rng.below(0x2000_0000) as i64 - 0x1000_0000,
+                        // EVEX compresses a displacement that is a multiple of the access size
+                        // into disp8 (disp8×N).
+                        _ => (rng.below(256) as i64 - 128) * mem_size as i64,
                     };
                     i.set_memory_displacement64(disp as u64);
                     let wide = if addr32 { 4 } else { 8 };
@@ -312,6 +346,9 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             _ => return None,
         }
     }
+    if evex {
+        evex_decorations(&mut i, rng, broadcast && has_memory, has_memory);
+    }
     let lock_ok = code.op_code().can_use_lock_prefix() && i.op0_kind() == OpKind::Memory;
     if lock_ok && rng.chance(30) {
         i.set_has_lock_prefix(true);
@@ -358,6 +395,35 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
         mem_target,
         lead_in: rng.chance(50),
     })
+}
+
+/// EVEX decorations: an opmask (required by some forms, e.g. compares into k and scatters)
+/// with merge or zero masking, embedded broadcast of a memory operand, and — register forms
+/// only — static rounding or suppress-all-exceptions.
+fn evex_decorations(i: &mut Instruction, rng: &mut Rng, broadcast: bool, has_memory: bool) {
+    let op = i.code().op_code();
+    let masked = op.require_op_mask_register() || (op.can_use_op_mask_register() && rng.chance(70));
+    if masked {
+        i.set_op_mask(vec_reg(Register::K1, rng, 7));
+        if op.can_use_zeroing_masking() && rng.chance(50) {
+            i.set_zeroing_masking(true);
+        }
+    }
+    if broadcast {
+        i.set_is_broadcast(true);
+    }
+    if !has_memory {
+        if op.can_use_rounding_control() && rng.chance(25) {
+            i.set_rounding_control(rng.pick(&[
+                RoundingControl::RoundToNearest,
+                RoundingControl::RoundDown,
+                RoundingControl::RoundUp,
+                RoundingControl::RoundTowardZero,
+            ]));
+        } else if op.can_suppress_all_exceptions() && rng.chance(25) {
+            i.set_suppress_all_exceptions(true);
+        }
+    }
 }
 
 /// A random machine state for `inst`, constrained so its accesses and branches stay inside the
@@ -521,6 +587,23 @@ pub fn state(
         ) {
             let l = landing(rng);
             mem[offset as usize..offset as usize + 8].copy_from_slice(&l.to_le_bytes());
+        }
+    }
+    // A masked access running past the data region: clear (mostly) the mask bits of the
+    // elements that reach the unmapped page after it.
+    if let Some(offset) = inst.mem_target.filter(|_| instr.op_mask() != Register::None) {
+        let size = instr.memory_size();
+        let end = offset + size.size() as u64;
+        if end > DATA_SIZE && !instr.is_broadcast() {
+            let element = size.element_size().max(1) as u64;
+            let k = instr.op_mask() as usize - Register::K0 as usize;
+            let mut mask = s.xsave.opmask(k).unwrap_or(0);
+            for lane in 0..(size.size() as u64 / element).min(64) {
+                if offset + (lane + 1) * element > DATA_SIZE && rng.chance(85) {
+                    mask &= !(1 << lane);
+                }
+            }
+            s.xsave.set_opmask(k, mask);
         }
     }
     // bt/bts/btr/btc m,r: keep the bit offset inside the operand's neighbourhood.
@@ -772,6 +855,23 @@ fn random_vector_state(x: &mut XSaveArea, rng: &mut Rng) {
         x.xmm_mut(n).copy_from_slice(&lo);
         x.ymm_hi_mut(n).copy_from_slice(&hi);
     }
+    // AVX-512, where the translator manages it: ZMM0-15's upper halves, ZMM16-31, k0-k7.
+    for n in 0..32 {
+        if let Some(upper) = x.zmm_upper_mut(n) {
+            for chunk in upper.chunks_mut(16) {
+                chunk.copy_from_slice(&fill16(rng));
+            }
+        }
+    }
+    for k in 0..8 {
+        let v = match rng.below(4) {
+            0 => u64::MAX,
+            1 => rng.next_u64(),
+            _ => rng.interesting() ^ rng.next_u64() & rng.next_u64(),
+        };
+        x.set_opmask(k, v);
+    }
+    x.mark_in_use(crate::cpu::xsave::XsaveLayout::host().managed() & crate::cpu::xsave::component::AVX512);
     // x87: k valid registers ST(0..k).
     let k = rng.below(9) as usize;
     let top = (8 - k) % 8;

@@ -1,5 +1,7 @@
 //! Which iced `CpuidFeature`s the host CPU can execute. The harness only claims instructions the
-//! host runs natively (an AVX-512 form cannot be compared against anything here).
+//! host runs natively (an AVX-512 form cannot be compared against anything on a host without
+//! it). Vector extensions also need their state enabled by the OS (XCR0): AVX's YMM halves, and
+//! for AVX-512 the opmask, ZMM_Hi256 and Hi16_ZMM components.
 
 use iced_x86::CpuidFeature as F;
 use std::arch::x86_64::__cpuid_count;
@@ -9,9 +11,13 @@ struct Cpuid {
     l1_edx: u32,
     l7_ebx: u32,
     l7_ecx: u32,
+    l7_edx: u32,
+    l71_eax: u32,
     l81_ecx: u32,
     l81_edx: u32,
     xcr0_avx: bool,
+    /// XCR0 enables the three AVX-512 components (and AVX's).
+    xcr0_avx512: bool,
 }
 
 fn cpuid() -> &'static Cpuid {
@@ -19,23 +25,33 @@ fn cpuid() -> &'static Cpuid {
     CPUID.get_or_init(|| {
         let l1 = __cpuid_count(1, 0);
         let l7 = __cpuid_count(7, 0);
+        let l71 = __cpuid_count(7, 1);
         let l81 = __cpuid_count(0x8000_0001, 0);
+        let avx512_state = crate::cpu::xsave::component::AVX512 | crate::cpu::xsave::component::AVX;
         Cpuid {
             l1_ecx: l1.ecx,
             l1_edx: l1.edx,
             l7_ebx: l7.ebx,
             l7_ecx: l7.ecx,
+            l7_edx: l7.edx,
+            l71_eax: l71.eax,
             l81_ecx: l81.ecx,
             l81_edx: l81.edx,
             xcr0_avx: std::arch::is_x86_feature_detected!("avx"),
+            xcr0_avx512: bit_set(l1.ecx, 27) && host_xcr0() & avx512_state == avx512_state,
         }
     })
+}
+
+fn bit_set(reg: u32, n: u32) -> bool {
+    reg & (1 << n) != 0
 }
 
 /// True when the host executes instructions that need `feature` (in 64-bit user mode).
 pub fn host_has(feature: F) -> bool {
     let c = cpuid();
-    let bit = |reg: u32, n: u32| reg & (1 << n) != 0;
+    let bit = bit_set;
+    let avx512 = |reg: u32, n: u32| bit(reg, n) && c.xcr0_avx512;
     match feature {
         F::INTEL8086 | F::INTEL186 | F::INTEL286 | F::INTEL386 | F::INTEL486 | F::X64 => true,
         F::FPU | F::FPU287 | F::FPU387 => true,
@@ -71,6 +87,20 @@ pub fn host_has(feature: F) -> bool {
         F::VAES => bit(c.l7_ecx, 9) && c.xcr0_avx,
         F::VPCLMULQDQ => bit(c.l7_ecx, 10) && c.xcr0_avx,
         F::RDPID => bit(c.l7_ecx, 22),
+        F::AVX512F => avx512(c.l7_ebx, 16),
+        F::AVX512DQ => avx512(c.l7_ebx, 17),
+        F::AVX512_IFMA => avx512(c.l7_ebx, 21),
+        F::AVX512CD => avx512(c.l7_ebx, 28),
+        F::AVX512BW => avx512(c.l7_ebx, 30),
+        F::AVX512VL => avx512(c.l7_ebx, 31),
+        F::AVX512_VBMI => avx512(c.l7_ecx, 1),
+        F::AVX512_VBMI2 => avx512(c.l7_ecx, 6),
+        F::AVX512_VNNI => avx512(c.l7_ecx, 11),
+        F::AVX512_BITALG => avx512(c.l7_ecx, 12),
+        F::AVX512_VPOPCNTDQ => avx512(c.l7_ecx, 14),
+        F::AVX512_VP2INTERSECT => avx512(c.l7_edx, 8),
+        F::AVX512_FP16 => avx512(c.l7_edx, 23),
+        F::AVX512_BF16 => avx512(c.l71_eax, 5),
         F::LZCNT => bit(c.l81_ecx, 5),
         F::PREFETCHW => bit(c.l81_ecx, 8),
         F::SSE4A => bit(c.l81_ecx, 6),

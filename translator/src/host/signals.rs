@@ -256,12 +256,12 @@ fn capture_into(out: &mut Captured, sig: libc::c_int, uc: &libc::ucontext_t) {
             std::ptr::copy_nonoverlapping(fp, out.xsave.as_mut_ptr(), 512);
             let magic = std::ptr::read_unaligned(fp.add(464) as *const u32);
             if magic == FP_XSTATE_MAGIC1 {
-                std::ptr::copy_nonoverlapping(fp.add(512), out.xsave.as_mut_ptr().add(512), 64);
-                std::ptr::copy_nonoverlapping(
-                    fp.add(XSAVE_AVX_OFFSET),
-                    out.xsave.as_mut_ptr().add(XSAVE_AVX_OFFSET),
-                    256,
-                );
+                // The header and every extended component the frame holds (AVX, AVX-512, …),
+                // as far as the capture has room: `xstate_size` of the software-reserved bytes
+                // (struct _fpx_sw_bytes at 464) is the size of the frame's XSAVE image.
+                let xstate_size = std::ptr::read_unaligned(fp.add(480) as *const u32) as usize;
+                let end = xstate_size.clamp(XSAVE_AVX_OFFSET, XSAVE_CAPACITY);
+                std::ptr::copy_nonoverlapping(fp.add(512), out.xsave.as_mut_ptr().add(512), end - 512);
             }
         }
     }

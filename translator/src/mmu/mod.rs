@@ -7,6 +7,7 @@
 //!   Translated code looks the page up in an inline TLB; misses come back to the engine, which
 //!   walks the tables (`soft_mmu.rs`), sets accessed/dirty bits and fills the TLB or raises `#PF`.
 
+pub mod masked;
 pub mod soft_mmu;
 
 pub use soft_mmu::GuestRam;

@@ -2,7 +2,9 @@
 //! tables plus a short list of instructions that need dedicated handling.
 //!
 //! - [`Rule::Copy`] — re-emitted as is; an explicit memory operand goes through the memory
-//!   strategy (`emit/memop.rs`). Covers the great majority of forms (ALU, SSE, AVX, x87, BMI…).
+//!   strategy (`emit/memop.rs`). Covers the great majority of forms (ALU, SSE, AVX, x87, BMI,
+//!   and AVX-512: EVEX forms and the opmask instructions, whose masked memory operands get
+//!   per-element fault suppression under the soft-MMU, `engine/softmmu.rs`).
 //! - [`Rule::Stack`] — implicit stack access (push/pop/pushf/popf/leave): native under the
 //!   identity strategy, decomposed into explicit accesses under the soft-MMU (`emit/stack.rs`).
 //! - [`Rule::Branch`] — control transfers: chained direct jumps, inline indirect-branch lookup
@@ -220,6 +222,8 @@ fn copyable_operand(kind: K) -> bool {
             | K::mm_or_mem
             | K::xmm_or_mem
             | K::ymm_or_mem
+            | K::zmm_or_mem
+            | K::k_or_mem
             | K::r8_reg
             | K::r8_opcode
             | K::r16_reg
@@ -246,6 +250,12 @@ fn copyable_operand(kind: K) -> bool {
             | K::ymm_rm
             | K::ymm_vvvv
             | K::ymm_is4
+            | K::zmm_reg
+            | K::zmm_rm
+            | K::zmm_vvvv
+            | K::k_reg
+            | K::k_rm
+            | K::k_vvvv
             | K::al
             | K::cl
             | K::ax
@@ -271,10 +281,18 @@ fn classify(code: Code) -> Option<Rule> {
     if !op.is_instruction() || !op.mode64() {
         return None;
     }
-    if !matches!(op.encoding(), EncodingKind::Legacy | EncodingKind::VEX) {
+    if !matches!(
+        op.encoding(),
+        EncodingKind::Legacy | EncodingKind::VEX | EncodingKind::EVEX
+    ) {
         return None;
     }
     let mnemonic = code.mnemonic();
+    // EVEX forms are copied or refused: the dedicated rules (gathers, masked moves) are for
+    // their VEX forms; EVEX gathers and scatters (per-element masks, zmm indexes) have none yet.
+    if op.encoding() == EncodingKind::EVEX && DEDICATED.iter().any(|(m, _)| *m == mnemonic) {
+        return None;
+    }
     let mut sample = Instruction::default();
     sample.set_code(code);
     let kinds = op.op_kinds();
@@ -446,7 +464,14 @@ mod tests {
         assert_eq!(rule(Code::Insw_m16_DX), Some(Rule::System(SystemOp::PortString)));
         assert_eq!(rule(Code::Outsb_DX_m8), Some(Rule::System(SystemOp::PortString)));
         assert_eq!(rule(Code::Wrfsbase_r64), None);
-        assert_eq!(rule(Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32), None);
+        assert_eq!(rule(Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32), Some(Rule::Copy));
+        assert_eq!(rule(Code::VEX_Kortestq_kr_kr), Some(Rule::Copy));
+        assert_eq!(
+            rule(Code::EVEX_Vpgatherdd_xmm_k1_vm32x),
+            None,
+            "EVEX gathers have no rule yet"
+        );
+        assert_eq!(rule(Code::EVEX_Vpscatterdd_vm32x_k1_xmm), None);
     }
 
     #[test]
