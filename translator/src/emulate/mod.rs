@@ -7,6 +7,7 @@
 pub mod f16c;
 pub mod implicit;
 pub mod regs;
+pub mod rtm;
 pub mod segment;
 pub mod string;
 pub mod x87;
@@ -220,6 +221,7 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             set32(state, gpr::RAX, value as u32);
             set32(state, gpr::RDX, (value >> 32) as u32);
         }
+        EmulateOp::Transaction => return rtm::execute(state, instr),
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
         // Kernel-mode guests run in system mode (`system::execute`), never here.
         EmulateOp::Syscall => return raise(state, here, GuestException::gp(0)),

@@ -333,7 +333,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 i.set_op_kind(n, OpKind::Immediate64);
                 i.set_immediate64(imm_value(rng, 64));
             }
-            K::br64_1 | K::br64_4 => {
+            K::br64_1 | K::br64_4 | K::xbegin_2 | K::xbegin_4 => {
                 i.set_op_kind(n, OpKind::NearBranch64);
                 // Forward into the HLT sea or backward, never onto the instruction itself.
                 let delta = if rng.chance(60) {

@@ -32,7 +32,7 @@ pub fn is_masked_access(instr: &Instruction) -> bool {
         return false;
     }
     let size = instr.memory_size().size();
-    let element = instr.memory_size().element_size();
+    let element = element_size(instr) as usize;
     instr.is_broadcast()
         || broadcasts(instr.mnemonic())
         || packs_elements(instr.mnemonic())
@@ -122,6 +122,12 @@ const NO_FAULT_SUPPRESSION: &[Mnemonic] = &[
     Mnemonic::Vmovsldup,
     Mnemonic::Vmovshdup,
     Mnemonic::Vmovddup,
+    Mnemonic::Vpconflictd,
+    Mnemonic::Vpconflictq,
+    Mnemonic::Vcvtne2ps2bf16,
+    // A qword of the matrix operand serves eight byte lanes.
+    Mnemonic::Vgf2p8affineqb,
+    Mnemonic::Vgf2p8affineinvqb,
     // Pairs of memory elements make one destination element.
     Mnemonic::Vpmaddwd,
     Mnemonic::Vpmaddubsw,
@@ -185,7 +191,8 @@ fn packs_elements(m: Mnemonic) -> bool {
     )
 }
 
-/// The widest vector register `instr` names (its vector length), in bytes.
+/// The widest vector register `instr` names (its vector length), in bytes; for a form with
+/// none (`vfpclassps k{k}, m256`) its memory operand's size.
 fn vector_length(instr: &Instruction) -> usize {
     (0..instr.op_count())
         .filter(|&i| instr.op_kind(i) == OpKind::Register)
@@ -193,7 +200,7 @@ fn vector_length(instr: &Instruction) -> usize {
         .filter(|r| r.is_xmm() || r.is_ymm() || r.is_zmm())
         .map(|r| r.size())
         .max()
-        .unwrap_or(64)
+        .unwrap_or(instr.code().op_code().memory_size().size())
 }
 
 /// The first byte the masked access of `instr` (see [`is_masked_access`]) touches among the
@@ -206,8 +213,15 @@ pub fn first_touched(instr: &Instruction, mask: u64, from: u64, to: u64) -> Opti
     if instr.is_broadcast() || broadcasts(instr.mnemonic()) {
         // Lane i reads memory element i mod (elements): a tuple broadcast reads the elements
         // some active lane repeats (measured: `vbroadcasti32x4 zmm1{k1}` with k1 = 0x11 reads
-        // only dword 0), an element broadcast its one element when any lane is active.
-        let lanes = (vector_length(instr) as u64 / element).min(64);
+        // only dword 0), an element broadcast its one element when any lane is active. An
+        // embedded broadcast stands for the form's whole memory operand (`vcvttpd2udq xmm{k},
+        // m64{1to4}` has four lanes), a broadcast instruction fills its destination.
+        let vector = if instr.is_broadcast() {
+            instr.code().op_code().memory_size().size()
+        } else {
+            vector_length(instr)
+        };
+        let lanes = (vector as u64 / element).min(64);
         let elements = (size / element).max(1);
         return (0..lanes)
             .filter(|lane| mask & (1 << lane) != 0)
@@ -230,6 +244,13 @@ pub fn first_touched(instr: &Instruction, mask: u64, from: u64, to: u64) -> Opti
 /// faults at the qword), else the operand's own element size.
 pub fn element_size(instr: &Instruction) -> u64 {
     let op = instr.code().op_code();
+    // FP16 complex scalars: one mask bit for the pair of halves.
+    if matches!(
+        instr.mnemonic(),
+        Mnemonic::Vfcmaddcsh | Mnemonic::Vfmaddcsh | Mnemonic::Vfcmulcsh | Mnemonic::Vfmulcsh
+    ) {
+        return 4;
+    }
     let size = if op.can_broadcast() {
         op.broadcast_memory_size().size()
     } else {
