@@ -83,6 +83,11 @@ impl ExecPlatform {
         self.xcr0
     }
 
+    /// Whether the guest sees `feature`.
+    pub fn shows(&self, feature: iced_x86::CpuidFeature) -> bool {
+        self.keep[feature as usize]
+    }
+
     /// Host features the guest does not see.
     pub fn hidden(&self) -> Vec<String> {
         let host = CpuModel::Host.features().expect("host features");
@@ -209,10 +214,24 @@ fn execute(args: &ExecArgs) -> Result<i32> {
     if let Some(counts) = census::counts() {
         t.record_census(counts);
     }
-    if args.cpu_model == CpuModel::V4 {
-        bail!("--cpu-model x86-64-v4 needs AVX-512 (EVEX), which the translator does not support yet");
-    }
     let mut platform = ExecPlatform::new(args.cpu_model);
+    if args.cpu_model == CpuModel::V4 {
+        // Programs built for x86-64-v4 use AVX-512 without asking CPUID: every level feature
+        // must be shown, or the model cannot be honoured here.
+        use iced_x86::CpuidFeature as F;
+        let v4 = [F::AVX512F, F::AVX512BW, F::AVX512CD, F::AVX512DQ, F::AVX512VL];
+        let missing: Vec<String> = v4
+            .iter()
+            .filter(|&&f| !platform.shows(f))
+            .map(|f| format!("{f:?}"))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "--cpu-model x86-64-v4 needs {} on this host (with every form verified by `hbt isa-test`); use --cpu-model host or x86-64-v3",
+                missing.join(", ")
+            );
+        }
+    }
     let s = t.state_mut();
     s.rip = image.entry;
     s.gpr[4] = rsp;
@@ -296,10 +315,11 @@ mod tests {
         assert_eq!(v1.cpuid(7, 0)[1] & (1 << 5), 0);
         // SSE2 (leaf 1 EDX bit 26) is architectural and stays when the host has it.
         assert_eq!(v1.cpuid(1, 0)[3] & (1 << 26), host(1, 0)[3] & (1 << 26));
-        // The default model never shows AVX-512 (no EVEX forms are verified), and keeps AVX2
-        // when the host has it.
+        // The default model shows AVX-512 exactly where the host has it (every AVX512F form is
+        // verified, `supported.txt`), and keeps AVX2 when the host has it.
         let mut dflt = ExecPlatform::new(CpuModel::Host);
-        assert_eq!(dflt.cpuid(7, 0)[1] & (1 << 16), 0, "AVX512F visible");
+        let host_avx512f = hbt_translator::host::features::host_has(iced_x86::CpuidFeature::AVX512F);
+        assert_eq!(dflt.cpuid(7, 0)[1] & (1 << 16) != 0, host_avx512f, "AVX512F");
         assert_eq!(dflt.cpuid(7, 0)[1] & (1 << 5), host(7, 0)[1] & (1 << 5), "AVX2 hidden");
         // Leaves without feature bits pass through (vendor string).
         assert_eq!(dflt.cpuid(0, 0), host(0, 0));

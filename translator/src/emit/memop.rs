@@ -164,7 +164,8 @@ impl BlockEmitter<'_> {
         }
         let seg = matches!(instr.segment_prefix(), Register::FS | Register::GS);
         let rip_rel = instr.is_ip_rel_memory_operand();
-        let vsib = instr.memory_index().is_xmm() || instr.memory_index().is_ymm();
+        let index = instr.memory_index();
+        let vsib = index.is_xmm() || index.is_ymm() || index.is_zmm();
         if let Some(h) = self.held.take() {
             let used = self.used_gprs(instr) | avoid;
             let high8 = uses_high8(instr);

@@ -16,12 +16,36 @@ const MASKS: u32 = 0x1f80;
 
 /// The exception `instr` (a `vcvtps2ph` to memory, whose store raised `fault`) delivers, with
 /// the conversion's flags added to the guest's MXCSR.
+///
+/// The EVEX forms convert only the elements their opmask selects (masked-off ones raise
+/// nothing), and with {sae} raise no flags at all.
 pub fn faulting_store(state: &mut GuestState, instr: &Instruction, fault: GuestException) -> GuestException {
-    let src = super::regs::read_ymm(state, instr.op1_register().number() & 15);
-    let ymm = instr.op1_register().is_ymm();
+    let mut src = super::regs::read_zmm(state, instr.op1_register().number());
+    let lanes = instr.op1_register().size() / 4;
+    if instr.op_mask() != iced_x86::Register::None {
+        let k = super::regs::read_opmask(state, instr.op_mask() as usize - iced_x86::Register::K0 as usize);
+        for lane in (0..lanes).filter(|l| k & (1 << l) == 0) {
+            src[4 * lane..4 * lane + 4].fill(0); // +0.0 converts exactly
+        }
+    }
+    src[4 * lanes..].fill(0);
     let mxcsr = state.xsave.mxcsr();
     // Every exception masked: the flags are wanted, not a host #XM.
-    let raised = conversion_flags(&src, ymm, instr.immediate8(), (mxcsr & !FLAGS) | MASKS);
+    let guest = (mxcsr & !FLAGS) | MASKS;
+    let raised = if instr.suppress_all_exceptions() {
+        0
+    } else if lanes == 4 {
+        conversion_flags(
+            src[..32].try_into().expect("32 bytes"),
+            false,
+            instr.immediate8(),
+            guest,
+        )
+    } else {
+        src.chunks_exact(32).fold(0, |flags, half| {
+            flags | conversion_flags(half.try_into().expect("32 bytes"), true, instr.immediate8(), guest)
+        })
+    };
     state.xsave.set_mxcsr(mxcsr | raised);
     let unmasked = raised & !(mxcsr >> 7) & FLAGS;
     if unmasked != 0 {

@@ -1,9 +1,9 @@
 //! Instructions with implicit or per-element memory accesses that the soft-MMU cannot express
-//! as one rewritten operand: `xlat`, `enter`, AVX2 gathers, `maskmovdqu` and the AVX masked
-//! moves. Under the identity strategy they run natively; under the soft-MMU the engine
-//! performs them here.
+//! as one rewritten operand: `xlat`, `enter`, AVX2 and AVX-512 gathers, AVX-512 scatters,
+//! `maskmovdqu` and the AVX masked moves. Under the identity strategy they run natively; under
+//! the soft-MMU the engine performs them here.
 
-use super::regs::{linear_address, read_ymm, write_ymm};
+use super::regs::{linear_address, read_opmask, read_ymm, read_zmm, write_opmask, write_ymm, write_zmm};
 use super::{stack_address, GuestMemory, Outcome};
 use crate::exit::{Exit, GuestException};
 use crate::state::{gpr, GuestState};
@@ -23,7 +23,11 @@ pub fn execute(
         Mnemonic::Vmaskmovps | Mnemonic::Vmaskmovpd | Mnemonic::Vpmaskmovd | Mnemonic::Vpmaskmovq => {
             masked_move(&mut next, instr, mem)
         }
+        m if is_gather(m) && instr.code().op_code().encoding() == iced_x86::EncodingKind::EVEX => {
+            evex_gather(&mut next, instr, mem)
+        }
         m if is_gather(m) => gather(&mut next, instr, mem),
+        m if is_scatter(m) => scatter(&mut next, instr, mem),
         _ => return Err(super::NotEmulated),
     };
     match result {
@@ -33,7 +37,8 @@ pub fn execute(
             Ok(Outcome::Continue)
         }
         Err((exc, partial)) => {
-            // Gathers keep the elements they completed; everything else is all-or-nothing.
+            // Gathers and scatters keep the elements they completed; everything else is
+            // all-or-nothing.
             if let Some(partial) = partial {
                 *state = *partial;
             }
@@ -266,6 +271,103 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
     Ok(())
 }
 
+/// AVX-512 scatters (EVEX only).
+fn is_scatter(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Vpscatterdd
+            | Mnemonic::Vpscatterdq
+            | Mnemonic::Vpscatterqd
+            | Mnemonic::Vpscatterqq
+            | Mnemonic::Vscatterdps
+            | Mnemonic::Vscatterdpd
+            | Mnemonic::Vscatterqps
+            | Mnemonic::Vscatterqpd
+    )
+}
+
+/// Element and index sizes of a gather or scatter: `d`/`q` in the mnemonic's first letter after
+/// the stem names the index, the data type the element (`vpgatherqd`: qword indices, dwords).
+fn element_and_index_sizes(m: Mnemonic) -> (usize, usize) {
+    use Mnemonic as M;
+    match m {
+        M::Vpgatherdd | M::Vgatherdps | M::Vpscatterdd | M::Vscatterdps => (4, 4),
+        M::Vpgatherdq | M::Vgatherdpd | M::Vpscatterdq | M::Vscatterdpd => (8, 4),
+        M::Vpgatherqd | M::Vgatherqps | M::Vpscatterqd | M::Vscatterqps => (4, 8),
+        _ => (8, 8),
+    }
+}
+
+/// Elements a gather or scatter moves: as many as both the data register and the index
+/// register hold.
+fn vsib_elements(instr: &Instruction, data: Register) -> (usize, usize) {
+    let (es, is) = element_and_index_sizes(instr.mnemonic());
+    let n = (data.size() / es).min(instr.memory_index().size() / is);
+    (es, n)
+}
+
+/// AVX-512 gather (`vpgatherdd zmm1{k1}, [base + zmm2*scale + disp]` and friends): the elements
+/// whose opmask bit is set are loaded in order, each clearing its bit as it completes; a fault
+/// leaves the completed elements and the remaining bits. When it completes the opmask is zero
+/// and the destination past its last element is zeroed.
+fn evex_gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
+    let dst = instr.op0_register();
+    let k = instr.op_mask() as usize - Register::K0 as usize;
+    let (es, n) = vsib_elements(instr, dst);
+    let mut data = read_zmm(s, dst.number());
+    let mut mask = read_opmask(s, k);
+    for i in 0..n {
+        if mask & (1 << i) == 0 {
+            continue;
+        }
+        let va = linear_address(s, instr, 1, i).unwrap_or(0);
+        match mem.read_le(va, es) {
+            Ok(v) => {
+                data[i * es..(i + 1) * es].copy_from_slice(&v.to_le_bytes()[..es]);
+                mask &= !(1 << i);
+            }
+            Err(e) => {
+                let mut partial = s.clone();
+                write_zmm(&mut partial, dst.number(), &data);
+                write_opmask(&mut partial, k, mask);
+                return Err((e, Some(Box::new(partial))));
+            }
+        }
+    }
+    // Elements past the last (`vpgatherqd xmm, [vm64x]` loads two dwords) and the bits above
+    // the vector length are zeroed.
+    data[n * es..].fill(0);
+    write_zmm(s, dst.number(), &data);
+    write_opmask(s, k, 0);
+    Ok(())
+}
+
+/// AVX-512 scatter (`vpscatterdd [base + zmm2*scale + disp]{k1}, zmm1` and friends): the
+/// elements whose opmask bit is set are stored in order (so of two to one address the later
+/// wins), each clearing its bit as it completes; a fault leaves the stores done and the
+/// remaining bits. When it completes the opmask is zero.
+fn scatter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
+    let src = instr.op1_register();
+    let k = instr.op_mask() as usize - Register::K0 as usize;
+    let (es, n) = vsib_elements(instr, src);
+    let data = read_zmm(s, src.number());
+    let mut mask = read_opmask(s, k);
+    for i in 0..n {
+        if mask & (1 << i) == 0 {
+            continue;
+        }
+        let va = linear_address(s, instr, 0, i).unwrap_or(0);
+        if let Err(e) = mem.write(va, &data[i * es..(i + 1) * es]) {
+            let mut partial = s.clone();
+            write_opmask(&mut partial, k, mask);
+            return Err((e, Some(Box::new(partial))));
+        }
+        mask &= !(1 << i);
+    }
+    write_opmask(s, k, 0);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +392,120 @@ mod tests {
         fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
             Err(GuestException::page_fault(va, 6))
         }
+    }
+
+    /// Memory that records writes and faults from `fault_from` on.
+    struct Recording {
+        fault_from: u64,
+        writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    impl GuestMemory for Recording {
+        fn read(&mut self, _: u64, _: &mut [u8]) -> Result<(), GuestException> {
+            unreachable!("scatters only write")
+        }
+        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+            if va >= self.fault_from {
+                return Err(GuestException::page_fault(va, 6));
+            }
+            self.writes.push((va, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// A state whose XSAVE image holds AVX-512 registers, where the host has them (elsewhere
+    /// the EVEX forms are not executable and the harness lists them so).
+    fn avx512_state() -> Option<GuestState> {
+        use crate::cpu::xsave::{component::AVX512, XsaveLayout};
+        if XsaveLayout::host().managed() & AVX512 != AVX512 {
+            crate::harness::ci_summary(
+                "emulate::implicit EVEX gather/scatter tests: not executable here (no AVX-512 state on this host)",
+            );
+            return None;
+        }
+        Some(GuestState {
+            xcr0: XsaveLayout::host().managed(),
+            ..GuestState::default()
+        })
+    }
+
+    fn zmm_dwords(v: impl Fn(usize) -> u32) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        for i in 0..16 {
+            b[4 * i..4 * i + 4].copy_from_slice(&v(i).to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn an_evex_gather_faulting_mid_way_keeps_completed_elements_and_the_remaining_mask() {
+        let Some(mut s) = avx512_state() else { return };
+        // vpgatherdd zmm16{k1}, [rax+zmm17*4]: element i at 0x1000 + 4 * i; k1 = 0b1011, so
+        // element 2 is masked off and element 3 (at 0x100c) faults.
+        let mut instr = Instruction::with2(
+            Code::EVEX_Vpgatherdd_zmm_k1_vm32z,
+            Register::ZMM16,
+            MemoryOperand::new(Register::RAX, Register::ZMM17, 4, 0, 0, false, Register::None),
+        )
+        .unwrap();
+        instr.set_op_mask(Register::K1);
+        s.gpr[gpr::RAX] = 0x1000;
+        write_zmm(&mut s, 16, &zmm_dwords(|_| 0xdddd_dddd));
+        write_zmm(&mut s, 17, &zmm_dwords(|i| i as u32));
+        write_opmask(&mut s, 1, 0b1011);
+        let before = s.clone();
+        let outcome = execute(&mut s, &instr, &mut Memory { fault_from: 0x100c }).ok();
+        assert!(
+            matches!(outcome, Some(Outcome::Exit(Exit::Exception(e))) if e == GuestException::page_fault(0x100c, 4))
+        );
+        assert_eq!(s.rip, before.rip, "the gather did not complete");
+        let loaded = |i: usize| u32::from_le_bytes([0, 1, 2, 3].map(|b| (4 * i + b) as u8));
+        let partial = zmm_dwords(|i| if i < 2 { loaded(i) } else { 0xdddd_dddd });
+        assert_eq!(read_zmm(&s, 16), partial);
+        assert_eq!(read_opmask(&s, 1), 0b1000, "element 3 still pending");
+
+        let mut s = before;
+        let outcome = execute(&mut s, &instr, &mut Memory { fault_from: u64::MAX }).ok();
+        assert!(matches!(outcome, Some(Outcome::Continue)));
+        let done = zmm_dwords(|i| match i {
+            0 | 1 | 3 => loaded(i),
+            _ => 0xdddd_dddd,
+        });
+        assert_eq!(read_zmm(&s, 16), done);
+        assert_eq!(read_opmask(&s, 1), 0);
+    }
+
+    #[test]
+    fn an_evex_scatter_stores_in_order_and_stops_at_a_fault() {
+        let Some(mut s) = avx512_state() else { return };
+        // vpscatterdd [rax+zmm17*4]{k2}, zmm16: elements 0 and 1 both go to index 5 (the later
+        // store wins), element 2 to index 7, element 3 to index 0x100 (faults).
+        let mut instr = Instruction::with2(
+            Code::EVEX_Vpscatterdd_vm32z_k1_zmm,
+            MemoryOperand::new(Register::RAX, Register::ZMM17, 4, 0, 0, false, Register::None),
+            Register::ZMM16,
+        )
+        .unwrap();
+        instr.set_op_mask(Register::K2);
+        s.gpr[gpr::RAX] = 0x1000;
+        write_zmm(&mut s, 16, &zmm_dwords(|i| 0xa0 + i as u32));
+        write_zmm(&mut s, 17, &zmm_dwords(|i| [5, 5, 7, 0x100][i.min(3)]));
+        write_opmask(&mut s, 2, 0b1111);
+        let mut mem = Recording {
+            fault_from: 0x1400,
+            writes: Vec::new(),
+        };
+        let outcome = execute(&mut s, &instr, &mut mem).ok();
+        assert!(
+            matches!(outcome, Some(Outcome::Exit(Exit::Exception(e))) if e == GuestException::page_fault(0x1400, 6))
+        );
+        let stored: Vec<(u64, u32)> = mem
+            .writes
+            .iter()
+            .map(|(va, d)| (*va, u32::from_le_bytes(d[..4].try_into().unwrap())))
+            .collect();
+        assert_eq!(stored, [(0x1014, 0xa0), (0x1014, 0xa1), (0x101c, 0xa2)]);
+        assert_eq!(read_opmask(&s, 2), 0b1000, "the faulting element's bit stays");
     }
 
     fn dwords(v: [u32; 8]) -> [u8; 32] {

@@ -221,7 +221,7 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             set32(state, gpr::RAX, value as u32);
             set32(state, gpr::RDX, (value >> 32) as u32);
         }
-        EmulateOp::Transaction => return rtm::execute(state, instr),
+        EmulateOp::Transaction => return rtm::execute(state, instr, platform),
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
         // Kernel-mode guests run in system mode (`system::execute`), never here.
         EmulateOp::Syscall => return raise(state, here, GuestException::gp(0)),

@@ -62,6 +62,45 @@ pub fn write_ymm(state: &mut GuestState, n: usize, v: &[u8; 32]) {
     state.xsave.mark_in_use(0b110);
 }
 
+/// The 64 bytes of ZMMn, n < 32 (XMMn, YMMn's upper half and ZMM_Hi256 for n < 16,
+/// Hi16_ZMM above); what the guest state does not hold (no AVX-512) reads as zeros.
+pub fn read_zmm(state: &GuestState, n: usize) -> [u8; 64] {
+    let mut v = [0u8; 64];
+    if n < 16 {
+        v[..32].copy_from_slice(&read_ymm(state, n));
+    }
+    if let Some(upper) = state.xsave.zmm_upper(n) {
+        v[64 - upper.len()..].copy_from_slice(upper);
+    }
+    v
+}
+
+/// Writes ZMMn (n < 32) whole, as an EVEX instruction does.
+pub fn write_zmm(state: &mut GuestState, n: usize, v: &[u8; 64]) {
+    if n < 16 {
+        state.xsave.xmm_mut(n).copy_from_slice(&v[..16]);
+        state.xsave.ymm_hi_mut(n).copy_from_slice(&v[16..32]);
+    }
+    if let Some(upper) = state.xsave.zmm_upper_mut(n) {
+        let len = upper.len();
+        upper.copy_from_slice(&v[64 - len..]);
+    }
+    use crate::cpu::xsave::component::{AVX, HI16_ZMM, SSE, ZMM_HI256};
+    state
+        .xsave
+        .mark_in_use(SSE | AVX | if n < 16 { ZMM_HI256 } else { HI16_ZMM });
+}
+
+/// Opmask register k`n` (zero where the state has no AVX-512).
+pub fn read_opmask(state: &GuestState, n: usize) -> u64 {
+    state.xsave.opmask(n).unwrap_or(0)
+}
+
+pub fn write_opmask(state: &mut GuestState, n: usize, value: u64) {
+    state.xsave.set_opmask(n, value);
+    state.xsave.mark_in_use(crate::cpu::xsave::component::OPMASK);
+}
+
 /// Linear address of memory operand `operand` (element `element` for VSIB), with the guest's
 /// FS/GS base for those overrides.
 pub fn linear_address(state: &GuestState, instr: &Instruction, operand: u32, element: usize) -> Option<u64> {
@@ -69,8 +108,8 @@ pub fn linear_address(state: &GuestState, instr: &Instruction, operand: u32, ele
         Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
         Register::FS => Some(state.fs_base),
         Register::GS => Some(state.gs_base),
-        r if r.is_xmm() || r.is_ymm() => {
-            let v = read_ymm(state, r.number() & 15);
+        r if r.is_xmm() || r.is_ymm() || r.is_zmm() => {
+            let v = read_zmm(state, r.number());
             let at = elem * elem_size;
             let mut b = [0u8; 8];
             b[..elem_size].copy_from_slice(&v[at..at + elem_size]);

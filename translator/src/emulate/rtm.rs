@@ -9,22 +9,28 @@
 //! - `xend` outside a transaction: #GP(0). `xabort imm8` outside one: no operation.
 //! - `xtest`: not transactional: ZF = 1, CF/OF/SF/PF/AF = 0.
 //!
-//! Where the host lacks RTM (the guest's CPUID hides it), they raise #UD as such a CPU does.
+//! Where the guest's CPU model lacks RTM (CPUID.(7,0):EBX bit 11; `xtest` also accepts HLE,
+//! bit 4) they raise #UD, as such a CPU does.
 
 use super::{raise, Outcome};
 use crate::exit::{vector, GuestException};
+use crate::platform::Platform;
 use crate::state::{flags, gpr, GuestState};
-use iced_x86::{CpuidFeature, Instruction, Mnemonic};
+use iced_x86::{Instruction, Mnemonic};
 
-/// Performs the RTM instruction `instr` at `state.rip`.
-pub fn execute(state: &mut GuestState, instr: &Instruction) -> Outcome {
+const CPUID7_EBX_HLE: u32 = 1 << 4;
+const CPUID7_EBX_RTM: u32 = 1 << 11;
+
+/// Performs the RTM instruction `instr` at `state.rip` on a CPU whose CPUID is `platform`'s.
+pub fn execute(state: &mut GuestState, instr: &Instruction, platform: &mut dyn Platform) -> Outcome {
     let here = instr.ip();
-    let needed = crate::host::features::host_has(if instr.mnemonic() == Mnemonic::Xtest {
-        CpuidFeature::HLE_or_RTM
+    let ebx = platform.cpuid(7, 0)[1];
+    let present = if instr.mnemonic() == Mnemonic::Xtest {
+        ebx & (CPUID7_EBX_HLE | CPUID7_EBX_RTM) != 0
     } else {
-        CpuidFeature::RTM
-    });
-    if !needed {
+        ebx & CPUID7_EBX_RTM != 0
+    };
+    if !present {
         return raise(state, here, GuestException::new(vector::UD));
     }
     match instr.mnemonic() {

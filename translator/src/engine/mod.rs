@@ -733,8 +733,12 @@ impl Translator {
             code: format!("{:?}", instr.code()),
             bytes: why.to_string(),
         };
-        // Neither gathers nor masked moves raise #AC (SDM exception classes 12 and 6).
-        let alignment_checks = !matches!(rule, Rule::Implicit(ImplicitOp::Gather | ImplicitOp::MaskedMove));
+        // Neither gathers, scatters nor masked moves raise #AC (SDM exception classes 12, E12
+        // and 6).
+        let alignment_checks = !matches!(
+            rule,
+            Rule::Implicit(ImplicitOp::Gather | ImplicitOp::Scatter | ImplicitOp::MaskedMove)
+        );
         let (result, written) = self.with_memory(alignment_checks, |state, mem| match rule {
             Rule::Implicit(ImplicitOp::String) => emulate::string::execute(state, instr, mem)
                 .map_err(|_| unsupported("(32-bit address size string instruction)")),

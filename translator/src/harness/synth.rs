@@ -175,10 +175,15 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             | K::mem_vsib32x
             | K::mem_vsib64x
             | K::mem_vsib32y
-            | K::mem_vsib64y => {
+            | K::mem_vsib64y
+            | K::mem_vsib32z
+            | K::mem_vsib64z => {
                 i.set_op_kind(n, OpKind::Memory);
                 has_memory = true;
-                let vsib = matches!(kind, K::mem_vsib32x | K::mem_vsib64x | K::mem_vsib32y | K::mem_vsib64y);
+                let vsib = matches!(
+                    kind,
+                    K::mem_vsib32x | K::mem_vsib64x | K::mem_vsib32y | K::mem_vsib64y | K::mem_vsib32z | K::mem_vsib64z
+                );
                 // Where the access lands: inside one data page, naturally aligned or not.
                 let span = if vsib { 512 } else { mem_size.min(4095) };
                 let page = rng.below(2) * 4096;
@@ -217,8 +222,9 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 } else {
                     let (base, index) = if vsib {
                         let idx = match kind {
-                            K::mem_vsib32y | K::mem_vsib64y => vec_reg(Register::YMM0, rng, 16),
-                            _ => vec_reg(Register::XMM0, rng, 16),
+                            K::mem_vsib32z | K::mem_vsib64z => vec_reg(Register::ZMM0, rng, 32),
+                            K::mem_vsib32y | K::mem_vsib64y => vec_reg(Register::YMM0, rng, vregs),
+                            _ => vec_reg(Register::XMM0, rng, vregs),
                         };
                         (base, idx)
                     } else if rng.chance(50) {
@@ -530,29 +536,21 @@ pub fn state(
         if base != Register::RIP && base != Register::None {
             let index_value = if index == Register::None {
                 0
-            } else if index.is_xmm() || index.is_ymm() {
-                let lanes = if index.is_ymm() { 8 } else { 4 };
-                let n = index.number() & 15;
+            } else if index.is_xmm() || index.is_ymm() || index.is_zmm() {
                 // Small non-negative lane indices (dwords and qwords both read them correctly).
-                let mut lane_bytes = [0u8; 32];
-                for l in 0..lanes {
-                    let v = rng.below(24) as u32;
-                    lane_bytes[l * 4..l * 4 + 4].copy_from_slice(&v.to_le_bytes());
-                }
-                let mut qwords = [0u8; 32];
-                for l in 0..4 {
-                    let v = rng.below(24);
-                    qwords[l * 8..l * 8 + 8].copy_from_slice(&v.to_le_bytes());
-                }
                 let lanes_q = instr
                     .code()
                     .op_code()
                     .op_kinds()
                     .iter()
-                    .any(|k| matches!(k, K::mem_vsib64x | K::mem_vsib64y));
-                let src = if lanes_q { qwords } else { lane_bytes };
-                s.xsave.xmm_mut(n).copy_from_slice(&src[..16]);
-                s.xsave.ymm_hi_mut(n).copy_from_slice(&src[16..]);
+                    .any(|k| matches!(k, K::mem_vsib64x | K::mem_vsib64y | K::mem_vsib64z));
+                let mut lanes = crate::emulate::regs::read_zmm(&s, index.number());
+                let width = if lanes_q { 8 } else { 4 };
+                for lane in lanes[..index.size()].chunks_exact_mut(width) {
+                    let v = rng.below(24);
+                    lane.copy_from_slice(&v.to_le_bytes()[..width]);
+                }
+                crate::emulate::regs::write_zmm(&mut s, index.number(), &lanes);
                 0
             } else {
                 let full = index.full_register().number() & 15;

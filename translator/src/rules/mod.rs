@@ -49,8 +49,10 @@ pub enum ImplicitOp {
     String,
     Xlat,
     Enter,
-    /// AVX2 gathers (vector-indexed operands)
+    /// AVX2 and AVX-512 gathers (vector-indexed operands)
     Gather,
+    /// AVX-512 scatters (vector-indexed stores under an opmask)
+    Scatter,
     /// maskmovdqu (implicit `[rdi]`)
     MaskMove,
     /// vmaskmovps/pd, vpmaskmovd/q: only the elements whose mask is set are loaded or stored,
@@ -161,6 +163,14 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Vgatherdpd, Rule::Implicit(ImplicitOp::Gather)),
     (Mnemonic::Vgatherqps, Rule::Implicit(ImplicitOp::Gather)),
     (Mnemonic::Vgatherqpd, Rule::Implicit(ImplicitOp::Gather)),
+    (Mnemonic::Vpscatterdd, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vpscatterdq, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vpscatterqd, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vpscatterqq, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vscatterdps, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vscatterdpd, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vscatterqps, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Vscatterqpd, Rule::Implicit(ImplicitOp::Scatter)),
     (Mnemonic::Vmaskmovps, Rule::Implicit(ImplicitOp::MaskedMove)),
     (Mnemonic::Vmaskmovpd, Rule::Implicit(ImplicitOp::MaskedMove)),
     (Mnemonic::Vpmaskmovd, Rule::Implicit(ImplicitOp::MaskedMove)),
@@ -290,23 +300,16 @@ fn classify(code: Code) -> Option<Rule> {
         return None;
     }
     let mnemonic = code.mnemonic();
-    // EVEX forms are copied or refused: the dedicated rules (gathers, masked moves) are for
-    // their VEX forms; EVEX gathers and scatters (per-element masks, zmm indexes) have none yet.
-    if op.encoding() == EncodingKind::EVEX && DEDICATED.iter().any(|(m, _)| *m == mnemonic) {
+    // EVEX forms are copied, gathered/scattered, or refused: the other dedicated rules are for
+    // legacy and VEX forms.
+    let vsib = |r: &Rule| matches!(r, Rule::Implicit(ImplicitOp::Gather | ImplicitOp::Scatter));
+    if op.encoding() == EncodingKind::EVEX && DEDICATED.iter().any(|(m, r)| *m == mnemonic && !vsib(r)) {
         return None;
     }
     let mut sample = Instruction::default();
     sample.set_code(code);
     let kinds = op.op_kinds();
     let has = |k: K| kinds.contains(&k);
-    // A faulting `vcvtps2ph` store leaves its conversion's MXCSR flags behind; the engine
-    // reproduces that for the VEX forms only (`emulate/f16c.rs`).
-    if op.encoding() == EncodingKind::EVEX
-        && mnemonic == Mnemonic::Vcvtps2ph
-        && (has(K::xmm_or_mem) || has(K::ymm_or_mem))
-    {
-        return None;
-    }
     // (1) The mnemonic tables.
     if let Some(&(_, rule)) = DEDICATED.iter().find(|(m, _)| *m == mnemonic) {
         return dedicated_form(code, rule, &has);
