@@ -3,6 +3,8 @@
 # valgrind --tool=none, in one run on the same inputs; prints medians, slowdown vs native and
 # hbt/qemu. Needs busybox-static, qemu-user, valgrind (Debian packages).
 # Usage: benches/exec-vs-peers.sh [RUNS]   (default 3 runs per cell, median reported)
+#        HBT_CPU_MODEL=x86-64-v3 benches/exec-vs-peers.sh 3   (the CPU model hbt shows its guest;
+#        default: hbt's own, `host`, which shows AVX-512 where the host has it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -30,6 +32,7 @@ timeit() { # runner... -> seconds
   echo "$e - $s" | bc -l
 }
 
+echo "hbt exec --cpu-model ${HBT_CPU_MODEL:-host (default)}; host: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)"
 printf '%-15s %9s %9s %9s %9s %8s %8s %8s %9s\n' workload native hbt qemu valgrind hbt× qemu× vg× hbt/qemu
 geo_h=0; geo_q=0; geo_v=0; n=0
 for w in "${workloads[@]}"; do
@@ -40,7 +43,7 @@ for w in "${workloads[@]}"; do
   for runner in native hbt qemu valgrind; do
     case $runner in
       native) cmd=("$BB" "${args[@]}") ;;
-      hbt) cmd=("$HBT" exec "$BB" "${args[@]}") ;;
+      hbt) cmd=("$HBT" exec ${HBT_CPU_MODEL:+--cpu-model "$HBT_CPU_MODEL"} "$BB" "${args[@]}") ;;
       qemu) cmd=(qemu-x86_64 "$BB" "${args[@]}") ;;
       valgrind) cmd=(valgrind --tool=none -q "$BB" "${args[@]}") ;;
     esac

@@ -53,6 +53,14 @@ const CPL0_CHECKED_ELSEWHERE: &[(&str, &str)] = &[
     ("Lsl_r64_r64m16", "as Verr_rm16"),
     ("Xgetbv", "engine.rs xgetbv_and_xsetbv_at_cpl0_need_cr4_osxsave"),
     (
+        "Xbegin_rel16",
+        "emulate/rtm.rs transactions_abort_at_once_and_a_model_without_rtm_raises_ud; the user-mode harness",
+    ),
+    ("Xbegin_rel32", "as Xbegin_rel16"),
+    ("Xend", "as Xbegin_rel16"),
+    ("Xabort_imm8", "as Xbegin_rel16"),
+    ("Xtest", "as Xbegin_rel16"),
+    (
         "Rdtscp",
         "engine.rs rdpid_and_rdtscp_at_cpl0_read_the_tsc_aux_wrmsr_wrote",
     ),

@@ -44,6 +44,7 @@ const fn hide(leaf: u32, subleaf: u32, reg: usize, bit: u32, name: &'static str,
 const NO_X2APIC: &str = "the local APIC is modelled in xAPIC (MMIO) mode only";
 const NO_CR4_BIT: &str = "system mode does not implement the CR4 bit that enables it";
 const NO_EVEX: &str = "AVX-512 is not offered to whole-machine guests yet (EVEX forms are verified in user mode; the AVX-512 state's transfer between KVM and the translator is not)";
+const NO_RTM: &str = "transactional memory is not offered to whole-machine guests (the translator's transactions always abort; under KVM user code would run real ones)";
 const NO_RULE: &str = "the translator has no rule for its instructions (rules::NEVER_COPY)";
 
 /// The features `--accel bt` hides.
@@ -70,7 +71,7 @@ pub const HIDDEN: &[ModelBit] = &[
     ),
     hide(7, 0, EBX, 0, "fsgsbase", NO_CR4_BIT),
     hide(7, 0, EBX, 1, "tsc-adjust", "IA32_TSC_ADJUST is not modelled"),
-    hide(7, 0, EBX, 4, "hle", NO_RULE),
+    hide(7, 0, EBX, 4, "hle", NO_RTM),
     hide(7, 0, EBX, 16, "avx512f", NO_EVEX),
     hide(7, 0, EBX, 17, "avx512dq", NO_EVEX),
     hide(7, 0, EBX, 21, "avx512ifma", NO_EVEX),
@@ -89,7 +90,7 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(7, 0, EDX, 8, "avx512-vp2intersect", NO_EVEX),
     hide(7, 0, EDX, 23, "avx512fp16", NO_EVEX),
     hide(7, 1, EAX, 5, "avx512bf16", NO_EVEX),
-    hide(7, 0, EBX, 11, "rtm", NO_RULE),
+    hide(7, 0, EBX, 11, "rtm", NO_RTM),
     hide(7, 0, EBX, 7, "smep", NO_CR4_BIT),
     hide(7, 0, EBX, 10, "invpcid", "PCID is not offered"),
     hide(7, 0, EBX, 20, "smap", NO_CR4_BIT),

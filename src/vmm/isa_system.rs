@@ -554,6 +554,9 @@ fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
         return Some("kvm_pvm runs EVEX and opmask instructions at CPL3 with the host's XCR0, though the guest's lacks AVX-512 state");
     }
     match (instr.mnemonic(), ring) {
+        (M::Xbegin | M::Xend | M::Xabort | M::Xtest, _) => Some(
+            "the model hides RTM (the translator raises #UD, emulate/rtm.rs tests it); kvm_pvm runs RTM natively at CPL3 and cannot at CPL0",
+        ),
         (M::Int, Ring::User) => Some("kvm_pvm raises #UD for `int n` at CPL3"),
         (M::Syscall, Ring::User) => Some("kvm_pvm enters LSTAR keeping the user CS (CPL3)"),
         (M::Str | M::Sldt, Ring::User) => {

@@ -178,6 +178,20 @@ impl XSaveArea {
     pub fn xstate_bv(&self) -> u64 {
         u64::from_le_bytes(self.0[512..520].try_into().unwrap())
     }
+    /// Drops the AVX-512 components outside `xcr0` (a guest without them): zeroed, and out of
+    /// XSTATE_BV.
+    pub fn restrict_to(&mut self, xcr0: u64) {
+        for bit in 5..8 {
+            if xcr0 & (1 << bit) == 0 {
+                if let Some(r) = Self::component_range(bit) {
+                    self.0[r].fill(0);
+                }
+            }
+        }
+        let bv = self.xstate_bv() & (xcr0 | !crate::cpu::xsave::component::AVX512);
+        self.0[512..520].copy_from_slice(&bv.to_le_bytes());
+    }
+
     /// Rewrites components the CPU left in their initial configuration (XSTATE_BV bit clear)
     /// as explicit zeros, so two areas describing the same state compare equal byte for byte.
     pub fn normalize(&mut self) {

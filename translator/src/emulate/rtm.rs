@@ -47,3 +47,66 @@ pub fn execute(state: &mut GuestState, instr: &Instruction, platform: &mut dyn P
     state.rip = instr.next_ip();
     Outcome::Continue
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::Exit;
+    use iced_x86::Code;
+
+    /// A CPU model with or without RTM.
+    struct Model(bool);
+
+    impl Platform for Model {
+        fn cpuid(&mut self, leaf: u32, _: u32) -> [u32; 4] {
+            let ebx = if leaf == 7 && self.0 { CPUID7_EBX_RTM } else { 0 };
+            [0, ebx, 0, 0]
+        }
+        fn rdtsc(&mut self) -> u64 {
+            0
+        }
+        fn tsc_aux(&mut self) -> u32 {
+            0
+        }
+    }
+
+    fn at(code: Code, rip: u64) -> Instruction {
+        let mut i = Instruction::default();
+        i.set_code(code);
+        if matches!(code, Code::Xbegin_rel32) {
+            i.set_op0_kind(iced_x86::OpKind::NearBranch64);
+            i.set_near_branch64(rip + 0x40);
+        }
+        i.set_ip(rip);
+        i.set_len(if code == Code::Xbegin_rel32 { 6 } else { 3 });
+        i.set_next_ip(rip + i.len() as u64);
+        i
+    }
+
+    #[test]
+    fn transactions_abort_at_once_and_a_model_without_rtm_raises_ud() {
+        let mut s = GuestState::default();
+        s.gpr[gpr::RAX] = u64::MAX;
+        s.rip = 0x1000;
+        let begin = at(Code::Xbegin_rel32, 0x1000);
+        assert!(matches!(execute(&mut s, &begin, &mut Model(true)), Outcome::Continue));
+        assert_eq!((s.rip, s.gpr[gpr::RAX]), (0x1040, 0), "fallback with abort status 0");
+        s.rflags |= flags::CF;
+        assert!(matches!(
+            execute(&mut s, &at(Code::Xtest, 0x1040), &mut Model(true)),
+            Outcome::Continue
+        ));
+        assert_eq!(s.rflags & flags::STATUS, flags::ZF, "not in a transaction");
+        let end = execute(&mut s, &at(Code::Xend, 0x1043), &mut Model(true));
+        assert!(matches!(end, Outcome::Exit(Exit::Exception(e)) if e == GuestException::gp(0)));
+        for code in [Code::Xbegin_rel32, Code::Xend, Code::Xabort_imm8, Code::Xtest] {
+            let mut s = GuestState::default();
+            let out = execute(&mut s, &at(code, 0x2000), &mut Model(false));
+            assert!(
+                matches!(out, Outcome::Exit(Exit::Exception(e)) if e.vector == vector::UD),
+                "{code:?} on a model without RTM"
+            );
+            assert_eq!(s.rip, 0x2000);
+        }
+    }
+}

@@ -5,11 +5,12 @@
 //! suppression): `vmovdqu8 zmm0{k1}{z}, [rdi]` may end in an unmapped page as long as the mask
 //! stops short of it — glibc's AVX-512 string functions rely on that for their tails. Compress
 //! stores and expand loads touch the first popcount(mask) elements, packed. A broadcast reads
-//! its one element when any destination element is active.
+//! the elements (of its tuple) some active lane repeats. Forms whose memory elements do not map
+//! to mask lanes (shuffles, shift counts, pairwise products) read the whole operand.
 //!
 //! Under the identity strategy the host CPU does all this itself. The soft-MMU's miss path
-//! (`engine/softmmu.rs`) asks [`first_touched`] which of the (at most two) pages an access spans hold
-//! an active byte, and walks only those.
+//! (`engine/softmmu.rs`) asks [`first_touched`] which of the (at most two) pages an access
+//! spans hold an active byte, walks only those, and reports a fault at that byte.
 
 use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
@@ -25,10 +26,8 @@ pub fn is_masked_access(instr: &Instruction) -> bool {
         || instr.code().op_code().encoding() != iced_x86::EncodingKind::EVEX
         || !(instr.op_mask() != Register::None || packs_elements(instr.mnemonic()))
         || reads_whole_operand(instr.mnemonic())
+        || is_shift_count(instr)
     {
-        return false;
-    }
-    if is_shift_count(instr) {
         return false;
     }
     let size = instr.memory_size().size();
@@ -166,10 +165,18 @@ fn broadcasts(m: Mnemonic) -> bool {
     )
 }
 
-/// Widening loads and narrowing stores: memory element i belongs to lane i.
+/// Widening loads and narrowing stores (`vpmovzx*`, `vpmovsx*`, `vpmov*` down-conversions,
+/// `vcvt*`): memory element i belongs to lane i. A table by mnemonic, built once.
 fn converts(m: Mnemonic) -> bool {
-    let name = format!("{m:?}");
-    (name.starts_with("Vpmov") && !name.contains("2m") && !name.contains("m2")) || name.starts_with("Vcvt")
+    static TABLE: std::sync::OnceLock<Vec<bool>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        Mnemonic::values()
+            .map(|m| {
+                let name = format!("{m:?}");
+                (name.starts_with("Vpmov") && !name.contains("2m") && !name.contains("m2")) || name.starts_with("Vcvt")
+            })
+            .collect()
+    })[m as usize]
 }
 
 /// Compress stores and expand loads: the active elements are packed at the operand's start.

@@ -337,6 +337,7 @@ impl Cases for SystemWorker {
         let (mut state, mem) = synth::state(inst, rng, guest::code_range(), guest::data(), SEGMENT_BASES);
         (state.fs_base, state.gs_base) = SEGMENT_BASES;
         state.xcr0 = self.reference.xcr0();
+        state.xsave.restrict_to(state.xcr0);
         let tables = guest::write_tables(self.ram.0, self.case, rng, self.ring);
         self.case += 1;
         guest::machine_state(&mut state, &tables, self.ring);
