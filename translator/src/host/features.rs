@@ -105,6 +105,8 @@ pub fn host_has(feature: F) -> bool {
         F::AVX512_VP2INTERSECT => avx512(c.l7_edx, 8),
         F::AVX512_FP16 => avx512(c.l7_edx, 23),
         F::AVX512_BF16 => avx512(c.l71_eax, 5),
+        F::AVX_VNNI => bit(c.l71_eax, 4) && c.xcr0_avx,
+        F::AVX_IFMA => bit(c.l71_eax, 23) && c.xcr0_avx,
         F::LZCNT => bit(c.l81_ecx, 5),
         F::PREFETCHW => bit(c.l81_ecx, 8),
         F::SSE4A => bit(c.l81_ecx, 6),
