@@ -8,8 +8,9 @@
 //! The levels follow the x86-64 psABI micro-architecture levels; `BASE_FEATURES` holds what
 //! every x86-64 CPU has architecturally (the 8086..486 integer ISA, x87, CPUID, TSC, MSRs,
 //! SYSCALL, multi-byte NOP, PAUSE, CLFLUSH). `host` asks this machine's CPUID through
-//! [`HOST_CPUID_BITS`]; `all` keeps everything.
+//! [`CPUID_BITS`]; `all` keeps everything.
 
+use hbt_translator::cpu::cpuid_bits::{host_reports, CPUID_BITS};
 use iced_x86::{Code, CpuidFeature as F, Instruction};
 use serde::Serialize;
 use std::fmt;
@@ -68,60 +69,6 @@ const V3_FEATURES: &[F] = &[
 ];
 const V4_FEATURES: &[F] = &[F::AVX512F, F::AVX512BW, F::AVX512CD, F::AVX512DQ, F::AVX512VL];
 
-/// Where CPUID reports a feature: (leaf, subleaf, register, bit).
-#[derive(Clone, Copy)]
-enum Reg {
-    Ebx,
-    Ecx,
-    Edx,
-    Eax,
-}
-
-#[rustfmt::skip]
-const HOST_CPUID_BITS: &[(F, u32, u32, Reg, u32)] = &[
-    (F::FPU, 1, 0, Reg::Edx, 0), (F::TSC, 1, 0, Reg::Edx, 4), (F::MSR, 1, 0, Reg::Edx, 5),
-    (F::CX8, 1, 0, Reg::Edx, 8), (F::SEP, 1, 0, Reg::Edx, 11), (F::CMOV, 1, 0, Reg::Edx, 15),
-    (F::CLFSH, 1, 0, Reg::Edx, 19), (F::MMX, 1, 0, Reg::Edx, 23), (F::FXSR, 1, 0, Reg::Edx, 24),
-    (F::SSE, 1, 0, Reg::Edx, 25), (F::SSE2, 1, 0, Reg::Edx, 26),
-    (F::SSE3, 1, 0, Reg::Ecx, 0), (F::PCLMULQDQ, 1, 0, Reg::Ecx, 1), (F::MONITOR, 1, 0, Reg::Ecx, 3),
-    (F::VMX, 1, 0, Reg::Ecx, 5), (F::SMX, 1, 0, Reg::Ecx, 6), (F::SSSE3, 1, 0, Reg::Ecx, 9),
-    (F::FMA, 1, 0, Reg::Ecx, 12), (F::CMPXCHG16B, 1, 0, Reg::Ecx, 13), (F::SSE4_1, 1, 0, Reg::Ecx, 19),
-    (F::SSE4_2, 1, 0, Reg::Ecx, 20), (F::MOVBE, 1, 0, Reg::Ecx, 22), (F::POPCNT, 1, 0, Reg::Ecx, 23),
-    (F::AES, 1, 0, Reg::Ecx, 25), (F::XSAVE, 1, 0, Reg::Ecx, 26), (F::AVX, 1, 0, Reg::Ecx, 28),
-    (F::F16C, 1, 0, Reg::Ecx, 29), (F::RDRAND, 1, 0, Reg::Ecx, 30),
-    (F::FSGSBASE, 7, 0, Reg::Ebx, 0), (F::BMI1, 7, 0, Reg::Ebx, 3), (F::HLE, 7, 0, Reg::Ebx, 4),
-    (F::AVX2, 7, 0, Reg::Ebx, 5), (F::BMI2, 7, 0, Reg::Ebx, 8), (F::INVPCID, 7, 0, Reg::Ebx, 10),
-    (F::RTM, 7, 0, Reg::Ebx, 11), (F::HLE_or_RTM, 7, 0, Reg::Ebx, 11), (F::MPX, 7, 0, Reg::Ebx, 14),
-    (F::AVX512F, 7, 0, Reg::Ebx, 16), (F::AVX512DQ, 7, 0, Reg::Ebx, 17), (F::RDSEED, 7, 0, Reg::Ebx, 18),
-    (F::ADX, 7, 0, Reg::Ebx, 19), (F::SMAP, 7, 0, Reg::Ebx, 20), (F::AVX512_IFMA, 7, 0, Reg::Ebx, 21),
-    (F::CLFLUSHOPT, 7, 0, Reg::Ebx, 23), (F::CLWB, 7, 0, Reg::Ebx, 24), (F::AVX512PF, 7, 0, Reg::Ebx, 26),
-    (F::AVX512ER, 7, 0, Reg::Ebx, 27), (F::AVX512CD, 7, 0, Reg::Ebx, 28), (F::SHA, 7, 0, Reg::Ebx, 29),
-    (F::AVX512BW, 7, 0, Reg::Ebx, 30), (F::AVX512VL, 7, 0, Reg::Ebx, 31),
-    (F::PREFETCHWT1, 7, 0, Reg::Ecx, 0), (F::AVX512_VBMI, 7, 0, Reg::Ecx, 1), (F::PKU, 7, 0, Reg::Ecx, 3),
-    (F::WAITPKG, 7, 0, Reg::Ecx, 5), (F::AVX512_VBMI2, 7, 0, Reg::Ecx, 6), (F::CET_SS, 7, 0, Reg::Ecx, 7),
-    (F::GFNI, 7, 0, Reg::Ecx, 8), (F::VAES, 7, 0, Reg::Ecx, 9), (F::VPCLMULQDQ, 7, 0, Reg::Ecx, 10),
-    (F::AVX512_VNNI, 7, 0, Reg::Ecx, 11), (F::AVX512_BITALG, 7, 0, Reg::Ecx, 12),
-    (F::AVX512_VPOPCNTDQ, 7, 0, Reg::Ecx, 14), (F::RDPID, 7, 0, Reg::Ecx, 22), (F::CLDEMOTE, 7, 0, Reg::Ecx, 25),
-    (F::MOVDIRI, 7, 0, Reg::Ecx, 27), (F::MOVDIR64B, 7, 0, Reg::Ecx, 28), (F::ENQCMD, 7, 0, Reg::Ecx, 29),
-    (F::AVX512_4VNNIW, 7, 0, Reg::Edx, 2), (F::AVX512_4FMAPS, 7, 0, Reg::Edx, 3),
-    (F::SERIALIZE, 7, 0, Reg::Edx, 14), (F::TSXLDTRK, 7, 0, Reg::Edx, 16), (F::PCONFIG, 7, 0, Reg::Edx, 18),
-    (F::CET_IBT, 7, 0, Reg::Edx, 20), (F::AMX_BF16, 7, 0, Reg::Edx, 22), (F::AVX512_FP16, 7, 0, Reg::Edx, 23),
-    (F::AMX_TILE, 7, 0, Reg::Edx, 24), (F::AMX_INT8, 7, 0, Reg::Edx, 25),
-    (F::AVX_VNNI, 7, 1, Reg::Eax, 4), (F::AVX512_BF16, 7, 1, Reg::Eax, 5),
-    (F::XSAVEOPT, 0xd, 1, Reg::Eax, 0), (F::XSAVEC, 0xd, 1, Reg::Eax, 1), (F::XSAVES, 0xd, 1, Reg::Eax, 3),
-    (F::SVM, 0x8000_0001, 0, Reg::Ecx, 2), (F::SKINIT_or_SVM, 0x8000_0001, 0, Reg::Ecx, 2),
-    (F::LZCNT, 0x8000_0001, 0, Reg::Ecx, 5), (F::SSE4A, 0x8000_0001, 0, Reg::Ecx, 6),
-    (F::PREFETCHW, 0x8000_0001, 0, Reg::Ecx, 8), (F::XOP, 0x8000_0001, 0, Reg::Ecx, 11),
-    (F::SKINIT, 0x8000_0001, 0, Reg::Ecx, 12), (F::LWP, 0x8000_0001, 0, Reg::Ecx, 15),
-    (F::FMA4, 0x8000_0001, 0, Reg::Ecx, 16), (F::TBM, 0x8000_0001, 0, Reg::Ecx, 21),
-    (F::MONITORX, 0x8000_0001, 0, Reg::Ecx, 29),
-    (F::SYSCALL, 0x8000_0001, 0, Reg::Edx, 11), (F::RDTSCP, 0x8000_0001, 0, Reg::Edx, 27),
-    (F::D3NOWEXT, 0x8000_0001, 0, Reg::Edx, 30), (F::D3NOW, 0x8000_0001, 0, Reg::Edx, 31),
-    (F::CLZERO, 0x8000_0008, 0, Reg::Ebx, 0), (F::INVLPGB, 0x8000_0008, 0, Reg::Ebx, 3),
-    (F::RDPRU, 0x8000_0008, 0, Reg::Ebx, 4), (F::MCOMMIT, 0x8000_0008, 0, Reg::Ebx, 8),
-    (F::WBNOINVD, 0x8000_0008, 0, Reg::Ebx, 9),
-];
-
 impl CpuModel {
     pub const ALL: [CpuModel; 6] = [
         CpuModel::V1,
@@ -167,18 +114,12 @@ impl CpuModel {
 }
 
 /// Clears, in CPUID leaf `leaf`/`subleaf`'s registers `[eax, ebx, ecx, edx]`, every feature
-/// bit of [`HOST_CPUID_BITS`] whose feature `keep` (indexed by `CpuidFeature as usize`) lacks.
+/// bit of [`CPUID_BITS`] whose feature `keep` (indexed by `CpuidFeature as usize`) lacks.
 /// (Leaf 0xD, the XSAVE components, is the translator's business: `cpu::xsave::XsaveLayout`.)
 pub fn mask_cpuid(keep: &[bool], leaf: u32, subleaf: u32, regs: &mut [u32; 4]) {
-    for &(feature, l, sub, reg, bit) in HOST_CPUID_BITS {
+    for &(feature, l, sub, reg, bit) in CPUID_BITS {
         if l == leaf && sub == subleaf && !keep[feature as usize] {
-            let i = match reg {
-                Reg::Eax => 0,
-                Reg::Ebx => 1,
-                Reg::Ecx => 2,
-                Reg::Edx => 3,
-            };
-            regs[i] &= !(1 << bit);
+            regs[reg.index()] &= !(1 << bit);
         }
     }
     if leaf == 1 && !keep[F::AVX as usize] {
@@ -237,30 +178,9 @@ pub fn translatable_features(model: CpuModel, supported: impl Fn(Code) -> bool) 
 }
 
 fn host_features(have: &mut [bool]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{__cpuid, __cpuid_count};
-        let max_basic = __cpuid(0).eax;
-        let max_ext = __cpuid(0x8000_0000).eax;
-        for &(feature, leaf, subleaf, reg, bit) in HOST_CPUID_BITS {
-            let available = if leaf >= 0x8000_0000 {
-                leaf <= max_ext
-            } else {
-                leaf <= max_basic
-            };
-            if !available {
-                continue;
-            }
-            let r = __cpuid_count(leaf, subleaf);
-            let value = match reg {
-                Reg::Eax => r.eax,
-                Reg::Ebx => r.ebx,
-                Reg::Ecx => r.ecx,
-                Reg::Edx => r.edx,
-            };
-            if value & (1 << bit) != 0 {
-                have[feature as usize] = true;
-            }
+    for &(feature, ..) in CPUID_BITS {
+        if host_reports(feature) == Some(true) {
+            have[feature as usize] = true;
         }
     }
 }

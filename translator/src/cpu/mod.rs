@@ -1,8 +1,9 @@
-//! The CPU as the translator models it for a guest, derived from the host's CPUID: the XSAVE
-//! layout and the guest's XCR0 (`xsave.rs`), and the vendor differences it reproduces
-//! (`vendor.rs`). [`HostCpu`] names the host in reports (`hbt isa-test`, `supported.txt`, the
+//! The CPU as the translator models it for a guest, derived from the host's CPUID: where CPUID
+//! reports each feature (`cpuid_bits.rs`), the XSAVE layout and the guest's XCR0 (`xsave.rs`),
+//! and the vendor differences it reproduces (`vendor.rs`). [`HostCpu`] names the host in reports (`hbt isa-test`, `supported.txt`, the
 //! README status), because which forms can be verified, and how they behave, depends on it.
 
+pub mod cpuid_bits;
 pub mod vendor;
 pub mod xsave;
 

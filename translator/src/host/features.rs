@@ -6,119 +6,121 @@
 use iced_x86::CpuidFeature as F;
 use std::arch::x86_64::__cpuid_count;
 
-struct Cpuid {
-    l1_ecx: u32,
-    l1_edx: u32,
-    l7_ebx: u32,
-    l7_ecx: u32,
-    l7_edx: u32,
-    l71_eax: u32,
-    l81_ecx: u32,
-    l81_edx: u32,
-    xcr0_avx: bool,
-    /// XCR0 enables the three AVX-512 components (and AVX's).
-    xcr0_avx512: bool,
-}
+/// What every x86-64 CPU executes in 64-bit user mode (`endbr32/64` execute as NOPs on every
+/// one, and `rdpmc` faults the same way everywhere it is not enabled).
+const BASELINE: &[F] = &[
+    F::INTEL8086,
+    F::INTEL186,
+    F::INTEL286,
+    F::INTEL386,
+    F::INTEL486,
+    F::X64,
+    F::FPU,
+    F::FPU287,
+    F::FPU387,
+    F::CPUID,
+    F::TSC,
+    F::CMOV,
+    F::MMX,
+    F::SSE,
+    F::SSE2,
+    F::FXSR,
+    F::CLFSH,
+    F::CX8,
+    F::MULTIBYTENOP,
+    F::PAUSE,
+    F::SYSCALL,
+    F::CET_IBT,
+    F::RDPMC,
+];
 
-fn cpuid() -> &'static Cpuid {
-    static CPUID: std::sync::OnceLock<Cpuid> = std::sync::OnceLock::new();
-    CPUID.get_or_init(|| {
-        let l1 = __cpuid_count(1, 0);
-        let l7 = __cpuid_count(7, 0);
-        let l71 = __cpuid_count(7, 1);
-        let l81 = __cpuid_count(0x8000_0001, 0);
-        let avx512_state = crate::cpu::xsave::component::AVX512 | crate::cpu::xsave::component::AVX;
-        Cpuid {
-            l1_ecx: l1.ecx,
-            l1_edx: l1.edx,
-            l7_ebx: l7.ebx,
-            l7_ecx: l7.ecx,
-            l7_edx: l7.edx,
-            l71_eax: l71.eax,
-            l81_ecx: l81.ecx,
-            l81_edx: l81.edx,
-            xcr0_avx: std::arch::is_x86_feature_detected!("avx"),
-            xcr0_avx512: bit_set(l1.ecx, 27) && host_xcr0() & avx512_state == avx512_state,
-        }
-    })
-}
+/// Features the harness runs where CPUID reports them (`cpu::cpuid_bits`); the rest — system,
+/// privileged and vendor extensions it has no business executing in a test process — are never
+/// claimed executable.
+const WHEN_REPORTED: &[F] = &[
+    F::MSR,
+    F::RDTSCP,
+    F::SSE3,
+    F::PCLMULQDQ,
+    F::SSSE3,
+    F::CMPXCHG16B,
+    F::SSE4_1,
+    F::SSE4_2,
+    F::MOVBE,
+    F::POPCNT,
+    F::AES,
+    F::XSAVE,
+    F::RDRAND,
+    F::BMI1,
+    F::BMI2,
+    F::HLE,
+    F::RTM,
+    F::RDSEED,
+    F::ADX,
+    F::CLFLUSHOPT,
+    F::CLWB,
+    F::SHA,
+    F::RDPID,
+    F::GFNI,
+    F::LZCNT,
+    F::PREFETCHW,
+    F::SSE4A,
+    F::XSAVEOPT,
+    F::XSAVEC,
+    F::XSAVES,
+];
 
-fn bit_set(reg: u32, n: u32) -> bool {
-    reg & (1 << n) != 0
+/// Features whose instructions also need the OS to have enabled AVX state (XCR0 bits 1-2).
+const WITH_AVX_STATE: &[F] = &[
+    F::AVX,
+    F::FMA,
+    F::F16C,
+    F::AVX2,
+    F::VAES,
+    F::VPCLMULQDQ,
+    F::AVX_VNNI,
+    F::AVX_IFMA,
+];
+
+/// Features whose instructions also need AVX-512 state (XCR0 bits 5-7).
+const WITH_AVX512_STATE: &[F] = &[
+    F::AVX512F,
+    F::AVX512DQ,
+    F::AVX512_IFMA,
+    F::AVX512CD,
+    F::AVX512BW,
+    F::AVX512VL,
+    F::AVX512_VBMI,
+    F::AVX512_VBMI2,
+    F::AVX512_VNNI,
+    F::AVX512_BITALG,
+    F::AVX512_VPOPCNTDQ,
+    F::AVX512_VP2INTERSECT,
+    F::AVX512_FP16,
+    F::AVX512_BF16,
+];
+
+/// The OS enabled every component of `state` in XCR0 (and OSXSAVE, without which XCR0 is 0).
+fn state_enabled(state: u64) -> bool {
+    let osxsave = std::arch::x86_64::__cpuid_count(1, 0).ecx & (1 << 27) != 0;
+    osxsave && host_xcr0() & state == state
 }
 
 /// True when the host executes instructions that need `feature` (in 64-bit user mode).
 pub fn host_has(feature: F) -> bool {
-    let c = cpuid();
-    let bit = bit_set;
-    let avx512 = |reg: u32, n: u32| bit(reg, n) && c.xcr0_avx512;
-    match feature {
-        F::INTEL8086 | F::INTEL186 | F::INTEL286 | F::INTEL386 | F::INTEL486 | F::X64 => true,
-        F::FPU | F::FPU287 | F::FPU387 => true,
-        F::CPUID | F::TSC | F::CMOV | F::MMX | F::SSE | F::SSE2 | F::FXSR | F::CLFSH | F::CX8 => true,
-        F::MULTIBYTENOP | F::PAUSE | F::SYSCALL => true,
-        F::MSR => bit(c.l1_edx, 5),
-        // endbr32/endbr64 execute as NOPs on every x86-64 CPU.
-        F::CET_IBT => true,
-        F::RDPMC => true,
-        F::RDTSCP => bit(c.l81_edx, 27),
-        F::SSE3 => bit(c.l1_ecx, 0),
-        F::PCLMULQDQ => bit(c.l1_ecx, 1),
-        F::SSSE3 => bit(c.l1_ecx, 9),
-        F::FMA => bit(c.l1_ecx, 12) && c.xcr0_avx,
-        F::CMPXCHG16B => bit(c.l1_ecx, 13),
-        F::SSE4_1 => bit(c.l1_ecx, 19),
-        F::SSE4_2 => bit(c.l1_ecx, 20),
-        F::MOVBE => bit(c.l1_ecx, 22),
-        F::POPCNT => bit(c.l1_ecx, 23),
-        F::AES => bit(c.l1_ecx, 25),
-        F::XSAVE => bit(c.l1_ecx, 26),
-        F::AVX => bit(c.l1_ecx, 28) && c.xcr0_avx,
-        F::F16C => bit(c.l1_ecx, 29) && c.xcr0_avx,
-        F::RDRAND => bit(c.l1_ecx, 30),
-        F::BMI1 => bit(c.l7_ebx, 3),
-        F::AVX2 => bit(c.l7_ebx, 5) && c.xcr0_avx,
-        F::BMI2 => bit(c.l7_ebx, 8),
-        F::HLE => bit(c.l7_ebx, 4),
-        F::RTM => bit(c.l7_ebx, 11),
-        F::HLE_or_RTM => bit(c.l7_ebx, 4) || bit(c.l7_ebx, 11),
-        F::RDSEED => bit(c.l7_ebx, 18),
-        F::ADX => bit(c.l7_ebx, 19),
-        F::CLFLUSHOPT => bit(c.l7_ebx, 23),
-        F::CLWB => bit(c.l7_ebx, 24),
-        F::SHA => bit(c.l7_ebx, 29),
-        F::VAES => bit(c.l7_ecx, 9) && c.xcr0_avx,
-        F::VPCLMULQDQ => bit(c.l7_ecx, 10) && c.xcr0_avx,
-        F::RDPID => bit(c.l7_ecx, 22),
-        F::AVX512F => avx512(c.l7_ebx, 16),
-        F::AVX512DQ => avx512(c.l7_ebx, 17),
-        F::AVX512_IFMA => avx512(c.l7_ebx, 21),
-        F::AVX512CD => avx512(c.l7_ebx, 28),
-        F::AVX512BW => avx512(c.l7_ebx, 30),
-        F::AVX512VL => avx512(c.l7_ebx, 31),
-        F::AVX512_VBMI => avx512(c.l7_ecx, 1),
-        F::AVX512_VBMI2 => avx512(c.l7_ecx, 6),
-        F::GFNI => bit(c.l7_ecx, 8),
-        F::AVX512_VNNI => avx512(c.l7_ecx, 11),
-        F::AVX512_BITALG => avx512(c.l7_ecx, 12),
-        F::AVX512_VPOPCNTDQ => avx512(c.l7_ecx, 14),
-        F::AVX512_VP2INTERSECT => avx512(c.l7_edx, 8),
-        F::AVX512_FP16 => avx512(c.l7_edx, 23),
-        F::AVX512_BF16 => avx512(c.l71_eax, 5),
-        F::AVX_VNNI => bit(c.l71_eax, 4) && c.xcr0_avx,
-        F::AVX_IFMA => bit(c.l71_eax, 23) && c.xcr0_avx,
-        F::LZCNT => bit(c.l81_ecx, 5),
-        F::PREFETCHW => bit(c.l81_ecx, 8),
-        F::SSE4A => bit(c.l81_ecx, 6),
-        F::XSAVEOPT | F::XSAVEC | F::XSAVES => {
-            let d = __cpuid_count(0xd, 1);
-            match feature {
-                F::XSAVEOPT => bit(d.eax, 0),
-                F::XSAVEC => bit(d.eax, 1),
-                _ => bit(d.eax, 3),
-            }
-        }
-        _ => false,
+    use crate::cpu::cpuid_bits::host_reports;
+    use crate::cpu::xsave::component::{AVX, AVX512, SSE};
+    let reported = || host_reports(feature) == Some(true);
+    if BASELINE.contains(&feature) {
+        true
+    } else if feature == F::HLE_or_RTM {
+        host_has(F::HLE) || host_has(F::RTM)
+    } else if WITH_AVX_STATE.contains(&feature) {
+        reported() && state_enabled(SSE | AVX)
+    } else if WITH_AVX512_STATE.contains(&feature) {
+        reported() && state_enabled(SSE | AVX | AVX512)
+    } else {
+        WHEN_REPORTED.contains(&feature) && reported()
     }
 }
 
