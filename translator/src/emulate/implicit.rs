@@ -306,13 +306,22 @@ fn vsib_elements(instr: &Instruction, data: Register) -> (usize, usize) {
     (es, n)
 }
 
+/// The opmask register a gather or scatter names (k1-k7; k0 is not encodable for them, and the
+/// decoder reports such bytes as invalid — #UD here too, should one arrive).
+fn opmask_of(instr: &Instruction) -> Result<usize, Fault> {
+    match instr.op_mask() {
+        Register::None | Register::K0 => Err((GuestException::new(crate::exit::vector::UD), None)),
+        k => Ok(k as usize - Register::K0 as usize),
+    }
+}
+
 /// AVX-512 gather (`vpgatherdd zmm1{k1}, [base + zmm2*scale + disp]` and friends): the elements
 /// whose opmask bit is set are loaded in order, each clearing its bit as it completes; a fault
 /// leaves the completed elements and the remaining bits. When it completes the opmask is zero
 /// and the destination past its last element is zeroed.
 fn evex_gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let dst = instr.op0_register();
-    let k = instr.op_mask() as usize - Register::K0 as usize;
+    let k = opmask_of(instr)?;
     let (es, n) = vsib_elements(instr, dst);
     let mut data = read_zmm(s, dst.number());
     let mut mask = read_opmask(s, k);
@@ -348,7 +357,7 @@ fn evex_gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemor
 /// remaining bits. When it completes the opmask is zero.
 fn scatter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let src = instr.op1_register();
-    let k = instr.op_mask() as usize - Register::K0 as usize;
+    let k = opmask_of(instr)?;
     let (es, n) = vsib_elements(instr, src);
     let data = read_zmm(s, src.number());
     let mut mask = read_opmask(s, k);
