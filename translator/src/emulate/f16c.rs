@@ -22,8 +22,8 @@ const MASKS: u32 = 0x1f80;
 pub fn faulting_store(state: &mut GuestState, instr: &Instruction, fault: GuestException) -> GuestException {
     let mut src = super::regs::read_zmm(state, instr.op1_register().number());
     let lanes = instr.op1_register().size() / 4;
-    if instr.op_mask() != iced_x86::Register::None {
-        let k = super::regs::read_opmask(state, instr.op_mask() as usize - iced_x86::Register::K0 as usize);
+    if let Some(k) = super::regs::opmask_index(instr) {
+        let k = super::regs::read_opmask(state, k);
         for lane in (0..lanes).filter(|l| k & (1 << l) == 0) {
             src[4 * lane..4 * lane + 4].fill(0); // +0.0 converts exactly
         }

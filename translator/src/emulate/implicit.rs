@@ -213,18 +213,7 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
     let dst_reg = instr.op0_register();
     let mask_reg = instr.op2_register();
     let index = instr.memory_index();
-    let es = match instr.mnemonic() {
-        Mnemonic::Vpgatherdd | Mnemonic::Vpgatherqd | Mnemonic::Vgatherdps | Mnemonic::Vgatherqps => 4,
-        _ => 8,
-    };
-    let is = if matches!(
-        instr.mnemonic(),
-        Mnemonic::Vpgatherdd | Mnemonic::Vpgatherdq | Mnemonic::Vgatherdps | Mnemonic::Vgatherdpd
-    ) {
-        4
-    } else {
-        8
-    };
+    let (es, is) = element_and_index_sizes(instr.mnemonic());
     let dst_bytes = if dst_reg.is_ymm() { 32 } else { 16 };
     let idx_bytes = if index.is_ymm() { 32 } else { 16 };
     let n = (dst_bytes / es).min(idx_bytes / is);
@@ -309,10 +298,7 @@ fn vsib_elements(instr: &Instruction, data: Register) -> (usize, usize) {
 /// The opmask register a gather or scatter names (k1-k7; k0 is not encodable for them, and the
 /// decoder reports such bytes as invalid — #UD here too, should one arrive).
 fn opmask_of(instr: &Instruction) -> Result<usize, Fault> {
-    match instr.op_mask() {
-        Register::None | Register::K0 => Err((GuestException::new(crate::exit::vector::UD), None)),
-        k => Ok(k as usize - Register::K0 as usize),
-    }
+    super::regs::opmask_index(instr).ok_or((GuestException::new(crate::exit::vector::UD), None))
 }
 
 /// AVX-512 gather (`vpgatherdd zmm1{k1}, [base + zmm2*scale + disp]` and friends): the elements

@@ -91,6 +91,15 @@ pub fn write_zmm(state: &mut GuestState, n: usize, v: &[u8; 64]) {
         .mark_in_use(SSE | AVX | if n < 16 { ZMM_HI256 } else { HI16_ZMM });
 }
 
+/// The opmask register `instr`'s `{k}` names, as an index 1-7; None without one (k0 as a mask
+/// means none).
+pub fn opmask_index(instr: &Instruction) -> Option<usize> {
+    match instr.op_mask() {
+        Register::None | Register::K0 => None,
+        k => Some(k as usize - Register::K0 as usize),
+    }
+}
+
 /// Opmask register k`n` (zero where the state has no AVX-512).
 pub fn read_opmask(state: &GuestState, n: usize) -> u64 {
     state.xsave.opmask(n).unwrap_or(0)

@@ -261,16 +261,9 @@ impl Translator {
         // A masked AVX-512 access walks only the pages that hold an active element.
         let masked = if miss_info & MISS_MASKED != 0 {
             let instr = self.instruction_at(self.ctx.get().state.rip)?;
-            let k = instr.op_mask();
-            let mask = if k == iced_x86::Register::None {
-                u64::MAX
-            } else {
-                let state = &self.ctx.get().state;
-                state
-                    .xsave
-                    .opmask(k as usize - iced_x86::Register::K0 as usize)
-                    .unwrap_or(u64::MAX)
-            };
+            let state = &self.ctx.get().state;
+            let mask =
+                emulate::regs::opmask_index(&instr).map_or(u64::MAX, |k| state.xsave.opmask(k).unwrap_or(u64::MAX));
             Some((instr, mask))
         } else {
             None

@@ -589,12 +589,12 @@ pub fn state(
     }
     // A masked access running past the data region: clear (mostly) the mask bits of the
     // elements that reach the unmapped page after it.
-    if let Some(offset) = inst.mem_target.filter(|_| instr.op_mask() != Register::None) {
+    let opmask = crate::emulate::regs::opmask_index(instr);
+    if let (Some(offset), Some(k)) = (inst.mem_target, opmask) {
         let size = instr.memory_size();
         let end = offset + size.size() as u64;
         if end > DATA_SIZE && !instr.is_broadcast() {
             let element = size.element_size().max(1) as u64;
-            let k = instr.op_mask() as usize - Register::K0 as usize;
             let mut mask = s.xsave.opmask(k).unwrap_or(0);
             for lane in 0..(size.size() as u64 / element).min(64) {
                 if offset + (lane + 1) * element > DATA_SIZE && rng.chance(85) {

@@ -106,15 +106,22 @@ fn state_enabled(state: u64) -> bool {
     osxsave && host_xcr0() & state == state
 }
 
-/// True when the host executes instructions that need `feature` (in 64-bit user mode).
+/// True when the host executes instructions that need `feature` (in 64-bit user mode). Asked
+/// for every memory operand the translator emits (BMI2), so the answers are computed once.
 pub fn host_has(feature: F) -> bool {
+    static HAS: std::sync::OnceLock<Vec<bool>> = std::sync::OnceLock::new();
+    HAS.get_or_init(|| F::values().map(executes).collect())[feature as usize]
+}
+
+/// [`host_has`], computed from CPUID and XCR0.
+fn executes(feature: F) -> bool {
     use crate::cpu::cpuid_bits::host_reports;
     use crate::cpu::xsave::component::{AVX, AVX512, SSE};
     let reported = || host_reports(feature) == Some(true);
     if BASELINE.contains(&feature) {
         true
     } else if feature == F::HLE_or_RTM {
-        host_has(F::HLE) || host_has(F::RTM)
+        executes(F::HLE) || executes(F::RTM)
     } else if WITH_AVX_STATE.contains(&feature) {
         reported() && state_enabled(SSE | AVX)
     } else if WITH_AVX512_STATE.contains(&feature) {
