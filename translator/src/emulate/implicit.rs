@@ -104,15 +104,18 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
     Ok(())
 }
 
+/// `maskmovdqu`/`vmaskmovdqu`: the bytes of the data register whose mask byte has its sign bit
+/// set are stored at [RDI]. All or nothing: the destination is checked before any byte is
+/// stored — the high 8 bytes before the low 8, and the bytes the mask leaves out too where the
+/// host checks them (`host::quirks`, which also gives the alignment rule).
 fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let data = read_ymm(s, instr.op1_register().number() & 15);
     let mask = read_ymm(s, instr.op2_register().number() & 15);
     let base = linear_address(s, instr, 0, 0).unwrap_or(s.gpr[gpr::RDI]);
-    // Alignment checking treats the store as one 16-byte access, when any byte is stored
-    // (observed on this host).
-    let any = mask[..16].iter().any(|b| b & 0x80 != 0);
-    let ac = any && s.alignment_checking();
-    if ac && !base.is_multiple_of(16) {
+    let rule = crate::host::quirks::mask_move_rule();
+    let selected = |i: &usize| mask[*i] & 0x80 != 0;
+    let any = (0..16).any(|i| selected(&i));
+    if s.alignment_checking() && rule.alignment_fault(base, any) {
         return Err((
             GuestException {
                 vector: crate::exit::vector::AC,
@@ -122,11 +125,15 @@ fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
             None,
         ));
     }
-    for i in 0..16 {
-        if mask[i] & 0x80 != 0 {
-            mem.write(base.wrapping_add(i as u64), &data[i..i + 1])
-                .map_err(|e| (e, None))?;
+    // Byte by byte, so that the check itself is never alignment-checked.
+    for i in (8..16).chain(0..8) {
+        if rule.unselected_bytes_fault || selected(&i) {
+            mem.probe_write(base.wrapping_add(i as u64), 1).map_err(|e| (e, None))?;
         }
+    }
+    for i in (0..16).filter(selected) {
+        mem.write(base.wrapping_add(i as u64), &data[i..i + 1])
+            .map_err(|e| (e, None))?;
     }
     Ok(())
 }

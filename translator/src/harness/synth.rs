@@ -505,7 +505,24 @@ pub fn state(
             & !7;
     }
     if code_rule == Some(Rule::Implicit(ImplicitOp::MaskMove)) {
+        let mask = instr.op2_register().number() & 15;
         s.gpr[7] = data + 0x100 + rng.below(0xe00);
+        if rng.chance(15) {
+            // Run off the data region into the unmapped page after it, the bytes that cross
+            // (mostly) unselected.
+            let start = DATA_SIZE - 1 - rng.below(15);
+            s.gpr[7] = data + start;
+            for i in (DATA_SIZE - start) as usize..16 {
+                if rng.chance(85) {
+                    s.xsave.xmm_mut(mask)[i] &= 0x7f;
+                }
+            }
+        }
+        // A mask that selects no byte: CPUs differ on whether a misaligned RDI still raises #AC
+        // (`host::quirks`), which random masks would almost never ask.
+        if rng.chance(8) {
+            s.xsave.xmm_mut(mask).fill(0);
+        }
     }
     if code_rule == Some(Rule::Implicit(ImplicitOp::String)) {
         s.gpr[6] = data + 0x200 + rng.below(0x600);

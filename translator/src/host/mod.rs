@@ -1,12 +1,13 @@
 //! Host-side plumbing the engine stands on: executable memory, the GS base that points at the
 //! context, the host signal handler that turns faults in translated code into guest exceptions,
-//! host CPU feature queries, and reading user-named files safely (`files.rs`).
+//! host CPU feature queries, measured implementation choices (`quirks.rs`), and reading user-named files safely (`files.rs`).
 
 pub mod codebuf;
 pub mod features;
 pub mod files;
 pub mod gsbase;
 pub mod pages;
+pub mod quirks;
 pub mod signals;
 
 /// A fresh anonymous private mapping of `len` bytes with protection `prot`, or None.

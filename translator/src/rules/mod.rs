@@ -171,6 +171,8 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Vscatterdpd, Rule::Implicit(ImplicitOp::Scatter)),
     (Mnemonic::Vscatterqps, Rule::Implicit(ImplicitOp::Scatter)),
     (Mnemonic::Vscatterqpd, Rule::Implicit(ImplicitOp::Scatter)),
+    (Mnemonic::Maskmovdqu, Rule::Implicit(ImplicitOp::MaskMove)),
+    (Mnemonic::Vmaskmovdqu, Rule::Implicit(ImplicitOp::MaskMove)),
     (Mnemonic::Vmaskmovps, Rule::Implicit(ImplicitOp::MaskedMove)),
     (Mnemonic::Vmaskmovpd, Rule::Implicit(ImplicitOp::MaskedMove)),
     (Mnemonic::Vpmaskmovd, Rule::Implicit(ImplicitOp::MaskedMove)),
@@ -208,13 +210,9 @@ const NEVER_COPY: &[Mnemonic] = &[
     Mnemonic::Umwait,
     Mnemonic::Tpause,
     Mnemonic::Clzero,
-    // Whether these raise #AC with RFLAGS.AC set is not pinned down across vendors (measured on
-    // an Intel Xeon Sapphire Rapids: `maskmovdqu` raises #AC whenever RDI is not 8-byte
-    // aligned, whatever the mask, even with no byte stored; the engine's model, any byte stored
-    // and RDI not 16-byte aligned, came from an earlier host); until it is, they stay
-    // unsupported (the engine code exists).
-    Mnemonic::Maskmovdqu,
-    Mnemonic::Vmaskmovdqu,
+    // MMX `maskmovq` stores through RDI like `maskmovdqu`; the engine has no model of it (its
+    // fault and alignment rules are unmeasured, and neither the installed system nor the
+    // popular-.deb corpus contains it).
     Mnemonic::Maskmovq,
     Mnemonic::Rdsspd,
     Mnemonic::Rdsspq,
