@@ -148,6 +148,10 @@ pub const CLAIMED: &[ModelBit] = &[
     ),
     // IA32_ARCH_CAPABILITIES exists; it reads ARCH_CAPABILITIES below.
     hide(7, 0, EDX, 29, "arch-capabilities", TRANSLATED),
+    // BHI_DIS_S in IA32_SPEC_CTRL (which the core stores): Linux 6.1 still counts itself
+    // exposed to branch-history injection despite BHI_NO when it sees a hypervisor, and then
+    // sets this bit once instead of running a history-clearing loop on every kernel entry.
+    hide(7, 2, EDX, 4, "bhi-ctrl", TRANSLATED),
     hide(0x8000_0021, 0, EAX, 29, "srso-no", TRANSLATED),
     hide(0x8000_0021, 0, ECX, 1, "tsa-sq-no", TRANSLATED),
     hide(0x8000_0021, 0, ECX, 2, "tsa-l1-no", TRANSLATED),
@@ -156,17 +160,24 @@ pub const CLAIMED: &[ModelBit] = &[
 /// IA32_ARCH_CAPABILITIES as `--accel bt` reports it: not affected by Meltdown (RDCL_NO, so
 /// Linux turns page-table isolation off: it cost a CR3 write per kernel entry and exit, and
 /// kept kernel text from being global), MDS, TAA, the MMIO stale-data bugs (SBDR/FBSDP/PSDP),
-/// GDS, RFDS (so no VERW buffer clearing on every return to user mode) and PBRSB, for the
-/// reason in [`TRANSLATED`]. Read-only, as on hardware.
+/// GDS, RFDS (so no VERW buffer clearing on every return to user mode) and PBRSB; enhanced IBRS
+/// (IBRS_ALL: Linux then uses no retpolines — each one turned an indirect call of the kernel
+/// into an `ret` to a rewritten return address, a return-cache miss and a trip through the
+/// engine) and not affected by BHI or ITS (no branch-history clearing loop on kernel entry, no
+/// return thunks), all for the reason in [`TRANSLATED`]. Enhanced IBRS implies IA32_SPEC_CTRL,
+/// which the core stores (`system/msr.rs`). Read-only, as on hardware.
 pub const ARCH_CAPABILITIES: u64 = (1 << 0) // RDCL_NO
+    | (1 << 1) // IBRS_ALL
     | (1 << 5) // MDS_NO
     | (1 << 8) // TAA_NO
     | (1 << 13) // SBDR_SSDP_NO
     | (1 << 14) // FBSDP_NO
     | (1 << 15) // PSDP_NO
+    | (1 << 20) // BHI_NO
     | (1 << 24) // PBRSB_NO
     | (1 << 26) // GDS_NO
-    | (1 << 27); // RFDS_NO
+    | (1 << 27) // RFDS_NO
+    | (1 << 62); // ITS_NO
 /// Its MSR index.
 pub const IA32_ARCH_CAPABILITIES: u32 = 0x10a;
 
@@ -228,6 +239,12 @@ fn model_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     if leaf <= max_leaf_of(leaf) {
         for c in CLAIMED.iter().filter(|c| c.leaf == leaf && c.subleaf == subleaf) {
             regs[c.reg] |= 1 << c.bit;
+        }
+        if leaf == 7 && subleaf == 0 {
+            // Leaf 7's EAX is its highest subleaf: a claimed bit's subleaf must be visible
+            // (hosts whose leaf 7 ends before it answer it with zeros).
+            let claimed = CLAIMED.iter().filter(|c| c.leaf == 7).map(|c| c.subleaf);
+            regs[EAX] = claimed.fold(regs[EAX], u32::max);
         }
     }
     if leaf == 0x15 && regs[EAX] == 0 && max_basic_leaf() >= 0x15 {

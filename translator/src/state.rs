@@ -285,6 +285,10 @@ pub struct CoreMsrs {
     pub sysenter_esp: u64,
     pub sysenter_eip: u64,
     pub misc_enable: u64,
+    /// IA32_SPEC_CTRL (IBRS, STIBP, SSBD, BHI_DIS_S): stored only. The guest's code runs translated, so
+    /// these speculation controls have nothing of its to act on (`vmm/cpuid.rs`,
+    /// `ARCH_CAPABILITIES`); Linux writes IBRS once at boot when it sees enhanced IBRS.
+    pub spec_ctrl: u64,
 }
 
 /// System state: what only kernel-mode guests (`hbt run --accel bt`) use.

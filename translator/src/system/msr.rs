@@ -20,6 +20,7 @@ pub enum Slot {
     TscAux,
     Pat,
     MiscEnable,
+    SpecCtrl,
     SysenterCs,
     SysenterEsp,
     SysenterEip,
@@ -31,6 +32,7 @@ pub enum Slot {
 pub const MSRS: &[(u32, &str, Slot)] = &[
     (0x10, "IA32_TIME_STAMP_COUNTER", Slot::Platform),
     (0x1b, "IA32_APIC_BASE", Slot::Platform),
+    (0x48, "IA32_SPEC_CTRL", Slot::SpecCtrl),
     (0x8b, "IA32_BIOS_SIGN_ID", Slot::Platform),
     (0x10a, "IA32_ARCH_CAPABILITIES", Slot::Platform),
     (0x174, "IA32_SYSENTER_CS", Slot::SysenterCs),
@@ -58,6 +60,8 @@ const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 11);
 const EFER_LMA: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const CR0_PG: u64 = 1 << 31;
+/// IA32_SPEC_CTRL bits the model accepts: IBRS, STIBP, SSBD, BHI_DIS_S.
+const SPEC_CTRL_WRITABLE: u64 = 0b111 | (1 << 10);
 
 fn slot(index: u32) -> Option<Slot> {
     MSRS.iter().find(|&&(i, _, _)| i == index).map(|&(_, _, s)| s)
@@ -76,6 +80,7 @@ fn field(s: &mut GuestState, slot: Slot) -> Option<&mut u64> {
         Slot::TscAux => &mut s.sys.msr.tsc_aux,
         Slot::Pat => &mut s.sys.msr.pat,
         Slot::MiscEnable => &mut s.sys.msr.misc_enable,
+        Slot::SpecCtrl => &mut s.sys.msr.spec_ctrl,
         Slot::SysenterCs => &mut s.sys.msr.sysenter_cs,
         Slot::SysenterEsp => &mut s.sys.msr.sysenter_esp,
         Slot::SysenterEip => &mut s.sys.msr.sysenter_eip,
@@ -119,6 +124,7 @@ pub fn write(s: &mut GuestState, platform: &mut dyn Platform, index: u32, value:
             return None
         }
         Slot::TscAux if value >> 32 != 0 => return None,
+        Slot::SpecCtrl if value & !SPEC_CTRL_WRITABLE != 0 => return None,
         // Each of the eight entries is a memory type: UC, WC, WT, WP, WB or UC- (0, 1, 4..7).
         Slot::Pat if value.to_le_bytes().iter().any(|&t| !matches!(t, 0 | 1 | 4..=7)) => return None,
         _ => {}
@@ -187,6 +193,9 @@ mod tests {
             "memory type 8 is reserved"
         );
         assert_eq!(read(&mut s, p, 0x1b), None, "no APIC on this platform");
+        assert_eq!(write(&mut s, p, 0x48, 1), Some(()), "SPEC_CTRL.IBRS");
+        assert_eq!(read(&mut s, p, 0x48), Some(1));
+        assert_eq!(write(&mut s, p, 0x48, 1 << 3), None, "reserved SPEC_CTRL bit");
         let indexes: std::collections::HashSet<u32> = MSRS.iter().map(|m| m.0).collect();
         assert_eq!(indexes.len(), MSRS.len(), "one row per MSR");
     }
