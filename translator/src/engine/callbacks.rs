@@ -33,48 +33,68 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
         return;
     }
     // Its inline caches undone, the block's indirect branches miss them and leave for the
-    // dispatcher (the restored fill jump), never reaching the indirect-branch table: the table
-    // is emptied only when the signal stopped the glue.
-    match t.block_at_host(pc) {
-        Some(i) => {
-            let b = &t.blocks[i];
-            for e in &b.exits {
-                let field = b.host + e.field as u64;
-                let stub = b.host + e.stub as u64;
-                // SAFETY: the exit's rel32 field lies in the block, in the code buffer;
-                // translated code is stopped.
-                unsafe { std::ptr::write_unaligned(field as *mut i32, stub.wrapping_sub(field + 4) as i32) };
-            }
-            for c in &b.inline_caches {
-                let at = |off: u32| b.host + off as u64;
-                let cache = cache::Incoming::InlineCache {
-                    imm: at(c.imm_field),
-                    rel: at(c.rel_field),
-                    miss: at(c.miss),
-                    fill: at(c.fill_field),
-                    fill_stub: at(c.fill_stub),
-                };
-                // SAFETY: the cache's fields lie in the block; translated code is stopped.
-                unsafe { cache.undo(true) };
-            }
+    // dispatcher (the restored fill jump), never reaching the indirect-branch table.
+    if let Some(i) = t.block_at_host(pc) {
+        unlink_exits(t, i);
+        return;
+    }
+    // In the glue: its exit and miss paths are on their way to the dispatcher already; its
+    // entry path is about to jump to one block, whose exits are unlinked as if it were running.
+    // (Unlinking every chain whenever a tick caught the glue — a few percent of ticks — made
+    // the dispatcher relink them all: ≈10% of a fork/exec-heavy guest's engine time.)
+    let (base, _) = t.code.range();
+    if (base..base + t.glue_len as u64).contains(&pc) {
+        if pc >= t.glue.exit {
+            return;
         }
-        None => {
-            for block in t.blocks.iter().filter(|b| b.valid) {
-                for link in block.incoming.iter().chain(&block.incoming_same_pages) {
-                    // SAFETY: fields recorded when the links were made, inside the code buffer.
-                    unsafe { link.undo(true) };
-                }
-            }
-            let ctx = t.ctx.as_ptr();
-            // Tags only: a lookup stopped between its tag check and its host load must still
-            // find the (valid) host it matched.
-            // SAFETY: ctx is the live context; translated code is stopped.
-            unsafe {
-                for t in &mut (*ctx).ibls {
-                    t.tags.fill(IBL_EMPTY_TAG);
-                }
-            }
+        // SAFETY: translated code is stopped; `entry_target` was set before the glue ran.
+        let target = unsafe { (*t.ctx.as_ptr()).entry_target };
+        if let Some(i) = t.block_at_entry(target) {
+            unlink_exits(t, i);
+            return;
         }
+    }
+    // Anywhere else (or an entry target that is no block): every chain goes, and the
+    // indirect-branch table's tags.
+    for block in t.blocks.iter().filter(|b| b.valid) {
+        for link in block.incoming.iter().chain(&block.incoming_same_pages) {
+            // SAFETY: fields recorded when the links were made, inside the code buffer.
+            unsafe { link.undo(true) };
+        }
+    }
+    let ctx = t.ctx.as_ptr();
+    // Tags only: a lookup stopped between its tag check and its host load must still find the
+    // (valid) host it matched.
+    // SAFETY: ctx is the live context; translated code is stopped.
+    unsafe {
+        for t in &mut (*ctx).ibls {
+            t.tags.fill(IBL_EMPTY_TAG);
+        }
+    }
+}
+
+/// Points every exit and inline cache of block `i` back at the dispatcher (translated code is
+/// stopped by the signal).
+fn unlink_exits(t: &Translator, i: usize) {
+    let b = &t.blocks[i];
+    for e in &b.exits {
+        let field = b.host + e.field as u64;
+        let stub = b.host + e.stub as u64;
+        // SAFETY: the exit's rel32 field lies in the block, in the code buffer; translated
+        // code is stopped.
+        unsafe { std::ptr::write_unaligned(field as *mut i32, stub.wrapping_sub(field + 4) as i32) };
+    }
+    for c in &b.inline_caches {
+        let at = |off: u32| b.host + off as u64;
+        let cache = cache::Incoming::InlineCache {
+            imm: at(c.imm_field),
+            rel: at(c.rel_field),
+            miss: at(c.miss),
+            fill: at(c.fill_field),
+            fill_stub: at(c.fill_stub),
+        };
+        // SAFETY: the cache's fields lie in the block; translated code is stopped.
+        unsafe { cache.undo(true) };
     }
 }
 

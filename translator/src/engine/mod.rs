@@ -118,15 +118,16 @@ pub struct Translator {
     /// ≈8% of a fork/exec-heavy Linux guest).
     by_host: Vec<(u64, usize)>,
     code_pages: AddrMap<Vec<usize>>,
-    /// System mode: 2 MiB regions of guest virtual addresses that hold translated code (an
-    /// INVLPG elsewhere leaves the links between blocks alone, see `invalidate_page`).
-    code_regions: AddrMap<Vec<usize>>,
+    /// System mode: the blocks on each 4 KiB page of guest virtual addresses (by page number),
+    /// which an INVLPG of the page reaches (see `invalidate_page`).
+    code_vpages: AddrMap<Vec<usize>>,
     /// The 2 MiB regions where some block's code was mapped by a 2 MiB page: INVLPG of any
     /// address there may have remapped all of it (`cache.rs`, `invalidate_page`).
     large_code_regions: std::collections::HashSet<u64>,
-    /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`); at
-    /// `IBL_ENTRIES / 16` entries the next flush clears the whole table instead.
-    ibl_used: [Vec<u32>; 2],
+    /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`), by
+    /// whether the block they hold is global (index 1) or not (index 0); at `IBL_ENTRIES / 16`
+    /// entries in either list the next flush clears the whole table instead.
+    ibl_used: [[Vec<u32>; 2]; 2],
     /// Per indirect-branch slot: it holds a global block (kept by a CR3 write, see
     /// `flush_ibl_keeping`).
     ibl_global: [Vec<bool>; 2],
@@ -226,9 +227,9 @@ impl Translator {
             write_protect_code: true,
             by_host: Vec::new(),
             code_pages: AddrMap::default(),
-            code_regions: Default::default(),
+            code_vpages: Default::default(),
             large_code_regions: Default::default(),
-            ibl_used: [Vec::new(), Vec::new()],
+            ibl_used: Default::default(),
             ibl_global: [vec![false; IBL_ENTRIES], vec![false; IBL_ENTRIES]],
             uncached_step: None,
             protected: Box::default(),
@@ -788,6 +789,26 @@ enum Lookup {
 fn trace_blocks() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("HBT_TRACE_BLOCKS").is_some())
+}
+
+/// With `HBT_PERF_MAP` set, each translated block is named in `/tmp/perf-<pid>.map` (the
+/// format `perf report` reads for JIT code): `hbt:k:<guest rip>` for a block translated at CPL0
+/// (system mode), `hbt:u:<guest rip>` otherwise — a profile of translated code by guest
+/// address.
+fn perf_map_block(block: &DecodedBlock, host: u64, len: usize, kernel: bool) {
+    use std::io::Write;
+    static MAP: std::sync::OnceLock<Option<std::sync::Mutex<std::fs::File>>> = std::sync::OnceLock::new();
+    let map = MAP.get_or_init(|| {
+        std::env::var_os("HBT_PERF_MAP")?;
+        let path = format!("/tmp/perf-{}.map", std::process::id());
+        std::fs::File::create(path).ok().map(std::sync::Mutex::new)
+    });
+    if let Some(file) = map {
+        let level = if kernel { 'k' } else { 'u' };
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        // Best effort: a profile missing a name is still a profile.
+        let _ = writeln!(file, "{host:x} {len:x} hbt:{level}:{:x}", block.start);
+    }
 }
 
 fn dump_block(block: &DecodedBlock, host: u64, code: &[u8]) {
