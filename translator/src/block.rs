@@ -104,6 +104,8 @@ pub struct BuildOptions<'a> {
     pub kernel: bool,
     /// See `rules::Mode::interrupt_line`.
     pub interrupt_line: bool,
+    /// See `rules::Mode::host_tsc`.
+    pub host_tsc: bool,
     pub verified_only: bool,
     pub max_instructions: usize,
     /// The guest's XCR0: a vector instruction whose state it does not enable is #UD
@@ -122,6 +124,7 @@ impl BuildOptions<'_> {
             system: self.system,
             kernel: self.kernel,
             interrupt_line: self.interrupt_line,
+            host_tsc: self.host_tsc,
         }
     }
 }
@@ -217,16 +220,12 @@ fn rule_for(instr: &Instruction, verified_only: bool) -> Option<Rule> {
     rule(instr.code()).filter(|_| !verified_only || is_supported(instr.code()))
 }
 
-fn has_fs_gs(instr: &Instruction) -> bool {
-    matches!(instr.segment_prefix(), Register::FS | Register::GS)
-}
-
 /// Whether the block can go on after `instr` (rule `r`) at all.
 fn ends_block(r: Rule, instr: &Instruction, o: &BuildOptions) -> bool {
     match r {
         Rule::Branch(BranchKind::Jcc) => false,
         Rule::Branch(_) => true,
-        _ => r.runs_in_engine(has_fs_gs(instr), o.mode()),
+        _ => r.runs_in_engine(instr, o.mode()),
     }
 }
 
@@ -454,6 +453,7 @@ mod tests {
             system: false,
             kernel: false,
             interrupt_line: false,
+            host_tsc: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
             xcr0: u64::MAX,
@@ -484,6 +484,7 @@ mod tests {
             system: true,
             kernel: true,
             interrupt_line: false,
+            host_tsc: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
             xcr0: u64::MAX,
@@ -573,6 +574,7 @@ mod tests {
             system: false,
             kernel: false,
             interrupt_line: false,
+            host_tsc: false,
             verified_only: false,
             max_instructions: 2,
             xcr0: u64::MAX,
@@ -605,6 +607,7 @@ mod tests {
                 system: false,
                 kernel: false,
                 interrupt_line: false,
+                host_tsc: false,
                 verified_only: false,
                 max_instructions: MAX_BLOCK_INSTRUCTIONS,
                 xcr0: u64::MAX,

@@ -169,6 +169,14 @@ pub mod off {
     pub const KERNEL_GS_BASE: usize = offset_of!(Context, state) + offset_of!(GuestState, kernel_gs_base);
     pub const XSAVE: usize = offset_of!(Context, state) + offset_of!(GuestState, xsave);
     pub const XCR0: usize = offset_of!(Context, state) + offset_of!(GuestState, xcr0);
+    pub const CR0: usize = offset_of!(Context, state) + offset_of!(GuestState, cr0);
+    pub const CR2: usize = offset_of!(Context, state) + offset_of!(GuestState, cr2);
+    pub const CR3: usize = offset_of!(Context, state) + offset_of!(GuestState, cr3);
+    pub const CR4: usize = offset_of!(Context, state) + offset_of!(GuestState, cr4);
+    pub const CR8: usize = offset_of!(Context, state) + offset_of!(GuestState, sys.cr8);
+    /// The six selectors (u16 each, ES CS SS DS FS GS: `emulate::regs::sreg_index`).
+    pub const SEG: usize = offset_of!(Context, state) + offset_of!(GuestState, seg);
+    pub const TSC_AUX: usize = offset_of!(Context, state) + offset_of!(GuestState, sys.msr.tsc_aux);
     pub const SPILL: usize = offset_of!(Context, spill);
     pub const HOST_RSP: usize = offset_of!(Context, host_rsp);
     pub const HOST_MXCSR: usize = offset_of!(Context, host_mxcsr);

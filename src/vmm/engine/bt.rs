@@ -225,6 +225,8 @@ impl Machine {
         // drops the translator first: field order), and its INTR line is an AtomicBool inside
         // the Arc's allocation, which does not move.
         unsafe { translator.set_interrupt_line(chipset.interrupt_line()) };
+        // `BtPlatform::rdtsc` is the host's TSC as it is: translated kernel code may read it.
+        translator.set_host_tsc(true);
         let done = Arc::new(AtomicBool::new(false));
         let ticker = {
             let (chipset, done) = (Arc::clone(&chipset), Arc::clone(&done));

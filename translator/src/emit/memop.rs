@@ -46,7 +46,7 @@ const GPR32: [Register; 16] = [
     Register::R15D,
 ];
 
-fn reg32(r: Register) -> Register {
+pub(super) fn reg32(r: Register) -> Register {
     GPR32[reg_num(r)]
 }
 

@@ -26,6 +26,7 @@ pub mod glue;
 mod memop;
 mod stack;
 mod string;
+mod system;
 mod xstate;
 
 use crate::block::{DecodedBlock, Flow};
@@ -210,6 +211,8 @@ pub struct EmitOptions {
     /// Address of the interrupt controller's INTR line (one byte, 0 or 1), if translated code
     /// may read it (`Translator::set_interrupt_line`).
     pub interrupt_line: Option<u64>,
+    /// See `rules::Mode::host_tsc`.
+    pub host_tsc: bool,
     /// Count soft-MMU TLB hits in `Context::tlb_hits` (`--stats`; three instructions a hit).
     pub count_tlb_hits: bool,
 }
@@ -221,6 +224,7 @@ impl EmitOptions {
             system: self.system,
             kernel: self.kernel,
             interrupt_line: self.interrupt_line.is_some(),
+            host_tsc: self.host_tsc,
         }
     }
 }
@@ -286,7 +290,7 @@ pub fn emit_block(
         // anything else (glue that exits, branches, stack operations) all of them.
         let copied = d.flow == Flow::Normal
             && matches!(d.rule, Rule::Copy | Rule::UserCopy | Rule::Implicit(_))
-            && !d.rule.runs_in_engine(has_fs_gs(&d.instr), e.mode);
+            && !d.rule.runs_in_engine(&d.instr, e.mode);
         // A register the instruction only overwrites (32 or 64 bits) needs no reload: it
         // stays borrowed while the instruction is emitted (a fault in it must show the old
         // value, from the spill slot) and is the instruction's own afterwards.
@@ -317,7 +321,7 @@ pub fn emit_block(
                 continue;
             }
         }
-        if d.rule.runs_in_engine(has_fs_gs(&d.instr), e.mode) {
+        if d.rule.runs_in_engine(&d.instr, e.mode) {
             if e.string_in_place(&d.instr) {
                 e.string(&d.instr)?;
             } else {
@@ -332,12 +336,8 @@ pub fn emit_block(
             Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, d.bytes())?,
             Rule::Stack(op) => e.stack(&d.instr, op)?,
             Rule::Branch(kind) => e.branch(&d.instr, kind)?,
-            // CPL0 (`Rule::runs_in_engine`): IF is virtual, and no interrupt can become
-            // deliverable by clearing it.
-            Rule::System(crate::system::SystemOp::Cli) => e.asm.store_ctx_u64(off::VIRTUAL_IF, 0),
-            Rule::System(crate::system::SystemOp::Sti) => e.sti(&d.instr),
-            Rule::System(crate::system::SystemOp::Swapgs) => e.swapgs(),
-            Rule::Emulate(_) | Rule::System(_) => unreachable!("emulated rules run in the engine"),
+            // CPL0 (`Rule::runs_in_engine`): inlined system instructions (`system.rs`).
+            Rule::Emulate(_) | Rule::System(_) => e.inline_system(&d.instr, d.rule, d.bytes()),
         }
         e.spilled &= !std::mem::take(&mut e.overwrite_pending);
         debug_assert_eq!(
@@ -555,48 +555,6 @@ impl BlockEmitter<'_> {
                 self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
             }
         }
-    }
-
-    /// `sti` at CPL0: sets the virtual IF, and when the interrupt controller's INTR line is up
-    /// returns to the dispatcher after it, which takes the interrupt once `sti`'s shadow has
-    /// passed; otherwise goes on. Flag-free:
-    ///
-    /// ```text
-    ///   mov qword gs:[virtual_if],0x200; spill rcx; mov rcx,line; movzx ecx,byte [rcx]
-    ///   jrcxz +5; jmp window   ; (cold) reload rcx, exit InterruptWindow at the next RIP
-    ///   reload rcx
-    /// ```
-    fn sti(&mut self, instr: &Instruction) {
-        let line = self.interrupt_line.expect("sti is inlined only with an INTR line");
-        self.asm.store_ctx_u64(off::VIRTUAL_IF, crate::state::flags::IF);
-        self.borrow(Register::RCX);
-        self.asm.mov_imm64(Register::RCX, line);
-        self.asm.glue(Instruction::with2(
-            Code::Movzx_r32_rm8,
-            Register::ECX,
-            iced_x86::MemoryOperand::with_base(Register::RCX),
-        ));
-        let hit = self.asm.here() + 2 + 5;
-        self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
-        let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-        self.cold.push(Cold::InterruptWindow {
-            field,
-            next_rip: instr.next_ip(),
-        });
-        self.give_back(Register::RCX);
-    }
-
-    /// `swapgs` at CPL0: the guest's GS base and KERNEL_GS_BASE trade places in its state
-    /// (a Linux system call makes two; each ended a block and went through the engine).
-    fn swapgs(&mut self) {
-        let a = self.take_scratch(0);
-        let b = self.take_scratch(1 << asm::reg_num(a));
-        self.asm.mov_from_ctx(a, off::GS_BASE);
-        self.asm.mov_from_ctx(b, off::KERNEL_GS_BASE);
-        self.asm.mov_to_ctx(off::GS_BASE, b);
-        self.asm.mov_to_ctx(off::KERNEL_GS_BASE, a);
-        self.release_scratch(b);
-        self.release_scratch(a);
     }
 
     /// Ends the block: the engine handles the instruction at `rip`.

@@ -328,6 +328,7 @@ impl Translator {
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
             count_tlb_hits: self.detailed_stats,
             interrupt_line: self.interrupt_line,
+            host_tsc: self.host_tsc,
         };
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,

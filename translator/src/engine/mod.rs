@@ -184,6 +184,8 @@ pub struct Translator {
     detailed_stats: bool,
     /// See [`Translator::set_interrupt_line`].
     interrupt_line: Option<u64>,
+    /// See [`Translator::set_host_tsc`].
+    host_tsc: bool,
     /// System mode: return `Exit::UserMode` when the guest enters CPL3 (`handover.rs`).
     user_exit: bool,
     /// System mode: return `Exit::KernelMode` when the guest enters CPL0 from CPL3.
@@ -248,6 +250,7 @@ impl Translator {
             stats: Stats::default(),
             detailed_stats: false,
             interrupt_line: None,
+            host_tsc: false,
             user_exit: false,
             kernel_exit: false,
             invalidations: 0,
@@ -277,6 +280,14 @@ impl Translator {
     /// every later call of [`Translator::run`].
     pub unsafe fn set_interrupt_line(&mut self, line: *const std::sync::atomic::AtomicBool) {
         self.interrupt_line = Some(line as u64);
+    }
+
+    /// System mode: the platform's `rdtsc` is the host's time-stamp counter, unscaled and
+    /// without offset, so translated code at CPL0 may execute `rdtsc`/`rdtscp` itself (with
+    /// the guest's TSC_AUX in ECX) instead of leaving for the engine — a fork/exec-heavy Linux
+    /// guest reads the TSC ≈120 times per fork+exec. Affects blocks translated from now on.
+    pub fn set_host_tsc(&mut self, host: bool) {
+        self.host_tsc = host;
     }
 
     /// Also measure what costs a little (for `--stats`): time in translated code, and TLB
@@ -605,6 +616,7 @@ impl Translator {
             system: self.system,
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
             interrupt_line: self.interrupt_line.is_some(),
+            host_tsc: self.host_tsc,
             verified_only: self.verified_only,
             max_instructions: cap,
             xcr0: self.translated_xcr0,
@@ -661,11 +673,7 @@ impl Translator {
             mapping.iter().map(|&(_, pa)| pa).collect()
         };
         if let Some(first) = block.instrs.first() {
-            let fs_gs = matches!(
-                first.instr.segment_prefix(),
-                iced_x86::Register::FS | iced_x86::Register::GS
-            );
-            if first.rule.runs_in_engine(fs_gs, options.mode()) {
+            if first.rule.runs_in_engine(&first.instr, options.mode()) {
                 self.stats.translate_time += translate_started.elapsed();
                 self.stats.emulated += 1;
                 let instr = first.instr;

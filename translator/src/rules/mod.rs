@@ -29,7 +29,7 @@
 //! see `supported.rs`.
 
 use crate::system::{SystemOp, SYSTEM_OPS};
-use iced_x86::{Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeOperandKind as K};
+use iced_x86::{Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeOperandKind as K, Register};
 use std::sync::OnceLock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -444,21 +444,43 @@ pub struct Mode {
     /// System mode: translated code can read the interrupt controller's INTR line
     /// (`Translator::set_interrupt_line`), so `sti` can be inlined.
     pub interrupt_line: bool,
+    /// System mode: the platform's time-stamp counter is the host's
+    /// (`Translator::set_host_tsc`), so `rdtsc` at CPL0 runs natively.
+    pub host_tsc: bool,
 }
 
 impl Rule {
-    /// Rules the engine performs in Rust (they end a block): the sensitive and system ones
-    /// (but `cli`, `swapgs` and — where translated code can read the INTR line — `sti` at CPL0,
-    /// which are inlined: a store to the virtual IF, an exchange of the two GS bases in the
-    /// guest state, and for `sti` a look at INTR, `emit/mod.rs`); implicit
-    /// memory
-    /// under the soft-MMU or an FS/GS override; and in system mode also `popf` (it may set IF,
-    /// IOPL, TF), `pushf` at CPL3 (where AC may live in the host flags, by CR0.AM), and the
+    /// Rules the engine performs in Rust (they end a block): the sensitive and system ones —
+    /// but at CPL0 of a whole machine these are inlined (`emit/system.rs`): `cli` and `swapgs`
+    /// (a store to the virtual IF, an exchange of the two GS bases in the guest state), `sti`
+    /// where translated code can read the INTR line, control-register and selector reads into
+    /// a register (loads from the guest state: a page fault reads CR2, a context switch CR3),
+    /// and `rdtsc`/`rdtscp` where the guest's TSC is the host's; implicit memory under the
+    /// soft-MMU or an FS/GS override; and in system mode also `popf` (it may set IF, IOPL, TF),
+    /// `pushf` at CPL3 (where AC may live in the host flags, by CR0.AM), and the
     /// descriptor-table stores, whose values are the guest's, not the host kernel's.
-    pub fn runs_in_engine(self, fs_gs_override: bool, mode: Mode) -> bool {
+    pub fn runs_in_engine(self, instr: &Instruction, mode: Mode) -> bool {
+        let fs_gs_override = matches!(instr.segment_prefix(), Register::FS | Register::GS);
+        let cpl0 = mode.system && mode.kernel;
         match self {
-            Rule::System(SystemOp::Cli | SystemOp::Swapgs) if mode.system && mode.kernel => false,
-            Rule::System(SystemOp::Sti) if mode.system && mode.kernel && mode.interrupt_line => false,
+            Rule::System(SystemOp::Cli | SystemOp::Swapgs) if cpl0 => false,
+            Rule::System(SystemOp::Sti) if cpl0 && mode.interrupt_line => false,
+            Rule::System(SystemOp::MovCr)
+                if cpl0
+                    && reads_into_register(instr)
+                    && matches!(
+                        instr.op1_register(),
+                        Register::CR0 | Register::CR2 | Register::CR3 | Register::CR4 | Register::CR8
+                    ) =>
+            {
+                false
+            }
+            Rule::Emulate(EmulateOp::Segment)
+                if cpl0 && reads_into_register(instr) && instr.mnemonic() == Mnemonic::Mov =>
+            {
+                false
+            }
+            Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) if cpl0 && mode.host_tsc => false,
             Rule::Emulate(_) | Rule::System(_) => true,
             Rule::Implicit(_) => mode.soft_mmu || fs_gs_override,
             Rule::Stack(StackOp::Pushf) => mode.system && !mode.kernel,
@@ -466,6 +488,12 @@ impl Rule {
             _ => false,
         }
     }
+}
+
+/// `mov r64, crN` / `mov r, sreg`: a general-purpose register receives a control register or
+/// a selector.
+fn reads_into_register(instr: &Instruction) -> bool {
+    instr.op0_kind() == iced_x86::OpKind::Register && instr.op0_register().is_gpr()
 }
 
 #[cfg(test)]
