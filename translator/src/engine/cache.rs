@@ -160,6 +160,7 @@ impl Translator {
         self.ctx.get_mut().flush_tlb();
         self.flush_ibl();
         self.stats.flushes += 1;
+        perf_map_flush();
     }
 
     /// The block whose entry (see [`Translator::install`]) is `entry`.

@@ -802,20 +802,33 @@ fn trace_blocks() -> bool {
 /// With `HBT_PERF_MAP` set, each translated block is named in `/tmp/perf-<pid>.map` (the
 /// format `perf report` reads for JIT code): `hbt:k:<guest rip>` for a block translated at CPL0
 /// (system mode), `hbt:u:<guest rip>` otherwise — a profile of translated code by guest
-/// address.
-fn perf_map_block(block: &DecodedBlock, host: u64, len: usize, kernel: bool) {
-    use std::io::Write;
+/// address. A flush of the code cache empties the file: the addresses are reused, and perf
+/// cannot tell an old name from a new one (samples before the last flush go unnamed).
+fn perf_map() -> Option<&'static std::sync::Mutex<std::fs::File>> {
     static MAP: std::sync::OnceLock<Option<std::sync::Mutex<std::fs::File>>> = std::sync::OnceLock::new();
-    let map = MAP.get_or_init(|| {
+    MAP.get_or_init(|| {
         std::env::var_os("HBT_PERF_MAP")?;
         let path = format!("/tmp/perf-{}.map", std::process::id());
         std::fs::File::create(path).ok().map(std::sync::Mutex::new)
-    });
-    if let Some(file) = map {
+    })
+    .as_ref()
+}
+
+fn perf_map_block(block: &DecodedBlock, host: u64, len: usize, kernel: bool) {
+    use std::io::Write;
+    if let Some(file) = perf_map() {
         let level = if kernel { 'k' } else { 'u' };
         let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
         // Best effort: a profile missing a name is still a profile.
         let _ = writeln!(file, "{host:x} {len:x} hbt:{level}:{:x}", block.start);
+    }
+}
+
+fn perf_map_flush() {
+    use std::io::Seek;
+    if let Some(file) = perf_map() {
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = file.set_len(0).and_then(|()| file.rewind());
     }
 }
 
