@@ -224,6 +224,50 @@ fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
 }
 
 #[test]
+fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() {
+    // Soft-MMU windows (translator/src/emit/window.rs): one lookup for a run of accesses; its
+    // misses never fault, a failing window runs the first access alone, and a place that keeps
+    // failing (a run straddling two pages, 20 times) gets no window (guests/windows.c).
+    transcript(
+        "test-images/windows.img",
+        &lines(&[
+            "moving base: 0x7414",
+            "moving base, from the middle: 0x67a14",
+            "straddling two swapped frames, 20 times: wrong: 0x0",
+            "second load on the unmapped page: vector 14 error 0x0 cr2 0x8000015008",
+            "  first load done: 0x240ff",
+            "  second load not: 0x5e5e5e5e",
+            "first load on the unmapped page: vector 14 error 0x0 cr2 0x8000015010",
+            "  nothing loaded: 0x5e5e5e5e",
+            "stores to the read-only page: vector 14 error 0x3 cr2 0x8000016100",
+            "  first store not done: 0x8020",
+            "reads of a clean page: 0x7202",
+            "  its PTE's A and D: 0x20",
+            "stores to a clean page: 0x3333",
+            "  its PTE's A and D: 0x60",
+            "a base that jumps a page: 0x1c707",
+            "CPL3 moving base: 0x43414",
+            "CPL3 second load on the unmapped page: vector 14 error 0x4 cr2 0x800001c008",
+            "  first load done: 0x2b0ff",
+            "  second load not: 0x5e5e5e5e",
+            "windows: ok",
+        ]),
+        0,
+    );
+    // The translator did take those runs as windows, fell back, and gave one place up.
+    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats-json", "test-images/windows.img"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let w = &v["translator"]["windows"];
+    assert!(
+        w["accesses"].as_u64().unwrap() > 2 * w["translated"].as_u64().unwrap(),
+        "{w}"
+    );
+    assert!(w["fallbacks"].as_u64().unwrap() > 0, "{w}");
+    assert!(w["windowless_places"].as_u64().unwrap() > 0, "{w}");
+}
+
+#[test]
 fn page_protection_faults_carry_the_cpu_error_codes() {
     // U/S, R/W, NX and CR0.WP: #PF error codes 5, 7, 0x15, 0x11 and 3 with CR2
     // (guests/user_fault.c).

@@ -51,6 +51,9 @@ pub const MISS_F16C_STORE: u64 = 1 << 33;
 /// `miss_info` bit: an EVEX access under an opmask (`mmu::masked`): pages holding only
 /// masked-off elements are not walked.
 pub const MISS_MASKED: u64 = 1 << 34;
+/// `miss_info` bit: the lookup of a window of accesses (`emit/window.rs`), not an access: its
+/// miss never faults.
+pub const MISS_WINDOW: u64 = 1 << 35;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 

@@ -431,6 +431,10 @@ fn report(
             _ => format!("  soft-MMU TLB: {} misses", s.tlb_misses),
         },
         format!(
+            "  soft-MMU windows: {} translated covering {} accesses with one lookup each; {} lookups missed, {} of them ran the first access alone; {} places without windows now",
+            s.windows, s.window_accesses, s.window_misses, s.window_fallbacks, s.windowless
+        ),
+        format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
              {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
             s.blocks_translated,
@@ -497,6 +501,13 @@ fn report(
             "chained": s.chained,
             "indirect_misses": s.indirect_misses,
             "tlb_misses": s.tlb_misses,
+            "windows": {
+                "translated": s.windows,
+                "accesses": s.window_accesses,
+                "misses": s.window_misses,
+                "fallbacks": s.window_fallbacks,
+                "windowless_places": s.windowless,
+            },
             "emulated": s.emulated,
             "flushes": s.flushes,
             "remaps": s.remaps,

@@ -22,6 +22,7 @@ use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
 use crate::context::{
     off, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED, MISS_MMX_STORE,
+    MISS_WINDOW,
 };
 use crate::error::TranslateError;
 use crate::mmu::Access;
@@ -51,7 +52,7 @@ pub(super) fn reg32(r: Register) -> Register {
 }
 
 /// `bt/bts/btr/btc m, r`: the register operand offsets the address.
-fn is_bit_string_op(instr: &Instruction) -> bool {
+pub(super) fn is_bit_string_op(instr: &Instruction) -> bool {
     matches!(
         instr.mnemonic(),
         Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
@@ -75,7 +76,7 @@ fn modrm_form(code: Code) -> Code {
 }
 
 /// Whether `instr` names AH, CH, DH or BH (then no REX prefix is allowed).
-fn uses_high8(instr: &Instruction) -> bool {
+pub(super) fn uses_high8(instr: &Instruction) -> bool {
     instr.op_kinds().enumerate().any(|(n, k)| {
         k == OpKind::Register
             && matches!(
@@ -366,19 +367,29 @@ impl BlockEmitter<'_> {
 
     /// The borrowed register a held host address occupies (bit per hardware number).
     pub(super) fn held_mask(&self) -> u16 {
-        self.held.map_or(0, |h| 1 << reg_num(h.s))
+        self.held.map_or(0, |h| 1 << reg_num(h.s)) | self.window_mask()
     }
 
     /// Emits `instr` with its memory operand replaced by `[s]` (S holds the final address), as
     /// a faulting site.
     pub(super) fn emit_at_register(&mut self, instr: &Instruction, s: Register) -> Result<(), TranslateError> {
+        self.emit_at_offset(instr, s, 0)
+    }
+
+    /// Emits `instr` with its memory operand replaced by `[s + offset]`, as a faulting site.
+    pub(super) fn emit_at_offset(
+        &mut self,
+        instr: &Instruction,
+        s: Register,
+        offset: i64,
+    ) -> Result<(), TranslateError> {
         let mut rewritten = *instr;
         rewritten.set_code(modrm_form(instr.code()));
         rewritten.set_memory_base(s);
         rewritten.set_memory_index(Register::None);
         rewritten.set_memory_index_scale(1);
-        rewritten.set_memory_displacement64(0);
-        rewritten.set_memory_displ_size(0);
+        rewritten.set_memory_displacement64(offset as u64);
+        rewritten.set_memory_displ_size(if offset == 0 { 0 } else { 8 });
         rewritten.set_segment_prefix(Register::None);
         let start = self.asm.buf.len();
         self.asm.emit(&rewritten)?;
@@ -498,6 +509,7 @@ impl BlockEmitter<'_> {
             | if self.mmx_store { MISS_MMX_STORE } else { 0 }
             | if self.f16c_store { MISS_F16C_STORE } else { 0 }
             | if self.masked_access { MISS_MASKED } else { 0 }
+            | if self.window_lookup { MISS_WINDOW } else { 0 }
             | ((self.required_alignment.log2 as u64) << MISS_ALIGN_SHIFT)
             | if self.required_alignment.plain_gp {
                 MISS_ALIGN_PLAIN_GP

@@ -27,6 +27,7 @@ mod memop;
 mod stack;
 mod string;
 mod system;
+mod window;
 mod xstate;
 
 use crate::block::{DecodedBlock, Flow};
@@ -62,6 +63,9 @@ pub struct EmittedBlock {
     pub sites: Vec<HostSite>,
     pub exits: Vec<ExitPatch>,
     pub inline_caches: Vec<InlineCache>,
+    /// Windows of accesses opened (`window.rs`), and the accesses they took.
+    pub windows: u32,
+    pub window_accesses: u32,
 }
 
 /// A `ret` site's one-entry inline cache: `mov rax, imm64` holds −(cached guest target) and a
@@ -165,6 +169,10 @@ pub(crate) struct BlockEmitter<'a> {
     mmx_store: bool,
     /// The current instruction's memory operand is accessed per element under an opmask.
     masked_access: bool,
+    /// The lookup being emitted is a window's (`window.rs`, `context::MISS_WINDOW`).
+    window_lookup: bool,
+    /// The block's windows (`window.rs`).
+    windows: window::WindowPlan,
     /// The current instruction is `vcvtps2ph` to memory (see `context::MISS_F16C_STORE`).
     f16c_store: bool,
     /// The alignment the current access requires (`alignment.rs`, `context::MISS_ALIGN_SHIFT`).
@@ -238,6 +246,7 @@ pub fn emit_block(
     base: u64,
     glue: &Glue,
     options: EmitOptions,
+    windowless: &std::collections::HashSet<u64>,
 ) -> Result<EmittedBlock, TranslateError> {
     let soft_mmu = options.soft_mmu;
     let mut e = BlockEmitter {
@@ -260,6 +269,8 @@ pub fn emit_block(
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
         masked_access: false,
+        window_lookup: false,
+        windows: Default::default(),
         f16c_store: false,
         required_alignment: alignment::Requirement::default(),
         held: None,
@@ -278,7 +289,8 @@ pub fn emit_block(
         spill_slot(Register::R11),
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
-    for d in &block.instrs {
+    e.plan_windows(block, windowless);
+    for (index, d) in block.instrs.iter().enumerate() {
         // A host address kept from the last instruction serves only a copied instruction with
         // the same memory operand (`memop.rs`, `HeldAddress`).
         let copied_memory =
@@ -330,7 +342,11 @@ pub fn emit_block(
             continue;
         }
         match d.rule {
-            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => e.copy(&d.instr, d.bytes())?,
+            Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => {
+                if !e.window_access(index, &d.instr)? {
+                    e.copy(&d.instr, d.bytes())?
+                }
+            }
             // With an FS/GS override the operand is rewritten, and `pop [rsp+x]` must then see RSP
             // after the pop: the decomposition handles that.
             Rule::Stack(_) if !soft_mmu && !has_fs_gs(&d.instr) => e.copy(&d.instr, d.bytes())?,
@@ -362,6 +378,8 @@ pub fn emit_block(
         sites: e.sites,
         exits: e.exits,
         inline_caches: e.inline_caches,
+        windows: e.windows.opened,
+        window_accesses: e.windows.accesses,
     })
 }
 

@@ -331,11 +331,11 @@ impl Translator {
             interrupt_line: self.interrupt_line,
             host_tsc: self.host_tsc,
         };
-        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options) {
+        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options, &self.windowless) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,
             Ok(_) | Err(TranslateError::CodeCacheFull) => {
                 self.flush();
-                emit::emit_block(&block, self.code.cursor(), &self.glue, options)?
+                emit::emit_block(&block, self.code.cursor(), &self.glue, options, &self.windowless)?
             }
             Err(e) => return Err(e),
         };
@@ -347,6 +347,8 @@ impl Translator {
         let index = self.blocks.len();
         self.stats.blocks_translated += 1;
         self.stats.guest_instructions_translated += block.instrs.len() as u64;
+        self.stats.windows += emitted.windows as u64;
+        self.stats.window_accesses += emitted.window_accesses as u64;
         self.register_code_pages(&phys_pages, index);
         let cached = key.is_some();
         let split_access = self.bounce.is_some();

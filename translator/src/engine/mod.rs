@@ -63,6 +63,13 @@ pub struct Stats {
     pub chained: u64,
     pub indirect_misses: u64,
     pub tlb_misses: u64,
+    /// Soft-MMU windows (`emit/window.rs`): translated, the accesses they took, lookups that
+    /// missed, misses that ran the first access alone, and places where no window opens now.
+    pub windows: u64,
+    pub window_accesses: u64,
+    pub window_misses: u64,
+    pub window_fallbacks: u64,
+    pub windowless: u64,
     pub emulated: u64,
     /// The same, by mnemonic (what leaves translated code most).
     pub emulated_by_mnemonic: BTreeMap<iced_x86::Mnemonic, u64>,
@@ -186,6 +193,14 @@ pub struct Translator {
     interrupt_line: Option<u64>,
     /// See [`Translator::set_host_tsc`].
     host_tsc: bool,
+    /// Guest RIPs where no window of accesses opens (`emit/window.rs`): its lookup kept
+    /// failing there (`softmmu.rs`, `window_miss`).
+    windowless: std::collections::HashSet<u64>,
+    /// Failed window lookups by the RIP of the window's first access.
+    window_failures: AddrMap<u32>,
+    /// The last window miss the TLB was filled for (RIP, address): the same miss right after
+    /// is a failure (`window_miss`), never a loop.
+    last_window_fill: Option<(u64, u64)>,
     /// System mode: return `Exit::UserMode` when the guest enters CPL3 (`handover.rs`).
     user_exit: bool,
     /// System mode: return `Exit::KernelMode` when the guest enters CPL0 from CPL3.
@@ -251,6 +266,9 @@ impl Translator {
             detailed_stats: false,
             interrupt_line: None,
             host_tsc: false,
+            windowless: Default::default(),
+            window_failures: Default::default(),
+            last_window_fill: None,
             user_exit: false,
             kernel_exit: false,
             invalidations: 0,

@@ -6,6 +6,7 @@
 //! after it ran. Translated code never gets a host pointer outside guest RAM.
 
 use super::*;
+use crate::context::MISS_WINDOW;
 
 /// An in-flight device access (see `Translator::mmio`): the instruction at `rip` runs once
 /// with the page at `page_va` mapped to the bounce buffer's first page.
@@ -258,6 +259,10 @@ impl Translator {
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
     pub(super) fn tlb_miss(&mut self, platform: &mut dyn Platform) -> Result<Option<GuestException>, TranslateError> {
         let miss_info = self.ctx.get().miss_info;
+        if miss_info & MISS_WINDOW != 0 {
+            self.window_miss();
+            return Ok(None);
+        }
         // A masked AVX-512 access walks only the pages that hold an active element.
         let masked = if miss_info & MISS_MASKED != 0 {
             let instr = self.instruction_at(self.ctx.get().state.rip)?;
@@ -415,5 +420,71 @@ impl Translator {
         // keys only ever take away write before read): a write miss fills both TLBs.
         ctx.fill_tlb(set, TlbKind::Read, page_va, host, global);
         Ok(None)
+    }
+}
+
+/// Failed window lookups at one place after which no window opens there again.
+const WINDOW_RETRIES: u32 = 8;
+
+impl Translator {
+    /// A window's lookup missed (`emit/window.rs`): never a fault. When the window's page
+    /// translates for the window's kind of access — the kind of its first access, which runs
+    /// next and sets the same accessed/dirty bits — the TLB is filled and execution goes on at
+    /// that access. Otherwise (a page not present or not permitting it, device memory, a window
+    /// straddling two pages, a code page a write window would write, alignment checking on, or
+    /// a fill that did not help) the first access runs alone, through its own lookup, which
+    /// faults or crosses pages exactly as the CPU would; after [`WINDOW_RETRIES`] such failures
+    /// at one place, its blocks are retranslated without that window.
+    fn window_miss(&mut self) {
+        let ctx = self.ctx.get();
+        let va = ctx.miss_va;
+        let size = (ctx.miss_info & 0xffff).max(1);
+        let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
+        let rip = ctx.state.rip;
+        let state = ctx.state.paging();
+        let last = va.wrapping_add(size - 1);
+        let repeated = self.last_window_fill == Some((rip, va));
+        self.stats.window_misses += 1;
+        let fill = (|| {
+            let one_page = va & !(PAGE - 1) == last & !(PAGE - 1);
+            if repeated || !one_page || !mmu::is_canonical(va) || state.alignment_checking() {
+                return None;
+            }
+            let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
+                return None;
+            };
+            let (pa, global) = soft_mmu::walk_leaf(ram, &state, va, access).ok()?;
+            let page_pa = pa & !(PAGE - 1);
+            let host = ram.host(page_pa, PAGE)?;
+            if access == Access::Write && self.code_pages.contains_key(&page_pa) {
+                return None;
+            }
+            Some((va & !(PAGE - 1), host, global))
+        })();
+        if let Some((page_va, host, global)) = fill {
+            self.last_window_fill = Some((rip, va));
+            let ctx = self.ctx.get_mut();
+            let set = crate::context::level_set(ctx.state.cpl);
+            if access == Access::Write {
+                ctx.fill_tlb(set, TlbKind::Write, page_va, host, global);
+            }
+            ctx.fill_tlb(set, TlbKind::Read, page_va, host, global);
+            return;
+        }
+        self.last_window_fill = None;
+        self.uncached_step = Some(rip);
+        self.stats.window_fallbacks += 1;
+        let failures = self.window_failures.entry(rip).or_default();
+        *failures += 1;
+        if *failures >= WINDOW_RETRIES && self.windowless.insert(rip) {
+            self.stats.windowless += 1;
+            let on_page = self.code_vpages.get(&(rip >> 12)).cloned().unwrap_or_default();
+            for i in on_page {
+                let (from, to) = self.blocks[i].span;
+                if (from..to).contains(&rip) {
+                    self.invalidate_block(i);
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,154 @@
+/* windows: runs of accesses through one base register, which the translator checks with one
+ * soft-MMU lookup per run (translator/src/emit/window.rs). Each run here is one asm block (one
+ * translated block): the base moves by constants between accesses; a run straddles two pages
+ * mapped to frames in the opposite order; the second access of a run faults (CR2, the first
+ * access done, the second not); a run writes a read-only page (nothing written); a read run
+ * leaves the dirty bit clear and a write run sets it; a base that jumps a page starts over;
+ * and at CPL3 a run and a faulting run again. The transcript must be the CPU's (kvm). */
+#include "runtime/rt.h"
+
+#define WIN (RT_MAP_BASE + 0x10000)
+#define STRADDLE (WIN + 0x2000) /* two pages, frames swapped */
+#define EDGE (WIN + 0x4000)     /* mapped; the page after it is not */
+#define RO (WIN + 0x6000)       /* supervisor, read-only */
+#define CLEAN (WIN + 0x7000)    /* writable, A and D clear */
+#define CLEAN2 (WIN + 0x8000)
+#define JUMP (WIN + 0x9000) /* two pages */
+#define USER (WIN + 0xb000) /* user, writable; the page after it is not mapped */
+
+struct fault { u64 vector, error, cr2; };
+#define NO_FAULT 256
+static volatile struct fault seen = {NO_FAULT, 0, 0};
+static int record(struct frame *f) {
+    seen.vector = f->vector; seen.error = f->error; seen.cr2 = read_cr2();
+    return rt_resume_at(f);
+}
+static struct fault take(void) {
+    struct fault f = seen;
+    seen = (struct fault){NO_FAULT, 0, 0};
+    rt_resume = 0;
+    return f;
+}
+
+static int failures;
+static void value(const char *what, u64 got, u64 want) {
+    rt_puts(what); rt_puts(": "); rt_put_hex(got);
+    if (got != want) { rt_puts(" WRONG, want "); rt_put_hex(want); failures++; }
+    rt_puts("\n");
+}
+static void fault(const char *what, struct fault got, u64 error, u64 cr2) {
+    rt_puts(what); rt_puts(": vector "); rt_put_dec(got.vector);
+    rt_puts(" error "); rt_put_hex(got.error); rt_puts(" cr2 "); rt_put_hex(got.cr2);
+    if (got.vector != 14 || got.error != error || got.cr2 != cr2) { rt_puts(" WRONG"); failures++; }
+    rt_puts("\n");
+}
+
+/* mov (b),a; add 8(b),a; add $16,b; add -8(b),a; lea 24(b),b; add -16(b),a; dec b;
+ * add 1(b),a; sub $8,b; add 0x31(b),a: qwords 0, 1, 1, 3, 5 and 10 of the first base. */
+static u64 moving_run(u64 base) {
+    u64 sum;
+    __asm__ volatile("mov (%1), %0\n add 8(%1), %0\n add $16, %1\n add -8(%1), %0\n"
+                     "lea 24(%1), %1\n add -16(%1), %0\n dec %1\n add 1(%1), %0\n"
+                     "sub $8, %1\n add 0x31(%1), %0"
+                     : "=&r"(sum), "+r"(base)::"memory");
+    return sum;
+}
+static u64 moving_sum(const u64 *q) { return q[0] + q[1] + q[1] + q[3] + q[5] + q[10]; }
+
+/* Two loads 16 bytes apart; the second's destination starts as a marker. */
+struct pair { u64 first, second; };
+static struct pair two_loads(u64 base) {
+    struct pair p = {0, 0x5e5e5e5e};
+    __asm__ volatile("lea 1f(%%rip), %%r11; mov %%r11, rt_resume(%%rip)\n"
+                     "mov (%2), %0\n mov 16(%2), %1\n1:"
+                     : "+r"(p.first), "+r"(p.second)
+                     : "r"(base)
+                     : "r11", "memory");
+    return p;
+}
+static void two_stores(u64 base) {
+    __asm__ volatile("lea 1f(%%rip), %%r11; mov %%r11, rt_resume(%%rip)\n"
+                     "movq $0x1111, (%0)\n movq $0x2222, 8(%0)\n1:" ::"r"(base)
+                     : "r11", "memory");
+}
+
+static volatile u64 user_sum;
+static struct fault user_fault;
+static struct pair user_pair;
+static void user_part(void) {
+    user_sum = moving_run(USER);
+    user_pair = two_loads(USER + RT_PAGE - 8);
+    user_fault = take();
+    rt_user_return(0);
+}
+
+static u64 *filled_page(u64 seed) {
+    u64 *p = rt_page_alloc();
+    for (int i = 0; i < 512; i++) p[i] = seed + i * 0x101;
+    return p;
+}
+
+int main(void) {
+    rt_set_trap(14, record);
+    u64 cr3 = read_cr3();
+
+    u64 *w = filled_page(0x1000);
+    rt_map(cr3, WIN, (u64)w, PTE_P | PTE_W);
+    value("moving base", moving_run(WIN), moving_sum(w));
+    value("moving base, from the middle", moving_run(WIN + 0x800), moving_sum(w + 0x100));
+
+    /* The run [base-8, base+16) straddles STRADDLE+0x1000; its frames are swapped. */
+    u64 *lo = filled_page(0x2000), *hi = filled_page(0x3000);
+    rt_map(cr3, STRADDLE, (u64)lo, PTE_P | PTE_W);
+    rt_map(cr3, STRADDLE + RT_PAGE, (u64)hi, PTE_P | PTE_W);
+    u64 wrong = 0;
+    for (int i = 0; i < 20; i++) { /* past the translator's retries */
+        struct pair p = two_loads(STRADDLE + RT_PAGE - 8);
+        wrong += p.first != lo[511] || p.second != hi[1];
+    }
+    value("straddling two swapped frames, 20 times: wrong", wrong, 0);
+
+    u64 *edge = filled_page(0x4000);
+    rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);
+    struct pair p = two_loads(EDGE + RT_PAGE - 8);
+    fault("second load on the unmapped page", take(), 0, EDGE + RT_PAGE + 8);
+    value("  first load done", p.first, edge[511]);
+    value("  second load not", p.second, 0x5e5e5e5e);
+    p = two_loads(EDGE + RT_PAGE + 0x10);
+    fault("first load on the unmapped page", take(), 0, EDGE + RT_PAGE + 0x10);
+    value("  nothing loaded", p.second, 0x5e5e5e5e);
+
+    u64 *ro = filled_page(0x6000);
+    rt_map(cr3, RO, (u64)ro, PTE_P);
+    two_stores(RO + 0x100);
+    fault("stores to the read-only page", take(), 3, RO + 0x100);
+    value("  first store not done", ro[0x20], 0x6000 + 0x20 * 0x101);
+
+    u64 *clean = filled_page(0x7000), *clean2 = filled_page(0x8000);
+    rt_map(cr3, CLEAN, (u64)clean, PTE_P | PTE_W);
+    rt_map(cr3, CLEAN2, (u64)clean2, PTE_P | PTE_W);
+    value("reads of a clean page", two_loads(CLEAN).second, clean[2]);
+    value("  its PTE's A and D", *rt_pte(cr3, CLEAN) & (PTE_A | PTE_D), PTE_A);
+    two_stores(CLEAN2 + 0x40);
+    value("stores to a clean page", clean2[8] + clean2[9], 0x3333);
+    value("  its PTE's A and D", *rt_pte(cr3, CLEAN2) & (PTE_A | PTE_D), PTE_A | PTE_D);
+
+    u64 *j0 = filled_page(0x9000), *j1 = filled_page(0xa000);
+    rt_map(cr3, JUMP, (u64)j0, PTE_P | PTE_W);
+    rt_map(cr3, JUMP + RT_PAGE, (u64)j1, PTE_P | PTE_W);
+    u64 sum, base = JUMP + 0x10;
+    __asm__ volatile("mov (%1), %0\n add $4096, %1\n add (%1), %0\n add $-4088, %1\n add (%1), %0"
+                     : "=&r"(sum), "+r"(base)::"memory");
+    value("a base that jumps a page", sum, j0[2] + j1[2] + j0[3]);
+
+    u64 *u = filled_page(0xb000);
+    rt_map(cr3, USER, (u64)u, PTE_P | PTE_W | PTE_U);
+    rt_enter_user(user_part);
+    value("CPL3 moving base", user_sum, moving_sum(u));
+    fault("CPL3 second load on the unmapped page", user_fault, 4, USER + RT_PAGE + 8);
+    value("  first load done", user_pair.first, u[511]);
+    value("  second load not", user_pair.second, 0x5e5e5e5e);
+
+    rt_puts(failures ? "windows: FAILED\n" : "windows: ok\n");
+    return failures ? 1 : 0;
+}
