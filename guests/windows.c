@@ -15,6 +15,7 @@
 #define CLEAN2 (WIN + 0x8000)
 #define JUMP (WIN + 0x9000) /* two pages */
 #define USER (WIN + 0xb000) /* user, writable; the page after it is not mapped */
+#define USER_STACK (WIN + 0xe000) /* user, writable; the page below it is not mapped */
 
 struct fault { u64 vector, error, cr2; };
 #define NO_FAULT 256
@@ -73,12 +74,26 @@ static void two_stores(u64 base) {
 }
 
 static volatile u64 user_sum;
-static struct fault user_fault;
+static struct fault user_fault, push_fault;
 static struct pair user_pair;
+static u64 rsp_after;
+/* Two pushes from USER_STACK + 8: the first fills the page's first qword, the second faults
+ * on the unmapped page below (RSP as after the first). */
+static void two_pushes(void) {
+    __asm__ volatile("mov %%rsp, %%r12\n mov %1, %%rsp\n"
+                     "lea 1f(%%rip), %%r11; mov %%r11, rt_resume(%%rip)\n"
+                     "push %%r12\n push %%r12\n"
+                     "1: mov %%rsp, %0\n mov %%r12, %%rsp"
+                     : "=r"(rsp_after)
+                     : "r"(USER_STACK + 8)
+                     : "r11", "r12", "memory");
+}
 static void user_part(void) {
     user_sum = moving_run(USER);
     user_pair = two_loads(USER + RT_PAGE - 8);
     user_fault = take();
+    two_pushes();
+    push_fault = take();
     rt_user_return(0);
 }
 
@@ -143,11 +158,17 @@ int main(void) {
 
     u64 *u = filled_page(0xb000);
     rt_map(cr3, USER, (u64)u, PTE_P | PTE_W | PTE_U);
+    u64 *ust = rt_page_alloc();
+    rt_map(cr3, USER_STACK, (u64)ust, PTE_P | PTE_W | PTE_U);
     rt_enter_user(user_part);
     value("CPL3 moving base", user_sum, moving_sum(u));
     fault("CPL3 second load on the unmapped page", user_fault, 4, USER + RT_PAGE + 8);
     value("  first load done", user_pair.first, u[511]);
     value("  second load not", user_pair.second, 0x5e5e5e5e);
+
+    fault("CPL3 second push on the unmapped page", push_fault, 6, USER_STACK - 8);
+    value("  RSP after the first", rsp_after, USER_STACK);
+    value("  first push done", *(volatile u64 *)ust != 0, 1);
 
     rt_puts(failures ? "windows: FAILED\n" : "windows: ok\n");
     return failures ? 1 : 0;

@@ -227,7 +227,8 @@ fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
 fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() {
     // Soft-MMU windows (translator/src/emit/window.rs): one lookup for a run of accesses; its
     // misses never fault, a failing window runs the first access alone, and a place that keeps
-    // failing (a run straddling two pages, 20 times) gets no window (guests/windows.c).
+    // failing (a run straddling two pages, 20 times) gets no window; pushes make windows too
+    // (guests/windows.c).
     transcript(
         "test-images/windows.img",
         &lines(&[
@@ -250,6 +251,9 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
             "CPL3 second load on the unmapped page: vector 14 error 0x4 cr2 0x800001c008",
             "  first load done: 0x2b0ff",
             "  second load not: 0x5e5e5e5e",
+            "CPL3 second push on the unmapped page: vector 14 error 0x6 cr2 0x800001dff8",
+            "  RSP after the first: 0x800001e000",
+            "  first push done: 0x1",
             "windows: ok",
         ]),
         0,

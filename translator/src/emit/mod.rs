@@ -173,6 +173,8 @@ pub(crate) struct BlockEmitter<'a> {
     window_lookup: bool,
     /// The block's windows (`window.rs`).
     windows: window::WindowPlan,
+    /// Index in the block of the instruction being emitted.
+    index: usize,
     /// The current instruction is `vcvtps2ph` to memory (see `context::MISS_F16C_STORE`).
     f16c_store: bool,
     /// The alignment the current access requires (`alignment.rs`, `context::MISS_ALIGN_SHIFT`).
@@ -271,6 +273,7 @@ pub fn emit_block(
         masked_access: false,
         window_lookup: false,
         windows: Default::default(),
+        index: 0,
         f16c_store: false,
         required_alignment: alignment::Requirement::default(),
         held: None,
@@ -291,6 +294,7 @@ pub fn emit_block(
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
     e.plan_windows(block, windowless);
     for (index, d) in block.instrs.iter().enumerate() {
+        e.index = index;
         // A host address kept from the last instruction serves only a copied instruction with
         // the same memory operand (`memop.rs`, `HeldAddress`).
         let copied_memory =

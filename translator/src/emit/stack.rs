@@ -91,7 +91,9 @@ impl BlockEmitter<'_> {
                             stack_slot(-(n as i64)),
                             instr.op0_register(),
                         ));
-                        self.mem_instr(&store, None, 0)?;
+                        if !self.window_access(self.index, &store)? {
+                            self.mem_instr(&store, None, 0)?;
+                        }
                     }
                     OpKind::Memory => {
                         let d = self.pick(used);
@@ -124,7 +126,9 @@ impl BlockEmitter<'_> {
                 OpKind::Register if instr.op0_register().full_register() != Register::RSP => {
                     let dst = instr.op0_register();
                     let load = self.guest_glue(Instruction::with2(mov_load(n), dst, stack_slot(0)));
-                    self.mem_instr(&load, None, 0)?;
+                    if !self.window_access(self.index, &load)? {
+                        self.mem_instr(&load, None, 0)?;
+                    }
                     self.adjust_rsp(n as i64);
                 }
                 OpKind::Register if n == 8 => {

@@ -17,6 +17,9 @@
 //! exactly as the CPU would; a window that fails that way again and again (a structure
 //! straddling two pages) is not opened again (`Translator::windowless`).
 //!
+//! `push r64`/`pop r64` are accesses through RSP that move it by 8: a prologue's pushes make
+//! one window.
+//!
 //! Rules for a run: the first access decides read or write (a read window takes only reads:
 //! setting a dirty bit at the lookup, before any store ran, would be the translator's
 //! invention); at most [`MAX_WINDOW`] bytes; only plain accesses (no index register, no FS/GS,
@@ -94,7 +97,7 @@ impl BlockEmitter<'_> {
             for (i, d) in block.instrs.iter().enumerate() {
                 let copied =
                     d.flow == Flow::Normal && d.rule == Rule::Copy && !d.rule.runs_in_engine(&d.instr, self.mode);
-                if !copied {
+                if !copied && !is_stack_move(d.flow, d.rule, &d.instr) {
                     for o in open.drain(..) {
                         close(&mut plan, o);
                     }
@@ -154,6 +157,11 @@ impl BlockEmitter<'_> {
 
     /// (base, displacement, size, read or write) of an access a window can take.
     fn plain_access(&mut self, instr: &Instruction) -> Option<(Register, i64, i64, Access)> {
+        match instr.code() {
+            Code::Push_r64 => return Some((Register::RSP, -8, 8, Access::Write)),
+            Code::Pop_r64 => return Some((Register::RSP, 0, 8, Access::Read)),
+            _ => {}
+        }
         let base = instr.memory_base();
         let plain = instr.op_kinds().any(|k| k == OpKind::Memory)
             && base.is_gpr64()
@@ -283,6 +291,14 @@ fn close(plan: &mut WindowPlan, o: Open) {
 /// How far `instr` moves `reg` by a constant (`add`/`sub` of an immediate, `lea reg,[reg+d]`,
 /// `inc`, `dec`, all 64-bit), or None if it writes `reg` otherwise.
 fn constant_move(instr: &Instruction, reg: Register) -> Option<i64> {
+    if reg == Register::RSP {
+        // (`is_stack_move`: the register is never RSP itself.)
+        match instr.code() {
+            Code::Push_r64 => return Some(-8),
+            Code::Pop_r64 => return Some(8),
+            _ => {}
+        }
+    }
     let on_reg = instr.op0_kind() == OpKind::Register && instr.op0_register() == reg;
     if !on_reg {
         return None;
@@ -302,4 +318,17 @@ fn constant_move(instr: &Instruction, reg: Register) -> Option<i64> {
         }
         _ => None,
     }
+}
+
+/// `push r64` / `pop r64` (not RSP itself): a store below RSP or a load at it, then RSP moved
+/// by 8 — a window over the stack takes them like any access (a function's prologue and
+/// epilogue save and restore several registers in a row).
+fn is_stack_move(flow: Flow, rule: Rule, instr: &Instruction) -> bool {
+    flow == Flow::Normal
+        && matches!(
+            rule,
+            Rule::Stack(crate::rules::StackOp::Push | crate::rules::StackOp::Pop)
+        )
+        && matches!(instr.code(), Code::Push_r64 | Code::Pop_r64)
+        && instr.op0_register() != Register::RSP
 }
