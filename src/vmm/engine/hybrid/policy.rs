@@ -16,8 +16,8 @@
 //! program changed phase: a shell done with its loop starts forking) or rises above the other's.
 //!
 //! Two facts bound the probing. KVM cannot win for a program whose translated stretches are
-//! shorter than one round trip (T: the median of the cheapest KVM stretches seen anywhere),
-//! so those are never probed under KVM — most processes of a shell live a few system calls
+//! not much longer than one round trip (T: the median of the cheapest KVM stretches seen
+//! anywhere; [`HOPELESS`] says how much), so those are never probed under KVM — most processes of a shell live a few system calls
 //! and page faults long (300 fork+exec of busybox `true` on an Intel SPR host: 3.96 s starting
 //! under KVM, 1.5 s in the translator). And a stretch that makes no kernel entry at all would
 //! never end: a [`Watch`] thread stops a translated stretch once it has run past what the same
@@ -78,6 +78,13 @@ const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
 /// Weight of the newest stretch in the moving averages.
 const NEWEST: f64 = 0.25;
+/// KVM is not probed for an address space whose translated stretches average less than this
+/// many round trips. A stretch of t µs in the translator runs ≈ t/s natively (s: the
+/// translator's slowdown for that code) and so costs t/s + T under KVM, which wins only when
+/// t > T·s/(s−1): above 2T for code the translator runs within 2× of native, 1.33T at 4×
+/// (memory-heavy code, whose short stretches gain little). A shell's stretches between its
+/// fork/exec/wait calls sit at 1–1.5 T: probing them cost 300 fork+exec ≈ 20%.
+const HOPELESS: f64 = 2.0;
 
 struct Space {
     engine: Choice,
@@ -181,8 +188,9 @@ impl Policy {
             let floor = self.floor();
             let space = self.spaces.entry(cr3).or_insert_with(Space::new);
             if space.probing == 0 && space.left == 0 {
-                // KVM cannot beat translated stretches shorter than its round trip.
-                let hopeless = space.engine == Choice::Translator && space.translator_us.is_some_and(|t| t < floor);
+                // KVM cannot beat translated stretches not much longer than its round trip.
+                let hopeless =
+                    space.engine == Choice::Translator && space.translator_us.is_some_and(|t| t < HOPELESS * floor);
                 if hopeless {
                     space.settle(Choice::Translator);
                 } else {
