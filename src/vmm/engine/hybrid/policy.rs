@@ -290,9 +290,12 @@ impl Policy {
             // Never measured under KVM: translated stretches of many round trips compute.
             None => engine == Choice::Translator && mine > LONG * floor,
         };
+        // Under KVM one stretch far shorter than the average KVM was chosen on is enough:
+        // probing the translator costs little, and a CR3 that a new process reuses (a shell's
+        // `true` after a long-running program) inherits its predecessor's KVM verdict.
         let moved = space
             .chosen_at_us
-            .is_some_and(|at| mine > SHIFT * at || SHIFT * mine < at);
+            .is_some_and(|at| mine > SHIFT * at || SHIFT * mine < at || (engine == Choice::Kvm && SHIFT * us < at));
         if worse_than_other || moved {
             space.left = 0;
         }
@@ -310,10 +313,18 @@ impl Policy {
         }
     }
 
-    /// How long a translated stretch of `cr3` may run before it belongs under KVM.
+    /// How long a translated stretch of `cr3` may run before it belongs under KVM. Where the
+    /// translator's stretches average under [`HOPELESS`] round trips, KVM is not probed and
+    /// its average may be stale (a shell measured under KVM in its long loop, now forking):
+    /// only a stretch of [`LONG`] round trips is computation there.
     pub fn long_stretch(&self, cr3: u64) -> Duration {
         let floor = self.floor();
-        let us = match self.spaces.get(&cr3).and_then(|s| s.kvm_us) {
+        let space = self.spaces.get(&cr3);
+        let hopeless = space
+            .and_then(|s| s.translator_us)
+            .is_some_and(|t| t < HOPELESS * floor);
+        let us = match space.and_then(|s| s.kvm_us) {
+            Some(kvm) if hopeless => (CUT * kvm).max(LONG * floor),
             Some(kvm) => (CUT * kvm).max(CUT * floor),
             None => LONG * floor,
         };
