@@ -17,19 +17,6 @@
 #define USER (WIN + 0xb000) /* user, writable; the page after it is not mapped */
 #define USER_STACK (WIN + 0xe000) /* user, writable; the page below it is not mapped */
 
-struct fault { u64 vector, error, cr2; };
-#define NO_FAULT 256
-static volatile struct fault seen = {NO_FAULT, 0, 0};
-static int record(struct frame *f) {
-    seen.vector = f->vector; seen.error = f->error; seen.cr2 = read_cr2();
-    return rt_resume_at(f);
-}
-static struct fault take(void) {
-    struct fault f = seen;
-    seen = (struct fault){NO_FAULT, 0, 0};
-    rt_resume = 0;
-    return f;
-}
 
 static int failures;
 static void value(const char *what, u64 got, u64 want) {
@@ -37,7 +24,7 @@ static void value(const char *what, u64 got, u64 want) {
     if (got != want) { rt_puts(" WRONG, want "); rt_put_hex(want); failures++; }
     rt_puts("\n");
 }
-static void fault(const char *what, struct fault got, u64 error, u64 cr2) {
+static void fault(const char *what, struct rt_fault got, u64 error, u64 cr2) {
     rt_puts(what); rt_puts(": vector "); rt_put_dec(got.vector);
     rt_puts(" error "); rt_put_hex(got.error); rt_puts(" cr2 "); rt_put_hex(got.cr2);
     if (got.vector != 14 || got.error != error || got.cr2 != cr2) { rt_puts(" WRONG"); failures++; }
@@ -74,7 +61,7 @@ static void two_stores(u64 base) {
 }
 
 static volatile u64 user_sum;
-static struct fault user_fault, push_fault;
+static struct rt_fault user_fault, push_fault;
 static struct pair user_pair;
 static u64 rsp_after;
 /* Two pushes from USER_STACK + 8: the first fills the page's first qword, the second faults
@@ -91,9 +78,9 @@ static void two_pushes(void) {
 static void user_part(void) {
     user_sum = moving_run(USER);
     user_pair = two_loads(USER + RT_PAGE - 8);
-    user_fault = take();
+    user_fault = rt_take_fault();
     two_pushes();
-    push_fault = take();
+    push_fault = rt_take_fault();
     rt_user_return(0);
 }
 
@@ -104,7 +91,7 @@ static u64 *filled_page(u64 seed) {
 }
 
 int main(void) {
-    rt_set_trap(14, record);
+    rt_record_faults(14);
     u64 cr3 = read_cr3();
 
     u64 *w = filled_page(0x1000);
@@ -126,17 +113,17 @@ int main(void) {
     u64 *edge = filled_page(0x4000);
     rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);
     struct pair p = two_loads(EDGE + RT_PAGE - 8);
-    fault("second load on the unmapped page", take(), 0, EDGE + RT_PAGE + 8);
+    fault("second load on the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE + 8);
     value("  first load done", p.first, edge[511]);
     value("  second load not", p.second, 0x5e5e5e5e);
     p = two_loads(EDGE + RT_PAGE + 0x10);
-    fault("first load on the unmapped page", take(), 0, EDGE + RT_PAGE + 0x10);
+    fault("first load on the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE + 0x10);
     value("  nothing loaded", p.second, 0x5e5e5e5e);
 
     u64 *ro = filled_page(0x6000);
     rt_map(cr3, RO, (u64)ro, PTE_P);
     two_stores(RO + 0x100);
-    fault("stores to the read-only page", take(), 3, RO + 0x100);
+    fault("stores to the read-only page", rt_take_fault(), 3, RO + 0x100);
     value("  first store not done", ro[0x20], 0x6000 + 0x20 * 0x101);
 
     u64 *clean = filled_page(0x7000), *clean2 = filled_page(0x8000);

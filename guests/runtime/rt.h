@@ -74,6 +74,14 @@ int rt_resume_at(struct frame *f);
     __asm__ volatile("lea 1f(%%rip), %%r11; mov %%r11, rt_resume(%%rip); " insn "\n1:" \
                      ::"a"(arg) : "rcx", "rdx", "r11", "memory")
 
+/* Faults provoked on purpose (runtime/faults.c): after rt_record_faults(vector), each fault of
+ * that vector is recorded and resumed after (as RT_FAULTING sets up); rt_take_fault() returns
+ * the record (vector RT_NO_FAULT if none) and clears it. */
+struct rt_fault { u64 vector, error, cr2; };
+#define RT_NO_FAULT 256
+void rt_record_faults(int vector);
+struct rt_fault rt_take_fault(void);
+
 /* Runs fn at CPL3 on its own stack; returns the argument of its rt_user_return(). */
 u64 rt_enter_user(void (*fn)(void));
 /* From CPL3: `syscall` back to the CPL0 code that called rt_enter_user (see start.S for how
