@@ -206,6 +206,9 @@ impl BlockEmitter<'_> {
             return Ok(false);
         };
         let w = self.windows.windows[m.window];
+        // A host address kept for the next instruction (`memop.rs`) is not this operand; its
+        // register goes back before the window's lookup borrows any.
+        self.release_held();
         if m.first {
             let named = self.used_gprs(instr);
             self.open_window(m.window, w, named);
@@ -213,8 +216,6 @@ impl BlockEmitter<'_> {
         let Some(h) = self.windows.held[m.window] else {
             return Ok(false);
         };
-        // A host address kept for the next instruction (`memop.rs`) is not this operand.
-        self.release_held();
         self.emit_at_offset(instr, h, m.offset)?;
         self.windows.accesses += 1;
         if index == w.last {
