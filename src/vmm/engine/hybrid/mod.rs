@@ -137,21 +137,23 @@ fn drive(
         match bt::run_loop(&mut m.translator, &mut m.platform)? {
             Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
             Pause::Debugger(_) => {}
-            Pause::UserMode => match policy.choose(m.translator.state().cr3) {
-                Choice::Translator => {
-                    // Timed to its next kernel entry (the policy's evidence).
-                    stats.translator_user_stretches += 1;
-                    let cr3 = m.translator.state().cr3;
-                    translator_stretch = Some((cr3, Instant::now()));
-                    m.translator.set_kernel_exit(true);
-                    watch.arm(policy.long_stretch(cr3));
-                }
-                Choice::Kvm => {
-                    if let Some(end) = user_stint(m, ram, user, policy, stats)? {
-                        return Ok(end);
+            Pause::UserMode => {
+                match policy.choose(m.translator.state().cr3, space_identity(ram, m.translator.state().cr3)) {
+                    Choice::Translator => {
+                        // Timed to its next kernel entry (the policy's evidence).
+                        stats.translator_user_stretches += 1;
+                        let cr3 = m.translator.state().cr3;
+                        translator_stretch = Some((cr3, Instant::now()));
+                        m.translator.set_kernel_exit(true);
+                        watch.arm(policy.long_stretch(cr3));
+                    }
+                    Choice::Kvm => {
+                        if let Some(end) = user_stint(m, ram, user, policy, stats)? {
+                            return Ok(end);
+                        }
                     }
                 }
-            },
+            }
             Pause::KernelMode => {
                 m.translator.set_kernel_exit(false);
                 watch.disarm();
@@ -179,6 +181,15 @@ fn drive(
             }
         }
     }
+}
+
+/// What tells apart two processes that had the same CR3 (`Policy::choose`): the first entry of
+/// the page-table root, which names the table a process's low user addresses (its program and
+/// heap) hang from — a new process has its own. Only the entry's frame counts (its accessed bit
+/// changes under a walk).
+fn space_identity(ram: &GuestRam, cr3: u64) -> u64 {
+    const FRAME: u64 = 0x000f_ffff_ffff_f000;
+    ram.read_u64(cr3 & FRAME).map_or(0, |entry| entry & FRAME)
 }
 
 /// Runs user code under KVM from the translator's state until it enters the kernel (or is

@@ -87,6 +87,8 @@ const NEWEST: f64 = 0.25;
 const HOPELESS: f64 = 2.0;
 
 struct Space {
+    /// What else identifies the address space than its CR3 (see [`Policy::choose`]).
+    identity: u64,
     engine: Choice,
     /// Moving averages of a stretch's cost under KVM and in the translator, µs.
     kvm_us: Option<f64>,
@@ -106,6 +108,7 @@ impl Space {
     /// A new address space starts in the translator (see the file comment).
     fn new() -> Space {
         Space {
+            identity: 0,
             engine: Choice::Translator,
             kvm_us: None,
             translator_us: None,
@@ -116,6 +119,18 @@ impl Space {
             stretches: [0; 2],
             spent_us: [0.0; 2],
         }
+    }
+
+    /// Another process on the same CR3: it starts afresh, as a new address space does (what
+    /// was spent stays counted for `--stats`).
+    fn renew(&mut self, identity: u64) {
+        let (stretches, spent_us) = (self.stretches, self.spent_us);
+        *self = Space {
+            identity,
+            stretches,
+            spent_us,
+            ..Space::new()
+        };
     }
 
     fn average(&self, engine: Choice) -> Option<f64> {
@@ -164,6 +179,8 @@ pub struct Policy {
     switches: u64,
     /// Translated stretches moved to KVM while they ran.
     cuts: u64,
+    /// Records renewed for a new process on a CR3 an earlier one had.
+    renewed: u64,
 }
 
 impl Policy {
@@ -174,6 +191,7 @@ impl Policy {
             cheapest_us: Vec::with_capacity(CHEAPEST_KEPT + 1),
             to_kvm: 0,
             to_translator: 0,
+            renewed: 0,
             probes: 0,
             switches: 0,
             cuts: 0,
@@ -181,12 +199,32 @@ impl Policy {
     }
 
     /// Where the user code of address space `cr3` that is about to run goes.
-    pub fn choose(&mut self, cr3: u64) -> Choice {
+    ///
+    /// `identity` tells processes apart that had the same CR3: a process that exits frees its
+    /// page-table root and the next one may get the same page, with new tables under it (the
+    /// caller passes the root's first entry, which names the new process's own table). Such a
+    /// process does not inherit a KVM verdict: a long-running predecessor's made each `true`
+    /// of a shell's fork+exec loop start under KVM.
+    pub fn choose(&mut self, cr3: u64, identity: u64) -> Choice {
         let choice = if self.mode == Mode::AlwaysKvm {
             Choice::Kvm
         } else {
             let floor = self.floor();
-            let space = self.spaces.entry(cr3).or_insert_with(Space::new);
+            let space = self.spaces.entry(cr3).or_insert_with(|| Space {
+                identity,
+                ..Space::new()
+            });
+            if space.identity != identity {
+                // A KVM verdict is the predecessor's (it computed); a translator one is kept,
+                // with its back-off: a shell's short processes follow one another on a few
+                // CR3s, and probing KVM afresh for each cost more than it found.
+                if space.engine == Choice::Kvm {
+                    space.renew(identity);
+                    self.renewed += 1;
+                } else {
+                    space.identity = identity;
+                }
+            }
             if space.probing == 0 && space.left == 0 {
                 // KVM cannot beat translated stretches not much longer than its round trip.
                 let hopeless =
@@ -332,7 +370,7 @@ impl Policy {
     }
 
     /// One line for `--stats`. (A CR3 whose process exited may come back for another process;
-    /// its record then starts from the old one's averages, which its next stretches correct.)
+    /// its record then starts afresh: `choose`'s identity.)
     pub fn describe(&self) -> String {
         let name = match self.mode {
             Mode::Adaptive => "adaptive",
@@ -340,10 +378,11 @@ impl Policy {
         };
         let on_kvm = self.spaces.values().filter(|s| s.engine == Choice::Kvm).count();
         format!(
-            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces ({on_kvm} under KVM at the end); {} probes, {} verdicts that switched engines, {} translated stretches moved to KVM while they ran; KVM round trip {:.1} µs (the median of the 16 cheapest stretches; 100 assumed until measured)",
+            "{name}; {} user stretches to KVM, {} to the translator; {} address spaces ({on_kvm} under KVM at the end; {} KVM verdicts dropped for a new process on an old CR3); {} probes, {} verdicts that switched engines, {} translated stretches moved to KVM while they ran; KVM round trip {:.1} µs (the median of the 16 cheapest stretches; 100 assumed until measured)",
             self.to_kvm,
             self.to_translator,
             self.spaces.len(),
+            self.renewed,
             self.probes,
             self.switches,
             self.cuts,
@@ -387,6 +426,7 @@ impl Policy {
             "to_kvm": self.to_kvm,
             "to_translator": self.to_translator,
             "address_spaces": self.spaces.len(),
+            "records_renewed": self.renewed,
             "probes": self.probes,
             "switches": self.switches,
             "cuts": self.cuts,
@@ -494,7 +534,7 @@ mod tests {
     fn run(p: &mut Policy, cr3: u64, n: u32, kvm_us: u64, translator_us: u64) -> u32 {
         let mut on_kvm = 0;
         for _ in 0..n {
-            match p.choose(cr3) {
+            match p.choose(cr3, 0) {
                 Choice::Kvm => {
                     on_kvm += 1;
                     p.stint_ended(cr3, Duration::from_micros(kvm_us), true);
@@ -522,7 +562,7 @@ mod tests {
         // Shorter translated than one round trip: never probed under KVM.
         assert_eq!(reader, 0);
         assert!(hasher < 50, "hasher under KVM {hasher} of 2000");
-        assert_eq!(Policy::new(Mode::AlwaysKvm).choose(0x1000), Choice::Kvm);
+        assert_eq!(Policy::new(Mode::AlwaysKvm).choose(0x1000, 0), Choice::Kvm);
     }
 
     #[test]
@@ -530,7 +570,7 @@ mod tests {
         let mut p = Policy::new(Mode::Adaptive);
         run(&mut p, 0x1000, 40, 100, 60);
         // A long loop: the watch moves it to KVM, where it stays while it computes.
-        assert_eq!(p.choose(0x1000), Choice::Translator);
+        assert_eq!(p.choose(0x1000, 0), Choice::Translator);
         p.translator_stretch_cut(0x1000, p.long_stretch(0x1000));
         // (Probes of the translator are cut short: a few stretches of 600.)
         let compute = run(&mut p, 0x1000, 600, 50_000, 400_000);
@@ -546,12 +586,27 @@ mod tests {
     }
 
     #[test]
+    fn a_new_process_on_an_old_cr3_starts_afresh() {
+        let mut p = Policy::new(Mode::Adaptive);
+        assert_eq!(p.choose(0x1000, 7), Choice::Translator);
+        p.translator_stretch_cut(0x1000, Duration::from_millis(2));
+        assert_eq!(p.choose(0x1000, 7), Choice::Kvm);
+        // Another process got the same root page: the translator again, the counts kept.
+        assert_eq!(p.choose(0x1000, 8), Choice::Translator);
+        assert_eq!(p.renewed, 1);
+        assert_eq!(p.spaces[&0x1000].stretches[1], 1);
+        // A translator verdict carries over (with its back-off): nothing renewed.
+        assert_eq!(p.choose(0x1000, 9), Choice::Translator);
+        assert_eq!(p.renewed, 1);
+    }
+
+    #[test]
     fn a_new_address_space_starts_in_the_translator_and_a_long_stretch_moves_it() {
         let mut p = Policy::new(Mode::Adaptive);
-        assert_eq!(p.choose(0x1000), Choice::Translator);
+        assert_eq!(p.choose(0x1000, 0), Choice::Translator);
         assert_eq!(p.long_stretch(0x1000), Duration::from_micros(2000));
         p.translator_stretch_cut(0x1000, Duration::from_millis(2));
-        assert_eq!(p.choose(0x1000), Choice::Kvm);
+        assert_eq!(p.choose(0x1000, 0), Choice::Kvm);
         // Once measured under KVM, the cut comes at twice its stretch.
         p.stint_ended(0x1000, Duration::from_micros(300), true);
         assert_eq!(p.long_stretch(0x1000), Duration::from_micros(600));
