@@ -432,7 +432,7 @@ fn report(
         },
         format!(
             "  soft-MMU windows: {} translated covering {} accesses with one lookup each; {} lookups missed, {} of them ran the first access alone; {} places without windows now",
-            s.windows, s.window_accesses, s.window_misses, s.window_fallbacks, s.windowless
+            s.windows, s.window_accesses, s.window_misses, s.window_fallbacks, t.windowless_places()
         ),
         format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
@@ -506,7 +506,7 @@ fn report(
                 "accesses": s.window_accesses,
                 "misses": s.window_misses,
                 "fallbacks": s.window_fallbacks,
-                "windowless_places": s.windowless,
+                "windowless_places": t.windowless_places(),
             },
             "emulated": s.emulated,
             "flushes": s.flushes,

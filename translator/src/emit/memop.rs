@@ -51,6 +51,26 @@ pub(super) fn reg32(r: Register) -> Register {
     GPR32[reg_num(r)]
 }
 
+/// How an instruction accesses its memory operand: read, write (a read-modify-write counts as
+/// a write), or not at all (`lea`, `nop r/m`, prefetches).
+pub(super) fn memory_access(info: &iced_x86::InstructionInfo) -> Option<Access> {
+    info.used_memory().iter().find_map(|m| match m.access() {
+        OpAccess::Read | OpAccess::CondRead => Some(Access::Read),
+        OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => Some(Access::Write),
+        _ => None,
+    })
+}
+
+/// The general-purpose registers an instruction writes, any part of them (bit per hardware
+/// number).
+pub(super) fn written_gprs(info: &iced_x86::InstructionInfo) -> u16 {
+    info.used_registers()
+        .iter()
+        .filter(|u| u.register().is_gpr())
+        .filter(|u| !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess))
+        .fold(0, |m, u| m | 1 << reg_num(u.register()))
+}
+
 /// `bt/bts/btr/btc m, r`: the register operand offsets the address.
 pub(super) fn is_bit_string_op(instr: &Instruction) -> bool {
     matches!(
@@ -146,18 +166,11 @@ impl BlockEmitter<'_> {
         let key = MemKey::of(instr);
         // Whether the instruction changes a register its own address is made of (then its
         // host address cannot serve the next instruction).
-        let writes_key = info.used_registers().iter().any(|u| {
-            !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
-                && u.register().is_gpr()
-                && [key.base, key.index].contains(&u.register().full_register())
-        });
-        let access = info.used_memory().iter().find_map(|m| match m.access() {
-            OpAccess::Read | OpAccess::CondRead => Some(Access::Read),
-            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
-                Some(Access::Write)
-            }
-            _ => None,
-        });
+        let written = written_gprs(info);
+        let writes_key = [key.base, key.index]
+            .iter()
+            .any(|r| r.is_gpr() && written & (1 << reg_num(*r)) != 0);
+        let access = memory_access(info);
         if let Some(access) = access {
             if self.narrows_xstate(instr) {
                 return self.xstate_instr(instr, access);

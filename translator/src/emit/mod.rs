@@ -414,6 +414,15 @@ fn is_mmx_store(instr: &Instruction) -> bool {
         && instr.op1_register().is_mm()
 }
 
+/// The general-purpose registers an instruction reads or writes, explicitly or not (bit per
+/// hardware number).
+fn named_gprs(info: &iced_x86::InstructionInfo) -> u16 {
+    info.used_registers()
+        .iter()
+        .filter(|u| u.register().is_gpr())
+        .fold(0, |m, u| m | 1 << asm::reg_num(u.register()))
+}
+
 fn has_fs_gs(instr: &Instruction) -> bool {
     matches!(instr.segment_prefix(), Register::FS | Register::GS)
 }
@@ -514,14 +523,7 @@ impl BlockEmitter<'_> {
 
     /// Registers (bit per hardware number) an instruction reads or writes, explicitly or not.
     fn used_gprs(&mut self, instr: &Instruction) -> u16 {
-        let mut mask = 0u16;
-        for used in self.info.info(instr).used_registers() {
-            let r = used.register();
-            if r.is_gpr() {
-                mask |= 1 << asm::reg_num(r);
-            }
-        }
-        mask
+        named_gprs(self.info.info(instr))
     }
 
     /// (Registers an instruction reads or writes only in part, registers it only overwrites

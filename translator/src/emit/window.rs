@@ -29,7 +29,7 @@
 use super::{BlockEmitter, Rule};
 use crate::block::{DecodedBlock, Flow};
 use crate::mmu::Access;
-use iced_x86::{Code, Instruction, OpAccess, OpKind, Register};
+use iced_x86::{Code, Instruction, OpKind, Register};
 use std::collections::HashSet;
 
 /// The widest window (bytes): wider ones straddle pages more often.
@@ -103,12 +103,17 @@ impl BlockEmitter<'_> {
                     }
                     continue;
                 }
-                let named = self.used_gprs(&d.instr);
+                // One look at what the instruction uses: the registers it names and writes, and
+                // how it accesses memory.
+                let info = self.info.info(&d.instr);
+                let named = super::named_gprs(info);
+                let written = super::memop::written_gprs(info);
+                let memory = super::memop::memory_access(info);
                 let high8 = if super::memop::uses_high8(&d.instr) { 0xff00 } else { 0 };
                 for o in &mut open {
                     o.avoid |= named;
                 }
-                if let Some((base, disp, size, access)) = self.plain_access(&d.instr) {
+                if let Some((base, disp, size, access)) = plain_access(&d.instr, memory) {
                     if let Some(o) = open.iter_mut().find(|o| o.base == base) {
                         let at = o.delta.wrapping_add(disp);
                         let (lo, hi) = (o.lo.min(at), o.hi.max(at.saturating_add(size)));
@@ -133,7 +138,7 @@ impl BlockEmitter<'_> {
                 // The base registers it moves (by a constant: the window follows) or replaces.
                 let mut still = Vec::with_capacity(open.len());
                 for mut o in open.drain(..) {
-                    if !self.writes(&d.instr, o.base) {
+                    if written & (1 << super::asm::reg_num(o.base)) == 0 {
                         still.push(o);
                         continue;
                     }
@@ -153,50 +158,6 @@ impl BlockEmitter<'_> {
         }
         plan.held = vec![None; plan.windows.len()];
         self.windows = plan;
-    }
-
-    /// (base, displacement, size, read or write) of an access a window can take.
-    fn plain_access(&mut self, instr: &Instruction) -> Option<(Register, i64, i64, Access)> {
-        match instr.code() {
-            Code::Push_r64 => return Some((Register::RSP, -8, 8, Access::Write)),
-            Code::Pop_r64 => return Some((Register::RSP, 0, 8, Access::Read)),
-            _ => {}
-        }
-        let base = instr.memory_base();
-        let plain = instr.op_kinds().any(|k| k == OpKind::Memory)
-            && base.is_gpr64()
-            && instr.memory_index() == Register::None
-            && !matches!(instr.segment_prefix(), Register::FS | Register::GS)
-            && !super::memop::is_bit_string_op(instr)
-            && !crate::mmu::masked::is_masked_access(instr)
-            && !super::is_mmx_store(instr)
-            && instr.mnemonic() != iced_x86::Mnemonic::Vcvtps2ph
-            && !super::alignment::requirement(instr).image();
-        let size = instr.memory_size().size() as i64;
-        if !plain || !(1..=64).contains(&size) {
-            return None;
-        }
-        let access = self
-            .info
-            .info(instr)
-            .used_memory()
-            .iter()
-            .find_map(|m| match m.access() {
-                OpAccess::Read | OpAccess::CondRead => Some(Access::Read),
-                OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite => {
-                    Some(Access::Write)
-                }
-                _ => None,
-            })?;
-        Some((base, instr.memory_displacement64() as i64, size, access))
-    }
-
-    /// Whether `instr` writes any part of `reg` (a 64-bit register).
-    fn writes(&mut self, instr: &Instruction, reg: Register) -> bool {
-        self.info.info(instr).used_registers().iter().any(|u| {
-            u.register().full_register() == reg
-                && !matches!(u.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess)
-        })
     }
 
     /// Emits instruction `index` if a window takes its access (opening the window first, and
@@ -263,6 +224,31 @@ impl BlockEmitter<'_> {
             .flatten()
             .fold(0, |m, &r| m | 1 << super::asm::reg_num(r))
     }
+}
+
+/// (base, displacement, size, read or write) of an access a window can take (`access`: how the
+/// instruction accesses memory, `memop::memory_access`).
+fn plain_access(instr: &Instruction, access: Option<Access>) -> Option<(Register, i64, i64, Access)> {
+    match instr.code() {
+        Code::Push_r64 => return Some((Register::RSP, -8, 8, Access::Write)),
+        Code::Pop_r64 => return Some((Register::RSP, 0, 8, Access::Read)),
+        _ => {}
+    }
+    let base = instr.memory_base();
+    let plain = instr.op_kinds().any(|k| k == OpKind::Memory)
+        && base.is_gpr64()
+        && instr.memory_index() == Register::None
+        && !matches!(instr.segment_prefix(), Register::FS | Register::GS)
+        && !super::memop::is_bit_string_op(instr)
+        && !crate::mmu::masked::is_masked_access(instr)
+        && !super::is_mmx_store(instr)
+        && instr.mnemonic() != iced_x86::Mnemonic::Vcvtps2ph
+        && !super::alignment::requirement(instr).image();
+    let size = instr.memory_size().size() as i64;
+    if !plain || !(1..=64).contains(&size) {
+        return None;
+    }
+    Some((base, instr.memory_displacement64() as i64, size, access?))
 }
 
 /// Ends a run: a window if two accesses or more share it.

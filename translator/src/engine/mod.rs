@@ -64,12 +64,12 @@ pub struct Stats {
     pub indirect_misses: u64,
     pub tlb_misses: u64,
     /// Soft-MMU windows (`emit/window.rs`): translated, the accesses they took, lookups that
-    /// missed, misses that ran the first access alone, and places where no window opens now.
+    /// missed, and misses that ran the first access alone (the places where no window opens
+    /// now: [`Translator::windowless_places`]).
     pub windows: u64,
     pub window_accesses: u64,
     pub window_misses: u64,
     pub window_fallbacks: u64,
-    pub windowless: u64,
     pub emulated: u64,
     /// The same, by mnemonic (what leaves translated code most).
     pub emulated_by_mnemonic: BTreeMap<iced_x86::Mnemonic, u64>,
@@ -286,6 +286,11 @@ impl Translator {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Places (guest RIPs) where windows of accesses kept failing and no longer open.
+    pub fn windowless_places(&self) -> usize {
+        self.windowless.len()
     }
 
     /// System mode: lets translated code read the interrupt controller's INTR line (the byte

@@ -411,15 +411,20 @@ impl Translator {
                 self.uncached_step = Some(rip);
             }
         }
+        self.fill_tlbs(access, page_va, host, global);
+        Ok(None)
+    }
+
+    /// Enters a walked page in the running privilege level's TLBs: the read TLB, and the write
+    /// TLB too for a write — a page that may be written may be read (x86 has no write-only
+    /// pages, and protection keys only ever take away write before read).
+    fn fill_tlbs(&mut self, access: Access, page_va: u64, host: u64, global: bool) {
         let ctx = self.ctx.get_mut();
         let set = crate::context::level_set(ctx.state.cpl);
         if access == Access::Write {
             ctx.fill_tlb(set, TlbKind::Write, page_va, host, global);
         }
-        // A page that may be written may be read (x86 has no write-only pages, and protection
-        // keys only ever take away write before read): a write miss fills both TLBs.
         ctx.fill_tlb(set, TlbKind::Read, page_va, host, global);
-        Ok(None)
     }
 }
 
@@ -441,34 +446,16 @@ impl Translator {
         let size = (ctx.miss_info & 0xffff).max(1);
         let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
         let rip = ctx.state.rip;
-        let state = ctx.state.paging();
-        let last = va.wrapping_add(size - 1);
-        let repeated = self.last_window_fill == Some((rip, va));
         self.stats.window_misses += 1;
-        let fill = (|| {
-            let one_page = va & !(PAGE - 1) == last & !(PAGE - 1);
-            if repeated || !one_page || !mmu::is_canonical(va) || state.alignment_checking() {
-                return None;
-            }
-            let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
-                return None;
-            };
-            let (pa, global) = soft_mmu::walk_leaf(ram, &state, va, access).ok()?;
-            let page_pa = pa & !(PAGE - 1);
-            let host = ram.host(page_pa, PAGE)?;
-            if access == Access::Write && self.code_pages.contains_key(&page_pa) {
-                return None;
-            }
-            Some((va & !(PAGE - 1), host, global))
-        })();
-        if let Some((page_va, host, global)) = fill {
+        let repeated = self.last_window_fill == Some((rip, va));
+        let page = if repeated {
+            None
+        } else {
+            self.window_page(va, size, access)
+        };
+        if let Some((page_va, host, global)) = page {
             self.last_window_fill = Some((rip, va));
-            let ctx = self.ctx.get_mut();
-            let set = crate::context::level_set(ctx.state.cpl);
-            if access == Access::Write {
-                ctx.fill_tlb(set, TlbKind::Write, page_va, host, global);
-            }
-            ctx.fill_tlb(set, TlbKind::Read, page_va, host, global);
+            self.fill_tlbs(access, page_va, host, global);
             return;
         }
         self.last_window_fill = None;
@@ -477,7 +464,6 @@ impl Translator {
         let failures = self.window_failures.entry(rip).or_default();
         *failures += 1;
         if *failures >= WINDOW_RETRIES && self.windowless.insert(rip) {
-            self.stats.windowless += 1;
             let on_page = self.code_vpages.get(&(rip >> 12)).cloned().unwrap_or_default();
             for i in on_page {
                 let (from, to) = self.blocks[i].span;
@@ -486,5 +472,26 @@ impl Translator {
                 }
             }
         }
+    }
+
+    /// The page a window of `size` bytes at `va` lies in, as (guest page, host page, global),
+    /// when one RAM page holds it all and permits `access` (not a code page, for a write)
+    /// with alignment checking off — what [`Translator::window_miss`] may enter in the TLB.
+    fn window_page(&self, va: u64, size: u64, access: Access) -> Option<(u64, u64, bool)> {
+        let state = self.ctx.get().state.paging();
+        let last = va.wrapping_add(size - 1);
+        if va & !(PAGE - 1) != last & !(PAGE - 1) || !mmu::is_canonical(va) || state.alignment_checking() {
+            return None;
+        }
+        let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
+            return None;
+        };
+        let (pa, global) = soft_mmu::walk_leaf(ram, &state, va, access).ok()?;
+        let page_pa = pa & !(PAGE - 1);
+        let host = ram.host(page_pa, PAGE)?;
+        if access == Access::Write && self.code_pages.contains_key(&page_pa) {
+            return None;
+        }
+        Some((va & !(PAGE - 1), host, global))
     }
 }

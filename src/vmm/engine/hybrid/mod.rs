@@ -138,11 +138,11 @@ fn drive(
             Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
             Pause::Debugger(_) => {}
             Pause::UserMode => {
-                match policy.choose(m.translator.state().cr3, space_identity(ram, m.translator.state().cr3)) {
+                let cr3 = m.translator.state().cr3;
+                match policy.choose(cr3, space_identity(ram, cr3)) {
                     Choice::Translator => {
                         // Timed to its next kernel entry (the policy's evidence).
                         stats.translator_user_stretches += 1;
-                        let cr3 = m.translator.state().cr3;
                         translator_stretch = Some((cr3, Instant::now()));
                         m.translator.set_kernel_exit(true);
                         watch.arm(policy.long_stretch(cr3));

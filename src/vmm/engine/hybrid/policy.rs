@@ -133,6 +133,12 @@ impl Space {
         };
     }
 
+    /// Its translated stretches are too short for KVM to win (under [`HOPELESS`] round trips
+    /// of `floor` µs).
+    fn kvm_hopeless(&self, floor: f64) -> bool {
+        self.translator_us.is_some_and(|t| t < HOPELESS * floor)
+    }
+
     fn average(&self, engine: Choice) -> Option<f64> {
         match engine {
             Choice::Kvm => self.kvm_us,
@@ -227,9 +233,7 @@ impl Policy {
             }
             if space.probing == 0 && space.left == 0 {
                 // KVM cannot beat translated stretches not much longer than its round trip.
-                let hopeless =
-                    space.engine == Choice::Translator && space.translator_us.is_some_and(|t| t < HOPELESS * floor);
-                if hopeless {
+                if space.engine == Choice::Translator && space.kvm_hopeless(floor) {
                     space.settle(Choice::Translator);
                 } else {
                     // What the other engine measured before is stale (that is why it is probed).
@@ -358,9 +362,7 @@ impl Policy {
     pub fn long_stretch(&self, cr3: u64) -> Duration {
         let floor = self.floor();
         let space = self.spaces.get(&cr3);
-        let hopeless = space
-            .and_then(|s| s.translator_us)
-            .is_some_and(|t| t < HOPELESS * floor);
+        let hopeless = space.is_some_and(|s| s.kvm_hopeless(floor));
         let us = match space.and_then(|s| s.kvm_us) {
             Some(kvm) if hopeless => (CUT * kvm).max(LONG * floor),
             Some(kvm) => (CUT * kvm).max(CUT * floor),
