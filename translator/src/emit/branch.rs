@@ -198,10 +198,10 @@ impl BlockEmitter<'_> {
         if self.spilled & (1 << 1) == 0 {
             self.borrow(Register::RCX);
         }
-        if self.split_access {
-            // The instruction of a split access (its operand in the bounce buffer, mapped in
-            // the TLB until the dispatcher ends the access): straight to the dispatcher, so the
-            // target never runs with that mapping.
+        if self.dispatcher_only {
+            // A one-off step (a split access's operand in the bounce buffer, a device page,
+            // mapped in the TLB until the dispatcher ends the step): straight to the
+            // dispatcher, so the target never runs with that mapping.
             let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
             self.table_miss(field, rsp_delta);
             self.spilled &= !DISPATCH_MASK;

@@ -148,6 +148,7 @@ pub(crate) struct BlockEmitter<'a> {
     /// Which rules the engine performs, and how pushf sees the virtual flags.
     mode: crate::rules::Mode,
     split_access: bool,
+    dispatcher_only: bool,
     spilled: u16,
     flags_in_slot: bool,
     sites: Vec<HostSite>,
@@ -212,6 +213,9 @@ pub struct EmitOptions {
     /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out; its
     /// indirect branches go straight back to the dispatcher, which ends the split access.
     pub split_access: bool,
+    /// A one-off step's block (`engine/cache.rs`, `Block::dispatcher_only`): its indirect
+    /// branches go straight back to the dispatcher, which ends the step.
+    pub dispatcher_only: bool,
     /// The guest's XCR0 (`GuestState::xcr0`); the engine retranslates when it changes.
     pub guest_xcr0: u64,
     /// System mode (`Config::system`).
@@ -257,6 +261,7 @@ pub fn emit_block(
         soft_mmu,
         mode: options.mode(),
         split_access: options.split_access,
+        dispatcher_only: options.dispatcher_only,
         spilled: 0,
         flags_in_slot: false,
         sites: Vec::new(),

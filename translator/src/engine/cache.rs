@@ -118,10 +118,11 @@ pub(super) struct Block {
     /// links; it is found, revalidated and invalidated like a block, so the dispatcher does not
     /// fetch and decode it again each time (a Linux boot performs ≈900k of them).
     pub(super) emulated: Option<(iced_x86::Instruction, Rule)>,
-    /// Translated without the page-crossing check for one split access (see
-    /// `Translator::split_key`): entered only by the dispatcher for such an access, and left
-    /// only to it (never chained, its indirect branches skip the table: `emit/branch.rs`).
-    pub(super) split_access: bool,
+    /// A one-off step's block (`Translator::one_off_key`): entered only by the dispatcher for
+    /// such a step, and left only to it (never chained, its indirect branches skip the table:
+    /// `emit/branch.rs`) — the dispatcher ends the step (a bounce buffer or device page is
+    /// mapped in the TLB until then).
+    pub(super) dispatcher_only: bool,
 }
 
 impl Translator {
@@ -137,10 +138,15 @@ impl Translator {
         }
     }
 
-    /// The key of the page-crossing variant of the one-instruction block at `rip` (see
-    /// `block_for`): bit 61 flipped, so it never equals a block key.
-    pub(super) fn split_key(&self, rip: u64) -> u64 {
-        self.block_key(rip) ^ (1 << 61)
+    /// The key of the one-instruction block that runs the instruction at `rip` alone for a
+    /// one-off step (`OneStep`): bit 61 flipped for a split access's variant (translated
+    /// without the page-crossing check, its operand in the bounce buffer), bit 60 for the plain
+    /// one (a device access, a window's fallback). Non-canonical either way, so never a block's
+    /// own key; such a block is entered only by the dispatcher and leaves only to it
+    /// (`Block::dispatcher_only`).
+    pub(super) fn one_off_key(&self, rip: u64) -> u64 {
+        let bit = if self.bounce.is_some() { 61 } else { 60 };
+        self.block_key(rip) ^ (1 << bit)
     }
 
     /// Forgets every translation and TLB entry (after the guest changed code or page tables
@@ -173,13 +179,13 @@ impl Translator {
     pub(super) fn chain(&mut self, field: u64, host: u64) {
         // The source block may have been invalidated since it exited.
         let Some(src) = self.block_at_host(field) else { return };
-        // A split access's block returns to the dispatcher, which ends the split access (its
-        // bounce buffer is mapped in the TLB until then): it is neither chained from nor to.
-        if !self.blocks[src].valid || self.blocks[src].split_access {
+        // A one-off step's block returns to the dispatcher, which ends the step (its bounce
+        // buffer or device page is mapped in the TLB until then): it is neither chained from nor to.
+        if !self.blocks[src].valid || self.blocks[src].dispatcher_only {
             return;
         }
         let Some(dst) = self.block_at_entry(host) else { return };
-        if !self.blocks[dst].valid || self.blocks[dst].split_access {
+        if !self.blocks[dst].valid || self.blocks[dst].dispatcher_only {
             return;
         }
         let original = {
@@ -321,9 +327,12 @@ impl Translator {
     ) -> Result<u64, TranslateError> {
         // `key`: where `by_guest` finds it; None for an uncached one-instruction block.
         // Returns the block's entry (after its indirect-branch prologue).
+        // Any key but the block's own marks a one-off step's block (`one_off_key`).
+        let dispatcher_only = key != Some(self.block_key(block.start));
         let options = emit::EmitOptions {
             soft_mmu: self.strategy.is_soft_mmu(),
             split_access: self.bounce.is_some(),
+            dispatcher_only,
             guest_xcr0: self.translated_xcr0,
             system: self.system,
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
@@ -351,7 +360,6 @@ impl Translator {
         self.stats.window_accesses += emitted.window_accesses as u64;
         self.register_code_pages(&phys_pages, index);
         let cached = key.is_some();
-        let split_access = self.bounce.is_some();
         let key = key.unwrap_or_else(|| self.block_key(block.start));
         for page in block.span.0 >> 12..=(block.span.1 - 1) >> 12 {
             self.code_vpages.entry(page).or_default().push(index);
@@ -372,7 +380,7 @@ impl Translator {
             global,
             global_epoch: self.global_epoch,
             emulated: None,
-            split_access,
+            dispatcher_only,
         });
         if cached {
             self.by_guest.insert(key, index);
@@ -413,7 +421,7 @@ impl Translator {
             global_epoch: self.global_epoch,
             span: (start, start + instr.len() as u64),
             emulated: Some((instr, rule)),
-            split_access: false,
+            dispatcher_only: false,
         });
         self.by_guest.insert(key, index);
     }

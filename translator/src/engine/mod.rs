@@ -107,6 +107,17 @@ pub struct Config {
     pub system: bool,
 }
 
+/// A one-instruction step the dispatcher runs next (`Translator::uncached_step`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct OneStep {
+    pub(super) rip: u64,
+    /// Its translation is kept, under a key of its own (`Translator::one_off_key`), for the
+    /// next time the instruction needs the same: a kernel's device register writes and
+    /// unaligned copies recur (a local-APIC EOI at every timer tick was a fresh translation
+    /// each time, ≈50 µs). A store into its own code page is not kept: it invalidates itself.
+    pub(super) kept: bool,
+}
+
 /// One vCPU's binary translator.
 pub struct Translator {
     ctx: ContextBox,
@@ -153,10 +164,12 @@ pub struct Translator {
     /// self-modifying code (off for multi-threaded guests, whose other threads' translators
     /// do not know this one's protections).
     write_protect_code: bool,
-    /// An instruction that writes the page holding its own code: it runs once from an uncached,
-    /// unregistered one-instruction block (otherwise the write-protect/invalidate cycle would
-    /// never end), as QEMU does for self-modifying code.
-    uncached_step: Option<u64>,
+    /// The next dispatch at this RIP runs that one instruction alone, from a one-instruction
+    /// block: a split or device access (its page mapped to the bounce buffer in the TLB), a
+    /// window's fallback, or an instruction that writes the page holding its own code (from an
+    /// unregistered block: otherwise the write-protect/invalidate cycle would never end, as in
+    /// QEMU's handling of self-modifying code).
+    uncached_step: Option<OneStep>,
     /// Identity strategy: host pages write-protected because they hold translated code. Boxed
     /// and reached by raw pointer from the signal handler.
     protected: Box<crate::host::pages::ProtectedPages>,
@@ -492,7 +505,10 @@ impl Translator {
                 r if r == ExitReason::SelfModify as u32 => {
                     // The store's page is writable and its blocks are gone: run the store once
                     // from an uncached block, then go on from fresh translations.
-                    self.uncached_step = Some(self.ctx.get().state.rip);
+                    self.uncached_step = Some(OneStep {
+                        rip: self.ctx.get().state.rip,
+                        kept: false,
+                    });
                 }
                 r if r == ExitReason::Fault as u32 => {
                     let ctx = self.ctx.get();
@@ -590,17 +606,16 @@ impl Translator {
     /// The host address of the block at `rip`, translating it if needed. Instructions the
     /// engine emulates are handled here directly when a block would start with one.
     fn block_for(&mut self, rip: u64, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
-        let one_off = self.uncached_step == Some(rip);
-        if one_off {
+        let step = self.uncached_step.filter(|s| s.rip == rip);
+        if step.is_some() {
             self.uncached_step = None;
         }
         // Single-stepping: one-instruction blocks, never cached (`debug.rs`).
-        let uncached = one_off || self.debug.single_step;
-        // A split access (`softmmu.rs`) runs its instruction once without the page-crossing
-        // check: that translation is kept under a key of its own, for the next time the same
-        // instruction crosses a page (a kernel's unaligned copies do, thousands of times).
-        let split_key = (one_off && self.bounce.is_some() && !self.debug.single_step).then(|| self.split_key(rip));
-        if let Some(key) = split_key {
+        let uncached = step.is_some() || self.debug.single_step;
+        let one_off_key = step
+            .filter(|s| s.kept && !self.debug.single_step)
+            .map(|_| self.one_off_key(rip));
+        if let Some(key) = one_off_key {
             if let Some(&i) = self.by_guest.get(&key) {
                 if self.mapping_current(i) {
                     return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
@@ -660,7 +675,7 @@ impl Translator {
         census::count_block(&self.census, &block);
         // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
         // into the next page in case an instruction straddles it).
-        let kept = !uncached || split_key.is_some();
+        let kept = !uncached || one_off_key.is_some();
         let mapping: Vec<(u64, u64)> = if soft && kept {
             fetch
                 .pages
@@ -713,7 +728,7 @@ impl Translator {
                 return self.emulate(&instr, first.rule, platform);
             }
         }
-        let key = match split_key {
+        let key = match one_off_key {
             Some(key) => Some(key),
             None => (!uncached).then(|| self.block_key(rip)),
         };

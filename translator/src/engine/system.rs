@@ -198,7 +198,10 @@ impl Translator {
         if shadow {
             // `sti` (or `mov ss`) holds interrupts off for one instruction: run that one alone,
             // so the interrupt is taken right after it and not after the loop it may start.
-            self.uncached_step = Some(state.rip);
+            self.uncached_step = Some(super::OneStep {
+                rip: state.rip,
+                kept: true,
+            });
         } else if let Some(v) = platform.acknowledge_interrupt() {
             return Ok(match self.deliver(Event::External(v))? {
                 Some(exit) => Boundary::Exit(exit),
