@@ -12,8 +12,9 @@
 //! costs under KVM (state in, user code, exit, hbt's fault fixes) and in the translator (user
 //! entry to kernel entry), runs the cheaper, and re-measures the other now and then — a probe
 //! of a few stretches, after a back-off that doubles while the verdict holds. A probe comes
-//! early when the running engine's average moves far from what it was when chosen (the
-//! program changed phase: a shell done with its loop starts forking) or rises above the other's.
+//! early when KVM's average moves far from what it was when chosen (the program changed phase:
+//! a shell done with its loop starts forking) or the running engine's rises above the other's
+//! (a translated phase change alone is no reason: a process's stretches swing by 10×).
 //!
 //! Two facts bound the probing. KVM cannot win for a program whose translated stretches are
 //! not much longer than one round trip (T: the median of the cheapest KVM stretches seen
@@ -22,7 +23,8 @@
 //! under KVM, 1.5 s in the translator). And a stretch that makes no kernel entry at all would
 //! never end: a [`Watch`] thread stops a translated stretch once it has run past what the same
 //! stretch costs under KVM (or, with no KVM measurement yet, [`LONG`] round trips) and moves
-//! it to KVM where it stands.
+//! it to KVM where it stands. Such a cut is a guess: when the translator wins the address
+//! space back soon after, the CR3's next cut comes later (`Space::cut_scale`).
 //!
 //! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
 //! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
@@ -76,6 +78,11 @@ const CHEAPEST_KEPT: usize = 16;
 /// Stretches between probes: the first back-off, and the longest.
 const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
+/// The most a CR3's cut point may be put off (times [`Policy::long_stretch`]'s value) after
+/// cuts that did not pay (`Space::cut_scale`).
+const MAX_CUT_SCALE: f64 = 16.0;
+/// Stretches under KVM after a cut that show the cut paid (the verdict held that long).
+const CUT_PAID: u32 = 16;
 /// Weight of the newest stretch in the moving averages.
 const NEWEST: f64 = 0.25;
 /// KVM is not probed for an address space whose translated stretches average less than this
@@ -102,6 +109,23 @@ struct Space {
     /// For `--stats`: stretches and µs spent in each engine (KVM, translator).
     stretches: [u64; 2],
     spent_us: [f64; 2],
+    /// Translated stretches since the verdict was last settled: µs in all, and how many.
+    translated_since: (f64, u32),
+    /// The last cut (a translated stretch moved to KVM while it ran), while its verdict is
+    /// on trial: how long the stretch had run, and the KVM stretches since.
+    cut: Option<Cut>,
+    /// How much later than usual this CR3's translated stretches are cut: doubled each time
+    /// the translator won back a verdict a cut had made before [`CUT_PAID`] KVM stretches (an
+    /// exec's startup is long, then the process makes system calls: the move cost it a new
+    /// process's page tables and round trips), back to 1 when one held. Kept for a new process
+    /// on the CR3: a shell's short processes follow one another on a few.
+    cut_scale: f64,
+}
+
+#[derive(Clone, Copy)]
+struct Cut {
+    at_us: f64,
+    kvm_stretches: u32,
 }
 
 impl Space {
@@ -118,25 +142,35 @@ impl Space {
             backoff: FIRST_BACKOFF,
             stretches: [0; 2],
             spent_us: [0.0; 2],
+            translated_since: (0.0, 0),
+            cut: None,
+            cut_scale: 1.0,
         }
     }
 
     /// Another process on the same CR3: it starts afresh, as a new address space does (what
     /// was spent stays counted for `--stats`).
     fn renew(&mut self, identity: u64) {
-        let (stretches, spent_us) = (self.stretches, self.spent_us);
+        let (stretches, spent_us, cut_scale) = (self.stretches, self.spent_us, self.cut_scale);
         *self = Space {
             identity,
             stretches,
             spent_us,
+            cut_scale,
             ..Space::new()
         };
     }
 
     /// Its translated stretches are too short for KVM to win (under [`HOPELESS`] round trips
-    /// of `floor` µs).
+    /// of `floor` µs), on average since the verdict was settled: the moving average follows
+    /// the last few stretches, and a process's swing by 10× (an exec's long first stretch, the
+    /// short ones between its system calls) — a probe of KVM right after a long one compared
+    /// KVM on short stretches with a translator average the long one had raised, and lost a
+    /// shell's fork+exec loop to KVM every few processes.
     fn kvm_hopeless(&self, floor: f64) -> bool {
-        self.translator_us.is_some_and(|t| t < HOPELESS * floor)
+        let (us, n) = self.translated_since;
+        let typical = if n > 0 { Some(us / n as f64) } else { self.translator_us };
+        typical.is_some_and(|t| t < HOPELESS * floor)
     }
 
     fn average(&self, engine: Choice) -> Option<f64> {
@@ -158,6 +192,9 @@ impl Space {
 
     /// Runs `engine` from now on; the back-off grows when it was running already.
     fn settle(&mut self, engine: Choice) {
+        if engine == Choice::Translator && self.engine == Choice::Kvm && self.cut.take().is_some() {
+            self.cut_scale = (self.cut_scale * 2.0).min(MAX_CUT_SCALE);
+        }
         self.backoff = if engine == self.engine {
             (self.backoff * 2).min(MAX_BACKOFF)
         } else {
@@ -166,6 +203,7 @@ impl Space {
         self.engine = engine;
         self.left = self.backoff;
         self.probing = 0;
+        self.translated_since = (0.0, 0);
         self.chosen_at_us = self.average(engine);
     }
 }
@@ -290,11 +328,16 @@ impl Policy {
     /// moves to KVM where it stands.
     pub fn translator_stretch_cut(&mut self, cr3: u64, took: Duration) {
         let space = self.spaces.entry(cr3).or_insert_with(Space::new);
-        space.add(Choice::Translator, took.as_secs_f64() * 1e6);
+        let us = took.as_secs_f64() * 1e6;
+        space.add(Choice::Translator, us);
         if space.engine == Choice::Translator {
             self.switches += 1;
         }
         space.settle(Choice::Kvm);
+        space.cut = Some(Cut {
+            at_us: us,
+            kvm_stretches: 0,
+        });
         self.cuts += 1;
     }
 
@@ -302,6 +345,17 @@ impl Policy {
         let floor = self.floor();
         let space = self.spaces.entry(cr3).or_insert_with(Space::new);
         space.add(engine, us);
+        if engine == Choice::Translator && space.engine == Choice::Translator && space.probing == 0 {
+            space.translated_since.0 += us;
+            space.translated_since.1 += 1;
+        }
+        if let (Choice::Kvm, Some(cut)) = (engine, &mut space.cut) {
+            cut.kvm_stretches += 1;
+            if cut.kvm_stretches >= CUT_PAID {
+                space.cut = None;
+                space.cut_scale = 1.0;
+            }
+        }
         if space.probing > 0 {
             if engine != space.engine {
                 space.probing -= 1;
@@ -332,12 +386,21 @@ impl Policy {
             // Never measured under KVM: translated stretches of many round trips compute.
             None => engine == Choice::Translator && mine > LONG * floor,
         };
-        // Under KVM one stretch far shorter than the average KVM was chosen on is enough:
-        // probing the translator costs little, and a CR3 that a new process reuses (a shell's
-        // `true` after a long-running program) inherits its predecessor's KVM verdict.
-        let moved = space
-            .chosen_at_us
-            .is_some_and(|at| mine > SHIFT * at || SHIFT * mine < at || (engine == Choice::Kvm && SHIFT * us < at));
+        // Under KVM one stretch far shorter than the average KVM was chosen on (after a cut:
+        // than the stretch that was cut) is enough: probing the translator costs little, and a
+        // CR3 that a new process reuses (a shell's `true` after a long-running program)
+        // inherits its predecessor's KVM verdict. In the translator a phase change alone is no
+        // reason: only a translator average above KVM's (`worse_than_other`) or past [`LONG`]
+        // round trips (never measured under KVM) makes KVM worth a probe — a process's
+        // stretches swing by 10× and more (an exec's first against the system calls after it),
+        // and probing KVM at each swing cost a shell's fork+exec loop ≈20%, the probes
+        // comparing KVM on short stretches with a translator average a long one had raised.
+        let chosen_on = space.cut.map(|c| c.at_us).or(space.chosen_at_us);
+        let moved = engine == Choice::Kvm
+            && (space
+                .chosen_at_us
+                .is_some_and(|at| mine > SHIFT * at || SHIFT * mine < at)
+                || chosen_on.is_some_and(|at| SHIFT * us < at));
         if worse_than_other || moved {
             space.left = 0;
         }
@@ -368,7 +431,7 @@ impl Policy {
             Some(kvm) => (CUT * kvm).max(CUT * floor),
             None => LONG * floor,
         };
-        Duration::from_secs_f64(us * 1e-6)
+        Duration::from_secs_f64(us * space.map_or(1.0, |s| s.cut_scale) * 1e-6)
     }
 
     /// One line for `--stats`. (A CR3 whose process exited may come back for another process;
@@ -588,6 +651,38 @@ mod tests {
     }
 
     #[test]
+    fn a_shells_short_processes_stay_translated_despite_their_long_first_stretches() {
+        // A shell's `true`: an exec's long first stretch, then short ones between system
+        // calls (their average swings 10× each process); under KVM every stretch costs more
+        // (fresh page tables, round trips). Only the back-off probes KVM.
+        let mut p = Policy::new(Mode::Adaptive);
+        run(&mut p, 0x1000, 16, 150, 20);
+        let (mut kvm, mut cuts) = (0, 0);
+        for process in 0..100 {
+            for stretch in 0..21 {
+                let (kvm_us, translator_us) = if stretch == 0 { (4000, 2500) } else { (150, 20) };
+                let c = p.choose(0x1000, process);
+                match c {
+                    Choice::Kvm => {
+                        kvm += 1;
+                        p.stint_ended(0x1000, Duration::from_micros(kvm_us), true);
+                    }
+                    Choice::Translator if Duration::from_micros(translator_us) > p.long_stretch(0x1000) => {
+                        // Cut: what is left of it ends soon under KVM.
+                        cuts += 1;
+                        p.translator_stretch_cut(0x1000, p.long_stretch(0x1000));
+                        p.stint_ended(0x1000, Duration::from_micros(300), true);
+                    }
+                    Choice::Translator => p.translator_stretch_ended(0x1000, Duration::from_micros(translator_us)),
+                }
+            }
+        }
+        assert!(kvm < 40, "{kvm} of 2,100 stretches under KVM");
+        assert!(cuts < 5, "{cuts} stretches cut");
+        assert!(p.probes < 10, "{} probes", p.probes);
+    }
+
+    #[test]
     fn a_new_process_on_an_old_cr3_starts_afresh() {
         let mut p = Policy::new(Mode::Adaptive);
         assert_eq!(p.choose(0x1000, 7), Choice::Translator);
@@ -610,7 +705,25 @@ mod tests {
         p.translator_stretch_cut(0x1000, Duration::from_millis(2));
         assert_eq!(p.choose(0x1000, 0), Choice::Kvm);
         // Once measured under KVM, the cut comes at twice its stretch.
+        p.stint_ended(0x1000, Duration::from_micros(30_000), false);
+        p.stint_ended(0x1000, Duration::from_micros(800), true);
+        assert_eq!(p.choose(0x1000, 0), Choice::Kvm);
+        assert_eq!(p.long_stretch(0x1000), Duration::from_micros(1600));
+    }
+
+    #[test]
+    fn a_cut_that_did_not_pay_sends_the_space_back_and_puts_off_the_next() {
+        let mut p = Policy::new(Mode::Adaptive);
+        assert_eq!(p.choose(0x1000, 0), Choice::Translator);
+        p.translator_stretch_cut(0x1000, Duration::from_millis(2));
+        assert_eq!(p.choose(0x1000, 0), Choice::Kvm);
+        // The rest ended within 300 µs and the process goes on with system calls (an exec's
+        // startup, not computation): KVM round trips, cheaper translated.
         p.stint_ended(0x1000, Duration::from_micros(300), true);
-        assert_eq!(p.long_stretch(0x1000), Duration::from_micros(600));
+        let kvm = run(&mut p, 0x1000, 20, 150, 20);
+        assert!(kvm < 4, "{kvm} of 20 short stretches under KVM");
+        assert_eq!(p.choose(0x1000, 0), Choice::Translator);
+        // The next cut comes later, and later again after another such.
+        assert_eq!(p.long_stretch(0x1000), Duration::from_micros(4000));
     }
 }
