@@ -23,8 +23,7 @@
 //! under KVM, 1.5 s in the translator). And a stretch that makes no kernel entry at all would
 //! never end: a [`Watch`] thread stops a translated stretch once it has run past what the same
 //! stretch costs under KVM (or, with no KVM measurement yet, [`LONG`] round trips) and moves
-//! it to KVM where it stands. Such a cut is a guess: when the translator wins the address
-//! space back soon after, the CR3's next cut comes later (`Space::cut_scale`).
+//! it to KVM where it stands.
 //!
 //! On a host with real VT-x/AMD-V the same engine would run kernel code under KVM too and send
 //! only exit-heavy code to the translator (exit clustering, Agesen et al., USENIX ATC'12): a
@@ -78,11 +77,6 @@ const CHEAPEST_KEPT: usize = 16;
 /// Stretches between probes: the first back-off, and the longest.
 const FIRST_BACKOFF: u32 = 8;
 const MAX_BACKOFF: u32 = 512;
-/// The most a CR3's cut point may be put off (times [`Policy::long_stretch`]'s value) after
-/// cuts that did not pay (`Space::cut_scale`).
-const MAX_CUT_SCALE: f64 = 16.0;
-/// Stretches under KVM after a cut that show the cut paid (the verdict held that long).
-const CUT_PAID: u32 = 16;
 /// Weight of the newest stretch in the moving averages.
 const NEWEST: f64 = 0.25;
 /// KVM is not probed for an address space whose translated stretches average less than this
@@ -111,21 +105,9 @@ struct Space {
     spent_us: [f64; 2],
     /// Translated stretches since the verdict was last settled: µs in all, and how many.
     translated_since: (f64, u32),
-    /// The last cut (a translated stretch moved to KVM while it ran), while its verdict is
-    /// on trial: how long the stretch had run, and the KVM stretches since.
-    cut: Option<Cut>,
-    /// How much later than usual this CR3's translated stretches are cut: doubled each time
-    /// the translator won back a verdict a cut had made before [`CUT_PAID`] KVM stretches (an
-    /// exec's startup is long, then the process makes system calls: the move cost it a new
-    /// process's page tables and round trips), back to 1 when one held. Kept for a new process
-    /// on the CR3: a shell's short processes follow one another on a few.
-    cut_scale: f64,
-}
-
-#[derive(Clone, Copy)]
-struct Cut {
-    at_us: f64,
-    kvm_stretches: u32,
+    /// KVM's verdict came from a cut (a translated stretch moved to KVM while it ran) after
+    /// this many µs, and has not been settled again since.
+    cut_at_us: Option<f64>,
 }
 
 impl Space {
@@ -143,20 +125,18 @@ impl Space {
             stretches: [0; 2],
             spent_us: [0.0; 2],
             translated_since: (0.0, 0),
-            cut: None,
-            cut_scale: 1.0,
+            cut_at_us: None,
         }
     }
 
     /// Another process on the same CR3: it starts afresh, as a new address space does (what
     /// was spent stays counted for `--stats`).
     fn renew(&mut self, identity: u64) {
-        let (stretches, spent_us, cut_scale) = (self.stretches, self.spent_us, self.cut_scale);
+        let (stretches, spent_us) = (self.stretches, self.spent_us);
         *self = Space {
             identity,
             stretches,
             spent_us,
-            cut_scale,
             ..Space::new()
         };
     }
@@ -192,9 +172,6 @@ impl Space {
 
     /// Runs `engine` from now on; the back-off grows when it was running already.
     fn settle(&mut self, engine: Choice) {
-        if engine == Choice::Translator && self.engine == Choice::Kvm && self.cut.take().is_some() {
-            self.cut_scale = (self.cut_scale * 2.0).min(MAX_CUT_SCALE);
-        }
         self.backoff = if engine == self.engine {
             (self.backoff * 2).min(MAX_BACKOFF)
         } else {
@@ -204,6 +181,7 @@ impl Space {
         self.left = self.backoff;
         self.probing = 0;
         self.translated_since = (0.0, 0);
+        self.cut_at_us = None;
         self.chosen_at_us = self.average(engine);
     }
 }
@@ -334,10 +312,7 @@ impl Policy {
             self.switches += 1;
         }
         space.settle(Choice::Kvm);
-        space.cut = Some(Cut {
-            at_us: us,
-            kvm_stretches: 0,
-        });
+        space.cut_at_us = Some(us);
         self.cuts += 1;
     }
 
@@ -348,13 +323,6 @@ impl Policy {
         if engine == Choice::Translator && space.engine == Choice::Translator && space.probing == 0 {
             space.translated_since.0 += us;
             space.translated_since.1 += 1;
-        }
-        if let (Choice::Kvm, Some(cut)) = (engine, &mut space.cut) {
-            cut.kvm_stretches += 1;
-            if cut.kvm_stretches >= CUT_PAID {
-                space.cut = None;
-                space.cut_scale = 1.0;
-            }
         }
         if space.probing > 0 {
             if engine != space.engine {
@@ -395,7 +363,7 @@ impl Policy {
         // stretches swing by 10× and more (an exec's first against the system calls after it),
         // and probing KVM at each swing cost a shell's fork+exec loop ≈20%, the probes
         // comparing KVM on short stretches with a translator average a long one had raised.
-        let chosen_on = space.cut.map(|c| c.at_us).or(space.chosen_at_us);
+        let chosen_on = space.cut_at_us.or(space.chosen_at_us);
         let moved = engine == Choice::Kvm
             && (space
                 .chosen_at_us
@@ -431,7 +399,7 @@ impl Policy {
             Some(kvm) => (CUT * kvm).max(CUT * floor),
             None => LONG * floor,
         };
-        Duration::from_secs_f64(us * space.map_or(1.0, |s| s.cut_scale) * 1e-6)
+        Duration::from_secs_f64(us * 1e-6)
     }
 
     /// One line for `--stats`. (A CR3 whose process exited may come back for another process;
@@ -657,28 +625,12 @@ mod tests {
         // (fresh page tables, round trips). Only the back-off probes KVM.
         let mut p = Policy::new(Mode::Adaptive);
         run(&mut p, 0x1000, 16, 150, 20);
-        let (mut kvm, mut cuts) = (0, 0);
-        for process in 0..100 {
-            for stretch in 0..21 {
-                let (kvm_us, translator_us) = if stretch == 0 { (4000, 2500) } else { (150, 20) };
-                let c = p.choose(0x1000, process);
-                match c {
-                    Choice::Kvm => {
-                        kvm += 1;
-                        p.stint_ended(0x1000, Duration::from_micros(kvm_us), true);
-                    }
-                    Choice::Translator if Duration::from_micros(translator_us) > p.long_stretch(0x1000) => {
-                        // Cut: what is left of it ends soon under KVM.
-                        cuts += 1;
-                        p.translator_stretch_cut(0x1000, p.long_stretch(0x1000));
-                        p.stint_ended(0x1000, Duration::from_micros(300), true);
-                    }
-                    Choice::Translator => p.translator_stretch_ended(0x1000, Duration::from_micros(translator_us)),
-                }
-            }
+        let mut kvm = 0;
+        for _ in 0..100 {
+            kvm += run(&mut p, 0x1000, 1, 3000, 1500);
+            kvm += run(&mut p, 0x1000, 20, 150, 20);
         }
         assert!(kvm < 40, "{kvm} of 2,100 stretches under KVM");
-        assert!(cuts < 5, "{cuts} stretches cut");
         assert!(p.probes < 10, "{} probes", p.probes);
     }
 
@@ -712,7 +664,7 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_that_did_not_pay_sends_the_space_back_and_puts_off_the_next() {
+    fn a_cut_that_did_not_pay_sends_the_space_back() {
         let mut p = Policy::new(Mode::Adaptive);
         assert_eq!(p.choose(0x1000, 0), Choice::Translator);
         p.translator_stretch_cut(0x1000, Duration::from_millis(2));
@@ -723,7 +675,5 @@ mod tests {
         let kvm = run(&mut p, 0x1000, 20, 150, 20);
         assert!(kvm < 4, "{kvm} of 20 short stretches under KVM");
         assert_eq!(p.choose(0x1000, 0), Choice::Translator);
-        // The next cut comes later, and later again after another such.
-        assert_eq!(p.long_stretch(0x1000), Duration::from_micros(4000));
     }
 }
