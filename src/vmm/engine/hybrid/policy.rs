@@ -388,16 +388,17 @@ impl Policy {
 
     /// How long a translated stretch of `cr3` may run before it belongs under KVM. Where the
     /// translator's stretches average under [`HOPELESS`] round trips, KVM is not probed and
-    /// its average may be stale (a shell measured under KVM in its long loop, now forking):
-    /// only a stretch of [`LONG`] round trips is computation there.
+    /// its average may be stale (a shell measured under KVM while it waited for a gzip, now
+    /// in a loop of its own): a stretch of [`LONG`] round trips is computation there, however
+    /// long KVM's old stretches were (twice theirs kept the bench's 100k-iteration shell loop
+    /// translated for ≈15 ms of its 140).
     pub fn long_stretch(&self, cr3: u64) -> Duration {
         let floor = self.floor();
         let space = self.spaces.get(&cr3);
         let hopeless = space.is_some_and(|s| s.kvm_hopeless(floor));
         let us = match space.and_then(|s| s.kvm_us) {
-            Some(kvm) if hopeless => (CUT * kvm).max(LONG * floor),
-            Some(kvm) => (CUT * kvm).max(CUT * floor),
-            None => LONG * floor,
+            Some(kvm) if !hopeless => (CUT * kvm).max(CUT * floor),
+            _ => LONG * floor,
         };
         Duration::from_secs_f64(us * 1e-6)
     }
