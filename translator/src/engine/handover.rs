@@ -36,7 +36,7 @@ impl Translator {
     /// `run` returning `Interrupted` can stop between those; the user- and kernel-mode exits
     /// never do.
     pub fn at_clean_boundary(&self) -> bool {
-        self.bounce.is_none() && self.mmio.is_none() && self.uncached_step.is_none()
+        self.bounce.is_none() && self.mmio.is_none() && self.one_step.is_none()
     }
 
     /// Turns the kernel-mode exit on or off (see the module comment).

@@ -107,7 +107,7 @@ pub struct Config {
     pub system: bool,
 }
 
-/// A one-instruction step the dispatcher runs next (`Translator::uncached_step`).
+/// A one-instruction step the dispatcher runs next (`Translator::one_step`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct OneStep {
     pub(super) rip: u64,
@@ -169,7 +169,7 @@ pub struct Translator {
     /// window's fallback, or an instruction that writes the page holding its own code (from an
     /// unregistered block: otherwise the write-protect/invalidate cycle would never end, as in
     /// QEMU's handling of self-modifying code).
-    uncached_step: Option<OneStep>,
+    one_step: Option<OneStep>,
     /// Identity strategy: host pages write-protected because they hold translated code. Boxed
     /// and reached by raw pointer from the signal handler.
     protected: Box<crate::host::pages::ProtectedPages>,
@@ -261,7 +261,7 @@ impl Translator {
             large_code_regions: Default::default(),
             ibl_used: Default::default(),
             ibl_global: [vec![false; IBL_ENTRIES], vec![false; IBL_ENTRIES]],
-            uncached_step: None,
+            one_step: None,
             protected: Box::default(),
             bounce: None,
             mmio: None,
@@ -505,7 +505,7 @@ impl Translator {
                 r if r == ExitReason::SelfModify as u32 => {
                     // The store's page is writable and its blocks are gone: run the store once
                     // from an uncached block, then go on from fresh translations.
-                    self.uncached_step = Some(OneStep {
+                    self.one_step = Some(OneStep {
                         rip: self.ctx.get().state.rip,
                         kept: false,
                     });
@@ -606,12 +606,13 @@ impl Translator {
     /// The host address of the block at `rip`, translating it if needed. Instructions the
     /// engine emulates are handled here directly when a block would start with one.
     fn block_for(&mut self, rip: u64, platform: &mut dyn Platform) -> Result<Lookup, TranslateError> {
-        let step = self.uncached_step.filter(|s| s.rip == rip);
+        let step = self.one_step.filter(|s| s.rip == rip);
         if step.is_some() {
-            self.uncached_step = None;
+            self.one_step = None;
         }
-        // Single-stepping: one-instruction blocks, never cached (`debug.rs`).
-        let uncached = step.is_some() || self.debug.single_step;
+        // The instruction alone, never under its block's key: a one-off step, or
+        // single-stepping (one-instruction blocks, never cached: `debug.rs`).
+        let alone = step.is_some() || self.debug.single_step;
         let one_off_key = step
             .filter(|s| s.kept && !self.debug.single_step)
             .map(|_| self.one_off_key(rip));
@@ -623,7 +624,7 @@ impl Translator {
                 self.invalidate_block(i);
             }
         }
-        if !uncached {
+        if !alone {
             if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
                 if self.mapping_current(i) {
                     if let Some((instr, rule)) = self.blocks[i].emulated {
@@ -648,7 +649,7 @@ impl Translator {
         let translate_started = std::time::Instant::now();
         let soft = self.strategy.is_soft_mmu();
         let mut fetch = Fetcher::new(&self.strategy, &self.ctx.get().state, &mut self.maps);
-        let cap = if uncached { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
+        let cap = if alone { 1 } else { block::MAX_BLOCK_INSTRUCTIONS };
         let options = block::BuildOptions {
             soft_mmu: soft,
             system: self.system,
@@ -675,7 +676,7 @@ impl Translator {
         census::count_block(&self.census, &block);
         // Only pages the block's instructions occupy hold its code (the builder peeks 15 bytes
         // into the next page in case an instruction straddles it).
-        let kept = !uncached || one_off_key.is_some();
+        let kept = !alone || one_off_key.is_some();
         let mapping: Vec<(u64, u64)> = if soft && kept {
             fetch
                 .pages
@@ -715,7 +716,7 @@ impl Translator {
                 self.stats.translate_time += translate_started.elapsed();
                 self.stats.emulated += 1;
                 let instr = first.instr;
-                if !uncached {
+                if !alone {
                     if soft {
                         self.install_emulated(rip, instr, first.rule, pages, mapping, global);
                     } else {
@@ -730,7 +731,7 @@ impl Translator {
         }
         let key = match one_off_key {
             Some(key) => Some(key),
-            None => (!uncached).then(|| self.block_key(rip)),
+            None => (!alone).then(|| self.block_key(rip)),
         };
         let host = self.install(block, pages, mapping, global, key)?;
         self.stats.translate_time += translate_started.elapsed();

@@ -113,7 +113,7 @@ impl Translator {
             write,
             copied: !consecutive,
         });
-        self.uncached_step = Some(OneStep { rip, kept: true });
+        self.one_step = Some(OneStep { rip, kept: true });
         Ok(())
     }
 
@@ -181,7 +181,7 @@ impl Translator {
             size: size as usize,
             writes,
         });
-        self.uncached_step = Some(OneStep { rip, kept: true });
+        self.one_step = Some(OneStep { rip, kept: true });
         Ok(())
     }
 
@@ -408,7 +408,7 @@ impl Translator {
             let own_page = soft_mmu::walk(ram, &state, rip, Access::Fetch).map(|pa| pa & !(PAGE - 1));
             self.invalidate_phys_page(page_pa);
             if own_page == Ok(page_pa) {
-                self.uncached_step = Some(OneStep { rip, kept: false });
+                self.one_step = Some(OneStep { rip, kept: false });
             }
         }
         self.fill_tlbs(access, page_va, host, global);
@@ -459,7 +459,7 @@ impl Translator {
             return;
         }
         self.last_window_fill = None;
-        self.uncached_step = Some(OneStep { rip, kept: true });
+        self.one_step = Some(OneStep { rip, kept: true });
         self.stats.window_fallbacks += 1;
         let failures = self.window_failures.entry(rip).or_default();
         *failures += 1;

@@ -184,7 +184,7 @@ impl Translator {
         // A split access or a self-modifying store is set up to run as the very next
         // instruction (its bounce buffer is mapped in the TLB, its page is writable): an
         // interrupt now would run the handler in that state instead.
-        let step_pending = self.bounce.is_some() || self.uncached_step.is_some();
+        let step_pending = self.bounce.is_some() || self.one_step.is_some();
         let state = &self.ctx.get().state;
         // A debugger's single step holds interrupts pending (`debug.rs`).
         let deliverable = !step_pending && !self.debug.single_step && state.rflags & crate::state::flags::IF != 0;
@@ -198,7 +198,7 @@ impl Translator {
         if shadow {
             // `sti` (or `mov ss`) holds interrupts off for one instruction: run that one alone,
             // so the interrupt is taken right after it and not after the loop it may start.
-            self.uncached_step = Some(super::OneStep {
+            self.one_step = Some(super::OneStep {
                 rip: state.rip,
                 kept: true,
             });
