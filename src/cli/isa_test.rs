@@ -203,6 +203,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                         "mnemonic": r.mnemonic,
                         "cases": r.cases,
                         "uncompared": r.uncompared,
+                        "passed_on_rerun": r.passed_on_rerun,
                         "uncompared_reasons": r
                             .uncompared_reasons
                             .iter()
@@ -258,9 +259,10 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                     .filter(|r| matches!(r.status, Status::NoReference(_)))
                     .count();
                 let uncompared: u64 = results.iter().map(|r| r.uncompared).sum();
+                let reruns: u64 = results.iter().map(|r| r.passed_on_rerun).sum();
                 writeln!(
                     out,
-                    "\n{passed} passed, {failed} failed, {} not executable on this host, {no_reference} without a reference, {} skipped; {cases} cases compared under KVM and the translator at CPL{} ({uncompared} not compared) in {:.1} s",
+                    "\n{passed} passed, {failed} failed, {} not executable on this host, {no_reference} without a reference, {} skipped; {cases} cases compared under KVM and the translator at CPL{} ({uncompared} not compared; {reruns} agreed only when run again from the same inputs) in {:.1} s",
                     not_executable.len(),
                     skipped - no_reference,
                     if args.cpl0 { 0 } else { 3 },

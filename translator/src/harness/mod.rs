@@ -110,6 +110,9 @@ pub struct CodeResult {
     pub uncompared: u64,
     /// Why those cases were not compared: each distinct reason with its count.
     pub uncompared_reasons: Vec<(String, u64)>,
+    /// System mode: cases (counted in `cases`) that differed once and agreed when run again
+    /// from the same inputs.
+    pub passed_on_rerun: u64,
     pub status: Status,
     /// First failing case: reproducible with the same `--code` and `--seed`.
     pub failure: Option<String>,
@@ -312,6 +315,9 @@ pub trait Cases {
 /// What became of one case that did not fail.
 pub enum Ran {
     Compared,
+    /// Compared, and agreed only when run a second time from the same inputs (system mode:
+    /// the reference is not always the CPU's; see `system::SystemWorker`'s `run`).
+    ComparedOnRerun,
     /// The reference could not run it as the CPU would (system mode): not compared, and why.
     NotCompared(String),
 }
@@ -325,6 +331,7 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
         cases: 0,
         uncompared: 0,
         uncompared_reasons: Vec::new(),
+        passed_on_rerun: 0,
         status: Status::Passed,
         failure: None,
     };
@@ -361,6 +368,10 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
         for j in 0..states {
             match machine.run(&inst, &mut rng, r) {
                 Ok(Ran::Compared) => result.cases += 1,
+                Ok(Ran::ComparedOnRerun) => {
+                    result.cases += 1;
+                    result.passed_on_rerun += 1;
+                }
                 Ok(Ran::NotCompared(why)) => {
                     result.uncompared += 1;
                     match result.uncompared_reasons.iter_mut().find(|(w, _)| *w == why) {

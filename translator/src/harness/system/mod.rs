@@ -483,7 +483,10 @@ impl Cases for SystemWorker {
             Err(Failure::Case { .. }) if self.ring == Ring::User => {
                 *rng = inputs;
                 self.case = case;
-                self.run_once(inst, rng, rule)
+                match self.run_once(inst, rng, rule)? {
+                    Ran::Compared => Ok(Ran::ComparedOnRerun),
+                    other => Ok(other),
+                }
             }
             other => other,
         }
