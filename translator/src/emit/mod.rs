@@ -210,8 +210,8 @@ pub(crate) struct BlockEmitter<'a> {
 pub struct EmitOptions {
     pub soft_mmu: bool,
     /// Soft-MMU only: the block's single access crosses a page boundary and the engine has
-    /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out; its
-    /// indirect branches go straight back to the dispatcher, which ends the split access.
+    /// mapped both pages contiguously (a bounce buffer), so the crossing check is left out
+    /// (such a block is also `dispatcher_only`).
     pub split_access: bool,
     /// A one-off step's block (`engine/cache.rs`, `Block::dispatcher_only`): its indirect
     /// branches go straight back to the dispatcher, which ends the step.

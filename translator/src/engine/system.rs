@@ -181,9 +181,9 @@ impl Translator {
         // The embedder runs user code elsewhere (`handover.rs`), once an interrupt that is
         // waiting has been taken here (that enters the kernel again).
         let user_exit = entered_user && self.user_exit && !shadow;
-        // A split access or a self-modifying store is set up to run as the very next
-        // instruction (its bounce buffer is mapped in the TLB, its page is writable): an
-        // interrupt now would run the handler in that state instead.
+        // A one-off step (a split or device access, a self-modifying store…) is set up to run
+        // as the very next instruction (a bounce buffer or device page is mapped in the TLB,
+        // its page is writable): an interrupt now would run the handler in that state instead.
         let step_pending = self.bounce.is_some() || self.one_step.is_some();
         let state = &self.ctx.get().state;
         // A debugger's single step holds interrupts pending (`debug.rs`).

@@ -650,13 +650,20 @@ mod tests {
         assert_eq!(p.renewed, 1);
     }
 
-    #[test]
-    fn a_new_address_space_starts_in_the_translator_and_a_long_stretch_moves_it() {
+    /// A new address space (CR3 0x1000) whose first translated stretch, 2 ms long, was cut
+    /// to KVM.
+    fn cut_at_start() -> Policy {
         let mut p = Policy::new(Mode::Adaptive);
         assert_eq!(p.choose(0x1000, 0), Choice::Translator);
         assert_eq!(p.long_stretch(0x1000), Duration::from_micros(2000));
         p.translator_stretch_cut(0x1000, Duration::from_millis(2));
         assert_eq!(p.choose(0x1000, 0), Choice::Kvm);
+        p
+    }
+
+    #[test]
+    fn a_new_address_space_starts_in_the_translator_and_a_long_stretch_moves_it() {
+        let mut p = cut_at_start();
         // Once measured under KVM, the cut comes at twice its stretch.
         p.stint_ended(0x1000, Duration::from_micros(30_000), false);
         p.stint_ended(0x1000, Duration::from_micros(800), true);
@@ -666,10 +673,7 @@ mod tests {
 
     #[test]
     fn a_cut_that_did_not_pay_sends_the_space_back() {
-        let mut p = Policy::new(Mode::Adaptive);
-        assert_eq!(p.choose(0x1000, 0), Choice::Translator);
-        p.translator_stretch_cut(0x1000, Duration::from_millis(2));
-        assert_eq!(p.choose(0x1000, 0), Choice::Kvm);
+        let mut p = cut_at_start();
         // The rest ended within 300 µs and the process goes on with system calls (an exec's
         // startup, not computation): KVM round trips, cheaper translated.
         p.stint_ended(0x1000, Duration::from_micros(300), true);
