@@ -7,7 +7,7 @@
 //! therefore part of the emitter's contract and are taken with `offset_of!`.
 
 use crate::state::GuestState;
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::alloc::Layout;
 use std::mem::offset_of;
 
 /// Entries in each soft-MMU TLB (direct-mapped, indexed by the low 16 bits of the page
@@ -220,18 +220,26 @@ pub mod off {
 /// the host GS base points at it).
 pub struct ContextBox {
     ptr: *mut Context,
+    /// The mapping `ptr` lies in ([`ContextBox::MAPPED`] bytes).
+    base: *mut u8,
 }
 
+const HUGE_PAGE: usize = 2 << 20;
+
 impl ContextBox {
+    /// Bytes mapped for a context: its size, plus room to start it on a 2 MiB boundary.
+    const MAPPED: usize = std::mem::size_of::<Context>().next_multiple_of(4096) + HUGE_PAGE;
+
     pub fn new() -> Self {
-        let layout = Layout::new::<Context>();
-        // SAFETY: the layout has non-zero size; every field of Context is plain data for which
-        // all-zero bytes are a valid value (Cpl::Kernel is 0).
-        let ptr = unsafe { alloc_zeroed(layout) } as *mut Context;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        let mut boxed = ContextBox { ptr };
+        // Mapped rather than allocated, so that its TLB and indirect-branch tables (megabytes,
+        // indexed by guest address bits: every lookup touches a different 4 KiB page) sit on
+        // transparent huge pages: advised before anything touches them.
+        let Some(base) = crate::host::map_anonymous(Self::MAPPED, libc::PROT_READ | libc::PROT_WRITE) else {
+            std::alloc::handle_alloc_error(Layout::new::<Context>());
+        };
+        let ptr = (base as usize).next_multiple_of(HUGE_PAGE) as *mut Context;
+        crate::host::advise_huge_pages(ptr as u64, std::mem::size_of::<Context>());
+        let mut boxed = ContextBox { ptr, base };
         let ctx = boxed.get_mut();
         ctx.state = GuestState::default();
         ctx.flag_stack_top = &ctx.flag_stack[FLAG_STACK_SLOTS - 2] as *const u64 as u64;
@@ -248,7 +256,9 @@ impl ContextBox {
     }
 
     pub fn get(&self) -> &Context {
-        // SAFETY: ptr came from alloc_zeroed for a Context and lives as long as self.
+        // SAFETY: ptr points into the mapping `new` made (fresh, so zero-filled, and every field
+        // of Context is plain data for which all-zero bytes are a valid value: Cpl::Kernel is 0),
+        // 2 MiB-aligned (more than Context's alignment), and it lives as long as self.
         unsafe { &*self.ptr }
     }
 
@@ -271,8 +281,8 @@ impl Default for ContextBox {
 
 impl Drop for ContextBox {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { dealloc(self.ptr as *mut u8, Layout::new::<Context>()) }
+        // SAFETY: the mapping made in `new`; nothing refers to the context any more.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, Self::MAPPED) };
     }
 }
 

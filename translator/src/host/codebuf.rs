@@ -26,6 +26,7 @@ impl CodeBuffer {
                 std::io::Error::last_os_error()
             )));
         };
+        super::advise_huge_pages(base as u64, size);
         Ok(CodeBuffer { base, size, used: 0 })
     }
 

@@ -10,6 +10,25 @@ pub mod pages;
 pub mod quirks;
 pub mod signals;
 
+/// Asks the host kernel to back `[addr, addr+len)` with transparent huge pages where it can
+/// (the 2 MiB-aligned part; best effort: a host with THP set to `never` ignores it). For the
+/// big, randomly indexed memory translated code runs on — the code cache, the context's TLB and
+/// indirect-branch tables, guest RAM — where 4 KiB pages cost a host TLB miss on most lookups:
+/// all three advised, 300 fork+exec in a Linux guest under `--accel bt` ran in 0.82–0.88 s
+/// instead of 1.08–1.17 s (Intel Sapphire Rapids host, interleaved runs). Call it before the
+/// memory is first touched: pages faulted in before stay 4 KiB.
+pub fn advise_huge_pages(addr: u64, len: usize) {
+    const HUGE: u64 = 2 << 20;
+    let start = addr.next_multiple_of(HUGE);
+    let end = (addr + len as u64) & !(HUGE - 1);
+    if end <= start {
+        return;
+    }
+    // SAFETY: madvise only changes how the kernel backs pages of a mapping the caller owns;
+    // MADV_HUGEPAGE keeps their contents. A failure (THP disabled) changes nothing.
+    unsafe { libc::madvise(start as *mut libc::c_void, (end - start) as usize, libc::MADV_HUGEPAGE) };
+}
+
 /// A fresh anonymous private mapping of `len` bytes with protection `prot`, or None.
 pub fn map_anonymous(len: usize, prot: i32) -> Option<*mut u8> {
     // SAFETY: anonymous private mapping at a kernel-chosen address; the result is checked.
