@@ -841,6 +841,36 @@ fn kernel_rep_stos_and_movs_run_in_place_within_a_page() {
 }
 
 #[test]
+fn rep_movs_in_place_faults_on_its_source_first() {
+    // mov rsi,0x402010; mov rdi,0x403010; mov ecx,32; rep movs; hlt — neither page is mapped.
+    // The CPU reads [RSI] before it writes [RDI], so the read's #PF is the one reported (the
+    // in-place path once looked the destination up first and reported the write's).
+    for (movs, name) in [(&[0xf3, 0xa4][..], "rep movsb"), (&[0xf3, 0x48, 0xa5][..], "rep movsq")] {
+        let mut code = vec![
+            0x48, 0xc7, 0xc6, 0x10, 0x20, 0x40, 0x00, 0x48, 0xc7, 0xc7, 0x10, 0x30, 0x40, 0x00,
+        ];
+        code.extend([0xb9, 32, 0, 0, 0]);
+        code.extend(movs);
+        code.push(0xf4);
+        let g = SoftGuest::new(&code);
+        let mut t = g.translator();
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        let Exit::Exception(e) = exit else {
+            panic!("{name}: {exit:?}")
+        };
+        assert_eq!(e.vector, vector::PF, "{name}");
+        assert_eq!(e.address, Some(0x40_2010), "{name}: the source's fault");
+        assert_eq!(e.error_code, Some(4), "{name}: a user-mode read of a non-present page");
+        let s = t.state();
+        assert_eq!(
+            (s.rip, s.gpr[1]),
+            (CODE_VA + 19, 32),
+            "{name}: at the instruction, nothing copied"
+        );
+    }
+}
+
+#[test]
 fn self_modifying_code_is_seen_by_the_next_block() {
     // mov byte [rip+3],0x42; jmp +0; mov al,0x11; hlt  -- rewrites the 0x11 before it runs
     let g = SoftGuest::new(&[0xc6, 0x05, 0x03, 0, 0, 0, 0x42, 0xeb, 0x00, 0xb0, 0x11, 0xf4]);
