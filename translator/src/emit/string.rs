@@ -1,9 +1,9 @@
 //! `rep stos` and `rep movs` under the soft-MMU (kernel code, and the byte forms in user code),
-//! run in place: when the direction
-//! flag is clear and the destination (and source) stay inside one page each, both pages are
-//! found through the inline TLB and the guest's own instruction runs natively on their host
-//! addresses, with RDI/RSI pointing there for its duration. Anything else — DF set, a range that
-//! crosses a page, a TLB miss — goes to the engine as before (`emulate/string.rs`).
+//! run in place: when the direction flag is clear and the destination (and source) stay inside
+//! one page each, both pages are found through the inline TLB and the guest's own instruction
+//! runs natively on their host addresses, with RDI/RSI pointing there for its duration.
+//! Anything else — DF set, a range that crosses a page, a TLB miss — goes to the engine as
+//! before (`emulate/string.rs`).
 //!
 //! Why: a Linux kernel clears and copies pages with `rep stosq`/`rep movsq` and runs memset and
 //! memcpy as `rep stosb`/`rep movsb`; performed by the engine, each cost a round trip through
