@@ -6,6 +6,7 @@
 //! struct while guest code runs and glue addresses it as `gs:[offset]`. Field offsets are
 //! therefore part of the emitter's contract and are taken with `offset_of!`.
 
+use crate::host::HUGE_PAGE;
 use crate::state::GuestState;
 use std::alloc::Layout;
 use std::mem::offset_of;
@@ -223,8 +224,6 @@ pub struct ContextBox {
     /// The mapping `ptr` lies in ([`ContextBox::MAPPED`] bytes).
     base: *mut u8,
 }
-
-const HUGE_PAGE: usize = 2 << 20;
 
 impl ContextBox {
     /// Bytes mapped for a context: its size, plus room to start it on a 2 MiB boundary.

@@ -10,6 +10,9 @@ pub mod pages;
 pub mod quirks;
 pub mod signals;
 
+/// The host's transparent huge page size (x86-64: 2 MiB).
+pub const HUGE_PAGE: usize = 2 << 20;
+
 /// Asks the host kernel to back `[addr, addr+len)` with transparent huge pages where it can
 /// (the 2 MiB-aligned part; best effort: a host with THP set to `never` ignores it). For the
 /// big, randomly indexed memory translated code runs on — the code cache, the context's TLB and
@@ -18,7 +21,7 @@ pub mod signals;
 /// instead of 0.94–1.18 s (Intel Sapphire Rapids host, six interleaved rounds). Call it before
 /// the memory is first touched: pages faulted in before stay 4 KiB.
 pub fn advise_huge_pages(addr: u64, len: usize) {
-    const HUGE: u64 = 2 << 20;
+    const HUGE: u64 = HUGE_PAGE as u64;
     let start = addr.next_multiple_of(HUGE);
     let end = (addr + len as u64) & !(HUGE - 1);
     if end <= start {

@@ -623,7 +623,8 @@ mod tests {
     fn a_shells_short_processes_stay_translated_despite_their_long_first_stretches() {
         // A shell's `true`: an exec's long first stretch, then short ones between system
         // calls (their average swings 10× each process); under KVM every stretch costs more
-        // (fresh page tables, round trips). Only the back-off probes KVM.
+        // (fresh page tables, round trips). Only the periodic probes (with their back-off) measure
+        // KVM.
         let mut p = Policy::new(Mode::Adaptive);
         run(&mut p, 0x1000, 16, 150, 20);
         let mut kvm = 0;
