@@ -8,7 +8,12 @@
 //!
 //! Blocks also follow control flow *within their page*, so hot short paths run without a
 //! taken host branch or a return lookup:
-//! - a direct `jmp` is followed (emits nothing, [`Flow::Followed`]);
+//! - a direct `jmp` is followed (emits nothing, [`Flow::Followed`]), but never into code the
+//!   block already holds: a loop closed by a `jmp` then ends the block where it comes round,
+//!   so the block's exit chains to the block of the loop's head — the block itself when it
+//!   was entered there. Followed further, a loop whose length does not divide the size cap
+//!   was unrolled into as many distinct blocks as it has phases (48 blocks, 53 KiB of host
+//!   code, for busybox's SHA-256 round loop, more than the L1 instruction cache holds);
 //! - a direct `call` to a *leaf* is inlined ([`Flow::InlinedCall`]): the return address is still
 //!   pushed, the callee's code follows in the block, and its `ret` ([`Flow::InlinedRet`]) only
 //!   moves RSP back and decoding goes on at the return address. That is exact only because the
@@ -294,6 +299,11 @@ pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<Dec
     }
 }
 
+/// Whether the block decoded so far holds an instruction at `ip`.
+fn decoded(instrs: &[DecodedInstr], ip: u64) -> bool {
+    instrs.iter().any(|d| d.instr.ip() == ip)
+}
+
 /// [`build`] over the code read so far, or what must be read first: the part of the page
 /// before `rip` (a jump or call the block would follow goes there) or the next page.
 fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedBlock, Need>, BuildError> {
@@ -312,6 +322,13 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedB
         if !instrs.is_empty() && o.breakpoints.contains(&decoder.ip()) {
             // Falls through to the breakpoint (`end` is already its address), where the
             // dispatcher stops.
+            break;
+        }
+        if followed > 0 && inlined_return.is_none() && decoded(&instrs, decoder.ip()) {
+            // Straight-line decoding after a followed backward jump came round to code this
+            // block already holds: a loop. The block ends there and falls through to it,
+            // which chains to the block that starts at it (this one, when the loop was
+            // entered at the block's start) instead of unrolling the loop into the block.
             break;
         }
         let instr = decoder.decode();
@@ -363,7 +380,9 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedB
                 if matches!(instr.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64)
                     && followed < MAX_FOLLOWED
                     && room > 0
-                    && code.holds(instr.near_branch64()) =>
+                    && code.holds(instr.near_branch64())
+                    && instr.near_branch64() != instr.ip()
+                    && !decoded(&instrs, instr.near_branch64()) =>
             {
                 flow = Flow::Followed;
                 next = Some(instr.near_branch64());
@@ -553,8 +572,9 @@ mod tests {
 
     #[test]
     fn jumps_are_followed_a_bounded_number_of_times() {
-        // 0: jmp 0 (to itself)
-        let mut p = page(&[(0, &[0xeb, 0xfe])]);
+        // 0: jmp 2; 2: jmp 4; ... each to the next one
+        let chain: Vec<u8> = [0xeb, 0x00].repeat(MAX_FOLLOWED + 2);
+        let mut p = page(&[(0, &chain)]);
         let b = build_at(&mut p, 0);
         assert_eq!(b.instrs.len(), MAX_FOLLOWED + 1);
         assert!(b.instrs[..MAX_FOLLOWED].iter().all(|d| d.flow == Flow::Followed));
@@ -563,6 +583,43 @@ mod tests {
         // A jump out of the page is not followed.
         let mut p = page(&[(0, &[0xe9, 0x00, 0x10, 0, 0])]);
         assert_eq!(flows(&build_at(&mut p, 0)), [(0, Flow::Normal)]);
+    }
+
+    #[test]
+    fn a_loop_closed_by_a_jump_is_not_unrolled_into_the_block() {
+        // 0: jmp 0 (to itself): an exit, not a followed jump.
+        let mut p = page(&[(0, &[0xeb, 0xfe])]);
+        let b = build_at(&mut p, 0);
+        assert_eq!(flows(&b), [(0, Flow::Normal)]);
+        assert!(b.terminated);
+        // 0: inc rax; 3: inc rcx; 6: jne 0xa; 8: jmp 0
+        let body = [0x48, 0xff, 0xc0, 0x48, 0xff, 0xc1, 0x75, 0x02, 0xeb, 0xf6];
+        let mut p = page(&[(0, &body)]);
+        // Entered at its head, the loop is the block, closed by a real exit to itself.
+        let b = build_at(&mut p, 0);
+        assert_eq!(
+            flows(&b),
+            [
+                (0, Flow::Normal),
+                (3, Flow::Normal),
+                (6, Flow::Normal),
+                (8, Flow::Normal)
+            ]
+        );
+        assert_eq!(b.instrs[3].instr.near_branch64(), BASE);
+        // Entered in the middle, the block follows the jump back to the head and ends where
+        // it came round, falling through to its own start.
+        let b = build_at(&mut p, 3);
+        assert_eq!(
+            flows(&b),
+            [
+                (3, Flow::Normal),
+                (6, Flow::Normal),
+                (8, Flow::Followed),
+                (0, Flow::Normal)
+            ]
+        );
+        assert_eq!((b.end, b.terminated), (BASE + 3, false));
     }
 
     #[test]

@@ -25,8 +25,9 @@ const TLB_TRACKED_NONGLOBAL: usize = 1024;
 /// Entries in the indirect-branch lookup table, indexed by the low 16 bits of the guest target
 /// (a `movzx` computes that without touching flags).
 pub const IBL_ENTRIES: usize = 1 << 16;
-/// Tag of an empty TLB entry: no canonical page number equals it.
-pub const TLB_EMPTY: u64 = u64::MAX;
+/// Tag of an empty TLB entry: no page's tag (its negated page number: 0, or above
+/// 2^64 − 2^52) equals it.
+pub const TLB_EMPTY: u64 = 1;
 /// Tag of an empty indirect-branch slot: `lea rcx,[tag+target]` is zero only for the one
 /// target [`IBL_EMPTY_TARGET`], and an empty slot's host address is the miss path, which
 /// reports exactly that target. It is canonical on purpose: a non-canonical target then never
@@ -58,13 +59,22 @@ pub const MISS_WINDOW: u64 = 1 << 35;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 
-/// One soft-MMU TLB entry: guest page number and the value to add to a guest virtual address to
-/// get the host address.
+/// One soft-MMU TLB entry: the guest page number, negated — the inline lookup adds it to the
+/// accessed page's number and hits on zero (`lea`/`jrcxz`, flags untouched), which a plain
+/// page number would make it negate first, twice per access — and the value to add to a guest
+/// virtual address to get the host address.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct TlbEntry {
-    pub vpn: u64,
+    pub tag: u64,
     pub addend: u64,
+}
+
+impl TlbEntry {
+    /// The guest page number it maps, if any.
+    pub fn vpn(&self) -> Option<u64> {
+        (self.tag != TLB_EMPTY).then(|| self.tag.wrapping_neg())
+    }
 }
 
 /// Why translated code came back to the dispatcher.
@@ -293,7 +303,7 @@ pub enum TlbKind {
 }
 
 const TLB_EMPTY_ENTRY: TlbEntry = TlbEntry {
-    vpn: TLB_EMPTY,
+    tag: TLB_EMPTY,
     addend: 0,
 };
 const SLOT_GLOBAL: u8 = TlbKind::Read as u8 | TlbKind::Write as u8;
@@ -343,7 +353,7 @@ impl TlbSet {
     fn fill(&mut self, kind: TlbKind, page_va: u64, host: u64, global: bool) {
         let index = Context::tlb_index(page_va);
         let entry = TlbEntry {
-            vpn: page_va >> 12,
+            tag: (page_va >> 12).wrapping_neg(),
             addend: host.wrapping_sub(page_va),
         };
         match kind {
@@ -399,7 +409,9 @@ impl TlbSet {
     fn forget_write_host(&mut self, host_page: u64) {
         for i in self.used_slots() {
             let e = &mut self.write[i];
-            if e.vpn != TLB_EMPTY && (e.vpn << 12).wrapping_add(e.addend) == host_page {
+            if e.vpn()
+                .is_some_and(|vpn| (vpn << 12).wrapping_add(e.addend) == host_page)
+            {
                 *e = TLB_EMPTY_ENTRY;
                 self.flags[i] &= !(TlbKind::Write as u8);
             }
@@ -536,12 +548,13 @@ mod tests {
         c.fill_tlb(USER_SET, TlbKind::Read, b, 0x7000_2000, false);
         c.flush_tlb_nonglobal();
         let (ia, ib) = (Context::tlb_index(a), Context::tlb_index(b));
-        assert_eq!(c.tlbs[USER_SET].read[ia].vpn, a >> 12, "global read entry kept");
+        assert_eq!(c.tlbs[USER_SET].read[ia].vpn(), Some(a >> 12), "global read entry kept");
         assert_eq!(
-            c.tlbs[USER_SET].write[ia].vpn, TLB_EMPTY,
+            c.tlbs[USER_SET].write[ia].vpn(),
+            None,
             "non-global write entry of the same slot dropped"
         );
-        assert_eq!(c.tlbs[USER_SET].read[ib].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_SET].read[ib].vpn(), None);
         // A slot refilled with a non-global translation loses its global bit.
         c.fill_tlb(
             USER_SET,
@@ -551,21 +564,21 @@ mod tests {
             false,
         );
         c.flush_tlb_nonglobal();
-        assert_eq!(c.tlbs[USER_SET].read[ia].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_SET].read[ia].vpn(), None);
         // A page becoming code: only the write entries that reach its host page go.
         c.fill_tlb(USER_SET, TlbKind::Write, a, 0x7000_1000, true);
         c.fill_tlb(USER_SET, TlbKind::Write, b, 0x7000_2000, true);
         c.forget_write_tlb_host(0x7000_2000);
         assert_eq!(
-            (c.tlbs[USER_SET].write[ia].vpn, c.tlbs[USER_SET].write[ib].vpn),
-            (a >> 12, TLB_EMPTY)
+            (c.tlbs[USER_SET].write[ia].vpn(), c.tlbs[USER_SET].write[ib].vpn()),
+            (Some(a >> 12), None)
         );
         c.flush_tlb();
         assert!(c.tlbs[USER_SET]
             .read
             .iter()
             .chain(c.tlbs[USER_SET].write.iter())
-            .all(|e| e.vpn == TLB_EMPTY));
+            .all(|e| e.vpn().is_none()));
     }
 
     /// The flushes visit only the slots listed as in use; past the lists' capacity they fall
@@ -579,7 +592,7 @@ mod tests {
                 .read
                 .iter()
                 .chain(c.tlbs[USER_SET].write.iter())
-                .all(|e| e.vpn == TLB_EMPTY)
+                .all(|e| e.vpn().is_none())
         };
         for n in [10, TLB_TRACKED_NONGLOBAL + 5, TLB_TRACKED + 5, TLB_ENTRIES] {
             for i in 0..n as u64 {
@@ -589,15 +602,15 @@ mod tests {
             }
             c.flush_tlb_nonglobal();
             let kept = (0..TLB_ENTRIES)
-                .filter(|&i| c.tlbs[USER_SET].read[i].vpn != TLB_EMPTY)
+                .filter(|&i| c.tlbs[USER_SET].read[i].vpn().is_some())
                 .count();
             assert_eq!(kept, n.div_ceil(3), "{n} slots: only the global third stays");
-            assert!((0..n).all(|i| (c.tlbs[USER_SET].write[i].vpn != TLB_EMPTY) == (i % 3 == 0)));
+            assert!((0..n).all(|i| (c.tlbs[USER_SET].write[i].vpn().is_some()) == (i % 3 == 0)));
             // The last write entry's host page becomes code.
             let last = n as u64 - 1;
             c.fill_tlb(USER_SET, TlbKind::Write, last << 12, 0x7000_0000 + (last << 12), false);
             c.forget_write_tlb_host(0x7000_0000 + (last << 12));
-            assert_eq!(c.tlbs[USER_SET].write[last as usize].vpn, TLB_EMPTY, "{n} slots");
+            assert_eq!(c.tlbs[USER_SET].write[last as usize].vpn(), None, "{n} slots");
             c.flush_tlb();
             assert!(empty(c), "{n} slots: a full flush empties both TLBs");
         }
@@ -612,16 +625,16 @@ mod tests {
         let a = 0x40_1000u64;
         let i = Context::tlb_index(a);
         c.fill_tlb(KERNEL_SET, TlbKind::Read, a, 0x7000_1000, false);
-        assert_eq!(c.tlbs[KERNEL_SET].read[i].vpn, a >> 12);
-        assert_eq!(c.tlbs[USER_SET].read[i].vpn, TLB_EMPTY, "a CPL0 walk never serves CPL3");
+        assert_eq!(c.tlbs[KERNEL_SET].read[i].vpn(), Some(a >> 12));
+        assert_eq!(c.tlbs[USER_SET].read[i].vpn(), None, "a CPL0 walk never serves CPL3");
         c.fill_tlb(USER_SET, TlbKind::Write, a, 0x7000_1000, false);
         c.fill_tlb(KERNEL_SET, TlbKind::Write, a, 0x7000_1000, false);
         c.forget_write_tlb_host(0x7000_1000);
-        assert_eq!(c.tlbs[USER_SET].write[i].vpn, TLB_EMPTY);
-        assert_eq!(c.tlbs[KERNEL_SET].write[i].vpn, TLB_EMPTY);
+        assert_eq!(c.tlbs[USER_SET].write[i].vpn(), None);
+        assert_eq!(c.tlbs[KERNEL_SET].write[i].vpn(), None);
         c.fill_tlb(USER_SET, TlbKind::Read, a, 0x7000_1000, false);
         c.flush_tlb_nonglobal();
-        assert!(c.tlbs.iter().all(|s| s.read[i].vpn == TLB_EMPTY));
+        assert!(c.tlbs.iter().all(|s| s.read[i].vpn().is_none()));
         assert_ne!(off::tlb_read(KERNEL_SET), off::tlb_read(USER_SET));
     }
 }

@@ -917,6 +917,48 @@ fn an_asynchronous_signal_stops_a_chained_loop_at_a_block_boundary() {
 }
 
 #[test]
+fn a_kicked_loop_that_keeps_scratch_registers_borrowed_gives_them_back() {
+    use hbt_translator::host::signals::catch_kick;
+    // L: add rax,[rsi]; inc rbx; jmp L — under the soft-MMU the lookup borrows scratch
+    // registers the loop never names, and the back edge keeps them borrowed into the loop head
+    // (`emit::emit_block`). A kick unlinks the back edge: its exit stub must give every one of
+    // them its guest value back, and running again must link it to the head again.
+    let code = [0x48, 0x03, 0x06, 0x48, 0xff, 0xc3, 0xeb, 0xf8];
+    let kick = libc::SIGRTMIN() + 6;
+    catch_kick(kick).unwrap();
+    let g = SoftGuest::new(&code);
+    g.write_u64(0x6000, 3);
+    let mut t = g.translator();
+    let sentinel = |n: usize| 0x5a5a_0000_0000_0000 | (n as u64) << 8;
+    let s = t.state_mut();
+    for n in [1, 2, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+        s.gpr[n] = sentinel(n);
+    }
+    s.gpr[6] = 0x40_1000; // rsi
+                          // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() } as u64;
+    for round in 1..=2u64 {
+        let kicker = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SAFETY: signalling the test thread, which has a handler for `kick`.
+            unsafe { libc::pthread_kill(me as libc::pthread_t, kick) };
+        });
+        let before = t.state().gpr[3];
+        let exit = t.run(&mut HostPlatform, u64::MAX).unwrap();
+        kicker.join().unwrap();
+        assert!(matches!(exit, Exit::Interrupted), "round {round}: {exit:?}");
+        let s = t.state();
+        assert_eq!(s.rip, CODE_VA, "round {round}: stopped at the loop head");
+        assert!(s.gpr[3] > before + 1000, "round {round}: the loop ran linked to itself");
+        assert_eq!(s.gpr[0], 3 * s.gpr[3], "round {round}: every iteration added once");
+        assert_eq!(s.gpr[6], 0x40_1000, "round {round}");
+        for n in [1, 2, 5, 7, 8, 9, 10, 11, 12, 13, 14, 15] {
+            assert_eq!(s.gpr[n], sentinel(n), "round {round}: register {n} got its value back");
+        }
+    }
+}
+
+#[test]
 fn flags_stay_live_across_soft_mmu_accesses_in_a_copy_loop() {
     // The shape of Linux's memmove loop: the flags of `sub` decide the `jae` after four
     // memory accesses (each a TLB lookup that must not disturb them), first with TLB misses.

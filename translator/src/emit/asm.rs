@@ -280,8 +280,9 @@ fn rex(w: bool, r: usize, x: usize, b: usize) -> u8 {
 /// unit test checks both halves against iced byte for byte, for every register pair.
 impl Asm {
     /// `mov ecx,12; lea t,[s+last]; shrx t,t,rcx; shrx rcx,s,rcx; movzx ecx,cx;
-    /// lea ecx,[rcx+rcx]; mov rcx,gs:[rcx*8+table]; not t; lea rcx,[rcx+t+1]; jrcxz hit;
-    /// jmp miss` — returns the offset of the miss jump's rel32 field (bound later).
+    /// lea ecx,[rcx+rcx]; mov rcx,gs:[rcx*8+table]; lea rcx,[rcx+t]; jrcxz hit; jmp miss`
+    /// (the tag is the negated page number: `context::TlbEntry`) — returns the offset of the
+    /// miss jump's rel32 field (bound later).
     pub fn tlb_probe(&mut self, s: Register, t: Register, table: usize, last: i32) -> usize {
         let (s, t) = (reg_num(s), reg_num(t));
         let b = &mut self.buf;
@@ -315,19 +316,17 @@ impl Asm {
         // movzx ecx,cx; lea ecx,[rcx+rcx]; mov rcx,gs:[rcx*8+table]
         b.extend_from_slice(&[0x0f, 0xb7, 0xc9, 0x8d, 0x0c, 0x09, 0x65, 0x48, 0x8b, 0x0c, 0xcd]);
         b.extend_from_slice(&(table as u32).to_le_bytes());
-        // not t; lea rcx,[rcx+t+1]; jrcxz +5
-        b.extend_from_slice(&[rex(true, 0, 0, t), 0xf7, 0xd0 | (t & 7) as u8]);
-        b.extend_from_slice(&[rex(true, 1, t, 1), 0x8d, 0x4c, ((t & 7) as u8) << 3 | 1, 1]);
+        // lea rcx,[rcx+t]; jrcxz +5
+        b.extend_from_slice(&[rex(true, 1, t, 1), 0x8d, 0x0c, ((t & 7) as u8) << 3 | 1]);
         b.extend_from_slice(&[0xe3, 5]);
         self.branch32_forward(Code::Jmp_rel32_64)
     }
 
-    /// The hit path after [`Asm::tlb_probe`]: `not t; movzx ecx,t16; lea ecx,[rcx+rcx];
+    /// The hit path after [`Asm::tlb_probe`]: `movzx ecx,t16; lea ecx,[rcx+rcx];
     /// mov t,gs:[rcx*8+table+8]; lea s,[s+t]` — S becomes the host address.
     pub fn tlb_hit(&mut self, s: Register, t: Register, table: usize) {
         let (s, t) = (reg_num(s), reg_num(t));
         let b = &mut self.buf;
-        b.extend_from_slice(&[rex(true, 0, 0, t), 0xf7, 0xd0 | (t & 7) as u8]);
         if t >= 8 {
             b.push(rex(false, 0, 0, t));
         }
@@ -426,11 +425,10 @@ mod tests {
             Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::CX),
             double_ecx(),
             Instruction::with2(Code::Mov_r64_rm64, Register::RCX, entry(table)),
-            Instruction::with1(Code::Not_rm64, t),
             Instruction::with2(
                 Code::Lea_r64_m,
                 Register::RCX,
-                MemoryOperand::new(Register::RCX, t, 1, 1, 1, false, Register::None),
+                MemoryOperand::with_base_index(Register::RCX, t),
             ),
         ]);
         let hit = a.here() + 2 + 5;
@@ -439,7 +437,6 @@ mod tests {
         let probe = std::mem::take(&mut a.buf);
         let t16 = crate::emit::stack::sized16(t);
         a.emit_all(&[
-            Instruction::with1(Code::Not_rm64, t),
             Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, t16),
             double_ecx(),
             Instruction::with2(Code::Mov_r64_rm64, t, entry(table + 8)),

@@ -65,13 +65,13 @@ impl BlockEmitter<'_> {
             return self.noncanonical_direct(instr, kind);
         }
         match kind {
-            BranchKind::Jmp => self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64()),
+            BranchKind::Jmp => self.direct_exit(Code::Jmp_rel32_64, instr.near_branch64()),
             // The taken side leaves; the block goes on with the fall-through (an extended
             // block, see `block.rs`), or `emit_block` adds its exit if the block ends here.
             BranchKind::Jcc => {
                 let mut near = *instr;
                 near.as_near_branch();
-                self.exit_jump(near.code(), instr.near_branch64());
+                self.direct_exit(near.code(), instr.near_branch64());
             }
             BranchKind::CounterJump => {
                 self.counter_jump_over_next(instr)?;

@@ -10,7 +10,7 @@
 //! ```text
 //!   lea T,[S+size-1]; xor T,S; shr T,12; jnz miss     ; access crosses a page: slow path
 //!   mov T,S; shr T,12; movzx U,T8; shl U,4            ; T = page number, U = entry offset
-//!   cmp T,gs:[U+tlb.vpn]; jne miss
+//!   add T,gs:[U+tlb.tag]; jne miss                     ; the tag is −(page number)
 //!   add S,gs:[U+tlb.addend]                            ; S = host address
 //! ```
 //!
@@ -597,7 +597,7 @@ impl BlockEmitter<'_> {
         ));
         a.glue(Instruction::with2(Code::Shl_rm64_imm8, u, 4));
         let entry = |disp: usize| MemoryOperand::new(u, Register::None, 1, disp as i64, 8, false, Register::GS);
-        a.glue(Instruction::with2(Code::Cmp_r64_rm64, t, entry(table)));
+        a.glue(Instruction::with2(Code::Add_r64_rm64, t, entry(table)));
         let field = a.branch32_forward(Code::Jne_rel32_64);
         a.glue(Instruction::with2(Code::Add_r64_rm64, s, entry(table + 8)));
         self.miss_stub(field, s, info, flags_saved);
@@ -612,10 +612,10 @@ impl BlockEmitter<'_> {
     ///
     /// ```text
     ///   mov ecx,12; lea t,[s+size-1]; shrx t,t,rcx     ; t = page of the last byte
-    ///   shrx rcx,s,rcx; movzx ecx,cl; lea ecx,[rcx*2]  ; entry of the first byte's page
-    ///   mov rcx,gs:[rcx*8+tlb]; not t; lea rcx,[rcx+t+1]; jrcxz hit  ; its page == t?
+    ///   shrx rcx,s,rcx; movzx ecx,cx; lea ecx,[rcx*2]  ; entry of the first byte's page
+    ///   mov rcx,gs:[rcx*8+tlb]; lea rcx,[rcx+t]; jrcxz hit  ; its tag == −t?
     ///   jmp miss
-    /// hit: not t; movzx ecx,t8; lea ecx,[rcx*2]; mov t,gs:[rcx*8+tlb+8]; lea s,[s+t]
+    /// hit: movzx ecx,t16; lea ecx,[rcx*2]; mov t,gs:[rcx*8+tlb+8]; lea s,[s+t]
     /// ```
     ///
     /// An access that crosses into the next page misses: the entry at the first byte's index

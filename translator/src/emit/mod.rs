@@ -55,6 +55,10 @@ pub struct ExitPatch {
     pub target: u64,
     /// Offset of its exit stub (where an unchained field points).
     pub stub: u32,
+    /// A loop's back edge to the block's own start that keeps scratch registers borrowed
+    /// (see [`emit_block`]): linked, it goes to this offset (the loop head, past the block's
+    /// own borrowing stores), and it is linked to no other block.
+    pub link_at: Option<u32>,
 }
 
 /// Output of [`emit_block`].
@@ -90,8 +94,18 @@ pub const INLINE_CACHE_EMPTY: u64 = 0x8000_0000_0000_0000;
 
 /// Code emitted out of line after the block body.
 enum Cold {
-    /// Exit to `target`; `field` is the rel32 in the body that jumps here.
-    Exit { field: usize, target: u64 },
+    /// Exit to `target`; `field` is the rel32 in the body that jumps here. `restore`: the
+    /// registers (bit per hardware number) a direct `jcc`/`jmp` left borrowed; `keep`: those
+    /// a loop's back edge keeps borrowed into the loop head (see [`emit_block`]). Unless the
+    /// two are equal, a trampoline gives back `restore` minus `keep`, borrows `keep` minus
+    /// `restore`, and ends in the chainable `jmp rel32` (the exit's field then); the stub
+    /// gives back `keep`.
+    Exit {
+        field: usize,
+        target: u64,
+        restore: u16,
+        keep: u16,
+    },
     /// First miss of `inline_caches[cache]`, whose imm64 is at block offset `imm_field`:
     /// record the site and take the indirect-miss exit, so the engine fills the cache.
     CacheFill {
@@ -200,6 +214,17 @@ pub(crate) struct BlockEmitter<'a> {
     overwrite_pending: u16,
     /// The block's guest instructions use RCX (see `tlb_lookup_flag_free`).
     block_uses_rcx: bool,
+    /// The GPRs the block's guest instructions name, explicitly or not (bit per hardware
+    /// number; see `pick`).
+    block_names: u16,
+    /// The block's guest start (its own loop's back edges go there).
+    block_start: u64,
+    /// Registers borrowed at the block's entry and kept borrowed at its back edges, and the
+    /// loop head's offset after those stores (see [`emit_block`]).
+    loop_keep: u16,
+    loop_head: Option<u32>,
+    /// The registers borrowed lazily at every back edge emitted so far.
+    at_back_edges: Option<u16>,
     count_tlb_hits: bool,
     interrupt_line: Option<u64>,
     info: InstructionInfoFactory,
@@ -247,6 +272,13 @@ impl EmitOptions {
 const SCRATCH_ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2, 1, 0];
 
 /// Emits `block` for host address `base`.
+///
+/// A block that loops to its own start (a `jcc`/`jmp` back to it, or a fall-through end at
+/// it: see `block.rs`) is emitted twice. The first pass finds which scratch registers are
+/// still borrowed lazily at its back edges; the second borrows those at the block's entry and
+/// places the loop head after the stores, and its back edges keep them borrowed — each
+/// iteration of SHA-256's message-schedule loop gave back and borrowed again three registers
+/// (six memory accesses for 22 guest instructions).
 pub fn emit_block(
     block: &DecodedBlock,
     base: u64,
@@ -254,6 +286,25 @@ pub fn emit_block(
     options: EmitOptions,
     windowless: &std::collections::HashSet<u64>,
 ) -> Result<EmittedBlock, TranslateError> {
+    let (first, at_back_edges) = emit_pass(block, base, glue, options, windowless, None)?;
+    match at_back_edges {
+        Some(keep) if keep != 0 && !options.dispatcher_only => {
+            Ok(emit_pass(block, base, glue, options, windowless, Some(keep))?.0)
+        }
+        _ => Ok(first),
+    }
+}
+
+/// One emission of `block`, keeping `keep` borrowed around its own loop (see [`emit_block`]);
+/// also returns the registers borrowed lazily at every back edge to its start, if it has any.
+fn emit_pass(
+    block: &DecodedBlock,
+    base: u64,
+    glue: &Glue,
+    options: EmitOptions,
+    windowless: &std::collections::HashSet<u64>,
+    keep: Option<u16>,
+) -> Result<(EmittedBlock, Option<u16>), TranslateError> {
     let soft_mmu = options.soft_mmu;
     let mut e = BlockEmitter {
         asm: Asm::new(base),
@@ -286,6 +337,11 @@ pub fn emit_block(
         names: u16::MAX,
         overwrite_pending: 0,
         block_uses_rcx: block.instrs.iter().any(|d| names_rcx(&d.instr)),
+        block_start: block.start,
+        block_names: 0,
+        loop_keep: 0,
+        loop_head: None,
+        at_back_edges: None,
         count_tlb_hits: options.count_tlb_hits,
         interrupt_line: options.interrupt_line,
         info: InstructionInfoFactory::new(),
@@ -297,6 +353,18 @@ pub fn emit_block(
         spill_slot(Register::R11),
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
+    if let Some(keep) = keep {
+        for n in (0..16).filter(|n| keep & (1 << n) != 0) {
+            e.borrow(asm::gpr64(n));
+        }
+        e.lazy = keep;
+        e.loop_keep = keep;
+        e.loop_head = Some(e.asm.buf.len() as u32);
+    }
+    e.block_names = block
+        .instrs
+        .iter()
+        .fold(0, |m, d| m | named_gprs(e.info.info(&d.instr)));
     e.plan_windows(block, windowless);
     for (index, d) in block.instrs.iter().enumerate() {
         e.index = index;
@@ -315,7 +383,23 @@ pub fn emit_block(
         // A register the instruction only overwrites (32 or 64 bits) needs no reload: it
         // stays borrowed while the instruction is emitted (a fault in it must show the old
         // value, from the spill slot) and is the instruction's own afterwards.
-        let (needed, overwritten) = if copied { e.read_gprs(&d.instr) } else { (u16::MAX, 0) };
+        // A direct `jcc`/`jmp` gives them back only on its taken side (`Cold::Exit`): the
+        // fall-through side goes on with them borrowed, so an extended block's next access
+        // needs no store again.
+        // A followed `jmp` emits nothing: nothing needs them back.
+        let direct = d.flow == Flow::Followed
+            || d.flow == Flow::Normal
+                && matches!(
+                    d.rule,
+                    Rule::Branch(crate::rules::BranchKind::Jcc | crate::rules::BranchKind::Jmp)
+                );
+        let (needed, overwritten) = if copied {
+            e.read_gprs(&d.instr)
+        } else if direct {
+            (0, 0)
+        } else {
+            (u16::MAX, 0)
+        };
         e.flush_lazy(needed);
         e.names = needed | overwritten;
         e.overwrite_pending = e.lazy & overwritten;
@@ -373,23 +457,21 @@ pub fn emit_block(
     }
     e.names = u16::MAX;
     e.release_held();
-    e.flush_lazy(u16::MAX);
     if !block.ends_in_transfer() {
-        let here_field = e.asm.branch32_forward(Code::Jmp_rel32_64);
-        e.cold.push(Cold::Exit {
-            field: here_field,
-            target: block.end,
-        });
+        e.direct_exit(Code::Jmp_rel32_64, block.end);
     }
     e.emit_cold();
-    Ok(EmittedBlock {
-        code: e.asm.buf,
-        sites: e.sites,
-        exits: e.exits,
-        inline_caches: e.inline_caches,
-        windows: e.windows.opened,
-        window_accesses: e.windows.accesses,
-    })
+    Ok((
+        EmittedBlock {
+            code: e.asm.buf,
+            sites: e.sites,
+            exits: e.exits,
+            inline_caches: e.inline_caches,
+            windows: e.windows.opened,
+            window_accesses: e.windows.accesses,
+        },
+        e.at_back_edges,
+    ))
 }
 
 /// Whether `instr` names RCX (or a part of it) as an operand or in its address, or uses it as
@@ -515,13 +597,19 @@ impl BlockEmitter<'_> {
         }
     }
 
-    /// Picks a register not in `avoid` (bit per hardware number), not RSP and not borrowed.
+    /// Picks a register not in `avoid` (bit per hardware number), not RSP and not borrowed:
+    /// one the block's guest code never names if there is one, so that, borrowed lazily, it
+    /// stays borrowed to the block's end (and round its loop) instead of going back and
+    /// being borrowed again around each guest instruction that names it. (Compilers give
+    /// leaf code R8–R11 first, the registers glue preferred alone: SHA-256's round loop gave
+    /// back and borrowed three of them every iteration.)
     fn pick(&self, avoid: u16) -> Register {
         let taken = avoid | self.spilled | (1 << 4);
         let n = SCRATCH_ORDER
             .iter()
             .copied()
-            .find(|&n| taken & (1 << n) == 0)
+            .find(|&n| (taken | self.block_names) & (1 << n) == 0)
+            .or_else(|| SCRATCH_ORDER.iter().copied().find(|&n| taken & (1 << n) == 0))
             .expect("a free scratch register");
         asm::gpr64(n)
     }
@@ -594,19 +682,77 @@ impl BlockEmitter<'_> {
         self.asm.branch32(Code::Jmp_rel32_64, exit);
     }
 
+    /// The exit of a direct `jcc`/`jmp` (or a block's fall-through end) to guest `target`,
+    /// with only lazily borrowed registers borrowed: they stay so past a `jcc`, and the taken
+    /// side gives them back (`Cold::Exit`) — but those a back edge to the block's own start
+    /// keeps borrowed into the loop head (see [`emit_block`]).
+    fn direct_exit(&mut self, code: Code, target: u64) {
+        debug_assert_eq!(
+            self.spilled, self.lazy,
+            "only lazily borrowed registers at a direct exit"
+        );
+        let mut keep = 0;
+        if target == self.block_start {
+            self.at_back_edges = Some(self.at_back_edges.map_or(self.lazy, |k| k & self.lazy));
+            keep = self.loop_keep;
+        }
+        if code == Code::Jmp_rel32_64 {
+            // Unconditional: the registers change hands in line, no trampoline.
+            self.flush_lazy(!keep);
+            let missing = keep & !self.spilled;
+            for n in (0..16).filter(|n| missing & (1 << n) != 0) {
+                self.borrow(asm::gpr64(n));
+            }
+        }
+        let field = self.asm.branch32_forward(code);
+        self.cold.push(Cold::Exit {
+            field,
+            target,
+            restore: self.spilled,
+            keep,
+        });
+        if code == Code::Jmp_rel32_64 {
+            // Nothing runs after it: nothing is borrowed there.
+            self.spilled = 0;
+            self.lazy = 0;
+        }
+    }
+
     /// A chainable jump (`code` is `jmp rel32` or a `jcc rel32`) to guest `target`.
     fn exit_jump(&mut self, code: Code, target: u64) {
         let field = self.asm.branch32_forward(code);
-        self.cold.push(Cold::Exit { field, target });
+        self.cold.push(Cold::Exit {
+            field,
+            target,
+            restore: 0,
+            keep: 0,
+        });
     }
 
     fn emit_cold(&mut self) {
         for cold in std::mem::take(&mut self.cold) {
             match cold {
-                Cold::Exit { field, target } => {
+                Cold::Exit {
+                    field,
+                    target,
+                    restore,
+                    keep,
+                } => {
+                    let field = if restore != keep {
+                        self.bind_here(field);
+                        self.restore_guest(restore & !keep, false);
+                        for n in (0..16).filter(|n| keep & !restore & (1 << n) != 0) {
+                            let r = asm::gpr64(n);
+                            self.asm.mov_to_ctx(asm::spill_offset(r), r);
+                        }
+                        self.asm.branch32_forward(Code::Jmp_rel32_64)
+                    } else {
+                        field
+                    };
                     let here = self.asm.here();
                     self.asm.bind(field, here);
                     let stub = (here - self.asm.base()) as u32;
+                    self.restore_guest(keep, false);
                     let link = self.asm.base() + field as u64;
                     self.asm.store_ctx_u64(off::RIP, target);
                     self.asm.store_ctx_u64(off::EXIT_LINK, link);
@@ -617,6 +763,7 @@ impl BlockEmitter<'_> {
                         field: field as u32,
                         target,
                         stub,
+                        link_at: self.loop_head.filter(|_| keep != 0),
                     });
                 }
                 Cold::CacheFill {

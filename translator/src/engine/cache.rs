@@ -188,15 +188,22 @@ impl Translator {
         if !self.blocks[dst].valid || self.blocks[dst].dispatcher_only {
             return;
         }
-        let original = {
+        let (original, to) = {
             let block = &self.blocks[src];
             let off = (field - block.host) as u32;
-            match block.exits.iter().find(|e| e.field == off) {
-                Some(_) => read_rel32_target(field),
-                None => return,
-            }
+            let Some(exit) = block.exits.iter().find(|e| e.field == off) else {
+                return;
+            };
+            // A back edge that keeps registers borrowed goes to its own loop head, past the
+            // entry's stores, and into no other block (`emit::emit_block`).
+            let to = match exit.link_at {
+                None => host,
+                Some(head) if dst == src => block.host + head as u64,
+                Some(_) => return,
+            };
+            (read_rel32_target(field), to)
         };
-        self.code.patch_rel32(field, host);
+        self.code.patch_rel32(field, to);
         self.link_into(src, dst, Incoming::Jump { field, original });
         self.stats.chained += 1;
     }
