@@ -277,14 +277,14 @@ fn rex(w: bool, r: usize, x: usize, b: usize) -> u8 {
 /// The soft-MMU's flag-free TLB lookup (`emit/memop.rs`, `tlb_lookup_flag_free`), encoded by
 /// hand: it is most of a system-mode block's glue, and building it from iced `Instruction`s
 /// and encoding them was ≈9% of a Linux boot under `--accel bt` (Intel Sapphire Rapids). A
-/// unit test checks both halves against iced byte for byte, for every register pair.
+/// unit test checks both halves against iced byte for byte, for every register triple.
 impl Asm {
-    /// `mov ecx,12; lea t,[s+last]; shrx t,t,rcx; shrx rcx,s,rcx; movzx ecx,cx;
-    /// lea ecx,[rcx+rcx]; mov rcx,gs:[rcx*8+table]; lea rcx,[rcx+t]; jrcxz hit; jmp miss`
-    /// (the tag is the negated page number: `context::TlbEntry`) — returns the offset of the
-    /// miss jump's rel32 field (bound later).
-    pub fn tlb_probe(&mut self, s: Register, t: Register, table: usize, last: i32) -> usize {
-        let (s, t) = (reg_num(s), reg_num(t));
+    /// `mov ecx,12; lea t,[s+last]; shrx t,t,rcx; shrx u,s,rcx; movzx u,u16; lea u,[u+u];
+    /// mov rcx,gs:[u*8+table]; lea rcx,[rcx+t]; jrcxz hit; jmp miss` (the tag is the negated
+    /// page number: `context::TlbEntry`; U keeps the entry's index for the hit path) — returns
+    /// the offset of the miss jump's rel32 field (bound later).
+    pub fn tlb_probe(&mut self, s: Register, t: Register, u: Register, table: usize, last: i32) -> usize {
+        let (s, t, u) = (reg_num(s), reg_num(t), reg_num(u));
         let b = &mut self.buf;
         b.extend_from_slice(&[0xb9, 12, 0, 0, 0]);
         // lea t,[s+last]
@@ -312,9 +312,24 @@ impl Asm {
             ]);
         };
         shrx(b, t, t);
-        shrx(b, 1, s);
-        // movzx ecx,cx; lea ecx,[rcx+rcx]; mov rcx,gs:[rcx*8+table]
-        b.extend_from_slice(&[0x0f, 0xb7, 0xc9, 0x8d, 0x0c, 0x09, 0x65, 0x48, 0x8b, 0x0c, 0xcd]);
+        shrx(b, u, s);
+        let ul = (u & 7) as u8;
+        // movzx u32,u16
+        if u >= 8 {
+            b.push(rex(false, u, 0, u));
+        }
+        b.extend_from_slice(&[0x0f, 0xb7, 0xc0 | ul << 3 | ul]);
+        // lea u32,[u+u] (RBP/R13 as base need a zero disp8)
+        if u >= 8 {
+            b.push(rex(false, u, u, u));
+        }
+        if ul == 5 {
+            b.extend_from_slice(&[0x8d, 0x44 | ul << 3, ul << 3 | ul, 0]);
+        } else {
+            b.extend_from_slice(&[0x8d, 0x04 | ul << 3, ul << 3 | ul]);
+        }
+        // mov rcx,gs:[u*8+table]
+        b.extend_from_slice(&[0x65, rex(true, 1, u, 0), 0x8b, 0x0c, 0xc5 | ul << 3]);
         b.extend_from_slice(&(table as u32).to_le_bytes());
         // lea rcx,[rcx+t]; jrcxz +5
         b.extend_from_slice(&[rex(true, 1, t, 1), 0x8d, 0x0c, ((t & 7) as u8) << 3 | 1]);
@@ -322,16 +337,18 @@ impl Asm {
         self.branch32_forward(Code::Jmp_rel32_64)
     }
 
-    /// The hit path after [`Asm::tlb_probe`]: `movzx ecx,t16; lea ecx,[rcx+rcx];
-    /// mov t,gs:[rcx*8+table+8]; lea s,[s+t]` — S becomes the host address.
-    pub fn tlb_hit(&mut self, s: Register, t: Register, table: usize) {
-        let (s, t) = (reg_num(s), reg_num(t));
+    /// The hit path after [`Asm::tlb_probe`]: `mov t,gs:[u*8+table+8]; lea s,[s+t]` — S
+    /// becomes the host address.
+    pub fn tlb_hit(&mut self, s: Register, t: Register, u: Register, table: usize) {
+        let (s, t, u) = (reg_num(s), reg_num(t), reg_num(u));
         let b = &mut self.buf;
-        if t >= 8 {
-            b.push(rex(false, 0, 0, t));
-        }
-        b.extend_from_slice(&[0x0f, 0xb7, 0xc8 | (t & 7) as u8, 0x8d, 0x0c, 0x09]);
-        b.extend_from_slice(&[0x65, rex(true, t, 0, 0), 0x8b, ((t & 7) as u8) << 3 | 4, 0xcd]);
+        b.extend_from_slice(&[
+            0x65,
+            rex(true, t, u, 0),
+            0x8b,
+            ((t & 7) as u8) << 3 | 4,
+            0xc5 | ((u & 7) as u8) << 3,
+        ]);
         b.extend_from_slice(&((table + 8) as u32).to_le_bytes());
         // lea s,[s+t] (RBP/R13 as base need a zero disp8)
         b.extend_from_slice(&[rex(true, s, t, s), 0x8d]);
@@ -406,24 +423,17 @@ mod tests {
     }
 
     /// The TLB lookup as iced builds and encodes it: the reference for the hand encoding.
-    fn tlb_lookup_by_iced(s: Register, t: Register, table: usize, last: i64) -> (Vec<u8>, Vec<u8>) {
-        let entry =
-            |disp: usize| MemoryOperand::new(Register::None, Register::RCX, 8, disp as i64, 8, false, Register::GS);
-        let double_ecx = || {
-            Instruction::with2(
-                Code::Lea_r32_m,
-                Register::ECX,
-                MemoryOperand::with_base_index(Register::RCX, Register::RCX),
-            )
-        };
+    fn tlb_lookup_by_iced(s: Register, t: Register, u: Register, table: usize, last: i64) -> (Vec<u8>, Vec<u8>) {
+        let entry = |disp: usize| MemoryOperand::new(Register::None, u, 8, disp as i64, 8, false, Register::GS);
+        let u32_ = u.full_register32();
         let mut a = Asm::new(0x1000);
         a.emit_all(&[
             Instruction::with2(Code::Mov_r32_imm32, Register::ECX, 12u32),
             Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, last)),
             Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, t, t, Register::RCX),
-            Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, Register::RCX, s, Register::RCX),
-            Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::CX),
-            double_ecx(),
+            Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, u, s, Register::RCX),
+            Instruction::with2(Code::Movzx_r32_rm16, u32_, crate::emit::stack::sized16(u)),
+            Instruction::with2(Code::Lea_r32_m, u32_, MemoryOperand::with_base_index(u, u)),
             Instruction::with2(Code::Mov_r64_rm64, Register::RCX, entry(table)),
             Instruction::with2(
                 Code::Lea_r64_m,
@@ -435,10 +445,7 @@ mod tests {
         a.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
         a.branch32_forward(Code::Jmp_rel32_64);
         let probe = std::mem::take(&mut a.buf);
-        let t16 = crate::emit::stack::sized16(t);
         a.emit_all(&[
-            Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, t16),
-            double_ecx(),
             Instruction::with2(Code::Mov_r64_rm64, t, entry(table + 8)),
             Instruction::with2(Code::Lea_r64_m, s, MemoryOperand::with_base_index(s, t)),
         ]);
@@ -456,16 +463,20 @@ mod tests {
 
     #[test]
     fn hand_encoded_tlb_lookup_matches_iced_byte_for_byte() {
-        for s in (0..16).filter(|&n| n != 4 && n != 1).map(gpr64) {
-            for t in (0..16).filter(|&n| n != 4 && n != 1 && n != reg_num(s)).map(gpr64) {
-                for (table, last) in [(0x3378, 0), (0x10_3378, 1), (0x3378, 7), (0x3378, 127), (0x3378, 255)] {
-                    let (probe, hit) = tlb_lookup_by_iced(s, t, table, last);
-                    let mut a = Asm::new(0x1000);
-                    a.tlb_probe(s, t, table, last as i32);
-                    assert_eq!(a.buf, probe, "probe s={s:?} t={t:?} last={last}");
-                    a.buf.clear();
-                    a.tlb_hit(s, t, table);
-                    assert_eq!(a.buf, hit, "hit s={s:?} t={t:?}");
+        let usable = |n: usize| n != 4 && n != 1;
+        for s in (0..16).filter(|&n| usable(n)) {
+            for t in (0..16).filter(|&n| usable(n) && n != s) {
+                for u in (0..16).filter(|&n| usable(n) && n != s && n != t) {
+                    let (s, t, u) = (gpr64(s), gpr64(t), gpr64(u));
+                    for (table, last) in [(0x3378, 0), (0x10_3378, 1), (0x3378, 7), (0x3378, 127), (0x3378, 255)] {
+                        let (probe, hit) = tlb_lookup_by_iced(s, t, u, table, last);
+                        let mut a = Asm::new(0x1000);
+                        a.tlb_probe(s, t, u, table, last as i32);
+                        assert_eq!(a.buf, probe, "probe s={s:?} t={t:?} u={u:?} last={last}");
+                        a.buf.clear();
+                        a.tlb_hit(s, t, u, table);
+                        assert_eq!(a.buf, hit, "hit s={s:?} t={t:?} u={u:?}");
+                    }
                 }
             }
         }

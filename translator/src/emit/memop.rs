@@ -608,15 +608,19 @@ impl BlockEmitter<'_> {
 
     /// The inline TLB lookup turning guest address S into a host address without touching
     /// flags (so guest flags need no save and restore: `pushfq`/`popfq` around every access
-    /// were most of the soft-MMU's cost). RCX and one more register are borrowed:
+    /// were most of the soft-MMU's cost). RCX and two more registers are borrowed:
     ///
     /// ```text
     ///   mov ecx,12; lea t,[s+size-1]; shrx t,t,rcx     ; t = page of the last byte
-    ///   shrx rcx,s,rcx; movzx ecx,cx; lea ecx,[rcx*2]  ; entry of the first byte's page
-    ///   mov rcx,gs:[rcx*8+tlb]; lea rcx,[rcx+t]; jrcxz hit  ; its tag == −t?
+    ///   shrx u,s,rcx; movzx u,u16; lea u,[u*2]         ; entry of the first byte's page
+    ///   mov rcx,gs:[u*8+tlb]; lea rcx,[rcx+t]; jrcxz hit  ; its tag == −t?
     ///   jmp miss
-    /// hit: movzx ecx,t16; lea ecx,[rcx*2]; mov t,gs:[rcx*8+tlb+8]; lea s,[s+t]
+    /// hit: mov t,gs:[u*8+tlb+8]; lea s,[s+t]
     /// ```
+    ///
+    /// (U keeps the entry's index for the hit path, which recomputed it from T in two more
+    /// instructions before: the third register is usually one the block never names, borrowed
+    /// once for the whole block.)
     ///
     /// An access that crosses into the next page misses: the entry at the first byte's index
     /// can only hold pages with that index, never the next page.
@@ -656,9 +660,13 @@ impl BlockEmitter<'_> {
         } else {
             0
         };
-        let field = self.asm.tlb_probe(s, t, table, last);
+        let u = self.take_scratch(
+            used | (1 << reg_num(s)) | (1 << 1) | (1 << reg_num(t)) | parked.map_or(0, |p| 1 << reg_num(p)),
+        );
+        let field = self.asm.tlb_probe(s, t, u, table, last);
         self.miss_stub_parked(field, s, info, false, parked);
-        self.asm.tlb_hit(s, t, table);
+        self.asm.tlb_hit(s, t, u, table);
+        self.release_scratch(u);
         self.count_tlb_hit(t);
         match parked {
             Some(p) => {
