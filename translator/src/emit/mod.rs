@@ -223,8 +223,6 @@ pub(crate) struct BlockEmitter<'a> {
     /// loop head's offset after those stores (see [`emit_block`]).
     loop_keep: u16,
     loop_head: Option<u32>,
-    /// The registers borrowed lazily at every back edge emitted so far.
-    at_back_edges: Option<u16>,
     count_tlb_hits: bool,
     interrupt_line: Option<u64>,
     info: InstructionInfoFactory,
@@ -274,11 +272,12 @@ const SCRATCH_ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2,
 /// Emits `block` for host address `base`.
 ///
 /// A block that loops to its own start (a `jcc`/`jmp` back to it, or a fall-through end at
-/// it: see `block.rs`) is emitted twice. The first pass finds which scratch registers are
-/// still borrowed lazily at its back edges; the second borrows those at the block's entry and
-/// places the loop head after the stores, and its back edges keep them borrowed — each
-/// iteration of SHA-256's message-schedule loop gave back and borrowed again three registers
-/// (six memory accesses for 22 guest instructions).
+/// it: see `block.rs`) and accesses memory through the soft-MMU borrows, at its entry, the
+/// scratch registers its TLB lookups will take ([`BlockEmitter::loop_scratch`]); the loop
+/// head comes after those stores and the back edges keep them borrowed — each iteration of
+/// SHA-256's message-schedule loop gave back and borrowed again three registers (six memory
+/// accesses for 22 guest instructions). (Emitting such a block twice, to learn what its back
+/// edges hold, cost a Linux boot ≈20% more translation time.)
 pub fn emit_block(
     block: &DecodedBlock,
     base: u64,
@@ -286,25 +285,6 @@ pub fn emit_block(
     options: EmitOptions,
     windowless: &std::collections::HashSet<u64>,
 ) -> Result<EmittedBlock, TranslateError> {
-    let (first, at_back_edges) = emit_pass(block, base, glue, options, windowless, None)?;
-    match at_back_edges {
-        Some(keep) if keep != 0 && !options.dispatcher_only => {
-            Ok(emit_pass(block, base, glue, options, windowless, Some(keep))?.0)
-        }
-        _ => Ok(first),
-    }
-}
-
-/// One emission of `block`, keeping `keep` borrowed around its own loop (see [`emit_block`]);
-/// also returns the registers borrowed lazily at every back edge to its start, if it has any.
-fn emit_pass(
-    block: &DecodedBlock,
-    base: u64,
-    glue: &Glue,
-    options: EmitOptions,
-    windowless: &std::collections::HashSet<u64>,
-    keep: Option<u16>,
-) -> Result<(EmittedBlock, Option<u16>), TranslateError> {
     let soft_mmu = options.soft_mmu;
     let mut e = BlockEmitter {
         asm: Asm::new(base),
@@ -341,7 +321,6 @@ fn emit_pass(
         block_names: 0,
         loop_keep: 0,
         loop_head: None,
-        at_back_edges: None,
         count_tlb_hits: options.count_tlb_hits,
         interrupt_line: options.interrupt_line,
         info: InstructionInfoFactory::new(),
@@ -353,7 +332,11 @@ fn emit_pass(
         spill_slot(Register::R11),
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
-    if let Some(keep) = keep {
+    e.block_names = block
+        .instrs
+        .iter()
+        .fold(0, |m, d| m | named_gprs(e.info.info(&d.instr)));
+    if let Some(keep) = e.loop_scratch(block, options) {
         for n in (0..16).filter(|n| keep & (1 << n) != 0) {
             e.borrow(asm::gpr64(n));
         }
@@ -361,10 +344,6 @@ fn emit_pass(
         e.loop_keep = keep;
         e.loop_head = Some(e.asm.buf.len() as u32);
     }
-    e.block_names = block
-        .instrs
-        .iter()
-        .fold(0, |m, d| m | named_gprs(e.info.info(&d.instr)));
     e.plan_windows(block, windowless);
     for (index, d) in block.instrs.iter().enumerate() {
         e.index = index;
@@ -461,17 +440,14 @@ fn emit_pass(
         e.direct_exit(Code::Jmp_rel32_64, block.end);
     }
     e.emit_cold();
-    Ok((
-        EmittedBlock {
-            code: e.asm.buf,
-            sites: e.sites,
-            exits: e.exits,
-            inline_caches: e.inline_caches,
-            windows: e.windows.opened,
-            window_accesses: e.windows.accesses,
-        },
-        e.at_back_edges,
-    ))
+    Ok(EmittedBlock {
+        code: e.asm.buf,
+        sites: e.sites,
+        exits: e.exits,
+        inline_caches: e.inline_caches,
+        windows: e.windows.opened,
+        window_accesses: e.windows.accesses,
+    })
 }
 
 /// Whether `instr` names RCX (or a part of it) as an operand or in its address, or uses it as
@@ -597,6 +573,41 @@ impl BlockEmitter<'_> {
         }
     }
 
+    /// The scratch registers a block that loops to its own start keeps borrowed round the loop,
+    /// if it is one and accesses memory through the soft-MMU: those its first flag-free TLB
+    /// lookup takes (`memop.rs`) — RCX, or in a block that names RCX a register to park it in,
+    /// and two more — which [`BlockEmitter::pick`] and the lazy borrowing make the ones every
+    /// later lookup takes too, among the registers the block never names. A wrong guess costs
+    /// a store or a load per iteration, as before; the fault sites record what is borrowed.
+    fn loop_scratch(&self, block: &DecodedBlock, options: EmitOptions) -> Option<u16> {
+        use crate::rules::BranchKind;
+        if !self.soft_mmu || options.dispatcher_only {
+            return None;
+        }
+        let back_edge = |d: &crate::block::DecodedInstr| {
+            d.flow == Flow::Normal
+                && matches!(d.rule, Rule::Branch(BranchKind::Jcc | BranchKind::Jmp))
+                && d.instr.near_branch64() == block.start
+        };
+        let loops = block.instrs.iter().any(back_edge) || !block.ends_in_transfer() && block.end == block.start;
+        let accesses = block
+            .instrs
+            .iter()
+            .any(|d| matches!(d.rule, Rule::Stack(_)) || d.instr.op_kinds().any(|k| k == iced_x86::OpKind::Memory));
+        if !loops || !accesses {
+            return None;
+        }
+        let rcx_free = !self.block_uses_rcx && self.block_names & (1 << 1) == 0;
+        let mut keep = if rcx_free { 1 << 1 } else { 0 };
+        let unnamed = SCRATCH_ORDER
+            .iter()
+            .filter(|&&n| n != 1 && self.block_names & (1 << n) == 0);
+        for &n in unnamed.take(if rcx_free { 2 } else { 3 }) {
+            keep |= 1 << n;
+        }
+        (keep != 0).then_some(keep)
+    }
+
     /// Picks a register not in `avoid` (bit per hardware number), not RSP and not borrowed:
     /// one the block's guest code never names if there is one, so that, borrowed lazily, it
     /// stays borrowed to the block's end (and round its loop) instead of going back and
@@ -691,11 +702,7 @@ impl BlockEmitter<'_> {
             self.spilled, self.lazy,
             "only lazily borrowed registers at a direct exit"
         );
-        let mut keep = 0;
-        if target == self.block_start {
-            self.at_back_edges = Some(self.at_back_edges.map_or(self.lazy, |k| k & self.lazy));
-            keep = self.loop_keep;
-        }
+        let keep = if target == self.block_start { self.loop_keep } else { 0 };
         if code == Code::Jmp_rel32_64 {
             // Unconditional: the registers change hands in line, no trampoline.
             self.flush_lazy(!keep);
