@@ -597,7 +597,8 @@ impl BlockEmitter<'_> {
         if !loops || !accesses {
             return None;
         }
-        let rcx_free = !self.block_uses_rcx && self.block_names & (1 << 1) == 0;
+        // (`block_names` holds every use of RCX, `block_uses_rcx` only the explicit ones.)
+        let rcx_free = self.block_names & (1 << 1) == 0;
         let mut keep = if rcx_free { 1 << 1 } else { 0 };
         let unnamed = SCRATCH_ORDER
             .iter()
