@@ -436,7 +436,7 @@ fn report(
         ),
         format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
-             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps (keeping {} links), {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
+             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
             s.blocks_translated,
             s.guest_instructions_translated,
             t.code_cache_used() >> 10,
@@ -447,7 +447,6 @@ fn report(
             s.emulated,
             s.flushes,
             s.remaps,
-            s.links_kept,
             s.page_invalidations,
             s.invalidated_blocks,
             s.mmio_accesses
@@ -512,7 +511,6 @@ fn report(
             "emulated": s.emulated,
             "flushes": s.flushes,
             "remaps": s.remaps,
-            "links_kept_by_remaps": s.links_kept,
             "page_invalidations": s.page_invalidations,
             "invalidated_blocks": s.invalidated_blocks,
             "mmio_accesses": s.mmio_accesses,

@@ -6,9 +6,8 @@ use super::*;
 
 /// Something in another block that jumps straight into this one.
 pub(super) enum Incoming {
-    /// A chained `jmp/jcc rel32` at `field`; `original` is its exit stub, `target` where it
-    /// jumps when linked.
-    Jump { field: u64, original: u64, target: u64 },
+    /// A chained `jmp/jcc rel32` at `field`; `original` is its exit stub.
+    Jump { field: u64, original: u64 },
     /// A filled return cache (absolute addresses of its fields and of its lookup path).
     InlineCache {
         imm: u64,
@@ -20,14 +19,6 @@ pub(super) enum Incoming {
 }
 
 impl Incoming {
-    /// The field that makes the link (one link per field).
-    fn site(&self) -> u64 {
-        match *self {
-            Incoming::Jump { field, .. } => field,
-            Incoming::InlineCache { imm, .. } => imm,
-        }
-    }
-
     /// Puts the link back to its unlinked form (exit stub; empty cache that fills on its next
     /// miss). Allocation-free: the signal handlers call it too.
     ///
@@ -44,7 +35,7 @@ impl Incoming {
             unsafe { std::ptr::write_unaligned(field as *mut i32, target.wrapping_sub(field + 4) as i32) }
         };
         match *self {
-            Incoming::Jump { field, original, .. } => rel32(field, original),
+            Incoming::Jump { field, original } => rel32(field, original),
             Incoming::InlineCache {
                 imm,
                 rel,
@@ -110,15 +101,6 @@ pub(super) struct Block {
     /// `if`); undoing them at each CR3 write made the dispatcher chain them again (≈35% of a
     /// fork/exec-heavy guest's block exits).
     pub(super) incoming_same_pages: Vec<Incoming>,
-    /// Chained jumps into it undone because its code did not map as before after an
-    /// address-space change (or an INVLPG of its page): made again, without a dispatcher exit
-    /// each, when it is found current again ([`Translator::revalidate`]). A new process maps
-    /// its code page by page as it faults, and each page's blocks were chained anew one
-    /// dispatcher exit at a time (≈580 exits per fork+exec of a Linux guest's shell).
-    pub(super) dormant: Vec<Incoming>,
-    /// It is in `Translator::linked` or `linked_global` (once, however often its links are
-    /// undone and made again between two remaps).
-    pub(super) listed: bool,
     pub(super) inline_caches: Vec<crate::emit::InlineCache>,
     pub(super) valid: bool,
     /// Lowest and highest (exclusive) guest virtual address its instructions occupy
@@ -130,9 +112,6 @@ pub(super) struct Block {
     pub(super) epoch: u64,
     /// Soft-MMU: every page of its code was mapped global, as of `global_epoch`.
     pub(super) global: bool,
-    /// The privilege its code was fetched at (and is checked at when revalidated: a block
-    /// translated at CPL3 needs user pages).
-    pub(super) cpl: crate::state::Cpl,
     pub(super) global_epoch: u64,
     /// Soft-MMU: not translated code but one instruction the engine performs (a system
     /// instruction, a string instruction, `pushf`…), decoded once. It has no host code and no
@@ -224,21 +203,8 @@ impl Translator {
             };
             (read_rel32_target(field), to)
         };
-        if original == to {
-            // Made again already: the dispatcher found `dst` current, which woke its dormant
-            // links (`wake`), this one among them.
-            return;
-        }
         self.code.patch_rel32(field, to);
-        self.link_into(
-            src,
-            dst,
-            Incoming::Jump {
-                field,
-                original,
-                target: to,
-            },
-        );
+        self.link_into(src, dst, Incoming::Jump { field, original });
         self.stats.chained += 1;
     }
 
@@ -289,66 +255,42 @@ impl Translator {
     /// cleared while they are few: system mode flushes at every address-space switch, and a
     /// full 1 MiB fill each time cost 7% of a Linux boot.
     pub(super) fn flush_ibl(&mut self) {
-        let empty = self.glue.ibl_empty;
-        let ctx = self.ctx.get_mut();
-        for (set, lists) in self.ibl_used.iter_mut().enumerate() {
-            if lists.iter().any(|list| list.len() >= IBL_ENTRIES / 16) {
-                // Slots filled past a list's end are not known: all go.
-                ctx.flush_ibl(set, empty);
-            } else {
-                let table = &mut ctx.ibls[set];
-                for (slot, _) in lists.iter().flatten() {
-                    table.hosts[*slot as usize] = empty;
-                    table.tags[*slot as usize] = IBL_EMPTY_TAG;
-                }
-            }
-            lists.iter_mut().for_each(Vec::clear);
-        }
+        self.flush_ibl_keeping(false);
     }
 
-    /// [`Translator::flush_ibl`] after an address-space change: with `keep_global` (a CR3
-    /// write that leaves global translations) the entries of global blocks stay, and in any
-    /// case so do those of blocks whose code still maps as when it was translated
-    /// ([`Translator::revalidate`]). Refilling global entries through the dispatcher after each
-    /// of a Linux boot's ≈17,600 CR3 writes made most of its indirect-branch misses; refilling
-    /// a shell's own after each switch back to it made ≈400 misses per fork+exec.
+    /// [`Translator::flush_ibl`], but with `keep_global` the entries of global blocks stay: a
+    /// CR3 write keeps those blocks valid and linked (see `remap`), and refilling their
+    /// entries through the dispatcher after each of a Linux boot's ≈17,600 CR3 writes made
+    /// most of its indirect-branch misses.
     ///
-    /// The slots of global and non-global blocks are listed apart with the block each was
-    /// filled with, so a CR3 write visits only the filled ones and finds their blocks without
-    /// a search.
+    /// The slots of global and non-global blocks are listed apart, so a CR3 write visits only
+    /// the non-global ones: the kernel's entries stay, and going over them at each of a
+    /// fork/exec-heavy guest's CR3 writes was ≈2% of its time.
     fn flush_ibl_keeping(&mut self, keep_global: bool) {
         let empty = self.glue.ibl_empty;
+        let ctx = self.ctx.get_mut();
         for set in 0..2 {
-            if self.ibl_used[set].iter().any(|list| list.len() >= IBL_ENTRIES / 16) {
+            let [local, global_slots] = &mut self.ibl_used[set];
+            if local.len() >= IBL_ENTRIES / 16 || global_slots.len() >= IBL_ENTRIES / 16 {
                 // Slots filled past a list's end are not known: all go.
-                self.ctx.get_mut().flush_ibl(set, empty);
-                self.ibl_used[set].iter_mut().for_each(Vec::clear);
+                ctx.flush_ibl(set, empty);
+                local.clear();
+                global_slots.clear();
                 continue;
             }
-            // With `keep_global` the global blocks' slots stay as they are, unvisited.
-            for kind in 0..if keep_global { 1 } else { 2 } {
-                let mut list = std::mem::take(&mut self.ibl_used[set][kind]);
-                list.retain(|&(slot, block)| {
-                    let (slot, block) = (slot as usize, block as usize);
-                    if keep_global && self.ibl_global[set][slot] {
-                        // Refilled with a global block since (listed as such too).
-                        return false;
-                    }
-                    // A slot refilled since with another block is kept only through that
-                    // block's own entry (`ibl_insert` lists a slot once per kind). A block
-                    // `remap` found current just now keeps its slot.
-                    let table = &self.ctx.get().ibls[set];
-                    let keep = table.tags[slot] != IBL_EMPTY_TAG
-                        && table.hosts[slot] == self.blocks[block].host
-                        && self.blocks[block].epoch == self.mapping_epoch;
-                    if !keep {
-                        let table = &mut self.ctx.get_mut().ibls[set];
-                        table.hosts[slot] = empty;
-                        table.tags[slot] = IBL_EMPTY_TAG;
-                    }
-                    keep
-                });
-                self.ibl_used[set][kind] = list;
+            let global = &self.ibl_global[set];
+            let table = &mut ctx.ibls[set];
+            let mut clear = |slot: u32| {
+                table.hosts[slot as usize] = empty;
+                table.tags[slot as usize] = IBL_EMPTY_TAG;
+            };
+            // A slot refilled with a non-global block is in `local` too (see `ibl_insert`).
+            for &slot in local.iter().filter(|&&slot| !(keep_global && global[slot as usize])) {
+                clear(slot);
+            }
+            local.clear();
+            if !keep_global {
+                global_slots.drain(..).for_each(&mut clear);
             }
         }
     }
@@ -356,9 +298,8 @@ impl Translator {
     /// Makes the running privilege level's table send `target` to the block entered at `host`
     /// (through its prologue).
     pub(super) fn ibl_insert(&mut self, target: u64, host: u64) {
-        let Some(block) = self.block_at_entry(host) else { return };
         // Only system mode has global blocks (and CR3 writes that keep them).
-        let global = self.system && self.blocks[block].global;
+        let global = self.system && self.block_at_entry(host).is_some_and(|b| self.blocks[b].global);
         let ctx = self.ctx.get_mut();
         let set = crate::context::level_set(ctx.state.cpl);
         let i = crate::context::Context::ibl_slot(target);
@@ -368,7 +309,7 @@ impl Translator {
         let listed = table.tags[i] != IBL_EMPTY_TAG && self.ibl_global[set][i] == global;
         let list = &mut self.ibl_used[set][global as usize];
         if !listed && list.len() < IBL_ENTRIES / 16 {
-            list.push((i as u32, block as u32));
+            list.push(i as u32);
         }
         // A slot refilled with another block takes that block's bit.
         self.ibl_global[set][i] = global;
@@ -438,8 +379,6 @@ impl Translator {
             exits: emitted.exits,
             incoming: Vec::new(),
             incoming_same_pages: Vec::new(),
-            dormant: Vec::new(),
-            listed: false,
             inline_caches: emitted.inline_caches,
             valid: cached,
             span: block.span,
@@ -447,7 +386,6 @@ impl Translator {
             epoch: self.mapping_epoch,
             global,
             global_epoch: self.global_epoch,
-            cpl: self.ctx.get().state.cpl,
             emulated: None,
             dispatcher_only,
         });
@@ -482,15 +420,12 @@ impl Translator {
             exits: Vec::new(),
             incoming: Vec::new(),
             incoming_same_pages: Vec::new(),
-            dormant: Vec::new(),
-            listed: false,
             inline_caches: Vec::new(),
             valid: true,
             mapping: mapping.into(),
             epoch: self.mapping_epoch,
             global,
             global_epoch: self.global_epoch,
-            cpl: self.ctx.get().state.cpl,
             span: (start, start + instr.len() as u64),
             emulated: Some((instr, rule)),
             dispatcher_only: false,
@@ -547,118 +482,70 @@ impl Translator {
         let b = &mut self.blocks[i];
         undo_links(&mut b.incoming);
         undo_links(&mut b.incoming_same_pages);
-        b.dormant.clear();
         let empty = self.glue.ibl_empty;
         self.ctx.get_mut().ibl_forget(key, host, empty);
     }
 
     /// Records a link from block `src` into block `dst` (so invalidation and
     /// [`Translator::remap`] can undo it).
-    ///
-    /// A link is recorded once: the kick handler undoes a block's exits without forgetting
-    /// them (`callbacks::unlink_exits`), and the lists, no longer emptied at every CR3 write,
-    /// would otherwise grow by one record per tick and link.
     fn link_into(&mut self, src: usize, dst: usize, link: Incoming) {
         let (from, to) = (&self.blocks[src].mapping, &self.blocks[dst].mapping);
-        let same_pages = to.iter().next().is_some() && to.iter().all(|p| from.iter().any(|q| q == p));
-        if !same_pages {
-            self.list_linked(dst);
+        if to.iter().next().is_some() && to.iter().all(|p| from.iter().any(|q| q == p)) {
+            self.blocks[dst].incoming_same_pages.push(link);
+            return;
         }
-        let b = &mut self.blocks[dst];
-        let list = if same_pages {
-            &mut b.incoming_same_pages
-        } else {
-            &mut b.incoming
-        };
-        if !list.iter().any(|l| l.site() == link.site()) {
-            list.push(link);
-        }
-    }
-
-    /// Puts block `b`, which gets links from other pages, in the list `remap` goes over.
-    fn list_linked(&mut self, b: usize) {
-        let block = &mut self.blocks[b];
-        if !block.listed {
-            block.listed = true;
-            if block.global && block.global_epoch == self.global_epoch {
-                self.linked_global.push(b);
+        let b = &self.blocks[dst];
+        if b.incoming.is_empty() {
+            if b.global && b.global_epoch == self.global_epoch {
+                self.linked_global.push(dst);
             } else {
-                self.linked.push(b);
+                self.linked.push(dst);
             }
         }
+        self.blocks[dst].incoming.push(link);
     }
 
-    /// Makes block `b`'s dormant links again (it was just found current).
-    fn wake(&mut self, b: usize) {
-        let mut dormant = std::mem::take(&mut self.blocks[b].dormant);
-        for link in &dormant {
-            if let Incoming::Jump { field, target, .. } = *link {
-                self.code.patch_rel32(field, target);
-            }
-        }
-        self.list_linked(b);
-        let block = &mut self.blocks[b];
-        for link in dormant.drain(..) {
-            if !block.incoming.iter().any(|l| l.site() == link.site()) {
-                block.incoming.push(link);
-            }
-        }
-        // The (now empty) list keeps its allocation for the next time.
-        block.dormant = dormant;
-    }
-
-    /// The guest's address space changed (CR3, paging controls): the TLBs go, and the blocks
-    /// stay. A block with links into it from other pages, or an indirect-branch entry, is
-    /// walked now under the new page tables ([`Translator::revalidate`], each page once): if
-    /// its code still maps to the same physical pages it keeps them, otherwise they are undone
-    /// and the dispatcher revalidates it when it is next looked up. Links within the same
-    /// pages (`Block::incoming_same_pages`) always stay. Kernel text survives the
-    /// address-space switches that would otherwise retranslate it all, and a shell's code its
-    /// children's: fork and exec of the same static binary map the same page-cache frames at
-    /// the same addresses, and undoing every link at each switch made ≈580 dispatcher exits to
-    /// chain again and ≈400 indirect-branch misses per fork+exec of a Linux guest.
+    /// The guest's address space changed (CR3, INVLPG, paging controls): the TLBs and the
+    /// links between blocks go (but those within the same pages, `Block::incoming_same_pages`),
+    /// and the blocks stay. Each is revalidated (its code pages walked
+    /// again) the next time the dispatcher looks it up, and kept if they still map to the same
+    /// physical pages: kernel text survives the address-space switches that would otherwise
+    /// retranslate it all.
     ///
     /// `keep_global`: a CR3 write with CR4.PGE, which leaves global translations in the TLB,
-    /// so blocks whose code is all global need no walk. (Linux writes CR3 thousands of times
-    /// while it boots without PCID — each text_poke switches to a temporary mm and back — and
-    /// its text is global.) Blocks with links into them are listed by whether their code was
-    /// global when first linked (`linked_global`), so a CR3 write visits only the others:
-    /// walking every linked block at each of a boot's CR3 writes was 5% of it.
+    /// so links into blocks whose code is all global stay and those blocks need no
+    /// revalidation. (Linux writes CR3 thousands of times while it boots without PCID — each
+    /// text_poke switches to a temporary mm and back — and its text is global.)
+    ///
+    /// Blocks with links into them are listed by whether their code was global when first
+    /// linked (`linked_global`), so a CR3 write visits only the others: walking every linked
+    /// block at each of a boot's CR3 writes was 5% of it.
     pub(super) fn remap(&mut self, keep_global: bool) {
+        let mut undo = std::mem::take(&mut self.linked);
+        if !keep_global {
+            undo.append(&mut self.linked_global);
+        }
+        for i in undo {
+            let b = &self.blocks[i];
+            if keep_global && b.global && b.global_epoch == self.global_epoch {
+                // Became global when it was revalidated.
+                self.linked_global.push(i);
+                continue;
+            }
+            undo_links(&mut self.blocks[i].incoming);
+        }
         if keep_global {
             self.ctx.get_mut().flush_tlb_nonglobal();
         } else {
             self.ctx.get_mut().flush_tlb();
         }
+        self.flush_ibl_keeping(keep_global);
         self.mapping_epoch += 1;
         self.invalidations += 1;
         if !keep_global {
             self.global_epoch += 1;
         }
         self.stats.remaps += 1;
-        self.code_page_walks.clear();
-        let mut linked = std::mem::take(&mut self.linked);
-        if !keep_global {
-            linked.append(&mut self.linked_global);
-        }
-        for i in linked {
-            let b = &mut self.blocks[i];
-            if b.incoming.is_empty() {
-                // Its links went with an INVLPG or its invalidation.
-                b.listed = false;
-            } else if keep_global && b.global && b.global_epoch == self.global_epoch {
-                // Became global when it was revalidated.
-                self.linked_global.push(i);
-            } else if self.revalidate(i, true) {
-                self.linked.push(i);
-                self.stats.links_kept += self.blocks[i].incoming.len() as u64;
-            } else {
-                let b = &mut self.blocks[i];
-                put_to_sleep(b);
-                b.listed = false;
-            }
-        }
-        self.flush_ibl_keeping(keep_global);
     }
 
     /// INVLPG: the data TLB entries of `va`'s 2 MiB region go (the page may be a large one,
@@ -702,7 +589,7 @@ impl Translator {
                 if !b.valid {
                     return false;
                 }
-                put_to_sleep(b);
+                undo_links(&mut b.incoming);
                 ctx.ibl_forget(b.key, b.host, empty);
                 b.epoch = NEVER_VALIDATED;
                 b.global = false;
@@ -719,32 +606,13 @@ impl Translator {
         if b.epoch == self.mapping_epoch || (b.global && b.global_epoch == self.global_epoch) {
             return true;
         }
-        self.revalidate(i, false)
-    }
-
-    /// Walks block `i`'s code pages under the current page tables, fetching at the privilege
-    /// it was translated at; if each maps (executable) to the physical page its code came
-    /// from, the block is current in this mapping epoch. Walking for a CR3 write before the
-    /// new address space runs a single instruction is what a CPU filling its TLB ahead may do
-    /// (accessed bits included). `memo`: during a remap, each page is walked once for all its
-    /// blocks (`code_page_walks`).
-    pub(super) fn revalidate(&mut self, i: usize, memo: bool) -> bool {
         let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
             return true;
         };
-        let mut paging = self.ctx.get().state.paging();
-        paging.cpl = self.blocks[i].cpl;
-        let privilege = (paging.cpl == crate::state::Cpl::User) as u64;
-        let walks = &mut self.code_page_walks;
+        let state = &self.ctx.get().state.paging();
         let mut global = true;
         let current = self.blocks[i].mapping.iter().all(|&(va, pa)| {
-            let walk = || soft_mmu::walk_leaf(ram, &paging, va, Access::Fetch).ok();
-            let leaf = if memo {
-                *walks.entry(va | privilege).or_insert_with(walk)
-            } else {
-                walk()
-            };
-            leaf.is_some_and(|(p, g)| {
+            soft_mmu::walk_leaf(ram, state, va, Access::Fetch).is_ok_and(|(p, g)| {
                 global &= g;
                 p & !(PAGE - 1) == pa
             })
@@ -754,9 +622,6 @@ impl Translator {
             b.epoch = self.mapping_epoch;
             b.global = global;
             b.global_epoch = self.global_epoch;
-            if !b.dormant.is_empty() {
-                self.wake(i);
-            }
         }
         current
     }
@@ -780,19 +645,6 @@ fn undo_links(links: &mut Vec<Incoming>) {
         // SAFETY: links are recorded inside the code buffer when made; the engine calls this
         // only while translated code is stopped.
         unsafe { link.undo(false) };
-    }
-}
-
-/// Undoes the links into `b` from other pages: its chained jumps become dormant (made again
-/// when it is found current, [`Translator::wake`]), its filled return caches empty. Translated
-/// code must be stopped.
-fn put_to_sleep(b: &mut Block) {
-    for link in b.incoming.drain(..) {
-        // SAFETY: as in `undo_links`.
-        unsafe { link.undo(false) };
-        if matches!(link, Incoming::Jump { .. }) {
-            b.dormant.push(link);
-        }
     }
 }
 

@@ -75,10 +75,8 @@ pub struct Stats {
     pub emulated_by_mnemonic: BTreeMap<iced_x86::Mnemonic, u64>,
     pub invalidated_blocks: u64,
     pub flushes: u64,
-    /// System mode: guest address-space changes (TLBs dropped, blocks revalidated).
+    /// System mode: guest address-space changes (links and TLBs dropped, blocks revalidated).
     pub remaps: u64,
-    /// System mode: links into blocks whose code a remap found mapped as before (kept).
-    pub links_kept: u64,
     /// System mode: INVLPGs that only dropped the data TLBs (no translated code nearby).
     pub page_invalidations: u64,
     /// Soft-MMU: accesses to guest-physical memory outside RAM (sent to the platform's devices).
@@ -144,11 +142,10 @@ pub struct Translator {
     /// The 2 MiB regions where some block's code was mapped by a 2 MiB page: INVLPG of any
     /// address there may have remapped all of it (`cache.rs`, `invalidate_page`).
     large_code_regions: std::collections::HashSet<u64>,
-    /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`), with
-    /// the block each was filled with, by whether that block is global (index 1) or not
-    /// (index 0); at `IBL_ENTRIES / 16` entries in either list the next flush clears the whole
-    /// table instead.
-    ibl_used: [[Vec<(u32, u32)>; 2]; 2],
+    /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`), by
+    /// whether the block they hold is global (index 1) or not (index 0); at `IBL_ENTRIES / 16`
+    /// entries in either list the next flush clears the whole table instead.
+    ibl_used: [[Vec<u32>; 2]; 2],
     /// Per indirect-branch slot: it holds a global block (kept by a CR3 write, see
     /// `flush_ibl_keeping`).
     ibl_global: [Vec<bool>; 2],
@@ -186,9 +183,6 @@ pub struct Translator {
     translated_xcr0: u64,
     /// Blocks with links into them (what [`Translator::remap`] must undo).
     linked: Vec<usize>,
-    /// During a [`Translator::remap`]: what each (virtual code page, privilege) maps to under
-    /// the new page tables, walked once for all the blocks on the page.
-    code_page_walks: AddrMap<Option<(u64, bool)>>,
     /// The same for blocks whose code was global when first linked (kept by a CR3 write).
     linked_global: Vec<usize>,
     /// Bumped by every guest address-space change (see `Block::epoch`).
@@ -277,7 +271,6 @@ impl Translator {
             debug: Default::default(),
             recent_events: Default::default(),
             linked: Vec::new(),
-            code_page_walks: AddrMap::default(),
             linked_global: Vec::new(),
             mapping_epoch: 0,
             global_epoch: 0,
