@@ -1300,6 +1300,42 @@ fn a_cr3_write_keeps_global_translations_and_a_pge_toggle_drops_them() {
 }
 
 #[test]
+fn a_chained_jump_into_another_page_does_not_outlive_a_cr3_write_that_remaps_that_page() {
+    // A (0x400000): mov rbx,cr3; mov cr3,rbx; jmp 0x404000 (a block of its own, chained to B)
+    //   0x10: mov rbx,cr3; mov cr3,rbx; hlt
+    // B (0x404000): frame 0x7000 holds mov eax,1; hlt — frame 0xb000 mov eax,2; hlt.
+    let mut code = vec![0x90u8; 0x20];
+    code[..11].copy_from_slice(&[0x0f, 0x20, 0xdb, 0x0f, 0x22, 0xdb, 0xe9, 0xf5, 0x3f, 0x00, 0x00]);
+    code[0x10..0x17].copy_from_slice(&[0x0f, 0x20, 0xdb, 0x0f, 0x22, 0xdb, 0xf4]);
+    let g = SoftGuest::new(&code);
+    for (frame, eax) in [(0x7000, 1u8), (0xb000, 2)] {
+        for (i, b) in [0xb8, eax, 0, 0, 0, 0xf4].into_iter().enumerate() {
+            g.write_u8(frame + i as u64, b);
+        }
+    }
+    let pte_b = 0x3000 + 4 * 8;
+    let mut t = g.translator_with(true);
+    let run = |t: &mut Translator, rip: u64| {
+        t.state_mut().rip = CODE_VA + rip;
+        let exit = t.run(&mut HostPlatform, BUDGET).unwrap();
+        assert_eq!(exit, Exit::Halt, "{exit:?} at {:#x}", t.state().rip);
+        t.state().gpr[0]
+    };
+    assert_eq!(run(&mut t, 0), 1);
+    assert_eq!(run(&mut t, 0), 1);
+    assert!(t.stats().chained > 0, "{:?}", t.stats());
+    // B's page maps another frame (no INVLPG): the CR3 write must take the link away.
+    g.write_u64(pte_b, 0xb000 | 0b111);
+    assert_eq!(run(&mut t, 0), 2, "a chained jump reached code the page no longer maps");
+    // Not present at a CR3 write, then the first frame again.
+    g.write_u64(pte_b, 0);
+    run(&mut t, 0x10);
+    g.write_u64(pte_b, 0x7000 | 0b111);
+    assert_eq!(run(&mut t, 0), 1);
+    assert_eq!(run(&mut t, 0), 1);
+}
+
+#[test]
 fn rf_restored_by_iretq_lasts_until_the_next_instruction_starts() {
     use hbt_translator::state::flags;
     // mov rax,rsp; push 0x18; push rax; push 0x10202 (RF|IF); push 0x10; lea rcx,[rip+3];

@@ -171,9 +171,7 @@ impl Translator {
 
     /// The block whose entry (see [`Translator::install`]) is `entry`.
     pub(super) fn block_at_entry(&self, entry: u64) -> Option<usize> {
-        let host = entry.wrapping_sub(IBL_PROLOGUE_LEN);
-        let at = self.by_host.partition_point(|&(h, _)| h < host);
-        self.by_host.get(at).filter(|&&(h, _)| h == host).map(|&(_, i)| i)
+        self.by_host.starting_at(entry.wrapping_sub(IBL_PROLOGUE_LEN))
     }
 
     pub(super) fn chain(&mut self, field: u64, host: u64) {
@@ -318,8 +316,7 @@ impl Translator {
     }
 
     pub(super) fn block_at_host(&self, addr: u64) -> Option<usize> {
-        let at = self.by_host.partition_point(|&(h, _)| h <= addr).checked_sub(1)?;
-        let i = self.by_host[at].1;
+        let i = self.by_host.at_or_before(addr)?;
         let b = &self.blocks[i];
         (addr < b.host + b.host_len as u64).then_some(i)
     }
@@ -392,9 +389,8 @@ impl Translator {
         if cached {
             self.by_guest.insert(key, index);
         }
-        // The code buffer only grows between flushes, so appending keeps the list sorted.
-        debug_assert!(self.by_host.last().is_none_or(|&(h, _)| h < host));
-        self.by_host.push((host, index));
+        // The code buffer only grows between flushes, so appending keeps the index sorted.
+        self.by_host.push(host, index);
         Ok(host + IBL_PROLOGUE_LEN)
     }
 

@@ -43,6 +43,7 @@ mod callbacks;
 pub mod census;
 mod debug;
 mod handover;
+mod host_index;
 mod memory;
 mod smc;
 mod softmmu;
@@ -131,10 +132,8 @@ pub struct Translator {
     census: Option<std::sync::Arc<census::CensusCounts>>,
     blocks: Vec<Block>,
     by_guest: AddrMap<usize>,
-    /// (host address, block index) in address order: blocks are appended to the code buffer,
-    /// which only grows until a flush empties both (a binary search here replaced a BTreeMap,
-    /// ≈8% of a fork/exec-heavy Linux guest).
-    by_host: Vec<(u64, usize)>,
+    /// Blocks by host address (`host_index.rs`).
+    by_host: host_index::HostIndex,
     code_pages: AddrMap<Vec<usize>>,
     /// System mode: the blocks on each 4 KiB page of guest virtual addresses (by page number),
     /// which an INVLPG of the page reaches (see `invalidate_page`).
@@ -236,6 +235,7 @@ impl Translator {
         let (glue_code, glue) = emit::glue::emit(code.cursor(), std::arch::is_x86_feature_detected!("avx"));
         code.append(&glue_code)?;
         let glue_len = code.used();
+        let by_host = host_index::HostIndex::new(code.range().0);
         let mut ctx = ContextBox::new();
         for set in 0..2 {
             ctx.get_mut().flush_ibl(set, glue.ibl_empty);
@@ -255,7 +255,7 @@ impl Translator {
             interrupted: std::sync::atomic::AtomicBool::new(false),
             stop_check: || false,
             write_protect_code: true,
-            by_host: Vec::new(),
+            by_host,
             code_pages: AddrMap::default(),
             code_vpages: Default::default(),
             large_code_regions: Default::default(),
