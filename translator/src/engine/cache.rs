@@ -472,8 +472,8 @@ impl Translator {
         self.blocks[i].valid = false;
         self.stats.invalidated_blocks += 1;
         let (key, host) = (self.blocks[i].key, self.blocks[i].host);
-        if self.by_guest.get(&key) == Some(&i) {
-            self.by_guest.remove(&key);
+        if self.by_guest.get(key) == Some(i) {
+            self.by_guest.remove(key);
         }
         let b = &mut self.blocks[i];
         undo_links(&mut b.incoming);

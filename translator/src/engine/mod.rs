@@ -38,6 +38,7 @@ const PAGE: u64 = 4096;
 pub const DEFAULT_CODE_CACHE: usize = 64 << 20;
 
 mod addr_map;
+mod block_map;
 mod cache;
 mod callbacks;
 pub mod census;
@@ -131,7 +132,7 @@ pub struct Translator {
     /// Translated instances per instruction form, while a census is recorded (`census.rs`).
     census: Option<std::sync::Arc<census::CensusCounts>>,
     blocks: Vec<Block>,
-    by_guest: AddrMap<usize>,
+    by_guest: block_map::BlockMap,
     /// Blocks by host address (`host_index.rs`).
     by_host: host_index::HostIndex,
     code_pages: AddrMap<Vec<usize>>,
@@ -250,7 +251,7 @@ impl Translator {
             census: None,
             system: config.system,
             blocks: Vec::new(),
-            by_guest: AddrMap::default(),
+            by_guest: Default::default(),
             emulated_at: AddrMap::default(),
             interrupted: std::sync::atomic::AtomicBool::new(false),
             stop_check: || false,
@@ -617,7 +618,7 @@ impl Translator {
             .filter(|s| s.kept && !self.debug.single_step)
             .map(|_| self.one_off_key(rip));
         if let Some(key) = one_off_key {
-            if let Some(&i) = self.by_guest.get(&key) {
+            if let Some(i) = self.by_guest.get(key) {
                 if self.mapping_current(i) {
                     return Ok(Lookup::Host(self.blocks[i].host + IBL_PROLOGUE_LEN));
                 }
@@ -625,7 +626,7 @@ impl Translator {
             }
         }
         if !alone {
-            if let Some(&i) = self.by_guest.get(&self.block_key(rip)) {
+            if let Some(i) = self.by_guest.get(self.block_key(rip)) {
                 if self.mapping_current(i) {
                     if let Some((instr, rule)) = self.blocks[i].emulated {
                         self.stats.emulated += 1;
