@@ -13,11 +13,19 @@ use super::addr_map::AddrMap;
 /// Entries of the direct-mapped cache (a power of two).
 const RECENT: usize = 4096;
 
-#[derive(Default)]
 pub(super) struct BlockMap {
     map: AddrMap<usize>,
     /// (key, block index + 1); index 0 marks an empty slot.
-    recent: Vec<(u64, usize)>,
+    recent: Box<[(u64, usize)]>,
+}
+
+impl Default for BlockMap {
+    fn default() -> Self {
+        BlockMap {
+            map: AddrMap::default(),
+            recent: vec![(0, 0); RECENT].into_boxed_slice(),
+        }
+    }
 }
 
 impl BlockMap {
@@ -29,9 +37,6 @@ impl BlockMap {
 
     /// The block at `key`.
     pub(super) fn get(&mut self, key: u64) -> Option<usize> {
-        if self.recent.is_empty() {
-            self.recent = vec![(0, 0); RECENT];
-        }
         let slot = &mut self.recent[Self::slot(key)];
         if slot.0 == key && slot.1 != 0 {
             return Some(slot.1 - 1);
@@ -43,17 +48,14 @@ impl BlockMap {
 
     pub(super) fn insert(&mut self, key: u64, index: usize) {
         self.map.insert(key, index);
-        if let Some(slot) = self.recent.get_mut(Self::slot(key)) {
-            *slot = (key, index + 1);
-        }
+        self.recent[Self::slot(key)] = (key, index + 1);
     }
 
     pub(super) fn remove(&mut self, key: u64) {
         self.map.remove(&key);
-        if let Some(slot) = self.recent.get_mut(Self::slot(key)) {
-            if slot.0 == key {
-                *slot = (0, 0);
-            }
+        let slot = &mut self.recent[Self::slot(key)];
+        if slot.0 == key {
+            *slot = (0, 0);
         }
     }
 
