@@ -306,7 +306,6 @@ const TLB_EMPTY_ENTRY: TlbEntry = TlbEntry {
     tag: TLB_EMPTY,
     addend: 0,
 };
-const SLOT_GLOBAL: u8 = TlbKind::Read as u8 | TlbKind::Write as u8;
 const SLOT_LISTED: u8 = 1 << 2;
 const SLOT_LISTED_NONGLOBAL: u8 = 1 << 3;
 /// A tracking list that overflowed.
@@ -399,11 +398,22 @@ impl TlbSet {
         }
     }
 
+    /// Empties the entries that map `page_va`, and only those: the slot may hold another page
+    /// (the TLB is direct-mapped), often a global kernel one, and an INVLPG empties the slots
+    /// of a whole 2 MiB region. Emptying them whatever they held made a quarter of a
+    /// fork/exec-heavy guest's TLB misses (3000 fork+exec under bt: 807–934k misses, 631k
+    /// after; Intel SPR host).
     fn forget_page(&mut self, page_va: u64) {
         let index = Context::tlb_index(page_va);
-        self.write[index] = TLB_EMPTY_ENTRY;
-        self.read[index] = TLB_EMPTY_ENTRY;
-        self.flags[index] &= !SLOT_GLOBAL;
+        let vpn = Some(page_va >> 12);
+        if self.write[index].vpn() == vpn {
+            self.write[index] = TLB_EMPTY_ENTRY;
+            self.flags[index] &= !(TlbKind::Write as u8);
+        }
+        if self.read[index].vpn() == vpn {
+            self.read[index] = TLB_EMPTY_ENTRY;
+            self.flags[index] &= !(TlbKind::Read as u8);
+        }
     }
 
     fn forget_write_host(&mut self, host_page: u64) {
@@ -579,6 +589,28 @@ mod tests {
             .iter()
             .chain(c.tlbs[USER_SET].write.iter())
             .all(|e| e.vpn().is_none()));
+    }
+
+    #[test]
+    fn forgetting_a_page_leaves_another_page_in_its_slot() {
+        let mut ctx = ContextBox::new();
+        let c = ctx.get_mut();
+        let user = 0x40_1000u64;
+        // The same slot: a kernel page whose number agrees in the index bits.
+        let kernel = 0xffff_8880_0000_0000u64 | user;
+        assert_eq!(Context::tlb_index(user), Context::tlb_index(kernel));
+        let i = Context::tlb_index(user);
+        c.fill_tlb(KERNEL_SET, TlbKind::Read, kernel, 0x7000_1000, true);
+        c.fill_tlb(KERNEL_SET, TlbKind::Write, user, 0x7000_2000, false);
+        c.forget_tlb_page(user);
+        let set = &c.tlbs[KERNEL_SET];
+        assert_eq!(set.read[i].vpn(), Some(kernel >> 12), "another page's entry kept");
+        assert_eq!(set.write[i].vpn(), None, "the page's own entry dropped");
+        // The kept entry is still global: a CR3 write keeps it.
+        c.flush_tlb_nonglobal();
+        assert_eq!(c.tlbs[KERNEL_SET].read[i].vpn(), Some(kernel >> 12));
+        c.forget_tlb_region(kernel + 0x1234);
+        assert_eq!(c.tlbs[KERNEL_SET].read[i].vpn(), None, "INVLPG in its 2 MiB region");
     }
 
     /// The flushes visit only the slots listed as in use; past the lists' capacity they fall
