@@ -337,9 +337,7 @@ pub fn emit_block(
         .iter()
         .fold(0, |m, d| m | named_gprs(e.info.info(&d.instr)));
     if let Some(keep) = e.loop_scratch(block, options) {
-        for n in (0..16).filter(|n| keep & (1 << n) != 0) {
-            e.borrow(asm::gpr64(n));
-        }
+        e.borrow_all(keep);
         e.lazy = keep;
         e.loop_keep = keep;
         e.loop_head = Some(e.asm.buf.len() as u32);
@@ -529,6 +527,22 @@ impl BlockEmitter<'_> {
         self.spilled |= 1 << n;
     }
 
+    /// Borrows every register in `mask` (bit per hardware number), none borrowed yet.
+    fn borrow_all(&mut self, mask: u16) {
+        debug_assert_eq!(self.spilled & mask, 0);
+        self.store_spills(mask);
+        self.spilled |= mask;
+    }
+
+    /// Stores the guest values of the registers in `mask` in their spill slots (the inverse
+    /// of [`BlockEmitter::restore_guest`], for code whose borrowing is not tracked: cold paths).
+    fn store_spills(&mut self, mask: u16) {
+        for n in (0..16).filter(|n| mask & (1 << n) != 0) {
+            let r = asm::gpr64(n);
+            self.asm.mov_to_ctx(asm::spill_offset(r), r);
+        }
+    }
+
     /// Gives a borrowed register back its guest value.
     fn give_back(&mut self, reg: Register) {
         self.asm.mov_from_ctx(reg, asm::spill_offset(reg));
@@ -707,10 +721,7 @@ impl BlockEmitter<'_> {
         if code == Code::Jmp_rel32_64 {
             // Unconditional: the registers change hands in line, no trampoline.
             self.flush_lazy(!keep);
-            let missing = keep & !self.spilled;
-            for n in (0..16).filter(|n| missing & (1 << n) != 0) {
-                self.borrow(asm::gpr64(n));
-            }
+            self.borrow_all(keep & !self.spilled);
         }
         let field = self.asm.branch32_forward(code);
         self.cold.push(Cold::Exit {
@@ -749,10 +760,7 @@ impl BlockEmitter<'_> {
                     let field = if restore != keep {
                         self.bind_here(field);
                         self.restore_guest(restore & !keep, false);
-                        for n in (0..16).filter(|n| keep & !restore & (1 << n) != 0) {
-                            let r = asm::gpr64(n);
-                            self.asm.mov_to_ctx(asm::spill_offset(r), r);
-                        }
+                        self.store_spills(keep & !restore);
                         self.asm.branch32_forward(Code::Jmp_rel32_64)
                     } else {
                         field
