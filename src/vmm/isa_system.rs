@@ -553,6 +553,26 @@ fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
         // with the CPU.
         return Some("kvm_pvm runs EVEX and opmask instructions at CPL3 with the host's XCR0, though the guest's lacks AVX-512 state");
     }
+    use hbt_translator::cpu::vendor::{host_has, Quirk};
+    // A REX.W far pointer (m16:64): kvm_pvm hands far transfers and segment loads to KVM's
+    // instruction emulator (the guest's selectors are not the host's), which reads m16:64,
+    // where an AMD CPU reads m16:32 (`cpu::vendor`, as the translator does).
+    if instr.memory_size() == iced_x86::MemorySize::SegPtr64 && host_has(Quirk::FarPointerIgnoresRexW) {
+        return Some("KVM's instruction emulator (kvm_pvm's far transfers and segment loads) reads a REX.W far pointer as m16:64, this AMD CPU as m16:32");
+    }
+    // `0f 0d /r` with a register operand raises #UD on an AMD CPU (natively and translated:
+    // `cpu::vendor`), which kvm_pvm then hands to KVM's emulator, which runs it as a NOP.
+    if matches!(
+        instr.code(),
+        iced_x86::Code::Reservednop_rm16_r16_0F0D
+            | iced_x86::Code::Reservednop_rm32_r32_0F0D
+            | iced_x86::Code::Reservednop_rm64_r64_0F0D
+    ) && host_has(Quirk::PrefetchOpcodeRejectsRegister)
+    {
+        return Some(
+            "an AMD CPU raises #UD for `0f 0d` with a register operand, which kvm_pvm's emulator then runs as a NOP",
+        );
+    }
     match (instr.mnemonic(), ring) {
         (M::Xbegin | M::Xend | M::Xabort | M::Xtest, _) => Some(
             "the model hides RTM (the translator raises #UD, emulate/rtm.rs tests it); kvm_pvm runs RTM natively at CPL3 and cannot at CPL0",

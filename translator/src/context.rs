@@ -53,6 +53,10 @@ pub const MISS_F16C_STORE: u64 = 1 << 33;
 /// `miss_info` bit: an EVEX access under an opmask (`mmu::masked`): pages holding only
 /// masked-off elements are not walked.
 pub const MISS_MASKED: u64 = 1 << 34;
+/// `miss_info` bits 36..39: log2 of the granule alignment checking (CPL3, CR0.AM, RFLAGS.AC)
+/// holds the access to, #AC before any page walk when it is misaligned; 0 = unchecked
+/// (`emit/alignment.rs`).
+pub const MISS_AC_SHIFT: u64 = 36;
 /// `miss_info` bit: the lookup of a window of accesses (`emit/window.rs`), not an access: its
 /// miss never faults.
 pub const MISS_WINDOW: u64 = 1 << 35;
@@ -128,7 +132,7 @@ pub struct Context {
     pub exit_link: u64,
     pub miss_va: u64,
     /// Access size in the low 16 bits, [`crate::mmu::Access`] in bits 16..24, a stack access in
-    /// bit 24, no alignment check in bit 25, [`MISS_MMX_STORE`], [`MISS_ALIGN_SHIFT`].
+    /// bit 24, [`MISS_MMX_STORE`], [`MISS_ALIGN_SHIFT`], [`MISS_AC_SHIFT`] and the other bits.
     pub miss_info: u64,
     pub rsp_save: u64,
     /// Top of `flag_stack` minus 8: where `pushfq` stored guest flags.

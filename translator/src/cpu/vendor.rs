@@ -22,12 +22,28 @@ pub enum Quirk {
     FarPointerIgnoresRexW,
     /// A far return whose CS RPL is not the CPL reads the outer SS:RSP before checking CS.
     RetfReadsOuterStackFirst,
-    /// `int1` reaches a Linux process with RIP at the instruction, not after it.
-    Int1ReportsRipAtInstruction,
     /// A faulting MMX store has already set FSW.TOP to 0.
     FaultingMmxStoreResetsTop,
     /// The F16C conversions never raise #AC.
     F16cSkipsAlignmentCheck,
+    /// Alignment checking covers 16-, 32- and 64-byte accesses too, at 16 bytes.
+    WideAccessesAlignmentChecked,
+    /// Alignment checking looks at each element of a masked AVX-512 access, not the operand.
+    MaskedAccessesCheckedPerElement,
+    /// The SHA extensions' 128-bit operands need no alignment.
+    ShaOperandsUnaligned,
+    /// A misaligned XSAVE-family image raises #GP(0) even where alignment checking is on.
+    XsaveMisalignmentIsGp,
+    /// A `vcvtps2ph` store that faults has already raised the conversion's MXCSR flags (and
+    /// an unmasked one's #XM wins over the memory fault).
+    F16cStoreFaultKeepsConversion,
+    /// An AVX2 gather that faults leaves its mask elements from the faulting one on as they
+    /// were (not normalized to all ones) and the bits above a 128-bit form's mask unchanged.
+    GatherFaultKeepsRawMask,
+    /// `0f 0d` with a register operand (a reserved NOP on Intel) raises #UD. The translator
+    /// copies it, so the host CPU decides; the system harness needs to know (its reference
+    /// emulates it).
+    PrefetchOpcodeRejectsRegister,
 }
 
 /// One vendor difference.
@@ -60,14 +76,6 @@ pub const QUIRKS: &[QuirkRow] = &[
         found: "differential harness: AMD EPYC (issue 3), Intel Xeon Sapphire Rapids (issue 10: native #GP, translated #PF)",
     },
     QuirkRow {
-        quirk: Quirk::Int1ReportsRipAtInstruction,
-        instruction: "int1 (icebp, F1)",
-        intel: "#DB trap: the signal frame's RIP is after the instruction",
-        amd: "the signal frame's RIP is the instruction itself",
-        vendors: &[Vendor::Amd],
-        found: "differential harness: AMD EPYC (issue 3), Intel Xeon Sapphire Rapids (issue 10: RIP +1)",
-    },
-    QuirkRow {
         quirk: Quirk::FaultingMmxStoreResetsTop,
         instruction: "movd/movq m, mm; movntq m64, mm (faulting)",
         intel: "FSW.TOP is already 0 when the memory fault is delivered (tags unchanged)",
@@ -84,6 +92,68 @@ pub const QUIRKS: &[QuirkRow] = &[
         vendors: &[Vendor::Intel],
         found: "differential harness on Intel Xeon Sapphire Rapids (issue 10, seed 3: native completes, soft-MMU #AC); \
                 checked by hand against vmovq/vaddss/vpinsrd, which do raise #AC there",
+    },
+    QuirkRow {
+        quirk: Quirk::WideAccessesAlignmentChecked,
+        instruction: "movups/vmovups/vaddps/lddqu/pcmpestri/vpermq… m128/m256/m512 (misaligned, RFLAGS.AC and CR0.AM set, CPL3)",
+        intel: "no #AC for an access wider than 8 bytes: the access completes (or faults #PF)",
+        amd: "#AC(0) unless the operand is 16-byte aligned (32- and 64-byte ones too), before any page walk",
+        vendors: &[Vendor::Amd],
+        found: "differential harness on AMD EPYC with AVX-512 (2026-12-06, seed 1: native #AC, soft-MMU #PF); \
+                checked by hand at offsets 1, 2, 4, 8 (#AC) and 16, 32 (none) in a native process",
+    },
+    QuirkRow {
+        quirk: Quirk::MaskedAccessesCheckedPerElement,
+        instruction: "EVEX loads and stores under an opmask k1-k7, element by element (vmovups zmm{k}, vpmovzxbq zmm{k}, m64, broadcasts), and compress stores with or without one",
+        intel: "checked by the operand's size like an unmasked access (vpmovzxbq zmm{k1}, m64 at an odd address: #AC)",
+        amd: "checked by the memory element's size whatever the mask's value (vmovups zmm{k1}: 4 bytes; vpmovzxbq/vmovdqu8: never); \
+              forms that read the whole operand (shuffles, shift counts, vinserti32x4) and unmasked expand loads are checked like unmasked ones",
+        vendors: &[Vendor::Amd],
+        found: "differential harness on AMD EPYC with AVX-512 (2026-12-06, seed 1: native completes or #PF, soft-MMU #AC); \
+                checked by hand with masks 1, 0x8000 and 0xffff",
+    },
+    QuirkRow {
+        quirk: Quirk::ShaOperandsUnaligned,
+        instruction: "sha1rnds4/sha1nexte/sha1msg1/sha1msg2/sha256rnds2/sha256msg1/sha256msg2 xmm, m128 (misaligned)",
+        intel: "#GP(0), like other legacy-SSE m128 operands",
+        amd: "the access completes (#AC with alignment checking on, like movups)",
+        vendors: &[Vendor::Amd],
+        found: "differential harness on AMD EPYC (2026-12-06, seed 1: native completes, translated #GP)",
+    },
+    QuirkRow {
+        quirk: Quirk::XsaveMisalignmentIsGp,
+        instruction: "xsave/xsavec/xsaveopt/xrstor (image not 64-byte aligned, RFLAGS.AC and CR0.AM set, CPL3)",
+        intel: "#AC(0) when the image is not even 4-byte aligned, #GP(0) otherwise (fxsave the same)",
+        amd: "#GP(0) at every misalignment (fxsave still raises #AC at offsets 1 and 2)",
+        vendors: &[Vendor::Amd],
+        found: "differential harness on AMD EPYC (2026-12-06, seed 1: native #GP, translated #AC); checked by hand at offsets 1-32",
+    },
+    QuirkRow {
+        quirk: Quirk::F16cStoreFaultKeepsConversion,
+        instruction: "vcvtps2ph m, xmm/ymm/zmm, imm8 whose store faults (#PF), the conversion inexact",
+        intel: "MXCSR already holds the conversion's flags (PE); with PE unmasked #XM is delivered instead",
+        amd: "MXCSR is unchanged and the memory fault is delivered, PE unmasked or not",
+        vendors: &[Vendor::Intel],
+        found: "Intel Xeon by hand (issue 10, `emulate/f16c.rs`); differential harness on AMD EPYC (2026-12-06, seed 1: \
+                native MXCSR 0x1f80, translated 0x1fa8), checked by hand with MXCSR 0x1f80 and 0xf80",
+    },
+    QuirkRow {
+        quirk: Quirk::GatherFaultKeepsRawMask,
+        instruction: "vpgatherdd/vgatherdps… (VEX) whose element load faults",
+        intel: "the mask is normalized first (sign set: all ones, else zero; the bits above a 128-bit form cleared), completed elements cleared",
+        amd: "elements before the faulting one are cleared, the faulting one and those after it keep their bits, the bits above a 128-bit form are kept",
+        vendors: &[Vendor::Amd],
+        found: "`hbt isa-test --system` on Intel Xeon (issue 10) and AMD EPYC (2026-12-06, seed 1: 16 forms, mask register differs); \
+                checked by hand on the EPYC with `vpgatherdd xmm0, [rax+xmm4*4], xmm14` faulting on element 2",
+    },
+    QuirkRow {
+        quirk: Quirk::PrefetchOpcodeRejectsRegister,
+        instruction: "0f 0d /r with mod = 11 (iced: Reservednop_rm*_r*_0F0D)",
+        intel: "a reserved NOP",
+        amd: "#UD (the opcode is the PREFETCH/PREFETCHW group, which needs a memory operand)",
+        vendors: &[Vendor::Amd],
+        found: "`hbt isa-test --system` on AMD EPYC (2026-12-06: KVM completes it, the translated copy raises #UD); \
+                `0f 0d c4` natively in a Linux process on that EPYC: SIGILL",
     },
 ];
 
@@ -132,9 +202,15 @@ mod tests {
         for q in [
             Quirk::FarPointerIgnoresRexW,
             Quirk::RetfReadsOuterStackFirst,
-            Quirk::Int1ReportsRipAtInstruction,
             Quirk::FaultingMmxStoreResetsTop,
             Quirk::F16cSkipsAlignmentCheck,
+            Quirk::WideAccessesAlignmentChecked,
+            Quirk::MaskedAccessesCheckedPerElement,
+            Quirk::ShaOperandsUnaligned,
+            Quirk::XsaveMisalignmentIsGp,
+            Quirk::F16cStoreFaultKeepsConversion,
+            Quirk::GatherFaultKeepsRawMask,
+            Quirk::PrefetchOpcodeRejectsRegister,
         ] {
             assert_eq!(QUIRKS.iter().filter(|r| r.quirk == q).count(), 1, "{q:?}");
         }
@@ -156,7 +232,7 @@ mod tests {
         assert_eq!(intel, Vendor::Intel);
         assert!(amd.has(Quirk::FarPointerIgnoresRexW) && !intel.has(Quirk::FarPointerIgnoresRexW));
         assert!(amd.has(Quirk::RetfReadsOuterStackFirst) && !intel.has(Quirk::RetfReadsOuterStackFirst));
-        assert!(amd.has(Quirk::Int1ReportsRipAtInstruction) && !intel.has(Quirk::Int1ReportsRipAtInstruction));
+        assert!(amd.has(Quirk::WideAccessesAlignmentChecked) && !intel.has(Quirk::WideAccessesAlignmentChecked));
         assert!(intel.has(Quirk::FaultingMmxStoreResetsTop) && !amd.has(Quirk::FaultingMmxStoreResetsTop));
         assert!(intel.has(Quirk::F16cSkipsAlignmentCheck) && !amd.has(Quirk::F16cSkipsAlignmentCheck));
     }

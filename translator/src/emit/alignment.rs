@@ -12,8 +12,15 @@
 //! (the differential harness compares them with the CPU). With
 //! RFLAGS.AC and CR0.AM set a misaligned SSE operand still raises #GP(0) (not #AC), unlike the
 //! FXSAVE/XSAVE images.
+//!
+//! Alignment *checking* (#AC at CPL3 with CR0.AM and RFLAGS.AC) is the other half: which
+//! granule an access must respect differs between vendors (`cpu::vendor` rows
+//! `WideAccessesAlignmentChecked`, `MaskedAccessesCheckedPerElement`, `F16cSkipsAlignmentCheck`).
+//! [`AlignmentCheck`] is decided per instruction here and travels in the miss info; on a TLB hit
+//! the host instruction checks itself (the host runs guest user code with the guest's AC).
 
-use iced_x86::{Instruction, Mnemonic, OpKind};
+use crate::cpu::vendor::{self, Quirk};
+use iced_x86::{Instruction, Mnemonic, OpKind, Register};
 
 /// What an instruction's memory operand must respect.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,14 +33,63 @@ pub(super) struct Requirement {
     /// AMD's misaligned SSE mode (MXCSR.MM) lifts the requirement: legacy-SSE forms other than
     /// the explicitly aligned moves.
     pub(super) waived_by_mm: bool,
+    /// An FXSAVE/XSAVE image: such an instruction neither reuses the previous instruction's
+    /// host address nor leaves its own for the next (`memop.rs`). An SSE operand may: on a
+    /// reused address the host instruction checks the alignment itself.
+    pub(super) image: bool,
 }
 
 impl Requirement {
-    /// An FXSAVE/XSAVE image's requirement: such an instruction neither reuses the previous
-    /// instruction's host address nor leaves its own for the next (`memop.rs`). An SSE
-    /// operand may: on a reused address the host instruction checks the alignment itself.
     pub(super) fn image(self) -> bool {
-        self.log2 != 0 && !self.plain_gp
+        self.image
+    }
+}
+
+/// The granule alignment checking holds an instruction's accesses to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum AlignmentCheck {
+    /// By the access's size: 2, 4 and 8 bytes (an 80-bit x87 operand: 8); wider accesses at
+    /// 16 bytes where the vendor checks them, not at all elsewhere.
+    #[default]
+    BySize,
+    /// Each element of a masked AVX-512 access (AMD): log2 of the element's size.
+    PerElement(u8),
+    /// Never checked (the host kernel performs the access, or the vendor skips the form).
+    Never,
+}
+
+impl AlignmentCheck {
+    /// The rule for `instr`'s explicit memory operand; `kernel_copies` for forms whose store the
+    /// host kernel performs itself (Linux's UMIP emulation), without alignment checking.
+    pub(super) fn for_instruction(instr: &Instruction, kernel_copies: bool) -> AlignmentCheck {
+        let f16c = matches!(instr.mnemonic(), Mnemonic::Vcvtph2ps | Mnemonic::Vcvtps2ph);
+        if kernel_copies || (f16c && vendor::host_has(Quirk::F16cSkipsAlignmentCheck)) {
+            return AlignmentCheck::Never;
+        }
+        // Compress stores count as element accesses even without an opmask (measured:
+        // `vpcompressb m512, zmm` is never checked; `vpexpandb zmm, m512` is checked at 16).
+        let per_element = instr.op_mask() != Register::None || instr.op0_kind() == OpKind::Memory;
+        if per_element
+            && crate::mmu::masked::is_masked_access(instr)
+            && vendor::host_has(Quirk::MaskedAccessesCheckedPerElement)
+        {
+            return AlignmentCheck::PerElement(crate::mmu::masked::element_size(instr).min(16).trailing_zeros() as u8);
+        }
+        AlignmentCheck::BySize
+    }
+
+    /// log2 of the alignment an access of `size` bytes must have (0: unchecked).
+    pub(super) fn granule_log2(self, size: u64) -> u8 {
+        match self {
+            AlignmentCheck::Never => 0,
+            AlignmentCheck::PerElement(log2) => log2,
+            AlignmentCheck::BySize => match size {
+                2 | 4 | 8 => size.trailing_zeros() as u8,
+                10 => 3,
+                16 | 32 | 64 if vendor::host_has(Quirk::WideAccessesAlignmentChecked) => 4,
+                _ => 0,
+            },
+        }
     }
 }
 
@@ -79,6 +135,20 @@ fn unaligned_sse(m: Mnemonic) -> bool {
     )
 }
 
+/// The SHA extensions (their m128 operand needs no alignment on some vendors).
+fn sha(m: Mnemonic) -> bool {
+    matches!(
+        m,
+        Mnemonic::Sha1rnds4
+            | Mnemonic::Sha1nexte
+            | Mnemonic::Sha1msg1
+            | Mnemonic::Sha1msg2
+            | Mnemonic::Sha256rnds2
+            | Mnemonic::Sha256msg1
+            | Mnemonic::Sha256msg2
+    )
+}
+
 /// The alignment requirement of `instr`'s explicit memory operand.
 pub(super) fn requirement(instr: &Instruction) -> Requirement {
     let m = instr.mnemonic();
@@ -86,6 +156,8 @@ pub(super) fn requirement(instr: &Instruction) -> Requirement {
     if image != 0 {
         return Requirement {
             log2: image,
+            plain_gp: super::xstate::is_xstate(instr) && vendor::host_has(Quirk::XsaveMisalignmentIsGp),
+            image: true,
             ..Requirement::default()
         };
     }
@@ -98,6 +170,7 @@ pub(super) fn requirement(instr: &Instruction) -> Requirement {
         log2,
         plain_gp: true,
         waived_by_mm,
+        image: false,
     };
     if m == Mnemonic::Cmpxchg16b {
         return plain(4, false);
@@ -110,7 +183,7 @@ pub(super) fn requirement(instr: &Instruction) -> Requirement {
     let sse = (0..instr.op_count()).any(|i| {
         instr.op_kind(i) == OpKind::Register && (instr.op_register(i).is_xmm() || instr.op_register(i).is_mm())
     });
-    if legacy && sse && size == 16 && !unaligned_sse(m) {
+    if legacy && sse && size == 16 && !unaligned_sse(m) && !(sha(m) && vendor::host_has(Quirk::ShaOperandsUnaligned)) {
         return plain(4, true);
     }
     Requirement::default()
@@ -132,6 +205,35 @@ mod tests {
             Instruction::with2(code, reg, m)
         };
         i.unwrap()
+    }
+
+    #[test]
+    fn alignment_check_granules_follow_the_host_vendor() {
+        let amd = vendor::host_has(Quirk::MaskedAccessesCheckedPerElement);
+        let mem = MemoryOperand::with_base(Register::RAX);
+        let mut masked = Instruction::with2(Code::EVEX_Vmovups_zmm_k1z_zmmm512, Register::ZMM1, mem).unwrap();
+        masked.set_op_mask(Register::K1);
+        let unmasked = Instruction::with2(Code::EVEX_Vmovups_zmm_k1z_zmmm512, Register::ZMM1, mem).unwrap();
+        let widen = {
+            let mut i = Instruction::with2(Code::EVEX_Vpmovzxbq_zmm_k1z_xmmm64, Register::ZMM1, mem).unwrap();
+            i.set_op_mask(Register::K1);
+            i
+        };
+        let rule = |i: &Instruction| AlignmentCheck::for_instruction(i, false);
+        // Measured on an AMD EPYC: `vmovups zmm{k1}` at 4-byte granules, `vpmovzxbq zmm{k1}`
+        // never, unmasked 64-byte accesses at 16; on an Intel Xeon by size, never above 8.
+        if amd {
+            assert_eq!(rule(&masked).granule_log2(64), 2);
+            assert_eq!(rule(&widen).granule_log2(8), 0);
+            assert_eq!(rule(&unmasked).granule_log2(64), 4);
+        } else {
+            assert_eq!(rule(&masked).granule_log2(64), 0);
+            assert_eq!(rule(&widen).granule_log2(8), 3);
+            assert_eq!(rule(&unmasked).granule_log2(64), 0);
+        }
+        assert_eq!(AlignmentCheck::BySize.granule_log2(4), 2);
+        assert_eq!(AlignmentCheck::BySize.granule_log2(10), 3);
+        assert_eq!(AlignmentCheck::for_instruction(&unmasked, true), AlignmentCheck::Never);
     }
 
     #[test]

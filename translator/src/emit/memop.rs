@@ -21,8 +21,8 @@
 use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
 use crate::context::{
-    off, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED, MISS_MMX_STORE,
-    MISS_WINDOW,
+    off, MISS_AC_SHIFT, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED,
+    MISS_MMX_STORE, MISS_WINDOW,
 };
 use crate::error::TranslateError;
 use crate::mmu::Access;
@@ -515,10 +515,9 @@ impl BlockEmitter<'_> {
     pub(super) fn miss_info(&self, access: Access, size: u64) -> u64 {
         // Stack-segment accesses (RSP/RBP base) raise #SS rather than #GP when non-canonical.
         let stack = matches!(self.mem_base.full_register(), Register::RSP | Register::RBP) as u64;
-        let no_alignment_check = self.no_alignment_check as u64;
         size | ((access as u64) << 16)
             | (stack << 24)
-            | (no_alignment_check << 25)
+            | ((self.alignment_check.granule_log2(size) as u64) << MISS_AC_SHIFT)
             | if self.mmx_store { MISS_MMX_STORE } else { 0 }
             | if self.f16c_store { MISS_F16C_STORE } else { 0 }
             | if self.masked_access { MISS_MASKED } else { 0 }

@@ -176,8 +176,8 @@ pub(crate) struct BlockEmitter<'a> {
     guest_len: u8,
     /// Base register of the memory operand being rewritten (for the TLB-miss segment bit).
     mem_base: Register,
-    /// The current instruction's access is not alignment-checked (the host kernel performs it).
-    no_alignment_check: bool,
+    /// How alignment checking treats the current instruction's access (`alignment.rs`).
+    alignment_check: alignment::AlignmentCheck,
     /// The guest's XCR0 (copied `xsave`/`xrstor` are narrowed to it when the host's is wider).
     guest_xcr0: u64,
     /// The current instruction stores an MMX register (see `context::MISS_MMX_STORE`).
@@ -303,7 +303,7 @@ pub fn emit_block(
         guest_rip: 0,
         guest_len: 0,
         mem_base: Register::None,
-        no_alignment_check: false,
+        alignment_check: alignment::AlignmentCheck::BySize,
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
         masked_access: false,
@@ -383,13 +383,13 @@ pub fn emit_block(
         e.lazy &= !e.overwrite_pending;
         e.guest_rip = d.instr.ip();
         e.guest_len = d.instr.len() as u8;
-        // Linux's UMIP emulator performs these stores itself, without alignment checking; the
-        // F16C conversions skip it on some vendors (`cpu::vendor`).
-        e.no_alignment_check = d.rule == Rule::UserCopy || skips_alignment_check(&d.instr);
+        // Linux's UMIP emulator performs these stores itself, without alignment checking.
+        e.alignment_check = alignment::AlignmentCheck::for_instruction(&d.instr, d.rule == Rule::UserCopy);
         e.mmx_store = is_mmx_store(&d.instr);
         e.masked_access = crate::mmu::masked::is_masked_access(&d.instr);
-        e.f16c_store =
-            d.instr.mnemonic() == iced_x86::Mnemonic::Vcvtps2ph && d.instr.op0_kind() == iced_x86::OpKind::Memory;
+        e.f16c_store = d.instr.mnemonic() == iced_x86::Mnemonic::Vcvtps2ph
+            && d.instr.op0_kind() == iced_x86::OpKind::Memory
+            && crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::F16cStoreFaultKeepsConversion);
         e.required_alignment = alignment::requirement(&d.instr);
         match d.flow {
             Flow::Normal => {}
@@ -457,14 +457,6 @@ fn names_rcx(instr: &Instruction) -> bool {
         || rcx(instr.memory_index())
         || instr.has_rep_prefix()
         || instr.has_repne_prefix()
-}
-
-/// Accesses the host CPU never alignment-checks (its vendor's quirk).
-fn skips_alignment_check(instr: &Instruction) -> bool {
-    matches!(
-        instr.mnemonic(),
-        iced_x86::Mnemonic::Vcvtph2ps | iced_x86::Mnemonic::Vcvtps2ph
-    ) && crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::F16cSkipsAlignmentCheck)
 }
 
 /// `movd/movq m, mm`, `movntq m64, mm`: a store from an MMX register.

@@ -27,7 +27,7 @@ use crate::mmu::Access;
 use iced_x86::{Code, Instruction, MemoryOperand, Mnemonic, Register};
 
 /// The user-mode XSAVE family (the supervisor forms are privileged).
-fn is_xstate(instr: &Instruction) -> bool {
+pub(super) fn is_xstate(instr: &Instruction) -> bool {
     matches!(
         instr.mnemonic(),
         Mnemonic::Xsave

@@ -4,7 +4,9 @@
 //! fault. Measured on an Intel Xeon in a Linux process (the MXCSR of the signal frame): an
 //! inexact conversion stored to an unmapped page delivers #PF with PE set, and with PE
 //! unmasked delivers #XM. The soft-MMU meets the fault on a TLB miss, before the host
-//! instruction ran, so the engine converts here to learn the flags.
+//! instruction ran, so the engine converts here to learn the flags. An AMD EPYC leaves MXCSR as
+//! it was and delivers the memory fault, PE unmasked or not (`cpu::vendor`,
+//! `F16cStoreFaultKeepsConversion`): there the emitter never marks the store.
 
 use crate::exit::{vector, GuestException};
 use crate::state::GuestState;

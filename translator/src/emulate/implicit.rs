@@ -106,8 +106,9 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
 
 /// `maskmovdqu`/`vmaskmovdqu`: the bytes of the data register whose mask byte has its sign bit
 /// set are stored at [RDI]. All or nothing: the destination is checked before any byte is
-/// stored — the high 8 bytes before the low 8, and the bytes the mask leaves out too where the
-/// host checks them (`host::quirks`, which also gives the alignment rule).
+/// stored — the high 8 bytes before the low 8 or the other way round, and the bytes the mask
+/// leaves out too where the host checks them (`host::quirks` probes both, and the alignment
+/// rule).
 fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let data = read_ymm(s, instr.op1_register().number() & 15);
     let mask = read_ymm(s, instr.op2_register().number() & 15);
@@ -126,7 +127,12 @@ fn maskmov(s: &GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Re
         ));
     }
     // Byte by byte, so that the check itself is never alignment-checked.
-    for i in (8..16).chain(0..8) {
+    let halves = if rule.high_half_first {
+        [8..16, 0..8]
+    } else {
+        [0..8, 8..16]
+    };
+    for i in halves.into_iter().flatten() {
         if rule.unselected_bytes_fault || selected(&i) {
             mem.probe_write(base.wrapping_add(i as u64), 1).map_err(|e| (e, None))?;
         }
@@ -214,8 +220,10 @@ fn is_gather(m: Mnemonic) -> bool {
 /// elements whose mask is set are loaded in order, each clearing its mask element as it
 /// completes. A fault leaves the completed elements in the destination and the normalized mask
 /// without them (the CPU does exactly this: `hbt isa-test --system` against KVM on an Intel
-/// Xeon, where CPL3 gathers run on the CPU). The upper destination half of a 128-bit form and
-/// the elements past the last are zeroed only when the gather completes.
+/// Xeon, where CPL3 gathers run on the CPU). An AMD EPYC normalizes nothing before it faults:
+/// the elements before the faulting one are cleared and the rest of the register keeps its
+/// bits (`cpu::vendor`, `GatherFaultKeepsRawMask`). The upper destination half of a 128-bit
+/// form and the elements past the last are zeroed only when the gather completes.
 fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
     let dst_reg = instr.op0_register();
     let mask_reg = instr.op2_register();
@@ -227,6 +235,7 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
     let (dn, mn) = (dst_reg.number() & 15, mask_reg.number() & 15);
     let mut dst = read_ymm(s, dn);
     let mut mask = read_ymm(s, mn);
+    let raw_mask = mask;
     // The mask has the destination's element size and the encoding's vector length (VEX.L):
     // `vpgatherqd xmm, [vm64y], xmm` is a 256-bit instruction whose mask elements past the
     // fourth are normalized too, as this host does (the SDM leaves those unused elements to
@@ -249,6 +258,10 @@ fn gather(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) ->
                 mask[at..at + es].fill(0);
             }
             Err(e) => {
+                if crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::GatherFaultKeepsRawMask) {
+                    mask = raw_mask;
+                    mask[..at].fill(0);
+                }
                 let mut partial = s.clone();
                 write_ymm(&mut partial, dn, &dst);
                 write_ymm(&mut partial, mn, &mask);
@@ -568,9 +581,15 @@ mod tests {
                 0xdddd_dddd
             ])
         );
-        // The mask: element 0 done, element 1 masked off (now 0), elements 2 and 3 pending (all
-        // ones); bits 255:128 cleared.
-        assert_eq!(read_ymm(&s, 2), dwords([0, 0, u32::MAX, u32::MAX, 0, 0, 0, 0]));
+        // The mask: element 0 done, element 1 masked off (now 0), elements 2 and 3 pending —
+        // on Intel normalized (all ones) with bits 255:128 cleared, on AMD as they were, the
+        // bits above too.
+        let mask = if crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::GatherFaultKeepsRawMask) {
+            dwords([0, 0, 0x8000_0001, 0xf000_0000, garbage, garbage, 0, 1])
+        } else {
+            dwords([0, 0, u32::MAX, u32::MAX, 0, 0, 0, 0])
+        };
+        assert_eq!(read_ymm(&s, 2), mask);
 
         // Completed: the mask ends all zero, the destination's upper half is zeroed.
         let mut s = before;
@@ -584,9 +603,10 @@ mod tests {
     }
 
     #[test]
-    fn a_256_bit_gather_of_dwords_by_qword_indices_normalizes_its_whole_mask_on_a_fault() {
+    fn a_256_bit_gather_of_dwords_by_qword_indices_treats_its_whole_mask_alike_on_a_fault() {
         // vpgatherqd xmm0, [rax+ymm1], xmm2 is a VEX.256 instruction: on a fault the mask's
-        // elements 4..7 (which gather nothing) are normalized too, as on an Intel Xeon.
+        // elements 4..7 (which gather nothing) are normalized too on an Intel Xeon, and kept
+        // like the others on an AMD EPYC (which normalizes nothing).
         let instr = Instruction::with3(
             Code::VEX_Vpgatherqd_xmm_vm64y_xmm,
             Register::XMM0,
@@ -603,6 +623,11 @@ mod tests {
         );
         let outcome = execute(&mut s, &instr, &mut Memory { fault_from: 0 }).ok();
         assert!(matches!(outcome, Some(Outcome::Exit(Exit::Exception(_)))));
-        assert_eq!(read_ymm(&s, 2), dwords([u32::MAX, 0, 0, 0, u32::MAX, 0, u32::MAX, 0]));
+        let mask = if crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::GatherFaultKeepsRawMask) {
+            dwords([0x8000_0000, 0, 0, 0, 0x8000_0000, 0x4000_0000, 0x9000_0000, 1])
+        } else {
+            dwords([u32::MAX, 0, 0, 0, u32::MAX, 0, u32::MAX, 0])
+        };
+        assert_eq!(read_ymm(&s, 2), mask);
     }
 }

@@ -12,7 +12,6 @@ pub mod segment;
 pub mod string;
 pub mod x87;
 
-use crate::cpu::vendor::{self, Quirk};
 use crate::exit::{vector, Exit, GuestException};
 use crate::platform::Platform;
 use crate::rules::EmulateOp;
@@ -197,9 +196,9 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             };
         }
         EmulateOp::Ud => return raise(state, here, GuestException::new(vector::UD)),
-        // icebp is a #DB trap; where the RIP a Linux process sees points differs by vendor.
+        // icebp is a #DB trap; where the RIP a Linux process sees points differs by host.
         EmulateOp::Int1 => {
-            let rip = if vendor::host_has(Quirk::Int1ReportsRipAtInstruction) {
+            let rip = if crate::host::quirks::int1_reports_rip_at_instruction() {
                 here
             } else {
                 next

@@ -203,10 +203,19 @@ pub fn execute(
                 Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq => {
                     // ES:[RDI] is read first: when both operands would fault, an Intel Xeon
                     // reports RDI's address (measured natively and under KVM at CPL3), and a
-                    // fault there leaves RSI's page unaccessed. (The SDM leaves the order
-                    // open; `movs` reads its source first.)
-                    let b = mem.read_le(rdi, n)?;
-                    let a = mem.read_le(src_base.wrapping_add(rsi), n)?;
+                    // fault there leaves RSI's page unaccessed — except `repe cmpsb` where the
+                    // host reads RSI first (`host::quirks`). (The SDM leaves the order open;
+                    // `movs` reads its source first.)
+                    let source_first = instr.mnemonic() == Mnemonic::Cmpsb
+                        && instr.has_repe_prefix()
+                        && crate::host::quirks::repe_cmpsb_reads_source_first();
+                    let (a, b) = if source_first {
+                        let a = mem.read_le(src_base.wrapping_add(rsi), n)?;
+                        (a, mem.read_le(rdi, n)?)
+                    } else {
+                        let b = mem.read_le(rdi, n)?;
+                        (mem.read_le(src_base.wrapping_add(rsi), n)?, b)
+                    };
                     state.rflags = (state.rflags & !flags::STATUS) | sub_flags(a, b, bits);
                     state.gpr[gpr::RSI] = rsi.wrapping_add(step);
                     state.gpr[gpr::RDI] = rdi.wrapping_add(step);
@@ -267,10 +276,17 @@ mod tests {
 
     #[test]
     fn cmps_reads_es_rdi_first_and_movs_its_source() {
-        use iced_x86::RepPrefixKind::None as NoRep;
+        use iced_x86::RepPrefixKind::{None as NoRep, Repe};
+        let repe_cmpsb_first = if crate::host::quirks::repe_cmpsb_reads_source_first() {
+            0x1000
+        } else {
+            0x2000
+        };
         for (instr, first) in [
             (Instruction::with_cmpsb(64, Register::None, NoRep), 0x2000),
             (Instruction::with_cmpsq(64, Register::None, NoRep), 0x2000),
+            (Instruction::with_cmpsq(64, Register::None, Repe), 0x2000),
+            (Instruction::with_cmpsb(64, Register::None, Repe), repe_cmpsb_first),
             (Instruction::with_movsq(64, Register::None, NoRep), 0x1000),
         ] {
             let instr = instr.unwrap();
@@ -278,6 +294,7 @@ mod tests {
             let mut s = GuestState::default();
             s.gpr[gpr::RSI] = 0x1000;
             s.gpr[gpr::RDI] = 0x2000;
+            s.gpr[gpr::RCX] = 1;
             let outcome = execute(&mut s, &instr, &mut Unmapped).ok();
             assert!(
                 matches!(outcome, Some(Outcome::Exit(Exit::Exception(e))) if e.address == Some(first)),

@@ -6,7 +6,7 @@
 //! after it ran. Translated code never gets a host pointer outside guest RAM.
 
 use super::*;
-use crate::context::MISS_WINDOW;
+use crate::context::{MISS_AC_SHIFT, MISS_WINDOW};
 
 /// An in-flight device access (see `Translator::mmio`): the instruction at `rip` runs once
 /// with the page at `page_va` mapped to the bounce buffer's first page.
@@ -280,17 +280,11 @@ impl Translator {
         let stack = ctx.miss_info & (1 << 24) != 0;
         let rip = ctx.state.rip;
         let state = ctx.state.paging();
-        // Alignment checking comes before paging (CPL3 with CR0.AM and RFLAGS.AC). A masked
-        // AVX-512 access is checked like any other, by its operand's size (measured with AC set:
-        // `vpmovzxbq zmm{k1}, m64` at an odd address raises #AC even with one active element,
-        // `vpmovzxbd zmm{k1}, m128` does not), and not at all with every element masked off.
-        let alignment = match size {
-            2 | 4 | 8 => size,
-            10 => 8,
-            _ => 1,
-        };
+        // Alignment checking comes before paging (CPL3 with CR0.AM and RFLAGS.AC), at the
+        // granule the emitter chose for the instruction (`emit/alignment.rs`: by size, or per
+        // element of a masked access on AMD), and not at all with every element masked off.
+        let alignment = 1u64 << ((ctx.miss_info >> MISS_AC_SHIFT) & 0xf);
         let ac = state.alignment_checking();
-        let exempt = ctx.miss_info & (1 << 25) != 0;
         if !mmu::is_canonical(va) {
             // Non-canonical addresses fault before alignment or paging: #SS for stack accesses.
             let vector = if stack { 12 } else { crate::exit::vector::GP };
@@ -322,7 +316,7 @@ impl Translator {
             let ac_first = ac && !va.is_multiple_of(4) && ctx.miss_info & MISS_ALIGN_PLAIN_GP == 0;
             return Ok(Some(if ac_first { ac_fault } else { GuestException::gp(0) }));
         }
-        if ac && !exempt && !va.is_multiple_of(alignment) && any_active {
+        if ac && !va.is_multiple_of(alignment) && any_active {
             return Ok(Some(ac_fault));
         }
         // Identity glue takes this path only for the alignment checks above.

@@ -8,10 +8,17 @@
 //!   byte was stored and RDI was not 16-byte aligned;
 //! - it faults on a page it may not write even where the mask selects no byte of it (so a mask
 //!   of zero still faults), and stores nothing then; the Xeon checks the high 8 bytes before
-//!   the low 8 (CR2 is RDI+8 when both halves are unmapped).
+//!   the low 8 (CR2 is RDI+8 when both halves are unmapped), an AMD EPYC the low 8 first.
 //!
 //! Each probe runs one `maskmovdqu` in a forked child and reads how the child ended: SIGBUS is
 //! the kernel's signal for #AC, SIGSEGV for #PF.
+//!
+//! `repe cmpsb` where both operands fault: which address the #PF names (below).
+//!
+//! `int1` (icebp): the RIP in the SIGTRAP frame a Linux process receives. The CPU reports the
+//! #DB trap after the instruction; an AMD EPYC host (issue 3) delivered the instruction's own
+//! RIP and Intel Xeon hosts (issue 10) and an AMD EPYC with AVX-512 (2026-12-06) the next one,
+//! so it is neither the vendor's nor the architecture's choice alone: it is probed too.
 
 use std::sync::OnceLock;
 
@@ -24,6 +31,9 @@ pub struct MaskMoveRule {
     pub misaligned_without_store: bool,
     /// Whether bytes the mask does not select are checked for write access too.
     pub unselected_bytes_fault: bool,
+    /// Whether the high 8 bytes are checked before the low 8 (when both fault, the #PF names
+    /// RDI+8).
+    pub high_half_first: bool,
 }
 
 impl MaskMoveRule {
@@ -50,10 +60,13 @@ pub fn mask_move_rule() -> MaskMoveRule {
             .map_or(1, |offset| offset * 2);
         let misaligned_without_store = align > 1 && mask_move_ends(at(align / 2), 0, true) == Some(libc::SIGBUS);
         let unselected_bytes_fault = mask_move_ends(pages.unmapped - 4, 0, false) == Some(libc::SIGSEGV);
+        let high_half_first =
+            mask_move_high_half_first(&pages).unwrap_or(MaskMoveRule::MEASURED_ON_XEON.high_half_first);
         MaskMoveRule {
             align,
             misaligned_without_store,
             unselected_bytes_fault,
+            high_half_first,
         }
     })
 }
@@ -64,7 +77,74 @@ impl MaskMoveRule {
         align: 8,
         misaligned_without_store: true,
         unselected_bytes_fault: true,
+        high_half_first: true,
     };
+}
+
+/// Whether `int1` reaches a Linux process with RIP at the instruction rather than after it
+/// (probed once; the trap's architectural RIP, after it, if the probe cannot run).
+pub fn int1_reports_rip_at_instruction() -> bool {
+    static AT_INSTRUCTION: OnceLock<bool> = OnceLock::new();
+    *AT_INSTRUCTION.get_or_init(|| int1_rip_offset() == Some(0))
+}
+
+/// Where the probe's `int1` stands, for its SIGTRAP handler.
+static INT1_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The SIGTRAP frame's RIP minus the `int1`'s address, as the forked child's exit status.
+extern "C" fn exit_with_int1_offset(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid `ucontext_t` to an SA_SIGINFO handler.
+    let rip = unsafe { (*(context as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    let offset = rip.wrapping_sub(INT1_AT.load(std::sync::atomic::Ordering::Relaxed));
+    // SAFETY: `_exit` is async-signal-safe and ends the probe's child.
+    unsafe { libc::_exit(if offset <= 1 { offset as i32 } else { 2 }) }
+}
+
+/// Runs `int1` in a forked child: the SIGTRAP frame's RIP minus the instruction's address, or
+/// None if the probe could not run or the offset was neither 0 nor 1.
+fn int1_rip_offset() -> Option<u64> {
+    // SAFETY: fork duplicates this process; the child runs only async-signal-safe code
+    // (`sigaction`, inline assembly, `_exit`) and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return None;
+    }
+    if pid == 0 {
+        // SAFETY: in the child: route SIGTRAP to the handler above (which exits), record where
+        // the `int1` is and run it; nothing after it runs.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = exit_with_int1_offset as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigaction(libc::SIGTRAP, &action, std::ptr::null_mut());
+            std::arch::asm!(
+                "lea {t}, [rip + 2f]",
+                "mov [{at}], {t}",
+                "2:",
+                ".byte 0xf1", // int1 (the assembler does not know the mnemonic)
+                t = out(reg) _,
+                at = in(reg) INT1_AT.as_ptr(),
+            );
+            libc::_exit(3);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above; `status` is a valid out pointer.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    match (waited == pid && libc::WIFEXITED(status)).then(|| libc::WEXITSTATUS(status)) {
+        Some(offset @ (0 | 1)) => Some(offset as u64),
+        _ => None,
+    }
+}
+
+/// Whether `repe cmpsb` reads DS:[RSI] before ES:[RDI] (probed once; when both fault, the #PF
+/// names the first read). Intel Xeons read RDI first, as every other `cmps` form does on both
+/// vendors; an AMD EPYC with AVX-512 reads RSI first for `repe cmpsb` alone (measured
+/// natively: `cmpsb`, `repne cmpsb`, `repe cmpsw/d/q` read RDI first there, at counts 1-64 and
+/// either direction).
+pub fn repe_cmpsb_reads_source_first() -> bool {
+    static SOURCE_FIRST: OnceLock<bool> = OnceLock::new();
+    *SOURCE_FIRST.get_or_init(|| ProbePages::new().and_then(|pages| repe_cmpsb_reads_rdi_first(&pages)) == Some(false))
 }
 
 /// A writable page followed by an unmapped one, for the probes.
@@ -91,6 +171,85 @@ impl Drop for ProbePages {
         // SAFETY: unmaps the first page of the mapping made in `new`, which nothing else uses.
         unsafe { libc::munmap(self.writable as *mut libc::c_void, 4096) };
     }
+}
+
+/// Whether a `maskmovdqu` straddling a read-only page (its low 8 bytes) and an unmapped one
+/// (its high 8) faults on the unmapped one first, or None if the probe could not run.
+fn mask_move_high_half_first(pages: &ProbePages) -> Option<bool> {
+    second_page_faults_first(pages, libc::PROT_READ, |second| {
+        // SAFETY: stores all 16 bytes at 8 bytes before `second`, which faults.
+        unsafe {
+            std::arch::asm!(
+                "pcmpeqb xmm1, xmm1",
+                "maskmovdqu xmm0, xmm1",
+                in("rdi") second - 8,
+                out("xmm0") _,
+                out("xmm1") _,
+            )
+        }
+    })
+}
+
+/// Whether `repe cmpsb` with DS:[RSI] and ES:[RDI] both unmapped faults at RDI (its source in
+/// the first probe page, its destination in the second), or None if the probe could not run.
+fn repe_cmpsb_reads_rdi_first(pages: &ProbePages) -> Option<bool> {
+    second_page_faults_first(pages, libc::PROT_NONE, |second| {
+        // SAFETY: compares three bytes of two unmapped pages, which faults.
+        unsafe {
+            std::arch::asm!(
+                "repe cmpsb",
+                inout("rsi") second - 4096 + 0x123 => _,
+                inout("rdi") second + 0x456 => _,
+                inout("rcx") 3u64 => _,
+            )
+        }
+    })
+}
+
+/// Runs `fault(second)` in a forked child whose copy of the probe's first page has protection
+/// `first_protection` (`second` is the unmapped page after it); `fault` must raise SIGSEGV.
+/// Whether the fault's address was in the second page, or None if the probe could not run.
+fn second_page_faults_first(pages: &ProbePages, first_protection: i32, fault: impl FnOnce(u64)) -> Option<bool> {
+    // SAFETY: fork duplicates this process; the child runs only async-signal-safe code
+    // (`mprotect`, `sigaction`, inline assembly, `_exit`) and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return None;
+    }
+    if pid == 0 {
+        // SAFETY: in the child: change its copy of the first page's protection, route SIGSEGV
+        // to a handler that exits with the side the fault was on, and fault.
+        unsafe {
+            libc::mprotect(pages.writable as *mut libc::c_void, 4096, first_protection);
+            FAULT_BOUNDARY.store(pages.unmapped, std::sync::atomic::Ordering::Relaxed);
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = exit_with_fault_side as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut());
+            fault(pages.unmapped);
+            libc::_exit(3);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above; `status` is a valid out pointer.
+    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+    match (waited == pid && libc::WIFEXITED(status)).then(|| libc::WEXITSTATUS(status)) {
+        Some(side @ (0 | 1)) => Some(side == 1),
+        _ => None,
+    }
+}
+
+/// The first address past the probe's read-only page, for [`exit_with_fault_side`].
+static FAULT_BOUNDARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Exits the probe's child with 1 if the SIGSEGV's address is at or past
+/// [`FAULT_BOUNDARY`], 0 if before it.
+extern "C" fn exit_with_fault_side(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid `siginfo_t` to an SA_SIGINFO handler.
+    let at = unsafe { (*info).si_addr() } as u64;
+    let past = at >= FAULT_BOUNDARY.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: `_exit` is async-signal-safe and ends the probe's child.
+    unsafe { libc::_exit(past as i32) }
 }
 
 /// Runs `maskmovdqu` at `rdi`, selecting byte `i` where bit `i` of `mask` is set, with RFLAGS.AC
@@ -150,6 +309,15 @@ fn mask_move_ends(rdi: u64, mask: u16, ac: bool) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int1_probe_sees_the_trap() {
+        // The kernel reports the trap at the instruction or after it; anything else (no signal,
+        // another offset) means the probe itself is broken.
+        let offset = int1_rip_offset();
+        eprintln!("int1 RIP offset: {offset:?}");
+        assert!(matches!(offset, Some(0 | 1)), "{offset:?}");
+    }
 
     #[test]
     fn the_probed_rule_is_one_a_cpu_could_have() {

@@ -26,6 +26,10 @@ pub enum Slot {
     SysenterEip,
     /// The platform's (APIC base, TSC, TSC deadline, MTRRs, …).
     Platform,
+    /// An MSR of AMD CPUs that a kernel reads without checking for #GP (so a guest shown an
+    /// AMD CPU gets it, one shown an Intel CPU gets #GP): it reads as the value given, and
+    /// writes are dropped, as under KVM.
+    AmdFixed(u64),
 }
 
 /// The MSRs a kernel touches, by index.
@@ -53,6 +57,16 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
     (0xc000_0101, "IA32_GS_BASE", Slot::GsBase),
     (0xc000_0102, "IA32_KERNEL_GS_BASE", Slot::KernelGsBase),
     (0xc000_0103, "IA32_TSC_AUX", Slot::TscAux),
+    // Linux's early AMD set-up reads these with plain `rdmsr` (and writes NB_CFG's extended
+    // config-space bit when a CPU comes online), and checks DE_CFG for a serializing LFENCE
+    // (a safe read). HWCR bit 24 (TscFreqSel): the TSC counts at the P0 frequency, constant;
+    // OSVW: no erratum workaround is announced; DE_CFG bit 1: LFENCE is dispatch-serializing
+    // (always so since Zen 2, and translated `lfence` is the host's).
+    (0xc001_0015, "MSR_K7_HWCR", Slot::AmdFixed(1 << 24)),
+    (0xc001_001f, "MSR_AMD64_NB_CFG", Slot::AmdFixed(0)),
+    (0xc001_0140, "MSR_AMD64_OSVW_ID_LENGTH", Slot::AmdFixed(0)),
+    (0xc001_0141, "MSR_AMD64_OSVW_STATUS", Slot::AmdFixed(0)),
+    (0xc001_1029, "MSR_AMD64_DE_CFG", Slot::AmdFixed(1 << 1)),
 ];
 
 /// EFER bits software may set: SCE, LME, NXE (LMA is the CPU's).
@@ -84,14 +98,21 @@ fn field(s: &mut GuestState, slot: Slot) -> Option<&mut u64> {
         Slot::SysenterCs => &mut s.sys.msr.sysenter_cs,
         Slot::SysenterEsp => &mut s.sys.msr.sysenter_esp,
         Slot::SysenterEip => &mut s.sys.msr.sysenter_eip,
-        Slot::Platform => return None,
+        Slot::Platform | Slot::AmdFixed(_) => return None,
     })
+}
+
+/// Whether the platform's CPU model is an AMD one (CPUID leaf 0's vendor).
+fn amd_model(platform: &mut dyn Platform) -> bool {
+    let [_, ebx, ecx, edx] = platform.cpuid(0, 0);
+    crate::cpu::vendor::Vendor::from_leaf0(ebx, edx, ecx) == crate::cpu::vendor::Vendor::Amd
 }
 
 /// `rdmsr`: the value, or None for #GP(0).
 pub fn read(s: &mut GuestState, platform: &mut dyn Platform, index: u32) -> Option<u64> {
     match slot(index)? {
         Slot::Platform => platform.rdmsr(index),
+        Slot::AmdFixed(value) => amd_model(platform).then_some(value),
         Slot::TscAux => Some(s.sys.msr.tsc_aux & 0xffff_ffff),
         other => field(s, other).map(|v| *v),
     }
@@ -103,6 +124,7 @@ pub fn write(s: &mut GuestState, platform: &mut dyn Platform, index: u32, value:
     let slot = slot(index)?;
     match slot {
         Slot::Platform => return platform.wrmsr(index, value),
+        Slot::AmdFixed(_) => return amd_model(platform).then_some(()),
         Slot::Efer => {
             // LME cannot change while paging is on (the harness and every kernel run with it
             // on: the model is 64-bit only).
@@ -141,6 +163,25 @@ mod tests {
     impl Platform for NoDevices {
         fn cpuid(&mut self, _: u32, _: u32) -> [u32; 4] {
             [0; 4]
+        }
+        fn rdtsc(&mut self) -> u64 {
+            0
+        }
+        fn tsc_aux(&mut self) -> u32 {
+            0
+        }
+    }
+
+    /// A platform whose CPU model says AuthenticAMD.
+    struct AmdModel;
+    impl Platform for AmdModel {
+        fn cpuid(&mut self, leaf: u32, _: u32) -> [u32; 4] {
+            let id = |s: &[u8; 4]| u32::from_le_bytes(*s);
+            if leaf == 0 {
+                [0xd, id(b"Auth"), id(b"cAMD"), id(b"enti")]
+            } else {
+                [0; 4]
+            }
         }
         fn rdtsc(&mut self) -> u64 {
             0
@@ -193,6 +234,15 @@ mod tests {
             "memory type 8 is reserved"
         );
         assert_eq!(read(&mut s, p, 0x1b), None, "no APIC on this platform");
+        assert_eq!(read(&mut s, p, 0xc001_0140), None, "OSVW: not an AMD model");
+        let amd = &mut AmdModel;
+        assert_eq!(read(&mut s, amd, 0xc001_0015), Some(1 << 24), "HWCR.TscFreqSel");
+        assert_eq!(
+            write(&mut s, amd, 0xc001_001f, 1 << 46),
+            Some(()),
+            "NB_CFG write dropped"
+        );
+        assert_eq!(read(&mut s, amd, 0xc001_001f), Some(0));
         assert_eq!(write(&mut s, p, 0x48, 1), Some(()), "SPEC_CTRL.IBRS");
         assert_eq!(read(&mut s, p, 0x48), Some(1));
         assert_eq!(write(&mut s, p, 0x48, 1 << 3), None, "reserved SPEC_CTRL bit");

@@ -100,11 +100,20 @@ pub fn far_return(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize, po
     // reports the selector's address (measured on Intel by `hbt isa-test --system`).
     let cs = stack_read(mem, rsp.wrapping_add(size as u64), size)? as u16;
     let ip = stack_read(mem, rsp, size)?;
+    let after = rsp.wrapping_add(2 * size as u64).wrapping_add(pop);
+    let user = s.cpl == crate::state::Cpl::User;
+    if user && cs & 3 != 3 && crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::RetfReadsOuterStackFirst) {
+        // At CPL3 an RPL other than 3 announces a return to another privilege level, for
+        // which AMD CPUs pop SS:RSP (SS slot first) before they validate CS (`cpu::vendor`, as
+        // in user mode). At CPL0 only KVM's emulator could be compared (it checks CS first):
+        // the CPU's order there is not measured, and CS is checked first.
+        stack_read(mem, after.wrapping_add(size as u64), size)?;
+        stack_read(mem, after, size)?;
+    }
     descriptors::check_code(s, mem, cs, true)?;
     if !crate::mmu::is_canonical(ip) {
         return Err(GuestException::gp(0).into());
     }
-    let after = rsp.wrapping_add(2 * size as u64).wrapping_add(pop);
     let target = cpl_of(cs & 3)?;
     if target as u8 > s.cpl as u8 {
         // To an outer ring: SS:RSP follow on the stack.
