@@ -16,11 +16,15 @@
 #
 #   benches/linux-guest.sh            (every run is bounded: BOUND seconds, default 240; QEMU TCG
 #                                      hangs now and then, so a hung QEMU run is retried, 3 tries)
+#   ROUNDS=3 benches/linux-guest.sh   (every engine and the native runs ROUNDS times, interleaved
+#                                      round by round; each cell is the median of its rounds —
+#                                      the hosts' speed drifts by ±10–30% within minutes)
 #
 # Needs gcc, busybox-static, cpio, linux-image-cloud-amd64 and qemu-system-x86 (Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BOUND=${BOUND:-240}
+ROUNDS=${ROUNDS:-1}
 MEM=512
 APPEND="console=ttyS0 panic=-1"
 kernel=$(ls /boot/vmlinuz-* | sort | tail -1)
@@ -89,39 +93,53 @@ print(" ".join(f"{k}={v:.3f}" for k, v in sorted(out.items())))
 PY
 }
 
+# Each engine's entry is its rounds' results, separated by ";".
 declare -A result
 hbt_cmd=("$HBT" run --mem $MEM --initrd "$work/initramfs.cpio" --append "$APPEND")
-result[native]=$(native)
-result[hybrid]=$(timed hybrid "${hbt_cmd[@]}" --accel hybrid "$kernel")
-result[always-kvm]=$(timed always-kvm "${hbt_cmd[@]}" --accel hybrid --hybrid-policy always-kvm "$kernel")
-result[bt]=$(timed bt "${hbt_cmd[@]}" --accel bt "$kernel")
 # QEMU TCG: the guest kernel is told the TSC rate (the host's, from /proc/cpuinfo): its
 # calibration against the PIT fails under TCG on a slow host and the boot then hangs for good
 # ("tsc: Unable to calibrate against PIT" — every try on an Intel SPR host in a slow phase).
 # Only boot calibration changes; the workloads are timed on the host clock.
 tsc_khz=$(awk '/^cpu MHz/ {printf "%d", $4 * 1000; exit}' /proc/cpuinfo)
-if command -v qemu-system-x86_64 >/dev/null; then
-  for try in 1 2 3; do
-    result[qemu-tcg]=$(timed qemu-tcg qemu-system-x86_64 -M microvm -accel tcg -cpu max -m $MEM -nodefaults -no-user-config \
-      -nographic -no-reboot -serial stdio -kernel "$kernel" -initrd "$work/initramfs.cpio" \
-      -append "$APPEND${tsc_khz:+ tsc_early_khz=$tsc_khz}")
-    [ "${result[qemu-tcg]}" = hang ] || break
-    echo "qemu-system-x86_64 (TCG) hung past ${BOUND}s (try $try of 3)" >&2
-  done
-else
-  result[qemu-tcg]="hang"; echo "qemu-system-x86_64 not installed: no TCG column" >&2
-fi
+command -v qemu-system-x86_64 >/dev/null || echo "qemu-system-x86_64 not installed: no TCG column" >&2
+for round in $(seq 1 "$ROUNDS"); do
+  [ "$ROUNDS" = 1 ] || echo "round $round of $ROUNDS" >&2
+  result[native]+="$(native);"
+  result[hybrid]+="$(timed hybrid "${hbt_cmd[@]}" --accel hybrid "$kernel");"
+  result[always-kvm]+="$(timed always-kvm "${hbt_cmd[@]}" --accel hybrid --hybrid-policy always-kvm "$kernel");"
+  result[bt]+="$(timed bt "${hbt_cmd[@]}" --accel bt "$kernel");"
+  tcg=hang
+  if command -v qemu-system-x86_64 >/dev/null; then
+    for try in 1 2 3; do
+      tcg=$(timed qemu-tcg qemu-system-x86_64 -M microvm -accel tcg -cpu max -m $MEM -nodefaults -no-user-config \
+        -nographic -no-reboot -serial stdio -kernel "$kernel" -initrd "$work/initramfs.cpio" \
+        -append "$APPEND${tsc_khz:+ tsc_early_khz=$tsc_khz}")
+      [ "$tcg" = hang ] || break
+      echo "qemu-system-x86_64 (TCG) hung past ${BOUND}s (try $try of 3)" >&2
+    done
+  fi
+  result[qemu-tcg]+="$tcg;"
+done
 
 python3 - "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')" \
   "${result[native]}" "${result[hybrid]}" "${result[always-kvm]}" "${result[bt]}" "${result[qemu-tcg]}" <<'PY'
-import sys
+import statistics, sys
 host, *cols = sys.argv[1:]
 names = ["native", "hybrid", "always-kvm", "bt", "qemu-tcg"]
-parse = lambda s: {} if s == "hang" else {k: float(v) for k, v in (w.split("=") for w in s.split())}
+def parse(rounds):
+    """The median per workload over the rounds that finished it."""
+    seen = {}
+    for s in filter(None, rounds.split(";")):
+        if s != "hang":
+            for k, v in (w.split("=") for w in s.split()):
+                seen.setdefault(k, []).append(float(v))
+    return {k: statistics.median(v) for k, v in seen.items()}
+rounds = max(c.count(";") for c in cols)
 r = dict(zip(names, map(parse, cols)))
 work = {"a": "spin-hash (CPU, no syscalls)", "b": "sha256sum 64 MiB", "c": "gzip -c 64 MiB",
         "d": "sh loop 100k", "e": "300 fork+exec"}
-print(f"host: {host}; guest: {sys.argv[0] and ''}512 MiB, Debian kernel, busybox; seconds (host clock, one boot per engine)")
+each = "one boot per engine" if rounds == 1 else f"medians of {rounds} rounds, one boot per engine per round"
+print(f"host: {host}; guest: 512 MiB, Debian kernel, busybox; seconds (host clock, {each})")
 print(f"{'workload':30}" + "".join(f"{n:>11}" for n in names) + f"{'hyb/best':>10}{'hyb/tcg':>9}")
 for k, label in work.items():
     row = f"{k} {label:28}" + "".join(f"{r[n][k]:>11.3f}" if k in r[n] else f"{'-':>11}" for n in names)
