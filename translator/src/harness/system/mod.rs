@@ -223,6 +223,10 @@ pub struct Quirks {
     /// (the host's CR4.UMIP makes the CPU raise #GP), which writes a page-split operand page
     /// by page: after a #PF the operand's bytes are not compared.
     pub descriptor_table_stores_split: bool,
+    /// A page-split 80-bit x87 store (`fstp m80fp`, `fbstp m80bcd`) at CPL3 whose second page
+    /// faults leaves its first page written under the reference (an emulator writing page by
+    /// page), where the CPU writes nothing: after the #PF the operand's bytes are not compared.
+    pub x87_wide_stores_split: bool,
 }
 
 /// Instructions whose #GP the reference's emulator (see [`Quirks::gp_goes_to_emulator`]) turns
@@ -582,6 +586,12 @@ fn mask_quirks(
     {
         let len = if instr.mnemonic() == M::Smsw { 2 } else { 10 };
         copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), len);
+    }
+    if quirks.x87_wide_stores_split
+        && matches!(instr.code(), iced_x86::Code::Fstp_m80fp | iced_x86::Code::Fbstp_m80bcd)
+        && both_page_faulted
+    {
+        copy_data(linear_address(input, instr, 0, 0).unwrap_or(0), 10);
     }
     if instr.mnemonic() == M::Cpuid {
         let adjusted = cpuid_adjusted;
