@@ -18,7 +18,8 @@
 #                                      hangs now and then, so a hung QEMU run is retried, 3 tries)
 #   ROUNDS=3 benches/linux-guest.sh   (every engine and the native runs ROUNDS times, interleaved
 #                                      round by round; each cell is the median of its rounds —
-#                                      the hosts' speed drifts by ±10–30% within minutes)
+#                                      the hosts' speed drifts by ±10–30% within minutes;
+#                                      a second table gives each cell's fastest and slowest round)
 #
 # Needs gcc, busybox-static, cpio, linux-image-cloud-amd64 and qemu-system-x86 (Debian).
 set -euo pipefail
@@ -126,16 +127,17 @@ python3 - "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')"
 import statistics, sys
 host, *cols = sys.argv[1:]
 names = ["native", "hybrid", "always-kvm", "bt", "qemu-tcg"]
-def parse(rounds):
-    """The median per workload over the rounds that finished it."""
+def samples(rounds):
+    """Each workload's times over the rounds that finished it."""
     seen = {}
     for s in filter(None, rounds.split(";")):
         if s != "hang":
             for k, v in (w.split("=") for w in s.split()):
                 seen.setdefault(k, []).append(float(v))
-    return {k: statistics.median(v) for k, v in seen.items()}
+    return seen
 rounds = max(c.count(";") for c in cols)
-r = dict(zip(names, map(parse, cols)))
+every = dict(zip(names, map(samples, cols)))
+r = {n: {k: statistics.median(v) for k, v in every[n].items()} for n in names}
 work = {"a": "spin-hash (CPU, no syscalls)", "b": "sha256sum 64 MiB", "c": "gzip -c 64 MiB",
         "d": "sh loop 100k", "e": "300 fork+exec"}
 each = "one boot per engine" if rounds == 1 else f"medians of {rounds} rounds, one boot per engine per round"
@@ -149,6 +151,11 @@ for k, label in work.items():
     row += f"{h / best:>10.2f}" if h and best else f"{'-':>10}"
     row += f"{h / tcg:>9.2f}" if h and tcg else f"{'-':>9}"
     print(row)
+if rounds > 1:
+    print("spread (fastest-slowest round):")
+    for k in work:
+        print(f"{k} {'':28}" + "".join(
+            f"{min(every[n][k]):>5.2f}-{max(every[n][k]):<5.2f}" if k in every[n] else f"{'-':>11}" for n in names))
 if "a" in r["hybrid"] and "a" in r["native"]:
     print(f"(a) hybrid / native: {r['hybrid']['a'] / r['native']['a']:.2f} (target <= 1.05)")
 for n in names[1:]:
