@@ -39,12 +39,6 @@ pub(super) struct Requirement {
     pub(super) image: bool,
 }
 
-impl Requirement {
-    pub(super) fn image(self) -> bool {
-        self.image
-    }
-}
-
 /// The granule alignment checking holds an instruction's accesses to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) enum AlignmentCheck {

@@ -192,7 +192,7 @@ impl BlockEmitter<'_> {
                 && !is_bit_string_op(instr)
                 && !self.narrows_xstate(instr)
                 && self.access_size(instr) == h.size
-                && !self.required_alignment.image()
+                && !self.required_alignment.image
                 && used & (1 << reg_num(h.s)) == 0
                 && !(high8 && reg_num(h.s) >= 8);
             if fits {
@@ -349,7 +349,7 @@ impl BlockEmitter<'_> {
     /// After a copied instruction's access through S: keep S (the host address) for the next
     /// instruction if that may use it, else give it back.
     fn hold_or_give_back(&mut self, s: Register, key: MemKey, size: u64, write: bool, writes_key: bool) {
-        if writes_key || self.required_alignment.image() {
+        if writes_key || self.required_alignment.image {
             self.release_scratch(s);
         } else {
             self.held = Some(HeldAddress { s, key, size, write });

@@ -243,7 +243,7 @@ fn plain_access(instr: &Instruction, access: Option<Access>) -> Option<(Register
         && !crate::mmu::masked::is_masked_access(instr)
         && !super::is_mmx_store(instr)
         && instr.mnemonic() != iced_x86::Mnemonic::Vcvtps2ph
-        && !super::alignment::requirement(instr).image();
+        && !super::alignment::requirement(instr).image;
     let size = instr.memory_size().size() as i64;
     if !plain || !(1..=64).contains(&size) {
         return None;

@@ -103,20 +103,10 @@ extern "C" fn exit_with_int1_offset(_: libc::c_int, _: *mut libc::siginfo_t, con
 /// Runs `int1` in a forked child: the SIGTRAP frame's RIP minus the instruction's address, or
 /// None if the probe could not run or the offset was neither 0 nor 1.
 fn int1_rip_offset() -> Option<u64> {
-    // SAFETY: fork duplicates this process; the child runs only async-signal-safe code
-    // (`sigaction`, inline assembly, `_exit`) and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return None;
-    }
-    if pid == 0 {
-        // SAFETY: in the child: route SIGTRAP to the handler above (which exits), record where
-        // the `int1` is and run it; nothing after it runs.
+    let end = in_child(|| {
+        on_signal(libc::SIGTRAP, exit_with_int1_offset);
+        // SAFETY: records where the `int1` is and runs it; the SIGTRAP handler exits.
         unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = exit_with_int1_offset as *const () as usize;
-            action.sa_flags = libc::SA_SIGINFO;
-            libc::sigaction(libc::SIGTRAP, &action, std::ptr::null_mut());
             std::arch::asm!(
                 "lea {t}, [rip + 2f]",
                 "mov [{at}], {t}",
@@ -124,15 +114,11 @@ fn int1_rip_offset() -> Option<u64> {
                 ".byte 0xf1", // int1 (the assembler does not know the mnemonic)
                 t = out(reg) _,
                 at = in(reg) INT1_AT.as_ptr(),
-            );
-            libc::_exit(3);
+            )
         }
-    }
-    let mut status = 0;
-    // SAFETY: waits for the child forked above; `status` is a valid out pointer.
-    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-    match (waited == pid && libc::WIFEXITED(status)).then(|| libc::WEXITSTATUS(status)) {
-        Some(offset @ (0 | 1)) => Some(offset as u64),
+    });
+    match end? {
+        ChildEnd::Exited(offset @ (0 | 1)) => Some(offset as u64),
         _ => None,
     }
 }
@@ -210,31 +196,15 @@ fn repe_cmpsb_reads_rdi_first(pages: &ProbePages) -> Option<bool> {
 /// `first_protection` (`second` is the unmapped page after it); `fault` must raise SIGSEGV.
 /// Whether the fault's address was in the second page, or None if the probe could not run.
 fn second_page_faults_first(pages: &ProbePages, first_protection: i32, fault: impl FnOnce(u64)) -> Option<bool> {
-    // SAFETY: fork duplicates this process; the child runs only async-signal-safe code
-    // (`mprotect`, `sigaction`, inline assembly, `_exit`) and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return None;
-    }
-    if pid == 0 {
-        // SAFETY: in the child: change its copy of the first page's protection, route SIGSEGV
-        // to a handler that exits with the side the fault was on, and fault.
-        unsafe {
-            libc::mprotect(pages.writable as *mut libc::c_void, 4096, first_protection);
-            FAULT_BOUNDARY.store(pages.unmapped, std::sync::atomic::Ordering::Relaxed);
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = exit_with_fault_side as *const () as usize;
-            action.sa_flags = libc::SA_SIGINFO;
-            libc::sigaction(libc::SIGSEGV, &action, std::ptr::null_mut());
-            fault(pages.unmapped);
-            libc::_exit(3);
-        }
-    }
-    let mut status = 0;
-    // SAFETY: waits for the child forked above; `status` is a valid out pointer.
-    let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
-    match (waited == pid && libc::WIFEXITED(status)).then(|| libc::WEXITSTATUS(status)) {
-        Some(side @ (0 | 1)) => Some(side == 1),
+    let end = in_child(|| {
+        // SAFETY: changes the protection of the child's copy of the probe's first page.
+        unsafe { libc::mprotect(pages.writable as *mut libc::c_void, 4096, first_protection) };
+        FAULT_BOUNDARY.store(pages.unmapped, std::sync::atomic::Ordering::Relaxed);
+        on_signal(libc::SIGSEGV, exit_with_fault_side);
+        fault(pages.unmapped);
+    });
+    match end? {
+        ChildEnd::Exited(side @ (0 | 1)) => Some(side == 1),
         _ => None,
     }
 }
@@ -261,20 +231,17 @@ fn mask_move_ends(rdi: u64, mask: u16, ac: bool) -> Option<i32> {
         *byte = if mask & (1 << i) != 0 { 0x80 } else { 0 };
     }
     let ac_bit: u64 = if ac { 0x40000 } else { 0 };
-    // SAFETY: fork duplicates this process; the child runs only async-signal-safe code
-    // (`signal`, inline assembly, `_exit`) and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return None;
-    }
-    if pid == 0 {
-        // SAFETY: in the child: restore the default SIGBUS/SIGSEGV actions (the parent's
-        // handlers are for translated code), then store through `maskmovdqu` into the child's
-        // copy of the probe pages (or fault, which ends the child) with AC as asked, clear AC
-        // and exit.
+    let end = in_child(|| {
+        // The default SIGBUS/SIGSEGV actions (the parent's handlers are for translated code):
+        // a fault ends the child.
+        // SAFETY: SIG_DFL is a valid disposition for both.
         unsafe {
             libc::signal(libc::SIGBUS, libc::SIG_DFL);
             libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        }
+        // SAFETY: stores through `maskmovdqu` into the child's copy of the probe pages (or
+        // faults) with AC as asked, then clears AC.
+        unsafe {
             std::arch::asm!(
                 "movdqu xmm1, [{sel}]",
                 "pushfq",
@@ -289,9 +256,37 @@ fn mask_move_ends(rdi: u64, mask: u16, ac: bool) -> Option<i32> {
                 in("rdi") rdi,
                 out("xmm0") _,
                 out("xmm1") _,
-            );
-            libc::_exit(0);
+            )
         }
+        // SAFETY: ends the child, which completed the store.
+        unsafe { libc::_exit(0) }
+    });
+    Some(match end? {
+        ChildEnd::Signaled(signal) => signal,
+        ChildEnd::Exited(_) => 0,
+    })
+}
+
+/// How a probe's forked child ended.
+enum ChildEnd {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Runs `body` in a forked child and waits for it: how the child ended (exit status 3 if `body`
+/// returned), or None if it could not be forked or waited for. `body` must do only what is
+/// async-signal-safe (the child of a threaded process): system calls, inline assembly, `_exit`.
+fn in_child(body: impl FnOnce()) -> Option<ChildEnd> {
+    // SAFETY: fork duplicates this process; the child runs `body` (async-signal-safe, as
+    // required above) and `_exit`s, never returning into the parent's code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return None;
+    }
+    if pid == 0 {
+        body();
+        // SAFETY: ends the child without running the parent's exit handlers.
+        unsafe { libc::_exit(3) }
     }
     let mut status = 0;
     // SAFETY: waits for the child forked above; `status` is a valid out pointer.
@@ -299,11 +294,23 @@ fn mask_move_ends(rdi: u64, mask: u16, ac: bool) -> Option<i32> {
     if waited != pid {
         return None;
     }
-    Some(if libc::WIFSIGNALED(status) {
-        libc::WTERMSIG(status)
+    if libc::WIFSIGNALED(status) {
+        Some(ChildEnd::Signaled(libc::WTERMSIG(status)))
     } else {
-        0
-    })
+        Some(ChildEnd::Exited(libc::WEXITSTATUS(status)))
+    }
+}
+
+/// Routes `signal` to `handler` (SA_SIGINFO), in a probe's child.
+fn on_signal(signal: libc::c_int, handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)) {
+    // SAFETY: a zeroed sigaction with a handler, SA_SIGINFO and an empty mask is valid; the
+    // handlers only read their arguments and `_exit`.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = handler as *const () as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigaction(signal, &action, std::ptr::null_mut());
+    }
 }
 
 #[cfg(test)]
