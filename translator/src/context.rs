@@ -102,6 +102,10 @@ pub enum ExitReason {
     /// (`Translator::set_interrupt_line`); the guest RIP is the next instruction, inside
     /// `sti`'s shadow.
     InterruptWindow = 7,
+    /// A block that reads or writes the guest's extended state was entered while that state
+    /// is held elsewhere ([`Context::extended_state_stale`]); the guest RIP is the block's
+    /// start, nothing of it has run.
+    ExtendedState = 8,
 }
 
 /// Where each register (by hardware number) is spilled in [`Context::spill`]. The registers
@@ -150,6 +154,9 @@ pub struct Context {
     /// 0x200, so an inlined `cli` is one flag-free store and `pushfq` merges both with an `or`.
     pub virtual_flags: u64,
     pub virtual_if: u64,
+    /// Nonzero while `state.xsave` is out of date because an embedder holds the live extended
+    /// state (`Translator::set_extended_state_stale`): blocks that touch it exit first.
+    pub extended_state_stale: u64,
     /// Soft-MMU accesses served by the inline TLB, counted by translations made with
     /// `Translator::set_detailed_stats` (`--stats`).
     pub tlb_hits: u64,
@@ -207,6 +214,7 @@ pub mod off {
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const VIRTUAL_FLAGS: usize = offset_of!(Context, virtual_flags);
     pub const VIRTUAL_IF: usize = offset_of!(Context, virtual_if);
+    pub const EXTENDED_STATE_STALE: usize = offset_of!(Context, extended_state_stale);
     pub const TLB_HITS: usize = offset_of!(Context, tlb_hits);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);

@@ -103,6 +103,11 @@ pub enum Exit {
     /// CPL0 from CPL3 (a system call, an exception or an interrupt was delivered); nothing of
     /// the kernel code has run yet.
     KernelMode,
+    /// System mode with [`crate::Translator::set_extended_state_stale`]: the instruction at the
+    /// guest RIP (or the block it starts) reads or writes the extended state (x87, SSE, AVX,
+    /// MXCSR, XSAVE…), whose live copy the embedder holds. Nothing of it has run; the
+    /// embedder puts the live state into `state_mut().xsave`, clears the mark and runs again.
+    ExtendedStateNeeded,
     /// Single-stepping ([`crate::Translator::set_single_step`]): one guest instruction
     /// completed, or the exception it raised was delivered (system mode: RIP is at the
     /// handler's first instruction, which has not run).

@@ -322,8 +322,10 @@ pub fn run(setup: &Setup) -> Result<Finished> {
 fn run_to_end(t: &mut Translator, platform: &mut BtPlatform) -> Result<End> {
     loop {
         // (Only a debugger sets breakpoints, steps or asks for attention.)
-        if let Pause::Debugger(DebugStop::Ended(end)) = run_loop(t, platform)? {
-            return Ok(end);
+        match run_loop(t, platform)? {
+            Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
+            Pause::ExtendedState => bail!("the translator asked for extended state it never gave away"),
+            _ => {}
         }
     }
 }
@@ -339,6 +341,9 @@ pub(super) enum Pause {
     KernelMode,
     /// The hybrid engine's policy asked to look at where the guest is (`stop::request_policy_check`).
     PolicyCheck,
+    /// The guest is about to touch its extended state, which the hybrid engine left in KVM
+    /// (`Translator::set_extended_state_stale`).
+    ExtendedState,
 }
 
 /// Runs the guest until it ends, a stop is requested, it stops for a debugger or (with the
@@ -366,6 +371,7 @@ pub(super) fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<
             Exit::Stepped => return Ok(Pause::Debugger(DebugStop::Stepped)),
             Exit::UserMode => return Ok(Pause::UserMode),
             Exit::KernelMode => return Ok(Pause::KernelMode),
+            Exit::ExtendedStateNeeded => return Ok(Pause::ExtendedState),
             Exit::Stopped => {
                 if let Some(end) = platform.stop.take().and_then(ending) {
                     return Ok(Pause::Debugger(DebugStop::Ended(end)));

@@ -344,6 +344,84 @@ pub fn components_needed(instr: &iced_x86::Instruction) -> u64 {
     }
 }
 
+/// Whether `instr` reads or writes state the XSAVE image holds — an x87, MMX, SSE/AVX/AVX-512,
+/// opmask or tile register, MXCSR, the x87 control, status and tag words, PKRU, or (through
+/// `xgetbv`) XINUSE — so it must not run while that state is held elsewhere
+/// (`Translator::set_extended_state_stale`). Fences, prefetches, `clflush`, `movnti`, `crc32`,
+/// `popcnt` and the VEX forms on general registers (BMI1/BMI2) touch none of it: the kernel
+/// code a timer tick runs has `lfence` (before `rdtsc`) and no other such instruction.
+pub fn touches_extended_state(instr: &iced_x86::Instruction) -> bool {
+    use iced_x86::{CpuidFeature as F, Mnemonic as M, OpCodeOperandKind as K};
+    let register = instr.code().op_code().op_kinds().iter().any(|k| {
+        matches!(
+            k,
+            K::st0
+                | K::sti_opcode
+                | K::mm_reg
+                | K::mm_rm
+                | K::mm_or_mem
+                | K::xmm_reg
+                | K::xmm_rm
+                | K::xmm_vvvv
+                | K::xmmp3_vvvv
+                | K::xmm_is4
+                | K::xmm_is5
+                | K::xmm_or_mem
+                | K::ymm_reg
+                | K::ymm_rm
+                | K::ymm_vvvv
+                | K::ymm_is4
+                | K::ymm_is5
+                | K::ymm_or_mem
+                | K::zmm_reg
+                | K::zmm_rm
+                | K::zmm_vvvv
+                | K::zmmp3_vvvv
+                | K::zmm_or_mem
+                | K::k_reg
+                | K::kp1_reg
+                | K::k_rm
+                | K::k_vvvv
+                | K::k_or_mem
+                | K::tmm_reg
+                | K::tmm_rm
+                | K::tmm_vvvv
+                | K::mem_vsib32x
+                | K::mem_vsib64x
+                | K::mem_vsib32y
+                | K::mem_vsib64y
+                | K::mem_vsib32z
+                | K::mem_vsib64z
+        )
+    });
+    // x87 forms on memory alone (`fld m32`, `fnstcw`, `fninit`…) name no register.
+    let x87 = instr.cpuid_features().iter().any(|f| {
+        matches!(
+            f,
+            F::FPU | F::FPU287 | F::FPU287XL_ONLY | F::FPU387 | F::FPU387SL_ONLY | F::CYRIX_FPU | F::AMX_TILE
+        )
+    });
+    register
+        || x87
+        || instr.is_save_restore_instruction()
+        || matches!(
+            instr.mnemonic(),
+            M::Ldmxcsr
+                | M::Stmxcsr
+                | M::Vldmxcsr
+                | M::Vstmxcsr
+                | M::Emms
+                | M::Femms
+                | M::Vzeroupper
+                | M::Vzeroall
+                | M::Wait
+                | M::Xgetbv
+                | M::Xsetbv
+                | M::Rdpkru
+                | M::Wrpkru
+        )
+}
+
 /// MXCSR bits `ldmxcsr`/`xrstor` accept on this host (FXSAVE's MXCSR_MASK; 0xffbf when the
 /// CPU reports 0, as the SDM specifies).
 pub fn host_mxcsr_mask() -> u32 {
@@ -365,6 +443,55 @@ pub fn host_mxcsr_mask() -> u32 {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn extended_state_users_are_told_apart_from_lookalikes() {
+        let decode = |bytes: &[u8]| {
+            let mut d = iced_x86::Decoder::with_ip(64, bytes, 0, iced_x86::DecoderOptions::NONE);
+            let i = d.decode();
+            assert!(!i.is_invalid() && i.len() == bytes.len(), "{bytes:x?}");
+            i
+        };
+        let touching: &[&[u8]] = &[
+            &[0x66, 0x0f, 0xef, 0xc0],             // pxor xmm0, xmm0
+            &[0xc5, 0xfc, 0x77],                   // vzeroall
+            &[0xc5, 0xf8, 0x77],                   // vzeroupper
+            &[0xd9, 0x07],                         // fld dword [rdi]
+            &[0xdb, 0xe3],                         // fninit
+            &[0xd9, 0x3f],                         // fnstcw [rdi]
+            &[0x9b],                               // wait
+            &[0x0f, 0xae, 0x17],                   // ldmxcsr [rdi]
+            &[0x0f, 0xae, 0x07],                   // fxsave [rdi]
+            &[0x48, 0x0f, 0xc7, 0x1f],             // xrstors64 [rdi]
+            &[0x0f, 0xae, 0x27],                   // xsave [rdi]
+            &[0x0f, 0x01, 0xd0],                   // xgetbv
+            &[0x0f, 0x01, 0xee],                   // rdpkru
+            &[0x0f, 0x77],                         // emms
+            &[0x0f, 0x6f, 0x07],                   // movq mm0, [rdi]
+            &[0xc5, 0xf8, 0x90, 0xc1],             // kmovw k0, k1
+            &[0x62, 0xf1, 0x7c, 0x48, 0x10, 0x07], // vmovups zmm0, [rdi]
+            &[0xc4, 0xe2, 0x69, 0x90, 0x04, 0x8f], // vpgatherdd xmm0, [rdi+xmm1*4], xmm2
+        ];
+        for bytes in touching {
+            assert!(touches_extended_state(&decode(bytes)), "{}", decode(bytes));
+        }
+        let untouched: &[&[u8]] = &[
+            &[0x0f, 0xae, 0xe8],                   // lfence
+            &[0x0f, 0xae, 0xf0],                   // mfence
+            &[0x0f, 0x18, 0x0f],                   // prefetcht0 [rdi]
+            &[0x0f, 0xae, 0x3f],                   // clflush [rdi]
+            &[0x48, 0x0f, 0xc3, 0x07],             // movnti [rdi], rax
+            &[0xf3, 0x48, 0x0f, 0xb8, 0xc1],       // popcnt rax, rcx
+            &[0xc4, 0xe2, 0xf8, 0xf2, 0xc1],       // andn rax, rax, rcx
+            &[0xc4, 0xe3, 0xfb, 0xf0, 0xc1, 0x05], // rorx rax, rcx, 5
+            &[0x0f, 0x31],                         // rdtsc
+            &[0xf3, 0x90],                         // pause
+            &[0x48, 0x01, 0xc8],                   // add rax, rcx
+        ];
+        for bytes in untouched {
+            assert!(!touches_extended_state(&decode(bytes)), "{}", decode(bytes));
+        }
+    }
 
     /// A synthetic CPUID: leaf 0DH subleaves as `(subleaf, [eax, ebx, ecx, edx])`.
     fn table(sub: &[(u32, [u32; 4])]) -> impl Fn(u32, u32) -> [u32; 4] {

@@ -32,6 +32,7 @@ mod xstate;
 
 use crate::block::{DecodedBlock, Flow};
 use crate::context::{off, ExitReason};
+use crate::cpu::xsave::touches_extended_state;
 use crate::error::TranslateError;
 use crate::host::signals::FaultSite;
 use crate::rules::Rule;
@@ -139,8 +140,10 @@ enum Cold {
         spilled: u16,
         flags_saved: bool,
     },
-    /// An inlined `sti` found an interrupt waiting: RCX back, exit at `next_rip` in the shadow.
-    InterruptWindow { field: usize, next_rip: u64 },
+    /// A flag-free check borrowed only RCX and found the engine needed: RCX back, exit with
+    /// `reason` at `rip` (an inlined `sti` that found an interrupt waiting, in its shadow; a
+    /// block entered while the extended state is held elsewhere, at its start).
+    RcxExit { field: usize, reason: ExitReason, rip: u64 },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
     TlbMiss {
         field: usize,
@@ -252,6 +255,9 @@ pub struct EmitOptions {
     pub host_tsc: bool,
     /// Count soft-MMU TLB hits in `Context::tlb_hits` (`--stats`; three instructions a hit).
     pub count_tlb_hits: bool,
+    /// A block that touches the extended state first checks that it is not held elsewhere
+    /// (`Context::extended_state_stale`, `Translator::set_extended_state_handover`).
+    pub extended_state_check: bool,
 }
 
 impl EmitOptions {
@@ -332,6 +338,9 @@ pub fn emit_block(
         spill_slot(Register::R11),
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
+    if options.extended_state_check && block.instrs.iter().any(|d| touches_extended_state(&d.instr)) {
+        e.extended_state_check();
+    }
     e.block_names = block
         .instrs
         .iter()
@@ -816,10 +825,10 @@ impl BlockEmitter<'_> {
                     self.asm.store_ctx_u32(off::FAULT_ERROR_CODE, error_code);
                     self.exit_to_engine(ExitReason::Fault, guest_rip);
                 }
-                Cold::InterruptWindow { field, next_rip } => {
+                Cold::RcxExit { field, reason, rip } => {
                     self.bind_here(field);
                     self.asm.mov_from_ctx(Register::RCX, asm::spill_offset(Register::RCX));
-                    self.exit_to_engine(ExitReason::InterruptWindow, next_rip);
+                    self.exit_to_engine(reason, rip);
                 }
                 Cold::ToEngine {
                     fields,

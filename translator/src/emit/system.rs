@@ -6,7 +6,7 @@
 
 use super::asm;
 use super::{BlockEmitter, Cold};
-use crate::context::off;
+use crate::context::{off, ExitReason};
 use crate::rules::{EmulateOp, Rule};
 use crate::system::SystemOp;
 use iced_x86::{Code, Instruction, Register};
@@ -80,9 +80,10 @@ impl BlockEmitter<'_> {
         let hit = self.asm.here() + 2 + 5;
         self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
         let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-        self.cold.push(Cold::InterruptWindow {
+        self.cold.push(Cold::RcxExit {
             field,
-            next_rip: instr.next_ip(),
+            reason: ExitReason::InterruptWindow,
+            rip: instr.next_ip(),
         });
         self.give_back(Register::RCX);
     }

@@ -14,7 +14,14 @@
 //!   elsewhere must not write them without the engine hearing of it (the embedder maps them
 //!   read-only there and reports writes with [`Translator::invalidate_range`]);
 //! - **events from outside** ([`Translator::deliver_event`]): an exception or interrupt the
-//!   other engine saw, delivered through the guest's IDT as if it had happened here.
+//!   other engine saw, delivered through the guest's IDT as if it had happened here;
+//! - **extended state left elsewhere** ([`Translator::set_extended_state_handover`],
+//!   [`Translator::set_extended_state_stale`]): the embedder may hand back a state whose XSAVE
+//!   image is out of date — the live one is still where the user code ran — and the engine
+//!   returns [`Exit::ExtendedStateNeeded`] before any instruction touches it (a check at the
+//!   start of each block that does, and before each such instruction the engine performs).
+//!   Code that never touches it — a guest kernel's timer tick, most system calls — runs
+//!   without the image being read out at all.
 
 use super::*;
 use crate::system::delivery::Event;
@@ -37,6 +44,28 @@ impl Translator {
     /// never do.
     pub fn at_clean_boundary(&self) -> bool {
         self.bounce.is_none() && self.mmio.is_none() && self.one_step.is_none()
+    }
+
+    /// Makes every translation that touches the extended state check first that it is here
+    /// (see the module comment); drops the translations made with the other setting.
+    pub fn set_extended_state_handover(&mut self, on: bool) {
+        if on != self.extended_state_handover {
+            self.flush();
+            self.extended_state_handover = on;
+        }
+    }
+
+    /// Marks the guest's extended state (`state().xsave`) out of date, or up to date again once
+    /// the embedder has put the live one there. Only with the handover on (the mark would go
+    /// unchecked otherwise).
+    pub fn set_extended_state_stale(&mut self, stale: bool) {
+        debug_assert!(self.extended_state_handover || !stale);
+        self.ctx.get_mut().extended_state_stale = stale as u64;
+    }
+
+    /// Whether `state().xsave` is out of date (see [`Translator::set_extended_state_stale`]).
+    pub fn extended_state_stale(&self) -> bool {
+        self.ctx.get().extended_state_stale != 0
     }
 
     /// Turns the kernel-mode exit on or off (see the module comment).

@@ -222,6 +222,8 @@ pub struct Translator {
     invalidations: u64,
     /// Pages that gained translated code while `user_exit` is on (`handover.rs`).
     new_code_pages: Vec<u64>,
+    /// Translations check that the extended state is here before touching it (`handover.rs`).
+    extended_state_handover: bool,
 }
 
 impl Drop for Translator {
@@ -287,6 +289,7 @@ impl Translator {
             kernel_exit: false,
             invalidations: 0,
             new_code_pages: Vec::new(),
+            extended_state_handover: false,
         })
     }
 
@@ -498,6 +501,7 @@ impl Translator {
                     }
                 }
                 r if r == ExitReason::Emulate as u32 => {}
+                r if r == ExitReason::ExtendedState as u32 => return Ok(Exit::ExtendedStateNeeded),
                 r if r == ExitReason::InterruptWindow as u32 => {
                     // An inlined `sti` (IF is set, merged back by `enter`): the interrupt waits
                     // for the end of its shadow, the next instruction.
@@ -746,6 +750,9 @@ impl Translator {
         platform: &mut dyn Platform,
     ) -> Result<Lookup, TranslateError> {
         use crate::rules::EmulateOp;
+        if self.ctx.get().extended_state_stale != 0 && crate::cpu::xsave::touches_extended_state(instr) {
+            return Ok(Lookup::Exit(Exit::ExtendedStateNeeded));
+        }
         *self.stats.emulated_by_mnemonic.entry(instr.mnemonic()).or_default() += 1;
         let unsupported = |why: &str| TranslateError::Unsupported {
             rip: instr.ip(),

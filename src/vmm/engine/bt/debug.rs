@@ -95,7 +95,7 @@ impl Debuggee for BtDebuggee<'_> {
         self.t.set_single_step(how == Resume::Step);
         let stop = run_loop(self.t, self.platform).and_then(|p| match p {
             Pause::Debugger(stop) => Ok(stop),
-            Pause::UserMode | Pause::KernelMode | Pause::PolicyCheck => {
+            Pause::UserMode | Pause::KernelMode | Pause::PolicyCheck | Pause::ExtendedState => {
                 anyhow::bail!("the translator stopped for another engine under the debugger")
             }
         });

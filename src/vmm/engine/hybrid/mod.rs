@@ -106,6 +106,7 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     let mut m = Machine::new(setup)?;
     let mut user = UserVcpu::new(setup.mem, setup.hybrid_table_frames)?;
     m.translator.set_user_exit(true);
+    m.translator.set_extended_state_handover(true);
     // SAFETY: the flag is the vCPU's kvm_run mapping, which lives until `user` drops; the flag
     // is cleared below before that.
     unsafe { hbt_translator::host::signals::set_kick_flag(user.immediate_exit_flag()) };
@@ -113,7 +114,13 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     let mut policy = Policy::new(setup.hybrid_policy);
     let loop_started = Instant::now();
     let ram = bt::guest_ram(setup.mem);
-    let result = drive(&mut m, &ram, &mut user, &mut policy, &mut stats);
+    let mut result = drive(&mut m, &ram, &mut user, &mut policy, &mut stats);
+    if result.is_ok() && m.translator.extended_state_stale() {
+        // The final state (reports, a snapshot) holds the live image.
+        if let Err(e) = fetch_extended_state(&mut m, &mut user) {
+            result = Err(e);
+        }
+    }
     // SAFETY: clearing the flag (no pointer is stored).
     unsafe { hbt_translator::host::signals::set_kick_flag(std::ptr::null_mut()) };
     let extra = report(&stats, &user, &policy, loop_started.elapsed());
@@ -137,6 +144,7 @@ fn drive(
         match bt::run_loop(&mut m.translator, &mut m.platform)? {
             Pause::Debugger(DebugStop::Ended(end)) => return Ok(end),
             Pause::Debugger(_) => {}
+            Pause::ExtendedState => fetch_extended_state(m, user)?,
             Pause::UserMode => {
                 let cr3 = m.translator.state().cr3;
                 match policy.choose(cr3, space_identity(ram, cr3)) {
@@ -209,7 +217,13 @@ fn user_stint(
     }
     let before = m.translator.state().clone();
     let generation = m.translator.invalidation_generation();
-    user.load(ram, &before, generation, &TranslatedCode(&m.translator))?;
+    user.load(
+        ram,
+        &before,
+        m.translator.extended_state_stale(),
+        generation,
+        &TranslatedCode(&m.translator),
+    )?;
     stats.switching += started.elapsed();
     stats.stints += 1;
     let mut last_hidden = None;
@@ -313,9 +327,10 @@ fn user_stint(
                                 user.resume_user(&frame);
                             } else {
                                 // Not a widening (or no frame left for one): the whole tree again.
-                                let s = user.user_state(&before, Some(&frame))?;
+                                let s = user.user_state(&before, Some(&frame));
                                 user.tables.forget();
-                                user.load(ram, &s, generation, &TranslatedCode(&m.translator))?;
+                                // (KVM ran: the live XSAVE image is its own.)
+                                user.load(ram, &s, true, generation, &TranslatedCode(&m.translator))?;
                             }
                             continue;
                         }
@@ -339,23 +354,25 @@ fn user_stint(
     let entered_kernel = !matches!(outcome, Outcome::Kicked | Outcome::Ended(_));
     policy.stint_ended(before.cr3, started.elapsed(), entered_kernel);
     let t = &mut m.translator;
+    // The XSAVE image stays in KVM until translated code touches it (`Pause::ExtendedState`).
     let resume = |t: &mut Translator, s: GuestState| {
         *t.state_mut() = s;
+        t.set_extended_state_stale(true);
         t.set_user_exit(true);
     };
     match outcome {
         Outcome::Kicked => {
             *stats.causes.entry(Cause::Kick).or_default() += 1;
             stats.kicked_at = Some(Instant::now());
-            resume(t, user.user_state(&before, None)?);
+            resume(t, user.user_state(&before, None));
         }
         Outcome::Ended(end) => {
-            resume(t, user.user_state(&before, None)?);
+            resume(t, user.user_state(&before, None));
             return Ok(Some(end));
         }
         Outcome::Syscall { rsp } => {
             *stats.causes.entry(Cause::Syscall).or_default() += 1;
-            let mut s = user.user_state(&before, None)?;
+            let mut s = user.user_state(&before, None);
             s.gpr[4] = rsp;
             // RCX holds the next instruction, R11 RFLAGS as the CPU saved them; the translator
             // performs the rest of the instruction against the guest's STAR/LSTAR/SFMASK.
@@ -372,13 +389,13 @@ fn user_stint(
         Outcome::Fault(frame, exc) => {
             *stats.causes.entry(Cause::PageFault).or_default() += 1;
             user.faulted_at = exc.address.map(|va| (before.cr3, va));
-            resume(t, user.user_state(&before, Some(&frame))?);
+            resume(t, user.user_state(&before, Some(&frame)));
             deliver(t, Event::Exception(exc))?;
         }
         Outcome::Gate(3, frame) => {
             // int3 (kvm_pvm enters the DPL-0 gate from CPL3): RIP is after it.
             *stats.causes.entry(Cause::Exception(3)).or_default() += 1;
-            resume(t, user.user_state(&before, Some(&frame))?);
+            resume(t, user.user_state(&before, Some(&frame)));
             deliver(
                 t,
                 Event::Software {
@@ -389,9 +406,9 @@ fn user_stint(
         }
         Outcome::Gate(vector, frame) => {
             *stats.causes.entry(Cause::Exception(vector)).or_default() += 1;
-            resume(t, user.user_state(&before, Some(&frame))?);
+            resume(t, user.user_state(&before, Some(&frame)));
             stats.replays += 1;
-            return replay(m);
+            return replay(m, user);
         }
         Outcome::Replay(frame) => {
             // No frame: KVM's emulator gave up on the instruction (no fault was delivered).
@@ -401,9 +418,9 @@ fn user_stint(
                 Cause::EmulationFailure
             };
             *stats.causes.entry(cause).or_default() += 1;
-            resume(t, user.user_state(&before, frame.as_ref())?);
+            resume(t, user.user_state(&before, frame.as_ref()));
             stats.replays += 1;
-            return replay(m);
+            return replay(m, user);
         }
     }
     stats.switching += back.elapsed();
@@ -437,17 +454,32 @@ fn deliver(t: &mut Translator, event: Event) -> Result<()> {
 
 /// Runs the instruction at the user RIP in the translator (one step): it raises what the
 /// guest's own tables make of it, or completes.
-fn replay(m: &mut Machine) -> Result<Option<End>> {
-    let t = &mut m.translator;
-    t.set_user_exit(false);
-    t.set_single_step(true);
-    let result = bt::run_loop(t, &mut m.platform);
-    t.set_single_step(false);
-    t.set_user_exit(true);
+fn replay(m: &mut Machine, user: &mut UserVcpu) -> Result<Option<End>> {
+    m.translator.set_user_exit(false);
+    m.translator.set_single_step(true);
+    let result = loop {
+        match bt::run_loop(&mut m.translator, &mut m.platform) {
+            Ok(Pause::ExtendedState) => {
+                if let Err(e) = fetch_extended_state(m, user) {
+                    break Err(e);
+                }
+            }
+            other => break other,
+        }
+    };
+    m.translator.set_single_step(false);
+    m.translator.set_user_exit(true);
     match result? {
         Pause::Debugger(DebugStop::Ended(end)) => Ok(Some(end)),
         _ => Ok(None),
     }
+}
+
+/// Translated code is about to touch the extended state that KVM still holds: read it out.
+fn fetch_extended_state(m: &mut Machine, user: &mut UserVcpu) -> Result<()> {
+    user.fetch_extended_state(&mut m.translator.state_mut().xsave.0)?;
+    m.translator.set_extended_state_stale(false);
+    Ok(())
 }
 
 fn report(
@@ -467,10 +499,11 @@ fn report(
             s.translator_user_stretches
         ),
         format!(
-            "  hybrid: {:.6} s moving state into and out of KVM ({:.1} µs per stint; {} XSAVE images given to KVM)",
+            "  hybrid: {:.6} s moving state into and out of KVM ({:.1} µs per stint; {} XSAVE images given to KVM, {} read out of it when translated code touched them)",
             s.switching.as_secs_f64(),
             s.switching.as_secs_f64() * 1e6 / s.stints.max(1) as f64,
             user.stats.xsave_loads,
+            user.stats.xsave_fetches,
         ),
         format!("  hybrid: user code left KVM by cause: {}", fmt_counts(causes())),
         format!(
@@ -499,6 +532,8 @@ fn report(
         serde_json::json!({
             "seconds_in_kvm": s.in_kvm.as_secs_f64(),
             "seconds_switching": s.switching.as_secs_f64(),
+            "xsave_images_loaded": user.stats.xsave_loads,
+            "xsave_images_fetched": user.stats.xsave_fetches,
             "stints": s.stints,
             "translator_user_stretches": s.translator_user_stretches,
             "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),

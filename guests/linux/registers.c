@@ -1,0 +1,139 @@
+/* Register state across kernel entries inside a Linux guest: what a process must find in its
+ * vector, x87 and MXCSR registers after system calls, page faults, timer interrupts, context
+ * switches to another process using the same registers, and signal handlers that clobber
+ * them. Under `hbt run --accel hybrid` the user code runs under KVM while the kernel runs in
+ * the translator, and the XSAVE image stays in KVM until translated code touches it
+ * (src/vmm/engine/hybrid/user_vcpu.rs, Translator::set_extended_state_stale): a kernel path
+ * that reads or writes the registers without fetching them shows up here as a wrong value.
+ * Built static by tests/boot_linux.rs; prints one line per process and exits 0 when all pass. */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define ROUNDS 60
+#define PAGE 4096
+
+#define R16(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7) \
+    op(8) op(9) op(10) op(11) op(12) op(13) op(14) op(15)
+#define LOAD_Y(n) "vmovdqu " #n "*32(%[in]), %%ymm" #n "\n\t"
+#define STORE_Y(n) "vmovdqu %%ymm" #n ", " #n "*32(%[out])\n\t"
+#define LOAD_X(n) "movdqu " #n "*32(%[in]), %%xmm" #n "\n\t"
+#define STORE_X(n) "movdqu %%xmm" #n ", " #n "*32(%[out])\n\t"
+#define ONES_Y(n) "vpcmpeqd %%ymm" #n ", %%ymm" #n ", %%ymm" #n "\n\t"
+#define ONES_X(n) "pcmpeqd %%xmm" #n ", %%xmm" #n "\n\t"
+#define XMM_CLOBBERS "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", \
+    "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
+
+/* Each round: a fresh page touched (a page fault), sched_yield (a switch to the other process
+ * when it is runnable), getppid, and a spin long enough for timer interrupts and the signal
+ * timer to land in user code. */
+#define BODY                                                                                     \
+    "ldmxcsr %[mx]\n\t"                                                                          \
+    "fldpi\n\t"                                                                                  \
+    "fld1\n\t"                                                                                   \
+    "1:\n\t"                                                                                     \
+    "movb $1, (%[pg])\n\t"                                                                       \
+    "add $4096, %[pg]\n\t"                                                                       \
+    "mov $24, %%eax\n\t"                                                                         \
+    "syscall\n\t"                                                                                \
+    "mov $110, %%eax\n\t"                                                                        \
+    "syscall\n\t"                                                                                \
+    "mov $3000000, %%ecx\n\t"                                                                    \
+    "2: dec %%ecx\n\t"                                                                           \
+    "jnz 2b\n\t"                                                                                 \
+    "dec %[n]\n\t"                                                                               \
+    "jnz 1b\n\t"
+
+struct result {
+    unsigned char regs[16 * 32];
+    unsigned mxcsr;
+    double x87[2];
+};
+
+static volatile int signals;
+static int avx;
+
+static void on_alarm(int sig) {
+    (void)sig;
+    signals++;
+    /* Whatever the handler leaves must not reach the interrupted code (sigreturn restores). */
+    unsigned mx = 0x7f80; /* round toward zero, all masked */
+    if (avx)
+        __asm__ volatile(R16(ONES_Y) "ldmxcsr %0\n\t" ::"m"(mx) : XMM_CLOBBERS);
+    else
+        __asm__ volatile(R16(ONES_X) "ldmxcsr %0\n\t" ::"m"(mx) : XMM_CLOBBERS);
+}
+
+static void run(const unsigned char *in, struct result *out, volatile char *pages, unsigned mx) {
+    long n = ROUNDS;
+    if (avx)
+        __asm__ volatile(R16(LOAD_Y) BODY R16(STORE_Y) "stmxcsr %[mxo]\n\t"
+                         "fstpl %[x0]\n\t"
+                         "fstpl %[x1]\n\t"
+                         : [pg] "+r"(pages), [n] "+r"(n), [mxo] "=m"(out->mxcsr), [x0] "=m"(out->x87[0]),
+                           [x1] "=m"(out->x87[1])
+                         : [in] "r"(in), [out] "r"(out->regs), [mx] "m"(mx)
+                         : "rax", "rcx", "r11", "memory", "cc", XMM_CLOBBERS);
+    else
+        __asm__ volatile(R16(LOAD_X) BODY R16(STORE_X) "stmxcsr %[mxo]\n\t"
+                         "fstpl %[x0]\n\t"
+                         "fstpl %[x1]\n\t"
+                         : [pg] "+r"(pages), [n] "+r"(n), [mxo] "=m"(out->mxcsr), [x0] "=m"(out->x87[0]),
+                           [x1] "=m"(out->x87[1])
+                         : [in] "r"(in), [out] "r"(out->regs), [mx] "m"(mx)
+                         : "rax", "rcx", "r11", "memory", "cc", XMM_CLOBBERS);
+}
+
+/* One process's check; 0 when every register came back as loaded. */
+static int check(const char *who, unsigned seed) {
+    static unsigned char in[16 * 32];
+    static struct result out;
+    unsigned x = seed * 2654435761u;
+    for (int i = 0; i < (int)sizeof in; i++) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        in[i] = (unsigned char)x;
+    }
+    volatile char *pages = mmap(0, (ROUNDS + 1) * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (pages == MAP_FAILED)
+        return 1;
+    /* Rounding mode and masks differ per process (MXCSR is in the XSAVE image too). */
+    unsigned mx = seed & 1 ? 0x3f80 : 0x5f80;
+    struct itimerval t = {{0, 700}, {0, 700}};
+    setitimer(ITIMER_REAL, &t, 0);
+    run(in, &out, pages, mx);
+    struct itimerval off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_REAL, &off, 0);
+    int width = avx ? 32 : 16, bad = 0;
+    for (int r = 0; r < 16; r++)
+        bad += memcmp(out.regs + 32 * r, in + 32 * r, width) != 0;
+    bad += out.mxcsr != mx;
+    bad += out.x87[0] != 1.0;
+    bad += out.x87[1] < 3.14159 || out.x87[1] > 3.1416;
+    printf("registers: %s (%s, %d signals) %s\n", who, avx ? "ymm" : "xmm", signals, bad ? "FAILED" : "ok");
+    return bad != 0;
+}
+
+int main(void) {
+    avx = __builtin_cpu_supports("avx");
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigaction(SIGALRM, &sa, 0);
+    fflush(stdout);
+    pid_t child = fork();
+    if (child == 0)
+        return check("child", 2);
+    int failed = check("parent", 1);
+    int status;
+    waitpid(child, &status, 0);
+    failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    printf("registers: all %s\n", failed ? "FAILED" : "ok");
+    return failed;
+}
