@@ -235,7 +235,11 @@ impl Drop for Translator {
 impl Translator {
     pub fn new(config: Config) -> Result<Self, TranslateError> {
         let mut code = CodeBuffer::new(config.code_cache_bytes)?;
-        let (glue_code, glue) = emit::glue::emit(code.cursor(), std::arch::is_x86_feature_detected!("avx"));
+        let (glue_code, glue) = emit::glue::emit(
+            code.cursor(),
+            std::arch::is_x86_feature_detected!("avx"),
+            std::arch::is_x86_feature_detected!("xsaveopt"),
+        );
         code.append(&glue_code)?;
         let glue_len = code.used();
         let by_host = host_index::HostIndex::new(code.range().0);
