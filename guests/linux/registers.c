@@ -83,24 +83,22 @@ static void on_alarm(int sig) {
         __asm__ volatile(R16(ONES_X) "ldmxcsr %0\n\t" ::"m"(mx) : XMM_CLOBBERS);
 }
 
+/* Loads the registers from `in`, runs BODY, stores them to `out` (LOAD/STORE: ymm or xmm). */
+#define RUN(LOAD, STORE)                                                                         \
+    __asm__ volatile(R16(LOAD) BODY R16(STORE) "stmxcsr %[mxo]\n\t"                              \
+                     "fstpl %[x0]\n\t"                                                           \
+                     "fstpl %[x1]\n\t"                                                           \
+                     : [pg] "+r"(pages), [n] "+r"(n), [mxo] "=m"(out->mxcsr), [x0] "=m"(out->x87[0]), \
+                       [x1] "=m"(out->x87[1])                                                    \
+                     : [in] "r"(in), [out] "r"(out->regs), [mx] "m"(mx)                          \
+                     : "rax", "rcx", "r11", "memory", "cc", XMM_CLOBBERS)
+
 static void run(const unsigned char *in, struct result *out, volatile char *pages, unsigned mx) {
     long n = ROUNDS;
     if (avx)
-        __asm__ volatile(R16(LOAD_Y) BODY R16(STORE_Y) "stmxcsr %[mxo]\n\t"
-                         "fstpl %[x0]\n\t"
-                         "fstpl %[x1]\n\t"
-                         : [pg] "+r"(pages), [n] "+r"(n), [mxo] "=m"(out->mxcsr), [x0] "=m"(out->x87[0]),
-                           [x1] "=m"(out->x87[1])
-                         : [in] "r"(in), [out] "r"(out->regs), [mx] "m"(mx)
-                         : "rax", "rcx", "r11", "memory", "cc", XMM_CLOBBERS);
+        RUN(LOAD_Y, STORE_Y);
     else
-        __asm__ volatile(R16(LOAD_X) BODY R16(STORE_X) "stmxcsr %[mxo]\n\t"
-                         "fstpl %[x0]\n\t"
-                         "fstpl %[x1]\n\t"
-                         : [pg] "+r"(pages), [n] "+r"(n), [mxo] "=m"(out->mxcsr), [x0] "=m"(out->x87[0]),
-                           [x1] "=m"(out->x87[1])
-                         : [in] "r"(in), [out] "r"(out->regs), [mx] "m"(mx)
-                         : "rax", "rcx", "r11", "memory", "cc", XMM_CLOBBERS);
+        RUN(LOAD_X, STORE_X);
 }
 
 /* One process's check; 0 when every register came back as loaded. */

@@ -702,6 +702,19 @@ impl BlockEmitter<'_> {
     }
 
     /// Ends the block: the engine handles the instruction at `rip`.
+    /// With RCX borrowed: when the byte at `flag` is nonzero, exits with `reason` at `rip` (RCX
+    /// given back in the cold part first); otherwise goes on. Flag-free (`movzx`, `jrcxz`).
+    /// Gives RCX back.
+    fn exit_if_flag(&mut self, flag: iced_x86::MemoryOperand, reason: ExitReason, rip: u64) {
+        self.asm
+            .glue(Instruction::with2(Code::Movzx_r32_rm8, Register::ECX, flag));
+        let clear = self.asm.here() + 2 + 5;
+        self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, clear));
+        let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
+        self.cold.push(Cold::RcxExit { field, reason, rip });
+        self.give_back(Register::RCX);
+    }
+
     fn exit_to_engine(&mut self, reason: ExitReason, rip: u64) {
         self.asm.store_ctx_u64(off::RIP, rip);
         self.asm.store_ctx_u32(off::EXIT_REASON, reason as u32);

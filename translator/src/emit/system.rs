@@ -5,7 +5,7 @@
 //! state in the context, or the host's TSC where the platform says the guest's is the same.
 
 use super::asm;
-use super::{BlockEmitter, Cold};
+use super::BlockEmitter;
 use crate::context::{off, ExitReason};
 use crate::rules::{EmulateOp, Rule};
 use crate::system::SystemOp;
@@ -72,20 +72,11 @@ impl BlockEmitter<'_> {
         self.asm.store_ctx_u64(off::VIRTUAL_IF, crate::state::flags::IF);
         self.borrow(Register::RCX);
         self.asm.mov_imm64(Register::RCX, line);
-        self.asm.glue(Instruction::with2(
-            Code::Movzx_r32_rm8,
-            Register::ECX,
+        self.exit_if_flag(
             iced_x86::MemoryOperand::with_base(Register::RCX),
-        ));
-        let hit = self.asm.here() + 2 + 5;
-        self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, hit));
-        let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-        self.cold.push(Cold::RcxExit {
-            field,
-            reason: ExitReason::InterruptWindow,
-            rip: instr.next_ip(),
-        });
-        self.give_back(Register::RCX);
+            ExitReason::InterruptWindow,
+            instr.next_ip(),
+        );
     }
 
     /// `swapgs` at CPL0: the guest's GS base and KERNEL_GS_BASE trade places in its state

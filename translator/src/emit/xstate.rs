@@ -77,20 +77,11 @@ impl BlockEmitter<'_> {
     /// ```
     pub(super) fn extended_state_check(&mut self) {
         self.borrow(Register::RCX);
-        self.asm.glue(Instruction::with2(
-            Code::Movzx_r32_rm8,
-            Register::ECX,
+        self.exit_if_flag(
             asm::ctx(off::EXTENDED_STATE_STALE),
-        ));
-        let fresh = self.asm.here() + 2 + 5;
-        self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, fresh));
-        let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-        self.cold.push(Cold::RcxExit {
-            field,
-            reason: ExitReason::ExtendedState,
-            rip: self.block_start,
-        });
-        self.give_back(Register::RCX);
+            ExitReason::ExtendedState,
+            self.block_start,
+        );
     }
 
     /// The jump at `field` raises #GP(0) at the current guest instruction.
