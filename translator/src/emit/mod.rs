@@ -701,7 +701,6 @@ impl BlockEmitter<'_> {
         }
     }
 
-    /// Ends the block: the engine handles the instruction at `rip`.
     /// With RCX borrowed: when the byte at `flag` is nonzero, exits with `reason` at `rip` (RCX
     /// given back in the cold part first); otherwise goes on. Flag-free (`movzx`, `jrcxz`).
     /// Gives RCX back.
@@ -715,6 +714,7 @@ impl BlockEmitter<'_> {
         self.give_back(Register::RCX);
     }
 
+    /// Ends the block: the engine handles the instruction at `rip`.
     fn exit_to_engine(&mut self, reason: ExitReason, rip: u64) {
         self.asm.store_ctx_u64(off::RIP, rip);
         self.asm.store_ctx_u32(off::EXIT_REASON, reason as u32);

@@ -754,7 +754,7 @@ impl Translator {
         platform: &mut dyn Platform,
     ) -> Result<Lookup, TranslateError> {
         use crate::rules::EmulateOp;
-        if self.ctx.get().extended_state_stale != 0 && crate::cpu::xsave::touches_extended_state(instr) {
+        if self.extended_state_stale() && crate::cpu::xsave::touches_extended_state(instr) {
             return Ok(Lookup::Exit(Exit::ExtendedStateNeeded));
         }
         *self.stats.emulated_by_mnemonic.entry(instr.mnemonic()).or_default() += 1;
