@@ -157,6 +157,14 @@ pub struct Context {
     /// Nonzero while `state.xsave` is out of date because an embedder holds the live extended
     /// state (`Translator::set_extended_state_stale`): blocks that touch it exit first.
     pub extended_state_stale: u64,
+    /// Nonzero while the guest's extended state is only in `state.xsave`, zero once the glue
+    /// has loaded it into the host's registers: the entry glue sets it, the first block that
+    /// touches the state loads it (`Glue::load_extended_state`), the exit saves it only then.
+    pub extended_state_in_image: u64,
+    /// Where `Glue::load_extended_state` returns to, and the guest RAX and RDX it borrows.
+    pub extended_state_return: u64,
+    pub extended_state_rax: u64,
+    pub extended_state_rdx: u64,
     /// Soft-MMU accesses served by the inline TLB, counted by translations made with
     /// `Translator::set_detailed_stats` (`--stats`).
     pub tlb_hits: u64,
@@ -215,6 +223,10 @@ pub mod off {
     pub const VIRTUAL_FLAGS: usize = offset_of!(Context, virtual_flags);
     pub const VIRTUAL_IF: usize = offset_of!(Context, virtual_if);
     pub const EXTENDED_STATE_STALE: usize = offset_of!(Context, extended_state_stale);
+    pub const EXTENDED_STATE_IN_IMAGE: usize = offset_of!(Context, extended_state_in_image);
+    pub const EXTENDED_STATE_RETURN: usize = offset_of!(Context, extended_state_return);
+    pub const EXTENDED_STATE_RAX: usize = offset_of!(Context, extended_state_rax);
+    pub const EXTENDED_STATE_RDX: usize = offset_of!(Context, extended_state_rdx);
     pub const TLB_HITS: usize = offset_of!(Context, tlb_hits);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);

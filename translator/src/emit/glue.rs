@@ -1,19 +1,26 @@
 //! Shared glue emitted once at the start of the code buffer: entering translated code from
-//! Rust, the common exit back to the dispatcher, and the indirect-branch miss paths.
+//! Rust, the common exit back to the dispatcher, the indirect-branch miss paths, and the load of
+//! the guest's extended state.
 //!
-//! Entry loads the whole guest state (XSAVE area, flags, GPRs, RSP last) from the context and
-//! jumps to a block. Exit is reached with every guest register live and the guest RIP already
-//! stored; it switches to the host stack with plain `mov`s (guest flags intact), saves flags and
-//! registers, XSAVEs the vector state and returns to the dispatcher.
+//! Entry loads the guest's flags and GPRs (RSP last) from the context and jumps to a block.
+//! Exit is reached with every guest register live and the guest RIP already stored; it switches
+//! to the host stack with plain `mov`s (guest flags intact), saves flags and registers and
+//! returns to the dispatcher.
+//!
+//! The extended state (x87, SSE, AVX, …) moves lazily. Entry leaves it in the context's XSAVE
+//! image (`Context::extended_state_in_image` set) and the host's in the registers; a block that
+//! touches it checks that byte first and, the first time, jumps to [`Glue::load_extended_state`],
+//! which saves the host's MXCSR and x87 control word and XRSTORs the image. The exit saves the
+//! state back only when it was loaded. Kernel code never touches it (a fork+exec-heavy Linux
+//! guest leaves translated code ≈1,400 times per process, and the eager XRSTOR + XSAVEOPT pair
+//! was ≈7% of its time on an AMD EPYC), and user code pays one extra jump per entry.
 //!
 //! The XSAVE mask is the guest's XCR0 (`GuestState::xcr0`, read from the context at every
-//! entry and exit): exactly the components the guest was offered move, so an AVX2 guest on an
+//! load and save): exactly the components the guest was offered move, so an AVX2 guest on an
 //! AVX-512 host moves 832 bytes, not 2,688, and XFD-armed components (AMX) are never touched.
-//! The exit saves with XSAVEOPT where the host has it: the entry's XRSTOR loaded from the same
-//! address, so the CPU writes only the components the guest changed since — none for most
-//! blocks of kernel code (a fork+exec-heavy guest leaves translated code ≈1,400 times per
-//! process; the exit's XSAVE was ≈3.5% of its time on an AMD EPYC). Every entry reloads the
-//! image, so whatever the engine wrote into it in between is what the guest sees.
+//! The exit saves with XSAVEOPT where the host has it: the load's XRSTOR used the same
+//! address, so the CPU writes only the components the guest changed since. Every entry starts
+//! from the image, so whatever the engine wrote into it in between is what the guest sees.
 
 use super::asm::{ctx, spill_slot, Asm};
 use crate::context::{off, ExitReason, IBL_EMPTY_TARGET};
@@ -30,6 +37,10 @@ pub struct Glue {
     pub ibl_miss: u64,
     /// Host address of empty indirect-branch slots (see `context::IBL_EMPTY_TAG`).
     pub ibl_empty: u64,
+    /// Loads the guest's extended state from the image into the registers, then jumps to
+    /// `Context::extended_state_return` with every guest register and flag as they were. The
+    /// last piece of glue: everything from here to the glue's end belongs to it.
+    pub load_extended_state: u64,
 }
 
 const CALLEE_SAVED: [R; 6] = [R::RBX, R::RBP, R::R12, R::R13, R::R14, R::R15];
@@ -67,11 +78,7 @@ pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
     }
     a.glue(Instruction::with2(Code::Sub_rm64_imm8, R::RSP, 8));
     a.mov_to_ctx(off::HOST_RSP, R::RSP);
-    a.glue(Instruction::with1(Code::Stmxcsr_m32, ctx(off::HOST_MXCSR)));
-    a.glue(Instruction::with1(Code::Fnstcw_m2byte, ctx(off::HOST_FCW)));
-    a.mov_from_ctx(R::RAX, off::XCR0);
-    a.glue(Instruction::with2(Code::Mov_r32_rm32, R::EDX, ctx(off::XCR0 + 4)));
-    a.glue(Instruction::with1(Code::Xrstor64_mem, ctx(off::XSAVE)));
+    a.store_ctx_u32(off::EXTENDED_STATE_IN_IMAGE, 1);
     a.glue(Instruction::with1(Code::Push_rm64, ctx(off::RFLAGS)));
     a.op0(Code::Popfq);
     for (n, r) in GPRS.iter().enumerate() {
@@ -93,6 +100,13 @@ pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
             a.mov_to_ctx(off::GPR + 8 * n, *r);
         }
     }
+    // Flags and registers are saved: the test is free.
+    a.glue(Instruction::with2(
+        Code::Cmp_rm64_imm8,
+        ctx(off::EXTENDED_STATE_IN_IMAGE),
+        0,
+    ));
+    let in_image = a.branch32_forward(Code::Jne_rel32_64);
     a.mov_from_ctx(R::RAX, off::XCR0);
     a.glue(Instruction::with2(Code::Mov_r32_rm32, R::EDX, ctx(off::XCR0 + 4)));
     let save = if has_xsaveopt {
@@ -107,6 +121,9 @@ pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
     if has_avx {
         a.op0(Code::VEX_Vzeroupper);
     }
+    a.store_ctx_u32(off::EXTENDED_STATE_IN_IMAGE, 1);
+    let here = a.here();
+    a.bind(in_image, here);
     // Clean flags for Rust (DF and AC clear, TF clear).
     a.glue(Instruction::with1(Code::Pushq_imm8, 2));
     a.op0(Code::Popfq);
@@ -133,6 +150,21 @@ pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
     a.store_ctx_u64(off::RIP, IBL_EMPTY_TARGET);
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
+
+    // --- load the extended state: reached by a jump from a block's start (`xstate.rs`) with
+    // the return address in the context; flags untouched (XRSTOR and `mov` leave them) ---
+    glue.load_extended_state = a.here();
+    a.mov_to_ctx(off::EXTENDED_STATE_RAX, R::RAX);
+    a.mov_to_ctx(off::EXTENDED_STATE_RDX, R::RDX);
+    a.glue(Instruction::with1(Code::Stmxcsr_m32, ctx(off::HOST_MXCSR)));
+    a.glue(Instruction::with1(Code::Fnstcw_m2byte, ctx(off::HOST_FCW)));
+    a.mov_from_ctx(R::RAX, off::XCR0);
+    a.glue(Instruction::with2(Code::Mov_r32_rm32, R::EDX, ctx(off::XCR0 + 4)));
+    a.glue(Instruction::with1(Code::Xrstor64_mem, ctx(off::XSAVE)));
+    a.store_ctx_u32(off::EXTENDED_STATE_IN_IMAGE, 0);
+    a.mov_from_ctx(R::RAX, off::EXTENDED_STATE_RAX);
+    a.mov_from_ctx(R::RDX, off::EXTENDED_STATE_RDX);
+    a.glue(Instruction::with1(Code::Jmp_rm64, ctx(off::EXTENDED_STATE_RETURN)));
 
     (a.buf, glue)
 }

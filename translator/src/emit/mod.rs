@@ -144,6 +144,9 @@ enum Cold {
     /// `reason` at `rip` (an inlined `sti` that found an interrupt waiting, in its shadow; a
     /// block entered while the extended state is held elsewhere, at its start).
     RcxExit { field: usize, reason: ExitReason, rip: u64 },
+    /// The extended-state check found it still in the image: RCX is borrowed and free; go to
+    /// `Glue::load_extended_state`, which comes back to `back`.
+    LoadExtendedState { field: usize, back: u64 },
     /// TLB miss: restore the guest state at `guest_rip` and exit.
     TlbMiss {
         field: usize,
@@ -338,8 +341,8 @@ pub fn emit_block(
         spill_slot(Register::R11),
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
-    if options.extended_state_check && block.instrs.iter().any(|d| touches_extended_state(&d.instr)) {
-        e.extended_state_check();
+    if block.instrs.iter().any(|d| touches_extended_state(&d.instr)) {
+        e.extended_state_check(options.extended_state_check);
     }
     e.block_names = block
         .instrs
@@ -705,13 +708,19 @@ impl BlockEmitter<'_> {
     /// given back in the cold part first); otherwise goes on. Flag-free (`movzx`, `jrcxz`).
     /// Gives RCX back.
     fn exit_if_flag(&mut self, flag: iced_x86::MemoryOperand, reason: ExitReason, rip: u64) {
+        let field = self.jump_if_flag(flag);
+        self.cold.push(Cold::RcxExit { field, reason, rip });
+        self.give_back(Register::RCX);
+    }
+
+    /// With RCX borrowed: `movzx ecx, byte flag; jrcxz +5; jmp rel32` — returns the rel32 field
+    /// of the jump taken when the byte is nonzero. Flag-free.
+    fn jump_if_flag(&mut self, flag: iced_x86::MemoryOperand) -> usize {
         self.asm
             .glue(Instruction::with2(Code::Movzx_r32_rm8, Register::ECX, flag));
         let clear = self.asm.here() + 2 + 5;
         self.asm.glue(Instruction::with_branch(Code::Jrcxz_rel8_64, clear));
-        let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-        self.cold.push(Cold::RcxExit { field, reason, rip });
-        self.give_back(Register::RCX);
+        self.asm.branch32_forward(Code::Jmp_rel32_64)
     }
 
     /// Ends the block: the engine handles the instruction at `rip`.
@@ -842,6 +851,17 @@ impl BlockEmitter<'_> {
                     self.bind_here(field);
                     self.asm.mov_from_ctx(Register::RCX, asm::spill_offset(Register::RCX));
                     self.exit_to_engine(reason, rip);
+                }
+                Cold::LoadExtendedState { field, back } => {
+                    self.bind_here(field);
+                    self.asm.glue(Instruction::with2(
+                        Code::Lea_r64_m,
+                        Register::RCX,
+                        iced_x86::MemoryOperand::with_base_displ(Register::RIP, back as i64),
+                    ));
+                    self.asm.mov_to_ctx(off::EXTENDED_STATE_RETURN, Register::RCX);
+                    let load = self.glue.load_extended_state;
+                    self.asm.branch32(Code::Jmp_rel32_64, load);
                 }
                 Cold::ToEngine {
                     fields,

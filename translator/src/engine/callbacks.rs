@@ -39,17 +39,24 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
         return;
     }
     // In the glue: its exit and miss paths are on their way to the dispatcher already; its
-    // entry path is about to jump to one block, whose exits are unlinked as if it were running.
+    // entry path is about to jump to one block and the extended-state load to return into
+    // one, whose exits are unlinked as if it were running.
     // (Unlinking every chain whenever a tick caught the glue — a few percent of ticks — made
     // the dispatcher relink them all: ≈10% of a fork/exec-heavy guest's engine time.)
     let (base, _) = t.code.range();
     if (base..base + t.glue_len as u64).contains(&pc) {
-        if pc >= t.glue.exit {
+        // The extended-state load goes back into the block that called it; the entry path
+        // jumps to one block.
+        // SAFETY: translated code is stopped; the block stored its return address before
+        // jumping to the load, and `entry_target` was set before the entry ran.
+        let block = if pc >= t.glue.load_extended_state {
+            t.block_at_host(unsafe { (*t.ctx.as_ptr()).extended_state_return })
+        } else if pc >= t.glue.exit {
             return;
-        }
-        // SAFETY: translated code is stopped; `entry_target` was set before the glue ran.
-        let target = unsafe { (*t.ctx.as_ptr()).entry_target };
-        if let Some(i) = t.block_at_entry(target) {
+        } else {
+            t.block_at_entry(unsafe { (*t.ctx.as_ptr()).entry_target })
+        };
+        if let Some(i) = block {
             unlink_exits(t, i);
             return;
         }
