@@ -45,6 +45,60 @@ pub struct Chips {
     pub pit: Pit,
     /// PIT periods that ended while the previous tick was still latched (reinjected later).
     owed_ticks: u64,
+    /// When the timer thread will look at the deadlines next.
+    wake_plan: WakePlan,
+}
+
+/// The longest the timer thread sleeps: how soon it notices `done` without being woken.
+const IDLE: Duration = Duration::from_millis(50);
+
+/// When the timer thread sleeps until, and whether a deadline that moved must wake it sooner.
+///
+/// Waking it costs the thread that moved the deadline a futex wake, and often a reschedule —
+/// and that thread is the vCPU, in the middle of the guest's timer handler: Linux re-arms its
+/// TSC-deadline timer from every tick, so each tick paid it (≈20–30 µs of the ≈30–60 µs a
+/// translated tick took under `--accel hybrid`, AMD EPYC). So the thread, finding no
+/// deadline after firing one, sleeps only until three quarters of the last interval between
+/// fires: a guest that re-arms about as far ahead as before moves the deadline past that
+/// instant, and a deadline at or after the instant the thread will wake anyway needs no
+/// wake-up (the thread sleeps on to it then).
+#[derive(Debug, Default)]
+struct WakePlan {
+    /// The thread sleeps until then at the latest; `None` while it is awake (it looks at the
+    /// deadlines again before it sleeps).
+    asleep_until: Option<Instant>,
+    last_fire: Option<Instant>,
+    interval: Option<Duration>,
+}
+
+impl WakePlan {
+    /// The thread wakes (or starts) and will look at the deadlines before sleeping again.
+    fn woke(&mut self) {
+        self.asleep_until = None;
+    }
+
+    /// A timer fired at `now`.
+    fn fired(&mut self, now: Instant) {
+        if let Some(last) = self.last_fire {
+            self.interval = Some(now.saturating_duration_since(last));
+        }
+        self.last_fire = Some(now);
+    }
+
+    /// The thread goes to sleep at `now`, the next deadline being `deadline`: for how long.
+    fn sleep(&mut self, now: Instant, deadline: Option<Instant>) -> Duration {
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(now).min(IDLE),
+            None => self.interval.map_or(IDLE, |i| (i * 3 / 4).min(IDLE)),
+        };
+        self.asleep_until = Some(now + wait);
+        wait
+    }
+
+    /// The next deadline moved to `deadline`: whether the sleeping thread must wake for it.
+    fn must_wake(&self, deadline: Option<Instant>) -> bool {
+        matches!((deadline, self.asleep_until), (Some(d), Some(until)) if d < until)
+    }
 }
 
 impl Chips {
@@ -55,6 +109,7 @@ impl Chips {
             lapic: LocalApic::new(tsc_khz),
             pit: Pit::default(),
             owed_ticks: 0,
+            wake_plan: WakePlan::default(),
         }
     }
 
@@ -175,8 +230,9 @@ impl Chipset {
     }
 
     /// Runs `f` on the chips, then updates INTR (waking a halted vCPU when it is up) and wakes
-    /// the timer thread when a deadline moved — only then, so the port reads of a calibration
-    /// loop cost no futex wake.
+    /// the timer thread when a deadline moved before the time it wakes anyway — only then, so
+    /// the port reads of a calibration loop and the re-arming of a periodic tick cost no futex
+    /// wake (see [`WakePlan`]).
     pub fn with<R>(&self, f: impl FnOnce(&mut Chips) -> R) -> R {
         let mut chips = self.lock();
         let deadline = chips.next_deadline();
@@ -186,7 +242,8 @@ impl Chipset {
         if intr {
             self.raised.notify_all();
         }
-        if chips.next_deadline() != deadline {
+        let moved = chips.next_deadline();
+        if moved != deadline && chips.wake_plan.must_wake(moved) {
             self.timers.notify_all();
         }
         r
@@ -246,12 +303,14 @@ impl Chipset {
     /// `kick` (to stop the vCPU's translated code at its next block end) when that left an
     /// interrupt pending at the CPU.
     pub fn run_timers(&self, done: &AtomicBool, kick: impl Fn()) {
-        // The longest sleep without a deadline: how soon `done` is noticed.
-        const IDLE: Duration = Duration::from_millis(50);
         let mut chips = self.lock();
         while !done.load(Ordering::SeqCst) {
+            chips.wake_plan.woke();
             let now = Instant::now();
             let fired = chips.fire_timers(now);
+            if fired {
+                chips.wake_plan.fired(now);
+            }
             let intr = chips.pending();
             self.intr.store(intr, Ordering::SeqCst);
             self.owing.store(chips.owed_ticks > 0, Ordering::SeqCst);
@@ -267,9 +326,8 @@ impl Chipset {
                 chips = self.lock();
                 continue;
             }
-            let wait = chips
-                .next_deadline()
-                .map_or(IDLE, |d| d.saturating_duration_since(now).min(IDLE));
+            let deadline = chips.next_deadline();
+            let wait = chips.wake_plan.sleep(now, deadline);
             chips = self
                 .timers
                 .wait_timeout(chips, wait)
@@ -499,6 +557,46 @@ mod tests {
         ioapic_program(&mut c, 5, 0x25, 3 << 24); // physical destination 3: nobody here
         c.set_irq(5, true);
         assert!(!c.pending());
+    }
+
+    #[test]
+    fn a_deadline_re_armed_as_far_ahead_as_before_needs_no_wake_up() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut plan = WakePlan::default();
+        plan.fired(t0);
+        plan.fired(t0 + ms(4));
+        // No deadline after the second fire: asleep until three quarters of the interval.
+        assert_eq!(plan.sleep(t0 + ms(4), None), ms(3));
+        assert!(!plan.must_wake(Some(t0 + ms(8))), "the guest's next tick, 4 ms on");
+        assert!(
+            !plan.must_wake(Some(t0 + ms(7))),
+            "exactly when the thread wakes anyway"
+        );
+        assert!(plan.must_wake(Some(t0 + ms(5))), "a deadline before the planned wake");
+        assert!(
+            !plan.must_wake(None),
+            "a deadline gone: the thread finds nothing and sleeps on"
+        );
+        // Awake, it looks at the deadlines before sleeping: nothing to wake.
+        plan.woke();
+        assert!(!plan.must_wake(Some(t0 + ms(5))));
+        // Asleep to a deadline: an earlier one wakes it, a later one waits for it.
+        assert_eq!(plan.sleep(t0 + ms(7), Some(t0 + ms(8))), ms(1));
+        assert!(plan.must_wake(Some(t0 + ms(7) + Duration::from_micros(500))));
+        assert!(!plan.must_wake(Some(t0 + ms(9))));
+    }
+
+    #[test]
+    fn without_a_history_the_timer_thread_sleeps_idle_and_any_sooner_deadline_wakes_it() {
+        let t0 = Instant::now();
+        let mut plan = WakePlan::default();
+        assert_eq!(plan.sleep(t0, None), IDLE);
+        assert!(plan.must_wake(Some(t0 + Duration::from_millis(1))));
+        // Intervals longer than IDLE are capped by it.
+        plan.fired(t0);
+        plan.fired(t0 + Duration::from_secs(10));
+        assert_eq!(plan.sleep(t0 + Duration::from_secs(10), None), IDLE);
     }
 
     #[test]
