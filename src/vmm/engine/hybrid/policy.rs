@@ -537,35 +537,59 @@ impl Policy {
 /// stretch has run for the time it was armed with, unless disarmed first. Arming and disarming
 /// are one atomic store each (they happen at every user entry and kernel entry the translator
 /// runs: a mutex and a wake-up there cost ≈10 µs per system call); the thread looks every
-/// millisecond.
+/// millisecond while stretches come and go, and parks once none was armed for
+/// [`WATCH_PARK_AFTER`] looks — while user code computes under KVM nothing arms it, and a
+/// thread waking 1,000 times a second there preempted the vCPU's `KVM_RUN` on this 2-CPU host
+/// whenever the scheduler put the two together. Arming a parked watch unparks it.
 pub struct Watch {
     shared: Arc<WatchState>,
+    thread: Option<std::thread::Thread>,
 }
 
 struct WatchState {
     epoch: Instant,
     /// Nanoseconds after `epoch` the stretch is due; 0: disarmed.
     deadline_ns: AtomicU64,
+    /// The thread is parked (or about to be): `arm` must unpark it.
+    parked: AtomicBool,
     done: AtomicBool,
 }
 
 const WATCH_POLL: Duration = Duration::from_millis(1);
+/// Looks in a row with nothing armed before the thread parks.
+const WATCH_PARK_AFTER: u32 = 10;
 
 impl Watch {
     pub fn start() -> Watch {
         let shared = Arc::new(WatchState {
             epoch: Instant::now(),
             deadline_ns: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
             done: AtomicBool::new(false),
         });
         let state = Arc::clone(&shared);
         let spawned = std::thread::Builder::new().name("hbt-policy".into()).spawn(move || {
-            while !state.done.load(Ordering::Relaxed) {
+            let mut idle = 0;
+            while !state.done.load(Ordering::SeqCst) {
                 std::thread::sleep(WATCH_POLL);
-                let due = state.deadline_ns.load(Ordering::Relaxed);
+                let due = state.deadline_ns.load(Ordering::SeqCst);
+                if due == 0 {
+                    idle += 1;
+                    if idle >= WATCH_PARK_AFTER {
+                        // Announce the park, then look once more: an `arm` either comes
+                        // before that look (seen here) or sees `parked` (and unparks).
+                        state.parked.store(true, Ordering::SeqCst);
+                        if state.deadline_ns.load(Ordering::SeqCst) == 0 && !state.done.load(Ordering::SeqCst) {
+                            std::thread::park();
+                        }
+                        state.parked.store(false, Ordering::SeqCst);
+                        idle = 0;
+                    }
+                    continue;
+                }
+                idle = 0;
                 let now = state.epoch.elapsed().as_nanos() as u64;
-                if due != 0
-                    && now >= due
+                if now >= due
                     && state
                         .deadline_ns
                         .compare_exchange(due, 0, Ordering::SeqCst, Ordering::Relaxed)
@@ -576,29 +600,59 @@ impl Watch {
             }
         });
         // Without the thread, stretches end only at kernel entries (interrupts included).
-        drop(spawned);
-        Watch { shared }
+        let thread = spawned.ok().map(|handle| handle.thread().clone());
+        Watch { shared, thread }
     }
 
     pub fn arm(&self, after: Duration) {
         let due = (self.shared.epoch.elapsed() + after).as_nanos() as u64;
-        self.shared.deadline_ns.store(due.max(1), Ordering::Relaxed);
+        self.shared.deadline_ns.store(due.max(1), Ordering::SeqCst);
+        if self.shared.parked.load(Ordering::SeqCst) {
+            self.unpark();
+        }
     }
 
     pub fn disarm(&self) {
         self.shared.deadline_ns.store(0, Ordering::Relaxed);
     }
+
+    fn unpark(&self) {
+        if let Some(thread) = &self.thread {
+            thread.unpark();
+        }
+    }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        self.shared.done.store(true, Ordering::Relaxed);
+        self.shared.done.store(true, Ordering::SeqCst);
+        self.unpark();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parked_watch_wakes_when_armed_and_asks_for_the_check() {
+        let watch = Watch::start();
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while !watch.shared.parked.load(Ordering::SeqCst) && Instant::now() < give_up {
+            std::thread::sleep(WATCH_POLL);
+        }
+        assert!(
+            watch.shared.parked.load(Ordering::SeqCst),
+            "nothing armed: the watch parks"
+        );
+        crate::vmm::stop::take_policy_check();
+        watch.arm(Duration::from_micros(1));
+        while !crate::vmm::stop::take_policy_check() {
+            assert!(Instant::now() < give_up, "the armed watch asked for no policy check");
+            std::thread::sleep(WATCH_POLL);
+        }
+        assert_eq!(watch.shared.deadline_ns.load(Ordering::SeqCst), 0, "a check disarms it");
+    }
 
     #[test]
     fn one_cheap_outlier_does_not_set_the_round_trip_cost() {
