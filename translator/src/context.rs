@@ -165,6 +165,8 @@ pub struct Context {
     pub extended_state_return: u64,
     pub extended_state_rax: u64,
     pub extended_state_rdx: u64,
+    /// Entries into translated code that loaded the extended state (`Stats::extended_state_loads`).
+    pub extended_state_loads: u64,
     /// Soft-MMU accesses served by the inline TLB, counted by translations made with
     /// `Translator::set_detailed_stats` (`--stats`).
     pub tlb_hits: u64,
@@ -227,6 +229,7 @@ pub mod off {
     pub const EXTENDED_STATE_RETURN: usize = offset_of!(Context, extended_state_return);
     pub const EXTENDED_STATE_RAX: usize = offset_of!(Context, extended_state_rax);
     pub const EXTENDED_STATE_RDX: usize = offset_of!(Context, extended_state_rdx);
+    pub const EXTENDED_STATE_LOADS: usize = offset_of!(Context, extended_state_loads);
     pub const TLB_HITS: usize = offset_of!(Context, tlb_hits);
     pub const FLAG_SLOT: usize = offset_of!(Context, flag_slot);
     pub const FLAG_STACK_TOP: usize = offset_of!(Context, flag_stack_top);

@@ -458,6 +458,10 @@ fn report(
             s.mmio_accesses
         ),
         format!(
+            "  extended state (x87, SSE, AVX): loaded into the host's registers by {} of the {} entries into translated code",
+            s.extended_state_loads, s.block_exits
+        ),
+        format!(
             "  emulated instructions by mnemonic (most first): {}",
             fmt_counts(by_count(&s.emulated_by_mnemonic).into_iter().take(12))
         ),
@@ -504,6 +508,7 @@ fn report(
             "guest_instructions_translated": s.guest_instructions_translated,
             "code_cache_bytes": t.code_cache_used(),
             "block_exits": s.block_exits,
+            "extended_state_loads": s.extended_state_loads,
             "chained": s.chained,
             "indirect_misses": s.indirect_misses,
             "tlb_misses": s.tlb_misses,

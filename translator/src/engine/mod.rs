@@ -62,6 +62,9 @@ pub struct Stats {
     pub blocks_translated: u64,
     pub guest_instructions_translated: u64,
     pub block_exits: u64,
+    /// Entries into translated code (one per block exit) that loaded the guest's extended
+    /// state into the registers: the glue moves it only for code that touches it (`glue.rs`).
+    pub extended_state_loads: u64,
     pub chained: u64,
     pub indirect_misses: u64,
     pub tlb_misses: u64,
@@ -445,6 +448,7 @@ impl Translator {
             pending_link = 0;
             self.enter(host);
             self.stats.block_exits += 1;
+            self.stats.extended_state_loads = self.ctx.get().extended_state_loads;
             self.invalidate_written_pages();
             if let Some(b) = self.bounce.take() {
                 self.finish_bounce(b);
