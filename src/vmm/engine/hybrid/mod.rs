@@ -115,10 +115,14 @@ pub fn run(setup: &Setup) -> Result<Finished> {
     let loop_started = Instant::now();
     let ram = bt::guest_ram(setup.mem);
     let mut result = drive(&mut m, &ram, &mut user, &mut policy, &mut stats);
-    if result.is_ok() && m.translator.extended_state_stale() {
-        // The final state (reports, a snapshot) holds the live image.
+    if m.translator.extended_state_stale() {
+        // The final state (reports, a snapshot, the register dump of a run that failed) holds
+        // the live image. After a failure, the failure is what is reported, even if reading
+        // the image out fails too.
         if let Err(e) = fetch_extended_state(&mut m, &mut user) {
-            result = Err(e);
+            if result.is_ok() {
+                result = Err(e);
+            }
         }
     }
     // SAFETY: clearing the flag (no pointer is stored).
