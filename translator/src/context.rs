@@ -158,8 +158,9 @@ pub struct Context {
     /// state (`Translator::set_extended_state_stale`): blocks that touch it exit first.
     pub extended_state_stale: u64,
     /// Nonzero while the guest's extended state is only in `state.xsave`, zero once the glue
-    /// has loaded it into the host's registers: the entry glue sets it, the first block that
-    /// touches the state loads it (`Glue::load_extended_state`), the exit saves it only then.
+    /// has loaded it into the host's registers: the lazy entry sets it (the eager one loads the
+    /// state and clears it), the first block that touches the state then loads it
+    /// (`Glue::load_extended_state`), and the exit saves the state only when it was loaded.
     pub extended_state_in_image: u64,
     /// Where `Glue::load_extended_state` returns to, and the guest RAX and RDX it borrows.
     pub extended_state_return: u64,

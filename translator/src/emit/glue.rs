@@ -7,20 +7,26 @@
 //! to the host stack with plain `mov`s (guest flags intact), saves flags and registers and
 //! returns to the dispatcher.
 //!
-//! The extended state (x87, SSE, AVX, …) moves lazily. Entry leaves it in the context's XSAVE
-//! image (`Context::extended_state_in_image` set) and the host's in the registers; a block that
-//! touches it checks that byte first and, the first time, jumps to [`Glue::load_extended_state`],
-//! which saves the host's MXCSR and x87 control word and XRSTORs the image. The exit saves the
-//! state back only when it was loaded. Kernel code never touches it (a fork+exec-heavy Linux
-//! guest leaves translated code ≈1,400 times per process, and the eager XRSTOR + XSAVEOPT pair
-//! was ≈7% of its time on an AMD EPYC), and user code pays one extra jump per entry.
+//! The extended state (x87, SSE, AVX, …) moves one of two ways, chosen per translator:
+//! - **Eagerly** ([`Glue::entry_loaded`]: user-mode translation, `hbt exec` and the harness):
+//!   entry XRSTORs the guest's image, exit saves it. Such code touches the state within a few
+//!   blocks of almost every entry (string functions, `memcpy`), and a check at the start of
+//!   every block that touches it cost `sort -n` of 10⁶ lines ≈10% (AMD EPYC).
+//! - **Lazily** ([`Glue::entry`]: system mode): entry leaves the state in the context's image
+//!   (`Context::extended_state_in_image` set) and the host's in the registers; a block that
+//!   touches it checks that byte first and, the first time, jumps to
+//!   [`Glue::load_extended_state`], which saves the host's MXCSR and x87 control word and
+//!   XRSTORs the image. Kernel code never touches it (a fork+exec-heavy Linux guest leaves
+//!   translated code ≈1,400 times per process, and the eager XRSTOR + XSAVEOPT pair was ≈7% of
+//!   its time on an AMD EPYC).
 //!
-//! The XSAVE mask is the guest's XCR0 (`GuestState::xcr0`, read from the context at every
-//! load and save): exactly the components the guest was offered move, so an AVX2 guest on an
-//! AVX-512 host moves 832 bytes, not 2,688, and XFD-armed components (AMX) are never touched.
-//! The exit saves with XSAVEOPT where the host has it: the load's XRSTOR used the same
-//! address, so the CPU writes only the components the guest changed since. Every entry starts
-//! from the image, so whatever the engine wrote into it in between is what the guest sees.
+//! Either way the exit saves the state only when it was loaded, with XSAVEOPT where the host
+//! has it (the load's XRSTOR used the same address, so the CPU writes only the components the
+//! guest changed since). The mask is the guest's XCR0 (`GuestState::xcr0`, read from the
+//! context at every load and save): exactly the components the guest was offered move, so an
+//! AVX2 guest on an AVX-512 host moves 832 bytes, not 2,688, and XFD-armed components (AMX)
+//! are never touched. Every entry starts from the image, so whatever the engine wrote into it
+//! in between is what the guest sees.
 
 use super::asm::{ctx, spill_slot, Asm};
 use crate::context::{off, ExitReason, IBL_EMPTY_TARGET};
@@ -29,8 +35,11 @@ use iced_x86::{Code, Instruction, MemoryOperand, Register as R};
 /// Addresses of the shared glue.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Glue {
-    /// `extern "C" fn()`: enters at `Context::entry_target` with the guest state loaded.
+    /// `extern "C" fn()`: enters at `Context::entry_target` with the guest's GPRs and flags
+    /// loaded and its extended state left in the image (the lazy way).
     pub entry: u64,
+    /// The same with the extended state loaded as well (the eager way).
+    pub entry_loaded: u64,
     /// Common exit (guest RIP and exit reason already stored).
     pub exit: u64,
     /// Inline indirect lookups jump here on a miss: R11 = guest target, R11/RCX spilled.
@@ -67,27 +76,15 @@ const GPRS: [R; 16] = [
 /// the entry points.
 pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
     let mut a = Asm::new(base);
+    // --- entry, eager ---
     let mut glue = Glue {
-        entry: a.here(),
+        entry_loaded: a.here(),
         ..Glue::default()
     };
-
-    // --- entry ---
-    for r in CALLEE_SAVED {
-        a.glue(Instruction::with1(Code::Push_r64, r));
-    }
-    a.glue(Instruction::with2(Code::Sub_rm64_imm8, R::RSP, 8));
-    a.mov_to_ctx(off::HOST_RSP, R::RSP);
-    a.store_ctx_u32(off::EXTENDED_STATE_IN_IMAGE, 1);
-    a.glue(Instruction::with1(Code::Push_rm64, ctx(off::RFLAGS)));
-    a.op0(Code::Popfq);
-    for (n, r) in GPRS.iter().enumerate() {
-        if *r != R::RSP {
-            a.mov_from_ctx(*r, off::GPR + 8 * n);
-        }
-    }
-    a.mov_from_ctx(R::RSP, off::GPR + 8 * 4);
-    a.glue(Instruction::with1(Code::Jmp_rm64, ctx(off::ENTRY_TARGET)));
+    enter(&mut a, true);
+    // --- entry, lazy ---
+    glue.entry = a.here();
+    enter(&mut a, false);
 
     // --- common exit ---
     glue.exit = a.here();
@@ -175,4 +172,32 @@ pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
     a.glue(Instruction::with1(Code::Jmp_rm64, ctx(off::EXTENDED_STATE_RETURN)));
 
     (a.buf, glue)
+}
+
+/// An entry: host callee-saved registers and stack saved, the extended state loaded when
+/// `loaded` (host MXCSR and x87 control word kept for the exit), the guest's flags and GPRs
+/// loaded, then a jump to `Context::entry_target`.
+fn enter(a: &mut Asm, loaded: bool) {
+    for r in CALLEE_SAVED {
+        a.glue(Instruction::with1(Code::Push_r64, r));
+    }
+    a.glue(Instruction::with2(Code::Sub_rm64_imm8, R::RSP, 8));
+    a.mov_to_ctx(off::HOST_RSP, R::RSP);
+    if loaded {
+        a.glue(Instruction::with1(Code::Stmxcsr_m32, ctx(off::HOST_MXCSR)));
+        a.glue(Instruction::with1(Code::Fnstcw_m2byte, ctx(off::HOST_FCW)));
+        a.mov_from_ctx(R::RAX, off::XCR0);
+        a.glue(Instruction::with2(Code::Mov_r32_rm32, R::EDX, ctx(off::XCR0 + 4)));
+        a.glue(Instruction::with1(Code::Xrstor64_mem, ctx(off::XSAVE)));
+    }
+    a.store_ctx_u32(off::EXTENDED_STATE_IN_IMAGE, (!loaded) as u32);
+    a.glue(Instruction::with1(Code::Push_rm64, ctx(off::RFLAGS)));
+    a.op0(Code::Popfq);
+    for (n, r) in GPRS.iter().enumerate() {
+        if *r != R::RSP {
+            a.mov_from_ctx(*r, off::GPR + 8 * n);
+        }
+    }
+    a.mov_from_ctx(R::RSP, off::GPR + 8 * 4);
+    a.glue(Instruction::with1(Code::Jmp_rm64, ctx(off::ENTRY_TARGET)));
 }

@@ -261,6 +261,9 @@ pub struct EmitOptions {
     /// A block that touches the extended state first checks that it is not held elsewhere
     /// (`Context::extended_state_stale`, `Translator::set_extended_state_handover`).
     pub extended_state_check: bool,
+    /// The glue moves the extended state lazily (system mode, `glue.rs`): a block that touches
+    /// it loads it first if this entry has not.
+    pub lazy_extended_state: bool,
 }
 
 impl EmitOptions {
@@ -341,8 +344,10 @@ pub fn emit_block(
         spill_slot(Register::R11),
     ));
     debug_assert_eq!(e.asm.buf.len() as u64, IBL_PROLOGUE_LEN);
-    if block.instrs.iter().any(|d| touches_extended_state(&d.instr)) {
-        e.extended_state_check(options.extended_state_check);
+    if (options.extended_state_check || options.lazy_extended_state)
+        && block.instrs.iter().any(|d| touches_extended_state(&d.instr))
+    {
+        e.extended_state_check(options.extended_state_check, options.lazy_extended_state);
     }
     e.block_names = block
         .instrs

@@ -20,9 +20,9 @@
 //! or #GP inside shows the guest its own registers.
 //!
 //! Also here: the check at the start of a block that touches the extended state, which loads
-//! it into the registers the first time after an entry (the glue moves it lazily: `glue.rs`),
-//! and before that, for an embedder that sometimes holds that state elsewhere, exits to fetch
-//! it (the hybrid VMM leaves it in KVM while the guest kernel handles a timer tick, which never
+//! it into the registers the first time after an entry where the glue moves it lazily (system
+//! mode: `glue.rs`), and before that, for an embedder that sometimes holds that state
+//! elsewhere, exits to fetch it (the hybrid VMM leaves it in KVM while the guest kernel handles a timer tick, which never
 //! touches it: reading it out costs a KVM ioctl, ≈15–20 µs per tick under kvm_pvm).
 
 use super::asm::{self, gpr64, reg_num, Asm};
@@ -70,20 +70,20 @@ impl BlockEmitter<'_> {
     /// At the start of a block that touches the extended state, with the guest's registers as
     /// they entered it. With `held_elsewhere_check` (the embedder sometimes holds that state:
     /// `Context::extended_state_stale`), first exit before anything of the block runs, so the
-    /// engine can fetch it. Then, if this entry has not loaded it into the registers yet
-    /// (`Context::extended_state_in_image`), load it (`Glue::load_extended_state`). Flag-free,
-    /// as `sti`:
+    /// engine can fetch it. With `lazy` (the glue moves it lazily), then load it into the
+    /// registers if this entry has not yet (`Context::extended_state_in_image`,
+    /// `Glue::load_extended_state`). Flag-free, as `sti`:
     ///
     /// ```text
     ///   spill rcx
-    ///   movzx ecx,byte gs:[extended_state_stale]       ; only with the check
+    ///   movzx ecx,byte gs:[extended_state_stale]       ; held_elsewhere_check
     ///   jrcxz +5; jmp fetch      ; (cold) reload rcx, exit ExtendedState at the block's start
-    ///   movzx ecx,byte gs:[extended_state_in_image]
+    ///   movzx ecx,byte gs:[extended_state_in_image]    ; lazy
     ///   jrcxz +5; jmp load       ; (cold) rcx = back; jmp glue.load_extended_state
     /// back:
     ///   reload rcx
     /// ```
-    pub(super) fn extended_state_check(&mut self, held_elsewhere_check: bool) {
+    pub(super) fn extended_state_check(&mut self, held_elsewhere_check: bool, lazy: bool) {
         self.borrow(Register::RCX);
         if held_elsewhere_check {
             let field = self.jump_if_flag(asm::ctx(off::EXTENDED_STATE_STALE));
@@ -93,11 +93,13 @@ impl BlockEmitter<'_> {
                 rip: self.block_start,
             });
         }
-        let field = self.jump_if_flag(asm::ctx(off::EXTENDED_STATE_IN_IMAGE));
-        self.cold.push(Cold::LoadExtendedState {
-            field,
-            back: self.asm.here(),
-        });
+        if lazy {
+            let field = self.jump_if_flag(asm::ctx(off::EXTENDED_STATE_IN_IMAGE));
+            self.cold.push(Cold::LoadExtendedState {
+                field,
+                back: self.asm.here(),
+            });
+        }
         self.give_back(Register::RCX);
     }
 

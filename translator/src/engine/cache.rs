@@ -344,6 +344,7 @@ impl Translator {
             interrupt_line: self.interrupt_line,
             host_tsc: self.host_tsc,
             extended_state_check: self.extended_state_handover,
+            lazy_extended_state: self.system,
         };
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options, &self.windowless) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,

@@ -608,11 +608,17 @@ impl Translator {
     fn run_translated(&mut self, host: u64) {
         self.ctx.get_mut().entry_target = host;
         self.ctx.get_mut().exit_link = 0;
-        // SAFETY: `glue.entry` is the entry glue emitted into our executable buffer; it follows
-        // the C ABI (saves callee-saved registers, MXCSR and FCW, returns normally) and runs guest
-        // code only through translations whose every memory access goes through the strategy. The
+        // System mode moves the extended state lazily, user mode eagerly (`emit/glue.rs`).
+        let glue = if self.system {
+            self.glue.entry
+        } else {
+            self.glue.entry_loaded
+        };
+        // SAFETY: both entries are glue emitted into our executable buffer; they follow the C
+        // ABI (save callee-saved registers, MXCSR and FCW, return normally) and run guest code
+        // only through translations whose every memory access goes through the strategy. The
         // GS base points at our context for the duration (installed in `run`).
-        let entry: extern "C" fn() = unsafe { std::mem::transmute(self.glue.entry as usize) };
+        let entry: extern "C" fn() = unsafe { std::mem::transmute(glue as usize) };
         entry();
     }
 
