@@ -56,8 +56,8 @@ const IDLE: Duration = Duration::from_millis(50);
 ///
 /// Waking it costs the thread that moved the deadline a futex wake, and often a reschedule —
 /// and that thread is the vCPU, in the middle of the guest's timer handler: Linux re-arms its
-/// TSC-deadline timer from every tick, so each tick paid it (≈20–30 µs of the ≈30–60 µs a
-/// translated tick took under `--accel hybrid`, AMD EPYC). So the thread, finding no
+/// TSC-deadline timer from every tick, so each tick paid it (≈10–20 µs of the ≈30–45 µs a
+/// translated tick took under `--accel hybrid`, medians on an AMD EPYC). So the thread, finding no
 /// deadline after firing one, sleeps only until three quarters of the last interval between
 /// fires: a guest that re-arms about as far ahead as before moves the deadline past that
 /// instant, and a deadline at or after the instant the thread will wake anyway needs no

@@ -62,8 +62,9 @@ pub struct Stats {
     pub blocks_translated: u64,
     pub guest_instructions_translated: u64,
     pub block_exits: u64,
-    /// Entries into translated code (one per block exit) that loaded the guest's extended
-    /// state into the registers: the glue moves it only for code that touches it (`glue.rs`).
+    /// System mode: entries into translated code (one per block exit) that loaded the guest's
+    /// extended state into the registers — there the glue moves it only for code that touches
+    /// it (`emit/glue.rs`).
     pub extended_state_loads: u64,
     pub chained: u64,
     pub indirect_misses: u64,
@@ -609,7 +610,7 @@ impl Translator {
         self.ctx.get_mut().entry_target = host;
         self.ctx.get_mut().exit_link = 0;
         // System mode moves the extended state lazily, user mode eagerly (`emit/glue.rs`).
-        let glue = if self.system {
+        let entry_point = if self.system {
             self.glue.entry
         } else {
             self.glue.entry_loaded
@@ -618,7 +619,7 @@ impl Translator {
         // ABI (save callee-saved registers, MXCSR and FCW, return normally) and run guest code
         // only through translations whose every memory access goes through the strategy. The
         // GS base points at our context for the duration (installed in `run`).
-        let entry: extern "C" fn() = unsafe { std::mem::transmute(glue as usize) };
+        let entry: extern "C" fn() = unsafe { std::mem::transmute(entry_point as usize) };
         entry();
     }
 
