@@ -62,9 +62,9 @@ pub struct Stats {
     pub blocks_translated: u64,
     pub guest_instructions_translated: u64,
     pub block_exits: u64,
-    /// System mode: entries into translated code (one per block exit) that loaded the guest's
-    /// extended state into the registers — there the glue moves it only for code that touches
-    /// it (`emit/glue.rs`).
+    /// System mode, with [`Translator::set_detailed_stats`]: entries into translated code (one
+    /// per block exit) that loaded the guest's extended state into the registers — there the
+    /// glue moves it only for code that touches it (`emit/glue.rs`).
     pub extended_state_loads: u64,
     pub chained: u64,
     pub indirect_misses: u64,
@@ -449,7 +449,6 @@ impl Translator {
             pending_link = 0;
             self.enter(host);
             self.stats.block_exits += 1;
-            self.stats.extended_state_loads = self.ctx.get().extended_state_loads;
             self.invalidate_written_pages();
             if let Some(b) = self.bounce.take() {
                 self.finish_bounce(b);
@@ -599,6 +598,7 @@ impl Translator {
             self.run_translated(host);
             self.stats.translated_code_time += started.elapsed();
             self.stats.tlb_hits = self.ctx.get().tlb_hits;
+            self.stats.extended_state_loads = self.ctx.get().extended_state_loads;
         } else {
             self.run_translated(host);
         }
