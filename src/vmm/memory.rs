@@ -44,9 +44,13 @@ impl GuestMemory {
             return Err(MemoryError::TooSmall(bytes));
         }
         let map = MmapMut::map_anon(bytes as usize).map_err(|source| MemoryError::Map { bytes, source })?;
-        // The translator's soft-MMU reaches guest RAM at addresses all over it: on 4 KiB host
-        // pages most of its accesses would take a host TLB miss (`advise_huge_pages`).
-        hbt_translator::host::advise_huge_pages(map.as_ptr() as u64, map.len());
+        // Left on 4 KiB host pages, unlike the code cache and the translator's tables
+        // (`advise_huge_pages`): a guest touches its RAM sparsely, and a huge page costs its
+        // whole 2 MiB at the first touch — 1.6–10.6 ms on a fresh one where a 4 KiB page took
+        // 1.6 µs (AMD EPYC host, itself a VM). Advised, a hybrid boot to `/init` took 1.5–2.0 s
+        // against 1.2–1.4 s, and a static program's first 40 ms in the guest 5–15 ms more; the
+        // soft-MMU's host TLB misses it saves did not show (300 fork+exec under bt 0.44–0.56 s
+        // either way, sha256sum of 64 MiB under hybrid within noise).
         Ok(GuestMemory { map })
     }
 

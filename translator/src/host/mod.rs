@@ -16,10 +16,11 @@ pub const HUGE_PAGE: usize = 2 << 20;
 /// Asks the host kernel to back `[addr, addr+len)` with transparent huge pages where it can
 /// (the 2 MiB-aligned part; best effort: a host with THP set to `never` ignores it). For the
 /// big, randomly indexed memory translated code runs on — the code cache, the context's TLB and
-/// indirect-branch tables, guest RAM — where 4 KiB pages cost a host TLB miss on most lookups:
-/// all three advised, 300 fork+exec in a Linux guest under `--accel bt` ran in 0.79–0.91 s
-/// instead of 0.94–1.18 s (Intel Sapphire Rapids host, six interleaved rounds). Call it before
-/// the memory is first touched: pages faulted in before stay 4 KiB.
+/// indirect-branch tables — where 4 KiB pages cost a host TLB miss on most lookups: with guest
+/// RAM advised too, 300 fork+exec in a Linux guest under `--accel bt` ran in 0.79–0.91 s
+/// instead of 0.94–1.18 s (Intel Sapphire Rapids host, six interleaved rounds). Guest RAM is no
+/// longer advised (`vmm/memory.rs` says why). Call it before the memory is first touched: pages
+/// faulted in before stay 4 KiB.
 pub fn advise_huge_pages(addr: u64, len: usize) {
     const HUGE: u64 = HUGE_PAGE as u64;
     let start = addr.next_multiple_of(HUGE);
