@@ -272,6 +272,45 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
 }
 
 #[test]
+fn counted_loops_over_arrays_fault_straddle_and_set_bits_like_the_cpu() {
+    // Loop windows (translator/src/emit/loop_window.rs): one lookup per entry into a counted
+    // loop for each array it walks; a range across two pages falls back (and is given up), a
+    // fault mid-loop stops it at the CPU's element, and an entry check sets no accessed bit on
+    // a page the loop never reads (guests/loop_windows.c).
+    transcript(
+        "test-images/loop-windows.img",
+        &lines(&[
+            "indexed sum [0, 64): 0xbe7e0",
+            "indexed sum [100, 512): 0x20755aa",
+            "moving-base sum [8, 264): 0x980780",
+            "stores to a clean page: 0xbd",
+            "  its PTE's A and D: 0x60",
+            "straddling two swapped frames, 20 times: wrong: 0x0",
+            "sum into the unmapped page: vector 14 error 0x0 cr2 0x8000025000",
+            "  counter at the fault: 0x40",
+            "  sum at the fault: 0x8857e0",
+            "head-tested sum from 500: 0x1b89b2",
+            "head-tested sum from 511: 0x250ff",
+            "  the next page's A: 0x0",
+            "CPL3 indexed sum [3, 500): 0x2e1b24b",
+            "CPL3 sum into the unmapped page: vector 14 error 0x4 cr2 0x8000029000",
+            "  counter at the fault: 0x20",
+            "  sum at the fault: 0x4e2df0",
+            "loop-windows: ok",
+        ]),
+        0,
+    );
+    // The translator did take those loops, and fell back where it had to.
+    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats-json", "test-images/loop-windows.img"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let w = &v["translator"]["loop_windows"];
+    assert!(w["streams"].as_u64().unwrap() >= 5, "{w}");
+    assert!(w["accesses"].as_u64().unwrap() >= 5, "{w}");
+    assert!(w["fallbacks"].as_u64().unwrap() > 0, "{w}");
+}
+
+#[test]
 fn page_protection_faults_carry_the_cpu_error_codes() {
     // U/S, R/W, NX and CR0.WP: #PF error codes 5, 7, 0x15, 0x11 and 3 with CR2
     // (guests/user_fault.c).

@@ -60,6 +60,11 @@ pub const MISS_AC_SHIFT: u64 = 36;
 /// `miss_info` bit: the lookup of a window of accesses (`emit/window.rs`), not an access: its
 /// miss never faults.
 pub const MISS_WINDOW: u64 = 1 << 35;
+/// `miss_info` bit: a loop window's entry check (`emit/loop_window.rs`) — not an access: the
+/// guest RIP is the loop block's start, nothing of it run. Bits [`MISS_LOOP_KEY_SHIFT`].. hold
+/// the page offset of the stream's first access (its `Translator::windowless` key).
+pub const MISS_LOOP_WINDOW: u64 = 1 << 40;
+pub const MISS_LOOP_KEY_SHIFT: u64 = 41;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 

@@ -441,6 +441,10 @@ fn report(
             s.windows, s.window_accesses, s.window_misses, s.window_fallbacks, t.windowless_places()
         ),
         format!(
+            "  soft-MMU loop windows: {} streams translated covering {} accesses with one lookup per loop entry; {} entry checks missed, {} of them went on without the window",
+            s.loop_windows, s.loop_window_accesses, s.loop_window_misses, s.loop_window_fallbacks
+        ),
+        format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
              {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
             s.blocks_translated,
@@ -518,6 +522,12 @@ fn report(
                 "misses": s.window_misses,
                 "fallbacks": s.window_fallbacks,
                 "windowless_places": t.windowless_places(),
+            },
+            "loop_windows": {
+                "streams": s.loop_windows,
+                "accesses": s.loop_window_accesses,
+                "misses": s.loop_window_misses,
+                "fallbacks": s.loop_window_fallbacks,
             },
             "emulated": s.emulated,
             "flushes": s.flushes,

@@ -380,7 +380,7 @@ impl BlockEmitter<'_> {
 
     /// The borrowed register a held host address occupies (bit per hardware number).
     pub(super) fn held_mask(&self) -> u16 {
-        self.held.map_or(0, |h| 1 << reg_num(h.s)) | self.window_mask()
+        self.held.map_or(0, |h| 1 << reg_num(h.s)) | self.window_mask() | self.loops.held
     }
 
     /// Emits `instr` with its memory operand replaced by `[s]` (S holds the final address), as

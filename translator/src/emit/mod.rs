@@ -23,6 +23,7 @@ pub mod asm;
 mod branch;
 pub use branch::IBL_PROLOGUE_LEN;
 pub mod glue;
+mod loop_window;
 mod memop;
 mod stack;
 mod string;
@@ -71,6 +72,9 @@ pub struct EmittedBlock {
     /// Windows of accesses opened (`window.rs`), and the accesses they took.
     pub windows: u32,
     pub window_accesses: u32,
+    /// Loop windows' streams opened (`loop_window.rs`), and the accesses they took.
+    pub loop_windows: u32,
+    pub loop_window_accesses: u32,
 }
 
 /// A `ret` site's one-entry inline cache: `mov rax, imm64` holds −(cached guest target) and a
@@ -194,6 +198,8 @@ pub(crate) struct BlockEmitter<'a> {
     window_lookup: bool,
     /// The block's windows (`window.rs`).
     windows: window::WindowPlan,
+    /// The block's loop windows (`loop_window.rs`).
+    loops: loop_window::LoopPlan,
     /// Index in the block of the instruction being emitted.
     index: usize,
     /// The current instruction is `vcvtps2ph` to memory (see `context::MISS_F16C_STORE`).
@@ -321,6 +327,7 @@ pub fn emit_block(
         masked_access: false,
         window_lookup: false,
         windows: Default::default(),
+        loops: Default::default(),
         index: 0,
         f16c_store: false,
         required_alignment: alignment::Requirement::default(),
@@ -353,10 +360,15 @@ pub fn emit_block(
         .instrs
         .iter()
         .fold(0, |m, d| m | named_gprs(e.info.info(&d.instr)));
-    if let Some(keep) = e.loop_scratch(block, options) {
+    e.loops = e.plan_loop_windows(block, options.dispatcher_only, windowless);
+    e.open_loop_windows(block.start);
+    let keep = e.loop_scratch(block, options, e.loops.registers());
+    if let Some(keep) = keep {
         e.borrow_all(keep);
         e.lazy = keep;
         e.loop_keep = keep;
+    }
+    if keep.is_some() || e.loops.held != 0 {
         e.loop_head = Some(e.asm.buf.len() as u32);
     }
     e.plan_windows(block, windowless);
@@ -430,7 +442,7 @@ pub fn emit_block(
         }
         match d.rule {
             Rule::Copy | Rule::UserCopy | Rule::Implicit(_) => {
-                if !e.window_access(index, &d.instr)? {
+                if !e.loop_access(index, &d.instr)? && !e.window_access(index, &d.instr)? {
                     e.copy(&d.instr, d.bytes())?
                 }
             }
@@ -443,6 +455,7 @@ pub fn emit_block(
             Rule::Emulate(_) | Rule::System(_) => e.inline_system(&d.instr, d.rule, d.bytes()),
         }
         e.spilled &= !std::mem::take(&mut e.overwrite_pending);
+        e.close_loop_windows(index);
         debug_assert_eq!(
             e.spilled & !(e.held_mask() | e.lazy),
             0,
@@ -462,6 +475,8 @@ pub fn emit_block(
         inline_caches: e.inline_caches,
         windows: e.windows.opened,
         window_accesses: e.windows.accesses,
+        loop_windows: e.loops.opened,
+        loop_window_accesses: e.loops.accesses,
     })
 }
 
@@ -602,7 +617,7 @@ impl BlockEmitter<'_> {
     /// and two more — which [`BlockEmitter::pick`] and the lazy borrowing make the ones every
     /// later lookup takes too, among the registers the block never names. A wrong guess costs
     /// a store or a load per iteration, as before; the fault sites record what is borrowed.
-    fn loop_scratch(&self, block: &DecodedBlock, options: EmitOptions) -> Option<u16> {
+    fn loop_scratch(&self, block: &DecodedBlock, options: EmitOptions, taken: u16) -> Option<u16> {
         use crate::rules::BranchKind;
         if !self.soft_mmu || options.dispatcher_only {
             return None;
@@ -625,7 +640,7 @@ impl BlockEmitter<'_> {
         let mut keep = if rcx_free { 1 << 1 } else { 0 };
         let unnamed = SCRATCH_ORDER
             .iter()
-            .filter(|&&n| n != 1 && self.block_names & (1 << n) == 0);
+            .filter(|&&n| n != 1 && (self.block_names | taken) & (1 << n) == 0);
         for &n in unnamed.take(if rcx_free { 2 } else { 3 }) {
             keep |= 1 << n;
         }
@@ -742,10 +757,15 @@ impl BlockEmitter<'_> {
     /// keeps borrowed into the loop head (see [`emit_block`]).
     fn direct_exit(&mut self, code: Code, target: u64) {
         debug_assert_eq!(
-            self.spilled, self.lazy,
-            "only lazily borrowed registers at a direct exit"
+            self.spilled & !self.loops.held,
+            self.lazy,
+            "only lazily borrowed registers (and loop windows') at a direct exit"
         );
-        let keep = if target == self.block_start { self.loop_keep } else { 0 };
+        let keep = if target == self.block_start {
+            self.loop_keep | self.loops.held
+        } else {
+            0
+        };
         if code == Code::Jmp_rel32_64 {
             // Unconditional: the registers change hands in line, no trampoline.
             self.flush_lazy(!keep);

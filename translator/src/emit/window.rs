@@ -113,7 +113,12 @@ impl BlockEmitter<'_> {
                 for o in &mut open {
                     o.avoid |= named;
                 }
-                if let Some((base, disp, size, access)) = plain_access(&d.instr, memory) {
+                let access = if self.in_loop_window(i) {
+                    None
+                } else {
+                    plain_access(&d.instr, memory)
+                };
+                if let Some((base, disp, size, access)) = access {
                     if let Some(o) = open.iter_mut().find(|o| o.base == base) {
                         let at = o.delta.wrapping_add(disp);
                         let (lo, hi) = (o.lo.min(at), o.hi.max(at.saturating_add(size)));
@@ -277,7 +282,7 @@ fn close(plan: &mut WindowPlan, o: Open) {
 
 /// How far `instr` moves `reg` by a constant (`add`/`sub` of an immediate, `lea reg,[reg+d]`,
 /// `inc`, `dec`, all 64-bit), or None if it writes `reg` otherwise.
-fn constant_move(instr: &Instruction, reg: Register) -> Option<i64> {
+pub(super) fn constant_move(instr: &Instruction, reg: Register) -> Option<i64> {
     if reg == Register::RSP {
         // (`is_stack_move`: the register is never RSP itself.)
         match instr.code() {
@@ -292,8 +297,8 @@ fn constant_move(instr: &Instruction, reg: Register) -> Option<i64> {
     }
     let imm = || instr.immediate(1) as i64;
     match instr.code() {
-        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 => Some(imm()),
-        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 => imm().checked_neg(),
+        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 | Code::Add_RAX_imm32 => Some(imm()),
+        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 | Code::Sub_RAX_imm32 => imm().checked_neg(),
         Code::Inc_rm64 => Some(1),
         Code::Dec_rm64 => Some(-1),
         Code::Lea_r64_m

@@ -364,6 +364,8 @@ impl Translator {
         self.stats.guest_instructions_translated += block.instrs.len() as u64;
         self.stats.windows += emitted.windows as u64;
         self.stats.window_accesses += emitted.window_accesses as u64;
+        self.stats.loop_windows += emitted.loop_windows as u64;
+        self.stats.loop_window_accesses += emitted.loop_window_accesses as u64;
         self.register_code_pages(&phys_pages, index);
         let cached = key.is_some();
         let key = key.unwrap_or_else(|| self.block_key(block.start));

@@ -76,6 +76,12 @@ pub struct Stats {
     pub window_accesses: u64,
     pub window_misses: u64,
     pub window_fallbacks: u64,
+    /// Loop windows (`emit/loop_window.rs`): streams translated, the accesses they took, entry
+    /// checks that missed, and misses that went on without the window.
+    pub loop_windows: u64,
+    pub loop_window_accesses: u64,
+    pub loop_window_misses: u64,
+    pub loop_window_fallbacks: u64,
     pub emulated: u64,
     /// The same, by mnemonic (what leaves translated code most).
     pub emulated_by_mnemonic: BTreeMap<iced_x86::Mnemonic, u64>,

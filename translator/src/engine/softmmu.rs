@@ -6,7 +6,7 @@
 //! after it ran. Translated code never gets a host pointer outside guest RAM.
 
 use super::*;
-use crate::context::{MISS_AC_SHIFT, MISS_WINDOW};
+use crate::context::{MISS_AC_SHIFT, MISS_LOOP_KEY_SHIFT, MISS_LOOP_WINDOW, MISS_WINDOW};
 
 /// An in-flight device access (see `Translator::mmio`): the instruction at `rip` runs once
 /// with the page at `page_va` mapped to the bounce buffer's first page.
@@ -259,6 +259,10 @@ impl Translator {
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
     pub(super) fn tlb_miss(&mut self, platform: &mut dyn Platform) -> Result<Option<GuestException>, TranslateError> {
         let miss_info = self.ctx.get().miss_info;
+        if miss_info & MISS_LOOP_WINDOW != 0 {
+            self.loop_window_miss();
+            return Ok(None);
+        }
         if miss_info & MISS_WINDOW != 0 {
             self.window_miss();
             return Ok(None);
@@ -458,6 +462,52 @@ impl Translator {
         let failures = self.window_failures.entry(rip).or_default();
         *failures += 1;
         if *failures >= WINDOW_RETRIES && self.windowless.insert(rip) {
+            let on_page = self.code_vpages.get(&(rip >> 12)).cloned().unwrap_or_default();
+            for i in on_page {
+                let (from, to) = self.blocks[i].span;
+                if (from..to).contains(&rip) {
+                    self.invalidate_block(i);
+                }
+            }
+        }
+    }
+
+    /// A loop window's entry check failed (`emit/loop_window.rs`): the guest is at the loop
+    /// block's start, nothing of it run. When the low end of the stream's range translates
+    /// with no accessed or dirty bit to set, the TLB is filled and the block runs again (its
+    /// check then passes, or fails the same way: a range across pages, a count that does not
+    /// fit); otherwise the first instruction runs alone and the loop goes on without the
+    /// window this time. After [`WINDOW_RETRIES`] failures the stream is planned no more.
+    fn loop_window_miss(&mut self) {
+        let ctx = self.ctx.get();
+        let va = ctx.miss_va;
+        let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
+        let rip = ctx.state.rip;
+        let key = (rip & !(PAGE - 1)) | ((ctx.miss_info >> MISS_LOOP_KEY_SHIFT) & (PAGE - 1));
+        let state = ctx.state.paging();
+        self.stats.loop_window_misses += 1;
+        let repeated = self.last_window_fill == Some((rip, va));
+        if !repeated && !state.alignment_checking() {
+            if let MemoryStrategy::SoftMmu(ram) = &self.strategy {
+                let page = soft_mmu::walk_settled(ram, &state, va, access).and_then(|(pa, global)| {
+                    let page_pa = pa & !(PAGE - 1);
+                    let code = access == Access::Write && self.code_pages.contains_key(&page_pa);
+                    let host = ram.host(page_pa, PAGE).filter(|_| !code)?;
+                    Some((va & !(PAGE - 1), host, global))
+                });
+                if let Some((page_va, host, global)) = page {
+                    self.last_window_fill = Some((rip, va));
+                    self.fill_tlbs(access, page_va, host, global);
+                    return;
+                }
+            }
+        }
+        self.last_window_fill = None;
+        self.one_step = Some(OneStep { rip, kept: true });
+        self.stats.loop_window_fallbacks += 1;
+        let failures = self.window_failures.entry(key).or_default();
+        *failures += 1;
+        if *failures >= WINDOW_RETRIES && self.windowless.insert(key) {
             let on_page = self.code_vpages.get(&(rip >> 12)).cloned().unwrap_or_default();
             for i in on_page {
                 let (from, to) = self.blocks[i].span;

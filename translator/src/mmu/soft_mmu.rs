@@ -182,6 +182,44 @@ pub fn walk_leaf(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Res
     unreachable!("the loop returns at level 0")
 }
 
+/// [`walk_leaf`] without side effects: the translation of `va` for `access` only if the CPU
+/// would set no accessed or dirty bit walking it now (every entry on the way accessed, the
+/// leaf dirty for a write) — what may be entered in the TLB ahead of any access. `None` when
+/// it is not mapped so, not permitted or not canonical.
+pub fn walk_settled(ram: &GuestRam, state: &Paging, va: u64, access: Access) -> Option<(u64, bool)> {
+    if !is_canonical(va) {
+        return None;
+    }
+    let user = state.cpl == Cpl::User;
+    let wp = state.cr0 & (1 << 16) != 0;
+    let nxe = state.efer & (1 << 11) != 0;
+    let (mut writable, mut user_ok, mut exec_ok) = (true, true, true);
+    let mut table = state.cr3 & ADDR;
+    for level in (0..4).rev() {
+        let entry = ram.read_u64(table + ((va >> (12 + 9 * level)) & 511) * 8)?;
+        if entry & (P | A) != (P | A) || (level == 2 && entry & PS != 0) {
+            return None;
+        }
+        writable &= entry & RW != 0;
+        user_ok &= entry & US != 0;
+        exec_ok &= !(nxe && entry & NX != 0);
+        if level == 0 || (level == 1 && entry & PS != 0) {
+            let denied = (user && !user_ok)
+                || (access == Access::Write && (!writable && (user || wp) || entry & D == 0))
+                || (access == Access::Fetch && !exec_ok);
+            if denied {
+                return None;
+            }
+            let page_size = 1u64 << (12 + 9 * level);
+            let frame = entry & ADDR & !(page_size - 1);
+            let global = entry & G != 0 && state.cr4 & (1 << 7) != 0;
+            return Some((frame | (va & (page_size - 1)), global));
+        }
+        table = entry & ADDR;
+    }
+    None
+}
+
 /// Translates `va` for a debugger: the guest-physical address it maps to in the current page
 /// tables, without the side effects or checks of a guest access — no accessed or dirty bit is
 /// set, and U/S, R/W and NX are ignored (a debugger reads kernel memory while the guest is at
@@ -314,6 +352,42 @@ mod tests {
         // SAFETY: the 64 KiB array is page-aligned and outlives the returned view, which the
         // caller lets go before using the array again.
         unsafe { GuestRam::new(t.0.as_mut_ptr() as *mut u8, 64 << 10) }
+    }
+
+    #[test]
+    fn a_settled_walk_translates_only_what_needs_no_accessed_or_dirty_bit() {
+        let mut t = Tables::new();
+        t.set(0x1000, 0x2000 | P | RW | US | A);
+        t.set(0x2000, 0x3000 | P | RW | US | A);
+        t.set(0x3000, 0x4000 | P | RW | US | A);
+        t.set(0x4000, 0x9000 | P | RW | US | A); // va 0: accessed, clean
+        t.set(0x4008, 0xa000 | P | RW | US | A | D); // va 0x1000: dirty
+        t.set(0x4010, 0xb000 | P | RW | US); // va 0x2000: never accessed
+        t.set(0x4018, 0xc000 | P | US | A | D); // va 0x3000: read-only
+        let paging = Paging {
+            cr0: 1 << 16,
+            cr3: 0x1000,
+            cr4: 0,
+            efer: 0,
+            rflags: 2,
+            cpl: Cpl::User,
+        };
+        let before = t.0.to_vec();
+        {
+            let ram = unsafe_ram(&mut t);
+            let settled = |va, access| walk_settled(&ram, &paging, va, access).map(|(pa, _)| pa);
+            assert_eq!(settled(0x10, Access::Read), Some(0x9010));
+            assert_eq!(settled(0x10, Access::Write), None, "a write would set D");
+            assert_eq!(settled(0x1010, Access::Write), Some(0xa010));
+            assert_eq!(settled(0x2010, Access::Read), None, "a read would set A");
+            assert_eq!(settled(0x3010, Access::Write), None, "read-only");
+            assert_eq!(settled(0x3010, Access::Read), Some(0xc010));
+        }
+        assert_eq!(t.0.to_vec(), before, "nothing written");
+        // An intermediate entry not accessed: nothing translates through it.
+        t.set(0x2000, 0x3000 | P | RW | US);
+        let ram = unsafe_ram(&mut t);
+        assert_eq!(walk_settled(&ram, &paging, 0x1010, Access::Read), None);
     }
 
     #[test]
