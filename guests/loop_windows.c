@@ -17,18 +17,6 @@
 #define ARR2 (ARR + 0x5000)
 #define USER (ARR + 0x8000)     /* user; the page after it is not mapped */
 
-static int failures;
-static void value(const char *what, u64 got, u64 want) {
-    rt_puts(what); rt_puts(": "); rt_put_hex(got);
-    if (got != want) { rt_puts(" WRONG, want "); rt_put_hex(want); failures++; }
-    rt_puts("\n");
-}
-static void fault(const char *what, struct rt_fault got, u64 error, u64 cr2) {
-    rt_puts(what); rt_puts(": vector "); rt_put_dec(got.vector);
-    rt_puts(" error "); rt_put_hex(got.error); rt_puts(" cr2 "); rt_put_hex(got.cr2);
-    if (got.vector != 14 || got.error != error || got.cr2 != cr2) { rt_puts(" WRONG"); failures++; }
-    rt_puts("\n");
-}
 
 /* The sum of qwords [i, n) of base (i < n), counting i up by one: `add (b,i,8),s; inc i;
  * cmp n,i; jne`. Leaves the counter where it stopped (n, or where a fault stopped it). */
@@ -96,15 +84,15 @@ int main(void) {
 
     u64 *a = filled_page(0x1000);
     rt_map(cr3, ARR, (u64)a, PTE_P | PTE_W);
-    value("indexed sum [0, 64)", indexed_sum(ARR, 0, 64).sum, sum_of(a, 0, 64));
-    value("indexed sum [100, 512)", indexed_sum(ARR, 100, 512).sum, sum_of(a, 100, 512));
-    value("moving-base sum [8, 264)", moving_sum(ARR + 64, ARR + 64 + 2048), sum_of(a, 8, 264));
+    rt_check("indexed sum [0, 64)", indexed_sum(ARR, 0, 64).sum, sum_of(a, 0, 64));
+    rt_check("indexed sum [100, 512)", indexed_sum(ARR, 100, 512).sum, sum_of(a, 100, 512));
+    rt_check("moving-base sum [8, 264)", moving_sum(ARR + 64, ARR + 64 + 2048), sum_of(a, 8, 264));
 
     u64 *clean = rt_page_alloc();
     rt_map(cr3, CLEAN, (u64)clean, PTE_P | PTE_W);
     store_loop(CLEAN);
-    value("stores to a clean page", clean[0] + clean[63], 63 * 3);
-    value("  its PTE's A and D", *rt_pte(cr3, CLEAN) & (PTE_A | PTE_D), PTE_A | PTE_D);
+    rt_check("stores to a clean page", clean[0] + clean[63], 63 * 3);
+    rt_check("  its PTE's A and D", *rt_pte(cr3, CLEAN) & (PTE_A | PTE_D), PTE_A | PTE_D);
 
     /* [STRADDLE + 0xf00, STRADDLE + 0x1100): the last 32 qwords of one page, the first 32 of the
      * next; their frames are swapped. */
@@ -114,32 +102,32 @@ int main(void) {
     u64 wrong = 0;
     for (int i = 0; i < 20; i++) /* past the translator's retries */
         wrong += indexed_sum(STRADDLE + 0xf00, 0, 64).sum != sum_of(lo, 480, 512) + sum_of(hi, 0, 32);
-    value("straddling two swapped frames, 20 times: wrong", wrong, 0);
+    rt_check("straddling two swapped frames, 20 times: wrong", wrong, 0);
 
     u64 *edge = filled_page(0x4000);
     rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);
     struct run r = indexed_sum(EDGE + 0xe00, 0, 128);
-    fault("sum into the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE);
-    value("  counter at the fault", r.i, 64);
-    value("  sum at the fault", r.sum, sum_of(edge, 448, 512));
+    rt_check_pf("sum into the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE);
+    rt_check("  counter at the fault", r.i, 64);
+    rt_check("  sum at the fault", r.sum, sum_of(edge, 448, 512));
 
     /* Entered at i = 511: one element, then the loop head sees 512 and leaves; element 512
      * (on UNTOUCHED) is never read. */
     u64 *a2 = filled_page(0x5000), *untouched = filled_page(0x6000);
     rt_map(cr3, ARR2, (u64)a2, PTE_P | PTE_W);
     rt_map(cr3, UNTOUCHED, (u64)untouched, PTE_P | PTE_W);
-    value("head-tested sum from 500", head_tested_sum(ARR2, 500), sum_of(a2, 500, 512));
-    value("head-tested sum from 511", head_tested_sum(ARR2, 511), a2[511]);
-    value("  the next page's A", *rt_pte(cr3, UNTOUCHED) & PTE_A, 0);
+    rt_check("head-tested sum from 500", head_tested_sum(ARR2, 500), sum_of(a2, 500, 512));
+    rt_check("head-tested sum from 511", head_tested_sum(ARR2, 511), a2[511]);
+    rt_check("  the next page's A", *rt_pte(cr3, UNTOUCHED) & PTE_A, 0);
 
     u64 *u = filled_page(0x8000);
     rt_map(cr3, USER, (u64)u, PTE_P | PTE_W | PTE_U);
     rt_enter_user(user_part);
-    value("CPL3 indexed sum [3, 500)", user_run.sum, sum_of(u, 3, 500));
-    fault("CPL3 sum into the unmapped page", user_fault, 4, USER + RT_PAGE);
-    value("  counter at the fault", user_edge.i, 32);
-    value("  sum at the fault", user_edge.sum, sum_of(u, 480, 512));
+    rt_check("CPL3 indexed sum [3, 500)", user_run.sum, sum_of(u, 3, 500));
+    rt_check_pf("CPL3 sum into the unmapped page", user_fault, 4, USER + RT_PAGE);
+    rt_check("  counter at the fault", user_edge.i, 32);
+    rt_check("  sum at the fault", user_edge.sum, sum_of(u, 480, 512));
 
-    rt_puts(failures ? "loop-windows: FAILED\n" : "loop-windows: ok\n");
-    return failures ? 1 : 0;
+    rt_puts(rt_failures ? "loop-windows: FAILED\n" : "loop-windows: ok\n");
+    return rt_failures ? 1 : 0;
 }

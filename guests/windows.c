@@ -18,18 +18,6 @@
 #define USER_STACK (WIN + 0xe000) /* user, writable; the page below it is not mapped */
 
 
-static int failures;
-static void value(const char *what, u64 got, u64 want) {
-    rt_puts(what); rt_puts(": "); rt_put_hex(got);
-    if (got != want) { rt_puts(" WRONG, want "); rt_put_hex(want); failures++; }
-    rt_puts("\n");
-}
-static void fault(const char *what, struct rt_fault got, u64 error, u64 cr2) {
-    rt_puts(what); rt_puts(": vector "); rt_put_dec(got.vector);
-    rt_puts(" error "); rt_put_hex(got.error); rt_puts(" cr2 "); rt_put_hex(got.cr2);
-    if (got.vector != 14 || got.error != error || got.cr2 != cr2) { rt_puts(" WRONG"); failures++; }
-    rt_puts("\n");
-}
 
 /* mov (b),a; add 8(b),a; add $16,b; add -8(b),a; lea 24(b),b; add -16(b),a; dec b;
  * add 1(b),a; sub $8,b; add 0x31(b),a: qwords 0, 1, 1, 3, 5 and 10 of the first base. */
@@ -96,8 +84,8 @@ int main(void) {
 
     u64 *w = filled_page(0x1000);
     rt_map(cr3, WIN, (u64)w, PTE_P | PTE_W);
-    value("moving base", moving_run(WIN), moving_sum(w));
-    value("moving base, from the middle", moving_run(WIN + 0x800), moving_sum(w + 0x100));
+    rt_check("moving base", moving_run(WIN), moving_sum(w));
+    rt_check("moving base, from the middle", moving_run(WIN + 0x800), moving_sum(w + 0x100));
 
     /* The run [base-8, base+16) straddles STRADDLE+0x1000; its frames are swapped. */
     u64 *lo = filled_page(0x2000), *hi = filled_page(0x3000);
@@ -108,32 +96,32 @@ int main(void) {
         struct pair p = two_loads(STRADDLE + RT_PAGE - 8);
         wrong += p.first != lo[511] || p.second != hi[1];
     }
-    value("straddling two swapped frames, 20 times: wrong", wrong, 0);
+    rt_check("straddling two swapped frames, 20 times: wrong", wrong, 0);
 
     u64 *edge = filled_page(0x4000);
     rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);
     struct pair p = two_loads(EDGE + RT_PAGE - 8);
-    fault("second load on the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE + 8);
-    value("  first load done", p.first, edge[511]);
-    value("  second load not", p.second, 0x5e5e5e5e);
+    rt_check_pf("second load on the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE + 8);
+    rt_check("  first load done", p.first, edge[511]);
+    rt_check("  second load not", p.second, 0x5e5e5e5e);
     p = two_loads(EDGE + RT_PAGE + 0x10);
-    fault("first load on the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE + 0x10);
-    value("  nothing loaded", p.second, 0x5e5e5e5e);
+    rt_check_pf("first load on the unmapped page", rt_take_fault(), 0, EDGE + RT_PAGE + 0x10);
+    rt_check("  nothing loaded", p.second, 0x5e5e5e5e);
 
     u64 *ro = filled_page(0x6000);
     rt_map(cr3, RO, (u64)ro, PTE_P);
     two_stores(RO + 0x100);
-    fault("stores to the read-only page", rt_take_fault(), 3, RO + 0x100);
-    value("  first store not done", ro[0x20], 0x6000 + 0x20 * 0x101);
+    rt_check_pf("stores to the read-only page", rt_take_fault(), 3, RO + 0x100);
+    rt_check("  first store not done", ro[0x20], 0x6000 + 0x20 * 0x101);
 
     u64 *clean = filled_page(0x7000), *clean2 = filled_page(0x8000);
     rt_map(cr3, CLEAN, (u64)clean, PTE_P | PTE_W);
     rt_map(cr3, CLEAN2, (u64)clean2, PTE_P | PTE_W);
-    value("reads of a clean page", two_loads(CLEAN).second, clean[2]);
-    value("  its PTE's A and D", *rt_pte(cr3, CLEAN) & (PTE_A | PTE_D), PTE_A);
+    rt_check("reads of a clean page", two_loads(CLEAN).second, clean[2]);
+    rt_check("  its PTE's A and D", *rt_pte(cr3, CLEAN) & (PTE_A | PTE_D), PTE_A);
     two_stores(CLEAN2 + 0x40);
-    value("stores to a clean page", clean2[8] + clean2[9], 0x3333);
-    value("  its PTE's A and D", *rt_pte(cr3, CLEAN2) & (PTE_A | PTE_D), PTE_A | PTE_D);
+    rt_check("stores to a clean page", clean2[8] + clean2[9], 0x3333);
+    rt_check("  its PTE's A and D", *rt_pte(cr3, CLEAN2) & (PTE_A | PTE_D), PTE_A | PTE_D);
 
     u64 *j0 = filled_page(0x9000), *j1 = filled_page(0xa000);
     rt_map(cr3, JUMP, (u64)j0, PTE_P | PTE_W);
@@ -141,22 +129,22 @@ int main(void) {
     u64 sum, base = JUMP + 0x10;
     __asm__ volatile("mov (%1), %0\n add $4096, %1\n add (%1), %0\n add $-4088, %1\n add (%1), %0"
                      : "=&r"(sum), "+r"(base)::"memory");
-    value("a base that jumps a page", sum, j0[2] + j1[2] + j0[3]);
+    rt_check("a base that jumps a page", sum, j0[2] + j1[2] + j0[3]);
 
     u64 *u = filled_page(0xb000);
     rt_map(cr3, USER, (u64)u, PTE_P | PTE_W | PTE_U);
     u64 *ust = rt_page_alloc();
     rt_map(cr3, USER_STACK, (u64)ust, PTE_P | PTE_W | PTE_U);
     rt_enter_user(user_part);
-    value("CPL3 moving base", user_sum, moving_sum(u));
-    fault("CPL3 second load on the unmapped page", user_fault, 4, USER + RT_PAGE + 8);
-    value("  first load done", user_pair.first, u[511]);
-    value("  second load not", user_pair.second, 0x5e5e5e5e);
+    rt_check("CPL3 moving base", user_sum, moving_sum(u));
+    rt_check_pf("CPL3 second load on the unmapped page", user_fault, 4, USER + RT_PAGE + 8);
+    rt_check("  first load done", user_pair.first, u[511]);
+    rt_check("  second load not", user_pair.second, 0x5e5e5e5e);
 
-    fault("CPL3 second push on the unmapped page", push_fault, 6, USER_STACK - 8);
-    value("  RSP after the first", rsp_after, USER_STACK);
-    value("  first push done", *(volatile u64 *)ust != 0, 1);
+    rt_check_pf("CPL3 second push on the unmapped page", push_fault, 6, USER_STACK - 8);
+    rt_check("  RSP after the first", rsp_after, USER_STACK);
+    rt_check("  first push done", *(volatile u64 *)ust != 0, 1);
 
-    rt_puts(failures ? "windows: FAILED\n" : "windows: ok\n");
-    return failures ? 1 : 0;
+    rt_puts(rt_failures ? "windows: FAILED\n" : "windows: ok\n");
+    return rt_failures ? 1 : 0;
 }

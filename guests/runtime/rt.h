@@ -82,6 +82,12 @@ struct rt_fault { u64 vector, error, cr2; };
 void rt_record_faults(int vector);
 struct rt_fault rt_take_fault(void);
 
+/* Checks (runtime/check.c): prints "what: got", marked WRONG (and counted in rt_failures)
+ * unless it is `want`; rt_check_pf the same for a recorded #PF's error code and CR2. */
+extern int rt_failures;
+void rt_check(const char *what, u64 got, u64 want);
+void rt_check_pf(const char *what, struct rt_fault got, u64 error, u64 cr2);
+
 /* Runs fn at CPL3 on its own stack; returns the argument of its rt_user_return(). */
 u64 rt_enter_user(void (*fn)(void));
 /* From CPL3: `syscall` back to the CPL0 code that called rt_enter_user (see start.S for how

@@ -456,12 +456,19 @@ impl Translator {
             self.fill_tlbs(access, page_va, host, global);
             return;
         }
+        self.stats.window_fallbacks += 1;
+        self.window_failed(rip, rip);
+    }
+
+    /// A window's (or a loop window's) miss that filled nothing: the instruction at `rip` runs
+    /// alone, and after [`WINDOW_RETRIES`] such failures of the window known as `key` the
+    /// blocks holding `rip` are retranslated without it.
+    fn window_failed(&mut self, rip: u64, key: u64) {
         self.last_window_fill = None;
         self.one_step = Some(OneStep { rip, kept: true });
-        self.stats.window_fallbacks += 1;
-        let failures = self.window_failures.entry(rip).or_default();
+        let failures = self.window_failures.entry(key).or_default();
         *failures += 1;
-        if *failures >= WINDOW_RETRIES && self.windowless.insert(rip) {
+        if *failures >= WINDOW_RETRIES && self.windowless.insert(key) {
             let on_page = self.code_vpages.get(&(rip >> 12)).cloned().unwrap_or_default();
             for i in on_page {
                 let (from, to) = self.blocks[i].span;
@@ -502,20 +509,8 @@ impl Translator {
                 }
             }
         }
-        self.last_window_fill = None;
-        self.one_step = Some(OneStep { rip, kept: true });
         self.stats.loop_window_fallbacks += 1;
-        let failures = self.window_failures.entry(key).or_default();
-        *failures += 1;
-        if *failures >= WINDOW_RETRIES && self.windowless.insert(key) {
-            let on_page = self.code_vpages.get(&(rip >> 12)).cloned().unwrap_or_default();
-            for i in on_page {
-                let (from, to) = self.blocks[i].span;
-                if (from..to).contains(&rip) {
-                    self.invalidate_block(i);
-                }
-            }
-        }
+        self.window_failed(rip, key);
     }
 
     /// The page a window of `size` bytes at `va` lies in, as (guest page, host page, global),
