@@ -456,7 +456,8 @@ impl BlockEmitter<'_> {
     /// registers go back.
     pub(super) fn close_loop_windows(&mut self, index: usize) {
         if self.loops.held != 0 && index == self.loops.end {
-            let held = self.loops.held;
+            // (After an unconditional back edge nothing is borrowed any more.)
+            let held = self.loops.held & self.spilled;
             for n in (0..16).filter(|n| held & (1 << n) != 0) {
                 self.give_back(super::asm::gpr64(n));
             }
