@@ -58,6 +58,18 @@ static u64 head_tested_sum(u64 base, u64 i) {
     return sum;
 }
 
+/* A loop with two ways out: the counter reaching 480 (`cmp $480,i; je`) or j running down
+ * (`dec j; jne`). Entered past 480 only j ends it, and the array it reads goes on into the
+ * next page: `1: cmp $480,i; je 2f; add (b,i,8),s; inc i; dec j; jne 1b; 2:`. */
+static u64 past_bound_sum(u64 base, u64 i, u64 j) {
+    u64 sum = 0;
+    __asm__ volatile("1: cmp $480, %1\n je 2f\n add (%3,%1,8), %0\n inc %1\n dec %2\n jne 1b\n2:"
+                     : "+r"(sum), "+r"(i), "+r"(j)
+                     : "r"(base)
+                     : "memory", "cc");
+    return sum;
+}
+
 static u64 *filled_page(u64 seed) {
     u64 *p = rt_page_alloc();
     for (int i = 0; i < 512; i++) p[i] = seed + i * 0x101;
@@ -95,14 +107,26 @@ int main(void) {
     rt_check("  its PTE's A and D", *rt_pte(cr3, CLEAN) & (PTE_A | PTE_D), PTE_A | PTE_D);
 
     /* [STRADDLE + 0xf00, STRADDLE + 0x1100): the last 32 qwords of one page, the first 32 of the
-     * next; their frames are swapped. */
-    u64 *lo = filled_page(0x2000), *hi = filled_page(0x3000);
+     * next; their frames are swapped (the pool hands out ascending frames: `lo` is below `hi`). */
+    u64 *hi = filled_page(0x2000), *lo = filled_page(0x3000);
     rt_map(cr3, STRADDLE, (u64)lo, PTE_P | PTE_W);
     rt_map(cr3, STRADDLE + RT_PAGE, (u64)hi, PTE_P | PTE_W);
     u64 wrong = 0;
     for (int i = 0; i < 20; i++) /* past the translator's retries */
         wrong += indexed_sum(STRADDLE + 0xf00, 0, 64).sum != sum_of(lo, 480, 512) + sum_of(hi, 0, 32);
     rt_check("straddling two swapped frames, 20 times: wrong", wrong, 0);
+    /* Only the last element on the next page. */
+    wrong = 0;
+    for (int i = 0; i < 20; i++)
+        wrong += indexed_sum(STRADDLE + 0xf00, 0, 33).sum != sum_of(lo, 480, 512) + hi[0];
+    rt_check("one element into the next frame, 20 times: wrong", wrong, 0);
+    /* Entered at 489, past the bound: 489–511 on the first page, 512–518 on the next (the
+     * other frame). The entry check must refuse a count that does not fit: the low end of the
+     * range is then above the high end, both on the first page. */
+    wrong = 0;
+    for (int i = 0; i < 20; i++)
+        wrong += past_bound_sum(STRADDLE, 489, 30) != sum_of(lo, 489, 512) + sum_of(hi, 0, 7);
+    rt_check("entered past its bound, 20 times: wrong", wrong, 0);
 
     u64 *edge = filled_page(0x4000);
     rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);

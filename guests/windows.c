@@ -88,7 +88,7 @@ int main(void) {
     rt_check("moving base, from the middle", moving_run(WIN + 0x800), moving_sum(w + 0x100));
 
     /* The run [base-8, base+16) straddles STRADDLE+0x1000; its frames are swapped. */
-    u64 *lo = filled_page(0x2000), *hi = filled_page(0x3000);
+    u64 *hi = filled_page(0x2000), *lo = filled_page(0x3000); /* the pool's frames ascend */
     rt_map(cr3, STRADDLE, (u64)lo, PTE_P | PTE_W);
     rt_map(cr3, STRADDLE + RT_PAGE, (u64)hi, PTE_P | PTE_W);
     u64 wrong = 0;

@@ -274,9 +274,10 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
 #[test]
 fn counted_loops_over_arrays_fault_straddle_and_set_bits_like_the_cpu() {
     // Loop windows (translator/src/emit/loop_window.rs): one lookup per entry into a counted
-    // loop for each array it walks; a range across two pages falls back (and is given up), a
-    // fault mid-loop stops it at the CPU's element, and an entry check sets no accessed bit on
-    // a page the loop never reads (guests/loop_windows.c).
+    // loop for each array it walks; a range across two pages falls back (and is given up), so
+    // does a loop entered past its bound, a fault mid-loop stops it at the CPU's element, and
+    // an entry check sets no accessed bit on a page the loop never reads
+    // (guests/loop_windows.c).
     transcript(
         "test-images/loop-windows.img",
         &lines(&[
@@ -286,6 +287,8 @@ fn counted_loops_over_arrays_fault_straddle_and_set_bits_like_the_cpu() {
             "stores to a clean page: 0xbd",
             "  its PTE's A and D: 0x60",
             "straddling two swapped frames, 20 times: wrong: 0x0",
+            "one element into the next frame, 20 times: wrong: 0x0",
+            "entered past its bound, 20 times: wrong: 0x0",
             "sum into the unmapped page: vector 14 error 0x0 cr2 0x8000025000",
             "  counter at the fault: 0x40",
             "  sum at the fault: 0x8857e0",
