@@ -1,12 +1,13 @@
 /* loop-windows: counted loops over arrays, which the translator checks with one soft-MMU lookup
  * per entry into the loop (translator/src/emit/loop_window.rs). Each loop is an asm block whose
  * head is a block of its own: a sum through an index register and through a moving base, a
- * store loop over a clean page (the dirty bit set by the first store, as the CPU does), a sum
+ * store loop over a clean page (the dirty bit set by the first store, as the CPU does), sums
  * over an array straddling two pages mapped to frames in the opposite order (past the
- * translator's retries), a sum that faults on an unmapped page mid-loop (CR2, the counter and
- * the sum at the fault), a loop entered with nothing left to do whose next element lies on a
- * page never accessed (its accessed bit stays clear), and at CPL3 a sum and a fault again. The
- * transcript must be the CPU's (kvm). */
+ * translator's retries, whole or one element into the second page, and entered past the loop's
+ * bound) and over two pages on frames in order, a sum that faults on an unmapped page mid-loop
+ * (CR2, the counter and the sum at the fault), a loop entered with nothing left to do whose
+ * next element lies on a page never accessed (its accessed bit stays clear), and at CPL3 a sum
+ * and a fault again. The transcript must be the CPU's (kvm). */
 #include "runtime/rt.h"
 
 #define ARR (RT_MAP_BASE + 0x20000)
@@ -16,6 +17,7 @@
 #define UNTOUCHED (ARR + 0x6000) /* the page after ARR2: A clear, never accessed */
 #define ARR2 (ARR + 0x5000)
 #define USER (ARR + 0x8000)     /* user; the page after it is not mapped */
+#define CONTIG (ARR + 0xc000)   /* two pages, frames in order */
 
 
 /* The sum of qwords [i, n) of base (i < n), counting i up by one: `add (b,i,8),s; inc i;
@@ -120,6 +122,14 @@ int main(void) {
     for (int i = 0; i < 20; i++)
         wrong += indexed_sum(STRADDLE + 0xf00, 0, 33).sum != sum_of(lo, 480, 512) + hi[0];
     rt_check("one element into the next frame, 20 times: wrong", wrong, 0);
+    /* Two pages on frames that follow each other: one check covers both. */
+    u64 *c0 = filled_page(0x9000), *c1 = filled_page(0xa000);
+    rt_map(cr3, CONTIG, (u64)c0, PTE_P | PTE_W);
+    rt_map(cr3, CONTIG + RT_PAGE, (u64)c1, PTE_P | PTE_W);
+    wrong = 0;
+    for (int i = 0; i < 20; i++)
+        wrong += indexed_sum(CONTIG + 0xf00, 0, 64).sum != sum_of(c0, 480, 512) + sum_of(c1, 0, 32);
+    rt_check("straddling two frames in order, 20 times: wrong", wrong, 0);
     /* Entered at 489, past the bound: 489–511 on the first page, 512–518 on the next (the
      * other frame). The entry check must refuse a count that does not fit: the low end of the
      * range is then above the high end, both on the first page. */

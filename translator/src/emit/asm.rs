@@ -299,21 +299,6 @@ impl Asm {
             2 => b.extend_from_slice(&last.to_le_bytes()),
             _ => {}
         }
-        self.probe_pages(s, t, u, table)
-    }
-
-    /// A loop window's lookup (`emit/loop_window.rs`): T already holds the range's last byte,
-    /// S its first; as [`Asm::tlb_probe`] from there (`mov ecx,12` first).
-    pub fn tlb_probe_range(&mut self, s: Register, t: Register, u: Register, table: usize) -> usize {
-        self.buf.extend_from_slice(&[0xb9, 12, 0, 0, 0]);
-        self.probe_pages(reg_num(s), reg_num(t), reg_num(u), table)
-    }
-
-    /// The part of the lookup after T holds the last byte and ECX 12: `shrx t,t,rcx; shrx
-    /// u,s,rcx; movzx u,u16; lea u,[u+u]; mov rcx,gs:[u*8+table]; lea rcx,[rcx+t]; jrcxz hit;
-    /// jmp miss` (hardware register numbers); returns the miss jump's rel32 field.
-    fn probe_pages(&mut self, s: usize, t: usize, u: usize, table: usize) -> usize {
-        let b = &mut self.buf;
         // shrx dst,src,rcx: VEX.LZ.F2.0F38.W1 F7 /r, count in vvvv (RCX: 1, inverted 1110).
         let shrx = |b: &mut Vec<u8>, dst: usize, src: usize| {
             let r = ((dst >> 3) ^ 1) as u8;
@@ -352,10 +337,10 @@ impl Asm {
         self.branch32_forward(Code::Jmp_rel32_64)
     }
 
-    /// The first half of the hit path: `mov t,gs:[u*8+table+8]` — T becomes the entry's
-    /// host − guest.
-    pub fn tlb_addend(&mut self, t: Register, u: Register, table: usize) {
-        let (t, u) = (reg_num(t), reg_num(u));
+    /// The hit path after [`Asm::tlb_probe`]: `mov t,gs:[u*8+table+8]; lea s,[s+t]` — S
+    /// becomes the host address.
+    pub fn tlb_hit(&mut self, s: Register, t: Register, u: Register, table: usize) {
+        let (s, t, u) = (reg_num(s), reg_num(t), reg_num(u));
         let b = &mut self.buf;
         b.extend_from_slice(&[
             0x65,
@@ -365,14 +350,6 @@ impl Asm {
             0xc5 | ((u & 7) as u8) << 3,
         ]);
         b.extend_from_slice(&((table + 8) as u32).to_le_bytes());
-    }
-
-    /// The hit path after [`Asm::tlb_probe`]: `mov t,gs:[u*8+table+8]; lea s,[s+t]` — S
-    /// becomes the host address.
-    pub fn tlb_hit(&mut self, s: Register, t: Register, u: Register, table: usize) {
-        self.tlb_addend(t, u, table);
-        let (s, t) = (reg_num(s), reg_num(t));
-        let b = &mut self.buf;
         // lea s,[s+t] (RBP/R13 as base need a zero disp8)
         b.extend_from_slice(&[rex(true, s, t, s), 0x8d]);
         if s & 7 == 5 {

@@ -18,19 +18,21 @@
 //! I takes only values in [I0, N] before the loop leaves. An access whose address is X + k·I + d
 //! (X none or a register the block never writes; I itself as the base: k = 1; no I: k = 0) then
 //! stays in [X + k·I0 + d, X + k·N + d + size): accesses with the same X and k form a *stream*,
-//! and when that range lies in one page that the TLB maps, one lookup at the loop's entry gives
-//! P = X + (host − guest) for the page, held in a register the block never names, and each
-//! access becomes `[P + I·k + d]` (`[I + P + d]` for I as the base) — no lookup in the loop.
+//! and when that range lies in one page that the TLB maps — or in two, mapped to host pages
+//! that follow each other (the same host − guest: a file's pages in the page cache often are;
+//! busybox's SHA-256 constants straddle a page) — one lookup at the loop's entry gives
+//! P = X + (host − guest), held in a register the block never names, and each access becomes
+//! `[P + I·k + d]` (`[I + P + d]` for I as the base) — no lookup in the loop.
 //!
-//! The entry check (flags saved around the count check) runs before the loop head: the back
-//! edge jumps past it with P still held (`loop_keep`). When the count does not fit, the range
-//! straddles pages or the TLB misses, the block leaves for the engine at its start, nothing of
-//! it run (`context::MISS_LOOP_WINDOW`): the engine fills the TLB only from a walk that sets no
-//! accessed or dirty bit (a loop may leave before its first access: bits set at the entry would
-//! be the translator's invention), and otherwise runs the first instruction alone; after a few
-//! such failures the stream is not planned again (`Translator::windowless`, keyed by its first
-//! access). Nothing can change the TLB while the loop runs: only the engine does, and a kick
-//! unlinks the back edge.
+//! The entry check (with flags saved) runs before the loop head: the back edge jumps past it
+//! with P still held (`loop_keep`). When the count does not fit, the range spans pages that
+//! do not follow each other or the TLB misses, the block leaves for the engine at its start,
+//! nothing of it run (`context::MISS_LOOP_WINDOW`): the engine fills the TLB only from a walk
+//! that sets no accessed or dirty bit (a loop may leave before its first access: bits set at
+//! the entry would be the translator's invention), and otherwise runs the first instruction
+//! alone; after a few such failures the stream is not planned again (`Translator::windowless`,
+//! keyed by its first access). Nothing can change the TLB while the loop runs: only the engine
+//! does, and a kick unlinks the back edge.
 
 use super::{BlockEmitter, Cold, Rule};
 use crate::block::{DecodedBlock, Flow};
@@ -342,11 +344,9 @@ impl BlockEmitter<'_> {
             let uneven = self.asm.branch32_forward(Code::Jne_rel32_64);
             self.loop_miss(uneven, first, block_start, true);
         }
-        self.restore_flags();
         let set = self.level_set();
         for s in &streams {
-            // T = the range's last byte (guest); the lookup hits only when the TLB maps the
-            // page of both ends.
+            // T = the range's last byte (guest).
             let last = s.hi - 1;
             match (s.form, bound) {
                 (Form::Fixed, _) => self.lea(t, MemoryOperand::with_base_displ(s.base, last)),
@@ -370,25 +370,72 @@ impl BlockEmitter<'_> {
             } else {
                 crate::context::off::tlb_read(set)
             };
-            let miss = self.asm.tlb_probe_range(s.reg, t, u, table);
-            self.loop_miss(miss, *s, block_start, false);
-            self.asm.tlb_addend(t, u, table);
+            self.range_lookup(*s, t, u, table, block_start);
             // The lookup took RCX: its guest value back, for X, N or the counter to be read.
             self.asm
                 .mov_from_ctx(Register::RCX, super::asm::spill_offset(Register::RCX));
+            // U = host − guest for the range: P = X + U.
             if s.base == Register::None || s.form == Form::CounterBase {
-                self.asm.mov_rr(s.reg, t);
+                self.asm.mov_rr(s.reg, u);
             } else {
-                self.lea(s.reg, MemoryOperand::new(s.base, t, 1, 0, 0, false, Register::None));
+                self.lea(s.reg, MemoryOperand::new(s.base, u, 1, 0, 0, false, Register::None));
             }
             self.loops.opened += 1;
         }
+        self.restore_flags();
         if !rcx_borrowed {
             self.give_back(Register::RCX);
         }
         self.give_back(u);
         self.give_back(t);
         self.loops.held = held;
+    }
+
+    /// With flags saved, the stream's register holding the range's first byte and T its last:
+    /// leaves U = the TLB's host − guest for the range, or leaves for the engine. The range
+    /// may cover two pages when the TLB maps both and their host pages follow each other (the
+    /// same addend: a file's pages in the page cache often do — busybox's SHA-256 constants).
+    /// RCX is taken.
+    fn range_lookup(&mut self, s: Stream, t: Register, u: Register, table: usize, block_start: u64) {
+        let (p, rcx, ecx) = (s.reg, Register::RCX, Register::ECX);
+        let entry = |disp: usize| MemoryOperand::new(rcx, Register::None, 1, disp as i64, 8, false, Register::GS);
+        let a = &mut self.asm;
+        // U = page(first), T = page(last) − page(first): 0 or 1.
+        a.mov_rr(u, p);
+        a.glue(Instruction::with2(Code::Shr_rm64_imm8, u, 12));
+        a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
+        a.glue(Instruction::with2(Code::Sub_rm64_r64, t, u));
+        a.glue(Instruction::with2(Code::Cmp_rm64_imm8, t, 1));
+        let wide = a.branch32_forward(Code::Ja_rel32_64);
+        self.loop_miss(wide, s, block_start, true);
+        // The first page's entry: its tag is −page.
+        let a = &mut self.asm;
+        a.mov_rr(rcx, u);
+        a.glue(Instruction::with2(Code::Movzx_r32_rm16, ecx, Register::CX));
+        a.glue(Instruction::with2(Code::Shl_rm32_imm8, ecx, 4));
+        a.glue(Instruction::with2(Code::Add_r64_rm64, u, entry(table)));
+        let first = a.branch32_forward(Code::Jne_rel32_64);
+        self.loop_miss(first, s, block_start, true);
+        let a = &mut self.asm;
+        a.glue(Instruction::with2(Code::Mov_r64_rm64, u, entry(table + 8)));
+        a.glue(Instruction::with2(Code::Test_rm64_r64, t, t));
+        let one_page = a.branch32_forward(Code::Je_rel32_64);
+        // The next page's entry (the next slot, the index wrapping): mapped, same addend. A
+        // miss reports an address in that page (P moved there meanwhile).
+        a.glue(Instruction::with2(Code::Add_rm32_imm8, ecx, 16));
+        a.glue(Instruction::with2(Code::And_rm32_imm32, ecx, 0xf_fff0));
+        a.glue(Instruction::with2(Code::Add_rm64_imm32, p, 4096));
+        a.mov_rr(t, p);
+        a.glue(Instruction::with2(Code::Shr_rm64_imm8, t, 12));
+        a.glue(Instruction::with2(Code::Add_r64_rm64, t, entry(table)));
+        let second = a.branch32_forward(Code::Jne_rel32_64);
+        self.loop_miss(second, s, block_start, true);
+        let a = &mut self.asm;
+        a.glue(Instruction::with2(Code::Sub_rm64_imm32, p, 4096));
+        a.glue(Instruction::with2(Code::Cmp_r64_rm64, u, entry(table + 8)));
+        let apart = a.branch32_forward(Code::Jne_rel32_64);
+        self.loop_miss(apart, s, block_start, true);
+        self.bind_here(one_page);
     }
 
     fn lea(&mut self, dst: Register, mem: MemoryOperand) {
