@@ -295,7 +295,8 @@ const SCRATCH_ORDER: [usize; 15] = [11, 10, 9, 8, 3, 5, 6, 7, 12, 13, 14, 15, 2,
 /// head comes after those stores and the back edges keep them borrowed — each iteration of
 /// SHA-256's message-schedule loop gave back and borrowed again three registers (six memory
 /// accesses for 22 guest instructions). (Emitting such a block twice, to learn what its back
-/// edges hold, cost a Linux boot ≈20% more translation time.)
+/// edges hold, cost a Linux boot ≈20% more translation time.) A counted loop's entry first
+/// checks its loop windows (`loop_window.rs`), whose registers the back edges keep too.
 pub fn emit_block(
     block: &DecodedBlock,
     base: u64,
