@@ -544,8 +544,8 @@ fn compared(instr: &Instruction) -> Vec<(Register, Bound)> {
     }
 }
 
-/// (X, form, k, d, size, read or write) of an access a stream can take: a plain operand (as a
-/// window's, `window.rs`, but an index may be the counter) whose address is X + k·I + d.
+/// (X, form, k, d, size, read or write) of an access a stream can take: a plain operand
+/// (`window::plain_operand_size`; an index may be the counter) whose address is X + k·I + d.
 fn stream_access(
     instr: &Instruction,
     access: Option<Access>,
@@ -553,21 +553,11 @@ fn stream_access(
     invariant: &dyn Fn(Register) -> bool,
 ) -> Option<(Register, Form, u32, i64, i64, Access)> {
     let access = access?;
-    let has_memory = instr.op_kinds().any(|k| k == OpKind::Memory);
-    let plain = has_memory
-        && !instr.is_ip_rel_memory_operand()
-        && !matches!(instr.segment_prefix(), Register::FS | Register::GS)
-        && !super::memop::is_bit_string_op(instr)
-        && !crate::mmu::masked::is_masked_access(instr)
-        && !super::is_mmx_store(instr)
-        && instr.mnemonic() != Mnemonic::Vcvtps2ph
-        // (P may need a REX prefix, which AH–BH cannot take.)
-        && !super::memop::uses_high8(instr)
-        && !super::alignment::requirement(instr).image;
-    let size = instr.memory_size().size() as i64;
-    if !plain || !(1..=64).contains(&size) {
+    // (P may need a REX prefix, which AH–BH cannot take.)
+    if super::memop::uses_high8(instr) {
         return None;
     }
+    let size = super::window::plain_operand_size(instr)?;
     let (base, index, scale) = (instr.memory_base(), instr.memory_index(), instr.memory_index_scale());
     let disp = instr.memory_displacement64() as i64;
     let none_or_invariant = |r: Register| r == Register::None || invariant(r);

@@ -240,9 +240,18 @@ fn plain_access(instr: &Instruction, access: Option<Access>) -> Option<(Register
         _ => {}
     }
     let base = instr.memory_base();
+    if !base.is_gpr64() || instr.memory_index() != Register::None {
+        return None;
+    }
+    let size = plain_operand_size(instr)?;
+    Some((base, instr.memory_displacement64() as i64, size, access?))
+}
+
+/// The size of `instr`'s memory operand if a window (or a loop window, `loop_window.rs`) may
+/// take it: 1–64 bytes, no FS/GS, not RIP-relative, nothing the miss path treats specially.
+pub(super) fn plain_operand_size(instr: &Instruction) -> Option<i64> {
     let plain = instr.op_kinds().any(|k| k == OpKind::Memory)
-        && base.is_gpr64()
-        && instr.memory_index() == Register::None
+        && !instr.is_ip_rel_memory_operand()
         && !matches!(instr.segment_prefix(), Register::FS | Register::GS)
         && !super::memop::is_bit_string_op(instr)
         && !crate::mmu::masked::is_masked_access(instr)
@@ -250,10 +259,7 @@ fn plain_access(instr: &Instruction, access: Option<Access>) -> Option<(Register
         && instr.mnemonic() != iced_x86::Mnemonic::Vcvtps2ph
         && !super::alignment::requirement(instr).image;
     let size = instr.memory_size().size() as i64;
-    if !plain || !(1..=64).contains(&size) {
-        return None;
-    }
-    Some((base, instr.memory_displacement64() as i64, size, access?))
+    (plain && (1..=64).contains(&size)).then_some(size)
 }
 
 /// Ends a run: a window if two accesses or more share it.

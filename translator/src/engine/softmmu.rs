@@ -259,11 +259,7 @@ impl Translator {
     /// Handles a soft-MMU TLB miss: walk, set A/D bits, fill the TLB, or report the fault.
     pub(super) fn tlb_miss(&mut self, platform: &mut dyn Platform) -> Result<Option<GuestException>, TranslateError> {
         let miss_info = self.ctx.get().miss_info;
-        if miss_info & MISS_LOOP_WINDOW != 0 {
-            self.loop_window_miss();
-            return Ok(None);
-        }
-        if miss_info & MISS_WINDOW != 0 {
+        if miss_info & (MISS_WINDOW | MISS_LOOP_WINDOW) != 0 {
             self.window_miss();
             return Ok(None);
         }
@@ -430,40 +426,50 @@ impl Translator {
 const WINDOW_RETRIES: u32 = 8;
 
 impl Translator {
-    /// A window's lookup missed (`emit/window.rs`): never a fault. When the window's page
-    /// translates for the window's kind of access — the kind of its first access, which runs
-    /// next and sets the same accessed/dirty bits — the TLB is filled and execution goes on at
-    /// that access. Otherwise (a page not present or not permitting it, device memory, a window
-    /// straddling two pages, a code page a write window would write, alignment checking on, or
-    /// a fill that did not help) the first access runs alone, through its own lookup, which
-    /// faults or crosses pages exactly as the CPU would; after [`WINDOW_RETRIES`] such failures
-    /// at one place, its blocks are retranslated without that window.
+    /// A window's lookup missed (`emit/window.rs`), or a loop window's entry check failed
+    /// (`emit/loop_window.rs`, `MISS_LOOP_WINDOW`): never a fault. When the window's page
+    /// translates for the window's kind of access, the TLB is filled and execution goes on —
+    /// at the window's first access, which runs next and sets the same accessed/dirty bits;
+    /// a loop window's at the loop block's start, nothing of it run, so only from a walk that
+    /// sets no bit at all (the loop may leave before its first access). Otherwise (a page not
+    /// present or not permitting it, device memory, a window straddling two pages, a code page
+    /// a write window would write, alignment checking on, a count that does not fit, or a fill
+    /// that did not help) the instruction at the guest RIP runs alone, through its own lookup,
+    /// which faults or crosses pages exactly as the CPU would; after [`WINDOW_RETRIES`] such
+    /// failures of one window (keyed by its place; a loop window's by its first access), its
+    /// blocks are retranslated without it.
     fn window_miss(&mut self) {
         let ctx = self.ctx.get();
-        let va = ctx.miss_va;
-        let size = (ctx.miss_info & 0xffff).max(1);
-        let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
-        let rip = ctx.state.rip;
-        self.stats.window_misses += 1;
+        let (va, info, rip) = (ctx.miss_va, ctx.miss_info, ctx.state.rip);
+        let size = (info & 0xffff).max(1);
+        let access = Access::from_bits((info >> 16) & 0xff);
+        let in_loop = info & MISS_LOOP_WINDOW != 0;
+        let key = if in_loop {
+            (rip & !(PAGE - 1)) | ((info >> MISS_LOOP_KEY_SHIFT) & (PAGE - 1))
+        } else {
+            rip
+        };
+        if in_loop {
+            self.stats.loop_window_misses += 1;
+        } else {
+            self.stats.window_misses += 1;
+        }
         let repeated = self.last_window_fill == Some((rip, va));
         let page = if repeated {
             None
         } else {
-            self.window_page(va, size, access)
+            self.window_page(va, size, access, in_loop)
         };
         if let Some((page_va, host, global)) = page {
             self.last_window_fill = Some((rip, va));
             self.fill_tlbs(access, page_va, host, global);
             return;
         }
-        self.stats.window_fallbacks += 1;
-        self.window_failed(rip, rip);
-    }
-
-    /// A window's (or a loop window's) miss that filled nothing: the instruction at `rip` runs
-    /// alone, and after [`WINDOW_RETRIES`] such failures of the window known as `key` the
-    /// blocks holding `rip` are retranslated without it.
-    fn window_failed(&mut self, rip: u64, key: u64) {
+        if in_loop {
+            self.stats.loop_window_fallbacks += 1;
+        } else {
+            self.stats.window_fallbacks += 1;
+        }
         self.last_window_fill = None;
         self.one_step = Some(OneStep { rip, kept: true });
         let failures = self.window_failures.entry(key).or_default();
@@ -479,44 +485,11 @@ impl Translator {
         }
     }
 
-    /// A loop window's entry check failed (`emit/loop_window.rs`): the guest is at the loop
-    /// block's start, nothing of it run. When the low end of the stream's range translates
-    /// with no accessed or dirty bit to set, the TLB is filled and the block runs again (its
-    /// check then passes, or fails the same way: a range across pages, a count that does not
-    /// fit); otherwise the first instruction runs alone and the loop goes on without the
-    /// window this time. After [`WINDOW_RETRIES`] failures the stream is planned no more.
-    fn loop_window_miss(&mut self) {
-        let ctx = self.ctx.get();
-        let va = ctx.miss_va;
-        let access = Access::from_bits((ctx.miss_info >> 16) & 0xff);
-        let rip = ctx.state.rip;
-        let key = (rip & !(PAGE - 1)) | ((ctx.miss_info >> MISS_LOOP_KEY_SHIFT) & (PAGE - 1));
-        let state = ctx.state.paging();
-        self.stats.loop_window_misses += 1;
-        let repeated = self.last_window_fill == Some((rip, va));
-        if !repeated && !state.alignment_checking() {
-            if let MemoryStrategy::SoftMmu(ram) = &self.strategy {
-                let page = soft_mmu::walk_settled(ram, &state, va, access).and_then(|(pa, global)| {
-                    let page_pa = pa & !(PAGE - 1);
-                    let code = access == Access::Write && self.code_pages.contains_key(&page_pa);
-                    let host = ram.host(page_pa, PAGE).filter(|_| !code)?;
-                    Some((va & !(PAGE - 1), host, global))
-                });
-                if let Some((page_va, host, global)) = page {
-                    self.last_window_fill = Some((rip, va));
-                    self.fill_tlbs(access, page_va, host, global);
-                    return;
-                }
-            }
-        }
-        self.stats.loop_window_fallbacks += 1;
-        self.window_failed(rip, key);
-    }
-
     /// The page a window of `size` bytes at `va` lies in, as (guest page, host page, global),
     /// when one RAM page holds it all and permits `access` (not a code page, for a write)
-    /// with alignment checking off — what [`Translator::window_miss`] may enter in the TLB.
-    fn window_page(&self, va: u64, size: u64, access: Access) -> Option<(u64, u64, bool)> {
+    /// with alignment checking off — what [`Translator::window_miss`] may enter in the TLB;
+    /// `settled`: only if walking it sets no accessed or dirty bit (`soft_mmu::walk_settled`).
+    fn window_page(&self, va: u64, size: u64, access: Access, settled: bool) -> Option<(u64, u64, bool)> {
         let state = self.ctx.get().state.paging();
         let last = va.wrapping_add(size - 1);
         if va & !(PAGE - 1) != last & !(PAGE - 1) || !mmu::is_canonical(va) || state.alignment_checking() {
@@ -525,7 +498,11 @@ impl Translator {
         let MemoryStrategy::SoftMmu(ram) = &self.strategy else {
             return None;
         };
-        let (pa, global) = soft_mmu::walk_leaf(ram, &state, va, access).ok()?;
+        let (pa, global) = if settled {
+            soft_mmu::walk_settled(ram, &state, va, access)?
+        } else {
+            soft_mmu::walk_leaf(ram, &state, va, access).ok()?
+        };
         let page_pa = pa & !(PAGE - 1);
         let host = ram.host(page_pa, PAGE)?;
         if access == Access::Write && self.code_pages.contains_key(&page_pa) {
