@@ -127,15 +127,13 @@ impl BlockEmitter<'_> {
             return plan;
         };
         let (i_reg, step, bound, step_first) = counter;
-        let written = block.instrs[..end]
-            .iter()
-            .fold(0u16, |m, d| m | super::memop::written_gprs(self.info.info(&d.instr)));
+        let written = self.uses[..end].iter().fold(0u16, |m, (_, u)| m | u.written);
         let invariant = |r: Register| r.is_gpr64() && r != i_reg && written & (1 << super::asm::reg_num(r)) == 0;
         // Registers P may take: named by no instruction of the loop (those after it run with
         // P given back); not RSP, not RCX (the entry's lookup takes it).
-        let loop_names = block.instrs[..(end + 1).min(block.instrs.len())]
+        let loop_names = self.uses[..(end + 1).min(block.instrs.len())]
             .iter()
-            .fold(0u16, |m, d| m | super::named_gprs(self.info.info(&d.instr)));
+            .fold(0u16, |m, (_, u)| m | u.named);
         let mut free = super::SCRATCH_ORDER
             .iter()
             .copied()
@@ -146,7 +144,7 @@ impl BlockEmitter<'_> {
             if !copied {
                 continue;
             }
-            let memory = super::memop::memory_access(self.info.info(&d.instr));
+            let memory = self.uses[i].1.memory;
             let Some((base, form, scale, disp, size, access)) = stream_access(&d.instr, memory, i_reg, &invariant)
             else {
                 continue;
@@ -247,10 +245,7 @@ impl BlockEmitter<'_> {
         }
         // (The loop's instructions: the back edge itself writes no register.)
         let loop_len = end.min(n);
-        let written: Vec<u16> = block.instrs[..loop_len]
-            .iter()
-            .map(|d| super::memop::written_gprs(self.info.info(&d.instr)))
-            .collect();
+        let written: Vec<u16> = self.uses[..loop_len].iter().map(|(_, u)| u.written).collect();
         let all_written = written.iter().fold(0, |m, w| m | w);
         for i in 0..n.min(end + 1).saturating_sub(1) {
             let (cmp, jcc) = (&block.instrs[i], &block.instrs[i + 1]);

@@ -238,6 +238,8 @@ pub(crate) struct BlockEmitter<'a> {
     count_tlb_hits: bool,
     interrupt_line: Option<u64>,
     info: InstructionInfoFactory,
+    /// Each instruction of the block with what it uses ([`BlockEmitter::uses`]).
+    uses: Vec<(Instruction, memop::Uses)>,
 }
 
 /// How a block is emitted.
@@ -344,7 +346,12 @@ pub fn emit_block(
         count_tlb_hits: options.count_tlb_hits,
         interrupt_line: options.interrupt_line,
         info: InstructionInfoFactory::new(),
+        uses: Vec::with_capacity(block.instrs.len()),
     };
+    for d in &block.instrs {
+        let uses = memop::Uses::of(e.info.info(&d.instr));
+        e.uses.push((d.instr, uses));
+    }
     // Indirect branches enter through the prologue (see `branch.rs`).
     e.asm.glue(Instruction::with2(
         Code::Mov_r64_rm64,
@@ -357,10 +364,7 @@ pub fn emit_block(
     {
         e.extended_state_check(options.extended_state_check, options.lazy_extended_state);
     }
-    e.block_names = block
-        .instrs
-        .iter()
-        .fold(0, |m, d| m | named_gprs(e.info.info(&d.instr)));
+    e.block_names = e.uses.iter().fold(0, |m, (_, u)| m | u.named);
     e.loops = e.plan_loop_windows(block, options.dispatcher_only, windowless);
     e.open_loop_windows(block.start);
     let keep = e.loop_scratch(block, options, e.loops.registers());
@@ -401,7 +405,8 @@ pub fn emit_block(
                     Rule::Branch(crate::rules::BranchKind::Jcc | crate::rules::BranchKind::Jmp)
                 );
         let (needed, overwritten) = if copied {
-            e.read_gprs(&d.instr)
+            let uses = e.uses[index].1;
+            (uses.read, uses.overwritten)
         } else if direct {
             (0, 0)
         } else {
@@ -498,15 +503,6 @@ fn is_mmx_store(instr: &Instruction) -> bool {
         && instr.op0_kind() == iced_x86::OpKind::Memory
         && instr.op1_kind() == iced_x86::OpKind::Register
         && instr.op1_register().is_mm()
-}
-
-/// The general-purpose registers an instruction reads or writes, explicitly or not (bit per
-/// hardware number).
-fn named_gprs(info: &iced_x86::InstructionInfo) -> u16 {
-    info.used_registers()
-        .iter()
-        .filter(|u| u.register().is_gpr())
-        .fold(0, |m, u| m | 1 << asm::reg_num(u.register()))
 }
 
 fn has_fs_gs(instr: &Instruction) -> bool {
@@ -665,28 +661,19 @@ impl BlockEmitter<'_> {
         asm::gpr64(n)
     }
 
-    /// Registers (bit per hardware number) an instruction reads or writes, explicitly or not.
-    fn used_gprs(&mut self, instr: &Instruction) -> u16 {
-        named_gprs(self.info.info(instr))
+    /// What `instr` uses: the block's instruction being emitted (or the one at `index` while
+    /// planning) from the table made at the block's start; any other (glue re-encodes some
+    /// guest instructions in another form) worked out afresh.
+    fn uses(&mut self, instr: &Instruction) -> memop::Uses {
+        match self.uses.get(self.index) {
+            Some((i, u)) if i == instr && i.ip() == instr.ip() => *u,
+            _ => memop::Uses::of(self.info.info(instr)),
+        }
     }
 
-    /// (Registers an instruction reads or writes only in part, registers it only overwrites
-    /// whole — a 32- or 64-bit write — each a bit per hardware number.)
-    fn read_gprs(&mut self, instr: &Instruction) -> (u16, u16) {
-        let (mut read, mut overwritten) = (0u16, 0u16);
-        for used in self.info.info(instr).used_registers() {
-            let r = used.register();
-            if !r.is_gpr() {
-                continue;
-            }
-            let bit = 1 << asm::reg_num(r);
-            if used.access() == iced_x86::OpAccess::Write && r.size() >= 4 {
-                overwritten |= bit;
-            } else {
-                read |= bit;
-            }
-        }
-        (read, overwritten & !read)
+    /// Registers (bit per hardware number) an instruction reads or writes, explicitly or not.
+    fn used_gprs(&mut self, instr: &Instruction) -> u16 {
+        self.uses(instr).named
     }
 
     /// Saves guest flags on the host flag stack (only `mov`s touch RSP; flags are intact).

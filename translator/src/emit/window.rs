@@ -105,10 +105,9 @@ impl BlockEmitter<'_> {
                 }
                 // One look at what the instruction uses: the registers it names and writes, and
                 // how it accesses memory.
-                let info = self.info.info(&d.instr);
-                let named = super::named_gprs(info);
-                let written = super::memop::written_gprs(info);
-                let memory = super::memop::memory_access(info);
+                let super::memop::Uses {
+                    named, written, memory, ..
+                } = self.uses[i].1;
                 let high8 = if super::memop::uses_high8(&d.instr) { 0xff00 } else { 0 };
                 for o in &mut open {
                     o.avoid |= named;
