@@ -140,21 +140,20 @@ impl BlockEmitter<'_> {
                     }
                 }
                 // The base registers it moves (by a constant: the window follows) or replaces.
-                let mut still = Vec::with_capacity(open.len());
-                for mut o in open.drain(..) {
-                    if written & (1 << super::asm::reg_num(o.base)) == 0 {
-                        still.push(o);
-                        continue;
-                    }
-                    match constant_move(&d.instr, o.base) {
-                        Some(by) if by.abs() <= MAX_WINDOW => {
-                            o.delta += by;
-                            still.push(o);
+                let mut k = 0;
+                while k < open.len() {
+                    let o = &mut open[k];
+                    if written & (1 << super::asm::reg_num(o.base)) != 0 {
+                        match constant_move(&d.instr, o.base) {
+                            Some(by) if by.abs() <= MAX_WINDOW => o.delta += by,
+                            _ => {
+                                close(&mut plan, open.remove(k));
+                                continue;
+                            }
                         }
-                        _ => close(&mut plan, o),
                     }
+                    k += 1;
                 }
-                open = still;
             }
             for o in open {
                 close(&mut plan, o);

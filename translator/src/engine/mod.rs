@@ -266,7 +266,9 @@ impl Translator {
             verified_only: config.verified_only,
             census: None,
             system: config.system,
-            blocks: Vec::new(),
+            // Room for as many blocks as the code cache holds at ≈1 KiB each, reserved (not
+            // touched): growing it copied the whole table at each doubling.
+            blocks: Vec::with_capacity(config.code_cache_bytes / 1024),
             by_guest: Default::default(),
             emulated_at: AddrMap::default(),
             interrupted: std::sync::atomic::AtomicBool::new(false),
