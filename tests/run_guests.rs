@@ -175,9 +175,20 @@ fn local_apic_timer_modes_self_ipi_and_task_priority() {
 fn self_modifying_code_runs_the_new_instruction() {
     transcript(
         "test-images/smc.img",
-        "smc: first 0x11111111, after rewrite 0x22222222\n",
+        "smc: first 0x11111111, after rewrite 0x22222222\n\
+         smc: after a write beside it 0x22222222, after another rewrite 0x33333333, after a write beside it 0x33333333\n",
         0,
     );
+    // A write beside the code (same page, not its bytes) invalidates the block, and it comes
+    // back unchanged twice (`Translator::revive`); a rewrite of its bytes never does (the
+    // transcript above: the new immediate runs).
+    for accel in ["bt", "hybrid"] {
+        let (_, stderr, code) = hbt_run(&["--accel", accel, "--stats-json", "test-images/smc.img"]);
+        assert_eq!(code, Some(0), "{stderr}");
+        let json = stderr.lines().find(|l| l.starts_with('{')).expect("--stats-json line");
+        let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        assert_eq!(v["translator"]["blocks_revived"], 2, "{accel}: {v}");
+    }
 }
 
 #[test]

@@ -81,6 +81,26 @@ impl DecodedBlock {
     pub fn ends_in_transfer(&self) -> bool {
         self.terminated
     }
+
+    /// Everything emission takes from the block, as bytes: its addresses, and each
+    /// instruction's address, bytes and part in the control flow (the decoded instruction and
+    /// its rule follow from those). Two blocks with equal signatures, emitted with equal
+    /// options, get the same host code (`engine/cache.rs`, `Translator::revive`).
+    pub fn signature(&self) -> Box<[u8]> {
+        let mut sig = Vec::with_capacity(33 + self.instrs.len() * 12);
+        for v in [self.start, self.end, self.span.0, self.span.1] {
+            sig.extend_from_slice(&v.to_le_bytes());
+        }
+        sig.push(self.terminated as u8);
+        for d in &self.instrs {
+            // Within the block's page (or just past it): 16 bits of offset from the start.
+            sig.extend_from_slice(&(d.instr.ip().wrapping_sub(self.start) as u16).to_le_bytes());
+            sig.push(d.flow as u8);
+            sig.push(d.instr.len() as u8);
+            sig.extend_from_slice(d.bytes());
+        }
+        sig.into_boxed_slice()
+    }
 }
 
 /// Why no block could be built at a RIP.

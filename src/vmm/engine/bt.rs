@@ -446,7 +446,8 @@ fn report(
         ),
         format!(
             "  translator: {} blocks ({} guest instructions, {} KiB of code), {} block exits, {} chained, \
-             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated, {} device-memory accesses",
+             {} indirect misses, {} TLB misses, {} emulated, {} flushes, {} remaps, {} single-page invalidations, {} blocks invalidated \
+             ({} brought back unchanged), {} device-memory accesses",
             s.blocks_translated,
             s.guest_instructions_translated,
             t.code_cache_used() >> 10,
@@ -459,6 +460,7 @@ fn report(
             s.remaps,
             s.page_invalidations,
             s.invalidated_blocks,
+            s.blocks_revived,
             s.mmio_accesses
         ),
         format!(
@@ -509,6 +511,7 @@ fn report(
         "translator".into(),
         serde_json::json!({
             "blocks_translated": s.blocks_translated,
+            "blocks_revived": s.blocks_revived,
             "guest_instructions_translated": s.guest_instructions_translated,
             "code_cache_bytes": t.code_cache_used(),
             "block_exits": s.block_exits,

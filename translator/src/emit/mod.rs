@@ -243,7 +243,7 @@ pub(crate) struct BlockEmitter<'a> {
 }
 
 /// How a block is emitted.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EmitOptions {
     pub soft_mmu: bool,
     /// Soft-MMU only: the block's single access crosses a page boundary and the engine has

@@ -123,6 +123,11 @@ pub(super) struct Block {
     /// `emit/branch.rs`) — the dispatcher ends the step (a bounce buffer or device page is
     /// mapped in the TLB until then).
     pub(super) dispatcher_only: bool,
+    /// What it was translated from and with ([`DecodedBlock::signature`], the emit options):
+    /// an invalidated block whose code comes back unchanged is revived
+    /// ([`Translator::revive`]). Empty for an emulated instruction.
+    pub(super) signature: Box<[u8]>,
+    pub(super) options: emit::EmitOptions,
 }
 
 impl Translator {
@@ -153,6 +158,7 @@ impl Translator {
     /// behind the translator's back, e.g. the harness writing a new test instruction).
     pub fn flush(&mut self) {
         self.blocks.clear();
+        self.revivable.clear();
         self.by_guest.clear();
         self.emulated_at.clear();
         self.by_host.clear();
@@ -321,6 +327,68 @@ impl Translator {
         (addr < b.host + b.host_len as u64).then_some(i)
     }
 
+    /// How a block is emitted now (`dispatcher_only`: a one-off step's block).
+    fn emit_options(&self, dispatcher_only: bool) -> emit::EmitOptions {
+        emit::EmitOptions {
+            soft_mmu: self.strategy.is_soft_mmu(),
+            split_access: self.bounce.is_some(),
+            dispatcher_only,
+            guest_xcr0: self.translated_xcr0,
+            system: self.system,
+            kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
+            count_tlb_hits: self.detailed_stats,
+            interrupt_line: self.interrupt_line,
+            host_tsc: self.host_tsc,
+            extended_state_check: self.extended_state_handover,
+            lazy_extended_state: self.system,
+        }
+    }
+
+    /// Brings back the block last invalidated under `key` if `block` is the code it was
+    /// translated from, emitted with the same options, and none of its accesses was made
+    /// windowless since (its windows would miss on): its host code is then what translating
+    /// `block` would emit, and it goes back into the lookups over `phys_pages` and `mapping`
+    /// as found now. Returns its entry (after the prologue).
+    ///
+    /// Linux patches its own text while it boots (alternatives, ftrace's NOPs, static keys,
+    /// page by page through `text_poke`), and each write invalidates every block on the page:
+    /// 6,600 of a bt boot's 52,500 translations were of unchanged code (AMD EPYC host). A
+    /// dead block's links into it were undone when it died and its own jumps out were undone
+    /// by any target that died since, so it re-enters the lookups unlinked, as a new one.
+    pub(super) fn revive(
+        &mut self,
+        block: &DecodedBlock,
+        phys_pages: &[u64],
+        mapping: &[(u64, u64)],
+        global: bool,
+        key: u64,
+    ) -> Option<u64> {
+        let i = self.revivable.remove(&key)?;
+        let options = self.emit_options(false);
+        let b = &self.blocks[i];
+        if b.valid
+            || b.key != key
+            || b.options != options
+            || *b.signature != *block.signature()
+            || block.instrs.iter().any(|d| self.windowless.contains(&d.instr.ip()))
+        {
+            return None;
+        }
+        let epoch = self.mapping_epoch;
+        let global_epoch = self.global_epoch;
+        let b = &mut self.blocks[i];
+        b.valid = true;
+        b.mapping = mapping.to_vec().into();
+        b.epoch = epoch;
+        b.global = global;
+        b.global_epoch = global_epoch;
+        let host = b.host;
+        self.register_code_pages(phys_pages, i);
+        self.by_guest.insert(key, i);
+        self.stats.blocks_revived += 1;
+        Some(host + IBL_PROLOGUE_LEN)
+    }
+
     pub(super) fn install(
         &mut self,
         block: DecodedBlock,
@@ -333,19 +401,7 @@ impl Translator {
         // Returns the block's entry (after its indirect-branch prologue).
         // Any key but the block's own marks a one-off step's block (`one_off_key`).
         let dispatcher_only = key != Some(self.block_key(block.start));
-        let options = emit::EmitOptions {
-            soft_mmu: self.strategy.is_soft_mmu(),
-            split_access: self.bounce.is_some(),
-            dispatcher_only,
-            guest_xcr0: self.translated_xcr0,
-            system: self.system,
-            kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
-            count_tlb_hits: self.detailed_stats,
-            interrupt_line: self.interrupt_line,
-            host_tsc: self.host_tsc,
-            extended_state_check: self.extended_state_handover,
-            lazy_extended_state: self.system,
-        };
+        let options = self.emit_options(dispatcher_only);
         let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options, &self.windowless) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,
             Ok(_) | Err(TranslateError::CodeCacheFull) => {
@@ -369,6 +425,10 @@ impl Translator {
         self.register_code_pages(&phys_pages, index);
         let cached = key.is_some();
         let key = key.unwrap_or_else(|| self.block_key(block.start));
+        if cached {
+            // A block dead under this key is not this code: it stays dead.
+            self.revivable.remove(&key);
+        }
         for page in block.span.0 >> 12..=(block.span.1 - 1) >> 12 {
             self.code_vpages.entry(page).or_default().push(index);
         }
@@ -389,6 +449,8 @@ impl Translator {
             global_epoch: self.global_epoch,
             emulated: None,
             dispatcher_only,
+            signature: block.signature(),
+            options,
         });
         if cached {
             self.by_guest.insert(key, index);
@@ -429,6 +491,8 @@ impl Translator {
             span: (start, start + instr.len() as u64),
             emulated: Some((instr, rule)),
             dispatcher_only: false,
+            signature: Box::default(),
+            options: emit::EmitOptions::default(),
         });
         self.by_guest.insert(key, index);
     }
@@ -478,6 +542,9 @@ impl Translator {
         let (key, host) = (self.blocks[i].key, self.blocks[i].host);
         if self.by_guest.get(key) == Some(i) {
             self.by_guest.remove(key);
+            if !self.blocks[i].signature.is_empty() && !self.blocks[i].dispatcher_only {
+                self.revivable.insert(key, i);
+            }
         }
         let b = &mut self.blocks[i];
         undo_links(&mut b.incoming);

@@ -60,6 +60,9 @@ use softmmu::{Bounce, MmioAccess, PageBuffer};
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub blocks_translated: u64,
+    /// Invalidated blocks brought back because their code came back unchanged
+    /// (`Translator::revive`): not translated again, not counted in `blocks_translated`.
+    pub blocks_revived: u64,
     pub guest_instructions_translated: u64,
     pub block_exits: u64,
     /// System mode, with [`Translator::set_detailed_stats`]: entries into translated code (one
@@ -146,6 +149,8 @@ pub struct Translator {
     /// Blocks by host address (`host_index.rs`).
     by_host: host_index::HostIndex,
     code_pages: AddrMap<Vec<usize>>,
+    /// Block keys whose last block was invalidated, and that block (`Translator::revive`).
+    revivable: AddrMap<usize>,
     /// System mode: the blocks on each 4 KiB page of guest virtual addresses (by page number),
     /// which an INVLPG of the page reaches (see `invalidate_page`).
     code_vpages: AddrMap<Vec<usize>>,
@@ -276,6 +281,7 @@ impl Translator {
             write_protect_code: true,
             by_host,
             code_pages: AddrMap::default(),
+            revivable: AddrMap::default(),
             code_vpages: Default::default(),
             large_code_regions: Default::default(),
             ibl_used: Default::default(),
@@ -761,6 +767,12 @@ impl Translator {
             Some(key) => Some(key),
             None => (!alone).then(|| self.block_key(rip)),
         };
+        if one_off_key.is_none() {
+            if let Some(host) = key.and_then(|key| self.revive(&block, &pages, &mapping, global, key)) {
+                self.stats.translate_time += translate_started.elapsed();
+                return Ok(Lookup::Host(host));
+            }
+        }
         let host = self.install(block, pages, mapping, global, key)?;
         self.stats.translate_time += translate_started.elapsed();
         Ok(Lookup::Host(host))
