@@ -3,9 +3,13 @@
 //! The register set a driver uses: THR/RBR, IER, IIR/FCR, LCR (with DLAB and the divisor
 //! latch), MCR, LSR (THR always empty; data-ready when stdin has bytes), MSR and the scratch
 //! register. Output is batched (one exit per byte is the guest's cost, not a write(2) per byte
-//! too): flushed at a newline, at 4 KiB, and whenever the guest polls LSR or IIR (a prompt
-//! without a newline shows before the guest waits for input). A closed stdout ends the run. Interrupts: "received data available" and "THR empty",
-//! as the IIR reports them, drive IRQ 4 (level) whenever IER enables them.
+//! too): flushed at a newline, at 4 KiB, at an IER write or IIR read (the end of a console
+//! write, an interrupt-driven transmit), when the guest reads LSR twice in a row (it polls:
+//! for input, say, after a prompt without a newline) and when the vCPU halts (the engines
+//! flush the buses). Not at every LSR read: Linux's console polls LSR before each byte it
+//! writes, and a boot made a write(2) per byte of its log (16,000 of them). A closed stdout
+//! ends the run. Interrupts: "received data available" and "THR empty", as the IIR reports
+//! them, drive IRQ 4 (level) whenever IER enables them.
 
 use super::{Action, Device, IrqLine};
 use std::collections::VecDeque;
@@ -51,6 +55,8 @@ pub struct Serial {
     pending: Vec<u8>,
     /// `out` refused a write (EPIPE): the next THR write ends the run.
     closed: bool,
+    /// The guest's last access to the UART was an LSR read (a second one in a row flushes).
+    polled: bool,
     rx: RxQueue,
     irq: IrqLine,
 }
@@ -106,6 +112,7 @@ impl Serial {
             out,
             pending: Vec::with_capacity(OUT_BATCH),
             closed: false,
+            polled: false,
             rx,
             irq,
         }
@@ -155,6 +162,7 @@ impl Device for Serial {
 
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let dlab = self.lcr & LCR_DLAB != 0;
+        let polled = std::mem::replace(&mut self.polled, offset == 5);
         let v = match offset {
             0 if dlab => self.divisor as u8,
             0 => {
@@ -177,7 +185,9 @@ impl Device for Serial {
             3 => self.lcr,
             4 => self.mcr,
             5 => {
-                self.flush_out();
+                if polled {
+                    self.flush_out();
+                }
                 LSR_THR_EMPTY | LSR_IDLE | if self.rx_ready() { LSR_DATA_READY } else { 0 }
             }
             6 => 0xb0, // DCD, DSR, CTS
@@ -193,6 +203,7 @@ impl Device for Serial {
     fn write(&mut self, offset: u64, data: &[u8]) -> Action {
         let v = data.first().copied().unwrap_or(0);
         let dlab = self.lcr & LCR_DLAB != 0;
+        self.polled = false;
         match offset {
             0 if dlab => self.divisor = (self.divisor & 0xff00) | v as u16,
             0 => {
@@ -209,6 +220,7 @@ impl Device for Serial {
             }
             1 if dlab => self.divisor = (self.divisor & 0x00ff) | (v as u16) << 8,
             1 => {
+                self.flush_out();
                 let enabling_thre = v & IER_THRE != 0 && self.ier & IER_THRE == 0;
                 self.ier = v & 0x0f;
                 if enabling_thre {
@@ -228,5 +240,66 @@ impl Device for Serial {
 impl Drop for Serial {
     fn drop(&mut self) {
         self.flush_out();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// stdout as the guest's output reaches it: each write(2) is one element.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn uart() -> (Serial, Writes) {
+        let writes = Writes::default();
+        let serial = Serial::new(Box::new(writes.clone()), RxQueue::default(), IrqLine::new(|_| {}));
+        (serial, writes)
+    }
+
+    /// What Linux's console does per byte: poll LSR until THR is empty, then write THR.
+    fn console_byte(s: &mut Serial, b: u8) {
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_ne!(lsr[0] & LSR_THR_EMPTY, 0);
+        s.write(0, &[b]);
+    }
+
+    #[test]
+    fn a_console_line_is_one_write_and_a_poll_or_ier_write_flushes_the_rest() {
+        let (mut s, writes) = uart();
+        for &b in b"hello\n" {
+            console_byte(&mut s, b);
+        }
+        assert_eq!(*writes.0.lock().unwrap(), vec![b"hello\n".to_vec()]);
+        // A prompt, then the console's last LSR read: still batched.
+        for &b in b"$ " {
+            console_byte(&mut s, b);
+        }
+        let mut lsr = [0u8];
+        s.read(5, &mut lsr);
+        assert_eq!(writes.0.lock().unwrap().len(), 1);
+        // The guest keeps polling (for input): out it goes.
+        s.read(5, &mut lsr);
+        assert_eq!(writes.0.lock().unwrap()[1], b"$ ".to_vec());
+        // The end of a console write restores IER: that flushes too.
+        console_byte(&mut s, b'x');
+        s.write(1, &[0]);
+        assert_eq!(writes.0.lock().unwrap()[2], b"x".to_vec());
+        // As does the vCPU halting (the engines flush the bus).
+        console_byte(&mut s, b'y');
+        Device::flush(&mut s);
+        assert_eq!(writes.0.lock().unwrap()[3], b"y".to_vec());
+        assert_eq!(writes.0.lock().unwrap().len(), 4);
     }
 }

@@ -385,6 +385,8 @@ pub(super) fn run_loop(t: &mut Translator, platform: &mut BtPlatform) -> Result<
                 if t.single_step() {
                     return Ok(Pause::Debugger(DebugStop::Stepped));
                 }
+                // Output the guest left batched shows while it waits (a prompt, say).
+                platform.buses.pio.flush();
                 platform
                     .chipset
                     .wait(HALT_POLL, || stop::requested().is_some() || stop::attention());
