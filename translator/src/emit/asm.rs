@@ -73,12 +73,25 @@ pub fn gpr64(n: usize) -> Register {
 
 impl Asm {
     pub fn new(base: u64) -> Self {
+        Asm::reusing(base, Vec::new(), None)
+    }
+
+    /// An assembler at `base` writing into `buf` (emptied first) with `encoder`, kept from an
+    /// earlier block ([`super::EmitScratch`]).
+    pub fn reusing(base: u64, mut buf: Vec<u8>, encoder: Option<Encoder>) -> Self {
+        buf.clear();
+        // A system-mode block averages ≈700 bytes with its cold code (Linux boot).
+        buf.reserve(2048);
         Asm {
-            // A system-mode block averages ≈700 bytes with its cold code (Linux boot).
-            buf: Vec::with_capacity(2048),
+            buf,
             base,
-            encoder: Encoder::new(64),
+            encoder: encoder.unwrap_or_else(|| Encoder::new(64)),
         }
+    }
+
+    /// The code and the encoder, for the next block.
+    pub fn into_parts(self) -> (Vec<u8>, Encoder) {
+        (self.buf, self.encoder)
     }
 
     /// Address of the next byte.

@@ -403,11 +403,27 @@ impl Translator {
         // Any key but the block's own marks a one-off step's block (`one_off_key`).
         let dispatcher_only = key != Some(self.block_key(block.start));
         let options = self.emit_options(dispatcher_only);
-        let emitted = match emit::emit_block(&block, self.code.cursor(), &self.glue, options, &self.windowless) {
+        let scratch = &mut self.emit_scratch;
+        let emitted = match emit::emit_block(
+            &block,
+            self.code.cursor(),
+            &self.glue,
+            options,
+            &self.windowless,
+            scratch,
+        ) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,
             Ok(_) | Err(TranslateError::CodeCacheFull) => {
                 self.flush();
-                emit::emit_block(&block, self.code.cursor(), &self.glue, options, &self.windowless)?
+                let scratch = &mut self.emit_scratch;
+                emit::emit_block(
+                    &block,
+                    self.code.cursor(),
+                    &self.glue,
+                    options,
+                    &self.windowless,
+                    scratch,
+                )?
             }
             Err(e) => return Err(e),
         };
@@ -416,6 +432,8 @@ impl Translator {
             dump_block(&block, host, &emitted.code);
         }
         perf_map_block(&block, host, emitted.code.len(), options.kernel);
+        let host_len = emitted.code.len() as u32;
+        self.emit_scratch.recycle(emitted.code);
         let index = self.blocks.len();
         self.stats.blocks_translated += 1;
         self.stats.guest_instructions_translated += block.instrs.len() as u64;
@@ -436,7 +454,7 @@ impl Translator {
         self.blocks.push(Block {
             key,
             host,
-            host_len: emitted.code.len() as u32,
+            host_len,
             sites: emitted.sites,
             exits: emitted.exits,
             incoming: Vec::new(),

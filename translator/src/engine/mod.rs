@@ -151,6 +151,8 @@ pub struct Translator {
     code_pages: AddrMap<Vec<usize>>,
     /// Block keys whose last block was invalidated, and that block (`Translator::revive`).
     revivable: AddrMap<usize>,
+    /// The emitter's buffers, kept from block to block.
+    emit_scratch: crate::emit::EmitScratch,
     /// System mode: the blocks on each 4 KiB page of guest virtual addresses (by page number),
     /// which an INVLPG of the page reaches (see `invalidate_page`).
     code_vpages: AddrMap<Vec<usize>>,
@@ -282,6 +284,7 @@ impl Translator {
             by_host,
             code_pages: AddrMap::default(),
             revivable: AddrMap::default(),
+            emit_scratch: Default::default(),
             code_vpages: Default::default(),
             large_code_regions: Default::default(),
             ibl_used: Default::default(),
