@@ -450,7 +450,16 @@ impl TlbSet {
     }
 
     fn forget_write_host(&mut self, host_page: u64) {
-        for i in self.used_slots() {
+        // (Indexed rather than through `used_slots`: untracked, that list is 64 Ki entries,
+        // allocated for each page that gains code.)
+        let untracked = self.slots_len == TLB_UNTRACKED;
+        let n = if untracked {
+            TLB_ENTRIES
+        } else {
+            self.slots_len as usize
+        };
+        for k in 0..n {
+            let i = if untracked { k } else { self.slots[k] as usize };
             let e = &mut self.write[i];
             if e.vpn()
                 .is_some_and(|vpn| (vpn << 12).wrapping_add(e.addend) == host_page)
