@@ -390,6 +390,12 @@ impl Translator {
         Some(host + IBL_PROLOGUE_LEN)
     }
 
+    /// Emits `block` for the code cache's cursor.
+    fn emit(&mut self, block: &DecodedBlock, options: emit::EmitOptions) -> Result<emit::EmittedBlock, TranslateError> {
+        let at = self.code.cursor();
+        emit::emit_block(block, at, &self.glue, options, &self.windowless, &mut self.emit_scratch)
+    }
+
     pub(super) fn install(
         &mut self,
         block: DecodedBlock,
@@ -403,27 +409,11 @@ impl Translator {
         // Any key but the block's own marks a one-off step's block (`one_off_key`).
         let dispatcher_only = key != Some(self.block_key(block.start));
         let options = self.emit_options(dispatcher_only);
-        let scratch = &mut self.emit_scratch;
-        let emitted = match emit::emit_block(
-            &block,
-            self.code.cursor(),
-            &self.glue,
-            options,
-            &self.windowless,
-            scratch,
-        ) {
+        let emitted = match self.emit(&block, options) {
             Ok(e) if e.code.len() <= self.code.remaining() => e,
             Ok(_) | Err(TranslateError::CodeCacheFull) => {
                 self.flush();
-                let scratch = &mut self.emit_scratch;
-                emit::emit_block(
-                    &block,
-                    self.code.cursor(),
-                    &self.glue,
-                    options,
-                    &self.windowless,
-                    scratch,
-                )?
+                self.emit(&block, options)?
             }
             Err(e) => return Err(e),
         };
