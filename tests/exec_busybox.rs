@@ -13,6 +13,11 @@ fn hbt() -> &'static str {
 
 /// Runs busybox natively or under hbt: stdout and how it ended ("exit N" or "signal N").
 fn run(native: bool, args: &[&str], stdin: &[u8], dir: &Path) -> (Vec<u8>, String) {
+    run_ignoring(native, args, stdin, dir, None)
+}
+
+/// [`run`], started with signal `ignored` (if any) ignored, as a shell starts a background job.
+fn run_ignoring(native: bool, args: &[&str], stdin: &[u8], dir: &Path, ignored: Option<i32>) -> (Vec<u8>, String) {
     let mut cmd = if native {
         Command::new(BUSYBOX)
     } else {
@@ -20,6 +25,16 @@ fn run(native: bool, args: &[&str], stdin: &[u8], dir: &Path) -> (Vec<u8>, Strin
         c.args(["exec", BUSYBOX]);
         c
     };
+    if let Some(sig) = ignored {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(sig, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    }
     let mut child = cmd
         .args(args)
         .current_dir(dir)
@@ -50,12 +65,17 @@ fn run(native: bool, args: &[&str], stdin: &[u8], dir: &Path) -> (Vec<u8>, Strin
 }
 
 fn same(args: &[&str], stdin: &[u8], dir: &Path) {
+    same_ignoring(args, stdin, dir, None)
+}
+
+/// [`same`], both runs started with signal `ignored` ignored.
+fn same_ignoring(args: &[&str], stdin: &[u8], dir: &Path, ignored: Option<i32>) {
     assert!(
         Path::new(BUSYBOX).exists(),
         "{BUSYBOX} missing: install Debian's busybox-static (.ci/run does)"
     );
-    let native = run(true, args, stdin, dir);
-    let translated = run(false, args, stdin, dir);
+    let native = run_ignoring(true, args, stdin, dir, ignored);
+    let translated = run_ignoring(false, args, stdin, dir, ignored);
     assert_eq!(native.1, translated.1, "how busybox {args:?} ended");
     assert!(
         native.0 == translated.0,
@@ -163,6 +183,9 @@ fn signals_reach_guest_handlers_and_default_actions_match() {
     );
     // Default actions: death by signal, seen by the parent as such.
     same(&["sh", "-c", "kill -INT $$; echo survived"], b"", d);
+    // Ignored when the program starts (a background job of a non-interactive shell): it stays
+    // ignored, as across execve, and the shell survives its own SIGINT.
+    same_ignoring(&["sh", "-c", "kill -INT $$; echo survived"], b"", d, Some(libc::SIGINT));
     same(&["sh", "-c", "kill -SEGV $$"], b"", d);
     // Ignored SIGPIPE: `yes` gets EPIPE instead of dying.
     same(&["sh", "-c", "trap '' PIPE; yes | head -n 2"], b"", d);

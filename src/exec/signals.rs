@@ -147,9 +147,25 @@ impl GuestSignals {
         self.actions.lock().unwrap_or_else(|e| e.into_inner())[sig as usize - 1]
     }
 
+    /// The actions a program starts with: the default for each signal, but those hbt was
+    /// started with ignored stay ignored, as across `execve` (a shell's background job, `nohup`:
+    /// a non-interactive shell ignores SIGINT for what it runs in the background). SIGPIPE
+    /// starts at the default whatever hbt inherited: Rust's runtime ignores it before `main`,
+    /// so what hbt was given is not known.
     pub fn new() -> Self {
+        let mut actions = [Action::default(); 64];
+        for sig in (1..=64).filter(|&s| s != libc::SIGPIPE) {
+            // SAFETY: querying only (act is null); `old` is a valid sigaction to fill.
+            let ignored = unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+            };
+            if ignored {
+                actions[sig as usize - 1].handler = SIG_IGN;
+            }
+        }
         GuestSignals {
-            actions: std::sync::Arc::new(std::sync::Mutex::new([Action::default(); 64])),
+            actions: std::sync::Arc::new(std::sync::Mutex::new(actions)),
             altstack: None,
             suspend_unblocked: None,
         }
