@@ -42,6 +42,14 @@ fn hbt_run(args: &[&str]) -> (String, String, Option<i32>) {
     )
 }
 
+/// Runs hbt with `args` (`--stats-json` among them): the run must end with status 0, and
+/// stderr hold nothing but the statistics object, which is returned.
+fn stats_json(args: &[&str]) -> serde_json::Value {
+    let (_, stderr, code) = hbt_run(args);
+    assert_eq!(code, Some(0), "{stderr}");
+    serde_json::from_str(stderr.trim()).expect("one JSON object on stderr")
+}
+
 /// The guest prints `expected` and ends with `status` under every engine.
 fn transcript(image: &str, expected: &str, status: i32) {
     // Each engine, and the hybrid engine with every stretch of user code under KVM (its
@@ -183,10 +191,7 @@ fn self_modifying_code_runs_the_new_instruction() {
     // back unchanged twice (`Translator::revive`); a rewrite of its bytes never does (the
     // transcript above: the new immediate runs).
     for accel in ["bt", "hybrid"] {
-        let (_, stderr, code) = hbt_run(&["--accel", accel, "--stats-json", "test-images/smc.img"]);
-        assert_eq!(code, Some(0), "{stderr}");
-        let json = stderr.lines().find(|l| l.starts_with('{')).expect("--stats-json line");
-        let v: serde_json::Value = serde_json::from_str(json).expect("JSON");
+        let v = stats_json(&["--accel", accel, "--stats-json", "test-images/smc.img"]);
         assert_eq!(v["translator"]["blocks_revived"], 2, "{accel}: {v}");
     }
 }
@@ -270,9 +275,7 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
         0,
     );
     // The translator did take those runs as windows, fell back, and gave one place up.
-    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats-json", "test-images/windows.img"]);
-    assert_eq!(code, Some(0));
-    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let v = stats_json(&["--accel", "bt", "--stats-json", "test-images/windows.img"]);
     let w = &v["translator"]["windows"];
     assert!(
         w["accesses"].as_u64().unwrap() > 2 * w["translated"].as_u64().unwrap(),
@@ -316,9 +319,7 @@ fn counted_loops_over_arrays_fault_straddle_and_set_bits_like_the_cpu() {
         0,
     );
     // The translator did take those loops, and fell back where it had to.
-    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats-json", "test-images/loop-windows.img"]);
-    assert_eq!(code, Some(0));
-    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let v = stats_json(&["--accel", "bt", "--stats-json", "test-images/loop-windows.img"]);
     let w = &v["translator"]["loop_windows"];
     assert!(w["streams"].as_u64().unwrap() >= 5, "{w}");
     assert!(w["accesses"].as_u64().unwrap() >= 5, "{w}");
@@ -615,9 +616,7 @@ fn the_default_engine_is_hybrid_where_kvm_works() {
     let (_, stderr, code) = hbt_run(&["--stats", "test-images/hello.img"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("--accel hybrid, default: /dev/kvm works"), "{stderr}");
-    let (_, stderr, code) = hbt_run(&["--stats-json", "test-images/hello.img"]);
-    assert_eq!(code, Some(0), "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let v = stats_json(&["--stats-json", "test-images/hello.img"]);
     assert_eq!(v["accel"], "hybrid");
     assert_eq!(v["accel_chosen"], "default: /dev/kvm works");
 }
@@ -811,9 +810,7 @@ fn ctrl_c_ends_the_run_cleanly() {
 
 #[test]
 fn stats_json_is_one_object_with_the_counts() {
-    let (_, stderr, code) = hbt_run(&["--accel", "kvm", "--stats-json", "test-images/io-heavy.img"]);
-    assert_eq!(code, Some(0));
-    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let v = stats_json(&["--accel", "kvm", "--stats-json", "test-images/io-heavy.img"]);
     assert_eq!(v["ended_by"], "ExitPort(0)");
     assert_eq!(v["exits"], 20052);
     let serial = v["port_exits"]
@@ -825,16 +822,14 @@ fn stats_json_is_one_object_with_the_counts() {
     assert_eq!(serial["exits"], 20052);
     assert!(v["seconds_in_kvm_run"].as_f64().unwrap() > 0.0);
     assert_eq!(v["accel"], "kvm");
-    let (_, stderr, code) = hbt_run(&["--accel", "bt", "--stats-json", "test-images/io-heavy.img"]);
-    assert_eq!(code, Some(0));
-    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
+    let v = stats_json(&["--accel", "bt", "--stats-json", "test-images/io-heavy.img"]);
     assert_eq!(v["accel"], "bt");
     assert_eq!(v["ended_by"], "ExitPort(0)");
     assert!(v["translator"]["blocks_translated"].as_u64().unwrap() > 0, "{v}");
     assert!(v["cpuid_hidden"]["vmx"].is_string(), "{v}");
     // Hybrid: KVM's page tables kept across a switch away and back (user-mappings comes back to
     // its first tree after only widening it), and the policy's per-address-space record.
-    let (_, stderr, code) = hbt_run(&[
+    let v = stats_json(&[
         "--accel",
         "hybrid",
         "--hybrid-policy",
@@ -842,8 +837,6 @@ fn stats_json_is_one_object_with_the_counts() {
         "--stats-json",
         "test-images/user-mappings.img",
     ]);
-    assert_eq!(code, Some(0));
-    let v: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON object on stderr");
     let hybrid = &v["hybrid"];
     assert!(hybrid["tables_kept"].as_u64().unwrap() >= 1, "{hybrid}");
     assert!(hybrid["tables_built"].as_u64().unwrap() >= 4, "{hybrid}");

@@ -371,8 +371,8 @@ pub fn emit_block(
         info: scratch.info.take().unwrap_or_else(InstructionInfoFactory::new),
         uses: std::mem::take(&mut scratch.uses),
     };
-    e.cold.clear();
-    e.literals.clear();
+    // (The cold paths and literals of the last block were all emitted, so taken off.)
+    debug_assert!(e.cold.is_empty() && e.literals.is_empty());
     e.uses.clear();
     for d in &block.instrs {
         let uses = memop::Uses::of(e.info.info(&d.instr));

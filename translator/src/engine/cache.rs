@@ -125,7 +125,8 @@ pub(super) struct Block {
     pub(super) dispatcher_only: bool,
     /// What it was translated from and with ([`DecodedBlock::signature`], the emit options):
     /// an invalidated block whose code comes back unchanged is revived
-    /// ([`Translator::revive`]). Empty for an emulated instruction.
+    /// ([`Translator::revive`]). Empty for an emulated instruction and a block that is not
+    /// cached under its own key (a one-off step's, an uncached one).
     pub(super) signature: Box<[u8]>,
     pub(super) options: emit::EmitOptions,
 }
@@ -353,12 +354,13 @@ impl Translator {
     /// Linux patches its own text while it boots (alternatives, ftrace's NOPs, static keys,
     /// page by page through `text_poke`), and each write invalidates every block on the page:
     /// a bt boot brings back ≈6,200 blocks this way and translates 46,500 instead of 52,500
-    /// (AMD EPYC host). A
-    /// dead block's links into it were undone when it died and its own jumps out were undone
-    /// by any target that died since, so it re-enters the lookups unlinked, as a new one.
+    /// (AMD EPYC host). A dead block's links into it were undone when it died and its own
+    /// jumps out were undone by any target that died since, so it re-enters the lookups
+    /// unlinked, as a new one. `signature` is `block`'s ([`DecodedBlock::signature`]).
     pub(super) fn revive(
         &mut self,
         block: &DecodedBlock,
+        signature: &[u8],
         phys_pages: &[u64],
         mapping: &[(u64, u64)],
         global: bool,
@@ -367,10 +369,10 @@ impl Translator {
         let i = self.revivable.remove(&key)?;
         let options = self.emit_options(false);
         let b = &self.blocks[i];
-        if b.valid
-            || b.key != key
-            || b.options != options
-            || *b.signature != *block.signature()
+        // (Listed when it died under `key`; taken off the list by a new block there.)
+        debug_assert!(!b.valid && b.key == key);
+        if b.options != options
+            || *b.signature != *signature
             || block.instrs.iter().any(|d| self.windowless.contains(&d.instr.ip()))
         {
             return None;
@@ -396,9 +398,12 @@ impl Translator {
         emit::emit_block(block, at, &self.glue, options, &self.windowless, &mut self.emit_scratch)
     }
 
+    /// `signature`: `block`'s, for a block that may be revived (cached under its own key),
+    /// else empty.
     pub(super) fn install(
         &mut self,
         block: DecodedBlock,
+        signature: Box<[u8]>,
         phys_pages: Vec<u64>,
         mapping: Vec<(u64, u64)>,
         global: bool,
@@ -458,7 +463,7 @@ impl Translator {
             global_epoch: self.global_epoch,
             emulated: None,
             dispatcher_only,
-            signature: block.signature(),
+            signature,
             options,
         });
         if cached {
@@ -551,7 +556,7 @@ impl Translator {
         let (key, host) = (self.blocks[i].key, self.blocks[i].host);
         if self.by_guest.get(key) == Some(i) {
             self.by_guest.remove(key);
-            if !self.blocks[i].signature.is_empty() && !self.blocks[i].dispatcher_only {
+            if !self.blocks[i].signature.is_empty() {
                 self.revivable.insert(key, i);
             }
         }

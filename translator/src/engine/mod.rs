@@ -770,13 +770,19 @@ impl Translator {
             Some(key) => Some(key),
             None => (!alone).then(|| self.block_key(rip)),
         };
-        if one_off_key.is_none() {
-            if let Some(host) = key.and_then(|key| self.revive(&block, &pages, &mapping, global, key)) {
-                self.stats.translate_time += translate_started.elapsed();
-                return Ok(Lookup::Host(host));
-            }
+        // Only a block cached under its own key can be brought back (`Translator::revive`).
+        let revivable_key = key.filter(|_| one_off_key.is_none());
+        let signature = if revivable_key.is_some() {
+            block.signature()
+        } else {
+            Box::default()
+        };
+        if let Some(host) = revivable_key.and_then(|key| self.revive(&block, &signature, &pages, &mapping, global, key))
+        {
+            self.stats.translate_time += translate_started.elapsed();
+            return Ok(Lookup::Host(host));
         }
-        let host = self.install(block, pages, mapping, global, key)?;
+        let host = self.install(block, signature, pages, mapping, global, key)?;
         self.stats.translate_time += translate_started.elapsed();
         Ok(Lookup::Host(host))
     }
