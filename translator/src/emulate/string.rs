@@ -39,12 +39,14 @@ pub fn sub_flags(a: u64, b: u64, bits: u32) -> u64 {
 const BULK_BYTES_PER_CALL: usize = 256 << 10;
 const PAGE: u64 = 4096;
 
-/// Forward `rep movs`/`rep stos` a page-bounded chunk at a time: each chunk is one read and one
-/// write through the page walk instead of one per element. A chunk never crosses a page of
-/// either operand and never reads bytes an earlier element of it would have written, so it
-/// has the effect of its elements in order, and a chunk that faults does so at its first
-/// element with nothing of it done. Stops before an element that straddles a page (or
-/// overlaps its source), when RCX reaches 0, or when `budget` bytes are done.
+/// `rep movs`/`rep stos` a page-bounded chunk at a time, in either direction (RFLAGS.DF):
+/// each chunk is one read and one write through the page walk instead of one per element. A
+/// chunk never crosses a page of either operand and never reads bytes an earlier element of it
+/// would have written (forward, a destination above its source by less than the chunk; going
+/// down, a source above its destination), so one memmove has the effect of its elements in
+/// order, and a chunk that faults does so at its first element with nothing of it done. Stops
+/// before an element that straddles a page (or overlaps its source), when RCX reaches 0, or
+/// when `budget` bytes are done.
 fn bulk_chunks(
     state: &mut GuestState,
     mnemonic: Mnemonic,
@@ -57,29 +59,66 @@ fn bulk_chunks(
         mnemonic,
         Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
     );
+    let down = state.rflags & flags::DF != 0;
+    let size = n as u64;
+    // Elements from the one at `va` onwards (in the direction of travel) inside its page.
+    let room = |va: u64| {
+        let offset = va & (PAGE - 1);
+        match down {
+            false => (PAGE - offset) / size,
+            true if offset + size > PAGE => 0,
+            true => offset / size + 1,
+        }
+    };
     while state.gpr[gpr::RCX] > 0 && *budget >= n {
         let rdi = state.gpr[gpr::RDI];
-        let room = |va: u64| (PAGE - (va & (PAGE - 1))) / n as u64;
         let mut k = state.gpr[gpr::RCX].min(room(rdi)).min((*budget / n) as u64);
         let src = src_base.wrapping_add(state.gpr[gpr::RSI]);
         if movs {
             k = k.min(room(src));
-            if rdi > src && rdi - src < k * n as u64 {
-                k = (rdi - src) / n as u64;
+            // How far ahead of the source the destination runs: within the chunk, a later
+            // element would read what an earlier one wrote.
+            let lead = if down {
+                src.wrapping_sub(rdi)
+            } else {
+                rdi.wrapping_sub(src)
+            };
+            if lead != 0 && lead < k * size {
+                k = lead / size;
             }
         }
         if k == 0 {
             return Ok(());
         }
-        let len = k * n as u64;
-        if movs {
-            mem.copy(rdi, src, len as usize)?;
+        let len = k * size;
+        // The chunk's lowest addresses (going down, its last element's).
+        let low = |va: u64| if down { va.wrapping_sub(len - size) } else { va };
+        let done = if movs {
+            mem.copy(low(rdi), low(src), len as usize)
         } else {
-            mem.fill(rdi, len as usize, &state.gpr[gpr::RAX].to_le_bytes()[..n])?;
+            mem.fill(low(rdi), len as usize, &state.gpr[gpr::RAX].to_le_bytes()[..n])
+        };
+        if let Err(mut exc) = done {
+            // A page fault names the address the first element touched (the chunk's page is
+            // that element's), not the chunk's low end.
+            for va in [src, rdi].into_iter().skip(usize::from(!movs)) {
+                if exc.address.is_some() && exc.address == Some(low(va)) {
+                    exc.address = Some(va);
+                    break;
+                }
+            }
+            return Err(exc);
         }
-        state.gpr[gpr::RDI] = rdi.wrapping_add(len);
+        let advance = |va: u64| {
+            if down {
+                va.wrapping_sub(len)
+            } else {
+                va.wrapping_add(len)
+            }
+        };
+        state.gpr[gpr::RDI] = advance(rdi);
         if movs {
-            state.gpr[gpr::RSI] = state.gpr[gpr::RSI].wrapping_add(len);
+            state.gpr[gpr::RSI] = advance(state.gpr[gpr::RSI]);
         }
         state.gpr[gpr::RCX] -= k;
         *budget -= len as usize;
@@ -117,7 +156,6 @@ pub fn execute(
     let misaligned = |va: u64| check_alignment && !va.is_multiple_of(n as u64);
     let bulk = rep
         && !check_alignment
-        && state.rflags & flags::DF == 0
         && matches!(
             mnemonic,
             Mnemonic::Movsb
@@ -272,6 +310,151 @@ mod tests {
         fn write(&mut self, va: u64, _: &[u8]) -> Result<(), GuestException> {
             Err(GuestException::page_fault(va, 6))
         }
+    }
+
+    /// Four pages of memory at `BASE`, one of which may be absent (its accesses fault at
+    /// their first byte in it).
+    struct Pages {
+        bytes: Vec<u8>,
+        absent: Option<u64>,
+    }
+
+    const BASE: u64 = 0x10000;
+
+    impl Pages {
+        fn offsets(&self, va: u64, len: usize, error: u32) -> Result<std::ops::Range<usize>, GuestException> {
+            for at in va..va + len as u64 {
+                let page = at & !(PAGE - 1);
+                if !(BASE..BASE + 4 * PAGE).contains(&at) || Some(page) == self.absent {
+                    return Err(GuestException::page_fault(at, error));
+                }
+            }
+            Ok((va - BASE) as usize..(va - BASE) as usize + len)
+        }
+    }
+
+    impl GuestMemory for Pages {
+        fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), GuestException> {
+            let at = self.offsets(va, buf.len(), 4)?;
+            buf.copy_from_slice(&self.bytes[at]);
+            Ok(())
+        }
+        fn write(&mut self, va: u64, data: &[u8]) -> Result<(), GuestException> {
+            let at = self.offsets(va, data.len(), 6)?;
+            self.bytes[at].copy_from_slice(data);
+            Ok(())
+        }
+    }
+
+    /// The same instruction one element at a time, as the SDM describes it.
+    fn element_by_element(s: &mut GuestState, instr: &Instruction, mem: &mut Pages) -> Option<GuestException> {
+        let n = instr.memory_size().size();
+        let movs = matches!(
+            instr.mnemonic(),
+            Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq
+        );
+        let step = if s.rflags & flags::DF != 0 {
+            (n as u64).wrapping_neg()
+        } else {
+            n as u64
+        };
+        while s.gpr[gpr::RCX] > 0 {
+            let value = if movs {
+                match mem.read_le(s.gpr[gpr::RSI], n) {
+                    Ok(v) => v,
+                    Err(e) => return Some(e),
+                }
+            } else {
+                s.gpr[gpr::RAX]
+            };
+            if let Err(e) = mem.write(s.gpr[gpr::RDI], &value.to_le_bytes()[..n]) {
+                return Some(e);
+            }
+            s.gpr[gpr::RDI] = s.gpr[gpr::RDI].wrapping_add(step);
+            if movs {
+                s.gpr[gpr::RSI] = s.gpr[gpr::RSI].wrapping_add(step);
+            }
+            s.gpr[gpr::RCX] -= 1;
+        }
+        None
+    }
+
+    /// `rep movs`/`rep stos` in page-bounded chunks, up and down, overlapping or not, with
+    /// elements straddling pages and pages that fault, against the same instruction run one
+    /// element at a time.
+    #[test]
+    fn chunked_rep_movs_and_stos_equal_element_by_element() {
+        use iced_x86::RepPrefixKind::Repe as Rep;
+        let instrs = [
+            Instruction::with_movsb(64, Register::None, Rep),
+            Instruction::with_movsw(64, Register::None, Rep),
+            Instruction::with_movsd(64, Register::None, Rep),
+            Instruction::with_movsq(64, Register::None, Rep),
+            Instruction::with_stosb(64, Rep),
+            Instruction::with_stosq(64, Rep),
+        ]
+        .map(Result::unwrap);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        let (mut faults, mut down_overlaps) = (0, 0);
+        for case in 0..20_000 {
+            let mut instr = instrs[case % instrs.len()];
+            instr.set_len(2);
+            instr.set_ip(0x1000);
+            let n = instr.memory_size().size() as u64;
+            let mut s = GuestState {
+                rip: 0x1000,
+                rflags: flags::FIXED | if next(2) == 1 { flags::DF } else { 0 },
+                ..Default::default()
+            };
+            s.gpr[gpr::RSI] = BASE + next(4 * PAGE);
+            // Near the source half of the time (the overlaps that decide a chunk's length).
+            s.gpr[gpr::RDI] = match next(2) {
+                0 => BASE + next(4 * PAGE),
+                _ => (s.gpr[gpr::RSI] + next(64)).wrapping_sub(32),
+            };
+            s.gpr[gpr::RCX] = next(2 * PAGE / n);
+            s.gpr[gpr::RAX] = next(u64::MAX);
+            let bytes = (0..4 * PAGE).map(|_| next(256) as u8).collect();
+            let absent = (next(3) == 0).then(|| BASE + next(4) * PAGE);
+            let mut chunked = Pages { bytes, absent };
+            let mut reference = Pages {
+                bytes: chunked.bytes.clone(),
+                absent,
+            };
+            let mut expected = s.clone();
+            let expected_fault = element_by_element(&mut expected, &instr, &mut reference);
+            let fault = loop {
+                match execute(&mut s, &instr, &mut chunked) {
+                    Ok(Outcome::Exit(Exit::Exception(e))) => break Some(e),
+                    Ok(Outcome::Continue) if s.rip == 0x1000 => continue,
+                    Ok(Outcome::Continue) => break None,
+                    _ => panic!("case {case}: {instr} did not complete"),
+                }
+            };
+            let what = format!(
+                "case {case}: {instr} DF={} rsi={:#x} rdi={:#x} absent={absent:x?}",
+                expected.rflags & flags::DF != 0,
+                expected.gpr[gpr::RSI],
+                expected.gpr[gpr::RDI]
+            );
+            assert_eq!(fault, expected_fault, "{what}");
+            assert_eq!(s.gpr, expected.gpr, "{what}");
+            assert!(chunked.bytes == reference.bytes, "{what}: memory differs");
+            faults += usize::from(fault.is_some());
+            let lead = s.gpr[gpr::RSI].abs_diff(s.gpr[gpr::RDI]);
+            down_overlaps += usize::from(s.rflags & flags::DF != 0 && lead < 64 && lead > 0);
+        }
+        // The cases that matter were there.
+        assert!(
+            faults > 1000 && down_overlaps > 1000,
+            "{faults} faults, {down_overlaps} overlaps"
+        );
     }
 
     #[test]
