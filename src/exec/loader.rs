@@ -366,10 +366,7 @@ fn randomized_brk(end: u64) -> u64 {
     if !aslr {
         return end;
     }
-    let mut r = [0u8; 8];
-    // SAFETY: getrandom writes 8 bytes into the buffer.
-    unsafe { libc::getrandom(r.as_mut_ptr() as *mut libc::c_void, 8, 0) };
-    end + (u64::from_le_bytes(r) % ((32 << 20) / PAGE)) * PAGE
+    end + (hbt_translator::host::random_u64() % ((32 << 20) / PAGE)) * PAGE
 }
 
 /// Maps the stack and writes argc/argv/envp/auxv; returns the initial RSP.

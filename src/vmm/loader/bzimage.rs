@@ -1,10 +1,13 @@
 //! Linux bzImage, 64-bit boot protocol (Documentation/arch/x86/boot.rst, version ≥ 2.12): the
-//! protected-mode kernel at 1 MiB, the initrd near the top of low RAM, the command line, and a
-//! zero page (boot_params) with the setup header and an e820 map; entry at the 64-bit entry
-//! point (load address + 0x200) with RSI = boot_params.
+//! kernel, the initrd near the top of low RAM, the command line, and a zero page (boot_params)
+//! with the setup header and an e820 map; RSI = boot_params at entry. The kernel is the one in
+//! the payload, decompressed and placed by hbt when the payload is LZ4 (`vmlinux.rs`: the guest
+//! is spared its decompressor), entered at its `startup_64`; otherwise the protected-mode kernel
+//! at 1 MiB, entered at its 64-bit entry point (load address + 0x200), decompresses itself.
 
 use super::error::{fits, LoadError, Result};
-use super::{Entry, LoadOptions};
+use super::vmlinux::{self, Header};
+use super::{Decompress, Entry, LoadOptions};
 use crate::vmm::memory::GuestMemory;
 
 const ZERO_PAGE: u64 = 0x7000;
@@ -15,6 +18,8 @@ const HDR_MAGIC: &[u8; 4] = b"HdrS";
 const MIN_VERSION: u16 = 0x020c;
 const XLF_KERNEL_64: u16 = 1;
 const E820_MAX: usize = 128;
+/// boot_params loadflags: the kernel was placed at a random address.
+const KASLR_FLAG: u8 = 1 << 1;
 
 pub fn is_bzimage(b: &[u8]) -> bool {
     b.len() > 0x250 && &b[0x202..0x206] == HDR_MAGIC && b[0x1fe] == 0x55 && b[0x1ff] == 0xaa
@@ -22,6 +27,14 @@ pub fn is_bzimage(b: &[u8]) -> bool {
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes([b[o], b[o + 1]])
+}
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
 }
 
 pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry> {
@@ -46,7 +59,35 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
             len: b.len(),
         });
     }
-    fits("the kernel", mem.write(KERNEL_ADDR, &b[kernel_off..]))?;
+    // (`is_bzimage` saw 0x250 bytes; the fields up to 0x268 exist from protocol 2.10 on.)
+    let field_end = 0x268;
+    let header = (b.len() >= field_end).then(|| Header {
+        payload_offset: u32_at(b, 0x248) as usize,
+        payload_length: u32_at(b, 0x24c) as usize,
+        pref_address: u64_at(b, 0x258),
+        kernel_alignment: u32_at(b, 0x230) as u64,
+        init_size: u32_at(b, 0x260) as u64,
+    });
+    let kernel = &b[kernel_off..];
+    let payload = header
+        .as_ref()
+        .filter(|_| opts.decompress == Decompress::Hbt)
+        .and_then(|h| Some((h, vmlinux::lz4_payload(kernel, h)?)));
+    // (KASLR: the flag says the kernel was randomized — when it has a relocation table and
+    // the command line allows it, as the decompressor would have set it.)
+    let (kernel_end, rip, kaslr, kernel_offset, kind) = match payload {
+        Some((h, payload)) => {
+            let k = vmlinux::load(payload, kernel_off + h.payload_offset, h, mem, opts.cmdline)?;
+            let kind = "Linux bzImage, LZ4 kernel decompressed by hbt";
+            let offset = Some(k.kaslr_offset.unwrap_or(0));
+            (k.end, k.entry, k.kaslr_offset.is_some(), offset, kind)
+        }
+        None => {
+            fits("the kernel", mem.write(KERNEL_ADDR, kernel))?;
+            let end = KERNEL_ADDR + kernel.len() as u64;
+            (end, KERNEL_ADDR + 0x200, false, None, "Linux bzImage")
+        }
+    };
 
     // The zero page: the setup header copied to its offset, then the loader's fields.
     let hdr_end = (0x202 + b[0x201] as usize).min(b.len()).max(0x1f1);
@@ -54,6 +95,9 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     zp[0x1f1..hdr_end].copy_from_slice(&b[0x1f1..hdr_end]);
     zp[0x210] = 0xff; // type_of_loader: undefined
     zp[0x211] |= 0x80; // loadflags: CAN_USE_HEAP
+    if kaslr {
+        zp[0x211] |= KASLR_FLAG;
+    }
     zp[0x224..0x226].copy_from_slice(&0xde00u16.to_le_bytes()); // heap_end_ptr
     let cmdline = opts.cmdline.as_bytes();
     if cmdline.len() >= CMDLINE_MAX {
@@ -78,7 +122,6 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         let max = u32::from_le_bytes(zp[0x22c..0x230].try_into().expect("4")) as u64; // initrd_addr_max
         let top = low_top.min(if max == 0 { 0x37ff_ffff } else { max + 1 });
         let addr = top.checked_sub(initrd.len() as u64).map(|a| a & !0xfff);
-        let kernel_end = KERNEL_ADDR + (b.len() - kernel_off) as u64;
         match addr {
             Some(a) if a > kernel_end => {
                 fits("the initrd", mem.write(a, &initrd))?;
@@ -101,9 +144,10 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     }
     fits("boot_params", mem.write(ZERO_PAGE, &zp))?;
     Ok(Entry {
-        rip: KERNEL_ADDR + 0x200,
+        rip,
         rsp: crate::vmm::boot::BOOT_STACK,
         rsi: ZERO_PAGE,
-        kind: "Linux bzImage",
+        kind,
+        kernel_offset,
     })
 }

@@ -1,5 +1,6 @@
-//! Bare-metal x86-64 ELF (the test guests): PT_LOAD segments at their physical addresses,
-//! entered in long mode at e_entry.
+//! Bare-metal x86-64 ELF (the test guests; also the kernel hbt takes out of a bzImage,
+//! `vmlinux.rs`): PT_LOAD segments at their physical addresses, entered in long mode at
+//! e_entry.
 
 use super::error::{fits, LoadError, Result};
 use super::Entry;
@@ -7,11 +8,42 @@ use crate::vmm::memory::GuestMemory;
 use goblin::elf::{header, program_header::PT_LOAD, Elf};
 
 pub fn load(bytes: &[u8], mem: &mut GuestMemory) -> Result<Entry> {
+    let loaded = load_segments(bytes, mem)?;
+    Ok(Entry {
+        rip: loaded.entry,
+        rsp: crate::vmm::boot::BOOT_STACK,
+        rsi: 0,
+        kind: "ELF",
+        kernel_offset: None,
+    })
+}
+
+/// Where [`load_segments`] put an ELF.
+pub struct Loaded {
+    pub entry: u64,
+    /// The lowest and the end of the highest physical address a PT_LOAD covers.
+    pub low: u64,
+    pub high: u64,
+    /// Where the ELF ends in its file (what follows is not part of it: the relocation table
+    /// Linux appends to its kernel).
+    pub file_end: usize,
+}
+
+/// Writes the PT_LOAD segments of `bytes` (and their zero-filled tails) into guest memory.
+pub fn load_segments(bytes: &[u8], mem: &mut GuestMemory) -> Result<Loaded> {
     let elf = Elf::parse(bytes).map_err(|e| LoadError::Elf(e.to_string()))?;
     if elf.header.e_machine != header::EM_X86_64 || !elf.is_64 {
         return Err(LoadError::NotX86_64(elf.header.e_machine));
     }
-    let mut loaded = 0;
+    let h = &elf.header;
+    let mut loaded = Loaded {
+        entry: elf.entry,
+        low: u64::MAX,
+        high: 0,
+        file_end: (h.e_phoff.saturating_add(h.e_phnum as u64 * h.e_phentsize as u64))
+            .max(h.e_shoff.saturating_add(h.e_shnum as u64 * h.e_shentsize as u64))
+            .min(bytes.len() as u64) as usize,
+    };
     for ph in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
         let start = ph.p_offset as usize;
         let end = start.checked_add(ph.p_filesz as usize).filter(|&e| e <= bytes.len());
@@ -32,15 +64,12 @@ pub fn load(bytes: &[u8], mem: &mut GuestMemory) -> Result<Entry> {
         let what = format!("PT_LOAD at {:#x} ({} bytes)", ph.p_paddr, ph.p_memsz);
         fits(&what, mem.write(ph.p_paddr, &bytes[start..end]))?;
         fits(&what, mem.fill_zero(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz))?;
-        loaded += 1;
+        loaded.low = loaded.low.min(ph.p_paddr);
+        loaded.high = loaded.high.max(ph.p_paddr + ph.p_memsz);
+        loaded.file_end = loaded.file_end.max(end);
     }
-    if loaded == 0 {
+    if loaded.low > loaded.high {
         return Err(LoadError::NoLoadSegment);
     }
-    Ok(Entry {
-        rip: elf.entry,
-        rsp: crate::vmm::boot::BOOT_STACK,
-        rsi: 0,
-        kind: "ELF",
-    })
+    Ok(loaded)
 }

@@ -33,6 +33,17 @@ pub enum LoadError {
     InitrdTooBig { len: usize, top: u64 },
     #[error("e820 map has more than {0} entries")]
     E820TooLong(usize),
+    #[error("bzImage payload (at file offset {offset:#x}): {source}")]
+    Payload {
+        offset: usize,
+        source: super::lz4::Lz4Error,
+    },
+    #[error("bzImage payload decompressed to {got} bytes, but its trailer says {expected}")]
+    PayloadSize { got: usize, expected: usize },
+    #[error("the kernel's relocation table is malformed: {0}")]
+    Relocations(String),
+    #[error("the kernel needs RAM up to {end:#x} (its init_size from {start:#x}); guest RAM is {ram:#x} bytes: give more --mem")]
+    KernelTooLarge { start: u64, end: u64, ram: u64 },
     #[error("{what} does not fit in guest RAM: {source}")]
     DoesNotFit { what: String, source: MemoryError },
 }

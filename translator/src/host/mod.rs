@@ -33,6 +33,15 @@ pub fn advise_huge_pages(addr: u64, len: usize) {
     unsafe { libc::madvise(start as *mut libc::c_void, (end - start) as usize, libc::MADV_HUGEPAGE) };
 }
 
+/// A random u64 from the kernel (`getrandom`): address-space randomization for guests.
+pub fn random_u64() -> u64 {
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into the 8-byte buffer. (It does not fail for
+    // 8 bytes once the kernel's pool is ready; a failure leaves the zeros: no randomization.)
+    unsafe { libc::getrandom(r.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    u64::from_le_bytes(r)
+}
+
 /// A fresh anonymous private mapping of `len` bytes with protection `prot`, or None.
 pub fn map_anonymous(len: usize, prot: i32) -> Option<*mut u8> {
     // SAFETY: anonymous private mapping at a kernel-chosen address; the result is checked.
