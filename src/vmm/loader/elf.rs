@@ -1,16 +1,21 @@
 //! Bare-metal x86-64 ELF (the test guests; also the kernel hbt takes out of a bzImage,
 //! `vmlinux.rs`): PT_LOAD segments at their physical addresses, entered in long mode at
-//! e_entry.
+//! e_entry. The file may arrive in pieces ([`Layout::place`]): the kernel's is placed block by
+//! block as it is decompressed, and never exists whole.
 
 use super::error::{fits, LoadError, Result};
 use super::Entry;
 use crate::vmm::memory::GuestMemory;
-use goblin::elf::{header, program_header::PT_LOAD, Elf};
+use goblin::container::{Container, Ctx};
+use goblin::elf::program_header::{ProgramHeader, PT_LOAD};
+use goblin::elf::{header, Elf};
 
 pub fn load(bytes: &[u8], mem: &mut GuestMemory) -> Result<Entry> {
-    let loaded = load_segments(bytes, mem)?;
+    let layout = layout(bytes, bytes.len(), mem)?;
+    layout.place(0, bytes, mem)?;
+    layout.zero_tails(mem)?;
     Ok(Entry {
-        rip: loaded.entry,
+        rip: layout.entry,
         rsp: crate::vmm::boot::BOOT_STACK,
         rsi: 0,
         kind: "ELF",
@@ -18,8 +23,17 @@ pub fn load(bytes: &[u8], mem: &mut GuestMemory) -> Result<Entry> {
     })
 }
 
-/// Where [`load_segments`] put an ELF.
-pub struct Loaded {
+/// A PT_LOAD segment: file bytes `offset..offset + filesz` at physical `paddr`, zeroes up to
+/// `memsz`.
+struct Segment {
+    offset: usize,
+    filesz: usize,
+    paddr: u64,
+    memsz: u64,
+}
+
+/// Where an ELF's segments go, checked against its file and guest RAM.
+pub struct Layout {
     pub entry: u64,
     /// The lowest and the end of the highest physical address a PT_LOAD covers.
     pub low: u64,
@@ -27,26 +41,31 @@ pub struct Loaded {
     /// Where the ELF ends in its file (what follows is not part of it: the relocation table
     /// Linux appends to its kernel).
     pub file_end: usize,
+    segments: Vec<Segment>,
 }
 
-/// Writes the PT_LOAD segments of `bytes` (and their zero-filled tails) into guest memory.
-pub fn load_segments(bytes: &[u8], mem: &mut GuestMemory) -> Result<Loaded> {
-    let elf = Elf::parse(bytes).map_err(|e| LoadError::Elf(e.to_string()))?;
-    if elf.header.e_machine != header::EM_X86_64 || !elf.is_64 {
-        return Err(LoadError::NotX86_64(elf.header.e_machine));
+/// The layout of an ELF of `file_len` bytes whose first bytes (its header and program
+/// headers at least) are `head`.
+pub fn layout(head: &[u8], file_len: usize, mem: &GuestMemory) -> Result<Layout> {
+    let h = Elf::parse_header(head).map_err(|e| LoadError::Elf(e.to_string()))?;
+    if h.e_machine != header::EM_X86_64 || h.container().ok() != Some(Container::Big) {
+        return Err(LoadError::NotX86_64(h.e_machine));
     }
-    let h = &elf.header;
-    let mut loaded = Loaded {
-        entry: elf.entry,
+    let ctx = Ctx::new(Container::Big, goblin::container::Endian::Little);
+    let headers = ProgramHeader::parse(head, h.e_phoff as usize, h.e_phnum as usize, ctx)
+        .map_err(|e| LoadError::Elf(format!("program headers: {e}")))?;
+    let mut layout = Layout {
+        entry: h.e_entry,
         low: u64::MAX,
         high: 0,
         file_end: (h.e_phoff.saturating_add(h.e_phnum as u64 * h.e_phentsize as u64))
             .max(h.e_shoff.saturating_add(h.e_shnum as u64 * h.e_shentsize as u64))
-            .min(bytes.len() as u64) as usize,
+            .min(file_len as u64) as usize,
+        segments: Vec::new(),
     };
-    for ph in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
+    for ph in headers.iter().filter(|p| p.p_type == PT_LOAD) {
         let start = ph.p_offset as usize;
-        let end = start.checked_add(ph.p_filesz as usize).filter(|&e| e <= bytes.len());
+        let end = start.checked_add(ph.p_filesz as usize).filter(|&e| e <= file_len);
         let Some(end) = end else {
             return Err(LoadError::SegmentPastEnd { offset: ph.p_offset });
         };
@@ -61,15 +80,46 @@ pub fn load_segments(bytes: &[u8], mem: &mut GuestMemory) -> Result<Loaded> {
                 ram: mem.size(),
             });
         }
-        let what = format!("PT_LOAD at {:#x} ({} bytes)", ph.p_paddr, ph.p_memsz);
-        fits(&what, mem.write(ph.p_paddr, &bytes[start..end]))?;
-        fits(&what, mem.fill_zero(ph.p_paddr + ph.p_filesz, ph.p_memsz - ph.p_filesz))?;
-        loaded.low = loaded.low.min(ph.p_paddr);
-        loaded.high = loaded.high.max(ph.p_paddr + ph.p_memsz);
-        loaded.file_end = loaded.file_end.max(end);
+        layout.segments.push(Segment {
+            offset: start,
+            filesz: end - start,
+            paddr: ph.p_paddr,
+            memsz: ph.p_memsz,
+        });
+        layout.low = layout.low.min(ph.p_paddr);
+        layout.high = layout.high.max(ph.p_paddr + ph.p_memsz);
+        layout.file_end = layout.file_end.max(end);
     }
-    if loaded.low > loaded.high {
+    if layout.segments.is_empty() {
         return Err(LoadError::NoLoadSegment);
     }
-    Ok(loaded)
+    Ok(layout)
+}
+
+impl Layout {
+    /// Writes what the segments hold of the file's bytes `at..at + chunk.len()`.
+    pub fn place(&self, at: usize, chunk: &[u8], mem: &mut GuestMemory) -> Result<()> {
+        for s in &self.segments {
+            let from = s.offset.max(at);
+            let to = (s.offset + s.filesz).min(at + chunk.len());
+            if from < to {
+                let what = format!("PT_LOAD at {:#x} ({} bytes)", s.paddr, s.memsz);
+                let gpa = s.paddr + (from - s.offset) as u64;
+                fits(&what, mem.write(gpa, &chunk[from - at..to - at]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes each segment's memory past its file bytes (its bss).
+    pub fn zero_tails(&self, mem: &mut GuestMemory) -> Result<()> {
+        for s in &self.segments {
+            let what = format!("PT_LOAD at {:#x} ({} bytes)", s.paddr, s.memsz);
+            fits(
+                &what,
+                mem.fill_zero(s.paddr + s.filesz as u64, s.memsz - s.filesz as u64),
+            )?;
+        }
+        Ok(())
+    }
 }

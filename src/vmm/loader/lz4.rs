@@ -31,16 +31,28 @@ pub fn is_legacy(input: &[u8]) -> bool {
     input.len() >= 4 && u32::from_le_bytes([input[0], input[1], input[2], input[3]]) == LEGACY_MAGIC
 }
 
-/// Decompresses a legacy frame of at most `limit` output bytes. Input after the last block
-/// shorter than a block header (a bzImage's trailing size) is ignored, as the kernel's own
-/// decompressor does.
-pub fn decompress_legacy(input: &[u8], limit: usize) -> Result<Vec<u8>, Lz4Error> {
+/// What stopped [`decompress_legacy_blocks`]: the data, or the consumer of its blocks.
+#[derive(Debug)]
+pub enum BlockError<E> {
+    Lz4(Lz4Error),
+    Sink(E),
+}
+
+/// Decompresses a legacy frame of at most `limit` output bytes block by block, handing each
+/// block's output to `sink` in order (one buffer of at most a block, reused: the output never
+/// exists whole). Input after the last block shorter than a block header (a bzImage's
+/// trailing size) is ignored, as the kernel's own decompressor does. Returns the output's
+/// length.
+pub fn decompress_legacy_blocks<E>(
+    input: &[u8],
+    limit: usize,
+    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<usize, BlockError<E>> {
     if !is_legacy(input) {
-        return Err(Lz4Error::NotLegacy);
+        return Err(BlockError::Lz4(Lz4Error::NotLegacy));
     }
-    // Written in place (with the slack the short copies below may overrun into), then cut to
-    // what was produced.
-    let mut out = vec![0u8; limit.saturating_add(SLACK)];
+    // With the slack the short copies below may overrun into.
+    let mut buffer = vec![0u8; limit.min(LEGACY_BLOCK_MAX) + SLACK];
     let mut produced = 0;
     let mut at = 4;
     while input.len() - at > 4 {
@@ -50,24 +62,30 @@ pub fn decompress_legacy(input: &[u8], limit: usize) -> Result<Vec<u8>, Lz4Error
             // Concatenated frames: another magic where a block length would be.
             continue;
         }
-        let block = input.get(at..at.saturating_add(len)).ok_or(Lz4Error::Truncated(at))?;
-        let end = limit.min(produced + LEGACY_BLOCK_MAX);
-        produced = decompress_block(block, at, &mut out, produced, end)?;
+        let block = input
+            .get(at..at.saturating_add(len))
+            .ok_or(BlockError::Lz4(Lz4Error::Truncated(at)))?;
+        let end = (limit - produced).min(buffer.len() - SLACK);
+        let n = decompress_block(block, at, &mut buffer, end).map_err(|e| match e {
+            Lz4Error::TooLong { at, .. } => BlockError::Lz4(Lz4Error::TooLong { at, limit }),
+            e => BlockError::Lz4(e),
+        })?;
+        sink(&buffer[..n]).map_err(BlockError::Sink)?;
+        produced += n;
         at += len;
     }
-    out.truncate(produced);
-    Ok(out)
+    Ok(produced)
 }
 
 /// How far past the output's end a short copy may write: a literal run or a match of up to
 /// this many bytes is copied as one fixed-size move (most of a kernel's are that short).
 const SLACK: usize = 16;
 
-/// One LZ4 block written to `out` from `pos`, ending at most at `end` (≤ `out.len() − SLACK`);
-/// its matches reach only into this block's output, as the legacy format's independent blocks
-/// do. `base` is the block's input offset, for errors. Returns the new output length.
-fn decompress_block(block: &[u8], base: usize, out: &mut [u8], mut pos: usize, end: usize) -> Result<usize, Lz4Error> {
-    let start = pos;
+/// One LZ4 block written to the start of `out`, ending at most at `end` (≤ `out.len() −
+/// SLACK`): the legacy format's blocks are independent (a match reaches only into its own
+/// block's output). `base` is the block's input offset, for errors. Returns its length.
+fn decompress_block(block: &[u8], base: usize, out: &mut [u8], end: usize) -> Result<usize, Lz4Error> {
+    let mut pos = 0;
     let mut i = 0;
     let truncated = |i: usize| Lz4Error::Truncated(base + i);
     // A length nibble of 15 continues in the bytes that follow.
@@ -113,7 +131,7 @@ fn decompress_block(block: &[u8], base: usize, out: &mut [u8], mut pos: usize, e
         let at = base + i;
         i += 2;
         let len = length(token & 15, &mut i)? + 4;
-        if offset == 0 || offset > pos - start {
+        if offset == 0 || offset > pos {
             return Err(Lz4Error::BadOffset { at, offset });
         }
         if pos + len > end {
@@ -145,6 +163,20 @@ fn decompress_block(block: &[u8], base: usize, out: &mut [u8], mut pos: usize, e
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole output of a frame.
+    fn decompress_legacy(input: &[u8], limit: usize) -> Result<Vec<u8>, Lz4Error> {
+        let mut out = Vec::new();
+        decompress_legacy_blocks(input, limit, |b| {
+            out.extend_from_slice(b);
+            Ok::<(), ()>(())
+        })
+        .map_err(|e| match e {
+            BlockError::Lz4(e) => e,
+            BlockError::Sink(()) => unreachable!("the sink never fails"),
+        })?;
+        Ok(out)
+    }
 
     /// A legacy frame of the given blocks.
     fn frame(blocks: &[&[u8]]) -> Vec<u8> {

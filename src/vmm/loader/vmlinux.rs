@@ -55,21 +55,9 @@ pub fn lz4_payload<'a>(kernel: &'a [u8], h: &Header) -> Option<&'a [u8]> {
 }
 
 /// Decompresses `payload` (from the protected-mode kernel at file offset `file_offset`) and
-/// loads the kernel it holds.
+/// loads the kernel it holds: block by block as they come out of the decompressor (the ELF's
+/// segments to guest RAM, what follows the ELF kept as the relocation table).
 pub fn load(payload: &[u8], file_offset: usize, h: &Header, mem: &mut GuestMemory, cmdline: &str) -> Result<Kernel> {
-    let trailer = payload.len().checked_sub(4).map(|at| &payload[at..]);
-    let expected = trailer.map_or(0, |t| u32::from_le_bytes(t.try_into().expect("4 bytes")) as usize);
-    let image =
-        lz4::decompress_legacy(payload, expected.min(mem.size() as usize)).map_err(|source| LoadError::Payload {
-            offset: file_offset,
-            source,
-        })?;
-    if image.len() != expected {
-        return Err(LoadError::PayloadSize {
-            got: image.len(),
-            expected,
-        });
-    }
     let end = h.pref_address.saturating_add(h.init_size);
     if !mem.contains(h.pref_address, h.init_size) {
         return Err(LoadError::KernelTooLarge {
@@ -78,14 +66,46 @@ pub fn load(payload: &[u8], file_offset: usize, h: &Header, mem: &mut GuestMemor
             ram: mem.size(),
         });
     }
-    let loaded = elf::load_segments(&image, mem)?;
+    let trailer = payload.len().checked_sub(4).map(|at| &payload[at..]);
+    let expected = trailer.map_or(0, |t| u32::from_le_bytes(t.try_into().expect("4 bytes")) as usize);
+    let mut layout: Option<elf::Layout> = None;
+    let mut table = Vec::new();
+    let mut at = 0;
+    let produced = lz4::decompress_legacy_blocks(payload, expected.min(mem.size() as usize), |block| {
+        let l = match &layout {
+            Some(l) => l,
+            // The ELF header and program headers are in the first block.
+            None => layout.insert(elf::layout(block, expected, mem)?),
+        };
+        l.place(at, block, mem)?;
+        table.extend_from_slice(&block[l.file_end.saturating_sub(at).min(block.len())..]);
+        at += block.len();
+        Ok(())
+    })
+    .map_err(|e| match e {
+        lz4::BlockError::Lz4(source) => LoadError::Payload {
+            offset: file_offset,
+            source,
+        },
+        lz4::BlockError::Sink(e) => e,
+    })?;
+    if produced != expected {
+        return Err(LoadError::PayloadSize {
+            got: produced,
+            expected,
+        });
+    }
+    let Some(loaded) = layout else {
+        return Err(LoadError::Elf("the payload holds no kernel (no LZ4 block)".into()));
+    };
+    loaded.zero_tails(mem)?;
     if loaded.low != h.pref_address || !(loaded.low..loaded.high).contains(&loaded.entry) || loaded.high > end {
         return Err(LoadError::Elf(format!(
             "the kernel in the payload spans {:#x}..{:#x} with entry {:#x}, not from its preferred address {:#x} within its init_size {:#x}",
             loaded.low, loaded.high, loaded.entry, h.pref_address, h.init_size
         )));
     }
-    let relocations = Relocations::parse(&image[loaded.file_end..])?;
+    let relocations = Relocations::parse(&table)?;
     let randomize = !cmdline.split_ascii_whitespace().any(|w| w == "nokaslr");
     let kaslr_offset = match relocations {
         Some(r) if randomize => {
