@@ -89,21 +89,23 @@ mod fuzz {
 
     const RUNS: usize = 20_000;
 
+    /// What the fuzz targets load with: no flat binary, no initrd, hbt decompressing.
+    const OPTS: LoadOptions = LoadOptions {
+        load_addr: None,
+        entry: None,
+        initrd: None,
+        cmdline: "console=ttyS0",
+        decompress: Decompress::Hbt,
+    };
+
     fn drive(name: &str, seeds: &[Vec<u8>], header: std::ops::Range<usize>, seed: u64) {
         let mut mem = GuestMemory::new(64 << 20).unwrap();
-        let opts = LoadOptions {
-            load_addr: None,
-            entry: None,
-            initrd: None,
-            cmdline: "console=ttyS0",
-            decompress: Decompress::Hbt,
-        };
         let mut m = Mutator::new(seed, header);
         let (mut loaded, mut refused) = (0, 0);
         for i in 0..RUNS {
             let input = m.mutate(&seeds[i % seeds.len()]);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                load_bytes(&input, &mut mem, &opts).is_ok()
+                load_bytes(&input, &mut mem, &OPTS).is_ok()
             }));
             match r {
                 Ok(true) => loaded += 1,
@@ -141,14 +143,7 @@ mod fuzz {
         let synthetic = lz4_bzimage(&image);
         // The synthetic kernel loads the way hbt loads Debian's: decompressed and placed.
         let mut mem = GuestMemory::new(64 << 20).unwrap();
-        let opts = LoadOptions {
-            load_addr: None,
-            entry: None,
-            initrd: None,
-            cmdline: "console=ttyS0",
-            decompress: Decompress::Hbt,
-        };
-        let entry = load_bytes(&synthetic, &mut mem, &opts).unwrap();
+        let entry = load_bytes(&synthetic, &mut mem, &OPTS).unwrap();
         assert_eq!(
             (entry.rip, entry.kind),
             (0x20_0000, "Linux bzImage, LZ4 kernel decompressed by hbt")
