@@ -113,6 +113,12 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// `[gpa, gpa+len)` to work on in place (a loader's pass over what it placed).
+    pub fn slice_mut(&mut self, gpa: u64, len: usize) -> Result<&mut [u8]> {
+        let off = self.offset_of(gpa, len)?;
+        Ok(&mut self.map[off..off + len])
+    }
+
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         let off = self.offset_of(gpa, buf.len())?;
         buf.copy_from_slice(&self.map[off..off + buf.len()]);

@@ -51,7 +51,7 @@ pub enum LoadError {
 pub type Result<T> = std::result::Result<T, LoadError>;
 
 /// `mem.write` for a named piece of the image.
-pub fn fits(what: &str, r: std::result::Result<(), MemoryError>) -> Result<()> {
+pub fn fits<T>(what: &str, r: std::result::Result<T, MemoryError>) -> Result<T> {
     r.map_err(|source| LoadError::DoesNotFit {
         what: what.to_string(),
         source,

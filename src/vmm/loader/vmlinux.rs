@@ -174,33 +174,37 @@ impl Relocations {
         if offset == 0 {
             return Ok(());
         }
-        let field = |entry: u32, width: u64| -> Result<u64> {
+        let image = super::error::fits("the kernel", mem.slice_mut(low, (high - low) as usize))?;
+        let len = image.len();
+        // Where in the image the field an entry names starts.
+        let field = |entry: u32, width: usize| -> Result<usize> {
             // The entry is a kernel virtual address (sign-extended); the image sits at its
             // link-time physical address (`low` is `pref_address`), so the field is at the
             // virtual address less the kernel map's base.
-            let at = (entry as i32 as i64 as u64).wrapping_sub(START_KERNEL_MAP);
-            if at < low || at.saturating_add(width) > high {
-                return Err(LoadError::Relocations(format!(
+            let at = (entry as i32 as i64 as u64)
+                .wrapping_sub(START_KERNEL_MAP)
+                .wrapping_sub(low);
+            match usize::try_from(at) {
+                Ok(at) if at.checked_add(width).is_some_and(|end| end <= len) => Ok(at),
+                _ => Err(LoadError::Relocations(format!(
                     "entry {entry:#x} is outside the kernel ({low:#x}..{high:#x})"
-                )));
+                ))),
             }
-            Ok(at)
-        };
-        let mut update = |at: u64, width: usize, f: &dyn Fn(u64) -> u64| -> Result<()> {
-            let mut b = [0u8; 8];
-            let what = "a relocated field";
-            super::error::fits(what, mem.read(at, &mut b[..width]))?;
-            let v = f(u64::from_le_bytes(b));
-            super::error::fits(what, mem.write(at, &v.to_le_bytes()[..width]))
         };
         for &e in &self.add32 {
-            update(field(e, 4)?, 4, &|v| (v as u32).wrapping_add(offset as u32) as u64)?;
+            let f = &mut image[field(e, 4)?..][..4];
+            let v = u32::from_le_bytes(f[..].try_into().expect("4 bytes")).wrapping_add(offset as u32);
+            f.copy_from_slice(&v.to_le_bytes());
         }
         for &e in &self.sub32 {
-            update(field(e, 4)?, 4, &|v| (v as u32).wrapping_sub(offset as u32) as u64)?;
+            let f = &mut image[field(e, 4)?..][..4];
+            let v = u32::from_le_bytes(f[..].try_into().expect("4 bytes")).wrapping_sub(offset as u32);
+            f.copy_from_slice(&v.to_le_bytes());
         }
         for &e in &self.add64 {
-            update(field(e, 8)?, 8, &|v| v.wrapping_add(offset))?;
+            let f = &mut image[field(e, 8)?..][..8];
+            let v = u64::from_le_bytes(f[..].try_into().expect("8 bytes")).wrapping_add(offset);
+            f.copy_from_slice(&v.to_le_bytes());
         }
         Ok(())
     }
