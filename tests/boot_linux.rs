@@ -11,9 +11,9 @@
 //! touches it), 50 `busybox --install` runs (short processes, each on a freshly
 //! randomized stack) without a crash, and that the machine ran in APIC mode: the serial port's
 //! interrupt through the I/O APIC and the local APIC timer ticking (found through the ACPI MADT
-//! that `acpi.rs` writes). hbt decompresses and places the kernel itself (its KASLR offset, as
-//! it reports it, must be where the kernel's symbols are), except in one boot that leaves that
-//! to the bzImage's own decompressor in the guest.
+//! that `acpi.rs` writes). hbt decompresses and places the kernel itself (the KASLR offset and
+//! physical address it reports must be where the kernel's symbols and its code are), except in
+//! one boot that leaves that to the bzImage's own decompressor in the guest.
 
 mod support;
 
@@ -28,6 +28,7 @@ mount -t sysfs sysfs /sys
 echo "init: up"
 echo 0 > /proc/sys/kernel/kptr_restrict
 echo "startup_64: $(grep -m1 ' T startup_64$' /proc/kallsyms | cut -d' ' -f1)"
+echo "kernel code: $(grep -m1 'Kernel code' /proc/iomem | cut -d- -f1 | tr -d ' ')"
 echo "spectre_v2: $(cat /sys/devices/system/cpu/vulnerabilities/spectre_v2)"
 echo "uname: $(uname -r)"
 grep -m1 "model name" /proc/cpuinfo
@@ -162,12 +163,22 @@ fn boot(engine: &[&str]) -> String {
         .find_map(|l| l.trim_end().strip_prefix("startup_64: "))
         .and_then(|a| u64::from_str_radix(a, 16).ok())
         .unwrap_or_else(|| panic!("no startup_64 address\n{context}"));
-    let offset = stderr
-        .split("KASLR offset 0x")
-        .nth(1)
-        .and_then(|rest| u64::from_str_radix(rest.split(|c: char| !c.is_ascii_hexdigit()).next()?, 16).ok());
-    match offset {
-        Some(offset) => assert_eq!(startup_64, 0xffff_ffff_8100_0000 + offset, "{context}"),
+    let reported = |what: &str| {
+        stderr
+            .split(what)
+            .nth(1)
+            .and_then(|rest| u64::from_str_radix(rest.split(|c: char| !c.is_ascii_hexdigit()).next()?, 16).ok())
+    };
+    let kernel_code = stdout
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("kernel code: "))
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .unwrap_or_else(|| panic!("no Kernel code in /proc/iomem\n{context}"));
+    match reported("KASLR offset 0x") {
+        Some(offset) => {
+            assert_eq!(startup_64, 0xffff_ffff_8100_0000 + offset, "{context}");
+            assert_eq!(Some(kernel_code), reported("at physical 0x"), "{context}");
+        }
         None if !engine.contains(&"guest") => panic!("hbt did not place the kernel\n{context}"),
         None => assert!(
             (0xffff_ffff_8100_0000..0xffff_ffff_c000_0000).contains(&startup_64) && startup_64 % (2 << 20) == 0,

@@ -77,8 +77,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "console=ttyS0", value_name = "CMDLINE")]
     append: String,
     /// Linux bzImage: who decompresses the kernel. `hbt` (for an LZ4 payload: hbt decompresses
-    /// it and places the kernel itself, with a random KASLR virtual offset unless --append says
-    /// `nokaslr`; other payloads always decompress in the guest) or `guest` (the bzImage's own
+    /// it and places the kernel itself, at a random physical address and virtual offset (KASLR)
+    /// unless --append says `nokaslr`; other payloads always decompress in the guest) or
+    /// `guest` (the bzImage's own
     /// decompressor runs in the guest first, as on a PC; under the translator it costs a boot
     /// ≈0.1 s more).
     #[arg(long, value_enum, default_value_t = loader::Decompress::Hbt, value_name = "WHO")]
@@ -280,7 +281,7 @@ fn execute(args: &RunArgs) -> Result<i32> {
         let mut v = serde_json::json!({
             "image": args.image.display().to_string(),
             "kind": entry.kind,
-            "kernel_offset": entry.kernel_offset,
+            "kernel": entry.kernel.map(|k| serde_json::json!({"virtual_offset": k.virtual_offset, "physical": k.physical})),
             "accel": accel,
             "accel_chosen": accel_why,
             "ended_by": format!("{end:?}"),

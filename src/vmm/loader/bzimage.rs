@@ -7,7 +7,7 @@
 
 use super::error::{fits, LoadError, Result};
 use super::vmlinux::{self, Header};
-use super::{Decompress, Entry, LoadOptions};
+use super::{Decompress, Entry, LoadOptions, Placement};
 use crate::vmm::memory::GuestMemory;
 
 const ZERO_PAGE: u64 = 0x7000;
@@ -67,7 +67,30 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         pref_address: u64_at(b, 0x258),
         kernel_alignment: u32_at(b, 0x230) as u64,
         init_size: u32_at(b, 0x260) as u64,
+        relocatable: b[0x234] != 0,
     });
+    // The initrd near the top of low RAM, below the kernel's initrd_addr_max: decided first,
+    // so that a kernel hbt places keeps clear of it.
+    let initrd = match opts.initrd {
+        Some(path) => {
+            let initrd = hbt_translator::host::files::read_regular(path, mem.size(), "an --initrd (at most --mem)")?;
+            let low_top = mem
+                .e820()
+                .iter()
+                .filter(|e| e.2 == 1 && e.0 < 1 << 32)
+                .map(|e| e.0 + e.1)
+                .max()
+                .unwrap_or(0);
+            let max = u32_at(b, 0x22c) as u64; // initrd_addr_max
+            let top = low_top.min(if max == 0 { 0x37ff_ffff } else { max + 1 });
+            match top.checked_sub(initrd.len() as u64).map(|a| a & !0xfff) {
+                Some(at) if at > KERNEL_ADDR => Some((at, initrd)),
+                _ => return Err(LoadError::InitrdTooBig { len: initrd.len(), top }),
+            }
+        }
+        None => None,
+    };
+    let initrd_range = initrd.as_ref().map(|(at, bytes)| *at..at + bytes.len() as u64);
     let kernel = &b[kernel_off..];
     let payload = header
         .as_ref()
@@ -75,17 +98,29 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         .and_then(|h| Some((h, vmlinux::lz4_payload(kernel, h)?)));
     // (KASLR: the flag says the kernel was randomized — when it has a relocation table and
     // the command line allows it, as the decompressor would have set it.)
-    let (kernel_end, rip, kaslr, kernel_offset, kind) = match payload {
+    let (rip, kaslr, placement, kind) = match payload {
         Some((h, payload)) => {
-            let k = vmlinux::load(payload, kernel_off + h.payload_offset, h, mem, opts.cmdline)?;
+            let offset = kernel_off + h.payload_offset;
+            let k = vmlinux::load(payload, offset, h, mem, opts.cmdline, initrd_range)?;
+            let placement = Placement {
+                virtual_offset: k.kaslr_offset.unwrap_or(0),
+                physical: k.physical,
+            };
             let kind = "Linux bzImage, LZ4 kernel decompressed by hbt";
-            let offset = Some(k.kaslr_offset.unwrap_or(0));
-            (k.end, k.entry, k.kaslr_offset.is_some(), offset, kind)
+            (k.entry, k.kaslr_offset.is_some(), Some(placement), kind)
         }
         None => {
-            fits("the kernel", mem.write(KERNEL_ADDR, kernel))?;
             let end = KERNEL_ADDR + kernel.len() as u64;
-            (end, KERNEL_ADDR + 0x200, false, None, "Linux bzImage")
+            if let Some((at, bytes)) = &initrd {
+                if *at <= end {
+                    return Err(LoadError::InitrdTooBig {
+                        len: bytes.len(),
+                        top: at + bytes.len() as u64,
+                    });
+                }
+            }
+            fits("the kernel", mem.write(KERNEL_ADDR, kernel))?;
+            (KERNEL_ADDR + 0x200, false, None, "Linux bzImage")
         }
     };
 
@@ -110,26 +145,10 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     c.push(0);
     fits("the command line", mem.write(CMDLINE, &c))?;
     zp[0x228..0x22c].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
-    if let Some(path) = opts.initrd {
-        let initrd = hbt_translator::host::files::read_regular(path, mem.size(), "an --initrd (at most --mem)")?;
-        let low_top = mem
-            .e820()
-            .iter()
-            .filter(|e| e.2 == 1 && e.0 < 1 << 32)
-            .map(|e| e.0 + e.1)
-            .max()
-            .unwrap_or(0);
-        let max = u32::from_le_bytes(zp[0x22c..0x230].try_into().expect("4")) as u64; // initrd_addr_max
-        let top = low_top.min(if max == 0 { 0x37ff_ffff } else { max + 1 });
-        let addr = top.checked_sub(initrd.len() as u64).map(|a| a & !0xfff);
-        match addr {
-            Some(a) if a > kernel_end => {
-                fits("the initrd", mem.write(a, &initrd))?;
-                zp[0x218..0x21c].copy_from_slice(&(a as u32).to_le_bytes());
-                zp[0x21c..0x220].copy_from_slice(&(initrd.len() as u32).to_le_bytes());
-            }
-            _ => return Err(LoadError::InitrdTooBig { len: initrd.len(), top }),
-        }
+    if let Some((at, bytes)) = &initrd {
+        fits("the initrd", mem.write(*at, bytes))?;
+        zp[0x218..0x21c].copy_from_slice(&(*at as u32).to_le_bytes());
+        zp[0x21c..0x220].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
     }
     let e820 = mem.e820();
     if e820.len() > E820_MAX {
@@ -148,6 +167,6 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         rsp: crate::vmm::boot::BOOT_STACK,
         rsi: ZERO_PAGE,
         kind,
-        kernel_offset,
+        kernel: placement,
     })
 }

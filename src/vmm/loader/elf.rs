@@ -19,7 +19,7 @@ pub fn load(bytes: &[u8], mem: &mut GuestMemory) -> Result<Entry> {
         rsp: crate::vmm::boot::BOOT_STACK,
         rsi: 0,
         kind: "ELF",
-        kernel_offset: None,
+        kernel: None,
     })
 }
 
@@ -97,6 +97,17 @@ pub fn layout(head: &[u8], file_len: usize, mem: &GuestMemory) -> Result<Layout>
 }
 
 impl Layout {
+    /// Moves every segment (and the entry) `delta` bytes up in physical memory: a relocatable
+    /// kernel placed away from its link-time address. The caller checks the new range is RAM.
+    pub fn shift(&mut self, delta: u64) {
+        for s in &mut self.segments {
+            s.paddr += delta;
+        }
+        self.entry += delta;
+        self.low += delta;
+        self.high += delta;
+    }
+
     /// Writes what the segments hold of the file's bytes `at..at + chunk.len()`.
     pub fn place(&self, at: usize, chunk: &[u8], mem: &mut GuestMemory) -> Result<()> {
         for s in &self.segments {

@@ -18,15 +18,27 @@ pub struct Entry {
     /// RSI at entry (Linux: the boot_params address).
     pub rsi: u64,
     pub kind: &'static str,
-    /// A Linux kernel hbt placed itself: its KASLR virtual offset (0 with `nokaslr`).
-    pub kernel_offset: Option<u64>,
+    /// A Linux kernel hbt placed itself: where (`vmlinux.rs`).
+    pub kernel: Option<Placement>,
+}
+
+/// Where hbt put a Linux kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct Placement {
+    /// Its KASLR virtual offset (0 with `nokaslr`).
+    pub virtual_offset: u64,
+    /// Its physical load address.
+    pub physical: u64,
 }
 
 impl Entry {
     /// What was loaded, for --stats.
     pub fn describe(&self) -> String {
-        match self.kernel_offset {
-            Some(offset) => format!("{}, KASLR offset {offset:#x}", self.kind),
+        match self.kernel {
+            Some(k) => format!(
+                "{}, KASLR offset {:#x}, at physical {:#x}",
+                self.kind, k.virtual_offset, k.physical
+            ),
             None => self.kind.to_string(),
         }
     }
@@ -71,7 +83,7 @@ pub fn load_bytes(bytes: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Re
                 rsp: super::boot::BOOT_STACK,
                 rsi: 0,
                 kind: "flat binary",
-                kernel_offset: None,
+                kernel: None,
             })
         }
         None => Err(LoadError::Unrecognized { len: bytes.len() }),
@@ -144,16 +156,20 @@ mod fuzz {
         // The synthetic kernel loads the way hbt loads Debian's: decompressed and placed.
         let mut mem = GuestMemory::new(64 << 20).unwrap();
         let entry = load_bytes(&synthetic, &mut mem, &OPTS).unwrap();
-        assert_eq!(
-            (entry.rip, entry.kind),
-            (0x20_0000, "Linux bzImage, LZ4 kernel decompressed by hbt")
+        assert_eq!(entry.kind, "Linux bzImage, LZ4 kernel decompressed by hbt");
+        // Linked at 2 MiB (its entry there too), placed at a random 2 MiB multiple from there.
+        let physical = entry.kernel.expect("placed by hbt").physical;
+        assert!(
+            physical >= 0x20_0000 && physical.is_multiple_of(0x20_0000),
+            "{physical:#x}"
         );
+        assert_eq!(entry.rip, physical);
         let hello = std::fs::read(test_image("hello")).unwrap();
         let mut loaded = vec![0u8; 0x99f];
-        mem.read(0x20_0000, &mut loaded).unwrap();
+        mem.read(physical, &mut loaded).unwrap();
         assert!(
             loaded == hello[0x1000..0x199f],
-            "the ELF's segment is not where its header says"
+            "the ELF's segment is not where the kernel went"
         );
         drive("bzImage", &[image, synthetic], 0x1f0..0x270, 0xb2);
     }
