@@ -84,13 +84,13 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
             let max = u32_at(b, 0x22c) as u64; // initrd_addr_max
             let top = low_top.min(if max == 0 { 0x37ff_ffff } else { max + 1 });
             match top.checked_sub(initrd.len() as u64).map(|a| a & !0xfff) {
-                Some(at) if at > KERNEL_ADDR => Some((at, initrd)),
+                Some(at) if at > KERNEL_ADDR => Some((at, initrd, top)),
                 _ => return Err(LoadError::InitrdTooBig { len: initrd.len(), top }),
             }
         }
         None => None,
     };
-    let initrd_range = initrd.as_ref().map(|(at, bytes)| *at..at + bytes.len() as u64);
+    let initrd_range = initrd.as_ref().map(|(at, bytes, _)| *at..at + bytes.len() as u64);
     let kernel = &b[kernel_off..];
     let payload = header
         .as_ref()
@@ -111,11 +111,11 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
         }
         None => {
             let end = KERNEL_ADDR + kernel.len() as u64;
-            if let Some((at, bytes)) = &initrd {
+            if let Some((at, bytes, top)) = &initrd {
                 if *at <= end {
                     return Err(LoadError::InitrdTooBig {
                         len: bytes.len(),
-                        top: at + bytes.len() as u64,
+                        top: *top,
                     });
                 }
             }
@@ -145,7 +145,7 @@ pub fn load(b: &[u8], mem: &mut GuestMemory, opts: &LoadOptions) -> Result<Entry
     c.push(0);
     fits("the command line", mem.write(CMDLINE, &c))?;
     zp[0x228..0x22c].copy_from_slice(&(CMDLINE as u32).to_le_bytes());
-    if let Some((at, bytes)) = &initrd {
+    if let Some((at, bytes, _)) = &initrd {
         fits("the initrd", mem.write(*at, bytes))?;
         zp[0x218..0x21c].copy_from_slice(&(*at as u32).to_le_bytes());
         zp[0x21c..0x220].copy_from_slice(&(bytes.len() as u32).to_le_bytes());

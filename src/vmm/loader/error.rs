@@ -42,7 +42,7 @@ pub enum LoadError {
     PayloadSize { got: usize, expected: usize },
     #[error("the kernel's relocation table is malformed: {0}")]
     Relocations(String),
-    #[error("the kernel needs RAM up to {end:#x} (its init_size from {start:#x}); guest RAM is {ram:#x} bytes: give more --mem")]
+    #[error("the kernel needs RAM up to {end:#x} (its init_size from {start:#x}), clear of the initrd; guest RAM is {ram:#x} bytes: give more --mem")]
     KernelTooLarge { start: u64, end: u64, ram: u64 },
     #[error("{what} does not fit in guest RAM: {source}")]
     DoesNotFit { what: String, source: MemoryError },
