@@ -29,8 +29,9 @@ use std::time::Instant;
 ///
 /// The image is recognized by its contents: a bare-metal x86-64 ELF (entered in 64-bit long
 /// mode with identity paging), a Linux bzImage (boot protocol 2.12+, 64-bit entry; --initrd,
-/// --append), or a flat binary (--load-addr, --entry). The guest's COM1 serial port is wired to
-/// stdin/stdout; a write to port 0xf4 ends the run with that value as hbt's exit status.
+/// --append; an LZ4-compressed kernel is decompressed and placed by hbt, see --decompress), or
+/// a flat binary (--load-addr, --entry). The guest's COM1 serial port is wired to stdin/stdout;
+/// a write to port 0xf4 ends the run with that value as hbt's exit status.
 ///
 /// Examples:
 ///   hbt run test-images/hello.img
