@@ -250,6 +250,12 @@ pub(crate) struct BlockEmitter<'a> {
 #[derive(Default)]
 pub struct EmitScratch {
     code: Vec<u8>,
+    /// Grown here, copied out at their exact length: a block's sites and exits stay with it,
+    /// and a fresh `Vec` grown for each block reallocated a few times per block (translation
+    /// 7.24–8.66 against 7.57–10.16 µs per block, 6 interleaved bt boots, AMD EPYC; and no
+    /// spare capacity kept with each block).
+    sites: Vec<HostSite>,
+    exits: Vec<ExitPatch>,
     encoder: Option<iced_x86::Encoder>,
     info: Option<InstructionInfoFactory>,
     cold: Vec<Cold>,
@@ -339,8 +345,8 @@ pub fn emit_block(
         dispatcher_only: options.dispatcher_only,
         spilled: 0,
         flags_in_slot: false,
-        sites: Vec::new(),
-        exits: Vec::new(),
+        sites: std::mem::take(&mut scratch.sites),
+        exits: std::mem::take(&mut scratch.exits),
         inline_caches: Vec::new(),
         cold: std::mem::take(&mut scratch.cold),
         literals: std::mem::take(&mut scratch.literals),
@@ -506,10 +512,15 @@ pub fn emit_block(
     scratch.cold = e.cold;
     scratch.literals = e.literals;
     scratch.uses = e.uses;
+    let (sites, exits) = (e.sites.to_vec(), e.exits.to_vec());
+    scratch.sites = e.sites;
+    scratch.sites.clear();
+    scratch.exits = e.exits;
+    scratch.exits.clear();
     Ok(EmittedBlock {
         code,
-        sites: e.sites,
-        exits: e.exits,
+        sites,
+        exits,
         inline_caches: e.inline_caches,
         windows: e.windows.opened,
         window_accesses: e.windows.accesses,
