@@ -32,6 +32,13 @@ struct Segment {
     memsz: u64,
 }
 
+impl Segment {
+    /// The segment, as an error names it.
+    fn name(&self) -> String {
+        format!("PT_LOAD at {:#x} ({} bytes)", self.paddr, self.memsz)
+    }
+}
+
 /// Where an ELF's segments go, checked against its file and guest RAM.
 pub struct Layout {
     pub entry: u64,
@@ -114,9 +121,8 @@ impl Layout {
             let from = s.offset.max(at);
             let to = (s.offset + s.filesz).min(at + chunk.len());
             if from < to {
-                let what = format!("PT_LOAD at {:#x} ({} bytes)", s.paddr, s.memsz);
                 let gpa = s.paddr + (from - s.offset) as u64;
-                fits(&what, mem.write(gpa, &chunk[from - at..to - at]))?;
+                fits(&s.name(), mem.write(gpa, &chunk[from - at..to - at]))?;
             }
         }
         Ok(())
@@ -125,11 +131,8 @@ impl Layout {
     /// Zeroes each segment's memory past its file bytes (its bss).
     pub fn zero_tails(&self, mem: &mut GuestMemory) -> Result<()> {
         for s in &self.segments {
-            let what = format!("PT_LOAD at {:#x} ({} bytes)", s.paddr, s.memsz);
-            fits(
-                &what,
-                mem.fill_zero(s.paddr + s.filesz as u64, s.memsz - s.filesz as u64),
-            )?;
+            let bss = s.paddr + s.filesz as u64;
+            fits(&s.name(), mem.fill_zero(bss, s.memsz - s.filesz as u64))?;
         }
         Ok(())
     }
