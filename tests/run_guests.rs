@@ -529,6 +529,36 @@ fn cpuid_is_the_same_processor_at_cpl0_and_cpl3() {
 }
 
 #[test]
+fn serialize_is_offered_and_runs_at_cpl0_and_cpl3() {
+    // The CPU model offers SERIALIZE on any host (vmm/cpuid.rs): at CPL0 the translator performs
+    // it; under hybrid, CPL3 code under KVM runs the host's (on a host without it, either
+    // kvm_pvm completes it — measured on an AMD EPYC — or the #UD leaves KVM and hbt re-runs it
+    // in the translator). The guest's #UD handler must never run.
+    let offered = lines(&[
+        "CPUID offers serialize",
+        "CPL0: each rewrite seen after serialize",
+        "CPL3: registers and status flags kept",
+        "no #UD reached the guest",
+        "serialize: ok",
+    ]);
+    let runs: [&[&str]; 3] = [
+        &["--accel", "bt"],
+        &["--accel", "hybrid"],
+        &["--accel", "hybrid", "--hybrid-policy", "always-kvm"],
+    ];
+    for engine in runs {
+        let (stdout, stderr, code) = hbt_run(&[engine, &["test-images/serialize.img"]].concat());
+        assert_eq!(stdout, offered, "{engine:?}: {stderr}");
+        assert_eq!(code, Some(0), "{engine:?}: {stderr}");
+    }
+    // KVM alone shows KVM's CPUID: the host's SERIALIZE, if it has one.
+    let (stdout, stderr, code) = hbt_run(&["--accel", "kvm", "test-images/serialize.img"]);
+    let absent = lines(&["CPUID does not offer serialize", "serialize: ok"]);
+    assert!(stdout == offered || stdout == absent, "--accel kvm: {stdout}{stderr}");
+    assert_eq!(code, Some(0), "--accel kvm: {stderr}");
+}
+
+#[test]
 fn random_user_code_ends_cleanly_under_every_engine() {
     // 1000 pages of pseudo-random bytes run at CPL3 (guests/user_chaos.c): under hybrid they
     // run under KVM on hbt's page tables and stubs, and come back to the translator.

@@ -482,7 +482,7 @@ fn report(
             fmt_counts(vectors(&s.interrupts))
         ),
         format!("  CPUID hides: {}", names(cpuid::HIDDEN)),
-        format!("  CPUID claims not affected: {}", names(cpuid::CLAIMED)),
+        format!("  CPUID claims (whatever the host has): {}", names(cpuid::CLAIMED)),
         format!(
             "  unimplemented instructions (#UD to the guest): {}",
             fmt_counts(s.unimplemented.iter().map(|(k, n)| (k.clone(), *n)))

@@ -3,6 +3,12 @@
 //! them on its hottest paths — `swapgs` twice per system call, CR2 in every page fault, CR3 at
 //! every context switch, the TSC in the scheduler's clock. What they read or write is guest
 //! state in the context, or the host's TSC where the platform says the guest's is the same.
+//!
+//! `serialize` is inlined in every mode: its one effect a translated guest can observe is the
+//! ordering of its memory accesses (a host `mfence`); the instruction-fetch half is already
+//! true here, since a write to translated code invalidates it before the next fetch
+//! (`engine/smc.rs`). Linux's `sync_core` uses it where CPUID offers it — after every text
+//! patch — instead of an `iretq` to itself, which the engine emulates (≈108,000 per boot).
 
 use super::asm;
 use super::BlockEmitter;
@@ -29,6 +35,7 @@ impl BlockEmitter<'_> {
                 self.asm
                     .glue(Instruction::with2(Code::Mov_r32_rm32, Register::ECX, aux));
             }
+            Rule::Emulate(EmulateOp::Serialize) => self.raw(&[0x0f, 0xae, 0xf0]), // mfence
             _ => unreachable!("{rule:?} runs in the engine"),
         }
     }

@@ -221,6 +221,9 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             set32(state, gpr::RDX, (value >> 32) as u32);
         }
         EmulateOp::Transaction => return rtm::execute(state, instr, platform),
+        // Inlined wherever it is translated (`emit/system.rs`); in the engine there is nothing
+        // to order.
+        EmulateOp::Serialize => {}
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
         // Kernel-mode guests run in system mode (`system::execute`), never here.
         EmulateOp::Syscall => return raise(state, here, GuestException::gp(0)),

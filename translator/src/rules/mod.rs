@@ -114,6 +114,10 @@ pub enum EmulateOp {
     Rdpid,
     /// `xbegin`/`xend`/`xabort`/`xtest`: a CPU whose transactions always abort (`emulate/rtm.rs`).
     Transaction,
+    /// `serialize`: never copied (the host may lack it, and a whole-machine guest is offered it
+    /// regardless, `vmm/cpuid.rs`); translated code performs it as a host `mfence`
+    /// (`emit/system.rs`), in every mode, without ending the block.
+    Serialize,
 }
 
 /// Mnemonics with a dedicated rule, independent of operand form.
@@ -137,6 +141,7 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
     (Mnemonic::Xend, Rule::Emulate(EmulateOp::Transaction)),
     (Mnemonic::Xabort, Rule::Emulate(EmulateOp::Transaction)),
     (Mnemonic::Xtest, Rule::Emulate(EmulateOp::Transaction)),
+    (Mnemonic::Serialize, Rule::Emulate(EmulateOp::Serialize)),
     (Mnemonic::Lfs, Rule::Emulate(EmulateOp::Segment)),
     (Mnemonic::Lgs, Rule::Emulate(EmulateOp::Segment)),
     (Mnemonic::Lss, Rule::Emulate(EmulateOp::Segment)),
@@ -481,6 +486,7 @@ impl Rule {
                 false
             }
             Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) if cpl0 && mode.host_tsc => false,
+            Rule::Emulate(EmulateOp::Serialize) => false,
             Rule::Emulate(_) | Rule::System(_) => true,
             Rule::Implicit(_) => mode.soft_mmu || fs_gs_override,
             Rule::Stack(StackOp::Pushf) => mode.system && !mode.kernel,
@@ -509,6 +515,7 @@ mod tests {
         assert_eq!(rule(Code::Call_rm64), Some(Rule::Branch(BranchKind::CallIndirect)));
         assert_eq!(rule(Code::Jne_rel8_64), Some(Rule::Branch(BranchKind::Jcc)));
         assert_eq!(rule(Code::Cpuid), Some(Rule::Emulate(EmulateOp::Cpuid)));
+        assert_eq!(rule(Code::Serialize), Some(Rule::Emulate(EmulateOp::Serialize)));
         assert_eq!(rule(Code::Movsb_m8_m8), Some(Rule::Implicit(ImplicitOp::String)));
         assert_eq!(rule(Code::Mov_Sreg_r32m16), Some(Rule::Emulate(EmulateOp::Segment)));
         assert_eq!(rule(Code::Lar_r32_r32m16), Some(Rule::UserCopy));

@@ -633,7 +633,7 @@ fn emulate_op(
             s.rip = here;
             return Ok(Next::Deliver(Event::Exception(GuestException::new(vector::UD))));
         }
-        EmulateOp::Xgetbv | EmulateOp::Random | EmulateOp::Transaction => {
+        EmulateOp::Xgetbv | EmulateOp::Random | EmulateOp::Transaction | EmulateOp::Serialize => {
             if let crate::emulate::Outcome::Exit(Exit::Exception(e)) = crate::emulate::sensitive(s, instr, op, platform)
             {
                 return Ok(Next::Deliver(Event::Exception(e)));
