@@ -143,6 +143,10 @@ pub struct Context {
     /// Access size in the low 16 bits, [`crate::mmu::Access`] in bits 16..24, a stack access in
     /// bit 24, [`MISS_MMX_STORE`], [`MISS_ALIGN_SHIFT`], [`MISS_AC_SHIFT`] and the other bits.
     pub miss_info: u64,
+    /// The number of the miss stub that exited (`emit::miss_site`): its [`MissSite`]
+    /// (`crate::emit::miss_site::MissSite`) gives `miss_info`, the guest RIP and where the
+    /// borrowed registers are.
+    pub miss_site: u64,
     pub rsp_save: u64,
     /// Top of `flag_stack` minus 8: where `pushfq` stored guest flags.
     pub flag_slot: u64,
@@ -227,6 +231,7 @@ pub mod off {
     pub const EXIT_LINK: usize = offset_of!(Context, exit_link);
     pub const MISS_VA: usize = offset_of!(Context, miss_va);
     pub const MISS_INFO: usize = offset_of!(Context, miss_info);
+    pub const MISS_SITE: usize = offset_of!(Context, miss_site);
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const VIRTUAL_FLAGS: usize = offset_of!(Context, virtual_flags);
     pub const VIRTUAL_IF: usize = offset_of!(Context, virtual_if);

@@ -44,6 +44,9 @@ pub struct Glue {
     pub exit: u64,
     /// Inline indirect lookups jump here on a miss: R11 = guest target, R11/RCX spilled.
     pub ibl_miss: u64,
+    /// Soft-MMU miss stubs jump here with `Context::miss_va` and `Context::miss_site` stored
+    /// and the guest state as the lookup left it (`miss_site.rs`): a TLB-miss exit.
+    pub tlb_miss: u64,
     /// Host address of empty indirect-branch slots (see `context::IBL_EMPTY_TAG`).
     pub ibl_empty: u64,
     /// Loads the guest's extended state from the image into the registers, then jumps to
@@ -137,6 +140,11 @@ pub fn emit(base: u64, has_avx: bool, has_xsaveopt: bool) -> (Vec<u8>, Glue) {
         a.glue(Instruction::with2(Code::Mov_r64_rm64, r, spill_slot(r)));
     }
     a.store_ctx_u32(off::EXIT_REASON, ExitReason::IndirectMiss as u32);
+    a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
+
+    // --- TLB miss: the engine rebuilds the guest state from the stub's site ---
+    glue.tlb_miss = a.here();
+    a.store_ctx_u32(off::EXIT_REASON, ExitReason::TlbMiss as u32);
     a.glue(Instruction::with_branch(Code::Jmp_rel32_64, glue.exit));
 
     // --- empty indirect slot: reached only when the target is the one (canonical) value whose

@@ -3,8 +3,9 @@
 //! Guest registers stay in host registers; glue borrows a register only after storing its guest
 //! value in the context's spill slot and gives it back right after. The emitter tracks which
 //! registers are borrowed (`spilled`) and whether guest flags are parked on the flag stack, and
-//! records that for every host instruction that can fault, so the signal handler and the TLB-miss
-//! stubs can always rebuild the exact guest state at the start of the guest instruction.
+//! records that for every host instruction that can fault, so the signal handler and the engine
+//! (from a TLB-miss stub's site, `miss_site.rs`) can always rebuild the exact guest state at the
+//! start of the guest instruction.
 //!
 //! Guest flags live in host flags. Glue under the identity strategy never touches them (the
 //! indirect-branch lookup uses only `mov`/`movzx`/`lea`/`jrcxz`), so no flag liveness is needed
@@ -16,7 +17,8 @@
 //! (push/pop/pushf/popf/leave under the soft-MMU), `branch.rs` (control transfers, chaining and
 //! the inline indirect-branch lookup), `glue.rs` (entry/exit), `xstate.rs` (guest
 //! `xsave`/`xrstor` narrowed to the guest's XCR0), `alignment.rs` (operands that must be
-//! aligned before any page walk), `asm.rs` (encoder wrapper).
+//! aligned before any page walk), `miss_site.rs` (what a TLB miss's cold path leaves to the
+//! engine), `asm.rs` (encoder wrapper).
 
 mod alignment;
 pub mod asm;
@@ -25,6 +27,7 @@ pub use branch::IBL_PROLOGUE_LEN;
 pub mod glue;
 mod loop_window;
 mod memop;
+pub mod miss_site;
 mod stack;
 mod string;
 mod system;
@@ -168,6 +171,7 @@ enum Cold {
 pub(crate) struct BlockEmitter<'a> {
     asm: Asm,
     glue: &'a Glue,
+    miss_sites: &'a mut miss_site::MissSites,
     soft_mmu: bool,
     /// Which rules the engine performs, and how pushf sees the virtual flags.
     mode: crate::rules::Mode,
@@ -334,11 +338,13 @@ pub fn emit_block(
     options: EmitOptions,
     windowless: &std::collections::HashSet<u64>,
     scratch: &mut EmitScratch,
+    miss_sites: &mut miss_site::MissSites,
 ) -> Result<EmittedBlock, TranslateError> {
     let soft_mmu = options.soft_mmu;
     let mut e = BlockEmitter {
         asm: Asm::reusing(base, std::mem::take(&mut scratch.code), scratch.encoder.take()),
         glue,
+        miss_sites,
         soft_mmu,
         mode: options.mode(),
         split_access: options.split_access,
@@ -943,12 +949,16 @@ impl BlockEmitter<'_> {
                 } => {
                     self.bind_here(field);
                     self.asm.mov_to_ctx(off::MISS_VA, va_reg);
-                    self.asm.store_ctx_u64(off::MISS_INFO, info);
-                    if let Some(p) = parked_rcx {
-                        self.asm.mov_rr(Register::RCX, p);
-                    }
-                    self.restore_guest(spilled, flags_saved);
-                    self.exit_to_engine(ExitReason::TlbMiss, guest_rip);
+                    let site = self.miss_sites.push(miss_site::MissSite {
+                        info,
+                        guest_rip,
+                        spilled,
+                        flags_saved,
+                        parked_rcx: parked_rcx.map(|p| asm::reg_num(p) as u8),
+                    });
+                    self.asm.store_ctx_u32(off::MISS_SITE, site);
+                    let glue = self.glue.tlb_miss;
+                    self.asm.branch32(Code::Jmp_rel32_64, glue);
                 }
             }
         }

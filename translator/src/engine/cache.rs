@@ -168,6 +168,7 @@ impl Translator {
         self.large_code_regions.clear();
         self.protected.release_all();
         self.code.reset_to(self.glue_len);
+        self.miss_sites.clear();
         self.linked.clear();
         self.linked_global.clear();
         self.ctx.get_mut().flush_tlb();
@@ -395,7 +396,15 @@ impl Translator {
     /// Emits `block` for the code cache's cursor.
     fn emit(&mut self, block: &DecodedBlock, options: emit::EmitOptions) -> Result<emit::EmittedBlock, TranslateError> {
         let at = self.code.cursor();
-        emit::emit_block(block, at, &self.glue, options, &self.windowless, &mut self.emit_scratch)
+        emit::emit_block(
+            block,
+            at,
+            &self.glue,
+            options,
+            &self.windowless,
+            &mut self.emit_scratch,
+            &mut self.miss_sites,
+        )
     }
 
     /// `signature`: `block`'s, for a block that may be revived (cached under its own key),

@@ -153,6 +153,8 @@ pub struct Translator {
     revivable: AddrMap<usize>,
     /// The emitter's buffers, kept from block to block.
     emit_scratch: crate::emit::EmitScratch,
+    /// The code cache's TLB-miss sites (`emit/miss_site.rs`), emptied with it.
+    miss_sites: crate::emit::miss_site::MissSites,
     /// System mode: the blocks on each 4 KiB page of guest virtual addresses (by page number),
     /// which an INVLPG of the page reaches (see `invalidate_page`).
     code_vpages: AddrMap<Vec<usize>>,
@@ -285,6 +287,7 @@ impl Translator {
             code_pages: AddrMap::default(),
             revivable: AddrMap::default(),
             emit_scratch: Default::default(),
+            miss_sites: Default::default(),
             code_vpages: Default::default(),
             large_code_regions: Default::default(),
             ibl_used: Default::default(),
@@ -620,6 +623,12 @@ impl Translator {
             self.run_translated(host);
         }
         let ctx = self.ctx.get_mut();
+        if ctx.exit_reason == ExitReason::TlbMiss as u32 {
+            // The stub left the guest state to its site (`emit/miss_site.rs`). Every stub's
+            // number was recorded when its block was emitted, and only a flush forgets them.
+            let site = self.miss_sites.get(ctx.miss_site as u32).copied();
+            site.expect("a TLB-miss stub's site is recorded").restore(ctx);
+        }
         ctx.state.rflags = (ctx.state.rflags & mask) | ctx.virtual_flags | ctx.virtual_if | flags::FIXED;
     }
 
