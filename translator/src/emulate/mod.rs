@@ -221,8 +221,11 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
             set32(state, gpr::RDX, (value >> 32) as u32);
         }
         EmulateOp::Transaction => return rtm::execute(state, instr, platform),
-        // Inlined wherever it is translated (`emit/system.rs`); in the engine there is nothing
-        // to order.
+        // Translated inline where the guest has it (`Rule::runs_in_engine`); here only where
+        // it does not: the guest's CPUID is the host's, which lacks it.
+        EmulateOp::Serialize if !crate::host::features::host_has(iced_x86::CpuidFeature::SERIALIZE) => {
+            return raise(state, here, GuestException::new(vector::UD));
+        }
         EmulateOp::Serialize => {}
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
         // Kernel-mode guests run in system mode (`system::execute`), never here.

@@ -116,7 +116,8 @@ pub enum EmulateOp {
     Transaction,
     /// `serialize`: never copied (the host may lack it, and a whole-machine guest is offered it
     /// regardless, `vmm/cpuid.rs`); translated code performs it as a host `mfence`
-    /// (`emit/system.rs`), in every mode, without ending the block.
+    /// (`emit/system.rs`) without ending the block — in user mode only where the host has it
+    /// (the guest's CPUID is the host's there), else the engine raises #UD.
     Serialize,
 }
 
@@ -486,7 +487,9 @@ impl Rule {
                 false
             }
             Rule::Emulate(EmulateOp::Rdtsc | EmulateOp::Rdtscp) if cpl0 && mode.host_tsc => false,
-            Rule::Emulate(EmulateOp::Serialize) => false,
+            Rule::Emulate(EmulateOp::Serialize) => {
+                !mode.system && !crate::host::features::host_has(iced_x86::CpuidFeature::SERIALIZE)
+            }
             Rule::Emulate(_) | Rule::System(_) => true,
             Rule::Implicit(_) => mode.soft_mmu || fs_gs_override,
             Rule::Stack(StackOp::Pushf) => mode.system && !mode.kernel,
@@ -505,6 +508,26 @@ fn reads_into_register(instr: &Instruction) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serialize_is_translated_where_the_guest_has_it() {
+        let instr = iced_x86::Decoder::new(64, &[0x0f, 0x01, 0xe8], 0).decode();
+        assert_eq!(instr.code(), Code::Serialize);
+        let rule = Rule::Emulate(EmulateOp::Serialize);
+        // A whole machine is offered it on any host: inline at both privilege levels.
+        for kernel in [false, true] {
+            let system = Mode {
+                system: true,
+                kernel,
+                soft_mmu: true,
+                ..Mode::default()
+            };
+            assert!(!rule.runs_in_engine(&instr, system), "system mode, kernel {kernel}");
+        }
+        // A user-mode guest sees the host's CPUID: the engine raises #UD where the host lacks it.
+        let host = crate::host::features::host_has(iced_x86::CpuidFeature::SERIALIZE);
+        assert_eq!(rule.runs_in_engine(&instr, Mode::default()), !host);
+    }
 
     #[test]
     fn families_get_the_expected_rules() {

@@ -633,7 +633,9 @@ fn emulate_op(
             s.rip = here;
             return Ok(Next::Deliver(Event::Exception(GuestException::new(vector::UD))));
         }
-        EmulateOp::Xgetbv | EmulateOp::Random | EmulateOp::Transaction | EmulateOp::Serialize => {
+        // The machine model offers it on any host (`vmm/cpuid.rs`); nothing to order here.
+        EmulateOp::Serialize => {}
+        EmulateOp::Xgetbv | EmulateOp::Random | EmulateOp::Transaction => {
             if let crate::emulate::Outcome::Exit(Exit::Exception(e)) = crate::emulate::sensitive(s, instr, op, platform)
             {
                 return Ok(Next::Deliver(Event::Exception(e)));
