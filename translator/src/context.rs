@@ -733,7 +733,7 @@ mod tests {
             x
         };
         // Host pages 256 MiB apart share a filter bit.
-        let host_page = |r: u64| 0x7000_0000 + (r % 8 << 12) + (r / 8 % 3 << 28);
+        let host_page = |r: u64| 0x7000_0000 + ((r % 8) << 12) + ((r / 8 % 3) << 28);
         for _ in 0..20_000 {
             let r = next();
             match r % 16 {
