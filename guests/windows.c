@@ -3,8 +3,10 @@
  * translated block): the base moves by constants between accesses; a run straddles two pages
  * mapped to frames in the opposite order; the second access of a run faults (CR2, the first
  * access done, the second not); a run writes a read-only page (nothing written); a read run
- * leaves the dirty bit clear and a write run sets it; a base that jumps a page starts over;
- * and at CPL3 a run and a faulting run again. The transcript must be the CPU's (kvm). */
+ * leaves the dirty bit clear and a write run sets it; a read-modify-write run (a load, then a
+ * store through the same base) stopped by a fault between the two leaves the dirty bit clear,
+ * and completes once it runs through; a base that jumps a page starts over; and at CPL3 a run
+ * and a faulting run again. The transcript must be the CPU's (kvm). */
 #include "runtime/rt.h"
 
 #define WIN (RT_MAP_BASE + 0x10000)
@@ -16,6 +18,7 @@
 #define JUMP (WIN + 0x9000) /* two pages */
 #define USER (WIN + 0xb000) /* user, writable; the page after it is not mapped */
 #define USER_STACK (WIN + 0xe000) /* user, writable; the page below it is not mapped */
+#define RMW (WIN + 0x10000)       /* writable, A and D clear */
 
 
 
@@ -46,6 +49,19 @@ static void two_stores(u64 base) {
     __asm__ volatile("lea 1f(%%rip), %%r11; mov %%r11, rt_resume(%%rip)\n"
                      "movq $0x1111, (%0)\n movq $0x2222, 8(%0)\n1:" ::"r"(base)
                      : "r11", "memory");
+}
+
+/* Loads (base), adds 5, loads through `other`, stores the sum at 8(base): a settled write
+ * window (translator/src/emit/window.rs). With `other` unmapped the run stops at that fault
+ * and the store never runs. */
+static u64 read_modify_write(u64 base, u64 other) {
+    u64 v = 0;
+    __asm__ volatile("lea 1f(%%rip), %%r11; mov %%r11, rt_resume(%%rip)\n"
+                     "mov (%1), %0\n add $5, %0\n mov (%2), %%r11\n mov %0, 8(%1)\n1:"
+                     : "+&r"(v)
+                     : "r"(base), "r"(other)
+                     : "r11", "memory");
+    return v;
 }
 
 static volatile u64 user_sum;
@@ -122,6 +138,21 @@ int main(void) {
     two_stores(CLEAN2 + 0x40);
     rt_check("stores to a clean page", clean2[8] + clean2[9], 0x3333);
     rt_check("  its PTE's A and D", *rt_pte(cr3, CLEAN2) & (PTE_A | PTE_D), PTE_A | PTE_D);
+
+    u64 *rmw = filled_page(0xc000);
+    rt_map(cr3, RMW, (u64)rmw, PTE_P | PTE_W);
+    u64 v = read_modify_write(RMW + 0x80, EDGE + RT_PAGE);
+    rt_check_pf("read-modify-write stopped between", rt_take_fault(), 0, EDGE + RT_PAGE);
+    rt_check("  loaded and added", v, rmw[0x10] + 5);
+    rt_check("  its PTE's A and D", *rt_pte(cr3, RMW) & (PTE_A | PTE_D), PTE_A);
+    rt_check("  store not done", rmw[0x11], 0xc000 + 0x11 * 0x101);
+    u64 wrong_rmw = 0;
+    for (int i = 0; i < 20; i++) { /* the page now dirty: the window takes the run */
+        v = read_modify_write(RMW + 0x100 + 16 * i, WIN);
+        wrong_rmw += v != rmw[0x20 + 2 * i] + 5 || rmw[0x21 + 2 * i] != v;
+    }
+    rt_check("read-modify-write run through, 20 times: wrong", wrong_rmw, 0);
+    rt_check("  its PTE's A and D", *rt_pte(cr3, RMW) & (PTE_A | PTE_D), PTE_A | PTE_D);
 
     u64 *j0 = filled_page(0x9000), *j1 = filled_page(0xa000);
     rt_map(cr3, JUMP, (u64)j0, PTE_P | PTE_W);

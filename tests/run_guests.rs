@@ -243,8 +243,8 @@ fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
 fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() {
     // Soft-MMU windows (translator/src/emit/window.rs): one lookup for a run of accesses; its
     // misses never fault, a failing window runs the first access alone, and a place that keeps
-    // failing (a run straddling two pages, 20 times) gets no window; pushes make windows too
-    // (guests/windows.c).
+    // failing (a run straddling two pages, 20 times) gets no window; pushes make windows too;
+    // a read-modify-write run's window sets no dirty bit before its store (guests/windows.c).
     transcript(
         "test-images/windows.img",
         &lines(&[
@@ -261,6 +261,12 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
             "reads of a clean page: 0x7202",
             "  its PTE's A and D: 0x20",
             "stores to a clean page: 0x3333",
+            "  its PTE's A and D: 0x60",
+            "read-modify-write stopped between: vector 14 error 0x0 cr2 0x8000015000",
+            "  loaded and added: 0xd015",
+            "  its PTE's A and D: 0x20",
+            "  store not done: 0xd111",
+            "read-modify-write run through, 20 times: wrong: 0x0",
             "  its PTE's A and D: 0x60",
             "a base that jumps a page: 0x1c707",
             "CPL3 moving base: 0x43414",

@@ -65,6 +65,10 @@ pub const MISS_WINDOW: u64 = 1 << 35;
 /// the page offset of the stream's first access (its `Translator::windowless` key).
 pub const MISS_LOOP_WINDOW: u64 = 1 << 40;
 pub const MISS_LOOP_KEY_SHIFT: u64 = 41;
+/// `miss_info` bit (with [`MISS_WINDOW`]): a write window whose first access reads
+/// (`emit/window.rs`): the TLB may take only a translation whose walk sets no accessed or
+/// dirty bit, since the window's reads run before any of its stores.
+pub const MISS_WINDOW_SETTLED: u64 = 1 << 53;
 /// Slots of the small host stack glue uses for `pushfq`/`popfq` (never the guest stack).
 const FLAG_STACK_SLOTS: usize = 16;
 

@@ -22,7 +22,7 @@ use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
 use crate::context::{
     off, MISS_AC_SHIFT, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED,
-    MISS_MMX_STORE, MISS_WINDOW,
+    MISS_MMX_STORE, MISS_WINDOW, MISS_WINDOW_SETTLED,
 };
 use crate::error::TranslateError;
 use crate::mmu::Access;
@@ -551,7 +551,11 @@ impl BlockEmitter<'_> {
             | if self.mmx_store { MISS_MMX_STORE } else { 0 }
             | if self.f16c_store { MISS_F16C_STORE } else { 0 }
             | if self.masked_access { MISS_MASKED } else { 0 }
-            | if self.window_lookup { MISS_WINDOW } else { 0 }
+            | match self.window_lookup {
+                Some(true) => MISS_WINDOW | MISS_WINDOW_SETTLED,
+                Some(false) => MISS_WINDOW,
+                None => 0,
+            }
             | ((self.required_alignment.log2 as u64) << MISS_ALIGN_SHIFT)
             | if self.required_alignment.plain_gp {
                 MISS_ALIGN_PLAIN_GP

@@ -198,8 +198,8 @@ pub(crate) struct BlockEmitter<'a> {
     mmx_store: bool,
     /// The current instruction's memory operand is accessed per element under an opmask.
     masked_access: bool,
-    /// The lookup being emitted is a window's (`window.rs`, `context::MISS_WINDOW`).
-    window_lookup: bool,
+    /// The lookup being emitted is a window's (`window.rs`, `context::MISS_WINDOW`): Some(settled).
+    window_lookup: Option<bool>,
     /// The block's windows (`window.rs`).
     windows: window::WindowPlan,
     /// The block's loop windows (`loop_window.rs`).
@@ -363,7 +363,7 @@ pub fn emit_block(
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
         masked_access: false,
-        window_lookup: false,
+        window_lookup: None,
         windows: Default::default(),
         loops: Default::default(),
         index: 0,

@@ -20,9 +20,13 @@
 //! `push r64`/`pop r64` are accesses through RSP that move it by 8: a prologue's pushes make
 //! one window.
 //!
-//! Rules for a run: the first access decides read or write (a read window takes only reads:
-//! setting a dirty bit at the lookup, before any store ran, would be the translator's
-//! invention); at most [`MAX_WINDOW`] bytes; only plain accesses (no index register, no FS/GS,
+//! Rules for a run: a run with a store is a write window (its lookup is of the write TLB); one
+//! whose first access reads — a read-modify-write through one register, `mov r13,[rdi]; sub
+//! r13,rax; mov [rdi],r13` in the kernel's multi-precision arithmetic — is *settled*: its miss
+//! fills the TLB only from a walk that sets no accessed or dirty bit (the page already dirty),
+//! since setting a dirty bit at the lookup, before any store ran, would be the translator's
+//! invention; otherwise the first access runs alone, and sets what it sets. At most
+//! [`MAX_WINDOW`] bytes; only plain accesses (no index register, no FS/GS,
 //! not RIP-relative, no opmask, nothing the miss path treats specially); at most two windows
 //! open at once (each holds a register); H is a register no instruction of the run names.
 
@@ -44,6 +48,8 @@ pub(super) struct Window {
     lo: i64,
     hi: i64,
     access: Access,
+    /// A write window whose first access reads: filled only from a settled walk.
+    settled: bool,
     /// Index (in the block) of its last access: H is given back after it.
     last: usize,
     /// Registers the instructions from its first access to its last name (H must be none).
@@ -79,6 +85,7 @@ struct Open {
     lo: i64,
     hi: i64,
     access: Access,
+    settled: bool,
     members: Vec<(usize, i64)>,
     avoid: u16,
 }
@@ -122,7 +129,11 @@ impl BlockEmitter<'_> {
                         let at = o.delta.wrapping_add(disp);
                         let (lo, hi) = (o.lo.min(at), o.hi.max(at.saturating_add(size)));
                         let fits = hi - lo <= MAX_WINDOW && i32::try_from(lo).is_ok();
-                        if fits && (access == Access::Read || o.access == Access::Write) {
+                        if fits {
+                            if access == Access::Write && o.access == Access::Read {
+                                o.access = Access::Write;
+                                o.settled = true;
+                            }
                             (o.lo, o.hi) = (lo, hi);
                             o.avoid |= high8;
                             o.members.push((i, at));
@@ -134,6 +145,7 @@ impl BlockEmitter<'_> {
                             lo: disp,
                             hi: disp.saturating_add(size),
                             access,
+                            settled: false,
                             members: vec![(i, disp)],
                             avoid: named | high8,
                         });
@@ -212,9 +224,9 @@ impl BlockEmitter<'_> {
             iced_x86::MemoryOperand::with_base_displ(w.base, w.lo),
         ));
         self.mem_base = w.base;
-        self.window_lookup = true;
+        self.window_lookup = Some(w.settled);
         self.tlb_lookup_flag_free(h, w.access, (w.hi - w.lo) as u64, lookup_avoid);
-        self.window_lookup = false;
+        self.window_lookup = None;
         self.windows.held[n] = Some(h);
         self.windows.opened += 1;
     }
@@ -272,6 +284,7 @@ fn close(plan: &mut WindowPlan, o: Open) {
         lo: o.lo,
         hi: o.hi,
         access: o.access,
+        settled: o.settled,
         last,
         avoid: o.avoid,
     });

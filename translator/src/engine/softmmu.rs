@@ -6,7 +6,7 @@
 //! after it ran. Translated code never gets a host pointer outside guest RAM.
 
 use super::*;
-use crate::context::{MISS_AC_SHIFT, MISS_LOOP_KEY_SHIFT, MISS_LOOP_WINDOW, MISS_WINDOW};
+use crate::context::{MISS_AC_SHIFT, MISS_LOOP_KEY_SHIFT, MISS_LOOP_WINDOW, MISS_WINDOW, MISS_WINDOW_SETTLED};
 
 /// An in-flight device access (see `Translator::mmio`): the instruction at `rip` runs once
 /// with the page at `page_va` mapped to the bounce buffer's first page.
@@ -455,10 +455,11 @@ impl Translator {
             self.stats.window_misses += 1;
         }
         let repeated = self.last_window_fill == Some((rip, va));
+        let settled = in_loop || info & MISS_WINDOW_SETTLED != 0;
         let page = if repeated {
             None
         } else {
-            self.window_page(va, size, access, in_loop)
+            self.window_page(va, size, access, settled)
         };
         if let Some((page_va, host, global)) = page {
             self.last_window_fill = Some((rip, va));
