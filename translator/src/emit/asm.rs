@@ -160,9 +160,18 @@ impl Asm {
     }
 
     /// Stores a 64-bit constant into a context field without touching any register or flag.
+    /// `mov qword gs:[offset], value`: one store of a sign-extended imm32 where the value is one
+    /// (`65 48 C7 04 25 disp32 imm32`: a kernel's RIPs, a user program's below 2 GiB, IF), else
+    /// a store of each half.
     pub fn store_ctx_u64(&mut self, offset: usize, value: u64) {
-        self.store_ctx_u32(offset, value as u32);
-        self.store_ctx_u32(offset + 4, (value >> 32) as u32);
+        if value as i64 == value as i32 as i64 {
+            self.buf.extend_from_slice(&[0x65, 0x48, 0xc7, 0x04, 0x25]);
+            self.buf.extend_from_slice(&(offset as u32).to_le_bytes());
+            self.buf.extend_from_slice(&(value as u32).to_le_bytes());
+        } else {
+            self.store_ctx_u32(offset, value as u32);
+            self.store_ctx_u32(offset + 4, (value >> 32) as u32);
+        }
     }
 
     /// `mov dword gs:[offset], imm32`: `65 C7 04 25 disp32 imm32`.
@@ -407,6 +416,40 @@ mod tests {
         let mut fast = Vec::new();
         assert!(encode_glue_fast(&instr, at, &mut fast), "{instr} has a fast encoding");
         assert_eq!(fast, iced(&instr, at), "{instr} at {at:#x}");
+    }
+
+    #[test]
+    fn a_context_qword_store_is_one_sign_extended_store_where_it_can_be() {
+        for value in [
+            0u64,
+            0x200,
+            0x7fff_ffff,
+            0xffff_ffff_8100_0000,
+            u64::MAX,
+            0x8000_0000,
+            0x7f00_1234_5678,
+        ] {
+            let mut a = Asm::new(0x1000);
+            a.store_ctx_u64(0x80, value);
+            let one = value as i64 == value as i32 as i64;
+            let want = if one {
+                iced(
+                    &Instruction::with2(Code::Mov_rm64_imm32, ctx(0x80), value as i32).unwrap(),
+                    0x1000,
+                )
+            } else {
+                let mut both = iced(
+                    &Instruction::with2(Code::Mov_rm32_imm32, ctx(0x80), value as u32).unwrap(),
+                    0,
+                );
+                both.extend(iced(
+                    &Instruction::with2(Code::Mov_rm32_imm32, ctx(0x84), (value >> 32) as u32).unwrap(),
+                    0,
+                ));
+                both
+            };
+            assert_eq!(a.buf, want, "{value:#x}");
+        }
     }
 
     #[test]
