@@ -147,9 +147,9 @@ pub struct Context {
     /// Access size in the low 16 bits, [`crate::mmu::Access`] in bits 16..24, a stack access in
     /// bit 24, [`MISS_MMX_STORE`], [`MISS_ALIGN_SHIFT`], [`MISS_AC_SHIFT`] and the other bits.
     pub miss_info: u64,
-    /// The number of the miss stub that exited (`emit::miss_site`): its [`MissSite`]
-    /// (`crate::emit::miss_site::MissSite`) gives `miss_info`, the guest RIP and where the
-    /// borrowed registers are.
+    /// The number of the miss stub that exited: its
+    /// [`MissSite`](crate::emit::miss_site::MissSite) gives `miss_info`, the guest RIP and
+    /// where the borrowed registers are.
     pub miss_site: u64,
     pub rsp_save: u64,
     /// Top of `flag_stack` minus 8: where `pushfq` stored guest flags.
