@@ -299,9 +299,25 @@ impl XsaveLayout {
 /// AVX's (with SSE's) for a VEX form on vector registers, and all three AVX-512 components as
 /// well for an EVEX form or an opmask instruction. VEX forms on general registers only
 /// (BMI1/BMI2) need none.
+///
+/// A property of the form, looked up in a table built once, like [`touches_extended_state`]
+/// (the block builder asks for every instruction it decodes; iced's table of form descriptions
+/// is 430 KB).
 pub fn components_needed(instr: &iced_x86::Instruction) -> u64 {
+    // (The components are x87/SSE/AVX/AVX-512 bits, all in the low byte: 5 KB, not 39.)
+    static BY_CODE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let table = BY_CODE.get_or_init(|| {
+        iced_x86::Code::values()
+            .map(|c| u8::try_from(code_components_needed(c)).expect("XCR0 bits 0-7"))
+            .collect()
+    });
+    table[instr.code() as usize] as u64
+}
+
+/// [`components_needed`] for every instruction of the form `code`.
+fn code_components_needed(code: iced_x86::Code) -> u64 {
     use iced_x86::OpCodeOperandKind as K;
-    let op = instr.code().op_code();
+    let op = code.op_code();
     let kinds = op.op_kinds();
     let avx = component::SSE | component::AVX;
     match op.encoding() {
@@ -331,10 +347,7 @@ pub fn components_needed(instr: &iced_x86::Instruction) -> u64 {
             });
             if opmask {
                 avx | component::AVX512
-            } else if vector
-                || instr.code() == iced_x86::Code::VEX_Vzeroupper
-                || instr.code() == iced_x86::Code::VEX_Vzeroall
-            {
+            } else if vector || code == iced_x86::Code::VEX_Vzeroupper || code == iced_x86::Code::VEX_Vzeroall {
                 avx
             } else {
                 0
