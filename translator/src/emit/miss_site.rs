@@ -7,9 +7,10 @@
 //! 153,000 of them, 40% of its 42 MiB of code. Now the stub only saves the guest address, names
 //! its [`MissSite`] and jumps to shared glue (3 instructions, 26 bytes), and the engine does the
 //! rest from the site after the exit glue has saved the registers as they were
-//! ([`MissSite::restore`]): the guest state is the same either way, the one spent on the miss
-//! path (a table lookup is nothing next to the page walk a miss costs) instead of on every
-//! translation and in the code cache.
+//! ([`MissSite::restore`]). The guest state comes out the same; the work moved from every
+//! translation and the code cache to the miss itself, where a table lookup is nothing next to
+//! the page walk that follows. (A boot's code went from 42.4 to 32.0 MiB; its time did not
+//! measurably change: the stubs' stores were cheap to encode.)
 //!
 //! Site numbers index [`MissSites`], which lives as long as the code cache: a flush empties
 //! both (a block invalidated before then leaves its sites unused).
