@@ -80,9 +80,8 @@ pub struct RunArgs {
     /// Linux bzImage: who decompresses the kernel. `hbt` (for an LZ4 payload: hbt decompresses
     /// it and places the kernel itself, at a random physical address and virtual offset (KASLR)
     /// unless --append says `nokaslr`; other payloads always decompress in the guest) or
-    /// `guest` (the bzImage's own
-    /// decompressor runs in the guest first, as on a PC; under the translator it costs a boot
-    /// ≈0.1 s more).
+    /// `guest` (the bzImage's own decompressor runs in the guest first, as on a PC; under the
+    /// translator it costs a boot ≈0.1 s more).
     #[arg(long, value_enum, default_value_t = loader::Decompress::Hbt, value_name = "WHO")]
     decompress: loader::Decompress,
     /// End the run after this many seconds (exit status 124).

@@ -234,7 +234,6 @@ pub mod off {
     pub const EXIT_REASON: usize = offset_of!(Context, exit_reason);
     pub const EXIT_LINK: usize = offset_of!(Context, exit_link);
     pub const MISS_VA: usize = offset_of!(Context, miss_va);
-    pub const MISS_INFO: usize = offset_of!(Context, miss_info);
     pub const MISS_SITE: usize = offset_of!(Context, miss_site);
     pub const RSP_SAVE: usize = offset_of!(Context, rsp_save);
     pub const VIRTUAL_FLAGS: usize = offset_of!(Context, virtual_flags);

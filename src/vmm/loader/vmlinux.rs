@@ -244,20 +244,21 @@ impl Relocations {
                 ))),
             }
         };
-        for &e in &self.add32 {
-            let f = &mut image[field(e, 4)?..][..4];
-            let v = u32::from_le_bytes(f[..].try_into().expect("4 bytes")).wrapping_add(offset as u32);
-            f.copy_from_slice(&v.to_le_bytes());
-        }
-        for &e in &self.sub32 {
-            let f = &mut image[field(e, 4)?..][..4];
-            let v = u32::from_le_bytes(f[..].try_into().expect("4 bytes")).wrapping_sub(offset as u32);
-            f.copy_from_slice(&v.to_le_bytes());
-        }
-        for &e in &self.add64 {
-            let f = &mut image[field(e, 8)?..][..8];
-            let v = u64::from_le_bytes(f[..].try_into().expect("8 bytes")).wrapping_add(offset);
-            f.copy_from_slice(&v.to_le_bytes());
+        // Each list: its fields' width and what moving the kernel by `offset` adds to them
+        // (the inverse list's fields hold negated addresses; a 32-bit field wraps).
+        let lists = [
+            (&self.add32, 4, offset),
+            (&self.sub32, 4, offset.wrapping_neg()),
+            (&self.add64, 8, offset),
+        ];
+        for (entries, width, delta) in lists {
+            for &e in entries {
+                let f = &mut image[field(e, width)?..][..width];
+                let mut v = [0u8; 8];
+                v[..width].copy_from_slice(f);
+                let moved = u64::from_le_bytes(v).wrapping_add(delta);
+                f.copy_from_slice(&moved.to_le_bytes()[..width]);
+            }
         }
         Ok(())
     }

@@ -109,16 +109,10 @@ fn bulk_chunks(
             }
             return Err(exc);
         }
-        let advance = |va: u64| {
-            if down {
-                va.wrapping_sub(len)
-            } else {
-                va.wrapping_add(len)
-            }
-        };
-        state.gpr[gpr::RDI] = advance(rdi);
+        let step = if down { len.wrapping_neg() } else { len };
+        state.gpr[gpr::RDI] = rdi.wrapping_add(step);
         if movs {
-            state.gpr[gpr::RSI] = advance(state.gpr[gpr::RSI]);
+            state.gpr[gpr::RSI] = state.gpr[gpr::RSI].wrapping_add(step);
         }
         state.gpr[gpr::RCX] -= k;
         *budget -= len as usize;
