@@ -4,7 +4,8 @@
  * store loop over a clean page (the dirty bit set by the first store, as the CPU does), sums
  * over an array straddling two pages mapped to frames in the opposite order (past the
  * translator's retries, whole or one element into the second page, and entered past the loop's
- * bound) and over two pages on frames in order, a sum that faults on an unmapped page mid-loop
+ * bound) and over two pages on frames in order, a compare of two arrays whose pages share a
+ * TLB slot, a sum that faults on an unmapped page mid-loop
  * (CR2, the counter and the sum at the fault), a loop entered with nothing left to do whose
  * next element lies on a page never accessed (its accessed bit stays clear), and at CPL3 a sum
  * and a fault again. The transcript must be the CPU's (kvm). */
@@ -18,6 +19,10 @@
 #define ARR2 (ARR + 0x5000)
 #define USER (ARR + 0x8000)     /* user; the page after it is not mapped */
 #define CONTIG (ARR + 0xc000)   /* two pages, frames in order */
+/* Two pages whose page numbers share their low 16 bits: the same slot of the translator's
+ * direct-mapped TLB, so filling either evicts the other. */
+#define TWIN_A (ARR + 0x10000)
+#define TWIN_B (TWIN_A + 0x10000000)
 
 
 /* The sum of qwords [i, n) of base (i < n), counting i up by one: `add (b,i,8),s; inc i;
@@ -70,6 +75,18 @@ static u64 past_bound_sum(u64 base, u64 i, u64 j) {
                      : "r"(base)
                      : "memory", "cc");
     return sum;
+}
+
+/* How many of the bytes [0, n) of a and b are equal before the first that differs (n > 0): a
+ * loop with two streams, as `memcmp`'s: `1: movzbl (a,i),t; cmp t8,(b,i); jne 2f; inc i;
+ * cmp n,i; jne 1b; 2:`. */
+static u64 equal_prefix(u64 a, u64 b, u64 n) {
+    u64 i = 0, t;
+    __asm__ volatile("1: movzbl (%2,%0), %k1\n cmp %b1, (%3,%0)\n jne 2f\n inc %0\n cmp %4, %0\n jne 1b\n2:"
+                     : "+r"(i), "=&r"(t)
+                     : "r"(a), "r"(b), "r"(n)
+                     : "memory", "cc");
+    return i;
 }
 
 static u64 *filled_page(u64 seed) {
@@ -137,6 +154,16 @@ int main(void) {
     for (int i = 0; i < 20; i++)
         wrong += past_bound_sum(STRADDLE, 489, 30) != sum_of(lo, 489, 512) + sum_of(hi, 0, 7);
     rt_check("entered past its bound, 20 times: wrong", wrong, 0);
+
+    /* Both streams' pages in one TLB slot: the entry check can never find both mapped at once,
+     * and must give the window up rather than refill the two pages in turn for ever. */
+    u64 *twin_a = filled_page(0xb000), *twin_b = filled_page(0xb000);
+    ((u8 *)twin_b)[100] ^= 1;
+    rt_map(cr3, TWIN_A, (u64)twin_a, PTE_P | PTE_W);
+    rt_map(cr3, TWIN_B, (u64)twin_b, PTE_P | PTE_W);
+    wrong = 0;
+    for (int i = 0; i < 20; i++) wrong += equal_prefix(TWIN_A + 0x40, TWIN_B + 0x40, 128) != 36;
+    rt_check("two streams in one TLB slot, 20 times: wrong", wrong, 0);
 
     u64 *edge = filled_page(0x4000);
     rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);

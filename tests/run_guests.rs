@@ -310,6 +310,7 @@ fn counted_loops_over_arrays_fault_straddle_and_set_bits_like_the_cpu() {
             "one element into the next frame, 20 times: wrong: 0x0",
             "straddling two frames in order, 20 times: wrong: 0x0",
             "entered past its bound, 20 times: wrong: 0x0",
+            "two streams in one TLB slot, 20 times: wrong: 0x0",
             "sum into the unmapped page: vector 14 error 0x0 cr2 0x8000025000",
             "  counter at the fault: 0x40",
             "  sum at the fault: 0x8857e0",

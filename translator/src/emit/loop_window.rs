@@ -30,8 +30,9 @@
 //! nothing of it run (`context::MISS_LOOP_WINDOW`): the engine fills the TLB only from a walk
 //! that sets no accessed or dirty bit (a loop may leave before its first access: bits set at
 //! the entry would be the translator's invention), and otherwise runs the first instruction
-//! alone; after a few such failures the stream is not planned again (`Translator::windowless`,
-//! keyed by its first access). Nothing can change the TLB while the loop runs: only the engine
+//! alone (so too when two streams' pages share a TLB slot and each fill evicts the other);
+//! after a few such failures the stream is not planned again (`Translator::windowless`, keyed
+//! by its first access). Nothing can change the TLB while the loop runs: only the engine
 //! does, and a kick unlinks the back edge.
 
 use super::{BlockEmitter, Cold, Rule};

@@ -31,6 +31,7 @@ use crate::platform::{Platform, PortOutcome};
 use crate::rules::Rule;
 use crate::state::GuestState;
 use addr_map::AddrMap;
+use softmmu::WindowFill;
 use std::collections::BTreeMap;
 
 const PAGE: u64 = 4096;
@@ -230,9 +231,9 @@ pub struct Translator {
     windowless: std::collections::HashSet<u64>,
     /// Failed window lookups by the RIP of the window's first access.
     window_failures: AddrMap<u32>,
-    /// The last window miss the TLB was filled for (RIP, address): the same miss right after
-    /// is a failure (`window_miss`), never a loop.
-    last_window_fill: Option<(u64, u64)>,
+    /// The last window miss the TLB was filled for, and how many fills at its RIP came one
+    /// right after the other (`window_miss`).
+    last_window_fill: Option<WindowFill>,
     /// System mode: return `Exit::UserMode` when the guest enters CPL3 (`handover.rs`).
     user_exit: bool,
     /// System mode: return `Exit::KernelMode` when the guest enters CPL0 from CPL3.

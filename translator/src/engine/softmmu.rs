@@ -425,6 +425,25 @@ impl Translator {
 /// Failed window lookups at one place after which no window opens there again.
 const WINDOW_RETRIES: u32 = 8;
 
+/// TLB fills for window misses at one RIP, each the exit right after the last, after which
+/// the next miss there is a failure: a loop window's entry check needs at most two pages for
+/// each of its streams, and fills beyond that are two of its pages evicting each other from
+/// one TLB slot (pages 256 MiB apart: `memcmp` of a heap object against kernel rodata under
+/// KASLR), which would go on for ever.
+const WINDOW_FILL_STREAK: u32 = 8;
+
+/// A window miss the TLB was filled for (`Translator::window_miss`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct WindowFill {
+    rip: u64,
+    va: u64,
+    /// `stats.block_exits` when it was filled: the next miss is right after it when it comes
+    /// from the next exit.
+    exit: u64,
+    /// Fills at `rip` one right after the other, this one included.
+    streak: u32,
+}
+
 impl Translator {
     /// A window's lookup missed (`emit/window.rs`), or a loop window's entry check failed
     /// (`emit/loop_window.rs`, `MISS_LOOP_WINDOW`): never a fault. When the window's page
@@ -434,7 +453,8 @@ impl Translator {
     /// sets no bit at all (the loop may leave before its first access). Otherwise (a page not
     /// present or not permitting it, device memory, a window straddling two pages, a code page
     /// a write window would write, alignment checking on, a count that does not fit, or a fill
-    /// that did not help) the instruction at the guest RIP runs alone, through its own lookup,
+    /// that did not help — the same miss again, or more than [`WINDOW_FILL_STREAK`] fills in a
+    /// row at one RIP) the instruction at the guest RIP runs alone, through its own lookup,
     /// which faults or crosses pages exactly as the CPU would; after [`WINDOW_RETRIES`] such
     /// failures of one window (keyed by its place; a loop window's by its first access), its
     /// blocks are retranslated without it.
@@ -454,7 +474,13 @@ impl Translator {
         } else {
             self.stats.window_misses += 1;
         }
-        let repeated = self.last_window_fill == Some((rip, va));
+        // A fill that did not help: the same miss again, or too many fills in a row.
+        let exit = self.stats.block_exits;
+        let streak = match self.last_window_fill {
+            Some(f) if f.rip == rip && f.exit + 1 == exit => f.streak + 1,
+            _ => 1,
+        };
+        let repeated = streak > WINDOW_FILL_STREAK || self.last_window_fill.is_some_and(|f| f.rip == rip && f.va == va);
         let settled = in_loop || info & MISS_WINDOW_SETTLED != 0;
         let page = if repeated {
             None
@@ -462,7 +488,7 @@ impl Translator {
             self.window_page(va, size, access, settled)
         };
         if let Some((page_va, host, global)) = page {
-            self.last_window_fill = Some((rip, va));
+            self.last_window_fill = Some(WindowFill { rip, va, exit, streak });
             self.fill_tlbs(access, page_va, host, global);
             return;
         }
