@@ -5,7 +5,8 @@
  * access done, the second not); a run writes a read-only page (nothing written); a read run
  * leaves the dirty bit clear and a write run sets it; a read-modify-write run (a load, then a
  * store through the same base) stopped by a fault between the two leaves the dirty bit clear,
- * and completes once it runs through; a base that jumps a page starts over; and at CPL3 a run
+ * and completes once it runs through; a run across conditional branches leaves by them with
+ * every register as the guest left it; a base that jumps a page starts over; and at CPL3 a run
  * and a faulting run again. The transcript must be the CPU's (kvm). */
 #include "runtime/rt.h"
 
@@ -64,6 +65,35 @@ static u64 read_modify_write(u64 base, u64 other) {
     return v;
 }
 
+/* One window across two conditional branches: loads (b), leaves by the first branch unless
+ * it is `first`, adds 8(b), leaves by the second if the sum is zero, adds 16(b). Every
+ * register the run does not name holds a marker throughout (so the window's own register is
+ * one of them), stored to `markers` where the branches meet: a branch taken out of the window
+ * must give every borrowed register back. */
+#define MARKED 11 /* rbx rbp rsi r8-r15 */
+static u64 markers[MARKED];
+static u64 branchy_run(u64 base, u64 first) {
+    u64 sum;
+    __asm__ volatile("push %%rbp\n mov $0x1100, %%rbx\n mov $0x1101, %%rbp\n mov $0x1102, %%rsi\n"
+                     "mov $0x1103, %%r8\n mov $0x1104, %%r9\n mov $0x1105, %%r10\n mov $0x1106, %%r11\n"
+                     "mov $0x1107, %%r12\n mov $0x1108, %%r13\n mov $0x1109, %%r14\n mov $0x110a, %%r15\n"
+                     "mov (%1), %0\n cmp %2, %0\n jne 1f\n add 8(%1), %0\n test %0, %0\n jz 1f\n"
+                     "add 16(%1), %0\n"
+                     "1: mov %%rbx, (%3)\n mov %%rbp, 8(%3)\n mov %%rsi, 16(%3)\n mov %%r8, 24(%3)\n"
+                     "mov %%r9, 32(%3)\n mov %%r10, 40(%3)\n mov %%r11, 48(%3)\n mov %%r12, 56(%3)\n"
+                     "mov %%r13, 64(%3)\n mov %%r14, 72(%3)\n mov %%r15, 80(%3)\n pop %%rbp"
+                     : "=&a"(sum)
+                     : "d"(base), "D"(first), "c"(markers)
+                     : "rbx", "rsi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "memory");
+    return sum;
+}
+/* The markers as branchy_run left them: how many are wrong. */
+static u64 wrong_markers(void) {
+    u64 wrong = 0;
+    for (int i = 0; i < MARKED; i++) wrong += markers[i] != 0x1100 + (u64)i;
+    return wrong;
+}
+
 static volatile u64 user_sum;
 static struct rt_fault user_fault, push_fault;
 static struct pair user_pair;
@@ -102,6 +132,13 @@ int main(void) {
     rt_map(cr3, WIN, (u64)w, PTE_P | PTE_W);
     rt_check("moving base", moving_run(WIN), moving_sum(w));
     rt_check("moving base, from the middle", moving_run(WIN + 0x800), moving_sum(w + 0x100));
+
+    u64 wrong_branchy = 0;
+    for (int i = 0; i < 20; i++) { /* taken out at the first branch, then run through */
+        wrong_branchy += branchy_run(WIN + 0x100, 0) != w[0x20] || wrong_markers();
+        wrong_branchy += branchy_run(WIN + 0x100, w[0x20]) != w[0x20] + w[0x21] + w[0x22] || wrong_markers();
+    }
+    rt_check("a window across branches, 40 times: wrong", wrong_branchy, 0);
 
     /* The run [base-8, base+16) straddles STRADDLE+0x1000; its frames are swapped. */
     u64 *hi = filled_page(0x2000), *lo = filled_page(0x3000); /* the pool's frames ascend */

@@ -244,12 +244,14 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
     // Soft-MMU windows (translator/src/emit/window.rs): one lookup for a run of accesses; its
     // misses never fault, a failing window runs the first access alone, and a place that keeps
     // failing (a run straddling two pages, 20 times) gets no window; pushes make windows too;
-    // a read-modify-write run's window sets no dirty bit before its store (guests/windows.c).
+    // a read-modify-write run's window sets no dirty bit before its store; a run across
+    // conditional branches leaves by them with every register intact (guests/windows.c).
     transcript(
         "test-images/windows.img",
         &lines(&[
             "moving base: 0x7414",
             "moving base, from the middle: 0x67a14",
+            "a window across branches, 40 times: wrong: 0x0",
             "straddling two swapped frames, 20 times: wrong: 0x0",
             "second load on the unmapped page: vector 14 error 0x0 cr2 0x8000015008",
             "  first load done: 0x240ff",

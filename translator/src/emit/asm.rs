@@ -304,22 +304,25 @@ impl Asm {
     /// `mov ecx,12; lea t,[s+last]; shrx t,t,rcx; shrx u,s,rcx; movzx u,u16; lea u,[u+u];
     /// mov rcx,gs:[u*8+table]; lea rcx,[rcx+t]; jrcxz hit; jmp miss` (the tag is the negated
     /// page number: `context::TlbEntry`; U keeps the entry's index for the hit path) — returns
-    /// the offset of the miss jump's rel32 field (bound later).
+    /// the offset of the miss jump's rel32 field (bound later). For a one-byte access (`last`
+    /// 0) both pages are the same: `shrx t,s,rcx; movzx u,t16`, two instructions fewer.
     pub fn tlb_probe(&mut self, s: Register, t: Register, u: Register, table: usize, last: i32) -> usize {
         let (s, t, u) = (reg_num(s), reg_num(t), reg_num(u));
         let b = &mut self.buf;
         b.extend_from_slice(&[0xb9, 12, 0, 0, 0]);
-        // lea t,[s+last]
-        b.extend_from_slice(&[rex(true, t, 0, s), 0x8d]);
-        let modrm_mod = if last as i8 as i32 == last { 1 } else { 2 };
-        b.push(modrm_mod << 6 | ((t & 7) as u8) << 3 | (s & 7) as u8);
-        if s & 7 == 4 {
-            b.push(0x24);
-        }
-        match modrm_mod {
-            1 => b.push(last as i8 as u8),
-            2 => b.extend_from_slice(&last.to_le_bytes()),
-            _ => {}
+        if last != 0 {
+            // lea t,[s+last]
+            b.extend_from_slice(&[rex(true, t, 0, s), 0x8d]);
+            let modrm_mod = if last as i8 as i32 == last { 1 } else { 2 };
+            b.push(modrm_mod << 6 | ((t & 7) as u8) << 3 | (s & 7) as u8);
+            if s & 7 == 4 {
+                b.push(0x24);
+            }
+            match modrm_mod {
+                1 => b.push(last as i8 as u8),
+                2 => b.extend_from_slice(&last.to_le_bytes()),
+                _ => {}
+            }
         }
         // shrx dst,src,rcx: VEX.LZ.F2.0F38.W1 F7 /r, count in vvvv (RCX: 1, inverted 1110).
         let shrx = |b: &mut Vec<u8>, dst: usize, src: usize| {
@@ -333,14 +336,20 @@ impl Asm {
                 0xc0 | ((dst & 7) as u8) << 3 | (src & 7) as u8,
             ]);
         };
-        shrx(b, t, t);
-        shrx(b, u, s);
         let ul = (u & 7) as u8;
-        // movzx u32,u16
-        if u >= 8 {
-            b.push(rex(false, u, 0, u));
+        // movzx u32,v16, V holding the first byte's page number
+        let v = if last != 0 {
+            shrx(b, t, t);
+            shrx(b, u, s);
+            u
+        } else {
+            shrx(b, t, s);
+            t
+        };
+        if u >= 8 || v >= 8 {
+            b.push(rex(false, u, 0, v));
         }
-        b.extend_from_slice(&[0x0f, 0xb7, 0xc0 | ul << 3 | ul]);
+        b.extend_from_slice(&[0x0f, 0xb7, 0xc0 | ul << 3 | (v & 7) as u8]);
         // lea u32,[u+u] (RBP/R13 as base need a zero disp8)
         if u >= 8 {
             b.push(rex(false, u, u, u));
@@ -483,12 +492,21 @@ mod tests {
         let entry = |disp: usize| MemoryOperand::new(Register::None, u, 8, disp as i64, 8, false, Register::GS);
         let u32_ = u.full_register32();
         let mut a = Asm::new(0x1000);
+        a.emit_all(&[Instruction::with2(Code::Mov_r32_imm32, Register::ECX, 12u32)]);
+        if last != 0 {
+            a.emit_all(&[
+                Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, last)),
+                Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, t, t, Register::RCX),
+                Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, u, s, Register::RCX),
+                Instruction::with2(Code::Movzx_r32_rm16, u32_, crate::emit::stack::sized16(u)),
+            ]);
+        } else {
+            a.emit_all(&[
+                Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, t, s, Register::RCX),
+                Instruction::with2(Code::Movzx_r32_rm16, u32_, crate::emit::stack::sized16(t)),
+            ]);
+        }
         a.emit_all(&[
-            Instruction::with2(Code::Mov_r32_imm32, Register::ECX, 12u32),
-            Instruction::with2(Code::Lea_r64_m, t, MemoryOperand::with_base_displ(s, last)),
-            Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, t, t, Register::RCX),
-            Instruction::with3(Code::VEX_Shrx_r64_rm64_r64, u, s, Register::RCX),
-            Instruction::with2(Code::Movzx_r32_rm16, u32_, crate::emit::stack::sized16(u)),
             Instruction::with2(Code::Lea_r32_m, u32_, MemoryOperand::with_base_index(u, u)),
             Instruction::with2(Code::Mov_r64_rm64, Register::RCX, entry(table)),
             Instruction::with2(

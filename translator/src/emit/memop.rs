@@ -656,7 +656,8 @@ impl BlockEmitter<'_> {
     /// once for the whole block.)
     ///
     /// An access that crosses into the next page misses: the entry at the first byte's index
-    /// can only hold pages with that index, never the next page.
+    /// can only hold pages with that index, never the next page. A one-byte access cannot
+    /// cross: T is its page and U comes from T (`shrx t,s,rcx; movzx u,t16`).
     ///
     /// In a block whose guest code uses RCX, the guest's RCX is parked in another borrowed
     /// register (P) rather than in its spill slot: RCX is then often hot (a loop counter), and

@@ -794,9 +794,9 @@ impl BlockEmitter<'_> {
     /// keeps borrowed into the loop head (see [`emit_block`]).
     fn direct_exit(&mut self, code: Code, target: u64) {
         debug_assert_eq!(
-            self.spilled & !self.loops.held,
+            self.spilled & !(self.loops.held | self.window_mask()),
             self.lazy,
-            "only lazily borrowed registers (and loop windows') at a direct exit"
+            "only lazily borrowed registers (and windows') at a direct exit"
         );
         let keep = if target == self.block_start {
             self.loop_keep | self.loops.held

@@ -3,12 +3,13 @@
 //! Compiled code walks arrays and structures through a register: `mov esi,[rdx+38h]; mov
 //! edi,[rdx+4]; add rdx,4; mov esi,[rdx-4]; add esi,[rdx+20h]` (SHA-256's message schedule).
 //! Each access had its own inline TLB lookup (≈18 host instructions). Within a straight run
-//! of copied instructions the base register's value is known relative to its value at the
-//! run's first access (constant `add`/`sub`/`lea`/`inc`/`dec` move it; any other write ends
-//! the run), so every access of the run lies in a known range around it: the *window*. One
-//! lookup of the whole window — it must lie in one page, present in the TLB (the write TLB if
-//! the first access writes) — leaves the host address of its start in a borrowed register H,
-//! and each access of the run becomes `[H + constant]`.
+//! of copied instructions — conditional branches included: their taken side leaves the block
+//! and gives every borrowed register back — the base register's value is known relative to its
+//! value at the run's first access (constant `add`/`sub`/`lea`/`inc`/`dec` move it; any other
+//! write ends the run), so every access of the run lies in a known range around it: the
+//! *window*. One lookup of the whole window — it must lie in one page, present in the TLB (the
+//! write TLB if the first access writes) — leaves the host address of its start in a borrowed
+//! register H, and each access of the run becomes `[H + constant]`.
 //!
 //! The lookup of a window is not an access of the guest's: its miss never faults. The engine
 //! (`engine/softmmu.rs`) fills the TLB when the window's page translates for the first
@@ -87,7 +88,10 @@ struct Open {
     access: Access,
     settled: bool,
     members: Vec<(usize, i64)>,
+    /// Registers named from the first access on, and as of the last access so far (H must be
+    /// none of the latter: what the instructions after the last name does not matter).
     avoid: u16,
+    avoid_to_last: u16,
 }
 
 impl BlockEmitter<'_> {
@@ -104,6 +108,15 @@ impl BlockEmitter<'_> {
             for (i, d) in block.instrs.iter().enumerate() {
                 let copied =
                     d.flow == Flow::Normal && d.rule == Rule::Copy && !d.rule.runs_in_engine(&d.instr, self.mode);
+                // A conditional branch leaves the run open: its taken side gives every borrowed
+                // register back (`Cold::Exit`), H with the rest, and the fall-through goes on
+                // with H. A followed `jmp` emits nothing. (`memcmp`-like loops and deflate's
+                // `longest_match` test a byte and branch between accesses through one base.)
+                let passes = d.flow == Flow::Followed
+                    || d.flow == Flow::Normal && d.rule == Rule::Branch(crate::rules::BranchKind::Jcc);
+                if passes {
+                    continue;
+                }
                 if !copied && !is_stack_move(d.flow, d.rule, &d.instr) {
                     for o in open.drain(..) {
                         close(&mut plan, o);
@@ -136,6 +149,7 @@ impl BlockEmitter<'_> {
                             }
                             (o.lo, o.hi) = (lo, hi);
                             o.avoid |= high8;
+                            o.avoid_to_last = o.avoid;
                             o.members.push((i, at));
                         }
                     } else if open.len() < MAX_OPEN && !windowless.contains(&d.instr.ip()) {
@@ -148,6 +162,7 @@ impl BlockEmitter<'_> {
                             settled: false,
                             members: vec![(i, disp)],
                             avoid: named | high8,
+                            avoid_to_last: named | high8,
                         });
                     }
                 }
@@ -286,7 +301,7 @@ fn close(plan: &mut WindowPlan, o: Open) {
         access: o.access,
         settled: o.settled,
         last,
-        avoid: o.avoid,
+        avoid: o.avoid_to_last,
     });
     for (k, &(i, at)) in o.members.iter().enumerate() {
         plan.at[i] = Some(Member {
