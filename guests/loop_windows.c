@@ -5,7 +5,7 @@
  * over an array straddling two pages mapped to frames in the opposite order (past the
  * translator's retries, whole or one element into the second page, and entered past the loop's
  * bound) and over two pages on frames in order, a compare of two arrays whose pages share a
- * TLB slot, a sum that faults on an unmapped page mid-loop
+ * TLB slot (and string compares and loads across that slot), a sum that faults on an unmapped page mid-loop
  * (CR2, the counter and the sum at the fault), a loop entered with nothing left to do whose
  * next element lies on a page never accessed (its accessed bit stays clear), and at CPL3 a sum
  * and a fault again. The transcript must be the CPU's (kvm). */
@@ -164,6 +164,19 @@ int main(void) {
     wrong = 0;
     for (int i = 0; i < 20; i++) wrong += equal_prefix(TWIN_A + 0x40, TWIN_B + 0x40, 128) != 36;
     rt_check("two streams in one TLB slot, 20 times: wrong", wrong, 0);
+    {
+        u64 si = TWIN_A + 0x40, di = TWIN_B + 0x40, n = 128;
+        __asm__ volatile("repe cmpsb" : "+S"(si), "+D"(di), "+c"(n)::"memory", "cc");
+        rt_check("repe cmpsb across the slot: left", n, 91);
+        u64 q[2] = {0, 0};
+        si = TWIN_A + 0x40; di = TWIN_B + 0x48;
+        __asm__ volatile("mov (%0), %%rax\n add (%1), %%rax\n mov %%rax, (%2)" :: "r"(si), "r"(di), "r"(q) : "rax", "memory", "cc");
+        rt_check("two loads across the slot", q[0], twin_a[8] + twin_b[9]);
+        u64 eq;
+        si = TWIN_A + 0x40; di = TWIN_B + 0x40;
+        __asm__ volatile("cmpsq\n sete %b2\n movzbl %b2, %k2" : "+S"(si), "+D"(di), "=&r"(eq)::"memory", "cc");
+        rt_check("cmpsq across the slot: equal", eq, 1);
+    }
 
     u64 *edge = filled_page(0x4000);
     rt_map(cr3, EDGE, (u64)edge, PTE_P | PTE_W);
