@@ -294,6 +294,26 @@ fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() 
 }
 
 #[test]
+fn a_ret_or_call_whose_stack_faults_after_a_load_shows_every_register() {
+    // The translator lends the registers a load's TLB lookup borrowed to the next `ret` or
+    // `call` for its own stack access (translator/src/emit/branch.rs); when that access faults,
+    // the frame must still hold the guest's registers (guests/stack_fault.c).
+    let each = |what: &str, error: &str, cr2: &str| {
+        format!(
+            "{what}:\n  vector: 0xe\n  error code: {error}\n  CR2: {cr2}\n  RIP at the branch: 0x1\n  \
+             RSP: 0x8000020800\n  registers wrong: 0x0\n"
+        )
+    };
+    let round = each("ret with its stack unmapped", "0x4", "0x8000020800")
+        + &each("call with its stack unmapped", "0x6", "0x80000207f8");
+    transcript(
+        "test-images/stack-fault.img",
+        &(round.repeat(3) + "stack-fault: ok\n"),
+        0,
+    );
+}
+
+#[test]
 fn counted_loops_over_arrays_fault_straddle_and_set_bits_like_the_cpu() {
     // Loop windows (translator/src/emit/loop_window.rs): one lookup per entry into a counted
     // loop for each array it walks; a range across two pages falls back (and is given up), so

@@ -80,6 +80,7 @@ impl BlockEmitter<'_> {
             }
             BranchKind::Call => {
                 self.push_return(next)?;
+                self.flush_lazy(u16::MAX);
                 self.exit_jump(Code::Jmp_rel32_64, instr.near_branch64());
             }
             // Indirect jumps and calls go through the same per-site cache as `ret`: it is filled
@@ -157,7 +158,12 @@ impl BlockEmitter<'_> {
     /// rsp,[rsp+n]` for `ret n`, then the dispatch (returns usually go back to one caller, so the
     /// inline cache usually hits).
     fn ret(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
-        self.borrow_dispatch_regs();
+        // Lazily given-back registers (`emit_block`) are still borrowed here: the load takes
+        // them without a store, and the rest go back before the dispatch.
+        self.claim(TARGET);
+        if !self.soft_mmu {
+            self.claim(Register::RCX);
+        }
         let extra = if instr.op_count() == 1 {
             instr.immediate16() as i64
         } else {
@@ -187,6 +193,8 @@ impl BlockEmitter<'_> {
                 ));
             }
         }
+        self.flush_lazy(!DISPATCH_MASK);
+        self.claim(Register::RCX);
         self.cached_dispatch(pop);
         Ok(())
     }

@@ -442,10 +442,19 @@ pub fn emit_block(
                     d.rule,
                     Rule::Branch(crate::rules::BranchKind::Jcc | crate::rules::BranchKind::Jmp)
                 );
+        // A `ret` or a direct `call` takes them for its own stack access and gives back the rest
+        // after it (`branch.rs`); an inlined call's push goes on with them: given back here,
+        // the access's lookup borrowed them again, a store each.
+        let stack_branch = d.flow == Flow::InlinedCall
+            || d.flow == Flow::Normal
+                && matches!(
+                    d.rule,
+                    Rule::Branch(crate::rules::BranchKind::Ret | crate::rules::BranchKind::Call)
+                );
         let (needed, overwritten) = if copied {
             let uses = e.uses[index].1;
             (uses.read, uses.overwritten)
-        } else if direct {
+        } else if direct || stack_branch {
             (0, 0)
         } else {
             (u16::MAX, 0)
@@ -638,6 +647,17 @@ impl BlockEmitter<'_> {
             self.lazy |= 1 << asm::reg_num(reg);
         } else {
             self.give_back(reg);
+        }
+    }
+
+    /// Borrows `reg` for glue: one given back lazily is taken as it is (its guest value is in
+    /// its slot), one not borrowed is stored first, one borrowed already stays so.
+    fn claim(&mut self, reg: Register) {
+        let bit = 1 << asm::reg_num(reg);
+        if self.lazy & bit != 0 {
+            self.lazy &= !bit;
+        } else if self.spilled & bit == 0 {
+            self.borrow(reg);
         }
     }
 
