@@ -160,10 +160,7 @@ impl BlockEmitter<'_> {
     fn ret(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
         // Lazily given-back registers (`emit_block`) are still borrowed here: the load takes
         // them without a store, and the rest go back before the dispatch.
-        self.claim(TARGET);
-        if !self.soft_mmu {
-            self.claim(Register::RCX);
-        }
+        self.borrow_dispatch_regs();
         let extra = if instr.op_count() == 1 {
             instr.immediate16() as i64
         } else {
@@ -194,7 +191,6 @@ impl BlockEmitter<'_> {
             }
         }
         self.flush_lazy(!DISPATCH_MASK);
-        self.claim(Register::RCX);
         self.cached_dispatch(pop);
         Ok(())
     }
@@ -203,9 +199,7 @@ impl BlockEmitter<'_> {
     /// borrowed, RCX is borrowed here. `rsp_delta` is how far the branch
     /// moved RSP (recorded on a miss, see `record_branch`).
     fn cached_dispatch(&mut self, rsp_delta: i64) {
-        if self.spilled & (1 << 1) == 0 {
-            self.borrow(Register::RCX);
-        }
+        self.claim(Register::RCX);
         if self.dispatcher_only {
             // A one-off step (a split access's operand in the bounce buffer, a device page,
             // mapped in the TLB until the dispatcher ends the step): straight to the
@@ -262,11 +256,12 @@ impl BlockEmitter<'_> {
     /// R11 receives the target. Under the soft-MMU RCX is borrowed later, by `cached_dispatch`,
     /// so that loading the target (and pushing a return address) can use the flag-free TLB
     /// lookup, which needs RCX for itself; under identity both spills go together (adjacent
-    /// stores to one line commit in one cycle, see `context::spill_index`).
+    /// stores to one line commit in one cycle, see `context::spill_index`). Either may be lent
+    /// lazily already (`ret`): taken as it is.
     fn borrow_dispatch_regs(&mut self) {
-        self.borrow(TARGET);
+        self.claim(TARGET);
         if !self.soft_mmu {
-            self.borrow(Register::RCX);
+            self.claim(Register::RCX);
         }
     }
 
