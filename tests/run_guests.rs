@@ -240,6 +240,28 @@ fn page_table_changes_are_seen_after_cr3_writes_invlpg_and_pge_toggles() {
 }
 
 #[test]
+fn each_address_space_runs_its_own_code_where_two_programs_look_alike() {
+    // guests/lookalike_code.c: one virtual code page, two frames alike up to a jump, a call, a
+    // taken jcc or a return. A block brought back because its bytes came back unchanged
+    // (`Translator::revive`) once kept its chained jumps and return caches into the other
+    // frame's translations: tree 2 ran tree 1's code after a jcc and after a return.
+    let mut expected = Vec::new();
+    for (tree, value) in [
+        ("tree 1", "0x1111"),
+        ("tree 2", "0x2222"),
+        ("tree 1 again", "0x1111"),
+        ("tree 2 again", "0x2222"),
+    ] {
+        for case in ["jmp", "call", "jcc", "ret after a jcc"] {
+            expected.push(format!("{tree} {case}: {value}"));
+        }
+    }
+    expected.push("lookalike-code: ok".into());
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    transcript("test-images/lookalike-code.img", &lines(&expected), 0);
+}
+
+#[test]
 fn runs_of_accesses_through_one_base_register_fault_and_straddle_like_the_cpu() {
     // Soft-MMU windows (translator/src/emit/window.rs): one lookup for a run of accesses; its
     // misses never fault, a failing window runs the first access alone, and a place that keeps

@@ -350,14 +350,15 @@ impl Translator {
     /// translated from, emitted with the same options, and none of its accesses was made
     /// windowless since (its windows would miss on): its host code is then what translating
     /// `block` would emit, and it goes back into the lookups over `phys_pages` and `mapping`
-    /// as found now. Returns its entry (after the prologue).
+    /// as found now, with its exits unlinked. Returns its entry (after the prologue).
     ///
     /// Linux patches its own text while it boots (alternatives, ftrace's NOPs, static keys,
     /// page by page through `text_poke`), and each write invalidates every block on the page:
     /// a bt boot brings back ≈6,200 blocks this way and translates 46,500 instead of 52,500
-    /// (AMD EPYC host). A dead block's links into it were undone when it died and its own
-    /// jumps out were undone by any target that died since, so it re-enters the lookups
-    /// unlinked, as a new one. `signature` is `block`'s ([`DecodedBlock::signature`]).
+    /// (AMD EPYC host). A dead block's links into it were undone when it died, and its own
+    /// jumps out are undone here (a target that did not die may hold another mapping's code),
+    /// so it re-enters the lookups unlinked, as a new one. `signature` is `block`'s
+    /// ([`DecodedBlock::signature`]).
     pub(super) fn revive(
         &mut self,
         block: &DecodedBlock,
@@ -387,6 +388,11 @@ impl Translator {
         b.global = global;
         b.global_epoch = global_epoch;
         let host = b.host;
+        // Its links out were made in the mapping it died in: a link into a block on its own
+        // pages (`Block::incoming_same_pages`) is never checked again, so one kept here would
+        // run the code that page held before (a static binary's exit ran the previous
+        // program's translation of its own address, and jumped into the padding after its text).
+        self.unlink_exits(i, false);
         self.register_code_pages(phys_pages, i);
         self.by_guest.insert(key, i);
         self.stats.blocks_revived += 1;
@@ -574,6 +580,35 @@ impl Translator {
         undo_links(&mut b.incoming_same_pages);
         let empty = self.glue.ibl_empty;
         self.ctx.get_mut().ibl_forget(key, host, empty);
+    }
+
+    /// Points every exit and inline cache of block `i` back at the dispatcher. `anywhere`: as
+    /// for [`Incoming::undo`] (translated code stopped by a signal at any instruction). The
+    /// targets keep their records of these links; undoing one again later only sends that exit
+    /// to the dispatcher once more.
+    pub(super) fn unlink_exits(&self, i: usize, anywhere: bool) {
+        let b = &self.blocks[i];
+        let at = |off: u32| b.host + off as u64;
+        for e in &b.exits {
+            let link = Incoming::Jump {
+                field: at(e.field),
+                original: at(e.stub),
+            };
+            // SAFETY: the exit's rel32 field and stub lie in the block, in the code buffer; the
+            // callers run with translated code stopped.
+            unsafe { link.undo(anywhere) };
+        }
+        for c in &b.inline_caches {
+            let cache = Incoming::InlineCache {
+                imm: at(c.imm_field),
+                rel: at(c.rel_field),
+                miss: at(c.miss),
+                fill: at(c.fill_field),
+                fill_stub: at(c.fill_stub),
+            };
+            // SAFETY: as above, for the cache's fields.
+            unsafe { cache.undo(anywhere) };
+        }
     }
 
     /// Records a link from block `src` into block `dst` (so invalidation and

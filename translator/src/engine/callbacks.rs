@@ -35,7 +35,7 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
     // Its inline caches undone, the block's indirect branches miss them and leave for the
     // dispatcher (the restored fill jump), never reaching the indirect-branch table.
     if let Some(i) = t.block_at_host(pc) {
-        unlink_exits(t, i);
+        t.unlink_exits(i, true);
         return;
     }
     // In the glue: its exit and miss paths are on their way to the dispatcher already; its
@@ -57,7 +57,7 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
             t.block_at_entry(unsafe { (*t.ctx.as_ptr()).entry_target })
         };
         if let Some(i) = block {
-            unlink_exits(t, i);
+            t.unlink_exits(i, true);
             return;
         }
     }
@@ -77,31 +77,6 @@ pub(super) fn interrupt(data: *const (), pc_in_code: Option<u64>) {
         for t in &mut (*ctx).ibls {
             t.tags.fill(IBL_EMPTY_TAG);
         }
-    }
-}
-
-/// Points every exit and inline cache of block `i` back at the dispatcher (translated code is
-/// stopped by the signal).
-fn unlink_exits(t: &Translator, i: usize) {
-    let b = &t.blocks[i];
-    for e in &b.exits {
-        let field = b.host + e.field as u64;
-        let stub = b.host + e.stub as u64;
-        // SAFETY: the exit's rel32 field lies in the block, in the code buffer; translated
-        // code is stopped.
-        unsafe { std::ptr::write_unaligned(field as *mut i32, stub.wrapping_sub(field + 4) as i32) };
-    }
-    for c in &b.inline_caches {
-        let at = |off: u32| b.host + off as u64;
-        let cache = cache::Incoming::InlineCache {
-            imm: at(c.imm_field),
-            rel: at(c.rel_field),
-            miss: at(c.miss),
-            fill: at(c.fill_field),
-            fill_stub: at(c.fill_stub),
-        };
-        // SAFETY: the cache's fields lie in the block; translated code is stopped.
-        unsafe { cache.undo(true) };
     }
 }
 

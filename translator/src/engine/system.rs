@@ -45,7 +45,13 @@ pub struct DeliveredEvent {
 impl std::fmt::Display for DeliveredEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.event {
-            Event::Exception(e) => write!(f, "exception {e} (vector {})", e.vector)?,
+            Event::Exception(e) => {
+                write!(f, "exception {e} (vector {}", e.vector)?;
+                if let Some(code) = e.error_code {
+                    write!(f, ", error code {code:#x}")?;
+                }
+                write!(f, ")")?;
+            }
             Event::Software { vector, .. } => write!(f, "int {vector:#x}")?,
             Event::External(v) => write!(f, "interrupt vector {v}")?,
         }
