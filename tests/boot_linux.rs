@@ -8,7 +8,8 @@
 //! reaching another process), the register checks of `guests/linux/registers.c` (vector, x87
 //! and MXCSR values kept across system calls, page faults, interrupts, context switches and
 //! signal handlers — under hybrid the XSAVE image stays in KVM until the translated kernel
-//! touches it), 50 `busybox --install` runs (short processes, each on a freshly
+//! touches it), the port I/O checks of `guests/linux/ports.c` (`ioperm` and `iopl` grants
+//! through the TSS I/O permission bitmap), 50 `busybox --install` runs (short processes, each on a freshly
 //! randomized stack) without a crash, and that the machine ran in APIC mode: the serial port's
 //! interrupt through the I/O APIC and the local APIC timer ticking (found through the ACPI MADT
 //! that `acpi.rs` writes). hbt decompresses and places the kernel itself (the KASLR offset and
@@ -37,6 +38,7 @@ echo "arith: $((6 * 7 + 2 ** 10))"
 sha256sum /payload.txt
 /coherence
 /registers
+/ports
 grep -E "LOC:|ttyS0" /proc/interrupts
 i=0; bad=0
 while [ $i -lt 50 ]; do mkdir /tmp/$i && busybox --install -s /tmp/$i || bad=$((bad+1)); i=$((i+1)); done
@@ -112,7 +114,7 @@ fn boot(engine: &[&str]) -> String {
     std::fs::write(&payload, "hbt boots Linux without KVM\n".repeat(1000)).unwrap();
     let initrd = dir.path().join("initramfs.cpio");
     let root = env!("CARGO_MANIFEST_DIR");
-    let programs: Vec<_> = ["coherence", "registers"]
+    let programs: Vec<_> = ["coherence", "ports", "registers"]
         .iter()
         .map(|name| {
             let binary = dir.path().join(name);
@@ -203,9 +205,10 @@ fn boot(engine: &[&str]) -> String {
         "init: up".to_string(),
         format!("uname: {release}"),
         format!("model name\t: {host_model}"),
-        "ls: bin coherence dev init payload.txt proc registers root sys tmp".to_string(),
+        "ls: bin coherence dev init payload.txt ports proc registers root sys tmp".to_string(),
         "coherence: all ok".to_string(),
         "registers: all ok".to_string(),
+        "ports: all ok".to_string(),
         "arith: 1066".to_string(),
         format!("{sha}  /payload.txt"),
         // Many processes, each with a fresh randomized stack: user code's split accesses over

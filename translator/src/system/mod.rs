@@ -175,14 +175,49 @@ fn iopl(s: &GuestState) -> u16 {
     ((s.rflags & flags::IOPL) >> 12) as u16
 }
 
-/// `in`/`out`/`cli`/`sti` need CPL ≤ IOPL (the TSS I/O bitmap is not modelled: with IOPL
-/// below CPL port access raises #GP, as with a TSS that has no bitmap).
-fn io_allowed(s: &GuestState) -> Result<(), Failure> {
+/// `cli`/`sti` need CPL ≤ IOPL (no virtual-interrupt extensions: CR4.PVI is not offered).
+fn iopl_allowed(s: &GuestState) -> Result<(), Failure> {
     if s.cpl as u16 <= iopl(s) {
         Ok(())
     } else {
         Err(GuestException::gp(0).into())
     }
+}
+
+/// Where the 64-bit TSS keeps the offset of its I/O permission bitmap, and the smallest limit
+/// a TSS with that field has.
+const TSS_IOMAP_FIELD: u64 = 0x66;
+const TSS_MIN_LIMIT: u64 = 0x67;
+
+/// `in`/`out`/`ins`/`outs` of `size` bytes at `port`: allowed at CPL ≤ IOPL; above, only where
+/// the TSS I/O permission bitmap has a clear bit for every port the access spans (SDM Vol. 1
+/// §19.5.2; AMD APM Vol. 2 §13.3.3). The CPU reads the two bitmap bytes from the one holding
+/// the first port's bit, both within the TSS limit — a bitmap offset at or past the limit
+/// grants nothing — as supervisor reads whatever the CPL. A Linux process granted ports with
+/// `ioperm` or `iopl(3)` (emulated with an all-ones grant since Linux 5.5) runs its port I/O
+/// at CPL3 with IOPL 0 through this.
+fn port_allowed(s: &GuestState, mem: &mut dyn GuestMemory, port: u16, size: u8) -> Result<(), Failure> {
+    if s.cpl as u16 <= iopl(s) {
+        return Ok(());
+    }
+    let denied = || Err(GuestException::gp(0).into());
+    let (base, limit) = (s.sys.tr.base, s.sys.tr.limit as u64);
+    if limit < TSS_MIN_LIMIT {
+        return denied();
+    }
+    let mut field = [0u8; 2];
+    mem.read_system(base.wrapping_add(TSS_IOMAP_FIELD), &mut field)?;
+    let at = u16::from_le_bytes(field) as u64 + (port as u64 >> 3);
+    if at + 1 > limit {
+        return denied();
+    }
+    let mut bits = [0u8; 2];
+    mem.read_system(base.wrapping_add(at), &mut bits)?;
+    let mask = ((1u32 << size) - 1) << (port & 7);
+    if u16::from_le_bytes(bits) as u32 & mask != 0 {
+        return denied();
+    }
+    Ok(())
 }
 
 fn mem_va(s: &GuestState, instr: &Instruction, operand: u32) -> u64 {
@@ -199,11 +234,11 @@ fn system_op(
 ) -> Result<Next, Failure> {
     match op {
         SystemOp::Cli => {
-            io_allowed(s)?;
+            iopl_allowed(s)?;
             s.rflags &= !flags::IF;
         }
         SystemOp::Sti => {
-            io_allowed(s)?;
+            iopl_allowed(s)?;
             if s.rflags & flags::IF == 0 {
                 s.sys.interrupt_shadow = true;
             }
@@ -214,7 +249,6 @@ fn system_op(
             return Ok(Next::Exit(Exit::Halt));
         }
         SystemOp::PortIn | SystemOp::PortOut => {
-            io_allowed(s)?;
             let (port_op, reg_op) = if op == SystemOp::PortIn { (1, 0) } else { (0, 1) };
             let port = match instr.op_kind(port_op) {
                 OpKind::Immediate8 => instr.immediate8() as u16,
@@ -222,6 +256,7 @@ fn system_op(
             };
             let reg = instr.op_register(reg_op);
             let size = reg.size() as u8;
+            port_allowed(s, mem, port, size)?;
             if op == SystemOp::PortIn {
                 let v = platform.port_in(port, size);
                 write_gpr(s, reg, v as u64);
@@ -383,9 +418,9 @@ fn port_string(
     mem: &mut dyn GuestMemory,
     platform: &mut dyn Platform,
 ) -> Result<Next, Failure> {
-    io_allowed(s)?;
     let here = instr.ip();
     let n = instr.memory_size().size();
+    port_allowed(s, mem, s.gpr[gpr::RDX] as u16, n as u8)?;
     let input = matches!(instr.mnemonic(), Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd);
     let (pointer, kind) = if input {
         (gpr::RDI, instr.op0_kind())
@@ -964,5 +999,51 @@ mod tests {
         (s.gpr[gpr::RDX], s.gpr[gpr::RSI]) = (0x80, 0x7010);
         assert!(gp(run(&mut s, &[0x6e], &mut mem, &mut ports)));
         assert_eq!(ports.0.len(), 2);
+    }
+
+    #[test]
+    fn port_io_above_iopl_needs_clear_bitmap_bits_in_two_bytes_within_the_tss_limit() {
+        // A TSS at 0x3000 whose bitmap (at offset 0x68) grants ports 0x3ff and 0x400 only; the
+        // CPU reads the two bitmap bytes from the first port's.
+        let mut mem = Pages::with(&[0x3000, 0x4000, 0x5000]);
+        mem.write(0x3066, &0x68u16.to_le_bytes()).unwrap();
+        mem.write(0x3068, &[0xff; 8193]).unwrap();
+        mem.write(0x3068 + 0x7f, &[0x7f, 0xfe]).unwrap();
+        let mut ports = Ports::default();
+        let user = |limit: u32, dx: u64| {
+            let mut s = GuestState::default();
+            s.sys.tr.base = 0x3000;
+            s.sys.tr.limit = limit;
+            s.gpr[gpr::RDX] = dx;
+            s
+        };
+        let full = 0x68 + 8192;
+        // in al,dx / in ax,dx / in eax,dx
+        let (inb, inw, ind) = ([0xec], [0x66, 0xed], [0xed]);
+        let ok = |next: Next| next == Next::Continue;
+        assert!(ok(run(&mut user(full, 0x3ff), &inb, &mut mem, &mut ports)));
+        assert!(
+            ok(run(&mut user(full, 0x3ff), &inw, &mut mem, &mut ports)),
+            "bits in two bytes"
+        );
+        assert!(gp(run(&mut user(full, 0x3fe), &inb, &mut mem, &mut ports)));
+        assert!(
+            gp(run(&mut user(full, 0x3fe), &inw, &mut mem, &mut ports)),
+            "first port denied"
+        );
+        assert!(
+            gp(run(&mut user(full, 0x3ff), &ind, &mut mem, &mut ports)),
+            "0x401 denied"
+        );
+        // The limit at the first port's byte: the second is past it.
+        assert!(gp(run(&mut user(0x68 + 0x7f, 0x3ff), &inb, &mut mem, &mut ports)));
+        assert!(ok(run(&mut user(0x68 + 0x80, 0x3ff), &inb, &mut mem, &mut ports)));
+        // No bitmap room, a TSS shorter than its I/O map field, IOPL 3.
+        mem.write(0x3066, &0x2000u16.to_le_bytes()).unwrap();
+        assert!(gp(run(&mut user(full, 0x3ff), &inb, &mut mem, &mut ports)));
+        assert!(gp(run(&mut user(0x60, 0x3ff), &inb, &mut mem, &mut ports)));
+        let mut s = user(0x60, 0x3fe);
+        s.rflags |= flags::IOPL;
+        assert!(ok(run(&mut s, &inb, &mut mem, &mut ports)));
     }
 }

@@ -1,0 +1,103 @@
+/* Port I/O from a Linux process: `ioperm` and `iopl` grant ports through the TSS I/O permission
+ * bitmap (since Linux 5.5 `iopl(3)` too: the kernel emulates it with an all-ones grant and
+ * keeps the real IOPL at 0), so `in`/`out` at CPL3 must consult the guest's TSS — under the
+ * translator, and under hybrid, where KVM (kvm_pvm) raises #GP for every port access from CPL3
+ * and hbt re-runs the instruction in the translator. `cli` still raises #GP at IOPL 0, which
+ * the kernel of a process with emulated `iopl(3)` skips (no signal, interrupts stay enabled).
+ * The ports: the UART's scratch register at 0x3ff (a byte that reads back what was written:
+ * the 8250 driver only uses it while probing) and its modem status register at 0x3fe (read
+ * only, for a port outside the grant).
+ * Built static by tests/boot_linux.rs; prints one line per check and exits 0 when all pass. */
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/io.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static sigjmp_buf env;
+static volatile int faults;
+static int failed;
+
+static void on_segv(int sig) {
+    (void)sig;
+    faults++;
+    siglongjmp(env, 1);
+}
+
+static void check(const char *what, int ok) {
+    printf("ports: %s %s\n", what, ok ? "ok" : "FAILED");
+    failed |= !ok;
+}
+
+/* 1 if `inb(port)` faults; the byte read in *v otherwise. */
+static int in_faults(unsigned short port, volatile unsigned char *v) {
+    int before = faults;
+    if (sigsetjmp(env, 1) == 0)
+        *v = inb(port);
+    return faults != before;
+}
+
+static int out_faults(unsigned short port, unsigned char v) {
+    int before = faults;
+    if (sigsetjmp(env, 1) == 0)
+        outb(v, port);
+    return faults != before;
+}
+
+/* `cli` then RFLAGS.IF, or -1 if it faulted. */
+static int cli_then_if(void) {
+    int before = faults;
+    unsigned long flags = 0;
+    if (sigsetjmp(env, 1) == 0)
+        __asm__ volatile("cli; pushf; pop %0" : "=r"(flags));
+    return faults != before ? -1 : (int)(flags >> 9 & 1);
+}
+
+int main(void) {
+    signal(SIGSEGV, on_segv);
+    volatile unsigned char v = 0;
+    check("no grant: inb faults", in_faults(0x3ff, &v));
+    check("no grant: outb faults", out_faults(0x3ff, 0x11));
+
+    check("ioperm(0x3ff, 1, 1)", ioperm(0x3ff, 1, 1) == 0);
+    check("granted: outb 0xa5 to the scratch register", !out_faults(0x3ff, 0xa5));
+    check("granted: inb reads 0xa5 back", !in_faults(0x3ff, &v) && v == 0xa5);
+    check("outside the grant: inb 0x3fe faults", in_faults(0x3fe, &v));
+    check("word access half outside the grant faults", ({
+              int before = faults;
+              if (sigsetjmp(env, 1) == 0)
+                  (void)inw(0x3fe);
+              faults != before;
+          }));
+    unsigned char buf[4] = {0x5a, 0, 0, 0};
+    check("granted: outsb then insb", ({
+              int before = faults;
+              if (sigsetjmp(env, 1) == 0) {
+                  outsb(0x3ff, buf, 1);
+                  insb(0x3ff, buf + 1, 1);
+              }
+              faults == before && buf[1] == 0x5a;
+          }));
+    check("ioperm(0x3ff, 1, 0)", ioperm(0x3ff, 1, 0) == 0);
+    check("revoked: inb faults", in_faults(0x3ff, &v));
+
+    check("iopl(3)", iopl(3) == 0);
+    check("iopl 3: outb 0x3c", !out_faults(0x3ff, 0x3c));
+    check("iopl 3: inb 0x3ff reads 0x3c", !in_faults(0x3ff, &v) && v == 0x3c);
+    check("iopl 3: cli skipped by the kernel, IF still set", cli_then_if() == 1);
+    check("iopl(0)", iopl(0) == 0);
+    check("iopl 0: inb faults", in_faults(0x3ff, &v));
+
+    /* fork copies the grant (the kernel switches the TSS bitmap with the task). */
+    check("ioperm again", ioperm(0x3ff, 1, 1) == 0);
+    pid_t child = fork();
+    if (child == 0)
+        _exit(!out_faults(0x3ff, 0x77) ? 0 : 1);
+    int status = 0;
+    waitpid(child, &status, 0);
+    check("a forked child keeps the grant", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    printf("ports: %s\n", failed ? "FAILED" : "all ok");
+    return failed;
+}
