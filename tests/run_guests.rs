@@ -52,15 +52,26 @@ fn stats_json(args: &[&str]) -> serde_json::Value {
 
 /// The guest prints `expected` and ends with `status` under every engine.
 fn transcript(image: &str, expected: &str, status: i32) {
-    // Each engine, and the hybrid engine with every stretch of user code under KVM (its
-    // default policy leaves the short stretches of these guests to the translator).
-    let runs: [&[&str]; 4] = [
-        &["--accel", "kvm"],
-        &["--accel", "bt"],
-        &["--accel", "hybrid"],
-        &["--accel", "hybrid", "--hybrid-policy", "always-kvm"],
-    ];
-    for engine in runs {
+    transcript_under(&EVERY_ENGINE, image, expected, status);
+}
+
+/// Each engine, and the hybrid engine with every stretch of user code under KVM (its
+/// default policy leaves the short stretches of these guests to the translator).
+const EVERY_ENGINE: [&[&str]; 4] = [
+    &["--accel", "kvm"],
+    &["--accel", "bt"],
+    &["--accel", "hybrid"],
+    &["--accel", "hybrid", "--hybrid-policy", "always-kvm"],
+];
+/// The engines in which hbt's translator runs guest code (for what KVM alone shows otherwise).
+const TRANSLATING_ENGINES: [&[&str]; 3] = [
+    &["--accel", "bt"],
+    &["--accel", "hybrid"],
+    &["--accel", "hybrid", "--hybrid-policy", "always-kvm"],
+];
+
+fn transcript_under(engines: &[&[&str]], image: &str, expected: &str, status: i32) {
+    for &engine in engines {
         let (stdout, stderr, code) = hbt_run(&[engine, &[image]].concat());
         let engine = engine.join(" ");
         assert_eq!(
@@ -595,16 +606,7 @@ fn serialize_is_offered_and_runs_at_cpl0_and_cpl3() {
         "no #UD reached the guest",
         "serialize: ok",
     ]);
-    let runs: [&[&str]; 3] = [
-        &["--accel", "bt"],
-        &["--accel", "hybrid"],
-        &["--accel", "hybrid", "--hybrid-policy", "always-kvm"],
-    ];
-    for engine in runs {
-        let (stdout, stderr, code) = hbt_run(&[engine, &["test-images/serialize.img"]].concat());
-        assert_eq!(stdout, offered, "{engine:?}: {stderr}");
-        assert_eq!(code, Some(0), "{engine:?}: {stderr}");
-    }
+    transcript_under(&TRANSLATING_ENGINES, "test-images/serialize.img", &offered, 0);
     // KVM alone shows KVM's CPUID: the host's SERIALIZE, if it has one.
     let (stdout, stderr, code) = hbt_run(&["--accel", "kvm", "test-images/serialize.img"]);
     let absent = lines(&["CPUID does not offer serialize", "serialize: ok"]);
@@ -651,16 +653,7 @@ fn port_io_at_cpl3_follows_the_tss_io_permission_bitmap() {
             "  IOPL 3, cli; sti: no fault",
         ],
     );
-    let runs: [&[&str]; 3] = [
-        &["--accel", "bt"],
-        &["--accel", "hybrid"],
-        &["--accel", "hybrid", "--hybrid-policy", "always-kvm"],
-    ];
-    for engine in runs {
-        let (stdout, stderr, code) = hbt_run(&[engine, &["test-images/io-bitmap.img"]].concat());
-        assert_eq!(stdout, expected, "{engine:?}: {stderr}");
-        assert_eq!(code, Some(0), "{engine:?}: {stderr}");
-    }
+    transcript_under(&TRANSLATING_ENGINES, "test-images/io-bitmap.img", &expected, 0);
     // KVM alone is kvm_pvm's emulator (measured on an AMD EPYC host): it checks only the first
     // bitmap byte against the limit and raises #GP at IOPL 3 too.
     let kvm_pvm = cpu(

@@ -4,8 +4,8 @@
  * src/vmm/engine/hybrid/user_tables.rs): a stale copy shows up here as a read of unmapped
  * memory, a write to a read-only page, or one process seeing another's pages.
  * Built static by tests/boot_linux.rs; prints one line per check and exits 0 when all pass. */
-#include <setjmp.h>
-#include <signal.h>
+#define PROGRAM "coherence"
+#include "checks.h"
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -14,15 +14,6 @@
 
 #define PAGE 4096
 #define PAGES 64
-static sigjmp_buf env;
-static volatile int faults;
-static int failed;
-
-static void on_segv(int sig) {
-    (void)sig;
-    faults++;
-    siglongjmp(env, 1);
-}
 
 /* 1 if reading (or writing) *p faults. */
 static int faults_on(volatile char *p, int write) {
@@ -34,11 +25,6 @@ static int faults_on(volatile char *p, int write) {
             (void)*p;
     }
     return faults != before;
-}
-
-static void check(const char *what, int ok) {
-    printf("coherence: %s %s\n", what, ok ? "ok" : "FAILED");
-    failed |= !ok;
 }
 
 static char *map(int prot) {
@@ -118,6 +104,5 @@ int main(void) {
     check("freed pages reach another process zeroed", WIFEXITED(status) && WEXITSTATUS(status) == 0);
     check("the old owner's address still faults", faults_on(secret, 0));
 
-    printf("coherence: %s\n", failed ? "FAILED" : "all ok");
-    return failed;
+    return all_checked();
 }

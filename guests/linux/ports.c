@@ -8,27 +8,13 @@
  * the 8250 driver only uses it while probing) and its modem status register at 0x3fe (read
  * only, for a port outside the grant).
  * Built static by tests/boot_linux.rs; prints one line per check and exits 0 when all pass. */
-#include <setjmp.h>
-#include <signal.h>
+#define PROGRAM "ports"
+#include "checks.h"
 #include <stdio.h>
 #include <sys/io.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-static sigjmp_buf env;
-static volatile int faults;
-static int failed;
-
-static void on_segv(int sig) {
-    (void)sig;
-    faults++;
-    siglongjmp(env, 1);
-}
-
-static void check(const char *what, int ok) {
-    printf("ports: %s %s\n", what, ok ? "ok" : "FAILED");
-    failed |= !ok;
-}
 
 /* 1 if `inb(port)` faults; the byte read in *v otherwise. */
 static int in_faults(unsigned short port, volatile unsigned char *v) {
@@ -98,6 +84,5 @@ int main(void) {
     waitpid(child, &status, 0);
     check("a forked child keeps the grant", WIFEXITED(status) && WEXITSTATUS(status) == 0);
 
-    printf("ports: %s\n", failed ? "FAILED" : "all ok");
-    return failed;
+    return all_checked();
 }

@@ -1,0 +1,27 @@
+/* What the Linux guest test programs share (each built static on its own by
+ * tests/boot_linux.rs): a SIGSEGV handler that counts the fault and jumps back to the last
+ * `sigsetjmp(env, 1)`, one line per check ("PROGRAM: what ok|FAILED") and the last line
+ * ("PROGRAM: all ok|FAILED", the exit status). Define PROGRAM before including it. */
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+
+static sigjmp_buf env;
+static volatile int faults;
+static int failed;
+
+static void on_segv(int sig) {
+    (void)sig;
+    faults++;
+    siglongjmp(env, 1);
+}
+
+static void check(const char *what, int ok) {
+    printf(PROGRAM ": %s %s\n", what, ok ? "ok" : "FAILED");
+    failed |= !ok;
+}
+
+static int all_checked(void) {
+    printf(PROGRAM ": %s\n", failed ? "FAILED" : "all ok");
+    return failed;
+}
