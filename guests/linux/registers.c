@@ -8,6 +8,8 @@
  * that reads or writes the registers without fetching them shows up here as a wrong value.
  * Built static by tests/boot_linux.rs; prints one line per process and exits 0 when all pass. */
 #define _GNU_SOURCE
+#include <cpuid.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -28,6 +30,20 @@
 #define STORE_X(n) "movdqu %%xmm" #n ", " #n "*32(%[out])\n\t"
 #define ONES_Y(n) "vpcmpeqd %%ymm" #n ", %%ymm" #n ", %%ymm" #n "\n\t"
 #define ONES_X(n) "pcmpeqd %%xmm" #n ", %%xmm" #n "\n\t"
+/* AVX-512 (where the model offers it): zmm0-31, then k1-k7 after them. */
+#define R32(op) R16(op) op(16) op(17) op(18) op(19) op(20) op(21) op(22) op(23) \
+    op(24) op(25) op(26) op(27) op(28) op(29) op(30) op(31)
+#define R7(op) op(1) op(2) op(3) op(4) op(5) op(6) op(7)
+#define LOAD_Z(n) "vmovdqu64 " #n "*64(%[in]), %%zmm" #n "\n\t"
+#define STORE_Z(n) "vmovdqu64 %%zmm" #n ", " #n "*64(%[out])\n\t"
+#define LOAD_K(n) "kmovw 2048+" #n "*2(%[in]), %%k" #n "\n\t"
+#define STORE_K(n) "kmovw %%k" #n ", 2048+" #n "*2(%[out])\n\t"
+#define ONES_Z(n) "vpternlogd $0xff, %%zmm" #n ", %%zmm" #n ", %%zmm" #n "\n\t"
+#define ONES_K(n) "kxnorw %%k" #n ", %%k" #n ", %%k" #n "\n\t"
+#define ZMM_CLOBBERS XMM_CLOBBERS, "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", \
+    "xmm23", "xmm24", "xmm25", "xmm26", "xmm27", "xmm28", "xmm29", "xmm30", "xmm31", "k1", "k2", \
+    "k3", "k4", "k5", "k6", "k7"
+#define REGS_BYTES (32 * 64 + 8 * 2)
 #define XMM_CLOBBERS "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", \
     "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15"
 
@@ -55,13 +71,17 @@
     "jnz 1b\n\t"
 
 struct result {
-    unsigned char regs[16 * 32];
+    unsigned char regs[REGS_BYTES];
     unsigned mxcsr;
     double x87[2];
 };
 
 static volatile int signals, misaligned;
-static int avx;
+static int avx, avx512;
+
+__attribute__((target("avx512f"))) static void ones_avx512(unsigned mx) {
+    __asm__ volatile(R32(ONES_Z) R7(ONES_K) "ldmxcsr %0\n\t" ::"m"(mx) : ZMM_CLOBBERS);
+}
 
 /* The misaligned movaps (0f 28 00): it did nothing; go on after it. */
 static void on_segv(int sig, siginfo_t *info, void *context) {
@@ -77,33 +97,43 @@ static void on_alarm(int sig) {
     signals++;
     /* Whatever the handler leaves must not reach the interrupted code (sigreturn restores). */
     unsigned mx = 0x7f80; /* round toward zero, all masked */
-    if (avx)
+    if (avx512)
+        ones_avx512(mx);
+    else if (avx)
         __asm__ volatile(R16(ONES_Y) "ldmxcsr %0\n\t" ::"m"(mx) : XMM_CLOBBERS);
     else
         __asm__ volatile(R16(ONES_X) "ldmxcsr %0\n\t" ::"m"(mx) : XMM_CLOBBERS);
 }
 
 /* Loads the registers from `in`, runs BODY, stores them to `out` (LOAD/STORE: ymm or xmm). */
-#define RUN(LOAD, STORE)                                                                         \
-    __asm__ volatile(R16(LOAD) BODY R16(STORE) "stmxcsr %[mxo]\n\t"                              \
+#define RUN(LOADS, STORES, CLOBBERS)                                                             \
+    __asm__ volatile(LOADS BODY STORES "stmxcsr %[mxo]\n\t"                                      \
                      "fstpl %[x0]\n\t"                                                           \
                      "fstpl %[x1]\n\t"                                                           \
                      : [pg] "+r"(pages), [n] "+r"(n), [mxo] "=m"(out->mxcsr), [x0] "=m"(out->x87[0]), \
                        [x1] "=m"(out->x87[1])                                                    \
                      : [in] "r"(in), [out] "r"(out->regs), [mx] "m"(mx)                          \
-                     : "rax", "rcx", "r11", "memory", "cc", XMM_CLOBBERS)
+                     : "rax", "rcx", "r11", "memory", "cc", CLOBBERS)
+
+__attribute__((target("avx512f"))) static void run_avx512(const unsigned char *in, struct result *out,
+                                                          volatile char *pages, unsigned mx) {
+    long n = ROUNDS;
+    RUN(R32(LOAD_Z) R7(LOAD_K), R32(STORE_Z) R7(STORE_K), ZMM_CLOBBERS);
+}
 
 static void run(const unsigned char *in, struct result *out, volatile char *pages, unsigned mx) {
     long n = ROUNDS;
-    if (avx)
-        RUN(LOAD_Y, STORE_Y);
+    if (avx512)
+        run_avx512(in, out, pages, mx);
+    else if (avx)
+        RUN(R16(LOAD_Y), R16(STORE_Y), XMM_CLOBBERS);
     else
-        RUN(LOAD_X, STORE_X);
+        RUN(R16(LOAD_X), R16(STORE_X), XMM_CLOBBERS);
 }
 
 /* One process's check; 0 when every register came back as loaded. */
 static int check(const char *who, unsigned seed) {
-    static unsigned char in[16 * 32];
+    static unsigned char in[REGS_BYTES];
     static struct result out;
     unsigned x = seed * 2654435761u;
     for (int i = 0; i < (int)sizeof in; i++) {
@@ -122,20 +152,77 @@ static int check(const char *who, unsigned seed) {
     run(in, &out, pages, mx);
     struct itimerval off = {{0, 0}, {0, 0}};
     setitimer(ITIMER_REAL, &off, 0);
-    int width = avx ? 32 : 16, bad = 0;
-    for (int r = 0; r < 16; r++)
-        bad += memcmp(out.regs + 32 * r, in + 32 * r, width) != 0;
+    int bad = 0;
+    if (avx512)
+        /* zmm0-31, and k1-k7 (k0 is not loaded) */
+        bad += memcmp(out.regs, in, 32 * 64) != 0 || memcmp(out.regs + 2050, in + 2050, 14) != 0;
+    else
+        for (int r = 0; r < 16; r++)
+            bad += memcmp(out.regs + 32 * r, in + 32 * r, avx ? 32 : 16) != 0;
     bad += out.mxcsr != mx;
     bad += out.x87[0] != 1.0;
     bad += out.x87[1] < 3.14159 || out.x87[1] > 3.1416;
     bad += misaligned != ROUNDS;
-    printf("registers: %s (%s, %d timer signals, %d #GP) %s\n", who, avx ? "ymm" : "xmm", signals, misaligned,
+    printf("registers: %s (%s, %d timer signals, %d #GP) %s\n", who, avx512 ? "zmm" : avx ? "ymm" : "xmm", signals, misaligned,
            bad ? "FAILED" : "ok");
     return bad != 0;
 }
 
+/* The XSAVE contract a process relies on: `xgetbv` shows only components CPUID offers, and
+ * `xsavec` of everything into a buffer sized from CPUID (what the dynamic loader's lazy-binding
+ * trampoline does on its stack) stays inside it — a guard page after the buffer turns an
+ * overrun (or a probe of a larger area) into SIGSEGV. Under hybrid kvm_pvm runs user code with
+ * the host's XCR0, so the model must offer what the host has. 0 when both hold. */
+static sigjmp_buf guard_env;
+static void on_guard(int sig) {
+    (void)sig;
+    siglongjmp(guard_env, 1);
+}
+
+static int check_xsave_contract(void) {
+    unsigned eax, ebx, ecx, edx;
+    __cpuid(1, eax, ebx, ecx, edx);
+    if (!(ecx & bit_OSXSAVE))
+        return 0;
+    __cpuid_count(0xd, 0, eax, ebx, ecx, edx);
+    unsigned long offered = eax | (unsigned long)edx << 32;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    unsigned long xcr0 = lo | (unsigned long)hi << 32;
+    int bad = (xcr0 & ~offered) != 0;
+    /* The compacted size of every offered component, as glibc computes it. */
+    unsigned size = 576;
+    for (int i = 2; i < 64; i++) {
+        if (!(offered >> i & 1))
+            continue;
+        unsigned a, b, c, d;
+        __cpuid_count(0xd, i, a, b, c, d);
+        if (c & 2)
+            size = (size + 63) & ~63u;
+        size += a;
+    }
+    size = (size + 63) & ~63u;
+    char *area = mmap(0, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    mprotect(area + PAGE, PAGE, PROT_NONE);
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_guard;
+    sigaction(SIGSEGV, &sa, &old);
+    int faulted = 0;
+    if (sigsetjmp(guard_env, 1) == 0)
+        __asm__ volatile("xsavec (%0)" ::"r"(area + PAGE - size), "a"(-1), "d"(-1) : "memory");
+    else
+        faulted = 1;
+    sigaction(SIGSEGV, &old, 0);
+    printf("registers: xgetbv %#lx within CPUID's %#lx, xsavec of %u bytes before a guard page%s %s\n", xcr0,
+           offered, size, faulted ? " faulted" : "", bad || faulted ? "FAILED" : "ok");
+    return bad || faulted;
+}
+
 int main(void) {
+    int contract = check_xsave_contract();
     avx = __builtin_cpu_supports("avx");
+    avx512 = __builtin_cpu_supports("avx512f");
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_alarm;
@@ -152,7 +239,7 @@ int main(void) {
     int failed = check("parent", 1);
     int status;
     waitpid(child, &status, 0);
-    failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    failed |= !WIFEXITED(status) || WEXITSTATUS(status) != 0 || contract;
     printf("registers: all %s\n", failed ? "FAILED" : "ok");
     return failed;
 }

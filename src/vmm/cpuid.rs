@@ -12,6 +12,7 @@
 //! for anything else of KVM's (steal time, PV EOI, async page faults, hypercalls) finds its
 //! feature bit clear.
 
+use hbt_coverage::cpu_model::{self, CpuModel};
 use hbt_translator::cpu::xsave::XsaveLayout;
 use iced_x86::CpuidFeature;
 
@@ -43,7 +44,6 @@ const fn hide(leaf: u32, subleaf: u32, reg: usize, bit: u32, name: &'static str,
 
 const NO_X2APIC: &str = "the local APIC is modelled in xAPIC (MMIO) mode only";
 const NO_CR4_BIT: &str = "system mode does not implement the CR4 bit that enables it";
-const NO_EVEX: &str = "AVX-512 is not offered to whole-machine guests yet (EVEX forms are verified in user mode; the AVX-512 state's transfer between KVM and the translator is not)";
 const NO_RTM: &str = "transactional memory is not offered to whole-machine guests (the translator's transactions always abort; under KVM user code would run real ones)";
 const NO_RULE: &str = "the translator has no rule for its instructions (rules::NEVER_COPY)";
 
@@ -72,24 +72,6 @@ pub const HIDDEN: &[ModelBit] = &[
     hide(7, 0, EBX, 0, "fsgsbase", NO_CR4_BIT),
     hide(7, 0, EBX, 1, "tsc-adjust", "IA32_TSC_ADJUST is not modelled"),
     hide(7, 0, EBX, 4, "hle", NO_RTM),
-    hide(7, 0, EBX, 16, "avx512f", NO_EVEX),
-    hide(7, 0, EBX, 17, "avx512dq", NO_EVEX),
-    hide(7, 0, EBX, 21, "avx512ifma", NO_EVEX),
-    hide(7, 0, EBX, 26, "avx512pf", NO_EVEX),
-    hide(7, 0, EBX, 27, "avx512er", NO_EVEX),
-    hide(7, 0, EBX, 28, "avx512cd", NO_EVEX),
-    hide(7, 0, EBX, 30, "avx512bw", NO_EVEX),
-    hide(7, 0, EBX, 31, "avx512vl", NO_EVEX),
-    hide(7, 0, ECX, 1, "avx512vbmi", NO_EVEX),
-    hide(7, 0, ECX, 6, "avx512vbmi2", NO_EVEX),
-    hide(7, 0, ECX, 11, "avx512vnni", NO_EVEX),
-    hide(7, 0, ECX, 12, "avx512bitalg", NO_EVEX),
-    hide(7, 0, ECX, 14, "avx512vpopcntdq", NO_EVEX),
-    hide(7, 0, EDX, 2, "avx512-4vnniw", NO_EVEX),
-    hide(7, 0, EDX, 3, "avx512-4fmaps", NO_EVEX),
-    hide(7, 0, EDX, 8, "avx512-vp2intersect", NO_EVEX),
-    hide(7, 0, EDX, 23, "avx512fp16", NO_EVEX),
-    hide(7, 1, EAX, 5, "avx512bf16", NO_EVEX),
     hide(7, 0, EBX, 11, "rtm", NO_RTM),
     hide(7, 0, EBX, 7, "smep", NO_CR4_BIT),
     hide(7, 0, EBX, 10, "invpcid", "PCID is not offered"),
@@ -206,8 +188,32 @@ const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
 const PARAVIRT_FEATURES: u32 = KVM_FEATURE_NOP_IO_DELAY | KVM_FEATURE_CLOCKSOURCE2 | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
 
 /// The XSAVE components offered: the managed ones whose instructions the guest may use.
+/// AVX-512's are offered where the host has them and the translator runs all of AVX512F's
+/// forms: kvm_pvm runs guest user code with the host's XCR0 whatever the guest's, so a model
+/// without them would still see user code's `xsavec` save them (and fault past a buffer sized
+/// from its CPUID: the dynamic loader's lazy-binding trampoline did, under hybrid) and
+/// `xgetbv` report them.
 pub fn guest_xcr0() -> u64 {
-    XsaveLayout::host().xcr0_for(|f| !matches!(f, CpuidFeature::AVX512F | CpuidFeature::PKU))
+    let avx512 = avx512_translatable()[CpuidFeature::AVX512F as usize];
+    XsaveLayout::host().xcr0_for(|f| match f {
+        CpuidFeature::PKU => false,
+        CpuidFeature::AVX512F => avx512,
+        _ => true,
+    })
+}
+
+/// Per `CpuidFeature`: false for an AVX-512 feature (one of its forms) the host has but the
+/// translator does not run, so the model hides it as `hbt exec` does
+/// (`cpu_model::translatable_features`); true for every other feature (the model's other
+/// choices are [`HIDDEN`]'s).
+fn avx512_translatable() -> &'static [bool] {
+    static KEEP: std::sync::OnceLock<Vec<bool>> = std::sync::OnceLock::new();
+    KEEP.get_or_init(|| {
+        let translatable = cpu_model::translatable_features(CpuModel::Host, hbt_translator::supported::is_supported);
+        CpuidFeature::values()
+            .map(|f| !format!("{f:?}").starts_with("AVX512") || translatable[f as usize])
+            .collect()
+    })
 }
 
 /// CPUID as the guest sees it.
@@ -251,6 +257,9 @@ fn model_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     XsaveLayout::host().guest_cpuid(guest_xcr0(), leaf, subleaf, &mut regs);
     for h in HIDDEN.iter().filter(|h| h.leaf == leaf && h.subleaf == subleaf) {
         regs[h.reg] &= !(1 << h.bit);
+    }
+    if leaf == 7 {
+        cpu_model::mask_cpuid(avx512_translatable(), leaf, subleaf, &mut regs);
     }
     if leaf <= max_leaf_of(leaf) {
         for c in CLAIMED.iter().filter(|c| c.leaf == leaf && c.subleaf == subleaf) {
@@ -436,11 +445,19 @@ mod tests {
     }
 
     #[test]
-    fn the_xsave_leaf_offers_no_avx512_state() {
+    fn the_xsave_leaf_offers_the_hosts_avx512_state() {
         let xcr0 = guest_xcr0();
         assert_eq!(xcr0 & 0b11, 0b11, "x87 and SSE always");
-        assert_eq!(xcr0 & 0xe0, 0, "no AVX-512 components while AVX-512 is hidden");
+        let offered = avx512_translatable()[CpuidFeature::AVX512F as usize];
+        let managed = XsaveLayout::host().managed();
+        assert_eq!(
+            xcr0 & 0xe0,
+            if offered { managed & 0xe0 } else { 0 },
+            "AVX-512 components where the host has them and the translator runs AVX512F"
+        );
         let [eax, _, _, edx] = guest_cpuid(0xd, 0);
         assert_eq!((edx as u64) << 32 | eax as u64, xcr0);
+        let avx512f = guest_cpuid(7, 0)[1] >> 16 & 1;
+        assert_eq!(avx512f == 1, xcr0 & 0xe0 == 0xe0, "AVX512F with its state");
     }
 }

@@ -98,7 +98,7 @@ struct CpuidAdjustment {
 /// from the guest's state as it runs, which both engines do (leaf 1 ECX.OSXSAVE, leaf 7
 /// ECX.OSPKE: CR4; leaf 1 EDX.APIC: the APIC base MSR). Measured on kvm_pvm (an Intel Xeon
 /// host): leaf 1 EDX.MTRR comes back set though the model clears it, leaf 7's features the
-/// model hides (AVX-512, FSGSBASE, SMEP…) come back as the host has them, and leaf 0xd
+/// model hides (FSGSBASE, SMEP…) come back as the host has them, and leaf 0xd
 /// describes the host's XSAVE components (CPUID at CPL3 then answers EAX = 0xe7 for leaf 0xd
 /// where the model says 0x7: the same host-XCR0 quirk as `unfit`'s XSAVE rows).
 fn cpuid_adjustments(
@@ -550,14 +550,8 @@ impl Reference for KvmReference {
 /// What kvm_pvm (no VT-x/AMD-V) does differently from the CPU, measured: such forms are not
 /// compared against it.
 fn unfit(instr: &iced_x86::Instruction, ring: Ring) -> Option<&'static str> {
-    use iced_x86::Mnemonic as M;
-    if hbt_translator::cpu::xsave::components_needed(instr) & hbt_translator::cpu::xsave::component::AVX512 != 0 {
-        // The model hides AVX-512 (`cpuid.rs`), so the guest's XCR0 lacks its state and the
-        // translator raises #UD, as a CPU would; the user-mode harness compares these forms
-        // with the CPU.
-        return Some("kvm_pvm runs EVEX and opmask instructions at CPL3 with the host's XCR0, though the guest's lacks AVX-512 state");
-    }
     use hbt_translator::cpu::vendor::{host_has, Quirk};
+    use iced_x86::Mnemonic as M;
     // A REX.W far pointer (m16:64): kvm_pvm hands far transfers and segment loads to KVM's
     // instruction emulator (the guest's selectors are not the host's), which reads m16:64,
     // where an AMD CPU reads m16:32 (`cpu::vendor`, as the translator does).

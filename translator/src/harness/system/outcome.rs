@@ -225,6 +225,11 @@ pub fn differences(
             if let Some(unused) = gather_unused_bytes(instr) {
                 unused.copy(&a.xsave, &mut b.xsave);
             }
+            for r in vex_gather_registers(instr) {
+                if let (Some(from), Some(to)) = (a.xsave.zmm_upper(r), b.xsave.zmm_upper_mut(r)) {
+                    to.copy_from_slice(from);
+                }
+            }
         }
         out.extend(
             compare::differences(instr, a, &b, masks.ignore)
@@ -388,6 +393,17 @@ fn gather_unused_bytes(instr: &Instruction) -> Option<UnusedBytes> {
         regs: [instr.op0_register().number() & 15, instr.op2_register().number() & 15],
         from: 4 * elements,
     })
+}
+
+/// The destination and mask of a VEX gather: after a fault, bits 511:256 of both are the
+/// implementation's as well (the SDM's "may update" above; an AMD EPYC under kvm_pvm leaves
+/// them as they were, the translator zeroes them as a completed VEX instruction does). They
+/// are compared where the model offers AVX-512 state.
+fn vex_gather_registers(instr: &Instruction) -> Vec<usize> {
+    if !instr.is_vsib() || instr.encoding() != iced_x86::EncodingKind::VEX {
+        return Vec::new();
+    }
+    vec![instr.op0_register().number(), instr.op2_register().number()]
 }
 
 /// Both ended in #PF with the same error code and CR2 in the same page.
