@@ -2,7 +2,8 @@
 # Builds a busybox initramfs (newc cpio, uncompressed: every kernel can unpack it) for booting a
 # Linux guest under `hbt run`: busybox-static as /bin/busybox, INIT as /init, the mount points
 # it needs, and any FILE arguments copied to its root. The kernel's own built-in initramfs
-# supplies /dev/console.
+# supplies /dev/console. A dynamically linked FILE brings its loader and libraries (as `ldd`
+# lists them), at the same paths.
 #
 #   scripts/busybox-initramfs.sh OUT.cpio INIT [FILE...]
 #
@@ -21,6 +22,14 @@ mkdir -p "$root"/{bin,dev,proc,sys,tmp}
 cp "$busybox" "$root/bin/busybox"
 cp "$init" "$root/init"
 chmod 755 "$root/init" "$root/bin/busybox"
-for f in "$@"; do cp "$f" "$root/"; done
+for f in "$@"; do
+  cp "$f" "$root/"
+  if ldd "$f" >/dev/null 2>&1; then
+    for lib in $(ldd "$f" | grep -o '/[^ ]*'); do
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+    done
+  fi
+done
 out_abs=$(realpath -m "$out")
 (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0 > "$out_abs")
