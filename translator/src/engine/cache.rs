@@ -19,6 +19,26 @@ pub(super) enum Incoming {
 }
 
 impl Incoming {
+    /// The link an exit of the block whose code starts at `base` makes: its rel32 jump and the
+    /// stub it goes to unlinked.
+    fn exit(base: u64, exit: &crate::emit::ExitPatch) -> Incoming {
+        Incoming::Jump {
+            field: base + exit.field as u64,
+            original: base + exit.stub as u64,
+        }
+    }
+
+    /// The return cache `cache` of the block whose code starts at `base`, by absolute address.
+    fn inline_cache(base: u64, cache: &crate::emit::InlineCache) -> Incoming {
+        Incoming::InlineCache {
+            imm: base + cache.imm_field as u64,
+            rel: base + cache.rel_field as u64,
+            miss: base + cache.miss as u64,
+            fill: base + cache.fill_field as u64,
+            fill_stub: base + cache.fill_stub as u64,
+        }
+    }
+
     /// Puts the link back to its unlinked form (exit stub; empty cache that fills on its next
     /// miss). Allocation-free: the signal handlers call it too.
     ///
@@ -232,28 +252,13 @@ impl Translator {
         if !self.blocks[src].valid || !self.blocks[dst].valid {
             return;
         }
-        let (imm, rel, miss, fill, fill_stub) = (
-            base + cache.imm_field as u64,
-            base + cache.rel_field as u64,
-            base + cache.miss as u64,
-            base + cache.fill_field as u64,
-            base + cache.fill_stub as u64,
-        );
-        self.code.patch_u64(imm, target.wrapping_neg());
-        self.code.patch_rel32(rel, self.blocks[dst].host);
+        self.code
+            .patch_u64(base + cache.imm_field as u64, target.wrapping_neg());
+        self.code
+            .patch_rel32(base + cache.rel_field as u64, self.blocks[dst].host);
         // Later misses use the table (the site is polymorphic) instead of the dispatcher.
-        self.code.patch_jmp_to_nop(fill);
-        self.link_into(
-            src,
-            dst,
-            Incoming::InlineCache {
-                imm,
-                rel,
-                miss,
-                fill,
-                fill_stub,
-            },
-        );
+        self.code.patch_jmp_to_nop(base + cache.fill_field as u64);
+        self.link_into(src, dst, Incoming::inline_cache(base, &cache));
         self.stats.chained += 1;
     }
 
@@ -588,26 +593,11 @@ impl Translator {
     /// to the dispatcher once more.
     pub(super) fn unlink_exits(&self, i: usize, anywhere: bool) {
         let b = &self.blocks[i];
-        let at = |off: u32| b.host + off as u64;
-        for e in &b.exits {
-            let link = Incoming::Jump {
-                field: at(e.field),
-                original: at(e.stub),
-            };
-            // SAFETY: the exit's rel32 field and stub lie in the block, in the code buffer; the
-            // callers run with translated code stopped.
+        let exits = b.exits.iter().map(|e| Incoming::exit(b.host, e));
+        for link in exits.chain(b.inline_caches.iter().map(|c| Incoming::inline_cache(b.host, c))) {
+            // SAFETY: the exit's rel32 field and stub, and the cache's fields, lie in the block,
+            // in the code buffer; the callers run with translated code stopped.
             unsafe { link.undo(anywhere) };
-        }
-        for c in &b.inline_caches {
-            let cache = Incoming::InlineCache {
-                imm: at(c.imm_field),
-                rel: at(c.rel_field),
-                miss: at(c.miss),
-                fill: at(c.fill_field),
-                fill_stub: at(c.fill_stub),
-            };
-            // SAFETY: as above, for the cache's fields.
-            unsafe { cache.undo(anywhere) };
         }
     }
 
