@@ -10,7 +10,10 @@
 //! signal handlers — under hybrid the XSAVE image stays in KVM until the translated kernel
 //! touches it), the port I/O checks of `guests/linux/ports.c` (`ioperm` and `iopl` grants
 //! through the TSS I/O permission bitmap), 20 runs of a dynamically linked program
-//! (`guests/linux/dynamic.c`, its loader and libraries copied in), 50 `busybox --install` runs (short processes, each on a freshly
+//! (`guests/linux/dynamic.c`, its loader and libraries copied in), a 32-bit program
+//! (`guests/linux/compat32.c`, compatibility mode: calls and returns, string instructions, x87,
+//! SSE2, TLS and threads, `int $0x80` and the vDSO, signals, fork) printing exactly what it
+//! prints on the host, 50 `busybox --install` runs (short processes, each on a freshly
 //! randomized stack) without a crash, and that the machine ran in APIC mode: the serial port's
 //! interrupt through the I/O APIC and the local APIC timer ticking (found through the ACPI MADT
 //! that `acpi.rs` writes). hbt decompresses and places the kernel itself (the KASLR offset and
@@ -40,6 +43,7 @@ sha256sum /payload.txt
 /coherence
 /registers
 /ports
+/compat32
 i=0; while [ $i -lt 20 ]; do /dynamic; i=$((i+1)); done
 grep -E "LOC:|ttyS0" /proc/interrupts
 i=0; bad=0
@@ -116,28 +120,26 @@ fn boot(engine: &[&str]) -> String {
     std::fs::write(&payload, "hbt boots Linux without KVM\n".repeat(1000)).unwrap();
     let initrd = dir.path().join("initramfs.cpio");
     let root = env!("CARGO_MANIFEST_DIR");
-    // (name, linked statically): `dynamic` brings its loader and libraries into the initramfs.
+    // (name, gcc options): `dynamic` brings its loader and libraries into the initramfs;
+    // `compat32` is a 32-bit program (gcc-multilib).
     let programs: Vec<_> = [
-        ("coherence", true),
-        ("ports", true),
-        ("registers", true),
-        ("dynamic", false),
+        ("coherence", &["-O1", "-static"][..]),
+        ("ports", &["-O1", "-static"]),
+        ("registers", &["-O1", "-static"]),
+        ("compat32", &["-m32", "-O1", "-static"]),
+        ("dynamic", &["-O1"]),
     ]
     .iter()
-    .map(|&(name, fully_static)| {
+    .map(|&(name, options)| {
         let binary = dir.path().join(name);
         let gcc = Command::new("gcc")
-            .args(if fully_static {
-                &["-O1", "-static"][..]
-            } else {
-                &["-O1"][..]
-            })
+            .args(options)
             .arg("-o")
             .arg(&binary)
             .arg(format!("{root}/guests/linux/{name}.c"))
             .arg("-lm")
             .output()
-            .expect("gcc (.ci/run installs it)");
+            .expect("gcc (.ci/run installs it, and gcc-multilib for -m32)");
         assert!(gcc.status.success(), "gcc: {}", String::from_utf8_lossy(&gcc.stderr));
         binary
     })
@@ -145,6 +147,14 @@ fn boot(engine: &[&str]) -> String {
     let dynamic = programs.last().unwrap();
     let on_host = Command::new(dynamic).output().expect("the dynamic program on the host");
     let dynamic_line = String::from_utf8_lossy(&on_host.stdout).trim_end().to_string();
+    let compat32 = Command::new(&programs[3])
+        .output()
+        .expect("the 32-bit program on the host");
+    assert!(compat32.status.success(), "compat32 on the host: {compat32:?}");
+    let compat32_lines: Vec<String> = String::from_utf8_lossy(&compat32.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
     // The root's entries: the files given, the script's directories, and the libraries' top
     // directories (lib, lib64… as `ldd` names them).
     let ldd = Command::new("ldd").arg(dynamic).output().expect("ldd");
@@ -152,7 +162,7 @@ fn boot(engine: &[&str]) -> String {
         .iter()
         .map(|s| s.to_string())
         .chain(
-            ["coherence", "ports", "registers", "dynamic"]
+            ["coherence", "ports", "registers", "compat32", "dynamic"]
                 .iter()
                 .map(|s| s.to_string()),
         )
@@ -267,6 +277,17 @@ fn boot(engine: &[&str]) -> String {
     assert_eq!(
         dynamic_runs, 20,
         "runs of /dynamic printing `{dynamic_line}`\n{context}"
+    );
+    // The 32-bit program printed what it prints on the host, line for line (its checksum covers
+    // jump tables, x87, SSE2 and string-instruction results; thread results and fork too).
+    let guest_compat32: Vec<&str> = stdout
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| l.starts_with("compat32: "))
+        .collect();
+    assert_eq!(
+        guest_compat32, compat32_lines,
+        "compat32 in the guest and on the host\n{context}"
     );
     // APIC mode: COM1's IRQ 4 through the I/O APIC, and local APIC timer interrupts.
     assert!(

@@ -481,6 +481,43 @@ fn syscall_sysretq_and_swapgs_round_trips() {
 }
 
 #[test]
+fn thirty_two_bit_code_at_cpl3_runs_like_the_cpu() {
+    // guests/compat_mode.c: IRETQ into a 32-bit code segment (compatibility mode): 4-byte
+    // stack slots, inc/dec r32, a jump table, string instructions, pushfd/popfd, absolute
+    // operands, exceptions with the 32-bit CS, and one address run as 32-bit, 64-bit and
+    // 32-bit code again. Under `--accel kvm` the CPU runs it; every engine shows the same.
+    let expected = [
+        "32-bit routine left through vector 0xd",
+        "  frame cs 0x3b",
+        "  #GP(0) at its cli, with the 32-bit CS ok",
+        "  its stack pointer back at the top ok",
+        "  push/pop 0xa5a5a5a5",
+        "  push/pop 0x11223344",
+        "  4-byte push and pop ok",
+        "  call and ret $4 ok",
+        "  inc/dec r32 ok",
+        "  jump table and call through memory ok",
+        "  loop and jecxz ok",
+        "  rep movsb, repne scasb, repe cmpsb ok",
+        "  lodsl; lodsb 0x41424344",
+        "  rep stosl and lods ok",
+        "  popfd then pushfd 0x8c5",
+        "  pushfd/popfd ok",
+        "  absolute operands ok",
+        "  leave ok",
+        "  cdq/idiv and bswap ok",
+        "ud2 in 32-bit code: #UD at it ok",
+        "div by zero in 32-bit code: #DE at the div ok",
+        "one address as 32-bit code: rax 0x5",
+        "as 64-bit code: rax 0x6",
+        "as 32-bit code again: rax 0x5",
+        "each mode runs its own instructions ok",
+        "compat-mode: ok",
+    ];
+    transcript("test-images/compat-mode.img", &lines(&expected), 0);
+}
+
+#[test]
 fn iretq_to_cpl3_and_back_through_int3() {
     // IRETQ to CPL3 with hand-built frames and back through int3: CS/SS RPL, RFLAGS, RSP, and
     // #GP for mismatched frames (guests/iretq.c).

@@ -88,6 +88,15 @@ pub struct IsaTestArgs {
     /// host, is listed at the end as "not compared: KVM cannot serve as reference".
     #[arg(long, requires = "system")]
     cpl0: bool,
+    /// With --system: run 32-bit code at CPL3 (compatibility mode, as a 64-bit kernel runs
+    /// 32-bit programs): instances are encoded and decoded as IA-32 (eight registers of each
+    /// kind, 32-bit addressing) and run with a 32-bit code segment, where kvm_pvm's reference is
+    /// the CPU itself. Without --code/--mnemonic it tests every 32-bit form with a translation
+    /// rule whose 64-bit counterpart is in the supported set, and the forms only 32-bit code has
+    /// (4-byte push/pop/call/ret, `inc`/`dec` r32, 32-bit `jcc`/`loop`/`jecxz`). --code takes
+    /// iced's names of 32-bit forms (e.g. Push_r32).
+    #[arg(long, requires = "system", conflicts_with = "cpl0")]
+    compat: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,16 +113,29 @@ fn selection(args: &IsaTestArgs) -> Result<Vec<Code>> {
             None => bail!("unknown Code `{name}` (iced-x86 names, e.g. Add_rm64_r64)"),
         }
     }
+    let rule_of = if args.compat {
+        hbt_translator::rules::rule_compat
+    } else {
+        hbt_translator::rules::rule
+    };
     for name in &args.mnemonics {
         let found: Vec<Code> = Code::values()
-            .filter(|c| {
-                format!("{:?}", c.mnemonic()).eq_ignore_ascii_case(name) && hbt_translator::rules::rule(*c).is_some()
-            })
+            .filter(|c| format!("{:?}", c.mnemonic()).eq_ignore_ascii_case(name) && rule_of(*c).is_some())
+            .filter(|c| !args.compat || c.op_code().mode32())
             .collect();
         if found.is_empty() {
             bail!("no Code with mnemonic `{name}` has a translation rule");
         }
         codes.extend(found);
+    }
+    if codes.is_empty() && args.compat {
+        // A shared form (the same Code in both modes) is claimed where its 64-bit use is
+        // verified; a form only 32-bit code has is claimed through its rule.
+        let supported: std::collections::HashSet<Code> = supported_codes().iter().copied().collect();
+        codes = Code::values()
+            .filter(|c| c.op_code().mode32() && rule_of(*c).is_some())
+            .filter(|c| args.all || !c.op_code().mode64() || supported.contains(c))
+            .collect();
     }
     if codes.is_empty() {
         codes = if args.all {
@@ -166,6 +188,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                 Box::new(reference),
                 Box::new(crate::vmm::isa_system::ModelPlatform),
                 if args.cpl0 { Ring::Kernel } else { Ring::User },
+                if args.compat { 32 } else { 64 },
             )
         };
         run_codes_on(&codes, &opts, threads, &make, &progress)
@@ -220,6 +243,7 @@ pub fn run(args: IsaTestArgs) -> Result<()> {
                 "seed": args.seed,
                 "system": args.system,
                 "cpl": if args.cpl0 { 0 } else { 3 },
+                "bitness": if args.compat { 32 } else { 64 },
                 "cases_per_strategy": args.cases,
                 "host": host,
                 "passed": passed,

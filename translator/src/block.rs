@@ -131,6 +131,8 @@ pub struct BuildOptions<'a> {
     pub interrupt_line: bool,
     /// See `rules::Mode::host_tsc`.
     pub host_tsc: bool,
+    /// 32-bit code (compatibility mode): decoded as IA-32, with [`crate::rules::rule_compat`].
+    pub compat: bool,
     pub verified_only: bool,
     pub max_instructions: usize,
     /// The guest's XCR0: a vector instruction whose state it does not enable is #UD
@@ -150,6 +152,7 @@ impl BuildOptions<'_> {
             kernel: self.kernel,
             interrupt_line: self.interrupt_line,
             host_tsc: self.host_tsc,
+            compat: self.compat,
         }
     }
 }
@@ -164,6 +167,8 @@ pub static NO_BREAKPOINTS: BTreeSet<u64> = BTreeSet::new();
 struct PageCode<'a> {
     /// `PAGE_BUFFER` bytes: the page, then 15 of the next.
     buf: &'a mut [u8],
+    /// 64, or 32 for compatibility mode.
+    bitness: u32,
     page: u64,
     /// Readable bytes are `buf[low..avail]` (guest addresses `page + low ..`).
     low: usize,
@@ -192,13 +197,14 @@ impl<'a> PageCode<'a> {
     /// at a block's start runs into it ([`PageCode::read_next`]): a CPU walks the next page's
     /// translation (setting its accessed bit, or faulting) only for an instruction that needs
     /// its bytes.
-    fn read(fetch: &mut dyn CodeFetch, rip: u64, buf: &'a mut [u8]) -> Result<Self, GuestException> {
+    fn read(fetch: &mut dyn CodeFetch, rip: u64, buf: &'a mut [u8], bitness: u32) -> Result<Self, GuestException> {
         debug_assert_eq!(buf.len(), PAGE_BUFFER);
         let page = rip & !(PAGE - 1);
         let at = (rip - page) as usize;
         let avail = at + fetch.fetch(rip, &mut buf[at..PAGE as usize])?;
         Ok(PageCode {
             buf,
+            bitness,
             page,
             low: at,
             avail,
@@ -237,7 +243,17 @@ impl<'a> PageCode<'a> {
     /// A decoder positioned at `ip`, which must be readable.
     fn decoder_at(&self, ip: u64) -> Decoder<'_> {
         let pos = (ip - self.page) as usize;
-        Decoder::with_ip(64, &self.buf[pos..self.avail], ip, DecoderOptions::NONE)
+        Decoder::with_ip(self.bitness, &self.buf[pos..self.avail], ip, DecoderOptions::NONE)
+    }
+
+    /// The next instruction, in the form the rules know ([`crate::rules::lower_compat`] for
+    /// 32-bit code).
+    fn decode(&self, decoder: &mut Decoder) -> Instruction {
+        let mut instr = decoder.decode();
+        if self.bitness == 32 {
+            crate::rules::lower_compat(&mut instr);
+        }
+        instr
     }
 
     /// `ip` starts inside the page, in what was read.
@@ -252,9 +268,18 @@ impl<'a> PageCode<'a> {
 }
 
 /// The rule the builder uses for `instr`, if it has one (and, with `verified_only`, it is
-/// verified).
-fn rule_for(instr: &Instruction, verified_only: bool) -> Option<Rule> {
-    rule(instr.code()).filter(|_| !verified_only || is_supported(instr.code()))
+/// verified). In 32-bit code, an operand with 16-bit addressing has none.
+fn rule_for(instr: &Instruction, o: &BuildOptions) -> Option<Rule> {
+    if o.compat {
+        use iced_x86::OpKind;
+        let addr16 = instr.memory_base().size() == 2
+            || instr.memory_index().size() == 2
+            || instr
+                .op_kinds()
+                .any(|k| matches!(k, OpKind::MemorySegSI | OpKind::MemorySegDI | OpKind::MemoryESDI));
+        return crate::rules::rule_compat(instr.code()).filter(|_| !addr16);
+    }
+    rule(instr.code()).filter(|_| !o.verified_only || is_supported(instr.code()))
 }
 
 /// Whether the block can go on after `instr` (rule `r`) at all.
@@ -280,11 +305,11 @@ fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) 
         if !decoder.can_decode() || decoder.ip() >= code.page_end() {
             return false;
         }
-        let instr = decoder.decode();
+        let instr = code.decode(&mut decoder);
         if instr.is_invalid() || o.breakpoints.contains(&instr.ip()) {
             return false;
         }
-        let Some(r) = rule_for(&instr, o.verified_only) else {
+        let Some(r) = rule_for(&instr, o) else {
             return false;
         };
         match r {
@@ -322,7 +347,8 @@ enum Need {
 pub fn build(fetch: &mut dyn CodeFetch, rip: u64, o: BuildOptions) -> Result<DecodedBlock, BuildError> {
     // (Not reentrant: fetching code builds no block.)
     CODE_PAGE.with_borrow_mut(|buf| {
-        let mut code = PageCode::read(fetch, rip, &mut buf[..]).map_err(BuildError::Fault)?;
+        let bitness = if o.compat { 32 } else { 64 };
+        let mut code = PageCode::read(fetch, rip, &mut buf[..], bitness).map_err(BuildError::Fault)?;
         loop {
             match decode(&code, rip, &o)? {
                 Ok(block) => return Ok(block),
@@ -366,7 +392,7 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedB
             // entered at the block's start) instead of unrolling the loop into the block.
             break;
         }
-        let instr = decoder.decode();
+        let instr = code.decode(&mut decoder);
         let state_disabled = crate::cpu::xsave::components_needed(&instr) & !o.xcr0 != 0;
         if state_disabled {
             // What a CPU whose XCR0 lacks the instruction's state does; translated, it would
@@ -390,7 +416,7 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedB
             break;
         }
         let bytes = &code.buf[pos..pos + instr.len()];
-        let Some(r) = rule_for(&instr, o.verified_only) else {
+        let Some(r) = rule_for(&instr, o) else {
             if instrs.is_empty() {
                 return Err(BuildError::Unsupported(instr, bytes.to_vec()));
             }
@@ -508,6 +534,7 @@ mod tests {
             kernel: false,
             interrupt_line: false,
             host_tsc: false,
+            compat: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
             xcr0: u64::MAX,
@@ -539,6 +566,7 @@ mod tests {
             kernel: true,
             interrupt_line: false,
             host_tsc: false,
+            compat: false,
             verified_only: false,
             max_instructions: MAX_BLOCK_INSTRUCTIONS,
             xcr0: u64::MAX,
@@ -667,6 +695,7 @@ mod tests {
             kernel: false,
             interrupt_line: false,
             host_tsc: false,
+            compat: false,
             verified_only: false,
             max_instructions: 2,
             xcr0: u64::MAX,
@@ -700,6 +729,7 @@ mod tests {
                 kernel: false,
                 interrupt_line: false,
                 host_tsc: false,
+                compat: false,
                 verified_only: false,
                 max_instructions: MAX_BLOCK_INSTRUCTIONS,
                 xcr0: u64::MAX,

@@ -324,6 +324,11 @@ pub struct GuestState {
     pub cr4: u64,
     pub efer: u64,
     pub cpl: Cpl,
+    /// CS is a 32-bit code segment of IA-32e mode (L clear, D set): compatibility mode, where
+    /// code decodes as IA-32 and addresses, the stack and near branches are 32-bit. Only at
+    /// CPL3 of a whole machine (a Linux kernel running 32-bit programs); the loads of CS that
+    /// can enter it (`system/transfer.rs`) set it, every entry to CPL0 clears it.
+    pub code32: bool,
     /// The guest's XCR0: the XSAVE components it was offered (a subset of
     /// `XsaveLayout::managed`). Entry/exit glue save exactly these; `xgetbv` returns it.
     pub xcr0: u64,
@@ -338,6 +343,25 @@ impl GuestState {
     /// Alignment checking is on: CPL3 with CR0.AM and RFLAGS.AC set.
     pub fn alignment_checking(&self) -> bool {
         self.paging().alignment_checking()
+    }
+
+    /// The decoder's bitness for code at RIP: 32 in compatibility mode, else 64.
+    pub fn bitness(&self) -> u32 {
+        if self.code32 {
+            32
+        } else {
+            64
+        }
+    }
+
+    /// A linear address as the current mode forms it: compatibility mode truncates base plus
+    /// offset to 32 bits.
+    pub fn wrap_address(&self, va: u64) -> u64 {
+        if self.code32 {
+            va & 0xffff_ffff
+        } else {
+            va
+        }
     }
 
     /// The registers a page walk and an alignment check depend on.
@@ -387,6 +411,7 @@ impl Default for GuestState {
             cr4: 0x0004_06a0, // PAE, PGE, OSFXSR, OSXMMEXCPT, OSXSAVE
             efer: 0xd01,      // SCE, LME, LMA, NXE
             cpl: Cpl::User,
+            code32: false,
             xcr0: crate::cpu::xsave::XsaveLayout::host().managed() & XSAVE_MASK,
             // What a 64-bit Linux process starts with.
             seg: [0, 0x33, 0x2b, 0, 0, 0],

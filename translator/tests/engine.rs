@@ -1869,18 +1869,16 @@ fn rex_w_far_pointers_at_cpl0_follow_the_host_vendor() {
 }
 
 #[test]
-fn ud0_ud1_xsaves_xrstors_and_sysretl_raise_ud_at_cpl0() {
+fn ud0_ud1_xsaves_and_xrstors_raise_ud_at_cpl0() {
     // +0x00: ud1 eax,[rax]  +0x08: ud0 eax,[rax]  +0x10: xsaves [rax] (the model has no XSAVES)
-    // +0x18: sysretl (compatibility mode is not modelled: refused, never run as sysretq)
     // +0x20: xrstors [rax]
     let mut code = vec![0u8; 0x100];
     code[..4].copy_from_slice(&[0x0f, 0xb9, 0x00, 0xf4]);
     code[8..12].copy_from_slice(&[0x0f, 0xff, 0x00, 0xf4]);
     code[0x10..0x14].copy_from_slice(&[0x0f, 0xc7, 0x28, 0xf4]);
-    code[0x18..0x1b].copy_from_slice(&[0x0f, 0x07, 0xf4]);
     code[0x20..0x24].copy_from_slice(&[0x0f, 0xc7, 0x18, 0xf4]);
     code.push(0xf4);
-    for start in [0u64, 8, 0x10, 0x18, 0x20] {
+    for start in [0u64, 8, 0x10, 0x20] {
         let g = SoftGuest::new(&code);
         let mut t = system_with_idt(&g, &[6], 0x100);
         t.state_mut().rip = CODE_VA + start;
@@ -1895,6 +1893,35 @@ fn ud0_ud1_xsaves_xrstors_and_sysretl_raise_ud_at_cpl0() {
             "+{start:#x}: a fault, at the instruction"
         );
     }
+}
+
+#[test]
+fn sysretl_enters_32_bit_code_which_decodes_as_ia32() {
+    // sysretl (no REX.W) at +0: CS = STAR[63:48] | 3, EIP = ECX (its upper half dropped),
+    // RFLAGS from R11. At +0x40: `inc eax; hlt` as 32-bit code (0x40 is `inc eax` there, a
+    // REX prefix in 64-bit mode): the hlt is #GP(0) at CPL3, delivered through the TSS's RSP0
+    // to the handler's hlt at +0x100, with the 32-bit CS and EIP in the frame.
+    let mut code = vec![0u8; 0x100];
+    code[..3].copy_from_slice(&[0x0f, 0x07, 0xf4]);
+    code[0x40..0x42].copy_from_slice(&[0x40, 0xf4]);
+    code.push(0xf4);
+    let g = SoftGuest::new(&code);
+    let mut t = system_with_user_segments(&g, &[13], 0x100);
+    let s = t.state_mut();
+    s.efer |= 1; // SCE
+    s.sys.msr.star = 0x0023_0010u64 << 32;
+    s.gpr[0] = 41;
+    s.gpr[1] = 0xffff_ffff_0000_0000 | (CODE_VA + 0x40);
+    s.gpr[11] = 0x202;
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    assert_eq!(t.state().rip, CODE_VA + 0x101, "at the #GP handler");
+    assert_eq!(t.state().gpr[0], 42, "0x40 ran as `inc eax`");
+    assert!(!t.state().code32, "the handler's code segment is 64-bit");
+    let frame = t.state().gpr[4];
+    let slot = |i: u64| g.read_u64(data_pa(frame + 8 * i));
+    assert_eq!(slot(0), 0, "#GP(0)");
+    assert_eq!(slot(1), CODE_VA + 0x41, "the frame's RIP: the hlt");
+    assert_eq!(slot(2), 0x23, "the frame's CS: STAR[63:48] with RPL 3");
 }
 
 #[test]

@@ -91,7 +91,7 @@ impl BlockEmitter<'_> {
                 self.borrow_dispatch_regs();
                 self.load_target(instr)?;
                 self.push_return(next)?;
-                self.cached_dispatch(-8);
+                self.cached_dispatch(-(self.word() as i64));
             }
             BranchKind::JmpIndirect => {
                 self.borrow_dispatch_regs();
@@ -166,8 +166,15 @@ impl BlockEmitter<'_> {
         } else {
             0
         };
-        let pop = 8 + extra;
-        if self.soft_mmu {
+        let pop = self.word() as i64 + extra;
+        if self.mode.compat {
+            // 32-bit code (system mode, so the soft-MMU): `mov r11d,[esp]; lea esp,[esp+n]`.
+            let mut load =
+                Instruction::with2(Code::Mov_r32_rm32, Register::R11D, self.stack_slot(0)).expect("mov r11d,[esp]");
+            load.set_ip(self.guest_rip);
+            self.mem_instr(&load, None, DISPATCH_MASK)?;
+            self.adjust_rsp(pop);
+        } else if self.soft_mmu {
             let mut load = Instruction::with2(Code::Mov_r64_rm64, TARGET, MemoryOperand::with_base(Register::RSP))
                 .expect("mov r11,[rsp]");
             load.set_ip(self.guest_rip);
@@ -267,18 +274,24 @@ impl BlockEmitter<'_> {
 
     /// R11 = target of `jmp/call r/m64` (R11/RCX borrowed but still holding guest values).
     fn load_target(&mut self, instr: &Instruction) -> Result<(), TranslateError> {
+        // 32-bit code: `jmp/call r/m32`, the target zero-extended into R11.
+        let (mov, target) = if self.mode.compat {
+            (Code::Mov_r32_rm32, Register::R11D)
+        } else {
+            (Code::Mov_r64_rm64, TARGET)
+        };
         if instr.op0_kind() == OpKind::Register {
             let src = instr.op0_register();
-            if src != TARGET {
-                self.asm.glue(Instruction::with2(Code::Mov_r64_rm64, TARGET, src));
+            if src != target {
+                self.asm.glue(Instruction::with2(mov, target, src));
             }
             return Ok(());
         }
         let mut load = *instr;
-        load.set_code(Code::Mov_r64_rm64);
+        load.set_code(mov);
         load.set_op1_kind(OpKind::Memory);
         load.set_op0_kind(OpKind::Register);
-        load.set_op0_register(TARGET);
+        load.set_op0_register(target);
         self.mem_instr(&load, None, DISPATCH_MASK)
     }
 
@@ -304,6 +317,15 @@ impl BlockEmitter<'_> {
                 self.literals.push((self.asm.buf.len() - 4, ret));
             }
             self.site_here(start);
+            return Ok(());
+        }
+        if self.mode.compat {
+            // 32-bit code: a 4-byte return address (the soft-MMU: system mode).
+            let mut store =
+                Instruction::with2(Code::Mov_rm32_imm32, self.stack_slot(-4), ret as u32).expect("mov [esp-4],imm32");
+            store.set_ip(self.guest_rip);
+            self.mem_instr(&store, None, 0)?;
+            self.adjust_rsp(-4);
             return Ok(());
         }
         let slot = MemoryOperand::with_base_displ(Register::RSP, -8);
@@ -352,6 +374,14 @@ impl BlockEmitter<'_> {
 
     /// The inline indirect-branch lookup; R11 = guest target, R11/RCX borrowed.
     fn indirect_lookup(&mut self, rsp_delta: i64) {
+        if self.mode.compat {
+            // No shared table for 32-bit code: it is keyed by address alone, and 64-bit code
+            // at the same address would be found (`Translator::block_key`). The dispatcher.
+            let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
+            self.table_miss(field, rsp_delta);
+            self.spilled &= !DISPATCH_MASK;
+            return;
+        }
         let tags = off::ibl_tags(self.level_set());
         let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));

@@ -473,8 +473,8 @@ impl BlockEmitter<'_> {
     fn emit_guest(&mut self, instr: &Instruction, raw: Option<&[u8]>) -> Result<(), TranslateError> {
         let start = self.asm.buf.len();
         match raw {
-            Some(bytes) => self.asm.buf.extend_from_slice(bytes),
-            None => self.asm.emit(instr)?,
+            Some(bytes) if !self.mode.compat => self.asm.buf.extend_from_slice(bytes),
+            _ => self.asm.emit(instr)?,
         }
         self.site_here(start);
         Ok(())
@@ -523,11 +523,14 @@ impl BlockEmitter<'_> {
                 off::GS_BASE
             };
             self.asm.mov_from_ctx(t, field);
-            self.asm.glue(Instruction::with2(
-                Code::Lea_r64_m,
-                s,
-                MemoryOperand::with_base_index(s, t),
-            ));
+            // 32-bit code: base plus offset wraps at 4 GiB (a TLS access at %gs:-4).
+            let (lea, dst) = if self.mode.compat {
+                (Code::Lea_r32_m, reg32(s))
+            } else {
+                (Code::Lea_r64_m, s)
+            };
+            self.asm
+                .glue(Instruction::with2(lea, dst, MemoryOperand::with_base_index(s, t)));
             self.give_back(t);
         }
     }

@@ -296,6 +296,8 @@ pub struct EmitOptions {
     pub interrupt_line: Option<u64>,
     /// See `rules::Mode::host_tsc`.
     pub host_tsc: bool,
+    /// 32-bit code (`rules::Mode::compat`).
+    pub compat: bool,
     /// Count soft-MMU TLB hits in `Context::tlb_hits` (`--stats`; three instructions a hit).
     pub count_tlb_hits: bool,
     /// A block that touches the extended state first checks that it is not held elsewhere
@@ -314,6 +316,7 @@ impl EmitOptions {
             kernel: self.kernel,
             interrupt_line: self.interrupt_line.is_some(),
             host_tsc: self.host_tsc,
+            compat: self.compat,
         }
     }
 }
@@ -592,6 +595,13 @@ impl BlockEmitter<'_> {
     fn copy(&mut self, instr: &Instruction, bytes: &[u8]) -> Result<(), TranslateError> {
         if instr.op_kinds().any(|k| k == iced_x86::OpKind::Memory) {
             self.mem_instr(instr, Some(bytes), 0)
+        } else if self.mode.compat {
+            // 32-bit code's bytes mean something else in 64-bit mode (0x40-0x4f are REX):
+            // re-encoded from the decoded form.
+            let start = self.asm.buf.len();
+            self.asm.emit(instr)?;
+            self.site_here(start);
+            Ok(())
         } else {
             self.raw(bytes);
             Ok(())

@@ -113,7 +113,7 @@ pub fn write_opmask(state: &mut GuestState, n: usize, value: u64) {
 /// Linear address of memory operand `operand` (element `element` for VSIB), with the guest's
 /// FS/GS base for those overrides.
 pub fn linear_address(state: &GuestState, instr: &Instruction, operand: u32, element: usize) -> Option<u64> {
-    instr.virtual_address(operand, element, |reg, elem, elem_size| match reg {
+    let va = instr.virtual_address(operand, element, |reg, elem, elem_size| match reg {
         Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
         Register::FS => Some(state.fs_base),
         Register::GS => Some(state.gs_base),
@@ -131,5 +131,6 @@ pub fn linear_address(state: &GuestState, instr: &Instruction, operand: u32, ele
             })
         }
         r => Some(read_gpr(state, r)),
-    })
+    })?;
+    Some(state.wrap_address(va))
 }

@@ -73,7 +73,7 @@ fn bulk_chunks(
     while state.gpr[gpr::RCX] > 0 && *budget >= n {
         let rdi = state.gpr[gpr::RDI];
         let mut k = state.gpr[gpr::RCX].min(room(rdi)).min((*budget / n) as u64);
-        let src = src_base.wrapping_add(state.gpr[gpr::RSI]);
+        let src = state.wrap_address(src_base.wrapping_add(state.gpr[gpr::RSI]));
         if movs {
             k = k.min(room(src));
             // How far ahead of the source the destination runs: within the chunk, a later
@@ -110,9 +110,9 @@ fn bulk_chunks(
             return Err(exc);
         }
         let step = if down { len.wrapping_neg() } else { len };
-        state.gpr[gpr::RDI] = rdi.wrapping_add(step);
+        state.gpr[gpr::RDI] = state.wrap_address(rdi.wrapping_add(step));
         if movs {
-            state.gpr[gpr::RSI] = state.gpr[gpr::RSI].wrapping_add(step);
+            state.gpr[gpr::RSI] = state.wrap_address(state.gpr[gpr::RSI].wrapping_add(step));
         }
         state.gpr[gpr::RCX] -= k;
         *budget -= len as usize;
@@ -129,6 +129,13 @@ pub fn execute(
 ) -> Result<Outcome, super::NotEmulated> {
     if instr.code().op_code().address_size() == 32 || instr.memory_size().size() == 0 {
         return Err(super::NotEmulated);
+    }
+    if state.code32 {
+        // 32-bit code: ESI, EDI and ECX (the upper halves are not the program's), and every
+        // address wraps at 4 GiB (`GuestState::wrap_address`).
+        for r in [gpr::RSI, gpr::RDI, gpr::RCX] {
+            state.gpr[r] &= 0xffff_ffff;
+        }
     }
     let n = instr.memory_size().size();
     let bits = (n * 8) as u32;
@@ -183,6 +190,8 @@ pub fn execute(
         }
         let rsi = state.gpr[gpr::RSI];
         let rdi = state.gpr[gpr::RDI];
+        let src = state.wrap_address(src_base.wrapping_add(rsi));
+        let wrap_mask = state.wrap_address(u64::MAX);
         let result: Result<(), GuestException> = (|| {
             let uses_rsi = matches!(
                 mnemonic,
@@ -203,7 +212,7 @@ pub fn execute(
                 mnemonic,
                 Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq
             );
-            if (uses_rsi && misaligned(src_base.wrapping_add(rsi))) || (uses_rdi && misaligned(rdi)) {
+            if (uses_rsi && misaligned(src)) || (uses_rdi && misaligned(rdi)) {
                 return Err(GuestException {
                     vector: vector::AC,
                     error_code: Some(0),
@@ -212,25 +221,25 @@ pub fn execute(
             }
             match mnemonic {
                 Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq => {
-                    let v = mem.read_le(src_base.wrapping_add(rsi), n)?;
+                    let v = mem.read_le(src, n)?;
                     mem.write(rdi, &v.to_le_bytes()[..n])?;
-                    state.gpr[gpr::RSI] = rsi.wrapping_add(step);
-                    state.gpr[gpr::RDI] = rdi.wrapping_add(step);
+                    state.gpr[gpr::RSI] = rsi.wrapping_add(step) & wrap_mask;
+                    state.gpr[gpr::RDI] = rdi.wrapping_add(step) & wrap_mask;
                 }
                 Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => {
                     let v = state.gpr[gpr::RAX];
                     mem.write(rdi, &v.to_le_bytes()[..n])?;
-                    state.gpr[gpr::RDI] = rdi.wrapping_add(step);
+                    state.gpr[gpr::RDI] = rdi.wrapping_add(step) & wrap_mask;
                 }
                 Mnemonic::Lodsb | Mnemonic::Lodsw | Mnemonic::Lodsd | Mnemonic::Lodsq => {
-                    let v = mem.read_le(src_base.wrapping_add(rsi), n)?;
+                    let v = mem.read_le(src, n)?;
                     let rax = &mut state.gpr[gpr::RAX];
                     *rax = match n {
                         4 => v,
                         8 => v,
                         _ => (*rax & !mask) | v,
                     };
-                    state.gpr[gpr::RSI] = rsi.wrapping_add(step);
+                    state.gpr[gpr::RSI] = rsi.wrapping_add(step) & wrap_mask;
                 }
                 Mnemonic::Cmpsb | Mnemonic::Cmpsw | Mnemonic::Cmpsd | Mnemonic::Cmpsq => {
                     // ES:[RDI] is read first: when both operands would fault, an Intel Xeon
@@ -242,20 +251,20 @@ pub fn execute(
                         && instr.has_repe_prefix()
                         && crate::host::quirks::repe_cmpsb_reads_source_first();
                     let (a, b) = if source_first {
-                        let a = mem.read_le(src_base.wrapping_add(rsi), n)?;
+                        let a = mem.read_le(src, n)?;
                         (a, mem.read_le(rdi, n)?)
                     } else {
                         let b = mem.read_le(rdi, n)?;
-                        (mem.read_le(src_base.wrapping_add(rsi), n)?, b)
+                        (mem.read_le(src, n)?, b)
                     };
                     state.rflags = (state.rflags & !flags::STATUS) | sub_flags(a, b, bits);
-                    state.gpr[gpr::RSI] = rsi.wrapping_add(step);
-                    state.gpr[gpr::RDI] = rdi.wrapping_add(step);
+                    state.gpr[gpr::RSI] = rsi.wrapping_add(step) & wrap_mask;
+                    state.gpr[gpr::RDI] = rdi.wrapping_add(step) & wrap_mask;
                 }
                 Mnemonic::Scasb | Mnemonic::Scasw | Mnemonic::Scasd | Mnemonic::Scasq => {
                     let b = mem.read_le(rdi, n)?;
                     state.rflags = (state.rflags & !flags::STATUS) | sub_flags(state.gpr[gpr::RAX], b, bits);
-                    state.gpr[gpr::RDI] = rdi.wrapping_add(step);
+                    state.gpr[gpr::RDI] = rdi.wrapping_add(step) & wrap_mask;
                 }
                 _ => return Err(GuestException::new(vector::UD)),
             }

@@ -157,8 +157,13 @@ impl Translator {
     /// code's permissions were checked at one privilege). Bit 62 is flipped for CPL0: the key
     /// is then non-canonical, so it cannot equal a CPL3 one.
     pub(super) fn block_key(&self, rip: u64) -> u64 {
-        if self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel {
+        let state = &self.ctx.get().state;
+        if self.system && state.cpl == crate::state::Cpl::Kernel {
             rip ^ (1 << 62)
+        } else if state.code32 {
+            // 32-bit code at an address 64-bit code may use too (a process that far-jumps
+            // between the two, or a 64-bit program after a 32-bit one at the same CR3).
+            rip ^ (1 << 59)
         } else {
             rip
         }
@@ -346,6 +351,7 @@ impl Translator {
             count_tlb_hits: self.detailed_stats,
             interrupt_line: self.interrupt_line,
             host_tsc: self.host_tsc,
+            compat: self.ctx.get().state.code32,
             extended_state_check: self.extended_state_handover,
             lazy_extended_state: self.system,
         }

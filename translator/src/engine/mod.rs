@@ -505,7 +505,11 @@ impl Translator {
                         continue;
                     }
                     if let Ok(Lookup::Host(h)) = self.block_for(target, platform) {
-                        self.ibl_insert(target, h);
+                        // 32-bit code's indirect branches use their sites' caches only: the
+                        // shared table is keyed by address alone (`emit/branch.rs`).
+                        if !self.ctx.get().state.code32 {
+                            self.ibl_insert(target, h);
+                        }
                         if site != 0 {
                             self.fill_inline_cache(site, target, h);
                         }
@@ -703,6 +707,7 @@ impl Translator {
             kernel: self.system && self.ctx.get().state.cpl == crate::state::Cpl::Kernel,
             interrupt_line: self.interrupt_line.is_some(),
             host_tsc: self.host_tsc,
+            compat: self.ctx.get().state.code32,
             verified_only: self.verified_only,
             max_instructions: cap,
             xcr0: self.translated_xcr0,

@@ -235,7 +235,12 @@ impl Translator {
                 .map_err(|_| TranslateError::Host(format!("guest RIP {rip:#x}: its code is gone")))?;
             room
         };
-        Ok(iced_x86::Decoder::with_ip(64, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode())
+        let bitness = self.ctx.get().state.bitness();
+        let mut instr = iced_x86::Decoder::with_ip(bitness, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode();
+        if bitness == 32 {
+            crate::rules::lower_compat(&mut instr);
+        }
+        Ok(instr)
     }
 
     /// The first piece of an `fstp m80fp`/`fbstp m80bcd` at `va` whose second piece faults:

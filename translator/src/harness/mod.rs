@@ -310,6 +310,11 @@ pub trait Cases {
     fn load(&mut self, inst: &synth::Instance);
     /// Synthesizes one state for `inst`, runs it everywhere and compares.
     fn run(&mut self, inst: &synth::Instance, rng: &mut Rng, rule: Rule) -> Result<Ran, Failure>;
+    /// The code the machine runs instances as: 64-bit, or 32-bit (compatibility mode, where
+    /// the rules are `rules::rule_compat`'s).
+    fn bitness(&self) -> u32 {
+        64
+    }
 }
 
 /// What became of one case that did not fail.
@@ -338,7 +343,9 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
     if std::env::var_os("HBT_ISA_TRACE").is_some() {
         eprintln!("testing {code:?}");
     }
-    let Some(r) = rule(code) else {
+    let bitness = machine.bitness();
+    let rule_of = if bitness == 32 { crate::rules::rule_compat } else { rule };
+    let Some(r) = rule_of(code) else {
         result.status = Status::Skipped("no translation rule".into());
         return result;
     };
@@ -357,7 +364,7 @@ pub fn test_cases(machine: &mut (impl Cases + ?Sized), code: Code, opts: &Option
     let mut formatter = IntelFormatter::new();
     for k in 0..instances {
         let (at, data) = machine.place();
-        let Some(inst) = (0..SYNTH_ATTEMPTS).find_map(|_| synth::instance(code, &mut rng, at, data)) else {
+        let Some(inst) = (0..SYNTH_ATTEMPTS).find_map(|_| synth::instance(code, &mut rng, at, data, bitness)) else {
             if k == 0 {
                 result.status = Status::Skipped("no encodable instance could be synthesized".into());
             }

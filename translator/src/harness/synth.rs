@@ -21,10 +21,25 @@ use iced_x86::{
 /// The legacy high-byte registers (usable only without a REX prefix).
 const HIGH8: [Register; 4] = [Register::AH, Register::CH, Register::DH, Register::BH];
 
-fn gpr_of_size(rng: &mut Rng, size: usize) -> Register {
-    let n = rng.below(16) as usize;
+/// The byte registers 32-bit code can name.
+const LEGACY8: [Register; 8] = [
+    Register::AL,
+    Register::CL,
+    Register::DL,
+    Register::BL,
+    Register::AH,
+    Register::CH,
+    Register::DH,
+    Register::BH,
+];
+
+/// A general register of `size` bytes that code of `bitness` can name (32-bit code: the eight
+/// legacy ones).
+fn gpr_of_size(rng: &mut Rng, size: usize, bitness: u32) -> Register {
+    let n = rng.below(if bitness == 32 { 8 } else { 16 }) as usize;
     let r64 = crate::emit::asm::gpr64(n);
     match size {
+        1 if bitness == 32 => rng.pick(&LEGACY8),
         1 if rng.chance(20) => rng.pick(&HIGH8),
         1 => rng.pick(&crate::emit::asm::GPR8),
         2 => Register::values()
@@ -53,6 +68,8 @@ pub struct Instance {
     pub lead_in: bool,
     /// Target address of the explicit memory operand, as an offset into the data region.
     pub mem_target: Option<u64>,
+    /// 64, or 32 for 32-bit code (compatibility mode: decoded as IA-32, `rules::rule_compat`).
+    pub bitness: u32,
 }
 
 fn imm_value(rng: &mut Rng, bits: u32) -> u64 {
@@ -64,15 +81,25 @@ fn imm_value(rng: &mut Rng, bits: u32) -> u64 {
     }
 }
 
-/// Builds a random instance of `code` at address `at` (None if this attempt is unencodable).
-pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instance> {
+/// Builds a random instance of `code` at address `at` for code of `bitness` (64, or 32 for
+/// compatibility mode: eight registers of each kind, 32-bit addressing, no RIP-relative or
+/// FS/GS-relative operands yet); None if this attempt is unencodable.
+pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64, bitness: u32) -> Option<Instance> {
     let op = code.op_code();
     let mut i = Instruction::default();
     i.set_code(code);
     let mut mem_target = None;
     let evex = op.encoding() == EncodingKind::EVEX;
-    // EVEX names 32 vector registers; VEX and legacy 16.
-    let vregs = if evex { 32 } else { 16 };
+    let narrow = bitness == 32;
+    // EVEX names 32 vector registers; VEX and legacy 16; 32-bit code 8 either way.
+    let vregs = if narrow {
+        8
+    } else if evex {
+        32
+    } else {
+        16
+    };
+    let zregs = if narrow { 8 } else { 32 };
     // Embedded broadcast (EVEX.b with a memory operand): one element read and repeated.
     let broadcast = op.can_broadcast() && rng.chance(30);
     let mut has_memory = false;
@@ -98,20 +125,20 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             i.set_op_register(n, r);
         };
         match kind {
-            K::r8_reg | K::r8_opcode => set_reg(&mut i, gpr_of_size(rng, 1)),
-            K::r16_reg | K::r16_rm | K::r16_opcode | K::r16_reg_mem => set_reg(&mut i, gpr_of_size(rng, 2)),
+            K::r8_reg | K::r8_opcode => set_reg(&mut i, gpr_of_size(rng, 1, bitness)),
+            K::r16_reg | K::r16_rm | K::r16_opcode | K::r16_reg_mem => set_reg(&mut i, gpr_of_size(rng, 2, bitness)),
             K::r32_reg | K::r32_rm | K::r32_opcode | K::r32_vvvv | K::r32_reg_mem => {
-                set_reg(&mut i, gpr_of_size(rng, 4))
+                set_reg(&mut i, gpr_of_size(rng, 4, bitness))
             }
             K::r64_reg | K::r64_rm | K::r64_opcode | K::r64_vvvv | K::r64_reg_mem => {
-                set_reg(&mut i, gpr_of_size(rng, 8))
+                set_reg(&mut i, gpr_of_size(rng, 8, bitness))
             }
             K::mm_reg | K::mm_rm => set_reg(&mut i, vec_reg(Register::MM0, rng, 8)),
             K::xmm_reg | K::xmm_rm | K::xmm_vvvv => set_reg(&mut i, vec_reg(Register::XMM0, rng, vregs)),
             K::ymm_reg | K::ymm_rm | K::ymm_vvvv => set_reg(&mut i, vec_reg(Register::YMM0, rng, vregs)),
-            K::zmm_reg | K::zmm_rm | K::zmm_vvvv => set_reg(&mut i, vec_reg(Register::ZMM0, rng, 32)),
-            K::xmm_is4 => set_reg(&mut i, vec_reg(Register::XMM0, rng, 16)),
-            K::ymm_is4 => set_reg(&mut i, vec_reg(Register::YMM0, rng, 16)),
+            K::zmm_reg | K::zmm_rm | K::zmm_vvvv => set_reg(&mut i, vec_reg(Register::ZMM0, rng, zregs)),
+            K::xmm_is4 => set_reg(&mut i, vec_reg(Register::XMM0, rng, vregs.min(16))),
+            K::ymm_is4 => set_reg(&mut i, vec_reg(Register::YMM0, rng, vregs.min(16))),
             K::k_reg | K::k_rm | K::k_vvvv => set_reg(&mut i, vec_reg(Register::K0, rng, 8)),
             K::al => set_reg(&mut i, Register::AL),
             K::cl => set_reg(&mut i, Register::CL),
@@ -150,14 +177,14 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 if reg_or_mem(rng) =>
             {
                 let r = match kind {
-                    K::r8_or_mem => gpr_of_size(rng, 1),
-                    K::r16_or_mem => gpr_of_size(rng, 2),
-                    K::r32_or_mem => gpr_of_size(rng, 4),
-                    K::r64_or_mem => gpr_of_size(rng, 8),
+                    K::r8_or_mem => gpr_of_size(rng, 1, bitness),
+                    K::r16_or_mem => gpr_of_size(rng, 2, bitness),
+                    K::r32_or_mem => gpr_of_size(rng, 4, bitness),
+                    K::r64_or_mem => gpr_of_size(rng, 8, bitness),
                     K::mm_or_mem => vec_reg(Register::MM0, rng, 8),
                     K::xmm_or_mem => vec_reg(Register::XMM0, rng, vregs),
                     K::ymm_or_mem => vec_reg(Register::YMM0, rng, vregs),
-                    K::zmm_or_mem => vec_reg(Register::ZMM0, rng, 32),
+                    K::zmm_or_mem => vec_reg(Register::ZMM0, rng, zregs),
                     _ => vec_reg(Register::K0, rng, 8),
                 };
                 set_reg(&mut i, r);
@@ -203,18 +230,18 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     offset = DATA_SIZE - 1 - rng.below(mem_size - 1);
                 }
                 mem_target = Some(offset);
-                let addr32 = !vsib && rng.chance(10);
+                let addr32 = narrow || (!vsib && rng.chance(10));
                 // An XSAVE-family RFBM (EDX:EAX) must avoid components the host has but the
                 // guest lacks (xstate_operands); where there are such, RAX/RDX cannot address.
                 let rfbm_regs = is_xstate(&i) && XsaveLayout::host().host_xcr0() != XsaveLayout::host().managed();
                 let free = |r: Register| !(rfbm_regs && matches!(r, Register::RAX | Register::RDX));
                 let base = loop {
-                    let b = gpr_of_size(rng, 8);
+                    let b = gpr_of_size(rng, 8, bitness);
                     if (!vsib || b != Register::RSP) && free(b) {
                         break b;
                     }
                 };
-                let rip_rel = !vsib && rng.chance(15);
+                let rip_rel = !narrow && !vsib && rng.chance(15);
                 if rip_rel {
                     i.set_memory_base(Register::RIP);
                     i.set_memory_displacement64(data + offset);
@@ -222,14 +249,14 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 } else {
                     let (base, index) = if vsib {
                         let idx = match kind {
-                            K::mem_vsib32z | K::mem_vsib64z => vec_reg(Register::ZMM0, rng, 32),
+                            K::mem_vsib32z | K::mem_vsib64z => vec_reg(Register::ZMM0, rng, zregs),
                             K::mem_vsib32y | K::mem_vsib64y => vec_reg(Register::YMM0, rng, vregs),
                             _ => vec_reg(Register::XMM0, rng, vregs),
                         };
                         (base, idx)
                     } else if rng.chance(50) {
                         let idx = loop {
-                            let x = gpr_of_size(rng, 8);
+                            let x = gpr_of_size(rng, 8, bitness);
                             if x != Register::RSP && x != base && free(x) {
                                 break x;
                             }
@@ -239,7 +266,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                         (base, Register::None)
                     };
                     let to32 = |r: Register| {
-                        if addr32 && r != Register::None {
+                        if addr32 && r.is_gpr() {
                             Register::values()
                                 .find(|x| x.is_gpr32() && x.full_register() == r)
                                 .unwrap()
@@ -274,16 +301,19 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                     });
                 }
             }
+            K::seg_rSI if narrow => i.set_op_kind(n, OpKind::MemorySegESI),
+            K::es_rDI if narrow => i.set_op_kind(n, OpKind::MemoryESEDI),
+            K::seg_rDI if narrow => i.set_op_kind(n, OpKind::MemorySegEDI),
             K::seg_rSI => i.set_op_kind(n, OpKind::MemorySegRSI),
             K::es_rDI => i.set_op_kind(n, OpKind::MemoryESRDI),
             K::seg_rDI => i.set_op_kind(n, OpKind::MemorySegRDI),
             K::mem_offs => {
-                // moffs: a 64-bit absolute address.
+                // moffs: an absolute address of the code's width.
                 i.set_op_kind(n, OpKind::Memory);
                 let offset = rng.below(2) * 4096 + rng.below(4096 - mem_size.min(4095));
                 mem_target = Some(offset);
                 i.set_memory_displacement64(data + offset);
-                i.set_memory_displ_size(8);
+                i.set_memory_displ_size(if narrow { 4 } else { 8 });
             }
             K::imm8 if n > 0 && matches!(code.mnemonic(), iced_x86::Mnemonic::Enter) => {
                 i.set_op_kind(n, OpKind::Immediate8_2nd);
@@ -296,7 +326,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
             }
             K::seg_rBX_al => {
                 i.set_op_kind(n, OpKind::Memory);
-                i.set_memory_base(Register::RBX);
+                i.set_memory_base(if narrow { Register::EBX } else { Register::RBX });
                 i.set_memory_index(Register::AL);
                 i.set_memory_index_scale(1);
             }
@@ -339,6 +369,15 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
                 i.set_op_kind(n, OpKind::Immediate64);
                 i.set_immediate64(imm_value(rng, 64));
             }
+            K::br32_1 | K::br32_4 if narrow => {
+                i.set_op_kind(n, OpKind::NearBranch32);
+                let delta = if rng.chance(60) {
+                    16 + rng.below(100) as i64
+                } else {
+                    -(16 + rng.below(100) as i64)
+                };
+                i.set_near_branch32((at as i64 + delta) as u32);
+            }
             K::br64_1 | K::br64_4 | K::xbegin_2 | K::xbegin_4 => {
                 i.set_op_kind(n, OpKind::NearBranch64);
                 // Forward into the HLT sea or backward, never onto the instruction itself.
@@ -380,17 +419,19 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
     }
     // `call/jmp rsp` would point the stack into the code region (self-modifying code under the
     // identity strategy is not tracked yet).
-    if matches!(code, Code::Call_rm64 | Code::Jmp_rm64)
-        && i.op0_kind() == OpKind::Register
-        && i.op0_register() == Register::RSP
+    if matches!(
+        code,
+        Code::Call_rm64 | Code::Jmp_rm64 | Code::Call_rm32 | Code::Jmp_rm32
+    ) && i.op0_kind() == OpKind::Register
+        && i.op0_register().full_register() == Register::RSP
     {
         return None;
     }
-    let mut enc = Encoder::new(64);
+    let mut enc = Encoder::new(bitness);
     let len = enc.encode(&i, at).ok()?;
     let bytes = enc.take_buffer();
     debug_assert_eq!(len, bytes.len());
-    let mut decoder = Decoder::with_ip(64, &bytes, at, DecoderOptions::NONE);
+    let mut decoder = Decoder::with_ip(bitness, &bytes, at, DecoderOptions::NONE);
     let decoded = decoder.decode();
     if decoded.code() != code || decoded.len() != bytes.len() {
         return None;
@@ -400,6 +441,7 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64) -> Option<Instanc
         bytes,
         mem_target,
         lead_in: rng.chance(50),
+        bitness,
     })
 }
 
@@ -465,7 +507,11 @@ pub fn state(
         let after = instr.next_ip() + 1 + rng.below(64);
         after.min(code.1 - 1)
     };
-    let code_rule = rule(instr.code());
+    let code_rule = if inst.bitness == 32 {
+        crate::rules::rule_compat(instr.code())
+    } else {
+        rule(instr.code())
+    };
 
     // Implicit memory: stack, string, leave.
     let stack_user = instr.is_stack_instruction() || matches!(code_rule, Some(Rule::Branch(BranchKind::Ret)));
@@ -659,6 +705,14 @@ pub fn state(
             mem[at + 1] &= !((flags::TF >> 8) as u8);
         }
         _ => {}
+    }
+    if inst.bitness == 32 {
+        // 32-bit code names the low halves only; the high ones are what the last 64-bit code
+        // left, which a CPU keeps or not (the SDM leaves them undefined): zero, as a 64-bit
+        // kernel's return to its 32-bit programs leaves them.
+        for r in s.gpr.iter_mut() {
+            *r &= 0xffff_ffff;
+        }
     }
     (s, mem)
 }

@@ -222,6 +222,8 @@ fn deliver_once(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> 
     s.gpr[4] = new_rsp;
     s.rip = offset;
     s.seg[1] = (selector & !3) | new_cpl;
+    // The gate's code segment is 64-bit (checked above): an event in 32-bit code leaves it.
+    s.code32 = false;
     if changes {
         s.seg[2] = new_cpl; // a null SS with RPL = the new CPL
     }

@@ -2,8 +2,9 @@
 //! architectural checks of each kind of segment load in 64-bit mode, TSS and LDT descriptors
 //! (16 bytes), and the TSS fields interrupt delivery uses.
 //!
-//! Only 64-bit long mode is modelled: a code segment without the L bit (compatibility mode) is
-//! refused with an error naming it, like the user-mode translator does.
+//! 64-bit code runs at every privilege; 32-bit code (compatibility mode: L clear, D set) at
+//! CPL3 only, as a 64-bit kernel's 32-bit programs do. A 16-bit code segment, or 32-bit code
+//! at CPL0, is refused with an error naming it.
 
 use crate::emulate::GuestMemory;
 use crate::exit::{vector, GuestException};
@@ -41,6 +42,14 @@ impl Descriptor {
     /// L: 64-bit code.
     pub fn long(self) -> bool {
         self.0 & (1 << 53) != 0
+    }
+    /// D/B: 32-bit default operand size (code) or stack (data).
+    pub fn big(self) -> bool {
+        self.0 & (1 << 54) != 0
+    }
+    /// A 32-bit code segment of IA-32e mode (compatibility mode).
+    pub fn compat_code(self) -> bool {
+        self.code() && !self.long() && self.big()
     }
     pub fn base(self) -> u64 {
         ((self.0 >> 16) & 0xff_ffff) | (((self.0 >> 56) & 0xff) << 24)
@@ -190,7 +199,8 @@ pub fn load_ss(s: &mut GuestState, mem: &mut dyn GuestMemory, selector: u16, cpl
 }
 
 /// The code segment of a far transfer or return to privilege `rpl`-of-selector: checks it and
-/// returns it. `returning`: a return (RPL ≥ CPL required, DPL = RPL for non-conforming).
+/// returns it (the caller sets [`GuestState::code32`] from it). `returning`: a return (RPL ≥
+/// CPL required, DPL = RPL for non-conforming).
 pub fn check_code(
     s: &GuestState,
     mem: &mut dyn GuestMemory,
@@ -217,9 +227,12 @@ pub fn check_code(
     if !d.present() {
         return Err(selector_fault(11, selector).into());
     }
-    if !d.long() {
+    // The privilege the transfer lands at: a return's RPL, else the current one.
+    let target = if returning { rpl } else { cpl };
+    if !(d.long() || (d.compat_code() && target == 3)) {
         return Err(Failure::Unsupported(format!(
-            "code segment {selector:#x} is not 64-bit (compatibility mode is not modelled)"
+            "code segment {selector:#x} is neither 64-bit nor 32-bit code for CPL3 (16-bit code and \
+             compatibility mode at CPL0 are not modelled)"
         )));
     }
     Ok(d)

@@ -625,7 +625,7 @@ fn pushed_flags(s: &GuestState) -> u64 {
 
 fn pushf(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<Next, Failure> {
     let size = instr.stack_pointer_increment().unsigned_abs() as u64;
-    let rsp = s.gpr[gpr::RSP].wrapping_sub(size);
+    let rsp = s.wrap_address(s.gpr[gpr::RSP].wrapping_sub(size));
     mem.write(stack_address(rsp)?, &pushed_flags(s).to_le_bytes()[..size as usize])?;
     s.gpr[gpr::RSP] = rsp;
     Ok(Next::Continue)
@@ -633,12 +633,12 @@ fn pushf(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
 
 fn popf(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<Next, Failure> {
     let size = instr.stack_pointer_increment().unsigned_abs() as u64;
-    let rsp = s.gpr[gpr::RSP];
+    let rsp = s.wrap_address(s.gpr[gpr::RSP]);
     let v = mem.read_le(stack_address(rsp)?, size as usize)?;
     let writable =
         transfer::writable_flags(s.cpl, iopl(s) as u64) & !flags::RF & if size == 2 { 0xffff } else { u64::MAX };
     s.rflags = (s.rflags & !writable) | (v & writable) | flags::FIXED;
-    s.gpr[gpr::RSP] = rsp.wrapping_add(size);
+    s.gpr[gpr::RSP] = s.wrap_address(rsp.wrapping_add(size));
     Ok(Next::Continue)
 }
 
@@ -692,6 +692,7 @@ fn emulate_op(
         EmulateOp::Syscall => {
             transfer::syscall(s, next)?;
         }
+        EmulateOp::Sysenter => transfer::sysenter(s)?,
         EmulateOp::Int3 => {
             return Ok(Next::Deliver(Event::Software {
                 vector: vector::BP,
@@ -754,16 +755,16 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
         Mnemonic::Push => {
             let size = instr.stack_pointer_increment().unsigned_abs() as u64;
             let selector = s.seg[sreg_index(instr.op0_register())] as u64;
-            let rsp = s.gpr[gpr::RSP].wrapping_sub(size);
+            let rsp = s.wrap_address(s.gpr[gpr::RSP].wrapping_sub(size));
             mem.write(stack_address(rsp)?, &selector.to_le_bytes()[..size as usize])?;
             s.gpr[gpr::RSP] = rsp;
         }
         Mnemonic::Pop => {
             let size = instr.stack_pointer_increment().unsigned_abs() as u64;
-            let rsp = s.gpr[gpr::RSP];
+            let rsp = s.wrap_address(s.gpr[gpr::RSP]);
             let selector = mem.read_le(stack_address(rsp)?, size as usize)? as u16;
             load_sreg(s, mem, instr.op0_register(), selector)?;
-            s.gpr[gpr::RSP] = rsp.wrapping_add(size);
+            s.gpr[gpr::RSP] = s.wrap_address(rsp.wrapping_add(size));
         }
         Mnemonic::Lfs | Mnemonic::Lgs | Mnemonic::Lss => {
             let dst = instr.op0_register();

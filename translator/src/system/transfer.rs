@@ -1,6 +1,8 @@
 //! Control transfers that change CS or the privilege level in system mode: `iretq`, far
-//! returns, far jumps and calls (to code segments, not gates), `syscall` and `sysretq`.
-//! 64-bit mode only; all-or-nothing (the caller works on a copy of the state).
+//! returns, far jumps and calls (to code segments, not gates), `syscall`/`sysret` and
+//! `sysenter`. Each sets [`GuestState::code32`] from the code segment it lands in: 64-bit code,
+//! or 32-bit code at CPL3 (compatibility mode, where a 64-bit kernel runs 32-bit programs);
+//! all-or-nothing (the caller works on a copy of the state).
 
 use super::descriptors::{self, Failure};
 use crate::emulate::GuestMemory;
@@ -50,7 +52,7 @@ pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Resul
     let fl = stack_read(mem, at(2), size)?;
     let cs = stack_read(mem, at(1), size)? as u16;
     let ip = stack_read(mem, at(0), size)?;
-    descriptors::check_code(s, mem, cs, true)?;
+    let code = descriptors::check_code(s, mem, cs, true)?;
     let target = cpl_of(cs & 3)?;
     let ss = stack_read(mem, at(4), size)? as u16;
     let new_rsp = stack_read(mem, at(3), size)?;
@@ -64,10 +66,9 @@ pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Resul
     let writable = writable & if size == 2 { 0xffff } else { u64::MAX };
     let old_cpl = s.cpl;
     descriptors::load_ss(s, mem, ss, cs & 3)?;
-    if !crate::mmu::is_canonical(ip) {
-        return Err(GuestException::gp(0).into());
-    }
+    check_target(code, ip)?;
     s.rflags = (s.rflags & !writable) | (fl & writable) | flags::FIXED;
+    s.code32 = code.compat_code();
     s.seg[1] = cs;
     s.cpl = target;
     s.gpr[gpr::RSP] = new_rsp;
@@ -76,6 +77,21 @@ pub fn iret(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize) -> Resul
         null_inaccessible_data_segments(s, mem);
     }
     Ok(())
+}
+
+/// The instruction pointer a transfer into `code` may load: canonical for 64-bit code, within
+/// the segment limit for 32-bit code (#GP(0) otherwise).
+fn check_target(code: descriptors::Descriptor, ip: u64) -> Result<(), GuestException> {
+    let fits = if code.compat_code() {
+        ip <= code.limit() as u64
+    } else {
+        crate::mmu::is_canonical(ip)
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(GuestException::gp(0))
+    }
 }
 
 /// Returning to an outer ring, DS/ES/FS/GS holding segments the new CPL may not use become
@@ -110,10 +126,8 @@ pub fn far_return(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize, po
         stack_read(mem, after.wrapping_add(size as u64), size)?;
         stack_read(mem, after, size)?;
     }
-    descriptors::check_code(s, mem, cs, true)?;
-    if !crate::mmu::is_canonical(ip) {
-        return Err(GuestException::gp(0).into());
-    }
+    let code = descriptors::check_code(s, mem, cs, true)?;
+    check_target(code, ip)?;
     let target = cpl_of(cs & 3)?;
     if target as u8 > s.cpl as u8 {
         // To an outer ring: SS:RSP follow on the stack.
@@ -127,6 +141,7 @@ pub fn far_return(s: &mut GuestState, mem: &mut dyn GuestMemory, size: usize, po
         s.gpr[gpr::RSP] = after;
     }
     s.seg[1] = cs;
+    s.code32 = code.compat_code();
     s.rip = ip;
     Ok(())
 }
@@ -157,29 +172,31 @@ pub fn far_jump(
         }
         return Err(descriptors::selector_fault(vector::GP, cs).into());
     }
-    descriptors::check_code(s, mem, cs, false)?;
-    if !crate::mmu::is_canonical(ip) {
-        return Err(GuestException::gp(0).into());
-    }
+    let code = descriptors::check_code(s, mem, cs, false)?;
+    check_target(code, ip)?;
     if let Some((ret, size)) = call {
         let rsp = s.gpr[gpr::RSP];
-        let a = crate::emulate::stack_address(rsp.wrapping_sub(size as u64))?;
-        let b = crate::emulate::stack_address(rsp.wrapping_sub(2 * size as u64))?;
+        let a = crate::emulate::stack_address(s.wrap_address(rsp.wrapping_sub(size as u64)))?;
+        let b = crate::emulate::stack_address(s.wrap_address(rsp.wrapping_sub(2 * size as u64)))?;
         mem.write(a, &(s.seg[1] as u64).to_le_bytes()[..size])?;
         mem.write(b, &ret.to_le_bytes()[..size])?;
-        s.gpr[gpr::RSP] = b;
+        s.gpr[gpr::RSP] = if s.code32 { b & 0xffff_ffff } else { b };
     }
     s.seg[1] = (cs & !3) | s.cpl as u16;
+    s.code32 = code.compat_code();
     s.rip = ip;
     Ok(())
 }
 
-/// `syscall` from CPL3 (or CPL0) in system mode: CS/SS from STAR, RIP from LSTAR, RFLAGS
-/// masked by SFMASK; RCX and R11 get RIP and RFLAGS. #UD when EFER.SCE is clear.
+/// `syscall` from CPL3 (or CPL0) in system mode: CS/SS from STAR, RIP from LSTAR (CSTAR from
+/// compatibility mode), RFLAGS masked by SFMASK; RCX and R11 get RIP and RFLAGS. #UD when
+/// EFER.SCE is clear, and from compatibility mode on Intel (which has `syscall` in 64-bit mode
+/// only; its 32-bit programs enter the kernel with `sysenter`).
 pub fn syscall(s: &mut GuestState, next: u64) -> Result<(), GuestException> {
-    if s.efer & 1 == 0 {
+    if s.efer & 1 == 0 || (s.code32 && crate::cpu::vendor::Vendor::host() == crate::cpu::vendor::Vendor::Intel) {
         return Err(GuestException::new(vector::UD));
     }
+    let target = if s.code32 { s.sys.msr.cstar } else { s.sys.msr.lstar };
     s.gpr[gpr::RCX] = next;
     s.gpr[gpr::R11] = s.rflags & !flags::RF;
     s.rflags &= !(s.sys.msr.sfmask | flags::RF);
@@ -188,12 +205,37 @@ pub fn syscall(s: &mut GuestState, next: u64) -> Result<(), GuestException> {
     s.seg[1] = base & !3;
     s.seg[2] = (base + 8) & !3;
     s.cpl = Cpl::Kernel;
-    s.rip = s.sys.msr.lstar;
+    s.code32 = false;
+    s.rip = target;
+    Ok(())
+}
+
+/// `sysenter` (IA-32e mode, Intel: AMD raises #UD in long mode): to CPL0 at SYSENTER_EIP with
+/// RSP = SYSENTER_ESP, CS from SYSENTER_CS (64-bit) and SS the selector after it; IF, VM and
+/// RF cleared. Nothing is saved: the kernel knows where its 32-bit programs' `sysenter`
+/// returns. #GP(0) with a null SYSENTER_CS.
+pub fn sysenter(s: &mut GuestState) -> Result<(), GuestException> {
+    if crate::cpu::vendor::Vendor::host() != crate::cpu::vendor::Vendor::Intel {
+        return Err(GuestException::new(vector::UD));
+    }
+    let cs = (s.sys.msr.sysenter_cs & 0xfffc) as u16;
+    if cs == 0 {
+        return Err(GuestException::gp(0));
+    }
+    s.seg[1] = cs;
+    s.seg[2] = cs + 8;
+    s.rflags &= !(flags::IF | flags::VM | flags::RF);
+    s.cpl = Cpl::Kernel;
+    s.code32 = false;
+    s.gpr[gpr::RSP] = s.sys.msr.sysenter_esp;
+    s.rip = s.sys.msr.sysenter_eip;
     Ok(())
 }
 
 /// `sysretq` from CPL0: back to CPL3 at RCX with RFLAGS from R11. #UD without EFER.SCE,
 /// #GP(0) above CPL0 or with a non-canonical RCX (the check Intel makes before leaving ring 0).
+/// `sysretl` (no REX.W) returns to 32-bit code: CS = STAR[63:48], EIP = ECX; the CPU loads
+/// fixed attributes rather than the descriptor.
 pub fn sysret(s: &mut GuestState, rex_w: bool) -> Result<(), Failure> {
     if s.efer & 1 == 0 {
         return Err(GuestException::new(vector::UD).into());
@@ -201,18 +243,25 @@ pub fn sysret(s: &mut GuestState, rex_w: bool) -> Result<(), Failure> {
     if s.cpl != Cpl::Kernel {
         return Err(GuestException::gp(0).into());
     }
+    let base = ((s.sys.msr.star >> 48) & 0xffff) as u16;
     if !rex_w {
-        return Err(Failure::Unsupported("sysretl to compatibility mode".into()));
+        s.seg[1] = base | 3;
+        s.seg[2] = (base + 8) | 3;
+        s.rflags = (s.gpr[gpr::R11] & 0x3c_7fd7) | flags::FIXED;
+        s.cpl = Cpl::User;
+        s.code32 = true;
+        s.rip = s.gpr[gpr::RCX] & 0xffff_ffff;
+        return Ok(());
     }
     let rip = s.gpr[gpr::RCX];
     if !crate::mmu::is_canonical(rip) {
         return Err(GuestException::gp(0).into());
     }
-    let base = ((s.sys.msr.star >> 48) & 0xffff) as u16;
     s.seg[1] = (base + 16) | 3;
     s.seg[2] = (base + 8) | 3;
     s.rflags = (s.gpr[gpr::R11] & 0x3c_7fd7) | flags::FIXED;
     s.cpl = Cpl::User;
+    s.code32 = false;
     s.rip = rip;
     Ok(())
 }

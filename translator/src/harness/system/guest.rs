@@ -63,6 +63,8 @@ pub const KERNEL_CS: u16 = 0x10;
 pub const KERNEL_DS: u16 = 0x18;
 pub const USER_DS: u16 = 0x2b;
 pub const USER_CS: u16 = 0x33;
+/// Linux's 32-bit user code segment (compatibility mode).
+pub const USER32_CS: u16 = 0x23;
 pub const TSS_SEL: u16 = 0x40;
 /// The CPL0 machine's LDT descriptor.
 pub const LDT_SEL: u16 = 0x60;

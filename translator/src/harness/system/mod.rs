@@ -128,6 +128,11 @@ pub trait Reference {
     fn kernel_quirks(&self) -> KernelQuirks {
         KernelQuirks::default()
     }
+    /// 32-bit code at CPL3 runs in the same instruction emulator as CPL0 code (kvm_pvm's does):
+    /// [`Reference::kernel_quirks`] apply to it too.
+    fn runs_32_bit_code_emulated(&self) -> bool {
+        false
+    }
 }
 
 /// One case as the reference will run it: what [`Reference::unfit_case`] looks at.
@@ -250,6 +255,9 @@ pub struct SystemWorker {
     reference: Box<dyn Reference>,
     platform: device::HarnessPlatform,
     ring: Ring,
+    /// 64, or 32: instances are 32-bit code run at CPL3 in compatibility mode (CS
+    /// [`guest::USER32_CS`]).
+    bitness: u32,
     /// Cases run (picks each case's page-table set from the pool).
     case: u64,
 }
@@ -276,7 +284,17 @@ impl Drop for Ram {
 }
 
 impl SystemWorker {
-    pub fn new(mut reference: Box<dyn Reference>, platform: Box<dyn Platform>, ring: Ring) -> Result<Self, String> {
+    /// `bitness` 32 runs 32-bit code at CPL3 (compatibility mode; `ring` must be
+    /// [`Ring::User`]).
+    pub fn new(
+        mut reference: Box<dyn Reference>,
+        platform: Box<dyn Platform>,
+        ring: Ring,
+        bitness: u32,
+    ) -> Result<Self, String> {
+        if bitness == 32 && ring != Ring::User {
+            return Err("32-bit code runs at CPL3 only".into());
+        }
         let ram = Ram::new()?;
         guest::write_fixed(ram.0, ring);
         guest::write_fixed(reference.ram(), ring);
@@ -299,6 +317,7 @@ impl SystemWorker {
                 writes: Vec::new(),
             },
             ring,
+            bitness,
             case: 0,
         })
     }
@@ -320,6 +339,14 @@ impl SystemWorker {
         let tables = guest::write_tables(self.ram.0, self.case, rng, self.ring);
         self.case += 1;
         guest::machine_state(&mut state, &tables, self.ring);
+        if self.bitness == 32 {
+            // What Linux gives its 32-bit programs: segmentation applies in compatibility
+            // mode, where a null DS or ES faults on every access through it.
+            state.seg[1] = guest::USER32_CS;
+            state.seg[0] = guest::USER_DS;
+            state.seg[3] = guest::USER_DS;
+            state.code32 = true;
+        }
         let mut mem = mem;
         if self.ring == Ring::Kernel {
             privileged::kernel_state(inst, rng, &mut state, &mut mem, &tables);
@@ -384,7 +411,9 @@ impl SystemWorker {
                     ));
                 }
                 let kernel = self.reference.kernel_quirks();
-                if self.ring == Ring::Kernel && kernel.split_store_faults_second_page {
+                let emulated =
+                    self.ring == Ring::Kernel || (self.bitness == 32 && self.reference.runs_32_bit_code_emulated());
+                if emulated && kernel.split_store_faults_second_page {
                     if let Some(why) = second_page_first(inst, &state, &reference, &translated) {
                         return Ok(Ran::NotCompared(why.into()));
                     }
@@ -410,7 +439,9 @@ impl SystemWorker {
                 );
                 let masks = Masks {
                     cpl0: self.ring == Ring::Kernel,
-                    kernel: if self.ring == Ring::Kernel {
+                    // (32-bit code at CPL3 may run in the reference's instruction emulator too:
+                    // `Reference::runs_32_bit_code_emulated`.)
+                    kernel: if emulated {
                         self.reference.kernel_quirks()
                     } else {
                         KernelQuirks::default()
@@ -468,6 +499,10 @@ impl SystemWorker {
 impl Cases for SystemWorker {
     fn place(&self) -> (u64, u64) {
         (guest::code_at(), guest::data())
+    }
+
+    fn bitness(&self) -> u32 {
+        self.bitness
     }
 
     fn load(&mut self, inst: &Instance) {
