@@ -145,7 +145,9 @@ pub fn translatable_features(model: CpuModel, supported: impl Fn(Code) -> bool) 
         instr.set_code(code);
         instr.cpuid_features().iter().for_each(|&f| forms[f as usize] += 1);
     }
-    for code in Code::values().filter(|&c| c != Code::INVALID && !supported(c)) {
+    // Only forms 64-bit code can hold count: a form that exists in 16/32-bit code alone
+    // (`rdpid r32`) is never met there, and hiding its feature would hide the 64-bit form too.
+    for code in Code::values().filter(|&c| c != Code::INVALID && c.op_code().mode64() && !supported(c)) {
         instr.set_code(code);
         let features = instr.cpuid_features();
         if features.iter().any(|&f| !keep[f as usize]) {
@@ -216,6 +218,26 @@ mod tests {
     }
 
     #[test]
+    fn forms_only_16_or_32_bit_code_has_hide_no_feature() {
+        // Every 64-bit form supported: each host feature that has a 64-bit form stays, though
+        // its 32-bit-only forms (`rdpid r32`, `pusha`, `aaa`…) are not supported.
+        let host = CpuModel::Host.features().expect("host features");
+        let keep = translatable_features(CpuModel::Host, |c| c.op_code().mode64());
+        let mut instr = Instruction::default();
+        let mut has_64_bit_form = vec![false; F::values().len()];
+        for code in Code::values().filter(|c| *c != Code::INVALID && c.op_code().mode64()) {
+            instr.set_code(code);
+            instr
+                .cpuid_features()
+                .iter()
+                .for_each(|&f| has_64_bit_form[f as usize] = true);
+        }
+        for f in F::values().filter(|&f| host[f as usize] && has_64_bit_form[f as usize]) {
+            assert!(keep[f as usize], "{f:?} hidden");
+        }
+    }
+
+    #[test]
     fn levels_are_nested() {
         let v: Vec<Vec<bool>> = [CpuModel::V1, CpuModel::V2, CpuModel::V3, CpuModel::V4, CpuModel::All]
             .iter()
@@ -249,7 +271,9 @@ mod tests {
         for model in [CpuModel::V3, CpuModel::Host] {
             let keep = translatable_features(model, supported);
             let mut instr = Instruction::default();
-            for code in Code::values().filter(|&c| c != Code::INVALID && !supported(c)) {
+            // Only forms 64-bit code can hold count: a form that exists in 16/32-bit code alone
+            // (`rdpid r32`) is never met there, and hiding its feature would hide the 64-bit form too.
+            for code in Code::values().filter(|&c| c != Code::INVALID && c.op_code().mode64() && !supported(c)) {
                 instr.set_code(code);
                 let features = instr.cpuid_features();
                 if features.iter().all(|&f| keep[f as usize]) {

@@ -324,6 +324,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64, bitness: u32) -> 
                     rng.next_u64() as u8
                 });
             }
+            // A second 8-bit immediate (SSE4A `extrq`/`insertq`: field length, then index).
+            K::imm8 if n > 0 && op.op_kinds()[n as usize - 1] == K::imm8 => {
+                i.set_op_kind(n, OpKind::Immediate8_2nd);
+                i.set_immediate8_2nd(imm_value(rng, 8) as u8);
+            }
             K::seg_rBX_al => {
                 i.set_op_kind(n, OpKind::Memory);
                 i.set_memory_base(if narrow { Register::EBX } else { Register::RBX });
