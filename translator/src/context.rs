@@ -194,9 +194,10 @@ pub struct Context {
     /// an interrupt from user mode, the return) flushes nothing — a CPL3 lookup can never hit
     /// a translation a CPL0 walk allowed. Flushes (CR3, INVLPG, CR4…) empty both.
     pub tlbs: [TlbSet; 2],
-    /// The indirect-branch tables, one per privilege level (`KERNEL_SET`, `USER_SET`): a
-    /// table holds host blocks translated for its level.
-    pub ibls: [IblTable; 2],
+    /// The indirect-branch tables, one per privilege level (`KERNEL_SET`, `USER_SET`) and one
+    /// for 32-bit code at CPL3 (`COMPAT_IBL_SET`, see [`ibl_set`]): a table holds host blocks
+    /// translated for its level and mode.
+    pub ibls: [IblTable; IBL_SETS],
 }
 
 /// One privilege level's indirect-branch table: per slot the negated guest target (see
@@ -363,6 +364,22 @@ pub fn level_set(cpl: crate::state::Cpl) -> usize {
     match cpl {
         crate::state::Cpl::Kernel => KERNEL_SET,
         crate::state::Cpl::User => USER_SET,
+    }
+}
+
+/// The indirect-branch table of 32-bit code (compatibility mode, CPL3): its blocks are keyed
+/// apart from 64-bit code at the same address (`Translator::block_key`), and the tables are
+/// keyed by address alone, so they get a table of their own. (The TLBs are shared with 64-bit
+/// CPL3 code: a page walk does not depend on the mode.)
+pub const COMPAT_IBL_SET: usize = 2;
+pub const IBL_SETS: usize = 3;
+
+/// The indirect-branch table of code at `cpl`, 32-bit (`code32`) or not.
+pub fn ibl_set(cpl: crate::state::Cpl, code32: bool) -> usize {
+    if code32 {
+        COMPAT_IBL_SET
+    } else {
+        level_set(cpl)
     }
 }
 

@@ -374,15 +374,7 @@ impl BlockEmitter<'_> {
 
     /// The inline indirect-branch lookup; R11 = guest target, R11/RCX borrowed.
     fn indirect_lookup(&mut self, rsp_delta: i64) {
-        if self.mode.compat {
-            // No shared table for 32-bit code: it is keyed by address alone, and 64-bit code
-            // at the same address would be found (`Translator::block_key`). The dispatcher.
-            let field = self.asm.branch32_forward(Code::Jmp_rel32_64);
-            self.table_miss(field, rsp_delta);
-            self.spilled &= !DISPATCH_MASK;
-            return;
-        }
-        let tags = off::ibl_tags(self.level_set());
+        let tags = off::ibl_tags(self.ibl_set());
         let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(
@@ -432,7 +424,7 @@ impl BlockEmitter<'_> {
             self.table_miss(field, rsp_delta);
             None
         };
-        let hosts = off::ibl_hosts(self.level_set());
+        let hosts = off::ibl_hosts(self.ibl_set());
         let a = &mut self.asm;
         a.glue(Instruction::with2(Code::Movzx_r32_rm16, Register::ECX, Register::R11W));
         a.glue(Instruction::with2(

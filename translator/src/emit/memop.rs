@@ -536,6 +536,17 @@ impl BlockEmitter<'_> {
     }
 
     /// `Context::miss_info` for an access of the current instruction.
+    /// The indirect-branch table this block's lookups use: its privilege level's, or 32-bit
+    /// code's (`context::ibl_set`).
+    pub(super) fn ibl_set(&self) -> usize {
+        let cpl = if self.mode.kernel {
+            crate::state::Cpl::Kernel
+        } else {
+            crate::state::Cpl::User
+        };
+        crate::context::ibl_set(cpl, self.mode.compat)
+    }
+
     /// The TLB set this block's lookups use: its privilege level's (`context::TlbSet`).
     pub(super) fn level_set(&self) -> usize {
         if self.mode.kernel {

@@ -285,7 +285,7 @@ impl Translator {
     fn flush_ibl_keeping(&mut self, keep_global: bool) {
         let empty = self.glue.ibl_empty;
         let ctx = self.ctx.get_mut();
-        for set in 0..2 {
+        for set in 0..crate::context::IBL_SETS {
             let [local, global_slots] = &mut self.ibl_used[set];
             if local.len() >= IBL_ENTRIES / 16 || global_slots.len() >= IBL_ENTRIES / 16 {
                 // Slots filled past a list's end are not known: all go.
@@ -317,7 +317,7 @@ impl Translator {
         // Only system mode has global blocks (and CR3 writes that keep them).
         let global = self.system && self.block_at_entry(host).is_some_and(|b| self.blocks[b].global);
         let ctx = self.ctx.get_mut();
-        let set = crate::context::level_set(ctx.state.cpl);
+        let set = crate::context::ibl_set(ctx.state.cpl, ctx.state.code32);
         let i = crate::context::Context::ibl_slot(target);
         let table = &mut ctx.ibls[set];
         // Each filled slot is in the list of its block's kind (an empty one, or one that held

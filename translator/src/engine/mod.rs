@@ -165,10 +165,10 @@ pub struct Translator {
     /// Indirect-branch slots filled since the table was last emptied (see `flush_ibl`), by
     /// whether the block they hold is global (index 1) or not (index 0); at `IBL_ENTRIES / 16`
     /// entries in either list the next flush clears the whole table instead.
-    ibl_used: [[Vec<u32>; 2]; 2],
+    ibl_used: [[Vec<u32>; 2]; crate::context::IBL_SETS],
     /// Per indirect-branch slot: it holds a global block (kept by a CR3 write, see
     /// `flush_ibl_keeping`).
-    ibl_global: [Vec<bool>; 2],
+    ibl_global: [Vec<bool>; crate::context::IBL_SETS],
     /// Identity strategy: decoded instructions the engine performs (SYSCALL, CPUID…) by guest
     /// RIP, so a program that makes 10^5 system calls does not re-fetch and re-decode each one.
     /// Their pages are in `code_pages`, so writes and unmaps drop them like blocks.
@@ -292,7 +292,7 @@ impl Translator {
             code_vpages: Default::default(),
             large_code_regions: Default::default(),
             ibl_used: Default::default(),
-            ibl_global: [vec![false; IBL_ENTRIES], vec![false; IBL_ENTRIES]],
+            ibl_global: std::array::from_fn(|_| vec![false; IBL_ENTRIES]),
             one_step: None,
             protected: Box::default(),
             bounce: None,
@@ -505,11 +505,7 @@ impl Translator {
                         continue;
                     }
                     if let Ok(Lookup::Host(h)) = self.block_for(target, platform) {
-                        // 32-bit code's indirect branches use their sites' caches only: the
-                        // shared table is keyed by address alone (`emit/branch.rs`).
-                        if !self.ctx.get().state.code32 {
-                            self.ibl_insert(target, h);
-                        }
+                        self.ibl_insert(target, h);
                         if site != 0 {
                             self.fill_inline_cache(site, target, h);
                         }
