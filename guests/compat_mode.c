@@ -7,7 +7,9 @@
  * with `cli` (#GP(0) at CPL3). Exceptions from 32-bit code (#UD, #DE) arrive with the 32-bit CS
  * in the frame. One code address is run as 32-bit code, then as 64-bit code, then as 32-bit
  * code again: its bytes mean different instructions in the two modes (`48 ff c0` is
- * `dec eax; inc eax` or `inc rax`), so a translation of one must never serve the other. The
+ * `dec eax; inc eax` or `inc rax`), so a translation of one must never serve the other. A far
+ * jump (ptr16:32) from 32-bit code into 64-bit code at CPL3 and a far jump through memory
+ * (m16:32) back switch modes without the kernel, as a program's own "gate" would. The
  * transcript is the same under every engine: under `--accel kvm` the CPU itself runs it. */
 #include "runtime/rt.h"
 
@@ -21,7 +23,7 @@ static volatile u32 res[24];
 
 u64 to_user(u64 rip, u64 rsp, u64 rflags, u64 cs, u64 ss, u64 rax);
 volatile u64 kernel_rsp;
-extern char back_to_kernel[], c32_main[], c32_ud2[], c32_div0[], dual[];
+extern char back_to_kernel[], c32_main[], c32_ud2[], c32_div0[], dual[], c32_gate[];
 __asm__(".globl to_user\n"
         "to_user:\n"
         "    push %rbx; push %rbp; push %r12; push %r13; push %r14; push %r15\n"
@@ -148,7 +150,14 @@ __asm__(".globl to_user\n"
         ".globl dual\n"
         "dual: .byte 0x48, 0xff, 0xc0\n"
         "    cli\n"
+        /* To 64-bit code and back by far jumps: RAX's upper half can only be set there. */
+        ".globl c32_gate\n"
+        "c32_gate: ljmp $0x23, $c64_part\n"
+        "c32_back: mov %esp, %ebx\n"
+        "    cli\n"
         ".code64\n"
+        "c64_part: movabs $0x123456789, %rax\n"
+        "    ljmp *c32_back_ptr(%rip)\n"
         ".data\n"
         ".balign 4\n"
         "c32_table: .long c32_case0, c32_case1, c32_case2\n"
@@ -158,6 +167,7 @@ __asm__(".globl to_user\n"
         "c32_text: .asciz \"thirty-two!\"\n"
         "c32_copy: .fill 16, 1, 0x55\n"
         "c32_words: .fill 20, 1, 0\n"
+        "c32_back_ptr: .long c32_back\n .word 0x3b\n"
         ".text\n");
 
 static volatile struct frame seen;
@@ -237,6 +247,11 @@ int main(void) {
     show("as 64-bit code: rax ", as64);
     show("as 32-bit code again: rax ", as32[1]);
     check("each mode runs its own instructions", as32[0] == 5 && as64 == 6 && as32[1] == 5 && seen.cs == USER32_CS);
+
+    to_user((u64)c32_gate, top, 0x2, USER32_CS, USER_DS, 0);
+    show("far jumps to 64-bit code and back: rax ", seen.rax);
+    show("  frame cs ", seen.cs);
+    check("  the 64-bit part ran and the 32-bit part after it", seen.rax == 0x123456789 && seen.cs == USER32_CS && seen.rbx == top);
 
     rt_puts(failures ? "compat-mode: FAILED\n" : "compat-mode: ok\n");
     return failures ? 1 : 0;

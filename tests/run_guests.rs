@@ -484,8 +484,9 @@ fn syscall_sysretq_and_swapgs_round_trips() {
 fn thirty_two_bit_code_at_cpl3_runs_like_the_cpu() {
     // guests/compat_mode.c: IRETQ into a 32-bit code segment (compatibility mode): 4-byte
     // stack slots, inc/dec r32, a jump table, string instructions, pushfd/popfd, absolute
-    // operands, exceptions with the 32-bit CS, and one address run as 32-bit, 64-bit and
-    // 32-bit code again. Under `--accel kvm` the CPU runs it; every engine shows the same.
+    // operands, exceptions with the 32-bit CS, one address run as 32-bit, 64-bit and 32-bit
+    // code again, and far jumps from 32-bit code into 64-bit code and back. Under `--accel kvm`
+    // KVM's instruction emulator runs the 32-bit code (kvm_pvm); every engine shows the same.
     let expected = [
         "32-bit routine left through vector 0xd",
         "  frame cs 0x3b",
@@ -512,6 +513,9 @@ fn thirty_two_bit_code_at_cpl3_runs_like_the_cpu() {
         "as 64-bit code: rax 0x6",
         "as 32-bit code again: rax 0x5",
         "each mode runs its own instructions ok",
+        "far jumps to 64-bit code and back: rax 0x123456789",
+        "  frame cs 0x3b",
+        "  the 64-bit part ran and the 32-bit part after it ok",
         "compat-mode: ok",
     ];
     transcript("test-images/compat-mode.img", &lines(&expected), 0);

@@ -439,9 +439,9 @@ pub fn rule(code: Code) -> Option<Rule> {
 /// The rule for `code` decoded as 32-bit code (compatibility mode, CPL3 of a whole machine),
 /// after [`lower_compat`]: the forms 32-bit and 64-bit code share keep their rule (the emitter
 /// narrows addresses, the stack and near branches to 32 bits, `Mode::compat`); the 32-bit
-/// stack and branch forms get the 64-bit forms' rules; `sysenter` is performed. The rest of the
+/// stack and branch forms get the 64-bit forms' rules; `sysenter` and far jumps/calls to a ptr16:32 are performed. The rest of the
 /// IA-32-only forms (`pusha`, BCD arithmetic, `bound`, `lds`/`les`, `push`/`pop` of ES, CS, SS
-/// and DS, `enter`, `into`, far pointers) have none yet: the translator refuses them by name.
+/// and DS, `enter`, `into`, ptr16:16) have none yet: the translator refuses them by name.
 pub fn rule_compat(code: Code) -> Option<Rule> {
     static TABLE: OnceLock<Vec<Option<Rule>>> = OnceLock::new();
     TABLE.get_or_init(|| Code::values().map(classify_compat).collect())[code as usize]
@@ -468,6 +468,9 @@ fn classify_compat(code: Code) -> Option<Rule> {
         Code::Jmp_rm32 => Rule::Branch(BranchKind::JmpIndirect),
         Code::Retnd | Code::Retnd_imm16 => Rule::Branch(BranchKind::Ret),
         Code::Sysenter => Rule::Emulate(EmulateOp::Sysenter),
+        // Far jumps and calls to an immediate selector:offset (a program switching between
+        // 32-bit and 64-bit code by itself).
+        Code::Jmp_ptr1632 | Code::Call_ptr1632 => Rule::Emulate(EmulateOp::Segment),
         // Near branches and `inc`/`dec` r32 are lowered to their 64-bit forms.
         _ if op.mode64() => return rule(code),
         _ => return None,

@@ -796,6 +796,11 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
         Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq => {
             transfer::iret(s, mem, op_size(instr))?;
         }
+        Mnemonic::Jmp | Mnemonic::Call if instr.op0_kind() == OpKind::FarBranch32 => {
+            // ptr16:32 (32-bit code): the selector and offset are in the instruction.
+            let call = (instr.mnemonic() == Mnemonic::Call).then_some((instr.next_ip(), 4));
+            transfer::far_jump(s, mem, instr.far_branch_selector(), instr.far_branch32() as u64, call)?;
+        }
         Mnemonic::Jmp | Mnemonic::Call => {
             let size = far_offset_size(instr.memory_size().size() - 2);
             let a = va(s, 0);
