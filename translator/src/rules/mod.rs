@@ -21,6 +21,9 @@
 //! - [`Rule::System`] — privileged and system instructions ([`crate::system::SYSTEM_OPS`]):
 //!   #GP(0) at CPL3, performed by `system/` at CPL0.
 //!
+//! 32-bit code (compatibility mode) has a table of its own, [`rule_compat`] (`compat.rs`): the
+//! shared forms' rules, and those of the forms only 32-bit code has.
+//!
 //! Classification is order-independent: a form is decided by exactly one of (1) the mnemonic
 //! tables [`DEDICATED`] and [`crate::system::SYSTEM_OPS`], which are disjoint (a test checks);
 //! (2) its operands (control/debug/segment registers, string memory); (3) its being privileged
@@ -28,7 +31,10 @@
 //! [`crate::TranslateError::Unsupported`]. Having a rule is necessary, not sufficient, for support:
 //! see `supported.rs`.
 
+mod compat;
+
 use crate::system::{SystemOp, SYSTEM_OPS};
+pub use compat::{lower_compat, lowered, rule_compat};
 use iced_x86::{Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeOperandKind as K, Register};
 use std::sync::OnceLock;
 
@@ -434,110 +440,6 @@ fn dedicated_form(code: Code, rule: Rule, has: &dyn Fn(K) -> bool) -> Option<Rul
 pub fn rule(code: Code) -> Option<Rule> {
     static TABLE: OnceLock<Vec<Option<Rule>>> = OnceLock::new();
     TABLE.get_or_init(|| Code::values().map(classify).collect())[code as usize]
-}
-
-/// The rule for `code` decoded as 32-bit code (compatibility mode, CPL3 of a whole machine),
-/// after [`lower_compat`]: the forms 32-bit and 64-bit code share keep their rule (the emitter
-/// narrows addresses, the stack and near branches to 32 bits, `Mode::compat`); the 32-bit
-/// stack and branch forms get the 64-bit forms' rules; `sysenter` and far jumps/calls to a ptr16:32 are performed. The rest of the
-/// IA-32-only forms (`pusha`, BCD arithmetic, `bound`, `lds`/`les`, `push`/`pop` of ES, CS, SS
-/// and DS, `enter`, `into`, ptr16:16) have none yet: the translator refuses them by name.
-pub fn rule_compat(code: Code) -> Option<Rule> {
-    static TABLE: OnceLock<Vec<Option<Rule>>> = OnceLock::new();
-    TABLE.get_or_init(|| Code::values().map(classify_compat).collect())[code as usize]
-}
-
-fn classify_compat(code: Code) -> Option<Rule> {
-    let op = code.op_code();
-    if let Some(to) = lowered(code) {
-        return rule(to);
-    }
-    if !op.mode32() {
-        // The 64-bit near branches `lower_compat` rewrites 32-bit ones into.
-        let near = op.op_kinds().iter().any(|k| matches!(k, K::br64_1 | K::br64_4));
-        return if near { rule(code) } else { None };
-    }
-    let rule = match code {
-        Code::Push_r32 | Code::Push_rm32 | Code::Pushd_imm8 | Code::Pushd_imm32 => Rule::Stack(StackOp::Push),
-        Code::Pop_r32 | Code::Pop_rm32 => Rule::Stack(StackOp::Pop),
-        Code::Pushfd => Rule::Stack(StackOp::Pushf),
-        Code::Popfd => Rule::Stack(StackOp::Popf),
-        Code::Leaved => Rule::Stack(StackOp::Leave),
-        Code::Call_rel32_32 => Rule::Branch(BranchKind::Call),
-        Code::Call_rm32 => Rule::Branch(BranchKind::CallIndirect),
-        Code::Jmp_rm32 => Rule::Branch(BranchKind::JmpIndirect),
-        Code::Retnd | Code::Retnd_imm16 => Rule::Branch(BranchKind::Ret),
-        Code::Sysenter => Rule::Emulate(EmulateOp::Sysenter),
-        // Far jumps and calls to an immediate selector:offset (a program switching between
-        // 32-bit and 64-bit code by itself).
-        Code::Jmp_ptr1632 | Code::Call_ptr1632 => Rule::Emulate(EmulateOp::Segment),
-        // Near branches and `inc`/`dec` r32 are lowered to their 64-bit forms.
-        _ if op.mode64() => return rule(code),
-        _ => return None,
-    };
-    Some(rule)
-}
-
-/// Rewrites a 32-bit instruction whose form does not exist in 64-bit mode into the 64-bit form
-/// with the same effect, so the block builder and emitter see one form: `inc`/`dec` r16/r32
-/// (0x40-0x4f are REX prefixes in 64-bit mode) become their ModRM forms, relative jumps, `jcc`,
-/// `jecxz` and `loop*` their 64-bit forms (same target; `jecxz` and `loop*` count in ECX either
-/// way). Other instructions are left as they are.
-pub fn lower_compat(instr: &mut Instruction) {
-    let Some(to) = lowered(instr.code()) else { return };
-    let target = instr.near_branch64();
-    instr.set_code(to);
-    if matches!(instr.op0_kind(), iced_x86::OpKind::NearBranch32) {
-        instr.set_op0_kind(iced_x86::OpKind::NearBranch64);
-        instr.set_near_branch64(target);
-    }
-}
-
-/// The 64-bit form [`lower_compat`] rewrites a 32-bit-only `code` into, if it does.
-pub fn lowered(code: Code) -> Option<Code> {
-    Some(match code {
-        Code::Inc_r32 => Code::Inc_rm32,
-        Code::Dec_r32 => Code::Dec_rm32,
-        Code::Inc_r16 => Code::Inc_rm16,
-        Code::Dec_r16 => Code::Dec_rm16,
-        Code::Jmp_rel8_32 => Code::Jmp_rel8_64,
-        Code::Jmp_rel32_32 => Code::Jmp_rel32_64,
-        Code::Jecxz_rel8_32 => Code::Jecxz_rel8_64,
-        Code::Loop_rel8_32_ECX => Code::Loop_rel8_64_ECX,
-        Code::Loope_rel8_32_ECX => Code::Loope_rel8_64_ECX,
-        Code::Loopne_rel8_32_ECX => Code::Loopne_rel8_64_ECX,
-        c if c.is_jcc_short_or_near() && !c.op_code().mode64() => jcc64(c)?,
-        _ => return None,
-    })
-}
-
-/// The 64-bit form of a 32-bit `jcc` (same condition, same displacement size).
-fn jcc64(code: Code) -> Option<Code> {
-    static TABLE: OnceLock<std::collections::HashMap<Code, Code>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let short =
-            |c: Code| c.op_code().op_kinds().contains(&K::br32_1) || c.op_code().op_kinds().contains(&K::br64_1);
-        let jcc = |c: &Code| c.is_jcc_short_or_near();
-        let wide: Vec<Code> = Code::values()
-            .filter(|c| jcc(c) && c.op_code().mode64() && !c.op_code().mode32())
-            .collect();
-        Code::values()
-            .filter(|c| {
-                jcc(c)
-                    && c.op_code()
-                        .op_kinds()
-                        .iter()
-                        .any(|k| matches!(k, K::br32_1 | K::br32_4))
-            })
-            .filter_map(|c| {
-                let to = wide
-                    .iter()
-                    .find(|w| w.mnemonic() == c.mnemonic() && short(**w) == short(c))?;
-                Some((c, *to))
-            })
-            .collect()
-    });
-    table.get(&code).copied()
 }
 
 /// Every `Code` that has a rule.
