@@ -184,12 +184,7 @@ static int from_user(struct frame *f) {
     return 1;
 }
 
-static int failures;
-static void check(const char *what, int ok) {
-    rt_puts(what);
-    rt_puts(ok ? " ok\n" : " WRONG\n");
-    failures += !ok;
-}
+#define check rt_check_that
 static void show(const char *what, u64 v) {
     rt_puts(what);
     rt_put_hex(v);
@@ -253,6 +248,6 @@ int main(void) {
     show("  frame cs ", seen.cs);
     check("  the 64-bit part ran and the 32-bit part after it", seen.rax == 0x123456789 && seen.cs == USER32_CS && seen.rbx == top);
 
-    rt_puts(failures ? "compat-mode: FAILED\n" : "compat-mode: ok\n");
-    return failures ? 1 : 0;
+    rt_puts(rt_failures ? "compat-mode: FAILED\n" : "compat-mode: ok\n");
+    return rt_failures ? 1 : 0;
 }

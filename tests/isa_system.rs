@@ -13,6 +13,37 @@
 
 use std::process::Command;
 
+/// `hbt isa-test --format json --cases CASES` with `flags`, parsed (KVM is the reference: the
+/// test fails without /dev/kvm).
+fn isa_test_json(flags: &[&str], cases: u32) -> serde_json::Value {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        panic!("/dev/kvm is missing: the system-mode harness needs KVM as its reference");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_hbt"))
+        .arg("isa-test")
+        .args(flags)
+        .args(["--format", "json", "--cases", &cases.to_string()])
+        .output()
+        .expect("hbt runs");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "hbt isa-test {} printed no JSON ({e}); stderr:\n{}",
+            flags.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Appends a test's summary line to the file CI collects (`HBT_CI_SUMMARY`), if set.
+fn ci_summary(summary: &str) {
+    if let Some(path) = std::env::var_os("HBT_CI_SUMMARY") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{summary}");
+        }
+    }
+}
+
 /// Differences found by this test and not fixed yet, each with what was seen. Empty: every
 /// difference found so far was a translator bug (fixed) or a documented way in which KVM on
 /// this host (kvm_pvm) is no CPU, which the harness masks field by field (`Quirks` in
@@ -108,27 +139,7 @@ const CPL0_CASES: u32 = 200;
 
 #[test]
 fn privileged_forms_match_kvm_at_cpl0() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        panic!("/dev/kvm is missing: the system-mode harness needs KVM as its reference");
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_hbt"))
-        .args([
-            "isa-test",
-            "--system",
-            "--cpl0",
-            "--format",
-            "json",
-            "--cases",
-            &CPL0_CASES.to_string(),
-        ])
-        .output()
-        .expect("hbt runs");
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "hbt isa-test --system --cpl0 printed no JSON ({e}); stderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let doc = isa_test_json(&["--system", "--cpl0"], CPL0_CASES);
     let (mut passed, mut cases, mut uncompared) = (0, 0, 0);
     let (mut problems, mut known_failed, mut known_passed, mut elsewhere) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -169,12 +180,7 @@ fn privileged_forms_match_kvm_at_cpl0() {
     );
     eprintln!("{summary}");
     eprintln!("KVM cannot serve as reference: {}", elsewhere.join("; "));
-    if let Some(path) = std::env::var_os("HBT_CI_SUMMARY") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{summary}");
-        }
-    }
+    ci_summary(&summary);
     assert!(passed >= 90, "only {passed} forms passed: {summary}");
     assert!(
         problems.is_empty(),
@@ -186,26 +192,7 @@ fn privileged_forms_match_kvm_at_cpl0() {
 
 #[test]
 fn supported_forms_match_kvm_in_a_guest_machine() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        panic!("/dev/kvm is missing: the system-mode harness needs KVM as its reference");
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_hbt"))
-        .args([
-            "isa-test",
-            "--system",
-            "--format",
-            "json",
-            "--cases",
-            &CASES.to_string(),
-        ])
-        .output()
-        .expect("hbt runs");
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "hbt isa-test --system printed no JSON ({e}); stderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let doc = isa_test_json(&["--system"], CASES);
     let mut problems = Vec::new();
     let mut known_failed = Vec::new();
     let mut known_passed = Vec::new();
@@ -250,12 +237,7 @@ fn supported_forms_match_kvm_in_a_guest_machine() {
     eprintln!("{summary}");
     eprintln!("without a reference: {}", no_reference.join("; "));
     eprintln!("known differences: {}", known_failed.join("; "));
-    if let Some(path) = std::env::var_os("HBT_CI_SUMMARY") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{summary}");
-        }
-    }
+    ci_summary(&summary);
     assert!(passed > 1500, "only {passed} forms passed: {summary}");
     assert!(
         problems.is_empty(),
@@ -270,27 +252,7 @@ const COMPAT_CASES: u32 = 16;
 
 #[test]
 fn thirty_two_bit_forms_match_kvm_in_compatibility_mode() {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        panic!("/dev/kvm is missing: the system-mode harness needs KVM as its reference");
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_hbt"))
-        .args([
-            "isa-test",
-            "--system",
-            "--compat",
-            "--format",
-            "json",
-            "--cases",
-            &COMPAT_CASES.to_string(),
-        ])
-        .output()
-        .expect("hbt runs");
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "hbt isa-test --system --compat printed no JSON ({e}); stderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let doc = isa_test_json(&["--system", "--compat"], COMPAT_CASES);
     assert_eq!(doc["bitness"], 32, "{doc}");
     let (mut passed, mut cases) = (0, 0);
     let mut problems = Vec::new();
@@ -326,12 +288,7 @@ fn thirty_two_bit_forms_match_kvm_in_compatibility_mode() {
         problems.len()
     );
     eprintln!("{summary}");
-    if let Some(path) = std::env::var_os("HBT_CI_SUMMARY") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{summary}");
-        }
-    }
+    ci_summary(&summary);
     assert!(
         problems.is_empty(),
         "{} problem(s):\n{}",

@@ -17,3 +17,9 @@ void rt_check_pf(const char *what, struct rt_fault got, u64 error, u64 cr2) {
     if (got.vector != 14 || got.error != error || got.cr2 != cr2) { rt_puts(" WRONG"); rt_failures++; }
     rt_puts("\n");
 }
+
+void rt_check_that(const char *what, int ok) {
+    rt_puts(what);
+    rt_puts(ok ? " ok\n" : " WRONG\n");
+    rt_failures += !ok;
+}

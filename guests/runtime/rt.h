@@ -87,6 +87,8 @@ struct rt_fault rt_take_fault(void);
 extern int rt_failures;
 void rt_check(const char *what, u64 got, u64 want);
 void rt_check_pf(const char *what, struct rt_fault got, u64 error, u64 cr2);
+/* Prints "what ok", or "what WRONG" (counted in rt_failures) when `ok` is false. */
+void rt_check_that(const char *what, int ok);
 
 /* Runs fn at CPL3 on its own stack; returns the argument of its rt_user_return(). */
 u64 rt_enter_user(void (*fn)(void));

@@ -81,6 +81,17 @@ fn imm_value(rng: &mut Rng, bits: u32) -> u64 {
     }
 }
 
+/// A near branch's target from an instruction at `at`: forward into the HLT sea or backward,
+/// never onto the instruction itself.
+fn branch_target(rng: &mut Rng, at: u64) -> u64 {
+    let delta = if rng.chance(60) {
+        16 + rng.below(100) as i64
+    } else {
+        -(16 + rng.below(100) as i64)
+    };
+    (at as i64 + delta) as u64
+}
+
 /// Builds a random instance of `code` at address `at` for code of `bitness` (64, or 32 for
 /// compatibility mode: eight registers of each kind, 32-bit addressing, no RIP-relative or
 /// FS/GS-relative operands yet); None if this attempt is unencodable.
@@ -376,22 +387,11 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64, bitness: u32) -> 
             }
             K::br32_1 | K::br32_4 if narrow => {
                 i.set_op_kind(n, OpKind::NearBranch32);
-                let delta = if rng.chance(60) {
-                    16 + rng.below(100) as i64
-                } else {
-                    -(16 + rng.below(100) as i64)
-                };
-                i.set_near_branch32((at as i64 + delta) as u32);
+                i.set_near_branch32(branch_target(rng, at) as u32);
             }
             K::br64_1 | K::br64_4 | K::xbegin_2 | K::xbegin_4 => {
                 i.set_op_kind(n, OpKind::NearBranch64);
-                // Forward into the HLT sea or backward, never onto the instruction itself.
-                let delta = if rng.chance(60) {
-                    16 + rng.below(100) as i64
-                } else {
-                    -(16 + rng.below(100) as i64)
-                };
-                i.set_near_branch64((at as i64 + delta) as u64);
+                i.set_near_branch64(branch_target(rng, at));
             }
             _ => return None,
         }
