@@ -1925,6 +1925,53 @@ fn sysretl_enters_32_bit_code_which_decodes_as_ia32() {
 }
 
 #[test]
+fn system_calls_from_32_bit_code_follow_the_host_vendor() {
+    // sysretl into 32-bit code at +0x40 (`syscall`) or +0x50 (`sysenter`). On AMD, `syscall`
+    // from 32-bit code enters CSTAR (+0x80: hlt at CPL0) with RCX the next EIP, and `sysenter`
+    // raises #UD in long mode; on Intel, `syscall` raises #UD there and `sysenter` enters
+    // SYSENTER_EIP (+0x90) with RSP = SYSENTER_ESP. #UD goes to the handler's hlt at +0x100.
+    use hbt_translator::cpu::vendor::Vendor;
+    let intel = Vendor::host() == Vendor::Intel;
+    let mut code = vec![0u8; 0x100];
+    code[..3].copy_from_slice(&[0x0f, 0x07, 0xf4]);
+    code[0x40..0x42].copy_from_slice(&[0x0f, 0x05]);
+    code[0x50..0x52].copy_from_slice(&[0x0f, 0x34]);
+    code[0x80] = 0xf4;
+    code[0x90] = 0xf4;
+    code.push(0xf4);
+    for (at, sysenter) in [(0x40u64, false), (0x50, true)] {
+        let g = SoftGuest::new(&code);
+        let mut t = system_with_user_segments(&g, &[6], 0x100);
+        let s = t.state_mut();
+        s.efer |= 1; // SCE
+        s.sys.msr.star = 0x0023_0010u64 << 32;
+        s.sys.msr.cstar = CODE_VA + 0x80;
+        s.sys.msr.lstar = CODE_VA + 0xa0;
+        s.sys.msr.sysenter_cs = 0x10;
+        s.sys.msr.sysenter_eip = CODE_VA + 0x90;
+        s.sys.msr.sysenter_esp = 0x40_1e00;
+        s.gpr[1] = CODE_VA + at;
+        s.gpr[11] = 0x202;
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+        let st = t.state();
+        assert!(!st.code32, "+{at:#x}: CPL0 code is 64-bit");
+        let entered = if sysenter { intel } else { !intel };
+        if !entered {
+            assert_eq!(st.rip, CODE_VA + 0x101, "+{at:#x}: #UD");
+            assert_eq!(
+                g.read_u64(data_pa(st.gpr[4])),
+                CODE_VA + at,
+                "+{at:#x}: at the instruction"
+            );
+        } else if sysenter {
+            assert_eq!((st.rip, st.gpr[4], st.seg[1]), (CODE_VA + 0x91, 0x40_1e00, 0x10));
+        } else {
+            assert_eq!((st.rip, st.gpr[1], st.seg[1]), (CODE_VA + 0x81, CODE_VA + 0x42, 0x10));
+        }
+    }
+}
+
+#[test]
 fn iretd_at_cpl0_pops_a_frame_of_32_bit_slots() {
     // mov rsp,0x401f00; sub rsp,20; then the frame: EIP 0x400040, CS 0x10, EFLAGS 0x203,
     // ESP 0x401e00, SS 0x18 (dwords); iretd; hlt at +0x40
