@@ -481,7 +481,7 @@ fn syscall_sysretq_and_swapgs_round_trips() {
 }
 
 #[test]
-fn thirty_two_bit_code_at_cpl3_runs_like_the_cpu() {
+fn thirty_two_bit_code_at_cpl3_runs_alike_under_every_engine() {
     // guests/compat_mode.c: IRETQ into a 32-bit code segment (compatibility mode): 4-byte
     // stack slots, inc/dec r32, a jump table, string instructions, pushfd/popfd, absolute
     // operands, exceptions with the 32-bit CS, one address run as 32-bit, 64-bit and 32-bit
