@@ -495,7 +495,7 @@ impl Reference for KvmReference {
     fn unfit_case(&self, case: &Case, ring: Ring) -> Option<Unfit> {
         match ring {
             Ring::Kernel => cpl0::unfit_case(case),
-            Ring::User if case.instance.bitness == 32 => unfit_in_32_bit_code(&case.instance.instr),
+            Ring::User if case.instance.bitness == 32 => unfit_in_32_bit_code(case),
             Ring::User => None,
         }
     }
@@ -565,9 +565,22 @@ impl Reference for KvmReference {
 /// returns read the offset slot before the selector (the #PF address differs); `cmps` reads
 /// [ESI] first; `tzcnt`/`lzcnt` set ZF from the source, not the result; MMX instructions do not
 /// put the x87 unit in MMX state (FTW, TOP).
-fn unfit_in_32_bit_code(instr: &iced_x86::Instruction) -> Option<Unfit> {
+fn unfit_in_32_bit_code(case: &Case) -> Option<Unfit> {
     use iced_x86::Mnemonic as M;
+    let instr = &case.instance.instr;
     let why = match instr.mnemonic() {
+        // The CPU checks that the final stack top of `enter` is writable (`emulate/implicit.rs`);
+        // the emulator does not: cases whose frame ends in another page than the pushes.
+        M::Enter => {
+            let rsp = case.state.gpr[4] & 0xffff_ffff;
+            let level = (instr.immediate8_2nd() & 31) as u64;
+            let pushes = rsp.wrapping_sub(4 * (level + 1));
+            let top = pushes.wrapping_sub(instr.immediate16() as u64) & 0xffff_ffff;
+            if top >> 12 == (rsp.wrapping_sub(4) & 0xffff_ffff) >> 12 {
+                return None;
+            }
+            "KVM's emulator (32-bit code) does not check that `enter`'s final stack top is writable"
+        }
         M::Int3 => "kvm_pvm raises #UD for int3 in 32-bit code",
         M::Syscall => "kvm_pvm enters CSTAR truncated to 32 bits from 32-bit code",
         M::Iret | M::Iretd => "KVM's emulator (32-bit code): every 16- and 32-bit `iret` raises #GP(0)",

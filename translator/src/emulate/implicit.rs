@@ -63,16 +63,18 @@ fn xlat(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> R
 }
 
 fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Fault> {
-    let size: u64 = if instr.code() == iced_x86::Code::Enterw_imm16_imm8 {
-        2
-    } else {
-        8
+    let size: u64 = match instr.code() {
+        iced_x86::Code::Enterw_imm16_imm8 => 2,
+        // 32-bit code (compatibility mode): 4-byte slots, addresses wrap at 4 GiB.
+        iced_x86::Code::Enterd_imm16_imm8 => 4,
+        _ => 8,
     };
     let alloc = instr.immediate16() as u64;
     let level = (instr.immediate8_2nd() & 31) as u64;
     let mut rsp = s.gpr[gpr::RSP];
+    let wrap = |va: u64| s.wrap_address(va);
     let push = |rsp: &mut u64, value: u64, mem: &mut dyn GuestMemory| -> Result<(), Fault> {
-        *rsp = rsp.wrapping_sub(size);
+        *rsp = wrap(rsp.wrapping_sub(size));
         let at = stack_address(*rsp).map_err(|e| (e, None))?;
         mem.write(at, &value.to_le_bytes()[..size as usize])
             .map_err(|e| (e, None))
@@ -82,7 +84,7 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
     if level > 0 {
         let mut rbp = s.gpr[gpr::RBP];
         for _ in 1..level {
-            rbp = rbp.wrapping_sub(size);
+            rbp = wrap(rbp.wrapping_sub(size));
             let v = mem.read_le(rbp, size as usize).map_err(|e| (e, None))?;
             push(&mut rsp, v, mem)?;
         }
@@ -92,7 +94,7 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
     // host: #PF there with RSP and RBP unchanged, the pushed frame already in memory). The
     // check is a write's: an unmapped top faults with a write's error code (6 at CPL3, as KVM
     // shows on an Intel Xeon), not a read's.
-    let final_rsp = rsp.wrapping_sub(alloc);
+    let final_rsp = wrap(rsp.wrapping_sub(alloc));
     let probe = stack_address(final_rsp).map_err(|e| (e, None))?;
     mem.probe_write(probe, size as usize).map_err(|e| (e, None))?;
     if size == 2 {
@@ -100,7 +102,7 @@ fn enter(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> 
     } else {
         s.gpr[gpr::RBP] = frame;
     }
-    s.gpr[gpr::RSP] = rsp.wrapping_sub(alloc);
+    s.gpr[gpr::RSP] = final_rsp;
     Ok(())
 }
 

@@ -230,8 +230,8 @@ pub fn sensitive(state: &mut GuestState, instr: &Instruction, op: EmulateOp, pla
         EmulateOp::Segment => unreachable!("segment instructions are handled by emulate::segment"),
         // Kernel-mode guests run in system mode (`system::execute`), never here.
         EmulateOp::Syscall => return raise(state, here, GuestException::gp(0)),
-        // Only 32-bit code has the rule (`rules::rule_compat`), and only system mode runs it.
-        EmulateOp::Sysenter => return raise(state, here, GuestException::new(vector::UD)),
+        // Only 32-bit code has these rules (`rules::rule_compat`), and only system mode runs it.
+        EmulateOp::Sysenter | EmulateOp::PushPopAll => return raise(state, here, GuestException::new(vector::UD)),
     }
     state.rip = next;
     Outcome::Continue

@@ -174,6 +174,10 @@ pub fn instance(code: Code, rng: &mut Rng, at: u64, data: u64, bitness: u32) -> 
                 rng.pick(&[Register::ES, Register::SS, Register::DS, Register::FS, Register::GS]),
             ),
             K::fs => set_reg(&mut i, Register::FS),
+            K::es => set_reg(&mut i, Register::ES),
+            K::cs => set_reg(&mut i, Register::CS),
+            K::ss => set_reg(&mut i, Register::SS),
+            K::ds => set_reg(&mut i, Register::DS),
             K::gs => set_reg(&mut i, Register::GS),
             K::sti_opcode => set_reg(&mut i, vec_reg(Register::ST0, rng, 8)),
             K::r8_or_mem

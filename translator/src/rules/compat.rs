@@ -16,9 +16,9 @@ use std::sync::OnceLock;
 /// after [`lower_compat`]: the forms 32-bit and 64-bit code share keep their rule (the emitter
 /// narrows addresses, the stack and near branches to 32 bits, `Mode::compat`); the 32-bit
 /// stack and branch forms get the 64-bit forms' rules; `sysenter` and far jumps and calls to a
-/// ptr16:32 are performed. The rest of the IA-32-only forms (`pusha`, BCD arithmetic, `bound`,
-/// `lds`/`les`, `push`/`pop` of ES, CS, SS and DS, `enter`, `into`, ptr16:16) have none yet:
-/// the translator refuses them by name.
+/// ptr16:32, `pusha`/`popa`, `push`/`pop` of ES, CS, SS and DS and the 32-bit `enter` are
+/// performed by the engine. The rest of the IA-32-only forms (BCD arithmetic, `bound`,
+/// `lds`/`les`, `into`, ptr16:16) have none yet: the translator refuses them by name.
 pub fn rule_compat(code: Code) -> Option<Rule> {
     static TABLE: OnceLock<Vec<Option<Rule>>> = OnceLock::new();
     TABLE.get_or_init(|| Code::values().map(classify_compat).collect())[code as usize]
@@ -48,6 +48,23 @@ fn classify_compat(code: Code) -> Option<Rule> {
         // Far jumps and calls to an immediate selector:offset (a program switching between
         // 32-bit and 64-bit code by itself).
         Code::Jmp_ptr1632 | Code::Call_ptr1632 => Rule::Emulate(EmulateOp::Segment),
+        Code::Pushad | Code::Pushaw | Code::Popad | Code::Popaw => Rule::Emulate(EmulateOp::PushPopAll),
+        // Segment registers IA-32 code may push and pop (loads checked like `mov sreg`).
+        Code::Pushd_ES
+        | Code::Pushd_CS
+        | Code::Pushd_SS
+        | Code::Pushd_DS
+        | Code::Popd_ES
+        | Code::Popd_SS
+        | Code::Popd_DS
+        | Code::Pushw_ES
+        | Code::Pushw_CS
+        | Code::Pushw_SS
+        | Code::Pushw_DS
+        | Code::Popw_ES
+        | Code::Popw_SS
+        | Code::Popw_DS => Rule::Emulate(EmulateOp::Segment),
+        Code::Enterd_imm16_imm8 => Rule::Implicit(super::ImplicitOp::Enter),
         // Near branches and `inc`/`dec` r32 are lowered to their 64-bit forms.
         _ if op.mode64() => return rule(code),
         _ => return None,
@@ -142,7 +159,7 @@ mod tests {
         );
         // Shared forms keep their rule; IA-32-only ones without a twin have none yet.
         assert_eq!(rule_compat(Code::Add_rm32_r32), rule(Code::Add_rm32_r32));
-        assert_eq!(rule_compat(Code::Pushad), None);
+        assert_eq!(rule_compat(Code::Pushad), Some(Rule::Emulate(EmulateOp::PushPopAll)));
         assert_eq!(rule_compat(Code::Daa), None);
         // `lower_compat` keeps the target of a branch it rewrites.
         let mut jcc = iced_x86::Decoder::with_ip(32, &[0x75, 0x10], 0x8048000, iced_x86::DecoderOptions::NONE).decode();

@@ -123,6 +123,9 @@ pub enum EmulateOp {
     /// `sysenter`: a 32-bit program's system call on Intel (compatibility mode only,
     /// [`rule_compat`]; `system/transfer.rs`).
     Sysenter,
+    /// `pusha`/`popa`: all eight general registers to or from the stack (32-bit code only,
+    /// [`rule_compat`]; `system/mod.rs`).
+    PushPopAll,
     /// `serialize`: never copied (the host may lack it, and a whole-machine guest is offered it
     /// regardless, `vmm/cpuid.rs`); translated code performs it as a host `mfence`
     /// (`emit/system.rs`) without ending the block — in user mode only where the host has it

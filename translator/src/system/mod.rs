@@ -693,6 +693,7 @@ fn emulate_op(
             transfer::syscall(s, next)?;
         }
         EmulateOp::Sysenter => transfer::sysenter(s)?,
+        EmulateOp::PushPopAll => push_pop_all(s, instr, mem)?,
         EmulateOp::Int3 => {
             return Ok(Next::Deliver(Event::Software {
                 vector: vector::BP,
@@ -715,6 +716,38 @@ fn emulate_op(
         EmulateOp::Segment => segment_op(s, instr, mem)?,
     }
     Ok(Next::Continue)
+}
+
+/// `pusha`/`popa` (32-bit code): EAX, ECX, EDX, EBX, the stack pointer as it was, EBP, ESI,
+/// EDI pushed in that order, or popped in the reverse one with the stack pointer's slot
+/// skipped; 2 or 4 bytes each by operand size. `pusha` stores them one by one from the top, so
+/// a #PF names the first slot that faults (the slots above it written), and no register
+/// changes; `popa` reads all eight first.
+fn push_pop_all(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory) -> Result<(), Failure> {
+    let size = instr.stack_pointer_increment().unsigned_abs() as usize / 8;
+    let mask = if size == 2 { 0xffff } else { 0xffff_ffff };
+    let mut image = [0u8; 32];
+    if instr.stack_pointer_increment() < 0 {
+        let rsp = s.wrap_address(s.gpr[gpr::RSP].wrapping_sub(8 * size as u64));
+        for reg in 0..8 {
+            let at = s.wrap_address(rsp.wrapping_add(((7 - reg) * size) as u64));
+            mem.write(stack_address(at)?, &s.gpr[reg].to_le_bytes()[..size])?;
+        }
+        s.gpr[gpr::RSP] = (s.gpr[gpr::RSP] & !mask) | (rsp & mask);
+    } else {
+        let rsp = s.wrap_address(s.gpr[gpr::RSP]);
+        mem.read(stack_address(rsp)?, &mut image[..8 * size])?;
+        for (slot, reg) in (0..8).rev().enumerate().filter(|&(_, reg)| reg != gpr::RSP) {
+            let mut v = [0u8; 8];
+            v[..size].copy_from_slice(&image[slot * size..(slot + 1) * size]);
+            let v = u64::from_le_bytes(v);
+            // A 32-bit write clears the upper half; a 16-bit one keeps the rest.
+            s.gpr[reg] = if size == 4 { v } else { (s.gpr[reg] & !mask) | v };
+        }
+        let after = s.wrap_address(rsp.wrapping_add(8 * size as u64));
+        s.gpr[gpr::RSP] = (s.gpr[gpr::RSP] & !mask) | (after & mask);
+    }
+    Ok(())
 }
 
 fn op_size(instr: &Instruction) -> usize {
@@ -756,7 +789,11 @@ fn segment_op(s: &mut GuestState, instr: &Instruction, mem: &mut dyn GuestMemory
             let size = instr.stack_pointer_increment().unsigned_abs() as u64;
             let selector = s.seg[sreg_index(instr.op0_register())] as u64;
             let rsp = s.wrap_address(s.gpr[gpr::RSP].wrapping_sub(size));
-            mem.write(stack_address(rsp)?, &selector.to_le_bytes()[..size as usize])?;
+            // A 4-byte push of a selector (32-bit code) is a 16-bit store into the slot: the
+            // upper half of the slot keeps what it held (SDM PUSH: "all recent Core and Atom
+            // processors perform a 16-bit move"; KVM's emulator does the same).
+            let stored = if size == 4 { 2 } else { size as usize };
+            mem.write(stack_address(rsp)?, &selector.to_le_bytes()[..stored])?;
             s.gpr[gpr::RSP] = rsp;
         }
         Mnemonic::Pop => {
