@@ -246,16 +246,6 @@ impl<'a> PageCode<'a> {
         Decoder::with_ip(self.bitness, &self.buf[pos..self.avail], ip, DecoderOptions::NONE)
     }
 
-    /// The next instruction, in the form the rules know ([`crate::rules::lower_compat`] for
-    /// 32-bit code).
-    fn decode(&self, decoder: &mut Decoder) -> Instruction {
-        let mut instr = decoder.decode();
-        if self.bitness == 32 {
-            crate::rules::lower_compat(&mut instr);
-        }
-        instr
-    }
-
     /// `ip` starts inside the page, in what was read.
     fn holds(&self, ip: u64) -> bool {
         ip >= self.page + self.low as u64 && ip < self.page_end() && ((ip - self.page) as usize) < self.avail
@@ -305,7 +295,7 @@ fn inlinable_leaf(code: &PageCode, target: u64, limit: usize, o: &BuildOptions) 
         if !decoder.can_decode() || decoder.ip() >= code.page_end() {
             return false;
         }
-        let instr = code.decode(&mut decoder);
+        let instr = crate::rules::decode(&mut decoder);
         if instr.is_invalid() || o.breakpoints.contains(&instr.ip()) {
             return false;
         }
@@ -392,7 +382,7 @@ fn decode(code: &PageCode, rip: u64, o: &BuildOptions) -> Result<Result<DecodedB
             // entered at the block's start) instead of unrolling the loop into the block.
             break;
         }
-        let instr = code.decode(&mut decoder);
+        let instr = crate::rules::decode(&mut decoder);
         let state_disabled = crate::cpu::xsave::components_needed(&instr) & !o.xcr0 != 0;
         if state_disabled {
             // What a CPU whose XCR0 lacks the instruction's state does; translated, it would

@@ -167,23 +167,17 @@ impl BlockEmitter<'_> {
             0
         };
         let pop = self.word() as i64 + extra;
-        if self.mode.compat {
-            // 32-bit code (system mode, so the soft-MMU): `mov r11d,[esp]; lea esp,[esp+n]`.
-            let mut load =
-                Instruction::with2(Code::Mov_r32_rm32, Register::R11D, self.stack_slot(0)).expect("mov r11d,[esp]");
+        if self.soft_mmu {
+            // `mov r11,[rsp]; lea rsp,[rsp+n]` (32-bit code: `mov r11d,[esp]; lea esp,[esp+n]`).
+            let (mov, target, top) = if self.mode.compat {
+                (Code::Mov_r32_rm32, Register::R11D, Register::ESP)
+            } else {
+                (Code::Mov_r64_rm64, TARGET, Register::RSP)
+            };
+            let mut load = Instruction::with2(mov, target, MemoryOperand::with_base(top)).expect("mov r11,[rsp]");
             load.set_ip(self.guest_rip);
             self.mem_instr(&load, None, DISPATCH_MASK)?;
             self.adjust_rsp(pop);
-        } else if self.soft_mmu {
-            let mut load = Instruction::with2(Code::Mov_r64_rm64, TARGET, MemoryOperand::with_base(Register::RSP))
-                .expect("mov r11,[rsp]");
-            load.set_ip(self.guest_rip);
-            self.mem_instr(&load, None, DISPATCH_MASK)?;
-            self.asm.glue(Instruction::with2(
-                Code::Lea_r64_m,
-                Register::RSP,
-                MemoryOperand::with_base_displ(Register::RSP, pop),
-            ));
         } else {
             // Identity: `pop r11` is one uop where `mov r11,[rsp]; lea rsp,[rsp+8]` is two.
             let start = self.asm.buf.len();
@@ -319,18 +313,17 @@ impl BlockEmitter<'_> {
             self.site_here(start);
             return Ok(());
         }
-        if self.mode.compat {
-            // 32-bit code: a 4-byte return address (the soft-MMU: system mode).
-            let mut store =
-                Instruction::with2(Code::Mov_rm32_imm32, self.stack_slot(-4), ret as u32).expect("mov [esp-4],imm32");
-            store.set_ip(self.guest_rip);
-            self.mem_instr(&store, None, 0)?;
-            self.adjust_rsp(-4);
-            return Ok(());
-        }
-        let slot = MemoryOperand::with_base_displ(Register::RSP, -8);
-        if fits {
-            let mut store = Instruction::with2(Code::Mov_rm64_imm32, slot, ret as i32).expect("mov [rsp-8],imm32");
+        // One stack word below RSP (32-bit code: 4 bytes below ESP, and every return address
+        // fits its imm32).
+        let word = self.word() as i64;
+        let slot = self.stack_slot(-word);
+        if self.mode.compat || fits {
+            let store = if self.mode.compat {
+                Instruction::with2(Code::Mov_rm32_imm32, slot, ret as u32)
+            } else {
+                Instruction::with2(Code::Mov_rm64_imm32, slot, ret as i32)
+            };
+            let mut store = store.expect("mov [rsp-8],imm32");
             store.set_ip(self.guest_rip);
             self.mem_instr(&store, None, 0)?;
         } else {
@@ -346,11 +339,7 @@ impl BlockEmitter<'_> {
             self.mem_instr(&store, None, 0)?;
             self.give_back(d);
         }
-        self.asm.glue(Instruction::with2(
-            Code::Lea_r64_m,
-            Register::RSP,
-            MemoryOperand::with_base_displ(Register::RSP, -8),
-        ));
+        self.adjust_rsp(-word);
         Ok(())
     }
 

@@ -236,11 +236,8 @@ impl Translator {
             room
         };
         let bitness = self.ctx.get().state.bitness();
-        let mut instr = iced_x86::Decoder::with_ip(bitness, &bytes[..n], rip, iced_x86::DecoderOptions::NONE).decode();
-        if bitness == 32 {
-            crate::rules::lower_compat(&mut instr);
-        }
-        Ok(instr)
+        let mut decoder = iced_x86::Decoder::with_ip(bitness, &bytes[..n], rip, iced_x86::DecoderOptions::NONE);
+        Ok(crate::rules::decode(&mut decoder))
     }
 
     /// The first piece of an `fstp m80fp`/`fbstp m80bcd` at `va` whose second piece faults:

@@ -87,6 +87,16 @@ pub fn lower_compat(instr: &mut Instruction) {
     }
 }
 
+/// The next instruction from `decoder` in the form the rules know: lowered ([`lower_compat`])
+/// when the decoder decodes 32-bit code.
+pub fn decode(decoder: &mut iced_x86::Decoder) -> Instruction {
+    let mut instr = decoder.decode();
+    if decoder.bitness() == 32 {
+        lower_compat(&mut instr);
+    }
+    instr
+}
+
 /// The 64-bit form [`lower_compat`] rewrites a 32-bit-only `code` into, if it does.
 pub fn lowered(code: Code) -> Option<Code> {
     Some(match code {

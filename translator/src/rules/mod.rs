@@ -34,7 +34,7 @@
 mod compat;
 
 use crate::system::{SystemOp, SYSTEM_OPS};
-pub use compat::{lower_compat, lowered, rule_compat};
+pub use compat::{decode, lower_compat, lowered, rule_compat};
 use iced_x86::{Code, EncodingKind, FlowControl, Instruction, Mnemonic, OpCodeOperandKind as K, Register};
 use std::sync::OnceLock;
 
