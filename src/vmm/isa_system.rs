@@ -564,13 +564,19 @@ impl Reference for KvmReference {
 /// enters CSTAR truncated to 32 bits; 16/32-bit `iret` raises #GP(0) whatever the frame; far
 /// returns read the offset slot before the selector (the #PF address differs); `cmps` reads
 /// [ESI] first; `tzcnt`/`lzcnt` set ZF from the source, not the result; MMX instructions do not
-/// put the x87 unit in MMX state (FTW, TOP).
+/// put the x87 unit in MMX state (FTW, TOP); a 16-bit `enter` pushes 4 bytes. And on an Intel
+/// Xeon (Sapphire Rapids): rotates by an immediate above 1 leave OF as it was (undefined), the
+/// emulator's rotates by CL clear it.
 fn unfit_in_32_bit_code(case: &Case) -> Option<Unfit> {
     use iced_x86::Mnemonic as M;
     let instr = &case.instance.instr;
     let why = match instr.mnemonic() {
         // The CPU checks that the final stack top of `enter` is writable (`emulate/implicit.rs`);
         // the emulator does not: cases whose frame ends in another page than the pushes.
+        // em_enter pushes (E)BP with the stack's width, whatever the operand size.
+        M::Enter if instr.code() == iced_x86::Code::Enterw_imm16_imm8 => {
+            "KVM's emulator (32-bit code) pushes BP for a 16-bit `enter` as 4 bytes (the stack's width), the CPU as 2"
+        }
         M::Enter => {
             let rsp = case.state.gpr[4] & 0xffff_ffff;
             let level = (instr.immediate8_2nd() & 31) as u64;
@@ -580,6 +586,16 @@ fn unfit_in_32_bit_code(case: &Case) -> Option<Unfit> {
                 return None;
             }
             "KVM's emulator (32-bit code) does not check that `enter`'s final stack top is writable"
+        }
+        // OF is undefined after a rotate by more than 1. Measured on an Intel Xeon (Sapphire
+        // Rapids), natively: `rol ebx,0x6c` leaves OF as it was, `rol ebx,cl` with CL = 0x6c
+        // clears it — and KVM's emulator performs every rotate by CL.
+        M::Rol | M::Ror
+            if instr.op1_kind() == iced_x86::OpKind::Immediate8
+                && instr.immediate8() & 31 > 1
+                && hbt_translator::cpu::vendor::Vendor::host() == hbt_translator::cpu::vendor::Vendor::Intel =>
+        {
+            "KVM's emulator (32-bit code) rotates by CL: on Intel a rotate by an immediate above 1 keeps OF (undefined), by CL it does not"
         }
         M::Int3 => "kvm_pvm raises #UD for int3 in 32-bit code",
         M::Syscall => "kvm_pvm enters CSTAR truncated to 32 bits from 32-bit code",

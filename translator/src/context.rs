@@ -50,9 +50,10 @@ pub const MISS_ALIGN_WAIVED_BY_MM: u64 = 1 << 32;
 /// `miss_info` bit: the access is `vcvtps2ph`'s store (a fault there leaves the conversion's
 /// MXCSR flags behind: `emulate/f16c.rs`).
 pub const MISS_F16C_STORE: u64 = 1 << 33;
-/// `miss_info` bit: an EVEX access under an opmask (`mmu::masked`): pages holding only
-/// masked-off elements are not walked.
-pub const MISS_MASKED: u64 = 1 << 34;
+/// `miss_info` bit: the access may touch only part of its operand — an EVEX access under an
+/// opmask (`mmu::masked`), an XSAVE-family image (`XsaveLayout::touched_bytes`): a page
+/// holding no byte it touches is not walked.
+pub const MISS_PARTIAL: u64 = 1 << 34;
 /// `miss_info` bits 36..39: log2 of the granule alignment checking (CPL3, CR0.AM, RFLAGS.AC)
 /// holds the access to, #AC before any page walk when it is misaligned; 0 = unchecked
 /// (`emit/alignment.rs`).

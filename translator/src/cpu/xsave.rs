@@ -206,19 +206,58 @@ impl XsaveLayout {
 
     /// Bytes of a compacted-format image (`xsavec`) holding the components in `mask`.
     pub fn compacted_size(&self, mask: u64) -> usize {
-        let mut end = LEGACY_AND_HEADER;
+        self.compacted_end(mask, mask)
+    }
+
+    /// Where the last of the components in `wanted` ends in a compacted-format image laid out
+    /// for the components in `layout` (XCOMP_BV); at least the legacy region and header.
+    fn compacted_end(&self, layout: u64, wanted: u64) -> usize {
+        let (mut offset, mut end) = (LEGACY_AND_HEADER, LEGACY_AND_HEADER);
         for b in 2..64 {
-            if mask & (1u64 << b) == 0 {
+            if layout & (1u64 << b) == 0 {
                 continue;
             }
             if let Some(c) = self.component(b) {
                 if c.align64 {
-                    end = end.next_multiple_of(64);
+                    offset = offset.next_multiple_of(64);
                 }
-                end += c.size as usize;
+                offset += c.size as usize;
+                if wanted & (1u64 << b) != 0 {
+                    end = offset;
+                }
             }
         }
         end
+    }
+
+    /// Bytes at the start of its image that the XSAVE-family instruction `mnemonic` may touch
+    /// with the requested-feature bitmap `rfbm` (EDX:EAX & XCR0): the legacy region and header,
+    /// and the components it saves or loads — in the standard format, or compacted for
+    /// `xsavec` and for an `xrstor` whose image says so. `xrstor` needs the image's header
+    /// (`[XSTATE_BV, XCOMP_BV]`): it reads only the components both RFBM and XSTATE_BV name.
+    /// None when that is not known (then the whole image counts).
+    ///
+    /// The rest of the image is not accessed, so it may lie in a page that faults: a buffer
+    /// sized from CPUID for a narrower RFBM (glibc's lazy-binding trampoline saves SSE, AVX
+    /// and AVX-512 with `xsavec` into one on its stack) ends short of the standard image.
+    /// Measured on an Intel Xeon (Sapphire Rapids): `xsavec` with RFBM 0xe6 into 2,432 bytes
+    /// before a PROT_NONE page completes; the standard image for the same XCR0 is 2,688 bytes.
+    pub fn touched_bytes(&self, mnemonic: iced_x86::Mnemonic, rfbm: u64, header: Option<[u64; 2]>) -> Option<usize> {
+        use iced_x86::Mnemonic as M;
+        match mnemonic {
+            M::Xsave | M::Xsave64 | M::Xsaveopt | M::Xsaveopt64 => Some(self.size(rfbm)),
+            M::Xsavec | M::Xsavec64 => Some(self.compacted_size(rfbm)),
+            M::Xrstor | M::Xrstor64 => {
+                let [xstate_bv, xcomp_bv] = header?;
+                let loaded = rfbm & xstate_bv;
+                Some(if xcomp_bv & (1 << 63) != 0 {
+                    self.compacted_end(xcomp_bv, loaded)
+                } else {
+                    self.size(loaded)
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The guest XCR0 for a CPU model that offers the features `offered` says it does: the
@@ -599,6 +638,31 @@ mod tests {
         // Compacted: 576 + 256 + 64 + 512 + 1024.
         assert_eq!(l.compacted_size(0xe7), 2432);
         assert_eq!(l.compacted_size(0x7), 832);
+    }
+
+    #[test]
+    fn an_xsave_family_instruction_touches_only_what_rfbm_names() {
+        use iced_x86::Mnemonic as M;
+        let l = avx512_no_amx();
+        // Standard format: up to the last component in RFBM (AVX-512 after MPX's gap).
+        assert_eq!(l.touched_bytes(M::Xsave64, 0x3, None), Some(576));
+        assert_eq!(l.touched_bytes(M::Xsaveopt, 0x7, None), Some(832));
+        assert_eq!(l.touched_bytes(M::Xsave, 0xe6, None), Some(2688));
+        // Compacted: packed, so AVX-512 state ends 256 bytes earlier.
+        assert_eq!(l.touched_bytes(M::Xsavec64, 0xe6, None), Some(2432));
+        assert_eq!(l.touched_bytes(M::Xsavec, 0x3, None), Some(576));
+        // xrstor reads what both RFBM and XSTATE_BV name, in the image's own format.
+        assert_eq!(l.touched_bytes(M::Xrstor64, 0xe6, None), None, "header unknown");
+        assert_eq!(l.touched_bytes(M::Xrstor64, 0xe6, Some([0x3, 0])), Some(576));
+        assert_eq!(l.touched_bytes(M::Xrstor64, 0xe6, Some([0x27, 0])), Some(1152));
+        let compacted = 1 << 63 | 0xe7;
+        assert_eq!(l.touched_bytes(M::Xrstor, 0xe7, Some([0xe7, compacted])), Some(2432));
+        assert_eq!(
+            l.touched_bytes(M::Xrstor, 0x27, Some([0xe7, compacted])),
+            Some(576 + 256 + 64)
+        );
+        assert_eq!(l.touched_bytes(M::Xrstor, 0x3, Some([0xe7, compacted])), Some(576));
+        assert_eq!(l.touched_bytes(M::Fxsave64, 0x3, None), None);
     }
 
     #[test]

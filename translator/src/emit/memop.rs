@@ -21,8 +21,8 @@
 use super::asm::{reg_num, Asm};
 use super::{BlockEmitter, Cold};
 use crate::context::{
-    off, MISS_AC_SHIFT, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED,
-    MISS_MMX_STORE, MISS_WINDOW, MISS_WINDOW_SETTLED,
+    off, MISS_AC_SHIFT, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT, MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE,
+    MISS_MMX_STORE, MISS_PARTIAL, MISS_WINDOW, MISS_WINDOW_SETTLED,
 };
 use crate::error::TranslateError;
 use crate::mmu::Access;
@@ -564,7 +564,7 @@ impl BlockEmitter<'_> {
             | ((self.alignment_check.granule_log2(size) as u64) << MISS_AC_SHIFT)
             | if self.mmx_store { MISS_MMX_STORE } else { 0 }
             | if self.f16c_store { MISS_F16C_STORE } else { 0 }
-            | if self.masked_access { MISS_MASKED } else { 0 }
+            | if self.partial_access { MISS_PARTIAL } else { 0 }
             | match self.window_lookup {
                 Some(true) => MISS_WINDOW | MISS_WINDOW_SETTLED,
                 Some(false) => MISS_WINDOW,

@@ -196,8 +196,9 @@ pub(crate) struct BlockEmitter<'a> {
     guest_xcr0: u64,
     /// The current instruction stores an MMX register (see `context::MISS_MMX_STORE`).
     mmx_store: bool,
-    /// The current instruction's memory operand is accessed per element under an opmask.
-    masked_access: bool,
+    /// The current instruction may touch only part of its memory operand (see
+    /// `context::MISS_PARTIAL`).
+    partial_access: bool,
     /// The lookup being emitted is a window's (`window.rs`, `context::MISS_WINDOW`): Some(settled).
     window_lookup: Option<bool>,
     /// The block's windows (`window.rs`).
@@ -365,7 +366,7 @@ pub fn emit_block(
         alignment_check: alignment::AlignmentCheck::BySize,
         guest_xcr0: options.guest_xcr0,
         mmx_store: false,
-        masked_access: false,
+        partial_access: false,
         window_lookup: None,
         windows: Default::default(),
         loops: Default::default(),
@@ -471,7 +472,7 @@ pub fn emit_block(
         // Linux's UMIP emulator performs these stores itself, without alignment checking.
         e.alignment_check = alignment::AlignmentCheck::for_instruction(&d.instr, d.rule == Rule::UserCopy);
         e.mmx_store = is_mmx_store(&d.instr);
-        e.masked_access = crate::mmu::masked::is_masked_access(&d.instr);
+        e.partial_access = crate::mmu::masked::is_masked_access(&d.instr) || xstate::is_xstate(&d.instr);
         e.f16c_store = d.instr.mnemonic() == iced_x86::Mnemonic::Vcvtps2ph
             && d.instr.op0_kind() == iced_x86::OpKind::Memory
             && crate::cpu::vendor::host_has(crate::cpu::vendor::Quirk::F16cStoreFaultKeepsConversion);

@@ -15,7 +15,7 @@
 use crate::block::{self, BuildError, CodeFetch, DecodedBlock};
 use crate::context::{
     ContextBox, ExitReason, TlbKind, IBL_EMPTY_TAG, IBL_ENTRIES, MISS_ALIGN_PLAIN_GP, MISS_ALIGN_SHIFT,
-    MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MASKED, MISS_MMX_STORE,
+    MISS_ALIGN_WAIVED_BY_MM, MISS_F16C_STORE, MISS_MMX_STORE, MISS_PARTIAL,
 };
 use crate::cpu::vendor::{self, Quirk};
 use crate::cpu::xsave::XsaveLayout;

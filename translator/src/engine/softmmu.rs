@@ -53,14 +53,51 @@ mod memmap2_free {
 pub(super) use memmap2_free::PageBuffer;
 
 /// The guest-physical address of a bounce-buffer page that stands for no guest page (host 0):
-/// one holding only masked-off elements of a masked access (`mmu::masked`).
+/// one holding no byte of a partial access ([`PartialAccess`]).
 const NO_PAGE: u64 = u64::MAX;
+
+/// An access that may touch only part of its operand (`context::MISS_PARTIAL`): the miss path
+/// walks only the pages holding a byte it touches, so the others may fault.
+enum PartialAccess {
+    /// An EVEX access under an opmask (the mask's value): its active elements (`mmu::masked`).
+    Masked(iced_x86::Instruction, u64),
+    /// An XSAVE-family image (the mnemonic, RFBM): its first bytes, as many as RFBM (and an
+    /// `xrstor`'s header) say (`XsaveLayout::touched_bytes`).
+    XsaveImage(iced_x86::Mnemonic, u64),
+}
+
+impl PartialAccess {
+    fn of(instr: iced_x86::Instruction, state: &GuestState) -> PartialAccess {
+        if crate::mmu::masked::is_masked_access(&instr) {
+            let mask =
+                emulate::regs::opmask_index(&instr).map_or(u64::MAX, |k| state.xsave.opmask(k).unwrap_or(u64::MAX));
+            PartialAccess::Masked(instr, mask)
+        } else {
+            let rfbm = (state.gpr[2] << 32 | state.gpr[0] & 0xffff_ffff) & state.xcr0;
+            PartialAccess::XsaveImage(instr.mnemonic(), rfbm)
+        }
+    }
+
+    /// The offset of the first byte in `from..to` of the operand the access touches, if any;
+    /// `header` reads an `xrstor` image's header when it can.
+    fn first_touched(&self, from: u64, to: u64, header: impl FnOnce() -> Option<[u64; 2]>) -> Option<u64> {
+        match self {
+            PartialAccess::Masked(instr, mask) => mmu::masked::first_touched(instr, *mask, from, to),
+            PartialAccess::XsaveImage(mnemonic, rfbm) => {
+                let touched = XsaveLayout::host()
+                    .touched_bytes(*mnemonic, *rfbm, header())
+                    .map_or(to, |n| n as u64);
+                (from < touched.min(to)).then_some(from)
+            }
+        }
+    }
+}
 
 impl Translator {
     /// Sets up a split access: both pages copied into the bounce buffer, the first page's TLB
     /// entry pointed at it, and the instruction scheduled as an uncached one-instruction block
     /// without the crossing check. A fill with host address 0 is a page the access must not
-    /// touch (its elements are masked off): zeros in the buffer, never written back.
+    /// touch ([`PartialAccess`]): zeros in the buffer, never written back.
     pub(super) fn start_bounce(
         &mut self,
         fills: &[(u64, u64, u64, bool)],
@@ -265,13 +302,10 @@ impl Translator {
             self.window_miss();
             return Ok(None);
         }
-        // A masked AVX-512 access walks only the pages that hold an active element.
-        let masked = if miss_info & MISS_MASKED != 0 {
+        // A masked AVX-512 access or an XSAVE image walks only the pages it touches.
+        let partial = if miss_info & MISS_PARTIAL != 0 {
             let instr = self.instruction_at(self.ctx.get().state.rip)?;
-            let state = &self.ctx.get().state;
-            let mask =
-                emulate::regs::opmask_index(&instr).map_or(u64::MAX, |k| state.xsave.opmask(k).unwrap_or(u64::MAX));
-            Some((instr, mask))
+            Some(PartialAccess::of(instr, &self.ctx.get().state))
         } else {
             None
         };
@@ -306,9 +340,9 @@ impl Translator {
         let waived = ctx.miss_info & MISS_ALIGN_WAIVED_BY_MM != 0 && ctx.state.xsave.mxcsr() & MXCSR_MM != 0;
         // A masked access with every element masked off is not checked (measured: a misaligned
         // `vmovdqa64` with k1 = 0 completes).
-        let any_active = masked
+        let any_active = partial
             .as_ref()
-            .is_none_or(|(instr, mask)| mmu::masked::first_touched(instr, *mask, 0, size).is_some());
+            .is_none_or(|p| p.first_touched(0, size, || None).is_some());
         if !va.is_multiple_of(required) && !waived && any_active {
             // Instructions that require alignment (`emit/alignment.rs`) check it before paging.
             // With alignment checking on, an FXSAVE/XSAVE image that is not even 4-byte aligned
@@ -336,13 +370,26 @@ impl Translator {
             // A masked access faults at its first active element in the page (measured: CR2 is
             // that element's address, or the page's start when the element straddles into it).
             let mut fault_at = addr;
-            if let Some((instr, mask)) = &masked {
+            if let Some(p) = &partial {
                 let (from, to) = if n == 0 {
                     (0, (PAGE - (va & (PAGE - 1))).min(size))
                 } else {
                     (addr - va, size)
                 };
-                match mmu::masked::first_touched(instr, *mask, from, to) {
+                // An `xrstor`'s header, when it lies in the first page (already walked).
+                let header = || {
+                    let at = (va & (PAGE - 1)) + crate::cpu::xsave::XSTATE_BV as u64;
+                    let host = fills.first().map_or(0, |f: &(u64, u64, u64, bool)| f.2);
+                    (host != 0 && at + 16 <= PAGE).then(|| {
+                        // SAFETY: `host` is the first page's host address in guest RAM (from
+                        // its walk) and the 16 bytes at `at` lie inside that page.
+                        unsafe {
+                            let p = (host + at) as *const u64;
+                            [p.read_unaligned(), p.add(1).read_unaligned()]
+                        }
+                    })
+                };
+                match p.first_touched(from, to, header) {
                     Some(offset) => fault_at = va + offset,
                     None => {
                         fills.push((addr & !(PAGE - 1), NO_PAGE, 0, false));
@@ -362,6 +409,13 @@ impl Translator {
                 Err(mut exc) => {
                     if exc.vector == crate::exit::vector::PF {
                         exc.address = Some(fault_at);
+                        // The first page held an active element of a masked store too.
+                        if let (1, Access::Write, Some(PartialAccess::Masked(instr, mask))) = (n, access, &partial) {
+                            let opmask = instr.op_mask() != iced_x86::Register::None;
+                            if opmask && fills[0].2 != 0 && vendor::host_has(Quirk::MaskedStoreFaultAtLastByte) {
+                                exc.address = mmu::masked::last_touched(instr, *mask).map(|last| va + last);
+                            }
+                        }
                     }
                     // A 10-byte store whose low 8 bytes lie in the first page: the x87 m80
                     // stores have written those when the top 2 fault (`emulate/x87.rs`).
@@ -389,8 +443,8 @@ impl Translator {
             fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host, global));
         }
         if fills.iter().any(|f| f.2 == 0) {
-            // Some page holds only masked-off elements: the instruction runs once against the
-            // bounce buffer, that page's part zeros and never written back.
+            // Some page holds no byte the access touches: the instruction runs once against
+            // the bounce buffer, that page's part zeros and never written back.
             if fills.len() == 1 {
                 fills.push((fills[0].0 + PAGE, NO_PAGE, 0, false));
             }

@@ -214,9 +214,24 @@ fn vector_length(instr: &Instruction) -> usize {
 /// offsets `from..to` of its memory operand, given its opmask's value `mask` (all ones for
 /// `k0`): None when every element there is masked off.
 pub fn first_touched(instr: &Instruction, mask: u64, from: u64, to: u64) -> Option<u64> {
+    touched_elements(instr, mask)
+        .filter(|&(start, end)| start < to && from < end)
+        .map(|(start, _)| start.max(from))
+        .min()
+}
+
+/// The last byte the masked access of `instr` touches (see [`first_touched`]): where an
+/// Intel CPU reports a masked store's fault in its second page when the first page holds an
+/// active element too (`cpu::vendor::Quirk::MaskedStoreFaultAtLastByte`).
+pub fn last_touched(instr: &Instruction, mask: u64) -> Option<u64> {
+    touched_elements(instr, mask).map(|(_, end)| end - 1).max()
+}
+
+/// The byte ranges (offsets into the memory operand) of the elements the masked access of
+/// `instr` touches under `mask`.
+fn touched_elements(instr: &Instruction, mask: u64) -> Box<dyn Iterator<Item = (u64, u64)>> {
     let size = instr.memory_size().size() as u64;
     let element = element_size(instr);
-    let overlap = |start: u64, end: u64| (start < to && from < end).then(|| start.max(from));
     if instr.is_broadcast() || broadcasts(instr.mnemonic()) {
         // Lane i reads memory element i mod (elements): a tuple broadcast reads the elements
         // some active lane repeats (measured: `vbroadcasti32x4 zmm1{k1}` with k1 = 0x11 reads
@@ -230,20 +245,24 @@ pub fn first_touched(instr: &Instruction, mask: u64, from: u64, to: u64) -> Opti
         };
         let lanes = (vector as u64 / element).min(64);
         let elements = (size / element).max(1);
-        return (0..lanes)
-            .filter(|lane| mask & (1 << lane) != 0)
-            .map(|lane| lane % elements)
-            .filter_map(|e| overlap(e * element, (e + 1) * element))
-            .min();
+        return Box::new(
+            (0..lanes)
+                .filter(move |lane| mask & (1 << lane) != 0)
+                .map(move |lane| (lane % elements) * element)
+                .map(move |start| (start, start + element)),
+        );
     }
     let lanes = (size / element).min(64);
     let mask = mask & lane_mask(lanes);
     if packs_elements(instr.mnemonic()) {
-        return overlap(0, mask.count_ones() as u64 * element);
+        let bytes = mask.count_ones() as u64 * element;
+        return Box::new((bytes > 0).then_some((0, bytes)).into_iter());
     }
-    (0..lanes)
-        .filter(|lane| mask & (1 << lane) != 0)
-        .find_map(|lane| overlap(lane * element, (lane + 1) * element))
+    Box::new(
+        (0..lanes)
+            .filter(move |lane| mask & (1 << lane) != 0)
+            .map(move |lane| (lane * element, (lane + 1) * element)),
+    )
 }
 
 /// The size of the elements the opmask selects in `instr`'s memory operand: EVEX.W's element
@@ -304,6 +323,9 @@ mod tests {
         );
         assert_eq!(first_touched(&d, 1 << 10, 44, 64), None);
         assert_eq!(first_touched(&d, 1 << 16, 0, 64), None, "only 16 dword lanes");
+        // The last byte of the last active element (Intel's CR2 for a split masked store).
+        assert_eq!(last_touched(&d, 1 | 1 << 5), Some(23));
+        assert_eq!(last_touched(&d, 1 << 16), None);
         let unmasked = load(Code::EVEX_Vmovdqu8_zmm_k1z_zmmm512, Register::None);
         assert!(!is_masked_access(&unmasked));
     }
@@ -320,6 +342,7 @@ mod tests {
         // Three active dwords are stored packed at bytes 0..12, wherever their lanes are.
         assert_eq!(first_touched(&c, 0b1000_0000_0000_0101 | 1 << 9, 8, 64), Some(8));
         assert_eq!(first_touched(&c, 0b1000_0000_0000_0101, 12, 64), None);
+        assert_eq!(last_touched(&c, 0b1000_0000_0000_0101), Some(11));
         let mut b = Instruction::with3(
             Code::EVEX_Vpaddd_zmm_k1z_zmm_zmmm512b32,
             Register::ZMM1,
