@@ -165,13 +165,17 @@ pub fn differences(
     masks: Masks,
 ) -> Vec<String> {
     let mut out = Vec::new();
-    // An ignored RSP (the destination of `rdrand rsp`, say) is ignored in the pushed frame too.
+    // An ignored RSP (the destination of `rdrand rsp`, say) or RFLAGS bit is ignored in the
+    // pushed frame too.
     let rsp_ignored = masks.ignore.gpr & (1 << 4) != 0;
     let ending = |e: &Ending| match e {
-        Ending::Handler { vector, frame } if rsp_ignored && frame.len() >= 5 => {
+        Ending::Handler { vector, frame } if frame.len() >= 5 => {
             let mut frame = frame.clone();
             let at = frame.len() - 2;
-            frame[at] = 0;
+            if rsp_ignored {
+                frame[at] = 0;
+            }
+            frame[at - 1] &= !masks.ignore.rflags;
             Ending::Handler { vector: *vector, frame }
         }
         other => other.clone(),
