@@ -44,7 +44,7 @@ pub enum Quirk {
     /// copies it, so the host CPU decides; the system harness needs to know (its reference
     /// emulates it).
     PrefetchOpcodeRejectsRegister,
-    /// A masked AVX-512 store (k1-k7) with active elements in both pages whose second page faults
+    /// A masked AVX-512 vector store (k1-k7; not a scalar) with active elements in both pages whose second page faults
     /// reports the last byte of its last active element in CR2, not the first it touches in
     /// that page.
     MaskedStoreFaultAtLastByte,
@@ -161,13 +161,14 @@ pub const QUIRKS: &[QuirkRow] = &[
     },
     QuirkRow {
         quirk: Quirk::MaskedStoreFaultAtLastByte,
-        instruction: "EVEX stores under an opmask (vmovups m{k}, vpmovdb m{k}, vpcompressb…) that cross into a faulting page, an active element in the first page",
+        instruction: "EVEX vector stores under an opmask (vmovups m{k}, vpmovdb m{k}, vpcompressb m{k}…) that cross into a faulting page, an active element in the first page",
         intel: "CR2 is the last byte of the last active element (vmovups [p-12]{k=0x21}, ymm: p+11); with no active element in the first page, the first active byte in the second (k=0x30: p+4)",
         amd: "CR2 is the first active byte in the faulting page, as for masked loads",
         vendors: &[Vendor::Intel],
         found: "`hbt isa-test --system` on Intel Xeon Sapphire Rapids (2026-12-07, seed 1: KVM p+0x13, translated the page start); \
                 checked by hand with vmovups ymm{k} at p-12 and p-10 (straddling element), vpmovdb and vpcompressb; masked loads and \
-                unmasked stores (and `vpcompressb` without an opmask) report the first byte (p+0)",
+                unmasked stores, `vpcompressb` without an opmask and scalar `vmovss`/`vmovsd` m{k} straddling the pages report the first \
+                byte of the second page",
     },
 ];
 

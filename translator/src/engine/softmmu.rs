@@ -411,8 +411,15 @@ impl Translator {
                         exc.address = Some(fault_at);
                         // The first page held an active element of a masked store too.
                         if let (1, Access::Write, Some(PartialAccess::Masked(instr, mask))) = (n, access, &partial) {
+                            // Under an opmask, and of a vector: a scalar's one element faults
+                            // at the page's start, as an unmasked store does.
                             let opmask = instr.op_mask() != iced_x86::Register::None;
-                            if opmask && fills[0].2 != 0 && vendor::host_has(Quirk::MaskedStoreFaultAtLastByte) {
+                            let vector = instr.memory_size().size() as u64 > mmu::masked::element_size(instr);
+                            if opmask
+                                && vector
+                                && fills[0].2 != 0
+                                && vendor::host_has(Quirk::MaskedStoreFaultAtLastByte)
+                            {
                                 exc.address = mmu::masked::last_touched(instr, *mask).map(|last| va + last);
                             }
                         }

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 /// after [`lower_compat`]: the forms 32-bit and 64-bit code share keep their rule (the emitter
 /// narrows addresses, the stack and near branches to 32 bits, `Mode::compat`); the 32-bit
 /// stack and branch forms get the 64-bit forms' rules; `sysenter` and far jumps and calls to a
-/// ptr16:32, `pusha`/`popa`, `push`/`pop` of ES, CS, SS and DS and the 32-bit `enter` are
+/// ptr16:32, `pusha`/`popa`, `push`/`pop` of a segment register and the 32-bit `enter` are
 /// performed by the engine. The rest of the IA-32-only forms (BCD arithmetic, `bound`,
 /// `lds`/`les`, `into`, ptr16:16) have none yet: the translator refuses them by name.
 pub fn rule_compat(code: Code) -> Option<Rule> {
@@ -54,9 +54,13 @@ fn classify_compat(code: Code) -> Option<Rule> {
         | Code::Pushd_CS
         | Code::Pushd_SS
         | Code::Pushd_DS
+        | Code::Pushd_FS
+        | Code::Pushd_GS
         | Code::Popd_ES
         | Code::Popd_SS
         | Code::Popd_DS
+        | Code::Popd_FS
+        | Code::Popd_GS
         | Code::Pushw_ES
         | Code::Pushw_CS
         | Code::Pushw_SS

@@ -213,7 +213,7 @@ const DEDICATED: &[(Mnemonic, Rule)] = &[
 ];
 
 /// Mnemonics that must never be copied: they change or read host state the guest must not see
-/// (segment and base registers, protection keys, shadow stacks), depend on the host's
+/// (segment and base registers, protection keys, shadow stacks, AMX tiles), depend on the host's
 /// descriptor tables, are nondeterministic, or touch memory implicitly.
 const NEVER_COPY: &[Mnemonic] = &[
     Mnemonic::Rdpkru,
@@ -258,6 +258,26 @@ const NEVER_COPY: &[Mnemonic] = &[
     Mnemonic::Xcryptofb,
     Mnemonic::Ccs_hash,
     Mnemonic::Ccs_encrypt,
+    // AMX tile configuration: the tile state is never a guest's (XFD-armed on the host:
+    // `cpu::xsave`), so these raise #UD as on a CPU whose XCR0 lacks it — copied, a guest's
+    // `ldtilecfg` completed and changed the host thread's tile configuration.
+    Mnemonic::Ldtilecfg,
+    Mnemonic::Sttilecfg,
+    Mnemonic::Tilerelease,
+    // The host thread's user-interrupt flag and UITT, its shadow stack, its SGX enclaves, the
+    // VM functions of the hypervisor hbt itself may run under, AMD's user-mode MONITORX/MWAITX.
+    Mnemonic::Testui,
+    Mnemonic::Clui,
+    Mnemonic::Stui,
+    Mnemonic::Senduipi,
+    Mnemonic::Rstorssp,
+    Mnemonic::Saveprevssp,
+    Mnemonic::Wrssd,
+    Mnemonic::Wrssq,
+    Mnemonic::Enclu,
+    Mnemonic::Vmfunc,
+    Mnemonic::Monitorx,
+    Mnemonic::Mwaitx,
 ];
 
 /// Operand kinds a copied instruction may have: registers, explicit memory, immediates.
@@ -542,6 +562,16 @@ mod tests {
         // A user-mode guest sees the host's CPUID: the engine raises #UD where the host lacks it.
         let host = crate::host::features::host_has(iced_x86::CpuidFeature::SERIALIZE);
         assert_eq!(rule.runs_in_engine(&instr, Mode::default()), !host);
+    }
+
+    #[test]
+    fn no_copied_form_reaches_host_state_outside_the_guest() {
+        use iced_x86::CpuidFeature as F;
+        let host_only = [F::AMX_TILE, F::UINTR, F::CET_SS, F::SGX1, F::VMX, F::MONITORX];
+        for code in codes_with_rules().filter(|&c| rule(c) == Some(Rule::Copy)) {
+            let reaches = code.cpuid_features().iter().find(|f| host_only.contains(f));
+            assert!(reaches.is_none(), "{code:?} ({reaches:?}) is copied");
+        }
     }
 
     #[test]
