@@ -131,7 +131,7 @@ fn a_32_bit_busybox_userland_runs_like_on_the_host() {
         if engine == "hybrid" {
             // Every user stretch is 32-bit code, which stays in the translator.
             let stretches: u64 = stderr
-                .split(" of them 32-bit code)")
+                .split(" of them 32-bit code,")
                 .next()
                 .and_then(|before| before.rsplit('(').next())
                 .and_then(|n| n.parse().ok())

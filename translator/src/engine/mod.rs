@@ -216,6 +216,11 @@ pub struct Translator {
     code_cpl: Option<crate::state::Cpl>,
     /// Breakpoints and single-step (`debug.rs`).
     debug: debug::DebugState,
+    /// The instruction being dispatched started with the guest's RFLAGS.TF set: it runs alone,
+    /// and a single-step trap follows it (`system.rs` `single_step_trap`).
+    guest_trap_flag: bool,
+    /// Events delivered through the guest's IDT so far (whether an instruction raised one).
+    events_delivered: u64,
     /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
     /// pages, as the CPU would) and for the protections SMC detection changes.
     maps: crate::host::pages::HostMaps,
@@ -301,6 +306,8 @@ impl Translator {
             translated_xcr0: 0,
             code_cpl: None,
             debug: Default::default(),
+            guest_trap_flag: false,
+            events_delivered: 0,
             recent_events: Default::default(),
             linked: Vec::new(),
             linked_global: Vec::new(),
@@ -400,11 +407,24 @@ impl Translator {
         let _armed = TranslatedGuard::arm(&faults);
         let mut pending_link = 0u64;
         let stepping = self.debug.single_step;
+        // Set while the instruction being dispatched started with the guest's TF set.
+        let mut trap_check: Option<system::TrapCheck>;
         // A guest instruction completed, or the exception it raised was delivered: the guest
-        // has moved, and a single step ends (`debug.rs`).
+        // has moved, the guest's single-step trap follows an instruction that completed, and a
+        // debugger's single step ends (`debug.rs`).
         macro_rules! retired {
             () => {
                 self.debug.moved();
+                if let Some(check) = trap_check.take() {
+                    if self.single_step_trap(check) {
+                        pending_link = 0;
+                        if let Some(exit) = self.deliver(system::Event::Exception(GuestException::new(
+                            crate::exit::vector::DB,
+                        )))? {
+                            return Ok(exit);
+                        }
+                    }
+                }
                 if stepping {
                     return Ok(Exit::Stepped);
                 }
@@ -438,6 +458,8 @@ impl Translator {
                     system::Boundary::Exit(exit) => return Ok(exit),
                 }
             }
+            trap_check = self.trap_check();
+            self.guest_trap_flag = trap_check.is_some();
             let rip = self.ctx.get().state.rip;
             if self.debug.stops_at(rip) {
                 return Ok(Exit::Breakpoint);
@@ -659,9 +681,9 @@ impl Translator {
         }
         // The instruction alone, never under its block's key: a one-off step, or
         // single-stepping (one-instruction blocks, never cached: `debug.rs`).
-        let alone = step.is_some() || self.debug.single_step;
+        let alone = step.is_some() || self.debug.single_step || self.guest_trap_flag;
         let one_off_key = step
-            .filter(|s| s.kept && !self.debug.single_step)
+            .filter(|s| s.kept && !self.debug.single_step && !self.guest_trap_flag)
             .map(|_| self.one_off_key(rip));
         if let Some(key) = one_off_key {
             if let Some(i) = self.by_guest.get(key) {

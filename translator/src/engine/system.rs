@@ -16,7 +16,8 @@
 //!   (`invalidate_page`).
 
 use super::*;
-use crate::system::delivery::{self, Event, Undeliverable};
+pub(super) use crate::system::delivery::Event;
+use crate::system::delivery::{self, Undeliverable};
 use crate::system::{self as sys, Effects, Invalidated, Next};
 
 /// What happened at a block boundary in system mode.
@@ -26,6 +27,14 @@ pub(super) enum Boundary {
     /// last block was going (so that block's exit must not be chained to the handler).
     Delivered,
     Exit(Exit),
+}
+
+/// Taken before an instruction that started with the guest's RFLAGS.TF set: what decides
+/// whether a single-step trap follows it ([`Translator::single_step_trap`]).
+#[derive(Clone, Copy)]
+pub(super) struct TrapCheck {
+    cpl: crate::state::Cpl,
+    events: u64,
 }
 
 /// How many delivered events [`Translator::recent_events`] keeps.
@@ -122,6 +131,7 @@ impl Translator {
     /// Delivers `event` through the guest's IDT. `Some(exit)` when the machine cannot go on
     /// (a triple fault).
     pub(super) fn deliver(&mut self, event: Event) -> Result<Option<Exit>, TranslateError> {
+        self.events_delivered += 1;
         if let Event::Exception(e) = event {
             *self.stats.exceptions.entry(e.vector).or_default() += 1;
         } else if let Event::External(v) = event {
@@ -148,6 +158,33 @@ impl Translator {
             Err(Undeliverable::TripleFault(e)) => Ok(Some(Exit::TripleFault(e))),
             Err(Undeliverable::Unsupported(why)) => Err(TranslateError::Host(why)),
         }
+    }
+
+    /// Before an instruction is dispatched in system mode: Some when the guest's RFLAGS.TF is
+    /// set, so a single-step trap is due once the instruction completes ([`Self::single_step_trap`]).
+    pub(super) fn trap_check(&self) -> Option<TrapCheck> {
+        let state = &self.ctx.get().state;
+        (self.system && state.rflags & crate::state::flags::TF != 0).then_some(TrapCheck {
+            cpl: state.cpl,
+            events: self.events_delivered,
+        })
+    }
+
+    /// After the instruction `check` was taken before retired: whether the CPU would raise the
+    /// single-step #DB now (then DR6.BS is set). A trap follows an instruction that started
+    /// with TF set — also `popf` or `iretq` clearing it — and completed at the same privilege
+    /// level without raising or delivering an event: an exception, `int n` and `int3` clear TF
+    /// on their way into the handler, and `syscall` clears it through IA32_FMASK (Linux reports
+    /// a step over a system call itself, on its way out). Not modelled: the one-instruction
+    /// delay after `mov ss`/`pop ss`, a trap after `sti`'s interrupt window.
+    pub(super) fn single_step_trap(&mut self, check: TrapCheck) -> bool {
+        let state = &mut self.ctx.get_mut().state;
+        if state.cpl != check.cpl || self.events_delivered != check.events {
+            return false;
+        }
+        const DR6_BS: u64 = 1 << 14;
+        state.sys.dr[6] |= DR6_BS;
+        true
     }
 
     /// A guest exception met by the dispatcher: returned to the caller in user mode, delivered
