@@ -1925,6 +1925,45 @@ fn sysretl_enters_32_bit_code_which_decodes_as_ia32() {
 }
 
 #[test]
+fn the_trap_flag_raises_a_single_step_trap_after_each_user_instruction() {
+    // sysretq (R11 = IF | TF) into `nop; nop; hlt` at CPL3 (+0x40): #DB after the first nop
+    // (TF is set as the nop starts, not as sysretq does), to the handler's hlt at +0x100, with
+    // the nop's successor in the frame, TF in the frame's RFLAGS and DR6.BS set. A `syscall`
+    // (+0x50) under TF enters LSTAR (+0x80: hlt at CPL0) with no trap: IA32_FMASK clears TF.
+    let mut code = vec![0u8; 0x100];
+    code[..3].copy_from_slice(&[0x48, 0x0f, 0x07]);
+    code[0x40..0x43].copy_from_slice(&[0x90, 0x90, 0xf4]);
+    code[0x50..0x52].copy_from_slice(&[0x0f, 0x05]);
+    code[0x80] = 0xf4;
+    code.push(0xf4);
+    for (at, syscall) in [(0x40u64, false), (0x50, true)] {
+        let g = SoftGuest::new(&code);
+        let mut t = system_with_user_segments(&g, &[1, 13], 0x100);
+        let s = t.state_mut();
+        s.efer |= 1; // SCE
+        s.sys.msr.star = 0x0023_0010u64 << 32;
+        s.sys.msr.lstar = CODE_VA + 0x80;
+        s.sys.msr.sfmask = 0x4_7700;
+        s.gpr[1] = CODE_VA + at;
+        s.gpr[11] = 0x302;
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+        let st = t.state();
+        if syscall {
+            assert_eq!(st.rip, CODE_VA + 0x81, "at LSTAR's hlt");
+            assert_eq!(st.sys.dr[6] & (1 << 14), 0, "no single-step trap");
+            continue;
+        }
+        assert_eq!(st.rip, CODE_VA + 0x101, "in the #DB handler");
+        assert_ne!(st.sys.dr[6] & (1 << 14), 0, "DR6.BS");
+        let frame = st.gpr[4];
+        let slot = |i: u64| g.read_u64(data_pa(frame + 8 * i));
+        assert_eq!(slot(0), CODE_VA + 0x41, "the frame's RIP: after the first nop");
+        assert_eq!(slot(1), 0x33);
+        assert_ne!(slot(2) & 0x100, 0, "TF in the frame's RFLAGS");
+    }
+}
+
+#[test]
 fn system_calls_from_32_bit_code_follow_the_host_vendor() {
     // sysretl into 32-bit code at +0x40 (`syscall`) or +0x50 (`sysenter`). On AMD, `syscall`
     // from 32-bit code enters CSTAR (+0x80: hlt at CPL0) with RCX the next EIP, and `sysenter`
