@@ -11,7 +11,9 @@
 //! touches it), the port I/O checks of `guests/linux/ports.c` (`ioperm` and `iopl` grants
 //! through the TSS I/O permission bitmap), single-stepping by `guests/linux/single_step.c`
 //! (`ptrace(PTRACE_SINGLESTEP)`, a `popf` setting TF, an int3 breakpoint: RFLAGS.TF at CPL3,
-//! which only the translator honours, so hybrid keeps such code there), 20 runs of a dynamically linked program
+//! which only the translator honours, so hybrid keeps such code there), hardware watchpoints
+//! a debugger sets with `ptrace(PTRACE_POKEUSER)` (`guests/linux/watchpoints.c`: DR0–DR3 and
+//! DR7, a SIGTRAP after each watched access), 20 runs of a dynamically linked program
 //! (`guests/linux/dynamic.c`, its loader and libraries copied in), a 32-bit program
 //! (`guests/linux/compat32.c`, compatibility mode: calls and returns, string instructions, x87,
 //! SSE2, TLS and threads, `int $0x80` and the vDSO, signals, fork) printing exactly what it
@@ -46,6 +48,7 @@ sha256sum /payload.txt
 /registers
 /ports
 /single_step
+/watchpoints
 /compat32
 i=0; while [ $i -lt 20 ]; do /dynamic; i=$((i+1)); done
 grep -E "LOC:|ttyS0" /proc/interrupts
@@ -130,6 +133,7 @@ fn boot(engine: &[&str]) -> String {
         ("ports", &["-O1", "-static"]),
         ("registers", &["-O1", "-static"]),
         ("single_step", &["-O1", "-static"]),
+        ("watchpoints", &["-O1", "-static"]),
         ("compat32", &["-m32", "-O1", "-static"]),
         ("dynamic", &["-O1"]),
     ]
@@ -151,7 +155,7 @@ fn boot(engine: &[&str]) -> String {
     let dynamic = programs.last().unwrap();
     let on_host = Command::new(dynamic).output().expect("the dynamic program on the host");
     let dynamic_line = String::from_utf8_lossy(&on_host.stdout).trim_end().to_string();
-    let compat32 = Command::new(&programs[4])
+    let compat32 = Command::new(&programs[5])
         .output()
         .expect("the 32-bit program on the host");
     assert!(compat32.status.success(), "compat32 on the host: {compat32:?}");
@@ -166,9 +170,17 @@ fn boot(engine: &[&str]) -> String {
         .iter()
         .map(|s| s.to_string())
         .chain(
-            ["coherence", "ports", "registers", "single_step", "compat32", "dynamic"]
-                .iter()
-                .map(|s| s.to_string()),
+            [
+                "coherence",
+                "ports",
+                "registers",
+                "single_step",
+                "watchpoints",
+                "compat32",
+                "dynamic",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
         )
         .chain(
             String::from_utf8_lossy(&ldd.stdout)
@@ -260,6 +272,7 @@ fn boot(engine: &[&str]) -> String {
         "registers: all ok".to_string(),
         "ports: all ok".to_string(),
         "single-step: all ok".to_string(),
+        "watchpoints: all ok".to_string(),
         "arith: 1066".to_string(),
         format!("{sha}  /payload.txt"),
         // Many processes, each with a fresh randomized stack: user code's split accesses over

@@ -50,6 +50,7 @@ mod memory;
 mod smc;
 mod softmmu;
 mod system;
+mod watch;
 pub use system::DeliveredEvent;
 
 use cache::Block;
@@ -217,8 +218,12 @@ pub struct Translator {
     /// Breakpoints and single-step (`debug.rs`).
     debug: debug::DebugState,
     /// The instruction being dispatched started with the guest's RFLAGS.TF set: it runs alone,
-    /// and a single-step trap follows it (`system.rs` `single_step_trap`).
+    /// and a single-step trap follows it (`system.rs` `debug_trap`).
     guest_trap_flag: bool,
+    /// The guest's data breakpoints (DR0–DR3, DR7: `watch.rs`), and DR6's B0–B3 bits for the
+    /// ones the instruction being dispatched has hit so far.
+    data_breakpoints: watch::DataBreakpoints,
+    watch_hits: u64,
     /// Events delivered through the guest's IDT so far (whether an instruction raised one).
     events_delivered: u64,
     /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
@@ -307,6 +312,8 @@ impl Translator {
             code_cpl: None,
             debug: Default::default(),
             guest_trap_flag: false,
+            data_breakpoints: Default::default(),
+            watch_hits: 0,
             events_delivered: 0,
             recent_events: Default::default(),
             linked: Vec::new(),
@@ -416,7 +423,7 @@ impl Translator {
             () => {
                 self.debug.moved();
                 if let Some(check) = trap_check.take() {
-                    if self.single_step_trap(check) {
+                    if self.debug_trap(check) {
                         pending_link = 0;
                         if let Some(exit) = self.deliver(system::Event::Exception(GuestException::new(
                             crate::exit::vector::DB,
@@ -905,8 +912,11 @@ impl Translator {
             state: state.paging(),
             written: &mut written,
             alignment_checks,
+            data_breakpoints: &self.data_breakpoints,
+            watch_hits: 0,
         };
         let r = f(state, &mut mem);
+        self.watch_hits |= mem.watch_hits;
         (r, written)
     }
 }

@@ -449,9 +449,16 @@ impl Translator {
             };
             fills.push((addr & !(PAGE - 1), pa & !(PAGE - 1), host, global));
         }
-        if fills.iter().any(|f| f.2 == 0) {
-            // Some page holds no byte the access touches: the instruction runs once against
-            // the bounce buffer, that page's part zeros and never written back.
+        // The guest's data breakpoints: a hit is reported once the instruction completes, and
+        // a page holding a watched byte is never entered in the TLB (`watch.rs`).
+        self.watch_hits |= self.data_breakpoints.hits(va, size, access);
+        let watched = fills
+            .iter()
+            .any(|f| f.2 != 0 && self.data_breakpoints.watches_page(f.0));
+        if watched || fills.iter().any(|f| f.2 == 0) {
+            // Some page holds no byte the access touches, or a watched one: the instruction
+            // runs once against the bounce buffer (a page not touched: zeros, never written
+            // back).
             if fills.len() == 1 {
                 fills.push((fills[0].0 + PAGE, NO_PAGE, 0, false));
             }
@@ -596,6 +603,9 @@ impl Translator {
         let page_pa = pa & !(PAGE - 1);
         let host = ram.host(page_pa, PAGE)?;
         if access == Access::Write && self.code_pages.contains_key(&page_pa) {
+            return None;
+        }
+        if self.data_breakpoints.watches_page(va) {
             return None;
         }
         Some((va & !(PAGE - 1), host, global))

@@ -29,12 +29,13 @@ pub(super) enum Boundary {
     Exit(Exit),
 }
 
-/// Taken before an instruction that started with the guest's RFLAGS.TF set: what decides
-/// whether a single-step trap follows it ([`Translator::single_step_trap`]).
+/// Taken before an instruction that may be followed by a debug trap — the guest's RFLAGS.TF is
+/// set or it has data breakpoints: what decides whether one follows ([`Translator::debug_trap`]).
 #[derive(Clone, Copy)]
 pub(super) struct TrapCheck {
     cpl: crate::state::Cpl,
     events: u64,
+    single_step: bool,
 }
 
 /// How many delivered events [`Translator::recent_events`] keeps.
@@ -150,6 +151,8 @@ impl Translator {
         }
         self.recent_events.push_back(record);
         let (result, written) = self.with_memory(false, |state, mem| delivery::deliver(state, mem, event));
+        // The frame's stores are the CPU's, not an instruction's: no data breakpoint hits.
+        self.watch_hits = 0;
         for page in written {
             self.invalidate_phys_page(page);
         }
@@ -160,31 +163,51 @@ impl Translator {
         }
     }
 
-    /// Before an instruction is dispatched in system mode: Some when the guest's RFLAGS.TF is
-    /// set, so a single-step trap is due once the instruction completes ([`Self::single_step_trap`]).
-    pub(super) fn trap_check(&self) -> Option<TrapCheck> {
+    /// Before an instruction is dispatched in system mode: Some when a debug trap may follow it
+    /// ([`Self::debug_trap`]): the guest's RFLAGS.TF is set, or it has data breakpoints (first
+    /// brought up to date with its debug registers: `watch.rs`).
+    pub(super) fn trap_check(&mut self) -> Option<TrapCheck> {
+        if !self.system {
+            return None;
+        }
+        let dr = &self.ctx.get().state.sys.dr;
+        if !self.data_breakpoints.decoded_from(dr) {
+            self.data_breakpoints = watch::DataBreakpoints::decode(dr);
+            // Pages that hold a watched byte must not stay in the TLB.
+            self.flush_tlb();
+        }
         let state = &self.ctx.get().state;
-        (self.system && state.rflags & crate::state::flags::TF != 0).then_some(TrapCheck {
+        let single_step = state.rflags & crate::state::flags::TF != 0;
+        (single_step || !self.data_breakpoints.is_empty()).then_some(TrapCheck {
             cpl: state.cpl,
             events: self.events_delivered,
+            single_step,
         })
     }
 
-    /// After the instruction `check` was taken before retired: whether the CPU would raise the
-    /// single-step #DB now (then DR6.BS is set). A trap follows an instruction that started
-    /// with TF set — also `popf` or `iretq` clearing it — and completed at the same privilege
-    /// level without raising or delivering an event: an exception, `int n` and `int3` clear TF
-    /// on their way into the handler, and `syscall` clears it through IA32_FMASK (Linux reports
-    /// a step over a system call itself, on its way out). Not modelled: the one-instruction
-    /// delay after `mov ss`/`pop ss`, a trap after `sti`'s interrupt window.
-    pub(super) fn single_step_trap(&mut self, check: TrapCheck) -> bool {
+    /// After the instruction `check` was taken before retired: whether the CPU would raise a
+    /// debug trap now — then DR6 has its bits set (BS for the single step, B0–B3 for the data
+    /// breakpoints hit) and the caller delivers #DB. Either trap follows an instruction that
+    /// completed without raising or delivering an event: an exception, `int n` and `int3` clear
+    /// TF on their way into the handler. The single step also needs the privilege level
+    /// unchanged: `syscall` clears TF through IA32_FMASK (Linux reports a step over a system
+    /// call itself, on its way out). Not modelled: the one-instruction delay after
+    /// `mov ss`/`pop ss`, a trap after `sti`'s interrupt window.
+    pub(super) fn debug_trap(&mut self, check: TrapCheck) -> bool {
+        let hits = std::mem::take(&mut self.watch_hits);
         let state = &mut self.ctx.get_mut().state;
-        if state.cpl != check.cpl || self.events_delivered != check.events {
+        if self.events_delivered != check.events {
             return false;
         }
         const DR6_BS: u64 = 1 << 14;
-        state.sys.dr[6] |= DR6_BS;
-        true
+        let step = if check.single_step && state.cpl == check.cpl {
+            DR6_BS
+        } else {
+            0
+        };
+        let bits = step | hits & 0xf;
+        state.sys.dr[6] |= bits;
+        bits != 0
     }
 
     /// A guest exception met by the dispatcher: returned to the caller in user mode, delivered

@@ -86,9 +86,9 @@ struct HybridStats {
     translator_user_stretches: u64,
     /// Of those, stretches of 32-bit code (compatibility mode), which stay in the translator.
     compat_stretches: u64,
-    /// Of those, stretches entered with RFLAGS.TF set (a debugger single-stepping a process),
-    /// which stay in the translator.
-    single_step_stretches: u64,
+    /// Of those, stretches entered with RFLAGS.TF set or DR7 breakpoints enabled (a debugger
+    /// single-stepping or watching a process), which stay in the translator.
+    debugged_stretches: u64,
     /// From a stint kicked out for an interrupt to the next stint (the guest kernel's handler
     /// in the translator, both switches).
     kick_to_stint: Duration,
@@ -163,12 +163,12 @@ fn drive(
                 stats.translator_user_stretches += 1;
                 stats.compat_stretches += 1;
             }
-            Pause::UserMode if single_stepping(m.translator.state()) => {
+            Pause::UserMode if debugged(m.translator.state()) => {
                 // kvm_pvm does not single-step CPL3 code (measured: a ptrace(PTRACE_SINGLESTEP)
                 // loop saw the child run to its end); the translator raises the trap after
-                // each instruction.
+                // each instruction, and after each access to a watched address.
                 stats.translator_user_stretches += 1;
-                stats.single_step_stretches += 1;
+                stats.debugged_stretches += 1;
             }
             Pause::UserMode => {
                 let cr3 = m.translator.state().cr3;
@@ -199,7 +199,7 @@ fn drive(
                 // clean boundary only (a split access half done must finish in the translator:
                 // its bounce buffer goes back to guest memory when it does).
                 let state = m.translator.state();
-                let at_user = state.cpl == Cpl::User && !state.code32 && !single_stepping(state);
+                let at_user = state.cpl == Cpl::User && !state.code32 && !debugged(state);
                 if let (true, Some((cr3, started))) = (at_user, translator_stretch) {
                     if !m.translator.at_clean_boundary() {
                         watch.arm(Duration::from_micros(50));
@@ -217,9 +217,10 @@ fn drive(
     }
 }
 
-/// The guest single-steps itself (RFLAGS.TF): only the translator raises the traps.
-fn single_stepping(state: &GuestState) -> bool {
-    state.rflags & hbt_translator::state::flags::TF != 0
+/// The guest single-steps itself (RFLAGS.TF) or has breakpoints enabled in DR7 (any L or G
+/// bit): only the translator raises those traps.
+fn debugged(state: &GuestState) -> bool {
+    state.rflags & hbt_translator::state::flags::TF != 0 || state.sys.dr[7] & 0xff != 0
 }
 
 /// What tells apart two processes that had the same CR3 (`Policy::choose`): the first entry of
@@ -523,13 +524,13 @@ fn report(
     let t = user.tables.stats;
     let mut lines = vec![
         format!(
-            "  hybrid: {:.6} s of {:.6} s in KVM running user code, the rest in the translator; {} stints under KVM, {} user stretches left to the translator ({} of them 32-bit code, {} single-stepped)",
+            "  hybrid: {:.6} s of {:.6} s in KVM running user code, the rest in the translator; {} stints under KVM, {} user stretches left to the translator ({} of them 32-bit code, {} debugged: TF or DR7)",
             s.in_kvm.as_secs_f64(),
             total.as_secs_f64(),
             s.stints,
             s.translator_user_stretches,
             s.compat_stretches,
-            s.single_step_stretches
+            s.debugged_stretches
         ),
         format!(
             "  hybrid: {:.6} s moving state into and out of KVM ({:.1} µs per stint; {} XSAVE images given to KVM, {} read out of it when translated code touched them)",
@@ -570,7 +571,7 @@ fn report(
             "stints": s.stints,
             "translator_user_stretches": s.translator_user_stretches,
             "compat_stretches": s.compat_stretches,
-            "single_step_stretches": s.single_step_stretches,
+            "debugged_stretches": s.debugged_stretches,
             "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),
             "replays": s.replays,
             "page_faults_without_address": s.unreported_cr2,
