@@ -80,7 +80,7 @@ pub(super) struct Memory<'a> {
     /// Apply alignment checking to 2/4/8-byte accesses (not for gather elements).
     pub(super) alignment_checks: bool,
     /// The guest's data breakpoints, and DR6's bits for those the accesses hit (`watch.rs`).
-    pub(super) data_breakpoints: &'a super::watch::DataBreakpoints,
+    pub(super) guest_breakpoints: &'a super::watch::GuestBreakpoints,
     pub(super) watch_hits: u64,
 }
 
@@ -122,7 +122,7 @@ impl Memory<'_> {
         while done < len {
             let addr = va.wrapping_add(done as u64);
             let chunk = ((PAGE - (addr & (PAGE - 1))) as usize).min(len - done);
-            self.watch_hits |= self.data_breakpoints.hits(addr, chunk as u64, access);
+            self.watch_hits |= self.guest_breakpoints.hits(addr, chunk as u64, access);
             let host = match self.strategy {
                 MemoryStrategy::Identity => addr,
                 MemoryStrategy::SoftMmu(ram) => {
@@ -342,7 +342,7 @@ mod tests {
             state,
             written: &mut written,
             alignment_checks: true,
-            data_breakpoints: &Default::default(),
+            guest_breakpoints: &Default::default(),
             watch_hits: 0,
         };
         // A chunk of 8 byte elements (`rep movsb`/`rep stosb` with AC set: no element can be

@@ -222,8 +222,11 @@ pub struct Translator {
     guest_trap_flag: bool,
     /// The guest's data breakpoints (DR0–DR3, DR7: `watch.rs`), and DR6's B0–B3 bits for the
     /// ones the instruction being dispatched has hit so far.
-    data_breakpoints: watch::DataBreakpoints,
+    guest_breakpoints: watch::GuestBreakpoints,
     watch_hits: u64,
+    /// The instruction resuming past an instruction breakpoint (RFLAGS.RF was set as it was
+    /// dispatched), until it retires.
+    resuming_at: Option<u64>,
     /// Events delivered through the guest's IDT so far (whether an instruction raised one).
     events_delivered: u64,
     /// Identity strategy: host mappings, for no-execute (code is fetched only from PROT_EXEC
@@ -312,8 +315,9 @@ impl Translator {
             code_cpl: None,
             debug: Default::default(),
             guest_trap_flag: false,
-            data_breakpoints: Default::default(),
+            guest_breakpoints: Default::default(),
             watch_hits: 0,
+            resuming_at: None,
             events_delivered: 0,
             recent_events: Default::default(),
             linked: Vec::new(),
@@ -422,6 +426,7 @@ impl Translator {
         macro_rules! retired {
             () => {
                 self.debug.moved();
+                self.resuming_at = None;
                 if let Some(check) = trap_check.take() {
                     if self.debug_trap(check) {
                         pending_link = 0;
@@ -466,10 +471,16 @@ impl Translator {
                 }
             }
             trap_check = self.trap_check();
-            self.guest_trap_flag = trap_check.is_some();
+            // One instruction per block while the guest single-steps or has an instruction
+            // breakpoint (`watch.rs`).
+            self.guest_trap_flag =
+                trap_check.is_some_and(|c| c.single_step()) || self.guest_breakpoints.has_instruction_breakpoints();
             let rip = self.ctx.get().state.rip;
             if self.debug.stops_at(rip) {
                 return Ok(Exit::Breakpoint);
+            }
+            if self.instruction_breakpoint(rip) {
+                guest_exception!(GuestException::new(crate::exit::vector::DB));
             }
             let lookup = match self.block_for(rip, platform) {
                 Err(TranslateError::Unsupported { code, .. }) if self.system => {
@@ -912,7 +923,7 @@ impl Translator {
             state: state.paging(),
             written: &mut written,
             alignment_checks,
-            data_breakpoints: &self.data_breakpoints,
+            guest_breakpoints: &self.guest_breakpoints,
             watch_hits: 0,
         };
         let r = f(state, &mut mem);

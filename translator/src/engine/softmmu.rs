@@ -451,10 +451,10 @@ impl Translator {
         }
         // The guest's data breakpoints: a hit is reported once the instruction completes, and
         // a page holding a watched byte is never entered in the TLB (`watch.rs`).
-        self.watch_hits |= self.data_breakpoints.hits(va, size, access);
+        self.watch_hits |= self.guest_breakpoints.hits(va, size, access);
         let watched = fills
             .iter()
-            .any(|f| f.2 != 0 && self.data_breakpoints.watches_page(f.0));
+            .any(|f| f.2 != 0 && self.guest_breakpoints.watches_page(f.0));
         if watched || fills.iter().any(|f| f.2 == 0) {
             // Some page holds no byte the access touches, or a watched one: the instruction
             // runs once against the bounce buffer (a page not touched: zeros, never written
@@ -605,7 +605,7 @@ impl Translator {
         if access == Access::Write && self.code_pages.contains_key(&page_pa) {
             return None;
         }
-        if self.data_breakpoints.watches_page(va) {
+        if self.guest_breakpoints.watches_page(va) {
             return None;
         }
         Some((va & !(PAGE - 1), host, global))

@@ -38,6 +38,13 @@ pub(super) struct TrapCheck {
     single_step: bool,
 }
 
+impl TrapCheck {
+    /// The instruction started with RFLAGS.TF set.
+    pub(super) fn single_step(&self) -> bool {
+        self.single_step
+    }
+}
+
 /// How many delivered events [`Translator::recent_events`] keeps.
 pub const RECENT_EVENTS: usize = 32;
 
@@ -171,14 +178,14 @@ impl Translator {
             return None;
         }
         let dr = &self.ctx.get().state.sys.dr;
-        if !self.data_breakpoints.decoded_from(dr) {
-            self.data_breakpoints = watch::DataBreakpoints::decode(dr);
+        if !self.guest_breakpoints.decoded_from(dr) {
+            self.guest_breakpoints = watch::GuestBreakpoints::decode(dr);
             // Pages that hold a watched byte must not stay in the TLB.
             self.flush_tlb();
         }
         let state = &self.ctx.get().state;
         let single_step = state.rflags & crate::state::flags::TF != 0;
-        (single_step || !self.data_breakpoints.is_empty()).then_some(TrapCheck {
+        (single_step || !self.guest_breakpoints.is_empty()).then_some(TrapCheck {
             cpl: state.cpl,
             events: self.events_delivered,
             single_step,
@@ -206,6 +213,25 @@ impl Translator {
             0
         };
         let bits = step | hits & 0xf;
+        state.sys.dr[6] |= bits;
+        bits != 0
+    }
+
+    /// Before the instruction at `rip` runs, in system mode: whether an instruction breakpoint
+    /// there raises its #DB fault (DR6's B0–B3 bits are then set). RFLAGS.RF set means the
+    /// instruction resumes from one: no fault until it has retired, even if the engine
+    /// restarts it meanwhile (a soft-MMU TLB miss), and RF is cleared.
+    pub(super) fn instruction_breakpoint(&mut self, rip: u64) -> bool {
+        if !self.guest_breakpoints.has_instruction_breakpoints() || self.resuming_at == Some(rip) {
+            return false;
+        }
+        let state = &mut self.ctx.get_mut().state;
+        if state.rflags & crate::state::flags::RF != 0 {
+            state.rflags &= !crate::state::flags::RF;
+            self.resuming_at = Some(rip);
+            return false;
+        }
+        let bits = self.guest_breakpoints.instruction_hits(rip);
         state.sys.dr[6] |= bits;
         bits != 0
     }

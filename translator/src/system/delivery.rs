@@ -116,9 +116,10 @@ pub fn deliver(s: &mut GuestState, mem: &mut dyn GuestMemory, event: Event) -> R
 
 const DF: u8 = 8;
 
-/// Fault-class exceptions (SDM vol. 3 §6.5; #DB is a fault only for instruction breakpoints,
-/// which the model does not raise): the RFLAGS image pushed for them has RF set, so that the
-/// handler's `iret` does not hit an instruction breakpoint again (§17.3.1.1).
+/// Fault-class exceptions (SDM vol. 3 §6.5): the RFLAGS image pushed for them has RF set, so
+/// that the handler's `iret` does not hit an instruction breakpoint again (§17.3.1.1). #DB is
+/// a fault for an instruction breakpoint, whose handler sets RF itself (Linux does), so its
+/// image keeps RF as it was.
 fn fault_class(v: u8) -> bool {
     matches!(v, 0 | 5 | 6 | 7 | 10 | 11 | 12 | 13 | 14 | 16 | 17 | 19 | 20 | 21)
 }
