@@ -1964,6 +1964,41 @@ fn the_trap_flag_raises_a_single_step_trap_after_each_user_instruction() {
 }
 
 #[test]
+fn a_data_breakpoint_traps_after_the_store_that_hits_it() {
+    // DR0 = 0x401800, 4 bytes, writes (DR7: L0, R/W 01, LEN 11). sysretq into CPL3 at +0x40:
+    // a store to 0x401810 (a neighbour on the same page: no hit, and the page must not enter
+    // the TLB for the next store), a store of EBX to 0x401800 (the hit), a nop and a hlt. #DB goes to the handler's hlt at +0x100 with the store's successor in the
+    // frame and DR6.B0 set; the store is done.
+    let mut code = vec![0u8; 0x100];
+    code[..3].copy_from_slice(&[0x48, 0x0f, 0x07]);
+    let user = [
+        0x89, 0x0c, 0x25, 0x10, 0x18, 0x40, 0x00, // mov [0x401810], ecx
+        0x89, 0x1c, 0x25, 0x00, 0x18, 0x40, 0x00, // mov [0x401800], ebx
+        0x90, 0xf4,
+    ];
+    code[0x40..0x40 + user.len()].copy_from_slice(&user);
+    code.push(0xf4);
+    let g = SoftGuest::new(&code);
+    let mut t = system_with_user_segments(&g, &[1, 13, 14], 0x100);
+    let s = t.state_mut();
+    s.efer |= 1; // SCE
+    s.sys.msr.star = 0x0023_0010u64 << 32;
+    s.sys.dr[0] = 0x40_1800;
+    s.sys.dr[7] = 0x400 | 1 | (0b01 | 0b11 << 2) << 16;
+    s.gpr[1] = CODE_VA + 0x40;
+    s.gpr[3] = 0x1234_5678;
+    s.gpr[11] = 0x202;
+    assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+    let st = t.state();
+    assert_eq!(st.rip, CODE_VA + 0x101, "in the #DB handler");
+    assert_eq!(st.sys.dr[6] & 0xf, 1, "DR6.B0");
+    let frame = st.gpr[4];
+    let slot = |i: u64| g.read_u64(data_pa(frame + 8 * i));
+    assert_eq!(slot(0), CODE_VA + 0x4e, "the frame's RIP: after the store");
+    assert_eq!(g.read_u64(data_pa(0x40_1800)) as u32, 0x1234_5678, "the store was done");
+}
+
+#[test]
 fn system_calls_from_32_bit_code_follow_the_host_vendor() {
     // sysretl into 32-bit code at +0x40 (`syscall`) or +0x50 (`sysenter`). On AMD, `syscall`
     // from 32-bit code enters CSTAR (+0x80: hlt at CPL0) with RCX the next EIP, and `sysenter`
