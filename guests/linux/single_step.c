@@ -17,11 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ptrace.h>
 #include <sys/user.h>
-#include <sys/wait.h>
 #include <ucontext.h>
-#include <unistd.h>
 
 /* 100 trips of a three-instruction loop, then a `syscall` (getpid): every instruction known. */
 extern char counted[], counted_loop_end[], counted_syscall[], counted_end[];
@@ -42,18 +39,16 @@ static void run_counted(void) {
     __asm__ volatile("call counted" ::: "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc");
 }
 
+static int counted_then_7(void) {
+    run_counted();
+    return 7;
+}
+
 /* Steps a child through run_counted: the stops inside the loop part, inside the syscall part,
  * and whether each stop was at an address an instruction starts at. */
 static void ptrace_steps(void) {
-    pid_t child = fork();
-    if (child == 0) {
-        ptrace(PTRACE_TRACEME, 0, 0, 0);
-        raise(SIGSTOP);
-        run_counted();
-        _exit(7);
-    }
-    int status;
-    waitpid(child, &status, 0);
+    pid_t child = traced_child(counted_then_7);
+    int status = 0;
     uintptr_t start = (uintptr_t)counted, loop_end = (uintptr_t)counted_loop_end;
     uintptr_t end = (uintptr_t)counted_end, after_syscall = (uintptr_t)counted_syscall + 2;
     long in_loop = 0, at_syscall_exit = 0, other_inside = 0, stops = 0;
@@ -129,16 +124,14 @@ __attribute__((noinline)) static long work(long n) {
     return s;
 }
 
+static int work_checked(void) {
+    return work(10) == 86 ? 0 : 1;
+}
+
 /* An int3 planted over work()'s first byte: the stop, then the original byte back and on. */
 static void breakpoint(void) {
-    pid_t child = fork();
-    if (child == 0) {
-        ptrace(PTRACE_TRACEME, 0, 0, 0);
-        raise(SIGSTOP);
-        _exit(work(10) == 86 ? 0 : 1);
-    }
+    pid_t child = traced_child(work_checked);
     int status;
-    waitpid(child, &status, 0);
     void *at = (void *)(uintptr_t)work;
     long original = ptrace(PTRACE_PEEKTEXT, child, at, 0);
     ptrace(PTRACE_POKETEXT, child, at, (void *)((original & ~0xffL) | 0xcc));

@@ -13,10 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/ptrace.h>
 #include <sys/user.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 static volatile uint32_t neighbours[4] __attribute__((aligned(64)));
 static volatile uint32_t watched __attribute__((aligned(64)));
@@ -29,7 +26,7 @@ __attribute__((noinline)) static void target(void) {
 
 /* The child's accesses, in order: 3 writes of `watched` (store, add, xchg), neighbours'
  * stores, 2 reads and 1 write of `read_watched`. */
-static void child_work(void) {
+static int child_work(void) {
     neighbours[0] = 1;
     watched = 10;
     neighbours[3] = 2;
@@ -41,6 +38,7 @@ static void child_work(void) {
     read_watched = sum + 1;
     target();
     target();
+    return 0;
 }
 
 static long dr_offset(int n) {
@@ -50,15 +48,8 @@ static long dr_offset(int n) {
 int main(void) {
     setvbuf(stdout, 0, _IOLBF, 0);
     read_watched = 7;
-    pid_t child = fork();
-    if (child == 0) {
-        ptrace(PTRACE_TRACEME, 0, 0, 0);
-        raise(SIGSTOP);
-        child_work();
-        _exit(0);
-    }
+    pid_t child = traced_child(child_work);
     int status;
-    waitpid(child, &status, 0);
     /* DR0: 4 bytes, writes (R/W 01, LEN 11); DR1: 8 bytes, reads and writes (R/W 11, LEN 10);
      * DR2: an instruction (R/W 00, LEN 00). */
     unsigned long dr7 = 1 | 1 << 2 | 1 << 4 | (0x1 | 0x3 << 2) << 16 | (0x3 | 0x2 << 2) << 20;

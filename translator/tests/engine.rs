@@ -1688,6 +1688,18 @@ fn system_with_user_segments(g: &SoftGuest, vectors: &[u8], handler: u64) -> Tra
     t
 }
 
+/// `system_with_user_segments` about to run a `sysret` at CODE_VA into CPL3 code at `target`
+/// (RCX) with RFLAGS `rflags` (R11): EFER.SCE set, STAR's user selectors 0x23/0x2b/0x33.
+fn system_returning_to_user(g: &SoftGuest, vectors: &[u8], target: u64, rflags: u64) -> Translator {
+    let mut t = system_with_user_segments(g, vectors, 0x100);
+    let s = t.state_mut();
+    s.efer |= 1; // SCE
+    s.sys.msr.star = 0x0023_0010u64 << 32;
+    s.gpr[1] = target;
+    s.gpr[11] = rflags;
+    t
+}
+
 #[test]
 fn lretq_at_cpl0_reloads_cs_and_returns_to_cpl3_on_the_frame_s_stack() {
     // lea rax,[rip+5]; push 0x10; push rax; lretq        (Linux's head_64.S reloads CS so)
@@ -1906,13 +1918,8 @@ fn sysretl_enters_32_bit_code_which_decodes_as_ia32() {
     code[0x40..0x42].copy_from_slice(&[0x40, 0xf4]);
     code.push(0xf4);
     let g = SoftGuest::new(&code);
-    let mut t = system_with_user_segments(&g, &[13], 0x100);
-    let s = t.state_mut();
-    s.efer |= 1; // SCE
-    s.sys.msr.star = 0x0023_0010u64 << 32;
-    s.gpr[0] = 41;
-    s.gpr[1] = 0xffff_ffff_0000_0000 | (CODE_VA + 0x40);
-    s.gpr[11] = 0x202;
+    let mut t = system_returning_to_user(&g, &[13], 0xffff_ffff_0000_0000 | (CODE_VA + 0x40), 0x202);
+    t.state_mut().gpr[0] = 41;
     assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
     assert_eq!(t.state().rip, CODE_VA + 0x101, "at the #GP handler");
     assert_eq!(t.state().gpr[0], 42, "0x40 ran as `inc eax`");
@@ -1938,14 +1945,10 @@ fn the_trap_flag_raises_a_single_step_trap_after_each_user_instruction() {
     code.push(0xf4);
     for (at, syscall) in [(0x40u64, false), (0x50, true)] {
         let g = SoftGuest::new(&code);
-        let mut t = system_with_user_segments(&g, &[1, 13], 0x100);
+        let mut t = system_returning_to_user(&g, &[1, 13], CODE_VA + at, 0x302);
         let s = t.state_mut();
-        s.efer |= 1; // SCE
-        s.sys.msr.star = 0x0023_0010u64 << 32;
         s.sys.msr.lstar = CODE_VA + 0x80;
         s.sys.msr.sfmask = 0x4_7700;
-        s.gpr[1] = CODE_VA + at;
-        s.gpr[11] = 0x302;
         assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
         let st = t.state();
         if syscall {
@@ -1979,15 +1982,11 @@ fn a_data_breakpoint_traps_after_the_store_that_hits_it() {
     code[0x40..0x40 + user.len()].copy_from_slice(&user);
     code.push(0xf4);
     let g = SoftGuest::new(&code);
-    let mut t = system_with_user_segments(&g, &[1, 13, 14], 0x100);
+    let mut t = system_returning_to_user(&g, &[1, 13, 14], CODE_VA + 0x40, 0x202);
     let s = t.state_mut();
-    s.efer |= 1; // SCE
-    s.sys.msr.star = 0x0023_0010u64 << 32;
     s.sys.dr[0] = 0x40_1800;
     s.sys.dr[7] = 0x400 | 1 | (0b01 | 0b11 << 2) << 16;
-    s.gpr[1] = CODE_VA + 0x40;
     s.gpr[3] = 0x1234_5678;
-    s.gpr[11] = 0x202;
     assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
     let st = t.state();
     assert_eq!(st.rip, CODE_VA + 0x101, "in the #DB handler");
@@ -2015,17 +2014,13 @@ fn system_calls_from_32_bit_code_follow_the_host_vendor() {
     code.push(0xf4);
     for (at, sysenter) in [(0x40u64, false), (0x50, true)] {
         let g = SoftGuest::new(&code);
-        let mut t = system_with_user_segments(&g, &[6], 0x100);
+        let mut t = system_returning_to_user(&g, &[6], CODE_VA + at, 0x202);
         let s = t.state_mut();
-        s.efer |= 1; // SCE
-        s.sys.msr.star = 0x0023_0010u64 << 32;
         s.sys.msr.cstar = CODE_VA + 0x80;
         s.sys.msr.lstar = CODE_VA + 0xa0;
         s.sys.msr.sysenter_cs = 0x10;
         s.sys.msr.sysenter_eip = CODE_VA + 0x90;
         s.sys.msr.sysenter_esp = 0x40_1e00;
-        s.gpr[1] = CODE_VA + at;
-        s.gpr[11] = 0x202;
         assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
         let st = t.state();
         assert!(!st.code32, "+{at:#x}: CPL0 code is 64-bit");
