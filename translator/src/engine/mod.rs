@@ -217,9 +217,10 @@ pub struct Translator {
     code_cpl: Option<crate::state::Cpl>,
     /// Breakpoints and single-step (`debug.rs`).
     debug: debug::DebugState,
-    /// The instruction being dispatched started with the guest's RFLAGS.TF set: it runs alone,
-    /// and a single-step trap follows it (`system.rs` `debug_trap`).
-    guest_trap_flag: bool,
+    /// The instruction being dispatched runs alone: it started with the guest's RFLAGS.TF set
+    /// (a single-step trap follows it: `system.rs` `debug_trap`), or the guest has an
+    /// instruction breakpoint enabled (`watch.rs`).
+    one_instruction_blocks: bool,
     /// The guest's data breakpoints (DR0–DR3, DR7: `watch.rs`), and DR6's B0–B3 bits for the
     /// ones the instruction being dispatched has hit so far.
     guest_breakpoints: watch::GuestBreakpoints,
@@ -314,7 +315,7 @@ impl Translator {
             translated_xcr0: 0,
             code_cpl: None,
             debug: Default::default(),
-            guest_trap_flag: false,
+            one_instruction_blocks: false,
             guest_breakpoints: Default::default(),
             watch_hits: 0,
             resuming_at: None,
@@ -473,7 +474,7 @@ impl Translator {
             trap_check = self.trap_check();
             // One instruction per block while the guest single-steps or has an instruction
             // breakpoint (`watch.rs`).
-            self.guest_trap_flag =
+            self.one_instruction_blocks =
                 trap_check.is_some_and(|c| c.single_step()) || self.guest_breakpoints.has_instruction_breakpoints();
             let rip = self.ctx.get().state.rip;
             if self.debug.stops_at(rip) {
@@ -699,9 +700,9 @@ impl Translator {
         }
         // The instruction alone, never under its block's key: a one-off step, or
         // single-stepping (one-instruction blocks, never cached: `debug.rs`).
-        let alone = step.is_some() || self.debug.single_step || self.guest_trap_flag;
+        let alone = step.is_some() || self.debug.single_step || self.one_instruction_blocks;
         let one_off_key = step
-            .filter(|s| s.kept && !self.debug.single_step && !self.guest_trap_flag)
+            .filter(|s| s.kept && !self.debug.single_step && !self.one_instruction_blocks)
             .map(|_| self.one_off_key(rip));
         if let Some(key) = one_off_key {
             if let Some(i) = self.by_guest.get(key) {
