@@ -6,15 +6,31 @@
  * the kernel of a process with emulated `iopl(3)` skips (no signal, interrupts stay enabled).
  * The ports: the UART's scratch register at 0x3ff (a byte that reads back what was written:
  * the 8250 driver only uses it while probing) and its modem status register at 0x3fe (read
- * only, for a port outside the grant).
+ * only, for a port outside the grant). Also the time-stamp counter a process can be denied
+ * (`prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`: CR4.TSD while it runs, so `rdtsc`/`rdtscp` at CPL3
+ * fault — kvm_pvm ran them anyway, so hybrid keeps such a process in the translator).
  * Built static by tests/boot_linux.rs; prints one line per check and exits 0 when all pass. */
 #define PROGRAM "ports"
 #include "checks.h"
 #include <stdio.h>
 #include <sys/io.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+
+/* 1 if `rdtsc` (or with `p`, `rdtscp`) faults. */
+static int tsc_faults(int p) {
+    int before = faults;
+    unsigned lo, hi;
+    if (sigsetjmp(env, 1) == 0) {
+        if (p)
+            __asm__ volatile("rdtscp" : "=a"(lo), "=d"(hi)::"rcx");
+        else
+            __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    }
+    return faults != before;
+}
 
 /* 1 if `inb(port)` faults; the byte read in *v otherwise. */
 static int in_faults(unsigned short port, volatile unsigned char *v) {
@@ -83,6 +99,18 @@ int main(void) {
     int status = 0;
     waitpid(child, &status, 0);
     check("a forked child keeps the grant", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+    check("rdtsc runs", !tsc_faults(0));
+    check("prctl(PR_SET_TSC, PR_TSC_SIGSEGV)", prctl(PR_SET_TSC, PR_TSC_SIGSEGV, 0, 0, 0) == 0);
+    check("denied: rdtsc faults", tsc_faults(0));
+    check("denied: rdtscp faults", tsc_faults(1));
+    /* A busy stretch with no system call: under hybrid the kind KVM would otherwise get. */
+    volatile unsigned long spin = 0;
+    for (unsigned long i = 0; i < 50000000; i++)
+        spin += i;
+    check("denied after a long stretch: rdtsc faults", tsc_faults(0));
+    check("prctl(PR_SET_TSC, PR_TSC_ENABLE)", prctl(PR_SET_TSC, PR_TSC_ENABLE, 0, 0, 0) == 0);
+    check("allowed again: rdtsc runs", !tsc_faults(0));
 
     return all_checked();
 }

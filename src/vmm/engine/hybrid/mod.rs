@@ -86,9 +86,10 @@ struct HybridStats {
     translator_user_stretches: u64,
     /// Of those, stretches of 32-bit code (compatibility mode), which stay in the translator.
     compat_stretches: u64,
-    /// Of those, stretches entered with RFLAGS.TF set or DR7 breakpoints enabled (a debugger
-    /// single-stepping or watching a process), which stay in the translator.
-    debugged_stretches: u64,
+    /// Of those, stretches kvm_pvm would not run as a CPU would ([`translator_only`]): RFLAGS.TF
+    /// set or DR7 breakpoints enabled (a debugger single-stepping or watching a process), or
+    /// CR4.TSD (a process denied `rdtsc`).
+    translator_only_stretches: u64,
     /// From a stint kicked out for an interrupt to the next stint (the guest kernel's handler
     /// in the translator, both switches).
     kick_to_stint: Duration,
@@ -163,12 +164,9 @@ fn drive(
                 stats.translator_user_stretches += 1;
                 stats.compat_stretches += 1;
             }
-            Pause::UserMode if debugged(m.translator.state()) => {
-                // kvm_pvm does not single-step CPL3 code (measured: a ptrace(PTRACE_SINGLESTEP)
-                // loop saw the child run to its end); the translator raises the trap after
-                // each instruction, and after each access to a watched address.
+            Pause::UserMode if translator_only(m.translator.state()) => {
                 stats.translator_user_stretches += 1;
-                stats.debugged_stretches += 1;
+                stats.translator_only_stretches += 1;
             }
             Pause::UserMode => {
                 let cr3 = m.translator.state().cr3;
@@ -199,7 +197,7 @@ fn drive(
                 // clean boundary only (a split access half done must finish in the translator:
                 // its bounce buffer goes back to guest memory when it does).
                 let state = m.translator.state();
-                let at_user = state.cpl == Cpl::User && !state.code32 && !debugged(state);
+                let at_user = state.cpl == Cpl::User && !state.code32 && !translator_only(state);
                 if let (true, Some((cr3, started))) = (at_user, translator_stretch) {
                     if !m.translator.at_clean_boundary() {
                         watch.arm(Duration::from_micros(50));
@@ -217,10 +215,13 @@ fn drive(
     }
 }
 
-/// The guest single-steps itself (RFLAGS.TF) or has breakpoints enabled in DR7 (any L or G
-/// bit): only the translator raises those traps.
-fn debugged(state: &GuestState) -> bool {
-    state.rflags & hbt_translator::state::flags::TF != 0 || state.sys.dr[7] & 0xff != 0
+/// User code that only the translator runs as a CPU would, measured under kvm_pvm: with
+/// RFLAGS.TF set (a `ptrace(PTRACE_SINGLESTEP)` loop saw its child run to its end), with
+/// breakpoints enabled in DR7 (any L or G bit: watched stores never stopped), or with CR4.TSD
+/// set (Linux's `PR_SET_TSC`: `rdtsc` ran instead of faulting).
+fn translator_only(state: &GuestState) -> bool {
+    const CR4_TSD: u64 = 1 << 2;
+    state.rflags & hbt_translator::state::flags::TF != 0 || state.sys.dr[7] & 0xff != 0 || state.cr4 & CR4_TSD != 0
 }
 
 /// What tells apart two processes that had the same CR3 (`Policy::choose`): the first entry of
@@ -524,13 +525,13 @@ fn report(
     let t = user.tables.stats;
     let mut lines = vec![
         format!(
-            "  hybrid: {:.6} s of {:.6} s in KVM running user code, the rest in the translator; {} stints under KVM, {} user stretches left to the translator ({} of them 32-bit code, {} debugged: TF or DR7)",
+            "  hybrid: {:.6} s of {:.6} s in KVM running user code, the rest in the translator; {} stints under KVM, {} user stretches left to the translator ({} of them 32-bit code, {} with TF, DR7 breakpoints or CR4.TSD)",
             s.in_kvm.as_secs_f64(),
             total.as_secs_f64(),
             s.stints,
             s.translator_user_stretches,
             s.compat_stretches,
-            s.debugged_stretches
+            s.translator_only_stretches
         ),
         format!(
             "  hybrid: {:.6} s moving state into and out of KVM ({:.1} µs per stint; {} XSAVE images given to KVM, {} read out of it when translated code touched them)",
@@ -571,7 +572,7 @@ fn report(
             "stints": s.stints,
             "translator_user_stretches": s.translator_user_stretches,
             "compat_stretches": s.compat_stretches,
-            "debugged_stretches": s.debugged_stretches,
+            "translator_only_stretches": s.translator_only_stretches,
             "exits_by_cause": causes().collect::<BTreeMap<_, _>>(),
             "replays": s.replays,
             "page_faults_without_address": s.unreported_cr2,
