@@ -8,13 +8,18 @@
  * the 8250 driver only uses it while probing) and its modem status register at 0x3fe (read
  * only, for a port outside the grant). Also the time-stamp counter a process can be denied
  * (`prctl(PR_SET_TSC, PR_TSC_SIGSEGV)`: CR4.TSD while it runs, so `rdtsc`/`rdtscp` at CPL3
- * fault — kvm_pvm ran them anyway, so hybrid keeps such a process in the translator).
+ * fault — kvm_pvm ran them anyway, so hybrid keeps such a process in the translator), and
+ * `cpuid` it can be denied on an Intel CPU (`arch_prctl(ARCH_SET_CPUID, 0)`: CPUID faulting,
+ * which the model offers on Intel hosts only, as Linux supports it).
  * Built static by tests/boot_linux.rs; prints one line per check and exits 0 when all pass. */
 #define PROGRAM "ports"
 #include "checks.h"
+#include <asm/prctl.h>
+#include <cpuid.h>
 #include <stdio.h>
 #include <sys/io.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,6 +34,15 @@ static int tsc_faults(int p) {
         else
             __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     }
+    return faults != before;
+}
+
+/* 1 if `cpuid` faults. */
+static int cpuid_faults(void) {
+    int before = faults;
+    unsigned a = 0, b, c, d;
+    if (sigsetjmp(env, 1) == 0)
+        __asm__ volatile("cpuid" : "+a"(a), "=b"(b), "=c"(c), "=d"(d));
     return faults != before;
 }
 
@@ -111,6 +125,18 @@ int main(void) {
     check("denied after a long stretch: rdtsc faults", tsc_faults(0));
     check("prctl(PR_SET_TSC, PR_TSC_ENABLE)", prctl(PR_SET_TSC, PR_TSC_ENABLE, 0, 0, 0) == 0);
     check("allowed again: rdtsc runs", !tsc_faults(0));
+
+    unsigned a, b, c, d;
+    __cpuid(0, a, b, c, d);
+    int denied = syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) == 0;
+    if (b == 0x756e6547) { /* "Genu"ineIntel */
+        check("arch_prctl(ARCH_SET_CPUID, 0) on Intel", denied);
+        check("denied: cpuid faults", cpuid_faults());
+        check("arch_prctl(ARCH_SET_CPUID, 1)", syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1) == 0);
+        check("allowed again: cpuid runs", !cpuid_faults());
+    } else {
+        check("arch_prctl(ARCH_SET_CPUID, 0) refused: no CPUID faulting on this vendor", !denied);
+    }
 
     return all_checked();
 }

@@ -289,6 +289,9 @@ pub struct CoreMsrs {
     /// these speculation controls have nothing of its to act on (`vmm/cpuid.rs`,
     /// `ARCH_CAPABILITIES`); Linux writes IBRS once at boot when it sees enhanced IBRS.
     pub spec_ctrl: u64,
+    /// MSR_MISC_FEATURES_ENABLES (Intel model): bit 0 makes `cpuid` at CPL3 raise #GP(0)
+    /// (CPUID faulting: Linux's `arch_prctl(ARCH_SET_CPUID, 0)`).
+    pub misc_features_enables: u64,
 }
 
 /// System state: what only kernel-mode guests (`hbt run --accel bt`) use.

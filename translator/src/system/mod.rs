@@ -652,6 +652,11 @@ fn emulate_op(
     let here = instr.ip();
     let next = instr.next_ip();
     match op {
+        // CPUID faulting (MSR_MISC_FEATURES_ENABLES bit 0, `msr.rs`): #GP(0) above CPL0.
+        EmulateOp::Cpuid if s.cpl != Cpl::Kernel && s.sys.msr.misc_features_enables & 1 != 0 => {
+            s.rip = here;
+            return Ok(Next::Deliver(Event::Exception(GuestException::gp(0))));
+        }
         EmulateOp::Cpuid => {
             let (leaf, subleaf) = (s.gpr[gpr::RAX] as u32, s.gpr[gpr::RCX] as u32);
             crate::emulate::sensitive(s, instr, op, platform);

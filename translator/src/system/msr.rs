@@ -24,6 +24,10 @@ pub enum Slot {
     SysenterCs,
     SysenterEsp,
     SysenterEip,
+    /// MSR_PLATFORM_INFO (Intel model): read-only, only bit 31 — CPUID faulting is offered.
+    PlatformInfo,
+    /// MSR_MISC_FEATURES_ENABLES (Intel model): bit 0 turns CPUID faulting on.
+    MiscFeaturesEnables,
     /// The platform's (APIC base, TSC, TSC deadline, MTRRs, …).
     Platform,
     /// An MSR of AMD CPUs that a kernel reads without checking for #GP (so a guest shown an
@@ -39,6 +43,8 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
     (0x48, "IA32_SPEC_CTRL", Slot::SpecCtrl),
     (0x8b, "IA32_BIOS_SIGN_ID", Slot::Platform),
     (0x10a, "IA32_ARCH_CAPABILITIES", Slot::Platform),
+    (0xce, "MSR_PLATFORM_INFO", Slot::PlatformInfo),
+    (0x140, "MSR_MISC_FEATURES_ENABLES", Slot::MiscFeaturesEnables),
     (0x174, "IA32_SYSENTER_CS", Slot::SysenterCs),
     (0x175, "IA32_SYSENTER_ESP", Slot::SysenterEsp),
     (0x176, "IA32_SYSENTER_EIP", Slot::SysenterEip),
@@ -69,6 +75,9 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
     (0xc001_1029, "MSR_AMD64_DE_CFG", Slot::AmdFixed(1 << 1)),
 ];
 
+/// MSR_PLATFORM_INFO bit 31: CPUID faulting is supported (MSR_MISC_FEATURES_ENABLES bit 0).
+const PLATFORM_INFO_CPUID_FAULTING: u64 = 1 << 31;
+const CPUID_FAULTING: u64 = 1 << 0;
 /// EFER bits software may set: SCE, LME, NXE (LMA is the CPU's).
 const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 11);
 const EFER_LMA: u64 = 1 << 10;
@@ -98,7 +107,8 @@ fn field(s: &mut GuestState, slot: Slot) -> Option<&mut u64> {
         Slot::SysenterCs => &mut s.sys.msr.sysenter_cs,
         Slot::SysenterEsp => &mut s.sys.msr.sysenter_esp,
         Slot::SysenterEip => &mut s.sys.msr.sysenter_eip,
-        Slot::Platform | Slot::AmdFixed(_) => return None,
+        Slot::MiscFeaturesEnables => &mut s.sys.msr.misc_features_enables,
+        Slot::Platform | Slot::AmdFixed(_) | Slot::PlatformInfo => return None,
     })
 }
 
@@ -113,6 +123,9 @@ pub fn read(s: &mut GuestState, platform: &mut dyn Platform, index: u32) -> Opti
     match slot(index)? {
         Slot::Platform => platform.rdmsr(index),
         Slot::AmdFixed(value) => amd_model(platform).then_some(value),
+        // Intel's CPUID faulting (AMD's is another MSR, which the model does not offer).
+        Slot::PlatformInfo => (!amd_model(platform)).then_some(PLATFORM_INFO_CPUID_FAULTING),
+        Slot::MiscFeaturesEnables if amd_model(platform) => None,
         Slot::TscAux => Some(s.sys.msr.tsc_aux & 0xffff_ffff),
         other => field(s, other).map(|v| *v),
     }
@@ -125,6 +138,8 @@ pub fn write(s: &mut GuestState, platform: &mut dyn Platform, index: u32, value:
     match slot {
         Slot::Platform => return platform.wrmsr(index, value),
         Slot::AmdFixed(_) => return amd_model(platform).then_some(()),
+        Slot::PlatformInfo => return None,
+        Slot::MiscFeaturesEnables if amd_model(platform) || value & !CPUID_FAULTING != 0 => return None,
         Slot::Efer => {
             // LME cannot change while paging is on (the harness and every kernel run with it
             // on: the model is 64-bit only).
@@ -189,6 +204,21 @@ mod tests {
         fn tsc_aux(&mut self) -> u32 {
             0
         }
+    }
+
+    #[test]
+    fn cpuid_faulting_is_offered_on_the_intel_model_only() {
+        let mut s = GuestState::default();
+        // NoDevices' CPUID leaf 0 names no vendor: the Intel model.
+        assert_eq!(read(&mut s, &mut NoDevices, 0xce), Some(1 << 31), "MSR_PLATFORM_INFO");
+        assert_eq!(write(&mut s, &mut NoDevices, 0xce, 0), None, "read-only");
+        assert_eq!(write(&mut s, &mut NoDevices, 0x140, 1), Some(()));
+        assert_eq!(s.sys.msr.misc_features_enables, 1);
+        assert_eq!(read(&mut s, &mut NoDevices, 0x140), Some(1));
+        assert_eq!(write(&mut s, &mut NoDevices, 0x140, 2), None, "only bit 0");
+        assert_eq!(read(&mut s, &mut AmdModel, 0xce), None);
+        assert_eq!(read(&mut s, &mut AmdModel, 0x140), None);
+        assert_eq!(write(&mut s, &mut AmdModel, 0x140, 1), None);
     }
 
     #[test]
