@@ -653,7 +653,7 @@ fn emulate_op(
     let next = instr.next_ip();
     match op {
         // CPUID faulting (MSR_MISC_FEATURES_ENABLES bit 0, `msr.rs`): #GP(0) above CPL0.
-        EmulateOp::Cpuid if s.cpl != Cpl::Kernel && s.sys.msr.misc_features_enables & 1 != 0 => {
+        EmulateOp::Cpuid if s.cpl != Cpl::Kernel && s.sys.msr.misc_features_enables & msr::CPUID_FAULTING != 0 => {
             s.rip = here;
             return Ok(Next::Deliver(Event::Exception(GuestException::gp(0))));
         }

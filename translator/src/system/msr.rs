@@ -77,7 +77,8 @@ pub const MSRS: &[(u32, &str, Slot)] = &[
 
 /// MSR_PLATFORM_INFO bit 31: CPUID faulting is supported (MSR_MISC_FEATURES_ENABLES bit 0).
 const PLATFORM_INFO_CPUID_FAULTING: u64 = 1 << 31;
-const CPUID_FAULTING: u64 = 1 << 0;
+/// MSR_MISC_FEATURES_ENABLES bit 0: `cpuid` above CPL0 raises #GP(0).
+pub(crate) const CPUID_FAULTING: u64 = 1 << 0;
 /// EFER bits software may set: SCE, LME, NXE (LMA is the CPU's).
 const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 11);
 const EFER_LMA: u64 = 1 << 10;
