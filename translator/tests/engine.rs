@@ -1998,6 +1998,27 @@ fn a_data_breakpoint_traps_after_the_store_that_hits_it() {
 }
 
 #[test]
+fn cpuid_faulting_makes_a_user_cpuid_raise_gp() {
+    // sysretq into `cpuid; hlt` at CPL3 (+0x40). With MSR_MISC_FEATURES_ENABLES bit 0 set the
+    // cpuid raises #GP(0) (the frame's RIP: the cpuid); without, it runs and the hlt raises it.
+    let mut code = vec![0u8; 0x100];
+    code[..3].copy_from_slice(&[0x48, 0x0f, 0x07]);
+    code[0x40..0x43].copy_from_slice(&[0x0f, 0xa2, 0xf4]);
+    code.push(0xf4);
+    for (faulting, at) in [(1u64, 0x40u64), (0, 0x42)] {
+        let g = SoftGuest::new(&code);
+        let mut t = system_returning_to_user(&g, &[13], CODE_VA + 0x40, 0x202);
+        t.state_mut().sys.msr.misc_features_enables = faulting;
+        assert_eq!(t.run(&mut HostPlatform, BUDGET).unwrap(), Exit::Halt);
+        let st = t.state();
+        assert_eq!(st.rip, CODE_VA + 0x101, "in the #GP handler");
+        let frame = st.gpr[4];
+        let slot = |i: u64| g.read_u64(data_pa(frame + 8 * i));
+        assert_eq!((slot(0), slot(1)), (0, CODE_VA + at), "faulting {faulting}");
+    }
+}
+
+#[test]
 fn system_calls_from_32_bit_code_follow_the_host_vendor() {
     // sysretl into 32-bit code at +0x40 (`syscall`) or +0x50 (`sysenter`). On AMD, `syscall`
     // from 32-bit code enters CSTAR (+0x80: hlt at CPL0) with RCX the next EIP, and `sysenter`
