@@ -78,6 +78,21 @@ impl PartialAccess {
         }
     }
 
+    /// For a store that touches both its pages and faults in the second (`both_pages`): the
+    /// offset CR2 names instead of the first byte touched there, if the host is an Intel CPU
+    /// and this is a vector store under an opmask (`Quirk::MaskedStoreFaultAtLastByte`: the
+    /// last byte of its last active element; a scalar's one element faults at the page's
+    /// start, as an unmasked store does).
+    fn store_fault_at_last_byte(&self, both_pages: bool) -> Option<u64> {
+        let PartialAccess::Masked(instr, mask) = self else {
+            return None;
+        };
+        let opmask = instr.op_mask() != iced_x86::Register::None;
+        let vector = instr.memory_size().size() as u64 > mmu::masked::element_size(instr);
+        let quirk = both_pages && opmask && vector && vendor::host_has(Quirk::MaskedStoreFaultAtLastByte);
+        quirk.then(|| mmu::masked::last_touched(instr, *mask)).flatten()
+    }
+
     /// The offset of the first byte in `from..to` of the operand the access touches, if any;
     /// `header` reads an `xrstor` image's header when it can.
     fn first_touched(&self, from: u64, to: u64, header: impl FnOnce() -> Option<[u64; 2]>) -> Option<u64> {
@@ -409,19 +424,10 @@ impl Translator {
                 Err(mut exc) => {
                     if exc.vector == crate::exit::vector::PF {
                         exc.address = Some(fault_at);
-                        // The first page held an active element of a masked store too.
-                        if let (1, Access::Write, Some(PartialAccess::Masked(instr, mask))) = (n, access, &partial) {
-                            // Under an opmask, and of a vector: a scalar's one element faults
-                            // at the page's start, as an unmasked store does.
-                            let opmask = instr.op_mask() != iced_x86::Register::None;
-                            let vector = instr.memory_size().size() as u64 > mmu::masked::element_size(instr);
-                            if opmask
-                                && vector
-                                && fills[0].2 != 0
-                                && vendor::host_has(Quirk::MaskedStoreFaultAtLastByte)
-                            {
-                                exc.address = mmu::masked::last_touched(instr, *mask).map(|last| va + last);
-                            }
+                        // The second page of a store whose first page it touches too.
+                        let both_pages = n == 1 && access == Access::Write && fills[0].2 != 0;
+                        if let Some(last) = partial.as_ref().and_then(|p| p.store_fault_at_last_byte(both_pages)) {
+                            exc.address = Some(va + last);
                         }
                     }
                     // A 10-byte store whose low 8 bytes lie in the first page: the x87 m80
